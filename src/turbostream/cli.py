@@ -1,0 +1,146 @@
+"""The `turbostream` command: serve, run, generate, bench.
+
+Engine options are shared by every subcommand (add_engine_options); each subcommand's own options sit in its
+_add_<name> function and its work in the module it names, imported only when that subcommand runs (importing
+diffusers costs seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import DEFAULT_MODEL, DEFAULT_TAESD, EngineConfig, StreamParams, parse_size
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one message, exit status 2, no traceback."""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"buckets must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > 64:
+        raise argparse.ArgumentTypeError(f"buckets must be batch sizes between 1 and 64, got {text!r}")
+    return sizes
+
+
+def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool = True) -> None:
+    """Options that build the engine (and, with stream_options, a stream's default parameters)."""
+    d, p = EngineConfig.__dataclass_fields__, StreamParams()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local diffusers folder, 'random' (full SD-Turbo size, random weights: benchmarks) "
+                        "or 'tiny-random' (small, CPU tests) (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: %(default)s)")
+    g.add_argument("--size", type=_size, default=(512, 512), metavar="N|WxH",
+                   help="engine size; multiples of 64 up to 1024 (default: 512)")
+    g.add_argument("--vae", choices=("tiny", "full"), default=d["vae"].default,
+                   help="tiny: TAESD (fast); full: the model's own AutoencoderKL (default: %(default)s)")
+    g.add_argument("--taesd", default=DEFAULT_TAESD, help="hub id or folder of the tiny VAE (default: %(default)s)")
+    g.add_argument("--buckets", type=_buckets, default=d["buckets"].default, metavar="1,2,4,8",
+                   help="batch sizes captured as CUDA graphs (default: 1,2,4,8)")
+    g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run the CUDA path eagerly (debugging, comparison)")
+    if stream_options:
+        s = parser.add_argument_group("stream")
+        s.add_argument("--prompt", default=p.prompt, help="prompt (default: %(default)r)")
+        s.add_argument("--strength", type=float, default=p.strength, help="0 < strength <= 1 (default: %(default)s)")
+        s.add_argument("--steps", type=int, default=p.steps, help="schedule length; UNet runs int(steps*strength) "
+                       "times (default: %(default)s)")
+        s.add_argument("--seed", type=int, default=p.seed, help="noise seed (default: %(default)s)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from parsed options; UserError with the reason if they do not fit together."""
+    try:
+        default = StreamParams(
+            getattr(args, "prompt", StreamParams.prompt),
+            getattr(args, "strength", StreamParams.strength),
+            getattr(args, "steps", StreamParams.steps),
+            getattr(args, "seed", StreamParams.seed),
+        ).validate()
+        return EngineConfig(
+            model=args.model, device=args.device, width=args.size[0], height=args.size[1], vae=args.vae,
+            taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
+            default_params=default,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def build_engine(args: argparse.Namespace):
+    """Load the model and build the engine (not warmed up); model-loading problems become UserError."""
+    from .engine import Engine
+    from .models import ModelLoadError
+
+    cfg = engine_config(args)
+    try:
+        return Engine(cfg)
+    except (ModelLoadError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------------ subcommands
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="side-by-side benchmark: diffusers pipeline vs this engine (eager, graphs)")
+    add_engine_options(p, stream_options=False)
+    p.add_argument("--iters", type=int, default=30, help="timed calls per measurement (default: %(default)s)")
+    p.add_argument("--burn-in", type=int, default=5, help="untimed calls before each measurement (default: %(default)s)")
+    p.add_argument("--compile-buckets", type=_buckets, default=(1, 4), metavar="1,4",
+                   help="batch sizes compiled and captured with --compile (each costs a compile; default: 1,4)")
+    p.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers pipeline baseline")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="turbostream", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"turbostream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("turbostream: interrupted", file=sys.stderr)
+        return 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
+    )
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""JPEG in and out, input validation, and fitting any frame to the engine's size.
+
+Every function here runs on the CPU and is safe to call from worker threads (OpenCV releases the GIL).
+Frames are uint8 RGB arrays of shape (H, W, 3), values 0..255, everywhere in turbostream.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# A decoded 4096x4096 RGB frame is 48 MiB: the largest we agree to decode.
+MAX_SIDE = 4096
+JPEG_MAGIC = b"\xff\xd8\xff"
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic...) carry the image size.
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+# OpenCV threads of its own would fight the inference thread for cores; parallelism comes from our worker threads.
+cv2.setNumThreads(1)
+
+
+class CodecError(ValueError):
+    """Input that is not an acceptable image; the message says why, for the user."""
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's start-of-frame header, without decoding; CodecError if not a JPEG."""
+    if len(data) < 4 or not data.startswith(JPEG_MAGIC):
+        raise CodecError("not a JPEG image (it must start with FF D8 FF)")
+    i, n = 2, len(data)
+    while i < n:
+        if data[i] != 0xFF:
+            raise CodecError("corrupt JPEG: bad marker before the frame header")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            break
+        if i + 2 > n:
+            break
+        length = int.from_bytes(data[i : i + 2], "big")
+        if length < 2:
+            raise CodecError("corrupt JPEG: bad segment length")
+        if marker in _SOF_MARKERS:
+            if i + 7 > n:
+                break
+            height = int.from_bytes(data[i + 3 : i + 5], "big")
+            width = int.from_bytes(data[i + 5 : i + 7], "big")
+            if width == 0 or height == 0:
+                raise CodecError("corrupt JPEG: zero width or height")
+            return width, height
+        i += length
+    raise CodecError("corrupt JPEG: no frame header found")
+
+
+def decode_jpeg(data: bytes, max_side: int = MAX_SIDE) -> np.ndarray:
+    """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; checks magic bytes and declared size before decoding."""
+    width, height = jpeg_size(data)
+    if width > max_side or height > max_side:
+        raise CodecError(f"image is {width}x{height}; the limit is {max_side} pixels a side")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise CodecError("could not decode the JPEG image (truncated or corrupt)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """uint8 RGB (H, W, 3), 0..255 -> JPEG bytes."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise CodecError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def check_frame(frame: np.ndarray) -> np.ndarray:
+    """Return frame if it is uint8 (H, W, 3) with sides >= 8, else raise CodecError."""
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise CodecError(f"a frame must be a uint8 RGB array of shape (H, W, 3); got {got}")
+    if frame.shape[0] < 8 or frame.shape[1] < 8:
+        raise CodecError(f"frame of {frame.shape[1]}x{frame.shape[0]} is too small (8x8 at least)")
+    return frame
+
+
+def fit_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Center-crop uint8 RGB (H, W, 3) to width:height, resize to exactly (height, width, 3); contiguous."""
+    check_frame(frame)
+    h, w = frame.shape[:2]
+    if (w, h) == (width, height):
+        return np.ascontiguousarray(frame)
+    # Largest centered window of the target aspect: crop the longer relative side.
+    if w * height > h * width:
+        crop_w, crop_h = max(1, round(h * width / height)), h
+    else:
+        crop_w, crop_h = w, max(1, round(w * height / width))
+    x0, y0 = (w - crop_w) // 2, (h - crop_h) // 2
+    window = frame[y0 : y0 + crop_h, x0 : x0 + crop_w]
+    shrinking = crop_w > width or crop_h > height
+    resized = cv2.resize(window, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(resized)

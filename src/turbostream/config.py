@@ -1,0 +1,148 @@
+"""Every default of turbostream in one place: engine settings, per-stream parameters, size parsing.
+
+Other modules read their defaults from here; the CLI's option defaults come from these dataclasses too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "stabilityai/sd-turbo"
+DEFAULT_TAESD = "madebyollin/taesd"
+DEFAULT_PROMPT = "an oil painting, thick brush strokes, vivid colors"
+
+# Limits on what one stream may ask for. SD-Turbo is distilled for 1-4 steps; more is allowed but rarely useful.
+MAX_STEPS = 10
+MAX_PROMPT_CHARS = 1000
+MAX_SEED = 2**32 - 1
+# The UNet downsamples latents three times and the VAE by 8: sides must be multiples of 64.
+SIZE_MULTIPLE = 64
+MAX_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """What one stream asks of the engine; immutable, so a config change builds a new one."""
+
+    prompt: str = DEFAULT_PROMPT
+    strength: float = 0.5  # fraction of the schedule that is re-noised: 0.5 of 2 steps = one UNet evaluation
+    steps: int = 2  # length of the full trailing schedule the img2img run is cut from
+    seed: int = 0  # fixed per-stream noise, reused every frame (less flicker)
+
+    @property
+    def unet_evals(self) -> int:
+        """UNet evaluations per frame: int(steps * strength), as diffusers' img2img computes it."""
+        return min(int(self.steps * self.strength), self.steps)
+
+    def validate(self, max_steps: int = MAX_STEPS) -> StreamParams:
+        """Return self, or raise ValueError with a message a user can act on."""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise ValueError(f"steps must be an integer, got {self.steps!r}")
+        if not 1 <= self.steps <= max_steps:
+            raise ValueError(f"steps must be between 1 and {max_steps}, got {self.steps}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise ValueError(f"strength must be a number, got {self.strength!r}")
+        if not (math.isfinite(self.strength) and 0.0 < self.strength <= 1.0):
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.unet_evals < 1:
+            raise ValueError(
+                f"steps x strength must be at least 1 (got {self.steps} x {self.strength} = "
+                f"{self.steps * self.strength:g}): no UNet evaluation would run; raise steps or strength"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        return self
+
+    def updated(self, **changes) -> StreamParams:
+        """A validated copy with some fields changed; unknown fields raise ValueError."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown stream parameter(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes).validate()
+
+
+def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
+    """'512' -> (512, 512); '768x512' -> (768, 512) as (width, height); checked against the model's limits."""
+    if isinstance(text, tuple):
+        width, height = text
+    elif isinstance(text, int):
+        width = height = text
+    else:
+        parts = str(text).lower().replace(" ", "").split("x")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"size must be N or WxH (for example 512 or 768x512), got {text!r}") from None
+        if len(nums) == 1:
+            width = height = nums[0]
+        elif len(nums) == 2:
+            width, height = nums
+        else:
+            raise ValueError(f"size must be N or WxH (for example 512 or 768x512), got {text!r}")
+    for side in (width, height):
+        if side <= 0 or side % SIZE_MULTIPLE or side > MAX_SIDE:
+            raise ValueError(
+                f"size {width}x{height}: each side must be a multiple of {SIZE_MULTIPLE} between "
+                f"{SIZE_MULTIPLE} and {MAX_SIDE}"
+            )
+    return width, height
+
+
+@dataclass
+class EngineConfig:
+    """How the engine is built: which weights, where, at what size, and which fast paths."""
+
+    model: str = DEFAULT_MODEL  # hub id, local folder, "random" (full size) or "tiny-random" (tests)
+    device: str = "auto"  # "auto" takes cuda when available, else cpu
+    width: int = 512
+    height: int = 512
+    vae: str = "tiny"  # "tiny": TAESD (AutoencoderTiny); "full": the model's own AutoencoderKL
+    taesd: str = DEFAULT_TAESD  # hub id or local folder of the tiny VAE
+    buckets: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes captured as CUDA graphs at warmup
+    cuda_graphs: bool = True  # False runs the CUDA path eagerly (for comparison and debugging)
+    compile: bool = False  # torch.compile the UNet and VAE before capture (minutes of warmup)
+    max_steps: int = MAX_STEPS
+    prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
+    noise_cache_size: int = 256  # per-seed noise tensors kept (LRU)
+    default_params: StreamParams = field(default_factory=StreamParams)
+
+    def __post_init__(self) -> None:
+        self.width, self.height = parse_size((self.width, self.height))
+        if self.vae not in ("tiny", "full"):
+            raise ValueError(f"vae must be 'tiny' or 'full', got {self.vae!r}")
+        buckets = tuple(sorted(set(int(b) for b in self.buckets)))
+        if not buckets or buckets[0] < 1 or buckets[-1] > 64:
+            raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")
+        self.buckets = buckets
+        if not 1 <= self.max_steps <= 50:
+            raise ValueError(f"max_steps must be between 1 and 50, got {self.max_steps}")
+        if self.prompt_cache_size < 1 or self.noise_cache_size < 1:
+            raise ValueError("cache sizes must be at least 1")
+        self.default_params.validate(self.max_steps)
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+
+# Named starting points, gpt-fast style; the CLI starts from "sd-turbo" and applies its options on top.
+PRESETS: dict[str, EngineConfig] = {
+    "sd-turbo": EngineConfig(),
+    "bench": EngineConfig(model="random"),
+    "test": EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1, 2, 4)),
+}
+
+
+def preset(name: str, **overrides) -> EngineConfig:
+    """A fresh copy of a preset with some fields replaced (validated again)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,406 @@
+"""The GPU core: SD-Turbo img2img on a batch of frames, each with its own prompt, strength, steps and seed.
+
+One frame's path, all on the device, all inside one CUDA graph on CUDA:
+
+    uint8 (H, W, 3) -> [-1, 1] -> VAE encode -> z + sigma_0 * noise(seed) -> n x (UNet eps, Euler step) -> VAE decode
+    -> uint8 (H, W, 3)
+
+The math is diffusers' StableDiffusionImg2ImgPipeline with EulerDiscreteScheduler and guidance 0 (tests check it
+against the pipeline itself). What is ours is how it runs: static buffers, per-sample timesteps/sigmas/embeddings
+so mixed streams share one UNet batch, one graph per (batch bucket, UNet evaluations), no host sync inside a frame.
+
+Threading: an Engine belongs to one thread. CUDA graphs replay on the thread that captured them, and the prompt
+and noise caches are not locked; call warmup() and run() from the same (inference) thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .codec import fit_frame
+from .config import EngineConfig, StreamParams
+from .models import Components, default_dtype, load_components, resolve_device
+from .schedule import ScheduleTable
+
+log = logging.getLogger("turbostream.engine")
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests, metrics and logs; plain ints, updated only by the engine's own thread."""
+
+    frames: int = 0
+    calls: int = 0
+    graph_replays: int = 0
+    graphs_captured: int = 0
+    text_encoder_runs: int = 0
+    prompt_cache_evictions: int = 0
+    warmup_s: float = 0.0
+    compile_s: float = 0.0
+    capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}n{evals}" -> seconds
+
+
+class _LRU(OrderedDict):
+    """A bounded mapping: inserting past `limit` evicts the least recently used entry."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.evictions = 0
+
+    def lookup(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def insert(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+            self.evictions += 1
+
+
+class Engine:
+    """SD-Turbo img2img over batches of frames from many streams. Build, warmup(), then run() from one thread."""
+
+    def __init__(self, config: EngineConfig, components: Components | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = default_dtype(self.device)
+        self.is_cuda = self.device.type == "cuda"
+        t0 = time.perf_counter()
+        if components is None:
+            components = load_components(
+                config.model, device=self.device, dtype=self.dtype, vae=config.vae, taesd=config.taesd
+            )
+        self.components = components
+        self.load_s = time.perf_counter() - t0
+        self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.vae_scaling = float(self.vae.config.scaling_factor)
+        self.schedules = ScheduleTable(components.scheduler.config)
+        self.width, self.height = config.width, config.height
+        self.latent_shape = (int(self.vae.config.latent_channels), self.height // 8, self.width // 8)
+        self.stats = EngineStats()
+        self._prompts = _LRU(config.prompt_cache_size)
+        self._noise = _LRU(config.noise_cache_size)
+        self._owner: int | None = None
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if self.is_cuda:
+            self._prepare_cuda_modules()
+        self._alloc_buffers()
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def model_name(self) -> str:
+        return self.components.name
+
+    @property
+    def random_weights(self) -> bool:
+        return self.components.random_weights
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.max_batch
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.is_cuda and self.config.cuda_graphs
+
+    def _prepare_cuda_modules(self) -> None:
+        """channels_last convs, fused QKV projections; idempotent, so engines may share one set of components."""
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for module in (self.unet, self.vae):
+            module.to(memory_format=torch.channels_last)
+        if not getattr(self.unet, "_turbostream_fused", False):
+            # One projection GEMM for Q, K and V instead of three: fewer, larger kernels (diffusers' own API).
+            self.unet.fuse_qkv_projections()
+            self.unet._turbostream_fused = True
+        self._unet_call = self.unet
+        self._encoder_call = self.vae.encoder
+        self._decoder_call = self.vae.decoder
+
+    def _alloc_buffers(self) -> None:
+        """Static inputs and outputs at the largest bucket; every graph reads and writes views of them."""
+        B, (C, h, w), dev = self.max_batch, self.latent_shape, self.device
+        n = self.config.max_steps
+        pin = self.is_cuda
+        self._frames_host = torch.empty((B, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin)
+        self._out_host = torch.empty((B, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin)
+        self._sched_host = torch.zeros((2 * n + 1, B), dtype=torch.float32, pin_memory=pin)
+        self._frames = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
+        self._out = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
+        self._emb = torch.zeros((B, self.components.max_tokens, self.components.text_dim), dtype=self.dtype, device=dev)
+        self._noise_buf = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
+        # Rows 0..n-1: timesteps of each UNet evaluation; rows n..2n: sigmas (one more, the last is the target).
+        self._sched = torch.zeros((2 * n + 1, B), dtype=torch.float32, device=dev)
+        self._done = torch.cuda.Event() if self.is_cuda else None
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # ------------------------------------------------------------------ caches (text encoder, noise)
+
+    @torch.inference_mode()
+    def prompt_embeddings(self, prompt: str) -> torch.Tensor:
+        """(tokens, dim) embeddings of a prompt on the device; the text encoder runs only on a cache miss."""
+        emb = self._prompts.lookup(prompt)
+        if emb is None:
+            ids = self.tokenizer(
+                prompt, padding="max_length", max_length=self.components.max_tokens, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            emb = self.text_encoder(ids)[0][0].to(self.dtype)
+            self._prompts.insert(prompt, emb)
+            self.stats.text_encoder_runs += 1
+            self.stats.prompt_cache_evictions = self._prompts.evictions
+        return emb
+
+    def noise(self, seed: int) -> torch.Tensor:
+        """(C, h, w) float32 unit Gaussian noise of a seed; drawn on the CPU so a seed means the same on any device."""
+        noise = self._noise.lookup(seed)
+        if noise is None:
+            gen = torch.Generator("cpu").manual_seed(seed)
+            # Same draw as diffusers' randn_tensor with one CPU generator per sample.
+            noise = torch.randn((1, *self.latent_shape), generator=gen, dtype=torch.float32)[0].to(self.device)
+            self._noise.insert(seed, noise)
+        return noise
+
+    @property
+    def prompt_cache_len(self) -> int:
+        return len(self._prompts)
+
+    # ------------------------------------------------------------------ the frame path (traced into the graphs)
+
+    def _frame_path(self, b: int, n: int, encode: bool = True) -> torch.Tensor:
+        """Static buffers [:b] -> uint8 (b, H, W, 3); n UNet evaluations. Pure tensor code: capturable."""
+        frames, emb, noise = self._frames[:b], self._emb[:b], self._noise_buf[:b]
+        timesteps, sigmas = self._sched[:n, :b], self._sched[n : 2 * n + 1, :b]
+        if encode:
+            # uint8 NHWC -> [-1, 1] NCHW; the permute yields channels_last strides, which the convolutions want.
+            x = frames.permute(0, 3, 1, 2).to(self.dtype).div(127.5).sub(1.0)
+            z = self._encode(x).float() * self.vae_scaling
+        else:  # text-to-image: the schedule starts from pure noise
+            z = torch.zeros_like(noise)
+        # Forward-diffuse to the first timestep with this stream's fixed noise (Euler: x = z + sigma * eps).
+        latents = z + noise * sigmas[0].view(b, 1, 1, 1)
+        for k in range(n):
+            sigma, sigma_next = sigmas[k].view(b, 1, 1, 1), sigmas[k + 1].view(b, 1, 1, 1)
+            # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
+            model_in = (latents / (sigma * sigma + 1.0).sqrt()).to(self.dtype)
+            eps = self._unet(model_in, timesteps[k], emb).float()
+            # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
+            latents = latents + eps * (sigma_next - sigma)
+        image = self._decode((latents / self.vae_scaling).to(self.dtype)).float()
+        # [-1, 1] -> uint8 with diffusers' rounding: round((x / 2 + 0.5).clamp(0, 1) * 255).
+        return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] NCHW -> unscaled latents (the mean of the full VAE's posterior: deterministic per frame)."""
+        if self.components.vae_kind == "tiny":
+            enc = self._encoder_call if self.is_cuda else self.vae.encoder
+            return enc(x)  # EncoderTiny maps [-1, 1] to TAESD's [0, 1] itself
+        return self.vae.encode(x).latent_dist.mode()
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> images in [-1, 1] NCHW."""
+        if self.components.vae_kind == "tiny":
+            dec = self._decoder_call if self.is_cuda else self.vae.decoder
+            return dec(z)  # DecoderTiny returns [-1, 1]
+        return self.vae.decode(z, return_dict=False)[0]
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        unet = self._unet_call if self.is_cuda else self.unet
+        return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+    # ------------------------------------------------------------------ warmup and capture
+
+    def _check_thread(self) -> None:
+        me = threading.get_ident()
+        if self._owner is None:
+            self._owner = me
+        elif self._owner != me:
+            raise RuntimeError(
+                "Engine used from a second thread: CUDA graphs replay only on the thread that captured them; "
+                "run every engine call from the one inference thread"
+            )
+
+    @torch.inference_mode()
+    def warmup(self) -> EngineStats:
+        """Compile (if asked) and capture one graph per bucket for the default parameters; timed and logged.
+
+        Call on the thread that will call run(). On the CPU it runs one frame eagerly, so first-call costs land here.
+        """
+        self._check_thread()
+        t0 = time.perf_counter()
+        default = self.config.default_params
+        self._load_stream_inputs([default], 0)
+        if self.is_cuda and self.config.compile:
+            self._compile()
+        if self.use_graphs:
+            for b in self.config.buckets:
+                self._capture(b, default.unet_evals)
+        else:
+            self._stage_schedule([default])
+            self._frame_path(1, default.unet_evals)
+            if self.is_cuda:
+                torch.cuda.synchronize()
+        self.stats.warmup_s = time.perf_counter() - t0
+        log.info(
+            "warmup %.1f s (compile %.1f s) on %s, %dx%d, buckets %s",
+            self.stats.warmup_s, self.stats.compile_s, self.device, self.width, self.height, self.config.buckets,
+        )
+        return self.stats
+
+    def _compile(self) -> None:
+        """torch.compile the UNet and the VAE's encoder/decoder; compilation itself happens at the first warm run."""
+        t0 = time.perf_counter()
+        self._unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False)
+        if self.components.vae_kind == "tiny":
+            self._encoder_call = torch.compile(self.vae.encoder, dynamic=False)
+            self._decoder_call = torch.compile(self.vae.decoder, dynamic=False)
+        # Compile every bucket now (eager runs on the compiled modules), so the timing below is the compile cost.
+        n = self.config.default_params.unet_evals
+        self._stage_schedule([self.config.default_params] * self.max_batch)
+        for b in self.config.buckets:
+            self._frame_path(b, n)
+        torch.cuda.synchronize()
+        self.stats.compile_s = time.perf_counter() - t0
+        log.info("torch.compile: %.1f s for buckets %s", self.stats.compile_s, self.config.buckets)
+
+    def _capture(self, b: int, n: int) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream (3 runs), then capture bucket b with n UNet evaluations into a graph."""
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._out[:b].copy_(self._frame_path(b, n))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # All graphs share one memory pool: they never run concurrently and every output is copied into
+        # self._out, so the temporaries of one graph may reuse another's.
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._out[:b].copy_(self._frame_path(b, n))
+        torch.cuda.synchronize()
+        self._graphs[(b, n)] = graph
+        self.stats.graphs_captured += 1
+        self.stats.capture_s[f"b{b}n{n}"] = time.perf_counter() - t0
+        if self.stats.warmup_s:  # after warmup: a stream asked for a new number of UNet evaluations
+            log.info("captured graph for batch %d, %d UNet evaluations in %.2f s", b, n, time.perf_counter() - t0)
+        return graph
+
+    # ------------------------------------------------------------------ running frames
+
+    def _stage_schedule(self, params: Sequence[StreamParams]) -> int:
+        """Write per-sample timesteps and sigmas into the static schedule buffer; all params share unet_evals."""
+        n = params[0].unet_evals
+        host = self._sched_host
+        for i, p in enumerate(params):
+            sched = self.schedules.get(p.steps, n)
+            host[:n, i] = torch.tensor(sched.timesteps)
+            host[n : 2 * n + 1, i] = torch.tensor(sched.sigmas)
+        # Padding rows of a bucket run too: give them a real schedule, not a stale one of another layout.
+        host[:, len(params) :] = host[:, :1]
+        self._sched.copy_(host, non_blocking=True)
+        return n
+
+    def _load_stream_inputs(self, params: Sequence[StreamParams], first: int) -> None:
+        """Copy each stream's cached prompt embeddings and noise into the static rows first, first+1, ..."""
+        for i, p in enumerate(params, start=first):
+            self._emb[i].copy_(self.prompt_embeddings(p.prompt))
+            self._noise_buf[i].copy_(self.noise(p.seed))
+
+    def _bucket(self, b: int) -> int:
+        return next(size for size in self.config.buckets if size >= b)
+
+    def validate(self, params: StreamParams) -> StreamParams:
+        """params, checked against this engine's limits; ValueError with a user-facing message otherwise."""
+        return params.validate(self.config.max_steps)
+
+    @torch.inference_mode()
+    def run(
+        self, frames: Sequence[np.ndarray], params: Sequence[StreamParams], *, graphs: bool | None = None
+    ) -> list[np.ndarray]:
+        """N frames (uint8 RGB (H, W, 3), any size) with N stream params -> N uint8 RGB (height, width, 3) frames.
+
+        Frames are center-cropped to the engine's aspect and resized first. Streams with the same number of UNet
+        evaluations share one batch; larger groups are split at the largest bucket. graphs=False forces eager.
+        """
+        if len(frames) != len(params):
+            raise ValueError(f"{len(frames)} frames but {len(params)} parameter sets")
+        if not frames:
+            return []
+        params = [self.validate(p) for p in params]
+        fitted = [fit_frame(f, self.width, self.height) for f in frames]
+        self._check_thread()
+        use_graphs = self.use_graphs if graphs is None else (graphs and self.use_graphs)
+        results: list[np.ndarray | None] = [None] * len(frames)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.unet_evals, []).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), self.max_batch):
+                chunk = members[start : start + self.max_batch]
+                outs = self._run_chunk([fitted[i] for i in chunk], [params[i] for i in chunk], use_graphs)
+                for i, out in zip(chunk, outs):
+                    results[i] = out
+        self.stats.calls += 1
+        self.stats.frames += len(frames)
+        return results  # type: ignore[return-value]
+
+    def _run_chunk(self, frames: list[np.ndarray], params: list[StreamParams], use_graphs: bool) -> list[np.ndarray]:
+        b = len(frames)
+        # Host side first: pinned staging, cached embeddings and noise (device-to-device copies, no sync).
+        for i, frame in enumerate(frames):
+            self._frames_host[i].copy_(torch.from_numpy(frame))
+        self._frames[:b].copy_(self._frames_host[:b], non_blocking=True)
+        self._load_stream_inputs(params, 0)
+        n = self._stage_schedule(params)
+        if use_graphs:
+            bucket = self._bucket(b)  # rows b..bucket-1 hold stale but finite inputs; their outputs are ignored
+            graph = self._graphs.get((bucket, n)) or self._capture(bucket, n)
+            graph.replay()
+            self.stats.graph_replays += 1
+        else:
+            self._out[:b].copy_(self._frame_path(b, n))
+        # Copy out before the next replay overwrites self._out; the one sync of the call waits for it.
+        self._out_host[:b].copy_(self._out[:b], non_blocking=True)
+        if self.is_cuda:
+            self._done.record()
+            self._done.synchronize()
+        return [self._out_host[i].numpy().copy() for i in range(b)]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        steps: int = 1,
+        seed: int = 0,
+        image: np.ndarray | None = None,
+        strength: float = 0.5,
+    ) -> np.ndarray:
+        """One picture, eagerly: text-to-image (image=None, all `steps` evaluated from pure noise) or image-to-image.
+
+        Returns uint8 RGB (height, width, 3). The model card's single-image jobs; not a hot path.
+        """
+        if image is not None:
+            return self.run([image], [StreamParams(prompt, strength, steps, seed)], graphs=False)[0]
+        params = StreamParams(prompt, 1.0, steps, seed)
+        self.validate(params)
+        self._check_thread()
+        self._load_stream_inputs([params], 0)
+        self._stage_schedule([params])
+        self._out[:1].copy_(self._frame_path(1, steps, encode=False))
+        self._out_host[:1].copy_(self._out[:1])
+        return self._out_host[0].numpy().copy()

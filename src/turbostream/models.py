@@ -1,0 +1,264 @@
+"""Resolving `--model` into diffusers components: hub id, local folder, `random` or `tiny-random`.
+
+Real weights come from the Hugging Face hub (its cache, with download progress) or a local folder in the diffusers
+layout. `random` builds the full SD-Turbo architecture from configs shipped in this package, with random weights:
+its compute cost is the real model's, so benchmarks on it are real timings, but its pictures are noise, never a
+stylization. `tiny-random` is the same classes at small sizes, for tests on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DEFAULT_TAESD
+
+log = logging.getLogger("turbostream.models")
+
+RANDOM_MODELS = ("random", "tiny-random")
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Subfolders of a diffusers model folder that turbostream reads (vae only with --vae full).
+_REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelLoadError(RuntimeError):
+    """Weights could not be had; the message names what was tried and what to do next."""
+
+
+@dataclass
+class Components:
+    """The parts of an SD-Turbo img2img pipeline that turbostream drives itself."""
+
+    name: str  # what --model said
+    unet: Any  # UNet2DConditionModel
+    text_encoder: Any  # CLIPTextModel
+    tokenizer: Any  # CLIPTokenizer
+    scheduler: Any  # EulerDiscreteScheduler (its config; the engine derives its own schedules)
+    vae: Any  # AutoencoderTiny (vae="tiny") or AutoencoderKL (vae="full")
+    vae_kind: str  # "tiny" or "full"
+    random_weights: bool  # True for random / tiny-random: output is not a stylization
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; a named device is checked, with a clear error if absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (the model's fp16 variant), fp32 on the CPU (fp16 is slow and lossy there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_components(
+    model: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    vae: str = "tiny",
+    taesd: str = DEFAULT_TAESD,
+    seed: int = 0,
+) -> Components:
+    """Load or build every component on `device` in `dtype`, in eval mode; raise ModelLoadError if impossible."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = dtype or default_dtype(device)
+    if vae not in ("tiny", "full"):
+        raise ValueError(f"vae must be 'tiny' or 'full', got {vae!r}")
+    if model in RANDOM_MODELS:
+        comps = _build_random(model, device=device, dtype=dtype, vae=vae, seed=seed)
+    else:
+        comps = _load_pretrained(model, device=device, dtype=dtype, vae=vae, taesd=taesd)
+    for module in (comps.unet, comps.text_encoder, comps.vae):
+        module.eval().requires_grad_(False)
+    return comps
+
+
+# --------------------------------------------------------------------------------------------- random weights
+
+
+def _read_config(model: str, part: str) -> dict:
+    return json.loads((_CONFIG_DIR / model / f"{part}.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def byte_level_clip_tokenizer():
+    """A CLIPTokenizer that works offline: every byte is a token (no merges), 514 ids in all.
+
+    Random weights have no learned vocabulary to honour, so any stable text -> ids map serves; this one uses CLIP's
+    own byte-to-unicode alphabet and special tokens, pads to CLIP's 77 tokens, and needs no download.
+    """
+    from transformers import CLIPTokenizer
+
+    # GPT-2 / CLIP byte-to-unicode table: printable bytes map to themselves, the rest to code points from 256 up.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _spread_init(*modules: torch.nn.Module) -> None:
+    """Variance-preserving init for tiny-random, so its pictures span 0..255 and depend on frame, prompt and seed.
+
+    Default inits shrink the signal layer by layer; tiny-random's output would be a near-constant dark image, and
+    tests could not tell two streams apart. The full-size `random` model keeps the default init (its values do not
+    matter to timings, and small activations stay finite in fp16).
+    """
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)
+        last = getattr(getattr(module, "decoder", None), "layers", None)
+        if last is not None:  # TAESD's decoder: centre its output at mid-grey instead of black
+            last[-1].bias.data.fill_(0.5)
+
+
+def _build_random(model: str, *, device: torch.device, dtype: torch.dtype, vae: str, seed: int) -> Components:
+    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    # Build on the target device: initialising 1.3 B parameters there is seconds on a GPU, much longer on a CPU.
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(_read_config(model, "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_read_config(model, "text_encoder")))
+        if vae == "tiny":
+            vae_model = AutoencoderTiny.from_config(_read_config(model, "taesd"))
+        else:
+            vae_model = AutoencoderKL.from_config(_read_config(model, "vae"))
+    scheduler = EulerDiscreteScheduler.from_config(_read_config(model, "scheduler"))
+    if model == "tiny-random":
+        _spread_init(unet, vae_model)
+    if dtype != torch.float32:
+        unet, text_encoder, vae_model = (m.to(dtype=dtype) for m in (unet, text_encoder, vae_model))
+    log.warning("model %r: random weights; its output is noise, not a stylization", model)
+    return Components(
+        name=model,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_clip_tokenizer(),
+        scheduler=scheduler,
+        vae=vae_model,
+        vae_kind=vae,
+        random_weights=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------- real weights
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
+
+
+def _advice(model: str) -> str:
+    cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    return (
+        f"Hugging Face cache: {cache}{' (HF_HUB_OFFLINE is set: no download was tried)' if offline else ''}.\n"
+        "What to do:\n"
+        "  - pass a local folder in the diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/, vae/): "
+        "--model /path/to/sd-turbo\n"
+        "  - or point HF_HOME at a cache that already holds the model, or connect this machine to the hub\n"
+        "  - or, to benchmark or test without weights: --model random (full size) or --model tiny-random; "
+        "random weights produce noise, not stylized video"
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
+
+
+def _load_pretrained(model: str, *, device: torch.device, dtype: torch.dtype, vae: str, taesd: str) -> Components:
+    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        source = f"local folder {path.resolve()}"
+        needed = _REQUIRED_SUBFOLDERS + (("vae",) if vae == "full" else ())
+        missing = [sub for sub in needed if not (path / sub).is_dir()]
+        if missing:
+            raise ModelLoadError(
+                f"Could not load model {model!r}: the {source} lacks {', '.join(f'{m}/' for m in missing)}.\n"
+                + _advice(model)
+            )
+        model = str(path)
+    elif _looks_like_path(model):
+        raise ModelLoadError(f"Could not load model {model!r}: no such folder.\n" + _advice(model))
+    else:
+        source = f"Hugging Face hub id {model!r}"
+
+    variant = "fp16" if dtype == torch.float16 else None
+
+    def pretrained(cls, sub: str | None, repo: str = model, **kw):
+        """from_pretrained, trying the fp16 variant first where one may exist."""
+        args = dict(subfolder=sub) if sub else {}
+        if variant is not None:
+            try:
+                return cls.from_pretrained(repo, variant=variant, torch_dtype=dtype, **args, **kw)
+            except (OSError, ValueError) as exc:
+                log.info("no %s variant of %s/%s (%s); loading the default weights", variant, repo, sub, _short(exc))
+        return cls.from_pretrained(repo, torch_dtype=dtype, **args, **kw)
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        scheduler = EulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+        text_encoder = pretrained(CLIPTextModel, "text_encoder")
+        unet = pretrained(UNet2DConditionModel, "unet")
+        vae_model = pretrained(AutoencoderKL, "vae") if vae == "full" else None
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"Could not load model {model!r} from the {source}: {_short(exc)}\n" + _advice(model)) from exc
+    if vae == "tiny":
+        try:
+            vae_model = AutoencoderTiny.from_pretrained(taesd, torch_dtype=dtype)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ModelLoadError(
+                f"Could not load the tiny VAE {taesd!r}: {_short(exc)}\n"
+                "Pass --taesd /path/to/taesd (a local copy of madebyollin/taesd), or use the model's own VAE with "
+                "--vae full.\n" + _advice(taesd)
+            ) from exc
+    return Components(
+        name=model,
+        unet=unet.to(device),
+        text_encoder=text_encoder.to(device),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        vae=vae_model.to(device),
+        vae_kind=vae,
+        random_weights=False,
+    )

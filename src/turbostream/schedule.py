@@ -1,0 +1,48 @@
+"""Schedule math: which timesteps and sigmas an img2img run of (steps, strength) uses.
+
+It follows diffusers' StableDiffusionImg2ImgPipeline with EulerDiscreteScheduler exactly (the scheduler object itself
+computes the tables): a `steps`-step trailing schedule is built, and the run keeps its last int(steps * strength)
+timesteps. For SD-Turbo, steps 2 and strength 0.5 keep one timestep, t=499 (sigma 1.61).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from diffusers import EulerDiscreteScheduler
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The part of a schedule one frame walks: n timesteps, n + 1 sigmas (the last is 0: a clean sample)."""
+
+    timesteps: tuple[float, ...]
+    sigmas: tuple[float, ...]
+
+    @property
+    def unet_evals(self) -> int:
+        return len(self.timesteps)
+
+
+class ScheduleTable:
+    """Schedules of one scheduler config, cached per (steps, unet_evals); both are bounded, so the cache is too."""
+
+    def __init__(self, scheduler_config) -> None:
+        self._config = dict(scheduler_config)
+        self._cached = lru_cache(maxsize=256)(self._compute)
+
+    def get(self, steps: int, unet_evals: int) -> Schedule:
+        """Schedule of the last `unet_evals` timesteps of a `steps`-step schedule (img2img), or all (txt2img)."""
+        if not 1 <= unet_evals <= steps:
+            raise ValueError(f"unet_evals must be in 1..steps ({steps}), got {unet_evals}")
+        return self._cached(steps, unet_evals)
+
+    def _compute(self, steps: int, unet_evals: int) -> Schedule:
+        scheduler = EulerDiscreteScheduler.from_config(self._config)
+        scheduler.set_timesteps(steps)
+        start = steps - unet_evals  # diffusers' t_start in get_timesteps (Euler's order is 1)
+        return Schedule(
+            timesteps=tuple(float(t) for t in scheduler.timesteps[start:]),
+            sigmas=tuple(float(s) for s in scheduler.sigmas[start:]),
+        )

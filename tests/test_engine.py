@@ -1,0 +1,223 @@
+"""The engine against diffusers' own pipelines on tiny random models (CPU, fp32)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from turbostream.config import StreamParams, parse_size
+
+
+def _img2img_pipeline(components):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=components.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _diffusers_uint8(images: np.ndarray) -> list[np.ndarray]:
+    """output_type='np' floats in [0, 1] -> uint8 exactly as diffusers' numpy_to_pil rounds them."""
+    return [(img * 255).round().astype(np.uint8) for img in images]
+
+
+def _reference(pipe, engine, frames, params):
+    """diffusers' img2img on the same model, images, prompt embeddings, steps, strength and per-frame noise seeds."""
+    emb = torch.stack([engine.prompt_embeddings(p.prompt) for p in params])
+    gens = [torch.Generator("cpu").manual_seed(p.seed) for p in params]
+    out = pipe(
+        prompt_embeds=emb, image=[PIL.Image.fromarray(f) for f in frames],
+        num_inference_steps=params[0].steps, strength=params[0].strength, guidance_scale=0.0,
+        generator=gens, output_type="np",
+    ).images
+    return _diffusers_uint8(out)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("steps,strength,evals", [(2, 0.5, 1), (4, 0.5, 2), (1, 1.0, 1), (3, 1.0, 3)])
+def test_engine_matches_diffusers_img2img(make_engine, tiny_components, frame_rng, steps, strength, evals):
+    engine = make_engine()
+    pipe = _img2img_pipeline(tiny_components)
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    params = [StreamParams("a red fox", strength, steps, seed) for seed in (3, 11)]
+    assert params[0].unet_evals == evals
+    ours = engine.run(frames, params)
+    ref = _reference(pipe, engine, frames, params)
+    for o, r in zip(ours, ref):
+        assert o.shape == (64, 64, 3) and o.dtype == np.uint8
+        assert _max_diff(o, r) <= 2
+        assert o.std() > 20  # a real picture, not a constant: the comparison means something
+
+
+def test_engine_matches_diffusers_with_full_vae(make_engine, tiny_full_vae_components, frame_rng, monkeypatch):
+    """The full AutoencoderKL path. The engine encodes to the posterior's mean (a stable picture every frame);
+    diffusers samples from it, so the reference is told to take the mean too (its own sample_mode='argmax')."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
+
+    original = img2img.retrieve_latents
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                        original(out, generator, sample_mode="argmax"))
+    engine = make_engine(components=tiny_full_vae_components, vae="full")
+    pipe = _img2img_pipeline(tiny_full_vae_components)
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    params = [StreamParams("a lighthouse", 0.5, 2, 5)]
+    assert _max_diff(engine.run(frames, params)[0], _reference(pipe, engine, frames, params)[0]) <= 2
+
+
+def test_mixed_batch_equals_each_frame_alone(make_engine, frame_rng):
+    engine = make_engine()
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    params = [
+        StreamParams("a cat", 0.5, 2, 1),
+        StreamParams("a dog", 0.7, 2, 2),  # same single evaluation as 0.5 (int(2 * 0.7) = 1)
+        StreamParams("a watercolor", 0.5, 4, 3),  # two evaluations: a separate group
+        StreamParams("a cat", 0.5, 2, 4),
+    ]
+    together = engine.run(frames, params)
+    for frame, p, out in zip(frames, params, together):
+        alone = engine.run([frame], [p])[0]
+        assert _max_diff(out, alone) <= 1
+    # Different prompts and seeds really give different pictures.
+    assert np.abs(together[0].astype(int) - together[3]).mean() > 5
+    assert np.abs(together[0].astype(int) - engine.run([frames[0]], [params[1]])[0]).mean() > 1
+
+
+def test_batches_larger_than_the_largest_bucket_are_split(make_engine, frame_rng):
+    engine = make_engine(buckets=(1, 2))
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    params = [StreamParams("x", seed=i) for i in range(5)]
+    outs = engine.run(frames, params)
+    assert len(outs) == 5
+    assert _max_diff(outs[4], engine.run([frames[4]], [params[4]])[0]) <= 1
+
+
+def test_any_input_size_is_center_cropped_and_resized(make_engine, frame_rng):
+    engine = make_engine()
+    wide = frame_rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    out = engine.run([wide], [StreamParams()])[0]
+    assert out.shape == (64, 64, 3)
+    # The same picture as feeding the center square ourselves, resized the same way.
+    from turbostream.codec import fit_frame
+
+    center = np.ascontiguousarray(wide[:, 35:125])
+    assert _max_diff(out, engine.run([fit_frame(center, 64, 64)], [StreamParams()])[0]) <= 1
+
+
+def test_non_square_size(make_engine, frame_rng):
+    engine = make_engine(width=128, height=64)
+    out = engine.run([frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)], [StreamParams()])[0]
+    assert out.shape == (64, 128, 3)
+
+
+def test_generate_matches_diffusers_text_to_image(make_engine, tiny_components):
+    from diffusers import StableDiffusionPipeline
+
+    engine = make_engine()
+    pipe = StableDiffusionPipeline(
+        vae=tiny_components.vae, text_encoder=tiny_components.text_encoder, tokenizer=tiny_components.tokenizer,
+        unet=tiny_components.unet, scheduler=tiny_components.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ours = engine.generate("a castle", steps=1, seed=9)
+    ref = pipe(prompt_embeds=engine.prompt_embeddings("a castle")[None], num_inference_steps=1, guidance_scale=0.0,
+               height=64, width=64, generator=torch.Generator("cpu").manual_seed(9), output_type="np").images
+    assert ours.shape == (64, 64, 3)
+    assert _max_diff(ours, _diffusers_uint8(ref)[0]) <= 2
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(steps=2, strength=0.4), "steps x strength must be at least 1"),
+        (dict(steps=0), "steps must be between 1 and"),
+        (dict(steps=11), "steps must be between 1 and 10"),
+        (dict(steps=2.0), "steps must be an integer"),
+        (dict(strength=0.0), "strength must be in (0, 1]"),
+        (dict(strength=1.5), "strength must be in (0, 1]"),
+        (dict(strength=float("nan")), "strength must be in (0, 1]"),
+        (dict(strength="high"), "strength must be a number"),
+        (dict(seed=-1), "seed must be between 0 and"),
+        (dict(seed=True), "seed must be an integer"),
+        (dict(prompt=None), "prompt must be a string"),
+        (dict(prompt="x" * 1001), "the limit is 1000"),
+    ],
+)
+def test_bad_parameters_give_clear_errors(make_engine, changes, message):
+    engine = make_engine()
+    bad = StreamParams(**{**StreamParams().__dict__, **changes})
+    with pytest.raises(ValueError) as err:
+        engine.run([np.zeros((64, 64, 3), np.uint8)], [bad])
+    assert message in str(err.value)
+    with pytest.raises(ValueError, match="unknown stream parameter"):
+        StreamParams().updated(guidance=7)
+
+
+def test_bad_frames_and_calls_give_clear_errors(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="uint8 RGB array"):
+        engine.run([np.zeros((64, 64), np.uint8)], [StreamParams()])
+    with pytest.raises(ValueError, match="uint8 RGB array"):
+        engine.run([np.zeros((64, 64, 3), np.float32)], [StreamParams()])
+    with pytest.raises(ValueError, match="too small"):
+        engine.run([np.zeros((4, 64, 3), np.uint8)], [StreamParams()])
+    with pytest.raises(ValueError, match="2 frames but 1 parameter sets"):
+        engine.run([np.zeros((64, 64, 3), np.uint8)] * 2, [StreamParams()])
+    assert engine.run([], []) == []
+
+
+@pytest.mark.parametrize("text", ["0", "100", "64x65", "2048", "axb", "1x2x3"])
+def test_bad_sizes_are_rejected(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+    assert parse_size("768x512") == (768, 512) and parse_size("512") == (512, 512)
+
+
+def test_prompt_cache_is_bounded_and_text_encoder_runs_once_per_prompt(make_engine):
+    engine = make_engine(prompt_cache_size=3)
+    frame = np.zeros((64, 64, 3), np.uint8)
+    for _ in range(3):
+        engine.run([frame], [StreamParams("same prompt")])
+    assert engine.stats.text_encoder_runs == 1
+    for i in range(20):
+        engine.prompt_embeddings(f"prompt {i}")
+    assert engine.prompt_cache_len == 3
+    assert engine.stats.text_encoder_runs == 21
+    assert engine.stats.prompt_cache_evictions == 18
+
+
+def test_engine_refuses_a_second_thread(make_engine):
+    engine = make_engine()
+    engine.warmup()
+    errors = []
+
+    def other():
+        try:
+            engine.run([np.zeros((64, 64, 3), np.uint8)], [StreamParams()])
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert errors and "one inference thread" in errors[0]
+
+
+def test_random_models_tokenizer_works_offline():
+    from turbostream.models import byte_level_clip_tokenizer
+
+    tok = byte_level_clip_tokenizer()
+    ids = tok("Hello, world! ünïcode", padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(ids) == 77 and max(ids) < 514
+    assert tok("a cat").input_ids != tok("a dog").input_ids
