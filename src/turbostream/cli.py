@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from .config import DEFAULT_MODEL, DEFAULT_TAESD, EngineConfig, StreamParams, parse_size
+from .config import DEFAULT_MODEL, DEFAULT_TAESD, EngineConfig, RunConfig, ServerConfig, StreamParams, parse_size
 
 
 class UserError(Exception):
@@ -113,10 +113,80 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _add_serve(sub) -> None:
+    d = ServerConfig()
+    p = sub.add_parser("serve", help="WebSocket server and browser client (interactive streams and viewers)")
+    add_engine_options(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help="address to bind (default: %(default)s, this machine only)")
+    g.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default: %(default)s)")
+    g.add_argument("--token", default=d.token, help="require this token on /ws (?token=...)")
+    g.add_argument("--control-token", default=d.control_token, help="lets /view clients change the prompt")
+    g.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
+                   help="also accept WebSocket connections from this Origin (repeatable; same origin always)")
+    g.add_argument("--max-clients", type=int, default=d.max_clients, help="interactive streams (default: %(default)s)")
+    g.add_argument("--max-viewers", type=int, default=d.max_viewers, help="viewers (default: %(default)s)")
+    g.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help="largest message accepted (default: %(default)s)")
+    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="output JPEG quality (default: %(default)s)")
+    g.add_argument("--source", default=d.source, metavar="SRC",
+                   help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve_main
+
+    return serve_main(args)
+
+
+def _add_run(sub) -> None:
+    d = RunConfig()
+    p = sub.add_parser("run", help="headless capture loop: camera, file, URL or folder -> window, file or folder")
+    add_engine_options(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--input", "-i", required=True, metavar="SRC",
+                   help="camera index (0), video file, RTSP/HTTP URL or folder of images")
+    g.add_argument("--output", "-o", dest="outputs", action="append", required=True, metavar="DST",
+                   help="'window', a video file (.mp4/.avi) or a folder of images; repeat for several")
+    g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
+    g.add_argument("--realtime", action="store_true",
+                   help="treat a file like a live source: keep only the newest frame, drop the rest")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_main
+
+    return run_main(args)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="one picture: text-to-image, or image-to-image with --image")
+    add_engine_options(p, stream_options=False)
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--image", metavar="IN", help="input image (image-to-image); without it, text-to-image")
+    p.add_argument("--output", "-o", required=True, metavar="OUT.png", help="output file (with --count: OUT-N.png)")
+    p.add_argument("--steps", type=int, default=None, help="steps (default: 1 text-to-image, 2 image-to-image)")
+    p.add_argument("--strength", type=float, default=0.5, help="image-to-image strength (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first picture (default: %(default)s)")
+    p.add_argument("--count", type=int, default=1, help="pictures, seeds seed, seed+1, ... (default: %(default)s)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .runner import generate_main
+
+    return generate_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="turbostream", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_run(sub)
+    _add_generate(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

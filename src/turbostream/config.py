@@ -146,3 +146,32 @@ def preset(name: str, **overrides) -> EngineConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
+
+
+@dataclass
+class ServerConfig:
+    """`turbostream serve`: network, limits and security defaults a careful user would want."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    token: str | None = None  # required on /ws when set (?token=... or the first config message)
+    control_token: str | None = None  # lets a viewer change the broadcast's prompt
+    allow_origins: tuple[str, ...] = ()  # extra allowed Origins; the server's own origin is always allowed
+    max_clients: int = 8  # interactive /ws streams at once
+    max_viewers: int = 64  # viewer connections at once
+    max_message_bytes: int = 4 * 2**20  # fits a 1024x1024 JPEG at high quality
+    max_image_side: int = 4096  # declared JPEG dimensions checked before decoding
+    jpeg_quality: int = 85
+    stats_interval_s: float = 1.0
+    source: str | None = None  # server-side capture broadcast to viewers
+
+
+@dataclass
+class RunConfig:
+    """`turbostream run`: the headless capture loop."""
+
+    input: str = "0"  # camera index, video file, URL or image folder
+    outputs: tuple[str, ...] = ("window",)
+    max_frames: int | None = None
+    realtime: bool = False  # files: drop stale frames like a live source instead of processing every frame
+    jpeg_quality: int = 95  # image-folder outputs
