@@ -154,9 +154,9 @@ class ServerConfig:
 
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
-    token: str | None = None  # required on /ws when set (?token=... or the first config message)
-    control_token: str | None = None  # lets a viewer change the broadcast's prompt
-    allow_origins: tuple[str, ...] = ()  # extra allowed Origins; the server's own origin is always allowed
+    token: str | None = None  # required on /ws when set (/ws?token=...)
+    control_token: str | None = None  # lets a viewer change the broadcast's prompt (/view?control=...)
+    allow_origins: tuple[str, ...] = ()  # extra allowed Origins ("*": any); the server's own origin is always allowed
     max_clients: int = 8  # interactive /ws streams at once
     max_viewers: int = 64  # viewer connections at once
     max_message_bytes: int = 4 * 2**20  # fits a 1024x1024 JPEG at high quality
@@ -164,6 +164,21 @@ class ServerConfig:
     jpeg_quality: int = 85
     stats_interval_s: float = 1.0
     source: str | None = None  # server-side capture broadcast to viewers
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, got {self.port}")
+        if self.max_clients < 1 or self.max_viewers < 0:
+            raise ValueError("max clients must be at least 1 and max viewers at least 0")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max message bytes must be at least 1024, got {self.max_message_bytes}")
+        if not 64 <= self.max_image_side <= 16384:
+            raise ValueError(f"max image side must be between 64 and 16384, got {self.max_image_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"JPEG quality must be between 1 and 100, got {self.jpeg_quality}")
+        if not self.stats_interval_s > 0:
+            raise ValueError(f"stats interval must be positive, got {self.stats_interval_s}")
+        self.allow_origins = tuple(self.allow_origins)
 
 
 @dataclass

@@ -1,0 +1,257 @@
+"""Latest-frame slots, one per stream, and the one inference thread that batches them into engine calls.
+
+Every stream (a browser client, the server-side source) owns one slot holding at most its newest unprocessed frame:
+a newer frame replaces an older one that has not been taken yet, and the caller counts it as dropped. The inference
+thread takes the pending frame of up to `max_batch` streams (oldest first, so no stream starves), runs them through
+the engine in one call with per-stream parameters, and hands each result to its stream's callback. Nothing here
+queues: memory is one frame per stream, plus the batch in flight.
+
+The engine is built (optionally), warmed up and run on this thread only: CUDA graphs replay on the thread that
+captured them. Results are delivered on the inference thread; callbacks must only hand them off (for example with
+`loop.call_soon_threadsafe`), never encode or send there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import StreamParams
+
+log = logging.getLogger("turbostream.batcher")
+
+# How long the inference thread waits for a frame that another stream is decoding right now, to batch it with
+# the frames already pending. Bounded by one JPEG decode; never waited when no other stream announced a frame.
+DEFAULT_GATHER_S = 0.004
+
+
+@dataclass
+class Pending:
+    """One frame waiting in a slot: uint8 RGB (H, W, 3) plus whatever the submitter wants back with the result."""
+
+    frame: np.ndarray
+    meta: Any
+    t_submit: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Result:
+    """What a stream's callback receives: the output frame (uint8 RGB (height, width, 3)) or an error message."""
+
+    stream: Stream
+    frame: np.ndarray | None
+    meta: Any
+    error: str | None = None
+    batch_size: int = 0
+    gpu_s: float = 0.0  # wall time of the engine call that produced it (shared by the whole batch)
+    t_submit: float = 0.0
+    t_done: float = 0.0
+
+
+class Stream:
+    """One stream's latest-frame slot and parameters. submit() and close() may be called from any thread."""
+
+    def __init__(self, batcher: Batcher, key: int, on_result: Callable[[Result], None], params: StreamParams) -> None:
+        self._batcher = batcher
+        self.key = key
+        self.on_result = on_result
+        # Read by the inference thread when the frame is taken: a config change applies to the next batch.
+        self.params = params
+        self.closed = False
+        self._expecting = 0  # frames announced (being decoded) but not submitted yet
+
+    def submit(self, frame: np.ndarray, meta: Any = None) -> Pending | None:
+        """Put frame in the slot; returns the unprocessed frame it replaced (the caller counts a drop), or None."""
+        return self._batcher._submit(self, Pending(frame, meta))
+
+    def expect(self) -> None:
+        """Announce a frame that will be submitted soon (its decode started): the next batch may wait briefly for it."""
+        with self._batcher._cond:
+            self._expecting += 1
+
+    def unexpect(self) -> None:
+        """The announced frame will not come (its decode failed, or it was submitted)."""
+        with self._batcher._cond:
+            self._expecting = max(0, self._expecting - 1)
+            self._batcher._cond.notify_all()
+
+    def close(self) -> Pending | None:
+        """Leave the batcher: a pending frame is discarded (returned) and results still in flight are not delivered."""
+        return self._batcher._close_stream(self)
+
+
+class Batcher:
+    """The inference thread: builds (optionally) and warms the engine, then batches the slots' frames forever.
+
+    Give it a built engine, or a factory that builds one on the inference thread (model loading can take minutes;
+    the server answers /healthz meanwhile). `ready` is set after warmup; `failed` with `error` if building or
+    warmup raised.
+    """
+
+    def __init__(
+        self,
+        engine: Any = None,
+        *,
+        engine_factory: Callable[[], Any] | None = None,
+        max_batch: int | None = None,
+        gather_s: float = DEFAULT_GATHER_S,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if (engine is None) == (engine_factory is None):
+            raise ValueError("give either an engine or an engine_factory")
+        self.engine = engine
+        self._factory = engine_factory
+        self._max_batch = max_batch
+        self.gather_s = gather_s
+        self.on_batch = on_batch  # (batch size, seconds) after every engine call, on the inference thread
+        self.ready = threading.Event()
+        self.failed = threading.Event()
+        self.error: str | None = None
+        self.batches = 0
+        self.frames = 0
+        self._cond = threading.Condition()
+        self._pending: OrderedDict[int, tuple[Stream, Pending]] = OrderedDict()  # oldest first
+        self._streams: dict[int, Stream] = {}
+        self._keys = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    @property
+    def max_batch(self) -> int:
+        engine_max = self.engine.max_batch if self.engine is not None else 1
+        return min(self._max_batch or engine_max, engine_max)
+
+    def start(self) -> Batcher:
+        self._thread = threading.Thread(target=self._main, name="turbostream-inference", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to finish after its current batch and wait for it (a running warmup is not interrupted)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ streams
+
+    def open_stream(self, on_result: Callable[[Result], None], params: StreamParams) -> Stream:
+        stream = Stream(self, next(self._keys), on_result, params)
+        with self._cond:
+            self._streams[stream.key] = stream
+        return stream
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def _submit(self, stream: Stream, item: Pending) -> Pending | None:
+        with self._cond:
+            if stream.closed or self._stop:
+                return item  # nobody will process it: dropped
+            old = self._pending.get(stream.key)
+            if old is not None:
+                # Keep the slot's place in line: the stream waited since its older frame arrived.
+                item.t_submit = old[1].t_submit
+            self._pending[stream.key] = (stream, item)
+            self._cond.notify_all()
+        return old[1] if old is not None else None
+
+    def _close_stream(self, stream: Stream) -> Pending | None:
+        with self._cond:
+            stream.closed = True
+            self._streams.pop(stream.key, None)
+            old = self._pending.pop(stream.key, None)
+            self._cond.notify_all()
+        return old[1] if old is not None else None
+
+    # ------------------------------------------------------------------ the inference thread
+
+    def _main(self) -> None:
+        try:
+            if self.engine is None:
+                self.engine = self._factory()
+            self.engine.warmup()
+        except BaseException as exc:  # noqa: BLE001 - reported to the server, which exits with the message
+            self.error = str(exc) or type(exc).__name__
+            log.error("engine failed to start: %s", self.error)
+            self.failed.set()
+            return
+        self.ready.set()
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _take(self) -> list[tuple[Stream, Pending]] | None:
+        """Wait for pending frames; return up to max_batch of them, oldest first (None when stopping)."""
+        limit = self.max_batch
+        with self._cond:
+            while not self._pending and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return None
+            # Another stream's frame is being decoded: wait a moment so it joins this batch instead of the next.
+            deadline = time.perf_counter() + self.gather_s
+            while len(self._pending) < limit and not self._stop:
+                waiting_for = any(s._expecting and s.key not in self._pending for s in self._streams.values())
+                remaining = deadline - time.perf_counter()
+                if not waiting_for or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            keys = list(itertools.islice(self._pending, limit))
+            return [self._pending.pop(k) for k in keys]
+
+    def _run(self, batch: list[tuple[Stream, Pending]]) -> None:
+        frames = [item.frame for _, item in batch]
+        params = [stream.params for stream, _ in batch]
+        t0 = time.perf_counter()
+        try:
+            outs: list[np.ndarray | None] = list(self.engine.run(frames, params))
+            errors: list[str | None] = [None] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not take the others down with it
+            log.warning("engine call of %d frames failed (%s); running them one by one", len(batch), exc)
+            outs, errors = self._run_alone(frames, params)
+        dt = time.perf_counter() - t0
+        self.batches += 1
+        self.frames += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), dt)
+        t_done = time.perf_counter()
+        for (stream, item), out, err in zip(batch, outs, errors):
+            if stream.closed:
+                continue
+            result = Result(stream, out, item.meta, err, len(batch), dt, item.t_submit, t_done)
+            try:
+                stream.on_result(result)
+            except Exception:  # noqa: BLE001 - a broken callback is the stream's problem, not the thread's
+                log.exception("result callback of stream %d failed", stream.key)
+
+    def _run_alone(self, frames, params) -> tuple[list[np.ndarray | None], list[str | None]]:
+        outs: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for frame, p in zip(frames, params):
+            try:
+                outs.append(self.engine.run([frame], [p])[0])
+                errors.append(None)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("engine failed on one frame")
+                outs.append(None)
+                errors.append(f"the engine failed on this frame: {exc}")
+        return outs, errors

@@ -1,0 +1,72 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers may live in one process: tests).
+
+Latencies are in seconds, as Prometheus wants them. Stages: decode (JPEG -> frame fitted to the engine size, worker
+thread), gpu (one engine call, per batch), encode (frame -> JPEG, worker thread), end_to_end (a client's message
+received -> its result written to the socket).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+# 0.5 ms .. 5 s: a JPEG codec call sits at the bottom, a CPU engine call or a stalled client near the top.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.030, 0.050, 0.075, 0.1,
+                    0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    """Counters, gauges and histograms of one server; render() gives the Prometheus text exposition."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        # Resident memory, CPU time, open files of this process: the load script reads RSS from here.
+        ProcessCollector(registry=r)
+        self.frames_in = Counter("turbostream_frames_in", "Frames received (client JPEGs and source frames)",
+                                 registry=r)
+        self.frames_out = Counter("turbostream_frames_out", "Stylized frames sent (to clients and viewers)",
+                                  registry=r)
+        self.frames_dropped = Counter(
+            "turbostream_frames_dropped",
+            "Frames never processed or never sent: replaced by a newer one in a slot, or skipped for a slow reader",
+            registry=r,
+        )
+        self.errors = Counter("turbostream_errors", "Error messages sent to clients, by code", ["code"], registry=r)
+        self.stage = Histogram(
+            "turbostream_stage_seconds",
+            "Latency of one pipeline stage: decode, gpu (per engine call), encode, end_to_end (message received -> "
+            "result written to the socket)",
+            ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram("turbostream_batch_size", "Frames per engine call", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.clients = Gauge("turbostream_clients", "Interactive /ws streams connected", registry=r)
+        self.viewers = Gauge("turbostream_viewers", "Viewer connections", registry=r)
+        self.ready = Gauge("turbostream_ready", "1 once the engine is warmed up", registry=r)
+        self.decode = self.stage.labels("decode")
+        self.gpu = self.stage.labels("gpu")
+        self.encode = self.stage.labels("encode")
+        self.end_to_end = self.stage.labels("end_to_end")
+
+    def watch_gpu_memory(self, read: Callable[[], tuple[float, float]]) -> None:
+        """Add gauges read at scrape time: read() -> (reserved, allocated) bytes of the CUDA allocator."""
+        r = self.registry
+        reserved = Gauge("turbostream_gpu_memory_reserved_bytes", "CUDA memory held by torch's allocator", registry=r)
+        allocated = Gauge("turbostream_gpu_memory_allocated_bytes", "CUDA memory in live tensors", registry=r)
+        reserved.set_function(lambda: read()[0])
+        allocated.set_function(lambda: read()[1])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,699 @@
+"""The server end to end: a real server on port 0, real websockets clients, the tiny random engine on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from turbostream.codec import decode_jpeg, encode_jpeg
+from turbostream.config import ServerConfig, preset
+from turbostream.engine import Engine
+from turbostream.server import ERROR_CODES, TurboServer, _Outbox, _OutItem
+
+TIMEOUT = 60  # per test, generous: a 2-core CI machine under load
+
+
+@pytest.fixture
+def engine(tiny_components):
+    return Engine(preset("test"), tiny_components)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
+
+
+@contextlib.asynccontextmanager
+async def serving(engine, **config):
+    server = TurboServer(engine, ServerConfig(port=0, **config), **config.pop("_server_kw", {}))
+    await server.start()
+    assert await server.wait_ready(30)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def ws_url(server, path="/ws") -> str:
+    return f"ws://127.0.0.1:{server.port}{path}"
+
+
+async def open_client(server, path="/ws", **kw):
+    ws = await connect(ws_url(server, path), max_size=2**23, compression=None, **kw)
+    ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready", ready
+    return ws, ready
+
+
+def jpeg(seed: int = 0, size=(96, 128)) -> bytes:
+    rng = np.random.default_rng(seed)
+    # Smooth content (gradients + a block), so results differ by parameters, not by JPEG noise.
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([(x * 255 // w), (y * 255 // h), np.full_like(x, rng.integers(0, 255))], -1).astype(np.uint8)
+    img[h // 4 : h // 2, w // 4 : w // 2] = rng.integers(0, 255, 3)
+    return encode_jpeg(img, 90)
+
+
+async def next_result(ws, timeout=20.0):
+    """Read until a result: (frame header, decoded RGB, other text messages seen on the way)."""
+    others, header = [], None
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.recv()
+            if isinstance(msg, bytes):
+                assert header is not None, "a result must follow its frame header"
+                return header, decode_jpeg(msg), others
+            obj = json.loads(msg)
+            if obj["type"] == "frame":
+                header = obj
+            else:
+                others.append(obj)
+
+
+async def next_of_type(ws, type_, timeout=20.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.recv()
+            if isinstance(msg, str) and json.loads(msg)["type"] == type_:
+                return json.loads(msg)
+
+
+def http_get(server, path, headers=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.headers.get("Content-Type"), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type"), exc.read()
+
+
+def diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+# ------------------------------------------------------------------------------------------------ streams
+
+
+def test_round_trip(engine):
+    async def main():
+        async with serving(engine) as server:
+            ws, ready = await open_client(server)
+            assert ready["role"] == "client" and ready["model"] == "tiny-random" and ready["random_weights"]
+            assert (ready["width"], ready["height"]) == (64, 64)
+            assert ready["params"]["steps"] == 2 and ready["limits"]["max_message_bytes"] == 4 * 2**20
+            for seq in (1, 2, 3):
+                await ws.send(jpeg(seq))
+                header, rgb, others = await next_result(ws)
+                assert header["seq"] == seq and header["batch"] >= 1 and header["server_ms"] > 0
+                assert rgb.shape == (64, 64, 3) and rgb.std() > 5
+                assert not [m for m in others if m["type"] == "error"]
+            stats = await next_of_type(ws, "stats", timeout=5)
+            assert stats["frames_in"] == 3 and stats["frames_out"] == 3 and stats["clients"] == 1
+            await ws.close()
+
+    run(main())
+
+
+def test_config_applies_from_the_next_frame(engine):
+    async def main():
+        async with serving(engine) as server:
+            ws, ready = await open_client(server)
+            frame = jpeg(7)
+            await ws.send(frame)
+            _, before, _ = await next_result(ws)
+            await ws.send(json.dumps({"type": "config", "prompt": "a watercolor of a harbor", "seed": 42}))
+            echo = await next_of_type(ws, "config")
+            assert echo["prompt"] == "a watercolor of a harbor" and echo["seed"] == 42
+            assert echo["steps"] == ready["params"]["steps"]  # a subset leaves the rest as it was
+            await ws.send(frame)
+            _, after, _ = await next_result(ws)
+            assert diff(before, after) > 2
+            # The same parameters again give the same picture: the difference came from the config.
+            await ws.send(json.dumps({"type": "config", **ready["params"]}))
+            await next_of_type(ws, "config")
+            await ws.send(frame)
+            _, again, _ = await next_result(ws)
+            assert diff(before, again) < 1.5
+
+    run(main())
+
+
+def test_two_clients_with_different_prompts_get_different_pictures(engine):
+    async def main():
+        async with serving(engine) as server:
+            (a, _), (b, _) = await open_client(server), await open_client(server)
+            await a.send(json.dumps({"type": "config", "prompt": "a red fox in snow", "seed": 1}))
+            await b.send(json.dumps({"type": "config", "prompt": "a neon city at night", "seed": 2}))
+            await next_of_type(a, "config")
+            await next_of_type(b, "config")
+            frame = jpeg(3)
+            await asyncio.gather(a.send(frame), b.send(frame))
+            (_, ra, _), (_, rb, _) = await asyncio.gather(next_result(a), next_result(b))
+            assert diff(ra, rb) > 2
+
+    run(main())
+
+
+def test_flooding_client_keeps_memory_bounded_and_gets_the_newest(engine):
+    async def main():
+        async with serving(engine) as server:
+            ws, _ = await open_client(server)
+            for i in range(100):  # as fast as the socket takes them, without reading anything
+                await ws.send(jpeg(i))
+            seqs = []
+            while not seqs or seqs[-1] < 100:
+                header, _, _ = await next_result(ws)
+                seqs.append(header["seq"])
+            assert seqs == sorted(set(seqs))  # in order, each frame at most once
+            assert seqs[-1] == 100  # the newest frame is always processed
+            assert len(seqs) < 100  # older ones were replaced, not queued
+            session = next(iter(server.clients))
+            # Every frame is accounted for: answered or dropped; nothing waits anywhere.
+            assert session.counts.frames_in == 100
+            assert session.counts.frames_out + session.counts.dropped == 100
+            assert server.batcher._pending == {} and session._raw is None
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _sof_jpeg(width: int, height: int) -> bytes:
+    """A JPEG header that declares width x height (and nothing decodable after it)."""
+    sof = b"\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    return b"\xff\xd8" + b"\xff\xc0" + (len(sof) + 2).to_bytes(2, "big") + sof + b"\xff\xd9"
+
+
+BAD_INPUTS = [
+    ("not json", "bad_json"),
+    ("[1, 2]", "bad_json"),
+    ('{"prompt": "no type"}', "bad_message"),
+    ('{"type": 3}', "bad_message"),
+    ('{"type": "dance"}', "unknown_type"),
+    ('{"type": "config", "colour": "red"}', "bad_config"),
+    ('{"type": "config", "steps": "2"}', "bad_config"),
+    ('{"type": "config", "strength": 2.5}', "bad_config"),
+    ('{"type": "config", "steps": 1, "strength": 0.5}', "bad_config"),
+    ('{"type": "config", "seed": -1}', "bad_config"),
+    ('{"type": "config", "prompt": 5}', "bad_config"),
+    ("[" * 50000, "bad_json"),
+    ('{"type": "config", "prompt": "' + "x" * 70000 + '"}', "bad_message"),
+    (b"GIF89a not a jpeg", "bad_image"),
+    (b"\xff\xd8", "bad_image"),
+    (None, "bad_image"),  # a real JPEG cut right after its headers
+    (_sof_jpeg(5000, 300), "image_too_large"),
+]
+
+
+def test_each_bad_input_gets_its_error_while_another_client_streams(engine):
+    async def main():
+        async with serving(engine) as server:
+            bad, _ = await open_client(server)
+            good, _ = await open_client(server)
+            stop = asyncio.Event()
+            good_results, good_errors = [], []
+
+            async def stream_good():
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    await good.send(jpeg(i))
+                    header, _, others = await next_result(good)
+                    good_results.append(header["seq"])
+                    good_errors.extend(m for m in others if m["type"] == "error")
+
+            task = asyncio.create_task(stream_good())
+            real = jpeg(5)
+            for message, code in BAD_INPUTS:
+                if message is None:
+                    message = real[: real.find(b"\xff\xda")]
+                await bad.send(message)
+                err = await next_of_type(bad, "error")
+                assert err["code"] == code, (message[:40], err)
+                assert code in ERROR_CODES and len(err["message"]) > 10
+            # The bad client's stream still works, with its parameters untouched by the rejected configs.
+            await bad.send(real)
+            header, rgb, _ = await next_result(bad)
+            assert rgb.shape == (64, 64, 3)
+            n = len(good_results)
+            async with asyncio.timeout(20):
+                while len(good_results) < n + 3:
+                    await asyncio.sleep(0.01)
+            stop.set()
+            await task
+            assert good_errors == []
+            assert len(good_results) >= 3
+
+    run(main())
+
+
+def test_message_over_the_size_limit_closes_with_1009(engine):
+    async def main():
+        async with serving(engine, max_message_bytes=8192) as server:
+            other, _ = await open_client(server)
+            ws, ready = await open_client(server)
+            assert ready["limits"]["max_message_bytes"] == 8192
+            await ws.send(b"\xff\xd8\xff" + bytes(9000))
+            with pytest.raises(ConnectionClosed) as info:
+                await next_result(ws)
+            assert info.value.rcvd.code == 1009 and "8192" in info.value.rcvd.reason
+            await other.send(jpeg(1))
+            assert (await next_result(other))[0]["seq"] == 1
+
+    run(main())
+
+
+def test_disconnect_mid_frame(engine):
+    async def main():
+        async with serving(engine) as server:
+            other, _ = await open_client(server)
+            # Half of a masked binary frame, then the socket goes away.
+            ws, _ = await open_client(server)
+            payload = jpeg(2)
+            header = bytes([0x82, 0xFE]) + len(payload).to_bytes(2, "big") + b"\x00\x00\x00\x00"
+            ws.transport.write(header + payload[: len(payload) // 2])
+            ws.transport.abort()
+            # A frame sent, then gone before its result.
+            ws2, _ = await open_client(server)
+            await ws2.send(jpeg(3))
+            ws2.transport.abort()
+            for seq in (1, 2):
+                await other.send(jpeg(seq))
+                assert (await next_result(other))[0]["seq"] == seq
+            async with asyncio.timeout(10):
+                while len(server.clients) > 1:
+                    await asyncio.sleep(0.02)
+            assert server.batcher.stream_count == 1
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------------------------ security and limits
+
+
+def test_foreign_origin_is_refused_with_403(engine):
+    async def main():
+        async with serving(engine, allow_origins=("https://studio.example",)) as server:
+            with pytest.raises(InvalidStatus) as info:
+                await connect(ws_url(server), origin="http://evil.example")
+            assert info.value.response.status_code == 403
+            same = f"http://127.0.0.1:{server.port}"
+            (await open_client(server, origin=same))[0].transport.abort()
+            (await open_client(server, origin="https://studio.example"))[0].transport.abort()
+            (await open_client(server))[0].transport.abort()  # no Origin: not a browser
+
+    run(main())
+
+
+def test_same_origin_needs_a_loopback_host_on_a_loopback_bind(engine):
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+
+    server = TurboServer(engine, ServerConfig(port=0))
+
+    def allowed(origin, host):
+        return server._origin_allowed(Request("/ws", Headers([("Host", host), ("Origin", origin)])))
+
+    assert allowed("http://localhost:8000", "localhost:8000")
+    assert allowed("http://[::1]:8000", "[::1]:8000")
+    # A DNS-rebinding page: same origin by name, but the name is not this machine's loopback.
+    assert not allowed("http://evil.example:8000", "evil.example:8000")
+    assert not allowed("http://localhost:9999", "localhost:8000")
+    lan = TurboServer(engine, ServerConfig(host="0.0.0.0", port=0))
+    assert lan._origin_allowed(Request("/ws", Headers([("Host", "box.lan:8000"), ("Origin", "http://box.lan:8000")])))
+    server.pool.shutdown()
+    lan.pool.shutdown()
+
+
+def test_token(engine):
+    async def main():
+        async with serving(engine, token="s3cret") as server:
+            for suffix in ("", "?token=wrong"):
+                ws = await connect(ws_url(server, "/ws" + suffix))
+                err = json.loads(await ws.recv())
+                assert err["type"] == "error" and err["code"] == "unauthorized"
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.recv()
+                assert info.value.rcvd.code == 1008
+            ws, ready = await open_client(server, "/ws?token=s3cret")
+            await ws.send(jpeg(1))
+            assert (await next_result(ws))[0]["seq"] == 1
+
+    run(main())
+
+
+def test_server_full(engine):
+    async def main():
+        async with serving(engine, max_clients=2) as server:
+            a, _ = await open_client(server)
+            b, _ = await open_client(server)
+            ws = await connect(ws_url(server))
+            err = json.loads(await ws.recv())
+            assert err["code"] == "server_full" and "2 clients" in err["message"]
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd.code == 1013
+            await a.close()
+            async with asyncio.timeout(10):
+                while len(server.clients) > 1:
+                    await asyncio.sleep(0.02)
+            (await open_client(server))[0].transport.abort()  # a place is free again
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------------------------ HTTP routes
+
+
+def test_healthz_is_503_while_warming_then_200(engine):
+    release = threading.Event()
+
+    def slow_factory():
+        release.wait(20)
+        return engine
+
+    async def main():
+        server = TurboServer(config=ServerConfig(port=0), engine_factory=slow_factory)
+        await server.start()
+        try:
+            status, _, body = await asyncio.to_thread(http_get, server, "/healthz")
+            assert status == 503 and b"warming" in body
+            # A client connecting now waits for the engine, then gets its ready message.
+            pending = asyncio.create_task(open_client(server))
+            await asyncio.sleep(0.1)
+            assert not pending.done()
+            release.set()
+            assert await server.wait_ready(20)
+            status, _, body = await asyncio.to_thread(http_get, server, "/healthz")
+            assert status == 200 and body == b"ok\n"
+            ws, _ = await pending
+            await ws.close()
+        finally:
+            release.set()
+            await server.stop()
+
+    run(main())
+
+
+def test_metrics(engine):
+    async def main():
+        async with serving(engine) as server:
+            ws, _ = await open_client(server)
+            for i in range(3):
+                await ws.send(jpeg(i))
+                await next_result(ws)
+            await ws.send("oops")
+            await next_of_type(ws, "error")
+            await asyncio.sleep(0.05)  # the third result's end-to-end time is recorded right after its send
+            status, ctype, body = await asyncio.to_thread(http_get, server, "/metrics")
+            text = body.decode()
+            assert status == 200 and ctype.startswith("text/plain")
+            values = {}
+            for line in text.splitlines():
+                if line and not line.startswith("#"):
+                    name, value = line.rsplit(" ", 1)
+                    values[name] = float(value)
+            assert values["turbostream_frames_in_total"] == 3
+            assert values["turbostream_frames_out_total"] == 3
+            assert values["turbostream_frames_dropped_total"] == 0
+            assert values["turbostream_clients"] == 1 and values["turbostream_ready"] == 1
+            for stage in ("decode", "gpu", "encode", "end_to_end"):
+                assert values[f'turbostream_stage_seconds_count{{stage="{stage}"}}'] == 3
+            assert values["turbostream_batch_size_count"] == 3
+            assert values['turbostream_errors_total{code="bad_json"}'] == 1
+            assert values["process_resident_memory_bytes"] > 0
+
+    run(main())
+
+
+def test_static_files(engine):
+    async def main():
+        async with serving(engine) as server:
+            status, ctype, body = await asyncio.to_thread(http_get, server, "/")
+            assert status == 200 and ctype.startswith("text/html") and b'src="/app.js"' in body
+            status, ctype, body = await asyncio.to_thread(http_get, server, "/app.js")
+            assert status == 200 and ctype.startswith("text/javascript") and b"new WebSocket" in body
+            status, ctype, _ = await asyncio.to_thread(http_get, server, "/style.css")
+            assert status == 200 and ctype.startswith("text/css")
+            status, _, body = await asyncio.to_thread(http_get, server, "/view?control=x")
+            assert status == 200 and b"/view.js" in body
+            status, _, _ = await asyncio.to_thread(http_get, server, "/../pyproject.toml")
+            assert status == 404
+            # A plain GET on the WebSocket path is not an upgrade.
+            status, _, _ = await asyncio.to_thread(http_get, server, "/ws")
+            assert status == 426
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------------------------ viewers
+
+
+class FakeCapture:
+    """The shape of sources.CaptureThread: start(), latest(timeout), ended, error, close()."""
+
+    instances: list[FakeCapture] = []
+
+    def __init__(self, spec: str, realtime: bool = True, frames: int | None = None) -> None:
+        self.spec, self.frames = spec, frames
+        self.index = 0
+        self.ended = False
+        self.error: str | None = None
+        self.closed = False
+        FakeCapture.instances.append(self)
+
+    def start(self) -> None:
+        pass
+
+    def latest(self, timeout: float):
+        time.sleep(0.01)  # a 100 frames/s source
+        if self.frames is not None and self.index >= self.frames:
+            self.ended = True
+            return None
+        self.index += 1
+        y, x = np.mgrid[0:48, 0:64]
+        return self.index, np.stack([x * 4, y * 5, np.full_like(x, self.index % 255)], -1).astype(np.uint8)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _viewer_server(engine, capture=FakeCapture, **config):
+    return TurboServer(engine, ServerConfig(port=0, source="fake:0", **config), capture_factory=capture)
+
+
+async def _frames(ws, n, timeout=20.0):
+    got = 0
+    async with asyncio.timeout(timeout):
+        while got < n:
+            if isinstance(await ws.recv(), bytes):
+                got += 1
+    return got
+
+
+def test_viewers_get_the_broadcast_and_a_slow_one_delays_no_one(engine, monkeypatch):
+    import turbostream.server as server_module
+
+    monkeypatch.setattr(server_module, "WRITE_LIMIT", 8192)  # so a stalled reader shows within a few frames
+
+    async def main():
+        server = _viewer_server(engine)
+        await server.start()
+        try:
+            fast, ready = await open_client(server, "/view/ws")
+            assert ready["role"] == "viewer" and ready["control"] is False
+            # The slow viewer: tiny socket buffers on both ends, and it stops reading after three frames.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            slow = await connect(ws_url(server, "/view/ws"), sock=sock)
+            await _frames(fast, 3)
+            await _frames(slow, 3)
+            slow.transport.pause_reading()
+            stalled = next(s for s in server.viewers if s.ws.remote_address[1] == sock.getsockname()[1])
+            stalled.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            fast_frames = 0
+            async with asyncio.timeout(30):
+                while stalled.counts.dropped < 5:
+                    fast_frames += await _frames(fast, 1)
+            fast_frames += await _frames(fast, 10)  # and the others go on
+            # Skipped, never queued: one frame waits in its outbox and its socket buffer stays near the limit.
+            stalled_sent = stalled.counts.frames_out
+            assert stalled.ws.transport.get_write_buffer_size() < 8192 + 64 * 1024
+            slow.transport.resume_reading()
+            await _frames(slow, 1)
+            assert fast_frames > stalled_sent
+        finally:
+            await server.stop()
+        assert FakeCapture.instances[-1].closed
+
+    run(main())
+
+
+def test_outbox_skips_frames_while_a_send_waits():
+    class StuckSocket:
+        def __init__(self):
+            self.sent, self.unblock = [], asyncio.Event()
+
+        async def send(self, message):
+            await self.unblock.wait()
+            self.sent.append(message)
+
+    class Metric:
+        def inc(self, *a):
+            pass
+
+        def observe(self, *a):
+            pass
+
+    class FakeServer:
+        metrics = type("M", (), {"frames_out": Metric(), "encode": Metric()})()
+
+    async def main():
+        drops = []
+        ws = StuckSocket()
+        box = _Outbox(FakeServer(), ws, lambda: drops.append(1))
+        task = asyncio.create_task(box.run())
+        for i in range(50):
+            box.image(_OutItem(jpeg=bytes([i])))
+            await asyncio.sleep(0)
+        # One send waits on the socket, one result waits behind it, the other 48 were skipped.
+        assert len(drops) == 48
+        ws.unblock.set()
+        await asyncio.sleep(0.01)
+        assert ws.sent == [bytes([0]), bytes([49])]
+        task.cancel()
+
+    run(main())
+
+
+def test_viewer_control_token(engine):
+    async def main():
+        server = _viewer_server(engine, control_token="ctl")
+        await server.start()
+        try:
+            plain, ready = await open_client(server, "/view/ws")
+            assert ready["control"] is False
+            await plain.send(json.dumps({"type": "config", "prompt": "a storm"}))
+            err = await next_of_type(plain, "error")
+            assert err["code"] == "forbidden"
+            await plain.send(b"\xff\xd8\xff")
+            assert (await next_of_type(plain, "error"))["code"] == "not_supported"
+            admin, ready = await open_client(server, "/view/ws?control=ctl")
+            assert ready["control"] is True
+            await admin.send(json.dumps({"type": "config", "prompt": "a storm", "seed": 9}))
+            for ws in (admin, plain):  # every viewer hears about the change
+                echo = await next_of_type(ws, "config")
+                assert echo["prompt"] == "a storm" and echo["seed"] == 9
+            assert server.broadcast.stream.params.prompt == "a storm"
+            await admin.send(json.dumps({"type": "config", "strength": 7}))
+            assert (await next_of_type(admin, "error"))["code"] == "bad_config"
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def test_source_end_is_reported_and_no_source_refuses_viewers(engine, tiny_components):
+    async def main():
+        server = _viewer_server(engine, capture=lambda spec: FakeCapture(spec, frames=5))
+        await server.start()
+        try:
+            ws, _ = await open_client(server, "/view/ws")
+            err = await next_of_type(ws, "error")
+            assert err["code"] == "source_ended"
+            client, _ = await open_client(server)  # /ws is not affected
+            await client.send(jpeg(1))
+            await next_result(client)
+        finally:
+            await server.stop()
+        # An engine belongs to its server's inference thread: a second server gets its own.
+        async with serving(Engine(preset("test"), tiny_components)) as plain:
+            ws = await connect(ws_url(plain, "/view/ws"))
+            assert json.loads(await ws.recv())["code"] == "no_source"
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd.code == 1008
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+# `python -m turbostream.cli` would load cli.py twice (as __main__ and as turbostream.cli), and UserError raised
+# by the server would not be the one main() catches: run main() the way the console script does.
+TURBOSTREAM = [sys.executable, "-c", "import sys; from turbostream.cli import main; sys.exit(main())"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_rejects_bad_options_quickly():
+    result = subprocess.run(
+        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--jpeg-quality", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "JPEG quality" in result.stderr
+
+
+@pytest.mark.slow
+def test_serve_command_closes_clients_with_1001_on_sigterm():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--size", "64",
+         "--device", "cpu", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+
+        async def main():
+            ws = await connect(f"ws://127.0.0.1:{port}/ws")
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.send(jpeg(1))
+            while not isinstance(await ws.recv(), bytes):
+                pass
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await ws.recv()
+            return info.value.rcvd.code
+
+        assert run(main()) == 1001
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.stdout.read()
+    assert "serving on" in output

@@ -1,0 +1,358 @@
+// turbostream browser client: camera or screen -> JPEG frames over /ws -> stylized frames back.
+//
+// Flow control: at most `inflight` frames (1 or 2; ?inflight=N) are unanswered at a time; the next frame goes when a
+// result arrives. Before each result the server sends {"type": "frame", "seq": n}: frames are numbered 1, 2, ... in
+// send order, so n answers frame n, and unanswered frames below n were dropped by the server (a newer one replaced
+// them). Page options: ?autostart=1 (camera and stream without a click), ?token=... (servers started with --token),
+// ?inflight=1|2, ?quality=0.5..0.95 (JPEG quality of the frames sent).
+
+const $ = (id) => document.getElementById(id);
+const query = new URLSearchParams(location.search);
+const TOKEN = query.get("token");
+const INFLIGHT = Math.min(2, Math.max(1, Number(query.get("inflight")) || 2));
+const QUALITY = Math.min(0.95, Math.max(0.5, Number(query.get("quality")) || 0.8));
+const DEBOUNCE_MS = 350;
+const WATCHDOG_MS = 4000; // no answer for this long: count the frames in flight as lost and go on
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 10000;
+
+// What the page knows; also exposed as window.turbostream for kiosks, tests and the curious.
+const state = {
+  conn: "connecting",
+  ready: null, // the server's ready message
+  params: null, // the parameters the server confirmed last
+  media: null, // MediaStream being sent
+  seq: 0, // frames sent on this connection
+  sent: new Map(), // seq -> send time (ms) of frames not answered yet
+  encoding: false,
+  newFrame: true,
+  lastAnswer: 0,
+  framesSent: 0,
+  framesReceived: 0,
+  dropped: 0,
+  rtt: [],
+  resultTimes: [],
+  errors: [],
+};
+window.turbostream = state;
+
+let ws = null;
+let backoff = BACKOFF_MIN_MS;
+let reconnectTimer = null;
+let pendingHeader = null;
+let drawChain = Promise.resolve();
+
+// ---------------------------------------------------------------- status and errors
+
+function setConn(text, kind = "") {
+  state.conn = text;
+  const pill = $("conn");
+  pill.textContent = text;
+  pill.className = "pill " + kind;
+  document.body.dataset.state = kind || "connecting";
+}
+
+let errorTimer = null;
+function showError(message) {
+  state.errors.push(message);
+  if (state.errors.length > 50) state.errors.shift();
+  $("error-text").textContent = message;
+  $("error").hidden = false;
+  clearTimeout(errorTimer);
+  errorTimer = setTimeout(() => ($("error").hidden = true), 8000);
+}
+$("error-close").onclick = () => ($("error").hidden = true);
+
+// ---------------------------------------------------------------- connection
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws` + (TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "");
+}
+
+function connect() {
+  clearTimeout(reconnectTimer);
+  setConn("connecting…");
+  ws = new WebSocket(wsUrl());
+  ws.binaryType = "blob";
+  ws.onopen = () => setConn("waiting for the engine…");
+  ws.onmessage = (event) => (typeof event.data === "string" ? onText(event.data) : onImage(event.data));
+  ws.onclose = (event) => {
+    ws = null;
+    state.ready = null;
+    state.sent.clear();
+    state.encoding = false;
+    updateButtons();
+    // 1008: wrong token or nothing to do here; reconnecting would only repeat it.
+    if (event.code === 1008) {
+      setConn("refused: " + (event.reason || "policy"), "bad");
+      return;
+    }
+    const why = event.code === 1013 ? "server full" : event.code === 1001 ? "server went away" : "disconnected";
+    const delay = Math.round(backoff * (0.75 + Math.random() * 0.5));
+    setConn(`${why}; retrying in ${(delay / 1000).toFixed(1)} s`, "bad");
+    reconnectTimer = setTimeout(connect, delay);
+    backoff = Math.min(BACKOFF_MAX_MS, backoff * 2);
+  };
+}
+
+function send(obj) {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
+}
+
+function onText(text) {
+  let msg;
+  try {
+    msg = JSON.parse(text);
+  } catch {
+    return;
+  }
+  switch (msg.type) {
+    case "ready":
+      state.ready = msg;
+      state.seq = 0;
+      state.sent.clear();
+      backoff = BACKOFF_MIN_MS;
+      setConn("ready", "ready");
+      $("model").textContent =
+        `${msg.model} · ${msg.width}×${msg.height}` + (msg.random_weights ? " · random weights (noise)" : "");
+      $("output").width = $("capture").width = msg.width;
+      $("output").height = $("capture").height = msg.height;
+      $("steps").max = msg.limits.max_steps;
+      // Keep what the user chose before a reconnect; otherwise take the server's defaults.
+      if (state.params) sendConfig(state.params);
+      else showParams(msg.params);
+      updateButtons();
+      pump();
+      break;
+    case "config":
+      state.params = { prompt: msg.prompt, strength: msg.strength, steps: msg.steps, seed: msg.seed };
+      showParams(state.params);
+      state.newFrame = true; // a still screen gets restyled too
+      pump();
+      break;
+    case "frame":
+      pendingHeader = msg;
+      break;
+    case "stats":
+      $("server-stats").textContent =
+        `server: ${msg.fps.toFixed(1)} frames/s` +
+        (msg.latency_ms.p50 != null ? `, ${msg.latency_ms.p50.toFixed(0)} ms p50` : "") +
+        `, ${msg.dropped} dropped, ${msg.clients} client${msg.clients === 1 ? "" : "s"}`;
+      break;
+    case "error":
+      showError(`${msg.message} (${msg.code})`);
+      if (msg.code === "bad_config" && state.params) showParams(state.params);
+      // This frame gets no result: stop waiting for it.
+      if (msg.seq !== undefined) state.sent.delete(msg.seq);
+      pump();
+      break;
+  }
+}
+
+// ---------------------------------------------------------------- results
+
+function onImage(blob) {
+  const now = performance.now();
+  const header = pendingHeader;
+  pendingHeader = null;
+  if (header) {
+    const t = state.sent.get(header.seq);
+    if (t !== undefined) {
+      state.rtt.push(now - t);
+      if (state.rtt.length > 30) state.rtt.shift();
+    }
+    for (const seq of [...state.sent.keys()]) {
+      if (seq < header.seq) state.dropped++;
+      if (seq <= header.seq) state.sent.delete(seq);
+    }
+  } else {
+    forgetOldest();
+  }
+  state.framesReceived++;
+  state.lastAnswer = now;
+  state.resultTimes.push(now);
+  // Decode off the main thread, draw in arrival order.
+  drawChain = drawChain
+    .then(() => createImageBitmap(blob))
+    .then((bitmap) => {
+      const canvas = $("output");
+      canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+      bitmap.close();
+      document.body.dataset.frames = String(state.framesReceived);
+      $("snapshot").disabled = false;
+    })
+    .catch((err) => showError("could not show a result: " + err));
+  pump();
+}
+
+function forgetOldest() {
+  const oldest = Math.min(...state.sent.keys());
+  if (Number.isFinite(oldest)) state.sent.delete(oldest);
+}
+
+// ---------------------------------------------------------------- sending frames
+
+const video = $("video");
+if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
+  const onVideoFrame = () => {
+    state.newFrame = true;
+    pump();
+    video.requestVideoFrameCallback(onVideoFrame);
+  };
+  video.requestVideoFrameCallback(onVideoFrame);
+  video.addEventListener("loadeddata", () => video.requestVideoFrameCallback(onVideoFrame));
+}
+
+function pump() {
+  if (!ws || ws.readyState !== WebSocket.OPEN || !state.ready || !state.media || state.encoding) return;
+  if (state.sent.size >= INFLIGHT || !video.videoWidth || !state.newFrame) return;
+  state.encoding = true;
+  state.newFrame = !("requestVideoFrameCallback" in video);
+  const canvas = $("capture");
+  const { width, height } = canvas;
+  // Center-crop the video to the engine's aspect; the server gets exactly the engine's size.
+  const vw = video.videoWidth, vh = video.videoHeight;
+  const scale = Math.min(vw / width, vh / height);
+  const sw = width * scale, sh = height * scale;
+  canvas.getContext("2d").drawImage(video, (vw - sw) / 2, (vh - sh) / 2, sw, sh, 0, 0, width, height);
+  const socket = ws;
+  canvas.toBlob(
+    (blob) => {
+      state.encoding = false;
+      if (!blob || socket !== ws || socket.readyState !== WebSocket.OPEN) return;
+      state.seq++;
+      state.sent.set(state.seq, performance.now());
+      state.framesSent++;
+      socket.send(blob);
+      pump();
+    },
+    "image/jpeg",
+    QUALITY,
+  );
+}
+
+// Frames the server dropped silently (none should be: it always answers or numbers past them) or lost to a
+// hiccup must not stall the stream.
+setInterval(() => {
+  if (state.sent.size && performance.now() - Math.max(state.lastAnswer, ...state.sent.values()) > WATCHDOG_MS) {
+    state.sent.clear();
+    pump();
+  }
+}, 1000);
+
+async function startMedia(kind) {
+  stopMedia();
+  const md = navigator.mediaDevices;
+  if (!md || !(kind === "screen" ? md.getDisplayMedia : md.getUserMedia)) {
+    showError("this browser gives no camera or screen here: use https, or http://localhost / 127.0.0.1");
+    return;
+  }
+  try {
+    const media =
+      kind === "screen"
+        ? await md.getDisplayMedia({ video: { frameRate: 30 }, audio: false })
+        : await md.getUserMedia({
+            video: { width: { ideal: 1280 }, height: { ideal: 720 }, facingMode: "user" },
+            audio: false,
+          });
+    state.media = media;
+    video.srcObject = media;
+    media.getVideoTracks().forEach((track) => (track.onended = () => stopMedia()));
+    await video.play().catch(() => {});
+    $("in-empty").hidden = true;
+    state.newFrame = true;
+    updateButtons();
+    pump();
+  } catch (err) {
+    const name = err && err.name;
+    const why =
+      name === "NotAllowedError" ? "permission denied" :
+      name === "NotFoundError" ? (kind === "screen" ? "nothing to share" : "no camera found") :
+      name === "NotReadableError" ? "the camera is in use by another program" : String(err);
+    showError(`${kind === "screen" ? "screen sharing" : "camera"}: ${why}`);
+  }
+}
+
+function stopMedia() {
+  if (state.media) state.media.getTracks().forEach((t) => t.stop());
+  state.media = null;
+  video.srcObject = null;
+  $("in-empty").hidden = false;
+  updateButtons();
+}
+
+function updateButtons() {
+  $("stop").disabled = !state.media;
+}
+
+// ---------------------------------------------------------------- parameters
+
+function showParams(p) {
+  if (document.activeElement !== $("prompt")) $("prompt").value = p.prompt;
+  $("strength").value = p.strength;
+  $("strength-value").textContent = Number(p.strength).toFixed(2);
+  $("steps").value = p.steps;
+  $("seed").value = p.seed;
+}
+
+function sendConfig(fields) {
+  send({ type: "config", ...fields });
+}
+
+function debounce(fn, ms) {
+  let timer = null;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+const sendPrompt = debounce(() => sendConfig({ prompt: $("prompt").value }), DEBOUNCE_MS);
+const sendStrength = debounce(() => sendConfig({ strength: Number($("strength").value) }), 150);
+$("prompt").addEventListener("input", sendPrompt);
+$("strength").addEventListener("input", () => {
+  $("strength-value").textContent = Number($("strength").value).toFixed(2);
+  sendStrength();
+});
+$("steps").addEventListener("change", () => sendConfig({ steps: Math.round(Number($("steps").value)) }));
+$("seed").addEventListener("change", () => sendConfig({ seed: Math.round(Number($("seed").value)) }));
+$("dice").onclick = () => sendConfig({ seed: Math.floor(Math.random() * 2 ** 31) });
+
+// ---------------------------------------------------------------- buttons
+
+$("camera").onclick = () => startMedia("camera");
+$("screen").onclick = () => startMedia("screen");
+$("stop").onclick = stopMedia;
+$("layout").onclick = () => {
+  const stage = $("stage");
+  const outputOnly = stage.classList.toggle("output-only");
+  stage.classList.toggle("side-by-side", !outputOnly);
+  $("layout").textContent = outputOnly ? "Side by side" : "Output only";
+  $("layout").setAttribute("aria-pressed", String(outputOnly));
+};
+$("snapshot").onclick = () => {
+  $("output").toBlob((blob) => {
+    if (!blob) return;
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = `turbostream-${new Date().toISOString().replace(/[:.]/g, "-")}.png`;
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+  }, "image/png");
+};
+if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) $("screen").disabled = true;
+
+// ---------------------------------------------------------------- live numbers
+
+setInterval(() => {
+  const now = performance.now();
+  state.resultTimes = state.resultTimes.filter((t) => now - t < 2000);
+  const fps = state.resultTimes.length / 2;
+  $("fps").textContent = fps.toFixed(1);
+  const sorted = [...state.rtt].sort((a, b) => a - b);
+  $("rtt").textContent = sorted.length ? sorted[Math.floor(sorted.length / 2)].toFixed(0) : "–";
+}, 500);
+
+connect();
+if (query.get("autostart") === "1") startMedia("camera");

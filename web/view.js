@@ -1,0 +1,83 @@
+// turbostream viewer: shows the server's broadcast (turbostream serve --source ...) from /view/ws.
+// ?control=<token> (the server's --control-token) shows a prompt box that changes the broadcast for everyone.
+
+const $ = (id) => document.getElementById(id);
+const control = new URLSearchParams(location.search).get("control");
+const state = { conn: "connecting", ready: null, framesReceived: 0, times: [], errors: [] };
+window.turbostream = state;
+let backoff = 500;
+let ws = null;
+let drawChain = Promise.resolve();
+
+function setConn(text, kind = "") {
+  state.conn = text;
+  $("conn").textContent = text;
+  $("conn").className = "pill " + kind;
+  document.body.dataset.state = kind || "connecting";
+}
+
+function showError(message) {
+  state.errors.push(message);
+  $("error-text").textContent = message;
+  $("error").hidden = false;
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  ws = new WebSocket(`${scheme}//${location.host}/view/ws` + (control ? `?control=${encodeURIComponent(control)}` : ""));
+  ws.binaryType = "blob";
+  setConn("connecting…");
+  ws.onmessage = (event) => {
+    if (typeof event.data !== "string") return show(event.data);
+    const msg = JSON.parse(event.data);
+    if (msg.type === "ready") {
+      state.ready = msg;
+      backoff = 500;
+      $("error").hidden = true;
+      setConn("live", "ready");
+      $("output").width = msg.width;
+      $("output").height = msg.height;
+      $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}`;
+      $("control").hidden = !msg.control;
+      $("prompt").value = msg.params.prompt;
+    } else if (msg.type === "config") {
+      if (document.activeElement !== $("prompt")) $("prompt").value = msg.prompt;
+    } else if (msg.type === "error") {
+      showError(`${msg.message} (${msg.code})`);
+    }
+  };
+  ws.onclose = (event) => {
+    if (event.code === 1008) return setConn("refused: " + (event.reason || "policy"), "bad");
+    setConn("reconnecting…", "bad");
+    setTimeout(connect, backoff * (0.75 + Math.random() * 0.5));
+    backoff = Math.min(10000, backoff * 2);
+  };
+}
+
+function show(blob) {
+  state.framesReceived++;
+  state.times.push(performance.now());
+  drawChain = drawChain
+    .then(() => createImageBitmap(blob))
+    .then((bitmap) => {
+      $("output").getContext("2d").drawImage(bitmap, 0, 0, $("output").width, $("output").height);
+      bitmap.close();
+      document.body.dataset.frames = String(state.framesReceived);
+    })
+    .catch(() => {});
+}
+
+$("control").onsubmit = (event) => {
+  event.preventDefault();
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "config", prompt: $("prompt").value }));
+};
+document.querySelector(".viewer-stage").ondblclick = () =>
+  document.fullscreenElement ? document.exitFullscreen() : document.documentElement.requestFullscreen();
+
+setInterval(() => {
+  const now = performance.now();
+  state.times = state.times.filter((t) => now - t < 2000);
+  $("fps").textContent = (state.times.length / 2).toFixed(1);
+}, 500);
+
+connect();
