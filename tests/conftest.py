@@ -29,10 +29,9 @@ def tiny_components():
 @pytest.fixture(scope="session")
 def tiny_full_vae_components(tiny_components):
     """tiny-random with the full AutoencoderKL instead of TAESD (same UNet and text encoder)."""
-    from turbostream.models import load_components
+    from turbostream.models import load_vae
 
-    full = load_components("tiny-random", device="cpu", vae="full")
-    return dataclasses.replace(tiny_components, vae=full.vae, vae_kind="full")
+    return dataclasses.replace(tiny_components, vae=load_vae("tiny-random", "full"), vae_kind="full")
 
 
 @pytest.fixture

@@ -48,6 +48,15 @@ class EngineStats:
     capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}n{evals}" -> seconds
 
 
+@torch.inference_mode()
+def encode_prompt(components: Components, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(tokens, dim) text-encoder embeddings of one prompt, as diffusers' encode_prompt computes them (no CFG)."""
+    ids = components.tokenizer(
+        prompt, padding="max_length", max_length=components.max_tokens, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return components.text_encoder(ids)[0][0].to(dtype)
+
+
 class _LRU(OrderedDict):
     """A bounded mapping: inserting past `limit` evicts the least recently used entry."""
 
@@ -156,10 +165,7 @@ class Engine:
         """(tokens, dim) embeddings of a prompt on the device; the text encoder runs only on a cache miss."""
         emb = self._prompts.lookup(prompt)
         if emb is None:
-            ids = self.tokenizer(
-                prompt, padding="max_length", max_length=self.components.max_tokens, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-            emb = self.text_encoder(ids)[0][0].to(self.dtype)
+            emb = encode_prompt(self.components, prompt, self.device, self.dtype)
             self._prompts.insert(prompt, emb)
             self.stats.text_encoder_runs += 1
             self.stats.prompt_cache_evictions = self._prompts.evictions

@@ -41,7 +41,7 @@ class Components:
     text_encoder: Any  # CLIPTextModel
     tokenizer: Any  # CLIPTokenizer
     scheduler: Any  # EulerDiscreteScheduler (its config; the engine derives its own schedules)
-    vae: Any  # AutoencoderTiny (vae="tiny") or AutoencoderKL (vae="full")
+    vae: Any  # AutoencoderTiny (vae_kind "tiny") or AutoencoderKL ("full"); set by load_vae
     vae_kind: str  # "tiny" or "full"
     random_weights: bool  # True for random / tiny-random: output is not a stylization
 
@@ -89,12 +89,35 @@ def load_components(
     if vae not in ("tiny", "full"):
         raise ValueError(f"vae must be 'tiny' or 'full', got {vae!r}")
     if model in RANDOM_MODELS:
-        comps = _build_random(model, device=device, dtype=dtype, vae=vae, seed=seed)
+        comps = _build_random(model, device=device, dtype=dtype, seed=seed)
     else:
-        comps = _load_pretrained(model, device=device, dtype=dtype, vae=vae, taesd=taesd)
-    for module in (comps.unet, comps.text_encoder, comps.vae):
+        comps = _load_pretrained(model, device=device, dtype=dtype)
+    comps.vae = load_vae(model, vae, device=device, dtype=dtype, taesd=taesd, seed=seed)
+    comps.vae_kind = vae
+    for module in (comps.unet, comps.text_encoder):
         module.eval().requires_grad_(False)
     return comps
+
+
+def load_vae(
+    model: str,
+    kind: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    taesd: str = DEFAULT_TAESD,
+    seed: int = 0,
+):
+    """The VAE of `model`: kind 'tiny' (TAESD, AutoencoderTiny) or 'full' (the model's AutoencoderKL); eval mode."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = dtype or default_dtype(device)
+    if kind not in ("tiny", "full"):
+        raise ValueError(f"vae must be 'tiny' or 'full', got {kind!r}")
+    if model in RANDOM_MODELS:
+        vae = _build_random_vae(model, kind, device=device, dtype=dtype, seed=seed)
+    else:
+        vae = _load_pretrained_vae(model, kind, device=device, dtype=dtype, taesd=taesd)
+    return vae.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------- random weights
@@ -146,8 +169,8 @@ def _spread_init(*modules: torch.nn.Module) -> None:
             last[-1].bias.data.fill_(0.5)
 
 
-def _build_random(model: str, *, device: torch.device, dtype: torch.dtype, vae: str, seed: int) -> Components:
-    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+def _build_random(model: str, *, device: torch.device, dtype: torch.dtype, seed: int) -> Components:
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -155,26 +178,35 @@ def _build_random(model: str, *, device: torch.device, dtype: torch.dtype, vae: 
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(_read_config(model, "unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig(**_read_config(model, "text_encoder")))
-        if vae == "tiny":
-            vae_model = AutoencoderTiny.from_config(_read_config(model, "taesd"))
-        else:
-            vae_model = AutoencoderKL.from_config(_read_config(model, "vae"))
-    scheduler = EulerDiscreteScheduler.from_config(_read_config(model, "scheduler"))
     if model == "tiny-random":
-        _spread_init(unet, vae_model)
+        _spread_init(unet)
     if dtype != torch.float32:
-        unet, text_encoder, vae_model = (m.to(dtype=dtype) for m in (unet, text_encoder, vae_model))
+        unet, text_encoder = unet.to(dtype=dtype), text_encoder.to(dtype=dtype)
     log.warning("model %r: random weights; its output is noise, not a stylization", model)
     return Components(
         name=model,
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=byte_level_clip_tokenizer(),
-        scheduler=scheduler,
-        vae=vae_model,
-        vae_kind=vae,
+        scheduler=EulerDiscreteScheduler.from_config(_read_config(model, "scheduler")),
+        vae=None,
+        vae_kind="",
         random_weights=True,
     )
+
+
+def _build_random_vae(model: str, kind: str, *, device: torch.device, dtype: torch.dtype, seed: int):
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    torch.manual_seed(seed + 1)
+    with torch.device(device):
+        if kind == "tiny":
+            vae = AutoencoderTiny.from_config(_read_config(model, "taesd"))
+        else:
+            vae = AutoencoderKL.from_config(_read_config(model, "vae"))
+    if model == "tiny-random" and kind == "tiny":
+        _spread_init(vae)
+    return vae.to(dtype=dtype) if dtype != torch.float32 else vae
 
 
 # --------------------------------------------------------------------------------------------- real weights
@@ -186,7 +218,7 @@ def _looks_like_path(model: str) -> bool:
 
 def _advice(model: str) -> str:
     cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    offline = _hub_offline()
     return (
         f"Hugging Face cache: {cache}{' (HF_HUB_OFFLINE is set: no download was tried)' if offline else ''}.\n"
         "What to do:\n"
@@ -203,62 +235,113 @@ def _short(exc: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
 
 
-def _load_pretrained(model: str, *, device: torch.device, dtype: torch.dtype, vae: str, taesd: str) -> Components:
-    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def _resolve_source(model: str, needed: tuple[str, ...]) -> tuple[str, str]:
+    """(model, a description of where it comes from); ModelLoadError for a missing or incomplete local folder."""
     path = Path(model).expanduser()
     if path.is_dir():
         source = f"local folder {path.resolve()}"
-        needed = _REQUIRED_SUBFOLDERS + (("vae",) if vae == "full" else ())
         missing = [sub for sub in needed if not (path / sub).is_dir()]
         if missing:
             raise ModelLoadError(
                 f"Could not load model {model!r}: the {source} lacks {', '.join(f'{m}/' for m in missing)}.\n"
                 + _advice(model)
             )
-        model = str(path)
-    elif _looks_like_path(model):
+        return str(path), source
+    if _looks_like_path(model):
         raise ModelLoadError(f"Could not load model {model!r}: no such folder.\n" + _advice(model))
-    else:
-        source = f"Hugging Face hub id {model!r}"
+    return model, f"Hugging Face hub id {model!r}"
 
-    variant = "fp16" if dtype == torch.float16 else None
 
-    def pretrained(cls, sub: str | None, repo: str = model, **kw):
-        """from_pretrained, trying the fp16 variant first where one may exist."""
-        args = dict(subfolder=sub) if sub else {}
-        if variant is not None:
-            try:
-                return cls.from_pretrained(repo, variant=variant, torch_dtype=dtype, **args, **kw)
-            except (OSError, ValueError) as exc:
-                log.info("no %s variant of %s/%s (%s); loading the default weights", variant, repo, sub, _short(exc))
-        return cls.from_pretrained(repo, torch_dtype=dtype, **args, **kw)
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
+
+def _hub_preflight(repo: str, probe_file: str) -> bool:
+    """Check a hub id before loading; return local_files_only. ModelLoadError, fast, when it cannot work.
+
+    Without this, an unreachable hub costs minutes of retries per file before the first error reaches the user.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(repo, probe_file), str)
+    if _hub_offline():
+        if not cached:
+            raise ModelLoadError(f"Could not load {repo!r}: it is not in the Hugging Face cache.\n" + _advice(repo))
+        return True
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        scheduler = EulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
-        text_encoder = pretrained(CLIPTextModel, "text_encoder")
-        unet = pretrained(UNet2DConditionModel, "unet")
-        vae_model = pretrained(AutoencoderKL, "vae") if vae == "full" else None
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelLoadError(f"Could not load model {model!r} from the {source}: {_short(exc)}\n" + _advice(model)) from exc
-    if vae == "tiny":
+        HfApi().model_info(repo, timeout=10)
+        return False
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(
+            f"Could not load {repo!r}: the hub has no such model, or it needs a login (`hf auth login`): "
+            f"{_short(exc)}\n" + _advice(repo)
+        ) from exc
+    except HfHubHTTPError as exc:  # the hub answered with an error: a cached copy still serves
+        reason = _short(exc)
+    except Exception as exc:  # noqa: BLE001 - any network failure (DNS, refused, timeout, proxy) means "unreachable"
+        reason = f"the hub is unreachable ({_short(exc)})"
+    if cached:
+        log.warning("%s; using the cached copy of %s", reason, repo)
+        return True
+    raise ModelLoadError(f"Could not load {repo!r}: {reason}, and the Hugging Face cache has no copy.\n" + _advice(repo))
+
+
+def _pretrained(cls, repo: str, sub: str | None, dtype: torch.dtype, local_only: bool = False):
+    """cls.from_pretrained, trying the fp16 variant first when loading in fp16."""
+    args = dict(subfolder=sub, local_files_only=local_only) if sub else dict(local_files_only=local_only)
+    if dtype == torch.float16:
         try:
-            vae_model = AutoencoderTiny.from_pretrained(taesd, torch_dtype=dtype)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ModelLoadError(
-                f"Could not load the tiny VAE {taesd!r}: {_short(exc)}\n"
-                "Pass --taesd /path/to/taesd (a local copy of madebyollin/taesd), or use the model's own VAE with "
-                "--vae full.\n" + _advice(taesd)
-            ) from exc
+            return cls.from_pretrained(repo, variant="fp16", torch_dtype=dtype, **args)
+        except (OSError, ValueError) as exc:
+            log.info("no fp16 variant of %s/%s (%s); loading the default weights", repo, sub or "", _short(exc))
+    return cls.from_pretrained(repo, torch_dtype=dtype, **args)
+
+
+def _load_pretrained(model: str, *, device: torch.device, dtype: torch.dtype) -> Components:
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    repo, source = _resolve_source(model, _REQUIRED_SUBFOLDERS)
+    local = source.startswith("local") or _hub_preflight(repo, "unet/config.json")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer", local_files_only=local)
+        scheduler = EulerDiscreteScheduler.from_pretrained(repo, subfolder="scheduler", local_files_only=local)
+        text_encoder = _pretrained(CLIPTextModel, repo, "text_encoder", dtype, local)
+        unet = _pretrained(UNet2DConditionModel, repo, "unet", dtype, local)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load model {model!r} from the {source}: {_short(exc)}\n" + _advice(model)) from exc
     return Components(
         name=model,
         unet=unet.to(device),
         text_encoder=text_encoder.to(device),
         tokenizer=tokenizer,
         scheduler=scheduler,
-        vae=vae_model.to(device),
-        vae_kind=vae,
+        vae=None,
+        vae_kind="",
         random_weights=False,
     )
+
+
+def _load_pretrained_vae(model: str, kind: str, *, device: torch.device, dtype: torch.dtype, taesd: str):
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    if kind == "full":
+        repo, source = _resolve_source(model, ("vae",))
+        local = source.startswith("local") or _hub_preflight(repo, "vae/config.json")
+        try:
+            return _pretrained(AutoencoderKL, repo, "vae", dtype, local).to(device)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"Could not load the VAE of {model!r} from the {source}: {_short(exc)}\n"
+                                 + _advice(model)) from exc
+    try:
+        repo, source = _resolve_source(taesd, ())
+        local = source.startswith("local") or _hub_preflight(repo, "config.json")
+        return AutoencoderTiny.from_pretrained(repo, torch_dtype=dtype, local_files_only=local).to(device)
+    except (OSError, ValueError, ModelLoadError) as exc:
+        reason = str(exc).split("\n")[0] if isinstance(exc, ModelLoadError) else _short(exc)
+        raise ModelLoadError(
+            f"Could not load the tiny VAE {taesd!r}: {reason}\n"
+            "Pass --taesd /path/to/taesd (a local copy of madebyollin/taesd), or use the model's own VAE with "
+            "--vae full.\n" + _advice(taesd)
+        ) from exc

@@ -1,0 +1,285 @@
+"""`turbostream bench`: the diffusers pipeline and this engine, side by side, in one process, on the same inputs.
+
+Measured, each after a burn-in: (a) diffusers' AutoPipelineForImage2Image as the SD-Turbo model card uses it (full VAE,
+PIL in and out, 2 steps, strength 0.5, guidance 0; prompt embeddings precomputed), and the same pipeline with TAESD,
+so the VAE's share of the speedup is visible; (b) the engine eager; (c) the engine's CUDA graphs at every bucket;
+(d) with --compile, compiled then captured. Per call: median and p95; frames/s; speedup over (a). Also peak GPU
+memory, warmup and compile seconds, FLOPs per frame (torch's FlopCounterMode on one eager frame) and achieved TFLOP/s,
+and parity: the engine against the pipeline on the same noise, in uint8 levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import EngineConfig, StreamParams
+from .models import Components, ModelLoadError, default_dtype, load_components, load_vae, resolve_device
+
+log = logging.getLogger("turbostream.bench")
+PROMPT = "a watercolor painting of a city street"
+SEED = 42
+
+
+def _timed(fn: Callable[[], object], iters: int, burn_in: int, sync: Callable[[], None]) -> dict:
+    """Burn in, then time `iters` calls with a host clock (each call ends with its own sync): ms statistics."""
+    for _ in range(burn_in):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "median_ms": round(statistics.median(times), 3),
+        "p95_ms": round(times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))], 3),
+        "min_ms": round(times[0], 3),
+        "iters": iters,
+    }
+
+
+def _pipeline(comps: Components, vae):
+    """diffusers' image-to-image pipeline, resolved the way the model card does (AutoPipelineForImage2Image)."""
+    from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
+
+    base = StableDiffusionPipeline(
+        vae=vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe = AutoPipelineForImage2Image.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_uint8(pipe, frame: np.ndarray, emb: torch.Tensor, params: StreamParams) -> np.ndarray:
+    """The pipeline on one frame with the engine's noise for params.seed -> uint8 (H, W, 3)."""
+    import PIL.Image
+
+    out = pipe(
+        prompt_embeds=emb[None], image=PIL.Image.fromarray(frame), num_inference_steps=params.steps,
+        strength=params.strength, guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(params.seed),
+        output_type="np",
+    ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def _parity(engine, pipe, frame: np.ndarray, params: StreamParams) -> int:
+    """Max |engine - pipeline| in uint8 levels on the same model, frame, embeddings and noise."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
+
+    ours = engine.run([frame], [params])[0]
+    # The full VAE: the engine encodes to the posterior's mean; make the pipeline do the same instead of sampling
+    # (for TAESD there is nothing to sample and this changes nothing).
+    original = img2img.retrieve_latents
+    img2img.retrieve_latents = lambda out, generator=None, sample_mode="sample": original(out, generator, "argmax")
+    try:
+        ref = _pipeline_uint8(pipe, frame, engine.prompt_embeddings(params.prompt), params)
+    finally:
+        img2img.retrieve_latents = original
+    return int(np.abs(ours.astype(np.int16) - ref.astype(np.int16)).max())
+
+
+def _flops_per_frame(engine, params: StreamParams) -> float:
+    """FLOPs of one eager frame (VAE encode, UNet, VAE decode) counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine._stage_schedule([params])
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        engine._frame_path(1, params.unet_evals)
+    return float(counter.get_total_flops())
+
+
+def _row(stats: dict, batch: int, baseline_ms: float | None, gflops: float | None) -> dict:
+    per_frame = stats["median_ms"] / batch
+    row = dict(stats, batch=batch, per_frame_ms=round(per_frame, 3), fps=round(1e3 / per_frame, 1))
+    if baseline_ms:
+        row["speedup_vs_diffusers"] = round(baseline_ms / per_frame, 2)
+    if gflops:
+        row["tflops"] = round(gflops / per_frame, 1)  # GFLOP per ms = TFLOP/s
+    return row
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .cli import UserError, engine_config
+    from .engine import Engine, encode_prompt
+
+    base_cfg: EngineConfig = engine_config(args)
+    device = resolve_device(base_cfg.device)
+    dtype = default_dtype(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    params = dataclasses.replace(base_cfg.default_params, prompt=PROMPT, seed=SEED)
+    w, h = base_cfg.width, base_cfg.height
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(max(base_cfg.buckets))]
+
+    t0 = time.perf_counter()
+    try:
+        comps = load_components(base_cfg.model, device=device, dtype=dtype, vae="full", taesd=base_cfg.taesd)
+        tiny_vae = load_vae(base_cfg.model, "tiny", device=device, dtype=dtype, taesd=base_cfg.taesd)
+    except (ModelLoadError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    load_s = time.perf_counter() - t0
+    tiny_comps = dataclasses.replace(comps, vae=tiny_vae, vae_kind="tiny")
+    engine_comps = tiny_comps if base_cfg.vae == "tiny" else comps
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    res: dict = {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "device_type": device.type,
+        "model": base_cfg.model,
+        "random_weights": comps.random_weights,
+        "size": f"{w}x{h}",
+        "dtype": str(dtype).replace("torch.", ""),
+        "engine_vae": base_cfg.vae,
+        "steps": params.steps,
+        "strength": params.strength,
+        "unet_evals": params.unet_evals,
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_s": round(load_s, 1),
+        "iters": args.iters,
+        "burn_in": args.burn_in,
+        "diffusers_ms": None, "diffusers_taesd_ms": None,
+        "engine_graph_ms": None, "engine_graph": None, "compiled_graph_ms": None, "compiled_graph": None,
+        "warmup_s": None, "compile_s": None, "compiled_warmup_s": None, "peak_mem_gib": None,
+        "parity_max_abs_diff": None, "parity_taesd_max_abs_diff": None,
+    }
+
+    # (a) diffusers first, on the untouched modules: building an engine on CUDA fuses QKV projections and sets
+    # channels_last in place, which the model card's pipeline does not do.
+    if not args.skip_diffusers:
+        import PIL.Image
+
+        image = PIL.Image.fromarray(frames[0])
+        emb = encode_prompt(comps, PROMPT, device, dtype)[None]
+        for key, vae in (("diffusers", comps.vae), ("diffusers_taesd", tiny_vae)):
+            log.info("(a) %s: AutoPipelineForImage2Image, PIL in and out", key)
+            pipe = _pipeline(comps, vae)
+            call = lambda: pipe(prompt_embeds=emb, image=image, num_inference_steps=2, strength=0.5,  # noqa: E731
+                                guidance_scale=0.0).images[0]
+            stats = _timed(call, max(5, args.iters // 2), max(2, args.burn_in // 2), sync)
+            res[f"{key}_ms"], res[f"{key}_stats"] = stats["median_ms"], _row(stats, 1, res["diffusers_ms"], None)
+            log.info("    median %.2f ms, p95 %.2f ms", stats["median_ms"], stats["p95_ms"])
+    diffusers_ms = res["diffusers_ms"]
+
+    # (b) the engine, eager (the CPU's only path).
+    log.info("(b) engine eager")
+    eager = Engine(dataclasses.replace(base_cfg, cuda_graphs=False, compile=False, buckets=(1,)), engine_comps)
+    eager.warmup()
+    gflops = _flops_per_frame(eager, params) / 1e9
+    res["gflops_per_frame"] = round(gflops, 1)
+    stats = _timed(lambda: eager.run(frames[:1], [params]), args.iters, args.burn_in, sync)
+    res["engine_eager_ms"], res["engine_eager"] = stats["median_ms"], _row(stats, 1, diffusers_ms, gflops)
+    log.info("    median %.2f ms", stats["median_ms"])
+    del eager
+
+    # Parity on the path users run (graphs on CUDA, eager on the CPU), against the pipeline with the same VAE.
+    if not args.skip_diffusers:
+        for key, c in (("parity_max_abs_diff", comps), ("parity_taesd_max_abs_diff", tiny_comps)):
+            engine = Engine(dataclasses.replace(base_cfg, vae=c.vae_kind, compile=False, buckets=(1,)), c)
+            engine.warmup()
+            res[key] = _parity(engine, _pipeline(c, c.vae), frames[0], params)
+            del engine
+        log.info("parity in uint8 levels: full VAE %d, TAESD %d", res["parity_max_abs_diff"],
+                 res["parity_taesd_max_abs_diff"])
+
+    if cuda:
+        # (c) CUDA graphs at every bucket.
+        log.info("(c) engine CUDA graphs, buckets %s", base_cfg.buckets)
+        graph = Engine(dataclasses.replace(base_cfg, cuda_graphs=True, compile=False), engine_comps)
+        res["warmup_s"] = round(graph.warmup().warmup_s, 2)
+        res["engine_graph_ms"], res["engine_graph"] = {}, {}
+        for b in base_cfg.buckets:
+            stats = _timed(lambda: graph.run(frames[:b], [params] * b), args.iters, args.burn_in, sync)
+            res["engine_graph"][str(b)], res["engine_graph_ms"][str(b)] = _row(stats, b, diffusers_ms, gflops), \
+                stats["median_ms"]
+            log.info("    batch %d: median %.2f ms per call, %.2f per frame", b, stats["median_ms"], stats["median_ms"] / b)
+        del graph
+        # (d) compiled, then captured; each compiled bucket costs a compile, hence the shorter default list.
+        if base_cfg.compile:
+            log.info("(d) torch.compile + CUDA graphs, buckets %s (compiling: minutes)", args.compile_buckets)
+            compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=args.compile_buckets), engine_comps)
+            wstats = compiled.warmup()
+            res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)
+            res["compiled_graph_ms"], res["compiled_graph"] = {}, {}
+            for b in args.compile_buckets:
+                stats = _timed(lambda: compiled.run(frames[:b], [params] * b), args.iters, args.burn_in, sync)
+                res["compiled_graph"][str(b)], res["compiled_graph_ms"][str(b)] = \
+                    _row(stats, b, diffusers_ms, gflops), stats["median_ms"]
+                log.info("    batch %d: median %.2f ms per call", b, stats["median_ms"])
+            del compiled
+        res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    res["targets"] = _targets(res)
+    _print_table(res)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def _targets(res: dict) -> dict:
+    """The performance targets of the project (512x512, against (a) in the same run); None where not measured."""
+    a = res.get("diffusers_ms")
+    g = (res.get("engine_graph_ms") or {}).get("1")
+    c = (res.get("compiled_graph_ms") or {}).get("1")
+    b4 = min(filter(None, [(res.get("engine_graph_ms") or {}).get("4"), (res.get("compiled_graph_ms") or {}).get("4")]),
+             default=None)
+    return {
+        "graph_b1_le_10ms": None if g is None else g <= 10.0,
+        "graph_b1_ge_7x": None if g is None or a is None else a / g >= 7.0,
+        "compiled_b1_le_6_5ms": None if c is None else c <= 6.5,
+        "compiled_b1_ge_10x": None if c is None or a is None else a / c >= 10.0,
+        "batch4_le_4ms_per_frame": None if b4 is None else b4 / 4 <= 4.0,
+    }
+
+
+def _print_table(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"turbostream bench: {res['model']} on {res['device']}, {res['size']}, {res['dtype']}"
+    if res["random_weights"]:
+        title += " (random weights: timings are real, pictures are noise)"
+    table = Table(title=title)
+    for col in ("path", "batch", "median ms/call", "p95 ms", "ms/frame", "frames/s", "x diffusers", "TFLOP/s"):
+        table.add_column(col, justify="right" if col != "path" else "left")
+
+    def add(name: str, row: dict | None, batch: int = 1) -> None:
+        if not row:
+            return
+        table.add_row(name, str(batch), f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}",
+                      f"{row.get('per_frame_ms', row['median_ms'] / batch):.2f}",
+                      f"{row.get('fps', 1e3 * batch / row['median_ms']):.1f}",
+                      str(row.get("speedup_vs_diffusers", "1.0")),
+                      str(row.get("tflops", "")))
+
+    add("diffusers (a), full VAE", res.get("diffusers_stats"))
+    add("diffusers + TAESD", res.get("diffusers_taesd_stats"))
+    add("engine eager", res.get("engine_eager"))
+    for b, row in (res.get("engine_graph") or {}).items():
+        add("engine graph", row, int(b))
+    for b, row in (res.get("compiled_graph") or {}).items():
+        add("compiled + graph", row, int(b))
+    console = Console(width=130)
+    console.print(table)
+    extras = {k: res.get(k) for k in ("gflops_per_frame", "parity_max_abs_diff", "parity_taesd_max_abs_diff",
+                                      "peak_mem_gib", "warmup_s", "compile_s")}
+    console.print(" ".join(f"{k}={v}" for k, v in extras.items() if v is not None))
+    console.print("targets: " + ", ".join(f"{k}={v}" for k, v in res["targets"].items()))

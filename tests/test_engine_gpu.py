@@ -1,0 +1,127 @@
+"""CUDA-only checks of the graph path (skipped without a GPU; scripts/gpu_check.sh runs them on the device machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from turbostream.config import StreamParams, preset
+
+pytestmark = pytest.mark.gpu
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.fixture(scope="module")
+def cuda_tiny():
+    from turbostream.models import load_components
+
+    return load_components("tiny-random", device="cuda", vae="tiny")
+
+
+@pytest.fixture(scope="module")
+def cuda_random_512():
+    """The full SD-Turbo architecture (random weights) in fp16 with TAESD: what the benchmark times."""
+    from turbostream.engine import Engine
+
+    engine = Engine(preset("bench", device="cuda", buckets=(1, 2, 4)))
+    engine.warmup()
+    return engine
+
+
+def _frames(n: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_graph_replay_equals_eager(cuda_tiny):
+    from turbostream.engine import Engine
+
+    engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 2, 4)), cuda_tiny)
+    engine.warmup()
+    frames = _frames(3, 128, 128)
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2), StreamParams("c", seed=3)]
+    graph = engine.run(frames, params)
+    eager = engine.run(frames, params, graphs=False)
+    assert engine.stats.graph_replays >= 1
+    for g, e in zip(graph, eager):
+        assert g.std() > 10 and _diff(g, e) <= 2
+
+
+def test_mixed_batch_equals_single_on_graphs(cuda_tiny):
+    from turbostream.engine import Engine
+
+    engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 2, 4)), cuda_tiny)
+    engine.warmup()
+    frames = _frames(4, 128, 128, seed=5)
+    params = [StreamParams("cat", 0.5, 2, 1), StreamParams("dog", 0.5, 2, 2), StreamParams("fox", 0.5, 4, 3),
+              StreamParams("owl", 0.5, 2, 4)]
+    together = engine.run(frames, params)  # a bucket-4 graph padded from 3 frames, plus a lazily captured n=2 graph
+    assert (4, 1) in engine._graphs and (1, 2) in engine._graphs
+    for frame, p, out in zip(frames, params, together):
+        assert _diff(out, engine.run([frame], [p])[0]) <= 2
+    assert np.abs(together[0].astype(int) - together[3]).mean() > 5
+
+
+def test_cuda_matches_diffusers_in_fp16(cuda_tiny):
+    import PIL.Image
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from turbostream.engine import Engine
+
+    engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1,)), cuda_tiny)
+    engine.warmup()
+    c = cuda_tiny
+    pipe = StableDiffusionImg2ImgPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                          scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    frame = _frames(1, 128, 128, seed=9)[0]
+    p = StreamParams("a lighthouse", 0.5, 2, 77)
+    ours = engine.run([frame], [p])[0]
+    ref = pipe(prompt_embeds=engine.prompt_embeddings(p.prompt)[None], image=PIL.Image.fromarray(frame),
+               num_inference_steps=2, strength=0.5, guidance_scale=0.0,
+               generator=torch.Generator("cpu").manual_seed(77), output_type="np").images[0]
+    # fp16 graphs vs the pipeline's fp16 eager path: a few levels of rounding, no more.
+    assert _diff(ours, (ref * 255).round().astype(np.uint8)) <= 4
+
+
+def test_full_size_random_model_outputs_are_finite(cuda_random_512, monkeypatch):
+    engine = cuda_random_512
+    decoded = []
+    real_decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda z: decoded.append(real_decode(z)) or decoded[-1])
+    outs = engine.run(_frames(3, 512, 512), [StreamParams("x", seed=s) for s in range(3)], graphs=False)
+    assert all(o.shape == (512, 512, 3) for o in outs)
+    assert decoded and all(torch.isfinite(d).all().item() for d in decoded)
+
+
+def test_full_size_graph_equals_eager_and_pads_buckets(cuda_random_512):
+    engine = cuda_random_512
+    frames = _frames(3, 480, 640, seed=2)  # any size in: cropped and resized to 512x512
+    params = [StreamParams("p", seed=s) for s in range(3)]
+    graph = engine.run(frames, params)  # 3 frames run in the bucket-4 graph
+    eager = engine.run(frames, params, graphs=False)
+    assert all(g.shape == (512, 512, 3) for g in graph)
+    assert max(_diff(g, e) for g, e in zip(graph, eager)) <= 2
+
+
+def test_warmup_captured_every_bucket_and_timed_it(cuda_random_512):
+    stats = cuda_random_512.stats
+    assert {"b1n1", "b2n1", "b4n1"} <= set(stats.capture_s)
+    assert stats.warmup_s > 0
+
+
+def test_engine_without_graphs_config(cuda_tiny):
+    from turbostream.engine import Engine
+
+    cfg = dataclasses.replace(preset("test", device="cuda"), cuda_graphs=False)
+    engine = Engine(cfg, cuda_tiny)
+    engine.warmup()
+    engine.run(_frames(2, 64, 64), [StreamParams()] * 2)
+    assert engine.stats.graph_replays == 0 and not engine._graphs
