@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
+#
+#   bash scripts/gpu_check.sh [engine] [serve] [soak]      (default: engine serve)
+#
+# engine: the tests marked gpu, then `turbostream bench --model random --device cuda --compile` at 512x512
+# serve:  scripts/loadtest.py through a real `turbostream serve --model random` on loopback, 1, 4 and 8 clients
+# soak:   the same at 8 and 16 clients for SOAK_S seconds each (default 60)
+# Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
+# ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets) are installed from there.
+# CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(engine serve)
+status=0
+
+if [ -d .whl ] && ! python3 -c "import diffusers, websockets" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+
+if [ "${CHECK_CPU:-0}" = 1 ]; then
+  MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}
+else
+  MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-12}; SOAK_S=${SOAK_S:-60}
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+fi
+"$PY" - > "$OUT/env.txt" 2>&1 <<'PY'
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+PY
+cat "$OUT/env.txt"
+
+step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.log, remember failures
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s)"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name exit $rc"
+  [ $rc = 0 ] || status=1
+}
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    engine)
+      step gpu-tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
+      step bench 420 "$PY" -m turbostream.cli bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json" ;;
+    serve)
+      step serve 240 "$PY" scripts/loadtest.py --clients 1,4,8 --duration "$DUR" --json "$OUT/serve.json" \
+        --spawn-server -- "${MODEL[@]}" ;;
+    soak)
+      step soak $((SOAK_S * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$SOAK_S" \
+        --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
+    *) echo "unknown stage $stage (engine, serve, soak)"; status=2 ;;
+  esac
+done
+exit $status
