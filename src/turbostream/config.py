@@ -190,3 +190,7 @@ class RunConfig:
     max_frames: int | None = None
     realtime: bool = False  # files: drop stale frames like a live source instead of processing every frame
     jpeg_quality: int = 95  # image-folder outputs
+    fallback_fps: float = 30.0  # output video rate when the source reports none (image folders, some cameras)
+    queue_frames: int = 8  # in-order (file) hand-offs between reader, engine and writers: frames held at most
+    reconnect_attempts: int = 3  # live sources that stop delivering: reopen attempts (0.5 s, 1 s, 2 s apart)
+    open_timeout_s: float = 10.0  # network sources: opening, and each read, give up after this long

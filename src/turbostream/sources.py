@@ -1,0 +1,752 @@
+"""Frame sources and sinks of the capture loop: OpenCV capture on its own thread; window, video file, image folder.
+
+Sources (parse_source): a camera index ("0"), a video file, an rtsp:// / http(s):// / rtmp:// / udp:// URL, or a
+folder of images. CaptureThread reads one on a thread of its own and hands frames over in one of two ways:
+
+- realtime (live sources, `run --realtime`, `serve --source`): a one-frame slot. A newer frame replaces one
+  nobody took yet (counted in `dropped`), so a slow consumer always gets the newest frame and latency never
+  builds up. A file read this way is paced to its own frame rate, as a camera would deliver it.
+- in order (files and folders by default): a bounded queue; the reader waits when it is full. Nothing is dropped
+  and memory stays bounded.
+
+Sinks: WindowSink (OpenCV GUI window; needs a GUI build of OpenCV and a display), VideoSink (.mp4/.mov/.mkv with
+the mp4v codec, .avi with MJPG; keeps the source's frame rate), FolderSink (frame_000000.png ...), and SinkThread,
+which runs a file sink on a writer thread behind a bounded queue.
+
+Frames are uint8 RGB (H, W, 3) everywhere, as in the rest of turbostream; OpenCV's BGR stays inside this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import cv2
+import numpy as np
+
+from .config import RunConfig
+
+log = logging.getLogger("turbostream.sources")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Containers and the codec each is written with: every one of these reads back with the OpenCV it was written by.
+VIDEO_FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp")
+# A frame rate outside this range is a container's placeholder (0, 90000...), not a real rate.
+SANE_FPS = (1.0, 240.0)
+DEFAULT_FPS = RunConfig.fallback_fps  # image folders, and sources that report no usable rate
+OPEN_TIMEOUT_S = RunConfig.open_timeout_s
+RECONNECT_ATTEMPTS = RunConfig.reconnect_attempts
+WINDOW_QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
+WINDOW_FULLSCREEN_KEYS = (ord("f"), ord("F"))
+
+
+class SourceError(ValueError):
+    """A source that cannot be used; the message says which and why, for the user."""
+
+
+class SinkError(ValueError):
+    """An output that cannot be used or written; the message says which and why, for the user."""
+
+
+def quiet_opencv() -> None:
+    """Silence OpenCV's and FFmpeg's own console messages (our errors say what failed); call before opening."""
+    # FFmpeg reads this when OpenCV first loads its backend; a value the user set wins.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # very old OpenCV builds
+        pass
+
+
+def redact(url: str) -> str:
+    """A URL with its password replaced by ***, fit for logs and messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _natural_key(path: Path) -> list:
+    """frame_2.png before frame_10.png."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    """An OpenCV image (BGR, BGRA or gray) -> uint8 RGB (H, W, 3)."""
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# ------------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What the user's SRC names. kind: "camera" (target: int index), "file", "folder" or "url" (target: str)."""
+
+    kind: str
+    target: int | str
+    text: str
+
+    @property
+    def live(self) -> bool:
+        """Cameras and URLs deliver frames at their own pace: frames not taken in time are stale."""
+        return self.kind in ("camera", "url")
+
+    def describe(self) -> str:
+        if self.kind == "camera":
+            return f"camera {self.target}"
+        if self.kind == "url":
+            return redact(str(self.target))
+        return f"{self.kind} {self.target}"
+
+
+def parse_source(text: str) -> SourceSpec:
+    """Classify SRC without opening it: camera index, URL, folder or video file; SourceError if it names nothing."""
+    spec = str(text).strip()
+    if not spec:
+        raise SourceError("no input given: use a camera index (0), a video file, a URL or a folder of images")
+    if spec.isdigit():
+        return SourceSpec("camera", int(spec), spec)
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    if match:
+        scheme = match.group(1).lower()
+        if scheme not in URL_SCHEMES:
+            raise SourceError(
+                f"unsupported URL scheme {scheme!r} in {redact(spec)}: use one of "
+                + ", ".join(f"{s}://" for s in URL_SCHEMES)
+            )
+        return SourceSpec("url", spec, spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return SourceSpec("folder", str(path), spec)
+    if path.is_file():
+        return SourceSpec("file", str(path), spec)
+    if path.exists():
+        raise SourceError(f"input {spec} is neither a file nor a folder")
+    raise SourceError(
+        f"no such file or folder: {spec} (the input is a camera index like 0, a video file, a URL or a folder of images)"
+    )
+
+
+class VideoReader:
+    """A camera, video file or URL through cv2.VideoCapture; opening reads the first frame to prove it works."""
+
+    def __init__(self, spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S) -> None:
+        self.spec = spec
+        if spec.kind == "url":
+            ms = int(open_timeout_s * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+            cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG, params)
+        else:
+            cap = cv2.VideoCapture(spec.target)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(self._open_failure())
+        if spec.kind == "camera":
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # where the driver supports it: no backlog of old frames
+        ok, first = cap.read()
+        if not ok or first is None:
+            cap.release()
+            raise SourceError(self._no_frames())
+        self._cap, self._first = cap, first
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        self.fps: float | None = fps if SANE_FPS[0] <= fps <= SANE_FPS[1] else None
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.frame_count: int | None = count if spec.kind == "file" and count > 0 else None
+        self.size = (first.shape[1], first.shape[0])
+
+    def _open_failure(self) -> str:
+        s = self.spec
+        if s.kind == "camera":
+            return (
+                f"camera {s.target} could not be opened: no such device, or it is busy or not permitted "
+                "(try another index; on Linux `ls /dev/video*` lists cameras)"
+            )
+        if s.kind == "url":
+            return (
+                f"could not open {redact(str(s.target))}: unreachable, refused, or not a stream OpenCV can read "
+                "(check the address and credentials; -v shows OpenCV's own messages)"
+            )
+        return f"could not open video file {s.target}: not a video format or codec OpenCV can read"
+
+    def _no_frames(self) -> str:
+        s = self.spec
+        if s.kind == "file":
+            return f"video file {s.target} has no readable frames"
+        return f"{s.describe()} opened but delivered no frame"
+
+    def read(self) -> np.ndarray | None:
+        """The next frame, uint8 RGB; None at the end of a file or when a live source fails."""
+        if self._first is not None:
+            bgr, self._first = self._first, None
+        else:
+            ok, bgr = self._cap.read()
+            if not ok or bgr is None:
+                return None
+        return _to_rgb(bgr)
+
+    def release(self) -> None:
+        self._cap.release()
+
+
+class FolderReader:
+    """A folder of images (jpg, png, webp, bmp) in natural name order; unreadable files are skipped with a warning."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        self.spec = spec
+        folder = Path(str(spec.target))
+        try:
+            files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        except OSError as exc:
+            raise SourceError(f"cannot list folder {folder}: {exc.strerror or exc}") from None
+        if not files:
+            raise SourceError(f"folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        self._files = deque(sorted(files, key=_natural_key))
+        self.frame_count: int | None = len(files)
+        self.fps: float | None = None
+        self.skipped = 0
+        self._first: np.ndarray | None = None
+        self._first = self.read()
+        if self._first is None:
+            raise SourceError(f"folder {folder}: none of its {len(files)} images could be read")
+        self.size = (self._first.shape[1], self._first.shape[0])
+
+    def read(self) -> np.ndarray | None:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        while self._files:
+            path = self._files.popleft()
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                self.skipped += 1
+                log.warning("skipping %s: not an image OpenCV can read", path)
+                continue
+            return _to_rgb(image)
+        return None
+
+    def release(self) -> None:
+        self._files.clear()
+
+
+def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S) -> VideoReader | FolderReader:
+    """Open a source (blocking; network sources give up after open_timeout_s); SourceError if it cannot be used."""
+    if spec.kind == "folder":
+        return FolderReader(spec)
+    return VideoReader(spec, open_timeout_s)
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    """One frame as read: index counts every frame read from the source (dropped ones too); t is perf_counter()."""
+
+    index: int
+    frame: np.ndarray
+    t: float
+
+
+class CaptureThread:
+    """Reads a source on its own thread; the consumer takes the newest frame (realtime) or every frame in order.
+
+    The constructor parses SRC (SourceError for a missing file or a bad URL scheme); start() opens the source on
+    the capture thread and waits for the outcome, raising SourceError when it cannot be opened (a network source
+    gives up after open_timeout_s). Then take()/latest() hand frames over until `ended`. close() stops and joins
+    the thread, which releases the capture.
+
+    Live sources that stop delivering frames are reopened up to `reconnect` times (reconnect_delay_s, then twice
+    that, ... apart; counted in `reconnects`) before the capture ends with `error` set. The end of a file is not an error.
+    `transform` runs on the capture thread on every frame (the runner fits frames to the engine size there, off
+    the GPU thread). `pace` (default: realtime and not live) delivers a file at its own frame rate, like a camera,
+    from the first take() on.
+    """
+
+    def __init__(
+        self,
+        spec: str | SourceSpec,
+        *,
+        realtime: bool = True,
+        queue_size: int = 8,
+        reconnect: int | None = None,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        pace: bool | None = None,
+        open_timeout_s: float = OPEN_TIMEOUT_S,
+        reconnect_delay_s: float = 0.5,
+        opener: Callable[[SourceSpec], VideoReader | FolderReader] | None = None,
+    ) -> None:
+        self.spec = spec if isinstance(spec, SourceSpec) else parse_source(spec)
+        self.realtime = realtime
+        self.queue_size = 1 if realtime else max(1, int(queue_size))
+        self.reconnect = (RECONNECT_ATTEMPTS if self.spec.live else 0) if reconnect is None else max(0, reconnect)
+        self.pace = (realtime and not self.spec.live) if pace is None else pace
+        self.transform = transform
+        self.open_timeout_s = open_timeout_s
+        self.reconnect_delay_s = reconnect_delay_s
+        self._opener = opener or (lambda s: open_reader(s, open_timeout_s))
+        # Set by start() once the source is open; plain values, written by the capture thread only.
+        self.fps: float | None = None  # the source's own frame rate when it reports a sane one
+        self.frame_count: int | None = None  # files and folders: frames announced by the container
+        self.size: tuple[int, int] | None = None  # (width, height) of the source's frames
+        self.frames_read = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self._error: str | None = None
+        self._pending: deque[CapturedFrame] = deque()
+        self._cond = threading.Condition()
+        self._finished = False
+        self._stop = threading.Event()
+        self._opened = threading.Event()
+        self._wanted = threading.Event()  # set by the first take(): a paced file starts its clock then
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------- consumer side
+
+    def start(self) -> CaptureThread:
+        """Open the source on the capture thread and start reading; SourceError (after cleanup) if it cannot open."""
+        if self._thread is not None:
+            raise RuntimeError("CaptureThread.start() called twice")
+        self._thread = threading.Thread(target=self._run, name=f"capture {self.spec.describe()}", daemon=True)
+        self._thread.start()
+        # The backend's own timeouts bound opening; the margin covers a backend that ignores them.
+        if not self._opened.wait(self.open_timeout_s + 5.0):
+            self.close(timeout=0.5)
+            self._error = f"timed out opening {self.spec.describe()} after {self.open_timeout_s:.0f} s"
+            raise SourceError(self._error)
+        if self._error is not None and self.size is None:
+            self._thread.join()
+            raise SourceError(self._error)
+        return self
+
+    def take(self, timeout: float) -> CapturedFrame | None:
+        """The next frame to process (newest when realtime, next in order otherwise); None after timeout or at end."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._wanted.set()
+        with self._cond:
+            while not self._pending:
+                if self._finished:
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            item = self._pending.popleft()
+            self._cond.notify_all()  # a reader waiting for room in the queue
+            return item
+
+    def latest(self, timeout: float) -> tuple[int, np.ndarray] | None:
+        """(frame_index, uint8 RGB frame) newer than the last one returned, waiting up to timeout s; else None."""
+        item = self.take(timeout)
+        return None if item is None else (item.index, item.frame)
+
+    @property
+    def ended(self) -> bool:
+        """True once the source finished or failed and every frame it delivered has been taken."""
+        with self._cond:
+            return self._finished and not self._pending
+
+    @property
+    def error(self) -> str | None:
+        """Why the source failed (a message for the user), or None; the end of a file is not a failure."""
+        return self._error
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop reading, join the thread (it releases the capture); safe to call more than once."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            # A network read can block until its own timeout; the thread is a daemon if it outlives this wait.
+            thread.join(self.open_timeout_s + 2.0 if timeout is None else timeout)
+            if thread.is_alive():
+                log.warning("capture of %s did not stop in time; leaving it to exit", self.spec.describe())
+        with self._cond:
+            self._pending.clear()  # a closed capture hands nothing more over, and reads as ended
+
+    def __enter__(self) -> CaptureThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- capture thread
+
+    def _run(self) -> None:
+        reader = None
+        try:
+            try:
+                reader = self._opener(self.spec)
+            except SourceError as exc:
+                self._error = str(exc)
+                return
+            except Exception as exc:  # an OpenCV error is still the source's fault, not ours
+                self._error = f"could not open {self.spec.describe()}: {exc}"
+                return
+            self.fps, self.frame_count, self.size = reader.fps, reader.frame_count, reader.size
+            self._opened.set()
+            reader = self._read_loop(reader)
+        except Exception as exc:
+            log.debug("capture thread failed", exc_info=True)
+            self._error = f"reading {self.spec.describe()} failed: {exc}"
+        finally:
+            if reader is not None:
+                reader.release()
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+            self._opened.set()
+
+    def _read_loop(self, reader):
+        """Read until the end, a stop, or a live source lost for good; returns the reader to release."""
+        failures = 0
+        interval = 1.0 / (self.fps or DEFAULT_FPS)
+        if self.pace:
+            # A file played as if live starts when someone watches (the model may load for minutes before),
+            # not at open: its first seconds would otherwise all be dropped as stale.
+            while not self._wanted.wait(0.1):
+                if self._stop.is_set():
+                    return reader
+        t_start = time.perf_counter()
+        while not self._stop.is_set():
+            frame = reader.read() if reader is not None else None
+            if frame is None:
+                if not self.spec.live or self._stop.is_set():
+                    break  # end of a file or folder
+                if failures >= self.reconnect:
+                    what = self.spec.describe()
+                    self._error = (
+                        f"lost {what}: no frames after {failures} reconnect attempt(s)" if failures
+                        else f"{what} stopped delivering frames"
+                    )
+                    break
+                failures += 1
+                self.reconnects += 1
+                delay = min(self.reconnect_delay_s * 2 ** (failures - 1), 8.0)
+                log.warning(
+                    "%s stopped delivering frames; reconnecting in %.1f s (attempt %d of %d)",
+                    self.spec.describe(), delay, failures, self.reconnect,
+                )
+                if reader is not None:
+                    reader.release()
+                    reader = None
+                if self._stop.wait(delay):
+                    break
+                try:
+                    reader = self._opener(self.spec)
+                except SourceError as exc:
+                    log.warning("%s", exc)
+                continue
+            failures = 0
+            if self.transform is not None:
+                frame = self.transform(frame)
+            if self.pace:
+                # Deliver frame k at t_start + k / fps, as a camera would; a slow decode just runs late.
+                delay = t_start + self.frames_read * interval - time.perf_counter()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+            self._hand_over(CapturedFrame(self.frames_read, frame, time.perf_counter()))
+            self.frames_read += 1
+        return reader
+
+    def _hand_over(self, item: CapturedFrame) -> None:
+        with self._cond:
+            if self.realtime:
+                # Latest wins: a frame nobody took yet is stale now.
+                while self._pending:
+                    self._pending.popleft()
+                    self.dropped += 1
+            else:
+                # In order: wait for room, so the queue (and memory) stays bounded.
+                while len(self._pending) >= self.queue_size and not self._stop.is_set():
+                    self._cond.wait(0.1)
+                if self._stop.is_set():
+                    return
+            self._pending.append(item)
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------------------------------- sinks
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the user's DST names. kind: "window", "video" (path with a video suffix) or "folder"."""
+
+    kind: str
+    path: Path | None
+    text: str
+
+    def describe(self) -> str:
+        return "window" if self.kind == "window" else str(self.path)
+
+
+def parse_output(text: str) -> OutputSpec:
+    """Classify DST: 'window', a video file (.mp4 .mov .mkv .avi), or a folder (no suffix, ends in /, or exists)."""
+    spec = str(text).strip()
+    if not spec:
+        raise SinkError("empty output: use 'window', a video file (.mp4, .avi) or a folder")
+    if spec.lower() == "window":
+        return OutputSpec("window", None, spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(("/", os.sep)) or path.is_dir():
+        return OutputSpec("folder", path, spec)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_FOURCC:
+        return OutputSpec("video", path, spec)
+    if not suffix:
+        return OutputSpec("folder", path, spec)
+    raise SinkError(
+        f"unknown output {spec!r}: use 'window', a video file ({', '.join(VIDEO_FOURCC)}) or a folder of images "
+        "(a path without a suffix, or ending in /)"
+    )
+
+
+def window_support_error() -> str | None:
+    """Why an OpenCV window cannot open here (headless OpenCV, no display), or None when it can."""
+    match = re.search(r"^\s*GUI:\s*(\S+)", cv2.getBuildInformation(), re.MULTILINE)
+    if match and match.group(1).upper() == "NONE":
+        return (
+            "--output window needs OpenCV with GUI support, but the installed OpenCV is headless "
+            "(opencv-python-headless). Install the GUI build: `pip uninstall -y opencv-python-headless && "
+            "pip install opencv-python`, or write to a video file or a folder instead"
+        )
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return (
+            "--output window needs a display, and neither DISPLAY nor WAYLAND_DISPLAY is set "
+            "(over ssh use `ssh -X`), or write to a video file or a folder instead"
+        )
+    return None
+
+
+def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -> None:
+    """Everything about the outputs that can be known before the model loads; creates output folders.
+
+    SinkError for: two outputs with the same path, more than one window, a window without GUI support, an output
+    that is the input, a folder that cannot be created or written.
+    """
+    if not outputs:
+        raise SinkError("no output given: use 'window', a video file (.mp4, .avi) or a folder")
+    seen: set[str] = set()
+    for out in outputs:
+        key = "window" if out.kind == "window" else str(out.path.resolve())
+        if key in seen:
+            raise SinkError(f"output {out.text!r} is given twice")
+        seen.add(key)
+        if out.kind == "window":
+            reason = window_support_error()
+            if reason:
+                raise SinkError(reason)
+            continue
+        if source is not None and source.kind in ("file", "folder"):
+            if out.path.resolve() == Path(str(source.target)).resolve():
+                raise SinkError(f"output {out.text!r} is the input; write somewhere else")
+        folder = out.path if out.kind == "folder" else (out.path.parent if str(out.path.parent) else Path("."))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot create folder {folder} for output {out.text!r}: {exc.strerror or exc}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SinkError(f"cannot write to folder {folder} (output {out.text!r}): permission denied")
+        if out.kind == "video" and out.path.is_dir():
+            raise SinkError(f"output {out.text!r} is an existing folder, not a video file")
+        if out.kind == "folder":
+            old = sum(1 for _ in out.path.glob("frame_*.png"))
+            if old:
+                log.warning("%s already holds %d frame_*.png files; frames with the same numbers are overwritten",
+                            out.path, old)
+
+
+class VideoSink:
+    """Writes frames into a video file at a fixed frame rate (mp4v for .mp4/.mov/.mkv, MJPG for .avi).
+
+    The file is opened at the first frame, so a run that fails before producing anything leaves no empty file.
+    With fill_gaps (realtime runs), a frame stands in for the dropped source frames before it, so the file keeps
+    the source's timing: a minute of camera is a minute of video even when the engine kept up with a third of it.
+    """
+
+    MAX_REPEAT = 600  # one frame never stands in for more than this many (a stalled source, a clock jump)
+
+    def __init__(self, path: Path | str, fps: float, size: tuple[int, int], *, fill_gaps: bool = False) -> None:
+        self.path = Path(path)
+        self.fps = float(fps)
+        self.size = size  # (width, height)
+        self.fill_gaps = fill_gaps
+        self.frames_written = 0
+        self._writer: cv2.VideoWriter | None = None
+        self._last_index: int | None = None
+
+    def _open(self) -> cv2.VideoWriter:
+        fourcc = VIDEO_FOURCC[self.path.suffix.lower()]
+        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps, self.size)
+        if not writer.isOpened():
+            raise SinkError(f"could not open {self.path} for writing ({fourcc} video at {self.size[0]}x{self.size[1]})")
+        return writer
+
+    def write(self, frame: np.ndarray, index: int) -> None:
+        """Append uint8 RGB (H, W, 3); index is the source frame index (for fill_gaps)."""
+        if self._writer is None:
+            self._writer = self._open()
+        if (frame.shape[1], frame.shape[0]) != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        repeats = 1
+        if self.fill_gaps and self._last_index is not None:
+            repeats = max(1, min(index - self._last_index, self.MAX_REPEAT))
+        self._last_index = index
+        bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+        for _ in range(repeats):
+            self._writer.write(bgr)
+        self.frames_written += repeats
+
+    def close(self) -> None:
+        """Finalize the file (writes the container's index: without it an .mp4 does not play)."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+    def describe(self) -> str:
+        if not self.frames_written:
+            return f"{self.path}: no frames (no file written)"
+        return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
+                f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s")
+
+
+class FolderSink:
+    """Writes every frame as FOLDER/frame_NNNNNN.png, numbered by its source frame index."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.frames_written = 0
+
+    def write(self, frame: np.ndarray, index: int) -> None:
+        target = self.path / f"frame_{index:06d}.png"
+        # PNG compression 1: lossless and a few times faster to write than the default 3.
+        ok = cv2.imwrite(str(target), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise SinkError(f"could not write {target} (disk full, or the folder was removed?)")
+        self.frames_written += 1
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"{self.path}/: {self.frames_written} PNG frames"
+
+
+class WindowSink:
+    """An OpenCV window; show() returns False once the user pressed q or Esc or closed it. Main thread only.
+
+    f toggles full screen (installations). Needs a GUI build of OpenCV (window_support_error says why not).
+    """
+
+    def __init__(self, title: str = "turbostream") -> None:
+        reason = window_support_error()
+        if reason:
+            raise SinkError(reason)
+        self.title = title
+        self.frames_written = 0
+        self._fullscreen = False
+        try:
+            cv2.namedWindow(title, cv2.WINDOW_NORMAL)
+        except cv2.error as exc:
+            raise SinkError(f"could not open a window: {str(exc).strip().splitlines()[-1]}") from None
+
+    def show(self, frame: np.ndarray) -> bool:
+        cv2.imshow(self.title, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        self.frames_written += 1
+        return self.poll()
+
+    def poll(self) -> bool:
+        """Handle window events (keeps the window responsive between frames); False when the user asked to quit."""
+        key = cv2.waitKey(1) & 0xFF
+        if key in WINDOW_QUIT_KEYS:
+            return False
+        if key in WINDOW_FULLSCREEN_KEYS:
+            self._fullscreen = not self._fullscreen
+            mode = cv2.WINDOW_FULLSCREEN if self._fullscreen else cv2.WINDOW_NORMAL
+            cv2.setWindowProperty(self.title, cv2.WND_PROP_FULLSCREEN, mode)
+        try:
+            if self.frames_written and cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
+                return False  # closed with the window manager's button
+        except cv2.error:
+            return False
+        return True
+
+    def close(self) -> None:
+        try:
+            cv2.destroyWindow(self.title)
+            cv2.waitKey(1)
+        except cv2.error:
+            pass
+
+    def describe(self) -> str:
+        return f"window: {self.frames_written} frames shown"
+
+
+class SinkThread:
+    """Runs a file sink's writes on a writer thread behind a bounded queue (put() waits when it is full)."""
+
+    _END = object()
+
+    def __init__(self, sink: VideoSink | FolderSink, maxsize: int = 8) -> None:
+        self.sink = sink
+        self.error: str | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._thread = threading.Thread(target=self._run, name=f"writer {sink.path}", daemon=True)
+        self._thread.start()
+
+    def put(self, frame: np.ndarray, index: int) -> None:
+        """Queue a frame for writing; SinkError once writing has failed."""
+        while True:
+            if self.error is not None:
+                raise SinkError(self.error)
+            try:
+                self._queue.put((frame, index), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._END:
+                    return
+                self.sink.write(*item)
+        except Exception as exc:
+            self.error = str(exc) if isinstance(exc, SinkError) else f"writing {self.sink.path} failed: {exc}"
+            # Keep draining until close(), so a put() racing with the failure never blocks for good.
+            while self._queue.get() is not self._END:
+                pass
+        finally:
+            try:
+                self.sink.close()
+            except Exception as exc:  # a failed finalize is still worth reporting, not a crash
+                self.error = self.error or f"finalizing {self.sink.path} failed: {exc}"
+
+    def close(self) -> None:
+        """Write what is queued, finalize the file and join the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(self._END)
+            self._thread.join()
