@@ -276,7 +276,7 @@ class CaptureThread:
     that, ... apart; counted in `reconnects`) before the capture ends with `error` set. The end of a file is not an error.
     `transform` runs on the capture thread on every frame (the runner fits frames to the engine size there, off
     the GPU thread). `pace` (default: realtime and not live) delivers a file at its own frame rate, like a camera,
-    from the first take() on.
+    from the first take() on. `loop` starts a file or folder over at its end (installations; not for live sources).
     """
 
     def __init__(
@@ -290,6 +290,7 @@ class CaptureThread:
         pace: bool | None = None,
         open_timeout_s: float = OPEN_TIMEOUT_S,
         reconnect_delay_s: float = 0.5,
+        loop: bool = False,
         opener: Callable[[SourceSpec], VideoReader | FolderReader] | None = None,
     ) -> None:
         self.spec = spec if isinstance(spec, SourceSpec) else parse_source(spec)
@@ -300,6 +301,8 @@ class CaptureThread:
         self.transform = transform
         self.open_timeout_s = open_timeout_s
         self.reconnect_delay_s = reconnect_delay_s
+        self.loop = loop and not self.spec.live
+        self.loops = 0  # times a looping file or folder started over
         self._opener = opener or (lambda s: open_reader(s, open_timeout_s))
         # Set by start() once the source is open; plain values, written by the capture thread only.
         self.fps: float | None = None  # the source's own frame rate when it reports a sane one
@@ -431,6 +434,12 @@ class CaptureThread:
         t_start = time.perf_counter()
         while not self._stop.is_set():
             frame = reader.read() if reader is not None else None
+            if frame is None and self.loop and self.frames_read and not self._stop.is_set():
+                # An installation playing a file forever: start over (indices keep counting up).
+                reader.release()
+                reader = self._opener(self.spec)
+                self.loops += 1
+                frame = reader.read()
             if frame is None:
                 if not self.spec.live or self._stop.is_set():
                     break  # end of a file or folder
