@@ -1,0 +1,478 @@
+"""`turbostream run` and `turbostream generate` on the CPU: capture, pipeline, sinks, errors (tiny-random, 64 px)."""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from turbostream import cli, runner, sources
+from turbostream.codec import fit_frame
+from turbostream.config import StreamParams
+from turbostream.sources import CaptureThread, SourceError, SourceSpec, VideoSink
+
+CLI_MODEL = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+BITS = 7  # frames 0..127 carry their index
+
+
+def indexed_frame(k: int, width: int, height: int) -> np.ndarray:
+    """A frame that names its index k: BITS light/dark bands across its central square (what fit_frame keeps).
+
+    Coarse bands survive lossy codecs and resizing, so a frame read back from any output says which it was.
+    """
+    frame = np.full((height, width, 3), 128, np.uint8)
+    side = min(width, height)
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    for b in range(BITS):
+        frame[y0 + b * side // BITS : y0 + (b + 1) * side // BITS, x0 : x0 + side] = 220 if (k >> b) & 1 else 40
+    return frame
+
+
+def index_of(frame: np.ndarray) -> int:
+    height, width = frame.shape[:2]
+    side = min(width, height)
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    rows = [y0 + int((b + 0.5) * side / BITS) for b in range(BITS)]
+    return sum(1 << b for b, r in enumerate(rows) if frame[r, x0 + side // 4 : x0 + 3 * side // 4].mean() > 128)
+
+
+def make_video(path: Path, n: int = 12, size: tuple[int, int] = (96, 80), fps: float = 10.0, *, flat: bool = True) -> Path:
+    """n frames of (width, height) `size`: indexed_frame(k) (flat=True) or random noise."""
+    fourcc = "MJPG" if path.suffix == ".avi" else "mp4v"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        if flat:
+            frame = indexed_frame(k, *size)
+        else:
+            frame = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def read_video(path: Path) -> tuple[list[np.ndarray], float]:
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), f"{path} does not open"
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames, fps
+
+
+def parse(command: str, *argv: str) -> argparse.Namespace:
+    """The real option parser of a subcommand (defaults included)."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    {"run": cli._add_run, "generate": cli._add_generate}[command](sub)
+    return parser.parse_args([command, *argv])
+
+
+class FakeEngine:
+    """Stands in for Engine: returns the fitted frames unchanged after `delay` s; records every call."""
+
+    def __init__(self, width=64, height=64, max_batch=4, delay=0.0, on_run=None):
+        self.width, self.height, self.max_batch, self.delay = width, height, max_batch, delay
+        self.model_name, self.random_weights = "fake", False
+        self.on_run = on_run
+        self.calls: list[list[int]] = []
+        self.thread: int | None = None
+
+    def warmup(self):
+        self.thread = threading.get_ident()
+
+    def run(self, frames, params):
+        assert threading.get_ident() == self.thread, "run() on another thread than warmup()"
+        assert len(frames) == len(params) <= self.max_batch
+        self.calls.append([index_of(f) for f in frames])
+        if self.on_run:
+            self.on_run(self, frames)
+        if self.delay:
+            time.sleep(self.delay)
+        return [fit_frame(f, self.width, self.height) for f in frames]
+
+
+@pytest.fixture(autouse=True)
+def _no_model_loading(monkeypatch):
+    """Tests inject an engine; one that reaches model loading by mistake fails loudly instead of taking seconds."""
+
+    def refuse(args):
+        raise AssertionError("build_engine called: inputs must be checked before the model loads")
+
+    monkeypatch.setattr(runner, "build_engine", refuse)
+
+
+@pytest.fixture
+def allow_load(monkeypatch):
+    """For the tests of the real CLI: lets runner load tiny-random itself."""
+    monkeypatch.undo()
+
+
+# ------------------------------------------------------------------------------------------------ run: files
+
+
+def test_video_file_to_video_file_keeps_count_size_and_fps(tmp_path, make_engine):
+    src = make_video(tmp_path / "in.mp4", n=12, size=(96, 80), fps=10, flat=False)
+    out = tmp_path / "out" / "styled.mp4"
+    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=make_engine()) == 0
+    frames, fps = read_video(out)
+    assert len(frames) == 12
+    assert frames[0].shape == (64, 64, 3)
+    assert fps == pytest.approx(10.0)
+    assert max(f.std() for f in frames) > 5  # pictures, not an empty stream
+
+
+def test_files_keep_every_frame_in_order_batched(tmp_path):
+    src = make_video(tmp_path / "in.avi", n=20)
+    out = tmp_path / "out.avi"
+    # A slow engine lets the reader run ahead, so later calls get batches of the frames already decoded.
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 0
+    assert [i for call in engine.calls for i in call] == list(range(20))
+    assert max(len(call) for call in engine.calls) > 1
+    frames, _ = read_video(out)
+    assert [index_of(f) for f in frames] == list(range(20))
+
+
+def test_max_frames_stops_early(tmp_path):
+    src = make_video(tmp_path / "in.avi", n=20)
+    out_video, out_dir = tmp_path / "out.avi", tmp_path / "frames"
+    args = parse("run", "-i", str(src), "-o", str(out_video), "-o", f"{out_dir}/", "--max-frames", "5")
+    assert runner.run_main(args, engine=FakeEngine(max_batch=4)) == 0
+    frames, _ = read_video(out_video)
+    assert [index_of(f) for f in frames] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"frame_{k:06d}.png" for k in range(5)]
+
+
+def test_image_folder_in_and_out(tmp_path, make_engine):
+    src = tmp_path / "photos"
+    src.mkdir()
+    # Natural order (img_2 before img_10), any size and format; other files ignored, broken images skipped.
+    for name, k, size in (("img_10.png", 2, (70, 90)), ("img_2.jpg", 1, (120, 64)), ("img_1.webp", 0, (64, 64))):
+        cv2.imwrite(str(src / name), indexed_frame(k, *size))
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "styled"
+    engine = FakeEngine(max_batch=2)
+    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 0
+    written = sorted(out.iterdir())
+    assert [p.name for p in written] == ["frame_000000.png", "frame_000001.png", "frame_000002.png"]
+    images = [cv2.imread(str(p)) for p in written]
+    assert all(img.shape == (64, 64, 3) for img in images)
+    assert [index_of(img) for img in images] == [0, 1, 2]
+    # The real engine on a folder, into a folder and a video at once (no frame rate: the fallback).
+    out2, video = tmp_path / "styled2", tmp_path / "styled2.mp4"
+    args = parse("run", "-i", str(src), "-o", str(out2), "-o", str(video))
+    assert runner.run_main(args, engine=make_engine()) == 0
+    assert len(list(out2.glob("frame_*.png"))) == 3
+    frames, fps = read_video(video)
+    assert len(frames) == 3 and fps == pytest.approx(30.0)
+
+
+# ------------------------------------------------------------------------------------------------ capture thread
+
+
+def test_realtime_drops_stale_frames_and_latency_stays_bounded(tmp_path):
+    """A 100 fps live-paced source into an engine that needs 40 ms a frame: newest frames only, bounded latency."""
+    src = make_video(tmp_path / "fast.avi", n=60, fps=100)
+    seen = []  # (index given to the engine, frames the capture had read by then)
+
+    def record(engine, frames):
+        seen.append((index_of(frames[0]), capture.frames_read))
+
+    capture = CaptureThread(str(src), realtime=True, transform=partial(fit_frame, width=64, height=64)).start()
+    assert capture.pace  # a file read in realtime is delivered at its own rate, like a camera
+    sink = VideoSink(tmp_path / "out.avi", 100, (64, 64), fill_gaps=True)
+    engine = FakeEngine(max_batch=4, delay=0.04, on_run=record)
+    summary = runner.Pipeline(engine, capture, [sink], StreamParams(), batch=1).run()
+    assert summary.stopped == "end"
+    assert 5 <= summary.frames <= 30
+    assert summary.dropped >= 20 and capture.dropped >= summary.dropped
+    indices = [i for i, _ in seen]
+    assert indices == sorted(set(indices))  # in order, never a frame twice
+    # Each call got the newest frame: at most the one being handed over meanwhile is newer.
+    assert all(index >= read - 2 for index, read in seen), seen
+    # Latency is about one engine call, not the growing backlog an in-order queue would build (~1.5 s here).
+    assert max(summary.latencies) < 0.3, max(summary.latencies)
+    # The video keeps the source's timing: each frame stands in for the dropped ones before it.
+    frames, _ = read_video(tmp_path / "out.avi")
+    assert len(frames) == summary.last_index - summary.first_index + 1
+
+
+def test_in_order_capture_is_bounded_and_drops_nothing(tmp_path):
+    src = make_video(tmp_path / "in.avi", n=30)
+    capture = CaptureThread(str(src), realtime=False, queue_size=3).start()
+    assert capture.frame_count == 30 and capture.fps == pytest.approx(10.0) and capture.size == (96, 80)
+    got = []
+    while True:
+        item = capture.latest(timeout=2.0)
+        if item is None:
+            break
+        time.sleep(0.002)  # a slow consumer: the reader must wait, not run ahead or drop
+        assert capture.frames_read - len(got) <= 3 + 2
+        got.append(item[0])
+        assert index_of(item[1]) == item[0]
+    assert got == list(range(30))
+    assert capture.ended and capture.error is None and capture.dropped == 0
+    assert capture.latest(timeout=5.0) is None  # at the end: at once, not after the timeout
+    capture.close()
+
+
+def test_latest_times_out_and_close_stops_a_live_source(tmp_path):
+    src = make_video(tmp_path / "slow.avi", n=20, fps=2)
+    capture = CaptureThread(str(src), realtime=True).start()
+    assert capture.latest(timeout=2.0)[0] == 0
+    t0 = time.perf_counter()
+    assert capture.latest(timeout=0.05) is None  # the next frame is due in 0.5 s
+    assert time.perf_counter() - t0 < 0.4
+    assert not capture.ended
+    capture.close()
+    assert capture.ended and not capture._thread.is_alive()
+
+
+def test_loop_starts_a_file_over(tmp_path):
+    src = make_video(tmp_path / "in.avi", n=4)
+    capture = CaptureThread(str(src), realtime=False, loop=True).start()
+    got = [index_of(capture.latest(timeout=2.0)[1]) for _ in range(10)]
+    capture.close()
+    assert got == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] and capture.loops >= 2
+
+
+class _FlakyReader:
+    def __init__(self, frames: int):
+        self.left, self.fps, self.frame_count, self.size = frames, None, None, (16, 16)
+
+    def read(self):
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        return np.zeros((16, 16, 3), np.uint8)
+
+    def release(self):
+        pass
+
+
+def test_live_source_reconnects_then_reports_the_loss():
+    opens = iter([_FlakyReader(3), SourceError("refused"), _FlakyReader(2), SourceError("refused")])
+
+    def opener(spec):
+        outcome = next(opens, SourceError("refused"))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    spec = SourceSpec("url", "rtsp://user:secret@cam.local/stream", "rtsp://user:secret@cam.local/stream")
+    capture = CaptureThread(spec, realtime=False, reconnect=2, reconnect_delay_s=0.01, opener=opener).start()
+    got = []
+    while (item := capture.latest(timeout=2.0)) is not None:
+        got.append(item[0])
+    assert got == [0, 1, 2, 3, 4]  # indices continue across a reconnect
+    assert capture.ended and capture.reconnects == 4
+    assert "lost rtsp://user:***@cam.local/stream" in capture.error and "secret" not in capture.error
+    capture.close()
+
+
+def test_source_errors_are_clear(tmp_path):
+    with pytest.raises(SourceError, match="no such file or folder"):
+        CaptureThread(str(tmp_path / "missing.mp4"))
+    with pytest.raises(SourceError, match="unsupported URL scheme 'ftp'"):
+        CaptureThread("ftp://example.com/video.mp4")
+    t0 = time.perf_counter()
+    with pytest.raises(SourceError, match="camera 7 could not be opened"):
+        CaptureThread("7").start()
+    assert time.perf_counter() - t0 < 5
+    (tmp_path / "fake.mp4").write_text("not a video")
+    with pytest.raises(SourceError, match="could not open video file"):
+        CaptureThread(str(tmp_path / "fake.mp4")).start()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="has no images"):
+        CaptureThread(str(tmp_path / "empty")).start()
+
+
+# ------------------------------------------------------------------------------------------------ run: errors and stops
+
+
+@pytest.mark.parametrize(
+    "make_input,output,message",
+    [
+        (lambda d: str(d / "missing.mp4"), "out.mp4", "no such file or folder: "),
+        (lambda d: "7", "out.mp4", "camera 7 could not be opened"),
+        (lambda d: "rtsp://127.0.0.1:9/stream", "out.mp4", "could not open rtsp://127.0.0.1:9/stream"),
+        (lambda d: "http://user:pw@127.0.0.1:9/cam.mjpg", "out.mp4", "could not open http://user:***@127.0.0.1:9"),
+        (lambda d: str(make_video(d / "in.avi", n=2)), "out.xyz", "unknown output 'OUT/out.xyz'"),
+        (lambda d: str(make_video(d / "in.avi", n=2)), "window", "opencv-python"),
+        (lambda d: str(make_video(d / "in.avi", n=2)), "in.avi", "is the input"),
+    ],
+)
+def test_bad_inputs_and_outputs_fail_with_one_message(tmp_path, capsys, make_input, output, message):
+    if output == "window" and sources.window_support_error() is None:
+        pytest.skip("this OpenCV has a GUI and a display")
+    src = make_input(tmp_path)
+    dst = output if output == "window" else str(tmp_path / output)
+    t0 = time.perf_counter()
+    assert cli.main(["run", "-i", src, "-o", dst, *CLI_MODEL]) == 2
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err
+    assert err.startswith("turbostream: error: ") and "Traceback" not in err
+    assert message.replace("OUT", str(tmp_path)) in err
+    assert "pw@" not in err
+
+
+def test_window_needs_a_gui_build_of_opencv():
+    if sources.window_support_error() is None:
+        pytest.skip("this OpenCV has a GUI and a display")
+    with pytest.raises(sources.SinkError, match="pip install opencv-python"):
+        sources.WindowSink()
+
+
+def test_window_output_shows_frames_and_q_quits(tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr(sources, "window_support_error", lambda: None)
+    monkeypatch.setattr(cv2, "namedWindow", lambda *a: None)
+    monkeypatch.setattr(cv2, "imshow", lambda title, frame: shown.append(frame))
+    monkeypatch.setattr(cv2, "waitKey", lambda ms: ord("q") if len(shown) >= 3 else -1)
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda *a: 1.0)
+    monkeypatch.setattr(cv2, "destroyWindow", lambda *a: None)
+    src = make_video(tmp_path / "in.avi", n=40)
+    out = tmp_path / "out.avi"
+    args = parse("run", "-i", str(src), "-o", "window", "-o", str(out))
+    assert runner.run_main(args, engine=FakeEngine(max_batch=1, delay=0.005)) == 0
+    frames, _ = read_video(out)
+    assert 3 <= len(shown) < 40 and len(frames) >= 3  # quit early; what was shown is in the file too
+
+
+def test_ctrl_c_finalizes_the_video(tmp_path):
+    """Ctrl-C (SIGINT to the main thread) mid-run: exit 130, and the file plays with the frames written."""
+
+    def interrupt(engine, frames):
+        if len(engine.calls) == 6:
+            _thread.interrupt_main()
+
+    src = make_video(tmp_path / "in.mp4", n=60)
+    out = tmp_path / "out.mp4"
+    engine = FakeEngine(max_batch=1, delay=0.005, on_run=interrupt)
+    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 130
+    frames, fps = read_video(out)
+    assert 4 <= len(frames) < 60 and fps == pytest.approx(10.0)
+    assert [index_of(f) for f in frames] == list(range(len(frames)))
+
+
+def test_prompt_line_changes_parameters_live():
+    pipeline = runner.Pipeline(FakeEngine(), CaptureThread("0"), [], StreamParams(prompt="a"))
+    line = runner.PromptLine(pipeline)
+    assert "'a watercolor'" in line.apply("a watercolor\n")
+    line.apply("/strength 0.75")
+    line.apply("/seed 9")
+    assert pipeline.params == StreamParams("a watercolor", 0.75, 2, 9)
+    with pytest.raises(ValueError, match="steps x strength"):
+        line.apply("/strength 0.2")
+    with pytest.raises(ValueError, match="needs a number"):
+        line.apply("/seed nine")
+    assert line.apply("/quit") == "quit" and pipeline._stop.is_set()
+
+
+# ------------------------------------------------------------------------------------------------ the real CLI
+
+
+def test_cli_run_end_to_end(tmp_path, allow_load, capsys):
+    src = make_video(tmp_path / "in.mp4", n=12, flat=False)
+    out = tmp_path / "out.avi"
+    assert cli.main(["run", "-i", str(src), "-o", str(out), "--max-frames", "6", *CLI_MODEL]) == 0
+    frames, fps = read_video(out)
+    assert len(frames) == 6 and frames[0].shape == (64, 64, 3) and fps == pytest.approx(10.0)
+
+
+def test_cli_ctrl_c_in_a_real_process(tmp_path):
+    """A real SIGINT to a real `turbostream run` (live-paced file): exit 130, the .mp4 is finalized and plays."""
+    src = make_video(tmp_path / "in.mp4", n=400, fps=40)
+    out, frames_dir = tmp_path / "out.mp4", tmp_path / "frames"
+    cmd = [sys.executable, "-m", "turbostream.cli", "run", "-i", str(src), "-o", str(out), "-o", f"{frames_dir}/",
+           "--realtime", *CLI_MODEL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(frames_dir.glob("*.png"))) < 3 and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "stopped by Ctrl-C" in output
+    frames, fps = read_video(out)
+    assert len(frames) >= 3 and frames[0].shape == (64, 64, 3) and fps == pytest.approx(40.0)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def test_generate_text_to_image_and_count(tmp_path, make_engine):
+    engine = make_engine()
+    out = tmp_path / "pics" / "fox.png"
+    assert runner.generate_main(parse("generate", "a red fox", "-o", str(out), "--seed", "5"), engine=engine) == 0
+    one = cv2.imread(str(out))
+    assert one.shape == (64, 64, 3)
+    assert runner.generate_main(parse("generate", "a red fox", "-o", str(out), "--seed", "5", "--count", "3"),
+                                engine=engine) == 0
+    many = [cv2.imread(str(tmp_path / "pics" / f"fox-{k}.png")) for k in range(3)]
+    assert np.array_equal(many[0], one)  # the first of the batch has the same seed
+    assert not np.array_equal(many[0], many[1])  # the next seed draws another picture
+
+
+def test_generate_image_to_image_any_input_size(tmp_path, make_engine):
+    image = tmp_path / "photo.jpg"
+    cv2.imwrite(str(image), np.random.default_rng(1).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    out = tmp_path / "styled.png"
+    args = parse("generate", "a watercolor", "--image", str(image), "-o", str(out), "--strength", "0.6")
+    assert args.steps is None  # -> 2 for image-to-image
+    assert runner.generate_main(args, engine=make_engine()) == 0
+    assert cv2.imread(str(out)).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--image", "IN/missing.png"], "no such image file"),
+        (["--image", "IN/text.png"], "could not read"),
+        (["-o", "IN/text.png/out.png"], "cannot create folder"),
+        (["-o", "IN/out.gif"], "must end in one of"),
+        (["--count", "0"], "--count must be at least 1"),
+        (["--image", "IN/ok.png", "--steps", "1", "--strength", "0.5"], "steps x strength"),
+    ],
+)
+def test_generate_errors(tmp_path, capsys, extra, message):
+    (tmp_path / "text.png").write_text("not an image")
+    cv2.imwrite(str(tmp_path / "ok.png"), np.zeros((32, 32, 3), np.uint8))
+    extra = [e.replace("IN", str(tmp_path)) for e in extra]
+    argv = ["generate", "a cat", "-o", str(tmp_path / "out.png"), *CLI_MODEL, *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_generate_end_to_end(tmp_path, allow_load):
+    out = tmp_path / "cat.png"
+    assert cli.main(["generate", "a cat", "-o", str(out), *CLI_MODEL]) == 0
+    assert cv2.imread(str(out)).shape == (64, 64, 3)
