@@ -229,3 +229,24 @@ def test_factory_failure_is_reported():
     assert batcher.failed.wait(5)
     assert not batcher.ready.is_set()
     assert batcher.error == "no such model: nope"
+
+
+def test_frames_pending_at_the_end_of_a_call_are_committed_before_results_go_out(started):
+    """A client that sends its next frame as soon as a result arrives must not replace its own frame in line."""
+    engine = FakeEngine(delay=0.05)
+    batcher = started(engine)
+    replaced = []
+
+    def on_result(result: Result) -> None:
+        got(result)
+        if result.meta == "A":  # the client answers at once with a newer frame
+            replaced.append(stream.submit(frame(3), "C"))
+
+    got = Collector()
+    stream = batcher.open_stream(on_result, StreamParams())
+    stream.submit(frame(1), "A")
+    time.sleep(0.02)  # A is in the engine
+    assert stream.submit(frame(2), "B") is None
+    results = got.wait(3)
+    assert replaced == [None]
+    assert [r.meta for r in results] == ["A", "B", "C"]

@@ -193,32 +193,48 @@ class Batcher:
             self.failed.set()
             return
         self.ready.set()
+        batch: list[tuple[Stream, Pending]] = []
         while True:
-            batch = self._take()
+            batch = self._take(batch)
             if batch is None:
                 return
-            self._run(batch)
+            # The frames pending when this call ends are committed to the next batch before any result goes out:
+            # a client answered first could otherwise send a newer frame that replaces its own committed one.
+            batch = self._run(batch)
 
-    def _take(self) -> list[tuple[Stream, Pending]] | None:
-        """Wait for pending frames; return up to max_batch of them, oldest first (None when stopping)."""
+    def _take(self, batch: list[tuple[Stream, Pending]]) -> list[tuple[Stream, Pending]] | None:
+        """Complete `batch` (frames committed already) to a batch to run, waiting for frames if it is empty.
+
+        Takes up to max_batch pending frames, oldest first, one per stream; then, while another stream's frame is
+        being decoded, waits up to gather_s for it. None when stopping.
+        """
         limit = self.max_batch
         with self._cond:
-            while not self._pending and not self._stop:
+            batch = [entry for entry in batch if not entry[0].closed]  # its client left meanwhile
+            while not batch and not self._pending and not self._stop:
                 self._cond.wait()
             if self._stop:
                 return None
-            # Another stream's frame is being decoded: wait a moment so it joins this batch instead of the next.
             deadline = time.perf_counter() + self.gather_s
-            while len(self._pending) < limit and not self._stop:
-                waiting_for = any(s._expecting and s.key not in self._pending for s in self._streams.values())
+            taken = {stream.key for stream, _ in batch}
+            while True:
+                for key in [k for k in self._pending if k not in taken][: limit - len(batch)]:
+                    batch.append(self._pending.pop(key))
+                    taken.add(key)
+                waiting_for = any(s._expecting and s.key not in taken for s in self._streams.values())
                 remaining = deadline - time.perf_counter()
-                if not waiting_for or remaining <= 0:
-                    break
+                if len(batch) >= limit or not waiting_for or remaining <= 0 or self._stop:
+                    return batch
                 self._cond.wait(remaining)
-            keys = list(itertools.islice(self._pending, limit))
+
+    def _commit_pending(self) -> list[tuple[Stream, Pending]]:
+        """Pop up to max_batch pending frames (oldest first) without waiting: the start of the next batch."""
+        with self._cond:
+            keys = list(itertools.islice(self._pending, self.max_batch))
             return [self._pending.pop(k) for k in keys]
 
-    def _run(self, batch: list[tuple[Stream, Pending]]) -> None:
+    def _run(self, batch: list[tuple[Stream, Pending]]) -> list[tuple[Stream, Pending]]:
+        """Run one batch, deliver its results; returns the frames committed to the next batch."""
         frames = [item.frame for _, item in batch]
         params = [stream.params for stream, _ in batch]
         t0 = time.perf_counter()
@@ -233,6 +249,7 @@ class Batcher:
         self.frames += len(batch)
         if self.on_batch is not None:
             self.on_batch(len(batch), dt)
+        following = self._commit_pending()
         t_done = time.perf_counter()
         for (stream, item), out, err in zip(batch, outs, errors):
             if stream.closed:
@@ -242,6 +259,7 @@ class Batcher:
                 stream.on_result(result)
             except Exception:  # noqa: BLE001 - a broken callback is the stream's problem, not the thread's
                 log.exception("result callback of stream %d failed", stream.key)
+        return following
 
     def _run_alone(self, frames, params) -> tuple[list[np.ndarray | None], list[str | None]]:
         outs: list[np.ndarray | None] = []

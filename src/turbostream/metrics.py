@@ -38,10 +38,13 @@ class Metrics:
                                  registry=r)
         self.frames_out = Counter("turbostream_frames_out", "Stylized frames sent (to clients and viewers)",
                                   registry=r)
+        # stage: decode (replaced while the previous frame was decoding), queue (replaced in the batcher's slot
+        # before the engine took it), encode / send (a newer result replaced one waiting for a slow reader), closed
+        # (pending when its client left).
         self.frames_dropped = Counter(
             "turbostream_frames_dropped",
             "Frames never processed or never sent: replaced by a newer one in a slot, or skipped for a slow reader",
-            registry=r,
+            ["stage"], registry=r,
         )
         self.errors = Counter("turbostream_errors", "Error messages sent to clients, by code", ["code"], registry=r)
         self.stage = Histogram(
@@ -67,6 +70,9 @@ class Metrics:
         allocated = Gauge("turbostream_gpu_memory_allocated_bytes", "CUDA memory in live tensors", registry=r)
         reserved.set_function(lambda: read()[0])
         allocated.set_function(lambda: read()[1])
+
+    def dropped(self, stage: str) -> None:
+        self.frames_dropped.labels(stage).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -212,7 +212,7 @@ class _Outbox:
 
     TEXT_LIMIT = 32  # error and stats messages kept for a reader that is behind; the oldest go first
 
-    def __init__(self, server: TurboServer, ws: ServerConnection, on_drop: Callable[[], None],
+    def __init__(self, server: TurboServer, ws: ServerConnection, on_drop: Callable[[str], None],
                  on_sent: Callable[[_OutItem, float], None] | None = None) -> None:
         self.server = server
         self.ws = ws
@@ -232,7 +232,7 @@ class _Outbox:
         if self.closed:
             return
         if self._image is not None:
-            self.on_drop()
+            self.on_drop("send")
         self._image = item
         self._wake.set()
 
@@ -254,7 +254,7 @@ class _Outbox:
                         )
                     except CodecError:
                         log.exception("could not encode a result")
-                        self.on_drop()
+                        self.on_drop("encode")
                         continue
                     item.rgb = None
                     self.server.metrics.encode.observe(dt)
@@ -309,9 +309,9 @@ class _ClientSession:
         self._decoding = False
         self._tasks: set[asyncio.Task] = set()
 
-    def _drop(self, n: int = 1) -> None:
-        self.counts.dropped += n
-        self.server.metrics.frames_dropped.inc(n)
+    def _drop(self, stage: str) -> None:
+        self.counts.dropped += 1
+        self.server.metrics.dropped(stage)
 
     def _sent(self, item: _OutItem, now: float) -> None:
         self.counts.frames_out += 1
@@ -328,7 +328,7 @@ class _ClientSession:
         engine = self.server.engine
         self.outbox.text({
             "type": "ready", "role": "client", "protocol": PROTOCOL_VERSION,
-            "model": engine.model_name, "random_weights": bool(engine.random_weights),
+            "model": engine.model_name, "random_weights": bool(engine.random_weights), "device": self.server.device,
             "width": engine.width, "height": engine.height, "params": _params_dict(self.stream.params),
             "limits": self.server.limits(), "stats_interval_s": self.server.config.stats_interval_s,
         })
@@ -344,10 +344,10 @@ class _ClientSession:
             pass  # gone mid-message, or a message over max_size (websockets closed it with 1009)
         finally:
             if self.stream.close() is not None:
-                self._drop()
+                self._drop("closed")
             if self._raw is not None:
                 self._raw = None
-                self._drop()
+                self._drop("closed")
             for task in self._tasks:
                 task.cancel()
 
@@ -392,7 +392,7 @@ class _ClientSession:
             return
         if self._decoding:
             if self._raw is not None:
-                self._drop()
+                self._drop("decode")
             self._raw = (data, meta)
         else:
             self._decoding = True
@@ -412,7 +412,7 @@ class _ClientSession:
                 else:
                     server.metrics.decode.observe(dt)
                     if self.stream.submit(frame, meta) is not None:
-                        self._drop()
+                        self._drop("queue")
                 finally:
                     self.stream.unexpect()
                 if self._raw is None:
@@ -491,7 +491,7 @@ class _Broadcast:
                 fitted = fit_frame(frame, server.engine.width, server.engine.height)
                 server.metrics.frames_in.inc()
                 if self.stream.submit(fitted, _FrameMeta(int(index), time.perf_counter())) is not None:
-                    server.metrics.frames_dropped.inc()
+                    server.metrics.dropped("queue")
         except Exception as exc:  # noqa: BLE001
             log.exception("source thread failed")
             self._report(f"the source failed: {exc}")
@@ -519,7 +519,7 @@ class _Broadcast:
             return
         if self._encoding:
             if self._latest is not None:
-                self.server.metrics.frames_dropped.inc()
+                self.server.metrics.dropped("encode")
             self._latest = result.frame
             return
         self._encoding = True
@@ -550,9 +550,9 @@ class _ViewerSession:
         self.counts = _Counters()
         self.outbox = _Outbox(server, ws, self._drop, self._sent)
 
-    def _drop(self) -> None:
+    def _drop(self, stage: str) -> None:
         self.counts.dropped += 1
-        self.server.metrics.frames_dropped.inc()
+        self.server.metrics.dropped(stage)
 
     def _sent(self, item: _OutItem, now: float) -> None:
         self.counts.frames_out += 1
@@ -565,7 +565,7 @@ class _ViewerSession:
         server, engine, broadcast = self.server, self.server.engine, self.server.broadcast
         self.outbox.text({
             "type": "ready", "role": "viewer", "protocol": PROTOCOL_VERSION, "control": self.control,
-            "model": engine.model_name, "random_weights": bool(engine.random_weights),
+            "model": engine.model_name, "random_weights": bool(engine.random_weights), "device": server.device,
             "width": engine.width, "height": engine.height, "params": _params_dict(broadcast.stream.params),
             "limits": server.limits(), "stats_interval_s": server.config.stats_interval_s,
         })
@@ -645,6 +645,7 @@ class TurboServer:
         self._server: Server | None = None
         self._ready: asyncio.Event | None = None  # created in start(), on the server's loop
         self.port: int | None = None
+        self._device_name: str | None = None
         self._loopback_only = _is_loopback_host(self.config.host)
         self._allowed_origins = {o.rstrip("/") for o in self.config.allow_origins}
 
@@ -653,6 +654,19 @@ class TurboServer:
     @property
     def engine(self):
         return self.batcher.engine
+
+    @property
+    def device(self) -> str:
+        """The engine's device, with the GPU's name on CUDA ("cuda:0 (NVIDIA H100 80GB HBM3)"); for clients' logs."""
+        if self._device_name is None:
+            device = getattr(self.engine, "device", "cpu")
+            name = str(device)
+            if getattr(device, "type", None) == "cuda":
+                import torch
+
+                name = f"{device} ({torch.cuda.get_device_name(device)})"
+            self._device_name = name
+        return self._device_name
 
     @property
     def default_params(self) -> StreamParams:

@@ -1,0 +1,79 @@
+"""scripts/loadtest.py on the CPU: a short sweep against a real server, and its bounds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from turbostream.config import ServerConfig, preset
+from turbostream.engine import Engine
+from turbostream.server import ServerThread, TurboServer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "loadtest.py"
+
+
+def _check_report(report: dict, counts: list[int]) -> None:
+    assert [s["clients"] for s in report["steps"]] == counts
+    assert report["errors"] == 0
+    assert report["server"]["model"] == "tiny-random" and report["settings"]["frame_size"] == [64, 64]
+    assert report["server"]["rss_bytes_start"] > 0 and report["server"]["rss_bytes_end"] > 0
+    for step in report["steps"]:
+        total = step["total"]
+        assert len(step["per_client"]) == step["clients"]
+        assert total["frames"] > 0 and total["fps"] > 0
+        lat = total["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        for client in step["per_client"]:
+            assert client["fps"] > 0 and client["error_count"] == 0
+        server = step["server"]
+        assert server["engine_calls"] > 0 and server["batch_size_mean"] >= 1
+        assert server["rss_bytes_end"] > 0
+
+
+def test_loadtest_sweep_against_a_running_server(tiny_components, tmp_path):
+    out = tmp_path / "load.json"
+    engine = Engine(preset("test"), tiny_components)
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--url", f"ws://127.0.0.1:{server.port}/ws", "--clients", "1,2",
+             "--duration", "1", "--warmup", "0.3", "--json", str(out)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "p50 ms" in result.stdout  # the table
+    report = json.loads(out.read_text())
+    _check_report(report, [1, 2])
+    assert report["server"]["command"] is None
+    table = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)], capture_output=True, text=True,
+                           timeout=60)
+    assert table.returncode == 0 and "| 1 |" in table.stdout and "| 2 |" in table.stdout
+
+
+@pytest.mark.slow
+def test_loadtest_spawns_and_stops_its_own_server(tmp_path):
+    out = tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--spawn-server", "--clients", "2", "--duration", "1", "--warmup", "0.3",
+         "--inflight", "2", "--rate", "50", "--json", str(out), "--server-log", str(tmp_path / "server.log"),
+         "--", "--model", "tiny-random", "--size", "64", "--device", "cpu"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "server.log").read_text()
+    report = json.loads(out.read_text())
+    _check_report(report, [2])
+    assert report["server"]["exit_status"] == 0  # SIGTERM, clean shutdown
+    assert "--model" in report["server"]["command"]
+    # --rate caps each client: 50 frames/s at most (generous margin for timer jitter).
+    assert all(c["fps"] <= 60 for c in report["steps"][0]["per_client"])
+
+
+@pytest.mark.parametrize("args", [["--clients", "100"], ["--duration", "5000"], ["--inflight", "0"],
+                                  ["--clients", "x"]])
+def test_loadtest_refuses_unbounded_runs(args):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--url", "ws://127.0.0.1:9/ws", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "error" in result.stderr
