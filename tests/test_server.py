@@ -39,7 +39,7 @@ def run(coro):
 
 @contextlib.asynccontextmanager
 async def serving(engine, **config):
-    server = TurboServer(engine, ServerConfig(port=0, **config), **config.pop("_server_kw", {}))
+    server = TurboServer(engine, ServerConfig(port=0, **config))
     await server.start()
     assert await server.wait_ready(30)
     try:

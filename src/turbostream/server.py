@@ -21,7 +21,7 @@ counts as dropped. The worker pool's queue is therefore bounded by connections x
 sender task, so a slow reader only ever delays itself: while its send waits on the socket (websockets' write_limit),
 newer results replace the one waiting and are counted as dropped.
 
-Wire protocol: see WIRE_PROTOCOL below (also sent to the README).
+Wire protocol and error codes: WIRE_PROTOCOL and ERROR_CODES below.
 """
 
 from __future__ import annotations
@@ -156,6 +156,15 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _redact(spec: str) -> str:
+    """A source spec fit for logs: a URL's password replaced by ***."""
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(spec)
+        if parts.password:
+            return spec.replace(f":{parts.password}@", ":***@", 1)
+    return spec
 
 
 def _percentile(values, q: float) -> float | None:
@@ -452,7 +461,7 @@ class _Broadcast:
         self._thread: threading.Thread | None = None
         self._latest: np.ndarray | None = None  # newest result waiting for the encoder
         self._encoding = False
-        self.fps_frames = 0
+        self.frames_encoded = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -500,7 +509,7 @@ class _Broadcast:
                 capture.close()
 
     def _report(self, message: str) -> None:
-        log.error("source %s: %s", self.spec, message)
+        log.error("source %s: %s", _redact(self.spec), message)
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._set_error, message)
 
@@ -532,7 +541,7 @@ class _Broadcast:
             while rgb is not None:
                 jpeg, dt = await self.loop.run_in_executor(server.pool, _timed_encode, rgb, server.config.jpeg_quality)
                 server.metrics.encode.observe(dt)
-                self.fps_frames += 1
+                self.frames_encoded += 1
                 for viewer in list(server.viewers):
                     viewer.outbox.image(_OutItem(jpeg=jpeg))
                 rgb, self._latest = self._latest, None
@@ -738,10 +747,13 @@ class TurboServer:
         if self._server is not None:
             self._server.close(code=CloseCode.GOING_AWAY, reason="server shutting down")
             await self._server.wait_closed()
-        if self.broadcast is not None:
-            self.broadcast.stop()
+        if self.broadcast is not None:  # joins the source thread: off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.broadcast.stop)
         self._watch_task.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop)
+        # A batch ends in milliseconds; a model still loading may take minutes, so it is not waited for long (the
+        # inference thread is a daemon).
+        wait_s = 10.0 if self.batcher.ready.is_set() else 2.0
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop, wait_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> TurboServer:
