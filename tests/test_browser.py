@@ -86,6 +86,14 @@ def test_autostart_streams_stylized_frames(browser, tiny_components):
         page.wait_for_function("() => document.getElementById('fps').textContent !== '0.0'", timeout=TIMEOUT_MS)
         page.screenshot(path=str(ARTIFACTS / "browser-autostart.png"))
 
+        # Snapshot saves the current output as a PNG.
+        with page.expect_download(timeout=TIMEOUT_MS) as download:
+            page.click("#snapshot")
+        saved = ARTIFACTS / "browser-snapshot.png"
+        download.value.save_as(str(saved))
+        assert download.value.suggested_filename.endswith(".png")
+        assert saved.read_bytes().startswith(b"\x89PNG")
+
         # A bad value shows the server's error to the user, and the stream goes on.
         page.fill("#steps", "99")
         page.dispatch_event("#steps", "change")
@@ -99,6 +107,13 @@ def test_autostart_streams_stylized_frames(browser, tiny_components):
         width = page.evaluate("() => document.documentElement.scrollWidth")
         assert width <= 390
         page.screenshot(path=str(ARTIFACTS / "browser-phone.png"), full_page=True)
+
+        # Stop and start the camera again: the stream resumes.
+        page.click("#stop")
+        assert page.evaluate("() => turbostream.media === null")
+        page.click("#camera")
+        before = page.evaluate("() => turbostream.framesReceived")
+        page.wait_for_function(f"() => turbostream.framesReceived >= {before + 3}", timeout=TIMEOUT_MS)
         context.close()
         assert problems == []
 

@@ -194,14 +194,19 @@ function forgetOldest() {
 // ---------------------------------------------------------------- sending frames
 
 const video = $("video");
+// Send only frames the camera has not delivered before (a still screen share is not resent over and over).
 if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
+  let handle = null;
   const onVideoFrame = () => {
     state.newFrame = true;
     pump();
-    video.requestVideoFrameCallback(onVideoFrame);
+    handle = video.requestVideoFrameCallback(onVideoFrame);
   };
-  video.requestVideoFrameCallback(onVideoFrame);
-  video.addEventListener("loadeddata", () => video.requestVideoFrameCallback(onVideoFrame));
+  // A new source restarts the chain; cancelling first keeps it to one chain.
+  video.addEventListener("loadeddata", () => {
+    if (handle !== null) video.cancelVideoFrameCallback(handle);
+    handle = video.requestVideoFrameCallback(onVideoFrame);
+  });
 }
 
 function pump() {
