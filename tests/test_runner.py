@@ -378,6 +378,25 @@ def test_ctrl_c_finalizes_the_video(tmp_path):
     assert [index_of(f) for f in frames] == list(range(len(frames)))
 
 
+def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
+    class FullDisk(sources.FolderSink):
+        def write(self, frame, index):
+            if index >= 3:
+                raise sources.SinkError(f"could not write {self.path}/frame_{index:06d}.png (disk full?)")
+            super().write(frame, index)
+
+    src = make_video(tmp_path / "in.avi", n=40)
+    capture = CaptureThread(str(src), realtime=False).start()
+    video = VideoSink(tmp_path / "out.avi", 10, (64, 64))
+    full = FullDisk(tmp_path / "frames")
+    (tmp_path / "frames").mkdir()
+    summary = runner.Pipeline(FakeEngine(max_batch=1, delay=0.002), capture, [video, full], StreamParams()).run()
+    assert summary.stopped == "error" and "disk full" in summary.error
+    assert summary.frames < 40 and full.frames_written == 3
+    frames, _ = read_video(tmp_path / "out.avi")
+    assert len(frames) >= 3  # the video was finalized: it plays
+
+
 def test_prompt_line_changes_parameters_live():
     pipeline = runner.Pipeline(FakeEngine(), CaptureThread("0"), [], StreamParams(prompt="a"))
     line = runner.PromptLine(pipeline)

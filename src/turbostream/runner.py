@@ -314,7 +314,8 @@ class Pipeline:
             self.window.close()
         s = self.summary
         # The last state, not the last periodic refresh (a bar left at 144/150 looks like a failure).
-        self.progress.update(s.frames, self._status(s.frames / s.seconds if s.seconds else 0.0, s.fps), final=True)
+        fps_in = (s.frames + s.dropped) / s.seconds if s.seconds else 0.0  # every frame read was processed or dropped
+        self.progress.update(s.frames, self._status(fps_in, s.fps), final=True)
         self.progress.stop()
 
     # -------------------------------------------------------------- GPU thread
