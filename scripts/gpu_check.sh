@@ -4,8 +4,9 @@
 #   bash scripts/gpu_check.sh [engine] [serve] [soak]      (default: engine serve)
 #
 # engine: the tests marked gpu, then `turbostream bench --model random --device cuda --compile` at 512x512
-# serve:  scripts/loadtest.py through a real `turbostream serve --model random` on loopback, 1, 4 and 8 clients
-# soak:   the same at 8 and 16 clients for SOAK_S seconds each (default 60)
+# serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
+#         clients, SERVE_S seconds each (default 15)
+# soak:   the same server at 8 and 16 clients for SOAK_S seconds each (default 120)
 # Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
 # ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
@@ -26,7 +27,7 @@ PY=${PYTHON:-python3}
 if [ "${CHECK_CPU:-0}" = 1 ]; then
   MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}
 else
-  MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-12}; SOAK_S=${SOAK_S:-60}
+  MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-15}; SOAK_S=${SOAK_S:-120}
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 fi
 "$PY" - > "$OUT/env.txt" 2>&1 <<'PY'
@@ -49,11 +50,11 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.
 for stage in "${stages[@]}"; do
   case $stage in
     engine)
-      step gpu-tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
-      step bench 420 "$PY" -m turbostream.cli bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json" ;;
+      step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
+      step bench 200 "$PY" -m turbostream.cli bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json" ;;
     serve)
-      step serve 240 "$PY" scripts/loadtest.py --clients 1,4,8 --duration "$DUR" --json "$OUT/serve.json" \
-        --spawn-server -- "${MODEL[@]}" ;;
+      step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
+        --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
     soak)
       step soak $((SOAK_S * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$SOAK_S" \
         --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;

@@ -161,6 +161,13 @@ def run_bench(args: argparse.Namespace) -> int:
         "parity_max_abs_diff": None, "parity_taesd_max_abs_diff": None,
     }
 
+    def save() -> None:
+        """Write what is measured so far: a run cut short (a time limit, a crash in a later phase) keeps it."""
+        if args.json:
+            res["targets"] = _targets(res)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
     # (a) diffusers first, on the untouched modules: building an engine on CUDA fuses QKV projections and sets
     # channels_last in place, which the model card's pipeline does not do.
     if not args.skip_diffusers:
@@ -177,6 +184,7 @@ def run_bench(args: argparse.Namespace) -> int:
             res[f"{key}_ms"], res[f"{key}_stats"] = stats["median_ms"], _row(stats, 1, res["diffusers_ms"], None)
             log.info("    median %.2f ms, p95 %.2f ms", stats["median_ms"], stats["p95_ms"])
     diffusers_ms = res["diffusers_ms"]
+    save()
 
     # (b) the engine, eager (the CPU's only path).
     log.info("(b) engine eager")
@@ -188,6 +196,7 @@ def run_bench(args: argparse.Namespace) -> int:
     res["engine_eager_ms"], res["engine_eager"] = stats["median_ms"], _row(stats, 1, diffusers_ms, gflops)
     log.info("    median %.2f ms", stats["median_ms"])
     del eager
+    save()
 
     # Parity on the path users run (graphs on CUDA, eager on the CPU), against the pipeline with the same VAE.
     if not args.skip_diffusers:
@@ -198,6 +207,7 @@ def run_bench(args: argparse.Namespace) -> int:
             del engine
         log.info("parity in uint8 levels: full VAE %d, TAESD %d", res["parity_max_abs_diff"],
                  res["parity_taesd_max_abs_diff"])
+        save()
 
     if cuda:
         # (c) CUDA graphs at every bucket.
@@ -211,6 +221,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 stats["median_ms"]
             log.info("    batch %d: median %.2f ms per call, %.2f per frame", b, stats["median_ms"], stats["median_ms"] / b)
         del graph
+        res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        save()
         # (d) compiled, then captured; each compiled bucket costs a compile, hence the shorter default list.
         if base_cfg.compile:
             log.info("(d) torch.compile + CUDA graphs, buckets %s (compiling: minutes)", args.compile_buckets)
@@ -226,10 +238,9 @@ def run_bench(args: argparse.Namespace) -> int:
             del compiled
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     res["targets"] = _targets(res)
+    save()
     _print_table(res)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
         log.info("wrote %s", args.json)
     return 0
 

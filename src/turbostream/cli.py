@@ -60,17 +60,17 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
         s.add_argument("--steps", type=int, default=p.steps, help="schedule length; UNet runs int(steps*strength) "
                        "times (default: %(default)s)")
         s.add_argument("--seed", type=int, default=p.seed, help="noise seed (default: %(default)s)")
+        parser.set_defaults(stream_options=True)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from parsed options; UserError with the reason if they do not fit together."""
     try:
-        default = StreamParams(
-            getattr(args, "prompt", StreamParams.prompt),
-            getattr(args, "strength", StreamParams.strength),
-            getattr(args, "steps", StreamParams.steps),
-            getattr(args, "seed", StreamParams.seed),
-        ).validate()
+        # Commands with stream options (serve, run) set the engine's default stream; others (generate, bench)
+        # pass their own parameters per call and keep the stock defaults.
+        default = StreamParams()
+        if getattr(args, "stream_options", False):
+            default = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
         return EngineConfig(
             model=args.model, device=args.device, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,

@@ -182,7 +182,7 @@ def _build_random(model: str, *, device: torch.device, dtype: torch.dtype, seed:
         _spread_init(unet)
     if dtype != torch.float32:
         unet, text_encoder = unet.to(dtype=dtype), text_encoder.to(dtype=dtype)
-    log.warning("model %r: random weights; its output is noise, not a stylization", model)
+    log.info("model %r: random weights; its output is noise, not a stylization", model)
     return Components(
         name=model,
         unet=unet,

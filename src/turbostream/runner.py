@@ -16,7 +16,6 @@ the stages, and the writers finalize their files before the command exits (statu
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import queue
@@ -589,10 +588,7 @@ def generate_main(args: argparse.Namespace, engine=None) -> int:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to folder {folder}: permission denied")
     if engine is None:
-        # The engine's default stream parameters must be valid ones; generate's own options may not be (steps None).
-        engine_args = copy.copy(args)
-        engine_args.steps, engine_args.strength = steps, strength
-        engine = build_engine(engine_args)
+        engine = build_engine(args)
     if engine.random_weights:
         log.warning("model %r has random weights: the pictures are noise", engine.model_name)
     kind = "image-to-image" if image is not None else "text-to-image"
