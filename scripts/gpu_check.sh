@@ -51,7 +51,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     engine)
       step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
-      step bench 200 "$PY" -m turbostream.cli bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json" ;;
+      step bench 200 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json" ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;

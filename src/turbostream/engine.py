@@ -16,6 +16,7 @@ and noise caches are not locked; call warmup() and run() from the same (inferenc
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -107,6 +108,10 @@ class Engine:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         if self.is_cuda:
             self._prepare_cuda_modules()
+        elif (os.cpu_count() or 1) > 1:
+            # Leave one core to decoding, encoding and the event loop: with every core in torch's pool, a busy
+            # neighbour thread made CPU calls swing from 5 ms to seconds (OpenMP workers waiting on each other).
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
         self._alloc_buffers()
 
     # ------------------------------------------------------------------ set-up
