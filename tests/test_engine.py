@@ -75,6 +75,20 @@ def test_engine_matches_diffusers_with_full_vae(make_engine, tiny_full_vae_compo
     assert _max_diff(engine.run(frames, params)[0], _reference(pipe, engine, frames, params)[0]) <= 2
 
 
+def test_float16_path_matches_diffusers_in_float16(make_engine, frame_rng):
+    """The engine's fp16 path (fp32 latents and Euler steps, fp16 networks) against diffusers' fp16 pipeline."""
+    from turbostream.models import load_components
+
+    comps = load_components("tiny-random", device="cpu", dtype=torch.float16)
+    engine = make_engine(components=comps, dtype="float16")
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    params = [StreamParams("a red fox", 0.5, 2, 3)]
+    out = engine.run(frames, params)[0]
+    assert out.std() > 20 and _max_diff(out, _reference(_img2img_pipeline(comps), engine, frames, params)[0]) <= 2
+    with pytest.raises(ValueError, match="components are torch.float16 but the engine runs torch.float32"):
+        make_engine(components=comps)
+
+
 def test_mixed_batch_equals_each_frame_alone(make_engine, frame_rng):
     engine = make_engine()
     frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]

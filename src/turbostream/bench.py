@@ -119,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     base_cfg: EngineConfig = engine_config(args)
     device = resolve_device(base_cfg.device)
-    dtype = default_dtype(device)
+    dtype = default_dtype(device, base_cfg.dtype)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     params = dataclasses.replace(base_cfg.default_params, prompt=PROMPT, seed=SEED)

@@ -43,6 +43,8 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="hub id, local diffusers folder, 'random' (full SD-Turbo size, random weights: benchmarks) "
                         "or 'tiny-random' (small, CPU tests) (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: %(default)s)")
+    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="auto: float16 on CUDA, float32 on the CPU (default: %(default)s)")
     g.add_argument("--size", type=_size, default=(512, 512), metavar="N|WxH",
                    help="engine size; multiples of 64 up to 1024 (default: 512)")
     g.add_argument("--vae", choices=("tiny", "full"), default=d["vae"].default,
@@ -72,7 +74,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if getattr(args, "stream_options", False):
             default = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
         return EngineConfig(
-            model=args.model, device=args.device, width=args.size[0], height=args.size[1], vae=args.vae,
+            model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
             default_params=default,
         )

@@ -102,6 +102,7 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL  # hub id, local folder, "random" (full size) or "tiny-random" (tests)
     device: str = "auto"  # "auto" takes cuda when available, else cpu
+    dtype: str = "auto"  # "auto": float16 on CUDA, float32 on the CPU; or float16, bfloat16, float32
     width: int = 512
     height: int = 512
     vae: str = "tiny"  # "tiny": TAESD (AutoencoderTiny); "full": the model's own AutoencoderKL
@@ -116,6 +117,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.width, self.height = parse_size((self.width, self.height))
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be auto, float16, bfloat16 or float32, got {self.dtype!r}")
         if self.vae not in ("tiny", "full"):
             raise ValueError(f"vae must be 'tiny' or 'full', got {self.vae!r}")
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))

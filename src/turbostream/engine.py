@@ -86,13 +86,17 @@ class Engine:
     def __init__(self, config: EngineConfig, components: Components | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = default_dtype(self.device)
+        self.dtype = default_dtype(self.device, config.dtype)
         self.is_cuda = self.device.type == "cuda"
         t0 = time.perf_counter()
         if components is None:
             components = load_components(
                 config.model, device=self.device, dtype=self.dtype, vae=config.vae, taesd=config.taesd
             )
+        weights_dtype = next(components.unet.parameters()).dtype
+        if weights_dtype != self.dtype:
+            raise ValueError(f"components are {weights_dtype} but the engine runs {self.dtype}: load them with "
+                             f"the engine's dtype ({config.dtype!r} on {self.device})")
         self.components = components
         self.load_s = time.perf_counter() - t0
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder

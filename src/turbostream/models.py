@@ -69,9 +69,16 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (the model's fp16 variant), fp32 on the CPU (fp16 is slow and lossy there)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def default_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """'auto': fp16 on CUDA (the model's fp16 variant), fp32 on the CPU (fp16 is slow there); else the named one."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
 
 
 def load_components(
