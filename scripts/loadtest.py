@@ -8,14 +8,22 @@ the window allows). The server answers each frame with {"type": "frame", "seq": 
 matched to its own send time; frames skipped by the server (a newer frame replaced them) count as dropped.
 
 Reported per client and in total: frames/s, send-to-reply latency p50/p95/p99, dropped frames and errors; per step,
-from the server's /metrics: resident memory (and CUDA memory) at start and end, mean engine-call time and batch
-size. The run is bounded (at most 64 clients a step, 600 s a step, one hour in all) and stops by itself.
+from the server's /metrics: resident memory (and CUDA memory), open file descriptors and threads before the clients
+connect, after the warmup and after they left, a sample of them every --sample-every seconds, mean engine-call time
+and batch size. Every report carries a verdict against the soak criteria (no errors, every client answered, RSS and
+CUDA memory growth after the warmup under --max-rss-growth-mib / --max-gpu-growth-mib, file descriptors back to
+where they were once the clients left, no thread growth after the warmup, a spawned server exiting 0 on SIGTERM);
+with --soak a failed verdict is exit status 1. The run is bounded (at most 64 clients a step, 600 s a step, one
+hour in all) and stops by itself.
 
     # start a server of its own (arguments after -- go to `turbostream serve`):
     python scripts/loadtest.py --clients 1,4,8 --duration 20 --json benchmarks/serve.json \\
         --spawn-server -- --model random --size 512
     # or load a running one:
     python scripts/loadtest.py --url ws://127.0.0.1:8000/ws --clients 4 --duration 10
+    # the CPU soak (benchmarks/soak-cpu-*.json):
+    python scripts/loadtest.py --soak --clients 8 --duration 600 --warmup 30 --json soak.json \
+        --spawn-server -- --model tiny-random --size 64 --device cpu
 
 Needs only websockets, numpy and OpenCV (it does not import turbostream unless it spawns the server).
 """
@@ -49,6 +57,11 @@ MAX_CLIENTS = 64
 MAX_STEP_S = 600.0
 MAX_TOTAL_S = 3600.0
 DRAIN_S = 3.0  # after a step, how long to wait for replies to frames still in flight
+SETTLE_S = 10.0  # after a step, how long the server may take to close the clients' sockets before fds are judged
+# Soak criteria that have no option: descriptors the server may hold beyond its count before the step (a scrape's
+# own socket racing the count), and threads beyond its count after the warmup (a pool thread started late).
+FD_MARGIN = 2
+THREAD_MARGIN = 2
 PROMPTS = [
     "an oil painting, thick brush strokes, vivid colors",
     "a watercolor sketch, soft edges",
@@ -121,20 +134,46 @@ def scrape(http_base: str) -> dict[str, float]:
         return {}
 
 
-def server_numbers(before: dict[str, float], after: dict[str, float]) -> dict:
-    """Memory at both ends of a step, and the step's engine calls, batch sizes and drops from the counters."""
+# What a sample and the start / warm / end snapshots keep of a scrape: report key -> metric name.
+RESOURCES = {
+    "rss_bytes": "process_resident_memory_bytes",
+    "open_fds": "process_open_fds",
+    "threads": "turbostream_process_threads",
+    "gpu_reserved_bytes": "turbostream_gpu_memory_reserved_bytes",
+    "gpu_allocated_bytes": "turbostream_gpu_memory_allocated_bytes",
+    "send_buffer_bytes": "turbostream_send_buffer_bytes",
+    "clients": "turbostream_clients",
+}
+
+
+def resources(scraped: dict[str, float]) -> dict[str, float | None]:
+    return {key: scraped.get(name) for key, name in RESOURCES.items()}
+
+
+def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict[str, float] | None = None) -> dict:
+    """Memory, descriptors and threads at start, after the warmup and at the end of a step; the step's engine calls,
+    batch sizes and drops from the counters."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     calls = delta('turbostream_stage_seconds_count{stage="gpu"}')
+    warm = warm or {}
     out = {
         "rss_bytes_start": before.get("process_resident_memory_bytes"),
+        "rss_bytes_warm": warm.get("process_resident_memory_bytes"),
         "rss_bytes_end": after.get("process_resident_memory_bytes"),
         "gpu_reserved_bytes_start": before.get("turbostream_gpu_memory_reserved_bytes"),
+        "gpu_reserved_bytes_warm": warm.get("turbostream_gpu_memory_reserved_bytes"),
         "gpu_reserved_bytes_end": after.get("turbostream_gpu_memory_reserved_bytes"),
         "gpu_allocated_bytes_start": before.get("turbostream_gpu_memory_allocated_bytes"),
         "gpu_allocated_bytes_end": after.get("turbostream_gpu_memory_allocated_bytes"),
+        "open_fds_start": before.get("process_open_fds"),
+        "open_fds_warm": warm.get("process_open_fds"),
+        "open_fds_end": after.get("process_open_fds"),
+        "threads_start": before.get("turbostream_process_threads"),
+        "threads_warm": warm.get("turbostream_process_threads"),
+        "threads_end": after.get("turbostream_process_threads"),
         "engine_calls": int(calls),
         "engine_call_ms_mean": round(delta('turbostream_stage_seconds_sum{stage="gpu"}') / calls * 1e3, 3)
         if calls else None,
@@ -261,15 +300,51 @@ async def run_client(index: int, url: str, frames: list[bytes], args, t_measure:
         result.errors.append(f"connection failed: {exc!r}")
 
 
+async def settle(http_base: str, max_fds: float | None, timeout: float = SETTLE_S) -> dict[str, float]:
+    """Scrape until no client is connected (and open fds are at most max_fds) or timeout; the last scrape."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        scraped = await asyncio.to_thread(scrape, http_base)
+        fds = scraped.get("process_open_fds")
+        if scraped.get("turbostream_clients", 0) == 0 and (max_fds is None or fds is None or fds <= max_fds):
+            return scraped
+        if loop.time() >= deadline:
+            return scraped
+        await asyncio.sleep(0.25)
+
+
+async def sample_resources(http_base: str, every: float, t0: float, samples: list[dict]) -> None:
+    """Append the server's resources to samples every `every` seconds (t: seconds since the step started)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        scraped = await asyncio.to_thread(scrape, http_base)
+        if scraped:
+            samples.append({"t": round(loop.time() - t0, 1), **resources(scraped)})
+        await asyncio.sleep(every)
+
+
 async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, ready_info: dict) -> dict:
     loop = asyncio.get_running_loop()
-    before = await asyncio.to_thread(scrape, http_base)
+    before = await settle(http_base, None)  # the previous step's (or the probe's) clients are gone
     t0 = loop.time()
     t_measure, t_end = t0 + args.warmup, t0 + args.warmup + args.duration
     results = [ClientResult(i) for i in range(n)]
+    samples: list[dict] = []
+    sampler = asyncio.create_task(sample_resources(http_base, args.sample_every, t0, samples))
+
+    async def scrape_warm() -> dict[str, float]:
+        await asyncio.sleep(max(0.0, t_measure - loop.time()))
+        return await asyncio.to_thread(scrape, http_base)
+
+    warm_task = asyncio.create_task(scrape_warm())
     await asyncio.gather(*(run_client(i, url, frames, args, t_measure, t_end, results[i], ready_info)
                            for i in range(n)))
-    after = await asyncio.to_thread(scrape, http_base)
+    warm = await warm_task
+    after = await settle(http_base, before.get("process_open_fds"))
+    sampler.cancel()
+    if after:
+        samples.append({"t": round(loop.time() - t0, 1), **resources(after)})
     window = args.duration
     per_client = [r.summary(window) for r in results]
     all_latencies = [x for r in results for x in r.latencies]
@@ -284,8 +359,50 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
             "unanswered": sum(r.unanswered for r in results), "errors": sum(len(r.errors) for r in results),
         },
         "per_client": per_client,
-        "server": server_numbers(before, after),
+        "server": server_numbers(before, after, warm),
+        "samples": samples,
     }
+
+
+# ------------------------------------------------------------------------------------------------ verdict
+
+
+def _check(name: str, value, limit, ok: bool | None, unit: str = "") -> dict:
+    """One soak criterion; ok None (no data: the server did not export the metric) counts as a failure."""
+    return {"check": name, "value": value, "limit": limit, "unit": unit, "pass": bool(ok)}
+
+
+def verdict(steps: list[dict], args, exit_status: int | None, spawned: bool) -> dict:
+    """Pass/fail of the run against the soak criteria, check by check and step by step."""
+    checks = []
+    mib = 2**20
+    for s in steps:
+        n, srv, total = s["clients"], s["server"], s["total"]
+        prefix = f"{n} clients: "
+        checks.append(_check(prefix + "errors", total["errors"], 0, total["errors"] == 0))
+        silent = sum(1 for c in s["per_client"] if c["replies"] == 0)
+        checks.append(_check(prefix + "clients never answered", silent, 0, silent == 0))
+        warm, end = srv.get("rss_bytes_warm"), srv.get("rss_bytes_end")
+        growth = None if warm is None or end is None else round((end - warm) / mib, 1)
+        checks.append(_check(prefix + "RSS growth after the warmup", growth, args.max_rss_growth_mib,
+                             growth is not None and growth < args.max_rss_growth_mib, "MiB"))
+        warm, end = srv.get("gpu_reserved_bytes_warm"), srv.get("gpu_reserved_bytes_end")
+        if warm is not None or end is not None:
+            growth = None if warm is None or end is None else round((end - warm) / mib, 1)
+            checks.append(_check(prefix + "CUDA memory (reserved) growth after the warmup", growth,
+                                 args.max_gpu_growth_mib, growth is not None and growth < args.max_gpu_growth_mib,
+                                 "MiB"))
+        start, end = srv.get("open_fds_start"), srv.get("open_fds_end")
+        growth = None if start is None or end is None else int(end - start)
+        checks.append(_check(prefix + "open file descriptors after the clients left, over the count before",
+                             growth, FD_MARGIN, growth is not None and growth <= FD_MARGIN))
+        warm, end = srv.get("threads_warm"), srv.get("threads_end")
+        growth = None if warm is None or end is None else int(end - warm)
+        checks.append(_check(prefix + "threads at the end over the count after the warmup", growth, THREAD_MARGIN,
+                             growth is not None and growth <= THREAD_MARGIN))
+    if spawned:
+        checks.append(_check("server exit status after SIGTERM", exit_status, 0, exit_status == 0))
+    return {"pass": all(c["pass"] for c in checks), "checks": checks}
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -367,6 +484,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="seconds to wait for a spawned server's /healthz (model download, graph capture; default 900)")
     p.add_argument("--server-log", help="file for a spawned server's output (default: a temporary file)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--sample-every", type=float, default=10.0, metavar="S",
+                   help="seconds between samples of the server's memory, descriptors and threads (default: 10)")
+    p.add_argument("--soak", action="store_true", help="exit status 1 when the verdict fails (not only on errors)")
+    p.add_argument("--max-rss-growth-mib", type=float, default=50.0, metavar="MIB",
+                   help="soak criterion: server RSS growth from the end of the warmup (default: %(default)s)")
+    p.add_argument("--max-gpu-growth-mib", type=float, default=50.0, metavar="MIB",
+                   help="soak criterion: CUDA memory (reserved) growth from the end of the warmup "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
     try:
         args.client_counts = [int(x) for x in args.clients.split(",") if x.strip()]
@@ -380,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error(f"the sweep would run longer than {MAX_TOTAL_S:.0f} s; fewer steps or a shorter --duration")
     if not 1 <= args.inflight <= 8 or args.rate < 0 or not 1 <= args.quality <= 100 or not 1 <= args.frames <= 256:
         p.error("--inflight must be 1..8, --rate >= 0, --quality 1..100, --frames 1..256")
+    if not 0.5 <= args.sample_every <= MAX_STEP_S:
+        p.error(f"--sample-every must be 0.5..{MAX_STEP_S:.0f} s")
     if serve_args and not args.spawn_server:
         p.error("arguments after -- are for --spawn-server")
     return args, serve_args
@@ -453,6 +580,16 @@ def markdown(report: dict) -> str:
             f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {t['dropped']} | {t['errors']} "
             f"| {sv['engine_call_ms_mean']} | {sv['batch_size_mean']} | {rss} |"
         )
+    if report.get("verdict"):  # reports from before the verdict existed have none
+        lines += ["", verdict_text(report["verdict"], "- ")]
+    return "\n".join(lines)
+
+
+def verdict_text(v: dict, bullet: str = "  ") -> str:
+    lines = [f"soak verdict: {'PASS' if v['pass'] else 'FAIL'}"]
+    for c in v["checks"]:
+        limit = "" if c["limit"] is None else f" (limit {c['limit']}{' ' + c['unit'] if c['unit'] else ''})"
+        lines.append(f"{bullet}{'ok  ' if c['pass'] else 'FAIL'} {c['check']}: {c['value']}{limit}")
     return "\n".join(lines)
 
 
@@ -495,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": proc.command[3:] if proc else None, "exit_status": exit_status,
             "rss_bytes_start": at_start.get("process_resident_memory_bytes"),
             "rss_bytes_end": at_end.get("process_resident_memory_bytes"),
+            "open_fds_start": at_start.get("process_open_fds"), "open_fds_end": at_end.get("process_open_fds"),
+            "threads_start": at_start.get("turbostream_process_threads"),
+            "threads_end": at_end.get("turbostream_process_threads"),
             "gpu_reserved_bytes_start": at_start.get("turbostream_gpu_memory_reserved_bytes"),
             "gpu_reserved_bytes_end": at_end.get("turbostream_gpu_memory_reserved_bytes"),
         },
@@ -502,16 +642,22 @@ def main(argv: list[str] | None = None) -> int:
             "clients": args.client_counts, "duration_s": args.duration, "warmup_s": args.warmup,
             "rate": args.rate or None, "inflight": args.inflight, "frame_size": list(args.frame_size),
             "jpeg_quality": args.quality, "jpeg_bytes_mean": args.jpeg_bytes_mean, "distinct_frames": args.frames,
+            "sample_every_s": args.sample_every, "max_rss_growth_mib": args.max_rss_growth_mib,
+            "max_gpu_growth_mib": args.max_gpu_growth_mib, "fd_margin": FD_MARGIN, "thread_margin": THREAD_MARGIN,
         },
         "host": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "steps": steps,
         "errors": sum(s["total"]["errors"] for s in steps),
+        "verdict": verdict(steps, args, exit_status, proc is not None),
     }
+    print(verdict_text(report["verdict"]), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"loadtest: wrote {args.json}")
-    return 1 if report["errors"] else 0
+    if report["errors"]:
+        return 1
+    return 1 if args.soak and not report["verdict"]["pass"] else 0
 
 
 if __name__ == "__main__":

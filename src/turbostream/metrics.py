@@ -7,6 +7,8 @@ received -> its result written to the socket).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -58,6 +60,16 @@ class Metrics:
         self.clients = Gauge("turbostream_clients", "Interactive /ws streams connected", registry=r)
         self.viewers = Gauge("turbostream_viewers", "Viewer connections", registry=r)
         self.ready = Gauge("turbostream_ready", "1 once the engine is warmed up", registry=r)
+        # Threads, read at scrape time: a soak checks that they do not grow with connections that come and go.
+        Gauge("turbostream_process_threads", "OS threads of this process (Python, torch and OpenCV pools)",
+              registry=r).set_function(_os_threads)
+        Gauge("turbostream_python_threads", "Python threads alive (threading.active_count)",
+              registry=r).set_function(threading.active_count)
+        self.send_buffer = Gauge(
+            "turbostream_send_buffer_bytes",
+            "Bytes written to connections' sockets but not yet taken by the kernel, all connections together",
+            registry=r,
+        )
         self.decode = self.stage.labels("decode")
         self.gpu = self.stage.labels("gpu")
         self.encode = self.stage.labels("encode")
@@ -71,8 +83,20 @@ class Metrics:
         reserved.set_function(lambda: read()[0])
         allocated.set_function(lambda: read()[1])
 
+    def watch_send_buffers(self, read: Callable[[], float]) -> None:
+        """read() -> bytes buffered in user space for every connection; called at scrape time (on the event loop)."""
+        self.send_buffer.set_function(read)
+
     def dropped(self, stage: str) -> None:
         self.frames_dropped.labels(stage).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _os_threads() -> float:
+    """OS threads of this process: /proc on Linux (torch's and OpenCV's native threads too), else Python's own."""
+    try:
+        return float(len(os.listdir("/proc/self/task")))
+    except OSError:
+        return float(threading.active_count())

@@ -657,6 +657,7 @@ class TurboServer:
         self._device_name: str | None = None
         self._loopback_only = _is_loopback_host(self.config.host)
         self._allowed_origins = {o.rstrip("/") for o in self.config.allow_origins}
+        self.metrics.watch_send_buffers(self._send_buffer_bytes)
 
     # ------------------------------------------------------------------ properties used by the sessions
 
@@ -688,6 +689,25 @@ class TurboServer:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"http://{host}:{self.port}/"
+
+    def _send_buffer_bytes(self) -> float:
+        """Bytes waiting in every connection's transport (bounded by WRITE_LIMIT plus one message each)."""
+        total = 0
+        # A scrape runs on the event loop, but render() may be called from another thread (tests): a set that
+        # changes meanwhile is read again rather than failing the scrape.
+        for _ in range(3):
+            try:
+                sessions = [*self.clients, *self.viewers]
+                break
+            except RuntimeError:
+                continue
+        else:
+            return float("nan")
+        for session in sessions:
+            transport = session.ws.transport
+            if transport is not None:
+                total += transport.get_write_buffer_size()
+        return float(total)
 
     def limits(self) -> dict[str, Any]:
         engine = self.engine
