@@ -113,7 +113,11 @@ WRITE_LIMIT = 128 * 1024
 # websockets' receive buffer in frames (high-water mark): with 4 MiB messages, 4 keeps a flooding client to 16 MiB
 # before TCP flow control pushes back on it.
 MAX_QUEUE = 4
+# Keepalive: a ping every PING_INTERVAL_S; no pong within as long again and the connection is closed. This is what
+# frees the place of a peer that vanished without a FIN or RST (a pulled cable, a sleeping laptop).
 PING_INTERVAL_S = 20.0
+# How long a closing handshake may take before the socket is dropped (a peer that no longer reads never finishes it).
+CLOSE_TIMEOUT_S = 5.0
 _LATENCY_WINDOW = 256  # recent end-to-end latencies kept per connection for its stats
 
 _STATIC = {
@@ -733,7 +737,7 @@ class TurboServer:
             max_queue=MAX_QUEUE,
             ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_INTERVAL_S,
-            close_timeout=5,
+            close_timeout=CLOSE_TIMEOUT_S,
             server_header=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
