@@ -311,6 +311,36 @@ def test_pathological_text_messages(wire, text, code):
     assert wire.send(BASES[0])[0] == "image"
 
 
+def _with_dims(data: bytes, width: int, height: int) -> bytes:
+    out = bytearray(data)
+    i = _sof_offset(data)
+    out[i : i + 4] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(out)
+
+
+def _decodes(server) -> float:
+    for line in server.metrics.render().decode().splitlines():
+        if line.startswith('turbostream_stage_seconds_count{stage="decode"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("width, height", [(4096, 4096), (4096, 300), (1000, 1000)])
+def test_forged_dimensions_are_refused_before_decoding(fast_server, wire, width, height):
+    # A few hundred bytes that declare millions of pixels: libjpeg would "decode" them (gray fill after the data
+    # ends) at the full declared size, 48 MiB and a quarter second of a codec worker for 4096x4096.
+    forged = _with_dims(cv2.imencode(".jpg", np.zeros((16, 16), np.uint8))[1].tobytes(), width, height)
+    assert len(forged) < 700
+    before = _decodes(fast_server)
+    answer, msg = wire.send(forged)
+    assert answer == "bad_image" and "pixels" in msg["message"], msg
+    assert _decodes(fast_server) == before
+    # The real thing of that size, even flat (compressing best), is decoded.
+    flat = cv2.imencode(".jpg", np.zeros((height, width), np.uint8),
+                        [cv2.IMWRITE_JPEG_QUALITY, 1, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert wire.send(flat)[0] == "image"
+
+
 # ------------------------------------------------------------------------------------------------ protocol violations
 
 

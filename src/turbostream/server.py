@@ -94,7 +94,8 @@ ERROR_CODES = {
     "bad_message": "a JSON object without a string 'type', or a text message over 64 KiB",
     "unknown_type": "a 'type' this endpoint does not know",
     "bad_config": "an unknown parameter, a wrong type or a value out of range; the old parameters stay",
-    "bad_image": "a binary message that is not a decodable JPEG (magic bytes, corrupt or truncated data)",
+    "bad_image": "a binary message that is not a decodable JPEG (magic bytes, corrupt or truncated data, far too few "
+                 "bytes for its declared size, smaller than 8 pixels a side)",
     "image_too_large": "a JPEG whose declared width or height is over the server's limit (checked before decoding)",
     "engine_error": "the engine failed on this frame; the stream goes on",
     "forbidden": "a viewer tried to change the broadcast without the control token",
@@ -107,6 +108,11 @@ ERROR_CODES = {
 }
 
 MAX_TEXT_BYTES = 64 * 1024  # a config message is a few hundred bytes; the prompt limit is 1000 characters
+# Declared pixels per byte of JPEG data beyond which the data cannot hold the image: Huffman coding spends at least
+# one bit per 8x8 block (512 pixels a byte; cv2's flattest progressive grayscale reaches 255). A forged header on a
+# few hundred bytes would otherwise be "decoded" at its full declared size (libjpeg fills missing data with gray):
+# 48 MiB and a quarter second of a codec worker for 4096x4096, per message.
+MAX_PIXELS_PER_BYTE = 1024
 # Bytes buffered for a socket before a send waits for it: about two 512x512 JPEGs. Past it, the reader is slow and
 # its newer results replace the one waiting (dropped) instead of piling up here.
 WRITE_LIMIT = 128 * 1024
@@ -983,6 +989,9 @@ class TurboServer:
         side = self.config.max_image_side
         if width > side or height > side:
             return "image_too_large", f"image is {width}x{height}; the limit is {side} pixels a side"
+        if width * height > MAX_PIXELS_PER_BYTE * len(data):
+            return "bad_image", (f"a JPEG of {len(data)} bytes cannot hold {width}x{height} pixels (truncated, or a "
+                                 "forged header)")
         return None
 
 
