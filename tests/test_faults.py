@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 from test_server import (
     TURBOSTREAM,
@@ -35,8 +36,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import turbostream.server as server_module
-from turbostream.config import preset
+from turbostream.config import ServerConfig, preset
 from turbostream.engine import Engine
+from turbostream.server import TurboServer
 
 
 @pytest.fixture
@@ -423,3 +425,130 @@ def test_sigterm_under_load_closes_every_client_with_1001_and_exits_0():
             proc.kill()
         output = proc.stdout.read()
     assert "shutting down" in output and "Traceback" not in output
+
+
+# ------------------------------------------------------------------------------------------------ the source disappears
+
+
+class Camera:
+    """A network camera that can be unplugged: readers deliver frames while `up`, opening fails while it is down."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.opens = 0
+
+    def open(self, spec):
+        from turbostream.sources import SourceError
+
+        self.opens += 1
+        if not self.up:
+            raise SourceError(f"could not open {spec.describe()}: connection refused")
+        camera = self
+
+        class Reader:
+            fps, frame_count, size = 50.0, None, (64, 48)
+
+            def read(self):
+                time.sleep(0.02)
+                if not camera.up:
+                    return None
+                return np.full((48, 64, 3), 90, np.uint8)
+
+            def release(self):
+                pass
+
+        return Reader()
+
+
+def _viewer_messages(ws):
+    """Everything a viewer receives, as ('frame', None) or (type, message), collected by a task."""
+    seen: list[tuple[str, dict | None]] = []
+
+    async def collect():
+        async for msg in ws:
+            seen.append(("frame", None) if isinstance(msg, bytes) else (json.loads(msg)["type"], json.loads(msg)))
+
+    return seen, asyncio.create_task(collect())
+
+
+def test_lost_live_source_is_reported_and_opened_again_while_clients_go_on(engine, monkeypatch):
+    from turbostream.sources import CaptureThread, SourceSpec
+
+    monkeypatch.setattr(server_module, "SOURCE_RETRY_S", 0.1)
+    camera = Camera()
+    spec = SourceSpec("url", "rtsp://camera.invalid/stream", "rtsp://camera.invalid/stream")
+    captures = []
+
+    def factory(text):
+        captures.append(CaptureThread(spec, realtime=True, reconnect=2, reconnect_delay_s=0.05, opener=camera.open))
+        return captures[-1]
+
+    async def main():
+        server = TurboServer(engine, ServerConfig(port=0, source=spec.text), capture_factory=factory)
+        await server.start()
+        try:
+            viewer, ready = await open_client(server, "/view/ws")
+            seen, collector = _viewer_messages(viewer)
+            client, _ = await open_client(server)
+            frames = lambda: sum(1 for kind, _ in seen if kind == "frame")  # noqa: E731
+            await eventually(lambda: frames() >= 3, 20, "no broadcast frames")
+            camera.up = False  # unplugged: reads stop, and so does every reopen
+            await eventually(lambda: server.broadcast.restarts >= 2, 20, "the lost source was not opened again")
+            assert frames() >= 3 and server.broadcast.state["state"] == "reconnecting"
+            # The interactive stream never noticed.
+            for seq in (1, 2):
+                await client.send(jpeg(seq))
+                assert (await next_result(client))[0]["seq"] == seq
+            n_lost = frames()
+            camera.up = True  # plugged back in
+            await eventually(lambda: frames() >= n_lost + 3, 20, "frames did not come back")
+            codes = [m["code"] for kind, m in seen if kind == "error"]
+            states = [m["state"] for kind, m in seen if kind == "source"]
+            assert codes and set(codes) == {"source_lost"}  # told once per loss, not at every attempt
+            assert states[0] == "starting" and "live" in states and states[-1] == "live"
+            assert states.index("reconnecting") > states.index("live")
+            # The capture's own quick reconnects came first, then the server's reopenings; all counted.
+            assert captures[0].reconnects == 2 and len(captures) >= 3
+            assert metric(server, "turbostream_source_reconnects_total") >= 2
+            assert metric(server, "turbostream_source_restarts_total") == server.broadcast.restarts >= 2
+            assert metric(server, "turbostream_source_up") == 1
+            # A viewer arriving now hears the state in its first messages.
+            late, _ = await open_client(server, "/view/ws")
+            assert (await next_of_type(late, "source"))["state"] == "live"
+            collector.cancel()
+        finally:
+            await server.stop()
+        assert all(not c._thread.is_alive() for c in captures if c._thread is not None)
+
+    run(main())
+
+
+def test_a_file_source_that_ends_stays_ended(engine, tmp_path):
+    import cv2
+
+    from turbostream.sources import CaptureThread
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((48, 64, 3), 40 * i, np.uint8))
+    opened = []
+
+    def factory(text):
+        opened.append(CaptureThread(text, realtime=True))
+        return opened[-1]
+
+    async def main():
+        server = TurboServer(engine, ServerConfig(port=0, source=str(folder)), capture_factory=factory)
+        await server.start()
+        try:
+            viewer, _ = await open_client(server, "/view/ws")
+            err = await next_of_type(viewer, "error")
+            assert err["code"] == "source_ended"
+            assert server.broadcast.state["state"] == "ended" and server.broadcast.restarts == 0
+            await asyncio.sleep(0.3)
+            assert len(opened) == 1  # a file that ended is not opened again
+        finally:
+            await server.stop()
+
+    run(main())

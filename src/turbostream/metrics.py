@@ -65,6 +65,13 @@ class Metrics:
               registry=r).set_function(_os_threads)
         Gauge("turbostream_python_threads", "Python threads alive (threading.active_count)",
               registry=r).set_function(threading.active_count)
+        # The server-side source (--source): restarts are new captures of a lost live source; reconnects are the
+        # capture's own quick retries before that.
+        self.source_up = Gauge("turbostream_source_up", "1 while the server-side source delivers frames", registry=r)
+        self.source_restarts = Counter("turbostream_source_restarts",
+                                       "Times the server opened a lost live source again", registry=r)
+        self.source_reconnects = Counter("turbostream_source_reconnects",
+                                         "Reconnect attempts of the capture of the server-side source", registry=r)
         self.send_buffer = Gauge(
             "turbostream_send_buffer_bytes",
             "Bytes written to connections' sockets but not yet taken by the kernel, all connections together",

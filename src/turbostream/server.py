@@ -86,6 +86,9 @@ viewer -> server (/view/ws)
 server -> viewer
   {"type": "ready", "role": "viewer", "control": bool, ...}, {"type": "config", ...} after every change,
   binary JPEG frames of the broadcast, {"type": "stats", ...}, {"type": "error", ...}
+  {"type": "source", "state": "starting" | "live" | "reconnecting" | "ended", "message": str, "restarts": n,
+   "retry_in_s"?: s}   right after ready and at every change of the source (a loss also comes as error source_lost,
+   the end as error source_ended)
 """
 
 # Error codes sent as {"type": "error", "code": ..., "message": ...}. The connection stays open unless noted.
@@ -101,7 +104,9 @@ ERROR_CODES = {
     "forbidden": "a viewer tried to change the broadcast without the control token",
     "not_supported": "a binary message sent to the viewer endpoint",
     "no_source": "the viewer endpoint on a server started without --source (connection closed, 1008)",
-    "source_ended": "the server-side source ended or failed",
+    "source_ended": "the server-side source ended (a file) or failed for good; no more frames",
+    "source_lost": "the server-side live source stopped delivering; it is being opened again (a 'source' message "
+                   "with state 'live' follows when it is back)",
     "unauthorized": "/ws without the right ?token= (connection closed, 1008)",
     "server_full": "the client or viewer limit is reached (connection closed, 1013: try again later)",
     "engine_failed": "the engine could not be loaded or warmed up (connection closed, 1011)",
@@ -122,6 +127,10 @@ MAX_QUEUE = 4
 # Keepalive: a ping every PING_INTERVAL_S; no pong within as long again and the connection is closed. This is what
 # frees the place of a peer that vanished without a FIN or RST (a pulled cable, a sleeping laptop).
 PING_INTERVAL_S = 20.0
+# A lost live source (--source camera or URL) is opened again after SOURCE_RETRY_S, doubling while it keeps failing,
+# up to SOURCE_RETRY_MAX_S between attempts, for as long as the server runs.
+SOURCE_RETRY_S = 1.0
+SOURCE_RETRY_MAX_S = 30.0
 # How long a closing handshake may take before the socket is dropped (a peer that no longer reads never finishes it).
 CLOSE_TIMEOUT_S = 5.0
 _LATENCY_WINDOW = 256  # recent end-to-end latencies kept per connection for its stats
@@ -465,7 +474,13 @@ class _Broadcast:
         self.spec = spec
         self.capture_factory = capture_factory
         self.stream: Stream | None = None
-        self.error: str | None = None  # set when the source failed or ended
+        self.error: str | None = None  # set when the source ended for good (a file's end, a failure)
+        # Last state told to viewers: starting, live, reconnecting (lost; opened again soon) or ended.
+        self.state: dict[str, Any] = {"type": "source", "state": "starting", "message": "opening the source",
+                                      "restarts": 0}
+        self._announced = "starting"  # the source thread's own copy
+        self._reconnects_seen = 0  # of the current capture
+        self.restarts = 0
         self.viewers_present = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -488,45 +503,101 @@ class _Broadcast:
             self._thread.join(5.0)
 
     def _feed(self) -> None:
-        """Capture thread loop: newest source frame -> fitted -> the broadcast stream's slot (only with viewers)."""
+        """Source thread: open the capture, pump its frames; a live source that is lost is opened again, forever.
+
+        A camera or stream URL that stops delivering is first reconnected by the capture itself (a few quick tries,
+        CaptureThread's reconnect); when that gives up, a new capture is opened here after SOURCE_RETRY_S, doubling
+        up to SOURCE_RETRY_MAX_S while it keeps failing. A file or folder that ends, or fails, stays ended.
+        """
+        failures = 0  # consecutive openings that delivered no frame
+        while not self._stop.is_set():
+            capture, reason, delivered = None, None, False
+            self._reconnects_seen = 0
+            try:
+                capture = self.capture_factory(self.spec)
+                capture.start()
+            except Exception as exc:  # noqa: BLE001 - reported to viewers and the log, the server keeps serving /ws
+                reason = f"could not open the source: {exc}"
+            else:
+                try:
+                    reason, delivered = self._pump(capture)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("source thread failed")
+                    reason = f"the source failed: {exc}"
+            finally:
+                if capture is not None:
+                    with contextlib.suppress(Exception):
+                        capture.close()
+                    self._count_reconnects(capture)  # the attempts it made just before giving up
+            if self._stop.is_set():
+                return
+            live = bool(getattr(getattr(capture, "spec", None), "live", False))
+            if not live or reason is None:
+                self._announce("ended", reason or "the source ended")
+                return
+            failures = 0 if delivered else failures + 1
+            delay = min(SOURCE_RETRY_S * 2 ** max(failures - 1, 0), SOURCE_RETRY_MAX_S)
+            self.restarts += 1
+            self.server.metrics.source_restarts.inc()
+            self._announce("reconnecting", f"{reason}; opening it again in {delay:.0f} s", retry_in_s=delay)
+            if self._stop.wait(delay):
+                return
+
+    def _pump(self, capture) -> tuple[str | None, bool]:
+        """Newest source frame -> fitted -> the broadcast stream's slot, while someone watches.
+
+        Returns (why the capture stopped: its error, or None for an end or a stop; whether it delivered a frame).
+        """
         server = self.server
-        try:
-            capture = self.capture_factory(self.spec)
-            capture.start()
-        except Exception as exc:  # noqa: BLE001 - reported to viewers and the log, the server keeps serving /ws
-            self._report(f"could not open the source: {exc}")
-            return
-        try:
-            while not self._stop.is_set():
-                if not self.viewers_present.wait(0.5):
-                    continue
-                got = capture.latest(0.5)
-                if got is None:
-                    if capture.error or capture.ended:
-                        self._report(capture.error or "the source ended")
-                        return
-                    continue
-                index, frame = got
-                fitted = fit_frame(frame, server.engine.width, server.engine.height)
-                server.metrics.frames_in.inc()
-                if self.stream.submit(fitted, _FrameMeta(int(index), time.perf_counter())) is not None:
-                    server.metrics.dropped("queue")
-        except Exception as exc:  # noqa: BLE001
-            log.exception("source thread failed")
-            self._report(f"the source failed: {exc}")
-        finally:
-            with contextlib.suppress(Exception):
-                capture.close()
+        delivered = False
+        while not self._stop.is_set():
+            if self._count_reconnects(capture):
+                self._announce("reconnecting", "the source stopped delivering frames; reconnecting "
+                               f"(attempt {self._reconnects_seen})")
+            if not self.viewers_present.wait(0.5):
+                if capture.ended:  # noticed without viewers too, so a lost source is opened again meanwhile
+                    return capture.error, delivered
+                continue
+            got = capture.latest(0.5)
+            if got is None:
+                if capture.error or capture.ended:
+                    return capture.error, delivered
+                continue
+            if self._announced != "live":
+                self._announce("live", "the source delivers frames")
+            delivered = True
+            index, frame = got
+            fitted = fit_frame(frame, server.engine.width, server.engine.height)
+            server.metrics.frames_in.inc()
+            if self.stream.submit(fitted, _FrameMeta(int(index), time.perf_counter())) is not None:
+                server.metrics.dropped("queue")
+        return None, delivered
 
-    def _report(self, message: str) -> None:
-        log.error("source %s: %s", _redact(self.spec), message)
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._set_error, message)
+    def _count_reconnects(self, capture) -> bool:
+        """Add the capture's reconnect attempts since the last look to the metric; True if there were any."""
+        seen = int(getattr(capture, "reconnects", 0) or 0)
+        if seen <= self._reconnects_seen:
+            return False
+        self.server.metrics.source_reconnects.inc(seen - self._reconnects_seen)
+        self._reconnects_seen = seen
+        return True
 
-    def _set_error(self, message: str) -> None:
-        self.error = message
+    def _announce(self, state: str, message: str, **extra: Any) -> None:
+        """From the source thread: tell the loop (and through it every viewer) the source's new state."""
+        self._announced = state
+        level = logging.INFO if state == "live" else logging.WARNING if state == "reconnecting" else logging.ERROR
+        log.log(level, "source %s: %s", _redact(self.spec), message)
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self.loop.call_soon_threadsafe(self._set_state, state, message, extra)
+
+    def _set_state(self, state: str, message: str, extra: dict[str, Any]) -> None:
+        previous = self.state["state"]
+        self.state = {"type": "source", "state": state, "message": message, "restarts": self.restarts, **extra}
+        self.server.metrics.source_up.set(1 if state == "live" else 0)
+        if state == "ended":
+            self.error = message
         for viewer in list(self.server.viewers):
-            viewer.error("source_ended", message)
+            viewer.source_changed(previous)
 
     def _on_result_threadsafe(self, result: Result) -> None:
         with contextlib.suppress(RuntimeError):
@@ -588,8 +659,7 @@ class _ViewerSession:
             "width": engine.width, "height": engine.height, "params": _params_dict(broadcast.stream.params),
             "limits": server.limits(), "stats_interval_s": server.config.stats_interval_s,
         })
-        if broadcast.error is not None:
-            self.error("source_ended", broadcast.error)
+        self.source_changed(None)
         outbox_task = asyncio.create_task(self.outbox.run())
         stats_task = asyncio.create_task(self._stats_loop())
         try:
@@ -603,6 +673,15 @@ class _ViewerSession:
         finally:
             outbox_task.cancel()
             stats_task.cancel()
+
+    def source_changed(self, previous: str | None) -> None:
+        """Tell this viewer the source's state; a loss or an end also as an error, which pages show as such."""
+        state = self.server.broadcast.state
+        self.outbox.text(state)
+        if state["state"] == "ended":
+            self.error("source_ended", state["message"])
+        elif state["state"] == "reconnecting" and previous != "reconnecting":
+            self.error("source_lost", state["message"])
 
     async def _stats_loop(self) -> None:
         while True:
@@ -1081,9 +1160,10 @@ def serve_main(args) -> int:
         config = server_config(args)
         if config.source is not None:
             # Parsing the source now turns a missing file or a bad URL into one message and exit status 2; opening
-            # it (which can take seconds for a network source) happens on the source thread.
-            capture = _default_capture(config.source)
-            capture_factory = lambda spec: capture  # noqa: E731
+            # it (which can take seconds for a network source) happens on the source thread, which makes a new
+            # capture each time a lost live source is opened again.
+            _default_capture(config.source)
+            capture_factory = _default_capture
     except ValueError as exc:
         raise cli.UserError(str(exc)) from None
     server = TurboServer(config=config, engine_factory=lambda: cli.build_engine(args), capture_factory=capture_factory)
