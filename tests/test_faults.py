@@ -161,6 +161,33 @@ def test_half_open_connections_are_closed_by_the_ping_timeout(engine, monkeypatc
     run(main())
 
 
+def test_connections_that_never_finish_the_handshake_are_closed_by_the_open_timeout(engine, monkeypatch):
+    monkeypatch.setattr(server_module, "OPEN_TIMEOUT_S", 0.5)
+
+    async def main():
+        async with serving(engine, max_clients=1) as server:
+            fds = open_fds()
+            writers = []
+            for i in range(40):  # silent sockets, and half an upgrade request
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                if i % 2:
+                    writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                writers.append((reader, writer))
+            assert open_fds() >= fds + 40
+            # They hold no client place meanwhile (max_clients is 1).
+            ws, _ = await open_client(server)
+            await ws.send(jpeg(1))
+            assert (await next_result(ws))[0]["seq"] == 1
+            async with asyncio.timeout(15):  # the server hangs up on each of them
+                for reader, _ in writers:
+                    await reader.read()
+            for _, writer in writers:
+                writer.close()
+            await eventually(lambda: open_fds() <= fds + 3, 10, f"descriptors: {open_fds()} now, {fds} before")
+
+    run(main())
+
+
 # ------------------------------------------------------------------------------------------------ a client that never reads
 
 

@@ -133,6 +133,9 @@ SOURCE_RETRY_S = 1.0
 SOURCE_RETRY_MAX_S = 30.0
 # How long a closing handshake may take before the socket is dropped (a peer that no longer reads never finishes it).
 CLOSE_TIMEOUT_S = 5.0
+# How long a new connection may take to complete its HTTP request / WebSocket handshake; a socket that connects and
+# says nothing (or half a request) holds a descriptor until then, and no client place.
+OPEN_TIMEOUT_S = 10.0
 _LATENCY_WINDOW = 256  # recent end-to-end latencies kept per connection for its stats
 
 _STATIC = {
@@ -823,6 +826,7 @@ class TurboServer:
             ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_INTERVAL_S,
             close_timeout=CLOSE_TIMEOUT_S,
+            open_timeout=OPEN_TIMEOUT_S,
             server_header=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
