@@ -579,3 +579,41 @@ def test_a_file_source_that_ends_stays_ended(engine, tmp_path):
             await server.stop()
 
     run(main())
+
+
+# ------------------------------------------------------------------------------------------------ codec failures
+
+
+def test_a_codec_failure_answers_its_frame_and_the_stream_goes_on(engine, monkeypatch):
+    # Not the client's fault (memory, a codec bug), but its frame must still be answered: a client that keeps one
+    # or two frames in flight waits for exactly that answer before it sends again.
+    real_decode, real_encode = server_module._timed_decode, server_module._timed_encode
+    poison = jpeg(99)
+    encoder_failures = [RuntimeError("simulated encoder failure")]
+
+    def decode(data, *args):
+        if data == poison:
+            raise MemoryError("simulated: no memory for this decode")
+        return real_decode(data, *args)
+
+    def encode(rgb, quality):
+        if encoder_failures:
+            raise encoder_failures.pop()
+        return real_encode(rgb, quality)
+
+    monkeypatch.setattr(server_module, "_timed_decode", decode)
+    monkeypatch.setattr(server_module, "_timed_encode", encode)
+
+    async def main():
+        async with serving(engine) as server:
+            ws, _ = await open_client(server)
+            await ws.send(jpeg(1))
+            assert await _answer(ws, 1) == "server_error"  # its result could not be encoded
+            await ws.send(poison)
+            assert await _answer(ws, 2) == "server_error"  # it could not be decoded
+            for seq in (3, 4):
+                await ws.send(jpeg(seq))
+                assert await _answer(ws, seq) == "image"
+            assert metric(server, 'turbostream_errors_total{code="server_error"}') == 2
+
+    run(main())

@@ -101,6 +101,8 @@ ERROR_CODES = {
                  "bytes for its declared size, smaller than 8 pixels a side)",
     "image_too_large": "a JPEG whose declared width or height is over the server's limit (checked before decoding)",
     "engine_error": "the engine failed on this frame; the stream goes on",
+    "server_error": "the server could not decode this frame or encode its result (a codec failure, out of memory); "
+                    "the stream goes on",
     "forbidden": "a viewer tried to change the broadcast without the control token",
     "not_supported": "a binary message sent to the viewer endpoint",
     "no_source": "the viewer endpoint on a server started without --source (connection closed, 1008)",
@@ -283,9 +285,14 @@ class _Outbox:
                         item.jpeg, dt = await loop.run_in_executor(
                             self.server.pool, _timed_encode, item.rgb, self.server.config.jpeg_quality
                         )
-                    except CodecError:
+                    except Exception as exc:  # noqa: BLE001 - a codec failure or no memory: this frame only
                         log.exception("could not encode a result")
                         self.on_drop("encode")
+                        if item.header is not None:
+                            # The client waits for an answer to this frame before it sends more (flow control).
+                            self.server.metrics.errors.labels("server_error").inc()
+                            self.text(_error("server_error", f"frame {item.header['seq']}: the result could not "
+                                             f"be encoded: {exc}", seq=item.header["seq"]))
                         continue
                     item.rgb = None
                     self.server.metrics.encode.observe(dt)
@@ -440,6 +447,10 @@ class _ClientSession:
                     )
                 except CodecError as exc:
                     self.error("bad_image", f"frame {meta.seq}: {exc}", seq=meta.seq)
+                except Exception as exc:  # noqa: BLE001 - not the client's fault, but its frame is answered all the same
+                    log.exception("decoding frame %d failed", meta.seq)
+                    self.error("server_error", f"frame {meta.seq}: the server could not decode it: {exc}",
+                               seq=meta.seq)
                 else:
                     server.metrics.decode.observe(dt)
                     if self.stream.submit(frame, meta) is not None:
@@ -623,7 +634,14 @@ class _Broadcast:
         server = self.server
         try:
             while rgb is not None:
-                jpeg, dt = await self.loop.run_in_executor(server.pool, _timed_encode, rgb, server.config.jpeg_quality)
+                try:
+                    jpeg, dt = await self.loop.run_in_executor(server.pool, _timed_encode, rgb,
+                                                               server.config.jpeg_quality)
+                except Exception:  # noqa: BLE001 - one lost broadcast frame; the next one is encoded as usual
+                    log.exception("could not encode a broadcast frame")
+                    server.metrics.dropped("encode")
+                    rgb, self._latest = self._latest, None
+                    continue
                 server.metrics.encode.observe(dt)
                 self.frames_encoded += 1
                 for viewer in list(server.viewers):
