@@ -341,6 +341,67 @@ def test_forged_dimensions_are_refused_before_decoding(fast_server, wire, width,
     assert wire.send(flat)[0] == "image"
 
 
+class ViewerWire:
+    """A viewer with the control token: every text it sends is answered by a config echo or an error."""
+
+    def __init__(self, port: int) -> None:
+        self._stack = contextlib.ExitStack()
+        self.ws = self._stack.enter_context(
+            connect(f"ws://127.0.0.1:{port}/view/ws?control=ctl", max_size=2**23, compression=None))
+        ready = json.loads(self.ws.recv(timeout=30))
+        assert ready["type"] == "ready" and ready["control"] is True
+        self.frames = 0
+
+    def send(self, message: bytes | str) -> str:
+        self.ws.send(message)
+        deadline = time.monotonic() + ANSWER_TIMEOUT_S
+        while True:
+            msg = self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, bytes):  # the broadcast goes on meanwhile
+                self.frames += 1
+                continue
+            obj = json.loads(msg)
+            if obj["type"] in ("stats", "source"):
+                continue
+            if obj["type"] == "error":
+                assert obj["code"] in ERROR_CODES, obj
+                return obj["code"]
+            assert obj["type"] == "config", obj
+            return "config"
+
+
+@pytest.fixture(scope="module")
+def viewer_wire(tiny_components):
+    from test_server import FakeCapture
+
+    server = TurboServer(SkipUNetEngine(Engine(preset("test"), tiny_components)),
+                         ServerConfig(port=0, source="fake:0", control_token="ctl"), capture_factory=FakeCapture)
+    with ServerThread(server):
+        wire = ViewerWire(server.port)
+        yield wire
+        wire._stack.close()
+
+
+@settings(FUZZ, max_examples=300)
+@given(message=configs().map(_dumps) | ANY_JSON.map(_dumps) | st.binary(max_size=64))
+def test_viewer_messages_are_answered_and_the_broadcast_goes_on(viewer_wire, message):
+    answer = viewer_wire.send(message)
+    if isinstance(message, bytes):
+        assert answer == "not_supported"
+    else:
+        assert answer in ("config", "bad_config", "bad_json", "bad_message", "unknown_type")
+
+
+def test_the_broadcast_went_on_during_the_viewer_fuzzing(viewer_wire):
+    before = viewer_wire.frames
+    assert viewer_wire.send('{"type": "config", "prompt": "a calm sea"}') == "config"
+    deadline = time.monotonic() + 20
+    while viewer_wire.frames < before + 5 and time.monotonic() < deadline:
+        if isinstance(viewer_wire.ws.recv(timeout=20), bytes):
+            viewer_wire.frames += 1
+    assert viewer_wire.frames >= before + 5
+
+
 # ------------------------------------------------------------------------------------------------ protocol violations
 
 
