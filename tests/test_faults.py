@@ -400,10 +400,18 @@ def test_prompt_change_storm_keeps_the_text_encoder_and_caches_bounded(tiny_comp
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_closes_every_client_with_1001_and_exits_0():
+def test_sigterm_under_load_closes_every_client_with_1001_and_exits_0(tmp_path):
+    import cv2
+
+    # The command's own --source path too: a folder of three frames, which ends (and is not opened again).
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((48, 64, 3), 60 * i, np.uint8))
     port = _free_port()
     proc = subprocess.Popen(
-        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--size", "64", "--device", "cpu", "--port", str(port)],
+        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--size", "64", "--device", "cpu", "--port", str(port),
+         "--source", str(folder)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
     )
     try:
@@ -440,12 +448,26 @@ def test_sigterm_under_load_closes_every_client_with_1001_and_exits_0():
                     except ConnectionClosed as exc:
                         return exc.rcvd.code if exc.rcvd else -1
 
+            viewer = await connect(f"ws://127.0.0.1:{port}/view/ws")
+            states, viewer_frames = [], 0
+            async with asyncio.timeout(30):
+                while "ended" not in states:
+                    msg = await viewer.recv()
+                    if isinstance(msg, bytes):
+                        viewer_frames += 1
+                    elif json.loads(msg)["type"] == "source":
+                        states.append(json.loads(msg)["state"])
+            assert viewer_frames >= 1 and "live" in states
             tasks = [asyncio.create_task(client(k)) for k in range(6)]
             await asyncio.wait_for(started.wait(), 60)
             proc.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
+            codes = await asyncio.gather(*tasks)
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await viewer.recv()
+            return [*codes, info.value.rcvd.code]
 
-        assert run(main()) == [1001] * 6
+        assert run(main()) == [1001] * 7
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
