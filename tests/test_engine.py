@@ -166,6 +166,7 @@ def test_generate_matches_diffusers_text_to_image(make_engine, tiny_components):
         (dict(seed=True), "seed must be an integer"),
         (dict(prompt=None), "prompt must be a string"),
         (dict(prompt="x" * 1001), "the limit is 1000"),
+        (dict(prompt="ok \ud800"), "unpaired surrogate at character 3"),
     ],
 )
 def test_bad_parameters_give_clear_errors(make_engine, changes, message):

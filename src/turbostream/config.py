@@ -42,6 +42,13 @@ class StreamParams:
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt is {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        try:
+            # JSON escapes and command lines can carry half a surrogate pair ("\ud800"): a str in Python, but no text
+            # the tokenizer can encode. Accepted, it would fail the engine on every frame of the stream and make
+            # every batch it joins run twice (whole, then frame by frame).
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"prompt is not valid Unicode text: unpaired surrogate at character {exc.start}") from None
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):
             raise ValueError(f"steps must be an integer, got {self.steps!r}")
         if not 1 <= self.steps <= max_steps:

@@ -1067,19 +1067,10 @@ class TurboServer:
                        error: Callable[[str, str], None]) -> StreamParams | None:
         """params with fields applied and checked against the engine, or None after reporting why not."""
         try:
-            updated = self.engine.validate(params.updated(**fields))
+            return self.engine.validate(params.updated(**fields))
         except (ValueError, TypeError) as exc:
             error("bad_config", str(exc))
             return None
-        try:
-            # JSON escapes can carry half a surrogate pair ("\ud800"): a str in Python, but no text the tokenizer
-            # can encode. Accepted, it would fail the engine on every frame of this stream and make every batch it
-            # joins run twice (whole, then frame by frame).
-            updated.prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            error("bad_config", f"prompt is not valid Unicode text: unpaired surrogate at character {exc.start}")
-            return None
-        return updated
 
     def check_jpeg_header(self, data: bytes) -> tuple[str, str] | None:
         """(code, message) if data is not a JPEG within the size limit (header only, no decode); None if fine."""
