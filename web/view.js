@@ -37,11 +37,21 @@ function connect() {
       setConn("live", "ready");
       $("output").width = msg.width;
       $("output").height = msg.height;
-      $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}`;
+      $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}` +
+        (msg.random_weights ? " · random weights: noise, not a stylization" : "");
       $("control").hidden = !msg.control;
       $("prompt").value = msg.params.prompt;
     } else if (msg.type === "config") {
       if (document.activeElement !== $("prompt")) $("prompt").value = msg.prompt;
+    } else if (msg.type === "source") {
+      // The broadcast's source: starting, live, reconnecting (a camera or URL that dropped out) or ended.
+      state.source = msg.state;
+      if (msg.state === "live") {
+        $("error").hidden = true;
+        setConn("live", "ready");
+      } else {
+        setConn(msg.state === "ended" ? "source ended" : `source ${msg.state}…`, msg.state === "ended" ? "bad" : "");
+      }
     } else if (msg.type === "error") {
       showError(`${msg.message} (${msg.code})`);
     }
