@@ -6,7 +6,8 @@
 # engine: the tests marked gpu, then `turbostream bench --model random --device cuda --compile` at 512x512
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
-# soak:   the same server at 8 and 16 clients for SOAK_S seconds each (default 120)
+# soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
+#         (default 180)
 # Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
 # ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
@@ -27,7 +28,7 @@ PY=${PYTHON:-python3}
 if [ "${CHECK_CPU:-0}" = 1 ]; then
   MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}
 else
-  MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-15}; SOAK_S=${SOAK_S:-120}
+  MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-15}; SOAK_S=${SOAK_S:-180}
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 fi
 "$PY" - > "$OUT/env.txt" 2>&1 <<'PY'
@@ -56,8 +57,8 @@ for stage in "${stages[@]}"; do
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
     soak)
-      step soak $((SOAK_S * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$SOAK_S" \
-        --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
+      step soak $((SOAK_S * 2 + 240)) "$PY" scripts/loadtest.py --soak --clients 8,16 --duration "$SOAK_S" \
+        --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
     *) echo "unknown stage $stage (engine, serve, soak)"; status=2 ;;
   esac
 done
