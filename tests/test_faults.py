@@ -12,17 +12,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 from test_server import (
-    TURBOSTREAM,
-    _free_port,
     http_get,
     jpeg,
     next_of_type,
@@ -30,6 +25,7 @@ from test_server import (
     open_client,
     run,
     serving,
+    spawn_serve,
     ws_url,
 )
 from websockets.asyncio.client import connect
@@ -408,24 +404,8 @@ def test_sigterm_under_load_closes_every_client_with_1001_and_exits_0(tmp_path):
     folder.mkdir()
     for i in range(3):
         cv2.imwrite(str(folder / f"f{i}.png"), np.full((48, 64, 3), 60 * i, np.uint8))
-    port = _free_port()
-    proc = subprocess.Popen(
-        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--size", "64", "--device", "cpu", "--port", str(port),
-         "--source", str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
-    )
+    proc, port = spawn_serve("--source", str(folder))
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
 
         async def main():
             results = [0] * 6

@@ -649,6 +649,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_serve(*extra: str, ready_s: float = 90) -> tuple[subprocess.Popen, int]:
+    """A real `turbostream serve` (tiny-random, CPU, 64 px, a free port) returned once /healthz says 200.
+
+    The caller stops it (and reads its stdout); if it never becomes ready, it is killed here and the test fails.
+    """
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--size", "64", "--device", "cpu", "--port", str(port),
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    deadline = time.monotonic() + ready_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, port
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not become ready in {ready_s} s:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+
+
 def test_serve_command_rejects_bad_options_quickly():
     result = subprocess.run(
         [*TURBOSTREAM, "serve", "--model", "tiny-random", "--jpeg-quality", "0"],
@@ -659,25 +686,8 @@ def test_serve_command_rejects_bad_options_quickly():
 
 @pytest.mark.slow
 def test_serve_command_closes_clients_with_1001_on_sigterm():
-    port = _free_port()
-    proc = subprocess.Popen(
-        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--size", "64",
-         "--device", "cpu", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    proc, port = spawn_serve()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
 
         async def main():
             ws = await connect(f"ws://127.0.0.1:{port}/ws")
