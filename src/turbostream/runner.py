@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import queue
 import signal
 import sys
@@ -39,6 +38,7 @@ from .sources import (
     CaptureThread,
     FolderSink,
     SinkError,
+    ensure_writable_folder,
     SinkThread,
     SourceError,
     VideoSink,
@@ -580,13 +580,10 @@ def generate_main(args: argparse.Namespace, engine=None) -> int:
         StreamParams(args.prompt, strength, steps, args.seed).validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    folder = out.parent if str(out.parent) else Path(".")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create folder {folder} for {args.output}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to folder {folder}: permission denied")
+        ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)
+    except SinkError as exc:
+        raise UserError(str(exc)) from None
     if engine is None:
         engine = build_engine(args)
     if engine.random_weights:

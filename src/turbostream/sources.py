@@ -552,6 +552,16 @@ def window_support_error() -> str | None:
     return None
 
 
+def ensure_writable_folder(folder: Path, output: str) -> None:
+    """Create folder (and parents) if missing; SinkError naming `output` if it cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SinkError(f"cannot create folder {folder} for output {output!r}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SinkError(f"cannot write to folder {folder} (output {output!r}): permission denied")
+
+
 def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -> None:
     """Everything about the outputs that can be known before the model loads; creates output folders.
 
@@ -575,12 +585,7 @@ def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -
             if out.path.resolve() == Path(str(source.target)).resolve():
                 raise SinkError(f"output {out.text!r} is the input; write somewhere else")
         folder = out.path if out.kind == "folder" else (out.path.parent if str(out.path.parent) else Path("."))
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SinkError(f"cannot create folder {folder} for output {out.text!r}: {exc.strerror or exc}") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise SinkError(f"cannot write to folder {folder} (output {out.text!r}): permission denied")
+        ensure_writable_folder(folder, out.text)
         if out.kind == "video" and out.path.is_dir():
             raise SinkError(f"output {out.text!r} is an existing folder, not a video file")
         if out.kind == "folder":
