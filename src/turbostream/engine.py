@@ -261,6 +261,8 @@ class Engine:
         self._load_stream_inputs([default], 0)
         if self.is_cuda and self.config.compile:
             self._compile()
+        elif self.config.compile:
+            log.warning("--compile speeds up the CUDA graph path only; ignored on %s", self.device)
         if self.use_graphs:
             for b in self.config.buckets:
                 self._capture(b, default.unet_evals)
