@@ -100,7 +100,6 @@ class Engine:
         self.components = components
         self.load_s = time.perf_counter() - t0
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
-        self.tokenizer = components.tokenizer
         self.vae_scaling = float(self.vae.config.scaling_factor)
         self.schedules = ScheduleTable(components.scheduler.config)
         self.width, self.height = config.width, config.height
@@ -110,6 +109,8 @@ class Engine:
         self._noise = _LRU(config.noise_cache_size)
         self._owner: int | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # The modules the frame path calls; --compile swaps in compiled wrappers of them (CUDA only).
+        self._unet_call, self._encoder_call, self._decoder_call = self.unet, self.vae.encoder, self.vae.decoder
         if self.is_cuda:
             self._prepare_cuda_modules()
         elif (os.cpu_count() or 1) > 1:
@@ -146,9 +147,6 @@ class Engine:
             # One projection GEMM for Q, K and V instead of three: fewer, larger kernels (diffusers' own API).
             self.unet.fuse_qkv_projections()
             self.unet._turbostream_fused = True
-        self._unet_call = self.unet
-        self._encoder_call = self.vae.encoder
-        self._decoder_call = self.vae.decoder
 
     def _alloc_buffers(self) -> None:
         """Static inputs and outputs at the largest bucket; every graph reads and writes views of them."""
@@ -222,20 +220,17 @@ class Engine:
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] NCHW -> unscaled latents (the mean of the full VAE's posterior: deterministic per frame)."""
         if self.components.vae_kind == "tiny":
-            enc = self._encoder_call if self.is_cuda else self.vae.encoder
-            return enc(x)  # EncoderTiny maps [-1, 1] to TAESD's [0, 1] itself
+            return self._encoder_call(x)  # EncoderTiny maps [-1, 1] to TAESD's [0, 1] itself
         return self.vae.encode(x).latent_dist.mode()
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents -> images in [-1, 1] NCHW."""
         if self.components.vae_kind == "tiny":
-            dec = self._decoder_call if self.is_cuda else self.vae.decoder
-            return dec(z)  # DecoderTiny returns [-1, 1]
+            return self._decoder_call(z)  # DecoderTiny returns [-1, 1]
         return self.vae.decode(z, return_dict=False)[0]
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        unet = self._unet_call if self.is_cuda else self.unet
-        return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        return self._unet_call(x, t, encoder_hidden_states=emb, return_dict=False)[0]
 
     # ------------------------------------------------------------------ warmup and capture
 
