@@ -18,6 +18,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -163,8 +164,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     def save() -> None:
         """Write what is measured so far: a run cut short (a time limit, a crash in a later phase) keeps it."""
+        res["targets"] = _targets(res)
         if args.json:
-            res["targets"] = _targets(res)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
 
@@ -192,7 +193,7 @@ def run_bench(args: argparse.Namespace) -> int:
     eager.warmup()
     gflops = _flops_per_frame(eager, params) / 1e9
     res["gflops_per_frame"] = round(gflops, 1)
-    stats = _timed(lambda: eager.run(frames[:1], [params]), args.iters, args.burn_in, sync)
+    stats = _timed(partial(eager.run, frames[:1], [params]), args.iters, args.burn_in, sync)
     res["engine_eager_ms"], res["engine_eager"] = stats["median_ms"], _row(stats, 1, diffusers_ms, gflops)
     log.info("    median %.2f ms", stats["median_ms"])
     del eager
@@ -209,17 +210,20 @@ def run_bench(args: argparse.Namespace) -> int:
                  res["parity_taesd_max_abs_diff"])
         save()
 
+    def time_buckets(engine, buckets: tuple[int, ...], key: str) -> None:
+        """Time engine.run at each batch size into res[key] (rows) and res[key + "_ms"] (median ms per call)."""
+        res[key], res[key + "_ms"] = {}, {}
+        for b in buckets:
+            stats = _timed(partial(engine.run, frames[:b], [params] * b), args.iters, args.burn_in, sync)
+            res[key][str(b)], res[key + "_ms"][str(b)] = _row(stats, b, diffusers_ms, gflops), stats["median_ms"]
+            log.info("    batch %d: median %.2f ms per call, %.2f per frame", b, stats["median_ms"], stats["median_ms"] / b)
+
     if cuda:
         # (c) CUDA graphs at every bucket.
         log.info("(c) engine CUDA graphs, buckets %s", base_cfg.buckets)
         graph = Engine(dataclasses.replace(base_cfg, cuda_graphs=True, compile=False), engine_comps)
         res["warmup_s"] = round(graph.warmup().warmup_s, 2)
-        res["engine_graph_ms"], res["engine_graph"] = {}, {}
-        for b in base_cfg.buckets:
-            stats = _timed(lambda: graph.run(frames[:b], [params] * b), args.iters, args.burn_in, sync)
-            res["engine_graph"][str(b)], res["engine_graph_ms"][str(b)] = _row(stats, b, diffusers_ms, gflops), \
-                stats["median_ms"]
-            log.info("    batch %d: median %.2f ms per call, %.2f per frame", b, stats["median_ms"], stats["median_ms"] / b)
+        time_buckets(graph, base_cfg.buckets, "engine_graph")
         del graph
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         save()
@@ -229,15 +233,9 @@ def run_bench(args: argparse.Namespace) -> int:
             compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=args.compile_buckets), engine_comps)
             wstats = compiled.warmup()
             res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)
-            res["compiled_graph_ms"], res["compiled_graph"] = {}, {}
-            for b in args.compile_buckets:
-                stats = _timed(lambda: compiled.run(frames[:b], [params] * b), args.iters, args.burn_in, sync)
-                res["compiled_graph"][str(b)], res["compiled_graph_ms"][str(b)] = \
-                    _row(stats, b, diffusers_ms, gflops), stats["median_ms"]
-                log.info("    batch %d: median %.2f ms per call", b, stats["median_ms"])
+            time_buckets(compiled, args.compile_buckets, "compiled_graph")
             del compiled
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    res["targets"] = _targets(res)
     save()
     _print_table(res)
     if args.json:
