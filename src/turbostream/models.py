@@ -223,7 +223,7 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
 
 
-def _advice(model: str) -> str:
+def _advice() -> str:
     cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     offline = _hub_offline()
     return (
@@ -251,11 +251,11 @@ def _resolve_source(model: str, needed: tuple[str, ...]) -> tuple[str, str]:
         if missing:
             raise ModelLoadError(
                 f"Could not load model {model!r}: the {source} lacks {', '.join(f'{m}/' for m in missing)}.\n"
-                + _advice(model)
+                + _advice()
             )
         return str(path), source
     if _looks_like_path(model):
-        raise ModelLoadError(f"Could not load model {model!r}: no such folder.\n" + _advice(model))
+        raise ModelLoadError(f"Could not load model {model!r}: no such folder.\n" + _advice())
     return model, f"Hugging Face hub id {model!r}"
 
 
@@ -274,7 +274,7 @@ def _hub_preflight(repo: str, probe_file: str) -> bool:
     cached = isinstance(try_to_load_from_cache(repo, probe_file), str)
     if _hub_offline():
         if not cached:
-            raise ModelLoadError(f"Could not load {repo!r}: it is not in the Hugging Face cache.\n" + _advice(repo))
+            raise ModelLoadError(f"Could not load {repo!r}: it is not in the Hugging Face cache.\n" + _advice())
         return True
     try:
         HfApi().model_info(repo, timeout=10)
@@ -282,7 +282,7 @@ def _hub_preflight(repo: str, probe_file: str) -> bool:
     except RepositoryNotFoundError as exc:
         raise ModelLoadError(
             f"Could not load {repo!r}: the hub has no such model, or it needs a login (`hf auth login`): "
-            f"{_short(exc)}\n" + _advice(repo)
+            f"{_short(exc)}\n" + _advice()
         ) from exc
     except HfHubHTTPError as exc:  # the hub answered with an error: a cached copy still serves
         reason = _short(exc)
@@ -291,7 +291,7 @@ def _hub_preflight(repo: str, probe_file: str) -> bool:
     if cached:
         log.warning("%s; using the cached copy of %s", reason, repo)
         return True
-    raise ModelLoadError(f"Could not load {repo!r}: {reason}, and the Hugging Face cache has no copy.\n" + _advice(repo))
+    raise ModelLoadError(f"Could not load {repo!r}: {reason}, and the Hugging Face cache has no copy.\n" + _advice())
 
 
 def _pretrained(cls, repo: str, sub: str | None, dtype: torch.dtype, local_only: bool = False):
@@ -317,7 +317,7 @@ def _load_pretrained(model: str, *, device: torch.device, dtype: torch.dtype) ->
         text_encoder = _pretrained(CLIPTextModel, repo, "text_encoder", dtype, local)
         unet = _pretrained(UNet2DConditionModel, repo, "unet", dtype, local)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Could not load model {model!r} from the {source}: {_short(exc)}\n" + _advice(model)) from exc
+        raise ModelLoadError(f"Could not load model {model!r} from the {source}: {_short(exc)}\n" + _advice()) from exc
     return Components(
         name=model,
         unet=unet.to(device),
@@ -340,7 +340,7 @@ def _load_pretrained_vae(model: str, kind: str, *, device: torch.device, dtype: 
             return _pretrained(AutoencoderKL, repo, "vae", dtype, local).to(device)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"Could not load the VAE of {model!r} from the {source}: {_short(exc)}\n"
-                                 + _advice(model)) from exc
+                                 + _advice()) from exc
     try:
         repo, source = _resolve_source(taesd, ())
         local = source.startswith("local") or _hub_preflight(repo, "config.json")
@@ -350,5 +350,5 @@ def _load_pretrained_vae(model: str, kind: str, *, device: torch.device, dtype: 
         raise ModelLoadError(
             f"Could not load the tiny VAE {taesd!r}: {reason}\n"
             "Pass --taesd /path/to/taesd (a local copy of madebyollin/taesd), or use the model's own VAE with "
-            "--vae full.\n" + _advice(taesd)
+            "--vae full.\n" + _advice()
         ) from exc
