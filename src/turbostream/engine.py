@@ -194,9 +194,15 @@ class Engine:
 
     # ------------------------------------------------------------------ the frame path (traced into the graphs)
 
-    def _frame_path(self, b: int, n: int, encode: bool = True) -> torch.Tensor:
-        """Static buffers [:b] -> uint8 (b, H, W, 3); n UNet evaluations. Pure tensor code: capturable."""
+    def _frame_path(self, b: int, n: int, encode: bool = True, probe=None) -> torch.Tensor:
+        """Static buffers [:b] -> uint8 (b, H, W, 3); n UNet evaluations. Pure tensor code: capturable.
+
+        probe(stage, tensor), eager runs only (diagnosis, parity): called with "latent" (scaled VAE latents),
+        "noisy" (after forward diffusion), "eps_k" and "x_k" (the UNet's output and the latents after Euler step
+        k; the last x is x0), and "image" ([-1, 1] NCHW float from the VAE decoder).
+        """
         frames, emb, noise = self._frames[:b], self._emb[:b], self._noise_buf[:b]
+        probe = probe or (lambda stage, tensor: None)
         timesteps, sigmas = self._sched[:n, :b], self._sched[n : 2 * n + 1, :b]
         if encode:
             # uint8 NHWC -> [-1, 1] NCHW; the permute yields channels_last strides, which the convolutions want.
@@ -204,8 +210,10 @@ class Engine:
             z = self._encode(x).float() * self.vae_scaling
         else:  # text-to-image: the schedule starts from pure noise
             z = torch.zeros_like(noise)
+        probe("latent", z)
         # Forward-diffuse to the first timestep with this stream's fixed noise (Euler: x = z + sigma * eps).
         latents = z + noise * sigmas[0].view(b, 1, 1, 1)
+        probe("noisy", latents)
         for k in range(n):
             sigma, sigma_next = sigmas[k].view(b, 1, 1, 1), sigmas[k + 1].view(b, 1, 1, 1)
             # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
@@ -213,7 +221,10 @@ class Engine:
             eps = self._unet(model_in, timesteps[k], emb).float()
             # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
             latents = latents + eps * (sigma_next - sigma)
+            probe(f"eps_{k}", eps)
+            probe(f"x_{k}", latents)
         image = self._decode((latents / self.vae_scaling).to(self.dtype)).float()
+        probe("image", image)
         # [-1, 1] -> uint8 with diffusers' rounding: round((x / 2 + 0.5).clamp(0, 1) * 255).
         return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -391,6 +402,24 @@ class Engine:
             self._done.record()
             self._done.synchronize()
         return [self._out_host[i].numpy().copy() for i in range(b)]
+
+    @torch.inference_mode()
+    def trace(self, frame: np.ndarray, params: StreamParams) -> dict[str, torch.Tensor]:
+        """One frame, eagerly, keeping every stage of its path (see _frame_path's probe): float32 CPU copies.
+
+        For parity diagnosis: compare stage by stage with another engine (another dtype, device or settings) and
+        find the first one that parts. "output" is the uint8 (H, W, 3) frame run() would return.
+        """
+        params = self.validate(params)
+        self._check_thread()
+        stages: dict[str, torch.Tensor] = {}
+        self._frames_host[0].copy_(torch.from_numpy(fit_frame(frame, self.width, self.height)))
+        self._frames[:1].copy_(self._frames_host[:1])
+        self._load_stream_inputs([params], 0)
+        n = self._stage_schedule([params])
+        out = self._frame_path(1, n, probe=lambda stage, t: stages.__setitem__(stage, t.float().cpu()))
+        stages["output"] = out[0].cpu()
+        return stages
 
     @torch.inference_mode()
     def generate(
