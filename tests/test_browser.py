@@ -14,7 +14,7 @@ import pytest
 
 from turbostream.config import ServerConfig, preset
 from turbostream.engine import Engine
-from turbostream.server import ServerThread, TurboServer
+from turbostream.serve import ServerThread, TurboServer
 
 pytestmark = pytest.mark.browser
 

@@ -24,6 +24,7 @@ from test_server import (
     next_result,
     open_client,
     run,
+    server_config,
     serving,
     spawn_serve,
     ws_url,
@@ -31,10 +32,10 @@ from test_server import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-import turbostream.server as server_module
-from turbostream.config import ServerConfig, preset
+import turbostream.serve.sessions as sessions_module
+from turbostream.config import Limits, preset
 from turbostream.engine import Engine
-from turbostream.server import TurboServer
+from turbostream.serve import TurboServer
 
 
 @pytest.fixture
@@ -130,13 +131,10 @@ def test_hundreds_of_clients_that_vanish_without_closing(engine):
     run(main())
 
 
-def test_half_open_connections_are_closed_by_the_ping_timeout(engine, monkeypatch):
+def test_half_open_connections_are_closed_by_the_ping_timeout(engine):
     # A peer that vanished without a FIN or RST (cable pulled, laptop lid shut) only shows as missing pongs.
-    monkeypatch.setattr(server_module, "PING_INTERVAL_S", 0.3)
-    monkeypatch.setattr(server_module, "CLOSE_TIMEOUT_S", 0.5)
-
     async def main():
-        async with serving(engine, max_clients=2) as server:
+        async with serving(engine, max_clients=2, ping_interval_s=0.3, close_timeout_s=0.5) as server:
             silent = []
             for _ in range(2):
                 ws = await connect(ws_url(server), ping_interval=None)
@@ -157,11 +155,9 @@ def test_half_open_connections_are_closed_by_the_ping_timeout(engine, monkeypatc
     run(main())
 
 
-def test_connections_that_never_finish_the_handshake_are_closed_by_the_open_timeout(engine, monkeypatch):
-    monkeypatch.setattr(server_module, "OPEN_TIMEOUT_S", 0.5)
-
+def test_connections_that_never_finish_the_handshake_are_closed_by_the_open_timeout(engine):
     async def main():
-        async with serving(engine, max_clients=1) as server:
+        async with serving(engine, max_clients=1, open_timeout_s=0.5) as server:
             fds = open_fds()
             writers = []
             for i in range(40):  # silent sockets, and half an upgrade request
@@ -229,8 +225,8 @@ def test_client_that_never_reads_is_skipped_and_bounded_and_delays_no_one(engine
             # the outbox holds one result, and the skipped ones are counted as dropped at the send stage.
             await eventually(lambda: session.counts.dropped > 5, 20, "the stalled client's results were not skipped")
             buffered = session.ws.transport.get_write_buffer_size()
-            assert buffered <= server_module.WRITE_LIMIT + 64 * 1024
-            assert metric(server, "turbostream_send_buffer_bytes") <= server_module.WRITE_LIMIT + 64 * 1024
+            assert buffered <= Limits().write_limit_bytes + 64 * 1024
+            assert metric(server, "turbostream_send_buffer_bytes") <= Limits().write_limit_bytes + 64 * 1024
             assert metric(server, 'turbostream_frames_dropped_total{stage="send"}') > 5
             assert session.counts.frames_in > session.counts.frames_out
             flooding = False
@@ -467,7 +463,7 @@ class Camera:
         self.opens = 0
 
     def open(self, spec):
-        from turbostream.sources import SourceError
+        from turbostream.io.sources import SourceError
 
         self.opens += 1
         if not self.up:
@@ -500,10 +496,9 @@ def _viewer_messages(ws):
     return seen, asyncio.create_task(collect())
 
 
-def test_lost_live_source_is_reported_and_opened_again_while_clients_go_on(engine, monkeypatch):
-    from turbostream.sources import CaptureThread, SourceSpec
+def test_lost_live_source_is_reported_and_opened_again_while_clients_go_on(engine):
+    from turbostream.io.sources import CaptureThread, SourceSpec
 
-    monkeypatch.setattr(server_module, "SOURCE_RETRY_S", 0.1)
     camera = Camera()
     spec = SourceSpec("url", "rtsp://camera.invalid/stream", "rtsp://camera.invalid/stream")
     captures = []
@@ -513,7 +508,7 @@ def test_lost_live_source_is_reported_and_opened_again_while_clients_go_on(engin
         return captures[-1]
 
     async def main():
-        server = TurboServer(engine, ServerConfig(port=0, source=spec.text), capture_factory=factory)
+        server = TurboServer(engine, server_config(source=spec.text, source_retry_s=0.1), capture_factory=factory)
         await server.start()
         try:
             viewer, ready = await open_client(server, "/view/ws")
@@ -555,7 +550,7 @@ def test_lost_live_source_is_reported_and_opened_again_while_clients_go_on(engin
 def test_a_file_source_that_ends_stays_ended(engine, tmp_path):
     import cv2
 
-    from turbostream.sources import CaptureThread
+    from turbostream.io.sources import CaptureThread
 
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -568,7 +563,7 @@ def test_a_file_source_that_ends_stays_ended(engine, tmp_path):
         return opened[-1]
 
     async def main():
-        server = TurboServer(engine, ServerConfig(port=0, source=str(folder)), capture_factory=factory)
+        server = TurboServer(engine, server_config(source=str(folder)), capture_factory=factory)
         await server.start()
         try:
             viewer, _ = await open_client(server, "/view/ws")
@@ -589,7 +584,7 @@ def test_a_file_source_that_ends_stays_ended(engine, tmp_path):
 def test_a_codec_failure_answers_its_frame_and_the_stream_goes_on(engine, monkeypatch):
     # Not the client's fault (memory, a codec bug), but its frame must still be answered: a client that keeps one
     # or two frames in flight waits for exactly that answer before it sends again.
-    real_decode, real_encode = server_module._timed_decode, server_module._timed_encode
+    real_decode, real_encode = sessions_module.timed_decode, sessions_module.timed_encode
     poison = jpeg(99)
     encoder_failures = [RuntimeError("simulated encoder failure")]
 
@@ -603,8 +598,8 @@ def test_a_codec_failure_answers_its_frame_and_the_stream_goes_on(engine, monkey
             raise encoder_failures.pop()
         return real_encode(rgb, quality)
 
-    monkeypatch.setattr(server_module, "_timed_decode", decode)
-    monkeypatch.setattr(server_module, "_timed_encode", encode)
+    monkeypatch.setattr(sessions_module, "timed_decode", decode)
+    monkeypatch.setattr(sessions_module, "timed_encode", encode)
 
     async def main():
         async with serving(engine) as server:

@@ -24,9 +24,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from turbostream.codec import encode_jpeg, fit_frame
-from turbostream.config import ServerConfig, preset
+from turbostream.config import Limits, ServerConfig, preset
 from turbostream.engine import Engine
-from turbostream.server import ERROR_CODES, MAX_TEXT_BYTES, ServerThread, TurboServer
+from turbostream.serve import ServerThread, TurboServer
+from turbostream.serve.protocol import ERROR_CODES
+
+MAX_TEXT_BYTES = Limits().max_text_bytes
 
 ANSWER_TIMEOUT_S = 20.0  # per case; answers take milliseconds, this only turns a hang into a failure
 IMAGE_ANSWERS = {"image", "bad_image", "image_too_large"}
@@ -182,7 +185,7 @@ def odd_jpegs(draw) -> tuple[bytes, tuple[int, int]]:
 
 
 def expected_for_size(width: int, height: int) -> str:
-    if max(width, height) > ServerConfig().max_image_side:
+    if max(width, height) > Limits().max_image_side:
         return "image_too_large"
     if min(width, height) < 8:
         return "bad_image"  # smaller than 8 pixels a side: refused after decoding

@@ -11,7 +11,7 @@ import pytest
 
 from turbostream.config import ServerConfig, preset
 from turbostream.engine import Engine
-from turbostream.server import ServerThread, TurboServer
+from turbostream.serve import ServerThread, TurboServer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "loadtest.py"
 

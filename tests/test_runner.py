@@ -16,10 +16,16 @@ import cv2
 import numpy as np
 import pytest
 
-from turbostream import cli, runner, sources
+from turbostream import cli
+from turbostream.cli import generate as cli_generate
+from turbostream.cli import run as cli_run
+from turbostream.io import sinks
 from turbostream.codec import fit_frame
 from turbostream.config import StreamParams
-from turbostream.sources import CaptureThread, SourceError, SourceSpec, VideoSink
+from turbostream.errors import SinkError, SourceError
+from turbostream.io.sinks import VideoSink
+from turbostream.io.sources import CaptureThread, SourceSpec
+from turbostream.pipeline import Pipeline, PromptLine
 
 CLI_MODEL = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
 
@@ -85,7 +91,7 @@ def parse(command: str, *argv: str) -> argparse.Namespace:
     """The real option parser of a subcommand (defaults included)."""
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    {"run": cli._add_run, "generate": cli._add_generate}[command](sub)
+    {"run": cli_run, "generate": cli_generate}[command].add_parser(sub)
     return parser.parse_args([command, *argv])
 
 
@@ -120,7 +126,7 @@ def _no_model_loading(monkeypatch):
     def refuse(args):
         raise AssertionError("build_engine called: inputs must be checked before the model loads")
 
-    monkeypatch.setattr(runner, "build_engine", refuse)
+    monkeypatch.setattr(cli_run, "build_engine", refuse)
 
 
 @pytest.fixture
@@ -135,7 +141,7 @@ def allow_load(monkeypatch):
 def test_video_file_to_video_file_keeps_count_size_and_fps(tmp_path, make_engine):
     src = make_video(tmp_path / "in.mp4", n=12, size=(96, 80), fps=10, flat=False)
     out = tmp_path / "out" / "styled.mp4"
-    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=make_engine()) == 0
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=make_engine()) == 0
     frames, fps = read_video(out)
     assert len(frames) == 12
     assert frames[0].shape == (64, 64, 3)
@@ -148,7 +154,7 @@ def test_files_keep_every_frame_in_order_batched(tmp_path):
     out = tmp_path / "out.avi"
     # A slow engine lets the reader run ahead, so later calls get batches of the frames already decoded.
     engine = FakeEngine(max_batch=4, delay=0.02)
-    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 0
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 0
     assert [i for call in engine.calls for i in call] == list(range(20))
     assert max(len(call) for call in engine.calls) > 1
     frames, _ = read_video(out)
@@ -159,7 +165,7 @@ def test_max_frames_stops_early(tmp_path):
     src = make_video(tmp_path / "in.avi", n=20)
     out_video, out_dir = tmp_path / "out.avi", tmp_path / "frames"
     args = parse("run", "-i", str(src), "-o", str(out_video), "-o", f"{out_dir}/", "--max-frames", "5")
-    assert runner.run_main(args, engine=FakeEngine(max_batch=4)) == 0
+    assert cli_run.main(args, engine=FakeEngine(max_batch=4)) == 0
     frames, _ = read_video(out_video)
     assert [index_of(f) for f in frames] == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in out_dir.iterdir()) == [f"frame_{k:06d}.png" for k in range(5)]
@@ -175,7 +181,7 @@ def test_image_folder_in_and_out(tmp_path, make_engine):
     (src / "broken.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "styled"
     engine = FakeEngine(max_batch=2)
-    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 0
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 0
     written = sorted(out.iterdir())
     assert [p.name for p in written] == ["frame_000000.png", "frame_000001.png", "frame_000002.png"]
     images = [cv2.imread(str(p)) for p in written]
@@ -184,7 +190,7 @@ def test_image_folder_in_and_out(tmp_path, make_engine):
     # The real engine on a folder, into a folder and a video at once (no frame rate: the fallback).
     out2, video = tmp_path / "styled2", tmp_path / "styled2.mp4"
     args = parse("run", "-i", str(src), "-o", str(out2), "-o", str(video))
-    assert runner.run_main(args, engine=make_engine()) == 0
+    assert cli_run.main(args, engine=make_engine()) == 0
     assert len(list(out2.glob("frame_*.png"))) == 3
     frames, fps = read_video(video)
     assert len(frames) == 3 and fps == pytest.approx(30.0)
@@ -205,7 +211,7 @@ def test_realtime_drops_stale_frames_and_latency_stays_bounded(tmp_path):
     assert capture.pace  # a file read in realtime is delivered at its own rate, like a camera
     sink = VideoSink(tmp_path / "out.avi", 100, (64, 64), fill_gaps=True)
     engine = FakeEngine(max_batch=4, delay=0.04, on_run=record)
-    summary = runner.Pipeline(engine, capture, [sink], StreamParams(), batch=1).run()
+    summary = Pipeline(engine, capture, [sink], StreamParams(), batch=1).run()
     assert summary.stopped == "end"
     assert 5 <= summary.frames <= 30
     assert summary.dropped >= 20 and capture.dropped >= summary.dropped
@@ -326,7 +332,7 @@ def test_source_errors_are_clear(tmp_path):
     ],
 )
 def test_bad_inputs_and_outputs_fail_with_one_message(tmp_path, capsys, make_input, output, message):
-    if output == "window" and sources.window_support_error() is None:
+    if output == "window" and sinks.window_support_error() is None:
         pytest.skip("this OpenCV has a GUI and a display")
     src = make_input(tmp_path)
     dst = output if output == "window" else str(tmp_path / output)
@@ -340,15 +346,15 @@ def test_bad_inputs_and_outputs_fail_with_one_message(tmp_path, capsys, make_inp
 
 
 def test_window_needs_a_gui_build_of_opencv():
-    if sources.window_support_error() is None:
+    if sinks.window_support_error() is None:
         pytest.skip("this OpenCV has a GUI and a display")
-    with pytest.raises(sources.SinkError, match="pip install opencv-python"):
-        sources.WindowSink()
+    with pytest.raises(SinkError, match="pip install opencv-python"):
+        sinks.WindowSink()
 
 
 def test_window_output_shows_frames_and_q_quits(tmp_path, monkeypatch):
     shown = []
-    monkeypatch.setattr(sources, "window_support_error", lambda: None)
+    monkeypatch.setattr(sinks, "window_support_error", lambda: None)
     monkeypatch.setattr(cv2, "namedWindow", lambda *a: None)
     monkeypatch.setattr(cv2, "imshow", lambda title, frame: shown.append(frame))
     monkeypatch.setattr(cv2, "waitKey", lambda ms: ord("q") if len(shown) >= 3 else -1)
@@ -357,7 +363,7 @@ def test_window_output_shows_frames_and_q_quits(tmp_path, monkeypatch):
     src = make_video(tmp_path / "in.avi", n=40)
     out = tmp_path / "out.avi"
     args = parse("run", "-i", str(src), "-o", "window", "-o", str(out))
-    assert runner.run_main(args, engine=FakeEngine(max_batch=1, delay=0.005)) == 0
+    assert cli_run.main(args, engine=FakeEngine(max_batch=1, delay=0.005)) == 0
     frames, _ = read_video(out)
     assert 3 <= len(shown) < 40 and len(frames) >= 3  # quit early; what was shown is in the file too
 
@@ -372,17 +378,17 @@ def test_ctrl_c_finalizes_the_video(tmp_path):
     src = make_video(tmp_path / "in.mp4", n=60)
     out = tmp_path / "out.mp4"
     engine = FakeEngine(max_batch=1, delay=0.005, on_run=interrupt)
-    assert runner.run_main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 130
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 130
     frames, fps = read_video(out)
     assert 4 <= len(frames) < 60 and fps == pytest.approx(10.0)
     assert [index_of(f) for f in frames] == list(range(len(frames)))
 
 
 def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
-    class FullDisk(sources.FolderSink):
+    class FullDisk(sinks.FolderSink):
         def write(self, frame, index):
             if index >= 3:
-                raise sources.SinkError(f"could not write {self.path}/frame_{index:06d}.png (disk full?)")
+                raise SinkError(f"could not write {self.path}/frame_{index:06d}.png (disk full?)")
             super().write(frame, index)
 
     src = make_video(tmp_path / "in.avi", n=40)
@@ -390,7 +396,7 @@ def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
     video = VideoSink(tmp_path / "out.avi", 10, (64, 64))
     full = FullDisk(tmp_path / "frames")
     (tmp_path / "frames").mkdir()
-    summary = runner.Pipeline(FakeEngine(max_batch=1, delay=0.002), capture, [video, full], StreamParams()).run()
+    summary = Pipeline(FakeEngine(max_batch=1, delay=0.002), capture, [video, full], StreamParams()).run()
     assert summary.stopped == "error" and "disk full" in summary.error
     assert summary.frames < 40 and full.frames_written == 3
     frames, _ = read_video(tmp_path / "out.avi")
@@ -398,8 +404,8 @@ def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
 
 
 def test_prompt_line_changes_parameters_live():
-    pipeline = runner.Pipeline(FakeEngine(), CaptureThread("0"), [], StreamParams(prompt="a"))
-    line = runner.PromptLine(pipeline)
+    pipeline = Pipeline(FakeEngine(), CaptureThread("0"), [], StreamParams(prompt="a"))
+    line = PromptLine(pipeline)
     assert "'a watercolor'" in line.apply("a watercolor\n")
     line.apply("/strength 0.75")
     line.apply("/seed 9")
@@ -450,10 +456,10 @@ def test_cli_ctrl_c_in_a_real_process(tmp_path):
 def test_generate_text_to_image_and_count(tmp_path, make_engine):
     engine = make_engine()
     out = tmp_path / "pics" / "fox.png"
-    assert runner.generate_main(parse("generate", "a red fox", "-o", str(out), "--seed", "5"), engine=engine) == 0
+    assert cli_generate.main(parse("generate", "a red fox", "-o", str(out), "--seed", "5"), engine=engine) == 0
     one = cv2.imread(str(out))
     assert one.shape == (64, 64, 3)
-    assert runner.generate_main(parse("generate", "a red fox", "-o", str(out), "--seed", "5", "--count", "3"),
+    assert cli_generate.main(parse("generate", "a red fox", "-o", str(out), "--seed", "5", "--count", "3"),
                                 engine=engine) == 0
     many = [cv2.imread(str(tmp_path / "pics" / f"fox-{k}.png")) for k in range(3)]
     assert np.array_equal(many[0], one)  # the first of the batch has the same seed
@@ -466,7 +472,7 @@ def test_generate_image_to_image_any_input_size(tmp_path, make_engine):
     out = tmp_path / "styled.png"
     args = parse("generate", "a watercolor", "--image", str(image), "-o", str(out), "--strength", "0.6")
     assert args.steps is None  # -> 2 for image-to-image
-    assert runner.generate_main(args, engine=make_engine()) == 0
+    assert cli_generate.main(args, engine=make_engine()) == 0
     assert cv2.imread(str(out)).shape == (64, 64, 3)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,9 +22,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from turbostream.codec import decode_jpeg, encode_jpeg
-from turbostream.config import ServerConfig, preset
+from turbostream.config import Limits, ServerConfig, preset
 from turbostream.engine import Engine
-from turbostream.server import ERROR_CODES, TurboServer, _Outbox, _OutItem
+from turbostream.serve import TurboServer
+from turbostream.serve.protocol import ERROR_CODES
+from turbostream.serve.sessions import Outbox, OutItem
 
 TIMEOUT = 60  # per test, generous: a 2-core CI machine under load
 
@@ -37,9 +40,16 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
 
+def server_config(**config) -> ServerConfig:
+    """ServerConfig on port 0; keyword arguments naming a Limits field (max_clients=2, ...) go into its limits."""
+    names = {f.name for f in dataclasses.fields(Limits)}
+    limits = Limits(**{k: config.pop(k) for k in list(config) if k in names})
+    return ServerConfig(**{"port": 0, **config}, limits=limits)
+
+
 @contextlib.asynccontextmanager
 async def serving(engine, **config):
-    server = TurboServer(engine, ServerConfig(port=0, **config))
+    server = TurboServer(engine, server_config(**config))
     await server.start()
     assert await server.wait_ready(30)
     try:
@@ -328,7 +338,7 @@ def test_same_origin_needs_a_loopback_host_on_a_loopback_bind(engine):
     server = TurboServer(engine, ServerConfig(port=0))
 
     def allowed(origin, host):
-        return server._origin_allowed(Request("/ws", Headers([("Host", host), ("Origin", origin)])))
+        return server.http.origins.allows(Request("/ws", Headers([("Host", host), ("Origin", origin)])))
 
     assert allowed("http://localhost:8000", "localhost:8000")
     assert allowed("http://[::1]:8000", "[::1]:8000")
@@ -336,7 +346,7 @@ def test_same_origin_needs_a_loopback_host_on_a_loopback_bind(engine):
     assert not allowed("http://evil.example:8000", "evil.example:8000")
     assert not allowed("http://localhost:9999", "localhost:8000")
     lan = TurboServer(engine, ServerConfig(host="0.0.0.0", port=0))
-    assert lan._origin_allowed(Request("/ws", Headers([("Host", "box.lan:8000"), ("Origin", "http://box.lan:8000")])))
+    assert lan.http.origins.allows(Request("/ws", Headers([("Host", "box.lan:8000"), ("Origin", "http://box.lan:8000")])))
     server.pool.shutdown()
     lan.pool.shutdown()
 
@@ -496,7 +506,7 @@ class FakeCapture:
 
 
 def _viewer_server(engine, capture=FakeCapture, **config):
-    return TurboServer(engine, ServerConfig(port=0, source="fake:0", **config), capture_factory=capture)
+    return TurboServer(engine, server_config(source="fake:0", **config), capture_factory=capture)
 
 
 async def _frames(ws, n, timeout=20.0):
@@ -508,13 +518,9 @@ async def _frames(ws, n, timeout=20.0):
     return got
 
 
-def test_viewers_get_the_broadcast_and_a_slow_one_delays_no_one(engine, monkeypatch):
-    import turbostream.server as server_module
-
-    monkeypatch.setattr(server_module, "WRITE_LIMIT", 8192)  # so a stalled reader shows within a few frames
-
+def test_viewers_get_the_broadcast_and_a_slow_one_delays_no_one(engine):
     async def main():
-        server = _viewer_server(engine)
+        server = _viewer_server(engine, write_limit_bytes=8192)  # so a stalled reader shows within a few frames
         await server.start()
         try:
             fast, ready = await open_client(server, "/view/ws")
@@ -569,10 +575,10 @@ def test_outbox_skips_frames_while_a_send_waits():
     async def main():
         drops = []
         ws = StuckSocket()
-        box = _Outbox(FakeServer(), ws, drops.append)
+        box = Outbox(FakeServer(), ws, drops.append)
         task = asyncio.create_task(box.run())
         for i in range(50):
-            box.image(_OutItem(jpeg=bytes([i])))
+            box.image(OutItem(jpeg=bytes([i])))
             await asyncio.sleep(0)
         # One send waits on the socket, one result waits behind it, the other 48 were skipped.
         assert drops == ["send"] * 48
@@ -638,9 +644,8 @@ def test_source_end_is_reported_and_no_source_refuses_viewers(engine, tiny_compo
 # ------------------------------------------------------------------------------------------------ the command
 
 
-# `python -m turbostream.cli` would load cli.py twice (as __main__ and as turbostream.cli), and UserError raised
-# by the server would not be the one main() catches: run main() the way the console script does.
-TURBOSTREAM = [sys.executable, "-c", "import sys; from turbostream.cli import main; sys.exit(main())"]
+# The command as users run it (`python -m turbostream` is the console script's entry()).
+TURBOSTREAM = [sys.executable, "-m", "turbostream"]
 
 
 def _free_port() -> int:

@@ -10,7 +10,6 @@ and parity: the engine against the pipeline on the same noise, in uint8 levels.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -25,11 +24,23 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, StreamParams
-from .models import Components, ModelLoadError, default_dtype, load_components, load_vae, resolve_device
+from .engine import Engine, encode_prompt
+from .models import Components, default_dtype, load_components, load_vae, resolve_device
 
 log = logging.getLogger("turbostream.bench")
 PROMPT = "a watercolor painting of a city street"
 SEED = 42
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """How long to measure and what to leave out (the CLI's bench options)."""
+
+    iters: int = 30  # timed calls per measurement
+    burn_in: int = 5  # untimed calls before each measurement
+    compile_buckets: tuple[int, ...] = (1, 4)  # batch sizes compiled and captured with --compile
+    skip_diffusers: bool = False  # leave out the diffusers pipeline baseline (and parity)
+    json: str | None = None  # where to write the results
 
 
 def _timed(fn: Callable[[], object], iters: int, burn_in: int, sync: Callable[[], None]) -> dict:
@@ -93,14 +104,13 @@ def _parity(engine, pipe, frame: np.ndarray, params: StreamParams) -> int:
     return int(np.abs(ours.astype(np.int16) - ref.astype(np.int16)).max())
 
 
-def _flops_per_frame(engine, params: StreamParams) -> float:
+def _flops_per_frame(engine, frame: np.ndarray, params: StreamParams) -> float:
     """FLOPs of one eager frame (VAE encode, UNet, VAE decode) counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    engine._stage_schedule([params])
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        engine._frame_path(1, params.unet_evals)
+    with counter:
+        engine.trace(frame, params)
     return float(counter.get_total_flops())
 
 
@@ -114,11 +124,8 @@ def _row(stats: dict, batch: int, baseline_ms: float | None, gflops: float | Non
     return row
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from .cli import UserError, engine_config
-    from .engine import Engine, encode_prompt
-
-    base_cfg: EngineConfig = engine_config(args)
+def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
+    """Measure everything the module docstring lists, print the table, write opts.json; returns 0."""
     device = resolve_device(base_cfg.device)
     dtype = default_dtype(device, base_cfg.dtype)
     cuda = device.type == "cuda"
@@ -129,11 +136,8 @@ def run_bench(args: argparse.Namespace) -> int:
     frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(max(base_cfg.buckets))]
 
     t0 = time.perf_counter()
-    try:
-        comps = load_components(base_cfg.model, device=device, dtype=dtype, vae="full", taesd=base_cfg.taesd)
-        tiny_vae = load_vae(base_cfg.model, "tiny", device=device, dtype=dtype, taesd=base_cfg.taesd)
-    except (ModelLoadError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    comps = load_components(base_cfg.model, device=device, dtype=dtype, vae="full", taesd=base_cfg.taesd)
+    tiny_vae = load_vae(base_cfg.model, "tiny", device=device, dtype=dtype, taesd=base_cfg.taesd)
     load_s = time.perf_counter() - t0
     tiny_comps = dataclasses.replace(comps, vae=tiny_vae, vae_kind="tiny")
     engine_comps = tiny_comps if base_cfg.vae == "tiny" else comps
@@ -154,8 +158,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "diffusers": __import__("diffusers").__version__,
         "date": time.strftime("%Y-%m-%d"),
         "load_s": round(load_s, 1),
-        "iters": args.iters,
-        "burn_in": args.burn_in,
+        "iters": opts.iters,
+        "burn_in": opts.burn_in,
         "diffusers_ms": None, "diffusers_taesd_ms": None,
         "engine_graph_ms": None, "engine_graph": None, "compiled_graph_ms": None, "compiled_graph": None,
         "warmup_s": None, "compile_s": None, "compiled_warmup_s": None, "peak_mem_gib": None,
@@ -165,13 +169,13 @@ def run_bench(args: argparse.Namespace) -> int:
     def save() -> None:
         """Write what is measured so far: a run cut short (a time limit, a crash in a later phase) keeps it."""
         res["targets"] = _targets(res)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        if opts.json:
+            Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(opts.json).write_text(json.dumps(res, indent=2) + "\n")
 
     # (a) diffusers first, on the untouched modules: building an engine on CUDA fuses QKV projections and sets
     # channels_last in place, which the model card's pipeline does not do.
-    if not args.skip_diffusers:
+    if not opts.skip_diffusers:
         import PIL.Image
 
         image = PIL.Image.fromarray(frames[0])
@@ -181,7 +185,7 @@ def run_bench(args: argparse.Namespace) -> int:
             pipe = _pipeline(comps, vae)
             call = lambda: pipe(prompt_embeds=emb, image=image, num_inference_steps=2, strength=0.5,  # noqa: E731
                                 guidance_scale=0.0).images[0]
-            stats = _timed(call, max(5, args.iters // 2), max(2, args.burn_in // 2), sync)
+            stats = _timed(call, max(5, opts.iters // 2), max(2, opts.burn_in // 2), sync)
             res[f"{key}_ms"], res[f"{key}_stats"] = stats["median_ms"], _row(stats, 1, res["diffusers_ms"], None)
             log.info("    median %.2f ms, p95 %.2f ms", stats["median_ms"], stats["p95_ms"])
     diffusers_ms = res["diffusers_ms"]
@@ -191,16 +195,16 @@ def run_bench(args: argparse.Namespace) -> int:
     log.info("(b) engine eager")
     eager = Engine(dataclasses.replace(base_cfg, cuda_graphs=False, compile=False, buckets=(1,)), engine_comps)
     eager.warmup()
-    gflops = _flops_per_frame(eager, params) / 1e9
+    gflops = _flops_per_frame(eager, frames[0], params) / 1e9
     res["gflops_per_frame"] = round(gflops, 1)
-    stats = _timed(partial(eager.run, frames[:1], [params]), args.iters, args.burn_in, sync)
+    stats = _timed(partial(eager.run, frames[:1], [params]), opts.iters, opts.burn_in, sync)
     res["engine_eager_ms"], res["engine_eager"] = stats["median_ms"], _row(stats, 1, diffusers_ms, gflops)
     log.info("    median %.2f ms", stats["median_ms"])
     del eager
     save()
 
     # Parity on the path users run (graphs on CUDA, eager on the CPU), against the pipeline with the same VAE.
-    if not args.skip_diffusers:
+    if not opts.skip_diffusers:
         for key, c in (("parity_max_abs_diff", comps), ("parity_taesd_max_abs_diff", tiny_comps)):
             engine = Engine(dataclasses.replace(base_cfg, vae=c.vae_kind, compile=False, buckets=(1,)), c)
             engine.warmup()
@@ -214,7 +218,7 @@ def run_bench(args: argparse.Namespace) -> int:
         """Time engine.run at each batch size into res[key] (rows) and res[key + "_ms"] (median ms per call)."""
         res[key], res[key + "_ms"] = {}, {}
         for b in buckets:
-            stats = _timed(partial(engine.run, frames[:b], [params] * b), args.iters, args.burn_in, sync)
+            stats = _timed(partial(engine.run, frames[:b], [params] * b), opts.iters, opts.burn_in, sync)
             res[key][str(b)], res[key + "_ms"][str(b)] = _row(stats, b, diffusers_ms, gflops), stats["median_ms"]
             log.info("    batch %d: median %.2f ms per call, %.2f per frame", b, stats["median_ms"], stats["median_ms"] / b)
 
@@ -229,17 +233,17 @@ def run_bench(args: argparse.Namespace) -> int:
         save()
         # (d) compiled, then captured; each compiled bucket costs a compile, hence the shorter default list.
         if base_cfg.compile:
-            log.info("(d) torch.compile + CUDA graphs, buckets %s (compiling: minutes)", args.compile_buckets)
-            compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=args.compile_buckets), engine_comps)
+            log.info("(d) torch.compile + CUDA graphs, buckets %s (compiling: minutes)", opts.compile_buckets)
+            compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets), engine_comps)
             wstats = compiled.warmup()
             res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)
-            time_buckets(compiled, args.compile_buckets, "compiled_graph")
+            time_buckets(compiled, opts.compile_buckets, "compiled_graph")
             del compiled
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     save()
     _print_table(res)
-    if args.json:
-        log.info("wrote %s", args.json)
+    if opts.json:
+        log.info("wrote %s", opts.json)
     return 0
 
 

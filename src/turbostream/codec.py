@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .errors import CodecError
+
 # A decoded 4096x4096 RGB frame is 48 MiB: the largest we agree to decode.
 MAX_SIDE = 4096
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -17,10 +19,6 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 
 # OpenCV threads of its own would fight the inference thread for cores; parallelism comes from our worker threads.
 cv2.setNumThreads(1)
-
-
-class CodecError(ValueError):
-    """Input that is not an acceptable image; the message says why, for the user."""
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:

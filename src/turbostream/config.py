@@ -1,6 +1,7 @@
-"""Every default of turbostream in one place: engine settings, per-stream parameters, size parsing.
+"""Every default of turbostream in one place: engine settings, per-stream parameters, server limits, size parsing.
 
-Other modules read their defaults from here; the CLI's option defaults come from these dataclasses too.
+Other modules read their defaults from here; the CLI's option defaults come from these dataclasses too. Nothing here
+imports torch or the rest of turbostream, so reading a default costs nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ MAX_SEED = 2**32 - 1
 # The UNet downsamples latents three times and the VAE by 8: sides must be multiples of 64.
 SIZE_MULTIPLE = 64
 MAX_SIDE = 1024
+# The one list of dtype and VAE names (the CLI's choices, EngineConfig's checks, models.DTYPES' keys).
+DTYPE_NAMES = ("auto", "float16", "bfloat16", "float32")
+VAE_KINDS = ("tiny", "full")
 
 
 @dataclass(frozen=True)
@@ -124,10 +128,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.width, self.height = parse_size((self.width, self.height))
-        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
-            raise ValueError(f"dtype must be auto, float16, bfloat16 or float32, got {self.dtype!r}")
-        if self.vae not in ("tiny", "full"):
-            raise ValueError(f"vae must be 'tiny' or 'full', got {self.vae!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.vae not in VAE_KINDS:
+            raise ValueError(f"vae must be one of {', '.join(VAE_KINDS)}, got {self.vae!r}")
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")
@@ -158,32 +162,74 @@ def preset(name: str, **overrides) -> EngineConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-@dataclass
-class ServerConfig:
-    """`turbostream serve`: network, limits and security defaults a careful user would want."""
+@dataclass(frozen=True)
+class Limits:
+    """Every ceiling of `turbostream serve`, in one place (README: "Limits"); tests shrink them instead of patching.
 
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 8000
-    token: str | None = None  # required on /ws when set (/ws?token=...)
-    control_token: str | None = None  # lets a viewer change the broadcast's prompt (/view?control=...)
-    allow_origins: tuple[str, ...] = ()  # extra allowed Origins ("*": any); the server's own origin is always allowed
-    max_clients: int = 8  # interactive /ws streams at once
-    max_viewers: int = 64  # viewer connections at once
-    max_message_bytes: int = 4 * 2**20  # fits a 1024x1024 JPEG at high quality
-    max_image_side: int = 4096  # declared JPEG dimensions checked before decoding
-    jpeg_quality: int = 85
-    stats_interval_s: float = 1.0
-    source: str | None = None  # server-side capture broadcast to viewers
+    What happens past each one is in its comment; none of them can be exceeded by what a client sends.
+    """
+
+    max_clients: int = 8  # interactive /ws streams at once (warming ones too); past it: server_full, close 1013
+    max_viewers: int = 64  # /view/ws connections at once; past it: server_full, close 1013
+    max_message_bytes: int = 4 * 2**20  # one message (fits a 1024x1024 JPEG at high quality); past it: close 1009
+    max_text_bytes: int = 64 * 1024  # one text message, in UTF-8 bytes (a config is a few hundred); bad_message
+    max_image_side: int = 4096  # declared JPEG width or height, checked before decoding; image_too_large
+    # Declared pixels per byte of JPEG data beyond which the data cannot hold the image: Huffman coding spends at
+    # least one bit per 8x8 block (512 pixels a byte; cv2's flattest progressive grayscale reaches 255). A forged
+    # header on a few hundred bytes would otherwise be "decoded" at its full declared size (libjpeg fills missing
+    # data with gray): 48 MiB and a quarter second of a codec worker for 4096x4096, per message. Past it: bad_image.
+    max_pixels_per_byte: int = 1024
+    # Bytes buffered for a socket before a send waits for it: about two 512x512 JPEGs. Past it, the reader is slow
+    # and its newer results replace the one waiting (dropped) instead of piling up.
+    write_limit_bytes: int = 128 * 1024
+    # websockets' receive buffer in messages (high-water mark): with 4 MiB messages, 4 keeps a flooding client to
+    # 16 MiB before TCP flow control pushes back on it.
+    max_queue_messages: int = 4
+    # Keepalive: a ping every ping_interval_s; no pong within as long again and the connection is closed. This is
+    # what frees the place of a peer that vanished without a FIN or RST (a pulled cable, a sleeping laptop).
+    ping_interval_s: float = 20.0
+    # How long a new connection may take to complete its HTTP request / WebSocket handshake; a socket that connects
+    # and says nothing (or half a request) holds a descriptor until then, and no client place.
+    open_timeout_s: float = 10.0
+    # How long a closing handshake may take before the socket is dropped (a peer that no longer reads never ends it).
+    close_timeout_s: float = 5.0
+    # A lost live source (--source camera or URL) is opened again after source_retry_s, doubling while it keeps
+    # failing, up to source_retry_max_s between attempts, for as long as the server runs.
+    source_retry_s: float = 1.0
+    source_retry_max_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         if self.max_clients < 1 or self.max_viewers < 0:
             raise ValueError("max clients must be at least 1 and max viewers at least 0")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max message bytes must be at least 1024, got {self.max_message_bytes}")
         if not 64 <= self.max_image_side <= 16384:
             raise ValueError(f"max image side must be between 64 and 16384, got {self.max_image_side}")
+        for name in ("max_text_bytes", "max_pixels_per_byte", "write_limit_bytes", "max_queue_messages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "source_retry_s", "source_retry_max_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ServerConfig:
+    """`turbostream serve`: network, security and output defaults a careful user would want; limits in `limits`."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    token: str | None = None  # required on /ws when set (/ws?token=...)
+    control_token: str | None = None  # lets a viewer change the broadcast's prompt (/view?control=...)
+    allow_origins: tuple[str, ...] = ()  # extra allowed Origins ("*": any); the server's own origin is always allowed
+    jpeg_quality: int = 85
+    stats_interval_s: float = 1.0
+    source: str | None = None  # server-side capture broadcast to viewers
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"JPEG quality must be between 1 and 100, got {self.jpeg_quality}")
         if not self.stats_interval_s > 0:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULT_TAESD
+from .config import DEFAULT_TAESD, VAE_KINDS
+from .errors import ModelLoadError
 
 log = logging.getLogger("turbostream.models")
 
@@ -26,10 +27,6 @@ RANDOM_MODELS = ("random", "tiny-random")
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Subfolders of a diffusers model folder that turbostream reads (vae only with --vae full).
 _REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
-
-
-class ModelLoadError(RuntimeError):
-    """Weights could not be had; the message names what was tried and what to do next."""
 
 
 @dataclass
@@ -93,8 +90,8 @@ def load_components(
     """Load or build every component on `device` in `dtype`, in eval mode; raise ModelLoadError if impossible."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
-    if vae not in ("tiny", "full"):
-        raise ValueError(f"vae must be 'tiny' or 'full', got {vae!r}")
+    if vae not in VAE_KINDS:
+        raise ValueError(f"vae must be one of {', '.join(VAE_KINDS)}, got {vae!r}")
     if model in RANDOM_MODELS:
         comps = _build_random(model, device=device, dtype=dtype, seed=seed)
     else:
@@ -118,8 +115,8 @@ def load_vae(
     """The VAE of `model`: kind 'tiny' (TAESD, AutoencoderTiny) or 'full' (the model's AutoencoderKL); eval mode."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
-    if kind not in ("tiny", "full"):
-        raise ValueError(f"vae must be 'tiny' or 'full', got {kind!r}")
+    if kind not in VAE_KINDS:
+        raise ValueError(f"vae must be one of {', '.join(VAE_KINDS)}, got {kind!r}")
     if model in RANDOM_MODELS:
         vae = _build_random_vae(model, kind, device=device, dtype=dtype, seed=seed)
     else:

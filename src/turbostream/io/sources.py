@@ -1,7 +1,5 @@
-"""Frame sources and sinks of the capture loop: OpenCV capture on its own thread; window, video file, image folder.
-
-Sources (parse_source): a camera index ("0"), a video file, an rtsp:// / http(s):// / rtmp:// / udp:// URL, or a
-folder of images. CaptureThread reads one on a thread of its own and hands frames over in one of two ways:
+"""Frame sources: a camera index ("0"), a video file, an rtsp:// / http(s):// / rtmp:// / udp:// URL, or a folder of
+images, read by OpenCV on a thread of its own (CaptureThread), which hands frames over in one of two ways:
 
 - realtime (live sources, `run --realtime`, `serve --source`): a one-frame slot. A newer frame replaces one
   nobody took yet (counted in `dropped`), so a slow consumer always gets the newest frame and latency never
@@ -9,20 +7,14 @@ folder of images. CaptureThread reads one on a thread of its own and hands frame
 - in order (files and folders by default): a bounded queue; the reader waits when it is full. Nothing is dropped
   and memory stays bounded.
 
-Sinks: WindowSink (OpenCV GUI window; needs a GUI build of OpenCV and a display), VideoSink (.mp4/.mov/.mkv with
-the mp4v codec, .avi with MJPG; keeps the source's frame rate), FolderSink (frame_000000.png ...), and SinkThread,
-which runs a file sink on a writer thread behind a bounded queue.
-
-Frames are uint8 RGB (H, W, 3) everywhere, as in the rest of turbostream; OpenCV's BGR stays inside this module.
+Frames are uint8 RGB (H, W, 3) everywhere, as in the rest of turbostream; OpenCV's BGR stays inside io/.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
-import sys
 import threading
 import time
 from collections import deque
@@ -34,29 +26,18 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..errors import SourceError
 
 log = logging.getLogger("turbostream.sources")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# Containers and the codec each is written with: every one of these reads back with the OpenCV it was written by.
-VIDEO_FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp")
 # A frame rate outside this range is a container's placeholder (0, 90000...), not a real rate.
 SANE_FPS = (1.0, 240.0)
 DEFAULT_FPS = RunConfig.fallback_fps  # image folders, and sources that report no usable rate
 OPEN_TIMEOUT_S = RunConfig.open_timeout_s
 RECONNECT_ATTEMPTS = RunConfig.reconnect_attempts
-WINDOW_QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
-WINDOW_FULLSCREEN_KEYS = (ord("f"), ord("F"))
-
-
-class SourceError(ValueError):
-    """A source that cannot be used; the message says which and why, for the user."""
-
-
-class SinkError(ValueError):
-    """An output that cannot be used or written; the message says which and why, for the user."""
 
 
 def quiet_opencv() -> None:
@@ -497,295 +478,3 @@ class CaptureThread:
                     return
             self._pending.append(item)
             self._cond.notify_all()
-
-
-# --------------------------------------------------------------------------------------------------- sinks
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """What the user's DST names. kind: "window", "video" (path with a video suffix) or "folder"."""
-
-    kind: str
-    path: Path | None
-    text: str
-
-    def describe(self) -> str:
-        return "window" if self.kind == "window" else str(self.path)
-
-
-def parse_output(text: str) -> OutputSpec:
-    """Classify DST: 'window', a video file (.mp4 .mov .mkv .avi), or a folder (no suffix, ends in /, or exists)."""
-    spec = str(text).strip()
-    if not spec:
-        raise SinkError("empty output: use 'window', a video file (.mp4, .avi) or a folder")
-    if spec.lower() == "window":
-        return OutputSpec("window", None, spec)
-    path = Path(spec).expanduser()
-    if spec.endswith(("/", os.sep)) or path.is_dir():
-        return OutputSpec("folder", path, spec)
-    suffix = path.suffix.lower()
-    if suffix in VIDEO_FOURCC:
-        return OutputSpec("video", path, spec)
-    if not suffix:
-        return OutputSpec("folder", path, spec)
-    raise SinkError(
-        f"unknown output {spec!r}: use 'window', a video file ({', '.join(VIDEO_FOURCC)}) or a folder of images "
-        "(a path without a suffix, or ending in /)"
-    )
-
-
-def window_support_error() -> str | None:
-    """Why an OpenCV window cannot open here (headless OpenCV, no display), or None when it can."""
-    match = re.search(r"^\s*GUI:\s*(\S+)", cv2.getBuildInformation(), re.MULTILINE)
-    if match and match.group(1).upper() == "NONE":
-        return (
-            "--output window needs OpenCV with GUI support, but the installed OpenCV is headless "
-            "(opencv-python-headless). Install the GUI build: `pip uninstall -y opencv-python-headless && "
-            "pip install opencv-python`, or write to a video file or a folder instead"
-        )
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        return (
-            "--output window needs a display, and neither DISPLAY nor WAYLAND_DISPLAY is set "
-            "(over ssh use `ssh -X`), or write to a video file or a folder instead"
-        )
-    return None
-
-
-def ensure_writable_folder(folder: Path, output: str) -> None:
-    """Create folder (and parents) if missing; SinkError naming `output` if it cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SinkError(f"cannot create folder {folder} for output {output!r}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SinkError(f"cannot write to folder {folder} (output {output!r}): permission denied")
-
-
-def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -> None:
-    """Everything about the outputs that can be known before the model loads; creates output folders.
-
-    SinkError for: two outputs with the same path, more than one window, a window without GUI support, an output
-    that is the input, a folder that cannot be created or written.
-    """
-    if not outputs:
-        raise SinkError("no output given: use 'window', a video file (.mp4, .avi) or a folder")
-    seen: set[str] = set()
-    for out in outputs:
-        key = "window" if out.kind == "window" else str(out.path.resolve())
-        if key in seen:
-            raise SinkError(f"output {out.text!r} is given twice")
-        seen.add(key)
-        if out.kind == "window":
-            reason = window_support_error()
-            if reason:
-                raise SinkError(reason)
-            continue
-        if source is not None and source.kind in ("file", "folder"):
-            if out.path.resolve() == Path(str(source.target)).resolve():
-                raise SinkError(f"output {out.text!r} is the input; write somewhere else")
-        folder = out.path if out.kind == "folder" else (out.path.parent if str(out.path.parent) else Path("."))
-        ensure_writable_folder(folder, out.text)
-        if out.kind == "video" and out.path.is_dir():
-            raise SinkError(f"output {out.text!r} is an existing folder, not a video file")
-        if out.kind == "folder":
-            old = sum(1 for _ in out.path.glob("frame_*.png"))
-            if old:
-                log.warning("%s already holds %d frame_*.png files; frames with the same numbers are overwritten",
-                            out.path, old)
-
-
-class VideoSink:
-    """Writes frames into a video file at a fixed frame rate (mp4v for .mp4/.mov/.mkv, MJPG for .avi).
-
-    The file is opened at the first frame, so a run that fails before producing anything leaves no empty file.
-    With fill_gaps (realtime runs), a frame stands in for the dropped source frames before it, so the file keeps
-    the source's timing: a minute of camera is a minute of video even when the engine kept up with a third of it.
-    """
-
-    MAX_REPEAT = 600  # one frame never stands in for more than this many (a stalled source, a clock jump)
-
-    def __init__(self, path: Path | str, fps: float, size: tuple[int, int], *, fill_gaps: bool = False) -> None:
-        self.path = Path(path)
-        self.fps = float(fps)
-        self.size = size  # (width, height)
-        self.fill_gaps = fill_gaps
-        self.frames_written = 0
-        self._writer: cv2.VideoWriter | None = None
-        self._last_index: int | None = None
-
-    def _open(self) -> cv2.VideoWriter:
-        fourcc = VIDEO_FOURCC[self.path.suffix.lower()]
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps, self.size)
-        if not writer.isOpened():
-            raise SinkError(f"could not open {self.path} for writing ({fourcc} video at {self.size[0]}x{self.size[1]})")
-        return writer
-
-    def write(self, frame: np.ndarray, index: int) -> None:
-        """Append uint8 RGB (H, W, 3); index is the source frame index (for fill_gaps)."""
-        if self._writer is None:
-            self._writer = self._open()
-        if (frame.shape[1], frame.shape[0]) != self.size:
-            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-        repeats = 1
-        if self.fill_gaps and self._last_index is not None:
-            repeats = max(1, min(index - self._last_index, self.MAX_REPEAT))
-        self._last_index = index
-        bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
-        for _ in range(repeats):
-            self._writer.write(bgr)
-        self.frames_written += repeats
-
-    def close(self) -> None:
-        """Finalize the file (writes the container's index: without it an .mp4 does not play)."""
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
-
-    def describe(self) -> str:
-        if not self.frames_written:
-            return f"{self.path}: no frames (no file written)"
-        return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
-                f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s")
-
-
-class FolderSink:
-    """Writes every frame as FOLDER/frame_NNNNNN.png, numbered by its source frame index.
-
-    Each frame is its own file, so several writer threads may call write() at once (`workers`): PNG encoding of
-    a 512x512 frame takes 10-20 ms, slower than the engine, and OpenCV releases the GIL while it encodes.
-    """
-
-    workers = 4
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.frames_written = 0
-        self._count_lock = threading.Lock()
-
-    def write(self, frame: np.ndarray, index: int) -> None:
-        target = self.path / f"frame_{index:06d}.png"
-        # PNG compression 1: lossless and a few times faster to write than the default 3.
-        ok = cv2.imwrite(str(target), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-        if not ok:
-            raise SinkError(f"could not write {target} (disk full, or the folder was removed?)")
-        with self._count_lock:
-            self.frames_written += 1
-
-    def close(self) -> None:
-        pass
-
-    def describe(self) -> str:
-        return f"{self.path}/: {self.frames_written} PNG frames"
-
-
-class WindowSink:
-    """An OpenCV window; show() returns False once the user pressed q or Esc or closed it. Main thread only.
-
-    f toggles full screen (installations). Needs a GUI build of OpenCV (window_support_error says why not).
-    """
-
-    def __init__(self, title: str = "turbostream") -> None:
-        reason = window_support_error()
-        if reason:
-            raise SinkError(reason)
-        self.title = title
-        self.frames_written = 0
-        self._fullscreen = False
-        try:
-            cv2.namedWindow(title, cv2.WINDOW_NORMAL)
-        except cv2.error as exc:
-            raise SinkError(f"could not open a window: {str(exc).strip().splitlines()[-1]}") from None
-
-    def show(self, frame: np.ndarray) -> bool:
-        cv2.imshow(self.title, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        self.frames_written += 1
-        return self.poll()
-
-    def poll(self) -> bool:
-        """Handle window events (keeps the window responsive between frames); False when the user asked to quit."""
-        key = cv2.waitKey(1) & 0xFF
-        if key in WINDOW_QUIT_KEYS:
-            return False
-        if key in WINDOW_FULLSCREEN_KEYS:
-            self._fullscreen = not self._fullscreen
-            mode = cv2.WINDOW_FULLSCREEN if self._fullscreen else cv2.WINDOW_NORMAL
-            cv2.setWindowProperty(self.title, cv2.WND_PROP_FULLSCREEN, mode)
-        try:
-            if self.frames_written and cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
-                return False  # closed with the window manager's button
-        except cv2.error:
-            return False
-        return True
-
-    def close(self) -> None:
-        try:
-            cv2.destroyWindow(self.title)
-            cv2.waitKey(1)
-        except cv2.error:
-            pass
-
-    def describe(self) -> str:
-        return f"window: {self.frames_written} frames shown"
-
-
-class SinkThread:
-    """Runs a file sink's writes on writer threads behind a bounded queue (put() waits when it is full).
-
-    One thread for a video (frames must arrive in order); `sink.workers` threads for sinks whose frames are
-    independent files. close() writes what is queued, then finalizes the sink once.
-    """
-
-    _END = object()
-
-    def __init__(self, sink: VideoSink | FolderSink, maxsize: int = 8) -> None:
-        self.sink = sink
-        self.error: str | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        name = getattr(sink, "path", type(sink).__name__)
-        self._threads = [
-            threading.Thread(target=self._run, name=f"writer {name} {k}", daemon=True)
-            for k in range(max(1, int(getattr(sink, "workers", 1))))
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def put(self, frame: np.ndarray, index: int) -> None:
-        """Queue a frame for writing; SinkError once writing has failed."""
-        while True:
-            if self.error is not None:
-                raise SinkError(self.error)
-            try:
-                self._queue.put((frame, index), timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        try:
-            while True:
-                item = self._queue.get()
-                if item is self._END:
-                    return
-                if self.error is None:  # after a failure, drain until close() so put() never blocks for good
-                    self.sink.write(*item)
-        except Exception as exc:
-            if self.error is None:
-                self.error = str(exc) if isinstance(exc, SinkError) else f"writing {self.sink.path} failed: {exc}"
-            while self._queue.get() is not self._END:
-                pass
-
-    def close(self) -> None:
-        """Write what is queued, finalize the file and join the writer threads; idempotent."""
-        if not self._threads:
-            return
-        for thread in self._threads:
-            if thread.is_alive():
-                self._queue.put(self._END)
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
-        try:
-            self.sink.close()
-        except Exception as exc:  # a failed finalize is still worth reporting, not a crash
-            self.error = self.error or f"finalizing {self.sink.path} failed: {exc}"

@@ -1,6 +1,5 @@
-"""`turbostream run` (the headless capture loop) and `turbostream generate` (single pictures).
-
-run moves frames through four stages, each on its own thread, joined by bounded hand-offs:
+"""The headless capture loop behind `turbostream run`: frames move through four stages, each on its own thread,
+joined by bounded hand-offs:
 
     CaptureThread (decode, fit to the engine size) -> GPU thread (warmup, engine.run)
         -> main thread (window, progress, fan-out) -> one writer thread per file output (encode, write)
@@ -8,14 +7,10 @@ run moves frames through four stages, each on its own thread, joined by bounded 
 so the GPU computes frame N while frame N+1 is decoded and frame N-1 is written. Live sources (cameras, URLs, or
 files with --realtime) hand over only their newest frame, one at a time: stale frames are dropped and counted, and
 latency stays at about one frame's processing. Files go in order, batched up to the engine's largest bucket.
-
-Inputs and outputs are checked, and the source opened, before the model loads (that can take minutes). Ctrl-C stops
-the stages, and the writers finalize their files before the command exits (status 130).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import queue
 import signal
@@ -25,29 +20,13 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
 
-import cv2
 import numpy as np
 
-from .cli import UserError, build_engine, engine_config
-from .codec import fit_frame
-from .config import MAX_SEED, RunConfig, StreamParams
-from .sources import (
-    CaptureThread,
-    FolderSink,
-    SinkError,
-    ensure_writable_folder,
-    SinkThread,
-    SourceError,
-    VideoSink,
-    WindowSink,
-    check_outputs,
-    parse_output,
-    parse_source,
-    quiet_opencv,
-)
+from .config import RunConfig, StreamParams
+from .errors import SinkError
+from .io.sinks import SinkThread, WindowSink
+from .io.sources import CaptureThread
 
 log = logging.getLogger("turbostream.run")
 
@@ -85,17 +64,22 @@ class RunSummary:
 
 
 class _Rate:
-    """Events per second over the last `window` seconds, from a running count."""
+    """Events per second from a running count: over the last `window` seconds, or since the last two changes.
+
+    Only samples where the count moved are kept, so a slow run (a frame every few seconds) reads its real rate, not
+    0.0 between frames; when the count stops moving the rate decays with the time since the last event.
+    """
 
     def __init__(self, window: float = 2.0) -> None:
         self.window = window
-        self._samples: deque[tuple[float, int]] = deque()
+        self._changes: deque[tuple[float, int]] = deque()  # (time, count) at each change
 
     def add(self, t: float, count: int) -> float:
-        self._samples.append((t, count))
-        while len(self._samples) > 2 and t - self._samples[0][0] > self.window:
-            self._samples.popleft()
-        t0, c0 = self._samples[0]
+        if not self._changes or count != self._changes[-1][1]:
+            self._changes.append((t, count))
+        while len(self._changes) > 2 and t - self._changes[1][0] >= self.window:
+            self._changes.popleft()
+        t0, c0 = self._changes[0]
         return (count - c0) / (t - t0) if t > t0 else 0.0
 
 
@@ -304,7 +288,7 @@ class Pipeline:
         self._stop.set()
         self.capture.close()
         # The GPU thread finishes its current call (a frame, or warmup: that can take long, hence the bound).
-        gpu.join(timeout=10.0 if interrupted else None)
+        gpu.join(timeout=3.0 if interrupted else None)
         for writer in writers:
             writer.close()  # writes what is queued, then finalizes the file
             if writer.error and self.summary.error is None:
@@ -420,182 +404,3 @@ class PromptLine:
                 return
             if changed:
                 log.info("now: %s", changed)
-
-
-# ------------------------------------------------------------------------------------------------ run
-
-
-def run_main(args: argparse.Namespace, engine=None) -> int:
-    """`turbostream run`; engine: a ready Engine (or stand-in) instead of loading one from args (tests)."""
-    cfg = RunConfig()
-    if not getattr(args, "verbose", False):
-        quiet_opencv()
-    if args.max_frames is not None and args.max_frames < 1:
-        raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
-    # Everything that can be checked without the model first: loading it can take minutes.
-    try:
-        source = parse_source(args.input)
-        outputs = [parse_output(text) for text in args.outputs]
-        check_outputs(outputs, source)
-    except (SourceError, SinkError) as exc:
-        raise UserError(str(exc)) from None
-    try:
-        params = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if engine is None:
-        ecfg = engine_config(args)
-        width, height, max_batch = ecfg.width, ecfg.height, ecfg.max_batch
-    else:
-        width, height, max_batch = engine.width, engine.height, engine.max_batch
-    realtime = source.live or bool(args.realtime)
-    batch = 1 if realtime else max_batch
-    capture = CaptureThread(
-        source, realtime=realtime, queue_size=max(cfg.queue_frames, 2 * batch),
-        reconnect=cfg.reconnect_attempts if source.live else 0, open_timeout_s=cfg.open_timeout_s,
-        transform=partial(fit_frame, width=width, height=height),  # resized on the capture thread, not the GPU's
-    )
-    try:
-        capture.start()
-    except SourceError as exc:
-        raise UserError(str(exc)) from None
-    try:
-        _log_source(capture)
-        if engine is None:
-            engine = build_engine(args)
-        if engine.random_weights:
-            log.warning("model %r has random weights: the output is noise, not a stylization", engine.model_name)
-        window = None
-        if any(o.kind == "window" for o in outputs):
-            try:
-                window = WindowSink(f"turbostream: {source.describe()}")
-            except SinkError as exc:
-                raise UserError(str(exc)) from None
-        fps = capture.fps or cfg.fallback_fps
-        if capture.fps is None and any(o.kind == "video" for o in outputs):
-            log.info("the source reports no frame rate; video output is written at %g fps", fps)
-        sinks = [
-            VideoSink(o.path, fps, (width, height), fill_gaps=realtime) if o.kind == "video" else FolderSink(o.path)
-            for o in outputs if o.kind != "window"
-        ]
-        total = None
-        if not realtime:
-            total = capture.frame_count
-            if args.max_frames is not None:
-                total = min(total, args.max_frames) if total else args.max_frames
-        pipeline = Pipeline(
-            engine, capture, sinks, params, window=window, max_frames=args.max_frames, batch=batch,
-            progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
-        )
-        if _stdin_is_terminal():
-            PromptLine(pipeline).start()
-        summary = pipeline.run()
-    finally:
-        capture.close()
-    _log_summary(summary, realtime, [*sinks, *([window] if window else [])])
-    if summary.stopped == "interrupt":
-        return 130
-    if summary.stopped == "error":
-        print(f"turbostream: error: {summary.error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _stdin_is_terminal() -> bool:
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _log_source(capture: CaptureThread) -> None:
-    w, h = capture.size or (0, 0)
-    facts = [f"{w}x{h}"]
-    if capture.fps:
-        facts.append(f"{capture.fps:g} fps")
-    if capture.frame_count:
-        facts.append(f"{capture.frame_count} frames")
-    facts.append("live: newest frame only" if capture.realtime else "every frame, in order")
-    log.info("input %s (%s)", capture.spec.describe(), ", ".join(facts))
-
-
-def _log_summary(s: RunSummary, realtime: bool, sinks: list) -> None:
-    how = {
-        "end": "done", "max-frames": "reached --max-frames", "quit": "stopped", "interrupt": "stopped by Ctrl-C",
-        "error": "stopped by an error",
-    }[s.stopped]
-    line = f"{how}: {s.frames} frames in {s.seconds:.1f} s ({s.fps:.1f} fps)"
-    if realtime:
-        lat = sorted(s.latencies)
-        if lat:
-            line += f", latency {1000 * lat[len(lat) // 2]:.0f} ms median, {1000 * lat[-1]:.0f} ms max"
-        line += f", {s.dropped} stale frames dropped"
-    log.info("%s", line)
-    for sink in sinks:
-        log.info("  %s", sink.describe())
-
-
-# ------------------------------------------------------------------------------------------------ generate
-
-IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def _read_image(path_text: str) -> np.ndarray:
-    """An input image file -> uint8 RGB; UserError for a missing or unreadable file."""
-    path = Path(path_text).expanduser()
-    if not path.exists():
-        raise UserError(f"no such image file: {path_text}")
-    if not path.is_file():
-        raise UserError(f"--image {path_text} is not a file")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"could not read {path_text}: not an image OpenCV can read (png, jpg, webp, bmp...)")
-    if min(image.shape[:2]) < 8:
-        raise UserError(f"{path_text} is {image.shape[1]}x{image.shape[0]}; images need at least 8 pixels a side")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def output_paths(output: str, count: int) -> list[Path]:
-    """OUT.png for one picture; OUT-0.png ... OUT-(count-1).png for several."""
-    path = Path(output).expanduser()
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
-
-
-def generate_main(args: argparse.Namespace, engine=None) -> int:
-    """`turbostream generate`: text-to-image (no --image) or image-to-image, --count pictures with seeds seed, seed+1..."""
-    out = Path(args.output).expanduser()
-    if out.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
-        raise UserError(f"output {args.output!r} must end in one of {', '.join(IMAGE_OUTPUT_SUFFIXES)}")
-    if args.count < 1:
-        raise UserError(f"--count must be at least 1, got {args.count}")
-    if args.seed < 0 or args.seed + args.count - 1 > MAX_SEED:
-        raise UserError(f"seeds must lie between 0 and {MAX_SEED}: --seed {args.seed} with --count {args.count}")
-    image = _read_image(args.image) if args.image else None
-    steps = args.steps if args.steps is not None else (1 if image is None else 2)
-    # Text-to-image runs the whole schedule from pure noise: strength 1 by definition.
-    strength = args.strength if image is not None else 1.0
-    try:
-        StreamParams(args.prompt, strength, steps, args.seed).validate()
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    try:
-        ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)
-    except SinkError as exc:
-        raise UserError(str(exc)) from None
-    if engine is None:
-        engine = build_engine(args)
-    if engine.random_weights:
-        log.warning("model %r has random weights: the pictures are noise", engine.model_name)
-    kind = "image-to-image" if image is not None else "text-to-image"
-    for k, path in enumerate(output_paths(args.output, args.count)):
-        seed = args.seed + k
-        t0 = time.perf_counter()
-        picture = engine.generate(args.prompt, steps=steps, seed=seed, image=image, strength=strength)
-        seconds = time.perf_counter() - t0
-        if not cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
-            raise UserError(f"could not write {path} (disk full, or not permitted?)")
-        log.info("wrote %s (%s, %dx%d, seed %d, %d steps, %.2f s)",
-                 path, kind, picture.shape[1], picture.shape[0], seed, steps, seconds)
-    return 0

@@ -1,13 +1,9 @@
-"""The GPU core: SD-Turbo img2img on a batch of frames, each with its own prompt, strength, steps and seed.
+"""The Engine: SD-Turbo img2img on batches of frames from many streams, each with its own prompt, strength, steps
+and seed; static buffers and one CUDA graph per (batch bucket, UNet evaluations) on CUDA, eager on the CPU.
 
-One frame's path, all on the device, all inside one CUDA graph on CUDA:
-
-    uint8 (H, W, 3) -> [-1, 1] -> VAE encode -> z + sigma_0 * noise(seed) -> n x (UNet eps, Euler step) -> VAE decode
-    -> uint8 (H, W, 3)
-
-The math is diffusers' StableDiffusionImg2ImgPipeline with EulerDiscreteScheduler and guidance 0 (tests check it
-against the pipeline itself). What is ours is how it runs: static buffers, per-sample timesteps/sigmas/embeddings
-so mixed streams share one UNet batch, one graph per (batch bucket, UNet evaluations), no host sync inside a frame.
+What it runs is frame.FrameMath (the pure math); what is ours here is how it runs: static buffers, per-sample
+timesteps/sigmas/embeddings so mixed streams share one UNet batch, graphs captured at warmup, no host sync inside a
+frame.
 
 Threading: an Engine belongs to one thread. CUDA graphs replay on the thread that captured them, and the prompt
 and noise caches are not locked; call warmup() and run() from the same (inference) thread.
@@ -16,19 +12,20 @@ and noise caches are not locked; call warmup() and run() from the same (inferenc
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .codec import fit_frame
-from .config import EngineConfig, StreamParams
-from .models import Components, default_dtype, load_components, resolve_device
+from ..codec import fit_frame
+from ..config import EngineConfig, StreamParams
+from ..models import Components, default_dtype, load_components, resolve_device
+from .caches import LRU, encode_prompt, seed_noise
+from .cuda import prepare_cpu, prepare_cuda
+from .frame import FrameMath, Probe
 from .schedule import ScheduleTable
 
 log = logging.getLogger("turbostream.engine")
@@ -47,37 +44,6 @@ class EngineStats:
     warmup_s: float = 0.0
     compile_s: float = 0.0
     capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}n{evals}" -> seconds
-
-
-@torch.inference_mode()
-def encode_prompt(components: Components, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(tokens, dim) text-encoder embeddings of one prompt, as diffusers' encode_prompt computes them (no CFG)."""
-    ids = components.tokenizer(
-        prompt, padding="max_length", max_length=components.max_tokens, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return components.text_encoder(ids)[0][0].to(dtype)
-
-
-class _LRU(OrderedDict):
-    """A bounded mapping: inserting past `limit` evicts the least recently used entry."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.evictions = 0
-
-    def lookup(self, key):
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def insert(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
-            self.evictions += 1
 
 
 class Engine:
@@ -100,23 +66,20 @@ class Engine:
         self.components = components
         self.load_s = time.perf_counter() - t0
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
-        self.vae_scaling = float(self.vae.config.scaling_factor)
         self.schedules = ScheduleTable(components.scheduler.config)
         self.width, self.height = config.width, config.height
         self.latent_shape = (int(self.vae.config.latent_channels), self.height // 8, self.width // 8)
         self.stats = EngineStats()
-        self._prompts = _LRU(config.prompt_cache_size)
-        self._noise = _LRU(config.noise_cache_size)
+        self._prompts = LRU(config.prompt_cache_size)
+        self._noise = LRU(config.noise_cache_size)
         self._owner: int | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        # The modules the frame path calls; --compile swaps in compiled wrappers of them (CUDA only).
-        self._unet_call, self._encoder_call, self._decoder_call = self.unet, self.vae.encoder, self.vae.decoder
+        # The only place building an engine changes its components or process state (see cuda.py).
         if self.is_cuda:
-            self._prepare_cuda_modules()
-        elif (os.cpu_count() or 1) > 1:
-            # Leave one core to decoding, encoding and the event loop: with every core in torch's pool, a busy
-            # neighbour thread made CPU calls swing from 5 ms to seconds (OpenMP workers waiting on each other).
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
+            prepare_cuda(components)
+        else:
+            prepare_cpu()
+        self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         self._alloc_buffers()
 
     # ------------------------------------------------------------------ set-up
@@ -136,17 +99,6 @@ class Engine:
     @property
     def use_graphs(self) -> bool:
         return self.is_cuda and self.config.cuda_graphs
-
-    def _prepare_cuda_modules(self) -> None:
-        """channels_last convs, fused QKV projections; idempotent, so engines may share one set of components."""
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        for module in (self.unet, self.vae):
-            module.to(memory_format=torch.channels_last)
-        if not getattr(self.unet, "_turbostream_fused", False):
-            # One projection GEMM for Q, K and V instead of three: fewer, larger kernels (diffusers' own API).
-            self.unet.fuse_qkv_projections()
-            self.unet._turbostream_fused = True
 
     def _alloc_buffers(self) -> None:
         """Static inputs and outputs at the largest bucket; every graph reads and writes views of them."""
@@ -182,9 +134,7 @@ class Engine:
         """(C, h, w) float32 unit Gaussian noise of a seed; drawn on the CPU so a seed means the same on any device."""
         noise = self._noise.lookup(seed)
         if noise is None:
-            gen = torch.Generator("cpu").manual_seed(seed)
-            # Same draw as diffusers' randn_tensor with one CPU generator per sample.
-            noise = torch.randn((1, *self.latent_shape), generator=gen, dtype=torch.float32)[0].to(self.device)
+            noise = seed_noise(seed, self.latent_shape, self.device)
             self._noise.insert(seed, noise)
         return noise
 
@@ -194,54 +144,12 @@ class Engine:
 
     # ------------------------------------------------------------------ the frame path (traced into the graphs)
 
-    def _frame_path(self, b: int, n: int, encode: bool = True, probe=None) -> torch.Tensor:
-        """Static buffers [:b] -> uint8 (b, H, W, 3); n UNet evaluations. Pure tensor code: capturable.
-
-        probe(stage, tensor), eager runs only (diagnosis, parity): called with "latent" (scaled VAE latents),
-        "noisy" (after forward diffusion), "eps_k" and "x_k" (the UNet's output and the latents after Euler step
-        k; the last x is x0), and "image" ([-1, 1] NCHW float from the VAE decoder).
-        """
-        frames, emb, noise = self._frames[:b], self._emb[:b], self._noise_buf[:b]
-        probe = probe or (lambda stage, tensor: None)
-        timesteps, sigmas = self._sched[:n, :b], self._sched[n : 2 * n + 1, :b]
-        if encode:
-            # uint8 NHWC -> [-1, 1] NCHW; the permute yields channels_last strides, which the convolutions want.
-            x = frames.permute(0, 3, 1, 2).to(self.dtype).div(127.5).sub(1.0)
-            z = self._encode(x).float() * self.vae_scaling
-        else:  # text-to-image: the schedule starts from pure noise
-            z = torch.zeros_like(noise)
-        probe("latent", z)
-        # Forward-diffuse to the first timestep with this stream's fixed noise (Euler: x = z + sigma * eps).
-        latents = z + noise * sigmas[0].view(b, 1, 1, 1)
-        probe("noisy", latents)
-        for k in range(n):
-            sigma, sigma_next = sigmas[k].view(b, 1, 1, 1), sigmas[k + 1].view(b, 1, 1, 1)
-            # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
-            model_in = (latents / (sigma * sigma + 1.0).sqrt()).to(self.dtype)
-            eps = self._unet(model_in, timesteps[k], emb).float()
-            # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
-            latents = latents + eps * (sigma_next - sigma)
-            probe(f"eps_{k}", eps)
-            probe(f"x_{k}", latents)
-        image = self._decode((latents / self.vae_scaling).to(self.dtype)).float()
-        probe("image", image)
-        # [-1, 1] -> uint8 with diffusers' rounding: round((x / 2 + 0.5).clamp(0, 1) * 255).
-        return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] NCHW -> unscaled latents (the mean of the full VAE's posterior: deterministic per frame)."""
-        if self.components.vae_kind == "tiny":
-            return self._encoder_call(x)  # EncoderTiny maps [-1, 1] to TAESD's [0, 1] itself
-        return self.vae.encode(x).latent_dist.mode()
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents -> images in [-1, 1] NCHW."""
-        if self.components.vae_kind == "tiny":
-            return self._decoder_call(z)  # DecoderTiny returns [-1, 1]
-        return self.vae.decode(z, return_dict=False)[0]
-
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self._unet_call(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+    def _frame_path(self, b: int, n: int, encode: bool = True, probe: Probe | None = None) -> torch.Tensor:
+        """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations (FrameMath on the buffers): capturable."""
+        return self.math(
+            self._frames[:b] if encode else None, self._emb[:b], self._noise_buf[:b],
+            self._sched[:n, :b], self._sched[n : 2 * n + 1, :b], probe,
+        )
 
     # ------------------------------------------------------------------ warmup and capture
 
@@ -287,10 +195,10 @@ class Engine:
     def _compile(self) -> None:
         """torch.compile the UNet and the VAE's encoder/decoder; compilation itself happens at the first warm run."""
         t0 = time.perf_counter()
-        self._unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False)
+        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False)
         if self.components.vae_kind == "tiny":
-            self._encoder_call = torch.compile(self.vae.encoder, dynamic=False)
-            self._decoder_call = torch.compile(self.vae.decoder, dynamic=False)
+            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False)
+            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=False)
         # Compile every bucket now (eager runs on the compiled modules), so the timing below is the compile cost.
         n = self.config.default_params.unet_evals
         self._stage_schedule([self.config.default_params] * self.max_batch)

@@ -1,0 +1,41 @@
+"""`turbostream bench`: options, and the checks made before minutes of model loading (the bench itself: bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from ..io.sinks import ensure_writable_folder
+from .options import add_engine_options, buckets, engine_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="side-by-side benchmark: diffusers pipeline vs this engine (eager, graphs)")
+    add_engine_options(p, stream_options=False)
+    p.add_argument("--iters", type=int, default=30, help="timed calls per measurement (default: %(default)s)")
+    p.add_argument("--burn-in", type=int, default=5, help="untimed calls before each measurement (default: %(default)s)")
+    p.add_argument("--compile-buckets", type=buckets, default=(1, 4), metavar="1,4",
+                   help="batch sizes compiled and captured with --compile (each costs a compile; default: 1,4)")
+    p.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers pipeline baseline")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = engine_config(args)  # --device cuda without a GPU, bad sizes: said before anything loads
+    if args.iters < 1 or args.burn_in < 0:
+        raise UserError(f"--iters must be at least 1 and --burn-in at least 0, got {args.iters} and {args.burn_in}")
+    if args.json:
+        path = Path(args.json).expanduser()
+        if path.is_dir():
+            raise UserError(f"--json {args.json} is a folder; give a file name")
+        ensure_writable_folder(path.parent if str(path.parent) else Path("."), args.json)  # SinkError: a UserError
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UserError(f"--json {args.json}: permission denied")
+    from ..bench import BenchOptions, run_bench
+
+    options = BenchOptions(iters=args.iters, burn_in=args.burn_in, compile_buckets=args.compile_buckets,
+                           skip_diffusers=args.skip_diffusers, json=args.json)
+    return run_bench(cfg, options)

@@ -1,0 +1,96 @@
+"""`turbostream generate`: single pictures, text-to-image or image-to-image (the model card's jobs; not a hot path)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..config import MAX_SEED, StreamParams
+from ..errors import SinkError, UserError
+from ..io.sinks import ensure_writable_folder
+from .options import add_engine_options, build_engine
+
+log = logging.getLogger("turbostream.generate")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="one picture: text-to-image, or image-to-image with --image")
+    add_engine_options(p, stream_options=False)
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--image", metavar="IN", help="input image (image-to-image); without it, text-to-image")
+    p.add_argument("--output", "-o", required=True, metavar="OUT.png", help="output file (with --count: OUT-N.png)")
+    p.add_argument("--steps", type=int, default=None, help="steps (default: 1 text-to-image, 2 image-to-image)")
+    p.add_argument("--strength", type=float, default=0.5, help="image-to-image strength (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first picture (default: %(default)s)")
+    p.add_argument("--count", type=int, default=1, help="pictures, seeds seed, seed+1, ... (default: %(default)s)")
+    p.set_defaults(func=main)
+
+
+
+IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _read_image(path_text: str) -> np.ndarray:
+    """An input image file -> uint8 RGB; UserError for a missing or unreadable file."""
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise UserError(f"no such image file: {path_text}")
+    if not path.is_file():
+        raise UserError(f"--image {path_text} is not a file")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"could not read {path_text}: not an image OpenCV can read (png, jpg, webp, bmp...)")
+    if min(image.shape[:2]) < 8:
+        raise UserError(f"{path_text} is {image.shape[1]}x{image.shape[0]}; images need at least 8 pixels a side")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """OUT.png for one picture; OUT-0.png ... OUT-(count-1).png for several."""
+    path = Path(output).expanduser()
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+
+
+def main(args: argparse.Namespace, engine=None) -> int:
+    """`turbostream generate`: text-to-image (no --image) or image-to-image, --count pictures with seeds seed, seed+1..."""
+    out = Path(args.output).expanduser()
+    if out.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
+        raise UserError(f"output {args.output!r} must end in one of {', '.join(IMAGE_OUTPUT_SUFFIXES)}")
+    if args.count < 1:
+        raise UserError(f"--count must be at least 1, got {args.count}")
+    if args.seed < 0 or args.seed + args.count - 1 > MAX_SEED:
+        raise UserError(f"seeds must lie between 0 and {MAX_SEED}: --seed {args.seed} with --count {args.count}")
+    image = _read_image(args.image) if args.image else None
+    steps = args.steps if args.steps is not None else (1 if image is None else 2)
+    # Text-to-image runs the whole schedule from pure noise: strength 1 by definition.
+    strength = args.strength if image is not None else 1.0
+    try:
+        StreamParams(args.prompt, strength, steps, args.seed).validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)
+    except SinkError as exc:
+        raise UserError(str(exc)) from None
+    if engine is None:
+        engine = build_engine(args)
+    if engine.random_weights:
+        log.warning("model %r has random weights: the pictures are noise", engine.model_name)
+    kind = "image-to-image" if image is not None else "text-to-image"
+    for k, path in enumerate(output_paths(args.output, args.count)):
+        seed = args.seed + k
+        t0 = time.perf_counter()
+        picture = engine.generate(args.prompt, steps=steps, seed=seed, image=image, strength=strength)
+        seconds = time.perf_counter() - t0
+        if not cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+            raise UserError(f"could not write {path} (disk full, or not permitted?)")
+        log.info("wrote %s (%s, %dx%d, seed %d, %d steps, %.2f s)",
+                 path, kind, picture.shape[1], picture.shape[0], seed, steps, seconds)
+    return 0

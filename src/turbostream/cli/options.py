@@ -1,0 +1,95 @@
+"""Options every subcommand shares: the engine's (model, device, size, ...) and a stream's (prompt, strength, ...)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import DEFAULT_MODEL, DEFAULT_TAESD, DTYPE_NAMES, VAE_KINDS, EngineConfig, StreamParams, parse_size
+from ..errors import UserError
+
+
+def size(text: str) -> tuple[int, int]:
+    """argparse type: '512' or '768x512' -> (width, height)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def buckets(text: str) -> tuple[int, ...]:
+    """argparse type: '1,2,4,8' -> (1, 2, 4, 8), each a batch size between 1 and 64."""
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"buckets must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > 64:
+        raise argparse.ArgumentTypeError(f"buckets must be batch sizes between 1 and 64, got {text!r}")
+    return sizes
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """-v works after the subcommand too (`turbostream serve -v`); SUPPRESS keeps one given before it."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+
+
+def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool = True) -> None:
+    """Options that build the engine (and, with stream_options, a stream's default parameters)."""
+    d, p = EngineConfig.__dataclass_fields__, StreamParams()
+    add_common_options(parser)
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local diffusers folder, 'random' (full SD-Turbo size, random weights: benchmarks) "
+                        "or 'tiny-random' (small, CPU tests) (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: %(default)s)")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                   help="auto: float16 on CUDA, float32 on the CPU (default: %(default)s)")
+    g.add_argument("--size", type=size, default=(512, 512), metavar="N|WxH",
+                   help="engine size; multiples of 64 up to 1024 (default: 512)")
+    g.add_argument("--vae", choices=VAE_KINDS, default=d["vae"].default,
+                   help="tiny: TAESD (fast); full: the model's own AutoencoderKL (default: %(default)s)")
+    g.add_argument("--taesd", default=DEFAULT_TAESD, help="hub id or folder of the tiny VAE (default: %(default)s)")
+    g.add_argument("--buckets", type=buckets, default=d["buckets"].default, metavar="1,2,4,8",
+                   help="batch sizes captured as CUDA graphs (default: 1,2,4,8)")
+    g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run the CUDA path eagerly (debugging, comparison)")
+    if stream_options:
+        s = parser.add_argument_group("stream")
+        s.add_argument("--prompt", default=p.prompt, help="prompt (default: %(default)r)")
+        s.add_argument("--strength", type=float, default=p.strength, help="0 < strength <= 1 (default: %(default)s)")
+        s.add_argument("--steps", type=int, default=p.steps, help="schedule length; UNet runs int(steps*strength) "
+                       "times (default: %(default)s)")
+        s.add_argument("--seed", type=int, default=p.seed, help="noise seed (default: %(default)s)")
+        parser.set_defaults(stream_options=True)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from parsed options; UserError with the reason if they do not fit together (no model loaded)."""
+    try:
+        # Commands with stream options (serve, run) set the engine's default stream; others (generate, bench)
+        # pass their own parameters per call and keep the stock defaults.
+        default = StreamParams()
+        if getattr(args, "stream_options", False):
+            default = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
+        cfg = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
+            taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
+            default_params=default,
+        )
+        from ..models import resolve_device
+
+        resolve_device(cfg.device)  # --device cuda on a machine without one: said now, not after minutes of loading
+        return cfg
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def build_engine(args: argparse.Namespace):
+    """Load the model and build the engine (not warmed up); model-loading problems become UserError."""
+    from ..engine import Engine
+
+    cfg = engine_config(args)
+    try:
+        return Engine(cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None

@@ -1,0 +1,148 @@
+"""`turbostream run`: the headless capture loop, from the command line (the loop itself: pipeline.py).
+
+Inputs and outputs are checked, and the source opened, before the model loads (that can take minutes). Ctrl-C stops
+the stages, and the writers finalize their files before the command exits (status 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from functools import partial
+
+from ..codec import fit_frame
+from ..config import RunConfig, StreamParams
+from ..errors import SinkError, SourceError, UserError
+from ..io.sinks import FolderSink, VideoSink, WindowSink, check_outputs, parse_output
+from ..io.sources import CaptureThread, parse_source, quiet_opencv
+from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
+from .options import add_engine_options, build_engine, engine_config
+
+log = logging.getLogger("turbostream.run")
+
+
+def add_parser(sub) -> None:
+    d = RunConfig()
+    p = sub.add_parser("run", help="headless capture loop: camera, file, URL or folder -> window, file or folder")
+    add_engine_options(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--input", "-i", required=True, metavar="SRC",
+                   help="camera index (0), video file, RTSP/HTTP URL or folder of images")
+    g.add_argument("--output", "-o", dest="outputs", action="append", required=True, metavar="DST",
+                   help="'window', a video file (.mp4/.avi) or a folder of images; repeat for several")
+    g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
+    g.add_argument("--realtime", action="store_true",
+                   help="treat a file like a live source: keep only the newest frame, drop the rest")
+    p.set_defaults(func=main)
+
+
+
+def main(args: argparse.Namespace, engine=None) -> int:
+    """`turbostream run`; engine: a ready Engine (or stand-in) instead of loading one from args (tests)."""
+    cfg = RunConfig()
+    if not getattr(args, "verbose", False):
+        quiet_opencv()
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
+    # Everything that can be checked without the model first: loading it can take minutes.
+    try:
+        source = parse_source(args.input)
+        outputs = [parse_output(text) for text in args.outputs]
+        check_outputs(outputs, source)
+    except (SourceError, SinkError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        params = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if engine is None:
+        ecfg = engine_config(args)
+        width, height, max_batch = ecfg.width, ecfg.height, ecfg.max_batch
+    else:
+        width, height, max_batch = engine.width, engine.height, engine.max_batch
+    realtime = source.live or bool(args.realtime)
+    batch = 1 if realtime else max_batch
+    capture = CaptureThread(
+        source, realtime=realtime, queue_size=max(cfg.queue_frames, 2 * batch),
+        reconnect=cfg.reconnect_attempts if source.live else 0, open_timeout_s=cfg.open_timeout_s,
+        transform=partial(fit_frame, width=width, height=height),  # resized on the capture thread, not the GPU's
+    )
+    try:
+        capture.start()
+    except SourceError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        _log_source(capture)
+        if engine is None:
+            engine = build_engine(args)
+        if engine.random_weights:
+            log.warning("model %r has random weights: the output is noise, not a stylization", engine.model_name)
+        window = None
+        if any(o.kind == "window" for o in outputs):
+            try:
+                window = WindowSink(f"turbostream: {source.describe()}")
+            except SinkError as exc:
+                raise UserError(str(exc)) from None
+        fps = capture.fps or cfg.fallback_fps
+        if capture.fps is None and any(o.kind == "video" for o in outputs):
+            log.info("the source reports no frame rate; video output is written at %g fps", fps)
+        sinks = [
+            VideoSink(o.path, fps, (width, height), fill_gaps=realtime) if o.kind == "video" else FolderSink(o.path)
+            for o in outputs if o.kind != "window"
+        ]
+        total = None
+        if not realtime:
+            total = capture.frame_count
+            if args.max_frames is not None:
+                total = min(total, args.max_frames) if total else args.max_frames
+        pipeline = Pipeline(
+            engine, capture, sinks, params, window=window, max_frames=args.max_frames, batch=batch,
+            progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
+        )
+        if _stdin_is_terminal():
+            PromptLine(pipeline).start()
+        summary = pipeline.run()
+    finally:
+        capture.close()
+    _log_summary(summary, realtime, [*sinks, *([window] if window else [])])
+    if summary.stopped == "interrupt":
+        return 130
+    if summary.stopped == "error":
+        print(f"turbostream: error: {summary.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _log_source(capture: CaptureThread) -> None:
+    w, h = capture.size or (0, 0)
+    facts = [f"{w}x{h}"]
+    if capture.fps:
+        facts.append(f"{capture.fps:g} fps")
+    if capture.frame_count:
+        facts.append(f"{capture.frame_count} frames")
+    facts.append("live: newest frame only" if capture.realtime else "every frame, in order")
+    log.info("input %s (%s)", capture.spec.describe(), ", ".join(facts))
+
+
+def _log_summary(s: RunSummary, realtime: bool, sinks: list) -> None:
+    how = {
+        "end": "done", "max-frames": "reached --max-frames", "quit": "stopped", "interrupt": "stopped by Ctrl-C",
+        "error": "stopped by an error",
+    }[s.stopped]
+    line = f"{how}: {s.frames} frames in {s.seconds:.1f} s ({s.fps:.1f} fps)"
+    if realtime:
+        lat = sorted(s.latencies)
+        if lat:
+            line += f", latency {1000 * lat[len(lat) // 2]:.0f} ms median, {1000 * lat[-1]:.0f} ms max"
+        line += f", {s.dropped} stale frames dropped"
+    log.info("%s", line)
+    for sink in sinks:
+        log.info("  %s", sink.describe())

@@ -1,0 +1,97 @@
+"""`turbostream serve`: options, then listen at once (/healthz says 503), load and warm the engine on the inference
+thread, serve until SIGINT or SIGTERM (exit 0), closing every connection with 1001."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from ..config import Limits, ServerConfig
+from ..errors import UserError
+from ..serve.http import is_loopback_host
+from ..serve.server import TurboServer, default_capture
+from .options import add_engine_options, build_engine, engine_config
+
+log = logging.getLogger("turbostream.server")
+
+
+def add_parser(sub) -> None:
+    d, limits = ServerConfig(), Limits()
+    p = sub.add_parser("serve", help="WebSocket server and browser client (interactive streams and viewers)")
+    add_engine_options(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help="address to bind (default: %(default)s, this machine only)")
+    g.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default: %(default)s)")
+    g.add_argument("--token", default=d.token, help="require this token on /ws (?token=...)")
+    g.add_argument("--control-token", default=d.control_token, help="lets /view clients change the prompt")
+    g.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
+                   help="also accept WebSocket connections from this Origin (repeatable; same origin always)")
+    g.add_argument("--max-clients", type=int, default=limits.max_clients, help="interactive streams (default: %(default)s)")
+    g.add_argument("--max-viewers", type=int, default=limits.max_viewers, help="viewers (default: %(default)s)")
+    g.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
+                   help="largest message accepted (default: %(default)s)")
+    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="output JPEG quality (default: %(default)s)")
+    g.add_argument("--source", default=d.source, metavar="SRC",
+                   help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
+    p.set_defaults(func=main)
+
+
+def server_config(args) -> ServerConfig:
+    """ServerConfig from `turbostream serve` options; ValueError with the reason if one is out of range."""
+    limits = Limits(max_clients=args.max_clients, max_viewers=args.max_viewers,
+                    max_message_bytes=args.max_message_bytes)
+    return ServerConfig(
+        host=args.host, port=args.port, token=args.token or None, control_token=args.control_token or None,
+        allow_origins=tuple(args.allow_origins), jpeg_quality=args.jpeg_quality, source=args.source, limits=limits,
+    )
+
+
+def main(args) -> int:
+    """`turbostream serve`: listen at once (/healthz says 503), load and warm the engine, serve until SIGINT/SIGTERM."""
+    engine_config(args)  # option mistakes are reported now, before minutes of model loading
+    capture_factory = None
+    try:
+        config = server_config(args)
+        if config.source is not None:
+            # Parsing the source now turns a missing file or a bad URL into one message and exit status 2; opening
+            # it (which can take seconds for a network source) happens on the source thread, which makes a new
+            # capture each time a lost live source is opened again.
+            default_capture(config.source)
+            capture_factory = default_capture
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    server = TurboServer(config=config, engine_factory=lambda: build_engine(args), capture_factory=capture_factory)
+    if not is_loopback_host(config.host) and config.token is None:
+        log.warning("listening on %s without --token: anyone who can reach this port can use the GPU", config.host)
+    return asyncio.run(_serve_until_signal(server))
+
+
+async def _serve_until_signal(server: TurboServer) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C still raises KeyboardInterrupt
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except OSError as exc:
+        server.batcher.stop(0)
+        raise UserError(f"cannot listen on {server.config.host}:{server.config.port}: {exc.strerror or exc}") from None
+    log.info("serving on %s (viewer page: %sview); loading the engine...", server.url, server.url)
+    failed = asyncio.create_task(_wait_failed(server))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    failed.cancel()
+    stopped.cancel()
+    log.info("shutting down: closing connections")
+    await server.stop()
+    if server.batcher.failed.is_set():
+        raise UserError(f"the engine failed to start: {server.batcher.error}")
+    return 0
+
+
+async def _wait_failed(server: TurboServer) -> None:
+    while not server.batcher.failed.is_set():
+        await asyncio.sleep(0.1)

@@ -1,0 +1,91 @@
+"""The pure frame math: SD-Turbo img2img on a batch, from uint8 frames to uint8 frames, in tensor ops only.
+
+    uint8 (b, H, W, 3) -> [-1, 1] -> VAE encode -> z + sigma_0 * noise -> n x (UNet eps, Euler step) -> VAE decode
+    -> uint8 (b, H, W, 3)
+
+The math is diffusers' StableDiffusionImg2ImgPipeline with EulerDiscreteScheduler and guidance 0 (tests check it
+against the pipeline itself). Every per-frame value (timesteps, sigmas, embeddings, noise) comes in as a tensor, so
+the whole call can be captured into a CUDA graph and replayed with new contents in the same buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Probe = Callable[[str, torch.Tensor], None]
+
+
+def _no_probe(stage: str, tensor: torch.Tensor) -> None:
+    pass
+
+
+class FrameMath:
+    """The networks one frame passes through, and how. The three calls may be swapped for compiled wrappers."""
+
+    def __init__(self, unet: Any, vae: Any, vae_kind: str, dtype: torch.dtype) -> None:
+        self.unet, self.vae, self.vae_kind, self.dtype = unet, vae, vae_kind, dtype
+        self.vae_scaling = float(vae.config.scaling_factor)
+        # What the path calls; Engine's --compile replaces them with torch.compile wrappers of the same modules.
+        self.unet_call, self.encoder_call, self.decoder_call = unet, vae.encoder, vae.decoder
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] NCHW -> unscaled latents (the mean of the full VAE's posterior: deterministic per frame)."""
+        if self.vae_kind == "tiny":
+            return self.encoder_call(x)  # EncoderTiny maps [-1, 1] to TAESD's [0, 1] itself
+        return self.vae.encode(x).latent_dist.mode()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> images in [-1, 1] NCHW."""
+        if self.vae_kind == "tiny":
+            return self.decoder_call(z)  # DecoderTiny returns [-1, 1]
+        return self.vae.decode(z, return_dict=False)[0]
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction for latents x at per-sample timesteps t (b,) with embeddings emb (b, T, D)."""
+        return self.unet_call(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+    def __call__(
+        self,
+        frames: torch.Tensor | None,
+        emb: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        sigmas: torch.Tensor,
+        probe: Probe | None = None,
+    ) -> torch.Tensor:
+        """uint8 (b, H, W, 3) frames (None: text-to-image, from pure noise) -> uint8 (b, H, W, 3).
+
+        emb (b, T, D) in the network dtype; noise (b, C, h, w) float32 unit Gaussian; timesteps (n, b) and sigmas
+        (n + 1, b) float32, one column per sample, so streams with different schedules share the batch.
+        probe(stage, tensor), eager runs only (diagnosis, parity): "latent" (scaled VAE latents), "noisy" (after
+        forward diffusion), "eps_k" and "x_k" (the UNet's output and the latents after Euler step k; the last x is
+        x0), "image" ([-1, 1] NCHW float from the VAE decoder).
+        """
+        probe = probe or _no_probe
+        b, n = noise.shape[0], timesteps.shape[0]
+        if frames is not None:
+            # uint8 NHWC -> [-1, 1] NCHW; the permute yields channels_last strides, which the convolutions want.
+            x = frames.permute(0, 3, 1, 2).to(self.dtype).div(127.5).sub(1.0)
+            z = self.encode(x).float() * self.vae_scaling
+        else:  # text-to-image: the schedule starts from pure noise
+            z = torch.zeros_like(noise)
+        probe("latent", z)
+        # Forward-diffuse to the first timestep with this stream's fixed noise (Euler: x = z + sigma * eps).
+        latents = z + noise * sigmas[0].view(b, 1, 1, 1)
+        probe("noisy", latents)
+        for k in range(n):
+            sigma, sigma_next = sigmas[k].view(b, 1, 1, 1), sigmas[k + 1].view(b, 1, 1, 1)
+            # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
+            model_in = (latents / (sigma * sigma + 1.0).sqrt()).to(self.dtype)
+            eps = self.eps(model_in, timesteps[k], emb).float()
+            # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
+            latents = latents + eps * (sigma_next - sigma)
+            probe(f"eps_{k}", eps)
+            probe(f"x_{k}", latents)
+        image = self.decode((latents / self.vae_scaling).to(self.dtype)).float()
+        probe("image", image)
+        # [-1, 1] -> uint8 with diffusers' rounding: round((x / 2 + 0.5).clamp(0, 1) * 255).
+        return (image / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)

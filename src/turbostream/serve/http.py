@@ -1,0 +1,137 @@
+"""The plain-HTTP side of the server's one port: static files of the browser client, /healthz, /metrics, and the
+Origin check every WebSocket handshake passes first (answered in websockets' process_request hook).
+
+    /              the browser client (web/index.html, app.js, style.css)
+    /view          the viewer page (web/view.html, view.js)
+    /healthz       200 "ok" once the engine is warmed up; 503 while loading/warming (or if it failed)
+    /metrics       Prometheus text (a registry per server)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import ipaddress
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers, MultipleValuesError
+from websockets.http11 import Request, Response
+
+log = logging.getLogger("turbostream.server")
+
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+    "/view": ("view.html", "text/html; charset=utf-8"),
+    "/view.js": ("view.js", "text/javascript; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+WS_PATHS = ("/ws", "/view/ws")
+
+
+def web_files() -> dict[str, bytes]:
+    """The browser client's files, read once: from the installed package turbostream.web, else the source tree."""
+    names = {name for name, _ in STATIC.values()}
+    roots: list[Any] = []
+    with contextlib.suppress(ModuleNotFoundError, TypeError):
+        roots.append(importlib.resources.files("turbostream.web"))
+    roots.append(Path(__file__).resolve().parents[3] / "web")
+    for root in roots:
+        files = {}
+        for name in names:
+            entry = root / name
+            if entry.is_file():
+                files[name] = entry.read_bytes()
+        if "index.html" in files:
+            return files
+    log.warning("browser client files (web/) not found; / will answer 404")
+    return {}
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for names and addresses that only this machine can reach (localhost, 127.0.0.0/8, ::1)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OriginPolicy:
+    """Cross-site WebSocket hijacking defence: same origin (by Host), or an --allow-origin; no Origin = no browser.
+
+    websockets' own `origins=` needs the list up front; "same origin" depends on the Host the browser used (a LAN
+    address, a hostname, port 0), so the check is made per request. On a loopback bind the Host must name loopback
+    too, which keeps DNS-rebinding pages out.
+    """
+
+    def __init__(self, bind_host: str, allow_origins: tuple[str, ...]) -> None:
+        self.loopback_only = is_loopback_host(bind_host)
+        self.allowed = {o.rstrip("/") for o in allow_origins}
+
+    def allows(self, request: Request) -> bool:
+        try:
+            origin = request.headers.get("Origin")
+            host = request.headers.get("Host")
+        except MultipleValuesError:
+            return False
+        if origin is None:
+            return True
+        origin = origin.rstrip("/")
+        if "*" in self.allowed or origin in self.allowed:
+            return True
+        if not host or origin not in (f"http://{host}", f"https://{host}"):
+            return False
+        if self.loopback_only:
+            return is_loopback_host(urlsplit(f"//{host}").hostname or "")
+        return True
+
+
+def response(status: int, body: bytes, content_type: str) -> Response:
+    headers = Headers([
+        ("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close"),
+        ("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff"),
+        # The page URL may carry ?token=: keep it out of Referer headers.
+        ("Referrer-Policy", "no-referrer"),
+    ])
+    return Response(status, "OK" if status == 200 else "Error", headers, body)
+
+
+class HttpFront:
+    """websockets' process_request hook: answers plain GETs itself and lets allowed WebSocket handshakes through."""
+
+    def __init__(self, origins: OriginPolicy, health: Callable[[], tuple[int, str]],
+                 metrics: Callable[[], tuple[bytes, str]]) -> None:
+        self.origins, self.health, self.metrics = origins, health, metrics
+        self.files = web_files()
+
+    def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path in WS_PATHS:
+            if not self.origins.allows(request):
+                log.warning("rejected a WebSocket from Origin %r", _header_for_log(request, "Origin"))
+                return connection.respond(403, "Forbidden: this Origin may not connect (see --allow-origin)\n")
+            return None  # the WebSocket handshake goes on
+        if path == "/healthz":
+            status, text = self.health()
+            return connection.respond(status, text)
+        if path == "/metrics":
+            return response(200, *self.metrics())
+        if path in STATIC and STATIC[path][0] in self.files:
+            name, content_type = STATIC[path]
+            return response(200, self.files[name], content_type)
+        return connection.respond(404, "Not Found\n")
+
+
+def _header_for_log(request: Request, name: str) -> str:
+    """Every value of a header, for a log line (a repeated header must not raise while it is being refused)."""
+    return ", ".join(request.headers.get_all(name)) or "(none)"

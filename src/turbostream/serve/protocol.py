@@ -1,0 +1,183 @@
+"""The wire protocol of /ws and /view/ws, Sans-I/O: parsing and checking what clients send, building what the server
+sends. Nothing here touches a socket, a thread or the engine, so all of it is tested without a server.
+
+Bad input raises ProtocolError(code, message): the session turns it into {"type": "error", ...} and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..codec import jpeg_size
+from ..config import MAX_PROMPT_CHARS, MAX_SEED, Limits, StreamParams
+from ..errors import CodecError
+
+PROTOCOL_VERSION = 1
+
+WIRE_PROTOCOL = """\
+Binary message, either way: one JPEG image and nothing else.
+Text message, either way: one JSON object with a "type".
+
+client -> server (/ws)
+  {"type": "config", "prompt"?: str, "strength"?: float, "steps"?: int, "seed"?: int}
+      any subset; applies from the next frame; answered with {"type": "config", ...all four...}
+  binary JPEG: a frame to stylize (any size; center-cropped to the engine's aspect). Frames are numbered 1, 2, ...
+      in the order the server receives them.
+
+server -> client (/ws)
+  {"type": "ready", "role": "client", "model", "random_weights", "width", "height", "params": {...},
+   "limits": {...}, "protocol": 1}                     once, when the engine is warm
+  {"type": "frame", "seq": n, "batch": b, "server_ms": t}   right before each result: which input frame it answers
+      (frames numbered below n with no result were dropped: a newer frame replaced them)
+  binary JPEG of the engine's size: the result of frame n
+  {"type": "stats", "fps", "latency_ms": {"p50", "p95"}, "frames_in", "frames_out", "dropped", "clients", ...}
+      every stats interval
+  {"type": "error", "code": str, "message": str}        bad input; the connection stays open unless closed after it
+
+viewer -> server (/view/ws)
+  {"type": "config", ...}   changes the broadcast's parameters; needs ?control=<control token> on the URL
+server -> viewer
+  {"type": "ready", "role": "viewer", "control": bool, ...}, {"type": "config", ...} after every change,
+  binary JPEG frames of the broadcast, {"type": "stats", ...}, {"type": "error", ...}
+  {"type": "source", "state": "starting" | "live" | "reconnecting" | "ended", "message": str, "restarts": n,
+   "retry_in_s"?: s}   right after ready and at every change of the source (a loss also comes as error source_lost,
+   the end as error source_ended)
+"""
+
+# Error codes sent as {"type": "error", "code": ..., "message": ...}. The connection stays open unless noted.
+ERROR_CODES = {
+    "bad_json": "a text message that is not one JSON object",
+    "bad_message": "a JSON object without a string 'type', or a text message over the text limit (64 KiB of UTF-8)",
+    "unknown_type": "a 'type' this endpoint does not know",
+    "bad_config": "an unknown parameter, a wrong type or a value out of range; the old parameters stay",
+    "bad_image": "a binary message that is not a decodable JPEG (magic bytes, corrupt or truncated data, far too few "
+                 "bytes for its declared size, smaller than 8 pixels a side)",
+    "image_too_large": "a JPEG whose declared width or height is over the server's limit (checked before decoding)",
+    "engine_error": "the engine failed on this frame; the stream goes on",
+    "server_error": "the server could not decode this frame or encode its result (a codec failure, out of memory); "
+                    "the stream goes on",
+    "forbidden": "a viewer tried to change the broadcast without the control token",
+    "not_supported": "a binary message sent to the viewer endpoint",
+    "no_source": "the viewer endpoint on a server started without --source (connection closed, 1008)",
+    "source_ended": "the server-side source ended (a file) or failed for good; no more frames",
+    "source_lost": "the server-side live source stopped delivering; it is being opened again (a 'source' message "
+                   "with state 'live' follows when it is back)",
+    "unauthorized": "/ws without the right ?token= (connection closed, 1008)",
+    "server_full": "the client or viewer limit is reached (connection closed, 1013: try again later)",
+    "engine_failed": "the engine could not be loaded or warmed up (connection closed, 1011)",
+}
+
+
+class ProtocolError(Exception):
+    """One bad message: `code` (a key of ERROR_CODES), a message for the user, and extra fields (e.g. seq)."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code, self.message, self.extra = code, message, extra
+
+    def to_message(self) -> dict[str, Any]:
+        return error_message(self.code, self.message, **self.extra)
+
+
+@dataclass
+class FrameMeta:
+    """What travels with a frame through the batcher: its number on its connection and when it arrived."""
+
+    seq: int  # 1, 2, ... per connection, in the order messages arrived
+    t_recv: float = field(default_factory=time.perf_counter)
+
+
+# ------------------------------------------------------------------------------------------------ client -> server
+
+
+def parse_text(text: str, limits: Limits) -> dict[str, Any]:
+    """A text message -> its JSON object with a string "type"; ProtocolError (bad_message, bad_json) otherwise."""
+    # The limit is in UTF-8 bytes, as the README says: 64 Ki emoji are 256 KiB. A character is at most 4 bytes, so
+    # only texts that could pass the limit are encoded to count them.
+    size = len(text) if len(text) > limits.max_text_bytes else len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_text_bytes:
+        raise ProtocolError("bad_message", f"text message of {size} bytes or more; the limit is "
+                                           f"{limits.max_text_bytes} bytes of UTF-8")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("bad_json", f"text messages must be one JSON object: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", f"text messages must be one JSON object, got {type(obj).__name__}")
+    if not isinstance(obj.get("type"), str):
+        raise ProtocolError("bad_message", 'a message needs a "type" string, for example {"type": "config", '
+                                           '"prompt": "..."}')
+    return obj
+
+
+def expect_config(obj: dict[str, Any]) -> dict[str, Any]:
+    """The parameter fields of a {"type": "config", ...} message; ProtocolError unknown_type for another type."""
+    if obj["type"] != "config":
+        raise ProtocolError("unknown_type", f"unknown message type {obj['type']!r} (this endpoint knows: config)")
+    return {k: v for k, v in obj.items() if k != "type"}
+
+
+def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int) -> StreamParams:
+    """params with fields applied and checked (the one validation every parameter change goes through)."""
+    try:
+        return params.updated(**fields).validate(max_steps)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError("bad_config", str(exc)) from None
+
+
+def check_jpeg_header(data: bytes, limits: Limits) -> None:
+    """ProtocolError unless data is a JPEG whose header fits the limits (microseconds: no decode)."""
+    try:
+        width, height = jpeg_size(data)
+    except CodecError as exc:
+        raise ProtocolError("bad_image", str(exc)) from None
+    side = limits.max_image_side
+    if width > side or height > side:
+        raise ProtocolError("image_too_large", f"image is {width}x{height}; the limit is {side} pixels a side")
+    if width * height > limits.max_pixels_per_byte * len(data):
+        raise ProtocolError("bad_image", f"a JPEG of {len(data)} bytes cannot hold {width}x{height} pixels "
+                                         "(truncated, or a forged header)")
+
+
+# ------------------------------------------------------------------------------------------------ server -> client
+
+
+def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
+def params_dict(p: StreamParams) -> dict[str, Any]:
+    return {"prompt": p.prompt, "strength": p.strength, "steps": p.steps, "seed": p.seed}
+
+
+def config_message(p: StreamParams) -> dict[str, Any]:
+    """Sent after every accepted change: all of the stream's parameters."""
+    return {"type": "config", **params_dict(p)}
+
+
+def limits_dict(limits: Limits, *, max_steps: int, max_batch: int) -> dict[str, Any]:
+    """The limits a client should know, as the ready message carries them."""
+    return {
+        "max_message_bytes": limits.max_message_bytes, "max_image_side": limits.max_image_side,
+        "max_text_bytes": limits.max_text_bytes, "max_steps": max_steps, "max_prompt_chars": MAX_PROMPT_CHARS,
+        "max_seed": MAX_SEED, "max_batch": max_batch, "max_clients": limits.max_clients,
+    }
+
+
+def ready_message(role: str, *, model: str, random_weights: bool, device: str, width: int, height: int,
+                  params: StreamParams, limits: dict[str, Any], stats_interval_s: float, **extra: Any) -> dict[str, Any]:
+    """The first message of every connection, once the engine is warm."""
+    return {
+        "type": "ready", "role": role, "protocol": PROTOCOL_VERSION, **extra, "model": model,
+        "random_weights": bool(random_weights), "device": device, "width": width, "height": height,
+        "params": params_dict(params), "limits": limits, "stats_interval_s": stats_interval_s,
+    }
+
+
+def frame_header(meta: FrameMeta, batch: int, now: float | None = None) -> dict[str, Any]:
+    """Sent right before a result's JPEG: which input frame it answers, the batch it ran in, the time in the server."""
+    server_ms = ((time.perf_counter() if now is None else now) - meta.t_recv) * 1e3
+    return {"type": "frame", "seq": meta.seq, "batch": batch, "server_ms": round(server_ms, 2)}

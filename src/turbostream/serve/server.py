@@ -1,0 +1,363 @@
+"""The server (`turbostream serve`): one port for the browser client, health, metrics, interactive streams and
+viewers, all on the `websockets` asyncio server.
+
+    /ws            WebSocket: one interactive stream per connection (JPEG in, stylized JPEG out): ClientSession
+    /view/ws       WebSocket: a viewer of the server-side source (--source), broadcast to every viewer: ViewerSession
+    anything else  plain HTTP (static files, /healthz, /metrics): http.py
+
+TurboServer admits connections (tokens, client and viewer places), owns the batcher (the inference thread), the codec
+worker pool, the broadcast and the metrics, and stops them all cleanly. Wire protocol and error codes: protocol.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from ..batcher import Batcher
+from ..config import ServerConfig, StreamParams
+from ..metrics import Metrics
+from . import protocol
+from .broadcast import Broadcast
+from .http import HttpFront, OriginPolicy
+from .sessions import ClientSession, ViewerSession
+
+log = logging.getLogger("turbostream.server")
+
+
+class TurboServer:
+    """The server: give it an engine (or a factory building one on the inference thread) and a ServerConfig.
+
+    `await start()` listens (port 0 picks one: see .port) and starts the inference thread; `await stop()` closes
+    every connection with 1001 and stops the threads. The engine is used only from the inference thread.
+    """
+
+    def __init__(
+        self,
+        engine: Any = None,
+        config: ServerConfig | None = None,
+        *,
+        engine_factory: Callable[[], Any] | None = None,
+        capture_factory: Callable[[str], Any] | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.config = config or ServerConfig()
+        self.metrics = Metrics()
+        self.batcher = Batcher(engine, engine_factory=engine_factory, on_batch=self._on_batch)
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(8, max(2, os.cpu_count() or 2)),
+                                       thread_name_prefix="turbostream-codec")
+        self.clients: set[ClientSession] = set()
+        self.viewers: set[ViewerSession] = set()
+        self._slots = 0  # /ws connections admitted (warming ones included): what max_clients limits
+        self._viewer_slots = 0
+        self.broadcast: Broadcast | None = None
+        if self.config.source is not None:
+            self.broadcast = Broadcast(self, self.config.source, capture_factory or default_capture)
+        self.http = HttpFront(OriginPolicy(self.config.host, self.config.allow_origins), self._health,
+                              lambda: (self.metrics.render(), self.metrics.content_type))
+        self._server: Server | None = None
+        self._ready: asyncio.Event | None = None  # created in start(), on the server's loop
+        self.port: int | None = None
+        self._device_name: str | None = None
+        self.metrics.watch_send_buffers(self._send_buffer_bytes)
+
+    # ------------------------------------------------------------------ properties used by the sessions
+
+    @property
+    def engine(self):
+        return self.batcher.engine
+
+    @property
+    def device(self) -> str:
+        """The engine's device, with the GPU's name on CUDA ("cuda:0 (NVIDIA H100 80GB HBM3)"); for clients' logs."""
+        if self._device_name is None:
+            device = getattr(self.engine, "device", "cpu")
+            name = str(device)
+            if getattr(device, "type", None) == "cuda":
+                import torch
+
+                name = f"{device} ({torch.cuda.get_device_name(device)})"
+            self._device_name = name
+        return self._device_name
+
+    @property
+    def default_params(self) -> StreamParams:
+        return self.engine.config.default_params
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else ("[::1]" if host == "::" else host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/"
+
+    def _send_buffer_bytes(self) -> float:
+        """Bytes waiting in every connection's transport (bounded by WRITE_LIMIT plus one message each)."""
+        total = 0
+        # A scrape runs on the event loop, but render() may be called from another thread (tests): a set that
+        # changes meanwhile is read again rather than failing the scrape.
+        for _ in range(3):
+            try:
+                sessions = [*self.clients, *self.viewers]
+                break
+            except RuntimeError:
+                continue
+        else:
+            return float("nan")
+        for session in sessions:
+            transport = session.ws.transport
+            if transport is not None:
+                total += transport.get_write_buffer_size()
+        return float(total)
+
+    def limits_dict(self) -> dict[str, Any]:
+        """The limits a client should know (the ready message's "limits")."""
+        return protocol.limits_dict(self.config.limits, max_steps=self.engine.config.max_steps,
+                                    max_batch=self.engine.max_batch)
+
+    def _health(self) -> tuple[int, str]:
+        """/healthz: 200 once the engine is warm; 503 while it loads or warms up, or after it failed."""
+        if self.batcher.ready.is_set():
+            return 200, "ok\n"
+        if self.batcher.failed.is_set():
+            return 503, f"engine failed: {self.batcher.error}\n"
+        return 503, "warming up\n"
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> TurboServer:
+        self._ready = asyncio.Event()
+        self.batcher.start()
+        self._watch_task = asyncio.create_task(self._watch_engine())
+        limits = self.config.limits
+        self._server = await serve(
+            self._handler, self.config.host, self.config.port,
+            process_request=self.http,
+            max_size=limits.max_message_bytes,
+            compression=None,  # JPEG does not deflate; compression would only cost CPU and memory per client
+            write_limit=limits.write_limit_bytes,
+            max_queue=limits.max_queue_messages,
+            ping_interval=limits.ping_interval_s,
+            ping_timeout=limits.ping_interval_s,
+            close_timeout=limits.close_timeout_s,
+            open_timeout=limits.open_timeout_s,
+            server_header=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _watch_engine(self) -> None:
+        """Turn the inference thread's ready/failed events into the loop's; logs the outcome once."""
+        while not (self.batcher.ready.is_set() or self.batcher.failed.is_set()):
+            await asyncio.sleep(0.02)
+        if self.batcher.ready.is_set():
+            engine = self.engine
+            self.metrics.ready.set(1)
+            reader = gpu_memory_reader(engine)
+            if reader is not None:
+                self.metrics.watch_gpu_memory(reader)
+            if self.broadcast is not None:  # its stream starts from the engine's default parameters
+                self.broadcast.start(asyncio.get_running_loop())
+            log.info("engine ready: %s at %dx%d on %s (warmup %.1f s)", engine.model_name, engine.width,
+                     engine.height, getattr(engine, "device", "?"), engine.stats.warmup_s)
+            if engine.random_weights:
+                log.warning("model %s has random weights: its output is noise, not a stylization", engine.model_name)
+        self._ready.set()
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once the engine is warm; False if it failed."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.batcher.ready.is_set()
+
+    async def stop(self) -> None:
+        """Close every connection with 1001 (going away), stop the source and the inference thread."""
+        if self._server is not None:
+            self._server.close(code=CloseCode.GOING_AWAY, reason="server shutting down")
+            await self._server.wait_closed()
+        if self.broadcast is not None:  # joins the source thread: off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.broadcast.stop)
+        self._watch_task.cancel()
+        # A batch ends in milliseconds; a model still loading may take minutes, so it is not waited for long (the
+        # inference thread is a daemon).
+        wait_s = 10.0 if self.batcher.ready.is_set() else 2.0
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop, wait_s)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> TurboServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.gpu.observe(seconds)
+
+    # ------------------------------------------------------------------ WebSocket sessions
+
+    def _query(self, connection: ServerConnection) -> dict[str, str]:
+        query = parse_qs(urlsplit(connection.request.path).query)
+        return {k: v[-1] for k, v in query.items()}
+
+    async def _refuse(self, ws: ServerConnection, code: str, message: str, close_code: int, reason: str) -> None:
+        self.metrics.errors.labels(code).inc()
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(json.dumps(protocol.error_message(code, message)))
+            await ws.close(close_code, reason)
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        path = urlsplit(ws.request.path).path
+        if path == "/view/ws":
+            await self._viewer_handler(ws)
+        else:
+            await self._client_handler(ws)
+
+    async def _await_engine(self, ws: ServerConnection) -> bool:
+        if await self.wait_ready():
+            return True
+        await self._refuse(ws, "engine_failed", f"the engine failed to start: {self.batcher.error}",
+                           CloseCode.INTERNAL_ERROR, "engine failed")
+        return False
+
+    async def _client_handler(self, ws: ServerConnection) -> None:
+        token = self.config.token
+        if token is not None and not hmac.compare_digest(
+            self._query(ws).get("token", "").encode(), token.encode()
+        ):
+            await self._refuse(ws, "unauthorized", "this server needs a token: connect to /ws?token=<token>",
+                               CloseCode.POLICY_VIOLATION, "unauthorized")
+            return
+        if self._slots >= self.config.limits.max_clients:
+            await self._refuse(ws, "server_full", f"server full: {self.config.limits.max_clients} clients at most; "
+                               "try again later", CloseCode.TRY_AGAIN_LATER, "server full")
+            return
+        self._slots += 1  # no await since the check: the count cannot overshoot
+        try:
+            if not await self._await_engine(ws):
+                return
+            session = ClientSession(self, ws)
+            self.clients.add(session)
+            self.metrics.clients.set(len(self.clients))
+            try:
+                await session.run()
+            finally:
+                self.clients.discard(session)
+                self.metrics.clients.set(len(self.clients))
+        finally:
+            self._slots -= 1
+
+    async def _viewer_handler(self, ws: ServerConnection) -> None:
+        if self.broadcast is None:
+            await self._refuse(ws, "no_source", "nothing to view: start the server with --source SRC",
+                               CloseCode.POLICY_VIOLATION, "no source")
+            return
+        if self._viewer_slots >= self.config.limits.max_viewers:
+            await self._refuse(ws, "server_full", f"server full: {self.config.limits.max_viewers} viewers at most; "
+                               "try again later", CloseCode.TRY_AGAIN_LATER, "server full")
+            return
+        self._viewer_slots += 1
+        try:
+            if not await self._await_engine(ws):
+                return
+            control_token = self.config.control_token
+            given = self._query(ws).get("control")
+            control = bool(control_token) and given is not None and hmac.compare_digest(
+                given.encode(), control_token.encode()
+            )
+            session = ViewerSession(self, ws, control)
+            self.viewers.add(session)
+            self._viewers_changed()
+            try:
+                await session.run()
+            finally:
+                self.viewers.discard(session)
+                self._viewers_changed()
+        finally:
+            self._viewer_slots -= 1
+
+    def _viewers_changed(self) -> None:
+        self.metrics.viewers.set(len(self.viewers))
+        if self.broadcast is not None:
+            # No viewer, no work: the source thread stops feeding the GPU until someone watches.
+            if self.viewers:
+                self.broadcast.viewers_present.set()
+            else:
+                self.broadcast.viewers_present.clear()
+
+
+def gpu_memory_reader(engine) -> Callable[[], tuple[float, float]] | None:
+    """(reserved, allocated) bytes of torch's CUDA allocator on the engine's device; None off CUDA."""
+    if engine is None or not getattr(engine, "is_cuda", False):
+        return None
+    import torch
+
+    device = engine.device
+    return lambda: (float(torch.cuda.memory_reserved(device)), float(torch.cuda.memory_allocated(device)))
+
+
+def default_capture(spec: str):
+    """sources.CaptureThread in realtime mode (newest frame only); ValueError with the reason for a bad SRC."""
+    try:
+        from ..io.sources import CaptureThread
+    except ImportError as exc:
+        raise ValueError(f"server-side capture is not available: {exc}") from None
+    return CaptureThread(spec, realtime=True)
+
+
+# ------------------------------------------------------------------------------------------------ in a thread
+
+
+class ServerThread:
+    """Run a TurboServer on an event loop of its own thread (tests, embedding): `with ServerThread(s) as server:`."""
+
+    def __init__(self, server: TurboServer, ready_timeout: float = 60.0) -> None:
+        self.server = server
+        self.ready_timeout = ready_timeout
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="turbostream-server", daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._started.set()
+                raise
+            self._started.set()
+            await self._stop.wait()
+            await self.server.stop()
+
+        with contextlib.suppress(BaseException):
+            asyncio.run(main())
+
+    def __enter__(self) -> TurboServer:
+        self._thread.start()
+        self._started.wait(self.ready_timeout)
+        if self._error is not None:
+            raise self._error
+        fut = asyncio.run_coroutine_threadsafe(self.server.wait_ready(self.ready_timeout), self.loop)
+        if not fut.result(self.ready_timeout + 1):
+            raise RuntimeError(f"engine failed: {self.server.batcher.error}")
+        return self.server
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
