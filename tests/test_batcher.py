@@ -23,12 +23,14 @@ class FakeEngine:
         self.threads: set[int] = set()
         self.gate = threading.Event()
         self.gate.set()
+        self.in_call = threading.Event()  # set once the inference thread is inside run()
 
     def warmup(self) -> None:
         self.threads.add(threading.get_ident())
 
     def run(self, frames, params):
         self.threads.add(threading.get_ident())
+        self.in_call.set()
         self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)
@@ -82,7 +84,7 @@ def test_pending_frames_of_four_streams_run_as_one_batch(started):
     got = Collector()
     first = batcher.open_stream(got, StreamParams(seed=0))
     first.submit(frame(10), "warm")
-    time.sleep(0.05)
+    assert engine.in_call.wait(5)  # the thread holds that frame; the next ones wait in their slots
     streams = [batcher.open_stream(got, StreamParams(prompt=f"p{i}", seed=i + 1)) for i in range(4)]
     for i, s in enumerate(streams):
         assert s.submit(frame(100), i) is None
@@ -104,7 +106,7 @@ def test_newer_frame_replaces_unprocessed_one(started):
     got = Collector()
     busy = batcher.open_stream(got, StreamParams())
     busy.submit(frame(0), "busy")
-    time.sleep(0.05)
+    assert engine.in_call.wait(5)  # the thread holds that frame; the next ones wait in their slots
     stream = batcher.open_stream(got, StreamParams())
     assert stream.submit(frame(1), "a") is None
     replaced = stream.submit(frame(2), "b")
@@ -123,7 +125,7 @@ def test_max_batch_and_oldest_first(started):
     got = Collector()
     blocker = batcher.open_stream(got, StreamParams())
     blocker.submit(frame(0), "blocker")
-    time.sleep(0.05)
+    assert engine.in_call.wait(5)  # the thread holds that frame; the next ones wait in their slots
     streams = [batcher.open_stream(got, StreamParams(seed=i)) for i in range(5)]
     for i, s in enumerate(streams):
         s.submit(frame(0), i)
@@ -141,7 +143,7 @@ def test_one_failing_frame_does_not_fail_the_batch(started):
     batcher = started(engine)
     got = Collector()
     batcher.open_stream(got, StreamParams()).submit(frame(0), "first")
-    time.sleep(0.05)
+    assert engine.in_call.wait(5)  # the thread holds that frame; the next ones wait in their slots
     good = batcher.open_stream(got, StreamParams(prompt="fine"))
     bad = batcher.open_stream(got, StreamParams(prompt="boom"))
     good.submit(frame(5), "good")
@@ -161,15 +163,17 @@ def test_closed_stream_gets_nothing(started):
     batcher = started(engine)
     got = Collector()
     batcher.open_stream(got, StreamParams()).submit(frame(0), "busy")
-    time.sleep(0.05)
+    assert engine.in_call.wait(5)  # the thread holds that frame; the next ones wait in their slots
     stream = batcher.open_stream(got, StreamParams())
     stream.submit(frame(1), "gone")
     assert stream.close() is not None  # its pending frame comes back (a drop)
     assert stream.submit(frame(2), "late") is not None  # submitting after close is a drop too
     engine.gate.set()
-    time.sleep(0.1)
-    assert [r.meta for r in got.results] == ["busy"]
-    assert batcher.stream_count == 1
+    # A frame submitted after the close on another stream: "gone" would have run before it (oldest first).
+    batcher.open_stream(got, StreamParams()).submit(frame(3), "probe")
+    got.wait(2)
+    assert [r.meta for r in got.results] == ["busy", "probe"]
+    assert batcher.stream_count == 2
 
 
 def test_expected_frame_joins_the_batch(started):
@@ -189,15 +193,17 @@ def test_expected_frame_joins_the_batch(started):
 
 def test_gather_wait_is_bounded(started):
     engine = FakeEngine()
-    batcher = started(engine, gather_s=0.05)
+    batcher = started(engine, gather_s=1.0)
     got = Collector()
     a = batcher.open_stream(got, StreamParams())
     b = batcher.open_stream(got, StreamParams())
     b.expect()  # announced, never comes
     t0 = time.perf_counter()
     a.submit(frame(0), "a")
-    got.wait(1)
-    assert time.perf_counter() - t0 < 2.0  # generous: the bound is 50 ms
+    got.wait(1, timeout=10)
+    # It waited for b (the gather), but only as long as gather_s: the frame ran alone after about 1 s.
+    assert 0.9 <= time.perf_counter() - t0 < 1.9
+    assert [len(c) for c in engine.calls] == [1]
 
 
 def test_engine_built_warmed_and_run_on_one_thread():
@@ -245,7 +251,7 @@ def test_frames_pending_at_the_end_of_a_call_are_committed_before_results_go_out
     got = Collector()
     stream = batcher.open_stream(on_result, StreamParams())
     stream.submit(frame(1), "A")
-    time.sleep(0.02)  # A is in the engine
+    assert engine.in_call.wait(5)  # A is in the engine
     assert stream.submit(frame(2), "B") is None
     results = got.wait(3)
     assert replaced == [None]

@@ -241,7 +241,9 @@ def test_in_order_capture_is_bounded_and_drops_nothing(tmp_path):
         assert index_of(item[1]) == item[0]
     assert got == list(range(30))
     assert capture.ended and capture.error is None and capture.dropped == 0
+    t0 = time.perf_counter()
     assert capture.latest(timeout=5.0) is None  # at the end: at once, not after the timeout
+    assert time.perf_counter() - t0 < 1.0
     capture.close()
 
 

@@ -55,6 +55,11 @@ class Broadcast:
         self._thread = threading.Thread(target=self._feed, name="turbostream-source", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """True while the source thread runs: it ends after a stop, or when the source ended for good."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self.viewers_present.set()

@@ -1,0 +1,154 @@
+"""The command line as a new user meets it: --version, -v anywhere, clear errors before any model loads, stopping
+with Ctrl-C or SIGTERM at any moment (no abort), log lines that survive being written to a file."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_runner import make_video
+
+from turbostream import __version__, bench, cli
+from turbostream.pipeline import _Rate
+
+TURBOSTREAM = [sys.executable, "-m", "turbostream"]
+# A slow engine on a CPU: tiny-random at 1024 px takes seconds for one frame, so its warmup is a long engine call.
+SLOW_MODEL = ["--model", "tiny-random", "--device", "cpu", "--size", "1024", "--buckets", "1"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"turbostream {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["-v", "bench", "--iters", "1"], ["bench", "-v", "--iters", "1"],
+                                  ["bench", "--iters", "1", "--verbose"]])
+def test_verbose_before_or_after_the_subcommand(argv):
+    args = cli.build_parser().parse_args(argv)
+    assert args.verbose is True and args.command == "bench"
+    assert cli.build_parser().parse_args(["bench"]).verbose is False
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model starts loading: every check below must come before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(bench, "load_components", refuse)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_on_cuda_without_a_gpu_is_a_clear_error(no_loading, capsys):
+    assert cli.main(["bench", "--model", "tiny-random", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "turbostream: error:" in err and "no CUDA GPU" in err and "Traceback" not in err
+
+
+def test_bench_json_that_cannot_be_written_fails_before_loading(tmp_path, no_loading, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli.main(["bench", "--model", "tiny-random", "--device", "cpu", "--json", str(blocker / "out.json")]) == 2
+    assert "cannot create folder" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", "tiny-random", "--device", "cpu", "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_python_m_turbostream_cli_reports_user_errors_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "turbostream.cli", "serve", "--jpeg-quality", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "JPEG quality" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_progress_rate_reads_a_slow_run_instead_of_flickering_to_zero():
+    rate = _Rate(window=2.0)
+    # One frame every 5 s, the display refreshed every 0.25 s: the rate never reads 0 once two frames are in.
+    readings = [rate.add(t / 4, int(t / 4 // 5)) for t in range(0, 4 * 30)]
+    after_two_frames = readings[4 * 5:]
+    assert min(after_two_frames) > 0.1 and max(after_two_frames) <= 0.21
+    # A fast run (25 frames/s, read every 0.25 s) reads 25, steadily.
+    fast = _Rate(window=2.0)
+    readings = [fast.add(t * 0.25, int(t * 0.25 * 25)) for t in range(40)]
+    assert all(abs(r - 25) < 2 for r in readings[8:]), readings
+
+
+def test_log_lines_to_a_file_are_plain_and_never_wrapped(tmp_path):
+    log = tmp_path / "serve.log"
+    url = "http://127.0.0.1:8000/" + "a-long-path/" * 12
+    code = (f"import logging; from turbostream.cli import setup_logging; setup_logging(False); "
+            f"logging.getLogger('turbostream.test').info('source %s is live', {url!r})")
+    with log.open("w") as stderr:
+        subprocess.run([sys.executable, "-c", code], stderr=stderr, timeout=60, check=True)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"INFO turbostream.test: source {url} is live"), lines
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:
+    """Lines of proc's output up to the first one containing text (fails after timeout or if proc ends)."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"no {text!r} within {timeout} s:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_while_the_engine_warms_up(sig):
+    proc = subprocess.Popen([*TURBOSTREAM, "serve", *SLOW_MODEL, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_line(proc, "loading the engine", 120)
+        time.sleep(1.0)  # inside the model build or the first (seconds-long) warmup frame
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        stopped_in = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert stopped_in < 8, (stopped_in, out)
+    assert "terminate called" not in out and "Traceback" not in out and "engine ready" not in out
+
+
+@pytest.mark.slow
+def test_run_stops_cleanly_on_ctrl_c_during_a_long_engine_call(tmp_path):
+    src = make_video(tmp_path / "in.avi", n=5)
+    out_file = tmp_path / "out.avi"
+    proc = subprocess.Popen([*TURBOSTREAM, "run", "-i", str(src), "-o", str(out_file), *SLOW_MODEL],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_line(proc, "warming up the engine", 120)
+        time.sleep(1.0)  # the GPU thread is inside its warmup frame (seconds at 1024 px on a CPU)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        stopped_in = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert stopped_in < 8, (stopped_in, out)
+    assert "terminate called" not in out and "Traceback" not in out
+
+
+def test_setup_logging_uses_rich_only_on_a_terminal():
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        cli.setup_logging(False)  # pytest's stderr is not a terminal
+        handlers = root.handlers
+        assert len(handlers) == 1 and type(handlers[0]) is logging.StreamHandler
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
