@@ -135,3 +135,28 @@ def test_cuda_fp16_engine_passes_the_parity_rule(vae):
     for ours in (singles, padded):
         verdict = parity_verdict(parity_stats(ours, ref), p16_stats)
         assert verdict["pass"], (parity_stats(ours, ref), p16_stats, verdict)
+
+
+@pytest.mark.slow
+def test_gpu_parity_script_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_parity.py end to end on the CPU (a cut-down run): JSON with the bench's parity keys, exit 0."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "gpu_parity.py"
+    spec = importlib.util.spec_from_file_location("gpu_parity", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "parity.json"
+    args = script.parse(["--device", "cpu", "--model", "tiny-random", "--size", "64", "--frames", "1", "--seeds",
+                         "3", "--vaes", "tiny", "--variants", "eager,sdpa_efficient", "--out", str(out)])
+    assert script.Run(args).main() == 0
+    res = json.loads(out.read_text())
+    assert set(res["summary"]["tiny"]) == {"parity_pass", *(f"parity_{w}_{k}" for w in ("engine", "pipeline_fp16")
+                                                           for k in ("max", "p99", "mean"))}
+    steps = res["vae"]["tiny"]
+    assert steps["E16"]["pass"] and steps["variant_eager"]["pass"] and "stages" in steps["diagnosis"]
+    assert steps["variant_sdpa_efficient"]["skipped"] == "CUDA only" and not res["errors"]
+    assert script.Run(script.parse([*map(str, ["--device", "cpu", "--model", "tiny-random", "--size", 64,
+                                               "--budget-s", 0, "--out", out])])).main() == 1  # nothing ran: FAIL

@@ -2,7 +2,8 @@
 
 An Engine fuses QKV projections, sets channels_last and turns TF32 on for the modules and globals it is given, so a
 pipeline sharing them is no reference. Here every reference loads its own components, runs the pipeline as diffusers
-ships it (noise from one CPU generator per sample, exactly as the engine draws it), and in float32 runs with TF32 off.
+ships it (noise from one CPU generator per sample, exactly as the engine draws it), and in float32 runs with TF32 off
+and math attention (exact_fp32).
 The one deviation from a plain pipeline call: the full VAE encodes to its posterior's mean (as the engine does) by
 handing the pipeline the scaled latents as `image`, which diffusers' img2img takes as-is when they have 4 channels.
 """
@@ -38,6 +39,15 @@ def tf32_off() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """The fp32 reference's arithmetic: TF32 off and SDPA on its math backend (plain fp32 matmuls); restored after."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with tf32_off(), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 class NonFiniteError(AssertionError):
@@ -79,7 +89,7 @@ class ReferencePipeline:
         self.device = next(components.unet.parameters()).device
 
     def _precision(self):
-        return tf32_off() if self.dtype == torch.float32 else contextlib.nullcontext()
+        return exact_fp32() if self.dtype == torch.float32 else contextlib.nullcontext()
 
     @torch.inference_mode()
     def run(
