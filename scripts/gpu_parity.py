@@ -28,7 +28,7 @@ from turbostream.config import EngineConfig, StreamParams
 from turbostream.engine import Engine
 from turbostream.models import DTYPES
 from turbostream.parity import compare_traces, parity_stats, parity_verdict
-from turbostream.reference import ReferencePipeline, exact_fp32, reference_components, tf32_off
+from turbostream.reference import NonFiniteError, ReferencePipeline, exact_fp32, reference_components, tf32_off
 
 PROMPTS = ("a lighthouse at dusk", "a red fox in the snow", "an oil painting of a harbour")
 VARIANTS = ("eager", "sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "cudnn_benchmark_off",
@@ -96,7 +96,9 @@ def brief(res: dict) -> str:
     """One line of a step's result for the log: the verdict and |E16-R|, or the diagnosis, or the whole (short) dict."""
     if "all" in res:
         return f"pass={res['pass']} |E-R| all {res['all']['vs_R']} failed {res['all']['verdict']['failed']}"
-    if "stages" in res:
+    if "stages" in res or "nonfinite_counts_ours_fp32" in res:
+        if "stages" not in res:
+            return f"{res['error']} | non-finite (E16, E32) {res['nonfinite_counts_ours_fp32']}"
         stages = " ".join(f"{k}={v:.1e}" for k, v in res["stages"].items())
         return f"first_over={res['first_over']} {stages} | E32 vs R {res['engine_fp32_vs_R']}"
     return json.dumps(res)[:200]
@@ -169,7 +171,9 @@ class Run:
         ref, res = self.ref[vae], {"graph_replays": engine.stats.graph_replays}
         for key, outs in (("batch1", singles), ("bucket4_of_3", padded), ("all", singles + padded)):
             stats = parity_stats(outs, ref + ref if key == "all" else ref)
-            res[key] = {"vs_R": stats, "verdict": parity_verdict(stats, self.p16[vae])}
+            # Without P16 (its run failed) there is no rule to apply: recorded as a failure, the stats still kept.
+            no_p16 = {"pass": False, "failed": ["no P16 to compare with"]}
+            res[key] = {"vs_R": stats, "verdict": parity_verdict(stats, self.p16[vae]) if vae in self.p16 else no_p16}
         res["pass"] = all(res[k]["verdict"]["pass"] for k in ("batch1", "bucket4_of_3", "all"))
         return res
 
@@ -198,9 +202,13 @@ class Run:
         with exact_fp32():
             base = e32.trace(self.frames[0], self.params[0])
             e32_out = e32.run(self.frames, self.params)
-        res = compare_traces(ours, base, self.args.threshold)
-        res["engine_fp32_vs_R"] = parity_stats(e32_out, self.ref[vae])
-        return res
+        res = {"engine_fp32_vs_R": parity_stats(e32_out, self.ref[vae])}
+        try:
+            return {**compare_traces(ours, base, self.args.threshold), **res}
+        except NonFiniteError as exc:  # keep which stages hold NaN/inf, and say it loudly
+            self.res["errors"].append(f"{vae}/diagnosis: {exc}")
+            bad = {k: [int((~torch.isfinite(t.float())).sum()) for t in (ours[k], base[k])] for k in ours}
+            return {"error": str(exc), "nonfinite_counts_ours_fp32": bad, **res}
 
     def main(self) -> int:
         vaes = self.args.vaes
@@ -212,11 +220,11 @@ class Run:
             if "all" in e16:
                 self.res["summary"][vae] = {
                     **{f"parity_engine_{k}": e16["all"]["vs_R"][k] for k in ("max", "p99", "mean")},
-                    **{f"parity_pipeline_fp16_{k}": self.p16[vae][k] for k in ("max", "p99", "mean")},
+                    **{f"parity_pipeline_fp16_{k}": self.p16.get(vae, {}).get(k) for k in ("max", "p99", "mean")},
                     "parity_pass": e16["pass"]}
         for vae in vaes:
             self.step(vae, "diagnosis", self.diagnosis, vae)
-        for vae in (v for v in vaes if v in self.ref and v in self.p16):
+        for vae in (v for v in vaes if v in self.ref):
             for name in self.args.variants:
                 self.step(vae, f"variant_{name}", self.variant_run, vae, name)
         print(json.dumps(self.res["summary"], indent=1))

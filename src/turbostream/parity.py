@@ -63,9 +63,9 @@ def compare_traces(
         raise KeyError(f"traces have different stages: {list(ours)} vs {list(ref)}")
     stages, first = {}, None
     for name in ours:
+        assert_finite(f"stage {name!r} (ours)", ours[name])
+        assert_finite(f"stage {name!r} (reference)", ref[name])
         a, b = ours[name].double(), ref[name].double()
-        assert_finite(f"stage {name!r} (ours)", a)
-        assert_finite(f"stage {name!r} (reference)", b)
         rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
         stages[name] = rel
         if first is None and rel > threshold:
