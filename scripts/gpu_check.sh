@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [engine] [serve] [soak]      (default: engine serve)
+#   bash scripts/gpu_check.sh [parity] [engine] [serve] [soak]      (default: parity engine serve)
 #
+# parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
+#         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
+#         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
 # engine: the tests marked gpu, then `turbostream bench --model random --device cuda --compile` at 512x512
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
@@ -15,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(engine serve)
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(parity engine serve)
 status=0
 
 if [ -d .whl ] && ! python3 -c "import diffusers, websockets" 2>/dev/null; then
@@ -26,9 +29,10 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 
 if [ "${CHECK_CPU:-0}" = 1 ]; then
-  MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}
+  MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}; PARITY_S=300
 else
   MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-15}; SOAK_S=${SOAK_S:-180}
+  PARITY_S=${PARITY_S:-480}
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 fi
 "$PY" - > "$OUT/env.txt" 2>&1 <<'PY'
@@ -50,6 +54,10 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.
 
 for stage in "${stages[@]}"; do
   case $stage in
+    parity)
+      step parity "$PARITY_S" "$PY" scripts/gpu_parity.py "${MODEL[@]}" --budget-s $((PARITY_S - 60)) \
+        --out "$OUT/parity.json"
+      [ "${CHECK_CPU:-0}" = 1 ] || step parity-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_parity.py ;;
     engine)
       step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
       step bench 200 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json" ;;
@@ -59,7 +67,7 @@ for stage in "${stages[@]}"; do
     soak)
       step soak $((SOAK_S * 2 + 240)) "$PY" scripts/loadtest.py --soak --clients 8,16 --duration "$SOAK_S" \
         --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
-    *) echo "unknown stage $stage (engine, serve, soak)"; status=2 ;;
+    *) echo "unknown stage $stage (parity, engine, serve, soak)"; status=2 ;;
   esac
 done
 exit $status

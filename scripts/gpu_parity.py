@@ -81,8 +81,8 @@ def variant(name: str, engine: Engine) -> contextlib.AbstractContextManager:
     elif name == "channels_last_off":
         for module in (engine.unet, engine.vae):
             module.to(memory_format=torch.contiguous_format)
-        encode = engine._encode  # the frame path's permute yields channels_last strides: undo that too
-        engine._encode = lambda x: encode(x.contiguous())
+        encode = engine.math.encode  # the frame path's permute yields channels_last strides: undo that too
+        engine.math.encode = lambda x: encode(x.contiguous())
     elif name == "qkv_unfused":
         if getattr(engine.unet, "original_attn_processors", None) is None:
             raise Skip("the engine did not fuse QKV here")

@@ -5,40 +5,18 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from turbostream.config import StreamParams, parse_size
 
 
-def _img2img_pipeline(components):
-    from diffusers import StableDiffusionImg2ImgPipeline
+def _reference(components, engine, frames, params):
+    """diffusers' img2img (reference.py) on the same model, images, prompt embeddings, steps, strength and seeds."""
+    from turbostream.reference import ReferencePipeline
 
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=components.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _diffusers_uint8(images: np.ndarray) -> list[np.ndarray]:
-    """output_type='np' floats in [0, 1] -> uint8 exactly as diffusers' numpy_to_pil rounds them."""
-    return [(img * 255).round().astype(np.uint8) for img in images]
-
-
-def _reference(pipe, engine, frames, params):
-    """diffusers' img2img on the same model, images, prompt embeddings, steps, strength and per-frame noise seeds."""
     emb = torch.stack([engine.prompt_embeddings(p.prompt) for p in params])
-    gens = [torch.Generator("cpu").manual_seed(p.seed) for p in params]
-    out = pipe(
-        prompt_embeds=emb, image=[PIL.Image.fromarray(f) for f in frames],
-        num_inference_steps=params[0].steps, strength=params[0].strength, guidance_scale=0.0,
-        generator=gens, output_type="np",
-    ).images
-    return _diffusers_uint8(out)
+    return ReferencePipeline(components).run(frames, params, emb)
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -48,31 +26,25 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
 @pytest.mark.parametrize("steps,strength,evals", [(2, 0.5, 1), (4, 0.5, 2), (1, 1.0, 1), (3, 1.0, 3)])
 def test_engine_matches_diffusers_img2img(make_engine, tiny_components, frame_rng, steps, strength, evals):
     engine = make_engine()
-    pipe = _img2img_pipeline(tiny_components)
     frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
     params = [StreamParams("a red fox", strength, steps, seed) for seed in (3, 11)]
     assert params[0].unet_evals == evals
     ours = engine.run(frames, params)
-    ref = _reference(pipe, engine, frames, params)
+    ref = _reference(tiny_components, engine, frames, params)
     for o, r in zip(ours, ref):
         assert o.shape == (64, 64, 3) and o.dtype == np.uint8
         assert _max_diff(o, r) <= 2
         assert o.std() > 20  # a real picture, not a constant: the comparison means something
 
 
-def test_engine_matches_diffusers_with_full_vae(make_engine, tiny_full_vae_components, frame_rng, monkeypatch):
-    """The full AutoencoderKL path. The engine encodes to the posterior's mean (a stable picture every frame);
-    diffusers samples from it, so the reference is told to take the mean too (its own sample_mode='argmax')."""
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
-
-    original = img2img.retrieve_latents
-    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
-                        original(out, generator, sample_mode="argmax"))
+def test_engine_matches_diffusers_with_full_vae(make_engine, tiny_full_vae_components, frame_rng):
+    """The full AutoencoderKL path: the engine encodes to the posterior's mean (a stable picture every frame), and
+    so does the reference (it hands diffusers the mean's latents)."""
     engine = make_engine(components=tiny_full_vae_components, vae="full")
-    pipe = _img2img_pipeline(tiny_full_vae_components)
     frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
     params = [StreamParams("a lighthouse", 0.5, 2, 5)]
-    assert _max_diff(engine.run(frames, params)[0], _reference(pipe, engine, frames, params)[0]) <= 2
+    ours = engine.run(frames, params)[0]
+    assert ours.std() > 20 and _max_diff(ours, _reference(tiny_full_vae_components, engine, frames, params)[0]) <= 2
 
 
 def test_float16_path_matches_diffusers_in_float16(make_engine, frame_rng):
@@ -84,7 +56,7 @@ def test_float16_path_matches_diffusers_in_float16(make_engine, frame_rng):
     frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
     params = [StreamParams("a red fox", 0.5, 2, 3)]
     out = engine.run(frames, params)[0]
-    assert out.std() > 20 and _max_diff(out, _reference(_img2img_pipeline(comps), engine, frames, params)[0]) <= 2
+    assert out.std() > 20 and _max_diff(out, _reference(comps, engine, frames, params)[0]) <= 2
     with pytest.raises(ValueError, match="components are torch.float16 but the engine runs torch.float32"):
         make_engine(components=comps)
 
@@ -148,7 +120,7 @@ def test_generate_matches_diffusers_text_to_image(make_engine, tiny_components):
     ref = pipe(prompt_embeds=engine.prompt_embeddings("a castle")[None], num_inference_steps=1, guidance_scale=0.0,
                height=64, width=64, generator=torch.Generator("cpu").manual_seed(9), output_type="np").images
     assert ours.shape == (64, 64, 3)
-    assert _max_diff(ours, _diffusers_uint8(ref)[0]) <= 2
+    assert _max_diff(ours, (ref[0] * 255).round().astype(np.uint8)) <= 2  # diffusers' numpy_to_pil rounding
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ PIL in and out, 2 steps, strength 0.5, guidance 0; prompt embeddings precomputed
 so the VAE's share of the speedup is visible; (b) the engine eager; (c) the engine's CUDA graphs at every bucket;
 (d) with --compile, compiled then captured. Per call: median and p95; frames/s; speedup over (a). Also peak GPU
 memory, warmup and compile seconds, FLOPs per frame (torch's FlopCounterMode on one eager frame) and achieved TFLOP/s,
-and parity: the engine against the pipeline on the same noise, in uint8 levels.
+and parity (parity.py): the engine and diffusers in the bench's dtype against diffusers in fp32 on fresh components,
+in uint8 levels, with the project's pass rule.
 """
 
 from __future__ import annotations
@@ -76,32 +77,32 @@ def _pipeline(comps: Components, vae):
     return pipe
 
 
-def _pipeline_uint8(pipe, frame: np.ndarray, emb: torch.Tensor, params: StreamParams) -> np.ndarray:
-    """The pipeline on one frame with the engine's noise for params.seed -> uint8 (H, W, 3)."""
-    import PIL.Image
+def _parity(cfg: EngineConfig, comps: Components, frames: list[np.ndarray], params: StreamParams) -> dict:
+    """The project's parity check (parity.py) for the engine on comps, as served (graphs on CUDA, a padded bucket).
 
-    out = pipe(
-        prompt_embeds=emb[None], image=PIL.Image.fromarray(frame), num_inference_steps=params.steps,
-        strength=params.strength, guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(params.seed),
-        output_type="np",
-    ).images[0]
-    return (out * 255).round().astype(np.uint8)
+    E = the engine in the bench's dtype; R = diffusers' pipeline in fp32 on fresh components (TF32 off);
+    P = diffusers' pipeline in the bench's dtype on fresh components. Three frames with different seeds run as one
+    batch (bucket 4, padded) and the first one alone (bucket 1). Returns |E-R|, |P-R| (mean, p99, max in uint8
+    levels) and the verdict.
+    """
+    from .parity import parity_stats, parity_verdict
+    from .reference import ReferencePipeline, reference_components
 
-
-def _parity(engine, pipe, frame: np.ndarray, params: StreamParams) -> int:
-    """Max |engine - pipeline| in uint8 levels on the same model, frame, embeddings and noise."""
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
-
-    ours = engine.run([frame], [params])[0]
-    # The full VAE: the engine encodes to the posterior's mean; make the pipeline do the same instead of sampling
-    # (for TAESD there is nothing to sample and this changes nothing).
-    original = img2img.retrieve_latents
-    img2img.retrieve_latents = lambda out, generator=None, sample_mode="sample": original(out, generator, "argmax")
-    try:
-        ref = _pipeline_uint8(pipe, frame, engine.prompt_embeddings(params.prompt), params)
-    finally:
-        img2img.retrieve_latents = original
-    return int(np.abs(ours.astype(np.int16) - ref.astype(np.int16)).max())
+    batch = [dataclasses.replace(params, seed=params.seed + k) for k in range(3)]
+    engine = Engine(dataclasses.replace(cfg, vae=comps.vae_kind, compile=False, buckets=(1, 4)), comps)
+    engine.warmup()
+    ours = engine.run(frames[:3], batch) + engine.run(frames[:1], batch[:1])
+    emb = torch.stack([engine.prompt_embeddings(p.prompt) for p in batch]).float().cpu()
+    del engine
+    refs = {}
+    for key, dtype in (("R", torch.float32), ("P", comps.unet.dtype)):
+        fresh = reference_components(cfg.model, device=comps.unet.device, dtype=dtype, vae=comps.vae_kind,
+                                     taesd=cfg.taesd)
+        out = ReferencePipeline(fresh).run(frames[:3], batch, emb)
+        refs[key] = out + out[:1]
+        del fresh
+    e_vs_r, p_vs_r = parity_stats(ours, refs["R"]), parity_stats(refs["P"], refs["R"])
+    return {"engine": e_vs_r, "pipeline": p_vs_r, "verdict": parity_verdict(e_vs_r, p_vs_r)}
 
 
 def _flops_per_frame(engine, frame: np.ndarray, params: StreamParams) -> float:
@@ -133,7 +134,7 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     params = dataclasses.replace(base_cfg.default_params, prompt=PROMPT, seed=SEED)
     w, h = base_cfg.width, base_cfg.height
     rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(max(base_cfg.buckets))]
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(max(*base_cfg.buckets, 3))]
 
     t0 = time.perf_counter()
     comps = load_components(base_cfg.model, device=device, dtype=dtype, vae="full", taesd=base_cfg.taesd)
@@ -163,7 +164,10 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
         "diffusers_ms": None, "diffusers_taesd_ms": None,
         "engine_graph_ms": None, "engine_graph": None, "compiled_graph_ms": None, "compiled_graph": None,
         "warmup_s": None, "compile_s": None, "compiled_warmup_s": None, "peak_mem_gib": None,
-        "parity_max_abs_diff": None, "parity_taesd_max_abs_diff": None,
+        # The GPU-correctness check (parity.py): |engine - R| and |diffusers in this dtype - R|, uint8 levels.
+        "parity_engine_max": None, "parity_engine_p99": None, "parity_engine_mean": None,
+        "parity_pipeline_fp16_max": None, "parity_pipeline_fp16_p99": None, "parity_pipeline_fp16_mean": None,
+        "parity_pass": None, "parity": None,
     }
 
     def save() -> None:
@@ -203,15 +207,21 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     del eager
     save()
 
-    # Parity on the path users run (graphs on CUDA, eager on the CPU), against the pipeline with the same VAE.
+    # Parity on the path users run (graphs on CUDA, eager on the CPU), for both VAEs, against fresh references.
     if not opts.skip_diffusers:
-        for key, c in (("parity_max_abs_diff", comps), ("parity_taesd_max_abs_diff", tiny_comps)):
-            engine = Engine(dataclasses.replace(base_cfg, vae=c.vae_kind, compile=False, buckets=(1,)), c)
-            engine.warmup()
-            res[key] = _parity(engine, _pipeline(c, c.vae), frames[0], params)
-            del engine
-        log.info("parity in uint8 levels: full VAE %d, TAESD %d", res["parity_max_abs_diff"],
-                 res["parity_taesd_max_abs_diff"])
+        res["parity"] = {}
+        for c in (comps, tiny_comps):
+            log.info("parity, %s VAE: the engine and diffusers in %s against diffusers in fp32", c.vae_kind,
+                     res["dtype"])
+            res["parity"][c.vae_kind] = _parity(base_cfg, c, frames, params)
+        mine = res["parity"][base_cfg.vae]
+        for stat in ("max", "p99", "mean"):
+            res[f"parity_engine_{stat}"] = mine["engine"][stat]
+            res[f"parity_pipeline_fp16_{stat}"] = mine["pipeline"][stat]
+        res["parity_pass"] = all(v["verdict"]["pass"] for v in res["parity"].values())
+        for kind, v in res["parity"].items():
+            log.info("    %s VAE: |engine-R| %s, |diffusers-R| %s: %s", kind, v["engine"], v["pipeline"],
+                     "pass" if v["verdict"]["pass"] else f"FAIL ({', '.join(v['verdict']['failed'])})")
         save()
 
     def time_buckets(engine, buckets: tuple[int, ...], key: str) -> None:
@@ -292,7 +302,7 @@ def _print_table(res: dict) -> None:
         add("compiled + graph", row, int(b))
     console = Console(width=130)
     console.print(table)
-    extras = {k: res.get(k) for k in ("gflops_per_frame", "parity_max_abs_diff", "parity_taesd_max_abs_diff",
+    extras = {k: res.get(k) for k in ("gflops_per_frame", "parity_engine_max", "parity_engine_p99", "parity_pass",
                                       "peak_mem_gib", "warmup_s", "compile_s")}
     console.print(" ".join(f"{k}={v}" for k, v in extras.items() if v is not None))
     console.print("targets: " + ", ".join(f"{k}={v}" for k, v in res["targets"].items()))
