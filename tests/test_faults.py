@@ -116,7 +116,7 @@ def test_hundreds_of_clients_that_vanish_without_closing(engine):
                     answered += (await next_result(good))[0]["seq"] > 0
             assert answered == 10
             assert admitted >= 270  # places free up as fast as clients vanish (a few may still be closing)
-            await eventually(lambda: len(server.clients) == 1 and server._slots == 1, 15, "sessions not released")
+            await eventually(lambda: len(server.clients) == 1 and server.places["client"] == 1, 15, "sessions not released")
             await eventually(lambda: server.batcher.stream_count == 1, 5, "batcher streams not released")
             # Every vanished socket is closed (a few may linger for close_timeout after a FIN).
             await eventually(lambda: open_fds() <= fds + 2, 15, f"descriptors: {open_fds()} now, {fds} before")
@@ -143,7 +143,7 @@ def test_half_open_connections_are_closed_by_the_ping_timeout(engine):
                 silent.append(ws)
             assert len(server.clients) == 2
             t0 = time.monotonic()
-            await eventually(lambda: not server.clients and server._slots == 0, 20, "silent clients not reaped")
+            await eventually(lambda: not server.clients and server.places["client"] == 0, 20, "silent clients not reaped")
             assert time.monotonic() - t0 < 15
             # Their places are free again.
             ws, _ = await open_client(server)

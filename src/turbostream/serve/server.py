@@ -61,8 +61,8 @@ class TurboServer:
                                        thread_name_prefix="turbostream-codec")
         self.clients: set[ClientSession] = set()
         self.viewers: set[ViewerSession] = set()
-        self._slots = 0  # /ws connections admitted (warming ones included): what max_clients limits
-        self._viewer_slots = 0
+        # Places taken by role (warming connections included): what max_clients and max_viewers limit.
+        self.places = {"client": 0, "viewer": 0}
         self.broadcast: Broadcast | None = None
         if self.config.source is not None:
             self.broadcast = Broadcast(self, self.config.source, capture_factory or default_capture)
@@ -241,55 +241,49 @@ class TurboServer:
             await self._refuse(ws, "unauthorized", "this server needs a token: connect to /ws?token=<token>",
                                CloseCode.POLICY_VIOLATION, "unauthorized")
             return
-        if self._slots >= self.config.limits.max_clients:
-            await self._refuse(ws, "server_full", f"server full: {self.config.limits.max_clients} clients at most; "
-                               "try again later", CloseCode.TRY_AGAIN_LATER, "server full")
-            return
-        self._slots += 1  # no await since the check: the count cannot overshoot
-        try:
-            if not await self._await_engine(ws):
-                return
-            session = ClientSession(self, ws)
-            self.clients.add(session)
-            self.metrics.clients.set(len(self.clients))
-            try:
-                await session.run()
-            finally:
-                self.clients.discard(session)
-                self.metrics.clients.set(len(self.clients))
-        finally:
-            self._slots -= 1
+        await self._run_session(ws, "client", lambda: ClientSession(self, ws))
 
     async def _viewer_handler(self, ws: ServerConnection) -> None:
         if self.broadcast is None:
             await self._refuse(ws, "no_source", "nothing to view: start the server with --source SRC",
                                CloseCode.POLICY_VIOLATION, "no source")
             return
-        if self._viewer_slots >= self.config.limits.max_viewers:
-            await self._refuse(ws, "server_full", f"server full: {self.config.limits.max_viewers} viewers at most; "
-                               "try again later", CloseCode.TRY_AGAIN_LATER, "server full")
+        control_token = self.config.control_token
+        given = self._query(ws).get("control")
+        control = bool(control_token) and given is not None and hmac.compare_digest(
+            given.encode(), control_token.encode()
+        )
+        await self._run_session(ws, "viewer", lambda: ViewerSession(self, ws, control))
+
+    async def _run_session(self, ws: ServerConnection, role: str, make: Callable[[], Any]) -> None:
+        """Take one of the role's places (or refuse: server_full), wait for the engine, run the session to its end.
+
+        A place is held from the handshake on, also while the engine warms up, so max_clients bounds connections,
+        not only running streams.
+        """
+        limit = self.config.limits.max_clients if role == "client" else self.config.limits.max_viewers
+        if self.places[role] >= limit:
+            await self._refuse(ws, "server_full", f"server full: {limit} {role}s at most; try again later",
+                               CloseCode.TRY_AGAIN_LATER, "server full")
             return
-        self._viewer_slots += 1
+        self.places[role] += 1  # no await since the check: the count cannot overshoot
+        sessions = self.clients if role == "client" else self.viewers
         try:
             if not await self._await_engine(ws):
                 return
-            control_token = self.config.control_token
-            given = self._query(ws).get("control")
-            control = bool(control_token) and given is not None and hmac.compare_digest(
-                given.encode(), control_token.encode()
-            )
-            session = ViewerSession(self, ws, control)
-            self.viewers.add(session)
-            self._viewers_changed()
+            session = make()
+            sessions.add(session)
+            self._sessions_changed()
             try:
                 await session.run()
             finally:
-                self.viewers.discard(session)
-                self._viewers_changed()
+                sessions.discard(session)
+                self._sessions_changed()
         finally:
-            self._viewer_slots -= 1
+            self.places[role] -= 1
 
-    def _viewers_changed(self) -> None:
+    def _sessions_changed(self) -> None:
+        self.metrics.clients.set(len(self.clients))
         self.metrics.viewers.set(len(self.viewers))
         if self.broadcast is not None:
             # No viewer, no work: the source thread stops feeding the GPU until someone watches.
