@@ -16,7 +16,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+import hmac
+from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers, MultipleValuesError
@@ -53,6 +54,25 @@ def web_files() -> dict[str, bytes]:
             return files
     log.warning("browser client files (web/) not found; / will answer 404")
     return {}
+
+
+def query_params(path: str) -> dict[str, str]:
+    """A request path's query as typed: ?token=a+b gives "a+b" (percent escapes decoded; '+' is not a space here).
+
+    Form decoding (parse_qs, the browser's URLSearchParams) turns '+' into a space, and tokens are often base64,
+    which is full of '+'. A repeated name keeps its last value.
+    """
+    params = {}
+    for part in urlsplit(path).query.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            params[unquote(name)] = unquote(value)
+    return params
+
+
+def token_matches(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a token from the URL with the configured one."""
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
 
 
 def is_loopback_host(host: str) -> bool:

@@ -65,7 +65,8 @@ ERROR_CODES = {
     "source_ended": "the server-side source ended (a file) or failed for good; no more frames",
     "source_lost": "the server-side live source stopped delivering; it is being opened again (a 'source' message "
                    "with state 'live' follows when it is back)",
-    "unauthorized": "/ws without the right ?token= (connection closed, 1008)",
+    "unauthorized": "/ws or /view/ws without the right ?token= on a server started with --token (connection "
+                    "closed, 1008)",
     "server_full": "the client or viewer limit is reached (connection closed, 1013: try again later)",
     "engine_failed": "the engine could not be loaded or warmed up (connection closed, 1011)",
 }

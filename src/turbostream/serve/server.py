@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -32,7 +31,7 @@ from ..config import ServerConfig, StreamParams
 from ..metrics import Metrics
 from . import protocol
 from .broadcast import Broadcast
-from .http import HttpFront, OriginPolicy
+from .http import HttpFront, OriginPolicy, query_params, token_matches
 from .sessions import ClientSession, ViewerSession
 
 log = logging.getLogger("turbostream.server")
@@ -209,10 +208,6 @@ class TurboServer:
 
     # ------------------------------------------------------------------ WebSocket sessions
 
-    def _query(self, connection: ServerConnection) -> dict[str, str]:
-        query = parse_qs(urlsplit(connection.request.path).query)
-        return {k: v[-1] for k, v in query.items()}
-
     async def _refuse(self, ws: ServerConnection, code: str, message: str, close_code: int, reason: str) -> None:
         self.metrics.errors.labels(code).inc()
         with contextlib.suppress(ConnectionClosed):
@@ -234,26 +229,29 @@ class TurboServer:
         return False
 
     async def _client_handler(self, ws: ServerConnection) -> None:
-        token = self.config.token
-        if token is not None and not hmac.compare_digest(
-            self._query(ws).get("token", "").encode(), token.encode()
-        ):
-            await self._refuse(ws, "unauthorized", "this server needs a token: connect to /ws?token=<token>",
-                               CloseCode.POLICY_VIOLATION, "unauthorized")
-            return
-        await self._run_session(ws, "client", lambda: ClientSession(self, ws))
+        if await self._authorized(ws, "/ws"):
+            await self._run_session(ws, "client", lambda: ClientSession(self, ws))
 
     async def _viewer_handler(self, ws: ServerConnection) -> None:
+        if not await self._authorized(ws, "/view/ws"):
+            return
         if self.broadcast is None:
             await self._refuse(ws, "no_source", "nothing to view: start the server with --source SRC",
                                CloseCode.POLICY_VIOLATION, "no source")
             return
         control_token = self.config.control_token
-        given = self._query(ws).get("control")
-        control = bool(control_token) and given is not None and hmac.compare_digest(
-            given.encode(), control_token.encode()
-        )
+        control = control_token is not None and token_matches(query_params(ws.request.path).get("control"),
+                                                              control_token)
         await self._run_session(ws, "viewer", lambda: ViewerSession(self, ws, control))
+
+    async def _authorized(self, ws: ServerConnection, path: str) -> bool:
+        """With --token, both WebSocket endpoints need ?token=<token> (as typed); refused with 1008 otherwise."""
+        token = self.config.token
+        if token is None or token_matches(query_params(ws.request.path).get("token"), token):
+            return True
+        await self._refuse(ws, "unauthorized", f"this server needs a token: connect to {path}?token=<token>",
+                           CloseCode.POLICY_VIOLATION, "unauthorized")
+        return False
 
     async def _run_session(self, ws: ServerConnection, role: str, make: Callable[[], Any]) -> None:
         """Take one of the role's places (or refuse: server_full), wait for the engine, run the session to its end.
