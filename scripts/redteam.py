@@ -64,13 +64,17 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadtest  # make_frames, scrape, spawn_server, wait_healthy: the load test's conventions
 
+from turbostream.codec import count_scans  # the server's own scan counter: what the bombs must trip
+from turbostream.config import Limits
+
+SERVER_MAX_PIXELS_PER_BYTE = Limits().max_pixels_per_byte
+
 MIB = 2**20
 MAX_TOTAL_S = 1800.0  # the whole run, whatever the options say
 MAX_SOCKETS = 1000  # handshake-memory sockets at most
 MAX_FLOOD_S = 60.0
 RSS = "process_resident_memory_bytes"
 SEND_BUFFER = "turbostream_send_buffer_bytes"
-SERVER_MAX_PIXELS_PER_BYTE = 1024  # turbostream.server.MAX_PIXELS_PER_BYTE, copied so no turbostream import is needed
 
 
 # ------------------------------------------------------------------------------------------------ JPEG bombs
@@ -113,45 +117,6 @@ def jpeg_bomb_within_ratio(width: int = 4096, height: int = 4096,
     need = -(-width * height // max_pixels_per_byte) + margin
     scans = max(0, -(-(need - overhead) // 10))
     return jpeg_bomb(width, height, scans, True)
-
-
-_MARKER_AT = re.compile(rb"\xff+([^\x00\xff])")  # a marker (after any fill bytes), anchored: cheap
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xff]")  # the next marker (0xFF 0x00 is data inside a scan)
-_NEXT_SEGMENT = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # the same, skipping the RSTn markers inside a scan
-
-
-def count_scans(data: bytes, limit: int | None = None) -> int:
-    """Start-of-scan (SOS) markers of a JPEG, by walking its markers: segment lengths are skipped, and entropy-coded
-    data is searched for the next marker with a regex (0xFF is followed by 0x00 inside scan data; RSTn markers are
-    not segments). Stops counting at `limit` (None: count them all). Data that is not a JPEG counts 0; a cut
-    segment ends the walk. About a millisecond per MiB on these CPUs (a decode costs far more).
-    """
-    if not data.startswith(b"\xff\xd8"):
-        return 0
-    n, i, size = 0, 2, len(data)
-    while i + 1 < size:
-        m = _MARKER_AT.match(data, i)
-        if m is None:  # junk between segments: look for the next marker
-            m = _NEXT_MARKER.search(data, i)
-            if m is None:
-                break
-        marker, i = data[m.end() - 1], m.end()
-        if marker == 0xD9:  # EOI
-            break
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
-            continue
-        if i + 2 > size:
-            break
-        i += int.from_bytes(data[i : i + 2], "big")
-        if marker == 0xDA:
-            n += 1
-            if limit is not None and n >= limit:
-                return n
-            m = _NEXT_SEGMENT.search(data, i)  # skip the scan's entropy-coded data and its RSTn markers
-            if m is None:
-                break
-            i = m.start()
-    return n
 
 
 def measure_bombs(scans: int, with_pil: bool = True) -> list[dict]:

@@ -77,6 +77,10 @@ class Metrics:
             "Bytes written to connections' sockets but not yet taken by the kernel, all connections together",
             registry=r,
         )
+        # reason: send_buffer (a peer that sends pings and never reads), handshake_backlog (too many sockets still
+        # in their handshake), too_many_sockets (every place and every handshake slot taken).
+        self.limit_closes = Counter("turbostream_connections_closed_by_limit", "Sockets closed at once because they "
+                                    "passed a limit", ["reason"], registry=r)
         self.decode = self.stage.labels("decode")
         self.gpu = self.stage.labels("gpu")
         self.encode = self.stage.labels("encode")
@@ -96,6 +100,9 @@ class Metrics:
 
     def dropped(self, stage: str) -> None:
         self.frames_dropped.labels(stage).inc()
+
+    def closed_by_limit(self, reason: str) -> None:
+        self.limit_closes.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
