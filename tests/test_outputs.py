@@ -196,3 +196,70 @@ def test_outputs_parse():
     with pytest.raises(SinkError, match="given twice"):
         sinks.check_outputs([sinks.parse_output("virtualcam"), sinks.parse_output("VirtualCam")])
 
+
+@needs_ffmpeg
+def test_serve_publish_streams_the_broadcast_without_viewers(tmp_path, tiny_components):
+    """`serve --source SRC --publish udp://...`: the broadcast is stylized for the stream alone and read back."""
+    import asyncio
+
+    from turbostream.config import ServerConfig, preset
+    from turbostream.engine import Engine
+    from turbostream.serve import TurboServer
+    from turbostream.serve.integrations import Integrations
+
+    class Capture:
+        ended, error = False, None
+
+        def __init__(self, spec):
+            self.index = 0
+
+        def start(self):
+            pass
+
+        def latest(self, timeout):
+            time.sleep(0.02)
+            self.index += 1
+            y, x = np.mgrid[0:48, 0:64]
+            return self.index, np.stack([x * 4, y * 5, np.full_like(x, 90)], -1).astype(np.uint8)
+
+        def close(self):
+            pass
+
+    port = _free_port(socket.SOCK_DGRAM)
+    out = tmp_path / "received"
+    out.mkdir()
+    receiver = subprocess.Popen(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-probesize", "32768", "-analyzeduration", "2000000",
+         "-i", f"udp://127.0.0.1:{port}?timeout=30000000", "-frames:v", "5", str(out / "frame_%03d.png")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+    async def main():
+        server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source="fake"),
+                             capture_factory=Capture)
+        extras = Integrations(server, publish=(f"udp://127.0.0.1:{port}",), size=(64, 64), fps=20)
+        await server.start()
+        extras.start(asyncio.get_running_loop())
+        try:
+            assert await server.wait_ready(30)
+            deadline = time.monotonic() + 40
+            while receiver.poll() is None:  # no viewer is connected the whole time
+                assert time.monotonic() < deadline, "the receiver got no stream"
+                await asyncio.sleep(0.1)
+            while b"turbostream_publish_up 1.0" not in server.metrics.render():  # up after 2 s of streaming
+                assert time.monotonic() < deadline + 10, "the publisher never counted as up"
+                await asyncio.sleep(0.1)
+        finally:
+            await server.stop()
+            await asyncio.get_running_loop().run_in_executor(None, extras.stop)
+        return extras.publishers[0]
+
+    try:
+        publisher = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    assert receiver.returncode == 0, receiver.stderr.read()
+    frames = [cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))]
+    assert len(frames) == 5 and all(f.shape == (64, 64, 3) for f in frames)
+    assert publisher.failures == 0 and publisher.frames_sent > 0

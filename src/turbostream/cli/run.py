@@ -13,11 +13,13 @@ import sys
 from functools import partial
 
 from ..codec import fit_frame
-from ..config import RunConfig, StreamParams
+from ..config import MAX_STEPS, RunConfig, StreamParams
+from ..control import Controls, RunTarget
 from ..errors import SinkError, SourceError, UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
 from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
+from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config
 
 log = logging.getLogger("turbostream.run")
@@ -36,6 +38,7 @@ def add_parser(sub) -> None:
     g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
     g.add_argument("--realtime", action="store_true",
                    help="treat a file like a live source: keep only the newest frame, drop the rest")
+    add_control_options(p, "the run's stream")
     p.set_defaults(func=main)
 
 
@@ -53,10 +56,14 @@ def main(args: argparse.Namespace, engine=None) -> int:
         check_outputs(outputs, source)
     except (SourceError, SinkError) as exc:
         raise UserError(str(exc)) from None
-    return _run(args, engine, cfg, source, outputs)
+    controls = controls_from_args(args)  # a playlist's first prompt becomes args.prompt; the OSC port is bound
+    try:
+        return _run(args, engine, cfg, source, outputs, controls)
+    finally:
+        controls.stop()
 
 
-def _run(args, engine, cfg: RunConfig, source, outputs) -> int:
+def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> int:
     try:
         params = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
     except ValueError as exc:
@@ -109,6 +116,9 @@ def _run(args, engine, cfg: RunConfig, source, outputs) -> int:
             engine, capture, sinks, params, window=window, max_frames=args.max_frames, batch=batch,
             progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
         )
+        target = RunTarget(pipeline, getattr(getattr(engine, "config", None), "max_steps", MAX_STEPS))
+        controls.start_osc(target)
+        controls.start_playlist(target)
         if _stdin_is_terminal():
             PromptLine(pipeline).start()
         summary = pipeline.run()  # closes the sinks (writes what is queued, finalizes files)
