@@ -160,3 +160,34 @@ def test_view_page_shows_the_broadcast_and_controls_it(browser, tiny_components)
         page.screenshot(path=str(ARTIFACTS / "browser-view.png"))
         context.close()
         assert problems == []
+
+
+def test_kiosk_view_shows_nothing_but_the_frame(browser, tiny_components):
+    """/view?kiosk=1, as OBS's Browser Source or TouchDesigner's Web Render TOP shows it: the frame on black."""
+    from PIL import Image
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    engine = Engine(preset("test"), tiny_components)
+    config = ServerConfig(port=0, source="test-pattern")
+    with ServerThread(TurboServer(engine, config, capture_factory=_Capture)) as server:
+        context = browser.new_context(viewport={"width": 640, "height": 360})
+        page = context.new_page()
+        problems = _watch(page)
+        page.goto(server.url + "view?kiosk=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => Number(document.body.dataset.frames || 0) >= 5", timeout=TIMEOUT_MS)
+        # Nothing but the frame: no text anywhere, no bar, badge, error or control; black; the canvas fills the window.
+        assert page.evaluate("() => document.body.innerText.trim()") == ""
+        for selector in ("header.bar", "#conn", "#fps", "#model", "#error", "#control"):
+            assert not page.is_visible(selector), selector
+        assert page.evaluate("() => getComputedStyle(document.body).backgroundColor") == "rgb(0, 0, 0)"
+        assert page.locator("#output").bounding_box() == {"x": 0, "y": 0, "width": 640, "height": 360}
+        assert page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.scrollHeight]") \
+            == [640, 360]
+        shot = ARTIFACTS / "browser-kiosk.png"
+        page.screenshot(path=str(shot))
+        pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        # The square frame is centred at full height (360x360); the bands beside it are pure black.
+        assert pixels[:, :130].max() == 0 and pixels[:, -130:].max() == 0
+        assert pixels[:, 150:490].std() > 3  # the picture
+        context.close()
+        assert problems == []

@@ -1,9 +1,14 @@
 // turbostream viewer: shows the server's broadcast (turbostream serve --source ...) from /view/ws.
 // ?control=<token> (the server's --control-token) shows a prompt box that changes the broadcast for everyone.
+// ?kiosk=1: only the frame, filling the window on black; no bar, badges, errors or controls; the last frame stays
+// while it reconnects, quietly and for ever (OBS Browser Source, TouchDesigner Web Render TOP, projectors).
 
 const $ = (id) => document.getElementById(id);
-const control = new URLSearchParams(location.search).get("control");
-const state = { conn: "connecting", ready: null, framesReceived: 0, times: [], errors: [] };
+const query = new URLSearchParams(location.search);
+const control = query.get("control");
+const kiosk = ["1", "true", "yes", ""].includes((query.get("kiosk") ?? "no").toLowerCase());
+if (kiosk) document.documentElement.classList.add("kiosk");
+const state = { conn: "connecting", ready: null, framesReceived: 0, times: [], errors: [], kiosk };
 window.turbostream = state;
 let backoff = 500;
 let ws = null;
@@ -18,6 +23,7 @@ function setConn(text, kind = "") {
 
 function showError(message) {
   state.errors.push(message);
+  if (kiosk) return;
   $("error-text").textContent = message;
   $("error").hidden = false;
 }
@@ -35,11 +41,12 @@ function connect() {
       backoff = 500;
       $("error").hidden = true;
       setConn("live", "ready");
-      $("output").width = msg.width;
-      $("output").height = msg.height;
+      // Setting a canvas's size clears it: only when it changes, so a reconnect keeps the last frame up.
+      if ($("output").width !== msg.width) $("output").width = msg.width;
+      if ($("output").height !== msg.height) $("output").height = msg.height;
       $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}` +
         (msg.random_weights ? " · random weights: noise, not a stylization" : "");
-      $("control").hidden = !msg.control;
+      $("control").hidden = !msg.control || kiosk;
       $("prompt").value = msg.params.prompt;
     } else if (msg.type === "config") {
       if (document.activeElement !== $("prompt")) $("prompt").value = msg.prompt;
@@ -57,7 +64,9 @@ function connect() {
     }
   };
   ws.onclose = (event) => {
-    if (event.code === 1008) return setConn("refused: " + (event.reason || "policy"), "bad");
+    // Refused (no source, ...): the page says so and stops; a kiosk keeps trying, slowly (the server may restart).
+    if (event.code === 1008 && !kiosk) return setConn("refused: " + (event.reason || "policy"), "bad");
+    if (event.code === 1008) backoff = 10000;
     setConn("reconnecting…", "bad");
     setTimeout(connect, backoff * (0.75 + Math.random() * 0.5));
     backoff = Math.min(10000, backoff * 2);

@@ -72,6 +72,16 @@ class Metrics:
                                        "Times the server opened a lost live source again", registry=r)
         self.source_reconnects = Counter("turbostream_source_reconnects",
                                          "Reconnect attempts of the capture of the server-side source", registry=r)
+        # External control and outputs (serve --osc-port, --prompts, --publish).
+        self.osc_messages = Counter(
+            "turbostream_osc_messages",
+            "OSC messages received, by result: applied, ignored, rejected (out of range), bad_arguments, "
+            "unknown_address, malformed", ["result"], registry=r,
+        )
+        self.publish_up = Gauge("turbostream_publish_up", "--publish targets currently streaming", registry=r)
+        self.publish_failures = Counter("turbostream_publish_failures",
+                                        "Failed attempts to stream to a --publish target (each is retried)",
+                                        registry=r)
         self.send_buffer = Gauge(
             "turbostream_send_buffer_bytes",
             "Bytes written to connections' sockets but not yet taken by the kernel, all connections together",
