@@ -142,12 +142,13 @@ class _Capture:
 def test_view_page_shows_the_broadcast_and_controls_it(browser, tiny_components):
     ARTIFACTS.mkdir(exist_ok=True)
     engine = Engine(preset("test"), tiny_components)
-    config = ServerConfig(port=0, source="test-pattern", control_token="ctl")
+    # Tokens as users type them: base64 with '+', which form decoding would turn into spaces.
+    config = ServerConfig(port=0, source="test-pattern", token="v1+ew/k=", control_token="c+tl")
     with ServerThread(TurboServer(engine, config, capture_factory=_Capture)) as server:
         context = browser.new_context(viewport={"width": 800, "height": 600})
         page = context.new_page()
         problems = _watch(page)
-        page.goto(server.url + "view?control=ctl", timeout=TIMEOUT_MS)
+        page.goto(server.url + "view?token=v1+ew/k=&control=c+tl", timeout=TIMEOUT_MS)
         page.wait_for_function("() => Number(document.body.dataset.frames || 0) >= 5", timeout=TIMEOUT_MS)
         assert page.is_visible("#control")  # the control token shows the prompt box
         page.fill("#prompt", "a mosaic")

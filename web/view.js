@@ -1,11 +1,15 @@
 // turbostream viewer: shows the server's broadcast (turbostream serve --source ...) from /view/ws.
-// ?control=<token> (the server's --control-token) shows a prompt box that changes the broadcast for everyone.
+// ?control=<token> (the server's --control-token) shows a prompt box that changes the broadcast for everyone;
+// ?token=<token> is passed on to /view/ws (servers started with --token). Both are read as typed ('+' stays '+').
 // ?kiosk=1: only the frame, filling the window on black; no bar, badges, errors or controls; the last frame stays
 // while it reconnects, quietly and for ever (OBS Browser Source, TouchDesigner Web Render TOP, projectors).
 
+import { rawParam } from "./params.js";
+
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
-const control = query.get("control");
+const control = rawParam("control");
+const token = rawParam("token");
 const kiosk = ["1", "true", "yes", ""].includes((query.get("kiosk") ?? "no").toLowerCase());
 if (kiosk) document.documentElement.classList.add("kiosk");
 const state = { conn: "connecting", ready: null, framesReceived: 0, times: [], errors: [], kiosk };
@@ -30,7 +34,9 @@ function showError(message) {
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  ws = new WebSocket(`${scheme}//${location.host}/view/ws` + (control ? `?control=${encodeURIComponent(control)}` : ""));
+  const params = [["token", token], ["control", control]].filter(([, v]) => v);
+  const search = params.map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join("&");
+  ws = new WebSocket(`${scheme}//${location.host}/view/ws` + (search ? `?${search}` : ""));
   ws.binaryType = "blob";
   setConn("connecting…");
   ws.onmessage = (event) => {

@@ -39,7 +39,7 @@ class Integrations:
         self._task: asyncio.Task | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        server, broadcast, metrics = self.server, self.server.broadcast, self.server.metrics
+        broadcast, metrics = self.server.broadcast, self.server.metrics
         if self.publishers:
             broadcast.outputs.extend(self.publishers)
             publishers = list(self.publishers)
