@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_server import FakeCapture
 
 from turbostream.config import ServerConfig, preset
 from turbostream.engine import Engine
@@ -118,33 +119,12 @@ def test_autostart_streams_stylized_frames(browser, tiny_components):
         assert problems == []
 
 
-class _Capture:
-    """A 50 frames/s server-side source of the shape the server uses (sources.CaptureThread's)."""
-
-    ended, error = False, None
-
-    def __init__(self, spec: str) -> None:
-        self.index = 0
-
-    def start(self) -> None:
-        pass
-
-    def latest(self, timeout: float):
-        time.sleep(0.02)
-        self.index += 1
-        y, x = np.mgrid[0:72, 0:96]
-        return self.index, np.stack([x * 2, y * 3, np.full_like(x, self.index % 256)], -1).astype(np.uint8)
-
-    def close(self) -> None:
-        pass
-
-
 def test_view_page_shows_the_broadcast_and_controls_it(browser, tiny_components):
     ARTIFACTS.mkdir(exist_ok=True)
     engine = Engine(preset("test"), tiny_components)
     # Tokens as users type them: base64 with '+', which form decoding would turn into spaces.
     config = ServerConfig(port=0, source="test-pattern", token="v1+ew/k=", control_token="c+tl")
-    with ServerThread(TurboServer(engine, config, capture_factory=_Capture)) as server:
+    with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
         context = browser.new_context(viewport={"width": 800, "height": 600})
         page = context.new_page()
         problems = _watch(page)
@@ -170,7 +150,7 @@ def test_kiosk_view_shows_nothing_but_the_frame(browser, tiny_components):
     ARTIFACTS.mkdir(exist_ok=True)
     engine = Engine(preset("test"), tiny_components)
     config = ServerConfig(port=0, source="test-pattern")
-    with ServerThread(TurboServer(engine, config, capture_factory=_Capture)) as server:
+    with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
         context = browser.new_context(viewport={"width": 640, "height": 360})
         page = context.new_page()
         problems = _watch(page)

@@ -16,6 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 from pythonosc.udp_client import SimpleUDPClient
+from test_server import FakeCapture
 from websockets.asyncio.client import connect
 
 from turbostream import cli
@@ -34,27 +35,6 @@ TIMEOUT = 60
 @pytest.fixture
 def engine(tiny_components):
     return Engine(preset("test"), tiny_components)
-
-
-class FakeCapture:
-    """A 100 frames/s server-side source of the shape the server uses (sources.CaptureThread's)."""
-
-    ended, error = False, None
-
-    def __init__(self, spec: str) -> None:
-        self.index = 0
-
-    def start(self) -> None:
-        pass
-
-    def latest(self, timeout: float):
-        time.sleep(0.01)
-        self.index += 1
-        y, x = np.mgrid[0:48, 0:64]
-        return self.index, np.stack([x * 4, y * 5, np.full_like(x, self.index % 255)], -1).astype(np.uint8)
-
-    def close(self) -> None:
-        pass
 
 
 async def _broadcast_with(engine, controls: Controls):
