@@ -121,6 +121,9 @@ class EngineConfig:
     buckets: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes captured as CUDA graphs at warmup
     cuda_graphs: bool = True  # False runs the CUDA path eagerly (for comparison and debugging)
     compile: bool = False  # torch.compile the UNet and VAE before capture (minutes of warmup)
+    # Where --compile keeps what it built, so the next start with the same configuration reuses it (None: off).
+    # "" means the default folder (engine/compile_cache.py: ~/.cache/turbostream/compile).
+    compile_cache: str | None = ""
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     noise_cache_size: int = 256  # per-seed noise tensors kept (LRU)
