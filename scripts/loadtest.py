@@ -16,6 +16,12 @@ where they were once the clients left, no thread growth after the warmup, a spaw
 with --soak a failed verdict is exit status 1. The run is bounded (at most 64 clients a step, 600 s a step, one
 hour in all) and stops by itself.
 
+Behind a load balancer (--url of the balancer): --reconnect makes a client whose connection is lost or refused
+connect again, as the browser page does, and --replica-header X-Served-By records which replica took each connection
+(deploy/haproxy.cfg sets that header); each step then reports its connections by replica and by device, and how many
+were lost or refused. The server numbers then come from whichever replica answered the scrape: read each replica's
+/metrics for those.
+
     # start a server of its own (arguments after -- go to `turbostream serve`):
     python scripts/loadtest.py --clients 1,4,8 --duration 20 --json benchmarks/serve.json \\
         --spawn-server -- --model random --size 512
@@ -206,9 +212,13 @@ class ClientResult:
     replies: int = 0  # all replies, warmup included
     measured: int = 0  # replies inside the measured window
     dropped: int = 0  # frames the server skipped (a later frame was answered first)
-    unanswered: int = 0  # still in flight when the step ended
+    unanswered: int = 0  # still in flight when the step ended (or when a connection was lost)
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # --reconnect: every connection (which replica, when, how it ended), and the ones lost or refused.
+    connections: list[dict] = field(default_factory=list)
+    lost: int = 0  # connections that ended abnormally (1006, 1011, ...): the client connected again
+    refused: int = 0  # handshakes refused (HTTP 503, server_full): the client tried again
 
     def summary(self, window_s: float) -> dict:
         return {
@@ -216,25 +226,65 @@ class ClientResult:
             "frames": self.measured, "sent": self.sent, "replies": self.replies, "dropped": self.dropped,
             "unanswered": self.unanswered, "latency_ms": percentiles(self.latencies),
             "error_count": len(self.errors), "errors": self.errors[:5],
+            "connections": self.connections, "lost": self.lost, "refused": self.refused,
         }
+
+
+RECONNECT_S = (0.25, 2.0)  # --reconnect: first wait before connecting again, doubling up to the second
 
 
 async def run_client(index: int, url: str, frames: list[bytes], args, t_measure: float, t_end: float,
                      result: ClientResult, ready_info: dict) -> None:
+    """One client for the step; with --reconnect it connects again (0.25 s, doubling to 2 s) after its connection
+    is lost or refused, as the browser page does, until the step ends."""
+    loop = asyncio.get_running_loop()
+    wait = RECONNECT_S[0]
+    while True:
+        outcome = await _connection(index, url, frames, args, t_measure, t_end, result, ready_info)
+        if outcome is None or not getattr(args, "reconnect", False) or loop.time() >= t_end:
+            if outcome is not None:
+                result.errors.append(outcome)
+            return
+        if outcome.startswith("refused"):
+            result.refused += 1
+        else:
+            result.lost += 1
+            wait = RECONNECT_S[0]  # it had a place: connect again soon
+        await asyncio.sleep(min(wait, max(0.0, t_end - loop.time())))
+        wait = min(wait * 2, RECONNECT_S[1])
+
+
+async def _connection(index: int, url: str, frames: list[bytes], args, t_measure: float, t_end: float,
+                      result: ClientResult, ready_info: dict) -> str | None:
+    """One connection until the step ends; None, or what ended it early ('refused: ...', 'lost: ...')."""
     loop = asyncio.get_running_loop()
     sent: dict[int, float] = {}  # seq -> send time, frames not answered yet
     room = asyncio.Event()
     room.set()
+    record: dict = {"replica": None, "device": None, "opened_s": None, "replies": 0, "end": None}
+    t_start = t_measure - getattr(args, "warmup", 0.0)
     try:
         async with connect(url, max_size=2**25, compression=None, open_timeout=60, close_timeout=5) as ws:
+            header_name = getattr(args, "replica_header", None)
+            record["replica"] = ws.response.headers.get(header_name) if header_name else None
             ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
             if ready.get("type") != "ready":
+                if ready.get("code") == "server_full":
+                    return f"refused: {ready.get('message')}"
                 result.errors.append(f"{ready.get('code')}: {ready.get('message')}")
-                return
+                return None
+            record.update(device=ready.get("device"), opened_s=round(loop.time() - t_start, 2))
+            result.connections.append(record)
             ready_info.update(ready)
             await ws.send(json.dumps({"type": "config", "prompt": PROMPTS[index % len(PROMPTS)], "seed": index}))
 
             async def receive() -> None:
+                try:
+                    await receive_all()
+                finally:
+                    room.set()  # a lost connection wakes the sender at once
+
+            async def receive_all() -> None:
                 header = None
                 async for message in ws:
                     now = loop.time()
@@ -257,6 +307,7 @@ async def run_client(index: int, url: str, frames: list[bytes], args, t_measure:
                         del sent[older]
                         result.dropped += 1
                     result.replies += 1
+                    record["replies"] += 1
                     if t_send is not None and t_measure <= now <= t_end:
                         result.measured += 1
                         result.latencies.append(now - t_send)
@@ -289,15 +340,26 @@ async def run_client(index: int, url: str, frames: list[bytes], args, t_measure:
             drain_until = loop.time() + DRAIN_S
             while sent and loop.time() < drain_until and not receiver.done():
                 await asyncio.sleep(0.01)
-            result.unanswered = len(sent)
+            result.unanswered += len(sent)
+            if receiver.done() and not receiver.cancelled() and isinstance(receiver.exception(), ConnectionClosed):
+                raise receiver.exception()
             receiver.cancel()
+            if loop.time() < t_end and receiver.done():  # the server closed it (1000, 1001) before the step ended
+                raise ConnectionClosed(ws.close_rcvd, ws.close_sent)
+            record["end"] = "step ended"
     except InvalidStatus as exc:
-        result.errors.append(f"connection refused: HTTP {exc.response.status_code}")
+        return f"refused: HTTP {exc.response.status_code}"
     except ConnectionClosed as exc:
-        if exc.rcvd is None or exc.rcvd.code not in (1000, 1001):
-            result.errors.append(f"connection closed: {exc}")
+        code = exc.rcvd.code if exc.rcvd is not None else 1006
+        record["end"] = f"closed {code}"
+        record["closed_s"] = round(loop.time() - t_start, 2)
+        result.unanswered += len(sent)
+        sent.clear()
+        if code not in (1000, 1001) or (getattr(args, "reconnect", False) and loop.time() < t_end):
+            return f"lost: connection closed: {exc}"
     except (OSError, TimeoutError) as exc:
-        result.errors.append(f"connection failed: {exc!r}")
+        return f"lost: connection failed: {exc!r}"
+    return None
 
 
 async def settle(http_base: str, max_fds: float | None, timeout: float = SETTLE_S) -> dict[str, float]:
@@ -357,11 +419,21 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
             round(sum(fps) / n, 2), "frames": sum(r.measured for r in results),
             "latency_ms": percentiles(all_latencies), "dropped": sum(r.dropped for r in results),
             "unanswered": sum(r.unanswered for r in results), "errors": sum(len(r.errors) for r in results),
+            "lost": sum(r.lost for r in results), "refused": sum(r.refused for r in results),
+            "connections_by_replica": _count(c["replica"] for r in results for c in r.connections),
+            "connections_by_device": _count(c["device"] for r in results for c in r.connections),
         },
         "per_client": per_client,
         "server": server_numbers(before, after, warm),
         "samples": samples,
     }
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return dict(sorted(counts.items()))
 
 
 # ------------------------------------------------------------------------------------------------ verdict
@@ -479,6 +551,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--quality", type=int, default=85, help="JPEG quality of the frames sent (default: 85)")
     p.add_argument("--frames", type=int, default=16, help="distinct frames cycled through (default: 16)")
     p.add_argument("--token", help="the server's --token")
+    p.add_argument("--reconnect", action="store_true", help="a client whose connection is lost or refused connects "
+                   "again (0.25 s, doubling to 2 s), as the browser page does; counted as lost / refused, not errors")
+    p.add_argument("--replica-header", metavar="NAME", help="response header naming the replica that took each "
+                   "connection behind a load balancer (deploy/haproxy.cfg sets X-Served-By)")
     p.add_argument("--host", default="127.0.0.1", help="interface of a spawned server (default: %(default)s)")
     p.add_argument("--ready-timeout", type=float, default=900.0,
                    help="seconds to wait for a spawned server's /healthz (model download, graph capture; default 900)")
@@ -556,6 +632,10 @@ async def sweep(args, url: str, http_base: str) -> tuple[list[dict], dict]:
         step = await run_step(n, url, frames, args, http_base, ready_info)
         steps.append(step)
         print(table([step]).splitlines()[-1] if steps[1:] else table([step]), flush=True)
+        t = step["total"]
+        if args.reconnect or args.replica_header:
+            print(f"        connections by replica {t['connections_by_replica']}, by device "
+                  f"{t['connections_by_device']}; lost {t['lost']}, refused {t['refused']}", flush=True)
     return steps, ready_info
 
 
