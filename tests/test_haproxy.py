@@ -12,6 +12,7 @@ Set SCALING_JSON=path to keep the figures (the README's "Scaling" section quotes
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -27,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
@@ -121,6 +124,19 @@ def states(port: int) -> dict[str, str]:
             if key.startswith("streams/") and not key.endswith(("FRONTEND", "BACKEND"))}
 
 
+def handshake(port: int, origin: str | None) -> str | int:
+    """A /ws handshake through the balancer with this Origin: the first message's type, or the HTTP status."""
+
+    async def go():
+        try:
+            async with connect(f"ws://127.0.0.1:{port}/ws", origin=origin, open_timeout=20) as ws:
+                return json.loads(await ws.recv())["type"]
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    return asyncio.run(go())
+
+
 def clients_of(replica: Replica) -> int:
     for line in get(replica.url + "/metrics")[1].splitlines():
         if line.startswith("turbostream_clients "):
@@ -152,6 +168,14 @@ def test_replicas_behind_haproxy(tmp_path):
         wait_for(lambda: r0.health() == 200 and r1.health() == 200, 180, "r0 and r1 to warm up")
         assert r2.health() == 503 and get(r2.url + "/readyz") == (503, "warming up\n")
         wait_for(lambda: states(stats) == {"r0": "UP", "r1": "UP", "r2": "DOWN"}, 30, "HAProxy to see r2 down")
+
+        # 0. The pages and the Origin rule work through the balancer unchanged (HAProxy passes Host on as it came).
+        status, page = get(f"http://127.0.0.1:{front}/")
+        assert status == 200 and "/app.js" in page
+        assert get(f"http://127.0.0.1:{front}/view")[0] == 200
+        assert handshake(front, f"http://127.0.0.1:{front}") == "ready"
+        assert handshake(front, "http://evil.example") == 403
+        wait_for(lambda: sum(clients_of(r) for r in (r0, r1)) == 0, 20, "the handshake's client to leave")
 
         # 1. Twice what one replica admits, with one replica still warming: spread over the two warm ones, none
         #    refused, none lost, nothing sent to the warming one.

@@ -84,12 +84,13 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _make_current(engine: Any) -> None:
-    """On the inference thread: make the engine's GPU the thread's current device (streams and graphs use it)."""
-    device = getattr(engine, "device", None)
-    if getattr(device, "type", None) == "cuda":
-        import torch
+def _make_current(device: Any) -> None:
+    """On the inference thread: make a GPU named with its index (cuda:1) the thread's current device, so the
+    streams and graphs an engine creates without naming a device live on it. 'cuda' alone is the current one."""
+    import torch
 
+    device = torch.device(str(device).split("#")[0]) if isinstance(device, str) else device
+    if getattr(device, "type", None) == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
 
 
@@ -104,7 +105,7 @@ class GuardedEngine:
         return getattr(self._engine, name)
 
     def warmup(self, *args, **kwargs):
-        _make_current(self._engine)
+        _make_current(getattr(self._engine, "device", None))
         return self._engine.warmup(*args, **kwargs)
 
     def run(self, frames, params, **kwargs):
@@ -140,10 +141,8 @@ class Device:
 
     def _build(self, factory: Callable[[], Any]) -> GuardedEngine:
         """On the inference thread: select the GPU first, so the model's tensors, streams and graphs live on it."""
-        if self.name.startswith("cuda"):
-            import torch
-
-            torch.cuda.set_device(torch.device(self.name.split("#")[0]))
+        if self.name.startswith("cuda:"):
+            _make_current(self.name)
         return GuardedEngine(factory(), self)
 
     def _on_batch(self, size: int, seconds: float) -> None:  # inference thread
