@@ -162,7 +162,11 @@ def test_replicas_behind_haproxy(tmp_path):
     haproxy_log = tmp_path / "haproxy.log"
     haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=haproxy_log.open("w"),
                                stderr=subprocess.STDOUT)
-    figures: dict = {}
+    version = subprocess.run([HAPROXY, "-v"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    figures: dict = {"settings": {
+        "replicas": 3, "max_clients_per_replica": MAX_CLIENTS, "clients": CLIENTS, "rate_per_client": 10,
+        "duration_s": {"spread": 5, "kill": 10}, "replica": "serve --model tiny-random --device cpu --size 64",
+        "haproxy": version, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}}
     try:
         r0, r1, r2 = replicas.values()
         wait_for(lambda: r0.health() == 200 and r1.health() == 200, 180, "r0 and r1 to warm up")
