@@ -226,6 +226,31 @@ def test_one_engine_failing_closes_only_its_streams_and_the_other_keeps_serving(
                for r in caplog.records)
 
 
+def test_the_broadcast_moves_when_its_device_is_lost(two_engines):
+    from test_server import FakeCapture, _frames
+
+    breakable = Breakable(two_engines[0])  # the first device: the broadcast's
+
+    async def main():
+        server = TurboServer(engines=[breakable, two_engines[1]], config=server_config(source="fake:0"),
+                             capture_factory=FakeCapture)
+        await start(server)
+        try:
+            viewer, ready = await open_client(server, "/view/ws")
+            assert ready["device"] == "cpu#0"
+            await _frames(viewer, 3)
+            breakable.broken.set()
+            async with asyncio.timeout(20):
+                while server.devices.device_of(server.broadcast.stream).name != "cpu#1":
+                    await asyncio.sleep(0.02)
+            await _frames(viewer, 5)  # the viewer stays connected and the broadcast goes on from cpu#1
+            assert server.devices.items[0].lost is not None
+        finally:
+            await server.stop()
+
+    run(main())
+
+
 def test_a_device_that_fails_to_load_fails_the_start(tiny_components):
     def broken():
         raise RuntimeError("CUDA error: invalid device ordinal")
