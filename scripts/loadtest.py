@@ -56,9 +56,12 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-# The numbers and tables: scripts/loadtest_report.py, next to this file (on sys.path when this runs as a script).
-from loadtest_report import (
+# The numbers and tables: scripts/loadtest_report.py, next to this file (also when this file is imported by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadtest_report import (  # noqa: E402
     FD_MARGIN,
     THREAD_MARGIN,
     count_by,
@@ -71,8 +74,6 @@ from loadtest_report import (
     verdict,
     verdict_text,
 )
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 MAX_CLIENTS = 64
 MAX_STEP_S = 600.0
