@@ -552,7 +552,7 @@ def test_lost_live_source_is_reported_and_opened_again_while_clients_go_on(engin
     run(main())
 
 
-def test_a_file_source_that_ends_stays_ended(engine, tmp_path):
+def test_a_file_source_that_ends_stays_ended(engine, tmp_path, caplog):
     import cv2
 
     from turbostream.io.sources import CaptureThread
@@ -580,7 +580,11 @@ def test_a_file_source_that_ends_stays_ended(engine, tmp_path):
         finally:
             await server.stop()
 
-    run(main())
+    with caplog.at_level("INFO", logger="turbostream"):
+        run(main())
+    # A file's normal end is news, not an error: logged at INFO.
+    ends = [r for r in caplog.records if "source" in r.getMessage() and "ended" in r.getMessage()]
+    assert ends and all(r.levelname == "INFO" for r in ends), [(r.levelname, r.getMessage()) for r in ends]
 
 
 # ------------------------------------------------------------------------------------------------ codec failures
