@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,98 @@ def test_command_line_prompt_blend():
     assert parse_prompt('[["a cat", 0.7], ["a dog", 0.3]]') == (("a cat", 0.7), ("a dog", 0.3))
     with pytest.raises(ValueError, match="JSON blend"):
         parse_prompt("[not json")
+
+
+# ------------------------------------------------------------------------------------------------ similarity skip
+
+
+def test_similarity_filter_is_stochastic_bounded_and_runs_after_changes():
+    from turbostream.config import MAX_CONSECUTIVE_SKIPS
+    from turbostream.controls import SimilarityFilter
+
+    rng = np.random.default_rng(7)
+    still = _scene(rng)
+    f = SimilarityFilter(seed=0)
+    p = StreamParams(similarity=0.9)
+    assert f.check(still, StreamParams()) is None and f.reference is None  # off: nothing kept
+    assert f.check(still, p) is None and f.reference is still  # the first frame runs and becomes the reference
+    marks = [f.check(still.copy(), p) is not None for _ in range(2 * MAX_CONSECUTIVE_SKIPS + 3)]
+    want = [True] * MAX_CONSECUTIVE_SKIPS + [False]
+    assert marks == want + want + [True]  # identical: always skipped, but at most MAX in a row
+    assert f.check(still.copy(), p) is f.reference  # a skip hands back the reference object itself
+    assert f.check(still.copy(), p.updated(seed=3)) is None  # changed parameters: run
+    # Stochastic: a slightly noisy scene near the threshold is skipped some of the time, not always or never.
+    f = SimilarityFilter(seed=1)
+    noisy = [_scene(rng, noise=10) for _ in range(200)]
+    f.check(noisy[0], StreamParams(similarity=0.99))
+    skips = sum(f.check(x, StreamParams(similarity=0.99)) is not None for x in noisy[1:])
+    assert 20 < skips < 180, skips
+    # A transition after a prompt change runs every frame until it is over.
+    clock = Clock()
+    f = SimilarityFilter(seed=0, clock=clock)
+    p = StreamParams(similarity=0.9, transition_s=1.0)
+    f.check(still, p)
+    f.check(still, p.updated(prompt="new"))
+    clock.t += 0.5
+    assert f.check(still, p.updated(prompt="new")) is None
+    clock.t += 0.6
+    assert f.check(still, p.updated(prompt="new")) is not None
+
+
+class _Engine:
+    """A stand-in with per-stream state: records calls and released streams; output = frame + 1."""
+
+    max_batch = 4
+
+    def __init__(self) -> None:
+        self.calls, self.released = [], []
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, frames, params, streams=None):
+        self.calls.append(list(streams))
+        return [f + 1 for f in frames]
+
+    def release_stream(self, key) -> None:
+        self.released.append(key)
+
+
+def test_batcher_answers_skips_from_the_last_output_and_releases_closed_streams():
+    import threading
+
+    from turbostream.batcher import Batcher
+
+    engine = _Engine()
+    batcher = Batcher(engine, on_skip=lambda n: skipped.append(n)).start()
+    skipped, results, done = [], [], threading.Event()
+
+    def on_result(result):
+        results.append(result)
+        done.set()
+
+    def submit(frame, meta, skip=False):
+        done.clear()
+        stream.submit(frame, meta, skip=skip)
+        assert done.wait(5)
+
+    try:
+        assert batcher.ready.wait(5)
+        stream = batcher.open_stream(on_result, StreamParams(similarity=0.9))
+        ref = np.zeros((8, 8, 3), np.uint8)
+        submit(ref, 1)
+        submit(ref, 2, skip=True)  # the reference ran: answered from its output, no engine call
+        other = np.full((8, 8, 3), 5, np.uint8)
+        submit(other, 3, skip=True)  # a reference that never ran (dropped): it runs now
+        assert [r.skipped for r in results] == [False, True, False]
+        assert results[1].frame is results[0].frame and results[1].batch_size == 0
+        assert int(results[2].frame[0, 0, 0]) == 6 and len(engine.calls) == 2 and skipped == [1]
+        assert engine.calls[0] == [stream.key]  # the engine gets each frame's stream key
+        stream.close()
+        batcher.open_stream(on_result, StreamParams()).submit(other, 4)  # the next batch frees the closed stream
+        deadline = time.monotonic() + 5
+        while not engine.released and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.released == [stream.key]
+    finally:
+        batcher.stop()

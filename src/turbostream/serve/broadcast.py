@@ -16,6 +16,7 @@ import numpy as np
 
 from ..batcher import Result, Stream
 from ..codec import fit_frame
+from ..controls import SimilarityFilter
 from ..io.sources import redact
 from . import protocol
 from .protocol import FrameMeta
@@ -48,6 +49,7 @@ class Broadcast:
         self._latest: np.ndarray | None = None  # newest result waiting for the encoder
         self._encoding = False
         self.frames_encoded = 0
+        self.skipper = SimilarityFilter()  # the `similarity` control, run on the source thread
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -136,7 +138,9 @@ class Broadcast:
             index, frame = got
             fitted = fit_frame(frame, server.engine.width, server.engine.height)
             server.metrics.frames_in.inc()
-            if self.stream.submit(fitted, FrameMeta(int(index))) is not None:
+            reference = self.skipper.check(fitted, self.stream.params)  # a repeat: viewers keep the last frame
+            skip = reference is not None
+            if self.stream.submit(reference if skip else fitted, FrameMeta(int(index)), skip=skip) is not None:
                 server.metrics.dropped("queue")
         return None, delivered
 
@@ -175,6 +179,8 @@ class Broadcast:
     def _on_result(self, result: Result) -> None:
         if result.frame is None:
             log.warning("broadcast frame failed: %s", result.error)
+            return
+        if result.skipped:  # the same picture again: every viewer already has it
             return
         if self._encoding:
             if self._latest is not None:

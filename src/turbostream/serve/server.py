@@ -55,7 +55,8 @@ class TurboServer:
     ) -> None:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
-        self.batcher = Batcher(engine, engine_factory=engine_factory, on_batch=self._on_batch)
+        self.batcher = Batcher(engine, engine_factory=engine_factory, on_batch=self._on_batch,
+                               on_skip=self.metrics.frames_skipped.inc)
         self.pool = ThreadPoolExecutor(max_workers=workers or min(8, max(2, os.cpu_count() or 2)),
                                        thread_name_prefix="turbostream-codec")
         self.clients: set[ClientSession] = set()
