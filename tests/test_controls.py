@@ -293,3 +293,81 @@ def test_batcher_answers_skips_from_the_last_output_and_releases_closed_streams(
         assert engine.released == [stream.key]
     finally:
         batcher.stop()
+
+
+# ------------------------------------------------------------------------------------------------ turbostream run
+
+
+def test_run_with_controls_skips_repeats_and_keeps_every_frame(tmp_path, make_engine, caplog):
+    """A folder of one still picture (and a different one at the end) through `turbostream run --similarity
+    --feedback --transition` with a prompt blend: every frame written, repeats answered with the last output."""
+    import argparse
+    import logging
+
+    import cv2
+
+    from turbostream.cli import run as cli_run
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(8)
+    still, other = _scene(rng), _scene(rng, shift=20)[::-1]
+    for k in range(14):
+        cv2.imwrite(str(src / f"f{k:02d}.png"), other if k == 13 else still)
+    parser = argparse.ArgumentParser()
+    cli_run.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["run", "-i", str(src), "-o", f"{out}/", "--similarity", "0.9", "--feedback", "0.5",
+                              "--transition", "1", "--prompt", '[["a watercolor", 0.7], ["a pencil sketch", 0.3]]',
+                              "--model", "tiny-random", "--device", "cpu", "--size", "64"])
+    engine = make_engine()
+    with caplog.at_level(logging.INFO, "turbostream.run"):
+        assert cli_run.main(args, engine=engine) == 0
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 14
+    # Frame 0 runs, 1-10 are repeats, 11 runs (at most 10 skips in a row), 12 is a repeat, 13 is another picture.
+    assert "11 similar frames answered with the last output" in caplog.text
+    assert engine.stats.frames == 3 and engine.stream_states == 1
+    pics = [cv2.imread(str(p)) for p in written]
+    same = [np.array_equal(a, b) for a, b in zip(pics, pics[1:])]
+    assert same == [True] * 10 + [False, True, False]  # frame 11 differs from 10: feedback moved it on
+
+
+def test_prompt_line_changes_the_controls():
+    from turbostream.io.sources import CaptureThread
+    from turbostream.pipeline import Pipeline, PromptLine
+
+    pipeline = Pipeline(type("E", (), {"max_batch": 1})(), CaptureThread("0"), [], StreamParams(prompt="a"))
+    line = PromptLine(pipeline)
+    assert "similarity 0.95" in line.apply("/similarity 0.95")
+    line.apply("/transition 2")
+    line.apply("/feedback 0.4")
+    line.apply('/prompt [["a cat", 1], ["a dog", 3]]')
+    assert pipeline.params == StreamParams((("a cat", 1), ("a dog", 3)), similarity=0.95, transition_s=2.0,
+                                           feedback=0.4)
+    with pytest.raises(ValueError, match="feedback must be"):
+        line.apply("/feedback 2")
+    with pytest.raises(ValueError, match="needs a number"):
+        line.apply("/transition soon")
+
+
+def test_serve_options_set_every_stream_s_starting_controls():
+    import argparse
+
+    from turbostream.cli import serve as cli_serve
+    from turbostream.cli.options import engine_config
+    from turbostream.errors import UserError
+
+    def parse(*argv):
+        parser = argparse.ArgumentParser()
+        cli_serve.add_parser(parser.add_subparsers())
+        return parser.parse_args(["serve", "--model", "tiny-random", "--device", "cpu", *argv])
+
+    default = engine_config(parse()).default_params
+    assert (default.similarity, default.transition_s, default.feedback) == (0, 0, 0)  # off unless asked
+    p = engine_config(parse("--similarity", "0.97", "--transition", "1.5", "--feedback", "0.3",
+                            "--prompt", '[["a", 1], ["b", 1]]')).default_params
+    assert p == StreamParams((("a", 1), ("b", 1)), similarity=0.97, transition_s=1.5, feedback=0.3)
+    for bad, message in ((["--feedback", "1"], "feedback must be"), (["--similarity", "1"], "similarity must be"),
+                         (["--prompt", "[oops"], "JSON blend")):
+        with pytest.raises(UserError, match=message):
+            engine_config(parse(*bad))

@@ -87,10 +87,10 @@ class FitAndCheck:
     """`turbostream run`'s capture transform: fit to the engine size, then the similarity check, on the capture
     thread. Returns the fitted frame, or for a skip the reference frame object (the GPU thread reuses its output)."""
 
-    def __init__(self, width: int, height: int) -> None:
+    def __init__(self, width: int, height: int, params_of=None) -> None:
         self.width, self.height = width, height
         self.filter = SimilarityFilter()
-        self.params_of = None  # () -> the run's StreamParams; set once the pipeline exists
+        self.params_of = params_of  # () -> the run's StreamParams now (None: fit only)
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         fitted = fit_frame(frame, self.width, self.height)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from functools import partial
 
-from ..codec import fit_frame
-from ..config import RunConfig, StreamParams
+from ..config import RunConfig
+from ..controls import FitAndCheck
 from ..errors import SinkError, SourceError, UserError
 from ..io.sinks import FolderSink, VideoSink, WindowSink, check_outputs, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
 from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
-from .options import add_engine_options, build_engine, engine_config
+from .options import add_engine_options, build_engine, engine_config, stream_params
 
 log = logging.getLogger("turbostream.run")
 
@@ -53,7 +52,7 @@ def main(args: argparse.Namespace, engine=None) -> int:
     except (SourceError, SinkError) as exc:
         raise UserError(str(exc)) from None
     try:
-        params = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
+        params = stream_params(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if engine is None:
@@ -63,10 +62,11 @@ def main(args: argparse.Namespace, engine=None) -> int:
         width, height, max_batch = engine.width, engine.height, engine.max_batch
     realtime = source.live or bool(args.realtime)
     batch = 1 if realtime else max_batch
+    transform = FitAndCheck(width, height, lambda: params)  # the pipeline's live parameters once it exists
     capture = CaptureThread(
         source, realtime=realtime, queue_size=max(cfg.queue_frames, 2 * batch),
         reconnect=cfg.reconnect_attempts if source.live else 0, open_timeout_s=cfg.open_timeout_s,
-        transform=partial(fit_frame, width=width, height=height),  # resized on the capture thread, not the GPU's
+        transform=transform,  # fitting and the similarity check run on the capture thread, not the GPU's
     )
     try:
         capture.start()
@@ -100,6 +100,7 @@ def main(args: argparse.Namespace, engine=None) -> int:
             engine, capture, sinks, params, window=window, max_frames=args.max_frames, batch=batch,
             progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
         )
+        transform.params_of = lambda: pipeline.params
         if _stdin_is_terminal():
             PromptLine(pipeline).start()
         summary = pipeline.run()
@@ -143,6 +144,8 @@ def _log_summary(s: RunSummary, realtime: bool, sinks: list) -> None:
         if lat:
             line += f", latency {1000 * lat[len(lat) // 2]:.0f} ms median, {1000 * lat[-1]:.0f} ms max"
         line += f", {s.dropped} stale frames dropped"
+    if s.skipped:
+        line += f", {s.skipped} similar frames answered with the last output"
     log.info("%s", line)
     for sink in sinks:
         log.info("  %s", sink.describe())
