@@ -35,6 +35,8 @@ from .schedule import ScheduleTable
 
 log = logging.getLogger("turbostream.engine")
 
+BLEND_CACHE_SIZE = 16  # prompt blends' combined embeddings kept (LRU); recombining one costs a few tensor ops
+
 
 @dataclass
 class EngineStats:
@@ -77,6 +79,9 @@ class Engine:
         self.stats = EngineStats()
         self._prompts = LRU(config.prompt_cache_size)
         self._noise = LRU(config.noise_cache_size)
+        # Prompt blends apart from the prompt cache: a mix slider dragged through many weights must not evict the
+        # texts (and cost text-encoder runs) of other streams.
+        self._blends = LRU(BLEND_CACHE_SIZE)
         self._owner: int | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._streams = StreamStates(config.max_stream_states)
@@ -136,15 +141,18 @@ class Engine:
         """(tokens, dim) embeddings of a prompt on the device; the text encoder runs only on a cache miss.
 
         A weighted blend ((text, weight), ...) is the weight-normalized sum of its texts' embeddings; each text is
-        cached on its own and the blend under its own key.
+        cached on its own (prompt cache), the blend in a small cache of its own.
         """
+        if not isinstance(prompt, str):
+            emb = self._blends.lookup(prompt)
+            if emb is None:
+                emb = blend_embeddings(prompt, self.prompt_embeddings, self.dtype)
+                self._blends.insert(prompt, emb)
+            return emb
         emb = self._prompts.lookup(prompt)
         if emb is None:
-            if isinstance(prompt, str):
-                emb = encode_prompt(self.components, prompt, self.device, self.dtype)
-                self.stats.text_encoder_runs += 1
-            else:
-                emb = blend_embeddings(prompt, self.prompt_embeddings, self.dtype)
+            emb = encode_prompt(self.components, prompt, self.device, self.dtype)
+            self.stats.text_encoder_runs += 1
             self._prompts.insert(prompt, emb)
             self.stats.prompt_cache_evictions = self._prompts.evictions
         return emb
