@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [serve] [soak]      (default: parity engine serve)
+#   bash scripts/gpu_check.sh [parity] [engine] [serve] [soak] [warmstart]      (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
 #         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
 # engine: the tests marked gpu, then `turbostream bench --model random --device cuda --compile` at 512x512
+# warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
+#         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
@@ -67,7 +69,9 @@ for stage in "${stages[@]}"; do
     soak)
       step soak $((SOAK_S * 2 + 240)) "$PY" scripts/loadtest.py --soak --clients 8,16 --duration "$SOAK_S" \
         --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
-    *) echo "unknown stage $stage (parity, engine, serve, soak)"; status=2 ;;
+    warmstart)
+      step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
+    *) echo "unknown stage $stage (parity, engine, serve, soak, warmstart)"; status=2 ;;
   esac
 done
 exit $status

@@ -456,12 +456,17 @@ def stop_server(proc: subprocess.Popen) -> int | None:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+def split_serve_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the ones after -- that go to `turbostream serve`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    serve_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, serve_args = argv[:cut], argv[cut + 1 :]
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv, serve_args = split_serve_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Arguments after -- go to "
                                 "`turbostream serve` (with --spawn-server).")
     target = p.add_mutually_exclusive_group(required=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_server import FakeCapture
 
 from turbostream.config import ServerConfig, preset
 from turbostream.engine import Engine
@@ -118,36 +119,16 @@ def test_autostart_streams_stylized_frames(browser, tiny_components):
         assert problems == []
 
 
-class _Capture:
-    """A 50 frames/s server-side source of the shape the server uses (sources.CaptureThread's)."""
-
-    ended, error = False, None
-
-    def __init__(self, spec: str) -> None:
-        self.index = 0
-
-    def start(self) -> None:
-        pass
-
-    def latest(self, timeout: float):
-        time.sleep(0.02)
-        self.index += 1
-        y, x = np.mgrid[0:72, 0:96]
-        return self.index, np.stack([x * 2, y * 3, np.full_like(x, self.index % 256)], -1).astype(np.uint8)
-
-    def close(self) -> None:
-        pass
-
-
 def test_view_page_shows_the_broadcast_and_controls_it(browser, tiny_components):
     ARTIFACTS.mkdir(exist_ok=True)
     engine = Engine(preset("test"), tiny_components)
-    config = ServerConfig(port=0, source="test-pattern", control_token="ctl")
-    with ServerThread(TurboServer(engine, config, capture_factory=_Capture)) as server:
+    # Tokens as users type them: base64 with '+', which form decoding would turn into spaces.
+    config = ServerConfig(port=0, source="test-pattern", token="v1+ew/k=", control_token="c+tl")
+    with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
         context = browser.new_context(viewport={"width": 800, "height": 600})
         page = context.new_page()
         problems = _watch(page)
-        page.goto(server.url + "view?control=ctl", timeout=TIMEOUT_MS)
+        page.goto(server.url + "view?token=v1+ew/k=&control=c+tl", timeout=TIMEOUT_MS)
         page.wait_for_function("() => Number(document.body.dataset.frames || 0) >= 5", timeout=TIMEOUT_MS)
         assert page.is_visible("#control")  # the control token shows the prompt box
         page.fill("#prompt", "a mosaic")
@@ -158,5 +139,36 @@ def test_view_page_shows_the_broadcast_and_controls_it(browser, tiny_components)
             time.sleep(0.05)
         assert _canvas_spread(page, "#output") > 3
         page.screenshot(path=str(ARTIFACTS / "browser-view.png"))
+        context.close()
+        assert problems == []
+
+
+def test_kiosk_view_shows_nothing_but_the_frame(browser, tiny_components):
+    """/view?kiosk=1, as OBS's Browser Source or TouchDesigner's Web Render TOP shows it: the frame on black."""
+    from PIL import Image
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    engine = Engine(preset("test"), tiny_components)
+    config = ServerConfig(port=0, source="test-pattern")
+    with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
+        context = browser.new_context(viewport={"width": 640, "height": 360})
+        page = context.new_page()
+        problems = _watch(page)
+        page.goto(server.url + "view?kiosk=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => Number(document.body.dataset.frames || 0) >= 5", timeout=TIMEOUT_MS)
+        # Nothing but the frame: no text anywhere, no bar, badge, error or control; black; the canvas fills the window.
+        assert page.evaluate("() => document.body.innerText.trim()") == ""
+        for selector in ("header.bar", "#conn", "#fps", "#model", "#error", "#control"):
+            assert not page.is_visible(selector), selector
+        assert page.evaluate("() => getComputedStyle(document.body).backgroundColor") == "rgb(0, 0, 0)"
+        assert page.locator("#output").bounding_box() == {"x": 0, "y": 0, "width": 640, "height": 360}
+        assert page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.scrollHeight]") \
+            == [640, 360]
+        shot = ARTIFACTS / "browser-kiosk.png"
+        page.screenshot(path=str(shot))
+        pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        # The square frame is centred at full height (360x360); the bands beside it are pure black.
+        assert pixels[:, :130].max() == 0 and pixels[:, -130:].max() == 0
+        assert pixels[:, 150:490].std() > 3  # the picture
         context.close()
         assert problems == []

@@ -4,9 +4,17 @@ attack over real sockets against a real server on port 0 (tiny-random on the CPU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import socket
+import sys
+import time
+from pathlib import Path
 
+import cv2
+import numpy as np
+import psutil
 import pytest
 from test_server import (
     _viewer_server,
@@ -16,12 +24,13 @@ from test_server import (
     open_client,
     run,
     serving,
+    spawn_serve,
     ws_url,
 )
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from turbostream.config import preset
+from turbostream.config import Limits, preset
 from turbostream.engine import Engine
 from turbostream.serve.http import query_params, token_matches
 
@@ -173,3 +182,213 @@ def test_invalid_status_is_what_a_refused_origin_gets_from_a_client_library(engi
             assert info.value.response.status_code == 403
 
     run(main())
+
+
+# ------------------------------------------------------------------------------------------------ cheap messages,
+# expensive work: each attack runs beside a well-behaved client that must keep getting frames.
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import redteam  # noqa: E402 - the red-team script's attack builders (scripts/redteam.py)
+
+MAX_GAP_S = 1.5  # the good client's longest wait for a result during an attack (a frame takes ~20 ms here)
+MAX_RSS_GROWTH = 150 * 2**20  # this whole test process, server and attackers together
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+@contextlib.asynccontextmanager
+async def good_client(server):
+    """A client streaming beside the attack (send, wait for the result, repeat); yields it, checks it kept up."""
+    client = redteam.GoodClient(ws_url(server), [jpeg(k) for k in range(4)])
+    client.start()
+    await client.ready.wait()
+    loop = asyncio.get_running_loop()
+    assert await client.result_after(loop.time(), 20) is not None, client.errors
+    t0 = loop.time()
+    try:
+        yield client
+        assert await client.result_after(loop.time(), 10) is not None, client.errors  # still streaming after
+        gap = client.max_gap(t0, loop.time())
+        assert gap < MAX_GAP_S, f"the good client waited {gap:.2f} s for a frame"
+        assert not client.errors, client.errors
+    finally:
+        await client.stop()
+
+
+def metric_value(server, sample: str) -> float:
+    for line in server.metrics.render().decode().splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_scan_counting_sees_every_scan_and_nothing_else():
+    from turbostream.codec import count_scans, encode_jpeg
+
+    assert count_scans(redteam.jpeg_bomb(64, 64, scans=100)) == 101
+    assert count_scans(redteam.jpeg_bomb(64, 64, scans=100), limit=10) == 10
+    assert count_scans(jpeg(1)) == 1  # baseline: one scan
+    progressive = cv2.imencode(".jpg", np.zeros((64, 64, 3), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
+    assert 2 <= count_scans(progressive.tobytes()) <= 12
+    assert count_scans(b"not a jpeg") == 0
+    # Bytes that look like markers inside an APP segment (an EXIF thumbnail, say) are skipped with the segment.
+    plain = encode_jpeg(np.zeros((16, 16, 3), np.uint8))
+    app = b"\xff\xe1" + (2 + 40).to_bytes(2, "big") + b"\xff\xda" * 20
+    assert count_scans(plain[:2] + app + plain[2:]) == 1
+
+
+def test_decode_bombs_are_refused_before_decoding_and_nobody_waits(engine):
+    bombs = [redteam.jpeg_bomb(4096, 4096, scans=20000), redteam.jpeg_bomb_within_ratio(4096, 4096)]
+
+    async def main():
+        async with serving(engine) as server, good_client(server):
+            for bomb in bombs:
+                attackers = [await connect(ws_url(server), max_size=None) for _ in range(2)]
+                for ws in attackers:
+                    await ws.recv()  # ready
+                    await ws.send(bomb)
+                for ws in attackers:
+                    err = await asyncio.wait_for(next_of_type(ws, "error"), 2)
+                    assert err["code"] == "bad_image" and "scans" in err["message"], err
+                    await ws.close()
+            await asyncio.sleep(1.0)  # the good client streams on for a while after the attackers left
+            assert metric_value(server, 'turbostream_errors_total{code="bad_image"}') == 4
+            assert metric_value(server, 'turbostream_stage_seconds_count{stage="decode"}') > 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws?token=wrong"])
+def test_ping_floods_are_cut_off_and_memory_stays_bounded(engine, path):
+    async def main():
+        config = {"token": "right"} if "token" in path else {}
+        async with serving(engine, **config) as server:
+            url = ws_url(server) + ("?token=right" if config else "")
+            client = redteam.GoodClient(url, [jpeg(k) for k in range(4)])
+            client.start()
+            await client.ready.wait()
+            loop = asyncio.get_running_loop()
+            assert await client.result_after(loop.time(), 20) is not None, client.errors
+            rss0, t0 = rss(), loop.time()
+            floods = await asyncio.gather(*[
+                asyncio.to_thread(redteam.flood_pings, "127.0.0.1", server.port, path, 4.0, 200 * 2**20,
+                                  max_connections=20) for _ in range(3)])
+            peak = rss()
+            assert await client.result_after(loop.time(), 10) is not None, client.errors
+            gap = client.max_gap(t0, loop.time())
+            await client.stop()
+            for flood in floods:
+                assert flood["connections"] >= 1 and set(flood["statuses"]) == {101}, flood
+                # Every flooding connection was closed by the server, within a fraction of a second.
+                assert flood["closed_by_server"] == flood["connections"], flood
+                assert max(flood["closed_after_s"]) < 1.0, flood
+            assert metric_value(server, 'turbostream_connections_closed_by_limit_total{reason="ping_flood"}') >= 3
+            assert peak - rss0 < MAX_RSS_GROWTH, f"RSS grew {(peak - rss0) / 2**20:.0f} MiB"
+            assert gap < MAX_GAP_S, f"the good client waited {gap:.2f} s for a frame"
+            assert not client.errors, client.errors
+
+    run(main())
+
+
+def test_a_peer_that_never_reads_its_pongs_is_closed_at_the_send_buffer_limit(engine):
+    """Pings within the rate limit, but answered pongs never read: the socket is closed once its buffer passes."""
+
+    async def main():
+        async with serving(engine, max_send_buffer_bytes=256 * 1024, max_ping_burst=10**6,
+                           max_pings_per_s=10**6) as server, good_client(server):
+            flood = await asyncio.to_thread(redteam.flood_pings, "127.0.0.1", server.port, "/ws", 10.0, 400 * 2**20,
+                                            reconnect=False)
+            assert flood["closed_by_server"] == 1, flood
+            assert metric_value(server, 'turbostream_connections_closed_by_limit_total{reason="send_buffer"}') == 1
+            assert metric_value(server, "turbostream_send_buffer_bytes") < 256 * 1024
+
+    run(main())
+
+
+def test_unfinished_handshakes_are_capped_and_hold_bounded_memory(engine):
+    """Hundreds of sockets each sending ~1 MiB of headers and never finishing: a few are served at a time."""
+    n_sockets = 300
+    headers = redteam.padding_headers(2**20)
+
+    def attack(port: int) -> tuple[int, int]:
+        """(sockets opened, sockets the server closed): each sends its headers, none finishes its request."""
+        socks = []
+        try:
+            for _ in range(n_sockets):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                socks.append(sock)
+                with contextlib.suppress(OSError):  # closed while we were still writing
+                    sock.sendall(redteam.handshake_request("127.0.0.1", port, "/ws", headers, end=False))
+            closed = 0
+            for sock in socks:  # the server ends every one of them (431 past the header limit, or at once)
+                sock.settimeout(10)
+                try:
+                    while sock.recv(65536):
+                        pass
+                    closed += 1
+                except ConnectionResetError:
+                    closed += 1
+                except TimeoutError:
+                    pass
+            return len(socks), closed
+        finally:
+            for sock in socks:
+                sock.close()
+
+    async def main():
+        async with serving(engine, open_timeout_s=3.0) as server, good_client(server):
+            rss0 = rss()
+            opened, closed = await asyncio.to_thread(attack, server.port)
+            peak = rss()
+            assert opened == closed == n_sockets, (opened, closed)
+            assert peak - rss0 < MAX_RSS_GROWTH, f"RSS grew {(peak - rss0) / 2**20:.0f} MiB"
+            closed = sum(metric_value(server, f'turbostream_connections_closed_by_limit_total{{reason="{r}"}}')
+                         for r in ("handshake_backlog", "too_many_sockets"))
+            assert closed > 0
+            # The caps are on sockets in flight: once the attack ends, new clients connect as usual.
+            ws, _ = await open_client(server)
+            await ws.send(jpeg(1))
+            assert (await next_result(ws))[0]["seq"] == 1
+
+    run(main())
+
+
+def test_header_limits_are_the_ones_the_readme_states(engine):
+    import websockets.http11
+
+    async def main():
+        async with serving(engine) as server:
+            assert websockets.http11.MAX_NUM_HEADERS == 32 and websockets.http11.MAX_LINE_LENGTH == 8192
+            many = "".join(f"X-Pad-{i}: a\r\n" for i in range(40))
+            answer = await asyncio.to_thread(raw_request, server.port, upgrade("/ws", many.rstrip("\r\n")))
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+
+    run(main())
+
+
+@pytest.mark.slow
+def test_sigterm_while_codec_workers_decode_the_costliest_allowed_jpegs_exits_0_at_once():
+    heavy = redteam.jpeg_bomb(4096, 4096, scans=Limits().max_jpeg_scans - 1, full_resolution=True)  # the most allowed
+    proc, port = spawn_serve()
+    try:
+
+        async def main():
+            senders = [await connect(f"ws://127.0.0.1:{port}/ws", max_size=None) for _ in range(4)]
+            for ws in senders:
+                await ws.recv()
+                for _ in range(3):
+                    await ws.send(heavy)
+            await asyncio.sleep(0.3)  # the codec workers are busy with them now
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            return t0
+
+        t0 = asyncio.run(main())
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert time.monotonic() - t0 < 5, out
+        assert "Traceback" not in out and "terminate called" not in out
+    finally:
+        proc.kill()

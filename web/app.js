@@ -6,16 +6,10 @@
 // them). Page options: ?autostart=1 (camera and stream without a click), ?token=... (servers started with --token),
 // ?inflight=1|2, ?quality=0.5..0.95 (JPEG quality of the frames sent).
 
+import { rawParam } from "./params.js";
+
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
-// The token as typed: URLSearchParams reads '+' as a space, and tokens are often base64 (full of '+').
-function rawParam(name) {
-  for (const part of location.search.slice(1).split("&")) {
-    const [key, ...value] = part.split("=");
-    if (decodeURIComponent(key) === name) return decodeURIComponent(value.join("="));
-  }
-  return null;
-}
 const TOKEN = rawParam("token");
 const INFLIGHT = Math.min(2, Math.max(1, Number(query.get("inflight")) || 2));
 const QUALITY = Math.min(0.95, Math.max(0.5, Number(query.get("quality")) || 0.8));

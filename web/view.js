@@ -1,9 +1,18 @@
 // turbostream viewer: shows the server's broadcast (turbostream serve --source ...) from /view/ws.
-// ?control=<token> (the server's --control-token) shows a prompt box that changes the broadcast for everyone.
+// ?control=<token> (the server's --control-token) shows a prompt box that changes the broadcast for everyone;
+// ?token=<token> is passed on to /view/ws (servers started with --token). Both are read as typed ('+' stays '+').
+// ?kiosk=1: only the frame, filling the window on black; no bar, badges, errors or controls; the last frame stays
+// while it reconnects, quietly and for ever (OBS Browser Source, TouchDesigner Web Render TOP, projectors).
+
+import { rawParam } from "./params.js";
 
 const $ = (id) => document.getElementById(id);
-const control = new URLSearchParams(location.search).get("control");
-const state = { conn: "connecting", ready: null, framesReceived: 0, times: [], errors: [] };
+const query = new URLSearchParams(location.search);
+const control = rawParam("control");
+const token = rawParam("token");
+const kiosk = ["1", "true", "yes", ""].includes((query.get("kiosk") ?? "no").toLowerCase());
+if (kiosk) document.documentElement.classList.add("kiosk");
+const state = { conn: "connecting", ready: null, framesReceived: 0, times: [], errors: [], kiosk };
 window.turbostream = state;
 let backoff = 500;
 let ws = null;
@@ -18,13 +27,16 @@ function setConn(text, kind = "") {
 
 function showError(message) {
   state.errors.push(message);
+  if (kiosk) return;
   $("error-text").textContent = message;
   $("error").hidden = false;
 }
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  ws = new WebSocket(`${scheme}//${location.host}/view/ws` + (control ? `?control=${encodeURIComponent(control)}` : ""));
+  const params = [["token", token], ["control", control]].filter(([, v]) => v);
+  const search = params.map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join("&");
+  ws = new WebSocket(`${scheme}//${location.host}/view/ws` + (search ? `?${search}` : ""));
   ws.binaryType = "blob";
   setConn("connecting…");
   ws.onmessage = (event) => {
@@ -35,11 +47,12 @@ function connect() {
       backoff = 500;
       $("error").hidden = true;
       setConn("live", "ready");
-      $("output").width = msg.width;
-      $("output").height = msg.height;
+      // Setting a canvas's size clears it: only when it changes, so a reconnect keeps the last frame up.
+      if ($("output").width !== msg.width) $("output").width = msg.width;
+      if ($("output").height !== msg.height) $("output").height = msg.height;
       $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}` +
         (msg.random_weights ? " · random weights: noise, not a stylization" : "");
-      $("control").hidden = !msg.control;
+      $("control").hidden = !msg.control || kiosk;
       $("prompt").value = msg.params.prompt;
     } else if (msg.type === "config") {
       if (document.activeElement !== $("prompt")) $("prompt").value = msg.prompt;
@@ -57,7 +70,9 @@ function connect() {
     }
   };
   ws.onclose = (event) => {
-    if (event.code === 1008) return setConn("refused: " + (event.reason || "policy"), "bad");
+    // Refused (no source, ...): the page says so and stops; a kiosk keeps trying, slowly (the server may restart).
+    if (event.code === 1008 && !kiosk) return setConn("refused: " + (event.reason || "policy"), "bad");
+    if (event.code === 1008) backoff = 10000;
     setConn("reconnecting…", "bad");
     setTimeout(connect, backoff * (0.75 + Math.random() * 0.5));
     backoff = Math.min(10000, backoff * 2);

@@ -222,6 +222,9 @@ class EngineConfig:
     buckets: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes captured as CUDA graphs at warmup
     cuda_graphs: bool = True  # False runs the CUDA path eagerly (for comparison and debugging)
     compile: bool = False  # torch.compile the UNet and VAE before capture (minutes of warmup)
+    # Where --compile keeps what it built, so the next start with the same configuration reuses it (None: off).
+    # "" means the default folder (engine/compile_cache.py: ~/.cache/turbostream/compile).
+    compile_cache: str | None = ""
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     noise_cache_size: int = 256  # per-seed noise tensors kept (LRU)
@@ -283,9 +286,20 @@ class Limits:
     # header on a few hundred bytes would otherwise be "decoded" at its full declared size (libjpeg fills missing
     # data with gray): 48 MiB and a quarter second of a codec worker for 4096x4096, per message. Past it: bad_image.
     max_pixels_per_byte: int = 1024
+    # Start-of-scan markers in one JPEG. A progressive JPEG is a handful of scans (libjpeg writes 10 for colour); each
+    # scan costs a pass over the whole image, so a few hundred KiB of near-empty scans declaring 4096x4096 cost
+    # seconds to minutes of a codec worker. Counted before decoding (microseconds); past it: bad_image.
+    max_jpeg_scans: int = 64
     # Bytes buffered for a socket before a send waits for it: about two 512x512 JPEGs. Past it, the reader is slow
     # and its newer results replace the one waiting (dropped) instead of piling up.
     write_limit_bytes: int = 128 * 1024
+    # Bytes waiting in one socket's send buffer. Our own sends wait at write_limit_bytes (plus one message), so only
+    # the answers to what a peer sends (pongs to a ping flood) can pass this: the socket is closed at once.
+    max_send_buffer_bytes: int = 2 * 2**20
+    # Pings a peer may send: a burst of max_ping_burst, then max_pings_per_s on average (browsers send none; client
+    # libraries one every few seconds). Every ping costs a parse and a pong; past it, the socket is closed at once.
+    max_ping_burst: int = 20
+    max_pings_per_s: float = 2.0
     # websockets' receive buffer in messages (high-water mark): with 4 MiB messages, 4 keeps a flooding client to
     # 16 MiB before TCP flow control pushes back on it.
     max_queue_messages: int = 4
@@ -295,8 +309,17 @@ class Limits:
     # How long a new connection may take to complete its HTTP request / WebSocket handshake; a socket that connects
     # and says nothing (or half a request) holds a descriptor until then, and no client place.
     open_timeout_s: float = 10.0
+    # Sockets that connected but have not yet sent a whole HTTP request (no token seen yet): past it, a new socket is
+    # closed at once. With the header limits below, memory before authentication is at most about
+    # max_pending_handshakes x (max_header_count + 1) x max_header_line_bytes (64 x 33 x 8 KiB = 16.5 MiB).
+    max_pending_handshakes: int = 64
+    max_header_count: int = 32  # HTTP headers in one request; past it: 431
+    max_header_line_bytes: int = 8192  # one request or header line; past it: 431
     # How long a closing handshake may take before the socket is dropped (a peer that no longer reads never ends it).
     close_timeout_s: float = 5.0
+    # On SIGTERM/SIGINT: how long connections get to answer the close (1001) and the inference thread to finish its
+    # batch before the server stops without them. Exit within a few seconds, whatever is running.
+    shutdown_grace_s: float = 2.0
     # A lost live source (--source camera or URL) is opened again after source_retry_s, doubling while it keeps
     # failing, up to source_retry_max_s between attempts, for as long as the server runs.
     source_retry_s: float = 1.0
@@ -309,10 +332,16 @@ class Limits:
             raise ValueError(f"max message bytes must be at least 1024, got {self.max_message_bytes}")
         if not 64 <= self.max_image_side <= 16384:
             raise ValueError(f"max image side must be between 64 and 16384, got {self.max_image_side}")
-        for name in ("max_text_bytes", "max_pixels_per_byte", "write_limit_bytes", "max_queue_messages"):
+        if self.max_send_buffer_bytes < self.write_limit_bytes + 64 * 1024:
+            raise ValueError(f"max send buffer bytes ({self.max_send_buffer_bytes}) must exceed the write limit "
+                             f"({self.write_limit_bytes}) by 64 KiB at least: our own sends fill it that far")
+        for name in ("max_text_bytes", "max_pixels_per_byte", "max_jpeg_scans", "write_limit_bytes",
+                     "max_queue_messages", "max_pending_handshakes", "max_header_count", "max_header_line_bytes",
+                     "max_ping_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "source_retry_s", "source_retry_max_s"):
+        for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "source_retry_s", "source_retry_max_s",
+                     "max_pings_per_s", "shutdown_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
 

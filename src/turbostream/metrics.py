@@ -75,11 +75,25 @@ class Metrics:
                                        "Times the server opened a lost live source again", registry=r)
         self.source_reconnects = Counter("turbostream_source_reconnects",
                                          "Reconnect attempts of the capture of the server-side source", registry=r)
+        # External control and outputs (serve --osc-port, --prompts, --publish).
+        self.osc_messages = Counter(
+            "turbostream_osc_messages",
+            "OSC messages received, by result: applied, ignored, rejected (out of range), bad_arguments, "
+            "unknown_address, malformed", ["result"], registry=r,
+        )
+        self.publish_up = Gauge("turbostream_publish_up", "--publish targets currently streaming", registry=r)
+        self.publish_failures = Counter("turbostream_publish_failures",
+                                        "Failed attempts to stream to a --publish target (each is retried)",
+                                        registry=r)
         self.send_buffer = Gauge(
             "turbostream_send_buffer_bytes",
             "Bytes written to connections' sockets but not yet taken by the kernel, all connections together",
             registry=r,
         )
+        # reason: send_buffer (a peer that sends pings and never reads), handshake_backlog (too many sockets still
+        # in their handshake), too_many_sockets (every place and every handshake slot taken).
+        self.limit_closes = Counter("turbostream_connections_closed_by_limit", "Sockets closed at once because they "
+                                    "passed a limit", ["reason"], registry=r)
         self.decode = self.stage.labels("decode")
         self.gpu = self.stage.labels("gpu")
         self.encode = self.stage.labels("encode")
@@ -99,6 +113,9 @@ class Metrics:
 
     def dropped(self, stage: str) -> None:
         self.frames_dropped.labels(stage).inc()
+
+    def closed_by_limit(self, reason: str) -> None:
+        self.limit_closes.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

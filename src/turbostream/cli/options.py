@@ -60,7 +60,12 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--taesd", default=DEFAULT_TAESD, help="hub id or folder of the tiny VAE (default: %(default)s)")
     g.add_argument("--buckets", type=buckets, default=d["buckets"].default, metavar="1,2,4,8",
                    help="batch sizes captured as CUDA graphs (default: 1,2,4,8)")
-    g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup)")
+    g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup; "
+                   "kept in the compile cache, so the next start with the same settings is faster)")
+    g.add_argument("--compile-cache", metavar="DIR", default="",
+                   help="folder of the compile cache (default: ~/.cache/turbostream/compile, or $TURBOSTREAM_CACHE)")
+    g.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
+                   help="compile from scratch every start, and keep nothing")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA path eagerly (debugging, comparison)")
     if stream_options:
@@ -100,6 +105,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
+            compile_cache=args.compile_cache,
             default_params=default,
         )
         from ..models import resolve_device

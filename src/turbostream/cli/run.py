@@ -7,15 +7,18 @@ the stages, and the writers finalize their files before the command exits (statu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
-from ..config import RunConfig
+from ..config import MAX_STEPS, RunConfig
+from ..control import Controls, RunTarget
 from ..controls import FitAndCheck
 from ..errors import SinkError, SourceError, UserError
-from ..io.sinks import FolderSink, VideoSink, WindowSink, check_outputs, parse_output
+from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
 from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
+from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config, stream_params
 
 log = logging.getLogger("turbostream.run")
@@ -29,12 +32,13 @@ def add_parser(sub) -> None:
     g.add_argument("--input", "-i", required=True, metavar="SRC",
                    help="camera index (0), video file, RTSP/HTTP URL or folder of images")
     g.add_argument("--output", "-o", dest="outputs", action="append", required=True, metavar="DST",
-                   help="'window', a video file (.mp4/.avi) or a folder of images; repeat for several")
+                   help="'window', a video file (.mp4/.avi), a folder of images, a stream URL (rtmp://, srt://, "
+                        "rtsp://, udp://) or 'virtualcam'; repeat for several")
     g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
     g.add_argument("--realtime", action="store_true",
                    help="treat a file like a live source: keep only the newest frame, drop the rest")
+    add_control_options(p, "the run's stream")
     p.set_defaults(func=main)
-
 
 
 def main(args: argparse.Namespace, engine=None) -> int:
@@ -51,6 +55,14 @@ def main(args: argparse.Namespace, engine=None) -> int:
         check_outputs(outputs, source)
     except (SourceError, SinkError) as exc:
         raise UserError(str(exc)) from None
+    controls = controls_from_args(args)  # a playlist's first prompt becomes args.prompt; the OSC port is bound
+    try:
+        return _run(args, engine, cfg, source, outputs, controls)
+    finally:
+        controls.stop()
+
+
+def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> int:
     try:
         params = stream_params(args)
     except ValueError as exc:
@@ -60,7 +72,8 @@ def main(args: argparse.Namespace, engine=None) -> int:
         width, height, max_batch = ecfg.width, ecfg.height, ecfg.max_batch
     else:
         width, height, max_batch = engine.width, engine.height, engine.max_batch
-    realtime = source.live or bool(args.realtime)
+    # A stream or a virtual camera is live by nature: a file sent to one plays at its own rate.
+    realtime = source.live or bool(args.realtime) or any(o.kind in ("stream", "virtualcam") for o in outputs)
     batch = 1 if realtime else max_batch
     transform = FitAndCheck(width, height, lambda: params)  # the pipeline's live parameters once it exists
     capture = CaptureThread(
@@ -72,25 +85,28 @@ def main(args: argparse.Namespace, engine=None) -> int:
         capture.start()
     except SourceError as exc:
         raise UserError(str(exc)) from None
+    sinks: list = []
+    window = None
     try:
         _log_source(capture)
-        if engine is None:
-            engine = build_engine(args)
-        if engine.random_weights:
-            log.warning("model %r has random weights: the output is noise, not a stylization", engine.model_name)
-        window = None
         if any(o.kind == "window" for o in outputs):
             try:
                 window = WindowSink(f"turbostream: {source.describe()}")
             except SinkError as exc:
                 raise UserError(str(exc)) from None
         fps = capture.fps or cfg.fallback_fps
-        if capture.fps is None and any(o.kind == "video" for o in outputs):
+        if capture.fps is None and any(o.kind in ("video", "stream", "virtualcam") for o in outputs):
             log.info("the source reports no frame rate; video output is written at %g fps", fps)
-        sinks = [
-            VideoSink(o.path, fps, (width, height), fill_gaps=realtime) if o.kind == "video" else FolderSink(o.path)
-            for o in outputs if o.kind != "window"
-        ]
+        try:  # a virtual camera opens here: a missing backend is reported before the model loads
+            for o in outputs:
+                if o.kind != "window":
+                    sinks.append(open_sink(o, fps, (width, height), fill_gaps=realtime))
+        except SinkError as exc:
+            raise UserError(str(exc)) from None
+        if engine is None:
+            engine = build_engine(args)
+        if engine.random_weights:
+            log.warning("model %r has random weights: the output is noise, not a stylization", engine.model_name)
         total = None
         if not realtime:
             total = capture.frame_count
@@ -101,9 +117,17 @@ def main(args: argparse.Namespace, engine=None) -> int:
             progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
         )
         transform.params_of = lambda: pipeline.params
+        target = RunTarget(pipeline, getattr(getattr(engine, "config", None), "max_steps", MAX_STEPS))
+        controls.start_osc(target)
+        controls.start_playlist(target)
         if _stdin_is_terminal():
             PromptLine(pipeline).start()
-        summary = pipeline.run()
+        summary = pipeline.run()  # closes the sinks (writes what is queued, finalizes files)
+    except BaseException:
+        for sink in sinks:  # opened before the run began (a virtual camera, say)
+            with contextlib.suppress(Exception):
+                sink.close()
+        raise
     finally:
         capture.close()
     _log_summary(summary, realtime, [*sinks, *([window] if window else [])])

@@ -9,9 +9,10 @@ import logging
 import signal
 
 from ..config import Limits, ServerConfig
-from ..errors import UserError
+from ..errors import SinkError, UserError
 from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
+from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config
 
 log = logging.getLogger("turbostream.server")
@@ -35,6 +36,12 @@ def add_parser(sub) -> None:
     g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="output JPEG quality (default: %(default)s)")
     g.add_argument("--source", default=d.source, metavar="SRC",
                    help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
+    g.add_argument("--publish", action="append", default=[], metavar="URL",
+                   help="also stream the broadcast to rtmp://, srt://, rtsp:// or udp:// (H.264 through ffmpeg); "
+                        "repeatable; needs --source")
+    g.add_argument("--publish-fps", type=float, default=30.0, metavar="FPS",
+                   help="frame rate of --publish streams (default: %(default)g)")
+    add_control_options(p, "the broadcast (needs --source)")
     p.set_defaults(func=main)
 
 
@@ -50,7 +57,15 @@ def server_config(args) -> ServerConfig:
 
 def main(args) -> int:
     """`turbostream serve`: listen at once (/healthz says 503), load and warm the engine, serve until SIGINT/SIGTERM."""
-    engine_config(args)  # option mistakes are reported now, before minutes of model loading
+    integration_args(args)  # a playlist's first prompt is the broadcast's starting prompt: before engine_config
+    try:
+        return _main(args)
+    finally:
+        args.controls.stop()  # the OSC port was bound by integration_args (stopping twice is harmless)
+
+
+def _main(args) -> int:
+    ecfg = engine_config(args)  # option mistakes are reported now, before minutes of model loading
     capture_factory = None
     try:
         config = server_config(args)
@@ -65,10 +80,39 @@ def main(args) -> int:
     server = TurboServer(config=config, engine_factory=lambda: build_engine(args), capture_factory=capture_factory)
     if not is_loopback_host(config.host) and config.token is None:
         log.warning("listening on %s without --token: anyone who can reach this port can use the GPU", config.host)
-    return asyncio.run(_serve_until_signal(server))
+    try:
+        from ..serve.integrations import Integrations
+
+        extras = Integrations(server, args.controls, tuple(args.publish), size=(ecfg.width, ecfg.height),
+                              fps=args.publish_fps)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        return asyncio.run(_serve_until_signal(server, extras))
+    finally:
+        extras.stop()  # already done on a normal shutdown; here for a failed start
 
 
-async def _serve_until_signal(server: TurboServer) -> int:
+def integration_args(args) -> None:
+    """Check --publish, --osc-port and --prompts before the model loads; args.controls holds the bound controls."""
+    if (args.publish or args.osc_port is not None or args.prompts) and args.source is None:
+        raise UserError("--publish, --osc-port and --prompts act on the broadcast of a server-side source: "
+                        "add --source SRC")
+    if not 1.0 <= args.publish_fps <= 240.0:
+        raise UserError(f"--publish-fps must be between 1 and 240, got {args.publish_fps:g}")
+    from ..io.stream import check_stream_output, is_stream_url, redact_stream
+
+    for url in args.publish:
+        if not is_stream_url(url):
+            raise UserError(f"--publish {redact_stream(url)!r}: use an rtmp://, srt://, rtsp:// or udp:// URL")
+        try:
+            check_stream_output(url)
+        except SinkError as exc:
+            raise UserError(str(exc)) from None
+    args.controls = controls_from_args(args)
+
+
+async def _serve_until_signal(server: TurboServer, extras=None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -80,6 +124,8 @@ async def _serve_until_signal(server: TurboServer) -> int:
         server.batcher.stop(0)
         raise UserError(f"cannot listen on {server.config.host}:{server.config.port}: {exc.strerror or exc}") from None
     log.info("serving on %s (viewer page: %sview); loading the engine...", server.url, server.url)
+    if extras is not None:
+        extras.start(loop)
     failed = asyncio.create_task(_wait_failed(server))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -87,6 +133,8 @@ async def _serve_until_signal(server: TurboServer) -> int:
     stopped.cancel()
     log.info("shutting down: closing connections")
     await server.stop()
+    if extras is not None:  # controls, then the publishers' last frames (ffmpeg finishes its stream)
+        await loop.run_in_executor(None, extras.stop)
     if server.batcher.failed.is_set():
         raise UserError(f"the engine failed to start: {server.batcher.error}")
     return 0

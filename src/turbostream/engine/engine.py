@@ -28,10 +28,11 @@ from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
 from .caches import LRU, encode_prompt, seed_noise
-from .streams import StreamStates, blend_embeddings, lerp, slerp
+from .compile_cache import CompileCache, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .schedule import ScheduleTable
+from .streams import StreamStates, blend_embeddings, lerp, slerp
 
 log = logging.getLogger("turbostream.engine")
 
@@ -50,6 +51,7 @@ class EngineStats:
     prompt_cache_evictions: int = 0
     warmup_s: float = 0.0
     compile_s: float = 0.0
+    compile_cache_hit: bool = False
     capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}n{evals}" -> seconds
 
 
@@ -232,6 +234,14 @@ class Engine:
     def _compile(self) -> None:
         """torch.compile the UNet and the VAE's encoder/decoder; compilation itself happens at the first warm run."""
         t0 = time.perf_counter()
+        cache = None
+        if self.config.compile_cache is not None:
+            cache = CompileCache(self.config.compile_cache or default_folder(), {
+                "gpu": torch.cuda.get_device_name(self.device), "model": self.config.model, "vae": self.config.vae,
+                "dtype": str(self.dtype), "size": [self.width, self.height], "buckets": list(self.config.buckets),
+                "unet_evals": self.config.default_params.unet_evals,
+            })
+            self.stats.compile_cache_hit = cache.load()
         self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False)
         if self.components.vae_kind == "tiny":
             self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False)
@@ -243,7 +253,10 @@ class Engine:
             self._frame_path(b, n)
         torch.cuda.synchronize()
         self.stats.compile_s = time.perf_counter() - t0
-        log.info("torch.compile: %.1f s for buckets %s", self.stats.compile_s, self.config.buckets)
+        log.info("torch.compile: %.1f s for buckets %s (compile cache %s)", self.stats.compile_s, self.config.buckets,
+                 "hit" if self.stats.compile_cache_hit else "off" if cache is None else "miss")
+        if cache is not None and not self.stats.compile_cache_hit:
+            cache.save()
 
     def _capture(self, b: int, n: int) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (3 runs), then capture bucket b with n UNet evaluations into a graph."""

@@ -1,5 +1,6 @@
 """Frame sinks of the capture loop: an OpenCV window, a video file, a folder of images; SinkThread writes a file
-sink on writer threads behind a bounded queue.
+sink on writer threads behind a bounded queue. Stream URLs (stream.py) and the virtual camera (virtualcam.py) are
+parsed and checked here too; their sinks never block a writer thread (paced.py).
 
 VideoSink writes .mp4/.mov/.mkv with the mp4v codec and .avi with MJPG, keeping the source's frame rate; FolderSink
 writes frame_000000.png ...; WindowSink needs a GUI build of OpenCV and a display. Frames are uint8 RGB (H, W, 3).
@@ -21,6 +22,8 @@ import numpy as np
 
 from ..errors import SinkError
 from .sources import SourceSpec
+from .stream import STREAM_FORMATS, check_stream_output, is_stream_url, redact_stream
+from .virtualcam import virtualcam_module
 
 log = logging.getLogger("turbostream.sinks")
 
@@ -33,23 +36,38 @@ WINDOW_FULLSCREEN_KEYS = (ord("f"), ord("F"))
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """What the user's DST names. kind: "window", "video" (path with a video suffix) or "folder"."""
+    """What the user's DST names. kind: "window", "video" (path with a video suffix), "folder", "stream" (a URL:
+    rtmp://, srt://, rtsp://, udp://) or "virtualcam"; path is None for the last two and the window."""
 
     kind: str
     path: Path | None
     text: str
 
     def describe(self) -> str:
-        return "window" if self.kind == "window" else str(self.path)
+        if self.kind == "stream":
+            return redact_stream(self.text)
+        return self.text if self.path is None else str(self.path)
+
+
+OUTPUT_KINDS_HELP = ("'window', a video file (.mp4, .mov, .mkv, .avi), a folder of images (a path without a suffix, "
+                     "or ending in /), a stream URL (rtmp://, srt://, rtsp://, udp://) or 'virtualcam'")
 
 
 def parse_output(text: str) -> OutputSpec:
-    """Classify DST: 'window', a video file (.mp4 .mov .mkv .avi), or a folder (no suffix, ends in /, or exists)."""
+    """Classify DST: 'window', 'virtualcam[:DEVICE]', a stream URL, a video file (.mp4 .mov .mkv .avi), or a folder
+    (no suffix, ends in /, or exists)."""
     spec = str(text).strip()
     if not spec:
-        raise SinkError("empty output: use 'window', a video file (.mp4, .avi) or a folder")
+        raise SinkError(f"empty output: use {OUTPUT_KINDS_HELP}")
     if spec.lower() == "window":
         return OutputSpec("window", None, spec)
+    if spec.lower() == "virtualcam" or spec.lower().startswith("virtualcam:"):
+        return OutputSpec("virtualcam", None, spec)
+    if is_stream_url(spec):
+        return OutputSpec("stream", None, spec)
+    if "://" in spec:
+        raise SinkError(f"unknown output {redact_stream(spec)!r}: stream URLs start with "
+                        f"{', '.join(s + '://' for s in STREAM_FORMATS)}")
     path = Path(spec).expanduser()
     if spec.endswith(("/", os.sep)) or path.is_dir():
         return OutputSpec("folder", path, spec)
@@ -58,10 +76,7 @@ def parse_output(text: str) -> OutputSpec:
         return OutputSpec("video", path, spec)
     if not suffix:
         return OutputSpec("folder", path, spec)
-    raise SinkError(
-        f"unknown output {spec!r}: use 'window', a video file ({', '.join(VIDEO_FOURCC)}) or a folder of images "
-        "(a path without a suffix, or ending in /)"
-    )
+    raise SinkError(f"unknown output {spec!r}: use {OUTPUT_KINDS_HELP}")
 
 
 def window_support_error() -> str | None:
@@ -95,16 +110,24 @@ def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -
     """Everything about the outputs that can be known before the model loads; creates output folders.
 
     SinkError for: two outputs with the same path, more than one window, a window without GUI support, an output
-    that is the input, a folder that cannot be created or written.
+    that is the input, a folder that cannot be created or written, a stream URL without FFmpeg to send it (or
+    without a host), a virtual camera without pyvirtualcam.
     """
     if not outputs:
-        raise SinkError("no output given: use 'window', a video file (.mp4, .avi) or a folder")
+        raise SinkError(f"no output given: use {OUTPUT_KINDS_HELP}")
     seen: set[str] = set()
     for out in outputs:
-        key = "window" if out.kind == "window" else str(out.path.resolve())
+        key = out.text.lower() if out.path is None else str(out.path.resolve())
         if key in seen:
-            raise SinkError(f"output {out.text!r} is given twice")
+            raise SinkError(f"output {out.describe()!r} is given twice")
         seen.add(key)
+    for out in outputs:
+        if out.kind == "stream":
+            check_stream_output(out.text)
+            continue
+        if out.kind == "virtualcam":
+            virtualcam_module()  # the package; its backend is checked when the camera opens (still before the model)
+            continue
         if out.kind == "window":
             reason = window_support_error()
             if reason:
@@ -256,6 +279,26 @@ class WindowSink:
 
     def describe(self) -> str:
         return f"window: {self.frames_written} frames shown"
+
+
+def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *, fill_gaps: bool = False):
+    """The sink for a checked output other than the window: VideoSink, FolderSink, StreamSink or VirtualCamSink.
+
+    A virtual camera opens now (SinkError when there is no backend); the others open at their first frame.
+    """
+    if out.kind == "video":
+        return VideoSink(out.path, fps, size, fill_gaps=fill_gaps)
+    if out.kind == "folder":
+        return FolderSink(out.path)
+    if out.kind == "stream":
+        from .stream import StreamSink
+
+        return StreamSink(out.text, fps, size)
+    if out.kind == "virtualcam":
+        from .virtualcam import VirtualCamSink, parse_virtualcam
+
+        return VirtualCamSink(fps, size, parse_virtualcam(out.text))
+    raise ValueError(f"no sink for a {out.kind} output")
 
 
 class SinkThread:

@@ -49,6 +49,9 @@ class Broadcast:
         self._latest: np.ndarray | None = None  # newest result waiting for the encoder
         self._encoding = False
         self.frames_encoded = 0
+        # Sinks fed every stylized frame on the inference thread (serve --publish): their write() never blocks. With
+        # any, the source is stylized whether or not someone watches /view.
+        self.outputs: list[Any] = []
         self.skipper = SimilarityFilter()  # the `similarity` control, run on the source thread
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -123,7 +126,7 @@ class Broadcast:
             if self._count_reconnects(capture):
                 self._announce("reconnecting", "the source stopped delivering frames; reconnecting "
                                f"(attempt {self._reconnects_seen})")
-            if not self.viewers_present.wait(0.5):
+            if not (self.outputs or self.viewers_present.wait(0.5)):
                 if capture.ended:  # noticed without viewers too, so a lost source is opened again meanwhile
                     return capture.error, delivered
                 continue
@@ -173,6 +176,9 @@ class Broadcast:
             viewer.source_changed(previous)
 
     def _on_result_threadsafe(self, result: Result) -> None:
+        if result.frame is not None:
+            for output in self.outputs:
+                output.write(result.frame)
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._on_result, result)
 
@@ -180,7 +186,9 @@ class Broadcast:
         if result.frame is None:
             log.warning("broadcast frame failed: %s", result.error)
             return
-        if result.skipped:  # the same picture again: every viewer already has it
+        if not self.server.viewers:  # stylized for the outputs only: no JPEG for nobody
+            return
+        if result.skipped:  # the same picture again (similarity): every viewer already has it
             return
         if self._encoding:
             if self._latest is not None:
@@ -211,10 +219,13 @@ class Broadcast:
         finally:
             self._encoding = False
 
-    def set_params(self, fields: dict[str, Any]) -> None:
-        """A viewer with the control token changes the broadcast: checked, applied, announced to every viewer."""
+    def set_params(self, fields: dict[str, Any], by: str = "a viewer") -> None:
+        """A viewer with the control token (or OSC, a playlist: `by`) changes the broadcast: checked, applied,
+        announced to every viewer."""
         params = protocol.apply_config(self.stream.params, fields, self.server.engine.config.max_steps)
         self.stream.params = params
-        log.info("broadcast parameters changed by a viewer: %s", protocol.params_dict(params))
+        # OSC faders send many values a second: their changes are logged at DEBUG (OSC and playlists log their own).
+        level = logging.INFO if by == "a viewer" else logging.DEBUG
+        log.log(level, "broadcast parameters changed by %s: %s", by, protocol.params_dict(params))
         for viewer in list(self.server.viewers):
             viewer.outbox.text(protocol.config_message(params))

@@ -32,6 +32,7 @@ STATIC = {
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/view": ("view.html", "text/html; charset=utf-8"),
     "/view.js": ("view.js", "text/javascript; charset=utf-8"),
+    "/params.js": ("params.js", "text/javascript; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 WS_PATHS = ("/ws", "/view/ws")

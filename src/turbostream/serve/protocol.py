@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import jpeg_size
+from ..codec import count_scans, jpeg_size
 from ..config import MAX_PROMPT_CHARS, MAX_SEED, Limits, StreamParams
 from ..errors import CodecError
 
@@ -56,7 +56,7 @@ ERROR_CODES = {
     "unknown_type": "a 'type' this endpoint does not know",
     "bad_config": "an unknown parameter, a wrong type or a value out of range; the old parameters stay",
     "bad_image": "a binary message that is not a decodable JPEG (magic bytes, corrupt or truncated data, far too few "
-                 "bytes for its declared size, smaller than 8 pixels a side)",
+                 "bytes for its declared size, more scans than the limit, smaller than 8 pixels a side)",
     "image_too_large": "a JPEG whose declared width or height is over the server's limit (checked before decoding)",
     "engine_error": "the engine failed on this frame; the stream goes on",
     "server_error": "the server could not decode this frame or encode its result (a codec failure, out of memory); "
@@ -132,7 +132,8 @@ def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int) -
 
 
 def check_jpeg_header(data: bytes, limits: Limits) -> None:
-    """ProtocolError unless data is a JPEG whose header fits the limits (microseconds: no decode)."""
+    """ProtocolError unless data is a JPEG whose header and scan count fit the limits (no decode: its cost is
+    bounded by what passes here)."""
     try:
         width, height = jpeg_size(data)
     except CodecError as exc:
@@ -143,6 +144,9 @@ def check_jpeg_header(data: bytes, limits: Limits) -> None:
     if width * height > limits.max_pixels_per_byte * len(data):
         raise ProtocolError("bad_image", f"a JPEG of {len(data)} bytes cannot hold {width}x{height} pixels "
                                          "(truncated, or a forged header)")
+    if count_scans(data, limits.max_jpeg_scans + 1) > limits.max_jpeg_scans:
+        raise ProtocolError("bad_image", f"a JPEG of more than {limits.max_jpeg_scans} scans (progressive JPEGs have "
+                                         "about 10; each scan costs a pass over the whole image)")
 
 
 # ------------------------------------------------------------------------------------------------ server -> client

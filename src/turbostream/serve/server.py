@@ -31,6 +31,7 @@ from ..config import ServerConfig, StreamParams
 from ..metrics import Metrics
 from . import protocol
 from .broadcast import Broadcast
+from .guard import ConnectionGuard
 from .http import HttpFront, OriginPolicy, query_params, token_matches
 from .sessions import ClientSession, ViewerSession
 
@@ -72,7 +73,8 @@ class TurboServer:
         self._ready: asyncio.Event | None = None  # created in start(), on the server's loop
         self.port: int | None = None
         self._device_name: str | None = None
-        self.metrics.watch_send_buffers(self._send_buffer_bytes)
+        self.guard = ConnectionGuard(self.config.limits, on_close=self.metrics.closed_by_limit)
+        self.metrics.watch_send_buffers(self.guard.send_buffer_bytes)
 
     # ------------------------------------------------------------------ properties used by the sessions
 
@@ -104,25 +106,6 @@ class TurboServer:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"http://{host}:{self.port}/"
-
-    def _send_buffer_bytes(self) -> float:
-        """Bytes waiting in every connection's transport (bounded by WRITE_LIMIT plus one message each)."""
-        total = 0
-        # A scrape runs on the event loop, but render() may be called from another thread (tests): a set that
-        # changes meanwhile is read again rather than failing the scrape.
-        for _ in range(3):
-            try:
-                sessions = [*self.clients, *self.viewers]
-                break
-            except RuntimeError:
-                continue
-        else:
-            return float("nan")
-        for session in sessions:
-            transport = session.ws.transport
-            if transport is not None:
-                total += transport.get_write_buffer_size()
-        return float(total)
 
     def limits_dict(self) -> dict[str, Any]:
         """The limits a client should know (the ready message's "limits")."""
@@ -156,6 +139,7 @@ class TurboServer:
             close_timeout=limits.close_timeout_s,
             open_timeout=limits.open_timeout_s,
             server_header=None,
+            create_connection=self.guard.factory(),
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -185,16 +169,23 @@ class TurboServer:
 
     async def stop(self) -> None:
         """Close every connection with 1001 (going away), stop the source and the inference thread."""
+        limits = self.config.limits
         if self._server is not None:
             self._server.close(code=CloseCode.GOING_AWAY, reason="server shutting down")
-            await self._server.wait_closed()
+            try:
+                # Peers that answer the close go at once; one that does not (gone, or never reading) is not waited
+                # for past the grace: it is dropped.
+                await asyncio.wait_for(asyncio.shield(self._server.wait_closed()), limits.shutdown_grace_s)
+            except TimeoutError:
+                for conn in list(self.guard.sockets):
+                    conn.transport.abort()
+                await self._server.wait_closed()
         if self.broadcast is not None:  # joins the source thread: off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.broadcast.stop)
         self._watch_task.cancel()
-        # A batch ends in milliseconds; a model still loading may take minutes, so it is not waited for long (the
-        # inference thread is a daemon).
-        wait_s = 10.0 if self.batcher.ready.is_set() else 2.0
-        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop, wait_s)
+        # A GPU batch ends in milliseconds; a CPU batch or a model still loading may take far longer, and cannot be
+        # interrupted: it is not waited for past the grace (the command then exits without it, cli.entry).
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop, limits.shutdown_grace_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> TurboServer:

@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..batcher import Result, Stream
 from ..codec import decode_jpeg, encode_jpeg, fit_frame
-from ..config import StreamParams
+from ..config import Limits, StreamParams
 from ..controls import SimilarityFilter
 from ..errors import CodecError
 from . import protocol
@@ -47,10 +47,10 @@ log = logging.getLogger("turbostream.server")
 LATENCY_WINDOW = 256  # recent end-to-end latencies kept per connection for its stats
 
 
-def timed_decode(data: bytes, max_side: int, width: int, height: int) -> tuple[np.ndarray, float]:
+def timed_decode(data: bytes, limits: Limits, width: int, height: int) -> tuple[np.ndarray, float]:
     """JPEG bytes -> uint8 RGB (height, width, 3) fitted to the engine, and the seconds it took (worker thread)."""
     t0 = time.perf_counter()
-    frame = fit_frame(decode_jpeg(data, max_side), width, height)
+    frame = fit_frame(decode_jpeg(data, limits.max_image_side, limits.max_jpeg_scans), width, height)
     return frame, time.perf_counter() - t0
 
 
@@ -338,8 +338,7 @@ class ClientSession(Session):
                 self.stream.expect()
                 try:
                     frame, dt, reference = await self.loop.run_in_executor(
-                        server.pool, self._decode_and_check, data, server.config.limits.max_image_side,
-                        engine.width, engine.height,
+                        server.pool, self._decode_and_check, data, server.config.limits, engine.width, engine.height
                     )
                 except CodecError as exc:
                     self.error("bad_image", f"frame {meta.seq}: {exc}", seq=meta.seq)

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Start `turbostream serve` twice with the same options and a compile cache of its own; time each start to /healthz 200.
+
+The first start fills the compile cache (with --compile: minutes on a GPU), the second should load it: the log says
+`compile cache: hit`. Writes both times, whether each start hit the cache, and the command to --json.
+
+    python scripts/warm_start.py --json out.json -- --model random --device cuda --size 512 --compile
+    python scripts/warm_start.py -- --model tiny-random --device cpu --size 64     # a dry run of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadtest  # spawn_server, wait_healthy, stop_server: the load test's conventions
+
+
+def one_start(serve_args: list[str], log_path: Path, timeout: float) -> dict:
+    """Seconds from launch to /healthz 200, and what the log said of the compile cache."""
+    t0 = time.monotonic()
+    proc, port = loadtest.spawn_server(serve_args, "127.0.0.1", 1, log_path)
+    try:
+        loadtest.wait_healthy(f"http://127.0.0.1:{port}", timeout, proc, log_path)
+        ready_s = time.monotonic() - t0
+    finally:
+        status = loadtest.stop_server(proc)
+    text = log_path.read_text(errors="replace")
+    return {"ready_s": round(ready_s, 1), "exit_status": status, "compile_cache_hit": "compile cache: hit" in text}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, serve_args = loadtest.split_serve_args(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", metavar="PATH", help="write the results here")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds each start may take (default: %(default)s)")
+    ap.add_argument("--cache", metavar="DIR", help="compile cache folder (default: a new temporary one)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="turbostream-warm-") as tmp:
+        cache = args.cache or str(Path(tmp) / "compile")
+        run_args = [*serve_args, "--compile-cache", cache]
+        starts = [one_start(run_args, Path(tmp) / f"start-{k}.log", args.timeout) for k in (1, 2)]
+        for k, start in enumerate(starts, 1):
+            print(f"start {k}: /healthz 200 after {start['ready_s']} s, compile cache "
+                  f"{'hit' if start['compile_cache_hit'] else 'not hit'}, exit {start['exit_status']}")
+        result = {"command": ["turbostream", "serve", *run_args], "first": starts[0], "second": starts[1],
+                  "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if all(s["exit_status"] == 0 for s in starts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

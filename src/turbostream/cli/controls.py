@@ -1,0 +1,47 @@
+"""Options shared by `serve` and `run` for external control: --osc-port, --osc-host, --prompts, --prompt-duration.
+
+Everything is checked, and the OSC port bound, before the model loads (which can take minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..control import Controls, OscServer, Playlist, load_playlist
+from ..control.playlist import DEFAULT_DURATION_S
+from ..errors import UserError
+
+
+def add_control_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """what: the stream these controls change, for the help text ("the broadcast", "the run's stream")."""
+    g = parser.add_argument_group("control")
+    g.add_argument("--osc-port", type=int, default=None, metavar="N",
+                   help=f"listen for OSC messages on this UDP port (/turbostream/prompt, ...) that change {what}")
+    g.add_argument("--osc-host", default="127.0.0.1", metavar="ADDR",
+                   help="address the OSC port binds (default: %(default)s; 0.0.0.0 for other machines)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help=f"a playlist: one prompt a line, optional '| 30s' duration, # comments; cycles {what}")
+    g.add_argument("--prompt-duration", type=float, default=DEFAULT_DURATION_S, metavar="S",
+                   help="seconds a playlist prompt stays when its line gives no duration (default: %(default)g)")
+
+
+def controls_from_args(args: argparse.Namespace) -> Controls:
+    """The command's Controls: the playlist read and checked, the OSC port bound (not yet serving); UserError if not.
+
+    With a playlist, args.prompt becomes its first prompt: the stream starts with it.
+    """
+    playlist = osc = None
+    if args.prompts is not None:
+        try:
+            playlist = Playlist(load_playlist(args.prompts, args.prompt_duration))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        args.prompt = playlist.current.prompt
+    if args.osc_port is not None:
+        if not 0 <= args.osc_port <= 65535:
+            raise UserError(f"--osc-port must be between 0 and 65535, got {args.osc_port}")
+        try:
+            osc = OscServer(args.osc_host, args.osc_port)
+        except OSError as exc:
+            raise UserError(str(exc)) from None
+    return Controls(osc, playlist)

@@ -1,0 +1,41 @@
+"""External control of a running stream: OSC (osc.py) and prompt playlists (playlist.py). Both change a stream the
+way a `config` message does, through one target (targets.py): RunTarget for `turbostream run`, BroadcastTarget for
+the `serve --source` broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .osc import OscServer
+from .playlist import Look, Playlist, load_playlist, parse_playlist
+from .targets import BroadcastTarget, RunTarget
+
+__all__ = ["BroadcastTarget", "Controls", "Look", "OscServer", "Playlist", "RunTarget", "load_playlist",
+           "parse_playlist"]
+
+
+class Controls:
+    """A command's OSC server and playlist (either may be None), started against one stream and stopped together."""
+
+    def __init__(self, osc: OscServer | None = None, playlist: Playlist | None = None) -> None:
+        self.osc, self.playlist = osc, playlist
+
+    def __bool__(self) -> bool:
+        return self.osc is not None or self.playlist is not None
+
+    def start_osc(self, apply: Callable[[dict[str, Any]], Any],
+                  on_result: Callable[[str], Any] | None = None) -> None:
+        if self.osc is not None:
+            self.osc.start(apply, playlist=self.playlist, on_result=on_result)
+
+    def start_playlist(self, apply: Callable[[dict[str, Any]], Any]) -> None:
+        if self.playlist is not None:
+            self.playlist.start(apply)
+
+    def stop(self) -> None:
+        if self.osc is not None:
+            self.osc.stop()
+        if self.playlist is not None:
+            self.playlist.stop()

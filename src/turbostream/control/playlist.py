@@ -1,0 +1,201 @@
+"""Prompt playlists (`--prompts FILE`): looks that follow each other on a timer, for unattended installations.
+
+The file is plain text, one look a line:
+
+    # comments start with '#'; blank lines are skipped
+    an oil painting, thick brush strokes | 45s
+    a watercolor painting | 1.5m
+    a charcoal drawing
+
+Each line is a prompt, optionally followed by `| DURATION`: a number of seconds (`30`, `30s`, `2.5s`), minutes
+(`1.5m`) or hours (`1h`), between 0.1 s and 24 h. A line without one stays for the default (`--prompt-duration`,
+30 s). After the last line the list starts over. OSC `/turbostream/next` and `/turbostream/previous` step through it
+(and restart the step's timer). The text after the last `|` is a duration only when it starts with a digit, so a
+prompt may contain `|` elsewhere; `| 30x` is an error with its line number, not part of a prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import StreamParams
+
+log = logging.getLogger("turbostream.control")
+
+DEFAULT_DURATION_S = 30.0
+MIN_DURATION_S = 0.1
+MAX_DURATION_S = 24 * 3600.0
+MAX_FILE_BYTES = 1 << 20  # a playlist is text a person wrote; a megabyte is thousands of looks
+MAX_ENTRIES = 10_000
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Look:
+    """One playlist entry: a prompt shown for `duration_s` seconds."""
+
+    prompt: str
+    duration_s: float
+    line: int  # in the file, for messages
+
+
+def parse_duration(text: str) -> float:
+    """'30', '30s', '1.5m', '1h' -> seconds; ValueError with the accepted forms otherwise."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"duration {text.strip()!r}: use seconds (30 or 30s), minutes (1.5m) or hours (1h)")
+    seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not MIN_DURATION_S <= seconds <= MAX_DURATION_S:
+        raise ValueError(f"duration {text.strip()!r} must be between {MIN_DURATION_S:g} s and 24 h")
+    return seconds
+
+
+def parse_playlist(text: str, default_duration_s: float = DEFAULT_DURATION_S, source: str = "playlist") -> list[Look]:
+    """The looks of a playlist's text; ValueError naming the line of the first problem."""
+    if not MIN_DURATION_S <= default_duration_s <= MAX_DURATION_S:
+        raise ValueError(f"the default duration must be between {MIN_DURATION_S:g} s and 24 h, "
+                         f"got {default_duration_s:g}")
+    looks: list[Look] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        prompt, duration = line, default_duration_s
+        head, bar, tail = line.rpartition("|")
+        if bar and tail.strip()[:1] in tuple("0123456789."):
+            try:
+                duration = parse_duration(tail)
+            except ValueError as exc:
+                raise ValueError(f"{source}, line {number}: {exc}") from None
+            prompt = head.strip()
+        if not prompt:
+            raise ValueError(f"{source}, line {number}: a duration without a prompt")
+        try:
+            StreamParams(prompt=prompt).validate()  # the one validation: length, valid Unicode
+        except ValueError as exc:
+            raise ValueError(f"{source}, line {number}: {exc}") from None
+        looks.append(Look(prompt, duration, number))
+        if len(looks) > MAX_ENTRIES:
+            raise ValueError(f"{source}: more than {MAX_ENTRIES} prompts")
+    if not looks:
+        raise ValueError(f"{source} has no prompts (one prompt a line; lines starting with # are comments)")
+    return looks
+
+
+def load_playlist(path: str | Path, default_duration_s: float = DEFAULT_DURATION_S) -> list[Look]:
+    """parse_playlist() of a UTF-8 file; ValueError for a missing, unreadable, huge or badly formed file."""
+    path = Path(path).expanduser()
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read the playlist {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"the playlist {path} is over {MAX_FILE_BYTES // 1024} KiB; is it the right file?")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the playlist {path} is not UTF-8 text (byte {exc.start})") from None
+    return parse_playlist(text, default_duration_s, source=str(path))
+
+
+class Playlist:
+    """Steps through looks on a thread of its own: after each look's duration, or at once on next()/previous().
+
+    `apply(fields)` gets {"prompt": ...} like a `config` message and may raise ValueError (logged; the playlist goes
+    on). The first look is not applied by start(): it is the stream's starting prompt (the commands set it), so the
+    first picture already has it; start() begins its timer.
+    """
+
+    def __init__(self, looks: list[Look], apply: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        if not looks:
+            raise ValueError("a playlist needs at least one prompt")
+        self.looks = list(looks)
+        self.apply = apply
+        self.index = 0
+        self.steps = {"time": 0, "next": 0, "previous": 0}  # how each step came about (tests, logs)
+        self._cond = threading.Condition()
+        self._pending = 0  # net steps asked for by next()/previous() and not yet taken, modulo the length
+        self._asked: str | None = None  # the last of those: "next" or "previous"
+        self._deadline = 0.0
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> Look:
+        return self.looks[self.index]
+
+    def start(self, apply: Callable[[dict[str, Any]], Any] | None = None) -> Playlist:
+        if apply is not None:
+            self.apply = apply
+        if self.apply is None:
+            raise ValueError("a playlist needs a target to apply its prompts to")
+        with self._cond:
+            self._deadline = time.monotonic() + self.current.duration_s
+        log.info("playlist: %d prompts; now %s", len(self.looks), self._describe(self.current))
+        self._thread = threading.Thread(target=self._run, name="turbostream-playlist", daemon=True)
+        self._thread.start()
+        return self
+
+    def next(self) -> None:
+        """Step forward now (any thread)."""
+        self._step(1)
+
+    def previous(self) -> None:
+        """Step back now (any thread)."""
+        self._step(-1)
+
+    def _step(self, delta: int) -> None:
+        with self._cond:
+            # Bounded however many presses arrive: only the position modulo the length matters.
+            self._pending = (self._pending + delta) % len(self.looks)
+            self._asked = "next" if delta > 0 else "previous"
+            self.steps[self._asked] += 1
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and self._asked is None:
+                    left = self._deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._stopped:
+                    return
+                if self._asked is not None:
+                    delta, cause = self._pending, self._asked
+                    self._pending, self._asked = 0, None
+                else:
+                    delta, cause = 1, "time"
+                    self.steps["time"] += 1
+                self.index = (self.index + delta) % len(self.looks)
+                look = self.current
+                self._deadline = time.monotonic() + look.duration_s
+            self._show(look, cause)
+
+    def _show(self, look: Look, cause: str) -> None:
+        try:
+            self.apply({"prompt": look.prompt})
+        except ValueError as exc:
+            log.warning("playlist: could not apply line %d: %s", look.line, exc)
+            return
+        log.info("playlist (%s): %s", cause, self._describe(look))
+
+    def _describe(self, look: Look) -> str:
+        return f"{self.index + 1}/{len(self.looks)} {look.prompt!r} for {look.duration_s:g} s"

@@ -1,0 +1,88 @@
+"""Where external controls (OSC, playlists) send their changes: a callable taking the fields of a `config` message
+({"prompt": ..., "strength": ..., "steps": ..., "seed": ...}, any subset), returning the new StreamParams, or
+raising ValueError with the reason. Both targets check with StreamParams.updated/validate, the one validation every
+parameter change goes through.
+
+- RunTarget: a `turbostream run` (Pipeline.set_params; the GPU thread reads the parameters per call).
+- BroadcastTarget: the `serve --source` broadcast (Broadcast.set_params on the server's event loop, which tells
+  every viewer with a `config` message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from ..config import MAX_STEPS, StreamParams
+
+log = logging.getLogger("turbostream.control")
+
+
+def _checked(params: StreamParams, fields: dict[str, Any], max_steps: int) -> StreamParams:
+    try:
+        return params.updated(**fields).validate(max_steps)
+    except TypeError as exc:  # a wrong type that dataclasses.replace itself trips on
+        raise ValueError(str(exc)) from None
+
+
+class RunTarget:
+    """Changes the stream of a `run` (a Pipeline, or anything with .params and .set_params)."""
+
+    def __init__(self, pipeline, max_steps: int = MAX_STEPS) -> None:
+        self.pipeline = pipeline
+        self.max_steps = max_steps
+        self._lock = threading.Lock()  # OSC and the playlist change it from their own threads
+
+    def __call__(self, fields: dict[str, Any]) -> StreamParams:
+        with self._lock:
+            params = _checked(self.pipeline.params, fields, self.max_steps)
+            self.pipeline.set_params(params)
+        return params
+
+
+class BroadcastTarget:
+    """Changes the broadcast from any thread: checked at once, applied on the server's event loop.
+
+    Changes that arrive faster than the loop applies them (a fader sending 60 values a second) are merged into one
+    pending change, so the loop's queue holds at most one call from this target however fast they come.
+    """
+
+    def __init__(self, broadcast, loop: asyncio.AbstractEventLoop, by: str = "OSC") -> None:
+        self.broadcast = broadcast
+        self.loop = loop
+        self.by = by
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] = {}
+        self._scheduled = False
+
+    def __call__(self, fields: dict[str, Any]) -> StreamParams:
+        stream = self.broadcast.stream
+        if stream is None:
+            raise ValueError("the broadcast is not running yet (the engine is still loading or warming up)")
+        max_steps = getattr(getattr(self.broadcast.server.engine, "config", None), "max_steps", MAX_STEPS)
+        with self._lock:
+            merged = {**self._pending, **fields}
+            params = _checked(stream.params, merged, max_steps)
+            if params == stream.params and not self._pending:
+                return params  # nothing changes (a controller that repeats its values): no message to viewers
+            self._pending = merged
+            if not self._scheduled:
+                try:
+                    self.loop.call_soon_threadsafe(self._apply)
+                except RuntimeError:  # the loop is closed: the server is shutting down
+                    raise ValueError("the server is shutting down") from None
+                self._scheduled = True
+        return params
+
+    def _apply(self) -> None:
+        """On the event loop: the merged change to the broadcast, and a `config` message to every viewer."""
+        with self._lock:
+            fields, self._pending, self._scheduled = self._pending, {}, False
+        if not fields:
+            return
+        try:
+            self.broadcast.set_params(fields, by=self.by)
+        except Exception as exc:  # noqa: BLE001 - e.g. a viewer changed steps meanwhile; the old parameters stay
+            log.warning("%s: change %s not applied: %s", self.by, fields, getattr(exc, "message", exc))

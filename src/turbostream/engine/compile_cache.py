@@ -1,0 +1,78 @@
+"""What `--compile` produced, kept between starts: torch's portable compile artifacts in one file per configuration.
+
+torch.compile of the UNet and TAESD costs minutes at the first start. torch.compiler.save_cache_artifacts() bundles
+what it built (inductor's compiled graphs, autotuning results, AOTAutograd's cache) into bytes that
+load_cache_artifacts() puts back into torch's caches before the next compile, which then reuses them instead of
+building again: on another machine or container too, as long as the key matches. The key names everything the
+artifacts depend on: torch's version, the GPU, the model, the size, dtype, VAE and batch buckets.
+
+A missing file is a miss; a file that cannot be read or loaded (corrupt, another torch) is ignored with a warning,
+never a crash. Writes are atomic (a temporary file renamed), so a start cut short leaves no half file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("turbostream.engine")
+
+
+def default_folder() -> Path:
+    """$TURBOSTREAM_CACHE/compile, else $XDG_CACHE_HOME/turbostream/compile, else ~/.cache/turbostream/compile."""
+    if os.environ.get("TURBOSTREAM_CACHE"):
+        return Path(os.environ["TURBOSTREAM_CACHE"]) / "compile"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "turbostream" / "compile"
+
+
+class CompileCache:
+    """One configuration's artifacts file in `folder`: load() before compiling, save() after a miss."""
+
+    def __init__(self, folder: Path | str, key: dict) -> None:
+        self.key = {"torch": torch.__version__, **key}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.path = Path(folder).expanduser() / f"compile-{digest}.bin"
+
+    def load(self) -> bool:
+        """Put saved artifacts back into torch's caches; True on a hit (logged either way)."""
+        if not self.path.is_file():
+            log.info("compile cache: no entry for this configuration yet (%s); compiling from scratch", self.path)
+            return False
+        try:
+            info = torch.compiler.load_cache_artifacts(self.path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - corrupt, truncated, another torch's format: compile as if missing
+            log.warning("compile cache: ignoring %s (%s: %s); compiling from scratch", self.path,
+                        type(exc).__name__, exc)
+            return False
+        entries = sum(len(v) for v in info.artifacts.values()) if info is not None else 0
+        if not entries:
+            log.warning("compile cache: ignoring %s (torch could not use it: corrupt, or from another version); "
+                        "compiling from scratch", self.path)
+            return False
+        log.info("compile cache: hit, %d artifacts from %s", entries, self.path)
+        return True
+
+    def save(self) -> bool:
+        """Write what torch compiled in this process; False (with a warning) if there is nothing or it fails."""
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:
+                log.warning("compile cache: torch had nothing to save")
+                return False
+            data = saved[0]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=".compile-", delete=False) as tmp:
+                tmp.write(data)
+            os.replace(tmp.name, self.path)
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start time, no more
+            log.warning("compile cache: could not write %s: %s", self.path, exc)
+            return False
+        log.info("compile cache: saved %.1f MiB to %s", len(data) / 2**20, self.path)
+        return True

@@ -1,0 +1,125 @@
+"""Ceilings below the WebSocket protocol, per socket and for the whole server: sockets open at once, sockets still in
+their handshake (before any token is seen), bytes waiting in a socket's send buffer, HTTP header sizes.
+
+websockets bounds what a peer makes us *receive* (max_size, max_queue) and what we *send* with send() (write_limit),
+but it answers every ping with a pong written straight to the transport, without back-pressure: a peer that sends
+pings and never reads grows our send buffer without end (measured: 455 MB, +900 MiB RSS in 25 s, three peers). And it
+buffers each handshake until its header limits, for as many sockets as connect. GuardedConnection closes a socket the
+moment one of these passes its limit (or its peer sends pings faster than any client needs), and counts why in
+/metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from typing import Any
+
+import websockets.http11
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
+
+from ..config import Limits
+
+log = logging.getLogger("turbostream.server")
+
+
+class ConnectionGuard:
+    """Counts the server's sockets and those still in their handshake; refuses sockets past the limits."""
+
+    def __init__(self, limits: Limits, on_close: Any = None) -> None:
+        self.limits = limits
+        self.sockets: set[GuardedConnection] = set()  # every socket from accept to close (the event loop's alone)
+        self.handshaking = 0
+        self.on_close = on_close or (lambda reason: None)  # reason -> None: counts a socket closed by a limit
+        # Per-request header limits: websockets reads these module globals for every request it parses, so they
+        # are process-wide (the last server started in a process sets them).
+        websockets.http11.MAX_NUM_HEADERS = limits.max_header_count
+        websockets.http11.MAX_LINE_LENGTH = limits.max_header_line_bytes
+
+    @property
+    def max_sockets(self) -> int:
+        """Sockets at once: every client and viewer place, plus the handshakes in flight."""
+        return self.limits.max_clients + self.limits.max_viewers + self.limits.max_pending_handshakes
+
+    def factory(self):
+        """What serve(create_connection=...) calls to build each connection."""
+        return partial(GuardedConnection, guard=self)
+
+    def send_buffer_bytes(self) -> int:
+        """Bytes written to every socket but not yet taken by the kernel."""
+        return sum(c.transport.get_write_buffer_size() for c in list(self.sockets) if c.transport is not None)
+
+    def _refuse(self, conn: GuardedConnection, reason: str) -> None:
+        if not conn.refused:  # once: the rest of the data already received is not looked at
+            conn.refused = True
+            self.on_close(reason)
+            conn.transport.abort()
+
+
+class GuardedConnection(ServerConnection):
+    """A ServerConnection that its ConnectionGuard can refuse at accept and closes when its send buffer overflows."""
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.handshaking = False
+        self.refused = False
+        self._ping_tokens, self._ping_t = float(guard.limits.max_ping_burst), self.loop.time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        guard = self.guard
+        if len(guard.sockets) >= guard.max_sockets:
+            guard._refuse(self, "too_many_sockets")
+        elif guard.handshaking >= guard.limits.max_pending_handshakes:
+            guard._refuse(self, "handshake_backlog")
+        else:
+            guard.sockets.add(self)
+            guard.handshaking += 1
+            self.handshaking = True
+
+    def process_event(self, event: Any) -> None:
+        if self.refused:
+            return
+        if isinstance(event, Frame) and event.opcode is Opcode.PING and not self._ping_allowed():
+            log.warning("closing a connection that sent pings faster than %g/s (burst %d)",
+                        self.guard.limits.max_pings_per_s, self.guard.limits.max_ping_burst)
+            self.guard._refuse(self, "ping_flood")
+            return
+        super().process_event(event)
+
+    def _ping_allowed(self) -> bool:
+        """Token bucket: max_ping_burst pings at once, refilled at max_pings_per_s."""
+        limits, now = self.guard.limits, self.loop.time()
+        self._ping_tokens = min(limits.max_ping_burst,
+                                self._ping_tokens + (now - self._ping_t) * limits.max_pings_per_s)
+        self._ping_t = now
+        if self._ping_tokens < 1:
+            return False
+        self._ping_tokens -= 1
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        super().data_received(data)
+        if self.handshaking and self.request is not None:  # the whole request has been read and parsed
+            self.handshaking = False
+            self.guard.handshaking -= 1
+        if self.transport.get_write_buffer_size() > self.guard.limits.max_send_buffer_bytes:
+            # Only answers to what the peer sends (pongs, a close) can grow it this far: our own sends wait at
+            # write_limit. A peer that sends and never reads is cut off, not buffered for.
+            log.warning("closing a connection whose send buffer passed %d bytes (a peer that sends pings and never "
+                        "reads)", self.guard.limits.max_send_buffer_bytes)
+            self.guard._refuse(self, "send_buffer")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        guard = self.guard
+        if self in guard.sockets:
+            guard.sockets.discard(self)
+            if self.handshaking:
+                self.handshaking = False
+                guard.handshaking -= 1
+        super().connection_lost(exc)

@@ -1,0 +1,424 @@
+"""External control: OSC messages (sent with python-osc over loopback UDP) and prompt playlists, changing a running
+broadcast (`serve --source`, a viewer sees the `config`) and a running `run` (tiny-random engine and stand-ins)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from pythonosc.udp_client import SimpleUDPClient
+from test_server import FakeCapture
+from websockets.asyncio.client import connect
+
+from turbostream import cli
+from turbostream.cli import run as cli_run
+from turbostream.codec import fit_frame
+from turbostream.config import ServerConfig, StreamParams, preset
+from turbostream.control import Controls, OscServer, Playlist, RunTarget, parse_playlist
+from turbostream.control.playlist import Look, parse_duration
+from turbostream.engine import Engine
+from turbostream.serve import TurboServer
+from turbostream.serve.integrations import Integrations
+
+TIMEOUT = 60
+
+
+@pytest.fixture
+def engine(tiny_components):
+    return Engine(preset("test"), tiny_components)
+
+
+async def _broadcast_with(engine, controls: Controls):
+    """A server with a source, started with these controls; returns (server, integrations)."""
+    server = TurboServer(engine, ServerConfig(port=0, source="fake:0"), capture_factory=FakeCapture)
+    extras = Integrations(server, controls, size=(64, 64))
+    await server.start()
+    extras.start(asyncio.get_running_loop())
+    assert await server.wait_ready(30)
+    return server, extras
+
+
+async def _open_viewer(server):
+    ws = await connect(f"ws://127.0.0.1:{server.port}/view/ws", max_size=2**23)
+    ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready" and ready["role"] == "viewer"
+    return ws, ready
+
+
+async def _config_where(ws, predicate, timeout=20.0):
+    """The first `config` message for which predicate(msg) holds; every config seen on the way in `seen`."""
+    seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.recv()
+            if isinstance(msg, str) and (obj := json.loads(msg))["type"] == "config":
+                seen.append(obj)
+                if predicate(obj):
+                    return obj, seen
+
+
+def _metrics(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _wait_for(condition, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------------ serve
+
+
+def test_osc_changes_the_broadcast_and_bad_messages_are_ignored_and_counted(engine, caplog):
+    caplog.set_level(logging.INFO, logger="turbostream.control")
+
+    async def main():
+        osc = OscServer("127.0.0.1", 0)
+        server, extras = await _broadcast_with(engine, Controls(osc))
+        try:
+            viewer, _ = await _open_viewer(server)
+            sender = SimpleUDPClient("127.0.0.1", osc.port)
+            sender.send_message("/turbostream/prompt", "a storm at sea")
+            sender.send_message("/turbostream/seed", 9)
+            echo, _ = await _config_where(viewer, lambda m: m["prompt"] == "a storm at sea" and m["seed"] == 9)
+            assert echo["strength"] == 0.5 and echo["steps"] == 2
+
+            # A flood of bad messages: each ignored and counted, the first of each kind logged, nothing changes.
+            for _ in range(50):
+                sender.send_message("/turbostream/strength", 7.0)  # out of range
+            sender.send_message("/turbostream/steps", "three")  # wrong type
+            sender.send_message("/turbostream/seed", 1.5)  # not an integer
+            sender.send_message("/turbostream/nowhere", 1)  # unknown address
+            sender.send_message("/turbostream/next", [])  # no playlist on this server
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+                raw.sendto(b"\x00\xffnot osc at all", ("127.0.0.1", osc.port))
+                raw.sendto(b"#bundle\x00" + b"\xff" * 40, ("127.0.0.1", osc.port))
+            sender.send_message("/turbostream/steps", 4.0)  # integral floats (TouchDesigner sends floats) are fine
+            sender.send_message("/turbostream/strength", 0.75)
+            echo, seen = await _config_where(viewer, lambda m: m["strength"] == 0.75)
+            assert echo == {"type": "config", "prompt": "a storm at sea", "strength": 0.75, "steps": 4, "seed": 9,
+                            "similarity": 0.0, "transition_s": 0.0, "feedback": 0.0}
+            assert all(m["strength"] != 7.0 for m in seen)
+            _wait_for(lambda: sum(osc.counts.values()) == 60, what="every OSC message counted")
+            assert osc.counts == {"applied": 4, "ignored": 1, "rejected": 50, "bad_arguments": 2,
+                                  "unknown_address": 1, "malformed": 2}
+            assert server.broadcast.stream.params == StreamParams("a storm at sea", 0.75, 4, 9)
+            text = await asyncio.to_thread(_metrics, server)
+            assert 'turbostream_osc_messages_total{result="rejected"} 50.0' in text
+            assert 'turbostream_osc_messages_total{result="applied"} 4.0' in text
+            assert 'turbostream_osc_messages_total{result="malformed"} 2.0' in text
+            # The broadcast still streams.
+            frames = 0
+            async with asyncio.timeout(20):
+                while frames < 3:
+                    frames += isinstance(await viewer.recv(), bytes)
+            await viewer.close()
+        finally:
+            await server.stop()
+            extras.stop()
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    refused = [r for r in caplog.records if "refused /turbostream/strength" in r.getMessage()]
+    assert len(refused) == 1 and "strength must be in (0, 1]" in refused[0].getMessage()
+    assert sum("not OSC" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_playlist_advances_the_broadcast_on_time_and_on_next(engine, tmp_path):
+    looks = [Look("look one", 0.3, 1), Look("look two", 60.0, 2), Look("look three", 60.0, 3)]
+
+    async def main():
+        osc = OscServer("127.0.0.1", 0)
+        server, extras = await _broadcast_with(engine, Controls(osc, Playlist(looks)))
+        try:
+            viewer, _ = await _open_viewer(server)
+            await _config_where(viewer, lambda m: m["prompt"] == "look two")  # after 0.3 s
+            sender = SimpleUDPClient("127.0.0.1", osc.port)
+            sender.send_message("/turbostream/next", 1.0)  # a button's press
+            sender.send_message("/turbostream/next", 0.0)  # and its release: ignored
+            await _config_where(viewer, lambda m: m["prompt"] == "look three")
+            sender.send_message("/turbostream/next", [])
+            await _config_where(viewer, lambda m: m["prompt"] == "look one")  # wraps around
+            sender.send_message("/turbostream/previous", [])
+            await _config_where(viewer, lambda m: m["prompt"] == "look three")
+            assert extras.controls.playlist.steps["time"] >= 1 and osc.counts["ignored"] == 1
+            await viewer.close()
+        finally:
+            await server.stop()
+            extras.stop()
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+@pytest.mark.slow
+def test_serve_command_with_osc_and_a_playlist(tmp_path):
+    """The real command: `serve --source FILE --osc-port P --prompts FILE` starts with the playlist's first prompt,
+    OSC changes the broadcast, /metrics counts it, SIGTERM ends it with status 0."""
+    import signal
+    import subprocess
+    import sys
+
+    playlist = tmp_path / "looks.txt"
+    playlist.write_text("the first look | 1h\nthe second look\n")
+    port, osc_port = _free_tcp_port(), _free_udp_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "turbostream", "serve", "--model", "tiny-random", "--size", "64", "--device", "cpu",
+         "--port", str(port), "--source", _video(tmp_path / "in.avi", n=40), "--osc-port", str(osc_port),
+         "--prompts", str(playlist)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve never became ready"
+            time.sleep(0.2)
+
+        async def main():
+            ws = await connect(f"ws://127.0.0.1:{port}/view/ws")
+            ready = json.loads(await ws.recv())
+            assert ready["params"]["prompt"] == "the first look"
+            SimpleUDPClient("127.0.0.1", osc_port).send_message("/turbostream/prompt", "sent over OSC")
+            await _config_where(ws, lambda m: m["prompt"] == "sent over OSC")
+            await ws.close()
+
+        asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert 'turbostream_osc_messages_total{result="applied"} 1.0' in resp.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "OSC: listening on udp 127.0.0.1:" in proc.stdout.read()
+
+
+def test_serve_refuses_controls_without_a_source(capsys):
+    assert cli.main(["serve", "--model", "tiny-random", "--device", "cpu", "--osc-port", "0"]) == 2
+    assert "add --source SRC" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+class RecordingEngine:
+    """Stands in for Engine: returns the fitted frames, records the parameters of every call; on_call(k) hooks."""
+
+    def __init__(self, on_call=None):
+        self.width = self.height = 64
+        self.max_batch = 1
+        self.model_name, self.random_weights = "fake", False
+        self.params: list[StreamParams] = []
+        self.on_call = on_call
+
+    def warmup(self):
+        pass
+
+    def run(self, frames, params):
+        self.params.append(params[0])
+        if self.on_call:
+            self.on_call(len(self.params))
+        time.sleep(0.005)
+        return [fit_frame(f, 64, 64) for f in frames]
+
+
+def _video(path, n=120, fps=50.0):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (64, 64))
+    for k in range(n):
+        writer.write(np.full((64, 64, 3), k % 256, np.uint8))
+    writer.release()
+    return str(path)
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parse_run(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli_run.add_parser(parser.add_subparsers())
+    return parser.parse_args(["run", *argv])
+
+
+def test_osc_changes_a_running_run(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="turbostream.control")
+    port = _free_udp_port()
+    sender = SimpleUDPClient("127.0.0.1", port)
+
+    def on_call(k):
+        if k == 3:
+            sender.send_message("/turbostream/prompt", "from the lighting desk")
+            sender.send_message("/turbostream/seed", 42)
+            sender.send_message("/turbostream/strength", -1.0)  # refused, the run goes on
+
+    engine = RecordingEngine(on_call)
+    args = _parse_run("-i", _video(tmp_path / "in.avi"), "-o", str(tmp_path / "out.avi"), "--realtime",
+                      "--max-frames", "40", "--osc-port", str(port))
+    assert cli_run.main(args, engine=engine) == 0
+    assert engine.params[0] == StreamParams()
+    assert engine.params[-1] == StreamParams("from the lighting desk", 0.5, 2, 42)
+    assert any("refused /turbostream/strength -1.0" in r.getMessage() for r in caplog.records)
+
+
+def test_playlist_advances_a_run_on_time_and_on_next(tmp_path):
+    playlist = tmp_path / "looks.txt"
+    playlist.write_text("# a show\nfirst look | 0.3s\n\nsecond look | 0.3\nthird look | 1m\n")
+    port = _free_udp_port()
+    sender = SimpleUDPClient("127.0.0.1", port)
+    sent = threading.Event()
+
+    def on_call(k):
+        if engine.params[-1].prompt == "third look" and not sent.is_set():
+            sent.set()
+            sender.send_message("/turbostream/next", [])
+
+    engine = RecordingEngine(on_call)
+    args = _parse_run("-i", _video(tmp_path / "in.avi", n=250), "-o", str(tmp_path / "out.avi"), "--realtime",
+                      "--max-frames", "200", "--osc-port", str(port), "--prompts", str(playlist))
+    assert cli_run.main(args, engine=engine) == 0
+    order = [p.prompt for k, p in enumerate(engine.params) if k == 0 or p.prompt != engine.params[k - 1].prompt]
+    # The first look from the start, the second after 0.3 s, the third after 0.6 s; next wraps to the first.
+    assert order[:4] == ["first look", "second look", "third look", "first look"], order
+
+
+def test_run_target_uses_the_one_validation():
+    class Holder:
+        params = StreamParams()
+
+        def set_params(self, p):
+            self.params = p
+
+    holder = Holder()
+    target = RunTarget(holder)
+    assert target({"steps": 3, "seed": 5}) == StreamParams(steps=3, seed=5)
+    for bad in ({"strength": 0.1}, {"steps": 0}, {"prompt": "x" * 1001}, {"seed": -1}, {"color": "red"}):
+        with pytest.raises(ValueError):
+            target(bad)
+    assert holder.params == StreamParams(steps=3, seed=5)
+
+
+# ------------------------------------------------------------------------------------------------ Sans-I/O
+
+
+def test_osc_message_results():
+    applied = []
+
+    def apply(fields):
+        applied.append(fields)
+        return StreamParams().updated(**fields)
+
+    class Steps:
+        def __init__(self):
+            self.moves = []
+
+        def next(self):
+            self.moves.append(1)
+
+        def previous(self):
+            self.moves.append(-1)
+
+    osc = OscServer("127.0.0.1", 0)
+    try:
+        osc.apply, osc.playlist = apply, Steps()
+        cases = [
+            ("/turbostream/prompt", ["a fox"], "applied"),
+            ("/turbostream/prompt", [3], "bad_arguments"),
+            ("/turbostream/prompt", ["a", "b"], "bad_arguments"),
+            ("/turbostream/strength", [1], "applied"),
+            ("/turbostream/strength", [float("nan")], "rejected"),
+            ("/turbostream/strength", [True], "bad_arguments"),
+            ("/turbostream/steps", [3.0], "applied"),
+            ("/turbostream/steps", [99], "rejected"),
+            ("/turbostream/seed", [2**40], "rejected"),
+            ("/turbostream/seed", [], "bad_arguments"),
+            ("/turbostream/next", [], "applied"),
+            ("/turbostream/previous", [1], "applied"),
+            ("/turbostream/next", [0], "ignored"),
+            ("/turbostream/next", ["go"], "bad_arguments"),
+            ("/other/prompt", ["x"], "unknown_address"),
+        ]
+        for address, args, expected in cases:
+            assert osc.handle_message(address, args) == expected, (address, args)
+        assert applied[:2] == [{"prompt": "a fox"}, {"strength": 1.0}]
+        assert osc.playlist.moves == [1, -1]
+        assert osc.handle_datagram(b"garbage") == ["malformed"]
+    finally:
+        osc.stop()
+
+
+def test_osc_port_in_use_is_a_clear_error():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        with pytest.raises(OSError, match=r"cannot listen for OSC on 127.0.0.1:\d+"):
+            OscServer("127.0.0.1", taken.getsockname()[1])
+
+
+def test_playlist_format():
+    text = """# looks for the foyer
+    an oil painting, thick brush strokes | 45s
+    a watercolor | 1.5m
+      a charcoal drawing
+    neon | cyberpunk city | 2h
+    a poster | minimal
+    tiny | .5
+    """
+    looks = parse_playlist(text, default_duration_s=20)
+    assert [(lk.prompt, lk.duration_s, lk.line) for lk in looks] == [
+        ("an oil painting, thick brush strokes", 45.0, 2), ("a watercolor", 90.0, 3), ("a charcoal drawing", 20.0, 4),
+        ("neon | cyberpunk city", 7200.0, 5), ("a poster | minimal", 20.0, 6), ("tiny", 0.5, 7),
+    ]
+    assert parse_duration("30") == parse_duration("30s") == parse_duration("0.5m") == 30.0
+    for bad, message in [
+        ("a look | 30x", "line 1: duration '30x'"),
+        ("ok\n| 30s", "line 2: a duration without a prompt"),
+        ("a look | 0", "between 0.1 s and 24 h"),
+        ("# only comments\n\n", "has no prompts"),
+        ("x" * 1001, "line 1: prompt is 1001 characters"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_playlist(bad)
+
+
+def test_playlist_steps_on_time_next_and_previous():
+    shown = []
+    playlist = Playlist([Look("a", 0.2, 1), Look("b", 30, 2), Look("c", 30, 3)])
+    playlist.start(lambda fields: shown.append(fields["prompt"]))
+    try:
+        _wait_for(lambda: shown == ["b"], what="the timed step")
+        playlist.previous()
+        _wait_for(lambda: shown == ["b", "a"], what="previous")
+        playlist.previous()
+        _wait_for(lambda: shown == ["b", "a", "c"], what="previous wraps")
+        for _ in range(4):  # four presses at once: one step of four, from c to a
+            playlist.next()
+        _wait_for(lambda: shown[-1] == "a" and playlist.index == 0, what="four steps")
+    finally:
+        playlist.stop()
+    assert playlist.steps["next"] == 4 and playlist.steps["previous"] == 2 and playlist.steps["time"] == 1

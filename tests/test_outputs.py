@@ -1,0 +1,265 @@
+"""Stream and virtual-camera outputs of `turbostream run` (and `serve --publish`): H.264 over udp:// read back by
+FFmpeg, an unreachable rtmp:// target that fails clearly while the other outputs go on, write() that never blocks,
+and -o virtualcam without a backend. CPU, tiny-random, loopback only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from turbostream import cli
+from turbostream.cli import run as cli_run
+from turbostream.codec import fit_frame
+from turbostream.errors import SinkError
+from turbostream.io import sinks
+from turbostream.io.stream import FFMPEG_ENV, StreamSink, check_stream_output, redact_stream
+
+FFMPEG = shutil.which("ffmpeg")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg program (apt-get install ffmpeg)")
+CLI_MODEL = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
+
+
+def _video(path: Path, n: int, fps: float) -> str:
+    """n frames whose top half is bright and bottom half dark: a picture a codec keeps."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (96, 80))
+    for k in range(n):
+        frame = np.full((80, 96, 3), 30, np.uint8)
+        frame[:40] = 220
+        frame[:, :8] = (k * 8) % 256
+        writer.write(frame)
+    writer.release()
+    return str(path)
+
+
+def _parse_run(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli_run.add_parser(parser.add_subparsers())
+    return parser.parse_args(["run", *argv])
+
+
+def _free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PassEngine:
+    """Stands in for Engine: the fitted frame back, as fast as asked."""
+
+    width = height = 64
+    max_batch = 1
+    model_name, random_weights = "fake", False
+
+    def warmup(self):
+        pass
+
+    def run(self, frames, params):
+        return [fit_frame(f, 64, 64) for f in frames]
+
+
+@pytest.fixture(autouse=True)
+def _no_model_loading(monkeypatch):
+    """Outputs are checked (a virtual camera opened) before the model loads: a test that reaches loading fails."""
+
+    def refuse(args):
+        raise AssertionError("build_engine called before the outputs were checked")
+
+    monkeypatch.setattr(cli_run, "build_engine", refuse)
+
+
+@needs_ffmpeg
+def test_udp_stream_is_read_back_by_ffmpeg(tmp_path, make_engine, caplog):
+    caplog.set_level(logging.INFO, logger="turbostream")
+    port = _free_port(socket.SOCK_DGRAM)
+    out = tmp_path / "received"
+    out.mkdir()
+    # The receiver listens first (UDP has no connection): it decodes 10 frames into PNGs, or gives up after 30 s.
+    receiver = subprocess.Popen(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-probesize", "32768", "-analyzeduration", "2000000",
+         "-i", f"udp://127.0.0.1:{port}?timeout=30000000", "-frames:v", "10", str(out / "frame_%03d.png")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        src = _video(tmp_path / "in.avi", n=60, fps=20)  # 3 s, played in real time: a stream is live
+        args = _parse_run("-i", src, "-o", f"udp://127.0.0.1:{port}")
+        t0 = time.perf_counter()
+        assert cli_run.main(args, engine=make_engine()) == 0
+        assert time.perf_counter() - t0 > 2.5  # real time kept: 60 frames at 20 fps
+        assert receiver.wait(30) == 0, receiver.stderr.read()
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    frames = [cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))]
+    assert len(frames) == 10
+    assert all(f.shape == (64, 64, 3) for f in frames)  # the engine's size
+    assert max(float(f.std()) for f in frames) > 5  # pictures, not a gray stream
+    assert any(f"udp://127.0.0.1:{port}: " in r.getMessage() and "frames streamed" in r.getMessage()
+               for r in caplog.records)
+
+
+@needs_ffmpeg
+def test_unreachable_rtmp_errors_clearly_and_the_other_outputs_go_on(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="turbostream")
+    port = _free_port()  # nothing listens there: connection refused
+    url = f"rtmp://127.0.0.1:{port}/live/s3cretStreamKey"
+    video = tmp_path / "out.avi"
+    src = _video(tmp_path / "in.avi", n=30, fps=20)
+    t0 = time.perf_counter()
+    assert cli_run.main(_parse_run("-i", src, "-o", url, "-o", str(video)), engine=PassEngine()) == 0
+    assert time.perf_counter() - t0 < 1.5 + 10  # the failing stream did not hold the run up
+    cap = cv2.VideoCapture(str(video))
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    assert count >= 25  # the file got the run (a live run keeps time: dropped frames are stood in for)
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"cannot stream to rtmp://127.0.0.1:{port}/live/***" in log
+    assert "Connection refused" in log and "trying again in 1 s" in log
+    assert "failed attempts" in log  # the summary line of the output
+    assert "s3cretStreamKey" not in log
+
+
+def test_write_never_blocks_on_a_stalled_receiver(tmp_path):
+    # A "ffmpeg" that never reads its input: the sender thread blocks on the pipe; write() must not.
+    stalled = tmp_path / "stalled-ffmpeg"
+    stalled.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    stalled.chmod(0o755)
+    sink = StreamSink("udp://127.0.0.1:9", 30, (256, 256), program=str(stalled))
+    frame = np.zeros((256, 256, 3), np.uint8)
+    t0 = time.perf_counter()
+    for k in range(300):  # 59 MB of frames, far more than a pipe holds
+        sink.write(frame, k)
+    assert time.perf_counter() - t0 < 0.5
+    assert sink.frames_in == 300 and sink.replaced >= 250  # newest frame wins; nothing queues
+    t0 = time.perf_counter()
+    sink.close(timeout_s=1.0)  # the stuck child is killed
+    assert time.perf_counter() - t0 < 10
+
+
+def test_stream_urls_are_checked_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    src = _video(tmp_path / "in.avi", n=2, fps=10)
+    assert cli.main(["run", "-i", src, "-o", "ftp://example.com/x", *CLI_MODEL]) == 2
+    assert "stream URLs start with rtmp://" in capsys.readouterr().err
+    assert cli.main(["run", "-i", src, "-o", "rtmp:///live/key", *CLI_MODEL]) == 2
+    assert "names no host" in capsys.readouterr().err
+    monkeypatch.setenv(FFMPEG_ENV, str(tmp_path / "no-such-ffmpeg"))
+    assert cli.main(["run", "-i", src, "-o", "srt://127.0.0.1:9000?passphrase=hunter22", *CLI_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert "no ffmpeg program was found" in err and "apt-get install ffmpeg" in err and "hunter22" not in err
+    with pytest.raises(SinkError, match="no ffmpeg program"):
+        check_stream_output("udp://127.0.0.1:9000")
+
+
+def test_stream_secrets_are_redacted():
+    assert redact_stream("rtmp://a.rtmp.youtube.com/live2/abcd-1234") == "rtmp://a.rtmp.youtube.com/live2/***"
+    assert redact_stream("rtmps://user:pw@host/app/key?x=1") == "rtmps://user:***@host/app/***?x=1"
+    assert redact_stream("srt://h:9000?mode=caller&passphrase=p4ss&streamid=publish:cam") == \
+        "srt://h:9000?mode=caller&passphrase=***&streamid=***"
+    assert redact_stream("udp://239.0.0.1:5000?pkt_size=1316") == "udp://239.0.0.1:5000?pkt_size=1316"
+
+
+def test_virtualcam_without_the_package_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyvirtualcam", None)  # import pyvirtualcam -> ImportError
+    src = _video(tmp_path / "in.avi", n=2, fps=10)
+    assert cli.main(["run", "-i", src, "-o", "virtualcam", *CLI_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("turbostream: error: -o virtualcam needs the pyvirtualcam package")
+    assert "pip install pyvirtualcam" in err and "Traceback" not in err
+
+
+def test_virtualcam_without_a_backend_says_what_to_install(tmp_path, capsys):
+    pytest.importorskip("pyvirtualcam")
+    if sys.platform.startswith("linux") and any(Path("/sys/devices/virtual/video4linux").glob("video*")):
+        pytest.skip("this machine has a v4l2loopback device: the camera would open")
+    src = _video(tmp_path / "in.avi", n=2, fps=10)
+    assert cli.main(["run", "-i", src, "-o", "virtualcam", *CLI_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert "the virtual camera could not be opened" in err and "Traceback" not in err
+    assert ("v4l2loopback" if sys.platform.startswith("linux") else "OBS") in err
+
+
+def test_outputs_parse():
+    assert sinks.parse_output("virtualcam").kind == "virtualcam"
+    assert sinks.parse_output("virtualcam:/dev/video10").kind == "virtualcam"
+    spec = sinks.parse_output("rtmp://host/live/key")
+    assert spec.kind == "stream" and spec.describe() == "rtmp://host/live/***"
+    with pytest.raises(SinkError, match="given twice"):
+        sinks.check_outputs([sinks.parse_output("virtualcam"), sinks.parse_output("VirtualCam")])
+
+
+@needs_ffmpeg
+def test_serve_publish_streams_the_broadcast_without_viewers(tmp_path, tiny_components):
+    """`serve --source SRC --publish udp://...`: the broadcast is stylized for the stream alone and read back."""
+    import asyncio
+
+    from turbostream.config import ServerConfig, preset
+    from turbostream.engine import Engine
+    from turbostream.serve import TurboServer
+    from turbostream.serve.integrations import Integrations
+
+    class Capture:
+        ended, error = False, None
+
+        def __init__(self, spec):
+            self.index = 0
+
+        def start(self):
+            pass
+
+        def latest(self, timeout):
+            time.sleep(0.02)
+            self.index += 1
+            y, x = np.mgrid[0:48, 0:64]
+            return self.index, np.stack([x * 4, y * 5, np.full_like(x, 90)], -1).astype(np.uint8)
+
+        def close(self):
+            pass
+
+    port = _free_port(socket.SOCK_DGRAM)
+    out = tmp_path / "received"
+    out.mkdir()
+    receiver = subprocess.Popen(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-probesize", "32768", "-analyzeduration", "2000000",
+         "-i", f"udp://127.0.0.1:{port}?timeout=30000000", "-frames:v", "5", str(out / "frame_%03d.png")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+    async def main():
+        server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source="fake"),
+                             capture_factory=Capture)
+        extras = Integrations(server, publish=(f"udp://127.0.0.1:{port}",), size=(64, 64), fps=20)
+        await server.start()
+        extras.start(asyncio.get_running_loop())
+        try:
+            assert await server.wait_ready(30)
+            deadline = time.monotonic() + 40
+            while receiver.poll() is None:  # no viewer is connected the whole time
+                assert time.monotonic() < deadline, "the receiver got no stream"
+                await asyncio.sleep(0.1)
+            while b"turbostream_publish_up 1.0" not in server.metrics.render():  # up after 2 s of streaming
+                assert time.monotonic() < deadline + 10, "the publisher never counted as up"
+                await asyncio.sleep(0.1)
+        finally:
+            await server.stop()
+            await asyncio.get_running_loop().run_in_executor(None, extras.stop)
+        return extras.publishers[0]
+
+    try:
+        publisher = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    assert receiver.returncode == 0, receiver.stderr.read()
+    frames = [cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))]
+    assert len(frames) == 5 and all(f.shape == (64, 64, 3) for f in frames)
+    assert publisher.failures == 0 and publisher.frames_sent > 0
