@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from turbostream.config import EngineConfig, StreamParams, parse_size  # noqa: E402
-from turbostream.controls import SimilarityFilter  # noqa: E402
+from turbostream.similarity import SimilarityFilter  # noqa: E402
 
 SETTINGS = [
     ("off (today's output)", {}),

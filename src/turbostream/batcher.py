@@ -10,7 +10,7 @@ The engine is built (optionally), warmed up and run on this thread only: CUDA gr
 captured them. An engine with per-stream state (transitions, feedback: it has release_stream) gets each frame's
 stream key, and a closed stream's state is released on this thread too.
 
-Similarity skips (controls.py): a frame the producer judged a repeat arrives as the reference frame marked `skip`;
+Similarity skips (similarity.py): a frame the producer judged a repeat arrives as the reference frame marked `skip`;
 if the stream's last output came from that very frame it is answered with that output (Result.skipped, no engine
 call), otherwise the reference runs as usual. Results are delivered on the inference thread; callbacks must only hand them off (for example with
 `loop.call_soon_threadsafe`), never encode or send there.
@@ -81,7 +81,7 @@ class Stream:
     def submit(self, frame: np.ndarray, meta: Any = None, skip: bool = False) -> Pending | None:
         """Put frame in the slot; returns the unprocessed frame it replaced (the caller counts a drop), or None.
 
-        skip: `frame` is the similarity reference (controls.SimilarityFilter) and `meta` a frame judged a repeat.
+        skip: `frame` is the similarity reference (similarity.SimilarityFilter) and `meta` a frame judged a repeat.
         """
         return self._batcher._submit(self, Pending(frame, meta, skip=skip))
 

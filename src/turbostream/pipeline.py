@@ -9,7 +9,7 @@ files with --realtime) hand over only their newest frame, one at a time: stale f
 latency stays at about one frame's processing. Files go in order, batched up to the engine's largest bucket.
 
 The live-video controls: the run is one stream (key 0) of an engine with per-stream state (transitions, feedback);
-with `similarity` on, the capture transform (controls.FitAndCheck) hands back the last frame it let through for a
+with `similarity` on, the capture transform (similarity.FitAndCheck) hands back the last frame it let through for a
 frame it judges a repeat, and the GPU thread answers that with the output it already has (counted as skipped).
 """
 

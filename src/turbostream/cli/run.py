@@ -13,7 +13,7 @@ import sys
 
 from ..config import MAX_STEPS, RunConfig
 from ..control import Controls, RunTarget
-from ..controls import FitAndCheck
+from ..similarity import FitAndCheck
 from ..errors import SinkError, SourceError, UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv

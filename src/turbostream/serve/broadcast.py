@@ -16,7 +16,7 @@ import numpy as np
 
 from ..batcher import Result, Stream
 from ..codec import fit_frame
-from ..controls import SimilarityFilter
+from ..similarity import SimilarityFilter
 from ..io.sources import redact
 from . import protocol
 from .protocol import FrameMeta

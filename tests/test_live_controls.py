@@ -205,7 +205,7 @@ def test_command_line_prompt_blend():
 
 def test_similarity_filter_is_stochastic_bounded_and_runs_after_changes():
     from turbostream.config import MAX_CONSECUTIVE_SKIPS
-    from turbostream.controls import SimilarityFilter
+    from turbostream.similarity import SimilarityFilter
 
     rng = np.random.default_rng(7)
     still = _scene(rng)
@@ -371,3 +371,25 @@ def test_serve_options_set_every_stream_s_starting_controls():
                          (["--prompt", "[oops"], "JSON blend")):
         with pytest.raises(UserError, match=message):
             engine_config(parse(*bad))
+
+
+def test_osc_sets_the_live_controls():
+    from turbostream.control.osc import OscServer
+
+    params = [StreamParams()]
+
+    def apply(fields):
+        params.append(params[-1].updated(**fields))
+        return params[-1]
+
+    osc = OscServer(port=0)
+    try:
+        osc.apply, osc.playlist, osc.on_result = apply, None, None
+        assert osc.handle_message("/turbostream/similarity", [0.97]) == "applied"
+        assert osc.handle_message("/turbostream/transition", [2]) == "applied"
+        assert osc.handle_message("/turbostream/feedback", [0.4]) == "applied"
+        assert osc.handle_message("/turbostream/feedback", [1.5]) == "rejected"
+        assert osc.handle_message("/turbostream/transition", ["soon"]) == "bad_arguments"
+        assert params[-1] == StreamParams(similarity=0.97, transition_s=2.0, feedback=0.4)
+    finally:
+        osc.stop()
