@@ -16,6 +16,12 @@ where they were once the clients left, no thread growth after the warmup, a spaw
 with --soak a failed verdict is exit status 1. The run is bounded (at most 64 clients a step, 600 s a step, one
 hour in all) and stops by itself.
 
+Behind a load balancer (--url of the balancer): --reconnect makes a client whose connection is lost or refused
+connect again, as the browser page does, and --replica-header X-Served-By records which replica took each connection
+(deploy/haproxy.cfg sets that header); each step then reports its connections by replica and by device, and how many
+were lost or refused. The server numbers then come from whichever replica answered the scrape: read each replica's
+/metrics for those.
+
     # start a server of its own (arguments after -- go to `turbostream serve`):
     python scripts/loadtest.py --clients 1,4,8 --duration 20 --json benchmarks/serve.json \\
         --spawn-server -- --model random --size 512
@@ -53,15 +59,27 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+# The numbers and tables: scripts/loadtest_report.py, next to this file (also when this file is imported by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadtest_report import (  # noqa: E402
+    FD_MARGIN,
+    THREAD_MARGIN,
+    count_by,
+    markdown,
+    percentiles,
+    resources,
+    scrape,
+    server_numbers,
+    table,
+    verdict,
+    verdict_text,
+)
+
 MAX_CLIENTS = 64
 MAX_STEP_S = 600.0
 MAX_TOTAL_S = 3600.0
 DRAIN_S = 3.0  # after a step, how long to wait for replies to frames still in flight
 SETTLE_S = 10.0  # after a step, how long the server may take to close the clients' sockets before fds are judged
-# Soak criteria that have no option: descriptors the server may hold beyond its count before the step (a scrape's
-# own socket racing the count), and threads beyond its count after the warmup (a pool thread started late).
-FD_MARGIN = 2
-THREAD_MARGIN = 2
 PROMPTS = [
     "an oil painting, thick brush strokes, vivid colors",
     "a watercolor sketch, soft edges",
@@ -100,102 +118,6 @@ def make_frames(count: int, width: int, height: int, quality: int, seed: int = 0
     return frames
 
 
-# ------------------------------------------------------------------------------------------------ statistics
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """Milliseconds: p50, p95, p99, mean, max of latencies given in seconds (None when there are none)."""
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
-    arr = np.asarray(values) * 1e3
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
-            "mean": round(float(arr.mean()), 2), "max": round(float(arr.max()), 2)}
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {'name{labels}': value}."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                values[name] = float(value)
-            except ValueError:
-                pass
-    return values
-
-
-def scrape(http_base: str) -> dict[str, float]:
-    try:
-        with urllib.request.urlopen(http_base + "/metrics", timeout=10) as resp:
-            return parse_metrics(resp.read().decode())
-    except (OSError, urllib.error.URLError):
-        return {}
-
-
-# What a sample and the start / warm / end snapshots keep of a scrape: report key -> metric name.
-RESOURCES = {
-    "rss_bytes": "process_resident_memory_bytes",
-    "open_fds": "process_open_fds",
-    "threads": "turbostream_process_threads",
-    "gpu_reserved_bytes": "turbostream_gpu_memory_reserved_bytes",
-    "gpu_allocated_bytes": "turbostream_gpu_memory_allocated_bytes",
-    "send_buffer_bytes": "turbostream_send_buffer_bytes",
-    "clients": "turbostream_clients",
-}
-
-
-def resources(scraped: dict[str, float]) -> dict[str, float | None]:
-    return {key: scraped.get(name) for key, name in RESOURCES.items()}
-
-
-def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict[str, float] | None = None) -> dict:
-    """Memory, descriptors and threads at start, after the warmup and at the end of a step; the step's engine calls,
-    batch sizes and drops from the counters."""
-
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    calls = delta('turbostream_stage_seconds_count{stage="gpu"}')
-    warm = warm or {}
-    out = {
-        "rss_bytes_start": before.get("process_resident_memory_bytes"),
-        "rss_bytes_warm": warm.get("process_resident_memory_bytes"),
-        "rss_bytes_end": after.get("process_resident_memory_bytes"),
-        "gpu_reserved_bytes_start": before.get("turbostream_gpu_memory_reserved_bytes"),
-        "gpu_reserved_bytes_warm": warm.get("turbostream_gpu_memory_reserved_bytes"),
-        "gpu_reserved_bytes_end": after.get("turbostream_gpu_memory_reserved_bytes"),
-        "gpu_allocated_bytes_start": before.get("turbostream_gpu_memory_allocated_bytes"),
-        "gpu_allocated_bytes_end": after.get("turbostream_gpu_memory_allocated_bytes"),
-        "open_fds_start": before.get("process_open_fds"),
-        "open_fds_warm": warm.get("process_open_fds"),
-        "open_fds_end": after.get("process_open_fds"),
-        "threads_start": before.get("turbostream_process_threads"),
-        "threads_warm": warm.get("turbostream_process_threads"),
-        "threads_end": after.get("turbostream_process_threads"),
-        "engine_calls": int(calls),
-        "engine_call_ms_mean": round(delta('turbostream_stage_seconds_sum{stage="gpu"}') / calls * 1e3, 3)
-        if calls else None,
-        "batch_size_mean": round(delta("turbostream_batch_size_sum") / calls, 3) if calls else None,
-        "frames_dropped": 0,
-        "frames_dropped_by_stage": {},
-    }
-    prefix = 'turbostream_frames_dropped_total{stage="'
-    for name in sorted(set(before) | set(after)):
-        if name.startswith(prefix):
-            n = int(delta(name))
-            out["frames_dropped"] += n
-            if n:
-                out["frames_dropped_by_stage"][name[len(prefix) : -2]] = n
-    for stage in ("decode", "encode", "end_to_end"):
-        n = delta(f'turbostream_stage_seconds_count{{stage="{stage}"}}')
-        out[f"{stage}_ms_mean"] = (
-            round(delta(f'turbostream_stage_seconds_sum{{stage="{stage}"}}') / n * 1e3, 3) if n else None
-        )
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ one client
 
 
@@ -206,9 +128,13 @@ class ClientResult:
     replies: int = 0  # all replies, warmup included
     measured: int = 0  # replies inside the measured window
     dropped: int = 0  # frames the server skipped (a later frame was answered first)
-    unanswered: int = 0  # still in flight when the step ended
+    unanswered: int = 0  # still in flight when the step ended (or when a connection was lost)
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # --reconnect: every connection (which replica, when, how it ended), and the ones lost or refused.
+    connections: list[dict] = field(default_factory=list)
+    lost: int = 0  # connections that ended abnormally (1006, 1011, ...): the client connected again
+    refused: int = 0  # handshakes refused (HTTP 503, server_full): the client tried again
 
     def summary(self, window_s: float) -> dict:
         return {
@@ -216,25 +142,65 @@ class ClientResult:
             "frames": self.measured, "sent": self.sent, "replies": self.replies, "dropped": self.dropped,
             "unanswered": self.unanswered, "latency_ms": percentiles(self.latencies),
             "error_count": len(self.errors), "errors": self.errors[:5],
+            "connections": self.connections, "lost": self.lost, "refused": self.refused,
         }
+
+
+RECONNECT_S = (0.25, 2.0)  # --reconnect: first wait before connecting again, doubling up to the second
 
 
 async def run_client(index: int, url: str, frames: list[bytes], args, t_measure: float, t_end: float,
                      result: ClientResult, ready_info: dict) -> None:
+    """One client for the step; with --reconnect it connects again (0.25 s, doubling to 2 s) after its connection
+    is lost or refused, as the browser page does, until the step ends."""
+    loop = asyncio.get_running_loop()
+    wait = RECONNECT_S[0]
+    while True:
+        outcome = await _connection(index, url, frames, args, t_measure, t_end, result, ready_info)
+        if outcome is None or not getattr(args, "reconnect", False) or loop.time() >= t_end:
+            if outcome is not None:
+                result.errors.append(outcome)
+            return
+        if outcome.startswith("refused"):
+            result.refused += 1
+        else:
+            result.lost += 1
+            wait = RECONNECT_S[0]  # it had a place: connect again soon
+        await asyncio.sleep(min(wait, max(0.0, t_end - loop.time())))
+        wait = min(wait * 2, RECONNECT_S[1])
+
+
+async def _connection(index: int, url: str, frames: list[bytes], args, t_measure: float, t_end: float,
+                      result: ClientResult, ready_info: dict) -> str | None:
+    """One connection until the step ends; None, or what ended it early ('refused: ...', 'lost: ...')."""
     loop = asyncio.get_running_loop()
     sent: dict[int, float] = {}  # seq -> send time, frames not answered yet
     room = asyncio.Event()
     room.set()
+    record: dict = {"replica": None, "device": None, "opened_s": None, "replies": 0, "end": None}
+    t_start = t_measure - getattr(args, "warmup", 0.0)
     try:
         async with connect(url, max_size=2**25, compression=None, open_timeout=60, close_timeout=5) as ws:
+            header_name = getattr(args, "replica_header", None)
+            record["replica"] = ws.response.headers.get(header_name) if header_name else None
             ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
             if ready.get("type") != "ready":
+                if ready.get("code") == "server_full":
+                    return f"refused: {ready.get('message')}"
                 result.errors.append(f"{ready.get('code')}: {ready.get('message')}")
-                return
+                return None
+            record.update(device=ready.get("device"), opened_s=round(loop.time() - t_start, 2))
+            result.connections.append(record)
             ready_info.update(ready)
             await ws.send(json.dumps({"type": "config", "prompt": PROMPTS[index % len(PROMPTS)], "seed": index}))
 
             async def receive() -> None:
+                try:
+                    await receive_all()
+                finally:
+                    room.set()  # a lost connection wakes the sender at once
+
+            async def receive_all() -> None:
                 header = None
                 async for message in ws:
                     now = loop.time()
@@ -257,6 +223,7 @@ async def run_client(index: int, url: str, frames: list[bytes], args, t_measure:
                         del sent[older]
                         result.dropped += 1
                     result.replies += 1
+                    record["replies"] += 1
                     if t_send is not None and t_measure <= now <= t_end:
                         result.measured += 1
                         result.latencies.append(now - t_send)
@@ -289,15 +256,26 @@ async def run_client(index: int, url: str, frames: list[bytes], args, t_measure:
             drain_until = loop.time() + DRAIN_S
             while sent and loop.time() < drain_until and not receiver.done():
                 await asyncio.sleep(0.01)
-            result.unanswered = len(sent)
+            result.unanswered += len(sent)
+            if receiver.done() and not receiver.cancelled() and isinstance(receiver.exception(), ConnectionClosed):
+                raise receiver.exception()
             receiver.cancel()
+            if loop.time() < t_end and receiver.done():  # the server closed it (1000, 1001) before the step ended
+                raise ConnectionClosed(ws.close_rcvd, ws.close_sent)
+            record["end"] = "step ended"
     except InvalidStatus as exc:
-        result.errors.append(f"connection refused: HTTP {exc.response.status_code}")
+        return f"refused: HTTP {exc.response.status_code}"
     except ConnectionClosed as exc:
-        if exc.rcvd is None or exc.rcvd.code not in (1000, 1001):
-            result.errors.append(f"connection closed: {exc}")
+        code = exc.rcvd.code if exc.rcvd is not None else 1006
+        record["end"] = f"closed {code}"
+        record["closed_s"] = round(loop.time() - t_start, 2)
+        result.unanswered += len(sent)
+        sent.clear()
+        if code not in (1000, 1001) or (getattr(args, "reconnect", False) and loop.time() < t_end):
+            return f"lost: connection closed: {exc}"
     except (OSError, TimeoutError) as exc:
-        result.errors.append(f"connection failed: {exc!r}")
+        return f"lost: connection failed: {exc!r}"
+    return None
 
 
 async def settle(http_base: str, max_fds: float | None, timeout: float = SETTLE_S) -> dict[str, float]:
@@ -357,52 +335,14 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
             round(sum(fps) / n, 2), "frames": sum(r.measured for r in results),
             "latency_ms": percentiles(all_latencies), "dropped": sum(r.dropped for r in results),
             "unanswered": sum(r.unanswered for r in results), "errors": sum(len(r.errors) for r in results),
+            "lost": sum(r.lost for r in results), "refused": sum(r.refused for r in results),
+            "connections_by_replica": count_by(c["replica"] for r in results for c in r.connections),
+            "connections_by_device": count_by(c["device"] for r in results for c in r.connections),
         },
         "per_client": per_client,
         "server": server_numbers(before, after, warm),
         "samples": samples,
     }
-
-
-# ------------------------------------------------------------------------------------------------ verdict
-
-
-def _check(name: str, value, limit, ok: bool | None, unit: str = "") -> dict:
-    """One soak criterion; ok None (no data: the server did not export the metric) counts as a failure."""
-    return {"check": name, "value": value, "limit": limit, "unit": unit, "pass": bool(ok)}
-
-
-def verdict(steps: list[dict], args, exit_status: int | None, spawned: bool) -> dict:
-    """Pass/fail of the run against the soak criteria, check by check and step by step."""
-    checks = []
-    mib = 2**20
-    for s in steps:
-        n, srv, total = s["clients"], s["server"], s["total"]
-        prefix = f"{n} clients: "
-        checks.append(_check(prefix + "errors", total["errors"], 0, total["errors"] == 0))
-        silent = sum(1 for c in s["per_client"] if c["replies"] == 0)
-        checks.append(_check(prefix + "clients never answered", silent, 0, silent == 0))
-        warm, end = srv.get("rss_bytes_warm"), srv.get("rss_bytes_end")
-        growth = None if warm is None or end is None else round((end - warm) / mib, 1)
-        checks.append(_check(prefix + "RSS growth after the warmup", growth, args.max_rss_growth_mib,
-                             growth is not None and growth < args.max_rss_growth_mib, "MiB"))
-        warm, end = srv.get("gpu_reserved_bytes_warm"), srv.get("gpu_reserved_bytes_end")
-        if warm is not None or end is not None:
-            growth = None if warm is None or end is None else round((end - warm) / mib, 1)
-            checks.append(_check(prefix + "CUDA memory (reserved) growth after the warmup", growth,
-                                 args.max_gpu_growth_mib, growth is not None and growth < args.max_gpu_growth_mib,
-                                 "MiB"))
-        start, end = srv.get("open_fds_start"), srv.get("open_fds_end")
-        growth = None if start is None or end is None else int(end - start)
-        checks.append(_check(prefix + "open file descriptors after the clients left, over the count before",
-                             growth, FD_MARGIN, growth is not None and growth <= FD_MARGIN))
-        warm, end = srv.get("threads_warm"), srv.get("threads_end")
-        growth = None if warm is None or end is None else int(end - warm)
-        checks.append(_check(prefix + "threads at the end over the count after the warmup", growth, THREAD_MARGIN,
-                             growth is not None and growth <= THREAD_MARGIN))
-    if spawned:
-        checks.append(_check("server exit status after SIGTERM", exit_status, 0, exit_status == 0))
-    return {"pass": all(c["pass"] for c in checks), "checks": checks}
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -484,6 +424,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--quality", type=int, default=85, help="JPEG quality of the frames sent (default: 85)")
     p.add_argument("--frames", type=int, default=16, help="distinct frames cycled through (default: 16)")
     p.add_argument("--token", help="the server's --token")
+    p.add_argument("--reconnect", action="store_true", help="a client whose connection is lost or refused connects "
+                   "again (0.25 s, doubling to 2 s), as the browser page does; counted as lost / refused, not errors")
+    p.add_argument("--replica-header", metavar="NAME", help="response header naming the replica that took each "
+                   "connection behind a load balancer (deploy/haproxy.cfg sets X-Served-By)")
     p.add_argument("--host", default="127.0.0.1", help="interface of a spawned server (default: %(default)s)")
     p.add_argument("--ready-timeout", type=float, default=900.0,
                    help="seconds to wait for a spawned server's /healthz (model download, graph capture; default 900)")
@@ -517,27 +461,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, serve_args
 
 
-def table(steps: list[dict]) -> str:
-    head = (f"{'clients':>7} {'fps/client':>11} {'total fps':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-            f"{'dropped':>7} {'errors':>6} {'call ms':>8} {'batch':>6} {'RSS MiB':>13}")
-    lines = [head, "-" * len(head)]
-    for s in steps:
-        t, srv, lat = s["total"], s["server"], s["total"]["latency_ms"]
-        rss = "-"
-        if srv["rss_bytes_start"] and srv["rss_bytes_end"]:
-            rss = f"{srv['rss_bytes_start'] / 2**20:.0f}->{srv['rss_bytes_end'] / 2**20:.0f}"
-
-        def f(v, spec=".1f"):
-            return "-" if v is None else format(v, spec)
-
-        lines.append(
-            f"{s['clients']:>7} {f(t['fps_per_client_min']):>5}-{f(t['fps_per_client_mean']):<5} {f(t['fps']):>9} "
-            f"{f(lat['p50']):>8} {f(lat['p95']):>8} {f(lat['p99']):>8} {t['dropped']:>7} {t['errors']:>6} "
-            f"{f(srv['engine_call_ms_mean'], '.2f'):>8} {f(srv['batch_size_mean'], '.2f'):>6} {rss:>13}"
-        )
-    return "\n".join(lines)
-
-
 async def sweep(args, url: str, http_base: str) -> tuple[list[dict], dict]:
     ready_info: dict = {}
     # One connection first: the engine's size (for the frames) and a warm server.
@@ -561,41 +484,11 @@ async def sweep(args, url: str, http_base: str) -> tuple[list[dict], dict]:
         step = await run_step(n, url, frames, args, http_base, ready_info)
         steps.append(step)
         print(table([step]).splitlines()[-1] if steps[1:] else table([step]), flush=True)
+        t = step["total"]
+        if args.reconnect or args.replica_header:
+            print(f"        connections by replica {t['connections_by_replica']}, by device "
+                  f"{t['connections_by_device']}; lost {t['lost']}, refused {t['refused']}", flush=True)
     return steps, ready_info
-
-
-def markdown(report: dict) -> str:
-    """A README table of a report: one row per step."""
-    srv, st = report["server"], report["settings"]
-    lines = [
-        f"`{report['server'].get('model')}` at {srv.get('width')}x{srv.get('height')} on {srv.get('device')}; "
-        f"{st['frame_size'][0]}x{st['frame_size'][1]} JPEGs (~{st['jpeg_bytes_mean'] // 1024} KiB), "
-        f"{st['inflight']} in flight per client, {st['duration_s']:g} s per step, {report['started']}",
-        "",
-        "| clients | frames/s per client (min / mean) | total frames/s | p50 ms | p95 ms | p99 ms | dropped | errors "
-        "| engine call ms | mean batch | server RSS MiB (start -> end) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for s in report["steps"]:
-        t, sv, lat = s["total"], s["server"], s["total"]["latency_ms"]
-        rss = (f"{sv['rss_bytes_start'] / 2**20:.0f} -> {sv['rss_bytes_end'] / 2**20:.0f}"
-               if sv.get("rss_bytes_start") and sv.get("rss_bytes_end") else "-")
-        lines.append(
-            f"| {s['clients']} | {t['fps_per_client_min']:.1f} / {t['fps_per_client_mean']:.1f} | {t['fps']:.1f} "
-            f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {t['dropped']} | {t['errors']} "
-            f"| {sv['engine_call_ms_mean']} | {sv['batch_size_mean']} | {rss} |"
-        )
-    if report.get("verdict"):  # reports from before the verdict existed have none
-        lines += ["", verdict_text(report["verdict"], "- ")]
-    return "\n".join(lines)
-
-
-def verdict_text(v: dict, bullet: str = "  ") -> str:
-    lines = [f"soak verdict: {'PASS' if v['pass'] else 'FAIL'}"]
-    for c in v["checks"]:
-        limit = "" if c["limit"] is None else f" (limit {c['limit']}{' ' + c['unit'] if c['unit'] else ''})"
-        lines.append(f"{bullet}{'ok  ' if c['pass'] else 'FAIL'} {c['check']}: {c['value']}{limit}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ imports torch or the rest of turbostream, so reading a default costs nothing.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from dataclasses import dataclass, field
 
@@ -359,6 +360,9 @@ class ServerConfig:
     stats_interval_s: float = 1.0
     source: str | None = None  # server-side capture broadcast to viewers
     limits: Limits = field(default_factory=Limits)
+    # Load balancers (addresses or networks) whose X-Forwarded-For is believed, and whose handshakes the server
+    # cannot serve are refused with HTTP 503 before the upgrade, so the balancer can retry another replica.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -368,6 +372,13 @@ class ServerConfig:
         if not self.stats_interval_s > 0:
             raise ValueError(f"stats interval must be positive, got {self.stats_interval_s}")
         self.allow_origins = tuple(self.allow_origins)
+        self.trusted_proxies = tuple(self.trusted_proxies)
+        for spec in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(spec.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {spec!r} is not an IP address or network (e.g. 127.0.0.1, "
+                                 "10.0.0.0/8)") from None
 
 
 @dataclass

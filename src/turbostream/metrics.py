@@ -127,3 +127,30 @@ def _os_threads() -> float:
         return float(len(os.listdir("/proc/self/task")))
     except OSError:
         return float(threading.active_count())
+
+
+class DeviceMetrics:
+    """What scaling out needs, on a server's registry: the engine figures by device (`serve --device cuda:0,cuda:1`),
+    how connections arrive (directly or through a trusted proxy) and handshakes refused before the upgrade."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.engine = Histogram("turbostream_device_engine_seconds", "One engine call (a batch) on this device",
+                                ["device"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.frames = Counter("turbostream_device_frames", "Frames run by this device's engine", ["device"],
+                              registry=r)
+        self.streams = Gauge("turbostream_device_streams", "Streams placed on this device (the broadcast's too)",
+                             ["device"], registry=r)
+        self.ready = Gauge("turbostream_device_ready", "1 while this device's engine is warm and usable", ["device"],
+                           registry=r)
+        self.lost = Gauge("turbostream_device_lost", "1 once this device failed after it was ready", ["device"],
+                          registry=r)
+        self.gpu_reserved = Gauge("turbostream_device_gpu_memory_reserved_bytes", "CUDA memory held by torch's "
+                                  "allocator on this device", ["device"], registry=r)
+        self.gpu_allocated = Gauge("turbostream_device_gpu_memory_allocated_bytes", "CUDA memory in live tensors on "
+                                   "this device", ["device"], registry=r)
+        self.connections = Counter("turbostream_connections", "WebSocket handshakes by how they arrived: via=proxy "
+                                   "(from a --trusted-proxy) or direct", ["via"], registry=r)
+        self.refused = Counter("turbostream_handshakes_refused", "Handshakes answered with HTTP 503 before the "
+                               "upgrade (through a trusted proxy), by reason: full, warming, failed, stopping",
+                               ["reason"], registry=r)

@@ -50,7 +50,8 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id, local diffusers folder, 'random' (full SD-Turbo size, random weights: benchmarks) "
                         "or 'tiny-random' (small, CPU tests) (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu; serve also takes a list, one engine "
+                   "each (cuda:0,cuda:1 or cpu,cpu), or all: every GPU (default: %(default)s)")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                    help="auto: float16 on CUDA, float32 on the CPU (default: %(default)s)")
     g.add_argument("--size", type=size, default=(512, 512), metavar="N|WxH",

@@ -3,13 +3,16 @@ thread, serve until SIGINT or SIGTERM (exit 0), closing every connection with 10
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 
 from ..config import Limits, ServerConfig
 from ..errors import SinkError, UserError
+from ..serve.devices import device_labels, parse_devices
 from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
 from .controls import add_control_options, controls_from_args
@@ -29,6 +32,9 @@ def add_parser(sub) -> None:
     g.add_argument("--control-token", default=d.control_token, help="lets /view clients change the prompt")
     g.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
                    help="also accept WebSocket connections from this Origin (repeatable; same origin always)")
+    g.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=[], metavar="ADDR",
+                   help="a load balancer's address or network (repeatable): its X-Forwarded-For names the client, "
+                        "and /ws handshakes it sends that cannot be served get HTTP 503 (retry elsewhere)")
     g.add_argument("--max-clients", type=int, default=limits.max_clients, help="interactive streams (default: %(default)s)")
     g.add_argument("--max-viewers", type=int, default=limits.max_viewers, help="viewers (default: %(default)s)")
     g.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
@@ -52,6 +58,7 @@ def server_config(args) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, token=args.token or None, control_token=args.control_token or None,
         allow_origins=tuple(args.allow_origins), jpeg_quality=args.jpeg_quality, source=args.source, limits=limits,
+        trusted_proxies=tuple(args.trusted_proxies),
     )
 
 
@@ -65,7 +72,7 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
-    ecfg = engine_config(args)  # option mistakes are reported now, before minutes of model loading
+    factories = engine_factories(args)  # option mistakes are reported now, before minutes of model loading
     capture_factory = None
     try:
         config = server_config(args)
@@ -77,13 +84,13 @@ def _main(args) -> int:
             capture_factory = default_capture
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    server = TurboServer(config=config, engine_factory=lambda: build_engine(args), capture_factory=capture_factory)
+    server = TurboServer(config=config, engine_factories=factories, capture_factory=capture_factory)
     if not is_loopback_host(config.host) and config.token is None:
         log.warning("listening on %s without --token: anyone who can reach this port can use the GPU", config.host)
     try:
         from ..serve.integrations import Integrations
 
-        extras = Integrations(server, args.controls, tuple(args.publish), size=(ecfg.width, ecfg.height),
+        extras = Integrations(server, args.controls, tuple(args.publish), size=args.size,
                               fps=args.publish_fps)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -121,7 +128,7 @@ async def _serve_until_signal(server: TurboServer, extras=None) -> int:
     try:
         await server.start()
     except OSError as exc:
-        server.batcher.stop(0)
+        server.devices.stop(0)
         raise UserError(f"cannot listen on {server.config.host}:{server.config.port}: {exc.strerror or exc}") from None
     log.info("serving on %s (viewer page: %sview); loading the engine...", server.url, server.url)
     if extras is not None:
@@ -135,11 +142,32 @@ async def _serve_until_signal(server: TurboServer, extras=None) -> int:
     await server.stop()
     if extras is not None:  # controls, then the publishers' last frames (ffmpeg finishes its stream)
         await loop.run_in_executor(None, extras.stop)
-    if server.batcher.failed.is_set():
-        raise UserError(f"the engine failed to start: {server.batcher.error}")
+    if server.failed:
+        raise UserError(f"the engine failed to start: {server.error}")
     return 0
 
 
 async def _wait_failed(server: TurboServer) -> None:
-    while not server.batcher.failed.is_set():
+    while not server.failed:
         await asyncio.sleep(0.1)
+
+
+def engine_factories(args) -> dict:
+    """One engine factory per --device entry (cuda:0,cuda:1 / all / cpu,cpu), named for metrics and logs; every
+    device's options are checked now, before minutes of model loading."""
+    try:
+        devices = parse_devices(args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    per_device = [argparse.Namespace(**{**vars(args), "device": device}) for device in devices]
+    names = []
+    for device_args in per_device:
+        cfg = engine_config(device_args)  # UserError for a device this machine does not have
+        if cfg.device == "auto":
+            from ..models import resolve_device
+
+            names.append(str(resolve_device("auto")))
+        else:
+            names.append(cfg.device)
+    return {name: functools.partial(build_engine, device_args)
+            for name, device_args in zip(device_labels(names), per_device)}

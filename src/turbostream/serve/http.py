@@ -3,7 +3,9 @@ Origin check every WebSocket handshake passes first (answered in websockets' pro
 
     /              the browser client (web/index.html, app.js, style.css)
     /view          the viewer page (web/view.html, view.js)
-    /healthz       200 "ok" once the engine is warmed up; 503 while loading/warming (or if it failed)
+    /healthz       200 "ok" once every engine is warmed up; 503 while loading/warming (or if one failed), naming it
+    /readyz        for load balancers: 200 while a new stream would be served at once; 503 while warming up, full,
+                   failed or shutting down
     /metrics       Prometheus text (a registry per server)
 """
 
@@ -131,8 +133,12 @@ class HttpFront:
     """websockets' process_request hook: answers plain GETs itself and lets allowed WebSocket handshakes through."""
 
     def __init__(self, origins: OriginPolicy, health: Callable[[], tuple[int, str]],
-                 metrics: Callable[[], tuple[bytes, str]]) -> None:
+                 metrics: Callable[[], tuple[bytes, str]], *,
+                 readiness: Callable[[], tuple[int, str]] | None = None,
+                 admit: Callable[[ServerConnection, Request], Response | None] | None = None) -> None:
         self.origins, self.health, self.metrics = origins, health, metrics
+        self.readiness = readiness or health
+        self.admit = admit  # may answer an allowed handshake before the upgrade (503 through a trusted proxy)
         self.files = web_files()
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -141,9 +147,12 @@ class HttpFront:
             if not self.origins.allows(request):
                 log.warning("rejected a WebSocket from Origin %r", _header_for_log(request, "Origin"))
                 return connection.respond(403, "Forbidden: this Origin may not connect (see --allow-origin)\n")
-            return None  # the WebSocket handshake goes on
+            return None if self.admit is None else self.admit(connection, request)  # None: the handshake goes on
         if path == "/healthz":
             status, text = self.health()
+            return connection.respond(status, text)
+        if path == "/readyz":
+            status, text = self.readiness()
             return connection.respond(status, text)
         if path == "/metrics":
             return response(200, *self.metrics())

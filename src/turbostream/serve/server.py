@@ -5,8 +5,9 @@ viewers, all on the `websockets` asyncio server.
     /view/ws       WebSocket: a viewer of the server-side source (--source), broadcast to every viewer: ViewerSession
     anything else  plain HTTP (static files, /healthz, /metrics): http.py
 
-TurboServer admits connections (tokens, client and viewer places), owns the batcher (the inference thread), the codec
-worker pool, the broadcast and the metrics, and stops them all cleanly. Wire protocol and error codes: protocol.py.
+TurboServer admits connections (tokens, client and viewer places), owns the devices (one engine and one batcher, the
+inference thread, per device: devices.py), the codec worker pool, the broadcast and the metrics, and stops them all
+cleanly. Wire protocol and error codes: protocol.py. Behind a load balancer: proxy.py and /readyz.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from ..batcher import Batcher
 from ..config import ServerConfig, StreamParams
-from ..metrics import Metrics
+from ..metrics import DeviceMetrics, Metrics
 from . import protocol
 from .broadcast import Broadcast
+from .devices import Device, Devices
 from .guard import ConnectionGuard
 from .http import HttpFront, OriginPolicy, query_params, token_matches
+from .proxy import TrustedProxies
 from .sessions import ClientSession, ViewerSession
 
 log = logging.getLogger("turbostream.server")
@@ -41,8 +43,10 @@ log = logging.getLogger("turbostream.server")
 class TurboServer:
     """The server: give it an engine (or a factory building one on the inference thread) and a ServerConfig.
 
-    `await start()` listens (port 0 picks one: see .port) and starts the inference thread; `await stop()` closes
-    every connection with 1001 and stops the threads. The engine is used only from the inference thread.
+    Several devices: `engines=[...]` (built engines) or `engine_factories={"cuda:0": f0, "cuda:1": f1}`; each gets
+    its own inference thread and new streams go to the least loaded (devices.py).
+    `await start()` listens (port 0 picks one: see .port) and starts the inference threads; `await stop()` closes
+    every connection with 1001 and stops the threads. An engine is used only from its inference thread.
     """
 
     def __init__(
@@ -53,11 +57,18 @@ class TurboServer:
         engine_factory: Callable[[], Any] | None = None,
         capture_factory: Callable[[str], Any] | None = None,
         workers: int | None = None,
+        engines: list[Any] | None = None,
+        engine_factories: dict[str, Callable[[], Any]] | None = None,
     ) -> None:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
-        self.batcher = Batcher(engine, engine_factory=engine_factory, on_batch=self._on_batch,
-                               on_skip=self.metrics.frames_skipped.inc)
+        self.devices = Devices(DeviceMetrics(self.metrics.registry), self._on_batch, engine=engine,
+                               engine_factory=engine_factory, engines=engines, engine_factories=engine_factories)
+        for device in self.devices.items:  # frames the similarity control answered without the engine
+            device.batcher.on_skip = self.metrics.frames_skipped.inc
+        self.batcher = self.devices.primary.batcher  # the broadcast's device (the only one, with one device)
+        self.proxies = TrustedProxies(self.config.trusted_proxies)
+        self._stopping = False
         self.pool = ThreadPoolExecutor(max_workers=workers or min(8, max(2, os.cpu_count() or 2)),
                                        thread_name_prefix="turbostream-codec")
         self.clients: set[ClientSession] = set()
@@ -68,11 +79,11 @@ class TurboServer:
         if self.config.source is not None:
             self.broadcast = Broadcast(self, self.config.source, capture_factory or default_capture)
         self.http = HttpFront(OriginPolicy(self.config.host, self.config.allow_origins), self._health,
-                              lambda: (self.metrics.render(), self.metrics.content_type))
+                              lambda: (self.metrics.render(), self.metrics.content_type),
+                              readiness=self._readiness, admit=self._admit)
         self._server: Server | None = None
         self._ready: asyncio.Event | None = None  # created in start(), on the server's loop
         self.port: int | None = None
-        self._device_name: str | None = None
         self.guard = ConnectionGuard(self.config.limits, on_close=self.metrics.closed_by_limit)
         self.metrics.watch_send_buffers(self.guard.send_buffer_bytes)
 
@@ -85,15 +96,17 @@ class TurboServer:
     @property
     def device(self) -> str:
         """The engine's device, with the GPU's name on CUDA ("cuda:0 (NVIDIA H100 80GB HBM3)"); for clients' logs."""
-        if self._device_name is None:
-            device = getattr(self.engine, "device", "cpu")
-            name = str(device)
-            if getattr(device, "type", None) == "cuda":
-                import torch
+        return self.devices.primary.display
 
-                name = f"{device} ({torch.cuda.get_device_name(device)})"
-            self._device_name = name
-        return self._device_name
+    def device_for(self, stream: Any) -> str:
+        """The device a stream was placed on, as device shows it (a viewer's is the broadcast's)."""
+        return self.devices.device_of(stream).display
+
+    def client_address(self, ws: ServerConnection) -> str | None:
+        """The client's IP address: the peer's, or X-Forwarded-For's when the peer is a --trusted-proxy (proxy.py).
+        What logs, metrics and per-client rate decisions use."""
+        peer = ws.remote_address[0] if ws.remote_address else None
+        return self.proxies.client_address(peer, ws.request.headers if ws.request is not None else None)
 
     @property
     def default_params(self) -> StreamParams:
@@ -113,12 +126,36 @@ class TurboServer:
                                     max_batch=self.engine.max_batch)
 
     def _health(self) -> tuple[int, str]:
-        """/healthz: 200 once the engine is warm; 503 while it loads or warms up, or after it failed."""
-        if self.batcher.ready.is_set():
-            return 200, "ok\n"
-        if self.batcher.failed.is_set():
-            return 503, f"engine failed: {self.batcher.error}\n"
-        return 503, "warming up\n"
+        """/healthz: 200 once every engine is warm; 503 while one loads or warms up, or after one failed (named)."""
+        return self.devices.health()
+
+    def client_limit(self) -> int:
+        """--max-clients, less the share of devices lost since the start."""
+        return self.devices.capacity(self.config.limits.max_clients)
+
+    def _readiness(self) -> tuple[int, str]:
+        """/readyz, for load balancers: 503 while warming up, full, failed or shutting down; 200 otherwise."""
+        return self.devices.readiness(self.places["client"], self.config.limits.max_clients, self._stopping)
+
+    def _admit(self, connection: ServerConnection, request) -> Any:
+        """Before the upgrade (process_request): a /ws handshake through a trusted proxy that cannot be served now
+        (full, warming, failed) gets HTTP 503 with Retry-After, which the balancer retries on another replica.
+        Direct clients go on to the handshake and get the in-band answer (server_full and close 1013; or they
+        wait for the warmup): a browser cannot read the status of a refused handshake, but it can read a message."""
+        peer = connection.remote_address[0] if connection.remote_address else None
+        via_proxy = self.proxies.trusts(peer)
+        self.devices.metrics.connections.labels("proxy" if via_proxy else "direct").inc()
+        if not via_proxy or urlsplit(request.path).path != "/ws":
+            return None
+        refused = self.devices.refusal(self.places["client"], self.config.limits.max_clients, self._stopping)
+        if refused is None:
+            return None
+        reason, text = refused
+        self.devices.metrics.refused.labels(reason).inc()
+        log.info("refused a stream from %s with 503 (%s)", self.proxies.client_address(peer, request.headers), text)
+        response = connection.respond(503, f"Service Unavailable: {text}; try another replica\n")
+        response.headers["Retry-After"] = "1"
+        return response
 
     # ------------------------------------------------------------------ life cycle
 
@@ -145,30 +182,82 @@ class TurboServer:
         return self
 
     async def _watch_engine(self) -> None:
-        """Turn the inference thread's ready/failed events into the loop's; logs the outcome once."""
-        while not (self.batcher.ready.is_set() or self.batcher.failed.is_set()):
+        """Turn the inference threads' ready/failed events into the loop's (logged once), then watch for a device
+        lost later: its streams are closed (devices.py)."""
+        self.devices.start()  # the other devices' inference threads (start() started the first)
+        while not self.devices.settled:
             await asyncio.sleep(0.02)
-        if self.batcher.ready.is_set():
+        if self.devices.loaded:
             engine = self.engine
             self.metrics.ready.set(1)
-            reader = gpu_memory_reader(engine)
-            if reader is not None:
-                self.metrics.watch_gpu_memory(reader)
+            for device in self.devices.items:
+                device.gpu_reader = gpu_memory_reader(device.engine)
+                self._device_metrics(device)
+                log.info("engine ready: %s at %dx%d on %s (warmup %.1f s)", engine.model_name, engine.width,
+                         engine.height, device.display, device.engine.stats.warmup_s)
+            if any(d.gpu_reader is not None for d in self.devices.items):
+                self.metrics.watch_gpu_memory(self.devices.gpu_memory)
             if self.broadcast is not None:  # its stream starts from the engine's default parameters
                 self.broadcast.start(asyncio.get_running_loop())
-            log.info("engine ready: %s at %dx%d on %s (warmup %.1f s)", engine.model_name, engine.width,
-                     engine.height, getattr(engine, "device", "?"), engine.stats.warmup_s)
             if engine.random_weights:
                 log.warning("model %s has random weights: its output is noise, not a stylization", engine.model_name)
         self._ready.set()
+        while self.devices.loaded:
+            await asyncio.sleep(0.1)
+            self.devices.check_threads()
+            for device in self.devices.items:
+                if device.lost is not None and not device.lost_handled:
+                    device.lost_handled = True
+                    await self._device_lost(device)
+
+    def _device_metrics(self, device: Device) -> None:
+        m, name = self.devices.metrics, device.name
+        m.ready.labels(name).set_function(lambda: float(device.ready))
+        m.lost.labels(name).set_function(lambda: float(device.lost is not None))
+        if device.gpu_reader is not None:
+            read = device.gpu_reader
+            m.gpu_reserved.labels(name).set_function(lambda: read()[0])
+            m.gpu_allocated.labels(name).set_function(lambda: read()[1])
+
+    async def _device_lost(self, device: Device) -> None:
+        """A device failed after it was ready: the broadcast moves to another device, and each stream placed on it
+        gets engine_error and is closed with 1011 (a browser reconnects and is placed on a usable device)."""
+        device.batcher.stop(0)
+        usable = self.devices.usable
+        mine = [s for s in self.clients if self.devices.device_of(getattr(s, "stream", None)) is device]
+        log.error("device %s failed (%s): closing its %d stream(s); %d device(s) still serve", device.name,
+                  device.lost, len(mine), len(usable))
+        broadcast = self.broadcast
+        if broadcast is not None and broadcast.stream is not None and usable \
+                and self.devices.device_of(broadcast.stream) is device:
+            old = broadcast.stream
+            broadcast.stream = self.devices.open_stream(broadcast._on_result_threadsafe, old.params)
+            old.close()
+        message = (f"device {device.name} failed ({device.lost}); reconnect to continue"
+                   + (" on another device" if usable else ""))
+        for session in mine:
+            if session.stream.close() is not None:
+                session._drop("closed")
+            asyncio.create_task(self._refuse(session.ws, "engine_error", message, CloseCode.INTERNAL_ERROR,
+                                             "device failed"))
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
-        """True once the engine is warm; False if it failed."""
+        """True once every engine is warm (and one still serves); False if one failed to start (or all failed)."""
         await asyncio.wait_for(self._ready.wait(), timeout)
-        return self.batcher.ready.is_set()
+        return self.devices.loaded and bool(self.devices.usable)
+
+    @property
+    def failed(self) -> bool:
+        """An engine failed to load or warm up: the server cannot start (the reason: .error)."""
+        return self.devices.failed
+
+    @property
+    def error(self) -> str | None:
+        return self.devices.error
 
     async def stop(self) -> None:
-        """Close every connection with 1001 (going away), stop the source and the inference thread."""
+        """Close every connection with 1001 (going away), stop the source and the inference threads."""
+        self._stopping = True
         limits = self.config.limits
         if self._server is not None:
             self._server.close(code=CloseCode.GOING_AWAY, reason="server shutting down")
@@ -185,7 +274,7 @@ class TurboServer:
         self._watch_task.cancel()
         # A GPU batch ends in milliseconds; a CPU batch or a model still loading may take far longer, and cannot be
         # interrupted: it is not waited for past the grace (the command then exits without it, cli.entry).
-        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop, limits.shutdown_grace_s)
+        await asyncio.get_running_loop().run_in_executor(None, self.devices.stop, limits.shutdown_grace_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> TurboServer:
@@ -216,7 +305,7 @@ class TurboServer:
     async def _await_engine(self, ws: ServerConnection) -> bool:
         if await self.wait_ready():
             return True
-        await self._refuse(ws, "engine_failed", f"the engine failed to start: {self.batcher.error}",
+        await self._refuse(ws, "engine_failed", f"the engine failed to start: {self.devices.error}",
                            CloseCode.INTERNAL_ERROR, "engine failed")
         return False
 
@@ -251,7 +340,7 @@ class TurboServer:
         A place is held from the handshake on, also while the engine warms up, so max_clients bounds connections,
         not only running streams.
         """
-        limit = self.config.limits.max_clients if role == "client" else self.config.limits.max_viewers
+        limit = self.client_limit() if role == "client" else self.config.limits.max_viewers
         if self.places[role] >= limit:
             await self._refuse(ws, "server_full", f"server full: {limit} {role}s at most; try again later",
                                CloseCode.TRY_AGAIN_LATER, "server full")
@@ -262,6 +351,8 @@ class TurboServer:
             if not await self._await_engine(ws):
                 return
             session = make()
+            log.debug("%s %s connected%s", role, self.client_address(ws),
+                      f" on {self.device_for(session.stream)}" if role == "client" else "")
             sessions.add(session)
             self._sessions_changed()
             try:
@@ -339,7 +430,7 @@ class ServerThread:
             raise self._error
         fut = asyncio.run_coroutine_threadsafe(self.server.wait_ready(self.ready_timeout), self.loop)
         if not fut.result(self.ready_timeout + 1):
-            raise RuntimeError(f"engine failed: {self.server.batcher.error}")
+            raise RuntimeError(f"engine failed: {self.server.error}")
         return self.server
 
     def __exit__(self, *exc) -> None:

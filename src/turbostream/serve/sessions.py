@@ -232,8 +232,8 @@ class Session:
         server, engine = self.server, self.server.engine
         self.outbox.text(protocol.ready_message(
             self.role, **self.ready_extra(), model=engine.model_name, random_weights=engine.random_weights,
-            device=server.device, width=engine.width, height=engine.height, params=self.params,
-            limits=server.limits_dict(), stats_interval_s=server.config.stats_interval_s,
+            device=server.device_for(getattr(self, "stream", None)), width=engine.width, height=engine.height,
+            params=self.params, limits=server.limits_dict(), stats_interval_s=server.config.stats_interval_s,
         ))
         self.after_ready()
         self._spawn(self.outbox.run())
@@ -278,7 +278,8 @@ class ClientSession(Session):
     def __init__(self, server: TurboServer, ws: ServerConnection) -> None:
         super().__init__(server, ws)
         self.loop = asyncio.get_running_loop()
-        self.stream: Stream = server.batcher.open_stream(self._on_result_threadsafe, server.default_params)
+        # On the least loaded device (devices.py); its batcher is the stream's own from here on.
+        self.stream: Stream = server.devices.open_stream(self._on_result_threadsafe, server.default_params)
         self.seq = 0
         self._raw: tuple[bytes, FrameMeta] | None = None  # the newest message waiting for the decoder
         self._decoding = False

@@ -1,0 +1,212 @@
+"""scripts/loadtest.py's numbers: percentiles, the server's /metrics (scraped and turned into a step's figures),
+the soak verdict, and the tables printed or written for the README. Standard library and numpy only."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+# Soak criteria that have no option: descriptors the server may hold beyond its count before the step (a scrape's
+# own socket racing the count), and threads beyond its count after the warmup (a pool thread started late).
+FD_MARGIN = 2
+THREAD_MARGIN = 2
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """Milliseconds: p50, p95, p99, mean, max of latencies given in seconds (None when there are none)."""
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    arr = np.asarray(values) * 1e3
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
+            "mean": round(float(arr.mean()), 2), "max": round(float(arr.max()), 2)}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{labels}': value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass
+    return values
+
+
+def scrape(http_base: str) -> dict[str, float]:
+    try:
+        with urllib.request.urlopen(http_base + "/metrics", timeout=10) as resp:
+            return parse_metrics(resp.read().decode())
+    except (OSError, urllib.error.URLError):
+        return {}
+
+
+# What a sample and the start / warm / end snapshots keep of a scrape: report key -> metric name.
+RESOURCES = {
+    "rss_bytes": "process_resident_memory_bytes",
+    "open_fds": "process_open_fds",
+    "threads": "turbostream_process_threads",
+    "gpu_reserved_bytes": "turbostream_gpu_memory_reserved_bytes",
+    "gpu_allocated_bytes": "turbostream_gpu_memory_allocated_bytes",
+    "send_buffer_bytes": "turbostream_send_buffer_bytes",
+    "clients": "turbostream_clients",
+}
+
+
+def resources(scraped: dict[str, float]) -> dict[str, float | None]:
+    return {key: scraped.get(name) for key, name in RESOURCES.items()}
+
+
+def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict[str, float] | None = None) -> dict:
+    """Memory, descriptors and threads at start, after the warmup and at the end of a step; the step's engine calls,
+    batch sizes and drops from the counters."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    calls = delta('turbostream_stage_seconds_count{stage="gpu"}')
+    warm = warm or {}
+    out = {
+        "rss_bytes_start": before.get("process_resident_memory_bytes"),
+        "rss_bytes_warm": warm.get("process_resident_memory_bytes"),
+        "rss_bytes_end": after.get("process_resident_memory_bytes"),
+        "gpu_reserved_bytes_start": before.get("turbostream_gpu_memory_reserved_bytes"),
+        "gpu_reserved_bytes_warm": warm.get("turbostream_gpu_memory_reserved_bytes"),
+        "gpu_reserved_bytes_end": after.get("turbostream_gpu_memory_reserved_bytes"),
+        "gpu_allocated_bytes_start": before.get("turbostream_gpu_memory_allocated_bytes"),
+        "gpu_allocated_bytes_end": after.get("turbostream_gpu_memory_allocated_bytes"),
+        "open_fds_start": before.get("process_open_fds"),
+        "open_fds_warm": warm.get("process_open_fds"),
+        "open_fds_end": after.get("process_open_fds"),
+        "threads_start": before.get("turbostream_process_threads"),
+        "threads_warm": warm.get("turbostream_process_threads"),
+        "threads_end": after.get("turbostream_process_threads"),
+        "engine_calls": int(calls),
+        "engine_call_ms_mean": round(delta('turbostream_stage_seconds_sum{stage="gpu"}') / calls * 1e3, 3)
+        if calls else None,
+        "batch_size_mean": round(delta("turbostream_batch_size_sum") / calls, 3) if calls else None,
+        "frames_dropped": 0,
+        "frames_dropped_by_stage": {},
+    }
+    prefix = 'turbostream_frames_dropped_total{stage="'
+    for name in sorted(set(before) | set(after)):
+        if name.startswith(prefix):
+            n = int(delta(name))
+            out["frames_dropped"] += n
+            if n:
+                out["frames_dropped_by_stage"][name[len(prefix) : -2]] = n
+    for stage in ("decode", "encode", "end_to_end"):
+        n = delta(f'turbostream_stage_seconds_count{{stage="{stage}"}}')
+        out[f"{stage}_ms_mean"] = (
+            round(delta(f'turbostream_stage_seconds_sum{{stage="{stage}"}}') / n * 1e3, 3) if n else None
+        )
+    return out
+
+
+def count_by(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------------------------------ verdict
+
+
+def _check(name: str, value, limit, ok: bool | None, unit: str = "") -> dict:
+    """One soak criterion; ok None (no data: the server did not export the metric) counts as a failure."""
+    return {"check": name, "value": value, "limit": limit, "unit": unit, "pass": bool(ok)}
+
+
+def verdict(steps: list[dict], args, exit_status: int | None, spawned: bool) -> dict:
+    """Pass/fail of the run against the soak criteria, check by check and step by step."""
+    checks = []
+    mib = 2**20
+    for s in steps:
+        n, srv, total = s["clients"], s["server"], s["total"]
+        prefix = f"{n} clients: "
+        checks.append(_check(prefix + "errors", total["errors"], 0, total["errors"] == 0))
+        silent = sum(1 for c in s["per_client"] if c["replies"] == 0)
+        checks.append(_check(prefix + "clients never answered", silent, 0, silent == 0))
+        warm, end = srv.get("rss_bytes_warm"), srv.get("rss_bytes_end")
+        growth = None if warm is None or end is None else round((end - warm) / mib, 1)
+        checks.append(_check(prefix + "RSS growth after the warmup", growth, args.max_rss_growth_mib,
+                             growth is not None and growth < args.max_rss_growth_mib, "MiB"))
+        warm, end = srv.get("gpu_reserved_bytes_warm"), srv.get("gpu_reserved_bytes_end")
+        if warm is not None or end is not None:
+            growth = None if warm is None or end is None else round((end - warm) / mib, 1)
+            checks.append(_check(prefix + "CUDA memory (reserved) growth after the warmup", growth,
+                                 args.max_gpu_growth_mib, growth is not None and growth < args.max_gpu_growth_mib,
+                                 "MiB"))
+        start, end = srv.get("open_fds_start"), srv.get("open_fds_end")
+        growth = None if start is None or end is None else int(end - start)
+        checks.append(_check(prefix + "open file descriptors after the clients left, over the count before",
+                             growth, FD_MARGIN, growth is not None and growth <= FD_MARGIN))
+        warm, end = srv.get("threads_warm"), srv.get("threads_end")
+        growth = None if warm is None or end is None else int(end - warm)
+        checks.append(_check(prefix + "threads at the end over the count after the warmup", growth, THREAD_MARGIN,
+                             growth is not None and growth <= THREAD_MARGIN))
+    if spawned:
+        checks.append(_check("server exit status after SIGTERM", exit_status, 0, exit_status == 0))
+    return {"pass": all(c["pass"] for c in checks), "checks": checks}
+
+
+def table(steps: list[dict]) -> str:
+    head = (f"{'clients':>7} {'fps/client':>11} {'total fps':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+            f"{'dropped':>7} {'errors':>6} {'call ms':>8} {'batch':>6} {'RSS MiB':>13}")
+    lines = [head, "-" * len(head)]
+    for s in steps:
+        t, srv, lat = s["total"], s["server"], s["total"]["latency_ms"]
+        rss = "-"
+        if srv["rss_bytes_start"] and srv["rss_bytes_end"]:
+            rss = f"{srv['rss_bytes_start'] / 2**20:.0f}->{srv['rss_bytes_end'] / 2**20:.0f}"
+
+        def f(v, spec=".1f"):
+            return "-" if v is None else format(v, spec)
+
+        lines.append(
+            f"{s['clients']:>7} {f(t['fps_per_client_min']):>5}-{f(t['fps_per_client_mean']):<5} {f(t['fps']):>9} "
+            f"{f(lat['p50']):>8} {f(lat['p95']):>8} {f(lat['p99']):>8} {t['dropped']:>7} {t['errors']:>6} "
+            f"{f(srv['engine_call_ms_mean'], '.2f'):>8} {f(srv['batch_size_mean'], '.2f'):>6} {rss:>13}"
+        )
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    """A README table of a report: one row per step."""
+    srv, st = report["server"], report["settings"]
+    lines = [
+        f"`{report['server'].get('model')}` at {srv.get('width')}x{srv.get('height')} on {srv.get('device')}; "
+        f"{st['frame_size'][0]}x{st['frame_size'][1]} JPEGs (~{st['jpeg_bytes_mean'] // 1024} KiB), "
+        f"{st['inflight']} in flight per client, {st['duration_s']:g} s per step, {report['started']}",
+        "",
+        "| clients | frames/s per client (min / mean) | total frames/s | p50 ms | p95 ms | p99 ms | dropped | errors "
+        "| engine call ms | mean batch | server RSS MiB (start -> end) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in report["steps"]:
+        t, sv, lat = s["total"], s["server"], s["total"]["latency_ms"]
+        rss = (f"{sv['rss_bytes_start'] / 2**20:.0f} -> {sv['rss_bytes_end'] / 2**20:.0f}"
+               if sv.get("rss_bytes_start") and sv.get("rss_bytes_end") else "-")
+        lines.append(
+            f"| {s['clients']} | {t['fps_per_client_min']:.1f} / {t['fps_per_client_mean']:.1f} | {t['fps']:.1f} "
+            f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {t['dropped']} | {t['errors']} "
+            f"| {sv['engine_call_ms_mean']} | {sv['batch_size_mean']} | {rss} |"
+        )
+    if report.get("verdict"):  # reports from before the verdict existed have none
+        lines += ["", verdict_text(report["verdict"], "- ")]
+    return "\n".join(lines)
+
+
+def verdict_text(v: dict, bullet: str = "  ") -> str:
+    lines = [f"soak verdict: {'PASS' if v['pass'] else 'FAIL'}"]
+    for c in v["checks"]:
+        limit = "" if c["limit"] is None else f" (limit {c['limit']}{' ' + c['unit'] if c['unit'] else ''})"
+        lines.append(f"{bullet}{'ok  ' if c['pass'] else 'FAIL'} {c['check']}: {c['value']}{limit}")
+    return "\n".join(lines)
