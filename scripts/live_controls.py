@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from turbostream.config import EngineConfig, StreamParams, parse_size  # noqa: E402
-from turbostream.similarity import SimilarityFilter  # noqa: E402
+from turbostream.config import EngineConfig, StreamParams, parse_size
+from turbostream.similarity import SimilarityFilter
 
 SETTINGS = [
     ("off (today's output)", {}),
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         p = base.updated(**controls)
         row = {"setting": name, **controls}
         for kind, frames in clips.items():
-            got = play(engine, clock, f"{name}/{kind}", frames, lambda k: p)
+            got = play(engine, clock, f"{name}/{kind}", frames, lambda k, p=p: p)
             delivered = len(frames)
             row[f"{kind}_change"] = change(got["outs"][args.settle:])
             row[f"{kind}_skipped"] = got["skipped"] / delivered
@@ -188,7 +188,7 @@ def markdown(r: dict) -> str:
             f"| {100 * row['still_skipped']:.0f}% | {100 * row['moving_skipped']:.0f}% "
             f"| {row['still_engine_ms_per_frame']:.2f} | {row['moving_engine_ms_per_frame']:.2f} |")
     t = r["transition"]
-    secs = [k for k in t if k not in ("0.0", "jump")][0]
+    secs = next(k for k in t if k not in ("0.0", "jump"))
     lines += ["", f"Prompt and seed change on a still scene: jump without a transition {t['jump']:.1f} levels; with "
                   f"transition_s {secs}: largest step {t[secs]['largest_step']:.1f} levels, the new prompt's output "
                   f"reached after {t[secs]['frames_to_new']} frames (without: {t['0.0']['frames_to_new']})."]

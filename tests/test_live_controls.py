@@ -155,7 +155,9 @@ def test_transition_of_two_streams_in_one_batch(make_engine):
 def test_prompt_blends(make_engine):
     engine = make_engine()
     frame = _scene(np.random.default_rng(6))
-    run = lambda prompt: engine.run([frame], [StreamParams(prompt)])[0]  # noqa: E731
+    def run(prompt):
+        return engine.run([frame], [StreamParams(prompt)])[0]
+
     assert np.array_equal(run([["a watercolor", 2.0]]), run("a watercolor"))
     assert np.array_equal(run([["a watercolor", 1], ["a pencil sketch", 0]]), run("a watercolor"))
     emb = engine.prompt_embeddings((("a watercolor", 0.7), ("a pencil sketch", 0.3)))

@@ -13,11 +13,11 @@ import sys
 
 from ..config import MAX_STEPS, RunConfig
 from ..control import Controls, RunTarget
-from ..similarity import FitAndCheck
 from ..errors import SinkError, SourceError, UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
 from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
+from ..similarity import FitAndCheck
 from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config, stream_params
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..batcher import Result, Stream
 from ..codec import fit_frame
-from ..similarity import SimilarityFilter
 from ..io.sources import redact
+from ..similarity import SimilarityFilter
 from . import protocol
 from .protocol import FrameMeta
 from .sessions import OutItem, timed_encode

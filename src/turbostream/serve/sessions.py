@@ -34,8 +34,8 @@ from websockets.exceptions import ConnectionClosed
 from ..batcher import Result, Stream
 from ..codec import decode_jpeg, encode_jpeg, fit_frame
 from ..config import Limits, StreamParams
-from ..similarity import SimilarityFilter
 from ..errors import CodecError
+from ..similarity import SimilarityFilter
 from . import protocol
 from .protocol import FrameMeta, ProtocolError
 
