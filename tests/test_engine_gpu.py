@@ -117,3 +117,32 @@ def test_engine_without_graphs_config(cuda_tiny):
     engine.warmup()
     engine.run(_frames(2, 64, 64), [StreamParams()] * 2)
     assert engine.stats.graph_replays == 0 and not engine._graphs
+
+
+def test_live_controls_on_graphs_without_recapture(cuda_tiny):
+    """Feedback, transitions and blends are data for the captured graphs: streams with different controls share one
+    replay, changing a control captures nothing, and both streams' graph frames match their eager frames."""
+    from turbostream.engine import Engine
+
+    def make():
+        e = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 2, 4)), cuda_tiny)
+        e.warmup()
+        return e
+
+    graph, eager = make(), make()
+    now = [0.0]
+    graph.clock = eager.clock = lambda: now[0]  # one clock: both see the transition at the same point
+    captured = graph.stats.graphs_captured
+    frames = _frames(6, 128, 128, seed=3)
+    plain = StreamParams("a", seed=1)
+    fed = StreamParams([["a", 1], ["b", 1]], seed=2, feedback=0.5, transition_s=0.5)
+    for k, frame in enumerate(frames):
+        p_fed = fed if k < 3 else fed.updated(seed=9)  # a seed change: a transition starts
+        g = graph.run([frame, frame], [plain, p_fed], streams=["plain", "fed"])
+        e = eager.run([frame, frame], [plain, p_fed], streams=["plain", "fed"], graphs=False)
+        assert _diff(g[0], e[0]) <= 2 and _diff(g[1], e[1]) <= 2
+        now[0] += 0.1
+    assert graph.stats.graphs_captured == captured and graph.stats.graph_replays == len(frames)
+    assert graph.stream_states == 2
+    graph.release_stream("fed")
+    assert graph.stream_states == 1

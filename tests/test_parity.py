@@ -160,3 +160,44 @@ def test_gpu_parity_script_runs_on_the_cpu(tmp_path):
     assert steps["variant_sdpa_efficient"]["skipped"] == "CUDA only" and not res["errors"]
     assert script.Run(script.parse([*map(str, ["--device", "cpu", "--model", "tiny-random", "--size", 64,
                                                "--budget-s", 0, "--out", out])])).main() == 1  # nothing ran: FAIL
+
+
+def test_controls_at_their_defaults_leave_the_output_bit_identical(make_engine):
+    """The parity rule for the live-video controls: with similarity, transition_s and feedback at 0 and a plain
+    prompt, each frame is bit for bit what the frame math gives with no controls' inputs at all (the path the
+    diffusers comparisons above hold to), whatever a feedback stream left in the shared buffers, in the same batch
+    or before, with or without stream keys."""
+    engine = make_engine()
+    frames = _frames(3, seed=4)
+    params = [StreamParams("a red fox", 0.5, 2, 3), StreamParams("a lighthouse", 0.7, 2, 11),
+              StreamParams("a cat", 0.5, 4, 5)]
+
+    def plain(rows: list[int]) -> list[np.ndarray]:
+        """FrameMath as it was before the controls: no prev, no feedback, no latents out; one batch of `rows`."""
+        ps = [params[i] for i in rows]
+        n = ps[0].unet_evals
+        scheds = [engine.schedules.get(p.steps, n) for p in ps]
+        with torch.inference_mode():
+            out = engine.math(
+                torch.from_numpy(np.stack([frames[i] for i in rows])),
+                torch.stack([engine.prompt_embeddings(p.prompt) for p in ps]),
+                torch.stack([engine.noise(p.seed) for p in ps]),
+                torch.tensor([s.timesteps for s in scheds]).T.contiguous(),
+                torch.tensor([s.sigmas for s in scheds]).T.contiguous(),
+            )
+        return list(out.numpy())
+
+    want = dict(zip([0, 1], plain([0, 1]))) | {2: plain([2])[0]}
+    # Feedback streams run first and leave their latents and weights behind; then poison the previous-latent rows.
+    fed = [p.updated(feedback=0.9, transition_s=1.0) for p in params]
+    for _ in range(2):
+        engine.run(frames, fed, streams=["f0", "f1", "f2"])
+    engine._prev.fill_(float("nan"))
+    for keys in (None, ["a", "b", "c"]):
+        outs = engine.run(frames, params, streams=keys)
+        assert all(np.array_equal(outs[i], want[i]) for i in range(3))
+    # A default stream batched with a feedback stream (whose row is NaN-free and blends): still bit-identical.
+    engine._prev.zero_()
+    mixed = engine.run(frames[:2], [params[0], fed[1]], streams=["a", "f1"])
+    alone_batch = plain([0, 1])
+    assert np.array_equal(mixed[0], alone_batch[0]) and not np.array_equal(mixed[1], alone_batch[1])

@@ -32,6 +32,7 @@ const state = {
   framesSent: 0,
   framesReceived: 0,
   dropped: 0,
+  skipped: 0, // answers the server marked skipped: the input was similar enough to reuse the last output
   rtt: [],
   resultTimes: [],
   errors: [],
@@ -43,6 +44,7 @@ let backoff = BACKOFF_MIN_MS;
 let reconnectTimer = null;
 let pendingHeader = null;
 let drawChain = Promise.resolve();
+let promptSent = null; // the prompt last typed, until the server confirms it
 
 // ---------------------------------------------------------------- status and errors
 
@@ -128,7 +130,8 @@ function onText(text) {
       pump();
       break;
     case "config":
-      state.params = { prompt: msg.prompt, strength: msg.strength, steps: msg.steps, seed: msg.seed };
+      state.params = { ...msg };
+      delete state.params.type;
       showParams(state.params);
       state.newFrame = true; // a still screen gets restyled too
       pump();
@@ -140,10 +143,12 @@ function onText(text) {
       $("server-stats").textContent =
         `server: ${msg.fps.toFixed(1)} frames/s` +
         (msg.latency_ms.p50 != null ? `, ${msg.latency_ms.p50.toFixed(0)} ms p50` : "") +
-        `, ${msg.dropped} dropped, ${msg.clients} client${msg.clients === 1 ? "" : "s"}`;
+        `, ${msg.dropped} dropped, ${msg.clients} client${msg.clients === 1 ? "" : "s"}` +
+        (state.skipped ? `, ${state.skipped} skipped` : "");
       break;
     case "error":
       showError(`${msg.message} (${msg.code})`);
+      if (msg.code === "bad_config") promptSent = null;
       if (msg.code === "bad_config" && state.params) showParams(state.params);
       // This frame gets no result: stop waiting for it.
       if (msg.seq !== undefined) state.sent.delete(msg.seq);
@@ -159,6 +164,7 @@ function onImage(blob) {
   const header = pendingHeader;
   pendingHeader = null;
   if (header) {
+    if (header.skipped) state.skipped++;
     const t = state.sent.get(header.seq);
     if (t !== undefined) {
       state.rtt.push(now - t);
@@ -296,7 +302,28 @@ function updateButtons() {
 // ---------------------------------------------------------------- parameters
 
 function showParams(p) {
-  if (document.activeElement !== $("prompt")) $("prompt").value = p.prompt;
+  // A blend of two prompts shows as prompt, "blend with" and mix; any other blend as its JSON in the prompt box.
+  let [a, b, mix] = [p.prompt, "", 0];
+  if (Array.isArray(p.prompt)) {
+    const total = p.prompt.reduce((sum, [, w]) => sum + w, 0);
+    if (p.prompt.length === 1) a = p.prompt[0][0];
+    else if (p.prompt.length === 2) [a, b, mix] = [p.prompt[0][0], p.prompt[1][0], p.prompt[1][1] / total];
+    else a = JSON.stringify(p.prompt);
+  }
+  // A prompt typed but not confirmed yet stays as typed (an echo of an older change may arrive first).
+  if (promptSent === null || JSON.stringify(promptSent) === JSON.stringify(p.prompt)) {
+    promptSent = null;
+    if (document.activeElement !== $("prompt")) $("prompt").value = a;
+    if (document.activeElement !== $("prompt-b")) $("prompt-b").value = b;
+    $("mix").value = mix;
+    $("mix-value").textContent = Number(mix).toFixed(2);
+  }
+  const sim = String(p.similarity ?? 0);
+  if (![...$("similarity").options].some((o) => o.value === sim)) $("similarity").add(new Option(sim, sim));
+  $("similarity").value = sim;
+  $("transition").value = p.transition_s ?? 0;
+  $("feedback").value = p.feedback ?? 0;
+  $("feedback-value").textContent = Number(p.feedback ?? 0).toFixed(2);
   $("strength").value = p.strength;
   $("strength-value").textContent = Number(p.strength).toFixed(2);
   $("steps").value = p.steps;
@@ -315,9 +342,36 @@ function debounce(fn, ms) {
   };
 }
 
-const sendPrompt = debounce(() => sendConfig({ prompt: $("prompt").value }), DEBOUNCE_MS);
+// The prompt as the server takes it: the text, a [[text, weight], ...] blend typed as JSON, or the text blended with
+// "blend with" by the mix slider.
+function promptValue() {
+  const a = $("prompt").value, b = $("prompt-b").value.trim(), mix = Number($("mix").value);
+  if (a.trim().startsWith("[")) {
+    try {
+      return JSON.parse(a);
+    } catch {
+      return a;
+    }
+  }
+  return b && mix > 0 ? [[a, 1 - mix], [b, mix]] : a;
+}
+// Debounced sends take the value at input time: a config echo arriving meanwhile redraws the controls.
+const sendPrompt = debounce((prompt) => sendConfig({ prompt }), DEBOUNCE_MS);
+const onPromptInput = () => sendPrompt((promptSent = promptValue()));
+$("prompt-b").addEventListener("input", onPromptInput);
+$("mix").addEventListener("input", () => {
+  $("mix-value").textContent = Number($("mix").value).toFixed(2);
+  onPromptInput();
+});
+$("similarity").addEventListener("change", () => sendConfig({ similarity: Number($("similarity").value) }));
+$("transition").addEventListener("change", () => sendConfig({ transition_s: Number($("transition").value) }));
+const sendFeedback = debounce((feedback) => sendConfig({ feedback }), 150);
+$("feedback").addEventListener("input", () => {
+  $("feedback-value").textContent = Number($("feedback").value).toFixed(2);
+  sendFeedback(Number($("feedback").value));
+});
 const sendStrength = debounce(() => sendConfig({ strength: Number($("strength").value) }), 150);
-$("prompt").addEventListener("input", sendPrompt);
+$("prompt").addEventListener("input", onPromptInput);
 $("strength").addEventListener("input", () => {
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
   sendStrength();

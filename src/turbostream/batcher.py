@@ -7,7 +7,12 @@ the engine in one call with per-stream parameters, and hands each result to its 
 queues: memory is one frame per stream, plus the batch in flight.
 
 The engine is built (optionally), warmed up and run on this thread only: CUDA graphs replay on the thread that
-captured them. Results are delivered on the inference thread; callbacks must only hand them off (for example with
+captured them. An engine with per-stream state (transitions, feedback: it has release_stream) gets each frame's
+stream key, and a closed stream's state is released on this thread too.
+
+Similarity skips (similarity.py): a frame the producer judged a repeat arrives as the reference frame marked `skip`;
+if the stream's last output came from that very frame it is answered with that output (Result.skipped, no engine
+call), otherwise the reference runs as usual. Results are delivered on the inference thread; callbacks must only hand them off (for example with
 `loop.call_soon_threadsafe`), never encode or send there.
 """
 
@@ -40,6 +45,7 @@ class Pending:
     frame: np.ndarray
     meta: Any
     t_submit: float = field(default_factory=time.perf_counter)
+    skip: bool = False  # a repeat of `frame`, the stream's similarity reference: answer with its output
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Result:
     gpu_s: float = 0.0  # wall time of the engine call that produced it (shared by the whole batch)
     t_submit: float = 0.0
     t_done: float = 0.0
+    skipped: bool = False  # answered with the stream's last output, without an engine call
 
 
 class Stream:
@@ -67,10 +74,16 @@ class Stream:
         self.params = params
         self.closed = False
         self._expecting = 0  # frames announced (being decoded) but not submitted yet
+        # The last frame run with similarity on, and its output: what a skipped frame is answered with.
+        self.last_frame: np.ndarray | None = None
+        self.last_output: np.ndarray | None = None
 
-    def submit(self, frame: np.ndarray, meta: Any = None) -> Pending | None:
-        """Put frame in the slot; returns the unprocessed frame it replaced (the caller counts a drop), or None."""
-        return self._batcher._submit(self, Pending(frame, meta))
+    def submit(self, frame: np.ndarray, meta: Any = None, skip: bool = False) -> Pending | None:
+        """Put frame in the slot; returns the unprocessed frame it replaced (the caller counts a drop), or None.
+
+        skip: `frame` is the similarity reference (similarity.SimilarityFilter) and `meta` a frame judged a repeat.
+        """
+        return self._batcher._submit(self, Pending(frame, meta, skip=skip))
 
     def expect(self) -> None:
         """Announce a frame that will be submitted soon (its decode started): the next batch may wait briefly for it."""
@@ -104,6 +117,7 @@ class Batcher:
         max_batch: int | None = None,
         gather_s: float = DEFAULT_GATHER_S,
         on_batch: Callable[[int, float], None] | None = None,
+        on_skip: Callable[[int], None] | None = None,
     ) -> None:
         if (engine is None) == (engine_factory is None):
             raise ValueError("give either an engine or an engine_factory")
@@ -112,6 +126,9 @@ class Batcher:
         self._max_batch = max_batch
         self.gather_s = gather_s
         self.on_batch = on_batch  # (batch size, seconds) after every engine call, on the inference thread
+        self.on_skip = on_skip  # (frames answered without the engine) after a batch that had some
+        self.skipped = 0
+        self._released: list[int] = []  # closed streams whose engine state is still to be freed
         self.ready = threading.Event()
         self.failed = threading.Event()
         self.error: str | None = None
@@ -175,7 +192,9 @@ class Batcher:
     def _close_stream(self, stream: Stream) -> Pending | None:
         with self._cond:
             stream.closed = True
-            self._streams.pop(stream.key, None)
+            stream.last_frame = stream.last_output = None
+            if self._streams.pop(stream.key, None) is not None:
+                self._released.append(stream.key)
             old = self._pending.pop(stream.key, None)
             self._cond.notify_all()
         return old[1] if old is not None else None
@@ -233,40 +252,74 @@ class Batcher:
             keys = list(itertools.islice(self._pending, self.max_batch))
             return [self._pending.pop(k) for k in keys]
 
+    def _release_closed(self) -> None:
+        """Free the engine state of streams closed since the last batch (on this thread: the engine's)."""
+        with self._cond:
+            keys, self._released = self._released, []
+        release = getattr(self.engine, "release_stream", None)
+        if release is not None:
+            for key in keys:
+                release(key)
+
     def _run(self, batch: list[tuple[Stream, Pending]]) -> list[tuple[Stream, Pending]]:
         """Run one batch, deliver its results; returns the frames committed to the next batch."""
-        frames = [item.frame for _, item in batch]
-        params = [stream.params for stream, _ in batch]
+        self._release_closed()
+        # Skips whose reference already ran are answered from its output; everything else goes to the engine.
+        reused = [stream.last_output if item.skip and item.frame is stream.last_frame else None
+                  for stream, item in batch]
+        todo = [entry for entry, r in zip(batch, reused) if r is None]
+        frames = [item.frame for _, item in todo]
+        params = [stream.params for stream, _ in todo]
+        keys = [stream.key for stream, _ in todo] if hasattr(self.engine, "release_stream") else None
         t0 = time.perf_counter()
-        try:
-            outs: list[np.ndarray | None] = list(self.engine.run(frames, params))
-            errors: list[str | None] = [None] * len(batch)
-        except Exception as exc:  # noqa: BLE001 - one bad frame must not take the others down with it
-            log.warning("engine call of %d frames failed (%s); running them one by one", len(batch), exc)
-            outs, errors = self._run_alone(frames, params)
+        outs: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        if todo:
+            try:
+                outs = list(self.engine.run(frames, params) if keys is None
+                            else self.engine.run(frames, params, streams=keys))
+                errors = [None] * len(todo)
+            except Exception as exc:  # noqa: BLE001 - one bad frame must not take the others down with it
+                log.warning("engine call of %d frames failed (%s); running them one by one", len(todo), exc)
+                outs, errors = self._run_alone(frames, params, keys)
         dt = time.perf_counter() - t0
-        self.batches += 1
-        self.frames += len(batch)
-        if self.on_batch is not None:
-            self.on_batch(len(batch), dt)
+        for (stream, item), out in zip(todo, outs):
+            keep = out is not None and stream.params.similarity > 0
+            stream.last_frame, stream.last_output = (item.frame, out) if keep else (None, None)
+        n_skipped = len(batch) - len(todo)
+        if todo:
+            self.batches += 1
+            self.frames += len(todo)
+            if self.on_batch is not None:
+                self.on_batch(len(todo), dt)
+        if n_skipped:
+            self.skipped += n_skipped
+            if self.on_skip is not None:
+                self.on_skip(n_skipped)
         following = self._commit_pending()
         t_done = time.perf_counter()
-        for (stream, item), out, err in zip(batch, outs, errors):
+        ran = iter(zip(outs, errors))
+        answers = [(r, None, True) if r is not None else (*next(ran), False) for r in reused]
+        for (stream, item), (out, err, skipped) in zip(batch, answers):
             if stream.closed:
                 continue
-            result = Result(stream, out, item.meta, err, len(batch), dt, item.t_submit, t_done)
+            if skipped:
+                result = Result(stream, out, item.meta, None, 0, 0.0, item.t_submit, t_done, skipped=True)
+            else:
+                result = Result(stream, out, item.meta, err, len(todo), dt, item.t_submit, t_done)
             try:
                 stream.on_result(result)
             except Exception:  # noqa: BLE001 - a broken callback is the stream's problem, not the thread's
                 log.exception("result callback of stream %d failed", stream.key)
         return following
 
-    def _run_alone(self, frames, params) -> tuple[list[np.ndarray | None], list[str | None]]:
+    def _run_alone(self, frames, params, keys=None) -> tuple[list[np.ndarray | None], list[str | None]]:
         outs: list[np.ndarray | None] = []
         errors: list[str | None] = []
-        for frame, p in zip(frames, params):
+        for i, (frame, p) in enumerate(zip(frames, params)):
             try:
-                outs.append(self.engine.run([frame], [p])[0])
+                outs.append(self.engine.run([frame], [p])[0] if keys is None
+                            else self.engine.run([frame], [p], streams=[keys[i]])[0])
                 errors.append(None)
             except Exception as exc:  # noqa: BLE001
                 log.exception("engine failed on one frame")

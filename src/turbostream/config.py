@@ -19,6 +19,15 @@ DEFAULT_PROMPT = "an oil painting, thick brush strokes, vivid colors"
 MAX_STEPS = 10
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**32 - 1
+# Live-video controls (README: "Live-video controls"). A weighted prompt blend holds at most MAX_BLEND_PROMPTS
+# prompts, each held to MAX_PROMPT_CHARS; transitions last at most MAX_TRANSITION_S; feedback stays below 1 (at 1 the
+# input would be ignored for good).
+MAX_BLEND_PROMPTS = 4
+MAX_TRANSITION_S = 60.0
+MAX_FEEDBACK = 0.95
+# A still scene with `similarity` on is refreshed after at most this many skipped frames in a row (StreamDiffusion's
+# max_skip_frame), so a slow drift or a prompt the skip would hide still shows.
+MAX_CONSECUTIVE_SKIPS = 10
 # The UNet downsamples latents three times and the VAE by 8: sides must be multiples of 64.
 SIZE_MULTIPLE = 64
 MAX_SIDE = 1024
@@ -27,33 +36,49 @@ DTYPE_NAMES = ("auto", "float16", "bfloat16", "float32")
 VAE_KINDS = ("tiny", "full")
 
 
+# A prompt: one text, or a weighted blend of a few texts ((text, weight), ...) whose embeddings are mixed by the
+# normalized weights (installations crossfade between looks this way).
+Prompt = str | tuple[tuple[str, float], ...]
+
+
 @dataclass(frozen=True)
 class StreamParams:
-    """What one stream asks of the engine; immutable, so a config change builds a new one."""
+    """What one stream asks of the engine; immutable, so a config change builds a new one.
 
-    prompt: str = DEFAULT_PROMPT
+    The live-video controls (similarity, transition_s, feedback) default to off: with all three at 0 a stream's
+    output is exactly what it was before they existed.
+    """
+
+    prompt: Prompt = DEFAULT_PROMPT  # a text, or [[text, weight], ...] (kept as a tuple of pairs)
     strength: float = 0.5  # fraction of the schedule that is re-noised: 0.5 of 2 steps = one UNet evaluation
     steps: int = 2  # length of the full trailing schedule the img2img run is cut from
     seed: int = 0  # fixed per-stream noise, reused every frame (less flicker)
+    similarity: float = 0.0  # 0: off; else skip the engine for input frames at least this similar (cosine)
+    transition_s: float = 0.0  # blend from the old prompt/seed to the new one over this many seconds
+    feedback: float = 0.0  # weight of the previous output's latent blended into the new frame's latent
+
+    def __post_init__(self) -> None:
+        # JSON gives a blend as lists; keep it as tuples (hashable: prompt caches key on it). Never raises: a
+        # malformed value stays as it is and validate() says what is wrong with it.
+        if isinstance(self.prompt, list):
+            object.__setattr__(self, "prompt", tuple(tuple(e) if isinstance(e, list) else e for e in self.prompt))
 
     @property
     def unet_evals(self) -> int:
         """UNet evaluations per frame: int(steps * strength), as diffusers' img2img computes it."""
         return min(int(self.steps * self.strength), self.steps)
 
+    @property
+    def prompt_texts(self) -> tuple[str, ...]:
+        """Every text of the prompt (one, or those of a blend)."""
+        return (self.prompt,) if isinstance(self.prompt, str) else tuple(text for text, _ in self.prompt)
+
     def validate(self, max_steps: int = MAX_STEPS) -> StreamParams:
         """Return self, or raise ValueError with a message a user can act on."""
-        if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt is {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-        try:
-            # JSON escapes and command lines can carry half a surrogate pair ("\ud800"): a str in Python, but no text
-            # the tokenizer can encode. Accepted, it would fail the engine on every frame of the stream and make
-            # every batch it joins run twice (whole, then frame by frame).
-            self.prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"prompt is not valid Unicode text: unpaired surrogate at character {exc.start}") from None
+        if isinstance(self.prompt, str):
+            _check_prompt_text(self.prompt, "prompt")
+        else:
+            _check_blend(self.prompt)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):
             raise ValueError(f"steps must be an integer, got {self.steps!r}")
         if not 1 <= self.steps <= max_steps:
@@ -71,6 +96,10 @@ class StreamParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        _check_number("similarity", self.similarity, 0.0, 1.0, "0 (off) or a threshold below 1, about 0.9 to 0.99",
+                      high_open=True)
+        _check_number("transition_s", self.transition_s, 0.0, MAX_TRANSITION_S, f"seconds, 0 to {MAX_TRANSITION_S:g}")
+        _check_number("feedback", self.feedback, 0.0, MAX_FEEDBACK, f"0 (off) to {MAX_FEEDBACK:g}")
         return self
 
     def updated(self, **changes) -> StreamParams:
@@ -79,6 +108,78 @@ class StreamParams:
         if unknown:
             raise ValueError(f"unknown stream parameter(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes).validate()
+
+
+def _check_prompt_text(text, name: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+    try:
+        # JSON escapes and command lines can carry half a surrogate pair ("\ud800"): a str in Python, but no text
+        # the tokenizer can encode. Accepted, it would fail the engine on every frame of the stream and make
+        # every batch it joins run twice (whole, then frame by frame).
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text: unpaired surrogate at character {exc.start}") from None
+
+
+def _check_blend(blend) -> None:
+    """A weighted blend: 1..MAX_BLEND_PROMPTS pairs (text, weight >= 0), weights summing to a finite positive."""
+    usage = 'a string, or a list of [text, weight] pairs such as [["a watercolor", 0.7], ["a pencil sketch", 0.3]]'
+    if not isinstance(blend, tuple) or not blend:
+        raise ValueError(f"prompt must be {usage}; got {type(blend).__name__ if blend != () else 'an empty list'}")
+    if len(blend) > MAX_BLEND_PROMPTS:
+        raise ValueError(f"a prompt blend holds at most {MAX_BLEND_PROMPTS} prompts, got {len(blend)}")
+    for i, entry in enumerate(blend):
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            raise ValueError(f"prompt blend entry {i + 1} must be a [text, weight] pair; the prompt must be {usage}")
+        text, weight = entry
+        _check_prompt_text(text, f"prompt blend entry {i + 1}'s text")
+        if isinstance(weight, bool) or not _finite(weight) or weight < 0:
+            raise ValueError(f"prompt blend entry {i + 1}'s weight must be a number >= 0, got {weight!r}")
+    total = sum(float(w) for _, w in blend)  # two weights near 1e308 add up to inf: refused, never NaN weights
+    if not (math.isfinite(total) and total > 0):
+        raise ValueError(f"the weights of a prompt blend must add up to a finite number above 0, got {total:g}")
+
+
+def _check_number(name: str, value, low: float, high: float, what: str, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number ({what}), got {value!r}")
+    if not (_finite(value) and low <= value and (value < high if high_open else value <= high)):
+        raise ValueError(f"{name} must be {what}; got {value}")
+
+
+def _finite(value) -> bool:
+    """A finite int or float (an int too large for a float, from JSON's unbounded integers, is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def blend_weights(prompt: Prompt) -> tuple[tuple[str, float], ...]:
+    """((text, normalized weight), ...) of a validated prompt; a plain text is ((text, 1.0),)."""
+    if isinstance(prompt, str):
+        return ((prompt, 1.0),)
+    total = sum(float(w) for _, w in prompt)
+    return tuple((text, float(w) / total) for text, w in prompt)
+
+
+def parse_prompt(text: str) -> Prompt:
+    """A command-line prompt: plain text, or a JSON blend when it starts with '[' (ValueError if that is not JSON)."""
+    if not text.lstrip().startswith("["):
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"a prompt starting with '[' is read as a JSON blend such as "
+                         f"'[[\"a watercolor\", 0.7], [\"a pencil sketch\", 0.3]]': {exc}") from None
+    return StreamParams(prompt=value).prompt
 
 
 def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
@@ -128,6 +229,9 @@ class EngineConfig:
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     noise_cache_size: int = 256  # per-seed noise tensors kept (LRU)
+    # Streams whose controls state (transition, feedback latent) is kept (LRU); the batcher frees a stream's state
+    # when it closes, so this bound only matters to callers that never do.
+    max_stream_states: int = 256
     default_params: StreamParams = field(default_factory=StreamParams)
 
     def __post_init__(self) -> None:
@@ -142,7 +246,7 @@ class EngineConfig:
         self.buckets = buckets
         if not 1 <= self.max_steps <= 50:
             raise ValueError(f"max_steps must be between 1 and 50, got {self.max_steps}")
-        if self.prompt_cache_size < 1 or self.noise_cache_size < 1:
+        if self.prompt_cache_size < 1 or self.noise_cache_size < 1 or self.max_stream_states < 1:
             raise ValueError("cache sizes must be at least 1")
         self.default_params.validate(self.max_steps)
 

@@ -48,6 +48,9 @@ class Metrics:
             "Frames never processed or never sent: replaced by a newer one in a slot, or skipped for a slow reader",
             ["stage"], registry=r,
         )
+        # The `similarity` control: frames answered with the stream's last output, without an engine call.
+        self.frames_skipped = Counter("turbostream_frames_skipped",
+                                      "Frames similar enough to the last one run to skip the engine", registry=r)
         self.errors = Counter("turbostream_errors", "Error messages sent to clients, by code", ["code"], registry=r)
         self.stage = Histogram(
             "turbostream_stage_seconds",

@@ -7,6 +7,10 @@ joined by bounded hand-offs:
 so the GPU computes frame N while frame N+1 is decoded and frame N-1 is written. Live sources (cameras, URLs, or
 files with --realtime) hand over only their newest frame, one at a time: stale frames are dropped and counted, and
 latency stays at about one frame's processing. Files go in order, batched up to the engine's largest bucket.
+
+The live-video controls: the run is one stream (key 0) of an engine with per-stream state (transitions, feedback);
+with `similarity` on, the capture transform (similarity.FitAndCheck) hands back the last frame it let through for a
+frame it judges a repeat, and the GPU thread answers that with the output it already has (counted as skipped).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import RunConfig, StreamParams
+from .config import RunConfig, StreamParams, parse_prompt
 from .errors import SinkError
 from .io.sinks import SinkThread, WindowSink
 from .io.sources import CaptureThread
@@ -52,6 +56,7 @@ class RunSummary:
     frames: int = 0
     seconds: float = 0.0
     dropped: int = 0
+    skipped: int = 0  # frames answered with the last output (similarity), without an engine call
     stopped: str = "end"
     error: str | None = None
     first_index: int | None = None
@@ -191,6 +196,8 @@ class Pipeline:
         self._gpu_error: BaseException | None = None
         self._reached_max = False
         self._quit = False
+        self._last_in: np.ndarray | None = None  # with similarity on: the last frame run, and its output
+        self._last_out: np.ndarray | None = None
 
     def set_params(self, params: StreamParams) -> None:
         """Use these stream parameters from the next engine call on (any thread)."""
@@ -326,8 +333,7 @@ class Pipeline:
                     if more is None:
                         break
                     items.append(more)
-                params = self.params
-                outs = self.engine.run([it.frame for it in items], [params] * len(items))
+                outs = self._stylize([it.frame for it in items], self.params)
                 t_done = time.perf_counter()
                 for it, out in zip(items, outs):
                     self._put(Result(it.index, out, it.t, t_done))
@@ -341,6 +347,24 @@ class Pipeline:
             except queue.Full:
                 pass  # the main thread stopped reading; it notices this thread is gone
 
+    def _stylize(self, frames: list[np.ndarray], params: StreamParams) -> list[np.ndarray]:
+        """The engine's outputs for frames; a frame object seen before (the similarity reference, handed back by the
+        capture transform for a repeat) gets that frame's output again without an engine call."""
+        known: dict[int, np.ndarray] = {}
+        if self._last_in is not None:
+            known[id(self._last_in)] = self._last_out
+        todo = {id(f): f for f in frames if id(f) not in known}  # every object here is alive: ids are unique
+        if todo:
+            kw = {"streams": [0] * len(todo)} if hasattr(self.engine, "release_stream") else {}
+            outs = self.engine.run(list(todo.values()), [params] * len(todo), **kw)
+            known.update(zip(todo, outs))
+        self.summary.skipped += len(frames) - len(todo)
+        if params.similarity > 0:
+            self._last_in, self._last_out = frames[-1], known[id(frames[-1])]
+        else:
+            self._last_in = self._last_out = None
+        return [known[id(f)] for f in frames]
+
     def _put(self, result: Result) -> None:
         while not self._stop.is_set():
             try:
@@ -351,7 +375,8 @@ class Pipeline:
 
 
 class PromptLine:
-    """Reads stdin lines while a run goes on: text changes the prompt; /strength X, /steps N, /seed N; /quit."""
+    """Reads stdin lines while a run goes on: text changes the prompt; /strength X, /steps N, /seed N,
+    /similarity S, /transition SECONDS, /feedback F; /quit. A prompt starting with '[' is a JSON blend."""
 
     def __init__(self, pipeline: Pipeline, stream=None) -> None:
         self.pipeline = pipeline
@@ -359,7 +384,8 @@ class PromptLine:
         self._thread = threading.Thread(target=self._run, name="prompt line", daemon=True)
 
     def start(self) -> PromptLine:
-        log.info("type a new prompt and press Enter to change it (also /strength X, /steps N, /seed N, /quit)")
+        log.info("type a new prompt and press Enter to change it (also /strength X, /steps N, /seed N, "
+                 "/similarity S, /transition SECONDS, /feedback F, /quit)")
         self._thread.start()
         return self
 
@@ -376,22 +402,27 @@ class PromptLine:
                 self.pipeline.stop()
                 return "quit"
             try:
-                if cmd == "strength":
-                    new = p.updated(strength=float(value))
+                if cmd in ("strength", "similarity", "feedback"):
+                    new = p.updated(**{cmd: float(value)})
+                elif cmd == "transition":
+                    new = p.updated(transition_s=float(value))
                 elif cmd in ("steps", "seed"):
                     new = p.updated(**{cmd: int(value)})
                 elif cmd == "prompt":
-                    new = p.updated(prompt=value)
+                    new = p.updated(prompt=parse_prompt(value))
                 else:
-                    raise ValueError(f"unknown command /{cmd}: use /strength X, /steps N, /seed N, /prompt TEXT, /quit")
+                    raise ValueError(f"unknown command /{cmd}: use /strength X, /steps N, /seed N, /prompt TEXT, "
+                                     "/similarity S, /transition SECONDS, /feedback F, /quit")
             except (TypeError, ValueError) as exc:
                 if "could not convert" in str(exc) or "invalid literal" in str(exc):
                     raise ValueError(f"/{cmd} needs a number, got {value!r}") from None
                 raise
         else:
-            new = p.updated(prompt=line)
+            new = p.updated(prompt=parse_prompt(line))
         self.pipeline.set_params(new)
-        return f"prompt {new.prompt!r}, strength {new.strength}, steps {new.steps}, seed {new.seed}"
+        controls = "".join(f", {name} {getattr(new, name)}" for name in ("similarity", "transition_s", "feedback")
+                           if getattr(new, name))
+        return f"prompt {new.prompt!r}, strength {new.strength}, steps {new.steps}, seed {new.seed}{controls}"
 
     def _run(self) -> None:
         for line in self.stream:

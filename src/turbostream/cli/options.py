@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEFAULT_MODEL, DEFAULT_TAESD, DTYPE_NAMES, VAE_KINDS, EngineConfig, StreamParams, parse_size
+from ..config import (
+    DEFAULT_MODEL,
+    DEFAULT_TAESD,
+    DTYPE_NAMES,
+    MAX_FEEDBACK,
+    VAE_KINDS,
+    EngineConfig,
+    StreamParams,
+    parse_prompt,
+    parse_size,
+)
 from ..errors import UserError
 
 
@@ -61,12 +71,28 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="run the CUDA path eagerly (debugging, comparison)")
     if stream_options:
         s = parser.add_argument_group("stream")
-        s.add_argument("--prompt", default=p.prompt, help="prompt (default: %(default)r)")
+        s.add_argument("--prompt", default=p.prompt, help="prompt, or a JSON blend of up to 4 weighted prompts such as "
+                       "'[[\"a watercolor\", 0.7], [\"a pencil sketch\", 0.3]]' (default: %(default)r)")
         s.add_argument("--strength", type=float, default=p.strength, help="0 < strength <= 1 (default: %(default)s)")
         s.add_argument("--steps", type=int, default=p.steps, help="schedule length; UNet runs int(steps*strength) "
                        "times (default: %(default)s)")
         s.add_argument("--seed", type=int, default=p.seed, help="noise seed (default: %(default)s)")
+        s.add_argument("--similarity", type=float, default=p.similarity, metavar="S",
+                       help="skip the engine for input frames at least this similar to the last one it ran (about "
+                            "0.9-0.99; the last output answers them) (default: 0: off)")
+        s.add_argument("--transition", dest="transition_s", type=float, default=p.transition_s, metavar="SECONDS",
+                       help="after a prompt or seed change, blend from the old to the new over this many seconds "
+                            "(default: 0: jump)")
+        s.add_argument("--feedback", type=float, default=p.feedback, metavar="F",
+                       help=f"blend this much of the previous output into each new frame, 0 to {MAX_FEEDBACK:g}: "
+                            "less flicker, some trailing (default: 0: off)")
         parser.set_defaults(stream_options=True)
+
+
+def stream_params(args: argparse.Namespace) -> StreamParams:
+    """The stream options (serve, run) as checked StreamParams; ValueError with the reason."""
+    return StreamParams(parse_prompt(args.prompt), args.strength, args.steps, args.seed, similarity=args.similarity,
+                        transition_s=args.transition_s, feedback=args.feedback).validate()
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -76,7 +102,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         # pass their own parameters per call and keep the stock defaults.
         default = StreamParams()
         if getattr(args, "stream_options", False):
-            default = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
+            default = stream_params(args)
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,

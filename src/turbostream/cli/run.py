@@ -10,17 +10,16 @@ import argparse
 import contextlib
 import logging
 import sys
-from functools import partial
 
-from ..codec import fit_frame
-from ..config import MAX_STEPS, RunConfig, StreamParams
+from ..config import MAX_STEPS, RunConfig
 from ..control import Controls, RunTarget
 from ..errors import SinkError, SourceError, UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
 from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
+from ..similarity import FitAndCheck
 from .controls import add_control_options, controls_from_args
-from .options import add_engine_options, build_engine, engine_config
+from .options import add_engine_options, build_engine, engine_config, stream_params
 
 log = logging.getLogger("turbostream.run")
 
@@ -65,7 +64,7 @@ def main(args: argparse.Namespace, engine=None) -> int:
 
 def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> int:
     try:
-        params = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
+        params = stream_params(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if engine is None:
@@ -76,10 +75,11 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> i
     # A stream or a virtual camera is live by nature: a file sent to one plays at its own rate.
     realtime = source.live or bool(args.realtime) or any(o.kind in ("stream", "virtualcam") for o in outputs)
     batch = 1 if realtime else max_batch
+    transform = FitAndCheck(width, height, lambda: params)  # the pipeline's live parameters once it exists
     capture = CaptureThread(
         source, realtime=realtime, queue_size=max(cfg.queue_frames, 2 * batch),
         reconnect=cfg.reconnect_attempts if source.live else 0, open_timeout_s=cfg.open_timeout_s,
-        transform=partial(fit_frame, width=width, height=height),  # resized on the capture thread, not the GPU's
+        transform=transform,  # fitting and the similarity check run on the capture thread, not the GPU's
     )
     try:
         capture.start()
@@ -116,6 +116,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> i
             engine, capture, sinks, params, window=window, max_frames=args.max_frames, batch=batch,
             progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
         )
+        transform.params_of = lambda: pipeline.params
         target = RunTarget(pipeline, getattr(getattr(engine, "config", None), "max_steps", MAX_STEPS))
         controls.start_osc(target)
         controls.start_playlist(target)
@@ -167,6 +168,8 @@ def _log_summary(s: RunSummary, realtime: bool, sinks: list) -> None:
         if lat:
             line += f", latency {1000 * lat[len(lat) // 2]:.0f} ms median, {1000 * lat[-1]:.0f} ms max"
         line += f", {s.dropped} stale frames dropped"
+    if s.skipped:
+        line += f", {s.skipped} similar frames answered with the last output"
     log.info("%s", line)
     for sink in sinks:
         log.info("  %s", sink.describe())

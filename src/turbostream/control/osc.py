@@ -7,6 +7,9 @@ into the fields of a `config` message for one callback (a RunTarget or a Broadca
 | /turbostream/strength    | f (or i)          | strength, 0 < x <= 1 (steps x strength >= 1)             |
 | /turbostream/steps       | i (or integral f) | schedule length, 1..10                                   |
 | /turbostream/seed        | i (or integral f) | noise seed, 0..2^32-1                                    |
+| /turbostream/similarity  | f (or i)          | skip still frames: 0 (off) or a threshold below 1        |
+| /turbostream/transition  | f (or i)          | transition_s: seconds to blend after a prompt/seed change|
+| /turbostream/feedback    | f (or i)          | feedback, 0 (off) to 0.95                                |
 | /turbostream/next        | none, or a number | next playlist prompt (a number 0 is ignored: a button's  |
 | /turbostream/previous    | none, or a number | release); needs --prompts                                |
 
@@ -29,7 +32,7 @@ from typing import Any
 log = logging.getLogger("turbostream.control")
 
 PREFIX = "/turbostream/"
-PARAM_ADDRESSES = ("prompt", "strength", "steps", "seed")
+PARAM_ADDRESSES = ("prompt", "strength", "steps", "seed", "similarity", "transition", "feedback")
 STEP_ADDRESSES = ("next", "previous")
 RESULTS = ("applied", "ignored", "rejected", "bad_arguments", "unknown_address", "malformed")
 MAX_DATAGRAM = 65536  # the largest UDP payload; a bigger one is cut by the kernel and fails to parse (malformed)
@@ -73,8 +76,10 @@ def fields_for(name: str, args: list[Any]) -> dict[str, Any]:
         if not isinstance(value, str):
             raise BadArguments(f"expected a string, got {type(value).__name__} {_short(value)}")
         return {"prompt": value}
-    if name == "strength":
-        return {"strength": _number(value)}
+    if name in ("strength", "similarity", "feedback"):
+        return {name: _number(value)}
+    if name == "transition":
+        return {"transition_s": _number(value)}
     return {name: _integer(value)}  # steps, seed
 
 

@@ -1,6 +1,10 @@
 """The Engine: SD-Turbo img2img on batches of frames from many streams, each with its own prompt, strength, steps
 and seed; static buffers and one CUDA graph per (batch bucket, UNet evaluations) on CUDA, eager on the CPU.
 
+The live-video controls are data in the same static buffers (streams.py): a transition writes interpolated
+embeddings and noise into a stream's rows, feedback writes the stream's previous output latent and its weight. Both
+need to know which stream a frame belongs to: run(..., streams=[key, ...]); without keys the engine is stateless.
+
 What it runs is frame.FrameMath (the pure math); what is ours here is how it runs: static buffers, per-sample
 timesteps/sigmas/embeddings so mixed streams share one UNet batch, graphs captured at warmup, no host sync inside a
 frame.
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +32,11 @@ from .compile_cache import CompileCache, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .schedule import ScheduleTable
+from .streams import StreamStates, blend_embeddings, lerp, slerp
 
 log = logging.getLogger("turbostream.engine")
+
+BLEND_CACHE_SIZE = 16  # prompt blends' combined embeddings kept (LRU); recombining one costs a few tensor ops
 
 
 @dataclass
@@ -74,8 +81,13 @@ class Engine:
         self.stats = EngineStats()
         self._prompts = LRU(config.prompt_cache_size)
         self._noise = LRU(config.noise_cache_size)
+        # Prompt blends apart from the prompt cache: a mix slider dragged through many weights must not evict the
+        # texts (and cost text-encoder runs) of other streams.
+        self._blends = LRU(BLEND_CACHE_SIZE)
         self._owner: int | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._streams = StreamStates(config.max_stream_states)
+        self.clock = time.monotonic  # transitions are timed by it (tests may replace it)
         # The only place building an engine changes its components or process state (see cuda.py).
         if self.is_cuda:
             prepare_cuda(components)
@@ -114,6 +126,11 @@ class Engine:
         self._out = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._emb = torch.zeros((B, self.components.max_tokens, self.components.text_dim), dtype=self.dtype, device=dev)
         self._noise_buf = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
+        # Feedback: per-row weight (0: off, exact identity) and previous output latents in; final latents out.
+        self._feedback_host = torch.zeros((B,), dtype=torch.float32, pin_memory=pin)
+        self._feedback = torch.zeros((B,), dtype=torch.float32, device=dev)
+        self._prev = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
+        self._latents_out = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
         # Rows 0..n-1: timesteps of each UNet evaluation; rows n..2n: sigmas (one more, the last is the target).
         self._sched = torch.zeros((2 * n + 1, B), dtype=torch.float32, device=dev)
         self._done = torch.cuda.Event() if self.is_cuda else None
@@ -122,13 +139,23 @@ class Engine:
     # ------------------------------------------------------------------ caches (text encoder, noise)
 
     @torch.inference_mode()
-    def prompt_embeddings(self, prompt: str) -> torch.Tensor:
-        """(tokens, dim) embeddings of a prompt on the device; the text encoder runs only on a cache miss."""
+    def prompt_embeddings(self, prompt: str | tuple) -> torch.Tensor:
+        """(tokens, dim) embeddings of a prompt on the device; the text encoder runs only on a cache miss.
+
+        A weighted blend ((text, weight), ...) is the weight-normalized sum of its texts' embeddings; each text is
+        cached on its own (prompt cache), the blend in a small cache of its own.
+        """
+        if not isinstance(prompt, str):
+            emb = self._blends.lookup(prompt)
+            if emb is None:
+                emb = blend_embeddings(prompt, self.prompt_embeddings, self.dtype)
+                self._blends.insert(prompt, emb)
+            return emb
         emb = self._prompts.lookup(prompt)
         if emb is None:
             emb = encode_prompt(self.components, prompt, self.device, self.dtype)
-            self._prompts.insert(prompt, emb)
             self.stats.text_encoder_runs += 1
+            self._prompts.insert(prompt, emb)
             self.stats.prompt_cache_evictions = self._prompts.evictions
         return emb
 
@@ -144,6 +171,15 @@ class Engine:
     def prompt_cache_len(self) -> int:
         return len(self._prompts)
 
+    @property
+    def stream_states(self) -> int:
+        """Streams whose controls state (transition, feedback latent) the engine holds."""
+        return len(self._streams)
+
+    def release_stream(self, key: Hashable) -> None:
+        """Free a stream's state (its device tensors) when the stream ends; call on the engine's thread."""
+        self._streams.release(key)
+
     # ------------------------------------------------------------------ the frame path (traced into the graphs)
 
     def _frame_path(self, b: int, n: int, encode: bool = True, probe: Probe | None = None) -> torch.Tensor:
@@ -151,6 +187,7 @@ class Engine:
         return self.math(
             self._frames[:b] if encode else None, self._emb[:b], self._noise_buf[:b],
             self._sched[:n, :b], self._sched[n : 2 * n + 1, :b], probe,
+            prev=self._prev[:b], feedback=self._feedback[:b], latents_out=self._latents_out[:b],
         )
 
     # ------------------------------------------------------------------ warmup and capture
@@ -258,11 +295,48 @@ class Engine:
         self._sched.copy_(host, non_blocking=True)
         return n
 
-    def _load_stream_inputs(self, params: Sequence[StreamParams], first: int) -> None:
-        """Copy each stream's cached prompt embeddings and noise into the static rows first, first+1, ..."""
+    def _load_stream_inputs(
+        self, params: Sequence[StreamParams], first: int, keys: Sequence[Hashable | None] | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """Copy each stream's prompt embeddings, noise and feedback inputs into the static rows first, first+1, ...
+
+        Without a stream key (or with every control off) a row gets the cached embeddings and noise as they are and
+        feedback weight 0. With a key, a transition under way writes interpolated embeddings and slerped noise, and
+        feedback > 0 writes the stream's previous output latent and its weight (0 on its first frame).
+        """
+        host = self._feedback_host
+        host.zero_()
         for i, p in enumerate(params, start=first):
-            self._emb[i].copy_(self.prompt_embeddings(p.prompt))
-            self._noise_buf[i].copy_(self.noise(p.seed))
+            emb, noise = self.prompt_embeddings(p.prompt), self.noise(p.seed)
+            key = keys[i - first] if keys is not None else None
+            state = self._streams.get(key) if key is not None else None
+            a = state.step(p, now, self.prompt_embeddings, self.noise) if state is not None else None
+            if a is not None and state.from_emb is not None:
+                self._emb[i].copy_(lerp(state.from_emb, emb, a))
+            else:
+                self._emb[i].copy_(emb)
+            if a is not None and state.from_noise is not None:
+                self._noise_buf[i].copy_(slerp(state.from_noise, noise, a))
+            else:
+                self._noise_buf[i].copy_(noise)
+            if state is not None and p.feedback > 0 and state.latent is not None:
+                self._prev[i].copy_(state.latent)
+                host[i] = p.feedback
+        self._feedback.copy_(host, non_blocking=True)
+
+    def _keep_latents(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None]) -> None:
+        """After a frame: streams with feedback keep its output latents (device copy); the others free theirs."""
+        for i, (p, key) in enumerate(zip(params, keys)):
+            if key is None or key not in self._streams:
+                continue
+            state = self._streams.get(key)
+            if p.feedback > 0:
+                if state.latent is None:
+                    state.latent = torch.empty_like(self._latents_out[i])
+                state.latent.copy_(self._latents_out[i])
+            else:
+                state.latent = None
 
     def _bucket(self, b: int) -> int:
         return next(size for size in self.config.buckets if size >= b)
@@ -273,15 +347,19 @@ class Engine:
 
     @torch.inference_mode()
     def run(
-        self, frames: Sequence[np.ndarray], params: Sequence[StreamParams], *, graphs: bool | None = None
+        self, frames: Sequence[np.ndarray], params: Sequence[StreamParams], *, graphs: bool | None = None,
+        streams: Sequence[Hashable | None] | None = None,
     ) -> list[np.ndarray]:
         """N frames (uint8 RGB (H, W, 3), any size) with N stream params -> N uint8 RGB (height, width, 3) frames.
 
         Frames are center-cropped to the engine's aspect and resized first. Streams with the same number of UNet
         evaluations share one batch; larger groups are split at the largest bucket. graphs=False forces eager.
+        streams: each frame's stream key (None: no stream), which transitions and feedback need; frames of the
+        same stream run in order, one per batch, so each sees the latent of the one before.
         """
-        if len(frames) != len(params):
-            raise ValueError(f"{len(frames)} frames but {len(params)} parameter sets")
+        if len(frames) != len(params) or (streams is not None and len(streams) != len(frames)):
+            raise ValueError(f"{len(frames)} frames but {len(params)} parameter sets"
+                             + (f" and {len(streams)} stream keys" if streams is not None else ""))
         if not frames:
             return []
         params = [self.validate(p) for p in params]
@@ -292,23 +370,40 @@ class Engine:
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault(p.unet_evals, []).append(i)
+        keys = list(streams) if streams is not None else [None] * len(frames)
+        now = self.clock()
         for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                chunk = members[start : start + self.max_batch]
-                outs = self._run_chunk([fitted[i] for i in chunk], [params[i] for i in chunk], use_graphs)
+            for chunk in self._chunks(members, keys):
+                outs = self._run_chunk([fitted[i] for i in chunk], [params[i] for i in chunk], use_graphs,
+                                       [keys[i] for i in chunk], now)
                 for i, out in zip(chunk, outs):
                     results[i] = out
         self.stats.calls += 1
         self.stats.frames += len(frames)
         return results  # type: ignore[return-value]
 
-    def _run_chunk(self, frames: list[np.ndarray], params: list[StreamParams], use_graphs: bool) -> list[np.ndarray]:
+    def _chunks(self, members: list[int], keys: list[Hashable | None]) -> list[list[int]]:
+        """Split one group's frames into batches of at most max_batch, in order, with a stream at most once each."""
+        chunks: list[list[int]] = [[]]
+        seen: set = set()
+        for i in members:
+            if len(chunks[-1]) >= self.max_batch or (keys[i] is not None and keys[i] in seen):
+                chunks.append([])
+                seen = set()
+            chunks[-1].append(i)
+            if keys[i] is not None:
+                seen.add(keys[i])
+        return chunks
+
+    def _run_chunk(self, frames: list[np.ndarray], params: list[StreamParams], use_graphs: bool,
+                   keys: list[Hashable | None] | None = None, now: float = 0.0) -> list[np.ndarray]:
         b = len(frames)
+        keys = keys if keys is not None else [None] * b
         # Host side first: pinned staging, cached embeddings and noise (device-to-device copies, no sync).
         for i, frame in enumerate(frames):
             self._frames_host[i].copy_(torch.from_numpy(frame))
         self._frames[:b].copy_(self._frames_host[:b], non_blocking=True)
-        self._load_stream_inputs(params, 0)
+        self._load_stream_inputs(params, 0, keys, now)
         n = self._stage_schedule(params)
         if use_graphs:
             bucket = self._bucket(b)  # rows b..bucket-1 hold stale but finite inputs; their outputs are ignored
@@ -317,6 +412,7 @@ class Engine:
             self.stats.graph_replays += 1
         else:
             self._out[:b].copy_(self._frame_path(b, n))
+        self._keep_latents(params, keys)  # device copies, ordered before the next call's replay
         # Copy out before the next replay overwrites self._out; the one sync of the call waits for it.
         self._out_host[:b].copy_(self._out[:b], non_blocking=True)
         if self.is_cuda:

@@ -55,6 +55,10 @@ class FrameMath:
         timesteps: torch.Tensor,
         sigmas: torch.Tensor,
         probe: Probe | None = None,
+        *,
+        prev: torch.Tensor | None = None,
+        feedback: torch.Tensor | None = None,
+        latents_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """uint8 (b, H, W, 3) frames (None: text-to-image, from pure noise) -> uint8 (b, H, W, 3).
 
@@ -63,6 +67,11 @@ class FrameMath:
         probe(stage, tensor), eager runs only (diagnosis, parity): "latent" (scaled VAE latents), "noisy" (after
         forward diffusion), "eps_k" and "x_k" (the UNet's output and the latents after Euler step k; the last x is
         x0), "image" ([-1, 1] NCHW float from the VAE decoder).
+
+        Feedback (the live-video control): prev (b, C, h, w) float32 latents and feedback (b,) float32 weights f;
+        each frame's latent becomes z + f * (prev - z) before noising, selected per row so that a row with f = 0
+        keeps z bit for bit (whatever prev holds), and one captured graph serves every mix of weights.
+        latents_out (b, C, h, w) float32 receives the final latents (x0): the next frame's prev.
         """
         probe = probe or _no_probe
         b, n = noise.shape[0], timesteps.shape[0]
@@ -73,6 +82,9 @@ class FrameMath:
         else:  # text-to-image: the schedule starts from pure noise
             z = torch.zeros_like(noise)
         probe("latent", z)
+        if feedback is not None and frames is not None:
+            f = feedback.view(b, 1, 1, 1)
+            z = torch.where(f > 0, z + f * (prev - z), z)
         # Forward-diffuse to the first timestep with this stream's fixed noise (Euler: x = z + sigma * eps).
         latents = z + noise * sigmas[0].view(b, 1, 1, 1)
         probe("noisy", latents)
@@ -85,6 +97,8 @@ class FrameMath:
             latents = latents + eps * (sigma_next - sigma)
             probe(f"eps_{k}", eps)
             probe(f"x_{k}", latents)
+        if latents_out is not None:
+            latents_out.copy_(latents)
         image = self.decode((latents / self.vae_scaling).to(self.dtype)).float()
         probe("image", image)
         # [-1, 1] -> uint8 with diffusers' rounding: round((x / 2 + 0.5).clamp(0, 1) * 255).

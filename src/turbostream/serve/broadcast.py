@@ -17,6 +17,7 @@ import numpy as np
 from ..batcher import Result, Stream
 from ..codec import fit_frame
 from ..io.sources import redact
+from ..similarity import SimilarityFilter
 from . import protocol
 from .protocol import FrameMeta
 from .sessions import OutItem, timed_encode
@@ -51,6 +52,7 @@ class Broadcast:
         # Sinks fed every stylized frame on the inference thread (serve --publish): their write() never blocks. With
         # any, the source is stylized whether or not someone watches /view.
         self.outputs: list[Any] = []
+        self.skipper = SimilarityFilter()  # the `similarity` control, run on the source thread
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -139,7 +141,9 @@ class Broadcast:
             index, frame = got
             fitted = fit_frame(frame, server.engine.width, server.engine.height)
             server.metrics.frames_in.inc()
-            if self.stream.submit(fitted, FrameMeta(int(index))) is not None:
+            reference = self.skipper.check(fitted, self.stream.params)  # a repeat: viewers keep the last frame
+            skip = reference is not None
+            if self.stream.submit(reference if skip else fitted, FrameMeta(int(index)), skip=skip) is not None:
                 server.metrics.dropped("queue")
         return None, delivered
 
@@ -183,6 +187,8 @@ class Broadcast:
             log.warning("broadcast frame failed: %s", result.error)
             return
         if not self.server.viewers:  # stylized for the outputs only: no JPEG for nobody
+            return
+        if result.skipped:  # the same picture again (similarity): every viewer already has it
             return
         if self._encoding:
             if self._latest is not None:

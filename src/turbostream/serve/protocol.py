@@ -22,16 +22,18 @@ Binary message, either way: one JPEG image and nothing else.
 Text message, either way: one JSON object with a "type".
 
 client -> server (/ws)
-  {"type": "config", "prompt"?: str, "strength"?: float, "steps"?: int, "seed"?: int}
-      any subset; applies from the next frame; answered with {"type": "config", ...all four...}
+  {"type": "config", "prompt"?: str | [[str, float], ...], "strength"?: float, "steps"?: int, "seed"?: int,
+   "similarity"?: float, "transition_s"?: float, "feedback"?: float}
+      any subset; applies from the next frame; answered with {"type": "config", ...all of them...}
   binary JPEG: a frame to stylize (any size; center-cropped to the engine's aspect). Frames are numbered 1, 2, ...
       in the order the server receives them.
 
 server -> client (/ws)
   {"type": "ready", "role": "client", "model", "random_weights", "width", "height", "params": {...},
    "limits": {...}, "protocol": 1}                     once, when the engine is warm
-  {"type": "frame", "seq": n, "batch": b, "server_ms": t}   right before each result: which input frame it answers
-      (frames numbered below n with no result were dropped: a newer frame replaced them)
+  {"type": "frame", "seq": n, "batch": b, "server_ms": t, "skipped": bool}   right before each result: which input
+      frame it answers (frames numbered below n with no result were dropped: a newer frame replaced them); skipped:
+      the frame was similar enough to skip the engine, and the result is the last output again (batch 0)
   binary JPEG of the engine's size: the result of frame n
   {"type": "stats", "fps", "latency_ms": {"p50", "p95"}, "frames_in", "frames_out", "dropped", "clients", ...}
       every stats interval
@@ -155,7 +157,9 @@ def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def params_dict(p: StreamParams) -> dict[str, Any]:
-    return {"prompt": p.prompt, "strength": p.strength, "steps": p.steps, "seed": p.seed}
+    prompt = p.prompt if isinstance(p.prompt, str) else [list(entry) for entry in p.prompt]
+    return {"prompt": prompt, "strength": p.strength, "steps": p.steps, "seed": p.seed,
+            "similarity": p.similarity, "transition_s": p.transition_s, "feedback": p.feedback}
 
 
 def config_message(p: StreamParams) -> dict[str, Any]:
@@ -182,7 +186,8 @@ def ready_message(role: str, *, model: str, random_weights: bool, device: str, w
     }
 
 
-def frame_header(meta: FrameMeta, batch: int, now: float | None = None) -> dict[str, Any]:
-    """Sent right before a result's JPEG: which input frame it answers, the batch it ran in, the time in the server."""
+def frame_header(meta: FrameMeta, batch: int, now: float | None = None, skipped: bool = False) -> dict[str, Any]:
+    """Sent right before a result's JPEG: which input frame it answers, the batch it ran in, the time in the server,
+    and whether the engine was skipped for it (similarity: the result is the last output again)."""
     server_ms = ((time.perf_counter() if now is None else now) - meta.t_recv) * 1e3
-    return {"type": "frame", "seq": meta.seq, "batch": batch, "server_ms": round(server_ms, 2)}
+    return {"type": "frame", "seq": meta.seq, "batch": batch, "server_ms": round(server_ms, 2), "skipped": skipped}

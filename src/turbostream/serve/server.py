@@ -64,6 +64,8 @@ class TurboServer:
         self.metrics = Metrics()
         self.devices = Devices(DeviceMetrics(self.metrics.registry), self._on_batch, engine=engine,
                                engine_factory=engine_factory, engines=engines, engine_factories=engine_factories)
+        for device in self.devices.items:  # frames the similarity control answered without the engine
+            device.batcher.on_skip = self.metrics.frames_skipped.inc
         self.batcher = self.devices.primary.batcher  # the broadcast's device (the only one, with one device)
         self.proxies = TrustedProxies(self.config.trusted_proxies)
         self._stopping = False

@@ -1,0 +1,43 @@
+"""The browser client's live-video controls: Chromium with a fake camera against a real server (tiny-random)."""
+
+from __future__ import annotations
+
+import pytest
+from test_browser import TIMEOUT_MS, _watch, browser  # noqa: F401 - the module-scoped browser fixture
+
+from turbostream.config import ServerConfig, preset
+from turbostream.engine import Engine
+from turbostream.serve import ServerThread, TurboServer
+
+pytestmark = pytest.mark.browser
+
+
+def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F811
+    engine = Engine(preset("test"), tiny_components)
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        page = context.new_page()
+        problems = _watch(page)
+        page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 3", timeout=TIMEOUT_MS)
+        page.select_option("#similarity", "0.95")
+        page.fill("#transition", "1.5")
+        page.dispatch_event("#transition", "change")
+        page.fill("#feedback", "0.5")  # a range input: fill sets its value and fires input
+        page.fill("#prompt", "a watercolor")
+        page.fill("#prompt-b", "a pencil sketch")
+        page.fill("#mix", "0.25")
+        page.wait_for_function(
+            """() => { const p = turbostream.params || {};
+                return p.similarity === 0.95 && p.transition_s === 1.5 && p.feedback === 0.5
+                    && JSON.stringify(p.prompt) === '[["a watercolor",0.75],["a pencil sketch",0.25]]'; }""",
+            timeout=TIMEOUT_MS)
+        stream = next(iter(server.clients)).stream
+        assert stream.params.prompt == (("a watercolor", 0.75), ("a pencil sketch", 0.25))
+        before = page.evaluate("() => turbostream.framesReceived")
+        page.wait_for_function(f"() => turbostream.framesReceived >= {before + 3}", timeout=TIMEOUT_MS)
+        # Mix back to 0: the plain prompt again.
+        page.fill("#mix", "0")
+        page.wait_for_function("() => turbostream.params.prompt === 'a watercolor'", timeout=TIMEOUT_MS)
+        context.close()
+        assert problems == []
