@@ -104,42 +104,35 @@ def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> list[st
     raise AssertionError(f"no {text!r} within {timeout} s:\n{''.join(seen)}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_stops_cleanly_while_the_engine_warms_up(sig):
-    proc = subprocess.Popen([*TURBOSTREAM, "serve", *SLOW_MODEL, "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _interrupt(argv: list[str], wait_for: str, sig: int) -> tuple[int, float, str]:
+    """Start the command, wait for a log line, let it get one second into that work, send sig: (status, seconds to
+    exit, output)."""
+    proc = subprocess.Popen([*TURBOSTREAM, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_line(proc, "loading the engine", 120)
-        time.sleep(1.0)  # inside the model build or the first (seconds-long) warmup frame
+        _wait_for_line(proc, wait_for, 120)
+        time.sleep(1.0)  # inside the model build, or a (seconds-long) warmup frame at 1024 px on a CPU
         t0 = time.monotonic()
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
-        stopped_in = time.monotonic() - t0
+        return proc.returncode, time.monotonic() - t0, out
     finally:
         proc.kill()
-    assert proc.returncode == 0, out
-    assert stopped_in < 8, (stopped_in, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_while_the_engine_warms_up(sig):
+    status, stopped_in, out = _interrupt(["serve", *SLOW_MODEL, "--port", "0"], "loading the engine", sig)
+    assert status == 0 and stopped_in < 8, (status, stopped_in, out)
     assert "terminate called" not in out and "Traceback" not in out and "engine ready" not in out
 
 
 @pytest.mark.slow
 def test_run_stops_cleanly_on_ctrl_c_during_a_long_engine_call(tmp_path):
     src = make_video(tmp_path / "in.avi", n=5)
-    out_file = tmp_path / "out.avi"
-    proc = subprocess.Popen([*TURBOSTREAM, "run", "-i", str(src), "-o", str(out_file), *SLOW_MODEL],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for_line(proc, "warming up the engine", 120)
-        time.sleep(1.0)  # the GPU thread is inside its warmup frame (seconds at 1024 px on a CPU)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-        stopped_in = time.monotonic() - t0
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out
-    assert stopped_in < 8, (stopped_in, out)
+    argv = ["run", "-i", str(src), "-o", str(tmp_path / "out.avi"), *SLOW_MODEL]
+    status, stopped_in, out = _interrupt(argv, "warming up the engine", signal.SIGINT)
+    assert status == 130 and stopped_in < 8, (status, stopped_in, out)
     assert "terminate called" not in out and "Traceback" not in out
 
 
