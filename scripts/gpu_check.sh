@@ -6,7 +6,8 @@
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
 #         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
-# engine: the tests marked gpu, then `turbostream bench --model random --device cuda --compile` at 512x512
+# engine: the tests marked gpu, `turbostream bench --model random --device cuda --compile` at 512x512, and
+#         scripts/host_overhead.py (the engine's host work per call, networks stubbed) at batch 1 and 8
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
@@ -62,7 +63,9 @@ for stage in "${stages[@]}"; do
       [ "${CHECK_CPU:-0}" = 1 ] || step parity-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_parity.py ;;
     engine)
       step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
-      step bench 200 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json" ;;
+      step bench 200 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json"
+      step host-overhead 120 "$PY" scripts/host_overhead.py "${MODEL[@]:2}" --batches 1,8 \
+        --json "$OUT/host_overhead.json" ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;

@@ -287,9 +287,7 @@ class Engine:
         n = params[0].unet_evals
         host = self._sched_host
         for i, p in enumerate(params):
-            sched = self.schedules.get(p.steps, n)
-            host[:n, i] = torch.tensor(sched.timesteps)
-            host[n : 2 * n + 1, i] = torch.tensor(sched.sigmas)
+            host[: 2 * n + 1, i] = self.schedules.get(p.steps, n).column
         # Padding rows of a bucket run too: give them a real schedule, not a stale one of another layout.
         host[:, len(params) :] = host[:, :1]
         self._sched.copy_(host, non_blocking=True)

@@ -8,8 +8,9 @@ timesteps. For SD-Turbo, steps 2 and strength 0.5 keep one timestep, t=499 (sigm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
+import torch
 from diffusers import EulerDiscreteScheduler
 
 
@@ -23,6 +24,14 @@ class Schedule:
     @property
     def unet_evals(self) -> int:
         return len(self.timesteps)
+
+    @cached_property
+    def column(self) -> torch.Tensor:
+        """(2n + 1,) float32: the n timesteps, then the n + 1 sigmas, as one column of the engine's schedule buffer.
+
+        Built once per schedule (the table caches schedules), so staging a batch copies columns, not Python lists.
+        """
+        return torch.tensor(self.timesteps + self.sigmas, dtype=torch.float32)
 
 
 class ScheduleTable:

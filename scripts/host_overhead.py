@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""The engine's host work per call, without the networks: what Engine.run costs around the GPU's part.
+
+The UNet and the VAE are replaced by stand-ins that return zeros of the right shapes, so what is timed is everything
+else one call does on the host: fitting and staging the frames, prompt embeddings and noise from the caches, the
+schedule columns, the frame math's own tensor ops, and copying the outputs out. With --device cuda the tensor ops
+are queued, so this is the time the inference thread holds the host (and the GIL) per batch; on a CPU the frame
+math's own tensor ops (uint8 to float, the Euler step, back to uint8) run here too and dominate.
+
+    python scripts/host_overhead.py --size 512 --batches 1,8 --iters 50 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from turbostream.config import StreamParams, parse_size, preset
+from turbostream.engine import Engine
+
+
+def stub_networks(engine: Engine) -> None:
+    """Replace the UNet and the VAE with zero-returning stand-ins of the same shapes (tiny VAE path)."""
+    c, h, w = engine.latent_shape
+    math = engine.math
+    math.vae_kind = "tiny"
+    math.unet_call = lambda x, t, encoder_hidden_states, return_dict: (torch.zeros_like(x),)
+    math.encoder_call = lambda x: x.new_zeros((x.shape[0], c, h, w))
+    math.decoder_call = lambda z: z.new_zeros((z.shape[0], 3, h * 8, w * 8))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="512")
+    ap.add_argument("--batches", default="1,8", help="batch sizes (default: %(default)s)")
+    ap.add_argument("--iters", type=int, default=50, help="timed calls per batch size (default: %(default)s)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    width, height = parse_size(args.size)
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = Engine(preset("test", device=args.device, width=width, height=height, buckets=tuple(sorted(batches)),
+                           cuda_graphs=False))
+    stub_networks(engine)
+    engine.warmup()
+    rng = np.random.default_rng(0)
+    rows = {}
+    for b in batches:
+        frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(b)]
+        params = [StreamParams(f"prompt {k % 3}", 0.5, 2, k) for k in range(b)]
+        for _ in range(5):  # burn in: caches filled, allocator warm
+            engine.run(frames, params)
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            engine.run(frames, params)
+            times.append((time.perf_counter() - t0) * 1e3)
+        median = statistics.median(times)
+        rows[str(b)] = {"median_ms": round(median, 3), "per_frame_ms": round(median / b, 3),
+                        "p95_ms": round(sorted(times)[int(0.95 * (len(times) - 1))], 3)}
+        print(f"batch {b} at {width}x{height}: host work {rows[str(b)]['median_ms']:.2f} ms a call "
+              f"({rows[str(b)]['per_frame_ms']:.2f} ms a frame), p95 {rows[str(b)]['p95_ms']:.2f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": f"{width}x{height}", "device": args.device, "torch": torch.__version__,
+                       "iters": args.iters, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
