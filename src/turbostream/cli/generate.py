@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from ..config import MAX_SEED, StreamParams
-from ..errors import SinkError, UserError
+from ..errors import UserError
 from ..io.sinks import ensure_writable_folder
 from .options import add_engine_options, build_engine
 
@@ -75,10 +75,7 @@ def main(args: argparse.Namespace, engine=None) -> int:
         StreamParams(args.prompt, strength, steps, args.seed).validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    try:
-        ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)
-    except SinkError as exc:
-        raise UserError(str(exc)) from None
+    ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)  # SinkError: a UserError
     if engine is None:
         engine = build_engine(args)
     if engine.random_weights:

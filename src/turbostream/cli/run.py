@@ -13,7 +13,7 @@ import sys
 
 from ..config import MAX_STEPS, RunConfig
 from ..control import Controls, RunTarget
-from ..errors import SinkError, SourceError, UserError
+from ..errors import UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
 from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
@@ -48,13 +48,11 @@ def main(args: argparse.Namespace, engine=None) -> int:
         quiet_opencv()
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
-    # Everything that can be checked without the model first: loading it can take minutes.
-    try:
-        source = parse_source(args.input)
-        outputs = [parse_output(text) for text in args.outputs]
-        check_outputs(outputs, source)
-    except (SourceError, SinkError) as exc:
-        raise UserError(str(exc)) from None
+    # Everything that can be checked without the model first: loading it can take minutes. (SourceError and
+    # SinkError are UserErrors: main() prints them as one message, exit 2.)
+    source = parse_source(args.input)
+    outputs = [parse_output(text) for text in args.outputs]
+    check_outputs(outputs, source)
     controls = controls_from_args(args)  # a playlist's first prompt becomes args.prompt; the OSC port is bound
     try:
         return _run(args, engine, cfg, source, outputs, controls)
@@ -81,28 +79,19 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> i
         reconnect=cfg.reconnect_attempts if source.live else 0, open_timeout_s=cfg.open_timeout_s,
         transform=transform,  # fitting and the similarity check run on the capture thread, not the GPU's
     )
-    try:
-        capture.start()
-    except SourceError as exc:
-        raise UserError(str(exc)) from None
+    capture.start()
     sinks: list = []
     window = None
     try:
         _log_source(capture)
         if any(o.kind == "window" for o in outputs):
-            try:
-                window = WindowSink(f"turbostream: {source.describe()}")
-            except SinkError as exc:
-                raise UserError(str(exc)) from None
+            window = WindowSink(f"turbostream: {source.describe()}")
         fps = capture.fps or cfg.fallback_fps
         if capture.fps is None and any(o.kind in ("video", "stream", "virtualcam") for o in outputs):
             log.info("the source reports no frame rate; video output is written at %g fps", fps)
-        try:  # a virtual camera opens here: a missing backend is reported before the model loads
-            for o in outputs:
-                if o.kind != "window":
-                    sinks.append(open_sink(o, fps, (width, height), fill_gaps=realtime))
-        except SinkError as exc:
-            raise UserError(str(exc)) from None
+        for o in outputs:  # a virtual camera opens here: a missing backend is reported before the model loads
+            if o.kind != "window":
+                sinks.append(open_sink(o, fps, (width, height), fill_gaps=realtime))
         if engine is None:
             engine = build_engine(args)
         if engine.random_weights:

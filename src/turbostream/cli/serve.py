@@ -11,7 +11,7 @@ import logging
 import signal
 
 from ..config import Limits, ServerConfig
-from ..errors import SinkError, UserError
+from ..errors import UserError
 from ..serve.devices import device_labels, parse_devices
 from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
@@ -112,10 +112,7 @@ def integration_args(args) -> None:
     for url in args.publish:
         if not is_stream_url(url):
             raise UserError(f"--publish {redact_stream(url)!r}: use an rtmp://, srt://, rtsp:// or udp:// URL")
-        try:
-            check_stream_output(url)
-        except SinkError as exc:
-            raise UserError(str(exc)) from None
+        check_stream_output(url)  # SinkError (a UserError) for an output that cannot work
     args.controls = controls_from_args(args)
 
 
