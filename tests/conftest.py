@@ -47,5 +47,13 @@ def make_engine(tiny_components):
 
 
 @pytest.fixture
+def engine(tiny_components):
+    """A CPU engine on the shared tiny components with the test preset (64 px, buckets 1, 2, 4)."""
+    from turbostream.engine import Engine
+
+    return Engine(preset("test"), tiny_components)
+
+
+@pytest.fixture
 def frame_rng():
     return np.random.default_rng(1234)

@@ -22,19 +22,13 @@ from websockets.asyncio.client import connect
 from turbostream import cli
 from turbostream.cli import run as cli_run
 from turbostream.codec import fit_frame
-from turbostream.config import ServerConfig, StreamParams, preset
+from turbostream.config import ServerConfig, StreamParams
 from turbostream.control import Controls, OscServer, Playlist, RunTarget, parse_playlist
 from turbostream.control.playlist import Look, parse_duration
-from turbostream.engine import Engine
 from turbostream.serve import TurboServer
 from turbostream.serve.integrations import Integrations
 
 TIMEOUT = 60
-
-
-@pytest.fixture
-def engine(tiny_components):
-    return Engine(preset("test"), tiny_components)
 
 
 async def _broadcast_with(engine, controls: Controls):

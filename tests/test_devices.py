@@ -386,6 +386,3 @@ def test_a_proxied_handshake_while_warming_gets_503(tiny_components):
     run(main())
 
 
-@pytest.fixture
-def engine(tiny_components):
-    return Engine(preset("test"), tiny_components)

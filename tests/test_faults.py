@@ -38,11 +38,6 @@ from turbostream.engine import Engine
 from turbostream.serve import TurboServer
 
 
-@pytest.fixture
-def engine(tiny_components):
-    return Engine(preset("test"), tiny_components)
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

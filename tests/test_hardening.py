@@ -30,14 +30,8 @@ from test_server import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from turbostream.config import Limits, preset
-from turbostream.engine import Engine
+from turbostream.config import Limits
 from turbostream.serve.http import query_params, token_matches
-
-
-@pytest.fixture
-def engine(tiny_components):
-    return Engine(preset("test"), tiny_components)
 
 
 def raw_request(port: int, request: bytes, timeout: float = 10.0) -> bytes:

@@ -11,13 +11,7 @@ import pytest
 from test_server import http_get, next_of_type, next_result, open_client, run, serving
 
 from turbostream.codec import encode_jpeg
-from turbostream.config import MAX_CONSECUTIVE_SKIPS, preset
-from turbostream.engine import Engine
-
-
-@pytest.fixture
-def engine(tiny_components):
-    return Engine(preset("test"), tiny_components)
+from turbostream.config import MAX_CONSECUTIVE_SKIPS
 
 
 def scene(rng=None, noise: float = 0.0, kind: int = 0) -> bytes:

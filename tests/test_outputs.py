@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_server import FakeCapture
 
 from turbostream import cli
 from turbostream.cli import run as cli_run
@@ -67,6 +68,21 @@ class PassEngine:
         return [fit_frame(f, 64, 64) for f in frames]
 
 
+
+def _udp_receiver(tmp_path, frames: int):
+    """An ffmpeg listening on a free UDP port (it listens first: UDP has no connection), decoding `frames` frames
+    into PNGs under tmp_path/received, or giving up after 30 s: (process, port, folder)."""
+    port = _free_port(socket.SOCK_DGRAM)
+    out = tmp_path / "received"
+    out.mkdir()
+    receiver = subprocess.Popen(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-probesize", "32768", "-analyzeduration", "2000000",
+         "-i", f"udp://127.0.0.1:{port}?timeout=30000000", "-frames:v", str(frames), str(out / "frame_%03d.png")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    return receiver, port, out
+
+
 @pytest.fixture(autouse=True)
 def _no_model_loading(monkeypatch):
     """Outputs are checked (a virtual camera opened) before the model loads: a test that reaches loading fails."""
@@ -80,15 +96,7 @@ def _no_model_loading(monkeypatch):
 @needs_ffmpeg
 def test_udp_stream_is_read_back_by_ffmpeg(tmp_path, make_engine, caplog):
     caplog.set_level(logging.INFO, logger="turbostream")
-    port = _free_port(socket.SOCK_DGRAM)
-    out = tmp_path / "received"
-    out.mkdir()
-    # The receiver listens first (UDP has no connection): it decodes 10 frames into PNGs, or gives up after 30 s.
-    receiver = subprocess.Popen(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-probesize", "32768", "-analyzeduration", "2000000",
-         "-i", f"udp://127.0.0.1:{port}?timeout=30000000", "-frames:v", "10", str(out / "frame_%03d.png")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    receiver, port, out = _udp_receiver(tmp_path, frames=10)
     try:
         src = _video(tmp_path / "in.avi", n=60, fps=20)  # 3 s, played in real time: a stream is live
         args = _parse_run("-i", src, "-o", f"udp://127.0.0.1:{port}")
@@ -207,36 +215,11 @@ def test_serve_publish_streams_the_broadcast_without_viewers(tmp_path, tiny_comp
     from turbostream.serve import TurboServer
     from turbostream.serve.integrations import Integrations
 
-    class Capture:
-        ended, error = False, None
-
-        def __init__(self, spec):
-            self.index = 0
-
-        def start(self):
-            pass
-
-        def latest(self, timeout):
-            time.sleep(0.02)
-            self.index += 1
-            y, x = np.mgrid[0:48, 0:64]
-            return self.index, np.stack([x * 4, y * 5, np.full_like(x, 90)], -1).astype(np.uint8)
-
-        def close(self):
-            pass
-
-    port = _free_port(socket.SOCK_DGRAM)
-    out = tmp_path / "received"
-    out.mkdir()
-    receiver = subprocess.Popen(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-probesize", "32768", "-analyzeduration", "2000000",
-         "-i", f"udp://127.0.0.1:{port}?timeout=30000000", "-frames:v", "5", str(out / "frame_%03d.png")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    receiver, port, out = _udp_receiver(tmp_path, frames=5)
 
     async def main():
         server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source="fake"),
-                             capture_factory=Capture)
+                             capture_factory=FakeCapture)
         extras = Integrations(server, publish=(f"udp://127.0.0.1:{port}",), size=(64, 64), fps=20)
         await server.start()
         extras.start(asyncio.get_running_loop())

@@ -31,11 +31,6 @@ from turbostream.serve.sessions import Outbox, OutItem
 TIMEOUT = 60  # per test, generous: a 2-core CI machine under load
 
 
-@pytest.fixture
-def engine(tiny_components):
-    return Engine(preset("test"), tiny_components)
-
-
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
