@@ -1,0 +1,188 @@
+"""Temporal feature reuse (engine/reuse.py): full == diffusers' forward bit for bit, partial == full on the same
+inputs, partial on a changed input is a bounded approximation; the `reuse` stream parameter is validated everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from turbostream.engine.reuse import FeatureReuse, UnsupportedUNetError
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16_unet():
+    """tiny-random's UNet in fp16 on the CPU (its own copy: the session components stay fp32)."""
+    from turbostream.models import load_components
+
+    return load_components("tiny-random", device="cpu", dtype=torch.float16).unet
+
+
+def _inputs(unet, batch: int, h: int = 8, w: int = 8, seed: int = 0):
+    """(latents, per-sample timesteps, embeddings) in the UNet's dtype; timesteps differ per row."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = unet.dtype
+    x = torch.randn(batch, unet.config.in_channels, h, w, generator=g).to(dtype)
+    t = torch.tensor([999.0, 499.0, 10.0, 250.0][:batch])
+    emb = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(dtype)
+    return x, t, emb
+
+
+def _unet_eps(unet, x, t, emb):
+    return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_full_equals_unet_and_partial_on_same_inputs_equals_full(tiny_components, tiny_fp16_unet, dtype, batch):
+    unet = tiny_components.unet if dtype == "float32" else tiny_fp16_unet
+    reuse = FeatureReuse(unet)
+    x, t, emb = _inputs(unet, batch)
+    with torch.no_grad():
+        want = _unet_eps(unet, x, t, emb)
+        deep = reuse.empty_deep(batch, 8, 8)
+        got = reuse.full(x, t, emb, deep)
+        again = reuse.partial(x, t, emb, deep)
+    assert got.dtype == unet.dtype and got.shape == x.shape
+    assert torch.equal(got, want)
+    assert torch.equal(again, want)
+
+
+def test_depth_two_and_scalar_timestep_match_too(tiny_components):
+    # tiny-random has two block pairs: depth 2 reuses only the mid block's output. A 0-d timestep is broadcast to the
+    # batch, as diffusers does.
+    unet = tiny_components.unet
+    reuse = FeatureReuse(unet, depth=2)
+    x, _, emb = _inputs(unet, 2)
+    t = torch.tensor(999.0)
+    with torch.no_grad():
+        want = _unet_eps(unet, x, t, emb)
+        deep = reuse.empty_deep(2, 8, 8)
+        assert torch.equal(reuse.full(x, t, emb, deep), want)
+        assert torch.equal(reuse.partial(x, t, emb, deep), want)
+    assert reuse.deep_shape(2, 8, 8) == (2, 64, 4, 4)  # the mid block's output: 64 channels at half resolution
+
+
+def test_partial_on_a_changed_input_is_a_bounded_approximation(tiny_components):
+    unet = tiny_components.unet
+    reuse = FeatureReuse(unet)
+    x, t, emb = _inputs(unet, 3)
+    g = torch.Generator().manual_seed(7)
+    step = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        deep = reuse.empty_deep(3, 8, 8)
+        stale = reuse.full(x, t, emb, deep)  # the "previous frame"
+        errors = []
+        for size in (0.01, 0.1):
+            moved = x + size * step  # the "next frame"
+            exact = reuse.full(moved, t, emb, reuse.empty_deep(3, 8, 8))
+            approx = reuse.partial(moved, t, emb, deep)
+            err = (approx - exact).abs()
+            assert err.max() > 0  # deep features really came from the old input: the output moved
+            # The recomputed outer blocks follow the change: closer to the exact output than the stale output is.
+            assert err.mean() < (stale - exact).abs().mean()
+            errors.append(err.max().item())
+    # Measured on tiny-random (eps spans about +-2.6): max error 0.031 for a 0.01 step and 0.31 for a 0.1 step (0.24 to
+    # 0.30 over other seeds); the bounds leave twice that, and the error grows with the change.
+    assert errors[0] < 0.08 and errors[1] < 0.6
+    assert errors[0] < errors[1]
+
+
+def test_deep_out_is_written_in_place_and_nothing_returned_aliases_it(tiny_components):
+    unet = tiny_components.unet
+    reuse = FeatureReuse(unet)
+    x, t, emb = _inputs(unet, 2)
+    deep = torch.full(reuse.deep_shape(2, 8, 8), float("nan"), dtype=unet.dtype)
+    address = deep.data_ptr()
+    with torch.no_grad():
+        eps = reuse.full(x, t, emb, deep)
+        assert deep.data_ptr() == address and torch.isfinite(deep).all()  # written, not replaced
+        kept = deep.clone()
+        eps2 = reuse.partial(x, t, emb, deep)
+        assert torch.equal(deep, kept)  # partial only reads the deep features
+        # The second full pass writes the buffer again (same values for the same inputs) and leaves earlier outputs
+        # alone: the returned eps is the caller's own tensor, not a view of anything the module keeps or reuses.
+        eps_before = eps.clone()
+        reuse.full(x + 1.0, t, emb, deep)
+        assert not torch.equal(deep, kept)
+    assert torch.equal(eps, eps_before)
+    for out in (eps, eps2):
+        assert out.untyped_storage().data_ptr() != deep.untyped_storage().data_ptr()
+        assert out.untyped_storage().data_ptr() not in (x.untyped_storage().data_ptr(),
+                                                         emb.untyped_storage().data_ptr())
+    assert eps.untyped_storage().data_ptr() != eps2.untyped_storage().data_ptr()
+
+
+def test_channels_last_and_fused_qkv_stay_exact(tiny_components):
+    # prepare_cuda (the engine's CUDA preparation) makes the UNet channels_last and fuses QKV; empty_deep follows the
+    # layout so partial concatenates like full does. The same two module changes here, without prepare_cuda's global
+    # backend flags, on fresh components (the session ones must stay unprepared).
+    from turbostream.models import load_components
+
+    comps = load_components("tiny-random", device="cpu")
+    comps.unet.to(memory_format=torch.channels_last)
+    comps.unet.fuse_qkv_projections()
+    reuse = FeatureReuse(comps.unet)
+    x, t, emb = _inputs(comps.unet, 2)
+    deep = reuse.empty_deep(2, 8, 8)
+    assert deep.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = _unet_eps(comps.unet, x, t, emb)
+        assert torch.equal(reuse.full(x, t, emb, deep), want)
+        assert torch.equal(reuse.partial(x, t, emb, deep), want)
+
+
+def test_bad_buffers_and_depths_are_refused_with_clear_errors(tiny_components):
+    unet = tiny_components.unet
+    reuse = FeatureReuse(unet)
+    x, t, emb = _inputs(unet, 2)
+    with pytest.raises(ValueError, match=r"deep_out has shape \(1, 64, 8, 8\).*need \(2, 64, 8, 8\)"):
+        reuse.full(x, t, emb, torch.empty(1, 64, 8, 8))
+    with pytest.raises(ValueError, match="deep_in is torch.float16; the UNet runs in torch.float32"):
+        reuse.partial(x, t, emb, torch.empty(2, 64, 8, 8, dtype=torch.float16))
+    for depth in (0, 3, 1.0, True):
+        with pytest.raises(ValueError, match="depth must be an integer from 1 to 2"):
+            FeatureReuse(unet, depth=depth)
+
+
+def test_unsupported_unets_are_refused_at_construction():
+    from diffusers import UNet2DConditionModel
+
+    from turbostream.models import _read_config
+
+    cfg = _read_config("tiny-random", "unet")
+    with pytest.raises(UnsupportedUNetError, match="num_class_embeds=10"):
+        FeatureReuse(UNet2DConditionModel.from_config({**cfg, "num_class_embeds": 10}))
+    with pytest.raises(UnsupportedUNetError, match="up block SimpleCrossAttnUpBlock2D"):
+        FeatureReuse(UNet2DConditionModel.from_config(
+            {**cfg, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "SimpleCrossAttnUpBlock2D"]}))
+    with pytest.raises(UnsupportedUNetError, match="needs a diffusers UNet2DConditionModel, got Linear"):
+        FeatureReuse(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_full_sd_turbo_architecture_matches_at_a_small_size():
+    """The `random` model (SD-Turbo's UNet: 4 block pairs, 865 M parameters) at 64 px, latents 8x8, every depth."""
+    from diffusers import UNet2DConditionModel
+
+    from turbostream.models import _read_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(_read_config("random", "unet")).eval().requires_grad_(False)
+    x, t, emb = _inputs(unet, 2)
+    with torch.no_grad():
+        want = _unet_eps(unet, x, t, emb)
+        for depth, shape in ((1, (2, 640, 8, 8)), (2, (2, 1280, 4, 4)), (3, (2, 1280, 2, 2)), (4, (2, 1280, 1, 1))):
+            reuse = FeatureReuse(unet, depth=depth)
+            assert reuse.deep_shape(2, 8, 8) == shape
+            deep = reuse.empty_deep(2, 8, 8)
+            assert torch.equal(reuse.full(x, t, emb, deep), want)
+            assert torch.equal(reuse.partial(x, t, emb, deep), want)
+        # A side that is not a multiple of 8 (12 = 1.5 x 8): diffusers forwards upsample sizes; so does reuse.
+        x12, _, _ = _inputs(unet, 2, h=12)
+        want12 = _unet_eps(unet, x12, t, emb)
+        reuse = FeatureReuse(unet, depth=3)
+        deep = reuse.empty_deep(2, 12, 8)
+        assert deep.shape == (2, 1280, 3, 2)
+        assert torch.equal(reuse.full(x12, t, emb, deep), want12)
+        assert torch.equal(reuse.partial(x12, t, emb, deep), want12)
