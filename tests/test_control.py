@@ -103,7 +103,7 @@ def test_osc_changes_the_broadcast_and_bad_messages_are_ignored_and_counted(engi
             sender.send_message("/turbostream/strength", 0.75)
             echo, seen = await _config_where(viewer, lambda m: m["strength"] == 0.75)
             assert echo == {"type": "config", "prompt": "a storm at sea", "strength": 0.75, "steps": 4, "seed": 9,
-                            "similarity": 0.0, "transition_s": 0.0, "feedback": 0.0}
+                            "similarity": 0.0, "transition_s": 0.0, "feedback": 0.0, "reuse": 0}
             assert all(m["strength"] != 7.0 for m in seen)
             _wait_for(lambda: sum(osc.counts.values()) == 60, what="every OSC message counted")
             assert osc.counts == {"applied": 4, "ignored": 1, "rejected": 50, "bad_arguments": 2,

@@ -24,16 +24,18 @@ def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F81
         page.fill("#transition", "1.5")
         page.dispatch_event("#transition", "change")
         page.fill("#feedback", "0.5")  # a range input: fill sets its value and fires input
+        page.select_option("#reuse", "3")
         page.fill("#prompt", "a watercolor")
         page.fill("#prompt-b", "a pencil sketch")
         page.fill("#mix", "0.25")
         page.wait_for_function(
             """() => { const p = turbostream.params || {};
-                return p.similarity === 0.95 && p.transition_s === 1.5 && p.feedback === 0.5
+                return p.similarity === 0.95 && p.transition_s === 1.5 && p.feedback === 0.5 && p.reuse === 3
                     && JSON.stringify(p.prompt) === '[["a watercolor",0.75],["a pencil sketch",0.25]]'; }""",
             timeout=TIMEOUT_MS)
         stream = next(iter(server.clients)).stream
         assert stream.params.prompt == (("a watercolor", 0.75), ("a pencil sketch", 0.25))
+        assert stream.params.reuse == 3
         before = page.evaluate("() => turbostream.framesReceived")
         page.wait_for_function(f"() => turbostream.framesReceived >= {before + 3}", timeout=TIMEOUT_MS)
         # Mix back to 0: the plain prompt again.

@@ -186,3 +186,94 @@ def test_full_sd_turbo_architecture_matches_at_a_small_size():
         assert deep.shape == (2, 1280, 3, 2)
         assert torch.equal(reuse.full(x12, t, emb, deep), want12)
         assert torch.equal(reuse.partial(x12, t, emb, deep), want12)
+
+
+# ------------------------------------------------------------------------------------------------ the `reuse` parameter
+
+BAD_REUSE = [-1, 9, 100, 2.0, 2.5, True, "2", None, float("nan")]
+
+
+def test_reuse_is_off_by_default_and_takes_0_to_8():
+    from turbostream.config import MAX_REUSE, StreamParams
+
+    assert StreamParams().reuse == 0 and MAX_REUSE == 8
+    for n in range(MAX_REUSE + 1):
+        assert StreamParams(reuse=n).validate().reuse == n
+
+
+@pytest.mark.parametrize("value", BAD_REUSE)
+def test_bad_reuse_values_are_refused_by_validate(value):
+    from turbostream.config import StreamParams
+
+    with pytest.raises(ValueError, match=r"reuse must be an integer from 0 to 8 \(0 or 1: off"):
+        StreamParams(reuse=value).validate()
+
+
+@pytest.mark.parametrize("value", BAD_REUSE)
+def test_bad_reuse_values_in_a_config_message_get_bad_config(value):
+    from turbostream.config import StreamParams
+    from turbostream.serve.protocol import ProtocolError, apply_config
+
+    before = StreamParams(reuse=3)
+    with pytest.raises(ProtocolError) as caught:
+        apply_config(before, {"reuse": value}, max_steps=10)
+    assert caught.value.code == "bad_config" and "reuse must be an integer from 0 to 8" in caught.value.message
+    assert apply_config(before, {"reuse": 4}, max_steps=10).reuse == 4
+
+
+def test_reuse_over_a_real_socket_is_echoed_listed_and_refused_when_bad(engine):
+    import json
+
+    from test_server import next_of_type, open_client, run, serving
+
+    async def main():
+        async with serving(engine) as server:
+            ws, ready = await open_client(server)
+            assert ready["params"]["reuse"] == 0  # listed with the other parameters, off
+            await ws.send(json.dumps({"type": "config", "reuse": 4}))
+            assert (await next_of_type(ws, "config"))["reuse"] == 4
+            await ws.send(json.dumps({"type": "config", "reuse": 9, "seed": 5}))
+            error = await next_of_type(ws, "error")
+            assert error["code"] == "bad_config" and "reuse must be an integer from 0 to 8" in error["message"]
+            await ws.send(json.dumps({"type": "config"}))
+            echo = await next_of_type(ws, "config")
+            assert (echo["reuse"], echo["seed"]) == (4, 0)  # the bad message changed nothing, its seed neither
+
+    run(main())
+
+
+def test_reuse_from_osc_the_prompt_line_and_the_command_line():
+    import argparse
+
+    from turbostream.cli import serve as cli_serve
+    from turbostream.cli.options import engine_config
+    from turbostream.config import StreamParams
+    from turbostream.control.osc import PARAM_ADDRESSES, BadArguments, fields_for
+    from turbostream.errors import UserError
+    from turbostream.io.sources import CaptureThread
+    from turbostream.pipeline import Pipeline, PromptLine
+
+    assert "reuse" in PARAM_ADDRESSES
+    assert fields_for("reuse", [3.0]) == {"reuse": 3}  # TouchDesigner sends floats; integral ones are fine
+    with pytest.raises(BadArguments, match="expected an integer"):
+        fields_for("reuse", [2.5])
+
+    pipeline = Pipeline(type("E", (), {"max_batch": 1})(), CaptureThread("0"), [], StreamParams(prompt="a"))
+    line = PromptLine(pipeline)
+    assert "reuse 3" in line.apply("/reuse 3")
+    assert pipeline.params.reuse == 3
+    with pytest.raises(ValueError, match="reuse must be an integer from 0 to 8"):
+        line.apply("/reuse 12")
+    with pytest.raises(ValueError, match="needs a number"):
+        line.apply("/reuse often")
+
+    parser = argparse.ArgumentParser()
+    cli_serve.add_parser(parser.add_subparsers())
+    base = ["serve", "--model", "tiny-random", "--device", "cpu"]
+    assert engine_config(parser.parse_args(base)).default_params.reuse == 0
+    assert engine_config(parser.parse_args([*base, "--reuse", "4"])).default_params.reuse == 4
+    with pytest.raises(UserError, match="reuse must be an integer from 0 to 8"):
+        engine_config(parser.parse_args([*base, "--reuse", "9"]))
+    # The help says what the option costs: the output changes.
+    text = " ".join(parser._subparsers._group_actions[0].choices["serve"].format_help().split())
+    assert "Changes the output" in text and "trades fidelity for speed" in text

@@ -324,6 +324,9 @@ function showParams(p) {
   $("transition").value = p.transition_s ?? 0;
   $("feedback").value = p.feedback ?? 0;
   $("feedback-value").textContent = Number(p.feedback ?? 0).toFixed(2);
+  const reuse = String(p.reuse ?? 0);
+  if (![...$("reuse").options].some((o) => o.value === reuse)) $("reuse").add(new Option(`every ${reuse}`, reuse));
+  $("reuse").value = reuse;
   $("strength").value = p.strength;
   $("strength-value").textContent = Number(p.strength).toFixed(2);
   $("steps").value = p.steps;
@@ -365,6 +368,7 @@ $("mix").addEventListener("input", () => {
 });
 $("similarity").addEventListener("change", () => sendConfig({ similarity: Number($("similarity").value) }));
 $("transition").addEventListener("change", () => sendConfig({ transition_s: Number($("transition").value) }));
+$("reuse").addEventListener("change", () => sendConfig({ reuse: Number($("reuse").value) }));
 const sendFeedback = debounce((feedback) => sendConfig({ feedback }), 150);
 $("feedback").addEventListener("input", () => {
   $("feedback-value").textContent = Number($("feedback").value).toFixed(2);

@@ -28,6 +28,9 @@ MAX_FEEDBACK = 0.95
 # A still scene with `similarity` on is refreshed after at most this many skipped frames in a row (StreamDiffusion's
 # max_skip_frame), so a slow drift or a prompt the skip would hide still shows.
 MAX_CONSECUTIVE_SKIPS = 10
+# Temporal feature reuse (engine/reuse.py): a full UNet pass every `reuse` frames, the ones between recompute only the
+# outer blocks. Past 8 the reused deep features are more than a quarter second old at 30 fps: the picture lags motion.
+MAX_REUSE = 8
 # The UNet downsamples latents three times and the VAE by 8: sides must be multiples of 64.
 SIZE_MULTIPLE = 64
 MAX_SIDE = 1024
@@ -45,8 +48,8 @@ Prompt = str | tuple[tuple[str, float], ...]
 class StreamParams:
     """What one stream asks of the engine; immutable, so a config change builds a new one.
 
-    The live-video controls (similarity, transition_s, feedback) default to off: with all three at 0 a stream's
-    output is exactly what it was before they existed.
+    The live-video controls (similarity, transition_s, feedback) and feature reuse default to off: with all of them
+    at 0 a stream's output is exactly what it was before they existed.
     """
 
     prompt: Prompt = DEFAULT_PROMPT  # a text, or [[text, weight], ...] (kept as a tuple of pairs)
@@ -56,6 +59,9 @@ class StreamParams:
     similarity: float = 0.0  # 0: off; else skip the engine for input frames at least this similar (cosine)
     transition_s: float = 0.0  # blend from the old prompt/seed to the new one over this many seconds
     feedback: float = 0.0  # weight of the previous output's latent blended into the new frame's latent
+    # 0 or 1: off, every frame runs the whole UNet. N >= 2: a full UNet pass every N frames; the N - 1 frames between
+    # reuse its deep (low-resolution) features and recompute only the outer blocks: faster, an approximation.
+    reuse: int = 0
 
     def __post_init__(self) -> None:
         # JSON gives a blend as lists; keep it as tuples (hashable: prompt caches key on it). Never raises: a
@@ -100,6 +106,9 @@ class StreamParams:
                       high_open=True)
         _check_number("transition_s", self.transition_s, 0.0, MAX_TRANSITION_S, f"seconds, 0 to {MAX_TRANSITION_S:g}")
         _check_number("feedback", self.feedback, 0.0, MAX_FEEDBACK, f"0 (off) to {MAX_FEEDBACK:g}")
+        if isinstance(self.reuse, bool) or not isinstance(self.reuse, int) or not 0 <= self.reuse <= MAX_REUSE:
+            raise ValueError(f"reuse must be an integer from 0 to {MAX_REUSE} (0 or 1: off, every frame fully computed; "
+                             f"N: a full UNet pass every N frames), got {self.reuse!r}")
         return self
 
     def updated(self, **changes) -> StreamParams:

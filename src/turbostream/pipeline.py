@@ -376,7 +376,7 @@ class Pipeline:
 
 class PromptLine:
     """Reads stdin lines while a run goes on: text changes the prompt; /strength X, /steps N, /seed N,
-    /similarity S, /transition SECONDS, /feedback F; /quit. A prompt starting with '[' is a JSON blend."""
+    /similarity S, /transition SECONDS, /feedback F, /reuse N; /quit. A prompt starting with '[' is a JSON blend."""
 
     def __init__(self, pipeline: Pipeline, stream=None) -> None:
         self.pipeline = pipeline
@@ -385,7 +385,7 @@ class PromptLine:
 
     def start(self) -> PromptLine:
         log.info("type a new prompt and press Enter to change it (also /strength X, /steps N, /seed N, "
-                 "/similarity S, /transition SECONDS, /feedback F, /quit)")
+                 "/similarity S, /transition SECONDS, /feedback F, /reuse N, /quit)")
         self._thread.start()
         return self
 
@@ -406,13 +406,13 @@ class PromptLine:
                     new = p.updated(**{cmd: float(value)})
                 elif cmd == "transition":
                     new = p.updated(transition_s=float(value))
-                elif cmd in ("steps", "seed"):
+                elif cmd in ("steps", "seed", "reuse"):
                     new = p.updated(**{cmd: int(value)})
                 elif cmd == "prompt":
                     new = p.updated(prompt=parse_prompt(value))
                 else:
                     raise ValueError(f"unknown command /{cmd}: use /strength X, /steps N, /seed N, /prompt TEXT, "
-                                     "/similarity S, /transition SECONDS, /feedback F, /quit")
+                                     "/similarity S, /transition SECONDS, /feedback F, /reuse N, /quit")
             except (TypeError, ValueError) as exc:
                 if "could not convert" in str(exc) or "invalid literal" in str(exc):
                     raise ValueError(f"/{cmd} needs a number, got {value!r}") from None
@@ -420,7 +420,7 @@ class PromptLine:
         else:
             new = p.updated(prompt=parse_prompt(line))
         self.pipeline.set_params(new)
-        controls = "".join(f", {name} {getattr(new, name)}" for name in ("similarity", "transition_s", "feedback")
+        controls = "".join(f", {name} {getattr(new, name)}" for name in ("similarity", "transition_s", "feedback", "reuse")
                            if getattr(new, name))
         return f"prompt {new.prompt!r}, strength {new.strength}, steps {new.steps}, seed {new.seed}{controls}"
 

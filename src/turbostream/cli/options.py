@@ -9,6 +9,7 @@ from ..config import (
     DEFAULT_TAESD,
     DTYPE_NAMES,
     MAX_FEEDBACK,
+    MAX_REUSE,
     VAE_KINDS,
     EngineConfig,
     StreamParams,
@@ -86,13 +87,19 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
         s.add_argument("--feedback", type=float, default=p.feedback, metavar="F",
                        help=f"blend this much of the previous output into each new frame, 0 to {MAX_FEEDBACK:g}: "
                             "less flicker, some trailing (default: 0: off)")
+        s.add_argument("--reuse", type=int, default=p.reuse, metavar="N",
+                       help=f"temporal feature reuse, 2 to {MAX_REUSE}: run the whole UNet every N frames and only its "
+                            "outer blocks on the frames between, reusing the deep features of the last full frame. "
+                            "Changes the output (an approximation that lags fast motion): trades fidelity for speed. "
+                            "Not yet applied by the engine: the setting is validated and carried, the frames are "
+                            "computed in full (default: 0: off)")
         parser.set_defaults(stream_options=True)
 
 
 def stream_params(args: argparse.Namespace) -> StreamParams:
     """The stream options (serve, run) as checked StreamParams; ValueError with the reason."""
     return StreamParams(parse_prompt(args.prompt), args.strength, args.steps, args.seed, similarity=args.similarity,
-                        transition_s=args.transition_s, feedback=args.feedback).validate()
+                        transition_s=args.transition_s, feedback=args.feedback, reuse=args.reuse).validate()
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -10,6 +10,7 @@ into the fields of a `config` message for one callback (a RunTarget or a Broadca
 | /turbostream/similarity  | f (or i)          | skip still frames: 0 (off) or a threshold below 1        |
 | /turbostream/transition  | f (or i)          | transition_s: seconds to blend after a prompt/seed change|
 | /turbostream/feedback    | f (or i)          | feedback, 0 (off) to 0.95                                |
+| /turbostream/reuse       | i (or integral f) | feature reuse: full UNet every N frames, 0..8 (0, 1: off)|
 | /turbostream/next        | none, or a number | next playlist prompt (a number 0 is ignored: a button's  |
 | /turbostream/previous    | none, or a number | release); needs --prompts                                |
 
@@ -32,7 +33,7 @@ from typing import Any
 log = logging.getLogger("turbostream.control")
 
 PREFIX = "/turbostream/"
-PARAM_ADDRESSES = ("prompt", "strength", "steps", "seed", "similarity", "transition", "feedback")
+PARAM_ADDRESSES = ("prompt", "strength", "steps", "seed", "similarity", "transition", "feedback", "reuse")
 STEP_ADDRESSES = ("next", "previous")
 RESULTS = ("applied", "ignored", "rejected", "bad_arguments", "unknown_address", "malformed")
 MAX_DATAGRAM = 65536  # the largest UDP payload; a bigger one is cut by the kernel and fails to parse (malformed)
@@ -80,7 +81,7 @@ def fields_for(name: str, args: list[Any]) -> dict[str, Any]:
         return {name: _number(value)}
     if name == "transition":
         return {"transition_s": _number(value)}
-    return {name: _integer(value)}  # steps, seed
+    return {name: _integer(value)}  # steps, seed, reuse
 
 
 class OscServer:

@@ -23,8 +23,9 @@ Text message, either way: one JSON object with a "type".
 
 client -> server (/ws)
   {"type": "config", "prompt"?: str | [[str, float], ...], "strength"?: float, "steps"?: int, "seed"?: int,
-   "similarity"?: float, "transition_s"?: float, "feedback"?: float}
+   "similarity"?: float, "transition_s"?: float, "feedback"?: float, "reuse"?: int}
       any subset; applies from the next frame; answered with {"type": "config", ...all of them...}
+      reuse (0..8; 0 or 1: off): a full UNet pass every N frames, deep features reused between: an approximation
   binary JPEG: a frame to stylize (any size; center-cropped to the engine's aspect). Frames are numbered 1, 2, ...
       in the order the server receives them.
 
@@ -159,7 +160,7 @@ def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
 def params_dict(p: StreamParams) -> dict[str, Any]:
     prompt = p.prompt if isinstance(p.prompt, str) else [list(entry) for entry in p.prompt]
     return {"prompt": prompt, "strength": p.strength, "steps": p.steps, "seed": p.seed,
-            "similarity": p.similarity, "transition_s": p.transition_s, "feedback": p.feedback}
+            "similarity": p.similarity, "transition_s": p.transition_s, "feedback": p.feedback, "reuse": p.reuse}
 
 
 def config_message(p: StreamParams) -> dict[str, Any]:
