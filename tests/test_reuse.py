@@ -277,3 +277,53 @@ def test_reuse_from_osc_the_prompt_line_and_the_command_line():
     # The help says what the option costs: the output changes.
     text = " ".join(parser._subparsers._group_actions[0].choices["serve"].format_help().split())
     assert "Changes the output" in text and "trades fidelity for speed" in text
+
+
+# ------------------------------------------------------------------------------------------------ scripts/reuse_speed.py
+
+
+def test_reuse_speed_script_reports_speed_and_distance(tmp_path):
+    """The measurement script on tiny-random at 64 px, in a subprocess as a user runs it: its JSON holds every field,
+    with values that make sense (reuse moves the output, off does not, full frames are exact)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "reuse.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "reuse_speed.py"), "--model", "tiny-random", "--device", "cpu",
+         "--size", "64", "--frames", "12", "--reuse", "2,3", "--repeats", "1", "--burn-in", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for key in ("command", "date", "device", "device_name", "torch", "diffusers", "model", "random_weights", "note",
+                "size", "dtype", "depth", "deep_shape", "frames", "repeats", "burn_in", "rows"):
+        assert key in r, key
+    assert r["model"] == "tiny-random" and r["random_weights"] is True and "random weights" in r["note"]
+    assert r["device"] == "cpu" and r["device_name"].startswith("cpu") and r["torch"] == torch.__version__
+    assert r["size"] == "64x64" and r["frames"] == 12 and r["deep_shape"] == [1, 64, 8, 8]
+    assert "--reuse 2,3" in r["command"] and r["date"][:2] == "20"
+    assert r["off_equals_plain_unet"] is True  # "off" is the UNet's own forward, bit for bit
+    rows = {row["setting"]: row for row in r["rows"]}
+    assert list(rows) == ["off", "reuse 2", "reuse 3"]
+    off = rows["off"]
+    assert off["ms_partial_frame"] is None and off["speedup_vs_off"] == 1.0
+    assert off["distance_all_frames"] == {"mean": 0.0, "p99": 0.0, "max": 0.0, "frames": 12}
+    for n in (2, 3):
+        row = rows[f"reuse {n}"]
+        assert row["reuse"] == n and row["full_frames_identical"] is True
+        assert 0 < row["ms_full_frame"] < 5000 and 0 < row["ms_partial_frame"] < 5000 and 0 < row["ms_avg_frame"]
+        assert row["distance_partial_frames"]["frames"] == 12 - len(range(0, 12, n))
+        part, every = row["distance_partial_frames"], row["distance_all_frames"]
+        # Reuse moves the output a little: more than nothing, far less than the 0..255 range, and the full frames
+        # (distance 0) pull the all-frames mean below the partial frames' mean.
+        assert 0 < part["mean"] < 20 and part["mean"] <= part["p99"] <= part["max"] <= 255
+        assert every["mean"] < part["mean"] and every["max"] == part["max"]
+        assert 0 < row["latent_rel_l2_partial_frames"] < 0.5
+    # A staler cache moves the output further (every third frame full instead of every second).
+    assert rows["reuse 3"]["distance_partial_frames"]["mean"] > rows["reuse 2"]["distance_partial_frames"]["mean"]
+    assert "| reuse 2 |" in proc.stdout  # the markdown table a README quotes
