@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [serve] [soak] [warmstart]      (default: parity engine serve)
+#   bash scripts/gpu_check.sh [parity] [engine] [serve] [soak] [warmstart] [reuse]   (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
@@ -10,6 +10,8 @@
 #         scripts/host_overhead.py (the engine's host work per call, networks stubbed) at batch 1 and 8
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
+# reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
+#         output's distance from full recomputation for reuse 2, 3, 4); JSON in $OUT/reuse.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
@@ -74,7 +76,9 @@ for stage in "${stages[@]}"; do
         --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
     warmstart)
       step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
-    *) echo "unknown stage $stage (parity, engine, serve, soak, warmstart)"; status=2 ;;
+    reuse)
+      step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --json "$OUT/reuse.json" ;;
+    *) echo "unknown stage $stage (parity, engine, serve, soak, warmstart, reuse)"; status=2 ;;
   esac
 done
 exit $status
