@@ -2,8 +2,8 @@
 
 Measured, each after a burn-in: (a) diffusers' AutoPipelineForImage2Image as the SD-Turbo model card uses it (full VAE,
 PIL in and out, 2 steps, strength 0.5, guidance 0; prompt embeddings precomputed), and the same pipeline with TAESD,
-so the VAE's share of the speedup is visible; (b) the engine eager; (c) the engine's CUDA graphs at every bucket;
-(d) with --compile, compiled then captured. Per call: median and p95; frames/s; speedup over (a). Also peak GPU
+so the VAE's share of the speedup is visible; (b) the engine eager; (c) the engine's CUDA graphs at every bucket, and
+back-to-back calls at the largest bucket serial against pipelined (submit/collect); (d) with --compile, compiled then captured. Per call: median and p95; frames/s; speedup over (a). Also peak GPU
 memory, warmup and compile seconds, FLOPs per frame (torch's FlopCounterMode on one eager frame) and achieved TFLOP/s,
 and parity (parity.py): the engine and diffusers in the bench's dtype against diffusers in fp32 on fresh components,
 in uint8 levels, with the project's pass rule.
@@ -238,6 +238,7 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
         graph = Engine(dataclasses.replace(base_cfg, cuda_graphs=True, compile=False), engine_comps)
         res["warmup_s"] = round(graph.warmup().warmup_s, 2)
         time_buckets(graph, base_cfg.buckets, "engine_graph")
+        res["engine_graph_pipelined"] = _pipelined(graph, frames, params, base_cfg.buckets[-1], opts)
         del graph
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         save()
@@ -255,6 +256,36 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     if opts.json:
         log.info("wrote %s", opts.json)
     return 0
+
+
+def _pipelined(engine: Engine, frames: list[np.ndarray], params: StreamParams, b: int, opts: BenchOptions) -> dict:
+    """Frames/s of back-to-back calls at batch b, serial (run: stage, replay, wait, copy out) against pipelined
+    (submit call k+1, then collect call k: its copy out overlaps the next call on the GPU), in one run."""
+    batch, ps = frames[:b], [params] * b
+    calls = max(opts.iters, 10)
+
+    def serial() -> None:
+        for _ in range(calls):
+            engine.run(batch, ps)
+
+    def pipelined() -> None:
+        ticket = engine.submit(batch, ps)
+        for _ in range(calls - 1):
+            following = engine.submit(batch, ps)
+            engine.collect(ticket)
+            ticket = following
+        engine.collect(ticket)
+
+    out = {"batch": b, "calls": calls}
+    for name, fn in (("serial", serial), ("pipelined", pipelined)):
+        fn()  # burn in
+        t0 = time.perf_counter()
+        fn()
+        out[f"{name}_fps"] = round(calls * b / (time.perf_counter() - t0), 1)
+    out["speedup"] = round(out["pipelined_fps"] / out["serial_fps"], 3)
+    log.info("    batch %d back to back: serial %.1f frames/s, pipelined %.1f (x%.3f)", b, out["serial_fps"],
+             out["pipelined_fps"], out["speedup"])
+    return out
 
 
 def _targets(res: dict) -> dict:
@@ -302,6 +333,10 @@ def _print_table(res: dict) -> None:
         add("compiled + graph", row, int(b))
     console = Console(width=130)
     console.print(table)
+    if res.get("engine_graph_pipelined"):
+        p = res["engine_graph_pipelined"]
+        console.print(f"batch {p['batch']} back to back: serial {p['serial_fps']} frames/s, "
+                      f"pipelined {p['pipelined_fps']} (x{p['speedup']})")
     extras = {k: res.get(k) for k in ("gflops_per_frame", "parity_engine_max", "parity_engine_p99", "parity_pass",
                                       "peak_mem_gib", "warmup_s", "compile_s")}
     console.print(" ".join(f"{k}={v}" for k, v in extras.items() if v is not None))
