@@ -249,3 +249,21 @@ def test_a_call_split_into_batches_keeps_each_batch(make_engine, frame_rng):
     alone = [engine.run([f], [p])[0] for f, p in zip(frames, params)]
     assert all(_max_diff(t, a) <= 1 for t, a in zip(together, alone))  # batch size moves float sums by a level
     assert all(np.abs(together[i].astype(int) - together[i + 1]).mean() > 5 for i in range(5))  # all distinct
+
+
+def test_unchanged_rows_are_not_copied_again(make_engine, frame_rng):
+    """A stream that keeps its row, prompt and seed leaves its embeddings and noise rows as they are; a new prompt, a
+    new seed or another stream in the row copies again, and the frames stay those of a fresh engine."""
+    engine, fresh = make_engine(), make_engine()
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    a, b = StreamParams("a fox", seed=1), StreamParams("an owl", seed=2)
+    engine.run(frames, [a, b])
+    assert engine.stats.rows_reused == 0
+    engine.run(frames, [a, b])
+    assert engine.stats.rows_reused == 4  # embeddings and noise of both rows
+    out = engine.run(frames, [b, a.updated(seed=5)])  # rows swapped, and a new seed: all four copied
+    assert engine.stats.rows_reused == 4
+    want = fresh.run(frames, [b, a.updated(seed=5)])
+    assert all(np.array_equal(o, w) for o, w in zip(out, want))
+    engine.run(frames, [b, a.updated(prompt="a cat", seed=5)])  # row 0 unchanged, row 1: new prompt, same noise
+    assert engine.stats.rows_reused == 4 + 3

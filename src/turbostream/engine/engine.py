@@ -61,6 +61,7 @@ class EngineStats:
     graphs_captured: int = 0
     text_encoder_runs: int = 0
     prompt_cache_evictions: int = 0
+    rows_reused: int = 0  # embedding or noise rows that already held what a call needed (no copy)
     warmup_s: float = 0.0
     compile_s: float = 0.0
     compile_cache_hit: bool = False
@@ -175,6 +176,9 @@ class Engine:
         self._out = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._emb = torch.zeros((B, self.components.max_tokens, self.components.text_dim), dtype=self.dtype, device=dev)
         self._noise_buf = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
+        # Which cached tensor each row of _emb and _noise_buf holds (None: something else), to skip copying it again.
+        self._row_emb: list[torch.Tensor | None] = [None] * B
+        self._row_noise: list[torch.Tensor | None] = [None] * B
         # Feedback: per-row weight (0: off, exact identity) and previous output latents in; final latents out.
         self._feedback = torch.zeros((B,), dtype=torch.float32, device=dev)
         self._prev = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
@@ -399,14 +403,24 @@ class Engine:
             key = keys[i - first] if keys is not None else None
             state = self._streams.get(key) if key is not None else None
             a = state.step(p, now, self.prompt_embeddings, self.noise) if state is not None else None
+            # A row that holds this very cached tensor already (same stream in the same row as last call, the usual
+            # case) is left as it is: nothing else writes these rows, and the cached tensors are never changed.
             if a is not None and state.from_emb is not None:
                 self._emb[i].copy_(lerp(state.from_emb, emb, a))
-            else:
+                self._row_emb[i] = None
+            elif self._row_emb[i] is not emb:
                 self._emb[i].copy_(emb)
+                self._row_emb[i] = emb
+            else:
+                self.stats.rows_reused += 1
             if a is not None and state.from_noise is not None:
                 self._noise_buf[i].copy_(slerp(state.from_noise, noise, a))
-            else:
+                self._row_noise[i] = None
+            elif self._row_noise[i] is not noise:
                 self._noise_buf[i].copy_(noise)
+                self._row_noise[i] = noise
+            else:
+                self.stats.rows_reused += 1
             if state is not None and p.feedback > 0 and state.latent is not None:
                 self._prev[i].copy_(state.latent)
                 host[i] = p.feedback
