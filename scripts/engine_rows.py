@@ -272,7 +272,9 @@ class Rows:
 
     # ------------------------------------------------------------------ one row
 
-    def run_row(self, row: Row) -> dict:
+    def run_row(self, row: Row, out: dict) -> None:
+        """Build, warm up, time and check one row; its results go into `out` (the row's entry in the JSON), which
+        is saved after each phase, so a crash or a kill later in the row keeps what it measured."""
         import torch
 
         from turbostream.bench import _timed
@@ -283,9 +285,9 @@ class Rows:
         a = self.args
         cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, width=a.size, height=a.size, vae="tiny",
                            buckets=BATCHES, compile_cache=None, **row.options)
-        out: dict = {"what": row.what, "config": {k: getattr(cfg, k) for k in (
+        out["config"] = {k: getattr(cfg, k) for k in (
             "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs")} | {
-            "buckets": list(cfg.buckets)}}
+            "buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -304,12 +306,14 @@ class Rows:
                        graphs=engine.use_graphs, capture_s={k: round(v, 3) for k, v in stats.capture_s.items()})
             if calls:
                 out["compile_calls"] = calls
+            self.save()
             out["timing"] = {}
             for b in BATCHES:
                 frames, params = self.frames[:b], [self.params] * b
                 t = _timed(functools.partial(engine.run, frames, params), a.iters, a.burn_in, self.sync)
                 t.update(batch=b, per_frame_ms=round(t["median_ms"] / b, 3), fps=round(1e3 * b / t["median_ms"], 1))
                 out["timing"][str(b)] = t
+                self.save()
                 print(f"    batch {b}: median {t['median_ms']:.2f} ms (p95 {t['p95_ms']:.2f}), {t['fps']:.1f} frames/s",
                       flush=True)
             if self.R is not None:
@@ -323,11 +327,12 @@ class Rows:
             if self.cuda:
                 out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
             if a.profile and row.name == self.profile_row:
+                out["profile"] = {"status": "running"}
+                self.save()
                 try:
                     out["profile"] = self.profile(engine, row.name)
                 except Exception as exc:  # noqa: BLE001 - the row's numbers stand without its profile
                     out["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
-            return out
         finally:
             engine = None  # its graphs and their memory pool go with it
             if cfg.compile:
@@ -405,7 +410,8 @@ class Rows:
                 self.save()
                 t = time.perf_counter()
                 try:
-                    res[row.name] = {**self.run_row(row), "status": "ok"}
+                    self.run_row(row, res[row.name])
+                    res[row.name]["status"] = "ok"
                 except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): keep what is known, then stop
                     res[row.name].update(status="interrupted", error="interrupted (time limit)")
                     res[row.name]["seconds"] = round(time.perf_counter() - t, 1)
