@@ -186,7 +186,8 @@ class Rows:
         self.R: list | None = None
         self.P: dict | None = None
         self.res: dict = {
-            "args": {k: v for k, v in vars(args).items() if k != "extra_rows"}, "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu",
+            "args": {k: v for k, v in vars(args).items() if k != "extra_rows"},
+            "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu",
             "capability": list(torch.cuda.get_device_capability(self.device)) if self.cuda else None,
             "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": _version("diffusers"),
             "torchao": _version("torchao"), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -534,7 +535,14 @@ if __name__ == "__main__":
         scratch = tempfile.mkdtemp(prefix="engine-rows-caches-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
         os.environ["TRITON_CACHE_DIR"] = os.path.join(scratch, "triton")
+    import logging
+
     from diffusers.utils import logging as diffusers_logging
+
+    handler = logging.StreamHandler()  # the engine's own log (compile and capture times) in the step's log
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger("turbostream").addHandler(handler)
+    logging.getLogger("turbostream").setLevel(logging.INFO)
 
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" at every fp16 cast
     sys.exit(Rows(args).main())

@@ -70,7 +70,7 @@ for stage in "${stages[@]}"; do
         --out "$OUT/parity.json"
       [ "${CHECK_CPU:-0}" = 1 ] || step parity-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_parity.py ;;
     engine)
-      step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
+      step gpu-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
       step bench 330 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json"
       step host-overhead 120 "$PY" scripts/host_overhead.py "${MODEL[@]:2}" --batches 1,8 \
         --json "$OUT/host_overhead.json" ;;
