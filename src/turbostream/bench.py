@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import BENCH_COMPILE_BUCKETS, EngineConfig, StreamParams
-from .engine import build_engine, encode_prompt
+from .engine import Engine, build_engine, encode_prompt
 from .models import Components, default_dtype, load_components, load_vae, resolve_device
 
 log = logging.getLogger("turbostream.bench")
