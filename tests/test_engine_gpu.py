@@ -170,3 +170,41 @@ def test_new_step_count_captures_nothing_and_pipelined_calls_keep_their_outputs(
     got = engine.collect(first)
     assert all(_diff(g, w) <= 2 for g, w in zip(got, want[-1]))
     assert engine.stats.graphs_captured == captured
+
+
+def test_engine_options_run_in_graphs_within_rounding_of_auto():
+    """Each attention backend and the no-/1.0 option under CUDA graph capture: a rounding difference at most; a
+    backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it is missing)."""
+    from turbostream.engine import build_engine
+    from turbostream.models import load_components
+
+    comps = load_components("tiny-random", device="cuda", vae="tiny")  # its own: options change modules
+    frames = _frames(3, 128, 128, seed=5)
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2), StreamParams("c", seed=3)]
+
+    def run(**options):
+        engine = build_engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), **options), comps)
+        engine.warmup()
+        out = engine.run(frames, params)
+        assert engine.stats.graph_replays >= 1  # the graph path, not eager
+        return out
+
+    auto = run()
+    for options in ({"attention": "flash"}, {"attention": "efficient"}, {"attention": "math"},
+                    {"skip_unit_rescale": True}):
+        assert max(_diff(a, b) for a, b in zip(run(**options), auto)) <= 2, options
+    try:
+        cudnn = run(attention="cudnn")
+    except ValueError as exc:
+        assert "attention backend 'cudnn' cannot run here" in str(exc)
+    else:
+        assert max(_diff(a, b) for a, b in zip(cudnn, auto)) <= 2
+    fp8_comps = load_components("tiny-random", device="cuda", vae="tiny")
+    try:
+        engine = build_engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), fp8=True),
+                              fp8_comps)
+    except ValueError as exc:  # torchao absent, or a GPU before 8.9
+        assert "pip install torchao" in str(exc) or "compute capability" in str(exc)
+    else:
+        engine.warmup()
+        assert all(o.std() > 0 for o in engine.run(frames, params))
