@@ -22,7 +22,6 @@ batch-1 frame of one row (--profile-row; default: compile_default on CUDA, basel
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -136,32 +135,6 @@ def smooth_frames(n: int, size: int):
         grain = rng.integers(-12, 13, (size, size, 3))
         frames.append(np.clip(np.asarray(coarse, np.int16) + grain, 0, 255).astype(np.uint8))
     return frames
-
-
-@contextlib.contextmanager
-def compile_mode(mode: str | None, calls: list):
-    """Make the engine's torch.compile calls use `mode` (None: torch's default) when it does not pass one itself.
-
-    Engine._compile passes mode=self.config.torch_compile_mode once engine.py has that line; until then this gives the
-    row its mode. `calls` records, per torch.compile call, the mode used and who chose it ("engine" or "script").
-    """
-    import torch
-
-    original = torch.compile
-
-    def compile_with_mode(*args, **kwargs):
-        if "mode" in kwargs:
-            calls.append({"mode": kwargs["mode"], "by": "engine"})
-        else:
-            kwargs["mode"] = mode
-            calls.append({"mode": mode, "by": "script"})
-        return original(*args, **kwargs)
-
-    torch.compile = compile_with_mode
-    try:
-        yield
-    finally:
-        torch.compile = original
 
 
 class Rows:
@@ -280,7 +253,7 @@ class Rows:
 
         from turbostream.bench import _timed
         from turbostream.config import EngineConfig
-        from turbostream.engine import build_engine
+        from turbostream.engine import Engine
         from turbostream.parity import parity_stats, parity_verdict
 
         a = self.args
@@ -298,15 +271,11 @@ class Rows:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{row.name}-")
         engine = None
         try:
-            engine = build_engine(cfg, comps)
+            engine = Engine(cfg, comps)
             out["applied"] = applied(engine.unet)
-            calls: list = []
-            with compile_mode(cfg.torch_compile_mode, calls) if cfg.compile else contextlib.nullcontext():
-                stats = engine.warmup()
+            stats = engine.warmup()  # compiles with cfg.torch_compile_mode (Engine._compile)
             out.update(warmup_s=round(stats.warmup_s, 2), compile_s=round(stats.compile_s, 1) if cfg.compile else None,
                        graphs=engine.use_graphs, capture_s={k: round(v, 3) for k, v in stats.capture_s.items()})
-            if calls:
-                out["compile_calls"] = calls
             self.save()
             out["timing"] = {}
             for b in BATCHES:

@@ -175,7 +175,7 @@ def test_new_step_count_captures_nothing_and_pipelined_calls_keep_their_outputs(
 def test_engine_options_run_in_graphs_within_rounding_of_auto():
     """Each attention backend and the no-/1.0 option under CUDA graph capture: a rounding difference at most; a
     backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it is missing)."""
-    from turbostream.engine import build_engine
+    from turbostream.engine import Engine
     from turbostream.models import load_components
 
     comps = load_components("tiny-random", device="cuda", vae="tiny")  # its own: options change modules
@@ -183,7 +183,7 @@ def test_engine_options_run_in_graphs_within_rounding_of_auto():
     params = [StreamParams("a", seed=1), StreamParams("b", seed=2), StreamParams("c", seed=3)]
 
     def run(**options):
-        engine = build_engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), **options), comps)
+        engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), **options), comps)
         engine.warmup()
         out = engine.run(frames, params)
         assert engine.stats.graph_replays >= 1  # the graph path, not eager
@@ -201,7 +201,7 @@ def test_engine_options_run_in_graphs_within_rounding_of_auto():
         assert max(_diff(a, b) for a, b in zip(cudnn, auto)) <= 2
     fp8_comps = load_components("tiny-random", device="cuda", vae="tiny")
     try:
-        engine = build_engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), fp8=True),
+        engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), fp8=True),
                               fp8_comps)
     except ValueError as exc:  # torchao absent, or a GPU before 8.9
         assert "pip install torchao" in str(exc) or "compute capability" in str(exc)

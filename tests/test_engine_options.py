@@ -16,7 +16,7 @@ import torch
 
 from turbostream.cli import main
 from turbostream.config import EngineConfig, StreamParams, preset
-from turbostream.engine import build_engine
+from turbostream.engine import Engine
 from turbostream.engine.attention import TurboAttnProcessor, set_attention, set_unit_rescale
 from turbostream.engine.compile_cache import cache_key
 from turbostream.engine.cuda import check_fp8, load_torchao
@@ -46,12 +46,12 @@ def _unet_out(unet, text_dim: int) -> torch.Tensor:
 def test_math_attention_matches_auto_and_auto_restores_diffusers_processors(fresh_components):
     frames, params = _frames_params()
     processors = {type(p) for p in fresh_components.unet.attn_processors.values()}
-    auto = np.stack(build_engine(preset("test"), fresh_components).run(frames, params))
-    math = np.stack(build_engine(preset("test", attention="math"), fresh_components).run(frames, params))
+    auto = np.stack(Engine(preset("test"), fresh_components).run(frames, params))
+    math = np.stack(Engine(preset("test", attention="math"), fresh_components).run(frames, params))
     assert {type(p) for p in fresh_components.unet.attn_processors.values()} == {TurboAttnProcessor}
     # math and PyTorch's own choice on the CPU (its flash kernel) differ by rounding at most: within 1 level.
     assert np.abs(math.astype(int) - auto).max() <= 1
-    again = np.stack(build_engine(preset("test"), fresh_components).run(frames, params))
+    again = np.stack(Engine(preset("test"), fresh_components).run(frames, params))
     assert {type(p) for p in fresh_components.unet.attn_processors.values()} == processors
     assert np.array_equal(again, auto)
 
@@ -79,8 +79,8 @@ def test_skip_unit_rescale_is_bit_identical_and_undone(fresh_components):
     assert set_unit_rescale(unet, False) == 0
     assert not any(type(m).__name__ == "LeanResnetBlock2D" for m in unet.modules())
     frames, params = _frames_params(2)
-    before = build_engine(preset("test"), fresh_components).run(frames, params)
-    engine = build_engine(preset("test", skip_unit_rescale=True), fresh_components)
+    before = Engine(preset("test"), fresh_components).run(frames, params)
+    engine = Engine(preset("test", skip_unit_rescale=True), fresh_components)
     assert any(type(m).__name__ == "LeanResnetBlock2D" for m in engine.unet.modules())
     after = engine.run(frames, params)
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
@@ -101,7 +101,7 @@ def test_processor_and_lean_blocks_trace_into_one_graph(fresh_components):
 
 def test_backend_that_cannot_run_is_a_clear_error_when_the_engine_is_built(fresh_components):
     with pytest.raises(ValueError, match="attention backend 'efficient' cannot run here.*CUDA backend"):
-        build_engine(preset("test", attention="efficient"), fresh_components)
+        Engine(preset("test", attention="efficient"), fresh_components)
     # Nothing was changed by the refused engine: the next one runs diffusers' own processors.
     assert TurboAttnProcessor not in {type(p) for p in fresh_components.unet.attn_processors.values()}
 
@@ -139,7 +139,7 @@ def test_fp8_is_refused_off_cuda_and_names_torchao_when_missing(monkeypatch, fre
     with pytest.raises(ValueError, match="fp8 needs a CUDA GPU with compute capability 8.9 or newer.*runs on cpu"):
         check_fp8("cpu")
     with pytest.raises(ValueError, match="fp8 needs a CUDA GPU"):
-        build_engine(preset("test", fp8=True), fresh_components)
+        Engine(preset("test", fp8=True), fresh_components)
     monkeypatch.setitem(sys.modules, "torchao", None)  # an import of torchao now fails, installed or not
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(ValueError, match="fp8 needs torchao.*pip install torchao"):

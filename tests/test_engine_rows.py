@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -83,19 +82,18 @@ def test_bad_rows_are_refused(tmp_path):
         assert not (tmp_path / "r.json").exists()
 
 
-def test_compile_mode_reaches_torch_compile_unless_the_engine_passes_one(monkeypatch):
-    spec = importlib.util.spec_from_file_location("engine_rows", SCRIPT)
-    rows = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "engine_rows", rows)  # its dataclass looks its module up there
-    spec.loader.exec_module(rows)
+def test_compile_mode_reaches_torch_compile(monkeypatch, tiny_components):
+    """Engine._compile passes EngineConfig.compile_mode to every torch.compile call (None: torch's default mode)."""
     import torch
+
+    from turbostream.config import preset
+    from turbostream.engine import Engine
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
-    calls: list = []
-    with rows.compile_mode("max-autotune-no-cudagraphs", calls):
-        torch.compile("unet", dynamic=False)  # engine.py today: no mode
-        torch.compile("vae", dynamic=False, mode=None)  # engine.py with mode=self.config.torch_compile_mode
-    assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}, {"dynamic": False, "mode": None}]
-    assert calls == [{"mode": "max-autotune-no-cudagraphs", "by": "script"}, {"mode": None, "by": "engine"}]
-    assert torch.compile("x") == "x" and len(seen) == 3  # the original is back after the block
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    for mode, want in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), ("default", None)):
+        seen.clear()
+        engine = Engine(preset("test", compile_mode=mode, compile_cache=None), tiny_components)
+        engine._compile()  # what warmup() does on CUDA
+        assert [kw.get("mode", "missing") for kw in seen] == [want] * 3  # the UNet, TAESD's encoder and decoder

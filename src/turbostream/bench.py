@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import BENCH_COMPILE_BUCKETS, EngineConfig, StreamParams
-from .engine import Engine, build_engine, encode_prompt
+from .engine import Engine, encode_prompt
 from .models import Components, default_dtype, load_components, load_vae, resolve_device
 
 log = logging.getLogger("turbostream.bench")
@@ -89,7 +89,7 @@ def _parity(cfg: EngineConfig, comps: Components, frames: list[np.ndarray], para
     from .reference import ReferencePipeline, reference_components
 
     batch = [dataclasses.replace(params, seed=params.seed + k) for k in range(3)]
-    engine = build_engine(dataclasses.replace(cfg, vae=comps.vae_kind, compile=False, buckets=(1, 4)), comps)
+    engine = Engine(dataclasses.replace(cfg, vae=comps.vae_kind, compile=False, buckets=(1, 4)), comps)
     engine.warmup()
     ours = engine.run(frames[:3], batch) + engine.run(frames[:1], batch[:1])
     emb = torch.stack([engine.prompt_embeddings(p.prompt) for p in batch]).float().cpu()
@@ -197,7 +197,7 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
 
     # (b) the engine, eager (the CPU's only path).
     log.info("(b) engine eager")
-    eager = build_engine(dataclasses.replace(base_cfg, cuda_graphs=False, compile=False, buckets=(1,)), engine_comps)
+    eager = Engine(dataclasses.replace(base_cfg, cuda_graphs=False, compile=False, buckets=(1,)), engine_comps)
     eager.warmup()
     gflops = _flops_per_frame(eager, frames[0], params) / 1e9
     res["gflops_per_frame"] = round(gflops, 1)
@@ -235,7 +235,7 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     if cuda:
         # (c) CUDA graphs at every bucket.
         log.info("(c) engine CUDA graphs, buckets %s", base_cfg.buckets)
-        graph = build_engine(dataclasses.replace(base_cfg, cuda_graphs=True, compile=False), engine_comps)
+        graph = Engine(dataclasses.replace(base_cfg, cuda_graphs=True, compile=False), engine_comps)
         res["warmup_s"] = round(graph.warmup().warmup_s, 2)
         time_buckets(graph, base_cfg.buckets, "engine_graph")
         res["engine_graph_pipelined"] = _pipelined(graph, frames, params, base_cfg.buckets[-1], opts)
@@ -245,7 +245,7 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
         # (d) compiled, then captured; each compiled bucket costs a compile, hence the shorter default list.
         if base_cfg.compile:
             log.info("(d) torch.compile + CUDA graphs, buckets %s (compiling: minutes)", opts.compile_buckets)
-            compiled = build_engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets),
+            compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets),
                                     engine_comps)
             wstats = compiled.warmup()
             res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)

@@ -151,10 +151,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def build_engine(args: argparse.Namespace):
     """Load the model and build the engine (not warmed up); model-loading problems become UserError."""
-    from ..engine import build_engine as build
+    from ..engine import Engine
 
     cfg = engine_config(args)
     try:
-        return build(cfg)
+        return Engine(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -5,8 +5,7 @@ prepare_cuda() rewrites the given components in place (channels_last, fused QKV)
 not diffusers' defaults. That is why the parity reference (reference.py) always loads components of its own.
 
 apply_options() makes the modules match the engine options that change them (EngineConfig.attention,
-skip_unit_rescale, fp8); prepare_cuda/prepare_cpu call it when given the engine's config, and engine.build_engine
-calls it after building an Engine. It is idempotent, and attention and skip_unit_rescale are undone by a config
+skip_unit_rescale, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It is idempotent, and attention and skip_unit_rescale are undone by a config
 without them, so engines may share components; fp8 cannot be undone (the weights are rounded to 8 bits in place).
 """
 

@@ -40,7 +40,7 @@ from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
 from .caches import LRU, encode_prompt, seed_noise
-from .compile_cache import CompileCache, default_folder
+from .compile_cache import CompileCache, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .schedule import ScheduleTable
@@ -134,9 +134,9 @@ class Engine:
         self.clock = time.monotonic  # transitions are timed by it (tests may replace it)
         # The only place building an engine changes its components or process state (see cuda.py).
         if self.is_cuda:
-            prepare_cuda(components)
+            prepare_cuda(components, config)
         else:
-            prepare_cpu()
+            prepare_cpu(components, config)
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         self._alloc_buffers()
 
@@ -306,16 +306,14 @@ class Engine:
         t0 = time.perf_counter()
         cache = None
         if self.config.compile_cache is not None:
-            cache = CompileCache(self.config.compile_cache or default_folder(), {
-                "gpu": torch.cuda.get_device_name(self.device), "model": self.config.model, "vae": self.config.vae,
-                "dtype": str(self.dtype), "size": [self.width, self.height], "buckets": list(self.config.buckets),
-                "unet_evals": self.config.default_params.unet_evals,
-            })
+            cache = CompileCache(self.config.compile_cache or default_folder(),
+                                 cache_key(self.config, torch.cuda.get_device_name(self.device), self.dtype))
             self.stats.compile_cache_hit = cache.load()
-        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False)
+        mode = self.config.torch_compile_mode  # None: torch's default mode
+        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False, mode=mode)
         if self.components.vae_kind == "tiny":
-            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False)
-            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=False)
+            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False, mode=mode)
+            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=False, mode=mode)
         # Compile every bucket now (eager runs on the compiled modules), so the timing below is the compile cost.
         n = self.config.default_params.unet_evals
         self._stage_schedule([self.config.default_params] * self.max_batch, self._slots[0])
