@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [serve] [soak] [warmstart] [reuse]   (default: parity engine serve)
+#   bash scripts/gpu_check.sh [parity] [engine] [rows] [serve] [soak] [warmstart] [reuse]   (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
 #         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
-# engine: the tests marked gpu, `turbostream bench --model random --device cuda --compile` at 512x512, and
-#         scripts/host_overhead.py (the engine's host work per call, networks stubbed) at batch 1 and 8
+# engine: the tests marked gpu, `turbostream bench --model random --device cuda --compile` at 512x512 (compiled
+#         batch 1, 4 and 8), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
+#         batch 1 and 8
+# rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fp8, compile
+#         modes) as one row, batch 1 and 8 timed, parity against one fp32 reference, and a profile of the compiled
+#         batch-1 frame; ROWS_S seconds in all (default 540; rows that no longer fit are skipped and named),
+#         ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The fp8 rows need torchao:
+#         carry its wheel too (device-wheels.sh torchao==0.18.0, the release built for torch 2.11)
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
@@ -26,7 +32,8 @@ mkdir -p "$OUT"
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(parity engine serve)
 status=0
 
-if [ -d .whl ] && ! python3 -c "import diffusers, websockets" 2>/dev/null; then
+if [ -d .whl ] && { ! python3 -c "import diffusers, websockets" 2>/dev/null \
+    || { ls .whl/torchao-*.whl >/dev/null 2>&1 && ! python3 -c "import torchao" 2>/dev/null; }; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
@@ -35,9 +42,10 @@ PY=${PYTHON:-python3}
 
 if [ "${CHECK_CPU:-0}" = 1 ]; then
   MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}; PARITY_S=300
+  ROWS_S=${ROWS_S:-240}; ROWS_ARGS=(--iters 3 --burn-in 1)
 else
   MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-15}; SOAK_S=${SOAK_S:-180}
-  PARITY_S=${PARITY_S:-480}
+  PARITY_S=${PARITY_S:-480}; ROWS_S=${ROWS_S:-540}; ROWS_ARGS=()
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 fi
 "$PY" - > "$OUT/env.txt" 2>&1 <<'PY'
@@ -64,10 +72,14 @@ for stage in "${stages[@]}"; do
         --out "$OUT/parity.json"
       [ "${CHECK_CPU:-0}" = 1 ] || step parity-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_parity.py ;;
     engine)
-      step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
-      step bench 200 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json"
+      step gpu-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
+      step bench 330 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json"
       step host-overhead 120 "$PY" scripts/host_overhead.py "${MODEL[@]:2}" --batches 1,8 \
         --json "$OUT/host_overhead.json" ;;
+    rows)
+      [ -z "${ROWS:-}" ] || ROWS_ARGS+=(--rows "$ROWS")
+      step rows "$ROWS_S" "$PY" scripts/engine_rows.py "${MODEL[@]}" "${ROWS_ARGS[@]}" --profile \
+        --budget-s $((ROWS_S - 45)) --json "$OUT/engine_rows.json" ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
@@ -78,7 +90,7 @@ for stage in "${stages[@]}"; do
       step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
     reuse)
       step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --json "$OUT/reuse.json" ;;
-    *) echo "unknown stage $stage (parity, engine, serve, soak, warmstart, reuse)"; status=2 ;;
+    *) echo "unknown stage $stage (parity, engine, rows, serve, soak, warmstart, reuse)"; status=2 ;;
   esac
 done
 exit $status

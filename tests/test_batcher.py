@@ -256,3 +256,178 @@ def test_frames_pending_at_the_end_of_a_call_are_committed_before_results_go_out
     results = got.wait(3)
     assert replaced == [None]
     assert [r.meta for r in results] == ["A", "B", "C"]
+
+
+class PipelinedEngine(FakeEngine):
+    """A submit/collect engine whose calls finish only when the test says so: call k is 'on the device' until
+    finish(k). Records the order of submits and collects."""
+
+    pipelined = True
+
+    def __init__(self, max_batch: int = 2) -> None:
+        super().__init__(max_batch=max_batch)
+        self.events: list[str] = []
+        self.finished: list[threading.Event] = []
+
+    def submit(self, frames, params):
+        k = len(self.finished)
+        self.finished.append(threading.Event())
+        self.events.append(f"submit {k}")
+        return k, self.run(frames, params)
+
+    def done(self, ticket) -> bool:
+        return self.finished[ticket[0]].is_set()
+
+    def collect(self, ticket):
+        assert self.finished[ticket[0]].wait(10)
+        self.events.append(f"collect {ticket[0]}")
+        return ticket[1]
+
+    def finish(self, k: int) -> None:
+        while len(self.finished) <= k:
+            time.sleep(0.001)
+        self.finished[k].set()
+
+
+def test_next_batch_is_submitted_while_the_previous_runs(started):
+    """Pipelining: batch 1 is gathered and submitted while batch 0 is on the device, before batch 0 is collected;
+    results still reach each stream in order and match their frames."""
+    engine = PipelinedEngine(max_batch=2)
+    batcher = started(engine)
+    got = Collector()
+    streams = [batcher.open_stream(got, StreamParams(seed=i)) for i in range(4)]
+    streams[2].expect()  # c and d are decoding: the thread gathers while call 0 runs instead of collecting it
+    streams[3].expect()
+    streams[0].submit(frame(10), "a0")
+    streams[1].submit(frame(10), "b0")
+    while engine.events[:1] != ["submit 0"]:
+        time.sleep(0.001)
+    for s, meta in ((streams[2], "c0"), (streams[3], "d0")):
+        s.submit(frame(20), meta)
+        s.unexpect()
+    # max_batch pending: taken while call 0 still runs
+    while "submit 1" not in engine.events:
+        time.sleep(0.001)
+    assert engine.events == ["submit 0", "submit 1"] and not got.results  # 0 not collected yet: still running
+    engine.finish(0)
+    got.wait(2)
+    engine.finish(1)
+    results = got.wait(4)
+    assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"]
+    assert [r.meta for r in results] == ["a0", "b0", "c0", "d0"]
+    assert [int(r.frame[0, 0, 0]) for r in results] == [10, 11, 22, 23]
+
+
+def test_a_lone_frame_is_collected_without_waiting_for_company(started):
+    """With nothing pending and nobody decoding, the thread collects the running call at once (no polling delay),
+    and a frame that arrives while a call runs goes into the next one."""
+    engine = PipelinedEngine(max_batch=4)
+    batcher = started(engine)
+    got = Collector()
+    a, b = batcher.open_stream(got, StreamParams(seed=1)), batcher.open_stream(got, StreamParams(seed=2))
+    a.submit(frame(0), "a")
+    engine.finish(0)
+    got.wait(1)
+    b.expect()  # b is decoding: the thread gathers while call 1 runs
+    a.submit(frame(0), "a2")
+    while "submit 1" not in engine.events:
+        time.sleep(0.001)
+    b.submit(frame(5), "b")
+    b.unexpect()
+    engine.finish(1)
+    engine.finish(2)
+    results = got.wait(3)
+    assert [r.meta for r in results] == ["a", "a2", "b"]
+    assert engine.events == ["submit 0", "collect 0", "submit 1", "submit 2", "collect 1", "collect 2"]
+
+
+def test_gather_wait_scales_with_engine_call_time(started):
+    """Unless fixed, the wait for a decoding frame is GATHER_FRACTION of the engine's mean call time, bounded."""
+    from turbostream import batcher as batcher_mod
+
+    for delay, want in ((0.0, batcher_mod.GATHER_MIN_S), (0.08, 0.008), (0.5, batcher_mod.GATHER_MAX_S)):
+        engine = FakeEngine(delay=delay)
+        batcher = started(engine)
+        assert batcher.gather_s == batcher_mod.GATHER_START_S  # nothing timed yet
+        got = Collector()
+        stream = batcher.open_stream(got, StreamParams())
+        for i in range(3):
+            stream.submit(frame(i), i)
+            got.wait(i + 1)
+        assert batcher.call_s >= delay
+        assert want * 0.95 <= batcher.gather_s <= max(want * 1.5, batcher_mod.GATHER_MIN_S), (delay, batcher.gather_s)
+    assert started(FakeEngine(), gather_s=0.5).gather_s == 0.5
+
+
+class TimedPipelinedEngine(PipelinedEngine):
+    """A pipelined engine whose calls finish `delay` seconds after their submit."""
+
+    def __init__(self, delay: float, max_batch: int = 4) -> None:
+        super().__init__(max_batch=max_batch)
+        self.call_delay = delay
+
+    def submit(self, frames, params):
+        ticket = super().submit(frames, params)
+        threading.Timer(self.call_delay, self.finished[ticket[0]].set).start()
+        return ticket
+
+
+def test_pipelined_frames_pending_before_results_go_out_are_kept(started):
+    """The commit rule with pipelining: a frame pending when a call is collected is committed to a later batch, so
+    the client answered first cannot replace it, and no committed frame is lost."""
+    engine = TimedPipelinedEngine(0.05)
+    batcher = started(engine)
+    replaced = []
+    sent = iter(range(100, 112))
+
+    def on_result(result: Result) -> None:
+        got(result)
+        meta = next(sent, None)
+        if meta is not None:  # the client answers every result at once with a newer frame
+            replaced.append(stream.submit(frame(3), meta))
+
+    got = Collector()
+    stream = batcher.open_stream(on_result, StreamParams())
+    other = batcher.open_stream(got, StreamParams(seed=7))
+    stream.submit(frame(1), "A")
+    other.submit(frame(1), "X")
+    while not engine.finished:
+        time.sleep(0.001)
+    assert stream.submit(frame(2), "B") is None  # pending while A runs: it may go into the next call or wait
+    results = got.wait(15, timeout=10)
+    assert replaced == [None] * 12
+    metas = [r.meta for r in results if r.stream is stream]
+    assert metas == ["A", "B", *range(100, 112)]
+    assert all(r.error is None for r in results)
+
+
+def test_the_real_engine_pipelined_hands_each_stream_its_own_frames(engine, make_engine, started):
+    """The batcher's pipelined loop on the real engine's submit/collect (forced on; on the CPU submit computes): every
+    frame of three streams comes back once, in order, equal (within a level) to the frame run alone."""
+    from turbostream.codec import fit_frame
+
+    class Pipelined:
+        pipelined = True
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+    batcher = started(Pipelined())
+    got = Collector()
+    rng = np.random.default_rng(5)
+    params = [StreamParams("a fox", 0.5, 2, 1), StreamParams("an owl", 1.0, 2, 2), StreamParams("a cat", 0.5, 4, 3)]
+    streams = [batcher.open_stream(got, p) for p in params]
+    frames = {}
+    for k in range(3):
+        for i, s in enumerate(streams):
+            frames[(i, k)] = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            s.submit(frames[(i, k)], (i, k))
+        got.wait(3 * (k + 1), timeout=30)
+    results = got.wait(9)
+    assert sorted(r.meta for r in results) == sorted(frames)
+    for i in range(3):
+        assert [r.meta[1] for r in results if r.meta[0] == i] == [0, 1, 2]
+    reference = make_engine()  # the batcher's engine belongs to its thread
+    for r in results:
+        alone = reference.run([fit_frame(frames[r.meta], 64, 64)], [params[r.meta[0]]])[0]
+        assert r.error is None and np.abs(r.frame.astype(int) - alone).max() <= 1

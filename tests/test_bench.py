@@ -30,3 +30,20 @@ def test_bench_on_the_cpu_writes_the_documented_json(tmp_path, capsys):
     assert res["engine_graph_ms"] is None and res["compiled_graph_ms"] is None and res["peak_mem_gib"] is None
     assert set(res["targets"].values()) == {None}
     assert "random weights" in capsys.readouterr().out
+
+
+def test_serial_and_pipelined_rows_time_the_same_calls(engine):
+    """The back-to-back row (CUDA only in the bench) runs on any engine: both ways time `calls` calls of the batch,
+    leave nothing in flight, and report their ratio."""
+    import numpy as np
+
+    from turbostream.bench import BenchOptions, _pipelined
+    from turbostream.config import StreamParams
+
+    frames = [np.full((64, 64, 3), v, np.uint8) for v in (10, 200)]
+    before = engine.stats.calls
+    row = _pipelined(engine, frames, StreamParams(), 2, BenchOptions(iters=3))
+    assert row["batch"] == 2 and row["calls"] == 10
+    assert engine.stats.calls - before == 4 * row["calls"]  # burn-in and timed run, each way
+    assert engine.in_flight == 0 and row["serial_fps"] > 0 and row["pipelined_fps"] > 0
+    assert row["speedup"] == round(row["pipelined_fps"] / row["serial_fps"], 3)

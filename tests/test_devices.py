@@ -50,6 +50,12 @@ class Breakable:
             raise self.error or RuntimeError(CUDA_FAULT)
         return self._engine.run(frames, params, **kw)
 
+    def collect(self, ticket):  # a pipelined call: the fault shows when the call is waited for
+        out = self._engine.collect(ticket)
+        if self.broken.is_set():
+            raise self.error or RuntimeError(CUDA_FAULT)
+        return out
+
 
 def metrics_of(server) -> dict[str, float]:
     values = {}

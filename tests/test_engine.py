@@ -208,3 +208,62 @@ def test_random_models_tokenizer_works_offline():
     ids = tok("Hello, world! ünïcode", padding="max_length", max_length=77, truncation=True).input_ids
     assert len(ids) == 77 and max(ids) < 514
     assert tok("a cat").input_ids != tok("a dog").input_ids
+
+
+def test_pipelined_calls_hand_out_their_own_frames(make_engine, frame_rng):
+    """submit/collect: a call's frames are not overwritten by the call submitted after it (two host slots), they equal
+    run()'s, a third call in flight is refused, and a failed submit leaves its slot free."""
+    engine = make_engine()
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    calls = [([frames[0], frames[1]], [StreamParams("a fox", 0.5, 2, 1), StreamParams("an owl", 1.0, 2, 2)]),
+             ([frames[2]], [StreamParams("a cat", 0.5, 4, 3)]),
+             ([frames[1], frames[0]], [StreamParams("a lake", 0.7, 3, 4)] * 2)]
+    want = [engine.run(f, p) for f, p in calls]
+    assert not any(np.array_equal(want[0][0], w[0]) for w in want[1:])  # the check below can tell them apart
+    first = engine.submit(*calls[0])
+    second = engine.submit(*calls[1])
+    assert engine.in_flight == 2
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.submit(*calls[2])
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.trace(frames[0], StreamParams())
+    got_first = engine.collect(first)
+    third = engine.submit(*calls[2])  # reuses the first call's slot, now collected
+    assert all(np.array_equal(g, w) for g, w in zip(got_first, want[0]))
+    assert all(np.array_equal(g, w) for g, w in zip(engine.collect(second), want[1]))
+    assert all(np.array_equal(g, w) for g, w in zip(engine.collect(third), want[2]))
+    with pytest.raises(RuntimeError, match="collected already"):
+        engine.collect(third)
+    with pytest.raises(ValueError):
+        engine.submit([frames[0]], [StreamParams(steps=99)])
+    assert engine.in_flight == 0
+
+
+def test_a_call_split_into_batches_keeps_each_batch(make_engine, frame_rng):
+    """A call larger than one batch (two step counts, and more frames than the largest bucket) runs its batches
+    through one host slot: each batch's frames are handed out before the next overwrites the slot."""
+    engine = make_engine()
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    params = [StreamParams(f"p{i}", 0.5, 2 if i % 3 else 4, i) for i in range(6)]
+    together = engine.collect(engine.submit(frames, params))
+    alone = [engine.run([f], [p])[0] for f, p in zip(frames, params)]
+    assert all(_max_diff(t, a) <= 1 for t, a in zip(together, alone))  # batch size moves float sums by a level
+    assert all(np.abs(together[i].astype(int) - together[i + 1]).mean() > 5 for i in range(5))  # all distinct
+
+
+def test_unchanged_rows_are_not_copied_again(make_engine, frame_rng):
+    """A stream that keeps its row, prompt and seed leaves its embeddings and noise rows as they are; a new prompt, a
+    new seed or another stream in the row copies again, and the frames stay those of a fresh engine."""
+    engine, fresh = make_engine(), make_engine()
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    a, b = StreamParams("a fox", seed=1), StreamParams("an owl", seed=2)
+    engine.run(frames, [a, b])
+    assert engine.stats.rows_reused == 0
+    engine.run(frames, [a, b])
+    assert engine.stats.rows_reused == 4  # embeddings and noise of both rows
+    out = engine.run(frames, [b, a.updated(seed=5)])  # rows swapped, and a new seed: all four copied
+    assert engine.stats.rows_reused == 4
+    want = fresh.run(frames, [b, a.updated(seed=5)])
+    assert all(np.array_equal(o, w) for o, w in zip(out, want))
+    engine.run(frames, [b, a.updated(prompt="a cat", seed=5)])  # row 0 unchanged, row 1: new prompt, same noise
+    assert engine.stats.rows_reused == 4 + 3

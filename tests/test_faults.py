@@ -269,12 +269,15 @@ class FlakyEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def run(self, frames, params, **kw):
+    def submit(self, frames, params, **kw):  # the batcher's way in (pipelined calls); run() is collect(submit())
         self.calls.append(len(frames))
         self.gate.wait(20)
         if self.broken or any(p.prompt == FAIL_PROMPT for p in params):
             raise RuntimeError("simulated device failure")
-        return self._engine.run(frames, params, **kw)
+        return self._engine.submit(frames, params, **kw)
+
+    def run(self, frames, params, **kw):
+        return self._engine.collect(self.submit(frames, params, **kw))
 
 
 async def _answer(ws, seq: int, timeout: float = 20.0) -> str:

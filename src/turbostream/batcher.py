@@ -10,6 +10,12 @@ The engine is built (optionally), warmed up and run on this thread only: CUDA gr
 captured them. An engine with per-stream state (transitions, feedback: it has release_stream) gets each frame's
 stream key, and a closed stream's state is released on this thread too.
 
+Pipelining: with an engine whose submit() only enqueues work (engine.Engine on CUDA: `pipelined`), the thread keeps
+the GPU busy while it does its host work. Batch k is submitted; while it runs, the thread gathers batch k+1 (until
+max_batch frames are pending, or nobody is sending, or k is done); then it submits k+1, collects k, commits the frames
+pending by then to a later batch, and hands k's results out. So k's copy out and delivery overlap k+1 on the GPU. An
+engine with run() only, or one that computes in submit() (the CPU), runs each batch to completion instead.
+
 Similarity skips (similarity.py): a frame the producer judged a repeat arrives as the reference frame marked `skip`;
 if the stream's last output came from that very frame it is answered with that output (Result.skipped, no engine
 call), otherwise the reference runs as usual. Results are delivered on the inference thread; callbacks must only hand them off (for example with
@@ -34,8 +40,15 @@ from .config import StreamParams
 log = logging.getLogger("turbostream.batcher")
 
 # How long the inference thread waits for a frame that another stream is decoding right now, to batch it with
-# the frames already pending. Bounded by one JPEG decode; never waited when no other stream announced a frame.
-DEFAULT_GATHER_S = 0.004
+# the frames already pending; never waited when no other stream announced a frame. Waiting costs the pending frames
+# that much latency and can save the awaited one a whole engine call, so the wait is a fraction of the engine's own
+# recent call time, within bounds (a decode under load can take a few ms; more than 20 ms is never worth it).
+GATHER_FRACTION = 0.1
+GATHER_MIN_S = 0.002
+GATHER_MAX_S = 0.020
+GATHER_START_S = 0.004  # before the first call has been timed
+CALL_TIME_SMOOTHING = 0.2  # weight of the newest call in the running mean of engine call time
+POLL_S = 0.0005  # while a call runs on the GPU: how often to look whether it is done (the wait ends early on frames)
 
 
 @dataclass
@@ -61,6 +74,21 @@ class Result:
     t_submit: float = 0.0
     t_done: float = 0.0
     skipped: bool = False  # answered with the stream's last output, without an engine call
+
+
+@dataclass
+class _Call:
+    """One batch on its way through the engine: what was taken, what runs, and (once finished) what came out."""
+
+    batch: list[tuple[Stream, Pending]]
+    reused: list[np.ndarray | None]  # per entry of batch: the output a skip is answered with, or None (it runs)
+    todo: list[tuple[Stream, Pending]]  # the entries that run
+    keys: list[int] | None = None
+    ticket: Any = None  # the engine's handle while the call is in flight (submit/collect engines)
+    outs: list[np.ndarray | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    t0: float = 0.0
+    dt: float = 0.0  # the call's own time (see _finish)
 
 
 class Stream:
@@ -115,7 +143,7 @@ class Batcher:
         *,
         engine_factory: Callable[[], Any] | None = None,
         max_batch: int | None = None,
-        gather_s: float = DEFAULT_GATHER_S,
+        gather_s: float | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         on_skip: Callable[[int], None] | None = None,
     ) -> None:
@@ -124,7 +152,9 @@ class Batcher:
         self.engine = engine
         self._factory = engine_factory
         self._max_batch = max_batch
-        self.gather_s = gather_s
+        self.fixed_gather_s = gather_s  # None: scaled with the engine's call time (see GATHER_FRACTION)
+        self.call_s: float | None = None  # running mean of the engine's call time, seconds
+        self._last_done = 0.0  # when the last call was collected
         self.on_batch = on_batch  # (batch size, seconds) after every engine call, on the inference thread
         self.on_skip = on_skip  # (frames answered without the engine) after a batch that had some
         self.skipped = 0
@@ -147,6 +177,15 @@ class Batcher:
     def max_batch(self) -> int:
         engine_max = self.engine.max_batch if self.engine is not None else 1
         return min(self._max_batch or engine_max, engine_max)
+
+    @property
+    def gather_s(self) -> float:
+        """How long a batch may wait for a frame another stream is decoding (fixed, or scaled with call time)."""
+        if self.fixed_gather_s is not None:
+            return self.fixed_gather_s
+        if self.call_s is None:
+            return GATHER_START_S
+        return min(max(GATHER_FRACTION * self.call_s, GATHER_MIN_S), GATHER_MAX_S)
 
     def start(self) -> Batcher:
         self._thread = threading.Thread(target=self._main, name="turbostream-inference", daemon=True)
@@ -212,14 +251,33 @@ class Batcher:
             self.failed.set()
             return
         self.ready.set()
-        batch: list[tuple[Stream, Pending]] = []
+        # Only where submit() returns before the work is done (CUDA): an engine that computes in submit() (the CPU)
+        # would make every batch wait for the next one's whole computation before its results go out.
+        pipelined = bool(getattr(self.engine, "pipelined", False))
+        committed: list[tuple[Stream, Pending]] = []
+        running: _Call | None = None
         while True:
-            batch = self._take(batch)
-            if batch is None:
-                return
-            # The frames pending when this call ends are committed to the next batch before any result goes out:
+            if running is None:
+                batch, committed = self._take(committed), []
+                if batch is None:
+                    return
+                running, following = self._launch(batch, pipelined), None
+                if pipelined and running.ticket is not None:
+                    continue  # gather the next batch while this one runs
+            else:
+                # A call runs on the device: gather the next batch meanwhile and submit it before collecting this one.
+                batch, committed = self._take_while_running(running, committed), []
+                if batch is None:
+                    self._finish(running)
+                    self._deliver(running)
+                    return
+                following = self._launch(batch, pipelined) if batch else None
+            self._finish(running)
+            # The frames pending once a call is finished are committed to a later batch before any result goes out:
             # a client answered first could otherwise send a newer frame that replaces its own committed one.
-            batch = self._run(batch)
+            committed = self._commit_pending()
+            self._deliver(running)
+            running = following
 
     def _take(self, batch: list[tuple[Stream, Pending]]) -> list[tuple[Stream, Pending]] | None:
         """Complete `batch` (frames committed already) to a batch to run, waiting for frames if it is empty.
@@ -246,6 +304,39 @@ class Batcher:
                     return batch
                 self._cond.wait(remaining)
 
+    def _take_while_running(
+        self, running: _Call, committed: list[tuple[Stream, Pending]]
+    ) -> list[tuple[Stream, Pending]] | None:
+        """The next batch, gathered while `running` is on the device: the committed frames, then pending ones up to
+        max_batch, taken once max_batch are there, nobody is sending (nothing pending or announced), or the running
+        call is done; [] when there is nothing to take (collect the running call first). None when stopping."""
+        limit = self.max_batch
+        done = getattr(self.engine, "done", None)
+        with self._cond:
+            batch = [entry for entry in committed if not entry[0].closed]  # its client left meanwhile
+            taken = {stream.key for stream, _ in batch}
+            while not self._stop:
+                if len(batch) + sum(k not in taken for k in self._pending) >= limit:
+                    break
+                expecting = any(s._expecting for s in self._streams.values())
+                if not batch and not self._pending and not expecting:
+                    break  # nothing to batch: collect now (a blocking wait is the cheapest way to wait)
+                if running.ticket is None or done is None or self._is_done(done, running.ticket):
+                    break
+                self._cond.wait(POLL_S)
+            if self._stop:
+                return None
+            for key in [k for k in self._pending if k not in taken][: limit - len(batch)]:
+                batch.append(self._pending.pop(key))
+            return batch
+
+    @staticmethod
+    def _is_done(done: Callable[[Any], bool], ticket: Any) -> bool:
+        try:
+            return done(ticket)
+        except Exception:  # noqa: BLE001 - a faulted device: collect() raises it again and reports it to the streams
+            return True
+
     def _commit_pending(self) -> list[tuple[Stream, Pending]]:
         """Pop up to max_batch pending frames (oldest first) without waiting: the start of the next batch."""
         with self._cond:
@@ -261,45 +352,68 @@ class Batcher:
             for key in keys:
                 release(key)
 
-    def _run(self, batch: list[tuple[Stream, Pending]]) -> list[tuple[Stream, Pending]]:
-        """Run one batch, deliver its results; returns the frames committed to the next batch."""
+    def _launch(self, batch: list[tuple[Stream, Pending]], pipelined: bool) -> _Call:
+        """Start one batch: skips answered from their reference's output, the rest submitted to the engine (or run
+        to completion by an engine without submit)."""
         self._release_closed()
         # Skips whose reference already ran are answered from its output; everything else goes to the engine.
         reused = [stream.last_output if item.skip and item.frame is stream.last_frame else None
                   for stream, item in batch]
-        todo = [entry for entry, r in zip(batch, reused) if r is None]
-        frames = [item.frame for _, item in todo]
-        params = [stream.params for stream, _ in todo]
-        keys = [stream.key for stream, _ in todo] if hasattr(self.engine, "release_stream") else None
-        t0 = time.perf_counter()
-        outs: list[np.ndarray | None] = []
-        errors: list[str | None] = []
-        if todo:
+        call = _Call(batch, reused, [entry for entry, r in zip(batch, reused) if r is None])
+        if not call.todo:
+            return call
+        frames = [item.frame for _, item in call.todo]
+        params = [stream.params for stream, _ in call.todo]
+        call.keys = [stream.key for stream, _ in call.todo] if hasattr(self.engine, "release_stream") else None
+        kw = {} if call.keys is None else {"streams": call.keys}
+        call.t0 = time.perf_counter()
+        try:
+            if pipelined:
+                call.ticket = self.engine.submit(frames, params, **kw)
+            else:
+                call.outs = list(self.engine.run(frames, params, **kw))
+                call.errors = [None] * len(call.todo)
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not take the others down with it
+            log.warning("engine call of %d frames failed (%s); running them one by one", len(call.todo), exc)
+            call.outs, call.errors = self._run_alone(frames, params, call.keys)
+        return call
+
+    def _finish(self, call: _Call) -> None:
+        """Collect a call from the engine if it is in flight (waits for it), and account for it."""
+        todo = call.todo
+        if call.ticket is not None:
             try:
-                outs = list(self.engine.run(frames, params) if keys is None
-                            else self.engine.run(frames, params, streams=keys))
-                errors = [None] * len(todo)
-            except Exception as exc:  # noqa: BLE001 - one bad frame must not take the others down with it
-                log.warning("engine call of %d frames failed (%s); running them one by one", len(todo), exc)
-                outs, errors = self._run_alone(frames, params, keys)
-        dt = time.perf_counter() - t0
-        for (stream, item), out in zip(todo, outs):
+                call.outs = list(self.engine.collect(call.ticket))
+                call.errors = [None] * len(todo)
+            except Exception as exc:  # noqa: BLE001 - reported to each stream of the batch
+                log.exception("engine call of %d frames failed", len(todo))
+                call.outs, call.errors = [None] * len(todo), [f"the engine failed on this batch: {exc}"] * len(todo)
+        # The call's own time: from its submit, or from the end of the call it queued behind (pipelined).
+        end = time.perf_counter()
+        dt = end - max(call.t0, self._last_done)
+        self._last_done = end
+        for (stream, item), out in zip(todo, call.outs):
             keep = out is not None and stream.params.similarity > 0
             stream.last_frame, stream.last_output = (item.frame, out) if keep else (None, None)
-        n_skipped = len(batch) - len(todo)
+        n_skipped = len(call.batch) - len(todo)
         if todo:
             self.batches += 1
             self.frames += len(todo)
+            self.call_s = dt if self.call_s is None else self.call_s + CALL_TIME_SMOOTHING * (dt - self.call_s)
             if self.on_batch is not None:
                 self.on_batch(len(todo), dt)
         if n_skipped:
             self.skipped += n_skipped
             if self.on_skip is not None:
                 self.on_skip(n_skipped)
-        following = self._commit_pending()
+        call.dt = dt
+
+    def _deliver(self, call: _Call) -> None:
+        """Hand each stream of a finished call its result (on this thread; callbacks only hand off)."""
+        todo, batch, dt = call.todo, call.batch, call.dt
         t_done = time.perf_counter()
-        ran = iter(zip(outs, errors))
-        answers = [(r, None, True) if r is not None else (*next(ran), False) for r in reused]
+        ran = iter(zip(call.outs, call.errors))
+        answers = [(r, None, True) if r is not None else (*next(ran), False) for r in call.reused]
         for (stream, item), (out, err, skipped) in zip(batch, answers):
             if stream.closed:
                 continue
@@ -311,7 +425,6 @@ class Batcher:
                 stream.on_result(result)
             except Exception:  # noqa: BLE001 - a broken callback is the stream's problem, not the thread's
                 log.exception("result callback of stream %d failed", stream.key)
-        return following
 
     def _run_alone(self, frames, params, keys=None) -> tuple[list[np.ndarray | None], list[str | None]]:
         outs: list[np.ndarray | None] = []

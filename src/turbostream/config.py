@@ -37,6 +37,28 @@ MAX_SIDE = 1024
 # The one list of dtype and VAE names (the CLI's choices, EngineConfig's checks, models.DTYPES' keys).
 DTYPE_NAMES = ("auto", "float16", "bfloat16", "float32")
 VAE_KINDS = ("tiny", "full")
+# The engine's attention backend for scaled_dot_product_attention: "auto" leaves the choice to PyTorch (as before);
+# the others pin one of its backends (torch.nn.attention.SDPBackend) for every attention layer of the UNet.
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+# torch.compile modes --compile may use. "default" is torch's default mode. The modes that capture CUDA graphs of
+# their own are refused (see check_compile_mode): the engine already captures the whole frame into one graph.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# `turbostream bench --compile` compiles and captures these batch sizes (each costs a compile): 8 is the throughput
+# bucket the targets name (compiled batch 8 at 300 frames/s and more).
+BENCH_COMPILE_BUCKETS = (1, 4, 8)
+
+
+def check_compile_mode(mode: str) -> str:
+    """mode if --compile may use it, else ValueError saying why (the cudagraph modes) or what to choose."""
+    if mode in CUDAGRAPH_COMPILE_MODES:
+        raise ValueError(
+            f"compile mode {mode!r} is not allowed: it makes torch.compile capture CUDA graphs of its own "
+            "(cudagraph trees), and the engine already captures the whole frame into one CUDA graph per bucket; the "
+            "two do not nest. Use 'max-autotune-no-cudagraphs' for autotuned kernels, or 'default'")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return mode
 
 
 # A prompt: one text, or a weighted blend of a few texts ((text, weight), ...) whose embeddings are mixed by the
@@ -235,6 +257,17 @@ class EngineConfig:
     # Where --compile keeps what it built, so the next start with the same configuration reuses it (None: off).
     # "" means the default folder (engine/compile_cache.py: ~/.cache/turbostream/compile).
     compile_cache: str | None = ""
+    # torch.compile's mode with --compile (COMPILE_MODES); "default" is what --compile always did.
+    compile_mode: str = "default"
+    # SDPA backend of the UNet's attention (ATTENTION_BACKENDS); "auto": PyTorch's choice, as before. Another backend
+    # rounds differently (small differences); one that cannot run here is an error when the engine is built.
+    attention: str = "auto"
+    # float8 (e4m3) Linear layers in the UNet's transformer blocks through torchao (CUDA, compute capability 8.9+):
+    # changes the output (weights and activations are rounded to 8 bits), unlike every other option here.
+    fp8: bool = False
+    # Leave out the UNet's divisions by 1.0 (diffusers' resnet output_scale_factor and attention
+    # rescale_output_factor): one elementwise kernel per block less, bit-identical output.
+    skip_unit_rescale: bool = False
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     noise_cache_size: int = 256  # per-seed noise tensors kept (LRU)
@@ -249,6 +282,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.vae not in VAE_KINDS:
             raise ValueError(f"vae must be one of {', '.join(VAE_KINDS)}, got {self.vae!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        check_compile_mode(self.compile_mode)
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")
@@ -262,6 +298,11 @@ class EngineConfig:
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
+
+    @property
+    def torch_compile_mode(self) -> str | None:
+        """The `mode` argument for torch.compile: None for "default" (torch's own default), else the mode."""
+        return None if self.compile_mode == "default" else self.compile_mode
 
 
 # Named starting points, gpt-fast style; the CLI starts from "sd-turbo" and applies its options on top.

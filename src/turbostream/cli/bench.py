@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..config import BENCH_COMPILE_BUCKETS
 from ..errors import UserError
 from ..io.sinks import ensure_writable_folder
 from .options import add_engine_options, buckets, engine_config
@@ -16,8 +17,8 @@ def add_parser(sub) -> None:
     add_engine_options(p, stream_options=False)
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement (default: %(default)s)")
     p.add_argument("--burn-in", type=int, default=5, help="untimed calls before each measurement (default: %(default)s)")
-    p.add_argument("--compile-buckets", type=buckets, default=(1, 4), metavar="1,4",
-                   help="batch sizes compiled and captured with --compile (each costs a compile; default: 1,4)")
+    p.add_argument("--compile-buckets", type=buckets, default=BENCH_COMPILE_BUCKETS, metavar="1,4,8",
+                   help="batch sizes compiled and captured with --compile (each costs a compile; default: 1,4,8)")
     p.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers pipeline baseline")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=main)

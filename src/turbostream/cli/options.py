@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import (
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
     DEFAULT_MODEL,
     DEFAULT_TAESD,
     DTYPE_NAMES,
@@ -14,6 +16,7 @@ from ..config import (
     EngineConfig,
     StreamParams,
     parse_prompt,
+    check_compile_mode,
     parse_size,
 )
 from ..errors import UserError
@@ -36,6 +39,14 @@ def buckets(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1 or max(sizes) > 64:
         raise argparse.ArgumentTypeError(f"buckets must be batch sizes between 1 and 64, got {text!r}")
     return sizes
+
+
+def compile_mode(text: str) -> str:
+    """argparse type: a torch.compile mode --compile may use (the cudagraph modes are refused, with the reason)."""
+    try:
+        return check_compile_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +79,20 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="folder of the compile cache (default: ~/.cache/turbostream/compile, or $TURBOSTREAM_CACHE)")
     g.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
                    help="compile from scratch every start, and keep nothing")
+    g.add_argument("--compile-mode", type=compile_mode, default=d["compile_mode"].default, metavar="MODE",
+                   help=f"torch.compile mode with --compile: {' or '.join(COMPILE_MODES)} (autotuned kernels, a "
+                        "longer compile); reduce-overhead and max-autotune are refused: they capture CUDA graphs of "
+                        "their own, and the engine captures the frame itself (default: %(default)s)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
+                   help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
+                        "one (flash and efficient need CUDA, flash fp16/bf16). The output changes by rounding only; "
+                        "a backend that cannot run here is an error at start-up (default: %(default)s)")
+    g.add_argument("--fp8", action="store_true",
+                   help="CHANGES THE OUTPUT: float8 (e4m3) Linear layers in the UNet's transformer blocks through "
+                        "torchao (pip install torchao); CUDA with compute capability 8.9+ (Ada, Hopper) only")
+    g.add_argument("--skip-unit-rescale", action="store_true",
+                   help="leave out the UNet's divisions by 1.0 (diffusers' output scale factors): fewer kernels, "
+                        "bit-identical output")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA path eagerly (debugging, comparison)")
     if stream_options:
@@ -113,12 +138,19 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
-            compile_cache=args.compile_cache,
+            compile_cache=args.compile_cache, compile_mode=args.compile_mode, attention=args.attention,
+            fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale,
             default_params=default,
         )
+        if cfg.compile_mode != "default" and not cfg.compile:
+            raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")
         from ..models import resolve_device
 
-        resolve_device(cfg.device)  # --device cuda on a machine without one: said now, not after minutes of loading
+        device = resolve_device(cfg.device)  # --device cuda without a GPU: said now, not after minutes of loading
+        if cfg.fp8:
+            from ..engine.cuda import check_fp8
+
+            check_fp8(device)  # no CUDA, an older GPU or no torchao: said before loading too
         return cfg
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -3,8 +3,9 @@
 torch.compile of the UNet and TAESD costs minutes at the first start. torch.compiler.save_cache_artifacts() bundles
 what it built (inductor's compiled graphs, autotuning results, AOTAutograd's cache) into bytes that
 load_cache_artifacts() puts back into torch's caches before the next compile, which then reuses them instead of
-building again: on another machine or container too, as long as the key matches. The key names everything the
-artifacts depend on: torch's version, the GPU, the model, the size, dtype, VAE and batch buckets.
+building again: on another machine or container too, as long as the key matches. The key (cache_key) names everything
+the artifacts depend on: torch's version, the GPU, the model, the size, dtype, VAE and batch buckets, and the compile
+mode and module options when they are not the defaults.
 
 A missing file is a miss; a file that cannot be read or loaded (corrupt, another torch) is ignored with a warning,
 never a crash. Writes are atomic (a temporary file renamed), so a start cut short leaves no half file.
@@ -30,6 +31,23 @@ def default_folder() -> Path:
         return Path(os.environ["TURBOSTREAM_CACHE"]) / "compile"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "turbostream" / "compile"
+
+
+def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
+    """The compile cache's key for an EngineConfig on a GPU (torch's version is added by CompileCache).
+
+    The compile mode and the options that change the compiled modules (attention backend, fp8, skip_unit_rescale)
+    are in it only when they differ from the defaults: a default configuration keeps the key (and the cache files)
+    it had before those options existed.
+    """
+    key = {"gpu": gpu, "model": config.model, "vae": config.vae, "dtype": str(dtype),
+           "size": [config.width, config.height], "buckets": list(config.buckets),
+           "unet_evals": config.default_params.unet_evals}
+    for name, default in (("compile_mode", "default"), ("attention", "auto"), ("fp8", False),
+                          ("skip_unit_rescale", False)):
+        if getattr(config, name, default) != default:
+            key[name] = getattr(config, name)
+    return key
 
 
 class CompileCache:

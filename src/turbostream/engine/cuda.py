@@ -3,6 +3,10 @@
 prepare_cuda() rewrites the given components in place (channels_last, fused QKV) and flips global backend flags
 (cuDNN autotuning, TF32 matmuls): anything else built on the same components afterwards runs the engine's kernels,
 not diffusers' defaults. That is why the parity reference (reference.py) always loads components of its own.
+
+apply_options() makes the modules match the engine options that change them (EngineConfig.attention,
+skip_unit_rescale, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It is idempotent, and attention and skip_unit_rescale are undone by a config
+without them, so engines may share components; fp8 cannot be undone (the weights are rounded to 8 bits in place).
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from typing import Any
 
 import torch
 
+# float8 matmuls (torch._scaled_mm) exist from Ada (8.9) and Hopper (9.0) on.
+FP8_MIN_CAPABILITY = (8, 9)
 
-def prepare_cuda(components: Any) -> None:
+
+def prepare_cuda(components: Any, config: Any = None) -> None:
     """channels_last convs, fused QKV projections, cuDNN autotuning, TF32 matmuls; idempotent (engines may share)."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -23,12 +30,95 @@ def prepare_cuda(components: Any) -> None:
         # One projection GEMM for Q, K and V instead of three: fewer, larger kernels (diffusers' own API).
         components.unet.fuse_qkv_projections()
         components.unet._turbostream_fused = True
+    if config is not None:
+        apply_options(components, config)
 
 
-def prepare_cpu() -> None:
+def prepare_cpu(components: Any = None, config: Any = None) -> None:
     """Leave one core to decoding, encoding and the event loop (the CPU path's torch thread pool)."""
     cores = os.cpu_count() or 1
     if cores > 1:
         # With every core in torch's pool, a busy neighbour thread made CPU calls swing from 5 ms to seconds
         # (OpenMP workers waiting on each other).
         torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+    if components is not None and config is not None:
+        apply_options(components, config)
+
+
+def apply_options(components: Any, config: Any) -> dict:
+    """Make the UNet match config's attention, skip_unit_rescale and fp8; ValueError (clear) if one cannot run here.
+
+    Call after prepare_cuda's QKV fusion (the attention processor keeps it) and before the first frame. Returns what
+    was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears"}.
+    """
+    from .attention import attention_modules, check_backend, set_attention, set_unit_rescale
+
+    unet = components.unet
+    tokens = (config.height // 8) * (config.width // 8)
+    check_backend(config.attention, unet, tokens, components.max_tokens)  # before anything changes
+    quantized = getattr(unet, "_turbostream_fp8", 0)
+    if quantized and not config.fp8:
+        raise ValueError("these components were quantized to fp8 by an engine built with fp8, which cannot be "
+                         "undone: load fresh components for an engine without fp8")
+    if config.fp8 and not quantized:
+        check_fp8(next(unet.parameters()).device)
+    set_attention(unet, config.attention, config.skip_unit_rescale)
+    lean = set_unit_rescale(unet, config.skip_unit_rescale)
+    if config.fp8 and not quantized:
+        unet._turbostream_fp8 = quantize_fp8(unet)
+    return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
+            "fp8_linears": getattr(unet, "_turbostream_fp8", 0)}
+
+
+def check_fp8(device: torch.device | str) -> None:
+    """ValueError unless fp8 can run on `device`: CUDA with compute capability 8.9 or newer, and torchao importable."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"fp8 needs a CUDA GPU with compute capability {FP8_MIN_CAPABILITY[0]}."
+                         f"{FP8_MIN_CAPABILITY[1]} or newer (Ada, Hopper); the engine runs on {device}")
+    if not torch.cuda.is_available():
+        raise ValueError("fp8 needs a CUDA GPU, and CUDA is not available here")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(f"fp8 needs compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer "
+                         f"(Ada, Hopper); {torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    load_torchao()
+
+
+def load_torchao() -> tuple[Any, Any]:
+    """(quantize_, the float8 dynamic-activation float8-weight config) from torchao; ValueError naming the install."""
+    try:
+        from torchao.quantization import quantize_
+    except Exception as exc:  # noqa: BLE001 - missing, or built for another torch: either way the same advice
+        raise ValueError(f"fp8 needs torchao, which cannot be imported here ({type(exc).__name__}: {exc}): "
+                         f"pip install torchao (a release made for torch {torch.__version__.split('+')[0]})") from None
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+    except ImportError:  # torchao before 0.9 had only the function form
+        from torchao.quantization import float8_dynamic_activation_float8_weight
+
+        return quantize_, float8_dynamic_activation_float8_weight()
+    try:
+        # torchao would otherwise change torch._inductor's global settings (slower compiles for every engine in the
+        # process); process-wide settings are this module's to choose.
+        return quantize_, Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False)
+    except TypeError:
+        return quantize_, Float8DynamicActivationFloat8WeightConfig()
+
+
+def fp8_linear(module: torch.nn.Module, name: str) -> bool:
+    """The Linear layers fp8 quantizes: those of the UNet's transformer blocks (projections, attention, feed-forward).
+
+    Their GEMMs are the UNet's largest; the time-embedding Linears run on (batch, 320..1280) and would only gain
+    quantize overhead. float8 GEMMs need both sizes divisible by 16.
+    """
+    return (isinstance(module, torch.nn.Linear) and "attentions." in name
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def quantize_fp8(unet: torch.nn.Module) -> int:
+    """Quantize the UNet's transformer Linears to float8 e4m3 (dynamic activation scales) in place; returns how many."""
+    quantize_, fp8_config = load_torchao()
+    count = sum(fp8_linear(m, name) for name, m in unet.named_modules())
+    quantize_(unet, fp8_config, filter_fn=fp8_linear)
+    return count

@@ -1,5 +1,17 @@
 """The Engine: SD-Turbo img2img on batches of frames from many streams, each with its own prompt, strength, steps
-and seed; static buffers and one CUDA graph per (batch bucket, UNet evaluations) on CUDA, eager on the CPU.
+and seed; static buffers and CUDA graphs on CUDA, eager on the CPU.
+
+Graphs: three per batch bucket, one per segment of the frame path (frame.FrameMath): head (decode the uint8 frames,
+VAE encode, noise), step (one UNet evaluation and its Euler step) and tail (VAE decode, uint8). A call with n UNet
+evaluations replays head, step n times, tail. So every number of evaluations is served by the graphs captured at
+warmup: a stream that changes its steps or strength never triggers a capture, which would stall every stream for
+seconds. The price is two more graph launches per call (microseconds against milliseconds of work).
+
+Pipelining: submit() stages a batch and enqueues its graphs without waiting; collect() waits for that batch and
+hands out its frames. Between the two the GPU works while the caller does host work, such as staging the next
+batch (two calls may be in flight). Device buffers are shared by all calls: one CUDA stream orders them. The pinned
+host buffers are not ordered by the stream, so there are two sets (slots), one per call in flight; a slot is reused
+only after its call was collected, so neither a staged input nor an output still to be handed out is overwritten.
 
 The live-video controls are data in the same static buffers (streams.py): a transition writes interpolated
 embeddings and noise into a stream's rows, feedback writes the stream's previous output latent and its weight. Both
@@ -28,7 +40,7 @@ from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
 from .caches import LRU, encode_prompt, seed_noise
-from .compile_cache import CompileCache, default_folder
+from .compile_cache import CompileCache, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .schedule import ScheduleTable
@@ -49,10 +61,42 @@ class EngineStats:
     graphs_captured: int = 0
     text_encoder_runs: int = 0
     prompt_cache_evictions: int = 0
+    rows_reused: int = 0  # embedding or noise rows that already held what a call needed (no copy)
     warmup_s: float = 0.0
     compile_s: float = 0.0
     compile_cache_hit: bool = False
-    capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}n{evals}" -> seconds
+    capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}" -> seconds to capture its graphs
+
+
+@dataclass
+class _Slot:
+    """One call's pinned host buffers: staged inputs and the outputs to hand out. Busy from submit to collect."""
+
+    frames: torch.Tensor  # uint8 (B, H, W, 3)
+    steps: torch.Tensor  # float32 (max_steps, 3, B): per UNet evaluation, timestep, sigma, next sigma per row
+    feedback: torch.Tensor  # float32 (B,)
+    out: torch.Tensor  # uint8 (B, H, W, 3)
+    done: torch.cuda.Event | None  # recorded after the call's last copy to the host
+    busy: bool = False
+
+
+@dataclass
+class Ticket:
+    """A submitted call: frames already collected (earlier batches of a large call), and the batch in flight."""
+
+    results: list[np.ndarray | None]
+    slot: _Slot
+    rows: list[int]  # which results the batch in flight fills, in row order
+    collected: bool = False
+
+
+@dataclass
+class _SegmentGraphs:
+    """One bucket's graphs: the frame path's three segments (see the module docstring)."""
+
+    head: torch.cuda.CUDAGraph
+    step: torch.cuda.CUDAGraph
+    tail: torch.cuda.CUDAGraph
 
 
 class Engine:
@@ -85,14 +129,14 @@ class Engine:
         # texts (and cost text-encoder runs) of other streams.
         self._blends = LRU(BLEND_CACHE_SIZE)
         self._owner: int | None = None
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, _SegmentGraphs] = {}  # by batch bucket
         self._streams = StreamStates(config.max_stream_states)
         self.clock = time.monotonic  # transitions are timed by it (tests may replace it)
         # The only place building an engine changes its components or process state (see cuda.py).
         if self.is_cuda:
-            prepare_cuda(components)
+            prepare_cuda(components, config)
         else:
-            prepare_cpu()
+            prepare_cpu(components, config)
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         self._alloc_buffers()
 
@@ -119,21 +163,32 @@ class Engine:
         B, (C, h, w), dev = self.max_batch, self.latent_shape, self.device
         n = self.config.max_steps
         pin = self.is_cuda
-        self._frames_host = torch.empty((B, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin)
-        self._out_host = torch.empty((B, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin)
-        self._sched_host = torch.zeros((2 * n + 1, B), dtype=torch.float32, pin_memory=pin)
+        self._slots = [
+            _Slot(frames=torch.empty((B, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin),
+                  steps=torch.zeros((n, 3, B), dtype=torch.float32, pin_memory=pin),
+                  feedback=torch.zeros((B,), dtype=torch.float32, pin_memory=pin),
+                  out=torch.empty((B, self.height, self.width, 3), dtype=torch.uint8, pin_memory=pin),
+                  done=torch.cuda.Event() if self.is_cuda else None)
+            for _ in range(2)
+        ]
+        self._next_slot = 0
         self._frames = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._out = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._emb = torch.zeros((B, self.components.max_tokens, self.components.text_dim), dtype=self.dtype, device=dev)
         self._noise_buf = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
+        # Which cached tensor each row of _emb and _noise_buf holds (None: something else), to skip copying it again.
+        self._row_emb: list[torch.Tensor | None] = [None] * B
+        self._row_noise: list[torch.Tensor | None] = [None] * B
         # Feedback: per-row weight (0: off, exact identity) and previous output latents in; final latents out.
-        self._feedback_host = torch.zeros((B,), dtype=torch.float32, pin_memory=pin)
         self._feedback = torch.zeros((B,), dtype=torch.float32, device=dev)
         self._prev = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
         self._latents_out = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
-        # Rows 0..n-1: timesteps of each UNet evaluation; rows n..2n: sigmas (one more, the last is the target).
-        self._sched = torch.zeros((2 * n + 1, B), dtype=torch.float32, device=dev)
-        self._done = torch.cuda.Event() if self.is_cuda else None
+        # The latents between graph segments: head writes them, each step updates them, tail reads them.
+        self._latents = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
+        # Schedule: _steps[k] holds (timestep, sigma, next sigma) of evaluation k for every row; before each replay
+        # of the step graph, row k is copied into _step (what the graph reads): one graph for every k.
+        self._steps = torch.zeros((n, 3, B), dtype=torch.float32, device=dev)
+        self._step = torch.zeros((3, B), dtype=torch.float32, device=dev)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # ------------------------------------------------------------------ caches (text encoder, noise)
@@ -182,13 +237,27 @@ class Engine:
 
     # ------------------------------------------------------------------ the frame path (traced into the graphs)
 
+    def _head(self, b: int, encode: bool = True, probe: Probe | None = None) -> torch.Tensor:
+        """Static buffers [:b] -> float32 noisy latents (b, C, h, w): FrameMath.head on the buffers, capturable."""
+        return self.math.head(self._frames[:b] if encode else None, self._noise_buf[:b], self._steps[0, 1, :b], probe,
+                              prev=self._prev[:b], feedback=self._feedback[:b])
+
+    def _step_path(self, latents: torch.Tensor, row: torch.Tensor, probe: Probe | None = None,
+                   k: int = 0) -> torch.Tensor:
+        """Latents (b, C, h, w) -> latents after one UNet evaluation at schedule row (3, B) ([:b] of it is read)."""
+        b = latents.shape[0]
+        return self.math.step(latents, row[0, :b], row[1, :b], row[2, :b], self._emb[:b], probe, k)
+
+    def _tail(self, latents: torch.Tensor, probe: Probe | None = None) -> torch.Tensor:
+        """Clean latents (b, C, h, w) -> uint8 (b, H, W, 3); their copy goes to the static latents out (feedback)."""
+        return self.math.tail(latents, probe, latents_out=self._latents_out[: latents.shape[0]])
+
     def _frame_path(self, b: int, n: int, encode: bool = True, probe: Probe | None = None) -> torch.Tensor:
-        """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations (FrameMath on the buffers): capturable."""
-        return self.math(
-            self._frames[:b] if encode else None, self._emb[:b], self._noise_buf[:b],
-            self._sched[:n, :b], self._sched[n : 2 * n + 1, :b], probe,
-            prev=self._prev[:b], feedback=self._feedback[:b], latents_out=self._latents_out[:b],
-        )
+        """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations, eagerly: the three segments in a row."""
+        latents = self._head(b, encode, probe)
+        for k in range(n):
+            latents = self._step_path(latents, self._steps[k], probe, k)
+        return self._tail(latents, probe)
 
     # ------------------------------------------------------------------ warmup and capture
 
@@ -211,16 +280,17 @@ class Engine:
         self._check_thread()
         t0 = time.perf_counter()
         default = self.config.default_params
-        self._load_stream_inputs([default], 0)
+        slot = self._slots[0]
+        self._load_stream_inputs([default], 0, slot)
         if self.is_cuda and self.config.compile:
             self._compile()
         elif self.config.compile:
             log.warning("--compile speeds up the CUDA graph path only; ignored on %s", self.device)
+        self._stage_schedule([default], slot)
         if self.use_graphs:
             for b in self.config.buckets:
-                self._capture(b, default.unet_evals)
+                self._capture(b)
         else:
-            self._stage_schedule([default])
             self._frame_path(1, default.unet_evals)
             if self.is_cuda:
                 torch.cuda.synchronize()
@@ -236,19 +306,17 @@ class Engine:
         t0 = time.perf_counter()
         cache = None
         if self.config.compile_cache is not None:
-            cache = CompileCache(self.config.compile_cache or default_folder(), {
-                "gpu": torch.cuda.get_device_name(self.device), "model": self.config.model, "vae": self.config.vae,
-                "dtype": str(self.dtype), "size": [self.width, self.height], "buckets": list(self.config.buckets),
-                "unet_evals": self.config.default_params.unet_evals,
-            })
+            cache = CompileCache(self.config.compile_cache or default_folder(),
+                                 cache_key(self.config, torch.cuda.get_device_name(self.device), self.dtype))
             self.stats.compile_cache_hit = cache.load()
-        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False)
+        mode = self.config.torch_compile_mode  # None: torch's default mode
+        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False, mode=mode)
         if self.components.vae_kind == "tiny":
-            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False)
-            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=False)
+            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False, mode=mode)
+            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=False, mode=mode)
         # Compile every bucket now (eager runs on the compiled modules), so the timing below is the compile cost.
         n = self.config.default_params.unet_evals
-        self._stage_schedule([self.config.default_params] * self.max_batch)
+        self._stage_schedule([self.config.default_params] * self.max_batch, self._slots[0])
         for b in self.config.buckets:
             self._frame_path(b, n)
         torch.cuda.synchronize()
@@ -258,43 +326,66 @@ class Engine:
         if cache is not None and not self.stats.compile_cache_hit:
             cache.save()
 
-    def _capture(self, b: int, n: int) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (3 runs), then capture bucket b with n UNet evaluations into a graph."""
+    def _segment(self, b: int, kind: str) -> None:
+        """One segment of the path on bucket b, from static buffers to static buffers (what a graph captures)."""
+        if kind == "head":
+            self._latents[:b].copy_(self._head(b))
+        elif kind == "step":
+            self._latents[:b].copy_(self._step_path(self._latents[:b], self._step))
+        else:
+            self._out[:b].copy_(self._tail(self._latents[:b]))
+
+    def _capture(self, b: int) -> _SegmentGraphs:
+        """Warm up on a side stream (3 runs), then capture bucket b's three segments, each into its own graph."""
         t0 = time.perf_counter()
+        kinds = ("head", "step", "tail")
+        self._step.copy_(self._steps[0])  # a real schedule row for the warm-up runs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                self._out[:b].copy_(self._frame_path(b, n))
+                for kind in kinds:
+                    self._segment(b, kind)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # All graphs share one memory pool: they never run concurrently and every output is copied into
-        # self._out, so the temporaries of one graph may reuse another's.
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._out[:b].copy_(self._frame_path(b, n))
+        graphs = {}
+        for kind in kinds:
+            graph = torch.cuda.CUDAGraph()
+            # All graphs share one memory pool: they never run concurrently and each passes its result on in a
+            # static buffer (latents, out), so the temporaries of one graph may reuse another's.
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._segment(b, kind)
+            graphs[kind] = graph
         torch.cuda.synchronize()
-        self._graphs[(b, n)] = graph
-        self.stats.graphs_captured += 1
-        self.stats.capture_s[f"b{b}n{n}"] = time.perf_counter() - t0
-        if self.stats.warmup_s:  # after warmup: a stream asked for a new number of UNet evaluations
-            log.info("captured graph for batch %d, %d UNet evaluations in %.2f s", b, n, time.perf_counter() - t0)
-        return graph
+        self._graphs[b] = _SegmentGraphs(**graphs)
+        self.stats.graphs_captured += len(kinds)
+        self.stats.capture_s[f"b{b}"] = time.perf_counter() - t0
+        return self._graphs[b]
+
+    def _replay(self, b: int, n: int) -> None:
+        """Enqueue bucket b's graphs for n UNet evaluations; no host sync."""
+        graphs = self._graphs.get(b) or self._capture(b)  # every bucket is captured at warmup; this is a fallback
+        graphs.head.replay()
+        for k in range(n):
+            self._step.copy_(self._steps[k])  # device to device, ordered before the replay that reads it
+            graphs.step.replay()
+        graphs.tail.replay()
+        self.stats.graph_replays += 1
 
     # ------------------------------------------------------------------ running frames
 
-    def _stage_schedule(self, params: Sequence[StreamParams]) -> int:
-        """Write per-sample timesteps and sigmas into the static schedule buffer; all params share unet_evals."""
+    def _stage_schedule(self, params: Sequence[StreamParams], slot: _Slot) -> int:
+        """Write each row's schedule (timestep, sigma, next sigma per evaluation) to the device; all share unet_evals."""
         n = params[0].unet_evals
-        host = self._sched_host
+        host = slot.steps
         for i, p in enumerate(params):
-            host[: 2 * n + 1, i] = self.schedules.get(p.steps, n).column
+            host[:n, :, i] = self.schedules.get(p.steps, n).table
         # Padding rows of a bucket run too: give them a real schedule, not a stale one of another layout.
-        host[:, len(params) :] = host[:, :1]
-        self._sched.copy_(host, non_blocking=True)
+        host[:, :, len(params) :] = host[:, :, :1]
+        self._steps.copy_(host, non_blocking=True)
         return n
 
     def _load_stream_inputs(
-        self, params: Sequence[StreamParams], first: int, keys: Sequence[Hashable | None] | None = None,
+        self, params: Sequence[StreamParams], first: int, slot: _Slot, keys: Sequence[Hashable | None] | None = None,
         now: float = 0.0,
     ) -> None:
         """Copy each stream's prompt embeddings, noise and feedback inputs into the static rows first, first+1, ...
@@ -303,21 +394,31 @@ class Engine:
         feedback weight 0. With a key, a transition under way writes interpolated embeddings and slerped noise, and
         feedback > 0 writes the stream's previous output latent and its weight (0 on its first frame).
         """
-        host = self._feedback_host
+        host = slot.feedback
         host.zero_()
         for i, p in enumerate(params, start=first):
             emb, noise = self.prompt_embeddings(p.prompt), self.noise(p.seed)
             key = keys[i - first] if keys is not None else None
             state = self._streams.get(key) if key is not None else None
             a = state.step(p, now, self.prompt_embeddings, self.noise) if state is not None else None
+            # A row that holds this very cached tensor already (same stream in the same row as last call, the usual
+            # case) is left as it is: nothing else writes these rows, and the cached tensors are never changed.
             if a is not None and state.from_emb is not None:
                 self._emb[i].copy_(lerp(state.from_emb, emb, a))
-            else:
+                self._row_emb[i] = None
+            elif self._row_emb[i] is not emb:
                 self._emb[i].copy_(emb)
+                self._row_emb[i] = emb
+            else:
+                self.stats.rows_reused += 1
             if a is not None and state.from_noise is not None:
                 self._noise_buf[i].copy_(slerp(state.from_noise, noise, a))
-            else:
+                self._row_noise[i] = None
+            elif self._row_noise[i] is not noise:
                 self._noise_buf[i].copy_(noise)
+                self._row_noise[i] = noise
+            else:
+                self.stats.rows_reused += 1
             if state is not None and p.feedback > 0 and state.latent is not None:
                 self._prev[i].copy_(state.latent)
                 host[i] = p.feedback
@@ -354,15 +455,30 @@ class Engine:
         evaluations share one batch; larger groups are split at the largest bucket. graphs=False forces eager.
         streams: each frame's stream key (None: no stream), which transitions and feedback need; frames of the
         same stream run in order, one per batch, so each sees the latent of the one before.
+        run() is collect(submit(...)): the call waits for its frames.
+        """
+        return self.collect(self.submit(frames, params, graphs=graphs, streams=streams))
+
+    @torch.inference_mode()
+    def submit(
+        self, frames: Sequence[np.ndarray], params: Sequence[StreamParams], *, graphs: bool | None = None,
+        streams: Sequence[Hashable | None] | None = None,
+    ) -> Ticket:
+        """Stage and enqueue a call like run()'s without waiting for its last batch; collect(ticket) hands it out.
+
+        At most two calls may be in flight (one per host slot): submitting a third before collecting one raises
+        RuntimeError. On the CPU the work happens here and collect() only hands out the frames.
         """
         if len(frames) != len(params) or (streams is not None and len(streams) != len(frames)):
             raise ValueError(f"{len(frames)} frames but {len(params)} parameter sets"
                              + (f" and {len(streams)} stream keys" if streams is not None else ""))
-        if not frames:
-            return []
         params = [self.validate(p) for p in params]
         fitted = [fit_frame(f, self.width, self.height) for f in frames]
         self._check_thread()
+        slot = self._slots[self._next_slot]
+        if slot.busy:
+            raise RuntimeError("two engine calls are in flight already: collect one before submitting another")
+        self._next_slot ^= 1
         use_graphs = self.use_graphs if graphs is None else (graphs and self.use_graphs)
         results: list[np.ndarray | None] = [None] * len(frames)
         groups: dict[int, list[int]] = {}
@@ -370,15 +486,63 @@ class Engine:
             groups.setdefault(p.unet_evals, []).append(i)
         keys = list(streams) if streams is not None else [None] * len(frames)
         now = self.clock()
-        for members in groups.values():
-            for chunk in self._chunks(members, keys):
-                outs = self._run_chunk([fitted[i] for i in chunk], [params[i] for i in chunk], use_graphs,
-                                       [keys[i] for i in chunk], now)
-                for i, out in zip(chunk, outs):
-                    results[i] = out
-        self.stats.calls += 1
-        self.stats.frames += len(frames)
-        return results  # type: ignore[return-value]
+        chunks = [chunk for members in groups.values() for chunk in self._chunks(members, keys)]
+        ticket = Ticket(results, slot, [])
+        slot.busy = True
+        try:
+            for j, chunk in enumerate(chunks):
+                if j:  # the slot's buffers hold the previous batch: hand it out before staging the next
+                    self._hand_out(ticket)
+                self._enqueue([fitted[i] for i in chunk], [params[i] for i in chunk], use_graphs,
+                              [keys[i] for i in chunk], now, slot)
+                ticket.rows = chunk
+        except BaseException:
+            self._wait(slot)
+            slot.busy = False
+            raise
+        if frames:
+            self.stats.calls += 1
+            self.stats.frames += len(frames)
+        return ticket
+
+    @torch.inference_mode()
+    def collect(self, ticket: Ticket) -> list[np.ndarray]:
+        """Wait for a submitted call and return its frames (uint8 RGB (height, width, 3), in submission order)."""
+        if ticket.collected:
+            raise RuntimeError("this engine call was collected already")
+        self._check_thread()
+        try:
+            self._hand_out(ticket)
+        finally:
+            ticket.slot.busy = False
+            ticket.collected = True
+        return ticket.results  # type: ignore[return-value]
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether submit() returns before the work is done (CUDA), so a caller gains by overlapping its host work."""
+        return self.is_cuda
+
+    def done(self, ticket: Ticket) -> bool:
+        """Whether collect(ticket) would return at once (the device finished the call); never waits."""
+        return ticket.collected or ticket.slot.done is None or ticket.slot.done.query()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls submitted and not yet collected (0, 1 or 2)."""
+        return sum(slot.busy for slot in self._slots)
+
+    def _wait(self, slot: _Slot) -> None:
+        if slot.done is not None:
+            slot.done.synchronize()
+
+    def _hand_out(self, ticket: Ticket) -> None:
+        """Wait for the ticket's batch in flight and copy its frames out of the slot into fresh arrays."""
+        slot, rows = ticket.slot, ticket.rows
+        self._wait(slot)
+        for r, i in enumerate(rows):
+            ticket.results[i] = slot.out[r].numpy().copy()
+        ticket.rows = []
 
     def _chunks(self, members: list[int], keys: list[Hashable | None]) -> list[list[int]]:
         """Split one group's frames into batches of at most max_batch, in order, with a stream at most once each."""
@@ -393,30 +557,27 @@ class Engine:
                 seen.add(keys[i])
         return chunks
 
-    def _run_chunk(self, frames: list[np.ndarray], params: list[StreamParams], use_graphs: bool,
-                   keys: list[Hashable | None] | None = None, now: float = 0.0) -> list[np.ndarray]:
+    def _enqueue(self, frames: list[np.ndarray], params: list[StreamParams], use_graphs: bool,
+                 keys: list[Hashable | None], now: float, slot: _Slot) -> None:
+        """Stage one batch into the slot and the static buffers, run it, start its copy out; no host sync on CUDA."""
         b = len(frames)
-        keys = keys if keys is not None else [None] * b
         # Host side first: pinned staging, cached embeddings and noise (device-to-device copies, no sync).
         for i, frame in enumerate(frames):
-            self._frames_host[i].copy_(torch.from_numpy(frame))
-        self._frames[:b].copy_(self._frames_host[:b], non_blocking=True)
-        self._load_stream_inputs(params, 0, keys, now)
-        n = self._stage_schedule(params)
+            slot.frames[i].copy_(torch.from_numpy(frame))
+        self._frames[:b].copy_(slot.frames[:b], non_blocking=True)
+        self._load_stream_inputs(params, 0, slot, keys, now)
+        n = self._stage_schedule(params, slot)
         if use_graphs:
-            bucket = self._bucket(b)  # rows b..bucket-1 hold stale but finite inputs; their outputs are ignored
-            graph = self._graphs.get((bucket, n)) or self._capture(bucket, n)
-            graph.replay()
-            self.stats.graph_replays += 1
+            # Rows b..bucket-1 hold stale but finite inputs; their outputs are ignored.
+            self._replay(self._bucket(b), n)
         else:
             self._out[:b].copy_(self._frame_path(b, n))
         self._keep_latents(params, keys)  # device copies, ordered before the next call's replay
-        # Copy out before the next replay overwrites self._out; the one sync of the call waits for it.
-        self._out_host[:b].copy_(self._out[:b], non_blocking=True)
-        if self.is_cuda:
-            self._done.record()
-            self._done.synchronize()
-        return [self._out_host[i].numpy().copy() for i in range(b)]
+        # The copy out is ordered after this batch and before the next one's tail overwrites self._out; the slot's
+        # event says when it (and so every staged input before it) is done.
+        slot.out[:b].copy_(self._out[:b], non_blocking=True)
+        if slot.done is not None:
+            slot.done.record()
 
     @torch.inference_mode()
     def trace(self, frame: np.ndarray, params: StreamParams) -> dict[str, torch.Tensor]:
@@ -426,12 +587,11 @@ class Engine:
         find the first one that parts. "output" is the uint8 (H, W, 3) frame run() would return.
         """
         params = self.validate(params)
-        self._check_thread()
+        slot = self._idle_slot()
         stages: dict[str, torch.Tensor] = {}
-        self._frames_host[0].copy_(torch.from_numpy(fit_frame(frame, self.width, self.height)))
-        self._frames[:1].copy_(self._frames_host[:1])
-        self._load_stream_inputs([params], 0)
-        n = self._stage_schedule([params])
+        self._frames[:1].copy_(torch.from_numpy(fit_frame(frame, self.width, self.height)))
+        self._load_stream_inputs([params], 0, slot)
+        n = self._stage_schedule([params], slot)
         out = self._frame_path(1, n, probe=lambda stage, t: stages.__setitem__(stage, t.float().cpu()))
         stages["output"] = out[0].cpu()
         return stages
@@ -454,9 +614,14 @@ class Engine:
             return self.run([image], [StreamParams(prompt, strength, steps, seed)], graphs=False)[0]
         params = StreamParams(prompt, 1.0, steps, seed)
         self.validate(params)
+        slot = self._idle_slot()
+        self._load_stream_inputs([params], 0, slot)
+        self._stage_schedule([params], slot)
+        return np.ascontiguousarray(self._frame_path(1, steps, encode=False)[0].cpu().numpy())
+
+    def _idle_slot(self) -> _Slot:
+        """A slot for a one-off eager call (trace, generate), which must not overlap pipelined calls."""
         self._check_thread()
-        self._load_stream_inputs([params], 0)
-        self._stage_schedule([params])
-        self._out[:1].copy_(self._frame_path(1, steps, encode=False))
-        self._out_host[:1].copy_(self._out[:1])
-        return self._out_host[0].numpy().copy()
+        if self.in_flight:
+            raise RuntimeError("collect the engine calls in flight first")
+        return self._slots[0]

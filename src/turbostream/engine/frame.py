@@ -74,7 +74,22 @@ class FrameMath:
         latents_out (b, C, h, w) float32 receives the final latents (x0): the next frame's prev.
         """
         probe = probe or _no_probe
-        b, n = noise.shape[0], timesteps.shape[0]
+        latents = self.head(frames, noise, sigmas[0], probe, prev=prev, feedback=feedback)
+        for k in range(timesteps.shape[0]):
+            latents = self.step(latents, timesteps[k], sigmas[k], sigmas[k + 1], emb, probe, k)
+        return self.tail(latents, probe, latents_out=latents_out)
+
+    # The three segments of the path. The engine captures each as its own CUDA graph and replays `step` once per
+    # UNet evaluation, so one set of graphs serves every number of evaluations (no capture when a stream asks for
+    # another). Eager runs and __call__ compose the same three functions: one definition of the math.
+
+    def head(
+        self, frames: torch.Tensor | None, noise: torch.Tensor, sigma0: torch.Tensor, probe: Probe | None = None, *,
+        prev: torch.Tensor | None = None, feedback: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """uint8 (b, H, W, 3) frames (None: pure noise) -> float32 noisy latents (b, C, h, w) at sigma0 (b,)."""
+        probe = probe or _no_probe
+        b = noise.shape[0]
         if frames is not None:
             # uint8 NHWC -> [-1, 1] NCHW; the permute yields channels_last strides, which the convolutions want.
             x = frames.permute(0, 3, 1, 2).to(self.dtype).div(127.5).sub(1.0)
@@ -86,17 +101,31 @@ class FrameMath:
             f = feedback.view(b, 1, 1, 1)
             z = torch.where(f > 0, z + f * (prev - z), z)
         # Forward-diffuse to the first timestep with this stream's fixed noise (Euler: x = z + sigma * eps).
-        latents = z + noise * sigmas[0].view(b, 1, 1, 1)
+        latents = z + noise * sigma0.view(b, 1, 1, 1)
         probe("noisy", latents)
-        for k in range(n):
-            sigma, sigma_next = sigmas[k].view(b, 1, 1, 1), sigmas[k + 1].view(b, 1, 1, 1)
-            # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
-            model_in = (latents / (sigma * sigma + 1.0).sqrt()).to(self.dtype)
-            eps = self.eps(model_in, timesteps[k], emb).float()
-            # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
-            latents = latents + eps * (sigma_next - sigma)
-            probe(f"eps_{k}", eps)
-            probe(f"x_{k}", latents)
+        return latents
+
+    def step(
+        self, latents: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+        emb: torch.Tensor, probe: Probe | None = None, k: int = 0,
+    ) -> torch.Tensor:
+        """One UNet evaluation and Euler step: float32 latents (b, C, h, w) at sigma (b,) -> latents at sigma_next."""
+        probe = probe or _no_probe
+        b = latents.shape[0]
+        sigma, sigma_next = sigma.view(b, 1, 1, 1), sigma_next.view(b, 1, 1, 1)
+        # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
+        model_in = (latents / (sigma * sigma + 1.0).sqrt()).to(self.dtype)
+        eps = self.eps(model_in, t, emb).float()
+        # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
+        latents = latents + eps * (sigma_next - sigma)
+        probe(f"eps_{k}", eps)
+        probe(f"x_{k}", latents)
+        return latents
+
+    def tail(self, latents: torch.Tensor, probe: Probe | None = None, *,
+             latents_out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 clean latents (b, C, h, w) -> uint8 (b, H, W, 3); latents_out, if given, receives the latents."""
+        probe = probe or _no_probe
         if latents_out is not None:
             latents_out.copy_(latents)
         image = self.decode((latents / self.vae_scaling).to(self.dtype)).float()

@@ -26,12 +26,13 @@ class Schedule:
         return len(self.timesteps)
 
     @cached_property
-    def column(self) -> torch.Tensor:
-        """(2n + 1,) float32: the n timesteps, then the n + 1 sigmas, as one column of the engine's schedule buffer.
+    def table(self) -> torch.Tensor:
+        """(n, 3) float32: row k is (timestep k, sigma k, sigma k + 1), what UNet evaluation k and its Euler step read.
 
-        Built once per schedule (the table caches schedules), so staging a batch copies columns, not Python lists.
+        Built once per schedule (the table caches schedules), so staging a batch copies rows, not Python lists.
         """
-        return torch.tensor(self.timesteps + self.sigmas, dtype=torch.float32)
+        rows = [(t, self.sigmas[k], self.sigmas[k + 1]) for k, t in enumerate(self.timesteps)]
+        return torch.tensor(rows, dtype=torch.float32)
 
 
 class ScheduleTable:

@@ -102,17 +102,23 @@ class GuardedEngine:
         self._device = device
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+        attr = getattr(self._engine, name)  # AttributeError if the engine has none: hasattr() stays true to it
+        if name in ("submit", "collect"):  # pipelined calls: a device fault shows at collect, mostly
+            return lambda *args, **kwargs: self._guarded(attr, *args, **kwargs)
+        return attr
 
     def warmup(self, *args, **kwargs):
         _make_current(getattr(self._engine, "device", None))
         return self._engine.warmup(*args, **kwargs)
 
     def run(self, frames, params, **kwargs):
+        return self._guarded(self._engine.run, frames, params, **kwargs)
+
+    def _guarded(self, call: Callable[..., Any], *args, **kwargs) -> Any:
         if self._device.lost is not None:
             raise DeviceLost(f"device {self._device.name} is lost: {self._device.lost}")
         try:
-            return self._engine.run(frames, params, **kwargs)
+            return call(*args, **kwargs)
         except Exception as exc:
             if is_device_fatal(exc):
                 self._device.mark_lost(str(exc) or type(exc).__name__)

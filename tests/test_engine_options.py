@@ -1,0 +1,157 @@
+"""Engine options that change modules or compilation (issue 12): attention backend, compile mode, fp8, no /1.0.
+
+On the CPU: each option's effect on the output (none, rounding, or refused with a clear error), that the options are
+undone for engines sharing components, and the compile cache key. Their speed is measured on a GPU by
+scripts/engine_rows.py (scripts/gpu_check.sh rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from turbostream.cli import main
+from turbostream.config import EngineConfig, StreamParams, preset
+from turbostream.engine import Engine
+from turbostream.engine.attention import TurboAttnProcessor, set_attention, set_unit_rescale
+from turbostream.engine.compile_cache import cache_key
+from turbostream.engine.cuda import check_fp8, load_torchao
+
+
+@pytest.fixture
+def fresh_components():
+    """tiny-random components of this test alone (the options change modules; the session's stay untouched)."""
+    from turbostream.models import load_components
+
+    return load_components("tiny-random", device="cpu", vae="tiny")
+
+
+def _frames_params(n: int = 3):
+    rng = np.random.default_rng(7)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+    return frames, [StreamParams(f"prompt {i}", seed=i) for i in range(n)]
+
+
+def _unet_out(unet, text_dim: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, text_dim, generator=g)
+    with torch.inference_mode():
+        return unet(x, torch.tensor([999.0, 500.0]), encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def test_math_attention_matches_auto_and_auto_restores_diffusers_processors(fresh_components):
+    frames, params = _frames_params()
+    processors = {type(p) for p in fresh_components.unet.attn_processors.values()}
+    auto = np.stack(Engine(preset("test"), fresh_components).run(frames, params))
+    math = np.stack(Engine(preset("test", attention="math"), fresh_components).run(frames, params))
+    assert {type(p) for p in fresh_components.unet.attn_processors.values()} == {TurboAttnProcessor}
+    # math and PyTorch's own choice on the CPU (its flash kernel) differ by rounding at most: within 1 level.
+    assert np.abs(math.astype(int) - auto).max() <= 1
+    again = np.stack(Engine(preset("test"), fresh_components).run(frames, params))
+    assert {type(p) for p in fresh_components.unet.attn_processors.values()} == processors
+    assert np.array_equal(again, auto)
+
+
+def test_processor_is_diffusers_fused_attention_bit_for_bit(fresh_components):
+    """The CUDA path's layout (QKV fused, as prepare_cuda does): our processor is FusedAttnProcessor2_0's math."""
+    unet = fresh_components.unet
+    unet.fuse_qkv_projections()
+    theirs = _unet_out(unet, fresh_components.text_dim)
+    set_attention(unet, "auto", skip_unit_rescale=True)
+    assert {type(p) for p in unet.attn_processors.values()} == {TurboAttnProcessor}
+    assert torch.equal(_unet_out(unet, fresh_components.text_dim), theirs)
+    set_attention(unet, "math", skip_unit_rescale=False)
+    assert torch.allclose(_unet_out(unet, fresh_components.text_dim), theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_skip_unit_rescale_is_bit_identical_and_undone(fresh_components):
+    unet = fresh_components.unet
+    plain = _unet_out(unet, fresh_components.text_dim)
+    lean = set_unit_rescale(unet, True)
+    assert lean == sum(type(m).__name__ == "ResnetBlock2D" or type(m).__name__ == "LeanResnetBlock2D"
+                       for m in unet.modules()) and lean > 0
+    set_attention(unet, "auto", skip_unit_rescale=True)
+    assert torch.equal(_unet_out(unet, fresh_components.text_dim), plain)
+    assert set_unit_rescale(unet, False) == 0
+    assert not any(type(m).__name__ == "LeanResnetBlock2D" for m in unet.modules())
+    frames, params = _frames_params(2)
+    before = Engine(preset("test"), fresh_components).run(frames, params)
+    engine = Engine(preset("test", skip_unit_rescale=True), fresh_components)
+    assert any(type(m).__name__ == "LeanResnetBlock2D" for m in engine.unet.modules())
+    after = engine.run(frames, params)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_processor_and_lean_blocks_trace_into_one_graph(fresh_components):
+    """torch.compile traces the pinned backend's context and the lean resnet without a graph break."""
+    unet = fresh_components.unet
+    unet.fuse_qkv_projections()
+    set_attention(unet, "math", skip_unit_rescale=True)
+    set_unit_rescale(unet, True)
+    eager = _unet_out(unet, fresh_components.text_dim)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend="eager", fullgraph=True)  # fullgraph: a graph break would raise
+    assert torch.equal(_unet_out(compiled, fresh_components.text_dim), eager)
+    torch._dynamo.reset()
+
+
+def test_backend_that_cannot_run_is_a_clear_error_when_the_engine_is_built(fresh_components):
+    with pytest.raises(ValueError, match="attention backend 'efficient' cannot run here.*CUDA backend"):
+        Engine(preset("test", attention="efficient"), fresh_components)
+    # Nothing was changed by the refused engine: the next one runs diffusers' own processors.
+    assert TurboAttnProcessor not in {type(p) for p in fresh_components.unet.attn_processors.values()}
+
+
+def test_invalid_option_values_are_clear_errors():
+    with pytest.raises(ValueError, match="attention must be one of auto, flash, efficient, cudnn, math"):
+        EngineConfig(attention="xformers")
+    with pytest.raises(ValueError, match="reduce-overhead.*captures the whole frame into one CUDA graph"):
+        EngineConfig(compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="compile mode must be one of default, max-autotune-no-cudagraphs"):
+        EngineConfig(compile_mode="fast")
+    assert EngineConfig().torch_compile_mode is None
+    assert EngineConfig(compile_mode="max-autotune-no-cudagraphs").torch_compile_mode == "max-autotune-no-cudagraphs"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attention", "xformers"], "invalid choice: 'xformers'"),
+    (["--compile", "--compile-mode", "reduce-overhead"], "captures the whole frame"),
+    (["--compile-mode", "max-autotune-no-cudagraphs"], "needs --compile"),
+    (["--fp8"], "fp8 needs a CUDA GPU with compute capability 8.9"),
+])
+def test_cli_refuses_bad_options_before_loading(tmp_path, capsys, argv, message):
+    argv = ["generate", "a boat", "--model", "tiny-random", "--device", "cpu", "--size", "64", "-o",
+            str(tmp_path / "x.png"), *argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals (a bad choice or type) exit 2 from the parser
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_fp8_is_refused_off_cuda_and_names_torchao_when_missing(monkeypatch, fresh_components):
+    with pytest.raises(ValueError, match="fp8 needs a CUDA GPU with compute capability 8.9 or newer.*runs on cpu"):
+        check_fp8("cpu")
+    with pytest.raises(ValueError, match="fp8 needs a CUDA GPU"):
+        Engine(preset("test", fp8=True), fresh_components)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # an import of torchao now fails, installed or not
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ValueError, match="fp8 needs torchao.*pip install torchao"):
+        load_torchao()
+
+
+def test_compile_cache_key_keeps_the_default_and_names_the_mode():
+    cfg = preset("bench")
+    legacy = {"gpu": "GPU", "model": "random", "vae": "tiny", "dtype": "torch.float16", "size": [512, 512],
+              "buckets": [1, 2, 4, 8], "unet_evals": 1}
+    assert cache_key(cfg, "GPU", torch.float16) == legacy  # existing cache files stay valid
+    tuned = cache_key(dataclasses.replace(cfg, compile_mode="max-autotune-no-cudagraphs"), "GPU", torch.float16)
+    assert tuned == {**legacy, "compile_mode": "max-autotune-no-cudagraphs"}
+    both = cache_key(dataclasses.replace(cfg, attention="flash", fp8=True), "GPU", torch.float16)
+    assert both == {**legacy, "attention": "flash", "fp8": True}

@@ -1,0 +1,99 @@
+"""scripts/engine_rows.py (issue 12's side-by-side rows) end to end on the CPU, as the GPU session will run it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "engine_rows.py"
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny-random", "--device", "cpu", "--size", "64",
+                           "--iters", "2", "--burn-in", "1", "--json", str(out), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert out.exists(), proc.stdout + proc.stderr
+    return proc, json.loads(out.read_text())
+
+
+def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
+    proc, res = _run(tmp_path, "--profile", "--row", "broken:attention=xformers",
+                     "--row", "lean_math:attention=math,skip_unit_rescale=true")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = res["rows"]
+    assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "skip_unit_rescale",
+                          "fp8", "compile_default", "fp8_compile", "compile_max_autotune", "temporal_reuse",
+                          "broken", "lean_math"]
+    assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
+    for name in ("baseline", "attn_flash", "attn_math", "skip_unit_rescale", "lean_math"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["graphs"] is False  # the CPU runs eagerly; the same rows capture graphs on CUDA
+        for b in ("1", "8"):
+            t = row["timing"][b]
+            assert t["iters"] == 2 and 0 < t["median_ms"] <= t["p95_ms"]
+            assert t["fps"] == pytest.approx(1e3 * int(b) / t["median_ms"], rel=1e-2)
+        assert row["parity"]["vs_R"]["frames"] == 4 and row["parity_pass"] is row["parity"]["verdict"]["pass"]
+        # tiny-random in fp16 on the CPU stays within a level or two of fp32 with every CPU backend.
+        assert row["parity_pass"] is True, row["parity"]
+    assert rows["baseline"]["applied"]["processors"] == {"AttnProcessor2_0": 8}
+    assert rows["attn_math"]["applied"]["processors"] == {
+        "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
+    assert rows["skip_unit_rescale"]["applied"]["lean_resnets"] > 0
+    assert rows["lean_math"]["config"]["attention"] == "math" and rows["lean_math"]["applied"]["lean_resnets"] > 0
+    for name in ("attn_efficient", "attn_cudnn", "fp8", "compile_default", "fp8_compile", "compile_max_autotune"):
+        assert rows[name]["skipped"] == "CUDA only"
+    assert "not built yet" in rows["temporal_reuse"]["skipped"]
+    # A row that fails is recorded with its error, and the rows after it still run (lean_math above).
+    assert rows["broken"]["status"] == "error" and "attention must be one of" in rows["broken"]["error"]
+    assert res["errors"] == [f"broken: {rows['broken']['error']}"]
+    assert res["targets"]["b1_le_5ms"]["row"] in rows and res["targets"]["compiled_b8_ge_300fps"] is None
+    profile = rows["baseline"]["profile"]
+    assert profile["path"] == "eager (CPU)" and len(profile["top30"]) == 30
+    with gzip.open(profile["trace"], "rt") as f:
+        assert "traceEvents" in json.load(f)
+    assert "aten::" in Path(profile["table"]).read_text()
+    assert "baseline" in proc.stdout and "targets:" in proc.stdout
+
+
+def test_budget_skips_rows_that_no_longer_fit_and_says_how_to_run_them(tmp_path):
+    proc, res = _run(tmp_path, "--rows", "baseline,attn_math", "--budget-s", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("baseline", "attn_math"):
+        assert "time budget" in res["rows"][name]["skipped"] and f"--rows {name}" in res["rows"][name]["skipped"]
+    assert res["targets"] == {"b1_le_5ms": None, "b8_ge_350fps": None, "compiled_b8_ge_300fps": None}
+
+
+def test_bad_rows_are_refused(tmp_path):
+    for args, message in ((["--rows", "baseline,warp"], "unknown rows ['warp']"),
+                          (["--row", "x:speed=11"], "is not FIELD=VALUE"), (["--row", "baseline:fp8=true"], "NAME")):
+        proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "r.json").exists()
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch, tiny_components):
+    """Engine._compile passes EngineConfig.compile_mode to every torch.compile call (None: torch's default mode)."""
+    import torch
+
+    from turbostream.config import preset
+    from turbostream.engine import Engine
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    for mode, want in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), ("default", None)):
+        seen.clear()
+        engine = Engine(preset("test", compile_mode=mode, compile_cache=None), tiny_components)
+        engine._compile()  # what warmup() does on CUDA
+        assert [kw.get("mode", "missing") for kw in seen] == [want] * 3  # the UNet, TAESD's encoder and decoder
