@@ -112,15 +112,20 @@ def test_deep_out_is_written_in_place_and_nothing_returned_aliases_it(tiny_compo
     assert eps.untyped_storage().data_ptr() != eps2.untyped_storage().data_ptr()
 
 
-def test_channels_last_and_fused_qkv_stay_exact(tiny_components):
+def test_the_engine_s_module_changes_stay_exact(tiny_components):
     # prepare_cuda (the engine's CUDA preparation) makes the UNet channels_last and fuses QKV; empty_deep follows the
     # layout so partial concatenates like full does. The same two module changes here, without prepare_cuda's global
-    # backend flags, on fresh components (the session ones must stay unprepared).
+    # backend flags, on fresh components (the session ones must stay unprepared); then the engine options that swap
+    # the attention processor and the resnets' forward (apply_options): FeatureReuse calls the blocks as they are.
+    from turbostream.config import preset
+    from turbostream.engine.cuda import apply_options
     from turbostream.models import load_components
 
     comps = load_components("tiny-random", device="cpu")
     comps.unet.to(memory_format=torch.channels_last)
     comps.unet.fuse_qkv_projections()
+    applied = apply_options(comps, preset("test", attention="math", skip_unit_rescale=True))
+    assert applied["attention_modules"] > 0 and applied["lean_resnets"] > 0
     reuse = FeatureReuse(comps.unet)
     x, t, emb = _inputs(comps.unet, 2)
     deep = reuse.empty_deep(2, 8, 8)
