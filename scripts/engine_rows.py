@@ -44,7 +44,6 @@ class Row:
     cuda_only: bool = False
     needs_s: float = 30.0  # about what the row costs on an H200 at 512x512 (compile rows: minutes); budget check
     fresh: bool = False  # changes modules for good (fp8): its own components, never the shared ones
-    slot: str | None = None  # a row whose engine feature is not built yet: recorded as skipped with this reason
 
 
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
@@ -62,7 +61,8 @@ ROWS = (
         needs_s=200, fresh=True),
     Row("compile_max_autotune", {"compile": True, "compile_mode": MAX_AUTOTUNE},
         "torch.compile max-autotune-no-cudagraphs + graphs", cuda_only=True, needs_s=420),
-    Row("temporal_reuse", {}, "temporal feature reuse", slot="not built yet (another engineer builds it): slot kept"),
+    Row("temporal_reuse", {"feature_reuse": True}, "graphs + temporal feature reuse: full (keep) and partial frames",
+        needs_s=45),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 PROMPT = "a watercolor painting of a city street"
@@ -110,7 +110,7 @@ def extra_row(spec: str) -> Row:
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
-    allowed = ("attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs")
+    allowed = ("attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse")
     options = {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -260,7 +260,7 @@ class Rows:
         cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, width=a.size, height=a.size, vae="tiny",
                            buckets=BATCHES, compile_cache=None, **row.options)
         out["config"] = {k: getattr(cfg, k) for k in (
-            "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs")} | {
+            "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse")} | {
             "buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:
@@ -286,6 +286,9 @@ class Rows:
                 self.save()
                 print(f"    batch {b}: median {t['median_ms']:.2f} ms (p95 {t['p95_ms']:.2f}), {t['fps']:.1f} frames/s",
                       flush=True)
+            if cfg.feature_reuse:
+                out["reuse"] = {str(b): self.time_reuse(engine, b) for b in BATCHES}
+                self.save()
             if self.R is not None:
                 ours = engine.run(self.frames[:PARITY_FRAMES], self.batch) + engine.run(self.frames[:1],
                                                                                           self.batch[:1])
@@ -309,6 +312,36 @@ class Rows:
                 torch._dynamo.reset()
             comps = None
             self.free()
+
+    def time_reuse(self, engine, b: int) -> dict:
+        """Per-call ms of full frames that keep deep features and of partial frames, b streams with reuse 4 (a full
+        call, then three partial ones), classified by the engine's own counters; average ms per frame for reuse 2, 3
+        and 4 from the two medians (a full frame every N)."""
+        import statistics
+
+        a, frames = self.args, self.frames[:b]
+        params = [self.params.updated(reuse=4)] * b
+        keys = [f"reuse-{b}-{i}" for i in range(b)]
+        times: dict[str, list[float]] = {"keep": [], "reuse": []}
+        cycles = max(2, -(-a.iters // 4))  # whole cycles of 4 after the burn-in: every window holds full calls
+        for i in range(a.burn_in + 4 * cycles):
+            before = engine.stats.reuse_partial_batches
+            t0 = time.perf_counter()
+            engine.run(frames, params, streams=keys)
+            self.sync()
+            dt = (time.perf_counter() - t0) * 1e3
+            if i >= a.burn_in:
+                times["reuse" if engine.stats.reuse_partial_batches > before else "keep"].append(dt)
+        for key in keys:
+            engine.release_stream(key)
+        out = {f"{k}_median_ms": round(statistics.median(v), 3) if v else None for k, v in times.items()}
+        out["calls"] = {k: len(v) for k, v in times.items()}
+        full, part = out["keep_median_ms"], out["reuse_median_ms"]
+        if full and part:
+            out["avg_ms_per_call"] = {str(n): round((full + (n - 1) * part) / n, 3) for n in (2, 3, 4)}
+            out["partial_over_full"] = round(part / full, 3)
+        print(f"    reuse, batch {b}: full {full} ms, partial {part} ms per call", flush=True)
+        return out
 
     def profile(self, engine, name: str) -> dict:
         """Chrome trace and top-30 table of `name`'s batch-1 frame (graph replay on CUDA; eager if that shows no
@@ -363,9 +396,7 @@ class Rows:
         for row in [r for name in a.rows for r in ROWS if r.name == name] + a.extra_rows:
             res = self.res["rows"]
             left = a.budget_s - self.elapsed()
-            if row.slot:
-                res[row.name] = {"what": row.what, "skipped": row.slot}
-            elif row.cuda_only and not self.cuda:
+            if row.cuda_only and not self.cuda:
                 res[row.name] = {"what": row.what, "skipped": "CUDA only"}
             elif lost:
                 res[row.name] = {"what": row.what, "skipped": f"CUDA failed in an earlier row ({lost}): run it in a "

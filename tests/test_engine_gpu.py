@@ -208,3 +208,25 @@ def test_engine_options_run_in_graphs_within_rounding_of_auto():
     else:
         engine.warmup()
         assert all(o.std() > 0 for o in engine.run(frames, params))
+
+
+def test_feature_reuse_graphs_match_eager(cuda_tiny):
+    """With reuse enabled each bucket also captures the keep and reuse steps (5 graphs); a stream's full and partial
+    frames on graphs match the same frames run eagerly."""
+    from turbostream.engine import Engine
+
+    def make():
+        e = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 2), feature_reuse=True),
+                   cuda_tiny)
+        e.warmup()
+        return e
+
+    graph, eager = make(), make()
+    assert graph.stats.graphs_captured == 10
+    p = StreamParams("a fox", seed=3, reuse=3)
+    for k, frame in enumerate(_frames(5, 128, 128, seed=6)):
+        g = graph.run([frame], [p], streams=["s"])[0]
+        e = eager.run([frame], [p], streams=["s"], graphs=False)[0]
+        assert _diff(g, e) <= 2, k
+    assert graph.stats.reuse_partial_batches == eager.stats.reuse_partial_batches == 3
+    assert graph.stats.graphs_captured == 10

@@ -52,7 +52,13 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert rows["lean_math"]["config"]["attention"] == "math" and rows["lean_math"]["applied"]["lean_resnets"] > 0
     for name in ("attn_efficient", "attn_cudnn", "fp8", "compile_default", "fp8_compile", "compile_max_autotune"):
         assert rows[name]["skipped"] == "CUDA only"
-    assert "not built yet" in rows["temporal_reuse"]["skipped"]
+    reuse = rows["temporal_reuse"]
+    assert reuse["status"] == "ok" and reuse["config"]["feature_reuse"] is True and reuse["parity_pass"] is True
+    for b in ("1", "8"):  # reuse 4: one full call in four, the others partial
+        r = reuse["reuse"][b]
+        assert r["calls"] == {"keep": 2, "reuse": 6}
+        assert 0 < r["reuse_median_ms"] and 0 < r["keep_median_ms"]
+        assert r["avg_ms_per_call"]["2"] == pytest.approx((r["keep_median_ms"] + r["reuse_median_ms"]) / 2, abs=2e-3)
     # A row that fails is recorded with its error, and the rows after it still run (lean_math above).
     assert rows["broken"]["status"] == "error" and "attention must be one of" in rows["broken"]["error"]
     assert res["errors"] == [f"broken: {rows['broken']['error']}"]

@@ -13,13 +13,14 @@ pytestmark = pytest.mark.browser
 
 
 def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F811
-    engine = Engine(preset("test"), tiny_components)
+    engine = Engine(preset("test", feature_reuse=True), tiny_components)  # as with serve --reuse N
     with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
         context = browser.new_context(viewport={"width": 1100, "height": 900})
         page = context.new_page()
         problems = _watch(page)
         page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
         page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 3", timeout=TIMEOUT_MS)
+        assert page.is_enabled("#reuse")  # the server allows reuse (ready's limits.feature_reuse)
         page.select_option("#similarity", "0.95")
         page.fill("#transition", "1.5")
         page.dispatch_event("#transition", "change")

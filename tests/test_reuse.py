@@ -226,14 +226,23 @@ def test_bad_reuse_values_in_a_config_message_get_bad_config(value):
     assert apply_config(before, {"reuse": 4}, max_steps=10).reuse == 4
 
 
-def test_reuse_over_a_real_socket_is_echoed_listed_and_refused_when_bad(engine):
+def test_reuse_over_a_real_socket_is_echoed_listed_and_refused_when_bad(engine, make_engine):
     import json
 
     from test_server import next_of_type, open_client, run, serving
 
     async def main():
-        async with serving(engine) as server:
+        async with serving(engine) as server:  # started without --reuse: reuse >= 2 is refused, 0 and 1 are not
             ws, ready = await open_client(server)
+            assert ready["limits"]["feature_reuse"] is False
+            await ws.send(json.dumps({"type": "config", "reuse": 4}))
+            error = await next_of_type(ws, "error")
+            assert error["code"] == "bad_config" and "feature reuse is off on this engine" in error["message"]
+            await ws.send(json.dumps({"type": "config", "reuse": 1}))
+            assert (await next_of_type(ws, "config"))["reuse"] == 1
+        async with serving(make_engine(feature_reuse=True)) as server:
+            ws, ready = await open_client(server)
+            assert ready["limits"]["feature_reuse"] is True
             assert ready["params"]["reuse"] == 0  # listed with the other parameters, off
             await ws.send(json.dumps({"type": "config", "reuse": 4}))
             assert (await next_of_type(ws, "config"))["reuse"] == 4

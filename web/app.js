@@ -123,6 +123,7 @@ function onText(text) {
       $("output").width = $("capture").width = msg.width;
       $("output").height = $("capture").height = msg.height;
       $("steps").max = msg.limits.max_steps;
+      $("reuse").disabled = msg.limits.feature_reuse === false; // the server was started without --reuse N
       // Keep what the user chose before a reconnect; otherwise take the server's defaults.
       if (state.params) sendConfig(state.params);
       else showParams(msg.params);

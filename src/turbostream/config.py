@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_TAESD = "madebyollin/taesd"
@@ -101,8 +102,11 @@ class StreamParams:
         """Every text of the prompt (one, or those of a blend)."""
         return (self.prompt,) if isinstance(self.prompt, str) else tuple(text for text, _ in self.prompt)
 
-    def validate(self, max_steps: int = MAX_STEPS) -> StreamParams:
-        """Return self, or raise ValueError with a message a user can act on."""
+    def validate(self, max_steps: int = MAX_STEPS, reuse: bool = True) -> StreamParams:
+        """Return self, or raise ValueError with a message a user can act on.
+
+        max_steps and reuse are the engine's: its step limit, and whether it applies temporal feature reuse.
+        """
         if isinstance(self.prompt, str):
             _check_prompt_text(self.prompt, "prompt")
         else:
@@ -131,6 +135,9 @@ class StreamParams:
         if isinstance(self.reuse, bool) or not isinstance(self.reuse, int) or not 0 <= self.reuse <= MAX_REUSE:
             raise ValueError(f"reuse must be an integer from 0 to {MAX_REUSE} (0 or 1: off, every frame fully computed; "
                              f"N: a full UNet pass every N frames), got {self.reuse!r}")
+        if self.reuse >= 2 and not reuse:
+            raise ValueError("feature reuse is off on this engine (its graphs are captured only when it is started "
+                             "with --reuse N): reuse must be 0 or 1 here")
         return self
 
     def updated(self, **changes) -> StreamParams:
@@ -240,6 +247,12 @@ def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
     return width, height
 
 
+def stream_limits(engine: Any) -> tuple[int, bool]:
+    """(max_steps, reuse enabled) of an engine, for StreamParams.validate; the defaults for one without a config."""
+    cfg = getattr(engine, "config", None)
+    return getattr(cfg, "max_steps", MAX_STEPS), getattr(cfg, "reuse_enabled", True)
+
+
 @dataclass
 class EngineConfig:
     """How the engine is built: which weights, where, at what size, and which fast paths."""
@@ -268,6 +281,9 @@ class EngineConfig:
     # Leave out the UNet's divisions by 1.0 (diffusers' resnet output_scale_factor and attention
     # rescale_output_factor): one elementwise kernel per block less, bit-identical output.
     skip_unit_rescale: bool = False
+    # Temporal feature reuse (engine/reuse.py) needs two more step graphs per bucket, captured at warmup: on when
+    # asked here or when the default stream uses it (--reuse N, N >= 2); streams may then change their `reuse`.
+    feature_reuse: bool = False
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     noise_cache_size: int = 256  # per-seed noise tensors kept (LRU)
@@ -293,11 +309,16 @@ class EngineConfig:
             raise ValueError(f"max_steps must be between 1 and 50, got {self.max_steps}")
         if self.prompt_cache_size < 1 or self.noise_cache_size < 1 or self.max_stream_states < 1:
             raise ValueError("cache sizes must be at least 1")
-        self.default_params.validate(self.max_steps)
+        self.default_params.validate(self.max_steps)  # reuse: on when the default stream asks (reuse_enabled)
 
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
+
+    @property
+    def reuse_enabled(self) -> bool:
+        """Whether this engine applies temporal feature reuse (and captures its graphs)."""
+        return self.feature_reuse or self.default_params.reuse >= 2
 
     @property
     def torch_compile_mode(self) -> str | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import RunConfig, StreamParams, parse_prompt
+from .config import RunConfig, StreamParams, parse_prompt, stream_limits
 from .errors import SinkError
 from .io.sinks import SinkThread, WindowSink
 from .io.sources import CaptureThread
@@ -419,6 +419,7 @@ class PromptLine:
                 raise
         else:
             new = p.updated(prompt=parse_prompt(line))
+        new.validate(*stream_limits(self.pipeline.engine))  # this engine's step limit, and whether it reuses
         self.pipeline.set_params(new)
         controls = "".join(f", {name} {getattr(new, name)}" for name in ("similarity", "transition_s", "feedback", "reuse")
                            if getattr(new, name))

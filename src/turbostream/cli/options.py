@@ -116,8 +116,8 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                        help=f"temporal feature reuse, 2 to {MAX_REUSE}: run the whole UNet every N frames and only its "
                             "outer blocks on the frames between, reusing the deep features of the last full frame. "
                             "Changes the output (an approximation that lags fast motion): trades fidelity for speed. "
-                            "Not yet applied by the engine: the setting is validated and carried, the frames are "
-                            "computed in full (default: 0: off)")
+                            "N >= 2 also makes the engine capture reuse's graphs at start-up, so that streams may "
+                            "change their own reuse later; without it they cannot (default: 0: off)")
         parser.set_defaults(stream_options=True)
 
 

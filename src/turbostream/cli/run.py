@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sys
 
-from ..config import MAX_STEPS, RunConfig
+from ..config import RunConfig, stream_limits
 from ..control import Controls, RunTarget
 from ..errors import UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
@@ -106,7 +106,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> i
             progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
         )
         transform.params_of = lambda: pipeline.params
-        target = RunTarget(pipeline, getattr(getattr(engine, "config", None), "max_steps", MAX_STEPS))
+        target = RunTarget(pipeline, stream_limits(engine))
         controls.start_osc(target)
         controls.start_playlist(target)
         if _stdin_is_terminal():

@@ -15,14 +15,14 @@ import logging
 import threading
 from typing import Any
 
-from ..config import MAX_STEPS, StreamParams
+from ..config import MAX_STEPS, StreamParams, stream_limits
 
 log = logging.getLogger("turbostream.control")
 
 
-def _checked(params: StreamParams, fields: dict[str, Any], max_steps: int) -> StreamParams:
+def _checked(params: StreamParams, fields: dict[str, Any], limits: tuple[int, bool]) -> StreamParams:
     try:
-        return params.updated(**fields).validate(max_steps)
+        return params.updated(**fields).validate(*limits)
     except TypeError as exc:  # a wrong type that dataclasses.replace itself trips on
         raise ValueError(str(exc)) from None
 
@@ -30,14 +30,14 @@ def _checked(params: StreamParams, fields: dict[str, Any], max_steps: int) -> St
 class RunTarget:
     """Changes the stream of a `run` (a Pipeline, or anything with .params and .set_params)."""
 
-    def __init__(self, pipeline, max_steps: int = MAX_STEPS) -> None:
+    def __init__(self, pipeline, limits: tuple[int, bool] = (MAX_STEPS, True)) -> None:
         self.pipeline = pipeline
-        self.max_steps = max_steps
+        self.limits = limits  # the engine's (max_steps, reuse enabled): config.stream_limits
         self._lock = threading.Lock()  # OSC and the playlist change it from their own threads
 
     def __call__(self, fields: dict[str, Any]) -> StreamParams:
         with self._lock:
-            params = _checked(self.pipeline.params, fields, self.max_steps)
+            params = _checked(self.pipeline.params, fields, self.limits)
             self.pipeline.set_params(params)
         return params
 
@@ -61,10 +61,10 @@ class BroadcastTarget:
         stream = self.broadcast.stream
         if stream is None:
             raise ValueError("the broadcast is not running yet (the engine is still loading or warming up)")
-        max_steps = getattr(getattr(self.broadcast.server.engine, "config", None), "max_steps", MAX_STEPS)
+        limits = stream_limits(self.broadcast.server.engine)
         with self._lock:
             merged = {**self._pending, **fields}
-            params = _checked(stream.params, merged, max_steps)
+            params = _checked(stream.params, merged, limits)
             if params == stream.params and not self._pending:
                 return params  # nothing changes (a controller that repeats its values): no message to viewers
             self._pending = merged

@@ -43,6 +43,7 @@ from .caches import LRU, encode_prompt, seed_noise
 from .compile_cache import CompileCache, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
+from .reuse import FeatureReuse
 from .schedule import ScheduleTable
 from .streams import StreamStates, blend_embeddings, lerp, slerp
 
@@ -62,6 +63,8 @@ class EngineStats:
     text_encoder_runs: int = 0
     prompt_cache_evictions: int = 0
     rows_reused: int = 0  # embedding or noise rows that already held what a call needed (no copy)
+    reuse_keep_batches: int = 0  # batches run in full that kept deep features for temporal feature reuse
+    reuse_partial_batches: int = 0  # batches that reused deep features (the UNet's outer blocks only)
     warmup_s: float = 0.0
     compile_s: float = 0.0
     compile_cache_hit: bool = False
@@ -97,6 +100,8 @@ class _SegmentGraphs:
     head: torch.cuda.CUDAGraph
     step: torch.cuda.CUDAGraph
     tail: torch.cuda.CUDAGraph
+    step_keep: torch.cuda.CUDAGraph | None = None  # temporal feature reuse (EngineConfig.reuse_enabled) only
+    step_reuse: torch.cuda.CUDAGraph | None = None
 
 
 class Engine:
@@ -138,6 +143,9 @@ class Engine:
         else:
             prepare_cpu(components, config)
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
+        # Temporal feature reuse: a second way through the same UNet (ValueError for a UNet it cannot mirror).
+        self.reuse = FeatureReuse(self.unet) if config.reuse_enabled else None
+        self.math.reuse = self.reuse
         self._alloc_buffers()
 
     # ------------------------------------------------------------------ set-up
@@ -189,6 +197,9 @@ class Engine:
         # of the step graph, row k is copied into _step (what the graph reads): one graph for every k.
         self._steps = torch.zeros((n, 3, B), dtype=torch.float32, device=dev)
         self._step = torch.zeros((3, B), dtype=torch.float32, device=dev)
+        # Temporal feature reuse: the deep UNet features of each row, written by a full step that keeps them and read
+        # by a partial step; each stream's own copy lives in its StreamState between calls.
+        self._deep = self.reuse.empty_deep(B, h, w, dev).zero_() if self.reuse is not None else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # ------------------------------------------------------------------ caches (text encoder, noise)
@@ -243,20 +254,24 @@ class Engine:
                               prev=self._prev[:b], feedback=self._feedback[:b])
 
     def _step_path(self, latents: torch.Tensor, row: torch.Tensor, probe: Probe | None = None,
-                   k: int = 0) -> torch.Tensor:
-        """Latents (b, C, h, w) -> latents after one UNet evaluation at schedule row (3, B) ([:b] of it is read)."""
+                   k: int = 0, mode: str = "plain") -> torch.Tensor:
+        """Latents (b, C, h, w) -> latents after one UNet evaluation at schedule row (3, B) ([:b] of it is read);
+        mode: FrameMath.step's (plain, keep or reuse the deep features in the static rows)."""
         b = latents.shape[0]
-        return self.math.step(latents, row[0, :b], row[1, :b], row[2, :b], self._emb[:b], probe, k)
+        deep = self._deep[:b] if self._deep is not None else None
+        return self.math.step(latents, row[0, :b], row[1, :b], row[2, :b], self._emb[:b], probe, k,
+                              deep=deep, mode=mode)
 
     def _tail(self, latents: torch.Tensor, probe: Probe | None = None) -> torch.Tensor:
         """Clean latents (b, C, h, w) -> uint8 (b, H, W, 3); their copy goes to the static latents out (feedback)."""
         return self.math.tail(latents, probe, latents_out=self._latents_out[: latents.shape[0]])
 
-    def _frame_path(self, b: int, n: int, encode: bool = True, probe: Probe | None = None) -> torch.Tensor:
+    def _frame_path(self, b: int, n: int, encode: bool = True, probe: Probe | None = None,
+                    mode: str = "plain") -> torch.Tensor:
         """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations, eagerly: the three segments in a row."""
         latents = self._head(b, encode, probe)
         for k in range(n):
-            latents = self._step_path(latents, self._steps[k], probe, k)
+            latents = self._step_path(latents, self._steps[k], probe, k, mode)
         return self._tail(latents, probe)
 
     # ------------------------------------------------------------------ warmup and capture
@@ -330,15 +345,16 @@ class Engine:
         """One segment of the path on bucket b, from static buffers to static buffers (what a graph captures)."""
         if kind == "head":
             self._latents[:b].copy_(self._head(b))
-        elif kind == "step":
-            self._latents[:b].copy_(self._step_path(self._latents[:b], self._step))
+        elif kind.startswith("step"):
+            mode = {"step": "plain", "step_keep": "keep", "step_reuse": "reuse"}[kind]
+            self._latents[:b].copy_(self._step_path(self._latents[:b], self._step, mode=mode))
         else:
             self._out[:b].copy_(self._tail(self._latents[:b]))
 
     def _capture(self, b: int) -> _SegmentGraphs:
         """Warm up on a side stream (3 runs), then capture bucket b's three segments, each into its own graph."""
         t0 = time.perf_counter()
-        kinds = ("head", "step", "tail")
+        kinds = ("head", "step", "tail") + (("step_keep", "step_reuse") if self.reuse is not None else ())
         self._step.copy_(self._steps[0])  # a real schedule row for the warm-up runs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -361,13 +377,14 @@ class Engine:
         self.stats.capture_s[f"b{b}"] = time.perf_counter() - t0
         return self._graphs[b]
 
-    def _replay(self, b: int, n: int) -> None:
-        """Enqueue bucket b's graphs for n UNet evaluations; no host sync."""
+    def _replay(self, b: int, n: int, mode: str = "plain") -> None:
+        """Enqueue bucket b's graphs for n UNet evaluations (mode: which step graph, see FrameMath.step); no sync."""
         graphs = self._graphs.get(b) or self._capture(b)  # every bucket is captured at warmup; this is a fallback
+        step = {"plain": graphs.step, "keep": graphs.step_keep, "reuse": graphs.step_reuse}[mode]
         graphs.head.replay()
         for k in range(n):
             self._step.copy_(self._steps[k])  # device to device, ordered before the replay that reads it
-            graphs.step.replay()
+            step.replay()
         graphs.tail.replay()
         self.stats.graph_replays += 1
 
@@ -437,12 +454,55 @@ class Engine:
             else:
                 state.latent = None
 
+    def _reuse_mode(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None], n: int) -> str:
+        """How a batch runs its UNet step: "plain" (no stream reuses), "reuse" (every stream has deep features fresh
+        enough: the outer blocks only) or "keep" (in full, and the streams that reuse keep the deep features).
+
+        One mode per batch, so one graph per step: a batch mixing streams due a full frame with streams due a partial
+        one runs in full, which also refreshes everyone's deep features (streams batched together fall into step).
+        Deep features are per step, so reuse applies to one UNet evaluation per frame (SD-Turbo's 2 steps at 0.5).
+        """
+        if self.reuse is None or n != 1:
+            return "plain"
+        wanted = [p.reuse >= 2 and key is not None for p, key in zip(params, keys)]
+        if not any(wanted):
+            return "plain"
+        if all(wanted):
+            states = [self._streams.get(key) for key in keys]
+            if all(s.deep is not None and s.deep_params == _deep_params(p) and s.deep_age < p.reuse - 1
+                   for s, p in zip(states, params)):
+                return "reuse"
+        return "keep"
+
+    def _keep_deep(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None], mode: str) -> None:
+        """After a batch: streams that reuse keep the deep features of a full step (device copy) or count one more
+        partial frame on theirs; the others free theirs."""
+        if self.reuse is None:
+            return
+        for i, (p, key) in enumerate(zip(params, keys)):
+            if key is None or key not in self._streams:
+                continue
+            state = self._streams.get(key)
+            if mode == "keep" and p.reuse >= 2:
+                if state.deep is None:
+                    state.deep = torch.empty_like(self._deep[i])
+                state.deep.copy_(self._deep[i])
+                state.deep_params, state.deep_age = _deep_params(p), 0
+            elif mode == "reuse":
+                state.deep_age += 1
+            else:
+                state.deep, state.deep_params = None, None
+        if mode == "keep":
+            self.stats.reuse_keep_batches += 1
+        elif mode == "reuse":
+            self.stats.reuse_partial_batches += 1
+
     def _bucket(self, b: int) -> int:
         return next(size for size in self.config.buckets if size >= b)
 
     def validate(self, params: StreamParams) -> StreamParams:
         """params, checked against this engine's limits; ValueError with a user-facing message otherwise."""
-        return params.validate(self.config.max_steps)
+        return params.validate(self.config.max_steps, self.config.reuse_enabled)
 
     @torch.inference_mode()
     def run(
@@ -567,12 +627,17 @@ class Engine:
         self._frames[:b].copy_(slot.frames[:b], non_blocking=True)
         self._load_stream_inputs(params, 0, slot, keys, now)
         n = self._stage_schedule(params, slot)
+        mode = self._reuse_mode(params, keys, n)
+        if mode == "reuse":
+            for i, key in enumerate(keys):  # each stream's deep features into its row (device copies, no sync)
+                self._deep[i].copy_(self._streams.get(key).deep)
         if use_graphs:
             # Rows b..bucket-1 hold stale but finite inputs; their outputs are ignored.
-            self._replay(self._bucket(b), n)
+            self._replay(self._bucket(b), n, mode)
         else:
-            self._out[:b].copy_(self._frame_path(b, n))
+            self._out[:b].copy_(self._frame_path(b, n, mode=mode))
         self._keep_latents(params, keys)  # device copies, ordered before the next call's replay
+        self._keep_deep(params, keys, mode)
         # The copy out is ordered after this batch and before the next one's tail overwrites self._out; the slot's
         # event says when it (and so every staged input before it) is done.
         slot.out[:b].copy_(self._out[:b], non_blocking=True)
@@ -625,3 +690,8 @@ class Engine:
         if self.in_flight:
             raise RuntimeError("collect the engine calls in flight first")
         return self._slots[0]
+
+
+def _deep_params(p: StreamParams) -> tuple:
+    """What deep features depend on besides the frame: a change of any of these forces a full frame."""
+    return (p.prompt, p.seed, p.steps, p.strength)

@@ -30,6 +30,7 @@ class FrameMath:
         self.vae_scaling = float(vae.config.scaling_factor)
         # What the path calls; Engine's --compile replaces them with torch.compile wrappers of the same modules.
         self.unet_call, self.encoder_call, self.decoder_call = unet, vae.encoder, vae.decoder
+        self.reuse = None  # a reuse.FeatureReuse of the UNet, for the steps that keep or reuse deep features
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] NCHW -> unscaled latents (the mean of the full VAE's posterior: deterministic per frame)."""
@@ -107,15 +108,26 @@ class FrameMath:
 
     def step(
         self, latents: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-        emb: torch.Tensor, probe: Probe | None = None, k: int = 0,
+        emb: torch.Tensor, probe: Probe | None = None, k: int = 0, *, deep: torch.Tensor | None = None,
+        mode: str = "plain",
     ) -> torch.Tensor:
-        """One UNet evaluation and Euler step: float32 latents (b, C, h, w) at sigma (b,) -> latents at sigma_next."""
+        """One UNet evaluation and Euler step: float32 latents (b, C, h, w) at sigma (b,) -> latents at sigma_next.
+
+        mode "plain": the UNet as it is; "keep": the whole UNet through self.reuse (the same eps bit for bit), its deep
+        features written to `deep`; "reuse": only the UNet's outer blocks, the deep features read from `deep`
+        (temporal feature reuse: an approximation).
+        """
         probe = probe or _no_probe
         b = latents.shape[0]
         sigma, sigma_next = sigma.view(b, 1, 1, 1), sigma_next.view(b, 1, 1, 1)
         # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
         model_in = (latents / (sigma * sigma + 1.0).sqrt()).to(self.dtype)
-        eps = self.eps(model_in, t, emb).float()
+        if mode == "keep":
+            eps = self.reuse.full(model_in, t, emb, deep_out=deep).float()
+        elif mode == "reuse":
+            eps = self.reuse.partial(model_in, t, emb, deep_in=deep).float()
+        else:
+            eps = self.eps(model_in, t, emb).float()
         # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
         latents = latents + eps * (sigma_next - sigma)
         probe(f"eps_{k}", eps)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..batcher import Result, Stream
 from ..codec import fit_frame
+from ..config import stream_limits
 from ..io.sources import redact
 from ..similarity import SimilarityFilter
 from . import protocol
@@ -222,7 +223,7 @@ class Broadcast:
     def set_params(self, fields: dict[str, Any], by: str = "a viewer") -> None:
         """A viewer with the control token (or OSC, a playlist: `by`) changes the broadcast: checked, applied,
         announced to every viewer."""
-        params = protocol.apply_config(self.stream.params, fields, self.server.engine.config.max_steps)
+        params = protocol.apply_config(self.stream.params, fields, *stream_limits(self.server.engine))
         self.stream.params = params
         # OSC faders send many values a second: their changes are logged at DEBUG (OSC and playlists log their own).
         level = logging.INFO if by == "a viewer" else logging.DEBUG

@@ -124,10 +124,11 @@ def expect_config(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k != "type"}
 
 
-def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int) -> StreamParams:
-    """params with fields applied and checked (the one validation every parameter change goes through)."""
+def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int, reuse: bool = True) -> StreamParams:
+    """params with fields applied and checked (the one validation every parameter change goes through); max_steps
+    and reuse are the engine's (EngineConfig.max_steps, EngineConfig.reuse_enabled)."""
     try:
-        return params.updated(**fields).validate(max_steps)
+        return params.updated(**fields).validate(max_steps, reuse)
     except (ValueError, TypeError) as exc:
         raise ProtocolError("bad_config", str(exc)) from None
 
@@ -168,12 +169,12 @@ def config_message(p: StreamParams) -> dict[str, Any]:
     return {"type": "config", **params_dict(p)}
 
 
-def limits_dict(limits: Limits, *, max_steps: int, max_batch: int) -> dict[str, Any]:
-    """The limits a client should know, as the ready message carries them."""
+def limits_dict(limits: Limits, *, max_steps: int, max_batch: int, reuse: bool = True) -> dict[str, Any]:
+    """The limits a client should know, as the ready message carries them (reuse: whether `reuse` >= 2 is allowed)."""
     return {
         "max_message_bytes": limits.max_message_bytes, "max_image_side": limits.max_image_side,
         "max_text_bytes": limits.max_text_bytes, "max_steps": max_steps, "max_prompt_chars": MAX_PROMPT_CHARS,
-        "max_seed": MAX_SEED, "max_batch": max_batch, "max_clients": limits.max_clients,
+        "max_seed": MAX_SEED, "max_batch": max_batch, "max_clients": limits.max_clients, "feature_reuse": reuse,
     }
 
 

@@ -27,7 +27,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from ..config import ServerConfig, StreamParams
+from ..config import ServerConfig, StreamParams, stream_limits
 from ..metrics import DeviceMetrics, Metrics
 from . import protocol
 from .broadcast import Broadcast
@@ -122,8 +122,9 @@ class TurboServer:
 
     def limits_dict(self) -> dict[str, Any]:
         """The limits a client should know (the ready message's "limits")."""
-        return protocol.limits_dict(self.config.limits, max_steps=self.engine.config.max_steps,
-                                    max_batch=self.engine.max_batch)
+        max_steps, reuse = stream_limits(self.engine)
+        return protocol.limits_dict(self.config.limits, max_steps=max_steps, max_batch=self.engine.max_batch,
+                                    reuse=reuse)
 
     def _health(self) -> tuple[int, str]:
         """/healthz: 200 once every engine is warm; 503 while one loads or warms up, or after one failed (named)."""

@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..batcher import Result, Stream
 from ..codec import decode_jpeg, encode_jpeg, fit_frame
-from ..config import Limits, StreamParams
+from ..config import Limits, StreamParams, stream_limits
 from ..errors import CodecError
 from ..similarity import SimilarityFilter
 from . import protocol
@@ -310,7 +310,7 @@ class ClientSession(Session):
 
     def on_text(self, obj: dict[str, Any]) -> None:
         fields = protocol.expect_config(obj)
-        self.stream.params = protocol.apply_config(self.stream.params, fields, self.server.engine.config.max_steps)
+        self.stream.params = protocol.apply_config(self.stream.params, fields, *stream_limits(self.server.engine))
         self.outbox.text(protocol.config_message(self.stream.params))
 
     def on_binary(self, data: bytes) -> None:

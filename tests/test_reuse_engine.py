@@ -1,0 +1,92 @@
+"""Temporal feature reuse inside the engine (tiny-random on the CPU): which batches run in full or partially, that
+full frames stay exact, and that an engine started without reuse refuses it clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from turbostream.config import StreamParams
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.fixture
+def frames():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    return [np.roll(base, 3 * k, axis=1) for k in range(8)]  # a panning clip
+
+
+def test_a_stream_reusing_every_third_frame(make_engine, frames):
+    """reuse 3: full, partial, partial, full, ...; a full frame is exactly the plain engine's, a partial frame on the
+    very frame its deep features came from is exactly the full one, and on a moved frame it is near but not equal."""
+    engine, plain = make_engine(feature_reuse=True), make_engine()
+    p = StreamParams("a fox", seed=4, reuse=3)
+    full = [plain.run([f], [p.updated(reuse=0)])[0] for f in frames[:4]]
+    modes = []
+    outs = []
+    for k, frame in enumerate([frames[0], frames[0], frames[1], frames[3]]):
+        before = (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches)
+        outs.append(engine.run([frame], [p], streams=["s"])[0])
+        after = (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches)
+        modes.append("keep" if after[0] > before[0] else "reuse" if after[1] > before[1] else "plain")
+    assert modes == ["keep", "reuse", "reuse", "keep"]
+    assert np.array_equal(outs[0], full[0]) and np.array_equal(outs[3], full[3])  # full frames: exact
+    assert np.array_equal(outs[1], full[0])  # same frame, its own deep features: exact
+    moved = _diff(outs[2], full[1])
+    assert 0 < moved <= 64, moved  # an approximation: it moves the output, boundedly
+
+
+def test_reuse_off_leaves_every_frame_bit_identical(make_engine, frames):
+    """On an engine with reuse enabled, streams with reuse 0 or 1 run the plain step: same frames as without it."""
+    engine, plain = make_engine(feature_reuse=True), make_engine()
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2, reuse=1)]
+    for frame in frames[:3]:
+        got = engine.run([frame, frame], params, streams=["x", "y"])
+        want = plain.run([frame, frame], params, streams=["x", "y"])
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert engine.stats.reuse_keep_batches == engine.stats.reuse_partial_batches == 0
+
+
+def test_a_batch_mixing_reuse_and_plain_streams_runs_in_full(make_engine, frames):
+    engine, plain = make_engine(feature_reuse=True), make_engine()
+    params = [StreamParams("a", seed=1, reuse=4), StreamParams("b", seed=2)]
+    for frame in frames[:3]:
+        got = engine.run([frame, frame], params, streams=["r", "p"])
+        want = plain.run([frame, frame], [q.updated(reuse=0) for q in params])
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))  # the full step keeps outputs exact
+    assert engine.stats.reuse_keep_batches == 3 and engine.stats.reuse_partial_batches == 0
+
+
+def test_a_parameter_change_or_more_steps_forces_a_full_frame(make_engine, frames):
+    engine = make_engine(feature_reuse=True)
+    p = StreamParams("a", seed=1, reuse=8)
+    engine.run([frames[0]], [p], streams=["s"])  # keep
+    engine.run([frames[1]], [p], streams=["s"])  # reuse
+    assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (1, 1)
+    engine.run([frames[2]], [p.updated(prompt="b")], streams=["s"])  # the prompt changed: full
+    engine.run([frames[3]], [p.updated(prompt="b", seed=9)], streams=["s"])  # the seed changed: full
+    assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (3, 1)
+    engine.run([frames[4]], [p.updated(prompt="b", seed=9, steps=4)], streams=["s"])  # 2 UNet evaluations: plain
+    assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (3, 1)
+    engine.run([frames[5]], [p.updated(prompt="b", seed=9)], streams=["s"])  # back to one: its features were freed
+    assert engine.stats.reuse_keep_batches == 4
+    engine.release_stream("s")
+    assert engine.stream_states == 0
+
+
+def test_an_engine_without_reuse_refuses_it_clearly(make_engine):
+    from turbostream.serve import protocol
+
+    engine = make_engine()
+    assert not engine.config.reuse_enabled and engine.reuse is None
+    with pytest.raises(ValueError, match="feature reuse is off on this engine"):
+        engine.run([np.zeros((64, 64, 3), np.uint8)], [StreamParams(reuse=2)])
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.apply_config(StreamParams(), {"reuse": 3}, 4, reuse=False)
+    assert err.value.code == "bad_config" and "--reuse" in str(err.value)
+    assert protocol.apply_config(StreamParams(), {"reuse": 1}, 4, reuse=False).reuse == 1
+    assert make_engine(default_params=StreamParams(reuse=2)).config.reuse_enabled  # --reuse N turns it on
