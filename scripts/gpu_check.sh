@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [rows] [serve] [soak] [warmstart] [reuse]   (default: parity engine serve)
+#   bash scripts/gpu_check.sh [parity] [engine] [rows] [serve] [serve-compile] [gil] [soak] [warmstart] [reuse]
+#                                                                                          (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
@@ -20,6 +21,10 @@
 #         output's distance from full recomputation for reuse 2, 3, 4); JSON in $OUT/reuse.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
+# serve-compile: the same load test at 8 and 16 clients with `serve --compile` (issue 11: 8 clients >= 30 frames/s each)
+# gil:    where the server's threads hold the GIL at 16 clients: `serve` runs under `py-spy record --gil` (its own child,
+#         so no ptrace rights are needed) while scripts/loadtest.py drives it; $OUT/serve-gil.svg (a flame graph) and
+#         the load test's JSON. Needs py-spy: carry its wheel (device-wheels.sh py-spy==0.4.3); skipped without it
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
 #         (default 180)
 # Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
@@ -83,6 +88,35 @@ for stage in "${stages[@]}"; do
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
+    serve-compile)
+      step serve-compile $((DUR * 2 + 420)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
+        --json "$OUT/serve_compile.json" --spawn-server -- "${MODEL[@]}" "${COMPILE[@]}" --max-clients 16 ;;
+    gil)
+      SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null || true)
+      if [ -z "$SPY" ]; then
+        echo "=== gil: skipped (no py-spy: carry its wheel, device-wheels.sh py-spy==0.4.3)"
+      else
+        port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+        "$SPY" record --gil --nonblocking --rate 200 --format flamegraph -o "$OUT/serve-gil.svg" -- \
+          "$PY" -m turbostream serve "${MODEL[@]}" --max-clients 16 --port "$port" > "$OUT/gil-server.log" 2>&1 &
+        spy=$!
+        "$PY" - "$port" <<'PY' || echo "=== gil: the server was not ready in 600 s (see $OUT/gil-server.log)"
+import sys, time, urllib.request
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline:
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=5).status == 200:
+            sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(1)
+sys.exit(1)
+PY
+        step gil $((DUR + 120)) "$PY" scripts/loadtest.py --clients 16 --duration "$DUR" --warmup 5 \
+          --json "$OUT/gil.json" --url "ws://127.0.0.1:$port/ws"
+        pkill -INT -f "turbostream serve .*--port $port" || true
+        wait "$spy"; echo "=== gil: py-spy exit $? ($OUT/serve-gil.svg)"
+      fi ;;
     soak)
       step soak $((SOAK_S * 2 + 240)) "$PY" scripts/loadtest.py --soak --clients 8,16 --duration "$SOAK_S" \
         --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
@@ -90,7 +124,8 @@ for stage in "${stages[@]}"; do
       step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
     reuse)
       step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --json "$OUT/reuse.json" ;;
-    *) echo "unknown stage $stage (parity, engine, rows, serve, soak, warmstart, reuse)"; status=2 ;;
+    *) echo "unknown stage $stage (parity, engine, rows, serve, serve-compile, gil, soak, warmstart, reuse)"
+       status=2 ;;
   esac
 done
 exit $status
