@@ -97,7 +97,7 @@ for stage in "${stages[@]}"; do
         echo "=== gil: skipped (no py-spy: carry its wheel, device-wheels.sh py-spy==0.4.3)"
       else
         port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-        "$SPY" record --gil --nonblocking --rate 200 --format flamegraph -o "$OUT/serve-gil.svg" -- \
+        "$SPY" record --gil --threads --nonblocking --rate 200 --format flamegraph -o "$OUT/serve-gil.svg" -- \
           "$PY" -m turbostream serve "${MODEL[@]}" --max-clients 16 --port "$port" > "$OUT/gil-server.log" 2>&1 &
         spy=$!
         "$PY" - "$port" <<'PY' || echo "=== gil: the server was not ready in 600 s (see $OUT/gil-server.log)"
