@@ -55,7 +55,7 @@ def check_compile_mode(mode: str) -> str:
     if mode in CUDAGRAPH_COMPILE_MODES:
         raise ValueError(
             f"compile mode {mode!r} is not allowed: it makes torch.compile capture CUDA graphs of its own "
-            "(cudagraph trees), and the engine already captures the whole frame into one CUDA graph per bucket; the "
+            "(cudagraph trees), and the engine already captures the whole frame into CUDA graphs of its own; the "
             "two do not nest. Use 'max-autotune-no-cudagraphs' for autotuned kernels, or 'default'")
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
