@@ -48,7 +48,7 @@ GATHER_MIN_S = 0.002
 GATHER_MAX_S = 0.020
 GATHER_START_S = 0.004  # before the first call has been timed
 CALL_TIME_SMOOTHING = 0.2  # weight of the newest call in the running mean of engine call time
-POLL_S = 0.0005  # while a call runs on the GPU: how often to look whether it is done (the wait ends early on frames)
+POLL_S = 0.001  # while a call runs on the GPU: how often to look whether it is done (a new frame ends the wait at once)
 
 
 @dataclass
