@@ -18,8 +18,8 @@ engine with run() only, or one that computes in submit() (the CPU), runs each ba
 
 Similarity skips (similarity.py): a frame the producer judged a repeat arrives as the reference frame marked `skip`;
 if the stream's last output came from that very frame it is answered with that output (Result.skipped, no engine
-call), otherwise the reference runs as usual. Results are delivered on the inference thread; callbacks must only hand them off (for example with
-`loop.call_soon_threadsafe`), never encode or send there.
+call), otherwise the reference runs as usual. Results are delivered on the inference thread; callbacks must only
+hand them off (for example with `loop.call_soon_threadsafe`), never encode or send there.
 """
 
 from __future__ import annotations

@@ -391,7 +391,7 @@ class Engine:
     # ------------------------------------------------------------------ running frames
 
     def _stage_schedule(self, params: Sequence[StreamParams], slot: _Slot) -> int:
-        """Write each row's schedule (timestep, sigma, next sigma per evaluation) to the device; all share unet_evals."""
+        """Write each row's schedule (timestep, sigma, next sigma of each evaluation) to the device; one unet_evals."""
         n = params[0].unet_evals
         host = slot.steps
         for i, p in enumerate(params):
