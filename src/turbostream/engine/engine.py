@@ -93,17 +93,6 @@ class Ticket:
     collected: bool = False
 
 
-@dataclass
-class _SegmentGraphs:
-    """One bucket's graphs: the frame path's three segments (see the module docstring)."""
-
-    head: torch.cuda.CUDAGraph
-    step: torch.cuda.CUDAGraph
-    tail: torch.cuda.CUDAGraph
-    step_keep: torch.cuda.CUDAGraph | None = None  # temporal feature reuse (EngineConfig.reuse_enabled) only
-    step_reuse: torch.cuda.CUDAGraph | None = None
-
-
 class Engine:
     """SD-Turbo img2img over batches of frames from many streams. Build, warmup(), then run() from one thread."""
 
@@ -134,7 +123,9 @@ class Engine:
         # texts (and cost text-encoder runs) of other streams.
         self._blends = LRU(BLEND_CACHE_SIZE)
         self._owner: int | None = None
-        self._graphs: dict[int, _SegmentGraphs] = {}  # by batch bucket
+        # By batch bucket: "head", "tail" and one step graph per step mode ("plain"; "keep", "reuse" with feature
+        # reuse: see FrameMath.step).
+        self._graphs: dict[int, dict[str, torch.cuda.CUDAGraph]] = {}
         self._streams = StreamStates(config.max_stream_states)
         self.clock = time.monotonic  # transitions are timed by it (tests may replace it)
         # The only place building an engine changes its components or process state (see cuda.py).
@@ -342,19 +333,19 @@ class Engine:
             cache.save()
 
     def _segment(self, b: int, kind: str) -> None:
-        """One segment of the path on bucket b, from static buffers to static buffers (what a graph captures)."""
+        """One segment of the path on bucket b, from static buffers to static buffers (what a graph captures):
+        "head", "tail", or the step in one of FrameMath.step's modes."""
         if kind == "head":
             self._latents[:b].copy_(self._head(b))
-        elif kind.startswith("step"):
-            mode = {"step": "plain", "step_keep": "keep", "step_reuse": "reuse"}[kind]
-            self._latents[:b].copy_(self._step_path(self._latents[:b], self._step, mode=mode))
-        else:
+        elif kind == "tail":
             self._out[:b].copy_(self._tail(self._latents[:b]))
+        else:
+            self._latents[:b].copy_(self._step_path(self._latents[:b], self._step, mode=kind))
 
-    def _capture(self, b: int) -> _SegmentGraphs:
-        """Warm up on a side stream (3 runs), then capture bucket b's three segments, each into its own graph."""
+    def _capture(self, b: int) -> dict[str, torch.cuda.CUDAGraph]:
+        """Warm up on a side stream (3 runs), then capture bucket b's segments, each into its own graph."""
         t0 = time.perf_counter()
-        kinds = ("head", "step", "tail") + (("step_keep", "step_reuse") if self.reuse is not None else ())
+        kinds = ("head", "plain", "tail") + (("keep", "reuse") if self.reuse is not None else ())
         self._step.copy_(self._steps[0])  # a real schedule row for the warm-up runs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -372,7 +363,7 @@ class Engine:
                 self._segment(b, kind)
             graphs[kind] = graph
         torch.cuda.synchronize()
-        self._graphs[b] = _SegmentGraphs(**graphs)
+        self._graphs[b] = graphs
         self.stats.graphs_captured += len(kinds)
         self.stats.capture_s[f"b{b}"] = time.perf_counter() - t0
         return self._graphs[b]
@@ -380,12 +371,11 @@ class Engine:
     def _replay(self, b: int, n: int, mode: str = "plain") -> None:
         """Enqueue bucket b's graphs for n UNet evaluations (mode: which step graph, see FrameMath.step); no sync."""
         graphs = self._graphs.get(b) or self._capture(b)  # every bucket is captured at warmup; this is a fallback
-        step = {"plain": graphs.step, "keep": graphs.step_keep, "reuse": graphs.step_reuse}[mode]
-        graphs.head.replay()
+        graphs["head"].replay()
         for k in range(n):
             self._step.copy_(self._steps[k])  # device to device, ordered before the replay that reads it
-            step.replay()
-        graphs.tail.replay()
+            graphs[mode].replay()
+        graphs["tail"].replay()
         self.stats.graph_replays += 1
 
     # ------------------------------------------------------------------ running frames
@@ -418,28 +408,29 @@ class Engine:
             key = keys[i - first] if keys is not None else None
             state = self._streams.get(key) if key is not None else None
             a = state.step(p, now, self.prompt_embeddings, self.noise) if state is not None else None
-            # A row that holds this very cached tensor already (same stream in the same row as last call, the usual
-            # case) is left as it is: nothing else writes these rows, and the cached tensors are never changed.
-            if a is not None and state.from_emb is not None:
-                self._emb[i].copy_(lerp(state.from_emb, emb, a))
-                self._row_emb[i] = None
-            elif self._row_emb[i] is not emb:
-                self._emb[i].copy_(emb)
-                self._row_emb[i] = emb
-            else:
-                self.stats.rows_reused += 1
-            if a is not None and state.from_noise is not None:
-                self._noise_buf[i].copy_(slerp(state.from_noise, noise, a))
-                self._row_noise[i] = None
-            elif self._row_noise[i] is not noise:
-                self._noise_buf[i].copy_(noise)
-                self._row_noise[i] = noise
-            else:
-                self.stats.rows_reused += 1
+            moving = a is not None
+            self._write_row(self._emb, self._row_emb, i, emb,
+                            lerp(state.from_emb, emb, a) if moving and state.from_emb is not None else None)
+            self._write_row(self._noise_buf, self._row_noise, i, noise,
+                            slerp(state.from_noise, noise, a) if moving and state.from_noise is not None else None)
             if state is not None and p.feedback > 0 and state.latent is not None:
                 self._prev[i].copy_(state.latent)
                 host[i] = p.feedback
         self._feedback.copy_(host, non_blocking=True)
+
+    def _write_row(self, buf: torch.Tensor, held: list[torch.Tensor | None], i: int, cached: torch.Tensor,
+                   blend: torch.Tensor | None) -> None:
+        """Row i of buf <- a transition's blend, else the cached tensor. A row that holds this very cached tensor
+        already (the same stream in the same row as last call, the usual case) is left as it is: nothing else writes
+        these rows, and cached tensors are never changed. held[i] is what row i holds (None: a blend)."""
+        if blend is not None:
+            buf[i].copy_(blend)
+            held[i] = None
+        elif held[i] is not cached:
+            buf[i].copy_(cached)
+            held[i] = cached
+        else:
+            self.stats.rows_reused += 1
 
     def _keep_latents(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None]) -> None:
         """After a frame: streams with feedback keep its output latents (device copy); the others free theirs."""
