@@ -293,11 +293,8 @@ class Batcher:
             if self._stop:
                 return None
             deadline = time.perf_counter() + self.gather_s
-            taken = {stream.key for stream, _ in batch}
             while True:
-                for key in [k for k in self._pending if k not in taken][: limit - len(batch)]:
-                    batch.append(self._pending.pop(key))
-                    taken.add(key)
+                taken = self._fill(batch, limit)
                 waiting_for = any(s._expecting and s.key not in taken for s in self._streams.values())
                 remaining = deadline - time.perf_counter()
                 if len(batch) >= limit or not waiting_for or remaining <= 0 or self._stop:
@@ -326,8 +323,7 @@ class Batcher:
                 self._cond.wait(POLL_S)
             if self._stop:
                 return None
-            for key in [k for k in self._pending if k not in taken][: limit - len(batch)]:
-                batch.append(self._pending.pop(key))
+            self._fill(batch, limit)
             return batch
 
     @staticmethod
@@ -337,11 +333,21 @@ class Batcher:
         except Exception:  # noqa: BLE001 - a faulted device: collect() raises it again and reports it to the streams
             return True
 
+    def _fill(self, batch: list[tuple[Stream, Pending]], limit: int) -> set[int]:
+        """Move pending frames into batch, oldest first, one per stream not in it yet, up to limit frames; returns
+        the streams in batch. Call with the lock held."""
+        taken = {stream.key for stream, _ in batch}
+        for key in [k for k in self._pending if k not in taken][: limit - len(batch)]:
+            batch.append(self._pending.pop(key))
+            taken.add(key)
+        return taken
+
     def _commit_pending(self) -> list[tuple[Stream, Pending]]:
         """Pop up to max_batch pending frames (oldest first) without waiting: the start of the next batch."""
+        batch: list[tuple[Stream, Pending]] = []
         with self._cond:
-            keys = list(itertools.islice(self._pending, self.max_batch))
-            return [self._pending.pop(k) for k in keys]
+            self._fill(batch, self.max_batch)
+        return batch
 
     def _release_closed(self) -> None:
         """Free the engine state of streams closed since the last batch (on this thread: the engine's)."""
