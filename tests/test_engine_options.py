@@ -155,3 +155,6 @@ def test_compile_cache_key_keeps_the_default_and_names_the_mode():
     assert tuned == {**legacy, "compile_mode": "max-autotune-no-cudagraphs"}
     both = cache_key(dataclasses.replace(cfg, attention="flash", fp8=True), "GPU", torch.float16)
     assert both == {**legacy, "attention": "flash", "fp8": True}
+    # Feature reuse compiles two more forwards: a cache saved without them must not count as a hit with them.
+    reusing = cache_key(dataclasses.replace(cfg, feature_reuse=True), "GPU", torch.float16)
+    assert reusing == {**legacy, "reuse_enabled": True}

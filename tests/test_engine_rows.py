@@ -32,7 +32,7 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     rows = res["rows"]
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "skip_unit_rescale",
                           "fp8", "compile_default", "fp8_compile", "compile_max_autotune", "temporal_reuse",
-                          "broken", "lean_math"]
+                          "compile_reuse", "broken", "lean_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
     for name in ("baseline", "attn_flash", "attn_math", "skip_unit_rescale", "lean_math"):
         row = rows[name]
@@ -50,7 +50,8 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
     assert rows["skip_unit_rescale"]["applied"]["lean_resnets"] > 0
     assert rows["lean_math"]["config"]["attention"] == "math" and rows["lean_math"]["applied"]["lean_resnets"] > 0
-    for name in ("attn_efficient", "attn_cudnn", "fp8", "compile_default", "fp8_compile", "compile_max_autotune"):
+    for name in ("attn_efficient", "attn_cudnn", "fp8", "compile_default", "fp8_compile", "compile_max_autotune",
+                 "compile_reuse"):
         assert rows[name]["skipped"] == "CUDA only"
     reuse = rows["temporal_reuse"]
     assert reuse["status"] == "ok" and reuse["config"]["feature_reuse"] is True and reuse["parity_pass"] is True
@@ -59,6 +60,9 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         assert r["calls"] == {"keep": 2, "reuse": 6}
         assert 0 < r["reuse_median_ms"] and 0 < r["keep_median_ms"]
         assert r["avg_ms_per_call"]["2"] == pytest.approx((r["keep_median_ms"] + r["reuse_median_ms"]) / 2, abs=2e-3)
+        assert r["partial_vs_full_max"] == 0  # eager: a partial frame on its own frame is the full frame
+    avg4 = reuse["reuse"]["1"]["avg_ms_per_call"]["4"]  # the one reuse row the CPU runs
+    assert res["targets"]["b1_reuse4_avg_le_4ms"] == {"met": avg4 <= 4.0, "ms": avg4, "row": "temporal_reuse"}
     # A row that fails is recorded with its error, and the rows after it still run (lean_math above).
     assert rows["broken"]["status"] == "error" and "attention must be one of" in rows["broken"]["error"]
     assert res["errors"] == [f"broken: {rows['broken']['error']}"]
@@ -76,7 +80,8 @@ def test_budget_skips_rows_that_no_longer_fit_and_says_how_to_run_them(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("baseline", "attn_math"):
         assert "time budget" in res["rows"][name]["skipped"] and f"--rows {name}" in res["rows"][name]["skipped"]
-    assert res["targets"] == {"b1_le_5ms": None, "b8_ge_350fps": None, "compiled_b8_ge_300fps": None}
+    assert res["targets"] == {"b1_le_5ms": None, "b8_ge_350fps": None, "compiled_b8_ge_300fps": None,
+                              "b1_reuse4_avg_le_4ms": None}
 
 
 def test_bad_rows_are_refused(tmp_path):

@@ -90,3 +90,39 @@ def test_an_engine_without_reuse_refuses_it_clearly(make_engine):
     assert err.value.code == "bad_config" and "--reuse" in str(err.value)
     assert protocol.apply_config(StreamParams(), {"reuse": 1}, 4, reuse=False).reuse == 1
     assert make_engine(default_params=StreamParams(reuse=2)).config.reuse_enabled  # --reuse N turns it on
+
+
+def test_compile_wraps_the_full_and_partial_forwards_and_warms_every_step_mode(make_engine, frames, monkeypatch):
+    """With --compile, the keep and reuse steps run through compiled wrappers of FeatureReuse.full and .partial (not
+    the uncompiled blocks), and warmup's compile pass runs every step mode, so none compiles on the hot path.
+
+    torch.compile is CUDA-only in the engine; here a recording stand-in takes its place (compiling for real is the
+    GPU rows' job: scripts/engine_rows.py compile_reuse), so what is tested is which functions the engine routes
+    through the compiled wrappers and when they first run."""
+    import torch
+
+    calls: dict[str, int] = {}
+
+    def fake_compile(fn, **kwargs):
+        name = getattr(fn, "__name__", type(fn).__name__)
+        calls.setdefault(name, 0)
+
+        def wrapper(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    engine, plain = make_engine(feature_reuse=True, compile=True, compile_cache=None), make_engine()
+    engine._compile()  # what warmup() does first on CUDA
+    assert {"full", "partial", "UNet2DConditionModel"} <= set(calls)
+    warmed = dict(calls)
+    assert warmed["full"] >= len(engine.config.buckets) and warmed["partial"] >= len(engine.config.buckets)
+    p = StreamParams("a fox", seed=4, reuse=2)
+    outs = [engine.run([f], [p], streams=["s"])[0] for f in (frames[0], frames[0])]
+    assert calls["full"] == warmed["full"] + 1 and calls["partial"] == warmed["partial"] + 1
+    assert engine.stats.reuse_partial_batches == 1
+    want = plain.run([frames[0]], [p.updated(reuse=0)])[0]
+    assert np.array_equal(outs[0], want) and np.array_equal(outs[1], want)

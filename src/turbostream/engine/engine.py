@@ -136,7 +136,8 @@ class Engine:
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         # Temporal feature reuse: a second way through the same UNet (ValueError for a UNet it cannot mirror).
         self.reuse = FeatureReuse(self.unet) if config.reuse_enabled else None
-        self.math.reuse = self.reuse
+        if self.reuse is not None:
+            self.math.use_reuse(self.reuse)
         self._alloc_buffers()
 
     # ------------------------------------------------------------------ set-up
@@ -320,17 +321,31 @@ class Engine:
         if self.components.vae_kind == "tiny":
             self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False, mode=mode)
             self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=False, mode=mode)
-        # Compile every bucket now (eager runs on the compiled modules), so the timing below is the compile cost.
+        if self.reuse is not None:
+            # The keep and reuse steps go through the UNet's blocks, not its forward: left uncompiled, a frame that
+            # keeps deep features would run slower than a plain compiled one and the partial frames would lose
+            # the fusions the full ones have. Each is a graph of its own for dynamo (compile time: about one more
+            # UNet for full, the outer blocks for partial).
+            self.math.full_call = torch.compile(self.reuse.full, fullgraph=False, dynamic=False, mode=mode)
+            self.math.partial_call = torch.compile(self.reuse.partial, fullgraph=False, dynamic=False, mode=mode)
+        # Compile every bucket and step mode now (eager runs on the compiled modules), so no call on the hot path
+        # compiles and the timing below is the whole compile cost.
         n = self.config.default_params.unet_evals
         self._stage_schedule([self.config.default_params] * self.max_batch, self._slots[0])
         for b in self.config.buckets:
-            self._frame_path(b, n)
+            for mode_ in self._step_modes:
+                self._frame_path(b, n, mode=mode_)
         torch.cuda.synchronize()
         self.stats.compile_s = time.perf_counter() - t0
         log.info("torch.compile: %.1f s for buckets %s (compile cache %s)", self.stats.compile_s, self.config.buckets,
                  "hit" if self.stats.compile_cache_hit else "off" if cache is None else "miss")
         if cache is not None and not self.stats.compile_cache_hit:
             cache.save()
+
+    @property
+    def _step_modes(self) -> tuple[str, ...]:
+        """The step modes this engine runs (FrameMath.step): plain, and keep and reuse with temporal feature reuse."""
+        return ("plain", "keep", "reuse") if self.reuse is not None else ("plain",)
 
     def _segment(self, b: int, kind: str) -> None:
         """One segment of the path on bucket b, from static buffers to static buffers (what a graph captures):
@@ -345,7 +360,7 @@ class Engine:
     def _capture(self, b: int) -> dict[str, torch.cuda.CUDAGraph]:
         """Warm up on a side stream (3 runs), then capture bucket b's segments, each into its own graph."""
         t0 = time.perf_counter()
-        kinds = ("head", "plain", "tail") + (("keep", "reuse") if self.reuse is not None else ())
+        kinds = ("head", *self._step_modes, "tail")
         self._step.copy_(self._steps[0])  # a real schedule row for the warm-up runs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

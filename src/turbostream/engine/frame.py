@@ -30,7 +30,15 @@ class FrameMath:
         self.vae_scaling = float(vae.config.scaling_factor)
         # What the path calls; Engine's --compile replaces them with torch.compile wrappers of the same modules.
         self.unet_call, self.encoder_call, self.decoder_call = unet, vae.encoder, vae.decoder
-        self.reuse = None  # a reuse.FeatureReuse of the UNet, for the steps that keep or reuse deep features
+        # Temporal feature reuse (use_reuse): a reuse.FeatureReuse of the UNet, and what the steps that keep or reuse
+        # deep features call (its full and partial forwards, or compiled wrappers of them).
+        self.reuse = None
+        self.full_call = self.partial_call = None
+
+    def use_reuse(self, reuse: Any) -> None:
+        """Enable the "keep" and "reuse" step modes through a reuse.FeatureReuse of this UNet."""
+        self.reuse = reuse
+        self.full_call, self.partial_call = reuse.full, reuse.partial
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] NCHW -> unscaled latents (the mean of the full VAE's posterior: deterministic per frame)."""
@@ -123,9 +131,9 @@ class FrameMath:
         # Euler's input scaling keeps the UNet's input at unit variance whatever the noise level.
         model_in = (latents / (sigma * sigma + 1.0).sqrt()).to(self.dtype)
         if mode == "keep":
-            eps = self.reuse.full(model_in, t, emb, deep_out=deep).float()
+            eps = self.full_call(model_in, t, emb, deep_out=deep).float()
         elif mode == "reuse":
-            eps = self.reuse.partial(model_in, t, emb, deep_in=deep).float()
+            eps = self.partial_call(model_in, t, emb, deep_in=deep).float()
         else:
             eps = self.eps(model_in, t, emb).float()
         # Euler step in fp32 (as diffusers does): x_next = x + eps * (sigma_next - sigma); at sigma_next=0, x0.
