@@ -229,4 +229,10 @@ def test_feature_reuse_graphs_match_eager(cuda_tiny):
         e = eager.run([frame], [p], streams=["s"], graphs=False)[0]
         assert _diff(g, e) <= 2, k
     assert graph.stats.reuse_partial_batches == eager.stats.reuse_partial_batches == 3
+    two = p.updated(steps=4)  # two UNet evaluations a frame: deep features per step, copied between the replays
+    for k, frame in enumerate(_frames(3, 128, 128, seed=7)):
+        g = graph.run([frame], [two], streams=["s"])[0]
+        e = eager.run([frame], [two], streams=["s"], graphs=False)[0]
+        assert _diff(g, e) <= 2, k
+    assert graph.stats.reuse_partial_batches == eager.stats.reuse_partial_batches == 5
     assert graph.stats.graphs_captured == 10

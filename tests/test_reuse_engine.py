@@ -70,12 +70,47 @@ def test_a_parameter_change_or_more_steps_forces_a_full_frame(make_engine, frame
     engine.run([frames[2]], [p.updated(prompt="b")], streams=["s"])  # the prompt changed: full
     engine.run([frames[3]], [p.updated(prompt="b", seed=9)], streams=["s"])  # the seed changed: full
     assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (3, 1)
-    engine.run([frames[4]], [p.updated(prompt="b", seed=9, steps=4)], streams=["s"])  # 2 UNet evaluations: plain
-    assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (3, 1)
-    engine.run([frames[5]], [p.updated(prompt="b", seed=9)], streams=["s"])  # back to one: its features were freed
-    assert engine.stats.reuse_keep_batches == 4
+    two = p.updated(prompt="b", seed=9, steps=4)  # 2 UNet evaluations a frame: features for each
+    engine.run([frames[4]], [two], streams=["s"])  # the steps changed: full
+    engine.run([frames[5]], [two], streams=["s"])
+    assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (4, 2)
+    assert len(engine._streams.get("s").deep) == 2
+    engine.run([frames[5]], [p.updated(prompt="b", seed=9)], streams=["s"])  # back to one evaluation: full
+    assert engine.stats.reuse_keep_batches == 5 and len(engine._streams.get("s").deep) == 1
+    engine.run([frames[6]], [p.updated(prompt="b", seed=9, reuse=0)], streams=["s"])  # reuse off: features freed
+    assert engine._streams.get("s").deep is None
     engine.release_stream("s")
     assert engine.stream_states == 0
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "segments"])
+def test_each_unet_step_reuses_its_own_deep_features(make_engine, frames, graphs, monkeypatch):
+    """With 2 UNet evaluations a frame (4 steps at 0.5), a stream keeps deep features per step: a partial frame on
+    the very frame they came from equals the full frame exactly (step 1 reading step 0's features would not), and on
+    a moved frame it is near but not equal. graphs=True runs the call as the CUDA path does (head, step k times,
+    tail, with the deep copies between the steps) on the CPU, by replaying the segments eagerly."""
+    engine, plain = make_engine(feature_reuse=True), make_engine()
+    p = StreamParams("a fox", seed=4, steps=4, strength=0.5, reuse=3)
+    assert p.unet_evals == 2
+    full = [plain.run([f], [p.updated(reuse=0)])[0] for f in frames[:2]]
+    if graphs:
+        class Segments:  # what a captured graph does on replay: its segment, from static buffers to static buffers
+            def __init__(self, b, kind):
+                self.b, self.kind = b, kind
+
+            def replay(self):
+                engine._segment(self.b, self.kind)
+
+        engine._graphs = {b: {kind: Segments(b, kind) for kind in ("head", *engine._step_modes, "tail")}
+                          for b in engine.config.buckets}
+        monkeypatch.setattr(type(engine), "use_graphs", property(lambda self: True))  # plain has run already
+    outs = [engine.run([f], [p], streams=["s"])[0] for f in (frames[0], frames[0], frames[1])]
+    assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (1, 2)
+    assert engine.stats.graph_replays == (3 if graphs else 0)
+    assert np.array_equal(outs[0], full[0])  # full: exact
+    assert np.array_equal(outs[1], full[0])  # partial on its own frame, each step on its own features: exact
+    moved = _diff(outs[2], full[1])
+    assert 0 < moved <= 64, moved
 
 
 def test_an_engine_without_reuse_refuses_it_clearly(make_engine):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +81,14 @@ class _Slot:
     out: torch.Tensor  # uint8 (B, H, W, 3)
     done: torch.cuda.Event | None  # recorded after the call's last copy to the host
     busy: bool = False
+
+
+@dataclass
+class DeepMoves:
+    """Temporal feature reuse's device copies around UNet step k of a batch: before(k) and after(k) its step."""
+
+    before: Callable[[int], None] = lambda k: None
+    after: Callable[[int], None] = lambda k: None
 
 
 @dataclass
@@ -259,11 +267,16 @@ class Engine:
         return self.math.tail(latents, probe, latents_out=self._latents_out[: latents.shape[0]])
 
     def _frame_path(self, b: int, n: int, encode: bool = True, probe: Probe | None = None,
-                    mode: str = "plain") -> torch.Tensor:
-        """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations, eagerly: the three segments in a row."""
+                    mode: str = "plain", deep: DeepMoves | None = None) -> torch.Tensor:
+        """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations, eagerly: the three segments in a row.
+        deep: what moves the streams' deep features in and out of the static rows around each step (reuse)."""
         latents = self._head(b, encode, probe)
         for k in range(n):
+            if deep is not None:
+                deep.before(k)
             latents = self._step_path(latents, self._steps[k], probe, k, mode)
+            if deep is not None:
+                deep.after(k)
         return self._tail(latents, probe)
 
     # ------------------------------------------------------------------ warmup and capture
@@ -383,13 +396,18 @@ class Engine:
         self.stats.capture_s[f"b{b}"] = time.perf_counter() - t0
         return self._graphs[b]
 
-    def _replay(self, b: int, n: int, mode: str = "plain") -> None:
-        """Enqueue bucket b's graphs for n UNet evaluations (mode: which step graph, see FrameMath.step); no sync."""
+    def _replay(self, b: int, n: int, mode: str = "plain", deep: DeepMoves | None = None) -> None:
+        """Enqueue bucket b's graphs for n UNet evaluations (mode: which step graph, see FrameMath.step); no sync.
+        deep: as in _frame_path (device copies between the replays)."""
         graphs = self._graphs.get(b) or self._capture(b)  # every bucket is captured at warmup; this is a fallback
         graphs["head"].replay()
         for k in range(n):
             self._step.copy_(self._steps[k])  # device to device, ordered before the replay that reads it
+            if deep is not None:
+                deep.before(k)
             graphs[mode].replay()
+            if deep is not None:
+                deep.after(k)
         graphs["tail"].replay()
         self.stats.graph_replays += 1
 
@@ -466,9 +484,9 @@ class Engine:
 
         One mode per batch, so one graph per step: a batch mixing streams due a full frame with streams due a partial
         one runs in full, which also refreshes everyone's deep features (streams batched together fall into step).
-        Deep features are per step, so reuse applies to one UNet evaluation per frame (SD-Turbo's 2 steps at 0.5).
+        With n UNet evaluations a frame, every step keeps or reuses deep features of its own (_deep_moves).
         """
-        if self.reuse is None or n != 1:
+        if self.reuse is None:
             return "plain"
         wanted = [p.reuse >= 2 and key is not None for p, key in zip(params, keys)]
         if not any(wanted):
@@ -480,19 +498,44 @@ class Engine:
                 return "reuse"
         return "keep"
 
+    def _deep_moves(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None], mode: str,
+                    n: int) -> DeepMoves | None:
+        """What moves deep features around each step of a batch: before step k of a partial batch, each stream's
+        features of step k into its static row (what the reuse graph reads); after step k of a full batch, the row
+        (what the keep graph wrote) into the features of step k of each stream that reuses. Device copies, no sync;
+        None for a plain batch. A stream's features are allocated here, n tensors of one row each."""
+        if mode == "reuse":
+            states = [self._streams.get(key) for key in keys]
+
+            def load(k: int) -> None:
+                for i, state in enumerate(states):
+                    self._deep[i].copy_(state.deep[k])
+
+            return DeepMoves(before=load)
+        if mode == "keep":
+            keeping = [(i, self._streams.get(key)) for i, (p, key) in enumerate(zip(params, keys))
+                       if p.reuse >= 2 and key is not None and key in self._streams]
+            for i, state in keeping:
+                if state.deep is None or len(state.deep) != n:
+                    state.deep = [torch.empty_like(self._deep[i]) for _ in range(n)]
+
+            def store(k: int) -> None:
+                for i, state in keeping:
+                    state.deep[k].copy_(self._deep[i])
+
+            return DeepMoves(after=store)
+        return None
+
     def _keep_deep(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None], mode: str) -> None:
-        """After a batch: streams that reuse keep the deep features of a full step (device copy) or count one more
-        partial frame on theirs; the others free theirs."""
+        """After a batch: streams that reuse date the deep features a full batch stored (_deep_moves) or count one
+        more partial frame on theirs; the others free theirs."""
         if self.reuse is None:
             return
-        for i, (p, key) in enumerate(zip(params, keys)):
+        for p, key in zip(params, keys):
             if key is None or key not in self._streams:
                 continue
             state = self._streams.get(key)
             if mode == "keep" and p.reuse >= 2:
-                if state.deep is None:
-                    state.deep = torch.empty_like(self._deep[i])
-                state.deep.copy_(self._deep[i])
                 state.deep_params, state.deep_age = _deep_params(p), 0
             elif mode == "reuse":
                 state.deep_age += 1
@@ -634,14 +677,12 @@ class Engine:
         self._load_stream_inputs(params, 0, slot, keys, now)
         n = self._stage_schedule(params, slot)
         mode = self._reuse_mode(params, keys, n)
-        if mode == "reuse":
-            for i, key in enumerate(keys):  # each stream's deep features into its row (device copies, no sync)
-                self._deep[i].copy_(self._streams.get(key).deep)
+        deep = self._deep_moves(params, keys, mode, n)
         if use_graphs:
             # Rows b..bucket-1 hold stale but finite inputs; their outputs are ignored.
-            self._replay(self._bucket(b), n, mode)
+            self._replay(self._bucket(b), n, mode, deep)
         else:
-            self._out[:b].copy_(self._frame_path(b, n, mode=mode))
+            self._out[:b].copy_(self._frame_path(b, n, mode=mode, deep=deep))
         self._keep_latents(params, keys)  # device copies, ordered before the next call's replay
         self._keep_deep(params, keys, mode)
         # The copy out is ordered after this batch and before the next one's tail overwrites self._out; the slot's

@@ -64,9 +64,10 @@ class StreamState:
     from_emb: torch.Tensor | None = None  # where the embeddings come from; None: not moving
     from_noise: torch.Tensor | None = None  # where the noise comes from; None: not moving
     latent: torch.Tensor | None = None  # the previous output's latents (feedback > 0 only)
-    # Temporal feature reuse: the deep UNet features of the stream's last full frame, which parameters they were
-    # computed with (a change forces a full frame), and how many partial frames have used them since.
-    deep: torch.Tensor | None = None
+    # Temporal feature reuse: the deep UNet features of the stream's last full frame, one tensor per UNet evaluation
+    # (each step runs at its own timestep, so each has features of its own), which parameters they were computed with
+    # (a change forces a full frame), and how many partial frames have used them since.
+    deep: list[torch.Tensor] | None = None
     deep_params: tuple | None = None
     deep_age: int = 0
 
