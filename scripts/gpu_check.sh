@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [rows] [serve] [serve-compile] [gil] [soak] [warmstart] [reuse]
+#   bash scripts/gpu_check.sh [parity] [engine] [rows] [serve] [serve-compile] [gil] [soak] [warmstart] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
@@ -25,6 +25,9 @@
 # gil:    where the server's threads hold the GIL at 16 clients: `serve` runs under `py-spy record --gil` (its own child,
 #         so no ptrace rights are needed) while scripts/loadtest.py drives it; $OUT/serve-gil.svg (a flame graph) and
 #         the load test's JSON. Needs py-spy: carry its wheel (device-wheels.sh py-spy==0.4.3); skipped without it
+# sim:    scripts/serve_sim.py: the server on this machine's CPUs against a simulated GPU (the H200's measured call
+#         times), 1, 8 and 16 clients, submit ahead off and on: how busy the batcher keeps a device when the engine's
+#         own host work is taken out; compare with `serve` to tell the server's share of a shortfall from the engine's
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
 #         (default 180)
 # Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
@@ -124,7 +127,10 @@ PY
       step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
     reuse)
       step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --json "$OUT/reuse.json" ;;
-    *) echo "unknown stage $stage (parity, engine, rows, serve, serve-compile, gil, soak, warmstart, reuse)"
+    sim)
+      step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
+        --json "$OUT/serve_sim.json" ;;
+    *) echo "unknown stage $stage (parity, engine, rows, serve, serve-compile, gil, soak, warmstart, reuse, sim)"
        status=2 ;;
   esac
 done

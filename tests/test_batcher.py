@@ -320,8 +320,8 @@ def test_next_batch_is_submitted_while_the_previous_runs(started):
 
 
 def test_a_lone_frame_is_collected_without_waiting_for_company(started):
-    """With nothing pending and nobody decoding, the thread collects the running call at once (no polling delay),
-    and a frame that arrives while a call runs goes into the next one."""
+    """With nothing else pending, a lone frame's call is collected as soon as it is done, and a frame that arrives
+    while a call runs goes into the next one."""
     engine = PipelinedEngine(max_batch=4)
     batcher = started(engine)
     got = Collector()
@@ -340,6 +340,55 @@ def test_a_lone_frame_is_collected_without_waiting_for_company(started):
     results = got.wait(3)
     assert [r.meta for r in results] == ["a", "a2", "b"]
     assert engine.events == ["submit 0", "collect 0", "submit 1", "submit 2", "collect 1", "collect 2"]
+
+
+def test_frames_arriving_after_an_empty_start_still_make_the_next_call_while_this_one_runs(started):
+    """The gather while a call runs starts empty as a rule (clients answer their results with their next frames, and
+    those are still on their way), so an empty start is no reason to stop gathering: frames that arrive meanwhile are
+    submitted while the call runs, not after it (which would leave the device idle and make them wait a call)."""
+    engine = PipelinedEngine(max_batch=2)
+    batcher = started(engine)
+    got = Collector()
+    a, b, c = (batcher.open_stream(got, StreamParams(seed=i)) for i in range(3))
+    a.submit(frame(0), "a")
+    while engine.events[:1] != ["submit 0"]:
+        time.sleep(0.001)
+    time.sleep(0.05)  # the thread is gathering for call 1 with nothing pending and nobody decoding
+    b.submit(frame(1), "b")
+    c.submit(frame(2), "c")
+    deadline = time.monotonic() + 10
+    while "submit 1" not in engine.events and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.events == ["submit 0", "submit 1"]  # call 0 is still on the device
+    engine.finish(0)
+    engine.finish(1)
+    assert [r.meta for r in got.wait(3)] == ["a", "b", "c"]
+    assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"]
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "at-done"])
+def test_submit_ahead_queues_the_next_call_before_the_running_one_ends(started, monkeypatch, ahead):
+    """Once calls of a size are timed, a batch that is not full is submitted shortly before the running call is due
+    (SUBMIT_MARGIN_S plus a submit's own time), so the device goes on without waiting for the host; with the rule
+    off, it is submitted when the running call is seen done. Calls take 0.6 s here and the margin is 0.3 s, so a
+    loaded machine's late wake-ups cannot blur the two."""
+    from turbostream import batcher as batcher_mod
+
+    monkeypatch.setattr(batcher_mod, "SUBMIT_MARGIN_S", 0.3)
+    engine = TimedPipelinedEngine(0.6, max_batch=4)
+    batcher = started(engine, submit_ahead=ahead)
+    got = Collector()
+    a, b = batcher.open_stream(got, StreamParams(seed=1)), batcher.open_stream(got, StreamParams(seed=2))
+    a.submit(frame(0), "a0")  # call 0 times the calls of one frame
+    got.wait(1, timeout=10)
+    a.submit(frame(0), "a1")  # call 1: due 0.6 s after its submit
+    while "submit 1" not in engine.events:
+        time.sleep(0.001)
+    b.submit(frame(1), "b")  # one frame of four: the batch never fills
+    got.wait(3, timeout=10)
+    assert engine.events[:3] == ["submit 0", "collect 0", "submit 1"]
+    finished_at_submit_2 = engine.done_at_submit[2][1]
+    assert finished_at_submit_2 is (not ahead), engine.events
 
 
 def test_gather_wait_scales_with_engine_call_time(started):
@@ -371,8 +420,10 @@ class TimedPipelinedEngine(PipelinedEngine):
     def __init__(self, delay: float, max_batch: int = 4) -> None:
         super().__init__(max_batch=max_batch)
         self.call_delay = delay
+        self.done_at_submit: list[list[bool]] = []
 
     def submit(self, frames, params):
+        self.done_at_submit.append([event.is_set() for event in self.finished])  # which calls were done by then
         ticket = super().submit(frames, params)
         threading.Timer(self.call_delay, self.finished[ticket[0]].set).start()
         return ticket

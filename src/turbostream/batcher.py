@@ -11,10 +11,14 @@ captured them. An engine with per-stream state (transitions, feedback: it has re
 stream key, and a closed stream's state is released on this thread too.
 
 Pipelining: with an engine whose submit() only enqueues work (engine.Engine on CUDA: `pipelined`), the thread keeps
-the GPU busy while it does its host work. Batch k is submitted; while it runs, the thread gathers batch k+1 (until
-max_batch frames are pending, or nobody is sending, or k is done); then it submits k+1, collects k, commits the frames
-pending by then to a later batch, and hands k's results out. So k's copy out and delivery overlap k+1 on the GPU. An
-engine with run() only, or one that computes in submit() (the CPU), runs each batch to completion instead.
+the GPU busy while it does its host work. Batch k is submitted; while it runs, the thread gathers batch k+1 until
+max_batch frames are pending, or k is about to end (submit ahead: calls are timed per batch size, and a batch is
+submitted its own host time before k is due, so the GPU goes from k to k+1 without waiting for the host), or k is
+done; then it submits k+1, collects k, commits the frames pending by then to a later batch, and hands k's results out.
+So k's copy out and delivery overlap k+1 on the GPU. The gather goes on while k runs even if it starts with nothing
+pending: clients answer each result with their next frame, so that is when frames arrive. An engine with run() only,
+or one that computes in submit() (the CPU), runs each batch to completion instead. scripts/serve_sim.py measures
+how busy this keeps a simulated GPU.
 
 Similarity skips (similarity.py): a frame the producer judged a repeat arrives as the reference frame marked `skip`;
 if the stream's last output came from that very frame it is answered with that output (Result.skipped, no engine
@@ -49,6 +53,12 @@ GATHER_MAX_S = 0.020
 GATHER_START_S = 0.004  # before the first call has been timed
 CALL_TIME_SMOOTHING = 0.2  # weight of the newest call in the running mean of engine call time
 POLL_S = 0.001  # while a call runs on the GPU: how often to look whether it is done (a new frame ends the wait at once)
+FINE_POLL_S = 0.0002  # the same from POLL_S before the call is due (predicted from the calls of its size)
+# Submit ahead: the next batch is submitted this long (plus the host time a submit takes) before the running call is
+# due to end, so the device goes from one call to the next without waiting for the host. Calls are timed per batch
+# size to predict when one is due; a frame that arrives later goes to the batch after.
+SUBMIT_AHEAD = True
+SUBMIT_MARGIN_S = 0.0005
 
 
 @dataclass
@@ -89,6 +99,9 @@ class _Call:
     errors: list[str | None] = field(default_factory=list)
     t0: float = 0.0
     dt: float = 0.0  # the call's own time (see _finish)
+    due: float = 0.0  # when the device should finish it (pipelined; 0: no estimate yet)
+    seen_done: float = 0.0  # when the inference thread first saw it done (0: not yet), which may be before collect
+    submitted: float = 0.0  # when its submit returned (the device has it from then on)
 
 
 class Stream:
@@ -117,6 +130,7 @@ class Stream:
         """Announce a frame that will be submitted soon (its decode started): the next batch may wait briefly for it."""
         with self._batcher._cond:
             self._expecting += 1
+            self._batcher._cond.notify_all()
 
     def unexpect(self) -> None:
         """The announced frame will not come (its decode failed, or it was submitted)."""
@@ -146,6 +160,7 @@ class Batcher:
         gather_s: float | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         on_skip: Callable[[int], None] | None = None,
+        submit_ahead: bool | None = None,
     ) -> None:
         if (engine is None) == (engine_factory is None):
             raise ValueError("give either an engine or an engine_factory")
@@ -155,6 +170,12 @@ class Batcher:
         self.fixed_gather_s = gather_s  # None: scaled with the engine's call time (see GATHER_FRACTION)
         self.call_s: float | None = None  # running mean of the engine's call time, seconds
         self._last_done = 0.0  # when the last call was collected
+        # Submit ahead (pipelined engines): running means of the call time per batch size and of a submit's own host
+        # time, and when the last call submitted is due to end.
+        self.submit_ahead = SUBMIT_AHEAD if submit_ahead is None else submit_ahead
+        self._call_s_by_size: dict[int, float] = {}
+        self._submit_s = 0.0
+        self._due = 0.0
         self.on_batch = on_batch  # (batch size, seconds) after every engine call, on the inference thread
         self.on_skip = on_skip  # (frames answered without the engine) after a batch that had some
         self.skipped = 0
@@ -305,22 +326,40 @@ class Batcher:
         self, running: _Call, committed: list[tuple[Stream, Pending]]
     ) -> list[tuple[Stream, Pending]] | None:
         """The next batch, gathered while `running` is on the device: the committed frames, then pending ones up to
-        max_batch, taken once max_batch are there, nobody is sending (nothing pending or announced), or the running
-        call is done; [] when there is nothing to take (collect the running call first). None when stopping."""
+        max_batch, taken once max_batch are there, the running call is done or about to be (submit ahead), or,
+        with nothing to take, once the call is due; [] when there is nothing to take (collect the running call first).
+        None when stopping.
+
+        Frames arrive mostly after the results of the call before went out (each client answers its result with its
+        next frame), that is while `running` is on the device and not yet when this starts: so an empty start is no
+        reason to stop gathering (collecting at once would make those frames wait for the whole call)."""
         limit = self.max_batch
         done = getattr(self.engine, "done", None)
+        # Submit ahead: from this moment on, the next batch is taken with whatever is there (see SUBMIT_AHEAD).
+        ahead = running.due - self._submit_s - SUBMIT_MARGIN_S if self.submit_ahead and running.due else None
         with self._cond:
             batch = [entry for entry in committed if not entry[0].closed]  # its client left meanwhile
             taken = {stream.key for stream, _ in batch}
             while not self._stop:
-                if len(batch) + sum(k not in taken for k in self._pending) >= limit:
+                waiting = sum(k not in taken for k in self._pending)
+                if len(batch) + waiting >= limit:
                     break
-                expecting = any(s._expecting for s in self._streams.values())
-                if not batch and not self._pending and not expecting:
-                    break  # nothing to batch: collect now (a blocking wait is the cheapest way to wait)
-                if running.ticket is None or done is None or self._is_done(done, running.ticket):
+                if running.ticket is None or done is None:
                     break
-                self._cond.wait(POLL_S)
+                if self._is_done(done, running.ticket):
+                    running.seen_done = time.perf_counter()
+                    break
+                now = time.perf_counter()
+                if batch or waiting:
+                    if ahead is not None and now >= ahead:
+                        break
+                    self._cond.wait(POLL_S if ahead is None else min(POLL_S, ahead - now))
+                    continue
+                # Nothing to take yet: wait for a frame (its announce and its submit wake this), looking whether the
+                # call is done every POLL_S, and every FINE_POLL_S from shortly before it is due, so that a lone
+                # stream's result goes out at most that late.
+                near = running.due and now >= running.due - POLL_S
+                self._cond.wait(FINE_POLL_S if near else POLL_S)
             if self._stop:
                 return None
             self._fill(batch, limit)
@@ -376,6 +415,7 @@ class Batcher:
         try:
             if pipelined:
                 call.ticket = self.engine.submit(frames, params, **kw)
+                self._book(call)
             else:
                 call.outs = list(self.engine.run(frames, params, **kw))
                 call.errors = [None] * len(call.todo)
@@ -383,6 +423,14 @@ class Batcher:
             log.warning("engine call of %d frames failed (%s); running them one by one", len(call.todo), exc)
             call.outs, call.errors = self._run_alone(frames, params, call.keys)
         return call
+
+    def _book(self, call: _Call) -> None:
+        """After a submit: time it, and predict when the call is due (after the one before it, if that is still due)."""
+        now = call.submitted = time.perf_counter()
+        self._submit_s = _mean(self._submit_s or None, now - call.t0)
+        expected = self._call_s_by_size.get(len(call.todo))
+        call.due = max(now, self._due) + expected if expected is not None else 0.0
+        self._due = call.due
 
     def _finish(self, call: _Call) -> None:
         """Collect a call from the engine if it is in flight (waits for it), and account for it."""
@@ -394,9 +442,13 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - reported to each stream of the batch
                 log.exception("engine call of %d frames failed", len(todo))
                 call.outs, call.errors = [None] * len(todo), [f"the engine failed on this batch: {exc}"] * len(todo)
-        # The call's own time: from its submit, or from the end of the call it queued behind (pipelined).
-        end = time.perf_counter()
+        # The call's own time: from its submit, or from the end of the call it queued behind (pipelined), to when it
+        # was seen done (the next call's submit may come between that and its collect).
+        end = call.seen_done or time.perf_counter()
         dt = end - max(call.t0, self._last_done)
+        # Its device time, for predicting when calls of its size are due: from when the device had it (its submit
+        # returned, or the call before it ended) to its end.
+        device_s = end - max(call.submitted or call.t0, self._last_done)
         self._last_done = end
         for (stream, item), out in zip(todo, call.outs):
             keep = out is not None and stream.params.similarity > 0
@@ -405,7 +457,10 @@ class Batcher:
         if todo:
             self.batches += 1
             self.frames += len(todo)
-            self.call_s = dt if self.call_s is None else self.call_s + CALL_TIME_SMOOTHING * (dt - self.call_s)
+            self.call_s = _mean(self.call_s, dt)
+            n = len(todo)
+            if n in self._call_s_by_size or len(self._call_s_by_size) < self.max_batch:  # a size at most once each
+                self._call_s_by_size[n] = _mean(self._call_s_by_size.get(n), device_s)
             if self.on_batch is not None:
                 self.on_batch(len(todo), dt)
         if n_skipped:
@@ -445,3 +500,8 @@ class Batcher:
                 outs.append(None)
                 errors.append(f"the engine failed on this frame: {exc}")
         return outs, errors
+
+
+def _mean(mean: float | None, x: float) -> float:
+    """A running mean that weighs the newest sample by CALL_TIME_SMOOTHING (the first sample is the mean)."""
+    return x if mean is None else mean + CALL_TIME_SMOOTHING * (x - mean)

@@ -1,0 +1,66 @@
+"""scripts/serve_sim.py: the server against a simulated device (a timeline), driven by the load test. The timeline's
+bookkeeping is checked exactly; the run itself end to end on loopback (its numbers depend on the machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import serve_sim  # noqa: E402
+
+from turbostream.config import StreamParams  # noqa: E402
+
+
+def test_the_simulated_device_books_calls_back_to_back_and_returns_the_frames(engine):
+    """A call starts when the one before ends (or at its submit) and lasts FIXED + PER_FRAME x frames; collect()
+    waits for its end and returns the fitted input frames; device_stats reads the timeline."""
+    device = serve_sim.SimulatedDevice(engine, fixed_ms=20.0, per_frame_ms=10.0, host_ms=0.0)
+    frames = [np.full((32, 48, 3), k, np.uint8) for k in range(3)]
+    first = device.submit(frames[:2], [StreamParams()] * 2)
+    second = device.submit(frames[2:], [StreamParams()])
+    (s1, a1, e1, n1), (s2, a2, e2, n2) = device.calls
+    assert (n1, n2) == (2, 1)
+    assert e1 - a1 == pytest.approx(0.040) and e2 - a2 == pytest.approx(0.030)
+    assert a2 == e1  # queued behind the first: starts when it ends
+    assert not device.done(second)
+    outs = device.collect(first) + device.collect(second)
+    assert device.done(second)
+    assert [o.shape for o in outs] == [(64, 64, 3)] * 3 and [int(o[0, 0, 0]) for o in outs] == [0, 1, 2]
+    with pytest.raises(ValueError):
+        device.submit(frames[:1], [StreamParams(steps=0)])  # the engine's checks run in submit, as on CUDA
+    stats = serve_sim.device_stats(device.calls, 0.0, e2 + 1, capacity_fps=100.0)
+    assert stats["calls"] == 2 and stats["frames"] == 3 and stats["idle_ms_mean"] == 0.0
+    assert stats["utilization"] == pytest.approx(1.0, abs=1e-3) and stats["batch_sizes"] == {"1": 1, "2": 1}
+
+
+def test_serve_sim_runs_the_server_and_reports_the_device(tmp_path):
+    out = tmp_path / "sim.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "serve_sim.py"), "--size", "64", "--clients", "2", "--duration", "3",
+         "--warmup", "0.5", "--device-ms", "2,3", "--submit-ahead", "both", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["settings"]["capacity_fps"] == pytest.approx(8 / (2 + 3 * 8) * 1e3, abs=0.1)
+    assert [(s["clients"], s["submit_ahead"]) for s in res["steps"]] == [(2, False), (2, True)]
+    for step in res["steps"]:
+        dev = step["device"]
+        assert step["errors"] == 0 and step["fps"] > 0 and dev["calls"] >= 2
+        assert 0 < dev["utilization"] <= 1.0 and sum(dev["batch_sizes"].values()) == dev["calls"]
+        assert dev["batch_mean"] <= 2  # two clients, one frame in flight each
+    assert "% of capacity" in proc.stdout
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    for args in (["--device-ms", "2"], ["--clients", "0"], ["--device-ms", "2,0"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_sim.py"), *args], capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert proc.returncode == 2 and "error" in proc.stderr, args
