@@ -6,6 +6,7 @@ forced pipelined (on the CPU its submit computes the call) against its own seria
 
 from __future__ import annotations
 
+import _thread
 import logging
 import threading
 import time
@@ -298,6 +299,60 @@ def test_repeats_of_a_frame_in_flight_get_its_output_in_order():
     assert outs[1] is outs[0] and outs[3] is outs[2] and outs[4] is outs[2] and outs[6] is outs[5]
     assert summary.skipped == 4 and summary.frames == 7
     assert pipeline._last_in is c and pipeline._last_out is outs[6]
+
+
+def test_stop_with_two_calls_in_flight_writes_both():
+    engine = PipelinedEngine(max_batch=1)
+    sink = ListSink()
+    pipeline = Pipeline(engine, Feed([frame(k) for k in range(6)]), [sink], StreamParams())  # more would come
+    run = Running(pipeline)
+    assert engine.wait_for("submit 1")
+    pipeline.stop()
+    engine.finish(0)
+    engine.finish(1)
+    summary = run.join()
+    assert summary.stopped == "quit" and summary.frames == 2
+    assert sink.indices == [0, 1] and sink.values == [100, 101]
+    assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"] and engine.in_flight == 0
+
+
+def test_ctrl_c_with_two_calls_in_flight_writes_both():
+    engine = PipelinedEngine(max_batch=1)
+    sink = ListSink()
+    pipeline = Pipeline(engine, Feed([frame(k) for k in range(6)]), [sink], StreamParams())
+
+    def interrupt():
+        assert engine.wait_for("submit 1")
+        _thread.interrupt_main()
+        assert pipeline._stop.wait(WAIT_S)  # the main thread took the interrupt and is shutting down
+        engine.finish(0)
+        engine.finish(1)
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    helper.start()
+    summary = pipeline.run()  # on the main thread: Ctrl-C lands here
+    helper.join(WAIT_S)
+    assert summary.stopped == "interrupt"
+    assert sink.indices == [0, 1] and sink.values == [100, 101]
+    assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"] and engine.in_flight == 0
+
+
+def test_ctrl_c_that_cuts_a_hand_out_short_leaves_no_hole(monkeypatch):
+    """Ctrl-C lands while result 1 is being handed to the outputs: 2 and 3 still come from the GPU thread, but
+    written after a missing 1 they would leave a hole in the file, so the output ends at 0."""
+    from turbostream import pipeline as pipeline_module
+
+    class CutAtOne(pipeline_module.SinkThread):
+        def put(self, image, index):
+            if index == 1:
+                raise KeyboardInterrupt
+            super().put(image, index)
+
+    monkeypatch.setattr(pipeline_module, "SinkThread", CutAtOne)
+    engine = PipelinedEngine(max_batch=1, auto=True)
+    sink = ListSink()
+    summary = Pipeline(engine, Feed([frame(k) for k in range(4)], end=True), [sink], StreamParams()).run()
+    assert summary.stopped == "interrupt" and sink.indices == [0] and engine.in_flight == 0
 
 
 @pytest.mark.parametrize("fail,message,events", [

@@ -218,6 +218,7 @@ class Pipeline:
         self._out: queue.Queue = queue.Queue(maxsize=max(self.queue_frames, 2 * self.batch))
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._closed = threading.Event()  # the main thread takes no more results
         self._gpu_error: BaseException | None = None
         self._reached_max = False
         self._quit = False
@@ -229,7 +230,7 @@ class Pipeline:
         self.params = params
 
     def stop(self) -> None:
-        """Ask the run to end as if the user quit (any thread); frames already processed are still written."""
+        """Ask the run to end as if the user quit (any thread); the engine calls in flight are finished and written."""
         self._quit = True
         self._stop.set()
 
@@ -287,26 +288,52 @@ class Pipeline:
                 break
             now = time.perf_counter()
             if item is not None:
-                try:
-                    for writer in writers:
-                        writer.put(item.image, item.index)
-                except SinkError as exc:
-                    s.error = str(exc)
-                    self._stop.set()
+                if not self._hand_out(item, writers, self.window):
                     break
-                if self.window is not None and not self.window.show(item.image):
-                    self.stop()
                 now = time.perf_counter()
-                s.frames += 1
-                s.latencies.append(now - item.t_read)
-                s.first_index = item.index if s.first_index is None else s.first_index
-                s.last_index = item.index
             s.seconds = now - t0
             s.dropped = cap.dropped - drop_base
             if now - last_status >= STATUS_EVERY_S or item is None:
                 last_status = now
                 fps_in, fps_out = rate_in.add(now, cap.frames_read), rate_out.add(now, s.frames)
                 self.progress.update(s.frames, self._status(fps_in, fps_out))
+
+    def _hand_out(self, item: Result, writers: list[SinkThread], window: WindowSink | None) -> bool:
+        """Give one result to the outputs and count it; False when an output failed (the run stops)."""
+        s = self.summary
+        try:
+            for writer in writers:
+                writer.put(item.image, item.index)
+        except SinkError as exc:
+            s.error = str(exc)
+            self._stop.set()
+            return False
+        if window is not None and not window.show(item.image):
+            self.stop()
+        s.frames += 1
+        s.latencies.append(time.perf_counter() - item.t_read)
+        s.first_index = item.index if s.first_index is None else s.first_index
+        s.last_index = item.index
+        return True
+
+    def _drain(self, gpu: threading.Thread, writers: list[SinkThread], deadline: float | None) -> None:
+        """Take the GPU thread's last results (the calls it had in flight when the run stopped) until its last word,
+        and write them. After an output failed they are dropped. After Ctrl-C (deadline set) the window stays as it
+        is, and a file's results are written only while they follow the last one written: the interrupt may have
+        cut a hand-out short, and a later frame after a missing one would leave a hole in the output."""
+        s = self.summary
+        while deadline is None or time.perf_counter() < deadline:
+            try:
+                item = self._out.get(timeout=0.05)
+            except queue.Empty:
+                if not gpu.is_alive() and self._out.empty():
+                    return
+                continue
+            if item is _END:
+                return
+            follows = self.capture.realtime or item.index == (0 if s.last_index is None else s.last_index + 1)
+            if s.error is None and (deadline is None or follows):
+                self._hand_out(item, writers, None)
 
     def _status(self, fps_in: float, fps_out: float) -> str:
         if not self.capture.realtime:
@@ -319,8 +346,14 @@ class Pipeline:
     def _shutdown(self, gpu: threading.Thread, writers: list[SinkThread], *, interrupted: bool) -> None:
         self._stop.set()
         self.capture.close()
-        # The GPU thread finishes its current call (a frame, or warmup: that can take long, hence the bound).
-        gpu.join(timeout=3.0 if interrupted else None)
+        # The GPU thread finishes the calls in flight, whose results are still written (or warmup: that can take
+        # long, hence the bound after Ctrl-C); past that it drops what it would hand over, nobody takes it.
+        deadline = time.perf_counter() + 3.0 if interrupted else None
+        try:
+            self._drain(gpu, writers, deadline)
+        finally:
+            self._closed.set()
+        gpu.join(timeout=None if deadline is None else max(0.0, deadline - time.perf_counter()))
         for writer in writers:
             writer.close()  # writes what is queued, then finalizes the file
             if writer.error and self.summary.error is None:
@@ -431,7 +464,9 @@ class Pipeline:
                 log.warning("that engine call failed too: %s", exc)
 
     def _put(self, result: Result) -> None:
-        while not self._stop.is_set():
+        """Hand a result to the main thread, waiting while the queue is full (also after a stop: results in flight
+        are still written); dropped once the main thread takes no more."""
+        while not self._closed.is_set():
             try:
                 self._out.put(result, timeout=0.1)
                 return
