@@ -300,9 +300,23 @@ def test_batcher_answers_skips_from_the_last_output_and_releases_closed_streams(
 # ------------------------------------------------------------------------------------------------ turbostream run
 
 
-def test_run_with_controls_skips_repeats_and_keeps_every_frame(tmp_path, make_engine, caplog):
+class _Pipelined:
+    """The real engine with pipelining forced on (on the CPU its submit computes the call; collect hands it out)."""
+
+    pipelined = True
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_run_with_controls_skips_repeats_and_keeps_every_frame(tmp_path, make_engine, caplog, pipelined):
     """A folder of one still picture (and a different one at the end) through `turbostream run --similarity
-    --feedback --transition` with a prompt blend: every frame written, repeats answered with the last output."""
+    --feedback --transition` with a prompt blend: every frame written, repeats answered with the last output
+    (pipelined: also a repeat of a frame whose call is still in flight)."""
     import argparse
     import logging
 
@@ -323,7 +337,7 @@ def test_run_with_controls_skips_repeats_and_keeps_every_frame(tmp_path, make_en
                               "--model", "tiny-random", "--device", "cpu", "--size", "64"])
     engine = make_engine()
     with caplog.at_level(logging.INFO, "turbostream.run"):
-        assert cli_run.main(args, engine=engine) == 0
+        assert cli_run.main(args, engine=_Pipelined(engine) if pipelined else engine) == 0
     written = sorted(out.glob("*.png"))
     assert len(written) == 14
     # Frame 0 runs, 1-10 are repeats, 11 runs (at most 10 skips in a row), 12 is a repeat, 13 is another picture.

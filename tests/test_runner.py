@@ -405,6 +405,46 @@ def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
     assert len(frames) >= 3  # the video was finalized: it plays
 
 
+def test_closing_writer_threads_ends_every_one(monkeypatch):
+    """close() queues an end marker per running writer thread. Here thread 1 takes the first marker and exits before
+    thread 0 asks for one (as when thread 1 happens to wait first): thread 0 must still get its own."""
+    import queue
+
+    started_1, threads = threading.Event(), {}
+
+    class ThreadOneFirst(queue.Queue):
+        def get(self, *args, **kw):
+            if threading.current_thread().name.endswith(" 1"):
+                threads[1] = threading.current_thread()
+                started_1.set()
+            else:  # thread 0 asks once thread 1 has taken a marker and ended
+                assert started_1.wait(10)
+                threads[1].join(10)
+            return super().get(*args, **kw)
+
+        def put(self, item, *args, **kw):
+            super().put(item, *args, **kw)
+            if item is sinks.SinkThread._END:
+                threads[1].join(10)  # the first marker is thread 1's: it has ended before close() goes on
+
+    class TwoWorkers:
+        path, workers = "two", 2
+
+        def write(self, frame, index):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(queue, "Queue", ThreadOneFirst)
+    writer = sinks.SinkThread(TwoWorkers())
+    assert started_1.wait(10)
+    closing = threading.Thread(target=writer.close, daemon=True)
+    closing.start()
+    closing.join(20)
+    assert not closing.is_alive(), "close() left a writer thread waiting for an end marker"
+
+
 def test_prompt_line_changes_parameters_live():
     pipeline = Pipeline(FakeEngine(), CaptureThread("0"), [], StreamParams(prompt="a"))
     line = PromptLine(pipeline)

@@ -1,16 +1,23 @@
 """The headless capture loop behind `turbostream run`: frames move through four stages, each on its own thread,
 joined by bounded hand-offs:
 
-    CaptureThread (decode, fit to the engine size) -> GPU thread (warmup, engine.run)
+    CaptureThread (decode, fit to the engine size) -> GPU thread (warmup, engine calls)
         -> main thread (window, progress, fan-out) -> one writer thread per file output (encode, write)
 
 so the GPU computes frame N while frame N+1 is decoded and frame N-1 is written. Live sources (cameras, URLs, or
 files with --realtime) hand over only their newest frame, one at a time: stale frames are dropped and counted, and
 latency stays at about one frame's processing. Files go in order, batched up to the engine's largest bucket.
 
+On CUDA (an engine that is `pipelined`: submit() only enqueues the work) the GPU thread keeps up to two calls in
+flight: while call k runs it takes the frames the capture has ready, submits call k+1, then collects call k and
+hands its results out, so its own host work (hand-off, staging, copying out) overlaps the GPU's. With no frame
+ready it collects k at once: a result never waits for input that may not come. On the CPU submit() computes the
+whole call, so overlapping would only hold each result back until the next call is computed: calls run one by one.
+
 The live-video controls: the run is one stream (key 0) of an engine with per-stream state (transitions, feedback);
 with `similarity` on, the capture transform (similarity.FitAndCheck) hands back the last frame it let through for a
-frame it judges a repeat, and the GPU thread answers that with the output it already has (counted as skipped).
+frame it judges a repeat, and the GPU thread answers that with that frame's output (counted as skipped), once the
+call that computes it is collected if it is still in flight.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .config import RunConfig, StreamParams, parse_prompt, stream_limits
 from .errors import SinkError
 from .io.sinks import SinkThread, WindowSink
-from .io.sources import CaptureThread
+from .io.sources import CapturedFrame, CaptureThread
 
 log = logging.getLogger("turbostream.run")
 
@@ -66,6 +74,22 @@ class RunSummary:
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Call:
+    """One engine call of the GPU thread: the frames taken, the parameters it runs with, and what it runs."""
+
+    items: list[CapturedFrame]
+    params: StreamParams
+    frames: list[np.ndarray]  # what the engine runs: each frame object once, none whose output is known already
+    ticket: Any = None  # the engine's handle while the call is in flight (pipelined)
+    outs: list[np.ndarray] = field(default_factory=list)  # the outputs of `frames`, once run or collected
+
+    @property
+    def last_in(self) -> np.ndarray | None:
+        """What Pipeline._last_in becomes once this call is finished (the similarity reference, or None)."""
+        return self.items[-1].frame if self.params.similarity > 0 else None
 
 
 class _Rate:
@@ -165,7 +189,8 @@ def _sigint_deferred():
 class Pipeline:
     """capture -> GPU thread -> main thread (window, progress) -> writer threads; run() blocks until it ends.
 
-    The GPU thread warms the engine up and then runs it (an engine belongs to one thread). `batch` > 1 groups
+    The GPU thread warms the engine up and then runs it (an engine belongs to one thread), up to two calls in
+    flight when the engine is pipelined (see the module docstring). `batch` > 1 groups
     consecutive frames of an in-order source into one engine call (never waiting to fill a batch); live sources
     use 1, so each call gets the newest frame. The pipeline closes the capture when it ends.
     """
@@ -193,6 +218,7 @@ class Pipeline:
         self._out: queue.Queue = queue.Queue(maxsize=max(self.queue_frames, 2 * self.batch))
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._closed = threading.Event()  # the main thread takes no more results
         self._gpu_error: BaseException | None = None
         self._reached_max = False
         self._quit = False
@@ -204,7 +230,7 @@ class Pipeline:
         self.params = params
 
     def stop(self) -> None:
-        """Ask the run to end as if the user quit (any thread); frames already processed are still written."""
+        """Ask the run to end as if the user quit (any thread); the engine calls in flight are finished and written."""
         self._quit = True
         self._stop.set()
 
@@ -262,26 +288,52 @@ class Pipeline:
                 break
             now = time.perf_counter()
             if item is not None:
-                try:
-                    for writer in writers:
-                        writer.put(item.image, item.index)
-                except SinkError as exc:
-                    s.error = str(exc)
-                    self._stop.set()
+                if not self._hand_out(item, writers, self.window):
                     break
-                if self.window is not None and not self.window.show(item.image):
-                    self.stop()
                 now = time.perf_counter()
-                s.frames += 1
-                s.latencies.append(now - item.t_read)
-                s.first_index = item.index if s.first_index is None else s.first_index
-                s.last_index = item.index
             s.seconds = now - t0
             s.dropped = cap.dropped - drop_base
             if now - last_status >= STATUS_EVERY_S or item is None:
                 last_status = now
                 fps_in, fps_out = rate_in.add(now, cap.frames_read), rate_out.add(now, s.frames)
                 self.progress.update(s.frames, self._status(fps_in, fps_out))
+
+    def _hand_out(self, item: Result, writers: list[SinkThread], window: WindowSink | None) -> bool:
+        """Give one result to the outputs and count it; False when an output failed (the run stops)."""
+        s = self.summary
+        try:
+            for writer in writers:
+                writer.put(item.image, item.index)
+        except SinkError as exc:
+            s.error = str(exc)
+            self._stop.set()
+            return False
+        if window is not None and not window.show(item.image):
+            self.stop()
+        s.frames += 1
+        s.latencies.append(time.perf_counter() - item.t_read)
+        s.first_index = item.index if s.first_index is None else s.first_index
+        s.last_index = item.index
+        return True
+
+    def _drain(self, gpu: threading.Thread, writers: list[SinkThread], deadline: float | None) -> None:
+        """Take the GPU thread's last results (the calls it had in flight when the run stopped) until its last word,
+        and write them. After an output failed they are dropped. After Ctrl-C (deadline set) the window stays as it
+        is, and a file's results are written only while they follow the last one written: the interrupt may have
+        cut a hand-out short, and a later frame after a missing one would leave a hole in the output."""
+        s = self.summary
+        while deadline is None or time.perf_counter() < deadline:
+            try:
+                item = self._out.get(timeout=0.05)
+            except queue.Empty:
+                if not gpu.is_alive() and self._out.empty():
+                    return
+                continue
+            if item is _END:
+                return
+            follows = self.capture.realtime or item.index == (0 if s.last_index is None else s.last_index + 1)
+            if s.error is None and (deadline is None or follows):
+                self._hand_out(item, writers, None)
 
     def _status(self, fps_in: float, fps_out: float) -> str:
         if not self.capture.realtime:
@@ -294,8 +346,14 @@ class Pipeline:
     def _shutdown(self, gpu: threading.Thread, writers: list[SinkThread], *, interrupted: bool) -> None:
         self._stop.set()
         self.capture.close()
-        # The GPU thread finishes its current call (a frame, or warmup: that can take long, hence the bound).
-        gpu.join(timeout=3.0 if interrupted else None)
+        # The GPU thread finishes the calls in flight, whose results are still written (or warmup: that can take
+        # long, hence the bound after Ctrl-C); past that it drops what it would hand over, nobody takes it.
+        deadline = time.perf_counter() + 3.0 if interrupted else None
+        try:
+            self._drain(gpu, writers, deadline)
+        finally:
+            self._closed.set()
+        gpu.join(timeout=None if deadline is None else max(0.0, deadline - time.perf_counter()))
         for writer in writers:
             writer.close()  # writes what is queued, then finalizes the file
             if writer.error and self.summary.error is None:
@@ -311,62 +369,104 @@ class Pipeline:
     # -------------------------------------------------------------- GPU thread
 
     def _gpu_loop(self) -> None:
+        calls: deque[_Call] = deque()  # started and not yet delivered, oldest first: at most two (the engine's limit)
         try:
             self.engine.warmup()  # on this thread: the graphs it captures replay only here
             self._ready.set()
-            done = 0
-            while not self._stop.is_set():
-                want = self.batch
-                if self.max_frames is not None:
-                    want = min(want, self.max_frames - done)
-                    if want <= 0:
-                        self._reached_max = True
-                        break
-                first = self.capture.take(0.1)
-                if first is None:
-                    if self.capture.ended:
+            # Only where submit() returns before the work is done (CUDA): on the CPU submit() computes the call, and
+            # each result would wait for the next call's whole computation before it went out.
+            pipelined = bool(getattr(self.engine, "pipelined", False))
+            taken = 0
+            while True:
+                # With a call in flight only the frames ready now: its result must not wait for input.
+                items = self._take(taken, timeout=0.0 if calls else 0.1)
+                if items:
+                    taken += len(items)
+                    reference = calls[-1].last_in if calls else self._last_in
+                    calls.append(self._start(items, reference, pipelined))
+                elif not calls:
+                    if items is None:
                         break
                     continue
-                items = [first]
-                while len(items) < want:  # only frames already decoded: never wait to fill a batch
-                    more = self.capture.take(0.0)
-                    if more is None:
-                        break
-                    items.append(more)
-                outs = self._stylize([it.frame for it in items], self.params)
-                t_done = time.perf_counter()
-                for it, out in zip(items, outs):
-                    self._put(Result(it.index, out, it.t, t_done))
-                done += len(items)
-        except BaseException as exc:  # re-raised on the main thread after the outputs are finalized
+                # The oldest call is collected once the next one is submitted, or at once when no frame came.
+                if not pipelined or len(calls) == 2 or not items:
+                    self._deliver(calls.popleft())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread after the outputs are finalized
             self._gpu_error = exc
         finally:
+            self._abandon(calls)
             self._ready.set()
             try:
                 self._out.put(_END, timeout=2.0)
             except queue.Full:
                 pass  # the main thread stopped reading; it notices this thread is gone
 
-    def _stylize(self, frames: list[np.ndarray], params: StreamParams) -> list[np.ndarray]:
-        """The engine's outputs for frames; a frame object seen before (the similarity reference, handed back by the
-        capture transform for a repeat) gets that frame's output again without an engine call."""
-        known: dict[int, np.ndarray] = {}
-        if self._last_in is not None:
-            known[id(self._last_in)] = self._last_out
-        todo = {id(f): f for f in frames if id(f) not in known}  # every object here is alive: ids are unique
-        if todo:
-            kw = {"streams": [0] * len(todo)} if hasattr(self.engine, "release_stream") else {}
-            outs = self.engine.run(list(todo.values()), [params] * len(todo), **kw)
-            known.update(zip(todo, outs))
-        self.summary.skipped += len(frames) - len(todo)
-        if params.similarity > 0:
-            self._last_in, self._last_out = frames[-1], known[id(frames[-1])]
-        else:
-            self._last_in = self._last_out = None
-        return [known[id(f)] for f in frames]
+    def _take(self, taken: int, timeout: float) -> list[CapturedFrame] | None:
+        """The next frames to run, `taken` frames into the run: up to `batch`, waiting up to timeout for the first and
+        never to fill a batch; [] when none came, None when no more will be taken (stop, max_frames, the end)."""
+        if self._stop.is_set():
+            return None
+        want = self.batch if self.max_frames is None else min(self.batch, self.max_frames - taken)
+        if want <= 0:
+            self._reached_max = True
+            return None
+        first = self.capture.take(timeout)
+        if first is None:
+            return None if self.capture.ended else []
+        items = [first]
+        while len(items) < want and (more := self.capture.take(0.0)) is not None:
+            items.append(more)
+        return items
+
+    def _start(self, items: list[CapturedFrame], reference: np.ndarray | None, pipelined: bool) -> _Call:
+        """Submit (pipelined) or run the engine call for items with the parameters of now.
+
+        A frame object seen before does not run again: the capture transform hands back its similarity reference for
+        a repeat. `reference` is what _last_in will be once the calls before this one are delivered; a frame is
+        also the same object as one earlier in items when the reference ran in this very batch.
+        """
+        params = self.params  # once per call: set_params may replace it from another thread
+        frames = list({id(it.frame): it.frame for it in items if it.frame is not reference}.values())
+        call = _Call(items, params, frames)
+        if frames:
+            kw = {"streams": [0] * len(frames)} if hasattr(self.engine, "release_stream") else {}
+            if pipelined:
+                call.ticket = self.engine.submit(frames, [params] * len(frames), **kw)
+            else:
+                call.outs = list(self.engine.run(frames, [params] * len(frames), **kw))
+        return call
+
+    def _deliver(self, call: _Call) -> None:
+        """Collect call (waits for it) and put out a result for each frame taken, in order; the calls before it are
+        delivered already, so _last_in is the reference it started with and _last_out that frame's output."""
+        if call.ticket is not None:
+            ticket, call.ticket = call.ticket, None  # a failed collect consumes the ticket too: never collect twice
+            call.outs = list(self.engine.collect(ticket))
+        known = {id(self._last_in): self._last_out} if self._last_in is not None else {}
+        known.update(zip(map(id, call.frames), call.outs))  # every object here is alive: ids are unique
+        self.summary.skipped += len(call.items) - len(call.frames)
+        self._last_in = call.last_in
+        self._last_out = None if call.last_in is None else known[id(call.last_in)]
+        t_done = time.perf_counter()
+        for it in call.items:
+            self._put(Result(it.index, known[id(it.frame)], it.t, t_done))
+
+    def _abandon(self, calls: deque[_Call]) -> None:
+        """After an error, collect the calls still in flight so that none is left on the engine (the run ends with
+        the first error; their results are dropped)."""
+        for call in calls:
+            if call.ticket is None:
+                continue
+            log.warning("dropping an engine call of %d frame(s) after the error", len(call.frames))
+            try:
+                self.engine.collect(call.ticket)
+            except Exception as exc:  # noqa: BLE001 - the first error is the one reported
+                log.warning("that engine call failed too: %s", exc)
 
     def _put(self, result: Result) -> None:
-        while not self._stop.is_set():
+        """Hand a result to the main thread, waiting while the queue is full (also after a stop: results in flight
+        are still written); dropped once the main thread takes no more."""
+        while not self._closed.is_set():
             try:
                 self._out.put(result, timeout=0.1)
                 return

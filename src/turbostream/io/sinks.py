@@ -351,9 +351,10 @@ class SinkThread:
         """Write what is queued, finalize the file and join the writer threads; idempotent."""
         if not self._threads:
             return
-        for thread in self._threads:
-            if thread.is_alive():
-                self._queue.put(self._END)
+        # One end marker per running thread, counted before any is queued: a thread that takes a marker exits, and
+        # counting as the markers go in would skip it and leave another thread waiting for one forever.
+        for _ in range(sum(thread.is_alive() for thread in self._threads)):
+            self._queue.put(self._END)
         for thread in self._threads:
             thread.join()
         self._threads = []
