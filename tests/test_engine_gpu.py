@@ -241,14 +241,9 @@ def test_feature_reuse_graphs_match_eager(cuda_tiny):
 def test_run_pipelined_on_cuda_writes_what_the_serial_loop_writes(tmp_path, cuda_tiny):
     """`turbostream run`'s GPU loop on CUDA (pipelined: two calls in flight) against the same loop forced serial, on a
     small video with feedback on (each frame depends on the one before): the same frames, in order."""
-    import time
+    from test_run_pipelined import make_video, run_video
 
-    from test_run_pipelined import WAIT_S, ListSink, make_video
-
-    from turbostream.codec import fit_frame
     from turbostream.engine import Engine
-    from turbostream.io.sources import CaptureThread
-    from turbostream.pipeline import Pipeline
 
     n = 12
     src = make_video(tmp_path / "in.avi", n=n, flat=False)
@@ -263,22 +258,11 @@ def test_run_pipelined_on_cuda_writes_what_the_serial_loop_writes(tmp_path, cuda
         def __getattr__(self, name):
             return getattr(self.engine, name)
 
-    def styled(engine) -> ListSink:
-        capture = CaptureThread(str(src), realtime=False, queue_size=n, transform=lambda f: fit_frame(f, 128, 128))
-        capture.start()
-        deadline = time.monotonic() + WAIT_S
-        while capture.pending < n and time.monotonic() < deadline:  # all decoded: both runs batch them alike
-            time.sleep(0.01)
-        sink = ListSink()
-        summary = Pipeline(engine, capture, [sink], params, batch=2).run()
-        assert summary.stopped == "end" and summary.frames == n
-        return sink
-
     def make():
         return Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 2)), cuda_tiny)
 
     pipelined_engine = make()
     assert pipelined_engine.pipelined
-    piped, serial = styled(pipelined_engine), styled(Serial(make()))
+    piped, serial = run_video(pipelined_engine, src, n, params), run_video(Serial(make()), src, n, params)
     assert piped.indices == serial.indices == list(range(n))
     assert max(_diff(a, b) for (_, a), (_, b) in zip(piped.written, serial.written)) <= 2

@@ -401,28 +401,31 @@ class ForcedPipelined:
         return getattr(self.engine, name)
 
 
+def run_video(engine, src, n: int, params: StreamParams) -> ListSink:
+    """The n frames of the video at src through a Pipeline on engine, batched (all decoded first, so that every run
+    batches them alike); what the sink got."""
+    size = (engine.width, engine.height)
+    capture = CaptureThread(str(src), realtime=False, queue_size=n, transform=lambda f: fit_frame(f, *size))
+    capture.start()
+    deadline = time.monotonic() + WAIT_S
+    while capture.pending < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert capture.pending == n
+    sink = ListSink()
+    summary = Pipeline(engine, capture, [sink], params, batch=engine.max_batch).run()
+    assert summary.stopped == "end" and summary.frames == n
+    return sink
+
+
 def test_the_real_engine_pipelined_writes_what_the_serial_run_writes(tmp_path, make_engine):
     """A small video through the real engine serially and pipelined (per-stream feedback, so each frame depends on
     the ones before it): the same frames, in order."""
     n = 8
     src = make_video(tmp_path / "in.avi", n=n, flat=False)
     params = StreamParams("a fox", 0.5, 2, 3, feedback=0.5)
-
-    def styled(engine) -> ListSink:
-        capture = CaptureThread(str(src), realtime=False, queue_size=n, transform=lambda f: fit_frame(f, 64, 64))
-        capture.start()
-        deadline = time.monotonic() + WAIT_S
-        while capture.pending < n and time.monotonic() < deadline:  # all decoded: both runs batch them alike
-            time.sleep(0.01)
-        assert capture.pending == n
-        sink = ListSink()
-        summary = Pipeline(engine, capture, [sink], params, batch=engine.max_batch).run()
-        assert summary.stopped == "end" and summary.frames == n
-        return sink
-
-    serial = styled(make_engine())
+    serial = run_video(make_engine(), src, n, params)
     pipelined = ForcedPipelined(make_engine())
-    piped = styled(pipelined)
+    piped = run_video(pipelined, src, n, params)
     assert pipelined.max_in_flight == 2 and pipelined.in_flight == 0
     assert piped.indices == serial.indices == list(range(n))
     for (_, a), (_, b) in zip(piped.written, serial.written):
