@@ -113,6 +113,25 @@ def test_each_unet_step_reuses_its_own_deep_features(make_engine, frames, graphs
     assert 0 < moved <= 64, moved
 
 
+def test_a_full_frame_that_fails_leaves_no_features_to_reuse(make_engine, frames, monkeypatch):
+    """A full frame stores its deep features before its VAE decode; if the call fails after that, the stream's old
+    features are overwritten, so they must not count as valid for the parameters they were computed with."""
+    engine = make_engine(feature_reuse=True)
+    p = StreamParams("a", seed=1, reuse=4)
+    engine.run([frames[0]], [p], streams=["s"])  # full: features of prompt "a"
+    decode = engine.math.decoder_call
+
+    def broken(z):
+        raise RuntimeError("decoder failed")
+
+    monkeypatch.setattr(engine.math, "decoder_call", broken)
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        engine.run([frames[1]], [p.updated(prompt="b")], streams=["s"])  # full (new prompt), fails after the UNet
+    monkeypatch.setattr(engine.math, "decoder_call", decode)
+    engine.run([frames[2]], [p], streams=["s"])  # prompt "a" again: its features were overwritten, so in full
+    assert (engine.stats.reuse_keep_batches, engine.stats.reuse_partial_batches) == (2, 0)
+
+
 def test_an_engine_without_reuse_refuses_it_clearly(make_engine):
     from turbostream.serve import protocol
 

@@ -518,6 +518,7 @@ class Engine:
             for i, state in keeping:
                 if state.deep is None or len(state.deep) != n:
                     state.deep = [torch.empty_like(self._deep[i]) for _ in range(n)]
+                state.deep_params = None  # being rewritten: valid again only once the call went through (_keep_deep)
 
             def store(k: int) -> None:
                 for i, state in keeping:
