@@ -12,13 +12,13 @@ stream key, and a closed stream's state is released on this thread too.
 
 Pipelining: with an engine whose submit() only enqueues work (engine.Engine on CUDA: `pipelined`), the thread keeps
 the GPU busy while it does its host work. Batch k is submitted; while it runs, the thread gathers batch k+1 until
-max_batch frames are pending, or k is about to end (submit ahead: calls are timed per batch size, and a batch is
-submitted its own host time before k is due, so the GPU goes from k to k+1 without waiting for the host), or k is
-done; then it submits k+1, collects k, commits the frames pending by then to a later batch, and hands k's results out.
-So k's copy out and delivery overlap k+1 on the GPU. The gather goes on while k runs even if it starts with nothing
-pending: clients answer each result with their next frame, so that is when frames arrive. An engine with run() only,
-or one that computes in submit() (the CPU), runs each batch to completion instead. scripts/serve_sim.py measures
-how busy this keeps a simulated GPU.
+max_batch frames are pending, or k is about to end (submit ahead: calls are timed per batch size and UNet
+evaluations, and a batch is submitted its own host time before k is due, so the GPU goes from k to k+1 without
+waiting for the host), or k is done; then it submits k+1, collects k, commits the frames pending by then to a later
+batch, and hands k's results out. So k's copy out and delivery overlap k+1 on the GPU. The gather goes on while k
+runs even if it starts with nothing pending: clients answer each result with their next frame, so that is when
+frames arrive. An engine with run() only, or one that computes in submit() (the CPU), runs each batch to completion
+instead. scripts/serve_sim.py measures how busy this keeps a simulated GPU.
 
 Similarity skips (similarity.py): a frame the producer judged a repeat arrives as the reference frame marked `skip`;
 if the stream's last output came from that very frame it is answered with that output (Result.skipped, no engine
@@ -59,6 +59,7 @@ FINE_POLL_S = 0.0002  # the same from POLL_S before the call is due (predicted f
 # size to predict when one is due; a frame that arrives later goes to the batch after.
 SUBMIT_AHEAD = True
 SUBMIT_MARGIN_S = 0.0005
+CALL_KINDS_TIMED = 64  # (batch size, UNet evaluations) pairs whose call time is kept; the oldest goes first
 
 
 @dataclass
@@ -102,6 +103,7 @@ class _Call:
     due: float = 0.0  # when the device should finish it (pipelined; 0: no estimate yet)
     seen_done: float = 0.0  # when the inference thread first saw it done (0: not yet), which may be before collect
     submitted: float = 0.0  # when its submit returned (the device has it from then on)
+    kind: tuple[int, int] = (0, 0)  # (frames, UNet evaluations over them): what its device time depends on
 
 
 class Stream:
@@ -170,10 +172,10 @@ class Batcher:
         self.fixed_gather_s = gather_s  # None: scaled with the engine's call time (see GATHER_FRACTION)
         self.call_s: float | None = None  # running mean of the engine's call time, seconds
         self._last_done = 0.0  # when the last call was collected
-        # Submit ahead (pipelined engines): running means of the call time per batch size and of a submit's own host
-        # time, and when the last call submitted is due to end.
+        # Submit ahead (pipelined engines): running means of the call time per kind of call (frames, UNet
+        # evaluations) and of a submit's own host time, and when the last call submitted is due to end.
         self.submit_ahead = SUBMIT_AHEAD if submit_ahead is None else submit_ahead
-        self._call_s_by_size: dict[int, float] = {}
+        self._call_s_by_kind: dict[tuple[int, int], float] = {}
         self._submit_s = 0.0
         self._due = 0.0
         self.on_batch = on_batch  # (batch size, seconds) after every engine call, on the inference thread
@@ -356,9 +358,9 @@ class Batcher:
                     self._cond.wait(POLL_S if ahead is None else min(POLL_S, ahead - now))
                     continue
                 # Nothing to take yet: wait for a frame (its announce and its submit wake this), looking whether the
-                # call is done every POLL_S, and every FINE_POLL_S from shortly before it is due, so that a lone
-                # stream's result goes out at most that late.
-                near = running.due and now >= running.due - POLL_S
+                # call is done every POLL_S, and every FINE_POLL_S within POLL_S of when it is due, so that a lone
+                # stream's result usually goes out at most that late.
+                near = running.due and abs(now - running.due) <= POLL_S
                 self._cond.wait(FINE_POLL_S if near else POLL_S)
             if self._stop:
                 return None
@@ -411,6 +413,7 @@ class Batcher:
         params = [stream.params for stream, _ in call.todo]
         call.keys = [stream.key for stream, _ in call.todo] if hasattr(self.engine, "release_stream") else None
         kw = {} if call.keys is None else {"streams": call.keys}
+        call.kind = (len(params), sum(p.unet_evals for p in params))
         call.t0 = time.perf_counter()
         try:
             if pipelined:
@@ -428,7 +431,7 @@ class Batcher:
         """After a submit: time it, and predict when the call is due (after the one before it, if that is still due)."""
         now = call.submitted = time.perf_counter()
         self._submit_s = _mean(self._submit_s or None, now - call.t0)
-        expected = self._call_s_by_size.get(len(call.todo))
+        expected = self._call_s_by_kind.get(call.kind)
         call.due = max(now, self._due) + expected if expected is not None else 0.0
         self._due = call.due
 
@@ -446,7 +449,7 @@ class Batcher:
         # was seen done (the next call's submit may come between that and its collect).
         end = call.seen_done or time.perf_counter()
         dt = end - max(call.t0, self._last_done)
-        # Its device time, for predicting when calls of its size are due: from when the device had it (its submit
+        # Its device time, for predicting when calls of its kind are due: from when the device had it (its submit
         # returned, or the call before it ended) to its end.
         device_s = end - max(call.submitted or call.t0, self._last_done)
         self._last_done = end
@@ -458,9 +461,10 @@ class Batcher:
             self.batches += 1
             self.frames += len(todo)
             self.call_s = _mean(self.call_s, dt)
-            n = len(todo)
-            if n in self._call_s_by_size or len(self._call_s_by_size) < self.max_batch:  # a size at most once each
-                self._call_s_by_size[n] = _mean(self._call_s_by_size.get(n), device_s)
+            times = self._call_s_by_kind
+            if call.kind not in times and len(times) >= CALL_KINDS_TIMED:
+                del times[next(iter(times))]
+            times[call.kind] = _mean(times.get(call.kind), device_s)
             if self.on_batch is not None:
                 self.on_batch(len(todo), dt)
         if n_skipped:
