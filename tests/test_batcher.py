@@ -391,6 +391,35 @@ def test_submit_ahead_queues_the_next_call_before_the_running_one_ends(started, 
     assert finished_at_submit_2 is (not ahead), engine.events
 
 
+def test_when_every_stream_waits_for_the_running_call_it_is_waited_for_in_the_engine(started):
+    """Nothing pending and every open stream's frame in the running call: nobody sends before its result, so the
+    thread waits inside collect() (which returns the moment the call is done) instead of polling done()."""
+
+    class Entered(PipelinedEngine):
+        def __init__(self):
+            super().__init__(max_batch=2)
+            self.entered = threading.Event()
+
+        def collect(self, ticket):
+            self.entered.set()
+            return super().collect(ticket)
+
+    engine = Entered()
+    batcher = started(engine, gather_s=5.0)  # a long gather: a and b always make call 0 together, however slow
+    got = Collector()
+    a, b = batcher.open_stream(got, StreamParams(seed=1)), batcher.open_stream(got, StreamParams(seed=2))
+    b.expect()
+    a.submit(frame(0), "a")
+    b.submit(frame(0), "b")
+    b.unexpect()
+    while not engine.events:
+        time.sleep(0.001)
+    assert engine.events == ["submit 0"]  # both streams in call 0
+    assert engine.entered.wait(5)  # in collect() while call 0 still runs
+    engine.finish(0)
+    assert [r.meta for r in got.wait(2)] == ["a", "b"]
+
+
 def test_gather_wait_scales_with_engine_call_time(started):
     """Unless fixed, the wait for a decoding frame is GATHER_FRACTION of the engine's mean call time, bounded."""
     from turbostream import batcher as batcher_mod

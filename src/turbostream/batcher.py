@@ -105,6 +105,11 @@ class _Call:
     submitted: float = 0.0  # when its submit returned (the device has it from then on)
     kind: tuple[int, int] = (0, 0)  # (frames, UNet evaluations over them): what its device time depends on
 
+    @property
+    def keys_in(self) -> set[int]:
+        """The streams with a frame in this call (run, or answered from a kept output)."""
+        return {stream.key for stream, _ in self.batch}
+
 
 class Stream:
     """One stream's latest-frame slot and parameters. submit() and close() may be called from any thread."""
@@ -357,9 +362,12 @@ class Batcher:
                         break
                     self._cond.wait(POLL_S if ahead is None else min(POLL_S, ahead - now))
                     continue
-                # Nothing to take yet: wait for a frame (its announce and its submit wake this), looking whether the
-                # call is done every POLL_S, and every FINE_POLL_S within POLL_S of when it is due, so that a lone
-                # stream's result usually goes out at most that late.
+                # Nothing to take yet. If every stream has its frame in this call, nobody sends before its result
+                # (one frame in flight per client): wait in the engine, which returns the moment the call is done.
+                if all(stream.key in running.keys_in for stream in self._streams.values()):
+                    break
+                # Otherwise wait for a frame (its announce and its submit wake this), looking whether the call is
+                # done every POLL_S, and every FINE_POLL_S within POLL_S of when it is due.
                 near = running.due and abs(now - running.due) <= POLL_S
                 self._cond.wait(FINE_POLL_S if near else POLL_S)
             if self._stop:
