@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The server's scheduling against a simulated GPU: how much of the device's time the batcher keeps busy.
 
-`turbostream serve` runs here with a stand-in engine whose device is a timeline, not a GPU. submit() does what a CUDA
-engine's submit does on the host (checks the parameters, fits and copies the frames, then holds the GIL, busy, for
---host-ms: staging and graph launches) and books the call on the device: it starts when the previous call ends
-(or at once) and lasts --device-ms FIXED,PER_FRAME (FIXED + PER_FRAME x frames). done() and collect() read that
-timeline; collect() sleeps until the call's end with the GIL released, as a CUDA event wait does. Everything else is
-the real server: WebSockets, JPEG decode and encode on its worker threads, the batcher and its gather rules.
+`turbostream serve` runs here with a stand-in engine whose device is a timeline, not a GPU. submit() does the host
+work of a call (by default the real engine's own submit, with its frame math made a no-op: checks, staging into
+pinned slots, caches, stream state; or, with --host-ms MS, a stand-in that fits and copies the frames and holds the
+GIL, busy, for MS) and books the call on the device: it starts when the previous call ends (or at once) and lasts
+--device-ms FIXED,PER_FRAME (FIXED + PER_FRAME x frames). done() and collect() read that timeline; collect() sleeps
+until the call's end with the GIL released, as a CUDA event wait does, then hands the frames out (the engine's own
+collect by default). Everything else is the real server: WebSockets, JPEG decode and encode on its worker threads,
+the batcher and its gather rules.
 
 scripts/loadtest.py then drives it with N clients (a process of its own), and the timeline says, per step, what the
 clients cannot see: the device's utilization, its idle time between calls and the batch sizes. The capacity is the
@@ -16,7 +18,7 @@ with the GPU taken out. Run it on the GPU machine (its CPUs) or anywhere; the de
 `random` 512x512 engine (batch 8 in 42 ms: 190 frames/s; batch 1 in 7 ms).
 
     python scripts/serve_sim.py --clients 1,8,16 --duration 8 --json sim.json
-    python scripts/serve_sim.py --device-ms 2,5 --host-ms 1.5 --size 512 --clients 16
+    python scripts/serve_sim.py --device-ms 2,5 --host-ms 1.5 --size 512 --clients 16   # a stand-in host cost
 
 The outputs are the inputs, copied (no network runs): this measures the plumbing, never a picture.
 """
@@ -42,21 +44,29 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from turbostream.codec import fit_frame  # noqa: E402
 from turbostream.config import Limits, ServerConfig, parse_size, preset  # noqa: E402
 
-
 STARTUP_S = 2.0  # a load test process's start-up (imports, connecting) before its warmup begins, at most
 
 
 class SimulatedDevice:
-    """An engine (attributes from a real CPU Engine) whose calls run on a simulated device timeline."""
+    """An engine (attributes from a real CPU Engine) whose calls run on a simulated device timeline.
+
+    host_ms None: the real engine's own submit() and collect() do the host work (staging into its pinned slots,
+    caches, schedules, stream state, copying the outputs out), with its frame math made a no-op; so this is one
+    engine per server (an engine belongs to one thread). On a CPU its device buffers are host memory too, so two
+    copies that are transfers on CUDA count as host work here: a pessimistic stand-in.
+    """
 
     pipelined = True
     # No model runs: the outputs are the inputs (so no weights, random or not, to warn about).
     model_name = "simulated device"
     random_weights = False
 
-    def __init__(self, engine, fixed_ms: float, per_frame_ms: float, host_ms: float) -> None:
+    def __init__(self, engine, fixed_ms: float, per_frame_ms: float, host_ms: float | None) -> None:
         self._engine = engine
-        self.fixed_s, self.per_frame_s, self.host_s = fixed_ms / 1e3, per_frame_ms / 1e3, host_ms / 1e3
+        self.fixed_s, self.per_frame_s = fixed_ms / 1e3, per_frame_ms / 1e3
+        self.host_s = None if host_ms is None else host_ms / 1e3
+        if host_ms is None:
+            engine._frame_path = lambda b, *args, **kw: engine._out[:b]  # the GPU's part: on the timeline instead
         self._free_at = 0.0  # when the device finishes the last call booked
         self._lock = threading.Lock()
         self.calls: list[tuple[float, float, float, int]] = []  # (submitted, start, end, frames) per call
@@ -68,12 +78,15 @@ class SimulatedDevice:
         return self._engine.stats  # nothing to compile or capture on a timeline
 
     def submit(self, frames, params, **kw):
-        """Host work, then book the call: (end time, output frames)."""
-        params = [self._engine.validate(p) for p in params]
-        outs = [fit_frame(f, self._engine.width, self._engine.height).copy() for f in frames]
-        t_host = time.perf_counter() + self.host_s
-        while time.perf_counter() < t_host:  # busy: a CUDA engine's submit holds the GIL (Python, launches)
-            pass
+        """Host work, then book the call: (end time, the engine's ticket or the output frames)."""
+        if self.host_s is None:
+            outs = self._engine.submit(frames, params, **kw)
+        else:
+            params = [self._engine.validate(p) for p in params]
+            outs = [fit_frame(f, self._engine.width, self._engine.height).copy() for f in frames]
+            t_host = time.perf_counter() + self.host_s
+            while time.perf_counter() < t_host:  # busy: a CUDA engine's submit holds the GIL (Python, launches)
+                pass
         now = time.perf_counter()
         with self._lock:
             start = max(now, self._free_at)
@@ -88,7 +101,7 @@ class SimulatedDevice:
         wait = ticket[0] - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        return ticket[1]
+        return ticket[1] if self.host_s is not None else self._engine.collect(ticket[1])
 
     def run(self, frames, params, **kw):
         return self.collect(self.submit(frames, params, **kw))
@@ -128,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch (default: %(default)s)")
     ap.add_argument("--device-ms", default="2,5", metavar="FIXED,PER_FRAME",
                     help="simulated device time per call: FIXED + PER_FRAME x frames, in ms (default: %(default)s)")
-    ap.add_argument("--host-ms", type=float, default=1.0,
-                    help="host time of a submit beyond the frame copies, holding the GIL (default: %(default)s)")
+    ap.add_argument("--host-ms", default="engine", metavar="MS|engine",
+                    help="host work of a call: 'engine', the real engine's submit and collect with its frame math "
+                         "a no-op, or MS milliseconds of a submit holding the GIL besides the frame copies "
+                         "(default: %(default)s)")
     ap.add_argument("--inflight", type=int, default=1, help="frames a client may have unanswered (default: 1)")
     ap.add_argument("--submit-ahead", choices=("on", "off", "both"), default="both",
                     help="the batcher's submit-ahead rule (batcher.SUBMIT_AHEAD): on, off, or each client count with "
@@ -140,17 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         clients = [int(c) for c in args.clients.split(",")]
         fixed_ms, per_frame_ms = (float(x) for x in args.device_ms.split(","))
         width, height = parse_size(args.size)
+        host_ms = None if args.host_ms == "engine" else float(args.host_ms)
     except ValueError as exc:
         ap.error(f"bad value: {exc}")
-    if min(clients) < 1 or fixed_ms < 0 or per_frame_ms <= 0 or args.host_ms < 0 or args.duration <= 0:
+    if min(clients) < 1 or fixed_ms < 0 or per_frame_ms <= 0 or (host_ms or 0) < 0 or args.duration <= 0:
         ap.error("clients must be at least 1, device and host times positive, the duration positive")
     buckets = tuple(b for b in (1, 2, 4, 8, 16, 32) if b < args.max_batch) + (args.max_batch,)
 
     from turbostream import batcher
     from turbostream.engine import Engine
+    from turbostream.models import load_components
     from turbostream.serve.server import ServerThread, TurboServer
 
-    engine = Engine(preset("test", device="cpu", width=width, height=height, buckets=buckets, cuda_graphs=False))
+    components = load_components("tiny-random", device="cpu", vae="tiny")  # shared: each engine is its own thread's
     capacity = args.max_batch / (fixed_ms + per_frame_ms * args.max_batch) * 1e3
     policies = {"on": [True], "off": [False], "both": [False, True]}[args.submit_ahead]
     results: dict = {
@@ -162,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
                      "capacity_fps": round(capacity, 1)},
         "steps": [],
     }
-    print(f"simulated device: {fixed_ms:g} + {per_frame_ms:g} ms x frames a call, host {args.host_ms:g} ms a submit; "
+    host = "the engine's own" if host_ms is None else f"{host_ms:g} ms a submit"
+    print(f"simulated device: {fixed_ms:g} + {per_frame_ms:g} ms x frames a call, host work {host}; "
           f"capacity {capacity:.1f} frames/s at batch {args.max_batch}", flush=True)
     for n, ahead in ((n, ahead) for n in clients for ahead in policies):
         # A server of its own for each step: the batcher's timing means start afresh.
         batcher.SUBMIT_AHEAD = ahead
-        device = SimulatedDevice(engine, fixed_ms, per_frame_ms, args.host_ms)
+        engine = Engine(preset("test", device="cpu", width=width, height=height, buckets=buckets, cuda_graphs=False),
+                        components)
+        device = SimulatedDevice(engine, fixed_ms, per_frame_ms, host_ms)
         server = TurboServer(device, ServerConfig(port=0, limits=Limits(max_clients=n)))
         with ServerThread(server), tempfile.TemporaryDirectory() as tmp:
             url = f"ws://127.0.0.1:{server.port}/ws"

@@ -41,6 +41,19 @@ def test_the_simulated_device_books_calls_back_to_back_and_returns_the_frames(en
     assert stats["utilization"] == pytest.approx(1.0, abs=1e-3) and stats["batch_sizes"] == {"1": 1, "2": 1}
 
 
+def test_with_the_engines_own_host_work_submit_and_collect_are_the_engines(make_engine, frame_rng):
+    """host_ms None: the real engine stages and hands out the frames (its frame math a no-op), the call is booked on
+    the timeline, and what comes back is the engine's output buffer for each frame."""
+    engine = make_engine()
+    device = serve_sim.SimulatedDevice(engine, fixed_ms=1.0, per_frame_ms=1.0, host_ms=None)
+    frames = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    ticket = device.submit(frames, [StreamParams()] * 2, streams=["a", "b"])
+    assert engine.in_flight == 1 and engine.stats.calls == 1 and len(device.calls) == 1
+    outs = device.collect(ticket)
+    assert engine.in_flight == 0 and [o.shape for o in outs] == [(64, 64, 3)] * 2
+    assert engine.stream_states == 2  # the engine's per-stream bookkeeping ran
+
+
 def test_serve_sim_runs_the_server_and_reports_the_device(tmp_path):
     out = tmp_path / "sim.json"
     proc = subprocess.run(
@@ -60,7 +73,7 @@ def test_serve_sim_runs_the_server_and_reports_the_device(tmp_path):
 
 
 def test_bad_arguments_are_refused(tmp_path):
-    for args in (["--device-ms", "2"], ["--clients", "0"], ["--device-ms", "2,0"]):
+    for args in (["--device-ms", "2"], ["--clients", "0"], ["--device-ms", "2,0"], ["--host-ms", "fast"]):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_sim.py"), *args], capture_output=True,
                               text=True, timeout=60, check=False)
         assert proc.returncode == 2 and "error" in proc.stderr, args
