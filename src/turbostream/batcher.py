@@ -53,10 +53,10 @@ GATHER_MAX_S = 0.020
 GATHER_START_S = 0.004  # before the first call has been timed
 CALL_TIME_SMOOTHING = 0.2  # weight of the newest call in the running mean of engine call time
 POLL_S = 0.001  # while a call runs on the GPU: how often to look whether it is done (a new frame ends the wait at once)
-FINE_POLL_S = 0.0002  # the same from POLL_S before the call is due (predicted from the calls of its size)
+FINE_POLL_S = 0.0002  # the same within POLL_S of when the call is due (predicted from earlier calls of its kind)
 # Submit ahead: the next batch is submitted this long (plus the host time a submit takes) before the running call is
-# due to end, so the device goes from one call to the next without waiting for the host. Calls are timed per batch
-# size to predict when one is due; a frame that arrives later goes to the batch after.
+# due to end, so the device goes from one call to the next without waiting for the host. Calls are timed per kind
+# (frames, UNet evaluations) to predict when one is due; a frame that arrives later goes to the batch after.
 SUBMIT_AHEAD = True
 SUBMIT_MARGIN_S = 0.0005
 CALL_KINDS_TIMED = 64  # (batch size, UNet evaluations) pairs whose call time is kept; the oldest goes first
@@ -176,7 +176,7 @@ class Batcher:
         self._max_batch = max_batch
         self.fixed_gather_s = gather_s  # None: scaled with the engine's call time (see GATHER_FRACTION)
         self.call_s: float | None = None  # running mean of the engine's call time, seconds
-        self._last_done = 0.0  # when the last call was collected
+        self._last_done = 0.0  # when the last call was seen done (or collected)
         # Submit ahead (pipelined engines): running means of the call time per kind of call (frames, UNet
         # evaluations) and of a submit's own host time, and when the last call submitted is due to end.
         self.submit_ahead = SUBMIT_AHEAD if submit_ahead is None else submit_ahead
@@ -333,9 +333,9 @@ class Batcher:
         self, running: _Call, committed: list[tuple[Stream, Pending]]
     ) -> list[tuple[Stream, Pending]] | None:
         """The next batch, gathered while `running` is on the device: the committed frames, then pending ones up to
-        max_batch, taken once max_batch are there, the running call is done or about to be (submit ahead), or,
-        with nothing to take, once the call is due; [] when there is nothing to take (collect the running call first).
-        None when stopping.
+        max_batch, taken once max_batch are there or the running call is done or about to be (submit ahead); [] when
+        there is nothing to take by the time the call is done, or every stream's frame is in it (collect the running
+        call first). None when stopping.
 
         Frames arrive mostly after the results of the call before went out (each client answers its result with its
         next frame), that is while `running` is on the device and not yet when this starts: so an empty start is no
