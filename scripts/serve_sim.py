@@ -44,9 +44,6 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from turbostream.codec import fit_frame  # noqa: E402
 from turbostream.config import Limits, ServerConfig, parse_size, preset  # noqa: E402
 
-STARTUP_S = 2.0  # a load test process's start-up (imports, connecting) before its warmup begins, at most
-
-
 class SimulatedDevice:
     """An engine (attributes from a real CPU Engine) whose calls run on a simulated device timeline.
 
@@ -203,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"serve_sim: the load test of {n} clients failed (exit {proc.returncode})")
             step = json.loads(out.read_text())["steps"][0]
             total = step["total"]
-            # The device's steady state: calls that started inside the load test's measured stretch (it starts
-            # after the process's own start-up, under STARTUP_S, and the warmup), its last fifth left out too.
-            w0 = t0 + STARTUP_S + args.warmup
+            # The device's steady state: calls that started inside the load test's measured stretch, which begins
+            # its warmup after the first frame (the first call) and lasts `duration`; its last fifth left out too.
+            w0 = (device.calls[0][1] if device.calls else t1) + args.warmup
             dev = device_stats(device.calls, w0, w0 + 0.8 * args.duration, capacity)
             row = {"clients": n, "submit_ahead": ahead, "fps": total["fps"],
                    "p50_ms": total["latency_ms"]["p50"], "p95_ms": total["latency_ms"]["p95"],
