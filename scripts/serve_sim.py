@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from turbostream.codec import fit_frame  # noqa: E402
 from turbostream.config import Limits, ServerConfig, parse_size, preset  # noqa: E402
 
+
 class SimulatedDevice:
     """An engine (attributes from a real CPU Engine) whose calls run on a simulated device timeline.
 
