@@ -105,11 +105,6 @@ class _Call:
     submitted: float = 0.0  # when its submit returned (the device has it from then on)
     kind: tuple[int, int] = (0, 0)  # (frames, UNet evaluations over them): what its device time depends on
 
-    @property
-    def keys_in(self) -> set[int]:
-        """The streams with a frame in this call (run, or answered from a kept output)."""
-        return {stream.key for stream, _ in self.batch}
-
 
 class Stream:
     """One stream's latest-frame slot and parameters. submit() and close() may be called from any thread."""
@@ -344,6 +339,7 @@ class Batcher:
         done = getattr(self.engine, "done", None)
         # Submit ahead: from this moment on, the next batch is taken with whatever is there (see SUBMIT_AHEAD).
         ahead = running.due - self._submit_s - SUBMIT_MARGIN_S if self.submit_ahead and running.due else None
+        in_call = {stream.key for stream, _ in running.batch}  # streams with a frame in the running call
         with self._cond:
             batch = [entry for entry in committed if not entry[0].closed]  # its client left meanwhile
             taken = {stream.key for stream, _ in batch}
@@ -364,7 +360,7 @@ class Batcher:
                     continue
                 # Nothing to take yet. If every stream has its frame in this call, nobody sends before its result
                 # (one frame in flight per client): wait in the engine, which returns the moment the call is done.
-                if all(stream.key in running.keys_in for stream in self._streams.values()):
+                if all(key in in_call for key in self._streams):
                     break
                 # Otherwise wait for a frame (its announce and its submit wake this), looking whether the call is
                 # done every POLL_S, and every FINE_POLL_S within POLL_S of when it is due.
