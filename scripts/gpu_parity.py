@@ -68,14 +68,11 @@ def free() -> None:
 
 def variant(name: str, engine: Engine) -> contextlib.AbstractContextManager:
     """Switch one CUDA-only setting on a freshly built engine; the returned context wraps its warmup and runs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if name in ("sdpa_efficient", "sdpa_cudnn") and not engine.is_cuda:
-        raise Skip("CUDA only")
     if name.startswith("sdpa_"):
-        backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[name[5:]]
-        return sdpa_kernel(backend)  # the backend is picked at capture time: the graphs keep it
+        # The engine's own --attention option built it (Run.engine): the backend is pinned for the UNet's attention
+        # only, as a user would pin it. The full VAE's one attention (head size 512) stays on PyTorch's choice: flash
+        # and cuDNN have no kernel for it, so pinning them for the whole frame fails with "No available kernel".
+        return contextlib.nullcontext()
     if name == "cudnn_benchmark_off":
         torch.backends.cudnn.benchmark = False  # the engine turned it on; the next engine turns it on again
     elif name == "channels_last_off":
@@ -152,10 +149,10 @@ class Run:
         a = self.args
         return reference_components(a.model, device=a.device, dtype=dtype, vae=vae)
 
-    def engine(self, vae: str, dtype: torch.dtype, graphs: bool = True) -> Engine:
+    def engine(self, vae: str, dtype: torch.dtype, graphs: bool = True, attention: str = "auto") -> Engine:
         a = self.args
         cfg = EngineConfig(model=a.model, device=a.device, dtype=str(dtype).replace("torch.", ""), width=a.size,
-                           height=a.size, vae=vae, buckets=(1, 4), cuda_graphs=graphs)
+                           height=a.size, vae=vae, buckets=(1, 4), cuda_graphs=graphs, attention=attention)
         return Engine(cfg, self.comps(vae, dtype))
 
     def run_engine(self, engine: Engine, vae: str, ctx=None, graphs: bool | None = None) -> dict:
@@ -179,7 +176,10 @@ class Run:
 
     def variant_run(self, vae: str, name: str | None) -> dict:
         """E16 as served (name None) or with one setting switched (VARIANTS), on fresh components."""
-        engine = self.engine(vae, self.dtype)
+        if name in ("sdpa_efficient", "sdpa_cudnn") and not self.args.device.startswith("cuda"):
+            raise Skip("CUDA only")
+        attention = name[5:] if name and name.startswith("sdpa_") else "auto"
+        engine = self.engine(vae, self.dtype, attention=attention)
         ctx = variant(name, engine) if name else None
         return self.run_engine(engine, vae, ctx, graphs=False if name == "eager" else None)
 
