@@ -65,6 +65,7 @@ from loadtest_report import (  # noqa: E402
     FD_MARGIN,
     THREAD_MARGIN,
     count_by,
+    device_numbers,
     markdown,
     percentiles,
     resources,
@@ -311,14 +312,16 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
     samples: list[dict] = []
     sampler = asyncio.create_task(sample_resources(http_base, args.sample_every, t0, samples))
 
-    async def scrape_warm() -> dict[str, float]:
-        await asyncio.sleep(max(0.0, t_measure - loop.time()))
-        return await asyncio.to_thread(scrape, http_base)
+    async def scrape_at(t: float) -> tuple[float, dict[str, float]]:
+        await asyncio.sleep(max(0.0, t - loop.time()))
+        scraped = await asyncio.to_thread(scrape, http_base)
+        return loop.time(), scraped
 
-    warm_task = asyncio.create_task(scrape_warm())
+    # The measured window's ends: resources after the warmup, and the device's timeline over the window itself.
+    warm_task, end_task = asyncio.create_task(scrape_at(t_measure)), asyncio.create_task(scrape_at(t_end))
     await asyncio.gather(*(run_client(i, url, frames, args, t_measure, t_end, results[i], ready_info)
                            for i in range(n)))
-    warm = await warm_task
+    (t_warm, warm), (t_window_end, window_end) = await warm_task, await end_task
     after = await settle(http_base, before.get("process_open_fds"))
     sampler.cancel()
     if after:
@@ -341,6 +344,7 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
         },
         "per_client": per_client,
         "server": server_numbers(before, after, warm),
+        "device": device_numbers(warm, window_end, t_window_end - t_warm),
         "samples": samples,
     }
 

@@ -63,6 +63,39 @@ def resources(scraped: dict[str, float]) -> dict[str, float | None]:
     return {key: scraped.get(name) for key, name in RESOURCES.items()}
 
 
+def _total(scraped: dict[str, float], name: str, where: str = "") -> float | None:
+    """The sum of a metric over its label sets (e.g. every device), optionally only those whose labels hold `where`;
+    None when the server exported no such line."""
+    values = [v for k, v in scraped.items() if k.partition("{")[0] == name and where in k.partition("{")[2]]
+    return sum(values) if values else None
+
+
+def device_numbers(start: dict[str, float], end: dict[str, float], seconds: float) -> dict:
+    """The device's timeline over a measured window (scrapes at its start and end, `seconds` apart): utilization
+    (busy seconds over wall seconds, the mean over devices), its time per call and its idle time before each call
+    (CUDA events; see turbostream_device_busy_seconds), and the share of calls queued before it ran out of work.
+    Every figure is None when the server did not export them (an older server)."""
+    busy = [_total(x, "turbostream_device_busy_seconds_total") for x in (start, end)]
+    calls = [_total(x, "turbostream_device_engine_seconds_count") for x in (start, end)]
+    gaps = [_total(x, "turbostream_device_gap_seconds_count") for x in (start, end)]
+    gap_s = [_total(x, "turbostream_device_gap_seconds_sum") for x in (start, end)]
+    in_time = [_total(x, "turbostream_device_gap_seconds_bucket", 'le="0.00025"') for x in (start, end)]
+    devices = len({k for k in end if k.startswith("turbostream_device_busy_seconds_total{")})
+    out = {"busy_pct": None, "call_ms_mean": None, "gap_ms_mean": None, "queued_in_time_share": None}
+    if None in busy or seconds <= 0 or not devices:
+        return out
+    d_busy = busy[1] - busy[0]
+    out["busy_pct"] = round(100 * d_busy / seconds / devices, 1)
+    if None not in calls and calls[1] > calls[0]:
+        out["call_ms_mean"] = round(d_busy / (calls[1] - calls[0]) * 1e3, 3)
+    if None not in gaps and None not in gap_s and gaps[1] > gaps[0]:
+        n = gaps[1] - gaps[0]
+        out["gap_ms_mean"] = round((gap_s[1] - gap_s[0]) / n * 1e3, 3)
+        if None not in in_time:
+            out["queued_in_time_share"] = round((in_time[1] - in_time[0]) / n, 3)
+    return out
+
+
 def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict[str, float] | None = None) -> dict:
     """Memory, descriptors and threads at start, after the warmup and at the end of a step; the step's engine calls,
     batch sizes and drops from the counters."""
@@ -159,10 +192,11 @@ def verdict(steps: list[dict], args, exit_status: int | None, spawned: bool) -> 
 
 def table(steps: list[dict]) -> str:
     head = (f"{'clients':>7} {'fps/client':>11} {'total fps':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-            f"{'dropped':>7} {'errors':>6} {'call ms':>8} {'batch':>6} {'RSS MiB':>13}")
+            f"{'dropped':>7} {'errors':>6} {'call ms':>8} {'batch':>6} {'busy %':>6} {'gap ms':>6} {'RSS MiB':>13}")
     lines = [head, "-" * len(head)]
     for s in steps:
         t, srv, lat = s["total"], s["server"], s["total"]["latency_ms"]
+        dev = s.get("device") or {}
         rss = "-"
         if srv["rss_bytes_start"] and srv["rss_bytes_end"]:
             rss = f"{srv['rss_bytes_start'] / 2**20:.0f}->{srv['rss_bytes_end'] / 2**20:.0f}"
@@ -173,7 +207,8 @@ def table(steps: list[dict]) -> str:
         lines.append(
             f"{s['clients']:>7} {f(t['fps_per_client_min']):>5}-{f(t['fps_per_client_mean']):<5} {f(t['fps']):>9} "
             f"{f(lat['p50']):>8} {f(lat['p95']):>8} {f(lat['p99']):>8} {t['dropped']:>7} {t['errors']:>6} "
-            f"{f(srv['engine_call_ms_mean'], '.2f'):>8} {f(srv['batch_size_mean'], '.2f'):>6} {rss:>13}"
+            f"{f(srv['engine_call_ms_mean'], '.2f'):>8} {f(srv['batch_size_mean'], '.2f'):>6} "
+            f"{f(dev.get('busy_pct')):>6} {f(dev.get('gap_ms_mean'), '.2f'):>6} {rss:>13}"
         )
     return "\n".join(lines)
 
@@ -187,21 +222,27 @@ def markdown(report: dict) -> str:
         f"{st['inflight']} in flight per client, {st['duration_s']:g} s per step, {report['started']}",
         "",
         "| clients | frames/s per client (min / mean) | total frames/s | p50 ms | p95 ms | p99 ms | dropped | errors "
-        "| engine call ms | mean batch | server RSS MiB (start -> end) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| engine call ms | mean batch | device busy % | device idle ms per call | server RSS MiB (start -> end) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in report["steps"]:
         t, sv, lat = s["total"], s["server"], s["total"]["latency_ms"]
+        dev = s.get("device") or {}  # reports from before the device timeline existed have none
         rss = (f"{sv['rss_bytes_start'] / 2**20:.0f} -> {sv['rss_bytes_end'] / 2**20:.0f}"
                if sv.get("rss_bytes_start") and sv.get("rss_bytes_end") else "-")
         lines.append(
             f"| {s['clients']} | {t['fps_per_client_min']:.1f} / {t['fps_per_client_mean']:.1f} | {t['fps']:.1f} "
             f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {t['dropped']} | {t['errors']} "
-            f"| {sv['engine_call_ms_mean']} | {sv['batch_size_mean']} | {rss} |"
+            f"| {sv['engine_call_ms_mean']} | {sv['batch_size_mean']} | {_dash(dev.get('busy_pct'))} "
+            f"| {_dash(dev.get('gap_ms_mean'))} | {rss} |"
         )
     if report.get("verdict"):  # reports from before the verdict existed have none
         lines += ["", verdict_text(report["verdict"], "- ")]
     return "\n".join(lines)
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def verdict_text(v: dict, bullet: str = "  ") -> str:

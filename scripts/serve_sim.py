@@ -36,13 +36,27 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from turbostream.codec import fit_frame  # noqa: E402
 from turbostream.config import Limits, ServerConfig, parse_size, preset  # noqa: E402
+
+
+@dataclass
+class SimTicket:
+    """A call booked on the timeline; collect() sets device_s and gap_s from it, as the engine does from CUDA events."""
+
+    start: float
+    end: float
+    previous_end: float | None  # the end of the call booked before it (None for the first)
+    work: Any  # the engine's ticket, or the output frames
+    device_s: float | None = None
+    gap_s: float | None = None
 
 
 class SimulatedDevice:
@@ -87,19 +101,24 @@ class SimulatedDevice:
                 pass
         now = time.perf_counter()
         with self._lock:
+            previous = self._free_at if self.calls else None
             start = max(now, self._free_at)
             self._free_at = end = start + self.fixed_s + self.per_frame_s * len(frames)
             self.calls.append((now, start, end, len(frames)))
-        return end, outs
+        return SimTicket(start, end, previous, outs)
 
-    def done(self, ticket) -> bool:
-        return time.perf_counter() >= ticket[0]
+    def done(self, ticket: SimTicket) -> bool:
+        return time.perf_counter() >= ticket.end
 
-    def collect(self, ticket):
-        wait = ticket[0] - time.perf_counter()
+    def collect(self, ticket: SimTicket):
+        wait = ticket.end - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        return ticket[1] if self.host_s is not None else self._engine.collect(ticket[1])
+        outs = ticket.work if self.host_s is not None else self._engine.collect(ticket.work)
+        # The device's own timeline, as the engine's CUDA events give it: the server's metrics read it.
+        ticket.device_s = ticket.end - ticket.start
+        ticket.gap_s = None if ticket.previous_end is None else ticket.start - ticket.previous_end
+        return outs
 
     def run(self, frames, params, **kw):
         return self.collect(self.submit(frames, params, **kw))
@@ -208,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"clients": n, "submit_ahead": ahead, "fps": total["fps"],
                    "p50_ms": total["latency_ms"]["p50"], "p95_ms": total["latency_ms"]["p95"],
                    "errors": total["errors"], "efficiency": round(total["fps"] / capacity, 4), "device": dev,
+                   "server_device": step.get("device"),  # the same timeline as the server's /metrics report it
                    "wall_s": round(t1 - t0, 1)}
             results["steps"].append(row)
             print(f"{n:3d} clients, submit ahead {'on ' if ahead else 'off'}: {total['fps']:7.1f} frames/s "

@@ -517,3 +517,61 @@ def test_the_real_engine_pipelined_hands_each_stream_its_own_frames(engine, make
     for r in results:
         alone = reference.run([fit_frame(frames[r.meta], 64, 64)], [params[r.meta[0]]])[0]
         assert r.error is None and np.abs(r.frame.astype(int) - alone).max() <= 1
+
+
+class TimelineEngine(PipelinedEngine):
+    """A pipelined engine whose tickets carry the device's own timeline (like Engine's CUDA events), set at collect:
+    every call took `device_s` on the device, with `gap_s` idle before it (none before the first)."""
+
+    class Ticket(tuple):
+        device_s = gap_s = None
+
+    def __init__(self, device_s: float, gap_s: float) -> None:
+        super().__init__(max_batch=1)
+        self.device_s, self.gap_s = device_s, gap_s
+
+    def submit(self, frames, params):
+        ticket = self.Ticket(super().submit(frames, params))
+        self.finished[ticket[0]].set()  # done at once in real time: only the timeline says it took device_s
+        return ticket
+
+    def collect(self, ticket):
+        out = super().collect(ticket)
+        ticket.device_s, ticket.gap_s = self.device_s, (self.gap_s if ticket[0] else None)
+        return out
+
+
+def test_the_engines_device_timeline_is_reported_and_predicts_its_calls(started):
+    """A ticket's device time (CUDA events) goes to on_device with the idle time before the call, and it, not the
+    host's view of when the call was seen done, is what the batcher predicts calls of that kind from."""
+    timeline = []
+    batcher = started(TimelineEngine(0.25, 0.003), on_device=lambda busy, gap: timeline.append((busy, gap)))
+    got = Collector()
+    stream = batcher.open_stream(got, StreamParams())
+    for k in range(3):
+        stream.submit(frame(k), k)
+        got.wait(k + 1)
+    deadline = time.monotonic() + 5
+    while len(timeline) < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert timeline == [(0.25, None), (0.25, 0.003), (0.25, 0.003)]
+    assert batcher._call_s_by_kind == {(1, 1): 0.25}  # the calls ended within milliseconds in real time
+
+
+def test_a_call_run_to_completion_counts_as_device_time(started):
+    """An engine without submit (a CPU engine): the device was busy for each whole call, idle in between."""
+    timeline = []
+    batcher = started(FakeEngine(delay=0.05), on_device=lambda busy, gap: timeline.append((busy, gap)))
+    got = Collector()
+    stream = batcher.open_stream(got, StreamParams())
+    stream.submit(frame(1), 1)
+    got.wait(1)
+    time.sleep(0.1)  # the device idles
+    stream.submit(frame(2), 2)
+    got.wait(2)
+    deadline = time.monotonic() + 5
+    while len(timeline) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    (busy0, gap0), (busy1, gap1) = timeline
+    assert busy0 >= 0.05 and busy1 >= 0.05 and gap0 is None
+    assert 0.09 <= gap1 < 1.0

@@ -164,6 +164,11 @@ def test_streams_spread_over_two_engines_and_a_leaving_stream_frees_its_device(t
                 assert values[f'turbostream_device_frames_total{{device="{name}"}}'] == 6
                 assert values[f'turbostream_device_engine_seconds_count{{device="{name}"}}'] >= 1
                 assert values[f'turbostream_device_ready{{device="{name}"}}'] == 1
+                # The device's timeline: busy for each whole call on a CPU engine, an idle gap before all but its first.
+                calls = values[f'turbostream_device_engine_seconds_count{{device="{name}"}}']
+                busy = values[f'turbostream_device_busy_seconds_total{{device="{name}"}}']
+                assert 0 < busy <= values[f'turbostream_device_engine_seconds_sum{{device="{name}"}}'] + 1e-6
+                assert values[f'turbostream_device_gap_seconds_count{{device="{name}"}}'] == calls - 1
             assert values['turbostream_stage_seconds_count{stage="gpu"}'] == sum(
                 values[f'turbostream_device_engine_seconds_count{{device="{n}"}}'] for n in ("cpu#0", "cpu#1"))
             # A client of cpu#1 leaves: the next stream goes there.

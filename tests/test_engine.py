@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -237,6 +238,23 @@ def test_pipelined_calls_hand_out_their_own_frames(make_engine, frame_rng):
     with pytest.raises(ValueError):
         engine.submit([frames[0]], [StreamParams(steps=99)])
     assert engine.in_flight == 0
+
+
+def test_calls_carry_the_devices_timeline(make_engine, frame_rng):
+    """collect() gives each call its device time (on the CPU: the compute inside submit) and the device's idle time
+    before it: none for an engine's first call, the pause between two calls for the next."""
+    engine = make_engine()
+    frames, params = [frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)], [StreamParams("a fox")]
+    t0 = time.perf_counter()
+    first = engine.submit(frames, params)
+    t1 = time.perf_counter()
+    assert first.device_s is None  # known once collected
+    engine.collect(first)
+    assert 0 < first.device_s <= t1 - t0 and first.gap_s is None
+    time.sleep(0.1)
+    second = engine.submit(frames, params)
+    engine.collect(second)
+    assert 0 < second.device_s and 0.1 <= second.gap_s < 0.1 + (time.perf_counter() - t1)
 
 
 def test_a_call_split_into_batches_keeps_each_batch(make_engine, frame_rng):

@@ -172,6 +172,28 @@ def test_new_step_count_captures_nothing_and_pipelined_calls_keep_their_outputs(
     assert engine.stats.graphs_captured == captured
 
 
+def test_calls_carry_the_devices_timeline_from_cuda_events(cuda_tiny):
+    """On CUDA a call's device time and the idle time before it come from events on the stream: a call queued while
+    the one before it runs waits for nothing (gap under 1 ms); a call submitted after a pause shows the pause."""
+    import time
+
+    from turbostream.engine import Engine
+
+    engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 2)), cuda_tiny)
+    engine.warmup()
+    frames, params = _frames(2, 128, 128, seed=9), [StreamParams("a", 0.5, 4, 1)] * 2
+    torch.cuda._sleep(100_000_000)  # ~50 ms of the device spinning: both calls are enqueued before the first starts
+    first = engine.submit(frames, params)
+    queued = engine.submit(frames, params)  # enqueued behind the first
+    engine.collect(first), engine.collect(queued)
+    assert first.device_s > 0 and queued.device_s > 0 and first.gap_s is None  # no call before the first
+    assert queued.gap_s < 1e-3, queued.gap_s
+    time.sleep(0.05)
+    late = engine.submit(frames, params)
+    engine.collect(late)
+    assert 0.045 <= late.gap_s < 1.0, late.gap_s
+
+
 def test_engine_options_run_in_graphs_within_rounding_of_auto():
     """Each attention backend and the no-/1.0 option under CUDA graph capture: a rounding difference at most; a
     backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it is missing)."""

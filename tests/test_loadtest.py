@@ -14,6 +14,7 @@ from turbostream.engine import Engine
 from turbostream.serve import ServerThread, TurboServer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "loadtest.py"
+sys.path.insert(0, str(SCRIPT.parent))
 
 
 def _check_report(report: dict, counts: list[int]) -> None:
@@ -31,6 +32,8 @@ def _check_report(report: dict, counts: list[int]) -> None:
             assert client["replies"] > 0 and client["error_count"] == 0
         server = step["server"]
         assert server["engine_calls"] > 0 and server["batch_size_mean"] >= 1
+        device = step["device"]  # the device's timeline over the measured window (a CPU engine: its compute)
+        assert 0 < device["busy_pct"] <= 100.5 and device["call_ms_mean"] > 0 and device["gap_ms_mean"] >= 0
         assert server["rss_bytes_end"] > 0
 
 
@@ -77,3 +80,26 @@ def test_loadtest_refuses_unbounded_runs(args):
     result = subprocess.run([sys.executable, str(SCRIPT), "--url", "ws://127.0.0.1:9/ws", *args],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "error" in result.stderr
+
+
+def test_device_numbers_from_two_scrapes():
+    """Utilization, time per call, idle time per call and the share queued in time, from the counters' deltas over a
+    window, averaged over devices; None for each figure a server did not export."""
+    from loadtest_report import device_numbers  # scripts/, on the path above
+
+    def scrape(busy, calls, gaps, gap_sum, in_time):
+        out = {}
+        for dev in ("cuda:0", "cuda:1"):
+            out[f'turbostream_device_busy_seconds_total{{device="{dev}"}}'] = busy
+            out[f'turbostream_device_engine_seconds_count{{device="{dev}"}}'] = calls
+            out[f'turbostream_device_gap_seconds_count{{device="{dev}"}}'] = gaps
+            out[f'turbostream_device_gap_seconds_sum{{device="{dev}"}}'] = gap_sum
+            out[f'turbostream_device_gap_seconds_bucket{{device="{dev}",le="0.00025"}}'] = in_time
+            out[f'turbostream_device_gap_seconds_bucket{{device="{dev}",le="0.0005"}}'] = gaps  # not the in-time one
+        return out
+
+    start, end = scrape(10.0, 100, 99, 1.0, 50), scrape(18.0, 300, 299, 1.4, 200)
+    assert device_numbers(start, end, 10.0) == {"busy_pct": 80.0, "call_ms_mean": 40.0, "gap_ms_mean": 2.0,
+                                                "queued_in_time_share": 0.75}
+    assert device_numbers({}, {}, 10.0) == dict.fromkeys(("busy_pct", "call_ms_mean", "gap_ms_mean",
+                                                          "queued_in_time_share"))

@@ -33,6 +33,9 @@ def test_the_simulated_device_books_calls_back_to_back_and_returns_the_frames(en
     assert not device.done(second)
     outs = device.collect(first) + device.collect(second)
     assert device.done(second)
+    # Each ticket carries the timeline as the engine's do (CUDA events): device time, idle time before it.
+    assert (first.device_s, first.gap_s) == (pytest.approx(0.040), None)
+    assert (second.device_s, second.gap_s) == (pytest.approx(0.030), 0.0)
     assert [o.shape for o in outs] == [(64, 64, 3)] * 3 and [int(o[0, 0, 0]) for o in outs] == [0, 1, 2]
     with pytest.raises(ValueError):
         device.submit(frames[:1], [StreamParams(steps=0)])  # the engine's checks run in submit, as on CUDA
@@ -69,6 +72,11 @@ def test_serve_sim_runs_the_server_and_reports_the_device(tmp_path):
         assert step["errors"] == 0 and step["fps"] > 0 and dev["calls"] >= 2
         assert 0 < dev["utilization"] <= 1.0 and sum(dev["batch_sizes"].values()) == dev["calls"]
         assert dev["batch_mean"] <= 2  # two clients, one frame in flight each
+        # The server's /metrics carry the same timeline (ticket -> batcher -> metrics -> load test): each call of
+        # b frames took 2 + 3 b ms on the device, so its mean call is 2 + 3 x the mean batch (windows differ a little).
+        server = step["server_device"]
+        assert server["call_ms_mean"] == pytest.approx(2 + 3 * dev["batch_mean"], abs=0.5)
+        assert 0 < server["busy_pct"] <= 100.5 and server["gap_ms_mean"] >= 0
     assert "% of capacity" in proc.stdout
 
 

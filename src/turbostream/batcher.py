@@ -162,6 +162,7 @@ class Batcher:
         gather_s: float | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         on_skip: Callable[[int], None] | None = None,
+        on_device: Callable[[float, float | None], None] | None = None,
         submit_ahead: bool | None = None,
     ) -> None:
         if (engine is None) == (engine_factory is None):
@@ -180,6 +181,9 @@ class Batcher:
         self._due = 0.0
         self.on_batch = on_batch  # (batch size, seconds) after every engine call, on the inference thread
         self.on_skip = on_skip  # (frames answered without the engine) after a batch that had some
+        # (device seconds, idle seconds before the call or None) after every call whose engine timed it on the device
+        # (Ticket.device_s, gap_s: CUDA events), on the inference thread
+        self.on_device = on_device
         self.skipped = 0
         self._released: list[int] = []  # closed streams whose engine state is still to be freed
         self.ready = threading.Event()
@@ -453,9 +457,17 @@ class Batcher:
         # was seen done (the next call's submit may come between that and its collect).
         end = call.seen_done or time.perf_counter()
         dt = end - max(call.t0, self._last_done)
-        # Its device time, for predicting when calls of its kind are due: from when the device had it (its submit
-        # returned, or the call before it ended) to its end.
-        device_s = end - max(call.submitted or call.t0, self._last_done)
+        # Its device time, for predicting when calls of its kind are due, and the device's idle time before it: the
+        # engine's own measure where it has one (CUDA events: Ticket.device_s, gap_s); a call run to completion
+        # (no submit) kept the device busy for all of its time; else from when the device had it (its submit
+        # returned, or the call before it ended) to when it was seen done, and no report.
+        device_s, gap_s, timed = end - max(call.submitted or call.t0, self._last_done), None, False
+        if call.ticket is not None and getattr(call.ticket, "device_s", None) is not None:
+            device_s, gap_s, timed = call.ticket.device_s, call.ticket.gap_s, True
+        elif call.ticket is None and call.todo:
+            device_s, gap_s, timed = end - call.t0, (call.t0 - self._last_done if self._last_done else None), True
+        if timed and self.on_device is not None:
+            self.on_device(device_s, gap_s)
         self._last_done = end
         for (stream, item), out in zip(todo, call.outs):
             keep = out is not None and stream.params.similarity > 0

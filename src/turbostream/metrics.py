@@ -139,6 +139,13 @@ class DeviceMetrics:
                                 ["device"], buckets=_LATENCY_BUCKETS, registry=r)
         self.frames = Counter("turbostream_device_frames", "Frames run by this device's engine", ["device"],
                               registry=r)
+        # The device's own timeline (CUDA events around each call; on a CPU, the call's compute): busy seconds over
+        # wall seconds is its utilization, and the gaps say whether it waited for the host between calls.
+        self.busy = Counter("turbostream_device_busy_seconds", "Time this device spent on engine calls (CUDA "
+                            "events: a call's first copy in to its last copy out)", ["device"], registry=r)
+        self.gap = Histogram("turbostream_device_gap_seconds", "This device's idle time before an engine call: "
+                             "from the end of the call before it to its start (~0: it was queued in time)",
+                             ["device"], buckets=(0.0001, 0.00025, *_LATENCY_BUCKETS), registry=r)
         self.streams = Gauge("turbostream_device_streams", "Streams placed on this device (the broadcast's too)",
                              ["device"], registry=r)
         self.ready = Gauge("turbostream_device_ready", "1 while this device's engine is warm and usable", ["device"],

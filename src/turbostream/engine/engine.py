@@ -99,6 +99,13 @@ class Ticket:
     slot: _Slot
     rows: list[int]  # which results the batch in flight fills, in row order
     collected: bool = False
+    # The device's own timeline, set by collect(): seconds the device spent on this call (first copy in to last copy
+    # out, CUDA events; on the CPU the submit's compute), and seconds it sat idle between the end of the call
+    # submitted before this one and this call's start (None for an engine's first call). A gap of 0 means the call
+    # was queued before the device ran out of work.
+    device_s: float | None = None
+    gap_s: float | None = None
+    _marks: tuple = ()  # (started, ended, previous call's ended): CUDA timing events, or perf_counter on the CPU
 
 
 class Engine:
@@ -180,6 +187,7 @@ class Engine:
             for _ in range(2)
         ]
         self._next_slot = 0
+        self._last_ended = None  # the end mark of the last call submitted (Ticket._marks)
         self._frames = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._out = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._emb = torch.zeros((B, self.components.max_tokens, self.components.text_dim), dtype=self.dtype, device=dev)
@@ -599,17 +607,28 @@ class Engine:
         chunks = [chunk for members in groups.values() for chunk in self._chunks(members, keys)]
         ticket = Ticket(results, slot, [])
         slot.busy = True
+        started = torch.cuda.Event(enable_timing=True) if self.is_cuda and chunks else None
+        t_start = time.perf_counter()
         try:
             for j, chunk in enumerate(chunks):
                 if j:  # the slot's buffers hold the previous batch: hand it out before staging the next
                     self._hand_out(ticket)
                 self._enqueue([fitted[i] for i in chunk], [params[i] for i in chunk], use_graphs,
-                              [keys[i] for i in chunk], now, slot)
+                              [keys[i] for i in chunk], now, slot, started if j == 0 else None)
                 ticket.rows = chunk
         except BaseException:
             self._wait(slot)
             slot.busy = False
             raise
+        if chunks:
+            if started is not None:
+                ended = torch.cuda.Event(enable_timing=True)
+                ended.record()  # after the last copy out, like slot.done
+            else:
+                ended = time.perf_counter()
+                started = t_start
+            ticket._marks = (started, ended, self._last_ended)
+            self._last_ended = ended
         if frames:
             self.stats.calls += 1
             self.stats.frames += len(frames)
@@ -626,6 +645,9 @@ class Engine:
         finally:
             ticket.slot.busy = False
             ticket.collected = True
+        if ticket._marks:
+            ticket.device_s, ticket.gap_s = _timeline(*ticket._marks)
+            ticket._marks = ()  # the previous call's event is not kept alive by this one
         return ticket.results  # type: ignore[return-value]
 
     @property
@@ -668,12 +690,15 @@ class Engine:
         return chunks
 
     def _enqueue(self, frames: list[np.ndarray], params: list[StreamParams], use_graphs: bool,
-                 keys: list[Hashable | None], now: float, slot: _Slot) -> None:
+                 keys: list[Hashable | None], now: float, slot: _Slot, started: torch.cuda.Event | None = None,
+                 ) -> None:
         """Stage one batch into the slot and the static buffers, run it, start its copy out; no host sync on CUDA."""
         b = len(frames)
         # Host side first: pinned staging, cached embeddings and noise (device-to-device copies, no sync).
         for i, frame in enumerate(frames):
             slot.frames[i].copy_(torch.from_numpy(frame))
+        if started is not None:
+            started.record()  # the call's first device work is the next line: its device time starts here
         self._frames[:b].copy_(slot.frames[:b], non_blocking=True)
         self._load_stream_inputs(params, 0, slot, keys, now)
         n = self._stage_schedule(params, slot)
@@ -738,6 +763,15 @@ class Engine:
         if self.in_flight:
             raise RuntimeError("collect the engine calls in flight first")
         return self._slots[0]
+
+
+def _timeline(started, ended, previous) -> tuple[float, float | None]:
+    """(device seconds of a call, idle seconds before it) from its marks: CUDA timing events that have all completed
+    (the call was waited for, and the previous call's end precedes its start on the stream), or perf_counter floats."""
+    if isinstance(started, float):
+        return ended - started, None if previous is None else max(started - previous, 0.0)
+    gap = None if previous is None else max(previous.elapsed_time(started), 0.0) / 1e3
+    return started.elapsed_time(ended) / 1e3, gap
 
 
 def _deep_params(p: StreamParams) -> tuple:

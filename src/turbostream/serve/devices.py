@@ -140,9 +140,10 @@ class Device:
         self._display: str | None = None
         self.gpu_reader: Callable[[], tuple[float, float]] | None = None  # set once ready, on CUDA
         if engine is not None:
-            self.batcher = Batcher(GuardedEngine(engine, self), on_batch=self._on_batch)
+            self.batcher = Batcher(GuardedEngine(engine, self), on_batch=self._on_batch, on_device=self._on_device)
         else:
-            self.batcher = Batcher(engine_factory=lambda: self._build(factory), on_batch=self._on_batch)
+            self.batcher = Batcher(engine_factory=lambda: self._build(factory), on_batch=self._on_batch,
+                                   on_device=self._on_device)
         metrics.streams.labels(name).set_function(lambda: float(self.batcher.stream_count))
 
     def _build(self, factory: Callable[[], Any]) -> GuardedEngine:
@@ -157,6 +158,11 @@ class Device:
         self.metrics.engine.labels(self.name).observe(seconds)
         self.metrics.frames.labels(self.name).inc(size)
         self._server_on_batch(size, seconds)
+
+    def _on_device(self, busy_s: float, gap_s: float | None) -> None:  # inference thread
+        self.metrics.busy.labels(self.name).inc(busy_s)
+        if gap_s is not None:
+            self.metrics.gap.labels(self.name).observe(gap_s)
 
     def mark_lost(self, reason: str) -> None:
         if self.lost is None:
