@@ -3,8 +3,10 @@
 
 Every model is built on fresh components. Per VAE (TAESD, full): R, P16 and E16 (batch 1, and frames in chunks of 3
 padded to bucket 4) on frames x seeds; statistics and the pass rule; the stage diagnosis E16 vs an fp32 engine; then
-E16 variants with one CUDA-only setting switched each. JSON goes to --out after every step; exit 1 on a failed
-verdict or an error outside the variants. On the CPU (a test run): --device cpu --model tiny-random --size 64.
+E16 variants with one CUDA-only setting switched each. P16 draws its noise in float32 like R and the engine
+(reference.py); P16_own_noise, diffusers' own draw in float16, is reported beside it and judges nothing. JSON goes
+to --out after every step; exit 1 on a failed verdict or an error outside the variants. On the CPU (a test run):
+--device cpu --model tiny-random --size 64.
 
     python scripts/gpu_parity.py [--model random] [--size 512] [--device cuda] [--out $OUT/parity.json]
 """
@@ -115,6 +117,12 @@ class Run:
                     "device_name": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
                     "samples": len(self.frames), "rule": "each of mean/p99/max of |E16-R| <= max(2 x |P16-R|, 2)",
                     "vae": {}, "summary": {}, "errors": []}
+        # Whether this torch's CPU sampler gives float16 the float32 sample of a seed (rounded) or another sample:
+        # P16 draws its noise in float32 like the engine (reference.py); P16_own_noise shows diffusers' own draw.
+        h, w = args.size // 8, args.size // 8
+        draws = [torch.randn((1, 4, h, w), generator=torch.Generator().manual_seed(7), dtype=dt).float()
+                 for dt in (torch.float32, self.dtype)]
+        self.res["cpu_randn_low_vs_float32_max"] = float((draws[0] - draws[1]).abs().max())
         self.ref: dict[str, list[np.ndarray]] = {}
         self.p16: dict[str, dict] = {}
 
@@ -187,10 +195,14 @@ class Run:
         self.ref[vae] = ReferencePipeline(self.comps(vae, torch.float32)).run(self.frames, self.params)
         return {"dtype": "float32", "tf32": False, "sdpa": "math", "mean_level": float(np.mean(self.ref[vae]))}
 
-    def pipeline16(self, vae: str) -> dict:
-        outs = ReferencePipeline(self.comps(vae, self.dtype)).run(self.frames, self.params)
-        self.p16[vae] = parity_stats(outs, self.ref[vae])
-        return {"vs_R": self.p16[vae]}
+    def pipeline16(self, vae: str, noise_dtype: torch.dtype | None = torch.float32) -> dict:
+        """P16 (noise drawn in float32, as R and the engine draw it); with noise_dtype None diffusers' own draw in
+        the pipeline's dtype, for information only: on some torch versions another sample, so no yardstick."""
+        outs = ReferencePipeline(self.comps(vae, self.dtype), noise_dtype=noise_dtype).run(self.frames, self.params)
+        stats = parity_stats(outs, self.ref[vae])
+        if noise_dtype is not None:
+            self.p16[vae] = stats
+        return {"vs_R": stats, "noise_drawn_in": str(noise_dtype or self.dtype).replace("torch.", "")}
 
     def diagnosis(self, vae: str) -> dict:
         """Stage by stage, E16 vs an fp32 engine (exact fp32) on sample 0; and that fp32 engine's output vs R."""
@@ -215,6 +227,7 @@ class Run:
         for vae in vaes:
             self.step(vae, "R", self.reference, vae)
             self.step(vae, "P16", self.pipeline16, vae)
+            self.step(vae, "P16_own_noise", self.pipeline16, vae, None)
             self.step(vae, "E16", self.variant_run, vae, None)
             e16 = self.res["vae"][vae]["E16"]
             if "all" in e16:

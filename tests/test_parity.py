@@ -36,6 +36,27 @@ def test_reference_matches_the_engine_in_fp32(make_engine, tiny_components, tiny
     assert np.abs(ref[0].astype(int) - ref[1]).mean() > 5  # the seeds and prompts really differ
 
 
+def test_the_reference_draws_its_noise_in_float32_in_every_dtype(monkeypatch, fresh):
+    """Where PyTorch's CPU sampler gives float16 another sample than float32 for one seed (older versions; emulated
+    here), a float16 reference still starts from the float32 draw, as the engine does: its frames stay within a
+    level of the float32 reference, while diffusers' own draw in float16 (noise_dtype=None) lands elsewhere."""
+    real = torch.randn
+
+    def randn(*args, dtype=None, **kw):
+        if dtype in (torch.float16, torch.bfloat16):  # another sample of the same generator, not a rounding
+            return real(*args, dtype=torch.float32, **kw).flip(-1).to(dtype)
+        return real(*args, dtype=dtype, **kw)
+
+    frames, params = _frames(2), [StreamParams("a fox", 0.5, 2, 3), StreamParams("an owl", 0.5, 2, 4)]
+    r = ReferencePipeline(fresh["tiny"]).run(frames, params)
+    half = reference_components("tiny-random", vae="tiny", dtype=torch.float16)
+    monkeypatch.setattr(torch, "randn", randn)
+    same_noise = parity_stats(ReferencePipeline(half).run(frames, params), r)
+    own_noise = parity_stats(ReferencePipeline(half, noise_dtype=None).run(frames, params), r)
+    assert same_noise["max"] <= 1, same_noise
+    assert own_noise["max"] >= 20 and own_noise["mean"] > 20 * max(same_noise["mean"], 0.01), own_noise
+
+
 def test_reference_refuses_components_an_engine_prepared():
     comps = reference_components("tiny-random")
     comps.unet.fuse_qkv_projections()

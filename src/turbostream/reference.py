@@ -4,8 +4,14 @@ An Engine fuses QKV projections, sets channels_last and turns TF32 on for the mo
 pipeline sharing them is no reference. Here every reference loads its own components, runs the pipeline as diffusers
 ships it (noise from one CPU generator per sample, exactly as the engine draws it), and in float32 runs with TF32 off
 and math attention (exact_fp32).
-The one deviation from a plain pipeline call: the full VAE encodes to its posterior's mean (as the engine does) by
-handing the pipeline the scaled latents as `image`, which diffusers' img2img takes as-is when they have 4 channels.
+Two deviations from a plain pipeline call:
+- the full VAE encodes to its posterior's mean (as the engine does) by handing the pipeline the scaled latents as
+  `image`, which diffusers' img2img takes as-is when they have 4 channels;
+- the noise is drawn in float32 and cast to the pipeline's dtype (as the engine draws it), where diffusers draws it in
+  the pipeline's dtype. On PyTorch versions whose CPU normal sampler works in the output dtype, a float16 draw is
+  another sample than the float32 draw of the same seed, not its rounding (diffusers issue 11056), so a float16
+  pipeline would start from other noise than the float32 reference and its frames would differ wholesale: parity
+  compares arithmetic on the same noise. noise_dtype=None keeps diffusers' own draw.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ def _engine_prepared(components: Components) -> bool:
 class ReferencePipeline:
     """diffusers' img2img on its own components; run() returns uint8 (H, W, 3) frames with diffusers' rounding."""
 
-    def __init__(self, components: Components) -> None:
+    def __init__(self, components: Components, noise_dtype: torch.dtype | None = torch.float32) -> None:
         from diffusers import StableDiffusionImg2ImgPipeline
 
         if _engine_prepared(components):
@@ -85,6 +91,7 @@ class ReferencePipeline:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
+        self.noise_dtype = noise_dtype  # the dtype the noise is drawn in (None: the pipeline's, as diffusers does)
         self.dtype = next(components.unet.parameters()).dtype
         self.device = next(components.unet.parameters()).device
 
@@ -128,10 +135,11 @@ class ReferencePipeline:
         else:
             image = images  # TAESD has no posterior: the pipeline encodes the PIL images itself
         prompt = None if emb is not None else [p.prompt for p in params]
-        latents = pipe(
-            prompt=prompt, prompt_embeds=emb, image=image, num_inference_steps=steps, strength=strength,
-            guidance_scale=0.0, generator=gens, output_type="latent",
-        ).images
+        with _noise_drawn_in(self.noise_dtype):
+            latents = pipe(
+                prompt=prompt, prompt_embeds=emb, image=image, num_inference_steps=steps, strength=strength,
+                guidance_scale=0.0, generator=gens, output_type="latent",
+            ).images
         assert_finite("reference x0 latents", latents)
         # The pipeline's own last lines (no safety checker): decode, then postprocess to [0, 1] floats.
         decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=gens)[0]
@@ -139,3 +147,24 @@ class ReferencePipeline:
         out = pipe.image_processor.postprocess(decoded, output_type="np", do_denormalize=[True] * len(decoded))
         assert_finite("reference image ([0, 1])", out)
         return [(img * 255).round().astype(np.uint8) for img in out]  # numpy_to_pil's rounding
+
+
+@contextlib.contextmanager
+def _noise_drawn_in(draw_dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside, diffusers' img2img draws its noise in draw_dtype and casts it to the dtype it asked for (None: as is)."""
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
+
+    if draw_dtype is None:
+        yield
+        return
+    draw = img2img.randn_tensor
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        noise = draw(shape, generator=generator, device=device, dtype=draw_dtype, layout=layout)
+        return noise if dtype is None else noise.to(dtype)
+
+    img2img.randn_tensor = randn_tensor
+    try:
+        yield
+    finally:
+        img2img.randn_tensor = draw
