@@ -55,6 +55,8 @@ ROWS = (
     Row("attn_cudnn", {"attention": "cudnn"}, "graphs + cuDNN attention", cuda_only=True),
     Row("attn_math", {"attention": "math"}, "graphs + math attention"),
     Row("skip_unit_rescale", {"skip_unit_rescale": True}, "graphs without the /1.0 divisions (bit-identical)"),
+    Row("frame_graph", {"frame_graph": True}, "one graph per frame of the default step count, not head + steps + "
+        "tail (bit-identical)", cuda_only=True),
     Row("fp8", {"fp8": True}, "graphs + float8 e4m3 transformer Linears (torchao)", cuda_only=True, fresh=True),
     Row("compile_default", {"compile": True}, "torch.compile (default mode) + graphs", cuda_only=True, needs_s=200),
     Row("fp8_compile", {"fp8": True, "compile": True}, "fp8 + torch.compile + graphs", cuda_only=True,
@@ -113,7 +115,8 @@ def extra_row(spec: str) -> Row:
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
-    allowed = ("attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse")
+    allowed = ("attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
+               "frame_graph")
     options = {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -263,7 +266,8 @@ class Rows:
         cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, width=a.size, height=a.size, vae="tiny",
                            buckets=BATCHES, compile_cache=None, **row.options)
         out["config"] = {k: getattr(cfg, k) for k in (
-            "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse")} | {
+            "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
+            "frame_graph")} | {
             "buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:

@@ -194,6 +194,40 @@ def test_calls_carry_the_devices_timeline_from_cuda_events(cuda_tiny):
     assert 0.045 <= late.gap_s < 1.0, late.gap_s
 
 
+def test_a_whole_frame_graph_replays_the_segments_kernels_bit_for_bit(cuda_tiny):
+    """frame_graph: a plain call of the default evaluation count is one launch and equals the segment graphs exactly;
+    other step counts still replay the segments (nothing captured after warmup)."""
+    from turbostream.engine import Engine
+
+    base = preset("test", device="cuda", width=128, height=128, buckets=(1, 4))
+    segments, whole = Engine(base, cuda_tiny), Engine(dataclasses.replace(base, frame_graph=True), cuda_tiny)
+    segments.warmup(), whole.warmup()
+    assert whole.stats.graphs_captured == segments.stats.graphs_captured + 2  # one more per bucket
+    captured = whole.stats.graphs_captured
+
+    class Counted:  # counts the launches of a whole-frame graph
+        def __init__(self, graph) -> None:
+            self.graph, self.replays = graph, 0
+
+        def replay(self) -> None:
+            self.replays += 1
+            self.graph.replay()
+
+    default = base.default_params
+    key = f"frame{default.unet_evals}"
+    counted = {b: Counted(graphs[key]) for b, graphs in whole._graphs.items()}
+    for b, graphs in whole._graphs.items():
+        graphs[key] = counted[b]
+    frames = _frames(3, 128, 128, seed=11)
+    for params, launches in (([default] * 3, 1), ([dataclasses.replace(default, steps=4, strength=0.75)] * 3, 0)):
+        for n, b in ((1, 1), (3, 4)):
+            before = counted[b].replays
+            a, c = segments.run(frames[:n], params[:n]), whole.run(frames[:n], params[:n])
+            assert all(np.array_equal(x, y) for x, y in zip(a, c)), (params[0], n)
+            assert counted[b].replays - before == launches, (params[0], n)
+    assert whole.stats.graphs_captured == captured
+
+
 def test_engine_options_run_in_graphs_within_rounding_of_auto():
     """Each attention backend and the no-/1.0 option under CUDA graph capture: a rounding difference at most; a
     backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it is missing)."""

@@ -158,3 +158,20 @@ def test_compile_cache_key_keeps_the_default_and_names_the_mode():
     # Feature reuse compiles two more forwards: a cache saved without them must not count as a hit with them.
     reusing = cache_key(dataclasses.replace(cfg, feature_reuse=True), "GPU", torch.float16)
     assert reusing == {**legacy, "reuse_enabled": True}
+
+
+def test_frame_graph_reaches_the_config_and_changes_nothing_off_cuda(fresh_components, frame_rng):
+    """--frame-graph sets EngineConfig.frame_graph (off by default); without CUDA graphs (the CPU) it has nothing to
+    capture and the frames are those of an engine without it."""
+    import argparse
+
+    from turbostream.cli.options import add_engine_options, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    base = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
+    assert engine_config(parser.parse_args([*base, "--frame-graph"])).frame_graph is True
+    assert engine_config(parser.parse_args(base)).frame_graph is False
+    frame = frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    plain, framed = Engine(preset("test"), fresh_components), Engine(preset("test", frame_graph=True), fresh_components)
+    assert np.array_equal(plain.run([frame], [StreamParams()])[0], framed.run([frame], [StreamParams()])[0])

@@ -31,8 +31,8 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = res["rows"]
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "skip_unit_rescale",
-                          "fp8", "compile_default", "fp8_compile", "compile_max_autotune", "temporal_reuse",
-                          "compile_reuse", "broken", "lean_math"]
+                          "frame_graph", "fp8", "compile_default", "fp8_compile", "compile_max_autotune",
+                          "temporal_reuse", "compile_reuse", "broken", "lean_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
     for name in ("baseline", "attn_flash", "attn_math", "skip_unit_rescale", "lean_math"):
         row = rows[name]

@@ -281,6 +281,11 @@ class EngineConfig:
     # Leave out the UNet's divisions by 1.0 (diffusers' resnet output_scale_factor and attention
     # rescale_output_factor): one elementwise kernel per block less, bit-identical output.
     skip_unit_rescale: bool = False
+    # Also capture, per bucket, one CUDA graph of a whole frame with the default stream's number of UNet evaluations
+    # (head, every step and tail: one launch a call instead of 2 + evaluations, and no host work between them, so a
+    # busy host cannot stall the device inside a call). Other step counts and reuse modes replay the segment graphs
+    # as before; the output is bit-identical. Costs one more capture per bucket at warmup.
+    frame_graph: bool = False
     # Temporal feature reuse (engine/reuse.py) needs two more step graphs per bucket, captured at warmup: on when
     # asked here or when the default stream uses it (--reuse N, N >= 2); streams may then change their `reuse`.
     feature_reuse: bool = False

@@ -93,6 +93,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--skip-unit-rescale", action="store_true",
                    help="leave out the UNet's divisions by 1.0 (diffusers' output scale factors): fewer kernels, "
                         "bit-identical output")
+    g.add_argument("--frame-graph", action="store_true",
+                   help="also capture one CUDA graph per bucket of a whole frame with the default step count (one "
+                        "launch a call; other step counts use the per-step graphs); bit-identical output, one more "
+                        "capture per bucket at start-up")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA path eagerly (debugging, comparison)")
     if stream_options:
@@ -139,7 +143,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
             compile_cache=args.compile_cache, compile_mode=args.compile_mode, attention=args.attention,
-            fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale,
+            fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, frame_graph=args.frame_graph,
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:

@@ -398,9 +398,21 @@ class Engine:
             with torch.cuda.graph(graph, pool=self._pool):
                 self._segment(b, kind)
             graphs[kind] = graph
+        if self.config.frame_graph:
+            # The same kernels as head + n plain steps + tail replayed one after another (the schedule row copies
+            # included), in one graph: what _replay launches for a plain call of the default evaluation count.
+            n = self.config.default_params.unet_evals
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._segment(b, "head")
+                for k in range(n):
+                    self._step.copy_(self._steps[k])
+                    self._segment(b, "plain")
+                self._segment(b, "tail")
+            graphs[_frame_graph_key(n)] = graph
         torch.cuda.synchronize()
         self._graphs[b] = graphs
-        self.stats.graphs_captured += len(kinds)
+        self.stats.graphs_captured += len(graphs)
         self.stats.capture_s[f"b{b}"] = time.perf_counter() - t0
         return self._graphs[b]
 
@@ -408,6 +420,11 @@ class Engine:
         """Enqueue bucket b's graphs for n UNet evaluations (mode: which step graph, see FrameMath.step); no sync.
         deep: as in _frame_path (device copies between the replays)."""
         graphs = self._graphs.get(b) or self._capture(b)  # every bucket is captured at warmup; this is a fallback
+        whole = graphs.get(_frame_graph_key(n)) if mode == "plain" and deep is None else None
+        if whole is not None:  # EngineConfig.frame_graph: the whole frame in one launch
+            whole.replay()
+            self.stats.graph_replays += 1
+            return
         graphs["head"].replay()
         for k in range(n):
             self._step.copy_(self._steps[k])  # device to device, ordered before the replay that reads it
@@ -763,6 +780,11 @@ class Engine:
         if self.in_flight:
             raise RuntimeError("collect the engine calls in flight first")
         return self._slots[0]
+
+
+def _frame_graph_key(n: int) -> str:
+    """The key of a bucket's whole-frame graph of n UNet evaluations (EngineConfig.frame_graph) among its graphs."""
+    return f"frame{n}"
 
 
 def _timeline(started, ended, previous) -> tuple[float, float | None]:
