@@ -30,6 +30,7 @@
 #         own host work is taken out; compare with `serve` to tell the server's share of a shortfall from the engine's
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
 #         (default 180)
+# SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile and soak stages' server.
 # Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
 # ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
@@ -47,6 +48,7 @@ if [ -d .whl ] && { ! python3 -c "import diffusers, websockets" 2>/dev/null \
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
+read -r -a SERVE_EXTRA <<< "${SERVE_ARGS:-}"
 
 if [ "${CHECK_CPU:-0}" = 1 ]; then
   MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}; PARITY_S=300
@@ -90,10 +92,11 @@ for stage in "${stages[@]}"; do
         --budget-s $((ROWS_S - 45)) --json "$OUT/engine_rows.json" ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
-        --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
+        --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
     serve-compile)
       step serve-compile $((DUR * 2 + 420)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
-        --json "$OUT/serve_compile.json" --spawn-server -- "${MODEL[@]}" "${COMPILE[@]}" --max-clients 16 ;;
+        --json "$OUT/serve_compile.json" --spawn-server -- "${MODEL[@]}" "${COMPILE[@]}" --max-clients 16 \
+        "${SERVE_EXTRA[@]}" ;;
     gil)
       SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null || true)
       if [ -z "$SPY" ]; then
@@ -122,7 +125,8 @@ PY
       fi ;;
     soak)
       step soak $((SOAK_S * 2 + 240)) "$PY" scripts/loadtest.py --soak --clients 8,16 --duration "$SOAK_S" \
-        --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 ;;
+        --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 \
+        "${SERVE_EXTRA[@]}" ;;
     warmstart)
       step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
     reuse)

@@ -74,7 +74,8 @@ def device_numbers(start: dict[str, float], end: dict[str, float], seconds: floa
     """The device's timeline over a measured window (scrapes at its start and end, `seconds` apart): utilization
     (busy seconds over wall seconds, the mean over devices), its time per call and its idle time before each call
     (CUDA events; see turbostream_device_busy_seconds), and the share of calls queued before it ran out of work.
-    Every figure is None when the server did not export them (an older server)."""
+    Every figure is None when the server did not export them (an older server). A call's busy time is counted when
+    it ends, so a short window's utilization may pass 100 % by about one call's share of it."""
     busy = [_total(x, "turbostream_device_busy_seconds_total") for x in (start, end)]
     calls = [_total(x, "turbostream_device_engine_seconds_count") for x in (start, end)]
     gaps = [_total(x, "turbostream_device_gap_seconds_count") for x in (start, end)]

@@ -32,8 +32,10 @@ def _check_report(report: dict, counts: list[int]) -> None:
             assert client["replies"] > 0 and client["error_count"] == 0
         server = step["server"]
         assert server["engine_calls"] > 0 and server["batch_size_mean"] >= 1
-        device = step["device"]  # the device's timeline over the measured window (a CPU engine: its compute)
-        assert 0 < device["busy_pct"] <= 100.5 and device["call_ms_mean"] > 0 and device["gap_ms_mean"] >= 0
+        # The device's timeline over the measured window (a CPU engine: its compute). Busy time is counted when a call
+        # ends, so a 1 s window may pass 100 % by a call's share.
+        device = step["device"]
+        assert 0 < device["busy_pct"] <= 110 and device["call_ms_mean"] > 0 and device["gap_ms_mean"] >= 0
         assert server["rss_bytes_end"] > 0
 
 

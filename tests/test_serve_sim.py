@@ -76,7 +76,7 @@ def test_serve_sim_runs_the_server_and_reports_the_device(tmp_path):
         # b frames took 2 + 3 b ms on the device, so its mean call is 2 + 3 x the mean batch (windows differ a little).
         server = step["server_device"]
         assert server["call_ms_mean"] == pytest.approx(2 + 3 * dev["batch_mean"], abs=0.5)
-        assert 0 < server["busy_pct"] <= 100.5 and server["gap_ms_mean"] >= 0
+        assert 0 < server["busy_pct"] <= 105 and server["gap_ms_mean"] >= 0
     assert "% of capacity" in proc.stdout
 
 
