@@ -788,10 +788,13 @@ def _frame_graph_key(n: int) -> str:
 
 
 def _timeline(started, ended, previous) -> tuple[float, float | None]:
-    """(device seconds of a call, idle seconds before it) from its marks: CUDA timing events that have all completed
-    (the call was waited for, and the previous call's end precedes its start on the stream), or perf_counter floats."""
+    """(device seconds of a call, idle seconds before it) from its marks: CUDA timing events of a call that was waited
+    for (the previous call's end precedes its start on the stream), or perf_counter floats."""
     if isinstance(started, float):
         return ended - started, None if previous is None else max(started - previous, 0.0)
+    # collect() waited for the slot's event; `ended` comes right after it on the stream and may not be marked done
+    # yet (elapsed_time would raise). The other two precede it.
+    ended.synchronize()
     gap = None if previous is None else max(previous.elapsed_time(started), 0.0) / 1e3
     return started.elapsed_time(ended) / 1e3, gap
 
