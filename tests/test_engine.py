@@ -257,6 +257,28 @@ def test_calls_carry_the_devices_timeline(make_engine, frame_rng):
     assert 0 < second.device_s and 0.1 <= second.gap_s < 0.1 + (time.perf_counter() - t1)
 
 
+def test_the_timeline_of_cuda_events_in_seconds():
+    """The CUDA branch of the timeline, with stand-in events (milliseconds apart on one stream): device seconds from
+    the call's start to its end, idle seconds from the previous call's end (never below 0), the end event waited for
+    first (it follows the slot's event collect() waited for)."""
+    from turbostream.engine.engine import _timeline
+
+    class Event:
+        def __init__(self, t_ms: float) -> None:
+            self.t_ms, self.waited = t_ms, False
+
+        def synchronize(self) -> None:
+            self.waited = True
+
+        def elapsed_time(self, later: "Event") -> float:
+            return later.t_ms - self.t_ms
+
+    previous, started, ended = Event(10.0), Event(12.5), Event(40.5)
+    assert _timeline(started, ended, previous) == (pytest.approx(0.028), pytest.approx(0.0025)) and ended.waited
+    assert _timeline(started, ended, None) == (pytest.approx(0.028), None)
+    assert _timeline(Event(10.0), Event(11.0), Event(10.001))[1] == 0.0  # queued: clock skew never makes it negative
+
+
 def test_a_call_split_into_batches_keeps_each_batch(make_engine, frame_rng):
     """A call larger than one batch (two step counts, and more frames than the largest bucket) runs its batches
     through one host slot: each batch's frames are handed out before the next overwrites the slot."""
