@@ -151,7 +151,10 @@ class ReferencePipeline:
 
 @contextlib.contextmanager
 def _noise_drawn_in(draw_dtype: torch.dtype | None) -> Iterator[None]:
-    """Inside, diffusers' img2img draws its noise in draw_dtype and casts it to the dtype it asked for (None: as is)."""
+    """Inside, diffusers' img2img draws its noise in draw_dtype and casts it to the dtype it asked for (None: as is).
+
+    It swaps a module global for the call: one reference call at a time, as tests, the bench and the scripts run them.
+    """
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
 
     if draw_dtype is None:
