@@ -414,6 +414,7 @@ def run_video(engine, src, n: int, params: StreamParams) -> ListSink:
     sink = ListSink()
     summary = Pipeline(engine, capture, [sink], params, batch=engine.max_batch).run()
     assert summary.stopped == "end" and summary.frames == n
+    sink.summary = summary
     return sink
 
 
@@ -430,3 +431,16 @@ def test_the_real_engine_pipelined_writes_what_the_serial_run_writes(tmp_path, m
     assert piped.indices == serial.indices == list(range(n))
     for (_, a), (_, b) in zip(piped.written, serial.written):
         assert np.array_equal(a, b)
+
+
+def test_a_run_says_how_busy_the_device_was(tmp_path, make_engine):
+    """The engine times its calls (EngineStats.device_s): the run's summary and status line give the share of the run
+    the device worked; an engine that does not time its calls shows none."""
+    src = make_video(tmp_path / "in.avi", n=6, flat=False)
+    engine = make_engine()
+    summary = run_video(engine, src, 6, StreamParams()).summary
+    assert summary.device_s == pytest.approx(engine.stats.device_s) and 0 < summary.device_busy <= 1.05
+    untimed = Pipeline(PipelinedEngine(max_batch=2, auto=True), Feed([frame(0)], end=True), [ListSink()],
+                       StreamParams(), batch=2)
+    assert untimed.run().device_busy is None
+    assert untimed._status(10.0, 9.0, 0.5).endswith("device  50 % busy") and "busy" not in untimed._status(10, 9)

@@ -70,6 +70,12 @@ class RunSummary:
     first_index: int | None = None
     last_index: int | None = None
     latencies: deque = field(default_factory=lambda: deque(maxlen=512))  # seconds, read -> handed to outputs
+    device_s: float | None = None  # the engine's device time over the run (EngineStats.device_s; None: not timed)
+
+    @property
+    def device_busy(self) -> float | None:
+        """The share of the run the device spent on engine calls (0..1; None if the engine does not time them)."""
+        return self.device_s / self.seconds if self.device_s is not None and self.seconds > 0 else None
 
     @property
     def fps(self) -> float:
@@ -103,7 +109,7 @@ class _Rate:
         self.window = window
         self._changes: deque[tuple[float, int]] = deque()  # (time, count) at each change
 
-    def add(self, t: float, count: int) -> float:
+    def add(self, t: float, count: float) -> float:
         if not self._changes or count != self._changes[-1][1]:
             self._changes.append((t, count))
         while len(self._changes) > 2 and t - self._changes[1][0] >= self.window:
@@ -272,6 +278,7 @@ class Pipeline:
         s, cap = self.summary, self.capture
         rate_in, rate_out = _Rate(), _Rate()
         drop_base = cap.dropped  # frames dropped while the model loaded and warmed up are nobody's latency
+        busy_base, rate_busy = self._device_s(), _Rate()  # device seconds per second: how busy the device is
         t0 = time.perf_counter()
         last_status = 0.0
         self.progress.start()
@@ -293,10 +300,13 @@ class Pipeline:
                 now = time.perf_counter()
             s.seconds = now - t0
             s.dropped = cap.dropped - drop_base
+            busy = self._device_s()
+            s.device_s = None if busy is None or busy_base is None else busy - busy_base
             if now - last_status >= STATUS_EVERY_S or item is None:
                 last_status = now
                 fps_in, fps_out = rate_in.add(now, cap.frames_read), rate_out.add(now, s.frames)
-                self.progress.update(s.frames, self._status(fps_in, fps_out))
+                device = None if busy is None else rate_busy.add(now, busy)
+                self.progress.update(s.frames, self._status(fps_in, fps_out, device))
 
     def _hand_out(self, item: Result, writers: list[SinkThread], window: WindowSink | None) -> bool:
         """Give one result to the outputs and count it; False when an output failed (the run stops)."""
@@ -335,13 +345,20 @@ class Pipeline:
             if s.error is None and (deadline is None or follows):
                 self._hand_out(item, writers, None)
 
-    def _status(self, fps_in: float, fps_out: float) -> str:
+    def _device_s(self) -> float | None:
+        """The engine's device seconds so far (EngineStats.device_s), or None for an engine that does not time them."""
+        value = getattr(getattr(self.engine, "stats", None), "device_s", None)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def _status(self, fps_in: float, fps_out: float, device_busy: float | None = None) -> str:
+        # Device busy near 100 %: the engine is what limits the rate; well below: the source, outputs or host are.
+        busy = "" if device_busy is None else f"  device {100 * min(device_busy, 1.0):3.0f} % busy"
         if not self.capture.realtime:
-            return f"{fps_out:5.1f} fps"
+            return f"{fps_out:5.1f} fps{busy}"
         recent = list(self.summary.latencies)[-30:]
         latency = 1000 * sum(recent) / len(recent) if recent else 0.0
         return (f"in {fps_in:5.1f} fps  out {fps_out:5.1f} fps  latency {latency:4.0f} ms  "
-                f"dropped {self.summary.dropped}")
+                f"dropped {self.summary.dropped}{busy}")
 
     def _shutdown(self, gpu: threading.Thread, writers: list[SinkThread], *, interrupted: bool) -> None:
         self._stop.set()
@@ -363,7 +380,7 @@ class Pipeline:
         s = self.summary
         # The last state, not the last periodic refresh (a bar left at 144/150 looks like a failure).
         fps_in = (s.frames + s.dropped) / s.seconds if s.seconds else 0.0  # every frame read was processed or dropped
-        self.progress.update(s.frames, self._status(fps_in, s.fps), final=True)
+        self.progress.update(s.frames, self._status(fps_in, s.fps, s.device_busy), final=True)
         self.progress.stop()
 
     # -------------------------------------------------------------- GPU thread

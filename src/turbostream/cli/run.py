@@ -159,6 +159,8 @@ def _log_summary(s: RunSummary, realtime: bool, sinks: list) -> None:
         line += f", {s.dropped} stale frames dropped"
     if s.skipped:
         line += f", {s.skipped} similar frames answered with the last output"
+    if s.device_busy is not None:
+        line += f"; the device was busy {100 * min(s.device_busy, 1.0):.0f} % of the time"
     log.info("%s", line)
     for sink in sinks:
         log.info("  %s", sink.describe())

@@ -65,6 +65,7 @@ class EngineStats:
     rows_reused: int = 0  # embedding or noise rows that already held what a call needed (no copy)
     reuse_keep_batches: int = 0  # batches run in full that kept deep features for temporal feature reuse
     reuse_partial_batches: int = 0  # batches that reused deep features (the UNet's outer blocks only)
+    device_s: float = 0.0  # the device's time on every call collected (Ticket.device_s): its busy seconds
     warmup_s: float = 0.0
     compile_s: float = 0.0
     compile_cache_hit: bool = False
@@ -665,6 +666,7 @@ class Engine:
         if ticket._marks:
             ticket.device_s, ticket.gap_s = _timeline(*ticket._marks)
             ticket._marks = ()  # the previous call's event is not kept alive by this one
+            self.stats.device_s += ticket.device_s
         return ticket.results  # type: ignore[return-value]
 
     @property
