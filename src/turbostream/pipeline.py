@@ -107,7 +107,7 @@ class _Rate:
 
     def __init__(self, window: float = 2.0) -> None:
         self.window = window
-        self._changes: deque[tuple[float, int]] = deque()  # (time, count) at each change
+        self._changes: deque[tuple[float, float]] = deque()  # (time, count) at each change
 
     def add(self, t: float, count: float) -> float:
         if not self._changes or count != self._changes[-1][1]:
