@@ -62,6 +62,11 @@ fi
 import torch, platform
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+# How far this torch's CPU float16 normal draw is from the float32 one of the same seed: ~1e-3 is a rounding; units
+# mean another sample (why diffusers' own fp16 img2img noise differs from fp32: README, parity on the GPU).
+a, b = (torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(7), dtype=dt).float()
+        for dt in (torch.float32, torch.float16))
+print("cpu randn float16 vs float32, max abs", float((a - b).abs().max()))
 PY
 cat "$OUT/env.txt"
 
