@@ -457,15 +457,16 @@ class Batcher:
         # was seen done (the next call's submit may come between that and its collect).
         end = call.seen_done or time.perf_counter()
         dt = end - max(call.t0, self._last_done)
-        # Its device time, for predicting when calls of its kind are due, and the device's idle time before it: the
-        # engine's own measure where it has one (CUDA events: Ticket.device_s, gap_s); a call run to completion
-        # (no submit) kept the device busy for all of its time; else from when the device had it (its submit
-        # returned, or the call before it ended) to when it was seen done, and no report.
+        # Its device time, for predicting when calls of its kind are due: from when the device had it (its submit
+        # returned, or the call before it ended) to when it was seen done; for a call run to completion (no submit)
+        # that is all of its time, and the device's idle time before it is the pause since the call before. An engine
+        # that times its calls on the device (CUDA events: Ticket.device_s, gap_s) is taken at its word. Reported
+        # (on_device) only in those two cases.
         device_s, gap_s, timed = end - max(call.submitted or call.t0, self._last_done), None, False
         if call.ticket is not None and getattr(call.ticket, "device_s", None) is not None:
             device_s, gap_s, timed = call.ticket.device_s, call.ticket.gap_s, True
         elif call.ticket is None and call.todo:
-            device_s, gap_s, timed = end - call.t0, (call.t0 - self._last_done if self._last_done else None), True
+            gap_s, timed = (call.t0 - self._last_done if self._last_done else None), True
         if timed and self.on_device is not None:
             self.on_device(device_s, gap_s)
         self._last_done = end
