@@ -57,6 +57,10 @@ ROWS = (
     Row("skip_unit_rescale", {"skip_unit_rescale": True}, "graphs without the /1.0 divisions (bit-identical)"),
     Row("frame_graph", {"frame_graph": True}, "one graph per frame of the default step count, not head + steps + "
         "tail (bit-identical)", cuda_only=True),
+    Row("fused_norm", {"fused_norm": True}, "graphs + GroupNorm+SiLU in Triton kernels (rounding only)",
+        cuda_only=True),
+    Row("graphs_lean", {"fused_norm": True, "skip_unit_rescale": True, "frame_graph": True},
+        "graphs without wasted kernels: fused norms, no /1.0, one graph per frame", cuda_only=True),
     Row("fp8", {"fp8": True}, "graphs + float8 e4m3 transformer Linears (torchao)", cuda_only=True, fresh=True),
     Row("compile_default", {"compile": True}, "torch.compile (default mode) + graphs", cuda_only=True, needs_s=200),
     Row("fp8_compile", {"fp8": True, "compile": True}, "fp8 + torch.compile + graphs", cuda_only=True,
@@ -116,7 +120,7 @@ def extra_row(spec: str) -> Row:
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
     allowed = ("attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
-               "frame_graph")
+               "frame_graph", "fused_norm")
     options = {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -267,7 +271,7 @@ class Rows:
                            buckets=BATCHES, compile_cache=None, **row.options)
         out["config"] = {k: getattr(cfg, k) for k in (
             "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
-            "frame_graph")} | {
+            "frame_graph", "fused_norm")} | {
             "buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:
@@ -458,13 +462,15 @@ class Rows:
 
 
 def applied(unet) -> dict:
-    """What the UNet's modules show of the options (not what was asked): processors, lean blocks, fp8 Linears."""
+    """What the UNet's modules show of the options (not what was asked): processors, lean blocks, fp8 Linears,
+    fused GroupNorms."""
     procs = {}
     for p in unet.attn_processors.values():
         procs[repr(p) if type(p).__name__ == "TurboAttnProcessor" else type(p).__name__] = procs.get(
             repr(p) if type(p).__name__ == "TurboAttnProcessor" else type(p).__name__, 0) + 1
     return {"processors": procs, "lean_resnets": sum(type(m).__name__ == "LeanResnetBlock2D" for m in unet.modules()),
-            "fp8_linears": getattr(unet, "_turbostream_fp8", 0)}
+            "fp8_linears": getattr(unet, "_turbostream_fp8", 0),
+            "fused_norms": sum(type(m).__name__.startswith("FusedGroupNorm") for m in unet.modules())}
 
 
 def top_events(prof, cuda: bool, reps: int) -> dict:

@@ -10,7 +10,7 @@
 # engine: the tests marked gpu, `turbostream bench --model random --device cuda --compile` at 512x512 (compiled
 #         batch 1, 4 and 8), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
 #         batch 1 and 8
-# rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fp8, compile
+# rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms, fp8, compile
 #         modes) as one row, batch 1 and 8 timed, parity against one fp32 reference, and a profile of the compiled
 #         batch-1 frame; ROWS_S seconds in all (default 540; rows that no longer fit are skipped and named),
 #         ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The fp8 rows need torchao:
@@ -67,6 +67,11 @@ print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else Non
 a, b = (torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(7), dtype=dt).float()
         for dt in (torch.float32, torch.float16))
 print("cpu randn float16 vs float32, max abs", float((a - b).abs().max()))
+try:  # --fused-norm runs Triton kernels (CUDA torch wheels bring Triton along)
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton missing:", exc)
 PY
 cat "$OUT/env.txt"
 

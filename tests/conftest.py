@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from turbostream.config import EngineConfig, preset
+
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels (--fused-norm, tests/test_group_norm.py) run in Triton's CPU interpreter. It is
+    # chosen when triton is first imported, so it is set here, before any test module can import it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -229,8 +229,8 @@ def test_a_whole_frame_graph_replays_the_segments_kernels_bit_for_bit(cuda_tiny)
 
 
 def test_engine_options_run_in_graphs_within_rounding_of_auto():
-    """Each attention backend and the no-/1.0 option under CUDA graph capture: a rounding difference at most; a
-    backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it is missing)."""
+    """Each attention backend, no /1.0 and the fused GroupNorms under CUDA graph capture: a rounding difference at
+    most; a backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it is missing)."""
     from turbostream.engine import Engine
     from turbostream.models import load_components
 
@@ -247,7 +247,8 @@ def test_engine_options_run_in_graphs_within_rounding_of_auto():
 
     auto = run()
     for options in ({"attention": "flash"}, {"attention": "efficient"}, {"attention": "math"},
-                    {"skip_unit_rescale": True}):
+                    {"skip_unit_rescale": True}, {"fused_norm": True},
+                    {"fused_norm": True, "skip_unit_rescale": True, "frame_graph": True}):
         assert max(_diff(a, b) for a, b in zip(run(**options), auto)) <= 2, options
     try:
         cudnn = run(attention="cudnn")

@@ -281,6 +281,10 @@ class EngineConfig:
     # Leave out the UNet's divisions by 1.0 (diffusers' resnet output_scale_factor and attention
     # rescale_output_factor): one elementwise kernel per block less, bit-identical output.
     skip_unit_rescale: bool = False
+    # The UNet's GroupNorms (and the SiLU after most of them) in Triton kernels of our own (engine/group_norm.py): 2
+    # kernels each instead of 4, in the activations' channels_last layout. For the path without compile (torch.compile
+    # fuses them itself; the two together are refused); CUDA with Triton only. Output changes by rounding only.
+    fused_norm: bool = False
     # Also capture, per bucket, one CUDA graph of a whole frame with the default stream's number of UNet evaluations
     # (head, every step and tail: one launch a call instead of 2 + evaluations, and no host work between them, so a
     # busy host cannot stall the device inside a call). Other step counts and reuse modes replay the segment graphs
@@ -306,6 +310,9 @@ class EngineConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         check_compile_mode(self.compile_mode)
+        if self.fused_norm and self.compile:
+            raise ValueError("fused_norm is for the path without compile: torch.compile fuses GroupNorm and SiLU "
+                             "itself (choose one)")
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")

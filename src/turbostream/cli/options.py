@@ -93,6 +93,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--skip-unit-rescale", action="store_true",
                    help="leave out the UNet's divisions by 1.0 (diffusers' output scale factors): fewer kernels, "
                         "bit-identical output")
+    g.add_argument("--fused-norm", action="store_true",
+                   help="the UNet's GroupNorm+SiLU in Triton kernels of turbostream's own (2 kernels instead of 4 "
+                        "each; CUDA and Triton only; not with --compile, which fuses them itself). The output changes "
+                        "by rounding only")
     g.add_argument("--frame-graph", action="store_true",
                    help="also capture one CUDA graph per bucket of a whole frame with the default step count (one "
                         "launch a call; other step counts use the per-step graphs); bit-identical output, one more "
@@ -143,7 +147,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
             compile_cache=args.compile_cache, compile_mode=args.compile_mode, attention=args.attention,
-            fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, frame_graph=args.frame_graph,
+            fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
+            frame_graph=args.frame_graph,
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:
@@ -155,6 +160,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             from ..engine.cuda import check_fp8
 
             check_fp8(device)  # no CUDA, an older GPU or no torchao: said before loading too
+        if cfg.fused_norm:
+            from ..engine.group_norm import triton_problem
+
+            if problem := triton_problem(device):
+                raise ValueError(f"--fused-norm cannot run here: {problem}")
         return cfg
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -213,6 +213,11 @@ def set_unit_rescale(unet: Any, skip: bool) -> int:
     return count
 
 
+def resnet_class(lean: bool) -> type:
+    """The resnet class set_unit_rescale gives eligible blocks: the lean one (lean) or diffusers' ResnetBlock2D."""
+    return _lean_resnet_class()[1 if lean else 0]
+
+
 def _lean_eligible(module: Any) -> bool:
     return (module.output_scale_factor == 1.0 and module.upsample is None and module.downsample is None
             and module.time_embedding_norm == "default")

@@ -5,8 +5,9 @@ prepare_cuda() rewrites the given components in place (channels_last, fused QKV)
 not diffusers' defaults. That is why the parity reference (reference.py) always loads components of its own.
 
 apply_options() makes the modules match the engine options that change them (EngineConfig.attention,
-skip_unit_rescale, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It is idempotent, and attention and skip_unit_rescale are undone by a config
-without them, so engines may share components; fp8 cannot be undone (the weights are rounded to 8 bits in place).
+skip_unit_rescale, fused_norm, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It is idempotent, and
+attention, skip_unit_rescale and fused_norm are undone by a config without them, so engines may share components;
+fp8 cannot be undone (the weights are rounded to 8 bits in place).
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ def prepare_cpu(components: Any = None, config: Any = None) -> None:
 
 
 def apply_options(components: Any, config: Any) -> dict:
-    """Make the UNet match config's attention, skip_unit_rescale and fp8; ValueError (clear) if one cannot run here.
+    """Make the UNet match config's attention, skip_unit_rescale, fused_norm and fp8; ValueError (clear) if one
+    cannot run here.
 
     Call after prepare_cuda's QKV fusion (the attention processor keeps it) and before the first frame. Returns what
-    was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears"}.
+    was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms"}.
     """
-    from .attention import attention_modules, check_backend, set_attention, set_unit_rescale
+    from .attention import attention_modules, check_backend, resnet_class, set_attention, set_unit_rescale
+    from .group_norm import set_fused_norm, triton_problem
 
     unet = components.unet
     tokens = (config.height // 8) * (config.width // 8)
@@ -62,12 +65,15 @@ def apply_options(components: Any, config: Any) -> dict:
                          "undone: load fresh components for an engine without fp8")
     if config.fp8 and not quantized:
         check_fp8(next(unet.parameters()).device)
+    if config.fused_norm and (problem := triton_problem(next(unet.parameters()).device)):
+        raise ValueError(f"fused_norm cannot run here: {problem}")
     set_attention(unet, config.attention, config.skip_unit_rescale)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
+    fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))
     if config.fp8 and not quantized:
         unet._turbostream_fp8 = quantize_fp8(unet)
     return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
-            "fp8_linears": getattr(unet, "_turbostream_fp8", 0)}
+            "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused}
 
 
 def check_fp8(device: torch.device | str) -> None:

@@ -1,0 +1,159 @@
+"""--fused-norm: the Triton GroupNorm(+SiLU) kernels (engine/group_norm.py) against PyTorch's ops, and the UNet surgery.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py before triton is
+imported); on a GPU machine the same tests run them on CUDA. Every kernel test asserts that the kernel path ran
+(fusable), so a fallback to PyTorch's ops cannot pass for the kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turbostream.config import EngineConfig, StreamParams, preset
+from turbostream.engine import Engine
+from turbostream.engine.attention import resnet_class, set_unit_rescale
+from turbostream.engine.group_norm import (
+    FusedGroupNorm,
+    FusedGroupNormSiLU,
+    fusable,
+    group_norm,
+    interpreting,
+    set_fused_norm,
+)
+
+pytest.importorskip("triton", reason="--fused-norm needs Triton (pip install triton; Linux x86_64 wheels)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+assert DEVICE == "cuda" or interpreting(), "conftest.py sets TRITON_INTERPRET=1 on machines without CUDA"
+
+
+def _reference(x, groups, w, b, eps, silu):
+    y = F.group_norm(x.double(), groups, w.double(), b.double(), eps)
+    return F.silu(y) if silu else y
+
+
+@pytest.mark.parametrize(("shape", "groups", "layout", "dtype", "tol"), [
+    ((2, 64, 8, 8), 32, torch.channels_last, torch.float32, 1e-5),  # tiny-random's widest norm
+    ((1, 40, 40, 40), 10, torch.channels_last, torch.float32, 1e-5),  # 1600 pixels: two blocks a group, merged
+    ((2, 30, 5, 7), 3, torch.contiguous_format, torch.float32, 1e-5),  # NCHW, 10 channels a group (not a power of 2)
+    ((1, 320, 16, 16), 32, torch.channels_last, torch.float16, 4e-3),  # SD's first level: fp16 rounding (1 ulp at 4)
+])
+@pytest.mark.parametrize("silu", [False, True])
+def test_kernels_match_pytorch_group_norm_and_silu(shape, groups, layout, dtype, tol, silu):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(DEVICE, dtype).contiguous(memory_format=layout)
+    w = (torch.randn(shape[1], generator=g) + 1).to(DEVICE, dtype)
+    b = torch.randn(shape[1], generator=g).to(DEVICE, dtype)
+    assert fusable(x, groups, w)
+    y = group_norm(x, groups, w, b, 1e-5, silu=silu)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=layout)
+    err = (y.double() - _reference(x, groups, w, b, 1e-5, silu)).abs().max().item()
+    assert err <= tol, err
+    assert torch.equal(group_norm(x, groups, w, b, 1e-5, silu=silu), y)  # no atomics: the same bits again
+
+
+def test_statistics_survive_a_large_mean():
+    """Values 1000 +- 0.01 in float32: E[x^2] - E[x]^2 would lose the variance entirely; merged deviations keep it."""
+    g = torch.Generator().manual_seed(5)
+    x = (1000 + 0.01 * torch.randn(1, 8, 48, 48, generator=g)).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    y = group_norm(x, 2, w, b, 1e-6)
+    ref = _reference(x, 2, w, b, 1e-6, False)
+    # float32 x carries 1000's rounding (6e-5, 0.6 % of the spread): PyTorch's own float32 result is 1.6e-3 off.
+    assert (y.double() - ref).abs().max().item() < 2e-3
+
+
+def test_unfusable_inputs_fall_back_to_pytorch():
+    x = torch.randn(2, 6, 5, 5, device=DEVICE)
+    w, b = torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE)
+    no_affine = group_norm(x, 3, None, None, 1e-5)
+    assert not fusable(x, 3, None) and torch.equal(no_affine, F.group_norm(x, 3, None, None, 1e-5))
+    strided = x[:, :, :, ::2]  # W stride 2: H and W are not one pixel index
+    assert not fusable(strided, 3, w)
+    assert torch.equal(group_norm(strided, 3, w, b, 1e-5, silu=True), F.silu(F.group_norm(strided, 3, w, b, 1e-5)))
+
+
+@pytest.fixture
+def fresh_components():
+    """tiny-random components of this test alone (the option changes module classes)."""
+    from turbostream.models import load_components
+
+    return load_components("tiny-random", device=DEVICE, vae="tiny")
+
+
+def _unet_out(components) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(1, 77, components.text_dim, generator=g).to(DEVICE)
+    with torch.inference_mode():
+        return components.unet(x, torch.tensor([500.0], device=DEVICE), encoder_hidden_states=emb,
+                               return_dict=False)[0]
+
+
+def test_unet_surgery_fuses_every_group_norm_and_is_undone(fresh_components):
+    unet = fresh_components.unet.to(memory_format=torch.channels_last)
+    norms = sum(type(m) is torch.nn.GroupNorm for m in unet.modules())
+    plain = _unet_out(fresh_components)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert set_fused_norm(unet, True, resnet_class(False)) == norms
+    resnets = [m for m in unet.modules() if type(m).__name__ == "FusedNormResnetBlock2D"]
+    assert resnets and all(type(r.norm1) is FusedGroupNormSiLU and type(r.norm2) is FusedGroupNormSiLU for r in resnets)
+    assert type(unet.conv_norm_out) is FusedGroupNormSiLU and isinstance(unet.conv_act, torch.nn.Identity)
+    assert any(type(m) is FusedGroupNorm for m in unet.modules())  # the transformers' input norms, no SiLU
+    assert set_fused_norm(unet, True, resnet_class(False)) == norms  # idempotent
+    fused = _unet_out(fresh_components)
+    assert (fused - plain).abs().max().item() < 1e-4  # fp32: rounding only
+    assert unet.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+    # Off again, and the lean class when no /1.0 is asked: diffusers' output exactly.
+    assert set_fused_norm(unet, False, resnet_class(True)) == 0
+    assert all(type(r).__name__ == "LeanResnetBlock2D" for r in resnets)
+    assert torch.equal(_unet_out(fresh_components), plain)
+    assert set_unit_rescale(unet, False) == 0
+    assert sum(type(m) is torch.nn.GroupNorm for m in unet.modules()) == norms
+    assert isinstance(unet.conv_act, torch.nn.SiLU) and torch.equal(_unet_out(fresh_components), plain)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU engine's fused path (on CUDA: tests/test_engine_gpu.py)")
+def test_engine_with_fused_norm_within_one_level_and_undone_for_the_next(fresh_components):
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    params = [StreamParams("a watercolor", strength=0.5, steps=2, seed=s) for s in (1, 2)]  # one UNet evaluation
+    plain = Engine(preset("test", buckets=(2,)), fresh_components).run(frames, params)
+    fused_engine = Engine(preset("test", buckets=(2,), fused_norm=True), fresh_components)
+    assert any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())
+    fused = fused_engine.run(frames, params)
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(fused, plain)) <= 1
+    again = Engine(preset("test", buckets=(2,)), fresh_components).run(frames, params)  # undone by the next engine
+    assert not any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())
+    assert all(np.array_equal(a, b) for a, b in zip(again, plain))
+
+
+def test_fused_norm_is_refused_with_compile_and_where_triton_cannot_run(monkeypatch, fresh_components):
+    with pytest.raises(ValueError, match="fused_norm is for the path without compile"):
+        EngineConfig(fused_norm=True, compile=True)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="fused_norm cannot run here: it runs Triton kernels, which need a CUDA"):
+            Engine(preset("test", fused_norm=True), fresh_components)
+        assert not any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())  # nothing changed
+
+
+def test_cli_option_reaches_the_engine_config(monkeypatch):
+    import argparse
+
+    from turbostream.cli.options import add_engine_options, engine_config
+    from turbostream.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    assert engine_config(parser.parse_args(["--fused-norm", "--device", DEVICE])).fused_norm
+    assert not engine_config(parser.parse_args([])).fused_norm
+    with pytest.raises(UserError, match="fused_norm is for the path without compile"):
+        engine_config(parser.parse_args(["--fused-norm", "--compile"]))
+    if DEVICE == "cpu":  # said before any weights load
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(UserError, match="--fused-norm cannot run here: it runs Triton kernels"):
+            engine_config(parser.parse_args(["--fused-norm", "--device", "cpu"]))
