@@ -157,3 +157,23 @@ def test_cli_option_reaches_the_engine_config(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(UserError, match="--fused-norm cannot run here: it runs Triton kernels"):
             engine_config(parser.parse_args(["--fused-norm", "--device", "cpu"]))
+
+
+@pytest.mark.gpu
+def test_kernels_on_cuda_at_every_sd_turbo_norm_shape():
+    """The compiled kernels (not the interpreter) at each (channels, resolution) the SD-Turbo UNet normalizes at
+    512x512, fp16 channels_last, batch 1 and 8: within fp16 rounding of float64, and the same bits twice."""
+    shapes = [(320, 64), (640, 32), (960, 64), (960, 32), (1280, 16), (1920, 16), (2560, 8), (1280, 8), (640, 64)]
+    g = torch.Generator().manual_seed(11)
+    for batch in (1, 8):
+        for channels, side in shapes:
+            x = torch.randn(batch, channels, side, side, generator=g).mul(2).add(0.5).half().cuda()
+            x = x.contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(channels, generator=g).half().cuda(), torch.randn(channels, generator=g).half().cuda()
+            for silu in (False, True):
+                y = group_norm(x, 32, w, b, 1e-5, silu=silu)
+                ref = _reference(x, 32, w, b, 1e-5, silu)
+                # one fp16 rounding of values up to ~4 * |weight| + |bias| (ulp 2^-8 at 4..8, 2^-7 at 8..16)
+                assert (y.double() - ref).abs().max().item() <= 2 ** -7 * (1 + ref.abs().max().item() / 8), (
+                    batch, channels, side, silu)
+                assert torch.equal(group_norm(x, 32, w, b, 1e-5, silu=silu), y)
