@@ -7,6 +7,8 @@ imported); on a GPU machine the same tests run them on CUDA. Every kernel test a
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,52 @@ def test_kernels_on_cuda_at_every_sd_turbo_norm_shape():
                 assert (y.double() - ref).abs().max().item() <= 2 ** -7 * (1 + ref.abs().max().item() / 8), (
                     batch, channels, side, silu)
                 assert torch.equal(group_norm(x, 32, w, b, 1e-5, silu=silu), y)
+
+
+AHEAD_OF_TIME = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from turbostream.engine.group_norm import _kernels
+
+_, block_stats, normalize = _kernels()
+assert type(block_stats).__name__ == "JITFunction", type(block_stats)  # compiled, not interpreted
+done = []
+for arch, dtype in ((90, "fp16"), (90, "bf16"), (80, "fp16"), (89, "fp32")):
+    for fn, constexprs in ((block_stats, {"BLOCK_HW": 256, "BLOCK_CPG": 16}),
+                           (normalize, {"SILU": True, "BLOCK_P": 16, "BLOCK_HW": 256, "BLOCK_CPG": 16}),
+                           (normalize, {"SILU": False, "BLOCK_P": 1, "BLOCK_HW": 32, "BLOCK_CPG": 128})):
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name == "part_ptr":
+                signature[name] = "*fp32"
+            elif name.endswith("_ptr"):
+                signature[name] = "*" + dtype
+            else:
+                signature[name] = "fp32" if name == "eps" else "i32"
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", arch, 32))
+        assert kernel.asm["cubin"], (fn, arch)
+        done.append([fn.__name__, arch, dtype, len(kernel.asm["cubin"])])
+print(json.dumps(done))
+'''
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the kernels run for real (test_kernels_on_cuda_...)")
+def test_kernels_compile_to_nvidia_machine_code_without_a_gpu(tmp_path):
+    """The interpreter is laxer than the compiler (scalar stores, one-element ranges, casts): compile both kernels
+    ahead of time with Triton's own ptxas for Ampere, Ada and Hopper, in every dtype the engine runs, so a kernel that
+    would only fail on the GPU fails here."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(built) == 12 and all(size > 1000 for *_, size in built)
