@@ -56,6 +56,25 @@ def test_kernels_match_pytorch_group_norm_and_silu(shape, groups, layout, dtype,
     assert torch.equal(group_norm(x, groups, w, b, 1e-5, silu=silu), y)  # no atomics: the same bits again
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_shifts_are_added_before_the_statistics(layout):
+    """A resnet's norm2 takes its time embedding (per sample and channel) and conv bias (per channel) as shifts."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 24, 9, 9, generator=g).to(DEVICE).contiguous(memory_format=layout)
+    w, b = torch.randn(24, generator=g).to(DEVICE), torch.randn(24, generator=g).to(DEVICE)
+    temb, bias = (torch.randn(3, 24, generator=g) * 4).to(DEVICE), torch.randn(24, generator=g).to(DEVICE)
+    assert fusable(x, 6, w)
+    for shift, channel_shift in ((temb, bias), (temb, None), (None, bias)):
+        moved = x + (0 if shift is None else shift[:, :, None, None]) + (
+            0 if channel_shift is None else channel_shift[None, :, None, None])
+        y = group_norm(x, 6, w, b, 1e-5, silu=True, shift=shift, channel_shift=channel_shift)
+        assert (y.double() - _reference(moved, 6, w, b, 1e-5, True)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=r"shift must be \(3, 24\)"):
+        group_norm(x, 6, w, b, 1e-5, shift=temb[:, :12])
+    with pytest.raises(ValueError, match=r"channel_shift must be \(24,\)"):
+        group_norm(x, 6, w, b, 1e-5, channel_shift=temb)
+
+
 def test_statistics_survive_a_large_mean():
     """Values 1000 +- 0.01 in float32: E[x^2] - E[x]^2 would lose the variance entirely; merged deviations keep it."""
     g = torch.Generator().manual_seed(5)
@@ -75,6 +94,9 @@ def test_unfusable_inputs_fall_back_to_pytorch():
     strided = x[:, :, :, ::2]  # W stride 2: H and W are not one pixel index
     assert not fusable(strided, 3, w)
     assert torch.equal(group_norm(strided, 3, w, b, 1e-5, silu=True), F.silu(F.group_norm(strided, 3, w, b, 1e-5)))
+    shift = torch.randn(2, 6, device=DEVICE)
+    assert torch.equal(group_norm(strided, 3, w, b, 1e-5, shift=shift, channel_shift=b),
+                       F.group_norm(strided + shift[:, :, None, None] + b[None, :, None, None], 3, w, b, 1e-5))
 
 
 @pytest.fixture
@@ -191,10 +213,12 @@ from turbostream.engine.group_norm import _kernels
 _, block_stats, normalize = _kernels()
 assert type(block_stats).__name__ == "JITFunction", type(block_stats)  # compiled, not interpreted
 done = []
+plain, shifted = {"SHIFT_A": False, "SHIFT_B": False}, {"SHIFT_A": True, "SHIFT_B": True}
 for arch, dtype in ((90, "fp16"), (90, "bf16"), (80, "fp16"), (89, "fp32")):
-    for fn, constexprs in ((block_stats, {"BLOCK_HW": 256, "BLOCK_CPG": 16}),
-                           (normalize, {"SILU": True, "BLOCK_P": 16, "BLOCK_HW": 256, "BLOCK_CPG": 16}),
-                           (normalize, {"SILU": False, "BLOCK_P": 1, "BLOCK_HW": 32, "BLOCK_CPG": 128})):
+    for fn, constexprs in ((block_stats, {**plain, "BLOCK_HW": 256, "BLOCK_CPG": 16}),
+                           (block_stats, {**shifted, "BLOCK_HW": 32, "BLOCK_CPG": 128}),
+                           (normalize, {**shifted, "SILU": True, "BLOCK_P": 16, "BLOCK_HW": 256, "BLOCK_CPG": 16}),
+                           (normalize, {**plain, "SILU": False, "BLOCK_P": 1, "BLOCK_HW": 32, "BLOCK_CPG": 128})):
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
@@ -227,4 +251,4 @@ def test_kernels_compile_to_nvidia_machine_code_without_a_gpu(tmp_path):
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     built = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(built) == 12 and all(size > 1000 for *_, size in built)
+    assert len(built) == 16 and all(size > 1000 for *_, size in built)

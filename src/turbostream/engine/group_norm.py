@@ -3,17 +3,18 @@
 Why: eager F.group_norm on a channels_last activation first copies it to NCHW, normalizes, and the next conv copies
 it back; the SiLU after it is one more pass. That is 4 kernels and 4 trips through memory for each of the UNet's 61
 GroupNorms per evaluation, and at batch 1 the graphs-only frame is bound by such small memory-bound kernels. Here
-it is 2 kernels: block statistics, then normalize + affine + SiLU, reading and writing the input's layout.
+it is 2 kernels: block statistics, then normalize + affine + SiLU, reading and writing the input's layout. A
+resnet's norm2 also takes the conv bias and the time embedding before it (two more elementwise passes in eager).
 torch.compile fuses the same on its own, so this is for the path without --compile (which refuses the two together).
 
 Numerics: statistics in float32 as PyTorch's kernel keeps them; each block's mean and sum of squared deviations are
 merged with Chan's formula (no E[x^2] - E[x]^2 cancellation), in a fixed order without atomics, so the same input
 gives the same bits (CUDA graphs replay it exactly). The output is (x - mean) * rstd*weight + bias: PyTorch's CUDA
-kernel folds the mean into one shift (a*x + b), which cancels catastrophically when the mean is large against the
-spread. The SiLU is applied in float32 before the one rounding to the output dtype (eager rounds after the norm and
+kernel folds the mean into one shift (a*x + b), which loses precision when the mean is large against the spread. The SiLU is applied in float32 before the one rounding to the output dtype (eager rounds after the norm and
 again after the SiLU), so the output moves from eager's by rounding only.
 
-Tests run these kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before the first call).
+Tests run these kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets
+before triton is imported), and compile them ahead of time for NVIDIA GPUs without one.
 """
 
 from __future__ import annotations
@@ -47,67 +48,14 @@ def triton_problem(device: torch.device | str) -> str | None:
     return None
 
 
-@functools.cache  # the kernels are defined at first use, after the tests chose the interpreter
 def _kernels() -> tuple[Any, Any, Any]:
+    """(triton, block_stats, normalize); the import defines the kernels, so it comes after the tests' choice of
+    interpreter (and costs nothing on an engine without fused_norm)."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def block_stats(x_ptr, part_ptr, HW, CPG, G, P, stride_n, stride_c, stride_hw,
-                    BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr):
-        """Program (n*G + g, p): count, mean and sum of squared deviations of one block of group g in sample n."""
-        ng = tl.program_id(0)
-        p = tl.program_id(1)
-        n = ng // G
-        g = ng % G
-        hw = p * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        c = tl.arange(0, BLOCK_CPG)
-        mask = (hw < HW)[:, None] & (c < CPG)[None, :]
-        ptrs = x_ptr + n * stride_n + (g * CPG + c)[None, :] * stride_c + hw[:, None] * stride_hw
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        count = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-        mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
-        d = tl.where(mask, x - mean, 0.0)
-        m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-        out = part_ptr + (ng * P + p) * 3
-        tl.store(out, count)
-        tl.store(out + 1, mean)
-        tl.store(out + 2, m2)
+    from . import group_norm_kernels as k
 
-    @triton.jit
-    def normalize(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, HW, CPG, G, P, eps,
-                  sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
-                  SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr):
-        """Program (n*G + g, p): merge group g's block statistics, then write a*x + b (and its SiLU) for block p."""
-        ng = tl.program_id(0)
-        p = tl.program_id(1)
-        n = ng // G
-        g = ng % G
-        blocks = tl.arange(0, BLOCK_P)
-        have = blocks < P
-        part = part_ptr + (ng * P + blocks) * 3
-        counts = tl.load(part, mask=have, other=0.0)
-        means = tl.load(part + 1, mask=have, other=0.0)
-        m2s = tl.load(part + 2, mask=have, other=0.0)
-        total = tl.sum(counts, axis=0)
-        mean = tl.sum(counts * means, axis=0) / total
-        spread = tl.where(have, means - mean, 0.0)
-        var = (tl.sum(m2s, axis=0) + tl.sum(counts * spread * spread, axis=0)) / total
-        rstd = 1.0 / tl.sqrt(var + eps)
-        hw = p * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        c = tl.arange(0, BLOCK_CPG)
-        cmask = c < CPG
-        mask = (hw < HW)[:, None] & cmask[None, :]
-        ch = g * CPG + c
-        x = tl.load(x_ptr + n * sx_n + ch[None, :] * sx_c + hw[:, None] * sx_hw, mask=mask, other=0.0)
-        w = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-        y = (x.to(tl.float32) - mean) * (rstd * w)[None, :] + b[None, :]
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(y_ptr + n * sy_n + ch[None, :] * sy_c + hw[:, None] * sy_hw, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    return triton, block_stats, normalize
+    return triton, k.block_stats, k.normalize
 
 
 def _flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -125,12 +73,19 @@ def fusable(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None) -> bo
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float, silu: bool = False) -> torch.Tensor:
-    """F.group_norm(x, num_groups, weight, bias, eps), then F.silu if asked; x (N, C, H, W) in any value range.
+               eps: float, silu: bool = False, shift: torch.Tensor | None = None,
+               channel_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """F.group_norm(x + shift + channel_shift, num_groups, weight, bias, eps), then F.silu if asked.
 
-    The output has x's dtype and memory format. Runs the Triton kernels where fusable(), PyTorch's ops otherwise.
+    x: (N, C, H, W) in any value range; shift: (N, C) or None, channel_shift: (C,) or None, added to x before the
+    statistics (a resnet's time embedding and the previous conv's bias: two elementwise passes less). The output has
+    x's dtype and memory format. Runs the Triton kernels where fusable(), PyTorch's ops otherwise.
     """
     if not fusable(x, num_groups, weight):
+        if shift is not None:
+            x = x + shift[:, :, None, None]
+        if channel_shift is not None:
+            x = x + channel_shift[None, :, None, None]
         y = F.group_norm(x, num_groups, weight, bias, eps)
         return F.silu(y) if silu else y
     triton, block_stats, normalize = _kernels()
@@ -144,10 +99,20 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     y = torch.empty_like(x)  # same strides as x (channels_last stays channels_last)
     part = torch.empty(n * num_groups * blocks * 3, device=x.device, dtype=torch.float32)
     grid = (n * num_groups, blocks)
-    block_stats[grid](x, part, hw, cpg, num_groups, blocks, *_flat_strides(x),
+    if shift is not None and (shift.shape != (n, c) or shift.stride(1) != 1):
+        raise ValueError(f"shift must be ({n}, {c}) with contiguous channels, got {tuple(shift.shape)}")
+    if channel_shift is not None and (channel_shift.shape != (c,) or channel_shift.stride(0) != 1):
+        raise ValueError(f"channel_shift must be ({c},) and contiguous, got {tuple(channel_shift.shape)}")
+    # A kernel argument must be a tensor even when its constexpr switch leaves it unread.
+    a = shift if shift is not None else x
+    b = channel_shift if channel_shift is not None else x
+    shifts = {"SHIFT_A": shift is not None, "SHIFT_B": channel_shift is not None}
+    sx, sa = _flat_strides(x), a.stride(0)
+    block_stats[grid](x, a, b, part, hw, cpg, num_groups, blocks, *sx, sa, **shifts,
                       BLOCK_HW=block_hw, BLOCK_CPG=block_cpg)
-    normalize[grid](x, y, weight, bias, part, hw, cpg, num_groups, blocks, eps, *_flat_strides(x), *_flat_strides(y),
-                    SILU=silu, BLOCK_P=triton.next_power_of_2(blocks), BLOCK_HW=block_hw, BLOCK_CPG=block_cpg)
+    normalize[grid](x, a, b, y, weight, bias, part, hw, cpg, num_groups, blocks, eps, *sx, sa, *_flat_strides(y),
+                    **shifts, SILU=silu, BLOCK_P=triton.next_power_of_2(blocks), BLOCK_HW=block_hw,
+                    BLOCK_CPG=block_cpg)
     return y
 
 
@@ -156,8 +121,9 @@ class FusedGroupNorm(nn.GroupNorm):
 
     silu = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                channel_shift: torch.Tensor | None = None) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift, channel_shift)
 
 
 class FusedGroupNormSiLU(FusedGroupNorm):
@@ -172,17 +138,21 @@ def _fused_resnet_class() -> type:
 
     class FusedNormResnetBlock2D(ResnetBlock2D):
         """ResnetBlock2D (diffusers 0.42) for the blocks SD-Turbo has, its norm1 and norm2 FusedGroupNormSiLU: the
-        SiLU after each is in the norm's kernel. Like LeanResnetBlock2D it leaves out the division by 1.0."""
+        SiLU after each is in the norm's kernel, and so are conv1's bias and the time embedding, which norm2 adds
+        before its statistics. Like LeanResnetBlock2D it leaves out the division by 1.0."""
 
         def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            hidden_states = self.conv1(self.norm1(input_tensor))  # norm1: GroupNorm + SiLU
+            hidden_states = self.norm1(input_tensor)  # GroupNorm + SiLU
+            # conv1 without its bias: the bias and the projected time embedding are added inside norm2's kernel,
+            # instead of two elementwise passes over the activations.
+            hidden_states = self.conv1._conv_forward(hidden_states, self.conv1.weight, None)
+            temb_shift = None
             if self.time_emb_proj is not None:
                 if not self.skip_time_act:
                     temb = self.nonlinearity(temb)  # the time embedding's SiLU stays a module of its own
-                temb = self.time_emb_proj(temb)[:, :, None, None]
-            if temb is not None:
-                hidden_states = hidden_states + temb
-            hidden_states = self.conv2(self.dropout(self.norm2(hidden_states)))  # norm2: GroupNorm + SiLU
+                temb_shift = self.time_emb_proj(temb)  # (N, C)
+            hidden_states = self.norm2(hidden_states, temb_shift, self.conv1.bias)  # + shifts, GroupNorm + SiLU
+            hidden_states = self.conv2(self.dropout(hidden_states))
             if self.conv_shortcut is not None:
                 input_tensor = self.conv_shortcut(input_tensor)
             return input_tensor + hidden_states
@@ -194,6 +164,7 @@ def _resnet_fusable(module: Any) -> bool:
     """A ResnetBlock2D whose norms the fused class can take (the configuration every SD / SD-Turbo resnet has)."""
     return (module.output_scale_factor == 1.0 and module.upsample is None and module.downsample is None
             and module.time_embedding_norm == "default" and isinstance(module.nonlinearity, nn.SiLU)
+            and type(module.conv1) is nn.Conv2d and module.conv1.bias is not None
             and type(module.norm1) in (nn.GroupNorm, FusedGroupNormSiLU)
             and type(module.norm2) in (nn.GroupNorm, FusedGroupNormSiLU))
 
