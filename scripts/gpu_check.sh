@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [rows] [serve] [serve-compile] [gil] [soak] [warmstart] [reuse] [sim]
+#   bash scripts/gpu_check.sh [parity] [engine] [norm] [rows] [serve] [serve-compile] [gil] [soak] [warmstart] [reuse]
+#                             [sim]
 #                                                                                          (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
@@ -10,6 +11,9 @@
 # engine: the tests marked gpu, `turbostream bench --model random --device cuda --compile` at 512x512 (compiled
 #         batch 1, 4 and 8), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
 #         batch 1 and 8
+# norm:   --fused-norm's Triton kernels: all of tests/test_group_norm.py on CUDA (the kernels compiled for this GPU,
+#         against PyTorch at every SD-Turbo norm shape), then scripts/group_norm_speed.py (eager vs fused per shape,
+#         each in a CUDA graph); JSON in $OUT/group_norm_speed.json. About a minute
 # rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms, fp8, compile
 #         modes) as one row, batch 1 and 8 timed, parity against one fp32 reference, and a profile of the compiled
 #         batch-1 frame; ROWS_S seconds in all (default 540; rows that no longer fit are skipped and named),
@@ -52,6 +56,7 @@ read -r -a SERVE_EXTRA <<< "${SERVE_ARGS:-}"
 
 if [ "${CHECK_CPU:-0}" = 1 ]; then
   MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}; PARITY_S=300
+  export TRITON_INTERPRET=1  # the norm stage's Triton kernels, through Triton's CPU interpreter
   ROWS_S=${ROWS_S:-240}; ROWS_ARGS=(--iters 3 --burn-in 1)
 else
   MODEL=(--model random --device cuda --size 512); COMPILE=(--compile); DUR=${SERVE_S:-15}; SOAK_S=${SOAK_S:-180}
@@ -96,6 +101,10 @@ for stage in "${stages[@]}"; do
       step bench 330 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json"
       step host-overhead 120 "$PY" scripts/host_overhead.py "${MODEL[@]:2}" --batches 1,8 \
         --json "$OUT/host_overhead.json" ;;
+    norm)
+      if [ "${CHECK_CPU:-0}" = 1 ]; then NORM_ARGS=(--device cpu --quick); NORM_S=600; else NORM_ARGS=(); NORM_S=120; fi
+      step norm-tests "$NORM_S" "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py
+      step norm-speed 180 "$PY" scripts/group_norm_speed.py "${NORM_ARGS[@]}" --json "$OUT/group_norm_speed.json" ;;
     rows)
       [ -z "${ROWS:-}" ] || ROWS_ARGS+=(--rows "$ROWS")
       step rows "$ROWS_S" "$PY" scripts/engine_rows.py "${MODEL[@]}" "${ROWS_ARGS[@]}" --profile \
@@ -144,7 +153,7 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (parity, engine, rows, serve, serve-compile, gil, soak, warmstart, reuse, sim)"
+    *) echo "unknown stage $stage (parity, engine, norm, rows, serve, serve-compile, gil, soak, warmstart, reuse, sim)"
        status=2 ;;
   esac
 done

@@ -252,3 +252,25 @@ def test_kernels_compile_to_nvidia_machine_code_without_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     built = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(built) == 16 and all(size > 1000 for *_, size in built)
+
+
+def test_speed_script_runs_the_kernels_and_reports_each_shape(tmp_path):
+    """scripts/group_norm_speed.py (gpu_check.sh rows times it on the GPU): a dry run through the interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "norm.json"
+    cmd = [sys.executable, "scripts/group_norm_speed.py", "--device", DEVICE, "--quick", "--batches", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["channels"], r["what"]) for r in rows] == [
+        (64, "bias + temb + norm + silu"), (64, "norm + silu"), (128, "bias + temb + norm + silu"),
+        (128, "norm + silu")]
+    assert all(r["eager_ms"] > 0 and r["fused_ms"] > 0 and r["max_abs_diff"] < 1e-3 for r in rows)
+    if DEVICE == "cpu":
+        no_triton = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                                   env=dict(os.environ, TRITON_INTERPRET="0"))
+        assert no_triton.returncode == 2 and "the fused kernels cannot run on cpu" in no_triton.stderr
