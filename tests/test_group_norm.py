@@ -8,6 +8,7 @@ imported); on a GPU machine the same tests run them on CUDA. Every kernel test a
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -274,3 +275,32 @@ def test_speed_script_runs_the_kernels_and_reports_each_shape(tmp_path):
         no_triton = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                                    env=dict(os.environ, TRITON_INTERPRET="0"))
         assert no_triton.returncode == 2 and "the fused kernels cannot run on cpu" in no_triton.stderr
+
+
+def test_kernels_that_fail_or_disagree_are_a_clear_error_when_the_engine_is_built(monkeypatch, fresh_components):
+    import triton
+
+    from turbostream.engine import group_norm as module
+
+    class Kernel:
+        def __init__(self, run):
+            self.run = run
+
+        def __getitem__(self, grid):
+            return self.run
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_70\nptxas fatal: bad target")
+
+    def writes_nothing(*args, **kwargs):  # leaves torch.empty_like's output as it was
+        args[3].fill_(float("nan"))
+
+    ok = Kernel(lambda *a, **k: None)
+    where = next(fresh_components.unet.parameters()).device
+    for normalize, message in ((Kernel(no_compiler), f"Triton could not run its kernels on {where} (RuntimeError: "
+                                "ptxas fatal: bad target)"),
+                               (Kernel(writes_nothing), f"its kernels disagree with PyTorch's GroupNorm on {where}")):
+        monkeypatch.setattr(module, "_kernels", lambda normalize=normalize: (triton, ok, normalize))
+        with pytest.raises(ValueError, match=re.escape(f"fused_norm cannot run here: {message}")):
+            Engine(preset("test", fused_norm=True, device=DEVICE), fresh_components)
+        assert not any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())

@@ -54,7 +54,7 @@ def apply_options(components: Any, config: Any) -> dict:
     was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms"}.
     """
     from .attention import attention_modules, check_backend, resnet_class, set_attention, set_unit_rescale
-    from .group_norm import set_fused_norm, triton_problem
+    from .group_norm import check_kernels, set_fused_norm
 
     unet = components.unet
     tokens = (config.height // 8) * (config.width // 8)
@@ -65,8 +65,12 @@ def apply_options(components: Any, config: Any) -> dict:
                          "undone: load fresh components for an engine without fp8")
     if config.fp8 and not quantized:
         check_fp8(next(unet.parameters()).device)
-    if config.fused_norm and (problem := triton_problem(next(unet.parameters()).device)):
-        raise ValueError(f"fused_norm cannot run here: {problem}")
+    if config.fused_norm:
+        param = next(unet.parameters())
+        try:
+            check_kernels(param.device, param.dtype)
+        except ValueError as exc:
+            raise ValueError(f"fused_norm cannot run here: {exc}") from None
     set_attention(unet, config.attention, config.skip_unit_rescale)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
     fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))

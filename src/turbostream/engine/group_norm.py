@@ -10,8 +10,9 @@ torch.compile fuses the same on its own, so this is for the path without --compi
 Numerics: statistics in float32 as PyTorch's kernel keeps them; each block's mean and sum of squared deviations are
 merged with Chan's formula (no E[x^2] - E[x]^2 cancellation), in a fixed order without atomics, so the same input
 gives the same bits (CUDA graphs replay it exactly). The output is (x - mean) * rstd*weight + bias: PyTorch's CUDA
-kernel folds the mean into one shift (a*x + b), which loses precision when the mean is large against the spread. The SiLU is applied in float32 before the one rounding to the output dtype (eager rounds after the norm and
-again after the SiLU), so the output moves from eager's by rounding only.
+kernel folds the mean into one shift (a*x + b), which loses precision when the mean is large against the spread.
+The SiLU is applied in float32 before the one rounding to the output dtype (eager rounds after the norm and again
+after the SiLU), so the output moves from eager's by rounding only.
 
 Tests run these kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets
 before triton is imported), and compile them ahead of time for NVIDIA GPUs without one.
@@ -46,6 +47,28 @@ def triton_problem(device: torch.device | str) -> str | None:
     except ImportError as exc:
         return f"it needs Triton, which cannot be imported here ({exc}): pip install triton"
     return None
+
+
+def check_kernels(device: torch.device | str, dtype: torch.dtype) -> None:
+    """ValueError (clear) unless the kernels run on `device` in `dtype` and agree with PyTorch there: said when the
+    engine is built, not as a Triton compile error in the middle of warm-up. Compiles them (a second or two, once
+    per machine: Triton caches them on disk)."""
+    if problem := triton_problem(device):
+        raise ValueError(problem)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 8, 8, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g).to(device, dtype), torch.randn(64, generator=g).to(device, dtype)
+    shift = torch.randn(2, 64, generator=g).to(device, dtype)
+    try:
+        y = group_norm(x, 32, w, b, 1e-5, silu=True, shift=shift, channel_shift=b).float()
+    except Exception as exc:  # noqa: BLE001 - whatever Triton raises (no compiler for this GPU, a driver too old...)
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise ValueError(f"Triton could not run its kernels on {device} ({type(exc).__name__}: {last})") from exc
+    want = F.silu(F.group_norm(x.float() + shift.float()[:, :, None, None] + b.float()[None, :, None, None], 32,
+                               w.float(), b.float(), 1e-5))
+    err = float((y - want).abs().max())
+    if not err <= 0.05:  # fp16 rounding is below 0.01 here; NaN fails too
+        raise ValueError(f"its kernels disagree with PyTorch's GroupNorm on {device} (max difference {err:.3g})")
 
 
 def _kernels() -> tuple[Any, Any, Any]:
