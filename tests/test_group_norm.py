@@ -267,9 +267,10 @@ def test_speed_script_runs_the_kernels_and_reports_each_shape(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["channels"], r["what"]) for r in rows] == [
-        (64, "bias + temb + norm + silu"), (64, "norm + silu"), (128, "bias + temb + norm + silu"),
-        (128, "norm + silu")]
+    assert [(r["part"], r["channels"], r["what"]) for r in rows] == [
+        ("unet", 64, "bias + temb + norm + silu"), ("unet", 64, "norm + silu"),
+        ("unet", 128, "bias + temb + norm + silu"), ("unet", 128, "norm + silu"),
+        ("vae", 64, "bias + norm + silu"), ("vae", 64, "norm + silu")]
     assert all(r["eager_ms"] > 0 and r["fused_ms"] > 0 and r["max_abs_diff"] < 1e-3 for r in rows)
     if DEVICE == "cpu":
         no_triton = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
@@ -304,3 +305,50 @@ def test_kernels_that_fail_or_disagree_are_a_clear_error_when_the_engine_is_buil
         with pytest.raises(ValueError, match=re.escape(f"fused_norm cannot run here: {message}")):
             Engine(preset("test", fused_norm=True, device=DEVICE), fresh_components)
         assert not any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU engine's fused path (on CUDA: tests/test_engine_gpu.py)")
+def test_full_vae_norms_are_fused_too_and_undone():
+    """--vae full: the AutoencoderKL's resnets, its encoder's and decoder's output norms take the same kernels; its
+    attention's group_norm (on token tensors) is left alone."""
+    from turbostream.engine.cuda import apply_options
+    from turbostream.models import load_components
+
+    comps = load_components("tiny-random", device=DEVICE, vae="full")
+    vae_norms = sum(type(m) is torch.nn.GroupNorm for m in comps.vae.modules())
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    params = [StreamParams("a pencil sketch", strength=0.5, steps=2, seed=4)]
+    plain = Engine(preset("test", buckets=(1,), vae="full"), comps).run(frames, params)
+    applied = apply_options(comps, preset("test", vae="full", fused_norm=True))
+    assert applied["vae_fused_norms"] == vae_norms - 2 > 0  # all but the encoder's and decoder's attention norms
+    assert type(comps.vae.decoder.conv_norm_out) is FusedGroupNormSiLU
+    assert isinstance(comps.vae.encoder.conv_act, torch.nn.Identity)
+    for coder in (comps.vae.encoder, comps.vae.decoder):
+        assert type(coder.mid_block.attentions[0].group_norm) is torch.nn.GroupNorm
+    fused = Engine(preset("test", buckets=(1,), vae="full", fused_norm=True), comps).run(frames, params)
+    assert int(np.abs(fused[0].astype(int) - plain[0]).max()) <= 1
+    assert apply_options(comps, preset("test", vae="full"))["vae_fused_norms"] == 0
+    assert sum(type(m) is torch.nn.GroupNorm for m in comps.vae.modules()) == vae_norms
+    assert isinstance(comps.vae.decoder.conv_act, torch.nn.SiLU)
+    assert np.array_equal(Engine(preset("test", buckets=(1,), vae="full"), comps).run(frames, params)[0], plain[0])
+
+
+@pytest.mark.gpu
+def test_fused_norm_in_cuda_graphs_with_the_full_vae_within_rounding():
+    """The compiled kernels inside the engine's CUDA graphs, fp16, with the full VAE (its norms fused too) and TAESD."""
+    from turbostream.models import load_components
+
+    rng = np.random.default_rng(8)
+    frames = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(3)]
+    params = [StreamParams(p, seed=i) for i, p in enumerate(("a", "b", "c"))]
+    for vae in ("full", "tiny"):
+        comps = load_components("tiny-random", device="cuda", vae=vae)
+        outs = {}
+        for fused_norm in (False, True):
+            engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), vae=vae,
+                                   fused_norm=fused_norm), comps)
+            engine.warmup()
+            outs[fused_norm] = engine.run(frames, params)
+            assert engine.stats.graph_replays >= 1
+        assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(outs[True], outs[False])) <= 2, vae

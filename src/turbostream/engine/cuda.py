@@ -51,7 +51,8 @@ def apply_options(components: Any, config: Any) -> dict:
     cannot run here.
 
     Call after prepare_cuda's QKV fusion (the attention processor keeps it) and before the first frame. Returns what
-    was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms"}.
+    was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms",
+    "vae_fused_norms"}.
     """
     from .attention import attention_modules, check_backend, resnet_class, set_attention, set_unit_rescale
     from .group_norm import check_kernels, set_fused_norm
@@ -74,10 +75,12 @@ def apply_options(components: Any, config: Any) -> dict:
     set_attention(unet, config.attention, config.skip_unit_rescale)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
     fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))
+    vae_fused = set_fused_norm(components.vae, config.fused_norm, resnet_class(False))  # TAESD has none: 0
     if config.fp8 and not quantized:
         unet._turbostream_fp8 = quantize_fp8(unet)
     return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
-            "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused}
+            "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused,
+            "vae_fused_norms": vae_fused}
 
 
 def check_fp8(device: torch.device | str) -> None:

@@ -192,16 +192,18 @@ def _resnet_fusable(module: Any) -> bool:
             and type(module.norm2) in (nn.GroupNorm, FusedGroupNormSiLU))
 
 
-def set_fused_norm(unet: Any, on: bool, resnet_class: type) -> int:
-    """Switch the UNet's GroupNorms to the fused kernels (on) or back; returns how many GroupNorms are fused.
+def set_fused_norm(model: Any, on: bool, resnet_class: type) -> int:
+    """Switch a UNet's or a full VAE's GroupNorms to the fused kernels (on) or back; returns how many are fused.
 
-    On: each eligible resnet becomes FusedNormResnetBlock2D with GroupNorm+SiLU norms, the transformers' GroupNorms
-    FusedGroupNorm, and the output norm takes the UNet's final SiLU (conv_act becomes Identity). Off: the resnets
-    become `resnet_class` (diffusers' ResnetBlock2D, or the lean one without /1.0) and everything else is undone.
-    Parameters and the state dict are untouched either way: only classes change.
+    On: each eligible resnet becomes FusedNormResnetBlock2D with GroupNorm+SiLU norms; an output norm followed by
+    its model's conv_act SiLU (the UNet's, the VAE encoder's and decoder's) takes that SiLU (conv_act becomes
+    Identity); every other GroupNorm (the transformers' input norms) becomes FusedGroupNorm. The VAE attention's
+    group_norm sees (N, C, tokens) tensors and is left as it is. Off: the resnets become `resnet_class` (diffusers'
+    ResnetBlock2D, or the lean one without /1.0) and everything else is undone. Parameters and the state dict are
+    untouched either way: only classes change.
     """
     fused = _fused_resnet_class()
-    for module in unet.modules():
+    for module in model.modules():
         if on and type(module) is not fused and type(module).__name__ in ("ResnetBlock2D", "LeanResnetBlock2D") \
                 and _resnet_fusable(module):
             module.__class__ = fused
@@ -209,18 +211,19 @@ def set_fused_norm(unet: Any, on: bool, resnet_class: type) -> int:
         elif not on and type(module) is fused:
             module.__class__ = resnet_class
             module.norm1.__class__ = module.norm2.__class__ = nn.GroupNorm
-    # The output norm: GroupNorm then the UNet's conv_act (SiLU), called one after the other in its forward.
-    norm_out, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
-    if on and type(norm_out) is nn.GroupNorm and isinstance(act, nn.SiLU):
-        norm_out.__class__ = FusedGroupNormSiLU
-        unet.conv_act = nn.Identity()
-    elif not on and type(norm_out) is FusedGroupNormSiLU:
-        norm_out.__class__ = nn.GroupNorm
-        unet.conv_act = nn.SiLU()
-    # Every other GroupNorm (the transformers' input norms): no activation follows it.
-    for module in unet.modules():
-        if on and type(module) is nn.GroupNorm:
+        # An output norm: GroupNorm, then its owner's conv_act (SiLU), called one after the other in its forward.
+        norm_out, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
+        if on and type(norm_out) is nn.GroupNorm and isinstance(act, nn.SiLU):
+            norm_out.__class__ = FusedGroupNormSiLU
+            module.conv_act = nn.Identity()
+        elif not on and type(norm_out) is FusedGroupNormSiLU:
+            norm_out.__class__ = nn.GroupNorm
+            module.conv_act = nn.SiLU()
+    attention_norms = {id(m.group_norm) for m in model.modules() if isinstance(getattr(m, "group_norm", None),
+                                                                                 nn.GroupNorm)}
+    for module in model.modules():
+        if on and type(module) is nn.GroupNorm and id(module) not in attention_norms:
             module.__class__ = FusedGroupNorm
         elif not on and type(module) is FusedGroupNorm:
             module.__class__ = nn.GroupNorm
-    return sum(isinstance(m, FusedGroupNorm) for m in unet.modules())
+    return sum(isinstance(m, FusedGroupNorm) for m in model.modules())
