@@ -1,10 +1,11 @@
 """GroupNorm with its SiLU in two Triton kernels, in the activations' own layout (EngineConfig.fused_norm).
 
-Why: eager F.group_norm on a channels_last activation first copies it to NCHW, normalizes, and the next conv copies
-it back; the SiLU after it is one more pass. That is 4 kernels and 4 trips through memory for each of the UNet's 61
-GroupNorms per evaluation, and at batch 1 the graphs-only frame is bound by such small memory-bound kernels. Here
-it is 2 kernels: block statistics, then normalize + affine + SiLU, reading and writing the input's layout. A
-resnet's norm2 also takes the conv bias and the time embedding before it (two more elementwise passes in eager).
+Why: eager F.group_norm makes a CUDA input NCHW-contiguous (ATen's group_norm), so a channels_last activation is
+copied to NCHW, normalized, and the next conv copies it back; the SiLU after it is one more pass. That is 4 kernels
+and 4 trips through memory for each of the UNet's 61 GroupNorms per evaluation (on the H200 the compiled frame,
+which fuses these among others, took two thirds of the graphs-only frame's time at batch 1). Here it is 2 kernels:
+block statistics, then normalize + affine + SiLU, reading and writing the input's layout. A resnet's norm2 also
+takes the conv bias and the time embedding before it (two more elementwise passes in eager).
 torch.compile fuses the same on its own, so this is for the path without --compile (which refuses the two together).
 
 Numerics: statistics in float32 as PyTorch's kernel keeps them; each block's mean and sum of squared deviations are
@@ -104,6 +105,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     statistics (a resnet's time embedding and the previous conv's bias: two elementwise passes less). The output has
     x's dtype and memory format. Runs the Triton kernels where fusable(), PyTorch's ops otherwise.
     """
+    n, c = x.shape[:2]
+    if shift is not None and (shift.shape != (n, c) or shift.stride(1) != 1):
+        raise ValueError(f"shift must be ({n}, {c}) with contiguous channels, got {tuple(shift.shape)}")
+    if channel_shift is not None and (channel_shift.shape != (c,) or channel_shift.stride(0) != 1):
+        raise ValueError(f"channel_shift must be ({c},) and contiguous, got {tuple(channel_shift.shape)}")
     if not fusable(x, num_groups, weight):
         if shift is not None:
             x = x + shift[:, :, None, None]
@@ -112,7 +118,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
         y = F.group_norm(x, num_groups, weight, bias, eps)
         return F.silu(y) if silu else y
     triton, block_stats, normalize = _kernels()
-    n, c, h, w = x.shape
+    h, w = x.shape[2:]
     hw, cpg = h * w, c // num_groups
     block_cpg = triton.next_power_of_2(cpg)
     block_hw = min(triton.next_power_of_2(hw), max(1, TILE_ELEMENTS // block_cpg))
@@ -122,10 +128,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     y = torch.empty_like(x)  # same strides as x (channels_last stays channels_last)
     part = torch.empty(n * num_groups * blocks * 3, device=x.device, dtype=torch.float32)
     grid = (n * num_groups, blocks)
-    if shift is not None and (shift.shape != (n, c) or shift.stride(1) != 1):
-        raise ValueError(f"shift must be ({n}, {c}) with contiguous channels, got {tuple(shift.shape)}")
-    if channel_shift is not None and (channel_shift.shape != (c,) or channel_shift.stride(0) != 1):
-        raise ValueError(f"channel_shift must be ({c},) and contiguous, got {tuple(channel_shift.shape)}")
     # A kernel argument must be a tensor even when its constexpr switch leaves it unread.
     a = shift if shift is not None else x
     b = channel_shift if channel_shift is not None else x
@@ -203,7 +205,7 @@ def set_fused_norm(model: Any, on: bool, resnet_class: type) -> int:
     untouched either way: only classes change.
     """
     fused = _fused_resnet_class()
-    for module in model.modules():
+    for module in list(model.modules()):  # a list: conv_act is replaced on the way
         if on and type(module) is not fused and type(module).__name__ in ("ResnetBlock2D", "LeanResnetBlock2D") \
                 and _resnet_fusable(module):
             module.__class__ = fused
