@@ -20,6 +20,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic...) carry the image size.
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
+# OpenCV 4.10+ decodes straight to RGB: one pass over the frame less than decoding to BGR and converting.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
 # OpenCV threads of its own would fight the inference thread for cores; parallelism comes from our worker threads.
 cv2.setNumThreads(1)
 
@@ -111,10 +114,11 @@ def check_decode_cost(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MA
 def decode_jpeg(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
     """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; magic bytes, declared size and scan count checked first."""
     check_decode_cost(data, max_side, max_scans)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
+    buf = np.frombuffer(data, np.uint8)
+    image = cv2.imdecode(buf, _IMREAD_RGB if _IMREAD_RGB is not None else cv2.IMREAD_COLOR)
+    if image is None:
         raise CodecError("could not decode the JPEG image (truncated or corrupt)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return image if _IMREAD_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
