@@ -59,8 +59,10 @@ ROWS = (
         "tail (bit-identical)", cuda_only=True),
     Row("fused_norm", {"fused_norm": True}, "graphs + GroupNorm+SiLU in Triton kernels (rounding only)",
         cuda_only=True),
-    Row("graphs_lean", {"fused_norm": True, "skip_unit_rescale": True, "frame_graph": True},
-        "graphs without wasted kernels: fused norms, no /1.0, one graph per frame", cuda_only=True),
+    Row("fused_epilogue", {"fused_epilogue": True}, "graphs + TAESD's conv bias, skip and ReLU in one Triton pass "
+        "(rounding only)", cuda_only=True),
+    Row("graphs_lean", {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True, "frame_graph": True},
+        "graphs without wasted kernels: fused norms and epilogues, no /1.0, one graph per frame", cuda_only=True),
     Row("fp8", {"fp8": True}, "graphs + float8 e4m3 transformer Linears (torchao)", cuda_only=True, fresh=True),
     Row("compile_default", {"compile": True}, "torch.compile (default mode) + graphs", cuda_only=True, needs_s=200),
     Row("fp8_compile", {"fp8": True, "compile": True}, "fp8 + torch.compile + graphs", cuda_only=True,
@@ -120,7 +122,7 @@ def extra_row(spec: str) -> Row:
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
     allowed = ("attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
-               "frame_graph", "fused_norm")
+               "frame_graph", "fused_norm", "fused_epilogue")
     options = {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -271,7 +273,7 @@ class Rows:
                            buckets=BATCHES, compile_cache=None, **row.options)
         out["config"] = {k: getattr(cfg, k) for k in (
             "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
-            "frame_graph", "fused_norm")} | {
+            "frame_graph", "fused_norm", "fused_epilogue")} | {
             "buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:

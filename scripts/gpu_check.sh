@@ -11,9 +11,10 @@
 # engine: the tests marked gpu, `turbostream bench --model random --device cuda --compile` at 512x512 (compiled
 #         batch 1, 4 and 8), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
 #         batch 1 and 8
-# norm:   --fused-norm's Triton kernels: all of tests/test_group_norm.py on CUDA (the kernels compiled for this GPU,
-#         against PyTorch at every SD-Turbo norm shape), then scripts/group_norm_speed.py (eager vs fused per shape,
-#         each in a CUDA graph); JSON in $OUT/group_norm_speed.json. About a minute
+# norm:   --fused-norm's and --fused-epilogue's Triton kernels: tests/test_group_norm.py and tests/test_epilogue.py on
+#         CUDA (the kernels compiled for this GPU, against PyTorch at every SD-Turbo norm shape, in the engine's
+#         graphs), then scripts/group_norm_speed.py (eager vs fused per norm shape, each in a CUDA graph); JSON in
+#         $OUT/group_norm_speed.json. About a minute
 # rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms, fp8, compile
 #         modes) as one row, batch 1 and 8 timed, parity against one fp32 reference, and a profile of the compiled
 #         batch-1 frame; ROWS_S seconds in all (default 540; rows that no longer fit are skipped and named),
@@ -103,7 +104,7 @@ for stage in "${stages[@]}"; do
         --json "$OUT/host_overhead.json" ;;
     norm)
       if [ "${CHECK_CPU:-0}" = 1 ]; then NORM_ARGS=(--device cpu --quick); NORM_S=600; else NORM_ARGS=(); NORM_S=120; fi
-      step norm-tests "$NORM_S" "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py
+      step norm-tests "$NORM_S" "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py tests/test_epilogue.py
       step norm-speed 180 "$PY" scripts/group_norm_speed.py "${NORM_ARGS[@]}" --json "$OUT/group_norm_speed.json" ;;
     rows)
       [ -z "${ROWS:-}" ] || ROWS_ARGS+=(--rows "$ROWS")

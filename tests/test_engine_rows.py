@@ -31,7 +31,7 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = res["rows"]
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "skip_unit_rescale",
-                          "frame_graph", "fused_norm", "graphs_lean", "fp8", "compile_default", "fp8_compile", "compile_max_autotune",
+                          "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default", "fp8_compile", "compile_max_autotune",
                           "temporal_reuse", "compile_reuse", "broken", "lean_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
     for name in ("baseline", "attn_flash", "attn_math", "skip_unit_rescale", "lean_math"):
@@ -50,8 +50,8 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
     assert rows["skip_unit_rescale"]["applied"]["lean_resnets"] > 0
     assert rows["lean_math"]["config"]["attention"] == "math" and rows["lean_math"]["applied"]["lean_resnets"] > 0
-    for name in ("attn_efficient", "attn_cudnn", "fused_norm", "graphs_lean", "fp8", "compile_default", "fp8_compile",
-                 "compile_max_autotune", "compile_reuse"):
+    for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "fp8",
+                 "compile_default", "fp8_compile", "compile_max_autotune", "compile_reuse"):
         assert rows[name]["skipped"] == "CUDA only"
     reuse = rows["temporal_reuse"]
     assert reuse["status"] == "ok" and reuse["config"]["feature_reuse"] is True and reuse["parity_pass"] is True

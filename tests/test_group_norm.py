@@ -1,7 +1,8 @@
 """--fused-norm: the Triton GroupNorm(+SiLU) kernels (engine/group_norm.py) against PyTorch's ops, and the UNet surgery.
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py before triton is
-imported); on a GPU machine the same tests run them on CUDA. Every kernel test asserts that the kernel path ran
+imported); on a GPU machine the same tests run them on CUDA. Their ahead-of-time compile for NVIDIA GPUs is in
+tests/test_triton_aot.py. Every kernel test asserts that the kernel path ran
 (fusable), so a fallback to PyTorch's ops cannot pass for the kernels.
 """
 
@@ -203,56 +204,6 @@ def test_kernels_on_cuda_at_every_sd_turbo_norm_shape():
                     batch, channels, side, silu)
                 assert torch.equal(group_norm(x, 32, w, b, 1e-5, silu=silu), y)
 
-
-AHEAD_OF_TIME = r'''
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from turbostream.engine.group_norm import _kernels
-
-_, block_stats, normalize = _kernels()
-assert type(block_stats).__name__ == "JITFunction", type(block_stats)  # compiled, not interpreted
-done = []
-plain, shifted = {"SHIFT_A": False, "SHIFT_B": False}, {"SHIFT_A": True, "SHIFT_B": True}
-for arch, dtype in ((90, "fp16"), (90, "bf16"), (80, "fp16"), (89, "fp32")):
-    for fn, constexprs in ((block_stats, {**plain, "BLOCK_HW": 256, "BLOCK_CPG": 16}),
-                           (block_stats, {**shifted, "BLOCK_HW": 32, "BLOCK_CPG": 128}),
-                           (normalize, {**shifted, "SILU": True, "BLOCK_P": 16, "BLOCK_HW": 256, "BLOCK_CPG": 16}),
-                           (normalize, {**plain, "SILU": False, "BLOCK_P": 1, "BLOCK_HW": 32, "BLOCK_CPG": 128})):
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name == "part_ptr":
-                signature[name] = "*fp32"
-            elif name.endswith("_ptr"):
-                signature[name] = "*" + dtype
-            else:
-                signature[name] = "fp32" if name == "eps" else "i32"
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", arch, 32))
-        assert kernel.asm["cubin"], (fn, arch)
-        done.append([fn.__name__, arch, dtype, len(kernel.asm["cubin"])])
-print(json.dumps(done))
-'''
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the kernels run for real (test_kernels_on_cuda_...)")
-def test_kernels_compile_to_nvidia_machine_code_without_a_gpu(tmp_path):
-    """The interpreter is laxer than the compiler (scalar stores, one-element ranges, casts): compile both kernels
-    ahead of time with Triton's own ptxas for Ampere, Ada and Hopper, in every dtype the engine runs, so a kernel that
-    would only fail on the GPU fails here."""
-    import json
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", AHEAD_OF_TIME], env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    built = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(built) == 16 and all(size > 1000 for *_, size in built)
 
 
 def test_speed_script_runs_the_kernels_and_reports_each_shape(tmp_path):

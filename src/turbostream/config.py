@@ -285,6 +285,10 @@ class EngineConfig:
     # kernels each instead of 4, in the activations' channels_last layout. For the path without compile (torch.compile
     # fuses them itself; the two together are refused); CUDA with Triton only. Output changes by rounding only.
     fused_norm: bool = False
+    # TAESD's conv biases, skip adds and ReLUs in one Triton pass per conv (engine/epilogue.py): 3 elementwise passes
+    # per block instead of 7, on the frame's largest tensors. Like fused_norm: without compile, CUDA with Triton only;
+    # the output changes by rounding only.
+    fused_epilogue: bool = False
     # Also capture, per bucket, one CUDA graph of a whole frame with the default stream's number of UNet evaluations
     # (head, every step and tail: one launch a call instead of 2 + evaluations, and no host work between them, so a
     # busy host cannot stall the device inside a call). Other step counts and reuse modes replay the segment graphs
@@ -310,9 +314,10 @@ class EngineConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         check_compile_mode(self.compile_mode)
-        if self.fused_norm and self.compile:
-            raise ValueError("fused_norm is for the path without compile: torch.compile fuses GroupNorm and SiLU "
-                             "itself (choose one)")
+        for name in ("fused_norm", "fused_epilogue"):
+            if getattr(self, name) and self.compile:
+                raise ValueError(f"{name} is for the path without compile: torch.compile fuses these kernels itself "
+                                 "(choose one)")
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")

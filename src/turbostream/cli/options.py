@@ -97,6 +97,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="the UNet's GroupNorm+SiLU in Triton kernels of turbostream's own (2 kernels instead of 4 "
                         "each; CUDA and Triton only; not with --compile, which fuses them itself). The output changes "
                         "by rounding only")
+    g.add_argument("--fused-epilogue", action="store_true",
+                   help="TAESD's conv biases, skip adds and ReLUs in one Triton kernel per conv (3 elementwise passes "
+                        "per block instead of 7; CUDA and Triton only; not with --compile). The output changes by "
+                        "rounding only")
     g.add_argument("--frame-graph", action="store_true",
                    help="also capture one CUDA graph per bucket of a whole frame with the default step count (one "
                         "launch a call; other step counts use the per-step graphs); bit-identical output, one more "
@@ -148,7 +152,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
             compile_cache=args.compile_cache, compile_mode=args.compile_mode, attention=args.attention,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
-            frame_graph=args.frame_graph,
+            fused_epilogue=args.fused_epilogue, frame_graph=args.frame_graph,
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:
@@ -160,11 +164,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             from ..engine.cuda import check_fp8
 
             check_fp8(device)  # no CUDA, an older GPU or no torchao: said before loading too
-        if cfg.fused_norm:
-            from ..engine.group_norm import triton_problem
+        from ..engine.triton_support import triton_problem
 
-            if problem := triton_problem(device):
-                raise ValueError(f"--fused-norm cannot run here: {problem}")
+        for flag, on in (("--fused-norm", cfg.fused_norm), ("--fused-epilogue", cfg.fused_epilogue)):
+            if on and (problem := triton_problem(device)):
+                raise ValueError(f"{flag} cannot run here: {problem}")
         return cfg
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -5,9 +5,9 @@ prepare_cuda() rewrites the given components in place (channels_last, fused QKV)
 not diffusers' defaults. That is why the parity reference (reference.py) always loads components of its own.
 
 apply_options() makes the modules match the engine options that change them (EngineConfig.attention,
-skip_unit_rescale, fused_norm, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It is idempotent, and
-attention, skip_unit_rescale and fused_norm are undone by a config without them, so engines may share components;
-fp8 cannot be undone (the weights are rounded to 8 bits in place).
+skip_unit_rescale, fused_norm, fused_epilogue, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It
+is idempotent, and all but fp8 are undone by a config without them, so engines may share components (fp8 cannot be
+undone: the weights are rounded to 8 bits in place).
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ def prepare_cpu(components: Any = None, config: Any = None) -> None:
 
 
 def apply_options(components: Any, config: Any) -> dict:
-    """Make the UNet match config's attention, skip_unit_rescale, fused_norm and fp8; ValueError (clear) if one
-    cannot run here.
+    """Make the UNet and VAE match config's attention, skip_unit_rescale, fused_norm, fused_epilogue and fp8;
+    ValueError (clear) if one cannot run here.
 
     Call after prepare_cuda's QKV fusion (the attention processor keeps it) and before the first frame. Returns what
     was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms",
-    "vae_fused_norms"}.
+    "vae_fused_norms", "fused_epilogues"}.
     """
     from .attention import attention_modules, check_backend, resnet_class, set_attention, set_unit_rescale
+    from .epilogue import check_kernel, set_fused_epilogue
     from .group_norm import check_kernels, set_fused_norm
 
     unet = components.unet
@@ -66,21 +67,23 @@ def apply_options(components: Any, config: Any) -> dict:
                          "undone: load fresh components for an engine without fp8")
     if config.fp8 and not quantized:
         check_fp8(next(unet.parameters()).device)
-    if config.fused_norm:
-        param = next(unet.parameters())
-        try:
-            check_kernels(param.device, param.dtype)
-        except ValueError as exc:
-            raise ValueError(f"fused_norm cannot run here: {exc}") from None
+    param = next(unet.parameters())
+    for name, check in (("fused_norm", check_kernels), ("fused_epilogue", check_kernel)):
+        if getattr(config, name):
+            try:
+                check(param.device, param.dtype)
+            except ValueError as exc:
+                raise ValueError(f"{name} cannot run here: {exc}") from None
     set_attention(unet, config.attention, config.skip_unit_rescale)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
     fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))
     vae_fused = set_fused_norm(components.vae, config.fused_norm, resnet_class(False))  # TAESD has none: 0
+    epilogues = set_fused_epilogue(components.vae, config.fused_epilogue)  # TAESD's blocks; the full VAE has none
     if config.fp8 and not quantized:
         unet._turbostream_fp8 = quantize_fp8(unet)
     return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
             "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused,
-            "vae_fused_norms": vae_fused}
+            "vae_fused_norms": vae_fused, "fused_epilogues": epilogues}
 
 
 def check_fp8(device: torch.device | str) -> None:

@@ -22,32 +22,17 @@ before triton is imported), and compile them ahead of time for NVIDIA GPUs witho
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .triton_support import interpreting, triton_problem
+
 # Elements of one block tile (rows of pixels x the channels of one group): enough work per program to hide memory
 # latency, few enough registers that a tile of the UNet's widest groups (80 channels) still fits.
 TILE_ELEMENTS = 4096
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1): the tests' way to run them."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_problem(device: torch.device | str) -> str | None:
-    """Why the kernels cannot run on `device` (None when they can): they need Triton, and CUDA or its interpreter."""
-    if torch.device(device).type != "cuda" and not interpreting():
-        return "it runs Triton kernels, which need a CUDA GPU"
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"it needs Triton, which cannot be imported here ({exc}): pip install triton"
-    return None
 
 
 def check_kernels(device: torch.device | str, dtype: torch.dtype) -> None:

@@ -1,0 +1,145 @@
+"""--fused-epilogue: the Triton bias + skip + ReLU kernel (engine/epilogue.py) against PyTorch, and TAESD's surgery.
+
+Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py before triton is
+imported); on a GPU machine the same tests run it on CUDA. Kernel tests assert fusable(), so a fallback to
+PyTorch's ops cannot pass for the kernel. Its ahead-of-time compile for NVIDIA GPUs is in tests/test_triton_aot.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turbostream.config import EngineConfig, StreamParams, preset
+from turbostream.engine import Engine
+from turbostream.engine.cuda import apply_options
+from turbostream.engine.epilogue import ConvBiasReLU, bias_act, fusable, set_fused_epilogue
+from turbostream.engine.triton_support import interpreting
+
+pytest.importorskip("triton", reason="--fused-epilogue needs Triton (pip install triton; Linux x86_64 wheels)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+assert DEVICE == "cuda" or interpreting(), "conftest.py sets TRITON_INTERPRET=1 on machines without CUDA"
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float16, 4e-3)])
+def test_kernel_adds_bias_and_skip_and_applies_relu_in_place(layout, dtype, tol):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 12, 7, 9, generator=g) * 3).to(DEVICE, dtype).contiguous(memory_format=layout)
+    bias = torch.randn(12, generator=g).to(DEVICE, dtype)
+    skip = torch.randn(2, 12, 7, 9, generator=g).to(DEVICE, dtype).contiguous(memory_format=layout)
+    for residual in (None, skip):
+        for relu in (False, True):
+            want = x.double() + bias.double()[None, :, None, None] + (0 if residual is None else residual.double())
+            want = F.relu(want) if relu else want
+            assert fusable(x, bias, residual)
+            out = x.clone()
+            got = bias_act(out, bias, residual=residual, relu=relu)
+            assert got is out and got.is_contiguous(memory_format=layout)  # written into the conv's output
+            assert (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item() / 4)
+
+
+def test_a_skip_in_another_layout_falls_back_to_pytorch():
+    x = torch.randn(1, 6, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    bias, skip = torch.randn(6, device=DEVICE), torch.randn(1, 6, 5, 5, device=DEVICE)  # NCHW skip
+    assert not fusable(x, bias, skip) and not fusable(x[:, :, ::2], bias)
+    want = F.relu(x + bias[None, :, None, None] + skip)
+    got = bias_act(x.clone(), bias, residual=skip, relu=True)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.fixture
+def taesd_components():
+    """tiny-random with TAESD, this test's own (the option changes module classes)."""
+    from turbostream.models import load_components
+
+    return load_components("tiny-random", device=DEVICE, vae="tiny")
+
+
+def _coder_out(vae):
+    g = torch.Generator().manual_seed(2)
+    image = (torch.rand(1, 3, 64, 64, generator=g) * 2 - 1).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        latents = vae.encoder(image)
+        return latents, vae.decoder(latents)
+
+
+def test_taesd_surgery_fuses_every_block_and_is_undone(taesd_components):
+    vae = taesd_components.vae
+    blocks = sum(type(m).__name__ == "AutoencoderTinyBlock" for m in vae.modules())
+    relus = sum(type(m) is torch.nn.ReLU for m in vae.modules())
+    plain = _coder_out(vae)
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    applied = apply_options(taesd_components, preset("test", fused_epilogue=True, device=DEVICE))
+    convs = sum(type(m) is ConvBiasReLU for m in vae.modules())
+    assert convs == 2 * blocks + 1  # two per block, and the decoder's first conv and its ReLU
+    assert applied["fused_epilogues"] == convs + blocks and blocks > 0
+    # Left: each block's `fuse` ReLU, which the fused block's forward applies inside its last bias_act.
+    assert sum(type(m) is torch.nn.ReLU for m in vae.modules()) == blocks
+    fused = _coder_out(vae)
+    for a, b in zip(fused, plain):
+        assert (a - b).abs().max().item() < 1e-5  # fp32: rounding only
+    assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
+    assert set_fused_epilogue(vae, True) == applied["fused_epilogues"]  # idempotent
+    assert apply_options(taesd_components, preset("test", device=DEVICE))["fused_epilogues"] == 0
+    # A ReLU module at each place again; a block's two were one shared module before, now they are two.
+    assert sum(type(m) is torch.nn.ReLU for m in vae.modules()) == relus + blocks
+    assert all(torch.equal(a, b) for a, b in zip(_coder_out(vae), plain))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU engine's fused path (on CUDA: the gpu test below)")
+def test_engine_with_fused_epilogue_within_one_level_and_undone(taesd_components):
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    params = [StreamParams("ink", strength=0.5, steps=2, seed=s) for s in (1, 2)]
+    plain = Engine(preset("test", buckets=(2,)), taesd_components).run(frames, params)
+    fused = Engine(preset("test", buckets=(2,), fused_epilogue=True), taesd_components).run(frames, params)
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(fused, plain)) <= 1
+    again = Engine(preset("test", buckets=(2,)), taesd_components).run(frames, params)
+    assert all(np.array_equal(a, b) for a, b in zip(again, plain))
+
+
+def test_refused_with_compile_and_where_triton_cannot_run(monkeypatch, taesd_components):
+    with pytest.raises(ValueError, match="fused_epilogue is for the path without compile"):
+        EngineConfig(fused_epilogue=True, compile=True)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="fused_epilogue cannot run here: it runs Triton kernels"):
+            Engine(preset("test", fused_epilogue=True), taesd_components)
+        assert not any(type(m) is ConvBiasReLU for m in taesd_components.vae.modules())
+
+
+def test_cli_option_reaches_the_engine_config(monkeypatch):
+    import argparse
+
+    from turbostream.cli.options import add_engine_options, engine_config
+    from turbostream.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    assert engine_config(parser.parse_args(["--fused-epilogue", "--device", DEVICE])).fused_epilogue
+    assert not engine_config(parser.parse_args([])).fused_epilogue
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(UserError, match="--fused-epilogue cannot run here: it runs Triton kernels"):
+            engine_config(parser.parse_args(["--fused-epilogue", "--device", "cpu"]))
+
+
+@pytest.mark.gpu
+def test_fused_epilogue_in_cuda_graphs_within_rounding():
+    from turbostream.models import load_components
+
+    comps = load_components("tiny-random", device="cuda", vae="tiny")
+    rng = np.random.default_rng(9)
+    frames = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(3)]
+    params = [StreamParams(p, seed=i) for i, p in enumerate(("a", "b", "c"))]
+    outs = {}
+    for on in (False, True):
+        engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 4), fused_epilogue=on),
+                        comps)
+        engine.warmup()
+        outs[on] = engine.run(frames, params)
+        assert engine.stats.graph_replays >= 1
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(outs[True], outs[False])) <= 2
