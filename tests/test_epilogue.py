@@ -2,7 +2,8 @@
 
 Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py before triton is
 imported); on a GPU machine the same tests run it on CUDA. Kernel tests assert fusable(), so a fallback to
-PyTorch's ops cannot pass for the kernel. Its ahead-of-time compile for NVIDIA GPUs is in tests/test_triton_aot.py.
+PyTorch's ops cannot pass for the kernel. Its ahead-of-time compile for NVIDIA GPUs, and what both fused options
+share (refusals, errors), are in tests/test_fused_options.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turbostream.config import EngineConfig, StreamParams, preset
+from turbostream.config import StreamParams, preset
 from turbostream.engine import Engine
 from turbostream.engine.cuda import apply_options
 from turbostream.engine.epilogue import ConvBiasReLU, bias_act, fusable, set_fused_epilogue
@@ -99,32 +100,6 @@ def test_engine_with_fused_epilogue_within_one_level_and_undone(taesd_components
     assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(fused, plain)) <= 1
     again = Engine(preset("test", buckets=(2,)), taesd_components).run(frames, params)
     assert all(np.array_equal(a, b) for a, b in zip(again, plain))
-
-
-def test_refused_with_compile_and_where_triton_cannot_run(monkeypatch, taesd_components):
-    with pytest.raises(ValueError, match="fused_epilogue is for the path without compile"):
-        EngineConfig(fused_epilogue=True, compile=True)
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="fused_epilogue cannot run here: it runs Triton kernels"):
-            Engine(preset("test", fused_epilogue=True), taesd_components)
-        assert not any(type(m) is ConvBiasReLU for m in taesd_components.vae.modules())
-
-
-def test_cli_option_reaches_the_engine_config(monkeypatch):
-    import argparse
-
-    from turbostream.cli.options import add_engine_options, engine_config
-    from turbostream.errors import UserError
-
-    parser = argparse.ArgumentParser()
-    add_engine_options(parser)
-    assert engine_config(parser.parse_args(["--fused-epilogue", "--device", DEVICE])).fused_epilogue
-    assert not engine_config(parser.parse_args([])).fused_epilogue
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(UserError, match="--fused-epilogue cannot run here: it runs Triton kernels"):
-            engine_config(parser.parse_args(["--fused-epilogue", "--device", "cpu"]))
 
 
 @pytest.mark.gpu

@@ -1,22 +1,21 @@
 """--fused-norm: the Triton GroupNorm(+SiLU) kernels (engine/group_norm.py) against PyTorch's ops, and the UNet surgery.
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py before triton is
-imported); on a GPU machine the same tests run them on CUDA. Their ahead-of-time compile for NVIDIA GPUs is in
-tests/test_triton_aot.py. Every kernel test asserts that the kernel path ran
-(fusable), so a fallback to PyTorch's ops cannot pass for the kernels.
+imported); on a GPU machine the same tests run them on CUDA. Their ahead-of-time compile for NVIDIA GPUs, and what
+both fused options share (refusals, errors), are in tests/test_fused_options.py. Every kernel test asserts that the
+kernel path ran (fusable), so a fallback to PyTorch's ops cannot pass for the kernels.
 """
 
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from turbostream.config import EngineConfig, StreamParams, preset
+from turbostream.config import StreamParams, preset
 from turbostream.engine import Engine
 from turbostream.engine.attention import resnet_class, set_unit_rescale
 from turbostream.engine.group_norm import (
@@ -24,9 +23,9 @@ from turbostream.engine.group_norm import (
     FusedGroupNormSiLU,
     fusable,
     group_norm,
-    interpreting,
     set_fused_norm,
 )
+from turbostream.engine.triton_support import interpreting
 
 pytest.importorskip("triton", reason="--fused-norm needs Triton (pip install triton; Linux x86_64 wheels)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,34 +156,6 @@ def test_engine_with_fused_norm_within_one_level_and_undone_for_the_next(fresh_c
     assert all(np.array_equal(a, b) for a, b in zip(again, plain))
 
 
-def test_fused_norm_is_refused_with_compile_and_where_triton_cannot_run(monkeypatch, fresh_components):
-    with pytest.raises(ValueError, match="fused_norm is for the path without compile"):
-        EngineConfig(fused_norm=True, compile=True)
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="fused_norm cannot run here: it runs Triton kernels, which need a CUDA"):
-            Engine(preset("test", fused_norm=True), fresh_components)
-        assert not any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())  # nothing changed
-
-
-def test_cli_option_reaches_the_engine_config(monkeypatch):
-    import argparse
-
-    from turbostream.cli.options import add_engine_options, engine_config
-    from turbostream.errors import UserError
-
-    parser = argparse.ArgumentParser()
-    add_engine_options(parser)
-    assert engine_config(parser.parse_args(["--fused-norm", "--device", DEVICE])).fused_norm
-    assert not engine_config(parser.parse_args([])).fused_norm
-    with pytest.raises(UserError, match="fused_norm is for the path without compile"):
-        engine_config(parser.parse_args(["--fused-norm", "--compile"]))
-    if DEVICE == "cpu":  # said before any weights load
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(UserError, match="--fused-norm cannot run here: it runs Triton kernels"):
-            engine_config(parser.parse_args(["--fused-norm", "--device", "cpu"]))
-
-
 @pytest.mark.gpu
 def test_kernels_on_cuda_at_every_sd_turbo_norm_shape():
     """The compiled kernels (not the interpreter) at each (channels, resolution) the SD-Turbo UNet normalizes at
@@ -227,35 +198,6 @@ def test_speed_script_runs_the_kernels_and_reports_each_shape(tmp_path):
         no_triton = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                                    env=dict(os.environ, TRITON_INTERPRET="0"))
         assert no_triton.returncode == 2 and "the fused kernels cannot run on cpu" in no_triton.stderr
-
-
-def test_kernels_that_fail_or_disagree_are_a_clear_error_when_the_engine_is_built(monkeypatch, fresh_components):
-    import triton
-
-    from turbostream.engine import group_norm as module
-
-    class Kernel:
-        def __init__(self, run):
-            self.run = run
-
-        def __getitem__(self, grid):
-            return self.run
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("PTX .version 9.9 does not support .target sm_70\nptxas fatal: bad target")
-
-    def writes_nothing(*args, **kwargs):  # leaves torch.empty_like's output as it was
-        args[3].fill_(float("nan"))
-
-    ok = Kernel(lambda *a, **k: None)
-    where = next(fresh_components.unet.parameters()).device
-    for normalize, message in ((Kernel(no_compiler), f"Triton could not run its kernels on {where} (RuntimeError: "
-                                "ptxas fatal: bad target)"),
-                               (Kernel(writes_nothing), f"its kernels disagree with PyTorch's GroupNorm on {where}")):
-        monkeypatch.setattr(module, "_kernels", lambda normalize=normalize: (triton, ok, normalize))
-        with pytest.raises(ValueError, match=re.escape(f"fused_norm cannot run here: {message}")):
-            Engine(preset("test", fused_norm=True, device=DEVICE), fresh_components)
-        assert not any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU engine's fused path (on CUDA: tests/test_engine_gpu.py)")
