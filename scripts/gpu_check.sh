@@ -103,7 +103,7 @@ for stage in "${stages[@]}"; do
       step host-overhead 120 "$PY" scripts/host_overhead.py "${MODEL[@]:2}" --batches 1,8 \
         --json "$OUT/host_overhead.json" ;;
     norm)
-      if [ "${CHECK_CPU:-0}" = 1 ]; then NORM_ARGS=(--device cpu --quick); NORM_S=600; else NORM_ARGS=(); NORM_S=120; fi
+      if [ "${CHECK_CPU:-0}" = 1 ]; then NORM_ARGS=(--device cpu --quick); NORM_S=600; else NORM_ARGS=(); NORM_S=180; fi
       step norm-tests "$NORM_S" "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py tests/test_epilogue.py
       step norm-speed 180 "$PY" scripts/group_norm_speed.py "${NORM_ARGS[@]}" --json "$OUT/group_norm_speed.json" ;;
     rows)
