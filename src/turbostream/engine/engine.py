@@ -39,7 +39,7 @@ import torch
 from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
-from .caches import LRU, FramePool, encode_prompt, seed_noise
+from .caches import LRU, encode_prompt, seed_noise
 from .compile_cache import CompileCache, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
@@ -189,9 +189,6 @@ class Engine:
         ]
         self._next_slot = 0
         self._last_ended = None  # the end mark of the last call submitted (Ticket._marks)
-        # Frames handed out: both slots' batches, and as many again held downstream (outboxes, writers, the
-        # similarity skip) before the pool stops keeping more (FramePool).
-        self._frame_pool = FramePool((self.height, self.width, 3), limit=4 * B + 16)
         self._frames = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._out = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._emb = torch.zeros((B, self.components.max_tokens, self.components.text_dim), dtype=self.dtype, device=dev)
@@ -691,13 +688,11 @@ class Engine:
             slot.done.synchronize()
 
     def _hand_out(self, ticket: Ticket) -> None:
-        """Wait for the ticket's batch in flight and copy its frames out of the slot into arrays nobody holds."""
+        """Wait for the ticket's batch in flight and copy its frames out of the slot into fresh arrays."""
         slot, rows = ticket.slot, ticket.rows
         self._wait(slot)
         for r, i in enumerate(rows):
-            frame = self._frame_pool.take()
-            np.copyto(frame, slot.out[r].numpy())
-            ticket.results[i] = frame
+            ticket.results[i] = slot.out[r].numpy().copy()
         ticket.rows = []
 
     def _chunks(self, members: list[int], keys: list[Hashable | None]) -> list[list[int]]:
