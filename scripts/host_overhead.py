@@ -34,6 +34,35 @@ def stub_networks(engine: Engine) -> None:
     math.decoder_call = lambda z: z.new_zeros((z.shape[0], 3, h * 8, w * 8))
 
 
+def copy_out(engine: Engine, b: int, iters: int) -> dict:
+    """Median ms to hand b frames out of a slot's host buffer as the engine does (fresh arrays), and into arrays
+    allocated once (the least any reuse could cost), side by side in this process; the last 3 batches stay alive,
+    as downstream queues keep them. A large gap means fresh arrays pay page faults here."""
+    out = engine._slots[0].out
+    rotation = [[np.empty(tuple(out.shape[1:]), np.uint8) for _ in range(b)] for _ in range(4)]
+
+    def fresh(i: int):
+        return [out[r].numpy().copy() for r in range(b)]
+
+    def reused(i: int):
+        frames = rotation[i % len(rotation)]
+        for r, frame in enumerate(frames):
+            np.copyto(frame, out[r].numpy())
+        return frames
+
+    result = {}
+    for name, fn in (("fresh_ms", fresh), ("reused_ms", reused)):
+        kept, times = [], []
+        for i in range(iters + 5):
+            t0 = time.perf_counter()
+            kept.append(fn(i))
+            if i >= 5:  # burn in: the allocator warm
+                times.append((time.perf_counter() - t0) * 1e3)
+            del kept[:-3]
+        result[name] = round(statistics.median(times), 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="512")
@@ -63,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(times)
         rows[str(b)] = {"median_ms": round(median, 3), "per_frame_ms": round(median / b, 3),
                         "p95_ms": round(sorted(times)[int(0.95 * (len(times) - 1))], 3)}
+        rows[str(b)]["copy_out"] = copy_out(engine, b, args.iters)
         print(f"batch {b} at {width}x{height}: host work {rows[str(b)]['median_ms']:.2f} ms a call "
-              f"({rows[str(b)]['per_frame_ms']:.2f} ms a frame), p95 {rows[str(b)]['p95_ms']:.2f} ms")
+              f"({rows[str(b)]['per_frame_ms']:.2f} ms a frame), p95 {rows[str(b)]['p95_ms']:.2f} ms; "
+              f"copying the frames out: {rows[str(b)]['copy_out']['fresh_ms']:.2f} ms into fresh arrays (the "
+              f"engine), {rows[str(b)]['copy_out']['reused_ms']:.2f} ms into arrays allocated once")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": f"{width}x{height}", "device": args.device, "torch": torch.__version__,
