@@ -12,7 +12,7 @@ import torch
 from turbostream.config import EngineConfig, preset
 
 if not torch.cuda.is_available():
-    # Without a GPU, Triton kernels (--fused-norm, tests/test_group_norm.py) run in Triton's CPU interpreter. It is
+    # Without a GPU, the Triton kernels (--fused-norm, --fused-epilogue) run in Triton's CPU interpreter. It is
     # chosen when triton is first imported, so it is set here, before any test module can import it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -94,9 +94,9 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="leave out the UNet's divisions by 1.0 (diffusers' output scale factors): fewer kernels, "
                         "bit-identical output")
     g.add_argument("--fused-norm", action="store_true",
-                   help="the UNet's GroupNorm+SiLU in Triton kernels of turbostream's own (2 kernels instead of 4 "
-                        "each; CUDA and Triton only; not with --compile, which fuses them itself). The output changes "
-                        "by rounding only")
+                   help="the UNet's (and the full VAE's) GroupNorm+SiLU in Triton kernels of turbostream's own (2 "
+                        "kernels instead of 4 each; CUDA and Triton only; not with --compile, which fuses them "
+                        "itself). The output changes by rounding only")
     g.add_argument("--fused-epilogue", action="store_true",
                    help="TAESD's conv biases, skip adds and ReLUs in one Triton kernel per conv (3 elementwise passes "
                         "per block instead of 7; CUDA and Triton only; not with --compile). The output changes by "
