@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from turbostream.engine.group_norm import fusable, group_norm, triton_problem
+from turbostream.engine.group_norm import fusable, group_norm
+from turbostream.engine.triton_support import triton_problem
 
 # (channels, latent side at 512x512, how many of the UNet's 61 GroupNorms see that shape): counted with forward hooks
 # on the `random` model's UNet (model_configs/random/unet.json) run on the meta device.

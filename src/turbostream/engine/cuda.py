@@ -59,6 +59,7 @@ def apply_options(components: Any, config: Any) -> dict:
     from .group_norm import check_kernels, set_fused_norm
 
     unet = components.unet
+    param = next(unet.parameters())  # the UNet's device and dtype (the VAE's are the same)
     tokens = (config.height // 8) * (config.width // 8)
     check_backend(config.attention, unet, tokens, components.max_tokens)  # before anything changes
     quantized = getattr(unet, "_turbostream_fp8", 0)
@@ -66,8 +67,7 @@ def apply_options(components: Any, config: Any) -> dict:
         raise ValueError("these components were quantized to fp8 by an engine built with fp8, which cannot be "
                          "undone: load fresh components for an engine without fp8")
     if config.fp8 and not quantized:
-        check_fp8(next(unet.parameters()).device)
-    param = next(unet.parameters())
+        check_fp8(param.device)
     for name, check in (("fused_norm", check_kernels), ("fused_epilogue", check_kernel)):
         if getattr(config, name):
             try:
