@@ -41,6 +41,15 @@ def tiny_full_vae_components(tiny_components):
 
 
 @pytest.fixture
+def own_components():
+    """tiny-random components (TAESD) of one test alone, on CUDA where there is one: for tests of options that change
+    module classes (the fused kernels), which must not touch the session's shared components."""
+    from turbostream.models import load_components
+
+    return load_components("tiny-random", device="cuda" if torch.cuda.is_available() else "cpu", vae="tiny")
+
+
+@pytest.fixture
 def make_engine(tiny_components):
     """Build a CPU engine on the shared tiny components: make_engine(**EngineConfig overrides)."""
     from turbostream.engine import Engine

@@ -51,14 +51,6 @@ def test_a_skip_in_another_layout_falls_back_to_pytorch():
     assert torch.allclose(got, want, atol=1e-6)
 
 
-@pytest.fixture
-def taesd_components():
-    """tiny-random with TAESD, this test's own (the option changes module classes)."""
-    from turbostream.models import load_components
-
-    return load_components("tiny-random", device=DEVICE, vae="tiny")
-
-
 def _coder_out(vae):
     g = torch.Generator().manual_seed(2)
     image = (torch.rand(1, 3, 64, 64, generator=g) * 2 - 1).to(DEVICE).contiguous(memory_format=torch.channels_last)
@@ -67,13 +59,13 @@ def _coder_out(vae):
         return latents, vae.decoder(latents)
 
 
-def test_taesd_surgery_fuses_every_block_and_is_undone(taesd_components):
-    vae = taesd_components.vae
+def test_taesd_surgery_fuses_every_block_and_is_undone(own_components):
+    vae = own_components.vae
     blocks = sum(type(m).__name__ == "AutoencoderTinyBlock" for m in vae.modules())
     relus = sum(type(m) is torch.nn.ReLU for m in vae.modules())
     plain = _coder_out(vae)
     state = {k: v.clone() for k, v in vae.state_dict().items()}
-    applied = apply_options(taesd_components, preset("test", fused_epilogue=True, device=DEVICE))
+    applied = apply_options(own_components, preset("test", fused_epilogue=True, device=DEVICE))
     convs = sum(type(m) is ConvBiasReLU for m in vae.modules())
     assert convs == 2 * blocks + 1  # two per block, and the decoder's first conv and its ReLU
     assert applied["fused_epilogues"] == convs + blocks and blocks > 0
@@ -84,21 +76,21 @@ def test_taesd_surgery_fuses_every_block_and_is_undone(taesd_components):
         assert (a - b).abs().max().item() < 1e-5  # fp32: rounding only
     assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
     assert set_fused_epilogue(vae, True) == applied["fused_epilogues"]  # idempotent
-    assert apply_options(taesd_components, preset("test", device=DEVICE))["fused_epilogues"] == 0
+    assert apply_options(own_components, preset("test", device=DEVICE))["fused_epilogues"] == 0
     # A ReLU module at each place again; a block's two were one shared module before, now they are two.
     assert sum(type(m) is torch.nn.ReLU for m in vae.modules()) == relus + blocks
     assert all(torch.equal(a, b) for a, b in zip(_coder_out(vae), plain))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU engine's fused path (on CUDA: the gpu test below)")
-def test_engine_with_fused_epilogue_within_one_level_and_undone(taesd_components):
+def test_engine_with_fused_epilogue_within_one_level_and_undone(own_components):
     rng = np.random.default_rng(5)
     frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
     params = [StreamParams("ink", strength=0.5, steps=2, seed=s) for s in (1, 2)]
-    plain = Engine(preset("test", buckets=(2,)), taesd_components).run(frames, params)
-    fused = Engine(preset("test", buckets=(2,), fused_epilogue=True), taesd_components).run(frames, params)
+    plain = Engine(preset("test", buckets=(2,)), own_components).run(frames, params)
+    fused = Engine(preset("test", buckets=(2,), fused_epilogue=True), own_components).run(frames, params)
     assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(fused, plain)) <= 1
-    again = Engine(preset("test", buckets=(2,)), taesd_components).run(frames, params)
+    again = Engine(preset("test", buckets=(2,)), own_components).run(frames, params)
     assert all(np.array_equal(a, b) for a, b in zip(again, plain))
 
 

@@ -34,16 +34,8 @@ OPTIONS = {
 }
 
 
-@pytest.fixture
-def fresh_components():
-    """tiny-random components of this test alone (the options change module classes)."""
-    from turbostream.models import load_components
-
-    return load_components("tiny-random", device=DEVICE, vae="tiny")
-
-
 @pytest.mark.parametrize("option", OPTIONS)
-def test_refused_with_compile_and_where_triton_cannot_run(option, monkeypatch, fresh_components):
+def test_refused_with_compile_and_where_triton_cannot_run(option, monkeypatch, own_components):
     flag, *_, untouched = OPTIONS[option]
     with pytest.raises(ValueError, match=f"{option} is for the path without compile"):
         EngineConfig(**{option: True}, compile=True)
@@ -58,13 +50,12 @@ def test_refused_with_compile_and_where_triton_cannot_run(option, monkeypatch, f
         with pytest.raises(UserError, match=f"{flag} cannot run here: it runs Triton kernels, which need a CUDA GPU"):
             engine_config(parser.parse_args([flag, "--device", "cpu"]))
         with pytest.raises(ValueError, match=f"{option} cannot run here: it runs Triton kernels"):
-            Engine(preset("test", **{option: True}), fresh_components)
-        assert untouched(fresh_components)  # nothing changed
+            Engine(preset("test", **{option: True}), own_components)
+        assert untouched(own_components)  # nothing changed
 
 
 @pytest.mark.parametrize("option", OPTIONS)
-def test_kernels_that_fail_or_disagree_are_a_clear_error_when_the_engine_is_built(option, monkeypatch,
-                                                                                   fresh_components):
+def test_kernels_that_fail_or_disagree_are_a_clear_error_when_the_engine_is_built(option, monkeypatch, own_components):
     """A GPU whose Triton cannot compile, or a kernel that computes nonsense: said when the engine is built."""
     import importlib
 
@@ -86,15 +77,15 @@ def test_kernels_that_fail_or_disagree_are_a_clear_error_when_the_engine_is_buil
             if isinstance(arg, torch.Tensor) and arg.is_floating_point():
                 arg.fill_(float("nan"))
 
-    where = next(fresh_components.unet.parameters()).device
+    where = next(own_components.unet.parameters()).device
     for run, message in ((no_compiler, f"Triton could not run its kernels on {where} (RuntimeError: ptxas fatal: "
                                        "bad target)"),
                          (nan_out, "disagree")):
         kernels = (triton, Kernel(run), Kernel(run)) if loader == "_kernels" else (triton, Kernel(run))
         monkeypatch.setattr(module, loader, lambda kernels=kernels: kernels)
         with pytest.raises(ValueError, match=f"{option} cannot run here: .*" + re.escape(message)):
-            Engine(preset("test", **{option: True}, device=DEVICE), fresh_components)
-        assert untouched(fresh_components)
+            Engine(preset("test", **{option: True}, device=DEVICE), own_components)
+        assert untouched(own_components)
 
 
 AHEAD_OF_TIME = r'''

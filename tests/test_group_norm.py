@@ -100,14 +100,6 @@ def test_unfusable_inputs_fall_back_to_pytorch():
                        F.group_norm(strided + shift[:, :, None, None] + b[None, :, None, None], 3, w, b, 1e-5))
 
 
-@pytest.fixture
-def fresh_components():
-    """tiny-random components of this test alone (the option changes module classes)."""
-    from turbostream.models import load_components
-
-    return load_components("tiny-random", device=DEVICE, vae="tiny")
-
-
 def _unet_out(components) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
@@ -117,10 +109,10 @@ def _unet_out(components) -> torch.Tensor:
                                return_dict=False)[0]
 
 
-def test_unet_surgery_fuses_every_group_norm_and_is_undone(fresh_components):
-    unet = fresh_components.unet.to(memory_format=torch.channels_last)
+def test_unet_surgery_fuses_every_group_norm_and_is_undone(own_components):
+    unet = own_components.unet.to(memory_format=torch.channels_last)
     norms = sum(type(m) is torch.nn.GroupNorm for m in unet.modules())
-    plain = _unet_out(fresh_components)
+    plain = _unet_out(own_components)
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     assert set_fused_norm(unet, True, resnet_class(False)) == norms
     resnets = [m for m in unet.modules() if type(m).__name__ == "FusedNormResnetBlock2D"]
@@ -128,31 +120,31 @@ def test_unet_surgery_fuses_every_group_norm_and_is_undone(fresh_components):
     assert type(unet.conv_norm_out) is FusedGroupNormSiLU and isinstance(unet.conv_act, torch.nn.Identity)
     assert any(type(m) is FusedGroupNorm for m in unet.modules())  # the transformers' input norms, no SiLU
     assert set_fused_norm(unet, True, resnet_class(False)) == norms  # idempotent
-    fused = _unet_out(fresh_components)
+    fused = _unet_out(own_components)
     assert (fused - plain).abs().max().item() < 1e-4  # fp32: rounding only
     assert unet.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
     # Off again, and the lean class when no /1.0 is asked: diffusers' output exactly.
     assert set_fused_norm(unet, False, resnet_class(True)) == 0
     assert all(type(r).__name__ == "LeanResnetBlock2D" for r in resnets)
-    assert torch.equal(_unet_out(fresh_components), plain)
+    assert torch.equal(_unet_out(own_components), plain)
     assert set_unit_rescale(unet, False) == 0
     assert sum(type(m) is torch.nn.GroupNorm for m in unet.modules()) == norms
-    assert isinstance(unet.conv_act, torch.nn.SiLU) and torch.equal(_unet_out(fresh_components), plain)
+    assert isinstance(unet.conv_act, torch.nn.SiLU) and torch.equal(_unet_out(own_components), plain)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU engine's fused path (on CUDA: tests/test_engine_gpu.py)")
-def test_engine_with_fused_norm_within_one_level_and_undone_for_the_next(fresh_components):
+def test_engine_with_fused_norm_within_one_level_and_undone_for_the_next(own_components):
     rng = np.random.default_rng(2)
     frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
     params = [StreamParams("a watercolor", strength=0.5, steps=2, seed=s) for s in (1, 2)]  # one UNet evaluation
-    plain = Engine(preset("test", buckets=(2,)), fresh_components).run(frames, params)
-    fused_engine = Engine(preset("test", buckets=(2,), fused_norm=True), fresh_components)
-    assert any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())
+    plain = Engine(preset("test", buckets=(2,)), own_components).run(frames, params)
+    fused_engine = Engine(preset("test", buckets=(2,), fused_norm=True), own_components)
+    assert any(isinstance(m, FusedGroupNorm) for m in own_components.unet.modules())
     fused = fused_engine.run(frames, params)
     assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(fused, plain)) <= 1
-    again = Engine(preset("test", buckets=(2,)), fresh_components).run(frames, params)  # undone by the next engine
-    assert not any(isinstance(m, FusedGroupNorm) for m in fresh_components.unet.modules())
+    again = Engine(preset("test", buckets=(2,)), own_components).run(frames, params)  # undone by the next engine
+    assert not any(isinstance(m, FusedGroupNorm) for m in own_components.unet.modules())
     assert all(np.array_equal(a, b) for a, b in zip(again, plain))
 
 
