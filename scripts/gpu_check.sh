@@ -15,8 +15,8 @@
 #         CUDA (the kernels compiled for this GPU, against PyTorch at every SD-Turbo norm shape, in the engine's
 #         graphs), then scripts/group_norm_speed.py (eager vs fused per norm shape, each in a CUDA graph); JSON in
 #         $OUT/group_norm_speed.json. About a minute
-# rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms, fp8, compile
-#         modes) as one row, batch 1 and 8 timed, parity against one fp32 reference, and a profile of the compiled
+# rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms
+#         and epilogues, fp8, compile modes) as one row, batch 1 and 8 timed, parity against one fp32 reference, and a profile of the compiled
 #         batch-1 frame; ROWS_S seconds in all (default 540; rows that no longer fit are skipped and named),
 #         ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The fp8 rows need torchao:
 #         carry its wheel too (device-wheels.sh torchao==0.18.0, the release built for torch 2.11)
@@ -73,7 +73,7 @@ print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else Non
 a, b = (torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(7), dtype=dt).float()
         for dt in (torch.float32, torch.float16))
 print("cpu randn float16 vs float32, max abs", float((a - b).abs().max()))
-try:  # --fused-norm runs Triton kernels (CUDA torch wheels bring Triton along)
+try:  # --fused-norm and --fused-epilogue run Triton kernels (CUDA torch wheels bring Triton along)
     import triton
     print("triton", triton.__version__)
 except ImportError as exc:
