@@ -18,8 +18,9 @@
 # rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms
 #         and epilogues, fp8, compile modes) as one row, batch 1 and 8 timed, parity against one fp32 reference, and
 #         a profile of the compiled batch-1 frame; ROWS_S seconds in all (default 540; rows that no longer fit are
-#         skipped and named), ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The fp8 rows need torchao:
-#         carry its wheel too (device-wheels.sh torchao==0.18.0, the release built for torch 2.11)
+#         skipped and named), ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The
+#         fp8 rows need torchao: carry its wheel too (device-wheels.sh torchao==0.18.0, the release built for torch
+#         2.11)
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
