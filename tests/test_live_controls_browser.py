@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from test_browser import TIMEOUT_MS, _watch, browser  # noqa: F401 - the module-scoped browser fixture
 
 from turbostream.config import ServerConfig, preset
@@ -29,11 +30,15 @@ def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F81
         page.fill("#prompt", "a watercolor")
         page.fill("#prompt-b", "a pencil sketch")
         page.fill("#mix", "0.25")
-        page.wait_for_function(
-            """() => { const p = turbostream.params || {};
-                return p.similarity === 0.95 && p.transition_s === 1.5 && p.feedback === 0.5 && p.reuse === 3
-                    && JSON.stringify(p.prompt) === '[["a watercolor",0.75],["a pencil sketch",0.25]]'; }""",
-            timeout=TIMEOUT_MS)
+        try:
+            page.wait_for_function(
+                """() => { const p = turbostream.params || {};
+                    return p.similarity === 0.95 && p.transition_s === 1.5 && p.feedback === 0.5 && p.reuse === 3
+                        && JSON.stringify(p.prompt) === '[["a watercolor",0.75],["a pencil sketch",0.25]]'; }""",
+                timeout=TIMEOUT_MS)
+        except PlaywrightTimeout:  # say what the page had instead (this wait once timed out in a full CI run)
+            seen = page.evaluate("() => JSON.stringify({params: turbostream.params, errors: turbostream.errors})")
+            raise AssertionError(f"the page never confirmed the controls; it had {seen}; problems {problems}") from None
         stream = next(iter(server.clients)).stream
         assert stream.params.prompt == (("a watercolor", 0.75), ("a pencil sketch", 0.25))
         assert stream.params.reuse == 3
