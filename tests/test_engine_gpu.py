@@ -172,6 +172,25 @@ def test_new_step_count_captures_nothing_and_pipelined_calls_keep_their_outputs(
     assert engine.stats.graphs_captured == captured
 
 
+def test_engine_calls_run_on_the_engines_own_stream(cuda_tiny):
+    """Nothing of an engine call goes to the legacy default stream, so work other threads queue there (torchvision's
+    nvJPEG encoder copies its bitstream there: serve --jpeg gpu) neither waits for an engine call nor delays one."""
+    from turbostream.engine import Engine
+
+    engine = Engine(preset("test", device="cuda", width=128, height=128, buckets=(1, 2)), cuda_tiny)
+    engine.warmup()
+    frames, params = _frames(2, 128, 128), [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    wanted = engine.run(frames, params)
+    assert engine.stream is not None and engine.stream != torch.cuda.default_stream()
+    with torch.cuda.stream(engine.stream):
+        torch.cuda._sleep(2_000_000_000)  # holds the engine's stream about a second: the call queues behind it
+    ticket = engine.submit(frames, params)
+    default_idle, pending = torch.cuda.default_stream().query(), not engine.done(ticket)
+    got = engine.collect(ticket)
+    assert pending and default_idle
+    assert all(np.array_equal(g, w) for g, w in zip(got, wanted))
+
+
 def test_calls_carry_the_devices_timeline_from_cuda_events(cuda_tiny):
     """On CUDA a call's device time and the idle time before it come from events on the stream: a call queued while
     the one before it runs waits for nothing (gap under 1 ms); a call submitted after a pause shows the pause."""

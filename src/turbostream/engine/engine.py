@@ -9,9 +9,10 @@ seconds. The price is two more graph launches per call (microseconds against mil
 
 Pipelining: submit() stages a batch and enqueues its graphs without waiting; collect() waits for that batch and
 hands out its frames. Between the two the GPU works while the caller does host work, such as staging the next
-batch (two calls may be in flight). Device buffers are shared by all calls: one CUDA stream orders them. The pinned
-host buffers are not ordered by the stream, so there are two sets (slots), one per call in flight; a slot is reused
-only after its call was collected, so neither a staged input nor an output still to be handed out is overwritten.
+batch (two calls may be in flight). Device buffers are shared by all calls: one CUDA stream orders them, the
+engine's own (not the legacy default stream: see _on_own_stream). The pinned host buffers are not ordered by the
+stream, so there are two sets (slots), one per call in flight; a slot is reused only after its call was collected,
+so neither a staged input nor an output still to be handed out is overwritten.
 
 The live-video controls are data in the same static buffers (streams.py): a transition writes interpolated
 embeddings and noise into a stream's rows, feedback writes the stream's previous output latent and its weight. Both
@@ -27,6 +28,7 @@ and noise caches are not locked; call warmup() and run() from the same (inferenc
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -50,6 +52,39 @@ from .streams import StreamStates, blend_embeddings, lerp, slerp
 log = logging.getLogger("turbostream.engine")
 
 BLEND_CACHE_SIZE = 16  # prompt blends' combined embeddings kept (LRU); recombining one costs a few tensor ops
+
+
+def _on_own_stream(hand_back: bool = False):
+    """Decorator: run an Engine method with the engine's CUDA stream current (nothing changes on the CPU).
+
+    Why a stream of its own: the legacy default stream orders work across the whole process, so a library that
+    queues work there from another thread (torchvision's nvJPEG encoder copies its result on it: `serve --jpeg gpu`)
+    would wait behind the engine call in flight, and the engine's next call behind it. On entry the engine's stream
+    waits for the work the caller queued so far (its inputs, buffers set up in __init__); with hand_back the caller's
+    stream waits for the engine's, for methods that return device tensors. submit() does not hand back: its results
+    leave through pinned host memory and an event, and a caller's stream waiting for the whole call would bring the
+    stall back.
+    """
+
+    def wrap(method):
+        @functools.wraps(method)
+        def on_own_stream(self, *args, **kwargs):
+            stream = self.stream
+            if stream is None:
+                return method(self, *args, **kwargs)
+            caller = torch.cuda.current_stream(self.device)
+            if caller == stream:  # called from another engine method
+                return method(self, *args, **kwargs)
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                result = method(self, *args, **kwargs)
+            if hand_back:
+                caller.wait_stream(stream)
+            return result
+
+        return on_own_stream
+
+    return wrap
 
 
 @dataclass
@@ -117,6 +152,8 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = default_dtype(self.device, config.dtype)
         self.is_cuda = self.device.type == "cuda"
+        # Every call's device work goes to this stream (_on_own_stream); set-up below still runs on the caller's.
+        self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         t0 = time.perf_counter()
         if components is None:
             components = load_components(
@@ -213,6 +250,7 @@ class Engine:
 
     # ------------------------------------------------------------------ caches (text encoder, noise)
 
+    @_on_own_stream(hand_back=True)
     @torch.inference_mode()
     def prompt_embeddings(self, prompt: str | tuple) -> torch.Tensor:
         """(tokens, dim) embeddings of a prompt on the device; the text encoder runs only on a cache miss.
@@ -234,6 +272,7 @@ class Engine:
             self.stats.prompt_cache_evictions = self._prompts.evictions
         return emb
 
+    @_on_own_stream(hand_back=True)
     def noise(self, seed: int) -> torch.Tensor:
         """(C, h, w) float32 unit Gaussian noise of a seed; drawn on the CPU so a seed means the same on any device."""
         noise = self._noise.lookup(seed)
@@ -300,6 +339,7 @@ class Engine:
                 "run every engine call from the one inference thread"
             )
 
+    @_on_own_stream()
     @torch.inference_mode()
     def warmup(self) -> EngineStats:
         """Compile (if asked) and capture one graph per bucket for the default parameters; timed and logged.
@@ -595,6 +635,7 @@ class Engine:
         """
         return self.collect(self.submit(frames, params, graphs=graphs, streams=streams))
 
+    @_on_own_stream()
     @torch.inference_mode()
     def submit(
         self, frames: Sequence[np.ndarray], params: Sequence[StreamParams], *, graphs: bool | None = None,
@@ -652,6 +693,7 @@ class Engine:
             self.stats.frames += len(frames)
         return ticket
 
+    @_on_own_stream()
     @torch.inference_mode()
     def collect(self, ticket: Ticket) -> list[np.ndarray]:
         """Wait for a submitted call and return its frames (uint8 RGB (height, width, 3), in submission order)."""
@@ -736,6 +778,7 @@ class Engine:
         if slot.done is not None:
             slot.done.record()
 
+    @_on_own_stream()
     @torch.inference_mode()
     def trace(self, frame: np.ndarray, params: StreamParams) -> dict[str, torch.Tensor]:
         """One frame, eagerly, keeping every stage of its path (see _frame_path's probe): float32 CPU copies.
@@ -753,6 +796,7 @@ class Engine:
         stages["output"] = out[0].cpu()
         return stages
 
+    @_on_own_stream()
     @torch.inference_mode()
     def generate(
         self,
