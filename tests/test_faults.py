@@ -600,10 +600,10 @@ def test_a_codec_failure_answers_its_frame_and_the_stream_goes_on(engine, monkey
             raise MemoryError("simulated: no memory for this decode")
         return real_decode(data, *args)
 
-    def encode(rgb, quality):
+    def encode(rgb, quality, *args):
         if encoder_failures:
             raise encoder_failures.pop()
-        return real_encode(rgb, quality)
+        return real_encode(rgb, quality, *args)
 
     monkeypatch.setattr(sessions_module, "timed_decode", decode)
     monkeypatch.setattr(sessions_module, "timed_encode", encode)

@@ -155,3 +155,23 @@ def fit_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     shrinking = crop_w > width or crop_h > height
     resized = cv2.resize(window, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     return np.ascontiguousarray(resized)
+
+
+class CpuJpeg:
+    """The CPU codec as an object with decode() and encode(), the form the server calls (codec_cuda.CudaJpeg is the
+    GPU one)."""
+
+    name = "cpu"
+
+    @staticmethod
+    def decode(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
+        """JPEG bytes -> uint8 RGB (H, W, 3), 0..255 (decode_jpeg)."""
+        return decode_jpeg(data, max_side, max_scans)
+
+    @staticmethod
+    def encode(rgb: np.ndarray, quality: int = 85) -> bytes:
+        """uint8 RGB (H, W, 3), 0..255 -> JPEG bytes (encode_jpeg)."""
+        return encode_jpeg(rgb, quality)
+
+
+CPU_JPEG = CpuJpeg()

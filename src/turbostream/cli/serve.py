@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                    help="largest message accepted (default: %(default)s)")
     g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="output JPEG quality (default: %(default)s)")
+    g.add_argument("--jpeg", choices=("cpu", "gpu"), default="cpu",
+                   help="where client JPEGs are decoded and results encoded: cpu (OpenCV), or gpu (nvJPEG through "
+                        "torchvision, on the first CUDA device; JPEGs it refuses go to the CPU); default: %(default)s")
     g.add_argument("--source", default=d.source, metavar="SRC",
                    help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
     g.add_argument("--publish", action="append", default=[], metavar="URL",
@@ -73,6 +76,7 @@ def main(args) -> int:
 
 def _main(args) -> int:
     factories = engine_factories(args)  # option mistakes are reported now, before minutes of model loading
+    jpeg = jpeg_codec(args)
     capture_factory = None
     try:
         config = server_config(args)
@@ -84,7 +88,7 @@ def _main(args) -> int:
             capture_factory = default_capture
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    server = TurboServer(config=config, engine_factories=factories, capture_factory=capture_factory)
+    server = TurboServer(config=config, engine_factories=factories, capture_factory=capture_factory, jpeg=jpeg)
     if not is_loopback_host(config.host) and config.token is None:
         log.warning("listening on %s without --token: anyone who can reach this port can use the GPU", config.host)
     try:
@@ -98,6 +102,30 @@ def _main(args) -> int:
         return asyncio.run(_serve_until_signal(server, extras))
     finally:
         extras.stop()  # already done on a normal shutdown; here for a failed start
+
+
+def jpeg_codec(args):
+    """The codec workers' JPEG codec: None (the CPU's), or with --jpeg gpu nvJPEG on the first CUDA device of
+    --device, tried now (a trial round trip), before the model loads; UserError if it cannot work here."""
+    if getattr(args, "jpeg", "cpu") == "cpu":
+        return None
+    from ..models import resolve_device
+
+    try:
+        devices = [str(resolve_device(d)) if d == "auto" else d for d in parse_devices(args.device)]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if not cuda:
+        raise UserError(f"--jpeg gpu needs a CUDA device among --device (got {', '.join(devices)}); use --jpeg cpu")
+    from ..codec_cuda import CudaJpeg
+
+    try:
+        codec = CudaJpeg(cuda[0])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    log.info("JPEG decode and encode on %s (nvJPEG)", codec.device)
+    return codec
 
 
 def integration_args(args) -> None:

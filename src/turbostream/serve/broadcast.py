@@ -206,7 +206,7 @@ class Broadcast:
             while rgb is not None:
                 try:
                     jpeg, dt = await self.loop.run_in_executor(server.pool, timed_encode, rgb,
-                                                               server.config.jpeg_quality)
+                                                               server.config.jpeg_quality, server.jpeg)
                 except Exception:  # noqa: BLE001 - one lost broadcast frame; the next one is encoded as usual
                     log.exception("could not encode a broadcast frame")
                     server.metrics.dropped("encode")

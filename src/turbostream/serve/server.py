@@ -27,6 +27,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from ..codec import CPU_JPEG, CpuJpeg
 from ..config import ServerConfig, StreamParams, stream_limits
 from ..metrics import DeviceMetrics, Metrics
 from . import protocol
@@ -47,6 +48,7 @@ class TurboServer:
     its own inference thread and new streams go to the least loaded (devices.py).
     `await start()` listens (port 0 picks one: see .port) and starts the inference threads; `await stop()` closes
     every connection with 1001 and stops the threads. An engine is used only from its inference thread.
+    jpeg: the JPEG codec of the codec workers (default the CPU's; `serve --jpeg gpu` gives a codec_cuda.CudaJpeg).
     """
 
     def __init__(
@@ -59,8 +61,10 @@ class TurboServer:
         workers: int | None = None,
         engines: list[Any] | None = None,
         engine_factories: dict[str, Callable[[], Any]] | None = None,
+        jpeg: CpuJpeg | None = None,
     ) -> None:
         self.config = config or ServerConfig()
+        self.jpeg = jpeg or CPU_JPEG  # decode and encode on the codec workers: CPU, or codec_cuda.CudaJpeg
         self.metrics = Metrics()
         self.devices = Devices(DeviceMetrics(self.metrics.registry), self._on_batch, engine=engine,
                                engine_factory=engine_factory, engines=engines, engine_factories=engine_factories)

@@ -32,7 +32,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from ..batcher import Result, Stream
-from ..codec import decode_jpeg, encode_jpeg, fit_frame
+from ..codec import CPU_JPEG, CpuJpeg, fit_frame
 from ..config import Limits, StreamParams, stream_limits
 from ..errors import CodecError
 from ..similarity import SimilarityFilter
@@ -47,17 +47,19 @@ log = logging.getLogger("turbostream.server")
 LATENCY_WINDOW = 256  # recent end-to-end latencies kept per connection for its stats
 
 
-def timed_decode(data: bytes, limits: Limits, width: int, height: int) -> tuple[np.ndarray, float]:
-    """JPEG bytes -> uint8 RGB (height, width, 3) fitted to the engine, and the seconds it took (worker thread)."""
+def timed_decode(data: bytes, limits: Limits, width: int, height: int,
+                 jpeg: CpuJpeg = CPU_JPEG) -> tuple[np.ndarray, float]:
+    """JPEG bytes -> uint8 RGB (height, width, 3) fitted to the engine, and the seconds it took (worker thread).
+    jpeg: the server's codec (CPU, or codec_cuda.CudaJpeg with `--jpeg gpu`)."""
     t0 = time.perf_counter()
-    frame = fit_frame(decode_jpeg(data, limits.max_image_side, limits.max_jpeg_scans), width, height)
+    frame = fit_frame(jpeg.decode(data, limits.max_image_side, limits.max_jpeg_scans), width, height)
     return frame, time.perf_counter() - t0
 
 
-def timed_encode(rgb: np.ndarray, quality: int) -> tuple[bytes, float]:
+def timed_encode(rgb: np.ndarray, quality: int, jpeg: CpuJpeg = CPU_JPEG) -> tuple[bytes, float]:
     """uint8 RGB (H, W, 3) -> JPEG bytes at quality 1..100, and the seconds it took (worker thread)."""
     t0 = time.perf_counter()
-    data = encode_jpeg(rgb, quality)
+    data = jpeg.encode(rgb, quality)
     return data, time.perf_counter() - t0
 
 
@@ -139,7 +141,7 @@ class Outbox:
         server = self.server
         try:
             item.jpeg, dt = await asyncio.get_running_loop().run_in_executor(
-                server.pool, timed_encode, item.rgb, server.config.jpeg_quality
+                server.pool, timed_encode, item.rgb, server.config.jpeg_quality, server.jpeg
             )
         except Exception as exc:  # noqa: BLE001 - a codec failure or no memory: this frame only
             log.exception("could not encode a result")
@@ -362,7 +364,7 @@ class ClientSession(Session):
 
     def _decode_and_check(self, data: bytes, *fit) -> tuple[np.ndarray, float, np.ndarray | None]:
         """Worker thread: decode and fit, then the similarity check against this stream's last frame let through."""
-        frame, dt = timed_decode(data, *fit)
+        frame, dt = timed_decode(data, *fit, self.server.jpeg)
         return frame, dt, self.skipper.check(frame, self.stream.params)
 
     # -------------------------------------------------------------- output
