@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [norm] [rows] [serve] [serve-compile] [gil] [soak] [warmstart] [reuse]
-#                             [sim]
+#   bash scripts/gpu_check.sh [parity] [engine] [norm] [rows] [jpeg] [serve] [serve-compile] [gil] [soak] [warmstart]
+#                             [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
@@ -21,6 +21,11 @@
 #         skipped and named), ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The
 #         fp8 rows need torchao: carry its wheel too (device-wheels.sh torchao==0.18.0, the release built for torch
 #         2.11)
+# jpeg:   `serve --jpeg gpu` (nvJPEG through torchvision): tests/test_codec_cuda.py and the engine's own-stream test
+#         on CUDA, scripts/jpeg_speed.py (CPU and GPU codec per frame and from 1-8 threads; $OUT/jpeg_speed.json), then
+#         the load test at 1, 8 and 16 clients with --jpeg cpu and with --jpeg gpu, SERVE_S seconds each
+#         ($OUT/serve_jpeg_cpu.json, serve_jpeg_gpu.json). Needs torchvision: carry its wheel (device-wheels.sh
+#         torchvision==0.26.0, the release built for torch 2.11)
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
@@ -48,7 +53,8 @@ stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(parity engine serve)
 status=0
 
 if [ -d .whl ] && { ! python3 -c "import diffusers, websockets" 2>/dev/null \
-    || { ls .whl/torchao-*.whl >/dev/null 2>&1 && ! python3 -c "import torchao" 2>/dev/null; }; }; then
+    || { ls .whl/torchao-*.whl >/dev/null 2>&1 && ! python3 -c "import torchao" 2>/dev/null; } \
+    || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && ! python3 -c "import torchvision" 2>/dev/null; }; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
@@ -111,6 +117,18 @@ for stage in "${stages[@]}"; do
       [ -z "${ROWS:-}" ] || ROWS_ARGS+=(--rows "$ROWS")
       step rows "$ROWS_S" "$PY" scripts/engine_rows.py "${MODEL[@]}" "${ROWS_ARGS[@]}" --profile \
         --budget-s $((ROWS_S - 45)) --json "$OUT/engine_rows.json" ;;
+    jpeg)
+      JPEG_CODECS=(cpu gpu)
+      if [ "${CHECK_CPU:-0}" = 1 ]; then JPEG_ARGS=(--size 64 --iters 20 --rate-s 0.3); JPEG_CODECS=(cpu)
+      else JPEG_ARGS=(--size 512); fi
+      [ "${CHECK_CPU:-0}" = 1 ] || step jpeg-tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_codec_cuda.py tests/test_engine_gpu.py::test_engine_calls_run_on_the_engines_own_stream
+      step jpeg-speed 180 "$PY" scripts/jpeg_speed.py "${JPEG_ARGS[@]}" --json "$OUT/jpeg_speed.json"
+      for codec in "${JPEG_CODECS[@]}"; do
+        step "serve-jpeg-$codec" $((DUR * 3 + 120)) "$PY" scripts/loadtest.py --clients 1,8,16 --duration "$DUR" \
+          --json "$OUT/serve_jpeg_$codec.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 --jpeg "$codec" \
+          "${SERVE_EXTRA[@]}"
+      done ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
@@ -155,7 +173,8 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (parity, engine, norm, rows, serve, serve-compile, gil, soak, warmstart, reuse, sim)"
+    *) echo "unknown stage $stage (parity, engine, norm, rows, jpeg, serve, serve-compile, gil, soak, warmstart, reuse," \
+         "sim)"
        status=2 ;;
   esac
 done

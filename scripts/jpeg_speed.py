@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""The server's JPEG codecs side by side: the CPU's (OpenCV) and `--jpeg gpu` (nvJPEG through torchvision), per frame.
+
+For each codec, on camera-like frames of the engine's size: the median time of one decode and one encode from one
+thread (what a single client's latency pays, copies to and from the GPU included), then frames/s with 1, 4 and 8
+threads at once (what the codec workers can sustain for many clients), and the JPEG's size. Every GPU result is
+checked against the CPU codec's. Without CUDA (or without torchvision) the GPU rows say why instead.
+
+    python scripts/jpeg_speed.py --size 512 --iters 200 --json benchmarks/jpeg-speed-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from turbostream.codec import CPU_JPEG
+from turbostream.config import parse_size
+
+
+def camera_like(h: int, w: int, seed: int) -> np.ndarray:
+    """Gradients, a disc, mild noise, a blur: roughly a webcam frame's spectrum (JPEG cost depends on content)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([x * 220, y * 200, (1 - x) * 180], -1) + rng.normal(0, 10, (h, w, 3))
+    cv2.circle(img, (int(w * (0.2 + 0.05 * seed)), h // 2), min(h, w) // 5, (250, 240, 30), -1)
+    return cv2.GaussianBlur(img.clip(0, 255).astype(np.uint8), (3, 3), 0)
+
+
+def median_ms(fn, iters: int, burn_in: int = 10) -> float:
+    for _ in range(burn_in):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 3)
+
+
+def rate(fn, threads: int, seconds: float) -> float:
+    """Calls per second of fn from `threads` threads at once for about `seconds`."""
+    counts = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            fn()
+            counts[i] += 1
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return round(sum(counts) / (time.perf_counter() - t0), 1)
+
+
+def measure(codec, frames: list[np.ndarray], datas: list[bytes], args) -> dict:
+    i = iter(range(10**9))
+    decode = lambda: codec.decode(datas[next(i) % len(datas)])  # noqa: E731
+    encode = lambda: codec.encode(frames[next(i) % len(frames)], args.quality)  # noqa: E731
+    row = {"decode_ms": median_ms(decode, args.iters), "encode_ms": median_ms(encode, args.iters),
+           "jpeg_kib": round(len(codec.encode(frames[0], args.quality)) / 1024, 1)}
+    for n in args.threads:
+        row[f"decode_fps_{n}_threads"] = rate(decode, n, args.rate_s)
+        row[f"encode_fps_{n}_threads"] = rate(encode, n, args.rate_s)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="512", help="frame size, WxH or one side (default: %(default)s)")
+    ap.add_argument("--quality", type=int, default=85, help="encode quality, as serve's --jpeg-quality")
+    ap.add_argument("--iters", type=int, default=200, help="timed calls per median")
+    ap.add_argument("--threads", default="1,4,8", help="thread counts for the frames/s rows")
+    ap.add_argument("--rate-s", type=float, default=2.0, help="seconds per frames/s row")
+    ap.add_argument("--device", default="cuda", help="the GPU codec's device (default: %(default)s)")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    args.threads = [int(n) for n in args.threads.split(",")]
+    width, height = parse_size(args.size)
+    frames = [camera_like(height, width, seed) for seed in range(8)]
+    datas = [CPU_JPEG.encode(f, args.quality) for f in frames]  # what clients send: libjpeg's 4:2:0
+    result = {"size": f"{width}x{height}", "quality": args.quality, "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "command": "python scripts/jpeg_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "cpu": measure(CPU_JPEG, frames, datas, args)}
+    print("cpu:", result["cpu"], flush=True)
+    try:
+        from turbostream.codec_cuda import CudaJpeg
+
+        gpu = CudaJpeg(args.device)
+    except ValueError as exc:
+        result["gpu_codec"] = {"skipped": str(exc)}
+        print("gpu: skipped:", exc)
+    else:
+        # The GPU decode of a client's JPEG against the CPU's, and the GPU's JPEG decoded on the CPU.
+        err_in = max(float(np.abs(gpu.decode(d).astype(np.int16) - CPU_JPEG.decode(d)).mean()) for d in datas)
+        err_out = max(float(np.abs(CPU_JPEG.decode(gpu.encode(f, args.quality)).astype(np.int16) - f).mean())
+                      for f in frames)
+        row = measure(gpu, frames, datas, args)
+        row.update(decode_mean_abs_vs_cpu=round(err_in, 3), encode_round_trip_mean_abs=round(err_out, 3),
+                   fallbacks=dict(gpu.fallbacks))
+        result["gpu_codec"] = row
+        print("gpu:", row)
+        cpu = result["cpu"]
+        result["ratio_cpu_over_gpu"] = {k: round(cpu[k] / row[k], 2) for k in ("decode_ms", "encode_ms")}
+        print("cpu/gpu:", result["ratio_cpu_over_gpu"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
