@@ -49,3 +49,27 @@ def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F81
         page.wait_for_function("() => turbostream.params.prompt === 'a watercolor'", timeout=TIMEOUT_MS)
         context.close()
         assert problems == []
+
+
+def test_a_control_being_edited_keeps_its_value_when_another_changes_echo_arrives(browser, tiny_components):  # noqa: F811
+    # The echo of one change redraws every control from the server's parameters. A number being typed must survive
+    # it, or its own change would then send the old value (the race behind a timeout of the test above).
+    engine = Engine(preset("test"), tiny_components)
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        page = context.new_page()
+        problems = _watch(page)
+        page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
+        page.fill("#transition", "1.5")  # typed, not yet committed: the field has the focus
+        # Another control changed from a script: focus stays where it is, and its echo arrives meanwhile.
+        page.evaluate("""() => { const s = document.getElementById('similarity');
+                                 s.value = '0.95'; s.dispatchEvent(new Event('change')); }""")
+        page.wait_for_function("() => turbostream.params && turbostream.params.similarity === 0.95",
+                               timeout=TIMEOUT_MS)
+        assert page.evaluate("() => document.activeElement.id") == "transition"
+        assert page.input_value("#transition") == "1.5"
+        page.dispatch_event("#transition", "change")
+        page.wait_for_function("() => turbostream.params.transition_s === 1.5", timeout=TIMEOUT_MS)
+        context.close()
+        assert problems == []

@@ -150,7 +150,7 @@ function onText(text) {
     case "error":
       showError(`${msg.message} (${msg.code})`);
       if (msg.code === "bad_config") promptSent = null;
-      if (msg.code === "bad_config" && state.params) showParams(state.params);
+      if (msg.code === "bad_config" && state.params) showParams(state.params, true);
       // This frame gets no result: stop waiting for it.
       if (msg.seq !== undefined) state.sent.delete(msg.seq);
       pump();
@@ -302,7 +302,7 @@ function updateButtons() {
 
 // ---------------------------------------------------------------- parameters
 
-function showParams(p) {
+function showParams(p, force = false) {
   // A blend of two prompts shows as prompt, "blend with" and mix; any other blend as its JSON in the prompt box.
   let [a, b, mix] = [p.prompt, "", 0];
   if (Array.isArray(p.prompt)) {
@@ -321,17 +321,24 @@ function showParams(p) {
   }
   const sim = String(p.similarity ?? 0);
   if (![...$("similarity").options].some((o) => o.value === sim)) $("similarity").add(new Option(sim, sim));
-  $("similarity").value = sim;
-  $("transition").value = p.transition_s ?? 0;
-  $("feedback").value = p.feedback ?? 0;
-  $("feedback-value").textContent = Number(p.feedback ?? 0).toFixed(2);
+  setField("similarity", sim, force);
+  setField("transition", p.transition_s ?? 0, force);
+  setField("feedback", p.feedback ?? 0, force);
+  $("feedback-value").textContent = Number($("feedback").value).toFixed(2);
   const reuse = String(p.reuse ?? 0);
   if (![...$("reuse").options].some((o) => o.value === reuse)) $("reuse").add(new Option(`every ${reuse}`, reuse));
-  $("reuse").value = reuse;
-  $("strength").value = p.strength;
-  $("strength-value").textContent = Number(p.strength).toFixed(2);
-  $("steps").value = p.steps;
-  $("seed").value = p.seed;
+  setField("reuse", reuse, force);
+  setField("strength", p.strength, force);
+  $("strength-value").textContent = Number($("strength").value).toFixed(2);
+  setField("steps", p.steps, force);
+  setField("seed", p.seed, force);
+}
+
+// A control the user is in (typing a number, dragging a slider) keeps what they put there: the echo of another
+// change arriving meanwhile would otherwise overwrite it, and their change would then send the old value. A refused
+// change (bad_config) puts the server's values back everywhere (force).
+function setField(id, value, force = false) {
+  if (force || document.activeElement !== $(id)) $(id).value = value;
 }
 
 function sendConfig(fields) {
