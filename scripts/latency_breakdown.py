@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Where one client's frame spends its time in `turbostream serve`: every stage from the message to the reply.
+
+A real server runs in this process and scripts/loadtest.py drives it with one client (one frame in flight), so
+frames pass one at a time. The server's methods are wrapped with time stamps (this script only; the server has no
+such hooks), and each frame's time is cut into the stages below. Their medians add up to the frame's time in the
+server; the last line is the client's side (the reply read, the next frame sent, loopback both ways).
+
+    receive -> decode start      the event loop hands the JPEG to a codec worker
+    decode (+ fit)               JPEG -> frame of the engine's size (the --jpeg codec)
+    decode end -> in slot        back to the event loop, into the stream's batcher slot
+    in slot -> engine submit     the inference thread wakes and gathers the batch
+    engine submit                staging, caches, launches (the engine's host work)
+    submit end -> collected      the device's work, the wait for it, copying the frames out
+    collected -> result on loop  the batcher's bookkeeping, the hand-over to the event loop
+    result -> encode start       the connection's outbox hands the frame to a codec worker
+    encode                       frame -> JPEG (the --jpeg codec)
+    encode end -> sent           back to the event loop, the WebSocket send
+    sent -> next receive         the client: reads the reply, sends its next frame
+
+    python scripts/latency_breakdown.py --model random --device cuda --size 512 [--jpeg gpu] --json out.json
+    python scripts/latency_breakdown.py --sim 2,5 --size 512       # a simulated device (serve_sim.py), any machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from turbostream.cli.options import add_engine_options, build_engine  # noqa: E402
+from turbostream.config import Limits, ServerConfig  # noqa: E402
+
+# (mark, stage ending at it): the marks in the order one frame passes them.
+MARKS = [("receive", None), ("decode_start", "receive -> decode start"), ("decode_end", "decode (+ fit)"),
+         ("in_slot", "decode end -> in slot"), ("submit_start", "in slot -> engine submit"),
+         ("submit_end", "engine submit"), ("collected", "submit end -> collected"),
+         ("result_loop", "collected -> result on loop"), ("encode_start", "result -> encode start"),
+         ("encode_end", "encode"), ("sent", "encode end -> sent")]
+
+
+class Marks:
+    """Time stamps by mark name, in the order they happened (one client, one frame in flight: one per frame).
+
+    Whole frames only: start() takes effect at the next receive, stop() after the next send.
+    """
+
+    def __init__(self) -> None:
+        self.at: dict[str, list[float]] = defaultdict(list)
+        self.state = "off"  # armed -> on (at a receive) -> stopping -> off (after a send)
+
+    def start(self) -> None:
+        self.state = "armed"
+
+    def stop(self) -> None:
+        self.state = "stopping" if self.state == "on" else "off"
+
+    def mark(self, name: str) -> None:
+        if self.state == "armed" and name == "receive":
+            self.state = "on"
+        if self.state in ("on", "stopping"):
+            self.at[name].append(time.perf_counter())
+            if self.state == "stopping" and name == "sent":
+                self.state = "off"
+
+    def wrap(self, owner, name: str, before: str | None = None, after: str | None = None) -> None:
+        """Replace owner.name (a class's or an object's) with a version that marks before and/or after it."""
+        original = getattr(owner, name)
+
+        def marked(*args, **kwargs):
+            if before:
+                self.mark(before)
+            result = original(*args, **kwargs)
+            if after:
+                self.mark(after)
+            return result
+
+        setattr(owner, name, marked)
+
+
+def instrument(marks: Marks, engine) -> None:
+    from turbostream import batcher
+    from turbostream.serve import sessions
+
+    for fn, (start, end) in (("timed_decode", ("decode_start", "decode_end")),
+                             ("timed_encode", ("encode_start", "encode_end"))):
+        marks.wrap(sessions, fn, start, end)
+    sessions_cls = sessions.ClientSession
+    for method, before in (("on_binary", "receive"), ("_on_result", "result_loop"), ("_sent", "sent")):
+        original = getattr(sessions_cls, method)
+
+        def marked(self, *args, _original=original, _mark=before, **kwargs):
+            marks.mark(_mark)
+            return _original(self, *args, **kwargs)
+
+        setattr(sessions_cls, method, marked)
+    original_submit = batcher.Stream.submit
+
+    def submit(self, *args, **kwargs):
+        result = original_submit(self, *args, **kwargs)
+        marks.mark("in_slot")
+        return result
+
+    batcher.Stream.submit = submit
+    pipelined = getattr(engine, "pipelined", False)
+    if pipelined:
+        marks.wrap(engine, "submit", "submit_start", "submit_end")
+        marks.wrap(engine, "collect", None, "collected")
+    else:  # run() is submit and collect in one
+        marks.wrap(engine, "run", "submit_start", "collected")
+
+
+def breakdown(marks: Marks) -> dict:
+    """Per stage: median and p90 ms over the frames every mark saw, in order; frames at the edges are left out."""
+    names = [m for m, _ in MARKS if marks.at.get(m)]
+    counts = {m: len(marks.at[m]) for m in names}
+    n = min(counts.values())
+    if len(set(counts.values())) > 1:
+        print(f"latency_breakdown: marks seen unequally often {counts}; pairing the first {n} of each",
+              file=sys.stderr)
+    rows = range(2, n - 2)  # the first and last frames straddle the start and the end
+    stages = {}
+    order = [m for m, _ in MARKS]
+    previous = names[0]
+    for name, stage in MARKS[1:]:
+        if name not in names:
+            continue
+        ms = sorted((marks.at[name][i] - marks.at[previous][i]) * 1e3 for i in rows)
+        # A stage whose start mark was not seen (an engine without submit) is named by the marks it spans.
+        label = stage if order.index(previous) == order.index(name) - 1 else f"{previous} -> {name}"
+        stages[label] = {"p50_ms": round(statistics.median(ms), 3), "p90_ms": round(ms[int(0.9 * len(ms))], 3)}
+        previous = name
+    total = sorted((marks.at[names[-1]][i] - marks.at[names[0]][i]) * 1e3 for i in rows)
+    client = sorted((marks.at["receive"][i + 1] - marks.at["sent"][i]) * 1e3 for i in rows)
+    return {"frames": len(rows), "stages": stages,
+            "server_p50_ms": round(statistics.median(total), 3),
+            "stages_p50_sum_ms": round(sum(s["p50_ms"] for s in stages.values()), 3),
+            "sent -> next receive (client)": {"p50_ms": round(statistics.median(client), 3)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engine_options(ap)
+    ap.add_argument("--sim", metavar="FIXED,PER_FRAME", help="a simulated device (scripts/serve_sim.py) taking FIXED "
+                    "+ PER_FRAME ms a call, with the real engine's host work, instead of running the model")
+    ap.add_argument("--jpeg", choices=("cpu", "gpu"), default="cpu", help="the server's JPEG codec (serve --jpeg)")
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds (default: %(default)s)")
+    ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: %(default)s)")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    from turbostream.serve.server import ServerThread, TurboServer
+
+    if args.sim:
+        import serve_sim
+
+        from turbostream.models import load_components
+
+        fixed_ms, per_frame_ms = (float(x) for x in args.sim.split(","))
+        args.model, args.device, args.no_cuda_graphs = "tiny-random", "cpu", True
+        from turbostream.cli.options import engine_config
+        from turbostream.engine import Engine
+
+        engine = Engine(engine_config(args), load_components("tiny-random", device="cpu", vae="tiny"))
+        engine = serve_sim.SimulatedDevice(engine, fixed_ms, per_frame_ms, None)
+    else:
+        engine = build_engine(args)  # warmed up by the server's inference thread, where its graphs must replay
+    jpeg = None
+    if args.jpeg == "gpu":
+        from turbostream.codec_cuda import CudaJpeg
+
+        jpeg = CudaJpeg(str(engine.device))
+    marks = Marks()
+    instrument(marks, engine)
+    server = TurboServer(engine, ServerConfig(port=0, limits=Limits(max_clients=1)), jpeg=jpeg)
+    with ServerThread(server, ready_timeout=1800), tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "load.json"
+        url = f"ws://127.0.0.1:{server.port}/ws"
+        client = subprocess.Popen(
+            [sys.executable, str(HERE / "loadtest.py"), "--url", url, "--clients", "1", "--inflight", "1",
+             "--duration", str(args.duration + 1.0), "--warmup", str(args.warmup), "--json", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(args.warmup + 1.0)  # the client connects and warms up: not measured
+        marks.start()
+        time.sleep(args.duration)
+        marks.stop()
+        log, _ = client.communicate(timeout=args.duration + args.warmup + 120)
+        if client.returncode not in (0, 1) or not out.exists():
+            print(log[-3000:], file=sys.stderr)
+            raise SystemExit(f"latency_breakdown: the load test failed (exit {client.returncode})")
+        load = json.loads(out.read_text())["steps"][0]["total"]
+    result = breakdown(marks)
+    result.update({
+        "command": "python scripts/latency_breakdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "engine": "simulated " + args.sim if args.sim else f"{engine.model_name} on {engine.device}",
+        "size": f"{engine.width}x{engine.height}", "jpeg": args.jpeg,
+        "client_p50_ms": load["latency_ms"]["p50"], "client_fps": load["fps"],
+    })
+    width = max(len(k) for k in result["stages"])
+    for stage, t in result["stages"].items():
+        print(f"{stage:<{width}}  p50 {t['p50_ms']:7.3f} ms   p90 {t['p90_ms']:7.3f} ms")
+    print(f"{'server: receive -> sent':<{width}}  p50 {result['server_p50_ms']:7.3f} ms "
+          f"(stages' p50s add up to {result['stages_p50_sum_ms']:.3f})")
+    print(f"{'sent -> next receive (client)':<{width}}  p50 "
+          f"{result['sent -> next receive (client)']['p50_ms']:7.3f} ms")
+    print(f"client: p50 {result['client_p50_ms']} ms, {result['client_fps']} frames/s ({result['frames']} frames)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
