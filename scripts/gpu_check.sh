@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [norm] [rows] [jpeg] [serve] [serve-compile] [gil] [soak] [warmstart]
-#                             [reuse] [sim]
+#   bash scripts/gpu_check.sh [parity] [engine] [norm] [rows] [jpeg] [latency] [serve] [serve-compile] [gil] [soak]
+#                             [warmstart] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
@@ -26,6 +26,9 @@
 #         the load test at 1, 8 and 16 clients with --jpeg cpu and with --jpeg gpu, SERVE_S seconds each
 #         ($OUT/serve_jpeg_cpu.json, serve_jpeg_gpu.json). Needs torchvision: carry its wheel (device-wheels.sh
 #         torchvision==0.26.0, the release built for torch 2.11)
+# latency: scripts/latency_breakdown.py: one client's frame through a real server cut into stages (hand-offs, decode,
+#         engine host work, device, encode, send), SERVE_S seconds with --jpeg cpu and with --jpeg gpu;
+#         $OUT/latency_cpu.json, latency_gpu.json
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
@@ -129,6 +132,12 @@ for stage in "${stages[@]}"; do
           --json "$OUT/serve_jpeg_$codec.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 --jpeg "$codec" \
           "${SERVE_EXTRA[@]}"
       done ;;
+    latency)
+      LAT_CODECS=(cpu gpu); [ "${CHECK_CPU:-0}" = 1 ] && LAT_CODECS=(cpu)
+      for codec in "${LAT_CODECS[@]}"; do
+        step "latency-$codec" $((DUR + 300)) "$PY" scripts/latency_breakdown.py "${MODEL[@]}" --jpeg "$codec" \
+          --duration "$DUR" --json "$OUT/latency_$codec.json" "${SERVE_EXTRA[@]}"
+      done ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
@@ -173,8 +182,8 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (parity, engine, norm, rows, jpeg, serve, serve-compile, gil, soak, warmstart, reuse," \
-         "sim)"
+    *) echo "unknown stage $stage (parity, engine, norm, rows, jpeg, latency, serve, serve-compile, gil, soak, warmstart," \
+         "reuse, sim)"
        status=2 ;;
   esac
 done

@@ -12,8 +12,7 @@ server; the last line is the client's side (the reply read, the next frame sent,
     in slot -> engine submit     the inference thread wakes and gathers the batch
     engine submit                staging, caches, launches (the engine's host work)
     submit end -> collected      the device's work, the wait for it, copying the frames out
-    collected -> result on loop  the batcher's bookkeeping, the hand-over to the event loop
-    result -> encode start       the connection's outbox hands the frame to a codec worker
+    collected -> encode start    the batcher's bookkeeping, the frame's way to a codec worker
     encode                       frame -> JPEG (the --jpeg codec)
     encode end -> sent           back to the event loop, the WebSocket send
     sent -> next receive         the client: reads the reply, sends its next frame
@@ -45,7 +44,7 @@ from turbostream.config import Limits, ServerConfig  # noqa: E402
 MARKS = [("receive", None), ("decode_start", "receive -> decode start"), ("decode_end", "decode (+ fit)"),
          ("in_slot", "decode end -> in slot"), ("submit_start", "in slot -> engine submit"),
          ("submit_end", "engine submit"), ("collected", "submit end -> collected"),
-         ("result_loop", "collected -> result on loop"), ("encode_start", "result -> encode start"),
+         ("encode_start", "collected -> encode start"),
          ("encode_end", "encode"), ("sent", "encode end -> sent")]
 
 
@@ -96,7 +95,7 @@ def instrument(marks: Marks, engine) -> None:
                              ("timed_encode", ("encode_start", "encode_end"))):
         marks.wrap(sessions, fn, start, end)
     sessions_cls = sessions.ClientSession
-    for method, before in (("on_binary", "receive"), ("_on_result", "result_loop"), ("_sent", "sent")):
+    for method, before in (("on_binary", "receive"), ("_sent", "sent")):
         original = getattr(sessions_cls, method)
 
         def marked(self, *args, _original=original, _mark=before, **kwargs):

@@ -85,3 +85,25 @@ def test_bad_arguments_are_refused(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_sim.py"), *args], capture_output=True,
                               text=True, timeout=60, check=False)
         assert proc.returncode == 2 and "error" in proc.stderr, args
+
+
+def test_latency_breakdown_cuts_one_clients_frames_into_stages_that_add_up(tmp_path):
+    """scripts/latency_breakdown.py (a process of its own: it wraps the server's methods): every stage is seen once
+    per frame, none is negative, the simulated call shows as the device stage, and the stages add up to the
+    server's receive -> sent."""
+    out = tmp_path / "lat.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "latency_breakdown.py"), "--sim", "20,10", "--size", "64",
+         "--duration", "3", "--warmup", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "marks seen unequally" not in proc.stderr
+    res = json.loads(out.read_text())
+    stages = res["stages"]
+    assert list(stages) == ["receive -> decode start", "decode (+ fit)", "decode end -> in slot",
+                            "in slot -> engine submit", "engine submit", "submit end -> collected",
+                            "collected -> encode start", "encode", "encode end -> sent"]
+    assert all(s["p50_ms"] >= 0 for s in stages.values()) and res["frames"] >= 20
+    assert 30 <= stages["submit end -> collected"]["p50_ms"] < 60  # the 20 + 10 ms call, waited for and handed out
+    assert res["stages_p50_sum_ms"] == pytest.approx(res["server_p50_ms"], rel=0.1)
+    assert res["client_p50_ms"] >= res["server_p50_ms"]
