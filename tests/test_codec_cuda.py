@@ -45,6 +45,24 @@ def _near(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) < 3.0
 
 
+def _in_threads(work, n: int, timeout: float) -> list[BaseException]:
+    """Run work(i) for i in range(n), each on a thread of its own, at once; what they raised."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
 class FakeIO(types.SimpleNamespace):
     """torchvision.io's contract with OpenCV behind it; counts calls; fail=... makes the next calls raise."""
 
@@ -185,21 +203,13 @@ def test_the_codec_is_safe_from_many_worker_threads(codec, fake_io):
     pictures = [_picture(48, 80, seed) for seed in range(8)]
     datas = [encode_jpeg(p, 95) for p in pictures]
     wanted = [decode_jpeg(d) for d in datas]
-    errors: list[BaseException] = []
 
     def work(i: int) -> None:
-        try:
-            for _ in range(10):
-                assert _diff(codec.decode(datas[i]), wanted[i]) <= 1
-                assert _near(decode_jpeg(codec.encode(pictures[i], 95)), pictures[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(10):
+            assert _diff(codec.decode(datas[i]), wanted[i]) <= 1
+            assert _near(decode_jpeg(codec.encode(pictures[i], 95)), pictures[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = _in_threads(work, 8, 60)
     assert not errors and fake_io.decodes == 80 and fake_io.encodes == 80
 
 
@@ -295,21 +305,13 @@ def test_nvjpeg_from_many_threads_gives_each_its_own_frames(gpu_codec):
     datas = [encode_jpeg(_camera_like(512, 512, seed), 85) for seed in range(8)]
     wanted = [gpu_codec.decode(d) for d in datas]  # one thread: the reference
     pictures = [_camera_like(512, 512, 100 + seed) for seed in range(8)]
-    errors: list[BaseException] = []
 
     def work(i: int) -> None:
-        try:
-            for _ in range(20):
-                assert np.array_equal(gpu_codec.decode(datas[i]), wanted[i])
-                assert _near(decode_jpeg(gpu_codec.encode(pictures[i], 85)), pictures[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(20):
+            assert np.array_equal(gpu_codec.decode(datas[i]), wanted[i])
+            assert _near(decode_jpeg(gpu_codec.encode(pictures[i], 85)), pictures[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = _in_threads(work, 8, 120)
     assert not errors, errors[:1]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from test_browser import TIMEOUT_MS, _watch, browser  # noqa: F401 - the module-scoped browser fixture
@@ -13,14 +15,24 @@ from turbostream.serve import ServerThread, TurboServer
 pytestmark = pytest.mark.browser
 
 
-def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F811
-    engine = Engine(preset("test", feature_reuse=True), tiny_components)  # as with serve --reuse N
+@contextlib.contextmanager
+def client_page(browser, engine, frames: int):  # noqa: F811
+    """A real server on the engine and the client page streaming from a fake camera, `frames` results received:
+    (server, page, the page's problems)."""
     with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
         context = browser.new_context(viewport={"width": 1100, "height": 900})
         page = context.new_page()
         problems = _watch(page)
         page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
-        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 3", timeout=TIMEOUT_MS)
+        page.wait_for_function(f"() => window.turbostream && turbostream.framesReceived >= {frames}",
+                               timeout=TIMEOUT_MS)
+        yield server, page, problems
+        context.close()
+
+
+def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F811
+    engine = Engine(preset("test", feature_reuse=True), tiny_components)  # as with serve --reuse N
+    with client_page(browser, engine, 3) as (server, page, problems):
         assert page.is_enabled("#reuse")  # the server allows reuse (ready's limits.feature_reuse)
         page.select_option("#similarity", "0.95")
         page.fill("#transition", "1.5")
@@ -47,20 +59,14 @@ def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F81
         # Mix back to 0: the plain prompt again.
         page.fill("#mix", "0")
         page.wait_for_function("() => turbostream.params.prompt === 'a watercolor'", timeout=TIMEOUT_MS)
-        context.close()
-        assert problems == []
+    assert problems == []
 
 
 def test_a_control_being_edited_keeps_its_value_when_another_changes_echo_arrives(browser, tiny_components):  # noqa: F811
     # The echo of one change redraws every control from the server's parameters. A number being typed must survive
     # it, or its own change would then send the old value (the race behind a timeout of the test above).
     engine = Engine(preset("test"), tiny_components)
-    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
-        context = browser.new_context(viewport={"width": 1100, "height": 900})
-        page = context.new_page()
-        problems = _watch(page)
-        page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
-        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
+    with client_page(browser, engine, 1) as (_, page, problems):
         page.fill("#transition", "1.5")  # typed, not yet committed: the field has the focus
         # Another control changed from a script: focus stays where it is, and its echo arrives meanwhile.
         page.evaluate("""() => { const s = document.getElementById('similarity');
@@ -71,5 +77,4 @@ def test_a_control_being_edited_keeps_its_value_when_another_changes_echo_arrive
         assert page.input_value("#transition") == "1.5"
         page.dispatch_event("#transition", "change")
         page.wait_for_function("() => turbostream.params.transition_s === 1.5", timeout=TIMEOUT_MS)
-        context.close()
-        assert problems == []
+    assert problems == []
