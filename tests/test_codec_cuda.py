@@ -9,6 +9,7 @@ The tests marked gpu run the real nvJPEG on CUDA (scripts/gpu_check.sh jpeg).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import sys
 import threading
@@ -22,7 +23,7 @@ import torch
 from test_server import next_result, open_client, run, serving
 
 from turbostream import cli
-from turbostream.codec import CPU_JPEG, decode_jpeg, encode_jpeg
+from turbostream.codec import CPU_JPEG, decode_jpeg, encode_jpeg, jpeg_header
 from turbostream.codec_cuda import CudaJpeg, _load_io
 from turbostream.errors import CodecError
 
@@ -152,6 +153,17 @@ def test_exif_jpegs_are_decoded_on_the_cpu_which_honours_their_orientation(codec
     app1 = b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
     with_exif = data[:2] + app1 + data[2:]
     assert _diff(codec.decode(with_exif), decode_jpeg(with_exif)) == 0
+    assert fake_io.decodes == 0 and codec.fallbacks["decode"] == 0
+
+
+def test_cmyk_jpegs_are_decoded_on_the_cpu_without_trying_nvjpeg(codec, fake_io):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_picture()).convert("CMYK").save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    assert jpeg_header(data)[2] == 4 and jpeg_header(encode_jpeg(_picture()))[2] == 3
+    assert _diff(codec.decode(data), decode_jpeg(data)) == 0
     assert fake_io.decodes == 0 and codec.fallbacks["decode"] == 0
 
 

@@ -29,6 +29,13 @@ cv2.setNumThreads(1)
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a JPEG's start-of-frame header, without decoding; CodecError if not a JPEG."""
+    width, height, _ = jpeg_header(data)
+    return width, height
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, components: 1 gray, 3 colour, 4 CMYK) from a JPEG's start-of-frame header, without decoding;
+    CodecError if not a JPEG."""
     if len(data) < 4 or not data.startswith(JPEG_MAGIC):
         raise CodecError("not a JPEG image (it must start with FF D8 FF)")
     i, n = 2, len(data)
@@ -57,7 +64,7 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             width = int.from_bytes(data[i + 5 : i + 7], "big")
             if width == 0 or height == 0:
                 raise CodecError("corrupt JPEG: zero width or height")
-            return width, height
+            return width, height, data[i + 7] if i + 7 < n else 0
         i += length
     raise CodecError("corrupt JPEG: no frame header found")
 

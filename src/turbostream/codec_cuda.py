@@ -31,7 +31,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .codec import MAX_SCANS, MAX_SIDE, check_decode_cost, decode_jpeg, encode_jpeg
+from .codec import MAX_SCANS, MAX_SIDE, check_decode_cost, decode_jpeg, encode_jpeg, jpeg_header
 
 log = logging.getLogger("turbostream.codec")
 
@@ -95,7 +95,8 @@ class CudaJpeg:
     def decode(self, data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
         """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; the same checks and errors (CodecError) as codec.decode_jpeg."""
         check_decode_cost(data, max_side, max_scans)  # before any GPU work: size and scan limits, not a JPEG
-        if _has_exif(data):
+        if jpeg_header(data)[2] not in (1, 3) or _has_exif(data):
+            # CMYK (4 components) is left to OpenCV, which knows Adobe's inverted CMYK; EXIF: see _has_exif.
             return decode_jpeg(data, max_side, max_scans)
         try:
             with self._own_stream():
