@@ -107,20 +107,26 @@ def count_scans(data: bytes, limit: int | None = None) -> int:
     return n
 
 
-def check_decode_cost(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> tuple[int, int]:
-    """(width, height) of a JPEG whose decode cost is bounded: sides and scans within limits; CodecError if not."""
-    width, height = jpeg_size(data)
+def check_decode_cost(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> tuple[int, int, int]:
+    """(width, height, components) of a JPEG whose decode cost is bounded: sides and scans within limits (jpeg_header);
+    CodecError if not."""
+    width, height, components = jpeg_header(data)
     if width > max_side or height > max_side:
         raise CodecError(f"image is {width}x{height}; the limit is {max_side} pixels a side")
     if count_scans(data, max_scans + 1) > max_scans:
         raise CodecError(f"a JPEG of more than {max_scans} scans (progressive JPEGs have about 10): refused before "
                          "decoding, since every scan costs a pass over the whole image")
-    return width, height
+    return width, height, components
 
 
 def decode_jpeg(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
     """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; magic bytes, declared size and scan count checked first."""
     check_decode_cost(data, max_side, max_scans)
+    return decode_checked_jpeg(data)
+
+
+def decode_checked_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes that passed check_decode_cost -> uint8 RGB (H, W, 3), 0..255; CodecError if corrupt."""
     buf = np.frombuffer(data, np.uint8)
     image = cv2.imdecode(buf, _IMREAD_RGB if _IMREAD_RGB is not None else cv2.IMREAD_COLOR)
     if image is None:

@@ -31,7 +31,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .codec import MAX_SCANS, MAX_SIDE, check_decode_cost, decode_jpeg, encode_jpeg, jpeg_header
+from .codec import MAX_SCANS, MAX_SIDE, check_decode_cost, decode_checked_jpeg, decode_jpeg, encode_jpeg
 
 log = logging.getLogger("turbostream.codec")
 
@@ -94,10 +94,11 @@ class CudaJpeg:
 
     def decode(self, data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
         """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; the same checks and errors (CodecError) as codec.decode_jpeg."""
-        check_decode_cost(data, max_side, max_scans)  # before any GPU work: size and scan limits, not a JPEG
-        if jpeg_header(data)[2] not in (1, 3) or _has_exif(data):
+        # Before any GPU work: size and scan limits, not a JPEG. The CPU decodes below need not check again.
+        components = check_decode_cost(data, max_side, max_scans)[2]
+        if components not in (1, 3) or _has_exif(data):
             # CMYK (4 components) is left to OpenCV, which knows Adobe's inverted CMYK; EXIF: see _has_exif.
-            return decode_jpeg(data, max_side, max_scans)
+            return decode_checked_jpeg(data)
         try:
             with self._own_stream():
                 image = self._io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self._rgb,
@@ -106,7 +107,7 @@ class CudaJpeg:
                 return image.permute(1, 2, 0).contiguous().cpu().numpy()
         except RuntimeError as exc:  # nvJPEG refused it (CMYK, arithmetic coding, corrupt): the CPU decides
             self._fell_back("decode", exc)
-            return decode_jpeg(data, max_side, max_scans)
+            return decode_checked_jpeg(data)
 
     def encode(self, rgb: np.ndarray, quality: int = 85) -> bytes:
         """uint8 RGB (H, W, 3), 0..255 -> JPEG bytes (4:4:4 chroma: nvJPEG's, as torchvision sets it)."""
