@@ -8,7 +8,8 @@ block statistics, then normalize + affine + SiLU, reading and writing the input'
 takes the conv bias and the time embedding before it (two more elementwise passes in eager).
 torch.compile fuses the same on its own, so this is for the path without --compile (which refuses the two together).
 
-Numerics: statistics in float32 as PyTorch's kernel keeps them; each block's mean and sum of squared deviations are
+Numerics: statistics in float32 as PyTorch's kernel keeps them, summed from the group's first value (a mean large
+against the spread costs no precision); each block's mean and sum of squared deviations are
 merged with Chan's formula (no E[x^2] - E[x]^2 cancellation), in a fixed order without atomics, so the same input
 gives the same bits (CUDA graphs replay it exactly). The output is (x - mean) * rstd*weight + bias: PyTorch's CUDA
 kernel folds the mean into one shift (a*x + b), which loses precision when the mean is large against the spread.
