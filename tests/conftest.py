@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from turbostream.config import EngineConfig, preset
+from turbostream.config import EngineConfig, StreamParams, preset
 
 if not torch.cuda.is_available():
     # Without a GPU, the Triton kernels (--fused-norm, --fused-epilogue) run in Triton's CPU interpreter. It is
@@ -47,6 +47,50 @@ def own_components():
     from turbostream.models import load_components
 
     return load_components("tiny-random", device="cuda" if torch.cuda.is_available() else "cpu", vae="tiny")
+
+
+@pytest.fixture
+def own_components_fp32(own_components, monkeypatch):
+    """own_components in float32 with TF32 off (on CUDA the default is float16, and cuDNN rounds float32 convs to
+    TF32 by default): for comparisons that allow float32 rounding only."""
+    own_components.unet.float()
+    own_components.vae.float()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 matmuls are exact unless asked otherwise
+    return own_components
+
+
+@pytest.fixture
+def cuda_option_parity(monkeypatch):
+    """On CUDA: parity(vae, **options) runs tiny-random at 128x128 in CUDA graphs three ways (float32 without TF32:
+    the reference R; float16 as it is: P; float16 with the EngineConfig options: E) and returns the project's parity
+    verdict of E against P (turbostream.parity: each of mean/p99/max of |E-R| within max(2 x |P-R|, 2 levels)),
+    with the statistics. A float16 option is judged by how far it moves from float32 next to how far float16 does,
+    not by a fixed number of levels from P: through random weights one rounding can move a level or two more."""
+    from turbostream.engine import Engine
+    from turbostream.models import load_components
+    from turbostream.parity import parity_stats, parity_verdict
+
+    rng = np.random.default_rng(8)
+    frames = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(3)]
+    params = [StreamParams(p, seed=i) for i, p in enumerate(("a", "b", "c"))]
+
+    def outputs(vae: str, dtype: str, **options) -> list[np.ndarray]:
+        comps = load_components("tiny-random", device="cuda", vae=vae, dtype=getattr(torch, dtype))
+        engine = Engine(preset("test", device="cuda", dtype=dtype, width=128, height=128, buckets=(1, 4), vae=vae,
+                               **options), comps)
+        engine.warmup()
+        out = engine.run(frames, params)
+        assert engine.stats.graph_replays >= 1
+        return out
+
+    def parity(vae: str, **options) -> dict:
+        with monkeypatch.context() as m:
+            m.setattr(torch.backends.cudnn, "allow_tf32", False)
+            ref = outputs(vae, "float32")
+        e16, p16 = parity_stats(outputs(vae, "float16", **options), ref), parity_stats(outputs(vae, "float16"), ref)
+        return {**parity_verdict(e16, p16), "e16": e16, "p16": p16}
+
+    return parity
 
 
 @pytest.fixture

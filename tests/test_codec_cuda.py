@@ -295,8 +295,17 @@ def test_nvjpeg_decodes_what_the_cpu_codec_decodes(gpu_codec, kind):
     gpu, cpu = gpu_codec.decode(data), decode_jpeg(data)
     assert gpu.shape == cpu.shape == (h, w, 3) and gpu.flags.c_contiguous
     err = np.abs(gpu.astype(np.int16) - cpu.astype(np.int16))
-    # Two correct decoders differ in their IDCT and chroma upsampling by a level or two, at edges a few more.
-    assert err.mean() < 1.0 and np.percentile(err, 99.9) <= 8, (err.mean(), err.max())
+    # Two correct decoders differ in their IDCT by a level or two. Where chroma is subsampled (4:2:0, OpenCV's
+    # default, and what browsers send) they differ in its upsampling too: nvJPEG repeats each chroma sample, libjpeg
+    # interpolates ("fancy upsampling"), so colours differ across sharp colour edges (on the H200 in 0.1 % of the
+    # pixels by 30 levels, at most by 74-88: libjpeg-turbo's own fast upsampling gives those same numbers on this
+    # picture). Luma is full resolution either way, so it must agree to a level or two everywhere.
+    assert err.mean() < 1.0, (err.mean(), err.max())
+    if kind in ("444", "gray"):
+        assert np.percentile(err, 99.9) <= 8, (err.mean(), err.max())
+    luma = np.array([0.299, 0.587, 0.114])
+    luma_err = np.abs(gpu.astype(np.float64) @ luma - cpu.astype(np.float64) @ luma)
+    assert np.percentile(luma_err, 99.9) <= 2 and luma_err.max() <= 8, (luma_err.mean(), luma_err.max())
     assert gpu_codec.fallbacks == before, gpu_codec.last_fallback  # nvJPEG decoded it itself
 
 

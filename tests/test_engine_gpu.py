@@ -158,7 +158,8 @@ def test_new_step_count_captures_nothing_and_pipelined_calls_keep_their_outputs(
     engine.warmup()
     captured = engine.stats.graphs_captured
     frames = _frames(4, 128, 128, seed=8)
-    batches = [[StreamParams("a", 0.5, s, 1), StreamParams("b", 1.0, s, 2)] for s in (1, 2, 3, 4)]
+    # UNet evaluations (steps x strength) 1+4, 2+3, 3+2, 4+1: two groups in every call, each count in two calls.
+    batches = [[StreamParams("a", 0.5, 2 * s, 1), StreamParams("b", 1.0, 5 - s, 2)] for s in (1, 2, 3, 4)]
     want = [engine.run(frames[:2], ps, graphs=False) for ps in batches]
     assert engine.stats.graphs_captured == captured
     first = engine.submit(frames[:2], batches[0])
