@@ -42,8 +42,9 @@ def add_parser(sub) -> None:
     g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="output JPEG quality (default: %(default)s)")
     g.add_argument("--jpeg", choices=("cpu", "gpu"), default="cpu",
                    help="where client JPEGs are decoded and results encoded: cpu (OpenCV), or gpu (nvJPEG through "
-                        "torchvision, on the first CUDA device; JPEGs it refuses go to the CPU; its pixels differ from "
-                        "OpenCV's by a level or two, its JPEGs are 4:4:4); default: %(default)s")
+                        "torchvision, on the first CUDA device; JPEGs it refuses go to the CPU; it repeats 4:2:0 "
+                        "chroma where OpenCV interpolates, so colours differ at sharp colour edges, and its JPEGs are "
+                        "4:4:4, larger); default: %(default)s")
     g.add_argument("--source", default=d.source, metavar="SRC",
                    help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
     g.add_argument("--publish", action="append", default=[], metavar="URL",
