@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [parity] [engine] [norm] [rows] [jpeg] [latency] [serve] [serve-compile] [gil] [soak]
-#                             [warmstart] [reuse] [sim]
+#   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [latency] [serve] [serve-compile] [gil]
+#                             [soak] [warmstart] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
+# tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
+#         tests run on CUDA, not through Triton's interpreter); logs in $OUT/tests-gpu.log and tests-fused.log. About
+#         three minutes
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
 #         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
@@ -103,6 +106,11 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.
 
 for stage in "${stages[@]}"; do
   case $stage in
+    tests)
+      [ "${CHECK_CPU:-0}" = 1 ] && echo "=== tests: the gpu-marked tests skip without CUDA (a CPU dry run checks the call)"
+      step tests-gpu 360 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
+      step tests-fused 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py tests/test_epilogue.py \
+        tests/test_fused_options.py ;;
     parity)
       step parity "$PARITY_S" "$PY" scripts/gpu_parity.py "${MODEL[@]}" --budget-s $((PARITY_S - 60)) \
         --out "$OUT/parity.json"
@@ -182,7 +190,7 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (parity, engine, norm, rows, jpeg, latency, serve, serve-compile, gil, soak, warmstart," \
+    *) echo "unknown stage $stage (tests, parity, engine, norm, rows, jpeg, latency, serve, serve-compile, gil, soak, warmstart," \
          "reuse, sim)"
        status=2 ;;
   esac

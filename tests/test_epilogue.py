@@ -73,8 +73,11 @@ def test_taesd_surgery_fuses_every_block_and_is_undone(own_components_fp32):
     # Left: each block's `fuse` ReLU, which the fused block's forward applies inside its last bias_act.
     assert sum(type(m) is torch.nn.ReLU for m in vae.modules()) == blocks
     fused = _coder_out(vae)
+    # float32: rounding only. On CUDA cuDNN may pick another algorithm for a conv without its bias (another order of
+    # its sums), and the difference passes through every later conv.
+    tol = 1e-5 if DEVICE == "cpu" else 1e-4
     for a, b in zip(fused, plain):
-        assert (a - b).abs().max().item() < 1e-5  # fp32: rounding only
+        assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
     assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
     assert set_fused_epilogue(vae, True) == applied["fused_epilogues"]  # idempotent
     assert apply_options(own_components, preset("test", device=DEVICE))["fused_epilogues"] == 0

@@ -125,7 +125,8 @@ def test_unet_surgery_fuses_every_group_norm_and_is_undone(own_components_fp32):
     assert any(type(m) is FusedGroupNorm for m in unet.modules())  # the transformers' input norms, no SiLU
     assert set_fused_norm(unet, True, resnet_class(False)) == norms  # idempotent
     fused = _unet_out(own_components)
-    assert (fused - plain).abs().max().item() < 1e-4  # fp32: rounding only
+    # float32: rounding only (on CUDA also another cuDNN algorithm for conv1 without its bias)
+    assert (fused - plain).abs().max().item() <= 1e-4 * max(1.0, plain.abs().max().item())
     assert unet.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
     # Off again, and the lean class when no /1.0 is asked: diffusers' output exactly.
