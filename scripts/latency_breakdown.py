@@ -17,6 +17,9 @@ server; the last line is the client's side (the reply read, the next frame sent,
     encode end -> sent           back to the event loop, the WebSocket send
     sent -> next receive         the client: reads the reply, sends its next frame
 
+It also reports the garbage collector's pauses in the measured window (each holds the GIL, so every thread waits):
+the server freezes the warm heap (heap.py) unless --no-freeze-heap.
+
     python scripts/latency_breakdown.py --model random --device cuda --size 512 [--jpeg gpu] --json out.json
     python scripts/latency_breakdown.py --sim 2,5 --size 512       # a simulated device (serve_sim.py), any machine
 """
@@ -155,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jpeg", choices=("cpu", "gpu"), default="cpu", help="the server's JPEG codec (serve --jpeg)")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds (default: %(default)s)")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: %(default)s)")
+    ap.add_argument("--no-freeze-heap", action="store_true",
+                    help="leave the warm process's objects to the garbage collector (ServerConfig.freeze_heap off), "
+                         "to see what its full collections cost")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
+    from turbostream.heap import PauseLog
     from turbostream.serve.server import ServerThread, TurboServer
 
     if args.sim:
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         jpeg = CudaJpeg(str(engine.device))
     marks = Marks()
     instrument(marks, engine)
-    server = TurboServer(engine, ServerConfig(port=0, limits=Limits(max_clients=1)), jpeg=jpeg)
+    config = ServerConfig(port=0, limits=Limits(max_clients=1), freeze_heap=not args.no_freeze_heap)
+    server = TurboServer(engine, config, jpeg=jpeg)
     with ServerThread(server, ready_timeout=1800), tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
         url = f"ws://127.0.0.1:{server.port}/ws"
@@ -189,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
              "--duration", str(args.duration + 1.0), "--warmup", str(args.warmup), "--json", str(out)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(args.warmup + 1.0)  # the client connects and warms up: not measured
-        marks.start()
-        time.sleep(args.duration)
-        marks.stop()
+        with PauseLog() as pauses:  # the garbage collector's pauses, any thread's (each holds the GIL)
+            marks.start()
+            time.sleep(args.duration)
+            marks.stop()
         log, _ = client.communicate(timeout=args.duration + args.warmup + 120)
         if client.returncode not in (0, 1) or not out.exists():
             print(log[-3000:], file=sys.stderr)
@@ -203,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": "simulated " + args.sim if args.sim else f"{engine.model_name} on {engine.device}",
         "size": f"{engine.width}x{engine.height}", "jpeg": args.jpeg,
         "client_p50_ms": load["latency_ms"]["p50"], "client_fps": load["fps"],
+        "client_max_ms": load["latency_ms"]["max"], "heap_frozen": not args.no_freeze_heap, "gc": pauses.summary(),
     })
     width = max(len(k) for k in result["stages"])
     for stage, t in result["stages"].items():
@@ -211,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(stages' p50s add up to {result['stages_p50_sum_ms']:.3f})")
     print(f"{'sent -> next receive (client)':<{width}}  p50 "
           f"{result['sent -> next receive (client)']['p50_ms']:7.3f} ms")
-    print(f"client: p50 {result['client_p50_ms']} ms, {result['client_fps']} frames/s ({result['frames']} frames)")
+    print(f"client: p50 {result['client_p50_ms']} ms, max {result['client_max_ms']} ms, {result['client_fps']} "
+          f"frames/s ({result['frames']} frames)")
+    gc_ = result["gc"]
+    print(f"garbage collections (generation 0/1/2): {'/'.join(map(str, gc_['collections']))}, longest pause "
+          f"{gc_['max_pause_ms']} ms, {gc_['total_pause_ms']} ms in all (heap frozen: {result['heap_frozen']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -161,6 +161,19 @@ def test_files_keep_every_frame_in_order_batched(tmp_path):
     assert [index_of(f) for f in frames] == list(range(20))
 
 
+def test_run_freezes_the_warm_heap_while_it_streams_and_thaws_at_the_end(tmp_path):
+    """As `serve` does (heap.py): after warm-up no full garbage collection walks the process's objects mid-run."""
+    from turbostream import heap
+
+    held = heap._holders
+    during = []
+    engine = FakeEngine(max_batch=1, on_run=lambda engine, frames: during.append(heap._holders))
+    src = make_video(tmp_path / "in.avi", n=4)
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(tmp_path / "out.avi")), engine=engine) == 0
+    assert during == [held + 1] * 4  # frozen before the first frame, for every one
+    assert heap._holders == held
+
+
 def test_max_frames_stops_early(tmp_path):
     src = make_video(tmp_path / "in.avi", n=20)
     out_video, out_dir = tmp_path / "out.avi", tmp_path / "frames"

@@ -107,3 +107,6 @@ def test_latency_breakdown_cuts_one_clients_frames_into_stages_that_add_up(tmp_p
     assert 30 <= stages["submit end -> collected"]["p50_ms"] < 60  # the 20 + 10 ms call, waited for and handed out
     assert res["stages_p50_sum_ms"] == pytest.approx(res["server_p50_ms"], rel=0.1)
     assert res["client_p50_ms"] >= res["server_p50_ms"]
+    # The garbage collector's pauses in the window (the server froze its warm heap: no full collection walks it).
+    assert res["heap_frozen"] is True and len(res["gc"]["collections"]) == 3
+    assert 0 <= res["gc"]["max_pause_ms"] <= res["gc"]["total_pause_ms"] or res["gc"]["total_pause_ms"] == 0

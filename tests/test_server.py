@@ -383,6 +383,30 @@ def test_server_full(engine):
     run(main())
 
 
+def test_the_warm_heap_is_frozen_while_serving_and_given_back_on_stop(engine, make_engine):
+    """Once the engine is warm the server freezes the process's objects (heap.py: no full garbage collection walks
+    them while clients stream) and thaws them when it stops; ServerConfig.freeze_heap=False leaves the collector be."""
+    import gc
+
+    from turbostream import heap
+
+    held = heap._holders
+
+    async def main():
+        async with serving(engine) as server:
+            assert heap._holders == held + 1 and gc.get_freeze_count() > 10_000
+            assert server._frozen is not None and server._frozen.objects > 10_000
+            ws, _ = await open_client(server)
+            await ws.send(encode_jpeg(np.zeros((64, 64, 3), np.uint8)))
+            assert (await next_result(ws))[1].shape == (64, 64, 3)  # a frozen heap serves as before
+            await ws.close()
+        assert heap._holders == held
+        async with serving(make_engine(), freeze_heap=False) as server:  # an engine serves one thread
+            assert server._frozen is None and heap._holders == held
+
+    run(main())
+
+
 # ------------------------------------------------------------------------------------------------ HTTP routes
 
 

@@ -451,6 +451,9 @@ class ServerConfig:
     # Load balancers (addresses or networks) whose X-Forwarded-For is believed, and whose handshakes the server
     # cannot serve are refused with HTTP 503 before the upgrade, so the balancer can retry another replica.
     trusted_proxies: tuple[str, ...] = ()
+    # Move the warm process's objects out of the garbage collector's reach once the engines are ready (heap.py):
+    # no full collection walks the model's half million objects, stalling every stream, while clients stream.
+    freeze_heap: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from . import heap
 from .config import RunConfig, StreamParams, parse_prompt, stream_limits
 from .errors import SinkError
 from .io.sinks import SinkThread, WindowSink
@@ -213,8 +214,10 @@ class Pipeline:
         batch: int = 1,
         progress: Progress | None = None,
         queue_frames: int = RunConfig.queue_frames,
+        freeze_heap: bool = True,
     ) -> None:
         self.engine, self.capture, self.sinks, self.window = engine, capture, list(sinks), window
+        self.freeze_heap = freeze_heap  # after warm-up, the process's objects out of the collector's reach (heap.py)
         self.params = params  # replaced whole (set_params) by other threads; the GPU thread reads it per call
         self.max_frames = max_frames
         self.batch = max(1, min(int(batch), int(engine.max_batch)))
@@ -387,8 +390,13 @@ class Pipeline:
 
     def _gpu_loop(self) -> None:
         calls: deque[_Call] = deque()  # started and not yet delivered, oldest first: at most two (the engine's limit)
+        frozen = None
         try:
             self.engine.warmup()  # on this thread: the graphs it captures replay only here
+            if self.freeze_heap:
+                frozen = heap.freeze()
+                log.info("%d objects frozen out of the garbage collector after warm-up (the full collection before "
+                         "it: %.0f ms)", frozen.objects, frozen.collect_ms)
             self._ready.set()
             # Only where submit() returns before the work is done (CUDA): on the CPU submit() computes the call, and
             # each result would wait for the next call's whole computation before it went out.
@@ -412,6 +420,8 @@ class Pipeline:
             self._gpu_error = exc
         finally:
             self._abandon(calls)
+            if frozen is not None:
+                heap.thaw()
             self._ready.set()
             try:
                 self._out.put(_END, timeout=2.0)
