@@ -13,7 +13,7 @@ class _Node:
 
 
 def test_freeze_collects_the_garbage_first_and_thaws_in_pairs():
-    held = heap._holders  # servers of other tests have thawed theirs: normally 0
+    assert heap._holders == 0  # every server and run of the other tests thawed what it froze
     cycle = _Node()
     cycle.me = cycle  # garbage only the cyclic collector frees
     gone = weakref.ref(cycle)
@@ -27,15 +27,13 @@ def test_freeze_collects_the_garbage_first_and_thaws_in_pairs():
     heap.thaw()
     assert gc.get_freeze_count() > 10_000  # the other holder still has it frozen
     heap.thaw()
-    if held == 0:
-        assert gc.get_freeze_count() == 0  # the last thaw hands everything back
-    assert heap._holders == held
+    assert gc.get_freeze_count() == 0 and heap._holders == 0  # the last thaw hands everything back
 
 
 def test_an_unpaired_thaw_does_nothing():
-    if heap._holders == 0:
-        heap.thaw()
-        assert heap._holders == 0
+    assert heap._holders == 0
+    heap.thaw()
+    assert heap._holders == 0 and gc.get_freeze_count() == 0
 
 
 def test_frozen_objects_are_out_of_a_full_collections_reach():

@@ -109,4 +109,4 @@ def test_latency_breakdown_cuts_one_clients_frames_into_stages_that_add_up(tmp_p
     assert res["client_p50_ms"] >= res["server_p50_ms"]
     # The garbage collector's pauses in the window (the server froze its warm heap: no full collection walks it).
     assert res["heap_frozen"] is True and len(res["gc"]["collections"]) == 3
-    assert 0 <= res["gc"]["max_pause_ms"] <= res["gc"]["total_pause_ms"] or res["gc"]["total_pause_ms"] == 0
+    assert 0 <= res["gc"]["max_pause_ms"] <= res["gc"]["total_pause_ms"]

@@ -2,8 +2,8 @@
 
 Why: once a model is loaded the process tracks about half a million Python objects (torch, diffusers and the
 model's modules). A full (generation 2) collection walks every one of them while holding the GIL, so no thread of
-the server runs meanwhile: on this project's 2-core machine one such collection on the event loop took 318 ms in
-20 s of a single client (`scripts/latency_breakdown.py` reports them), and every stream stalled for it. Python runs
+the server runs meanwhile: on this project's 2-core machine one such collection fell in each 20 s of a single
+client and took 238-318 ms (`scripts/latency_breakdown.py` reports them), and every stream stalled for it. Python runs
 one whenever enough objects have survived since the last, whatever allocates them.
 
 Everything that exists once the engines are warm lives as long as they do, so after warm-up it is moved to the
@@ -55,12 +55,13 @@ def thaw() -> None:
 
 
 class PauseLog:
-    """Garbage collections while on (a gc.callbacks entry): their count per generation and their pauses in ms."""
+    """Garbage collections while on (a gc.callbacks entry): their count per generation, the longest pause and the
+    pauses' total, in ms (a few numbers, however long it is on)."""
 
     def __init__(self) -> None:
         self.counts = [0, 0, 0]
-        self.pauses_ms: list[float] = []
-        self._started: dict[int, float] = {}  # thread id -> start of the collection it runs
+        self.max_ms = self.total_ms = 0.0
+        self._started: dict[int, float] = {}  # thread id -> start of the collection it runs (one per thread)
 
     def __enter__(self) -> PauseLog:
         gc.callbacks.append(self._callback)
@@ -74,10 +75,11 @@ class PauseLog:
         if phase == "start":
             self._started[me] = now
         elif me in self._started:
+            ms = (now - self._started.pop(me)) * 1e3
             self.counts[info["generation"]] += 1
-            self.pauses_ms.append((now - self._started.pop(me)) * 1e3)
+            self.max_ms, self.total_ms = max(self.max_ms, ms), self.total_ms + ms
 
     def summary(self) -> dict:
         """{"collections": [gen0, gen1, gen2], "max_pause_ms", "total_pause_ms"}."""
-        return {"collections": list(self.counts), "max_pause_ms": round(max(self.pauses_ms, default=0.0), 2),
-                "total_pause_ms": round(sum(self.pauses_ms), 2)}
+        return {"collections": list(self.counts), "max_pause_ms": round(self.max_ms, 2),
+                "total_pause_ms": round(self.total_ms, 2)}
