@@ -213,17 +213,19 @@ def test_serve_refuses_controls_without_a_source(capsys):
 
 
 class RecordingEngine:
-    """Stands in for Engine: returns the fitted frames, records the parameters of every call; on_call(k) hooks."""
+    """Stands in for Engine: returns the fitted frames, records the parameters of every call; on_call(k) hooks;
+    warmup takes warmup_s."""
 
-    def __init__(self, on_call=None):
+    def __init__(self, on_call=None, warmup_s=0.0):
         self.width = self.height = 64
         self.max_batch = 1
         self.model_name, self.random_weights = "fake", False
         self.params: list[StreamParams] = []
         self.on_call = on_call
+        self.warmup_s = warmup_s
 
     def warmup(self):
-        pass
+        time.sleep(self.warmup_s)
 
     def run(self, frames, params):
         self.params.append(params[0])
@@ -300,6 +302,19 @@ def test_playlist_advances_a_run_on_time_and_on_next(tmp_path):
     order = [p.prompt for k, p in enumerate(engine.params) if k == 0 or p.prompt != engine.params[k - 1].prompt]
     # The first look from the start, the second after 0.3 s, the third after 0.6 s; next wraps to the first.
     assert order[:4] == ["first look", "second look", "third look", "first look"], order
+
+
+def test_a_runs_playlist_starts_its_clock_once_the_engine_is_warm(tmp_path):
+    """A warm-up longer than the first look (a real engine captures graphs for seconds) must not eat it: the first
+    frames get the first look, and it lasts its 0.3 s from there."""
+    playlist = tmp_path / "looks.txt"
+    playlist.write_text("first look | 0.3s\nsecond look | 1m\n")
+    engine = RecordingEngine(warmup_s=0.8)
+    args = _parse_run("-i", _video(tmp_path / "in.avi", n=250), "-o", str(tmp_path / "out.avi"), "--realtime",
+                      "--max-frames", "60", "--prompts", str(playlist))
+    assert cli_run.main(args, engine=engine) == 0
+    prompts = [p.prompt for p in engine.params]
+    assert prompts[0] == "first look" and "second look" in prompts, prompts
 
 
 def test_run_target_uses_the_one_validation():

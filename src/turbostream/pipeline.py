@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,13 +246,18 @@ class Pipeline:
 
     # -------------------------------------------------------------- main thread
 
-    def run(self) -> RunSummary:
+    def run(self, on_ready: Callable[[], Any] | None = None) -> RunSummary:
+        """Warm the engine up, then stream until the source ends, max_frames, quit or an error; on_ready is called
+        (on this thread) once the engine is warm, before the first frame: what runs on a clock (a playlist) starts
+        there, not before a warm-up that can take seconds."""
         writers = [SinkThread(s, maxsize=self.queue_frames) for s in self.sinks]
         gpu = threading.Thread(target=self._gpu_loop, name="turbostream gpu", daemon=True)
         s = self.summary
         try:
             gpu.start()
             self._wait_ready(gpu)
+            if on_ready is not None and self._gpu_error is None:
+                on_ready()
             self._dispatch(gpu, writers)
         except KeyboardInterrupt:
             s.stopped = "interrupt"

@@ -108,10 +108,11 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> i
         transform.params_of = lambda: pipeline.params
         target = RunTarget(pipeline, stream_limits(engine))
         controls.start_osc(target)
-        controls.start_playlist(target)
         if _stdin_is_terminal():
             PromptLine(pipeline).start()
-        summary = pipeline.run()  # closes the sinks (writes what is queued, finalizes files)
+        # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);
+        # run() closes the sinks (writes what is queued, finalizes files).
+        summary = pipeline.run(on_ready=lambda: controls.start_playlist(target))
     except BaseException:
         for sink in sinks:  # opened before the run began (a virtual camera, say)
             with contextlib.suppress(Exception):
