@@ -27,14 +27,14 @@ def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]
 
 def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     proc, res = _run(tmp_path, "--profile", "--row", "broken:attention=xformers",
-                     "--row", "lean_math:attention=math,skip_unit_rescale=true")
+                     "--row", "plain_math:attention=math,skip_unit_rescale=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = res["rows"]
-    assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "skip_unit_rescale",
+    assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "unit_rescale",
                           "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default", "fp8_compile", "compile_max_autotune",
-                          "temporal_reuse", "compile_reuse", "broken", "lean_math"]
+                          "temporal_reuse", "compile_reuse", "broken", "plain_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
-    for name in ("baseline", "attn_flash", "attn_math", "skip_unit_rescale", "lean_math"):
+    for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "plain_math"):
         row = rows[name]
         assert row["status"] == "ok", row
         assert row["graphs"] is False  # the CPU runs eagerly; the same rows capture graphs on CUDA
@@ -45,11 +45,18 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         assert row["parity"]["vs_R"]["frames"] == 4 and row["parity_pass"] is row["parity"]["verdict"]["pass"]
         # tiny-random in fp16 on the CPU stays within a level or two of fp32 with every CPU backend.
         assert row["parity_pass"] is True, row["parity"]
-    assert rows["baseline"]["applied"]["processors"] == {"AttnProcessor2_0": 8}
+    # The default leaves out the /1.0 divisions (our processor, lean resnets); unit_rescale is diffusers' own.
+    assert rows["baseline"]["applied"]["processors"] == {
+        "TurboAttnProcessor(backend=None, skip_unit_rescale=True)": 8}
+    assert rows["baseline"]["applied"]["lean_resnets"] > 0
+    assert rows["unit_rescale"]["applied"]["processors"] == {"AttnProcessor2_0": 8}
+    assert rows["unit_rescale"]["applied"]["lean_resnets"] == 0
     assert rows["attn_math"]["applied"]["processors"] == {
+        "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=True)": 8}
+    assert rows["plain_math"]["config"]["attention"] == "math"
+    assert rows["plain_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
-    assert rows["skip_unit_rescale"]["applied"]["lean_resnets"] > 0
-    assert rows["lean_math"]["config"]["attention"] == "math" and rows["lean_math"]["applied"]["lean_resnets"] > 0
+    assert rows["plain_math"]["applied"]["lean_resnets"] == 0
     for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "fp8",
                  "compile_default", "fp8_compile", "compile_max_autotune", "compile_reuse"):
         assert rows[name]["skipped"] == "CUDA only"

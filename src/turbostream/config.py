@@ -279,8 +279,9 @@ class EngineConfig:
     # changes the output (weights and activations are rounded to 8 bits), unlike every other option here.
     fp8: bool = False
     # Leave out the UNet's divisions by 1.0 (diffusers' resnet output_scale_factor and attention
-    # rescale_output_factor): one elementwise kernel per block less, bit-identical output.
-    skip_unit_rescale: bool = False
+    # rescale_output_factor): one elementwise kernel per block less, bit-identical output. On by default since the
+    # H200 measured it (batch 1 10.40 -> 9.78 ms, batch 8 188.6 -> 193.3 frames/s in one run; no start-up cost).
+    skip_unit_rescale: bool = True
     # The UNet's GroupNorms (and the SiLU after most of them) in Triton kernels of our own (engine/group_norm.py): 2
     # kernels each instead of 4, in the activations' channels_last layout. For the path without compile (torch.compile
     # fuses them itself; the two together are refused); CUDA with Triton only. Output changes by rounding only.

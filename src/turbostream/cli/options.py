@@ -90,9 +90,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--fp8", action="store_true",
                    help="CHANGES THE OUTPUT: float8 (e4m3) Linear layers in the UNet's transformer blocks through "
                         "torchao (pip install torchao); CUDA with compute capability 8.9+ (Ada, Hopper) only")
-    g.add_argument("--skip-unit-rescale", action="store_true",
+    g.add_argument("--skip-unit-rescale", action=argparse.BooleanOptionalAction,
+                   default=d["skip_unit_rescale"].default,
                    help="leave out the UNet's divisions by 1.0 (diffusers' output scale factors): fewer kernels, "
-                        "bit-identical output")
+                        "bit-identical output; --no-skip-unit-rescale runs them (default: on)")
     g.add_argument("--fused-norm", action="store_true",
                    help="the UNet's (and the full VAE's) GroupNorm+SiLU in Triton kernels of turbostream's own (2 "
                         "kernels instead of 4 each; CUDA and Triton only; not with --compile, which fuses them "
