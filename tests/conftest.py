@@ -63,8 +63,8 @@ def own_components_fp32(own_components, monkeypatch):
 def cuda_option_parity(monkeypatch):
     """On CUDA: parity(vae, **options) runs tiny-random at 128x128 in CUDA graphs three ways (float32 without TF32:
     the reference R; float16 as it is: P; float16 with the EngineConfig options: E) and returns the project's parity
-    verdict of E against P (turbostream.parity: each of mean/p99/max of |E-R| within max(2 x |P-R|, 2 levels)),
-    with the statistics. A float16 option is judged by how far it moves from float32 next to how far float16 does,
+    verdict on E (turbostream.parity: each of mean/p99/max of |E-R| within max(2 x that of |P-R|, 2 levels)), with
+    the statistics. A float16 option is judged by how far it moves from float32 next to how far float16 does,
     not by a fixed number of levels from P: through random weights one rounding can move a level or two more."""
     from turbostream.engine import Engine
     from turbostream.models import load_components
