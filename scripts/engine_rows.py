@@ -55,7 +55,7 @@ ROWS = (
     Row("attn_cudnn", {"attention": "cudnn"}, "graphs + cuDNN attention", cuda_only=True),
     Row("attn_math", {"attention": "math"}, "graphs + math attention"),
     Row("unit_rescale", {"skip_unit_rescale": False}, "graphs with diffusers' divisions by 1.0 (the default until "
-        "2026-11-27; bit-identical)"),
+        "2026-11-26; bit-identical)"),
     Row("frame_graph", {"frame_graph": True}, "one graph per frame of the default step count, not head + steps + "
         "tail (bit-identical)", cuda_only=True),
     Row("fused_norm", {"fused_norm": True}, "graphs + GroupNorm+SiLU in Triton kernels (rounding only)",

@@ -39,7 +39,7 @@ def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
     The compile mode and the options that change what is compiled (attention backend, fp8, skip_unit_rescale,
     feature reuse: its full and partial forwards are compiled too) are in it only when they differ from the values
     before those options existed, so a configuration that compiles what it compiled then keeps its key (and cache
-    files). skip_unit_rescale is on by default since 2026-11-27, so today's default key names it.
+    files). skip_unit_rescale is on by default since 2026-11-26, so today's default key names it.
     """
     key = {"gpu": gpu, "model": config.model, "vae": config.vae, "dtype": str(dtype),
            "size": [config.width, config.height], "buckets": list(config.buckets),
