@@ -27,8 +27,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from ..codec import CPU_JPEG, CpuJpeg
 from .. import heap
+from ..codec import CPU_JPEG, CpuJpeg
 from ..config import ServerConfig, StreamParams, stream_limits
 from ..metrics import DeviceMetrics, Metrics
 from . import protocol
