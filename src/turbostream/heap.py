@@ -15,10 +15,12 @@ later is never reclaimed. Those are the objects of the start-up, a fixed amount,
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
+log = logging.getLogger("turbostream.heap")
 _lock = threading.Lock()
 _holders = 0  # freeze() calls not yet thawed: several servers may share a process (tests)
 
@@ -40,7 +42,10 @@ def freeze() -> Frozen:
         ms = (time.perf_counter() - t) * 1e3
         gc.freeze()
         _holders += 1
-        return Frozen(gc.get_freeze_count(), round(ms, 1))
+        frozen = Frozen(gc.get_freeze_count(), round(ms, 1))
+    log.info("%d objects frozen out of the garbage collector after warm-up (the full collection before it: %.0f ms)",
+             frozen.objects, frozen.collect_ms)
+    return frozen
 
 
 def thaw() -> None:

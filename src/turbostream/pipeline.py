@@ -215,10 +215,8 @@ class Pipeline:
         batch: int = 1,
         progress: Progress | None = None,
         queue_frames: int = RunConfig.queue_frames,
-        freeze_heap: bool = True,
     ) -> None:
         self.engine, self.capture, self.sinks, self.window = engine, capture, list(sinks), window
-        self.freeze_heap = freeze_heap  # after warm-up, the process's objects out of the collector's reach (heap.py)
         self.params = params  # replaced whole (set_params) by other threads; the GPU thread reads it per call
         self.max_frames = max_frames
         self.batch = max(1, min(int(batch), int(engine.max_batch)))
@@ -399,10 +397,7 @@ class Pipeline:
         frozen = None
         try:
             self.engine.warmup()  # on this thread: the graphs it captures replay only here
-            if self.freeze_heap:
-                frozen = heap.freeze()
-                log.info("%d objects frozen out of the garbage collector after warm-up (the full collection before "
-                         "it: %.0f ms)", frozen.objects, frozen.collect_ms)
+            frozen = heap.freeze()  # what exists now lives as long as the run: out of the collector's reach (heap.py)
             self._ready.set()
             # Only where submit() returns before the work is done (CUDA): on the CPU submit() computes the call, and
             # each result would wait for the next call's whole computation before it went out.

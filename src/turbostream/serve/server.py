@@ -210,8 +210,6 @@ class TurboServer:
                 log.warning("model %s has random weights: its output is noise, not a stylization", engine.model_name)
             if self.config.freeze_heap and not self._stopping:
                 self._frozen = heap.freeze()
-                log.info("%d objects frozen out of the garbage collector after warm-up (the full collection before "
-                         "it: %.0f ms)", self._frozen.objects, self._frozen.collect_ms)
         self._ready.set()
         while self.devices.loaded:
             await asyncio.sleep(0.1)
