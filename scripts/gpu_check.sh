@@ -49,7 +49,7 @@
 #         (default 180)
 # SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile and soak stages' server.
 # Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
-# ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets) are installed from there.
+# ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets, simplejpeg) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +58,7 @@ mkdir -p "$OUT"
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(parity engine serve)
 status=0
 
-if [ -d .whl ] && { ! python3 -c "import diffusers, websockets" 2>/dev/null \
+if [ -d .whl ] && { ! python3 -c "import diffusers, websockets, simplejpeg" 2>/dev/null \
     || { ls .whl/torchao-*.whl >/dev/null 2>&1 && ! python3 -c "import torchao" 2>/dev/null; } \
     || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && ! python3 -c "import torchvision" 2>/dev/null; }; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl

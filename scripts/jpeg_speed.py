@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""The server's JPEG codecs side by side: the CPU's (OpenCV) and `--jpeg gpu` (nvJPEG through torchvision), per frame.
+"""The server's JPEG codecs side by side: the CPU's (simplejpeg), `--jpeg gpu` (nvJPEG through torchvision), and
+OpenCV's cv2.imdecode/imencode (the CPU codec until 2026-11-27, kept here for comparison), per frame.
 
 For each codec, on camera-like frames of the engine's size: the median time of one decode and one encode from one
 thread (what a single client's latency pays, copies to and from the GPU included), then frames/s with 1, 4 and 8
-threads at once (what the codec workers can sustain for many clients), and the JPEG's size. Every GPU result is
-checked against the CPU codec's. Without CUDA (or without torchvision) the GPU rows say why instead.
+threads at once (what the codec workers can sustain for many clients), and the JPEG's size. Every other codec's
+result is checked against the CPU codec's. Without CUDA (or without torchvision) the GPU rows say why instead.
 
     python scripts/jpeg_speed.py --size 512 --iters 200 --json benchmarks/jpeg-speed-h200.json
 """
@@ -46,6 +47,19 @@ def median_ms(fn, iters: int, burn_in: int = 10) -> float:
     return round(statistics.median(times), 3)
 
 
+def alternating_ms(fn_a, fn_b, iters: int, burn_in: int = 10) -> tuple[float, float]:
+    """Median ms of fn_a and of fn_b, timed call by call in turn (a, b, a, b, ...)."""
+    for _ in range(burn_in):
+        fn_a(), fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(iters):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times[0]), 3), round(statistics.median(times[1]), 3)
+
+
 def rate(fn, threads: int, seconds: float) -> float:
     """Calls per second of fn from `threads` threads at once for about `seconds`."""
     counts = [0] * threads
@@ -63,6 +77,20 @@ def rate(fn, threads: int, seconds: float) -> float:
     for t in pool:
         t.join()
     return round(sum(counts) / (time.perf_counter() - t0), 1)
+
+
+class OpenCvJpeg:
+    """cv2.imdecode / cv2.imencode, as codec.py used them until 2026-11-27 (RGB in and out, quality, 4:2:0)."""
+
+    _rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10+: decodes straight to RGB
+
+    def decode(self, data: bytes) -> np.ndarray:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), self._rgb if self._rgb is not None else cv2.IMREAD_COLOR)
+        return image if self._rgb is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def encode(self, rgb: np.ndarray, quality: int) -> bytes:
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return buf.tobytes()
 
 
 def measure(codec, frames: list[np.ndarray], datas: list[bytes], args) -> dict:
@@ -96,6 +124,27 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python scripts/jpeg_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "cpu": measure(CPU_JPEG, frames, datas, args)}
     print("cpu:", result["cpu"], flush=True)
+    opencv = OpenCvJpeg()
+    row = measure(opencv, frames, datas, args)
+    # The per-call medians above ran one codec after the other; these alternate the two call by call, so that both
+    # see the same machine (clock, caches, neighbours): the ratio to trust.
+    j = iter(range(10**9))
+    pair = {"decode": [lambda c: c.decode(datas[next(j) % len(datas)])] * 2,
+            "encode": [lambda c: c.encode(frames[next(j) % len(frames)], args.quality)] * 2}
+    result["alternating"] = {f"{op}_ms": dict(zip(("cpu", "opencv"), alternating_ms(
+        lambda fn=fns[0]: fn(CPU_JPEG), lambda fn=fns[1]: fn(opencv), args.iters))) for op, fns in pair.items()}
+    # Same pixels from the same JPEG? And how far the two encoders' JPEGs decode apart.
+    row["decode_max_abs_vs_cpu"] = max(int(np.abs(opencv.decode(d).astype(np.int16) - CPU_JPEG.decode(d)).max())
+                                       for d in datas)
+    row["encode_max_abs_vs_cpu"] = max(int(np.abs(CPU_JPEG.decode(opencv.encode(f, args.quality)).astype(np.int16)
+                                                  - CPU_JPEG.decode(CPU_JPEG.encode(f, args.quality))).max())
+                                       for f in frames)
+    result["opencv"] = row
+    cpu = result["cpu"]
+    result["ratio_opencv_over_cpu"] = {k: round(v["opencv"] / v["cpu"], 2) for k, v in result["alternating"].items()}
+    result["ratio_opencv_over_cpu"].update({k: round(cpu[k] / row[k], 2) for k in row if k.endswith("_threads")})
+    print("opencv:", row, "\nalternating:", result["alternating"], "\nopencv/cpu (time, alternating; frames/s: "
+          "cpu/opencv):", result["ratio_opencv_over_cpu"], flush=True)
     try:
         from turbostream.codec_cuda import CudaJpeg
 

@@ -1,15 +1,18 @@
-"""codec.decode_jpeg: RGB order and the same pixels as decoding to BGR and converting, for every JPEG kind."""
+"""codec.decode_jpeg and encode_jpeg (simplejpeg): RGB order and the very pixels OpenCV decodes, for every JPEG kind
+and EXIF orientation; corrupt input and bad arguments refused with CodecError."""
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from turbostream.codec import decode_jpeg, encode_jpeg
+from turbostream.codec import decode_jpeg, encode_jpeg, exif_orientation
+from turbostream.errors import CodecError
 
 
 def _jpeg(img: np.ndarray, mode: str, **save) -> bytes:
@@ -38,3 +41,46 @@ def test_encode_then_decode_keeps_rgb_order():
     img[..., 2] = 240  # blue
     back = decode_jpeg(encode_jpeg(img, quality=95))
     assert back[..., 2].mean() > 200 and back[..., 0].mean() < 40
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_opencv_applies_it(orientation):
+    rng = np.random.default_rng(orientation)
+    img = (rng.random((40, 64, 3)) * 255).astype(np.uint8)
+    img[:8, :16] = (250, 10, 10)  # a corner mark: every turn and mirror moves it somewhere else
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(img, "RGB", exif=exif.tobytes())
+    assert exif_orientation(data) == orientation
+    out = decode_jpeg(data)
+    opencv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert out.flags.c_contiguous and out.shape == opencv.shape == ((40, 64, 3) if orientation <= 4 else (64, 40, 3))
+    assert np.array_equal(out, opencv)
+
+
+def test_a_broken_exif_block_turns_nothing():
+    img = np.full((16, 24, 3), 100, np.uint8)
+    data = _jpeg(img, "RGB")
+    exif = b"Exif\x00\x00" + b"MM\x00\x2a\x00\x00\xff\xff"  # its first directory points past its end
+    broken = data[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + data[2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL says "Corrupt EXIF data" (once a process, in a server's log)
+        assert exif_orientation(broken) == 1
+        assert decode_jpeg(broken).shape == (16, 24, 3)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_a_truncated_jpeg_is_refused(cut):
+    data = encode_jpeg((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    with pytest.raises(CodecError, match="truncated or corrupt"):
+        decode_jpeg(data[: int(len(data) * cut)])
+
+
+def test_encode_takes_any_layout_and_refuses_a_bad_quality():
+    img = (np.random.default_rng(1).random((32, 48, 3)) * 255).astype(np.uint8)
+    view = np.ascontiguousarray(img.transpose(1, 0, 2)).transpose(1, 0, 2)  # the same pixels, not C-contiguous
+    assert not view.flags.c_contiguous
+    assert encode_jpeg(view, 90) == encode_jpeg(img, 90)
+    for quality in (0, 101):
+        with pytest.raises(CodecError, match="quality"):
+            encode_jpeg(img, quality)

@@ -31,7 +31,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .codec import MAX_SCANS, MAX_SIDE, check_decode_cost, decode_checked_jpeg, decode_jpeg, encode_jpeg
+from .codec import MAX_SCANS, MAX_SIDE, check_decode_cost, decode_checked_jpeg, decode_jpeg, encode_jpeg, has_exif
 
 log = logging.getLogger("turbostream.codec")
 
@@ -39,12 +39,6 @@ log = logging.getLogger("turbostream.codec")
 # within this many levels (JPEG at quality 90 on a smooth image: a few levels).
 TRIAL_SIDE = 64
 TRIAL_MAX_DIFF = 12
-
-
-def _has_exif(data: bytes) -> bool:
-    """Whether a JPEG carries an EXIF block (APP1 "Exif") near its start: it may rotate the picture, which the CPU
-    decoder applies and nvJPEG does not, so such JPEGs are decoded on the CPU."""
-    return data.find(b"Exif\x00\x00", 0, 4096) != -1
 
 
 def _load_io() -> ModuleType:
@@ -96,8 +90,9 @@ class CudaJpeg:
         """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; the same checks and errors (CodecError) as codec.decode_jpeg."""
         # Before any GPU work: size and scan limits, not a JPEG. The CPU decodes below need not check again.
         components = check_decode_cost(data, max_side, max_scans)[2]
-        if components not in (1, 3) or _has_exif(data):
-            # CMYK (4 components) is left to OpenCV, which knows Adobe's inverted CMYK; EXIF: see _has_exif.
+        if components not in (1, 3) or has_exif(data):
+            # CMYK (4 components) is left to libjpeg-turbo, which knows Adobe's inverted CMYK; EXIF may turn the
+            # picture, which the CPU decode applies and nvJPEG does not.
             return decode_checked_jpeg(data)
         try:
             with self._own_stream():
