@@ -5,7 +5,9 @@ OpenCV's cv2.imdecode/imencode (the CPU codec until 2026-11-27, kept here for co
 For each codec, on camera-like frames of the engine's size: the median time of one decode and one encode from one
 thread (what a single client's latency pays, copies to and from the GPU included), then frames/s with 1, 4 and 8
 threads at once (what the codec workers can sustain for many clients), and the JPEG's size. Every other codec's
-result is checked against the CPU codec's. Without CUDA (or without torchvision) the GPU rows say why instead.
+result is checked against the CPU codec's. Without CUDA (or without torchvision) the GPU rows say why instead. Also:
+a client frame larger than the engine's (--large) decoded and fitted as the server does it, in full and reduced in
+the DCT (codec.decode_reduction), side by side.
 
     python scripts/jpeg_speed.py --size 512 --iters 200 --json benchmarks/jpeg-speed-h200.json
 """
@@ -23,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from turbostream.codec import CPU_JPEG
+from turbostream.codec import CPU_JPEG, decode_reduction, fit_frame
 from turbostream.config import parse_size
 
 
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=200, help="timed calls per median")
     ap.add_argument("--threads", default="1,4,8", help="thread counts for the frames/s rows")
     ap.add_argument("--rate-s", type=float, default=2.0, help="seconds per frames/s row")
+    ap.add_argument("--large", default="1920x1080", help="a client frame larger than --size, decoded and fitted to "
+                    "it in full and at a reduced size (default: %(default)s)")
     ap.add_argument("--device", default="cuda", help="the GPU codec's device (default: %(default)s)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
@@ -143,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     cpu = result["cpu"]
     result["ratio_opencv_over_cpu"] = {k: round(v["opencv"] / v["cpu"], 2) for k, v in result["alternating"].items()}
     result["ratio_opencv_over_cpu"].update({k: round(cpu[k] / row[k], 2) for k in row if k.endswith("_threads")})
+    # A client that sends frames larger than the engine's (a 1080p webcam through a script of its own): decode and
+    # fit as the server does, the JPEG decoded at full size, and at the size codec.decode_reduction allows.
+    lw, lh = (int(v) for v in args.large.lower().split("x"))
+    large = CPU_JPEG.encode(camera_like(lh, lw, 0), args.quality)
+    full_ms, reduced_ms = alternating_ms(lambda: fit_frame(CPU_JPEG.decode(large), width, height),
+                                         lambda: fit_frame(CPU_JPEG.decode(large, fit=(width, height)), width, height),
+                                         max(20, args.iters // 5))
+    result["large_frame"] = {"jpeg": f"{lw}x{lh}", "fit_to": f"{width}x{height}",
+                             "reduction": decode_reduction(lw, lh, width, height),
+                             "decode_fit_full_ms": full_ms, "decode_fit_reduced_ms": reduced_ms,
+                             "ratio": round(full_ms / reduced_ms, 2)}
+    print("large frame:", result["large_frame"], flush=True)
     print("opencv:", row, "\nalternating:", result["alternating"], "\nopencv/cpu (time, alternating; frames/s: "
           "cpu/opencv):", result["ratio_opencv_over_cpu"], flush=True)
     try:

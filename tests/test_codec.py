@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from turbostream.codec import decode_jpeg, encode_jpeg, exif_orientation
+from turbostream.codec import decode_jpeg, decode_reduction, encode_jpeg, exif_orientation, fit_frame
 from turbostream.errors import CodecError
 
 
@@ -84,3 +84,41 @@ def test_encode_takes_any_layout_and_refuses_a_bad_quality():
     for quality in (0, 101):
         with pytest.raises(CodecError, match="quality"):
             encode_jpeg(img, quality)
+
+
+@pytest.mark.parametrize(("size", "fit", "reduction"), [
+    ((1920, 1080), (512, 512), 2),  # crop 1080x1080: 540 a side at 1/2
+    ((1280, 720), (512, 512), 1),  # crop 720: 360 at 1/2 is too small
+    ((3840, 2160), (512, 512), 4),
+    ((4096, 4096), (64, 64), 8),  # never past 1/8
+    ((1024, 1024), (512, 512), 1),  # exactly twice: no pixel to spare for rounding
+    ((1100, 1100), (512, 512), 2),
+    ((1920, 1080), (1024, 576), 1),  # same aspect, 1.9x: crop 1920x1080, 960x540 is too small
+    ((640, 480), (512, 512), 1),
+])
+def test_decode_reduction_keeps_the_fitted_crop_at_least_the_engine_size(size, fit, reduction):
+    assert decode_reduction(*size, *fit) == reduction
+
+
+def _camera_like(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([x * 220, y * 200, (1 - x) * 180], -1) + np.random.default_rng(0).normal(0, 10, (h, w, 3))
+    cv2.circle(img, (w // 3, h // 2), min(h, w) // 5, (250, 240, 30), -1)
+    return cv2.GaussianBlur(img.clip(0, 255).astype(np.uint8), (3, 3), 0)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decoded_smaller_fits_like_the_full_decode(orientation):
+    picture = _camera_like(1080, 1920)  # a webcam's frame, for an engine of 512x384 (landscape)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6: stored sideways, upright it is 1080x1920 (portrait)
+    data = _jpeg(picture, "RGB", exif=exif.tobytes())
+    target = (384, 512) if orientation == 6 else (512, 384)
+    full = fit_frame(decode_jpeg(data), *target)
+    half = decode_jpeg(data, fit=target)
+    assert half.shape == ((960, 540, 3) if orientation == 6 else (540, 960, 3))  # upright, half a side
+    reduced = fit_frame(half, *target)
+    assert reduced.shape == full.shape == (target[1], target[0], 3)
+    # Decoded at half size in the DCT, then shrunk less: the same picture within rounding and filter differences.
+    err = np.abs(reduced.astype(np.int16) - full.astype(np.int16))
+    assert err.mean() < 1.0 and np.percentile(err, 99) <= 8, (err.mean(), np.percentile(err, 99))

@@ -7,7 +7,7 @@ everywhere in turbostream.
 JPEGs are decoded and encoded with simplejpeg rather than cv2.imdecode/imencode: the same libjpeg-turbo, but straight
 from and to RGB, without OpenCV's own layers around it. The decoded pixels are the very same (every kind of JPEG and
 EXIF orientation in tests/test_codec.py, bit for bit); at 512x512 on this project's 2-core CI machine a decode and an
-encode each take 10-16 % less time, timed call by call in turn with OpenCV's (scripts/jpeg_speed.py,
+encode each take 7-16 % less time, timed call by call in turn with OpenCV's (scripts/jpeg_speed.py,
 benchmarks/jpeg-codecs-cpu-2026-11-27.json). In the server that is 0.28 ms less per frame of one client
 (scripts/latency_breakdown.py --sim 2,5, three runs each way: decode 1.49-1.51 ms against 1.65-1.75, encode 1.03-1.05
 against 1.12-1.16).
@@ -128,21 +128,50 @@ def check_decode_cost(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MA
     return width, height, components
 
 
-def decode_jpeg(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
-    """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; magic bytes, declared size and scan count checked first."""
-    check_decode_cost(data, max_side, max_scans)
-    return decode_checked_jpeg(data)
+def decode_jpeg(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS,
+                fit: tuple[int, int] | None = None) -> np.ndarray:
+    """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; magic bytes, declared size and scan count checked first.
+
+    fit=(width, height): the frame is going to fit_frame(..., width, height); a JPEG at least twice that size (after
+    the crop) is then decoded at 1/2, 1/4 or 1/8 of its size (decode_reduction), which fit_frame shrinks the rest of
+    the way: a 1920x1080 webcam frame for a 512x512 engine decodes in about half the time.
+    """
+    width, height, _ = check_decode_cost(data, max_side, max_scans)
+    reduction = 1
+    if fit is not None:
+        turned = has_exif(data) and exif_orientation(data) >= 5  # stored a quarter turn from upright
+        reduction = decode_reduction(width, height, *(fit[::-1] if turned else fit))
+    return decode_checked_jpeg(data, reduction)
 
 
-def decode_checked_jpeg(data: bytes) -> np.ndarray:
+def decode_reduction(width: int, height: int, fit_width: int, fit_height: int) -> int:
+    """The largest of 1, 2, 4, 8 that a width x height picture can be divided by (decoded smaller: libjpeg-turbo's
+    DCT scaling) while fit_frame's centre crop of it to fit_width:fit_height still has at least fit_width x fit_height
+    pixels, one to spare for rounding. Only halvings: libjpeg-turbo's 3/4 or 5/8 decode more slowly than in full."""
+    crop_w = min(width, height * fit_width / fit_height)
+    crop_h = min(height, width * fit_height / fit_width)
+    reduction = 1
+    while reduction < 8 and crop_w / (2 * reduction) >= fit_width + 1 and crop_h / (2 * reduction) >= fit_height + 1:
+        reduction *= 2
+    return reduction
+
+
+def decode_checked_jpeg(data: bytes, reduction: int = 1) -> np.ndarray:
     """JPEG bytes that passed check_decode_cost -> uint8 RGB (H, W, 3), 0..255, upright; CodecError if corrupt.
 
     Gray, CMYK and progressive JPEGs come out as RGB too, and an EXIF orientation is applied (as OpenCV and browsers
     do: a phone's portrait photo is stored sideways). Strict: what libjpeg-turbo only warns about (a truncated scan,
     stray bytes between segments) is refused rather than decoded into a frame with a gray-filled rest.
+    reduction (1, 2, 4 or 8): decode at that fraction of each side (rounded up), in the DCT, for less work.
     """
     try:
-        image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        if reduction == 1:
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        else:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            # simplejpeg takes the smallest of libjpeg-turbo's n/8 scales that gives at least these sides: 1/reduction.
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_height=-(-h // reduction),
+                                           min_width=-(-w // reduction))
     except ValueError as exc:
         raise CodecError(f"could not decode the JPEG image (truncated or corrupt): {exc}") from None
     if has_exif(data):
@@ -223,9 +252,10 @@ class CpuJpeg:
     name = "cpu"
 
     @staticmethod
-    def decode(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
-        """JPEG bytes -> uint8 RGB (H, W, 3), 0..255 (decode_jpeg)."""
-        return decode_jpeg(data, max_side, max_scans)
+    def decode(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS,
+               fit: tuple[int, int] | None = None) -> np.ndarray:
+        """JPEG bytes -> uint8 RGB (H, W, 3), 0..255 (decode_jpeg; fit: the size it is going to be fitted to)."""
+        return decode_jpeg(data, max_side, max_scans, fit)
 
     @staticmethod
     def encode(rgb: np.ndarray, quality: int = 85) -> bytes:

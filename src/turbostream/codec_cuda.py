@@ -86,8 +86,10 @@ class CudaJpeg:
 
     # ------------------------------------------------------------------ the codec
 
-    def decode(self, data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS) -> np.ndarray:
-        """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; the same checks and errors (CodecError) as codec.decode_jpeg."""
+    def decode(self, data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS,
+               fit: tuple[int, int] | None = None) -> np.ndarray:
+        """JPEG bytes -> uint8 RGB (H, W, 3), 0..255; the same checks and errors (CodecError) as codec.decode_jpeg.
+        fit: accepted for the CPU codec's sake and not used (nvJPEG decodes at full size; so do the fallbacks)."""
         # Before any GPU work: size and scan limits, not a JPEG. The CPU decodes below need not check again.
         components = check_decode_cost(data, max_side, max_scans)[2]
         if components not in (1, 3) or has_exif(data):

@@ -56,7 +56,8 @@ def timed_decode(data: bytes, limits: Limits, width: int, height: int,
     """JPEG bytes -> uint8 RGB (height, width, 3) fitted to the engine, and the seconds it took (worker thread).
     jpeg: the server's codec (CPU, or codec_cuda.CudaJpeg with `--jpeg gpu`)."""
     t0 = time.perf_counter()
-    frame = fit_frame(jpeg.decode(data, limits.max_image_side, limits.max_jpeg_scans), width, height)
+    frame = fit_frame(jpeg.decode(data, limits.max_image_side, limits.max_jpeg_scans, fit=(width, height)), width,
+                      height)
     return frame, time.perf_counter() - t0
 
 
