@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [latency] [serve] [serve-compile] [gil]
-#                             [soak] [warmstart] [reuse] [sim]
+#   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [codecs] [latency] [serve]
+#                             [serve-compile] [gil] [soak] [warmstart] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -29,6 +29,8 @@
 #         the load test at 1, 8 and 16 clients with --jpeg cpu and with --jpeg gpu, SERVE_S seconds each
 #         ($OUT/serve_jpeg_cpu.json, serve_jpeg_gpu.json). Needs torchvision: carry its wheel (device-wheels.sh
 #         torchvision==0.26.0, the release built for torch 2.11)
+# codecs: scripts/jpeg_speed.py alone (the jpeg stage without its tests and load tests): the CPU codec (simplejpeg)
+#         beside OpenCV's and the GPU codec, and a 1920x1080 client frame decoded in full and reduced; about a minute
 # latency: scripts/latency_breakdown.py: one client's frame through a real server cut into stages (hand-offs, decode,
 #         engine host work, device, encode, send), SERVE_S seconds with --jpeg cpu and with --jpeg gpu;
 #         $OUT/latency_cpu.json, latency_gpu.json
@@ -140,6 +142,9 @@ for stage in "${stages[@]}"; do
           --json "$OUT/serve_jpeg_$codec.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 --jpeg "$codec" \
           "${SERVE_EXTRA[@]}"
       done ;;
+    codecs)  # the jpeg stage's codec timings alone (no load tests): about a minute
+      if [ "${CHECK_CPU:-0}" = 1 ]; then JPEG_ARGS=(--size 64 --iters 20 --rate-s 0.3); else JPEG_ARGS=(--size 512); fi
+      step jpeg-speed 180 "$PY" scripts/jpeg_speed.py "${JPEG_ARGS[@]}" --json "$OUT/jpeg_speed.json" ;;
     latency)
       LAT_CODECS=(cpu gpu); [ "${CHECK_CPU:-0}" = 1 ] && LAT_CODECS=(cpu)
       for codec in "${LAT_CODECS[@]}"; do
@@ -190,7 +195,7 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (tests, parity, engine, norm, rows, jpeg, latency, serve, serve-compile, gil, soak, warmstart," \
+    *) echo "unknown stage $stage (tests, parity, engine, norm, rows, jpeg, codecs, latency, serve, serve-compile, gil, soak, warmstart," \
          "reuse, sim)"
        status=2 ;;
   esac
