@@ -211,7 +211,7 @@ _ORIENT = {
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    """uint8 RGB (H, W, 3), 0..255 -> baseline JPEG bytes, chroma subsampled 4:2:0 (what browsers decode fastest)."""
+    """uint8 RGB (H, W, 3), 0..255 -> baseline JPEG bytes, chroma subsampled 4:2:0 (as OpenCV and browsers encode)."""
     if not 1 <= int(quality) <= 100:
         raise CodecError(f"JPEG quality must be 1..100, got {quality}")
     try:
