@@ -15,6 +15,7 @@ the DCT (codec.decode_reduction), side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -132,11 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     row = measure(opencv, frames, datas, args)
     # The per-call medians above ran one codec after the other; these alternate the two call by call, so that both
     # see the same machine (clock, caches, neighbours): the ratio to trust.
-    j = iter(range(10**9))
-    pair = {"decode": [lambda c: c.decode(datas[next(j) % len(datas)])] * 2,
-            "encode": [lambda c: c.encode(frames[next(j) % len(frames)], args.quality)] * 2}
-    result["alternating"] = {f"{op}_ms": dict(zip(("cpu", "opencv"), alternating_ms(
-        lambda fn=fns[0]: fn(CPU_JPEG), lambda fn=fns[1]: fn(opencv), args.iters))) for op, fns in pair.items()}
+    k = iter(range(10**9))
+    calls = {"decode": lambda codec: codec.decode(datas[next(k) % len(datas)]),
+             "encode": lambda codec: codec.encode(frames[next(k) % len(frames)], args.quality)}
+    result["alternating"] = {}
+    for op, call in calls.items():
+        cpu_ms, opencv_ms = alternating_ms(functools.partial(call, CPU_JPEG), functools.partial(call, opencv),
+                                           args.iters)
+        result["alternating"][f"{op}_ms"] = {"cpu": cpu_ms, "opencv": opencv_ms}
     # Same pixels from the same JPEG? And how far the two encoders' JPEGs decode apart.
     row["decode_max_abs_vs_cpu"] = max(int(np.abs(opencv.decode(d).astype(np.int16) - CPU_JPEG.decode(d)).max())
                                        for d in datas)
@@ -145,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                                        for f in frames)
     result["opencv"] = row
     cpu = result["cpu"]
-    result["ratio_opencv_over_cpu"] = {k: round(v["opencv"] / v["cpu"], 2) for k, v in result["alternating"].items()}
-    result["ratio_opencv_over_cpu"].update({k: round(cpu[k] / row[k], 2) for k in row if k.endswith("_threads")})
+    # Times: OpenCV's over the CPU codec's (alternating); rates (the *_threads keys): the CPU codec's over OpenCV's.
+    # Above 1 either way means the CPU codec is faster.
+    result["ratio_opencv_over_cpu"] = {op: round(v["opencv"] / v["cpu"], 2) for op, v in result["alternating"].items()}
+    result["ratio_opencv_over_cpu"].update({key: round(cpu[key] / row[key], 2) for key in row
+                                            if key.endswith("_threads")})
     # A client that sends frames larger than the engine's (a 1080p webcam through a script of its own): decode and
     # fit as the server does, the JPEG decoded at full size, and at the size codec.decode_reduction allows.
     lw, lh = (int(v) for v in args.large.lower().split("x"))
