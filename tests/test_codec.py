@@ -109,7 +109,7 @@ def _camera_like(h: int, w: int) -> np.ndarray:
 
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_a_large_jpeg_decoded_smaller_fits_like_the_full_decode(orientation):
-    picture = _camera_like(1080, 1920)  # a webcam's frame, for an engine of 512x384 (landscape)
+    picture = _camera_like(1080, 1920)  # a webcam's frame, for an engine of 512x384 (384x512 for the portrait one)
     exif = Image.Exif()
     exif[0x0112] = orientation  # 6: stored sideways, upright it is 1080x1920 (portrait)
     data = _jpeg(picture, "RGB", exif=exif.tobytes())
