@@ -147,10 +147,10 @@ def decode_jpeg(data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCAN
 
 def decode_reduction(width: int, height: int, fit_width: int, fit_height: int) -> int:
     """The largest of 1, 2, 4, 8 that a width x height picture can be divided by (decoded smaller: libjpeg-turbo's
-    DCT scaling) while fit_frame's centre crop of it to fit_width:fit_height still has at least fit_width x fit_height
-    pixels, one to spare for rounding. Only halvings: libjpeg-turbo's 3/4 or 5/8 decode more slowly than in full."""
-    crop_w = min(width, height * fit_width / fit_height)
-    crop_h = min(height, width * fit_height / fit_width)
+    DCT scaling) while fit_frame's centre crop of it to fit_width:fit_height (centre_crop_size) still has at least
+    fit_width x fit_height pixels, one to spare for rounding. Only halvings: libjpeg-turbo's 3/4 or 5/8 decode more
+    slowly than in full."""
+    crop_w, crop_h = centre_crop_size(width, height, fit_width, fit_height)
     reduction = 1
     while reduction < 8 and crop_w / (2 * reduction) >= fit_width + 1 and crop_h / (2 * reduction) >= fit_height + 1:
         reduction *= 2
@@ -231,17 +231,21 @@ def check_frame(frame: np.ndarray) -> np.ndarray:
     return frame
 
 
+def centre_crop_size(w: int, h: int, width: int, height: int) -> tuple[int, int]:
+    """(crop width, crop height): the largest centred window of a w x h picture with width:height's aspect (the
+    longer relative side is cropped), the window fit_frame resizes."""
+    if w * height > h * width:
+        return max(1, round(h * width / height)), h
+    return w, max(1, round(w * height / width))
+
+
 def fit_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     """Center-crop uint8 RGB (H, W, 3) to width:height, resize to exactly (height, width, 3); contiguous."""
     check_frame(frame)
     h, w = frame.shape[:2]
     if (w, h) == (width, height):
         return np.ascontiguousarray(frame)
-    # Largest centered window of the target aspect: crop the longer relative side.
-    if w * height > h * width:
-        crop_w, crop_h = max(1, round(h * width / height)), h
-    else:
-        crop_w, crop_h = w, max(1, round(w * height / width))
+    crop_w, crop_h = centre_crop_size(w, h, width, height)
     x0, y0 = (w - crop_w) // 2, (h - crop_h) // 2
     window = frame[y0 : y0 + crop_h, x0 : x0 + crop_w]
     shrinking = crop_w > width or crop_h > height
