@@ -4,7 +4,9 @@ and EXIF orientation; corrupt input and bad arguments refused with CodecError.""
 from __future__ import annotations
 
 import io
+import sys
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,6 +15,9 @@ from PIL import Image
 
 from turbostream.codec import decode_jpeg, decode_reduction, encode_jpeg, exif_orientation, fit_frame
 from turbostream.errors import CodecError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from jpeg_speed import camera_like  # noqa: E402 - the codec benchmark's webcam-like frames (scripts/jpeg_speed.py)
 
 
 def _jpeg(img: np.ndarray, mode: str, **save) -> bytes:
@@ -100,16 +105,9 @@ def test_decode_reduction_keeps_the_fitted_crop_at_least_the_engine_size(size, f
     assert decode_reduction(*size, *fit) == reduction
 
 
-def _camera_like(h: int, w: int) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([x * 220, y * 200, (1 - x) * 180], -1) + np.random.default_rng(0).normal(0, 10, (h, w, 3))
-    cv2.circle(img, (w // 3, h // 2), min(h, w) // 5, (250, 240, 30), -1)
-    return cv2.GaussianBlur(img.clip(0, 255).astype(np.uint8), (3, 3), 0)
-
-
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_a_large_jpeg_decoded_smaller_fits_like_the_full_decode(orientation):
-    picture = _camera_like(1080, 1920)  # a webcam's frame, for an engine of 512x384 (384x512 for the portrait one)
+    picture = camera_like(1080, 1920, 0)  # a webcam's frame, for an engine of 512x384 (384x512 for the portrait one)
     exif = Image.Exif()
     exif[0x0112] = orientation  # 6: stored sideways, upright it is 1080x1920 (portrait)
     data = _jpeg(picture, "RGB", exif=exif.tobytes())
