@@ -7,7 +7,7 @@
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
 #         tests run on CUDA, not through Triton's interpreter); logs in $OUT/tests-gpu.log and tests-fused.log. About
-#         three minutes
+#         three minutes. tests-gpu and tests-fused run one half each
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
 #         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
@@ -33,7 +33,7 @@
 #         beside OpenCV's and the GPU codec, and a 1920x1080 client frame decoded in full and reduced; about a minute
 # latency: scripts/latency_breakdown.py: one client's frame through a real server cut into stages (hand-offs, decode,
 #         engine host work, device, encode, send), SERVE_S seconds with --jpeg cpu and with --jpeg gpu;
-#         $OUT/latency_cpu.json, latency_gpu.json
+#         $OUT/latency_cpu.json, latency_gpu.json (LAT_CODECS=cpu: the CPU codec alone)
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
@@ -108,11 +108,12 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.
 
 for stage in "${stages[@]}"; do
   case $stage in
-    tests)
+    tests|tests-gpu|tests-fused)
       [ "${CHECK_CPU:-0}" = 1 ] && echo "=== tests: the gpu-marked tests skip without CUDA (a CPU dry run checks the call)"
-      step tests-gpu 360 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
-      step tests-fused 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py tests/test_epilogue.py \
-        tests/test_fused_options.py ;;
+      [ "$stage" = tests-fused ] || step tests-gpu 360 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+        --continue-on-collection-errors tests/
+      [ "$stage" = tests-gpu ] || step tests-fused 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py \
+        tests/test_epilogue.py tests/test_fused_options.py ;;
     parity)
       step parity "$PARITY_S" "$PY" scripts/gpu_parity.py "${MODEL[@]}" --budget-s $((PARITY_S - 60)) \
         --out "$OUT/parity.json"
@@ -146,7 +147,7 @@ for stage in "${stages[@]}"; do
       if [ "${CHECK_CPU:-0}" = 1 ]; then JPEG_ARGS=(--size 64 --iters 20 --rate-s 0.3); else JPEG_ARGS=(--size 512); fi
       step jpeg-speed 180 "$PY" scripts/jpeg_speed.py "${JPEG_ARGS[@]}" --json "$OUT/jpeg_speed.json" ;;
     latency)
-      LAT_CODECS=(cpu gpu); [ "${CHECK_CPU:-0}" = 1 ] && LAT_CODECS=(cpu)
+      read -r -a LAT_CODECS <<< "${LAT_CODECS:-cpu gpu}"; [ "${CHECK_CPU:-0}" = 1 ] && LAT_CODECS=(cpu)
       for codec in "${LAT_CODECS[@]}"; do
         step "latency-$codec" $((DUR + 300)) "$PY" scripts/latency_breakdown.py "${MODEL[@]}" --jpeg "$codec" \
           --duration "$DUR" --json "$OUT/latency_$codec.json" "${SERVE_EXTRA[@]}"
@@ -195,7 +196,7 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (tests, parity, engine, norm, rows, jpeg, codecs, latency, serve, serve-compile, gil, soak, warmstart," \
+    *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency, serve, serve-compile, gil, soak, warmstart," \
          "reuse, sim)"
        status=2 ;;
   esac

@@ -317,7 +317,13 @@ def test_feature_reuse_graphs_match_eager(cuda_tiny):
 
 def test_run_pipelined_on_cuda_writes_what_the_serial_loop_writes(tmp_path, cuda_tiny):
     """`turbostream run`'s GPU loop on CUDA (pipelined: two calls in flight) against the same loop forced serial, on a
-    small video with feedback on (each frame depends on the one before): the same frames, in order."""
+    small video with feedback on (each frame depends on the one before): the same frames, bit for bit, in order.
+
+    cuDNN autotuning is off here. Its choices are cached per thread (PyTorch's cuDNN v8 benchmark cache is
+    thread_local), each Pipeline warms its engine up on a GPU thread of its own, and timing picks a convolution
+    algorithm afresh there: on an H200 the two runs then parted by up to 3 levels through the feedback chain in two
+    runs of three. Heuristic choices are the same for the same shapes, so a frame that differs means the pipelining
+    changed an input (a latent read before it was written), not a rounding."""
     from test_run_pipelined import make_video, run_video
 
     from turbostream.engine import Engine
@@ -340,6 +346,12 @@ def test_run_pipelined_on_cuda_writes_what_the_serial_loop_writes(tmp_path, cuda
 
     pipelined_engine = make()
     assert pipelined_engine.pipelined
-    piped, serial = run_video(pipelined_engine, src, n, params), run_video(Serial(make()), src, n, params)
+    serial_engine = Serial(make())
+    autotune = torch.backends.cudnn.benchmark  # the engines turned it on (prepare_cuda)
+    torch.backends.cudnn.benchmark = False
+    try:
+        piped, serial = run_video(pipelined_engine, src, n, params), run_video(serial_engine, src, n, params)
+    finally:
+        torch.backends.cudnn.benchmark = autotune
     assert piped.indices == serial.indices == list(range(n))
-    assert max(_diff(a, b) for (_, a), (_, b) in zip(piped.written, serial.written)) <= 2
+    assert [_diff(a, b) for (_, a), (_, b) in zip(piped.written, serial.written)] == [0] * n

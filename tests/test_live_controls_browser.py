@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from test_browser import TIMEOUT_MS, _watch, browser  # noqa: F401 - the module-scoped browser fixture
 
 from turbostream.config import ServerConfig, preset
@@ -31,6 +30,9 @@ def client_page(browser, engine, frames: int):  # noqa: F811
 
 
 def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F811
+    # Imported here, not at the top: the browser fixture skips first where playwright is missing (the GPU machine).
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     engine = Engine(preset("test", feature_reuse=True), tiny_components)  # as with serve --reuse N
     with client_page(browser, engine, 3) as (server, page, problems):
         assert page.is_enabled("#reuse")  # the server allows reuse (ready's limits.feature_reuse)
