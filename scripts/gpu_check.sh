@@ -2,7 +2,7 @@
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
 #   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [codecs] [latency] [serve]
-#                             [serve-compile] [gil] [soak] [warmstart] [reuse] [sim]
+#                             [serve-compile] [gil] [soak] [starts] [warmstart] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -36,6 +36,11 @@
 #         $OUT/latency_cpu.json, latency_gpu.json (LAT_CODECS=cpu: the CPU codec alone)
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
+# starts: scripts/warm_start.py without --compile: serve started twice with today's defaults, then twice with
+#         --fused-norm --fused-epilogue --frame-graph, each pair with a fresh Triton cache (first start on a new
+#         machine, then a start that finds the kernels cached), each start timed to /healthz 200 with its engine
+#         warm-up; $OUT/starts_default.json, starts_fused.json. What making the fused kernels the default would cost
+#         a start. About two minutes
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
 #         output's distance from full recomputation for reuse 2, 3, 4); JSON in $OUT/reuse.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
@@ -50,7 +55,9 @@
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
 #         (default 180)
 # SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile and soak stages' server.
-# Results (JSON and logs) go to $OUT (default ./gpu-out). On the device machine, carry .whl (see
+# Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
+# into one file after every step, so a run cut short still returns what it did: on the device machine, where at most
+# 8 files come back, run with OUT=/tmp/g PACK=$OUT/gpu.tgz (PACK outside $OUT). On the device machine, carry .whl (see
 # ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets, simplejpeg) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
 set -uo pipefail
@@ -104,6 +111,11 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.
   tail -n 25 "$OUT/$name.log"
   echo "=== $name exit $rc"
   [ $rc = 0 ] || status=1
+  pack
+}
+
+pack() {  # PACK=file.tgz: everything in $OUT so far, in one file (the device tool returns at most 8 files)
+  if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi
 }
 
 for stage in "${stages[@]}"; do
@@ -140,7 +152,7 @@ for stage in "${stages[@]}"; do
       step jpeg-speed 180 "$PY" scripts/jpeg_speed.py "${JPEG_ARGS[@]}" --json "$OUT/jpeg_speed.json"
       for codec in "${JPEG_CODECS[@]}"; do
         step "serve-jpeg-$codec" $((DUR * 3 + 120)) "$PY" scripts/loadtest.py --clients 1,8,16 --duration "$DUR" \
-          --json "$OUT/serve_jpeg_$codec.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 --jpeg "$codec" \
+          --json "$OUT/serve_jpeg_$codec.json" --server-log "$OUT/serve-jpeg-$codec-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 --jpeg "$codec" \
           "${SERVE_EXTRA[@]}"
       done ;;
     codecs)  # the jpeg stage's codec timings alone (no load tests): about a minute
@@ -154,10 +166,10 @@ for stage in "${stages[@]}"; do
       done ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
-        --json "$OUT/serve.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
+        --json "$OUT/serve.json" --server-log "$OUT/serve-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
     serve-compile)
       step serve-compile $((DUR * 2 + 420)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
-        --json "$OUT/serve_compile.json" --spawn-server -- "${MODEL[@]}" "${COMPILE[@]}" --max-clients 16 \
+        --json "$OUT/serve_compile.json" --server-log "$OUT/serve-compile-server.log" --spawn-server -- "${MODEL[@]}" "${COMPILE[@]}" --max-clients 16 \
         "${SERVE_EXTRA[@]}" ;;
     gil)
       SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null || true)
@@ -187,8 +199,12 @@ PY
       fi ;;
     soak)
       step soak $((SOAK_S * 2 + 240)) "$PY" scripts/loadtest.py --soak --clients 8,16 --duration "$SOAK_S" \
-        --warmup 15 --sample-every 10 --json "$OUT/soak.json" --spawn-server -- "${MODEL[@]}" --max-clients 16 \
+        --warmup 15 --sample-every 10 --json "$OUT/soak.json" --server-log "$OUT/soak-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 \
         "${SERVE_EXTRA[@]}" ;;
+    starts)  # what the fused kernels cost a start: serve started twice each way, each pair with a fresh Triton cache
+      step starts-default 400 "$PY" scripts/warm_start.py --json "$OUT/starts_default.json" -- "${MODEL[@]}"
+      step starts-fused 400 "$PY" scripts/warm_start.py --json "$OUT/starts_fused.json" -- "${MODEL[@]}" \
+        --fused-norm --fused-epilogue --frame-graph ;;
     warmstart)
       step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
     reuse)
@@ -196,9 +212,10 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency, serve, serve-compile, gil, soak, warmstart," \
+    *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency, serve, serve-compile, gil, soak, starts, warmstart," \
          "reuse, sim)"
        status=2 ;;
   esac
 done
+pack
 exit $status

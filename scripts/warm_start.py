@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Start `turbostream serve` twice with the same options and a compile cache of its own; time each start to /healthz 200.
+"""Start `turbostream serve` twice with the same options and a compile cache of its own; time each start to /healthz.
 
 The first start fills the compile cache (with --compile: minutes on a GPU), the second should load it: the log says
-`compile cache: hit`. Writes both times, whether each start hit the cache, and the command to --json.
+`compile cache: hit`. Triton's kernel cache is a fresh one too (TRITON_CACHE_DIR, shared by the two starts), so the
+first start pays what a first start on a new machine pays for --fused-norm's and --fused-epilogue's kernels and the
+second shows whether Triton's cache takes it away. Writes both times, each start's engine warm-up (from its log),
+whether it hit the compile cache, and the command to --json.
 
     python scripts/warm_start.py --json out.json -- --model random --device cuda --size 512 --compile
+    python scripts/warm_start.py --json out.json -- --model random --device cuda --size 512 --fused-norm \
+        --fused-epilogue
     python scripts/warm_start.py -- --model tiny-random --device cpu --size 64     # a dry run of the script
 """
 
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import tempfile
 import time
@@ -31,7 +38,9 @@ def one_start(serve_args: list[str], log_path: Path, timeout: float) -> dict:
     finally:
         status = loadtest.stop_server(proc)
     text = log_path.read_text(errors="replace")
-    return {"ready_s": round(ready_s, 1), "exit_status": status, "compile_cache_hit": "compile cache: hit" in text}
+    warmup = re.search(r"warmup ([\d.]+) s \(compile ([\d.]+) s\)", text)
+    return {"ready_s": round(ready_s, 1), "exit_status": status, "compile_cache_hit": "compile cache: hit" in text,
+            "warmup_s": float(warmup[1]) if warmup else None, "compile_s": float(warmup[2]) if warmup else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,16 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results here")
     ap.add_argument("--timeout", type=float, default=600, help="seconds each start may take (default: %(default)s)")
     ap.add_argument("--cache", metavar="DIR", help="compile cache folder (default: a new temporary one)")
+    ap.add_argument("--triton-cache", metavar="DIR", help="Triton's kernel cache folder (default: a new temporary "
+                    "one; 'keep': the one this machine has)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="turbostream-warm-") as tmp:
         cache = args.cache or str(Path(tmp) / "compile")
+        if args.triton_cache != "keep":  # the servers are children: they inherit it
+            os.environ["TRITON_CACHE_DIR"] = args.triton_cache or str(Path(tmp) / "triton")
         run_args = [*serve_args, "--compile-cache", cache]
         starts = [one_start(run_args, Path(tmp) / f"start-{k}.log", args.timeout) for k in (1, 2)]
         for k, start in enumerate(starts, 1):
-            print(f"start {k}: /healthz 200 after {start['ready_s']} s, compile cache "
-                  f"{'hit' if start['compile_cache_hit'] else 'not hit'}, exit {start['exit_status']}")
+            print(f"start {k}: /healthz 200 after {start['ready_s']} s (engine warm-up {start['warmup_s']} s), "
+                  f"compile cache {'hit' if start['compile_cache_hit'] else 'not hit'}, exit {start['exit_status']}")
         result = {"command": ["turbostream", "serve", *run_args], "first": starts[0], "second": starts[1],
-                  "date": time.strftime("%Y-%m-%d")}
+                  "triton_cache": args.triton_cache or "fresh", "date": time.strftime("%Y-%m-%d")}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(s["exit_status"] == 0 for s in starts) else 1
