@@ -17,6 +17,12 @@ server; the last line is the client's side (the reply read, the next frame sent,
     encode end -> sent           back to the event loop, the WebSocket send
     sent -> next receive         the client: reads the reply, sends its next frame
 
+The engine's submit is cut further (`submit_parts`): the time spent in each of its inner steps (validate and fit,
+the stream inputs, the schedule, the graph launches, the latents kept, the staging of the frames, and what the submit
+spends outside all of them: the device guard, the engine's stream), at the median and averaged
+over the slowest tenth of submits, so a tail in the submit shows where it lives: in one step (that step's work), or
+spread over all of them (the thread waiting to run: the GIL, the scheduler).
+
 It also reports the garbage collector's pauses in the measured window (each holds the GIL, so every thread waits):
 the server freezes the warm heap (heap.py) unless --no-freeze-heap.
 
@@ -88,6 +94,80 @@ class Marks:
             return result
 
         setattr(owner, name, marked)
+
+
+# The engine's inner steps timed within each submit (Engine methods, and the module function fit_frame), in order.
+# _enqueue encloses the steps after fit: what it spends outside them is the staging (frames into pinned memory, the
+# copies to the device, the events).
+SUBMIT_PARTS = (("validate", "validate"), ("fit_frame", "fit"), ("_enqueue", "enqueue"),
+                ("_load_stream_inputs", "stream inputs"), ("_stage_schedule", "schedule"),
+                ("_reuse_mode", "reuse mode"), ("_replay", "graph launches"), ("_keep_latents", "latents kept"))
+INSIDE_ENQUEUE = ("stream inputs", "schedule", "reuse mode", "graph launches", "latents kept")
+
+
+class SubmitParts:
+    """Seconds each of the engine's inner steps took within each submit, recorded while the marks are on."""
+
+    def __init__(self, marks: Marks) -> None:
+        self.marks = marks
+        self.current: dict[str, float] = defaultdict(float)
+        self.calls: list[dict[str, float]] = []
+
+    def time(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.current[label] += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+    def wrap_submit(self, owner) -> None:
+        original = owner.submit
+
+        def submit(*args, **kwargs):
+            self.current.clear()
+            t0 = time.perf_counter()
+            result = original(*args, **kwargs)
+            total = time.perf_counter() - t0
+            if self.marks.state in ("on", "stopping"):
+                parts = dict(self.current)
+                enqueue = parts.pop("enqueue", 0.0)
+                parts["staging"] = enqueue - sum(parts.get(k, 0.0) for k in INSIDE_ENQUEUE)
+                parts["outside enqueue"] = total - enqueue - parts.get("validate", 0.0) - parts.get("fit", 0.0)
+                parts["total"] = total
+                self.calls.append(parts)
+            return result
+
+        owner.submit = submit
+
+    def summary(self) -> dict:
+        """Per part: median ms over the submits, and mean ms over the slowest tenth of them (by total)."""
+        if not self.calls:
+            return {}
+        labels = [label for _, label in SUBMIT_PARTS if any(label in c for c in self.calls)]
+        labels += ["staging", "outside enqueue", "total"]
+        slow = sorted(self.calls, key=lambda c: c["total"])[int(0.9 * len(self.calls)):]
+        return {label: {"p50_ms": round(statistics.median(c.get(label, 0.0) for c in self.calls) * 1e3, 3),
+                        "slowest_tenth_mean_ms": round(statistics.mean(c.get(label, 0.0) for c in slow) * 1e3, 3)}
+                for label in labels} | {"submits": len(self.calls), "slowest_tenth": len(slow)}
+
+
+def instrument_submit(parts: SubmitParts, engine) -> None:
+    """Time the inner steps of the real Engine inside engine (a simulated device wraps one) and its submits."""
+    from turbostream.engine import Engine
+    from turbostream.engine import engine as engine_module
+
+    inner = engine
+    while not isinstance(inner, Engine):
+        inner = inner._engine
+    for name, label in SUBMIT_PARTS:
+        parts.time(engine_module if name == "fit_frame" else inner, name, label)
+    if getattr(engine, "pipelined", False):
+        parts.wrap_submit(engine)
 
 
 def instrument(marks: Marks, engine) -> None:
@@ -186,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
         jpeg = CudaJpeg(str(engine.device))
     marks = Marks()
+    parts = SubmitParts(marks)
+    instrument_submit(parts, engine)  # first: the marks' wrapper of submit then encloses this one
     instrument(marks, engine)
     config = ServerConfig(port=0, limits=Limits(max_clients=1), freeze_heap=not args.no_freeze_heap)
     server = TurboServer(engine, config, jpeg=jpeg)
@@ -207,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"latency_breakdown: the load test failed (exit {client.returncode})")
         load = json.loads(out.read_text())["steps"][0]["total"]
     result = breakdown(marks)
+    result["submit_parts"] = parts.summary()
     result.update({
         "command": "python scripts/latency_breakdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine": "simulated " + args.sim if args.sim else f"{engine.model_name} on {engine.device}",
@@ -223,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['sent -> next receive (client)']['p50_ms']:7.3f} ms")
     print(f"client: p50 {result['client_p50_ms']} ms, max {result['client_max_ms']} ms, {result['client_fps']} "
           f"frames/s ({result['frames']} frames)")
+    if result["submit_parts"]:
+        sub = result["submit_parts"]
+        print(f"engine submit, by part ({sub['submits']} submits): p50 ms / mean ms of the slowest "
+              f"{sub['slowest_tenth']}")
+        for label, t in sub.items():
+            if isinstance(t, dict):
+                print(f"  {label:<16}  {t['p50_ms']:7.3f}  {t['slowest_tenth_mean_ms']:7.3f}")
     gc_ = result["gc"]
     print(f"garbage collections (generation 0/1/2): {'/'.join(map(str, gc_['collections']))}, longest pause "
           f"{gc_['max_pause_ms']} ms, {gc_['total_pause_ms']} ms in all (heap frozen: {result['heap_frozen']})")
