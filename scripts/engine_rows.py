@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Issue 12's candidate engine settings, side by side: one row each, same process, same inputs, same reference.
 
-Each row builds an Engine with one setting changed (attention backend, torch.compile mode, fp8, no /1.0 divisions;
-the full list is ROWS below), warms it up (warmup_s, compile_s), times batch 1 and batch 8 through Engine.run (CUDA
-graphs on CUDA; median/p95 ms per call and frames/s, after a burn-in, synchronized), and holds its output to the
-project's parity rule (parity.py): |E - R| against R, diffusers in fp32 on fresh components (TF32 off, math attention),
-with P, diffusers in the engine's dtype, setting the limits; R and P are computed once and shared by every row.
+Each row builds an Engine with one setting changed (attention backend, torch.compile mode or dynamic batch size, fp8,
+no /1.0 divisions; the full list is ROWS below), warms it up (warmup_s, compile_s), times batch 1 and batch 8 through
+Engine.run (CUDA graphs on CUDA; median/p95 ms per call and frames/s, after a burn-in, synchronized), and holds its
+output to the project's parity rule (parity.py): |E - R| against R, diffusers in fp32 on fresh components (TF32 off,
+math attention), with P, diffusers in the engine's dtype, setting the limits; R and P are computed once and shared by
+every row.
 
 Every row runs inside try/except: an error is recorded in the row and the next row runs. The JSON is written before
 and after every row (a row cut off by a time limit says "running"). --budget-s: no row starts after that many
@@ -68,6 +69,8 @@ ROWS = (
     Row("compile_default", {"compile": True}, "torch.compile (default mode) + graphs", cuda_only=True, needs_s=200),
     Row("fp8_compile", {"fp8": True, "compile": True}, "fp8 + torch.compile + graphs", cuda_only=True,
         needs_s=200, fresh=True),
+    Row("compile_dynamic", {"compile": True, "compile_dynamic": True}, "torch.compile with a symbolic batch size "
+        "after batch 1 (two compiles for every bucket) + graphs", cuda_only=True, needs_s=150),
     Row("compile_max_autotune", {"compile": True, "compile_mode": MAX_AUTOTUNE},
         "torch.compile max-autotune-no-cudagraphs + graphs", cuda_only=True, needs_s=420),
     Row("temporal_reuse", {"feature_reuse": True}, "graphs + temporal feature reuse: full (keep) and partial frames",
@@ -122,8 +125,8 @@ def extra_row(spec: str) -> Row:
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
-    allowed = ("attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
-               "frame_graph", "fused_norm", "fused_epilogue")
+    allowed = ("attention", "compile", "compile_mode", "compile_dynamic", "fp8", "skip_unit_rescale", "cuda_graphs",
+               "feature_reuse", "frame_graph", "fused_norm", "fused_epilogue")
     options = {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -273,8 +276,8 @@ class Rows:
         cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, width=a.size, height=a.size, vae="tiny",
                            buckets=BATCHES, compile_cache=None, **row.options)
         out["config"] = {k: getattr(cfg, k) for k in (
-            "attention", "compile", "compile_mode", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
-            "frame_graph", "fused_norm", "fused_epilogue")} | {
+            "attention", "compile", "compile_mode", "compile_dynamic", "fp8", "skip_unit_rescale", "cuda_graphs",
+            "feature_reuse", "frame_graph", "fused_norm", "fused_epilogue")} | {
             "buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:

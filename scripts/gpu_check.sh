@@ -45,7 +45,9 @@
 #         output's distance from full recomputation for reuse 2, 3, 4); JSON in $OUT/reuse.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
-# serve-compile: the same load test at 8 and 16 clients with `serve --compile` (issue 11: 8 clients >= 30 frames/s each)
+# serve-compile: the same load test at 8 and 16 clients with `serve --compile` (issue 11: 8 clients >= 30 frames/s each);
+#         with the default buckets 1,2,4,8 the start compiles four graphs (on the H200 it was not up after 315 s):
+#         SERVE_ARGS=--compile-dynamic compiles two
 # gil:    where the server's threads hold the GIL at 16 clients: `serve` runs under `py-spy record --gil` (its own child,
 #         so no ptrace rights are needed) while scripts/loadtest.py drives it; $OUT/serve-gil.svg (a flame graph) and
 #         the load test's JSON. Needs py-spy: carry its wheel (device-wheels.sh py-spy==0.4.3); skipped without it

@@ -162,6 +162,25 @@ def test_compile_cache_key_keeps_the_default_and_names_the_mode():
     # Feature reuse compiles two more forwards: a cache saved without them must not count as a hit with them.
     reusing = cache_key(dataclasses.replace(cfg, feature_reuse=True), "GPU", torch.float16)
     assert reusing == {**legacy, "reuse_enabled": True}
+    # A symbolic batch size compiles other graphs than one static graph per bucket.
+    dynamic = cache_key(dataclasses.replace(cfg, compile=True, compile_dynamic=True), "GPU", torch.float16)
+    assert dynamic == {**legacy, "compile_dynamic": True}
+
+
+def test_compile_dynamic_needs_compile_and_reaches_the_config():
+    import argparse
+
+    from turbostream.cli.options import add_engine_options, engine_config
+    from turbostream.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    cfg = engine_config(parser.parse_args(["--device", "cpu", "--compile", "--compile-dynamic"]))
+    assert cfg.compile_dynamic and cfg.torch_compile_dynamic is None  # torch.compile's automatic dynamic shapes
+    plain = engine_config(parser.parse_args(["--device", "cpu", "--compile"]))
+    assert not plain.compile_dynamic and plain.torch_compile_dynamic is False  # one static graph per bucket
+    with pytest.raises(UserError, match="--compile-dynamic needs --compile"):
+        engine_config(parser.parse_args(["--device", "cpu", "--compile-dynamic"]))
 
 
 def test_frame_graph_reaches_the_config_and_changes_nothing_off_cuda(fresh_components, frame_rng):

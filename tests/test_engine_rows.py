@@ -31,8 +31,9 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = res["rows"]
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "unit_rescale",
-                          "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default", "fp8_compile", "compile_max_autotune",
-                          "temporal_reuse", "compile_reuse", "broken", "plain_math"]
+                          "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default",
+                          "fp8_compile", "compile_dynamic", "compile_max_autotune", "temporal_reuse", "compile_reuse",
+                          "broken", "plain_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
     for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "plain_math"):
         row = rows[name]
@@ -58,7 +59,7 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
     assert rows["plain_math"]["applied"]["lean_resnets"] == 0
     for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "fp8",
-                 "compile_default", "fp8_compile", "compile_max_autotune", "compile_reuse"):
+                 "compile_default", "fp8_compile", "compile_dynamic", "compile_max_autotune", "compile_reuse"):
         assert rows[name]["skipped"] == "CUDA only"
     reuse = rows["temporal_reuse"]
     assert reuse["status"] == "ok" and reuse["config"]["feature_reuse"] is True and reuse["parity_pass"] is True
@@ -100,8 +101,9 @@ def test_bad_rows_are_refused(tmp_path):
         assert not (tmp_path / "r.json").exists()
 
 
-def test_compile_mode_reaches_torch_compile(monkeypatch, tiny_components):
-    """Engine._compile passes EngineConfig.compile_mode to every torch.compile call (None: torch's default mode)."""
+def test_compile_mode_and_dynamic_reach_torch_compile(monkeypatch, tiny_components):
+    """Engine._compile passes EngineConfig.compile_mode to every torch.compile call (None: torch's default mode), and
+    dynamic=False (a static graph per bucket) unless compile_dynamic asks for torch's automatic dynamic shapes."""
     import torch
 
     from turbostream.config import preset
@@ -115,3 +117,8 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tiny_components):
         engine = Engine(preset("test", compile_mode=mode, compile_cache=None), tiny_components)
         engine._compile()  # what warmup() does on CUDA
         assert [kw.get("mode", "missing") for kw in seen] == [want] * 3  # the UNet, TAESD's encoder and decoder
+        assert [kw.get("dynamic", "missing") for kw in seen] == [False] * 3  # one static graph per bucket
+    seen.clear()
+    engine = Engine(preset("test", compile_dynamic=True, compile_cache=None), tiny_components)
+    engine._compile()
+    assert [kw.get("dynamic", "missing") for kw in seen] == [None] * 3  # compile_dynamic: torch's automatic choice

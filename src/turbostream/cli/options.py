@@ -83,6 +83,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help=f"torch.compile mode with --compile: {' or '.join(COMPILE_MODES)} (autotuned kernels, a "
                         "longer compile); reduce-overhead and max-autotune are refused: they capture CUDA graphs of "
                         "their own, and the engine captures the frame itself (default: %(default)s)")
+    g.add_argument("--compile-dynamic", action="store_true",
+                   help="with --compile: batch 1 compiled for itself and every larger bucket in one graph with a "
+                        "symbolic batch size (two compiles instead of one per bucket: a shorter start; the larger "
+                        "buckets' kernels are not specialized to each batch size)")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
                    help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
                         "one (flash and efficient need CUDA, flash fp16/bf16). The output changes by rounding only; "
@@ -151,13 +155,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
-            compile_cache=args.compile_cache, compile_mode=args.compile_mode, attention=args.attention,
+            compile_cache=args.compile_cache, compile_mode=args.compile_mode, compile_dynamic=args.compile_dynamic,
+            attention=args.attention,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, frame_graph=args.frame_graph,
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:
             raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")
+        if cfg.compile_dynamic and not cfg.compile:
+            raise ValueError("--compile-dynamic needs --compile")
         from ..models import resolve_device
 
         device = resolve_device(cfg.device)  # --device cuda without a GPU: said now, not after minutes of loading

@@ -379,17 +379,20 @@ class Engine:
                                  cache_key(self.config, torch.cuda.get_device_name(self.device), self.dtype))
             self.stats.compile_cache_hit = cache.load()
         mode = self.config.torch_compile_mode  # None: torch's default mode
-        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=False, mode=mode)
+        # False: one static graph per bucket. None (compile_dynamic): the first bucket's graph is static, the second
+        # bucket's recompile makes the batch size symbolic, and the later buckets run that graph without compiling.
+        dynamic = self.config.torch_compile_dynamic
+        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=dynamic, mode=mode)
         if self.components.vae_kind == "tiny":
-            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=False, mode=mode)
-            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=False, mode=mode)
+            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=dynamic, mode=mode)
+            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=dynamic, mode=mode)
         if self.reuse is not None:
             # The keep and reuse steps go through the UNet's blocks, not its forward: left uncompiled, a frame that
             # keeps deep features would run slower than a plain compiled one and the partial frames would lose
             # the fusions the full ones have. Each is a graph of its own for dynamo (compile time: about one more
             # UNet for full, the outer blocks for partial).
-            self.math.full_call = torch.compile(self.reuse.full, fullgraph=False, dynamic=False, mode=mode)
-            self.math.partial_call = torch.compile(self.reuse.partial, fullgraph=False, dynamic=False, mode=mode)
+            self.math.full_call = torch.compile(self.reuse.full, fullgraph=False, dynamic=dynamic, mode=mode)
+            self.math.partial_call = torch.compile(self.reuse.partial, fullgraph=False, dynamic=dynamic, mode=mode)
         # Compile every bucket and step mode now (eager runs on the compiled modules), so no call on the hot path
         # compiles and the timing below is the whole compile cost.
         n = self.config.default_params.unet_evals
