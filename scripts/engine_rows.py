@@ -292,7 +292,8 @@ class Rows:
             out["applied"] = applied(engine.unet)
             stats = engine.warmup()  # compiles with cfg.torch_compile_mode (Engine._compile)
             out.update(warmup_s=round(stats.warmup_s, 2), compile_s=round(stats.compile_s, 1) if cfg.compile else None,
-                       graphs=engine.use_graphs, capture_s={k: round(v, 3) for k, v in stats.capture_s.items()})
+                       graphs=engine.use_graphs, capture_s={k: round(v, 3) for k, v in stats.capture_s.items()},
+                       kernel_variants=stats.kernel_variants, kernel_compile_s=round(stats.kernel_compile_s, 2))
             self.save()
             out["timing"] = {}
             for b in BATCHES:

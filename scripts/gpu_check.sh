@@ -37,10 +37,11 @@
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # starts: scripts/warm_start.py without --compile: serve started twice with today's defaults, then twice with
-#         --fused-norm --fused-epilogue --frame-graph, each pair with a fresh Triton cache (first start on a new
-#         machine, then a start that finds the kernels cached), each start timed to /healthz 200 with its engine
-#         warm-up; $OUT/starts_default.json, starts_fused.json. What making the fused kernels the default would cost
-#         a start. About two minutes
+#         --fused-norm --fused-epilogue --frame-graph, then twice more with --kernel-compile-threads 1 (the kernels'
+#         variants compiled one after another in the capture, not on threads ahead of it), each pair with a fresh
+#         Triton cache (first start on a new machine, then a start that finds the kernels cached), each start timed to
+#         /healthz 200 with its engine warm-up; $OUT/starts_default.json, starts_fused.json, starts_fused_serial.json.
+#         What making the fused kernels the default would cost a start. About three minutes
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
 #         output's distance from full recomputation for reuse 2, 3, 4); JSON in $OUT/reuse.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
@@ -127,7 +128,7 @@ for stage in "${stages[@]}"; do
       [ "$stage" = tests-fused ] || step tests-gpu 360 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
         --continue-on-collection-errors tests/
       [ "$stage" = tests-gpu ] || step tests-fused 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py \
-        tests/test_epilogue.py tests/test_fused_options.py ;;
+        tests/test_epilogue.py tests/test_fused_options.py tests/test_kernel_warmup.py ;;
     parity)
       step parity "$PARITY_S" "$PY" scripts/gpu_parity.py "${MODEL[@]}" --budget-s $((PARITY_S - 60)) \
         --out "$OUT/parity.json"
@@ -206,7 +207,9 @@ PY
     starts)  # what the fused kernels cost a start: serve started twice each way, each pair with a fresh Triton cache
       step starts-default 400 "$PY" scripts/warm_start.py --json "$OUT/starts_default.json" -- "${MODEL[@]}"
       step starts-fused 400 "$PY" scripts/warm_start.py --json "$OUT/starts_fused.json" -- "${MODEL[@]}" \
-        --fused-norm --fused-epilogue --frame-graph ;;
+        --fused-norm --fused-epilogue --frame-graph
+      step starts-fused-serial 400 "$PY" scripts/warm_start.py --json "$OUT/starts_fused_serial.json" -- \
+        "${MODEL[@]}" --fused-norm --fused-epilogue --frame-graph --kernel-compile-threads 1 ;;
     warmstart)
       step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
     reuse)

@@ -39,8 +39,11 @@ def one_start(serve_args: list[str], log_path: Path, timeout: float) -> dict:
         status = loadtest.stop_server(proc)
     text = log_path.read_text(errors="replace")
     warmup = re.search(r"warmup ([\d.]+) s \(compile ([\d.]+) s\)", text)
+    ahead = re.search(r"fused kernels: (\d+) variants compiled in ([\d.]+) s on (\d+) threads", text)
     return {"ready_s": round(ready_s, 1), "exit_status": status, "compile_cache_hit": "compile cache: hit" in text,
-            "warmup_s": float(warmup[1]) if warmup else None, "compile_s": float(warmup[2]) if warmup else None}
+            "warmup_s": float(warmup[1]) if warmup else None, "compile_s": float(warmup[2]) if warmup else None,
+            "kernel_variants": int(ahead[1]) if ahead else 0, "kernel_compile_s": float(ahead[2]) if ahead else None,
+            "kernel_compile_threads": int(ahead[3]) if ahead else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,6 +295,9 @@ class EngineConfig:
     # per block instead of 7, on the frame's largest tensors. Like fused_norm: without compile, CUDA with Triton only;
     # the output changes by rounding only.
     fused_epilogue: bool = False
+    # Threads that compile the fused kernels' variants before the first capture (engine/kernel_warmup.py): 0 = one per
+    # CPU core (at most 16), 1 = none ahead (the capture compiles them one after another, as before).
+    kernel_compile_threads: int = 0
     # Also capture, per bucket, one CUDA graph of a whole frame with the default stream's number of UNet evaluations
     # (head, every step and tail: one launch a call instead of 2 + evaluations, and no host work between them, so a
     # busy host cannot stall the device inside a call). Other step counts and reuse modes replay the segment graphs
@@ -324,6 +327,8 @@ class EngineConfig:
             if getattr(self, name) and self.compile:
                 raise ValueError(f"{name} is for the path without compile: torch.compile fuses these kernels itself "
                                  "(choose one)")
+        if not 0 <= self.kernel_compile_threads <= 256:
+            raise ValueError(f"kernel_compile_threads must be 0 (one per core) to 256, got {self.kernel_compile_threads}")
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")

@@ -106,6 +106,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="TAESD's conv biases, skip adds and ReLUs in one Triton kernel per conv (3 elementwise passes "
                         "per block instead of 7; CUDA and Triton only; not with --compile). The output changes by "
                         "rounding only")
+    g.add_argument("--kernel-compile-threads", type=int, default=d["kernel_compile_threads"].default, metavar="N",
+                   help="threads that compile --fused-norm's and --fused-epilogue's kernel variants before the first "
+                        "capture: 0 = one per CPU core (at most 16), 1 = none ahead, the capture compiles them one "
+                        "after another (default: %(default)s)")
     g.add_argument("--frame-graph", action="store_true",
                    help="also capture one CUDA graph per bucket of a whole frame with the default step count (one "
                         "launch a call; other step counts use the per-step graphs); bit-identical output, one more "
@@ -158,7 +162,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             compile_cache=args.compile_cache, compile_mode=args.compile_mode, compile_dynamic=args.compile_dynamic,
             attention=args.attention,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
-            fused_epilogue=args.fused_epilogue, frame_graph=args.frame_graph,
+            fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,
+            frame_graph=args.frame_graph,
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -45,9 +46,11 @@ from .caches import LRU, encode_prompt, seed_noise
 from .compile_cache import CompileCache, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
+from .kernel_warmup import precompile, recording
 from .reuse import FeatureReuse
 from .schedule import ScheduleTable
 from .streams import StreamStates, blend_embeddings, lerp, slerp
+from .triton_support import interpreting
 
 log = logging.getLogger("turbostream.engine")
 
@@ -105,6 +108,8 @@ class EngineStats:
     compile_s: float = 0.0
     compile_cache_hit: bool = False
     capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}" -> seconds to capture its graphs
+    kernel_variants: int = 0  # fused-kernel variants compiled ahead of the capture (kernel_warmup.py)
+    kernel_compile_s: float = 0.0  # seconds that took
 
 
 @dataclass
@@ -357,6 +362,7 @@ class Engine:
             log.warning("--compile speeds up the CUDA graph path only; ignored on %s", self.device)
         self._stage_schedule([default], slot)
         if self.use_graphs:
+            self._compile_fused_kernels()
             for b in self.config.buckets:
                 self._capture(b)
         else:
@@ -406,6 +412,16 @@ class Engine:
                  "hit" if self.stats.compile_cache_hit else "off" if cache is None else "miss")
         if cache is not None and not self.stats.compile_cache_hit:
             cache.save()
+
+    def _compile_fused_kernels(self) -> None:
+        """With fused_norm or fused_epilogue: one eager frame records their launches, and their distinct variants are
+        compiled on kernel_compile_threads threads, so the capture after finds them compiled (kernel_warmup.py)."""
+        threads = self.config.kernel_compile_threads or min(os.cpu_count() or 1, 16)
+        if not (self.config.fused_norm or self.config.fused_epilogue) or threads == 1 or interpreting():
+            return  # nothing to compile, compiling one after another asked for, or Triton's interpreter (tests)
+        with recording() as rec:
+            self._frame_path(1, self.config.default_params.unet_evals)  # its outputs are garbage: nothing keeps them
+        self.stats.kernel_variants, self.stats.kernel_compile_s = precompile(rec.launches, self.device, threads)
 
     @property
     def _step_modes(self) -> tuple[str, ...]:

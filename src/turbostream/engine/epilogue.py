@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernel_warmup import record
 from .triton_support import check_against, interpreting
 
 BLOCK = 1024  # elements per program of the elementwise kernel
@@ -61,8 +62,11 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None 
         return F.relu(x) if relu else x
     triton, kernel = _kernel()
     n = x.numel()
-    kernel[(triton.cdiv(n, BLOCK),)](x, bias, residual if residual is not None else x, n, x.shape[1],
-                                     _channel_stride(x), HAS_RES=residual is not None, RELU=relu, BLOCK=BLOCK)
+    grid = (triton.cdiv(n, BLOCK),)
+    args = (x, bias, residual if residual is not None else x, n, x.shape[1], _channel_stride(x))
+    kwargs = {"HAS_RES": residual is not None, "RELU": relu, "BLOCK": BLOCK}
+    if not record(kernel, grid, args, kwargs):  # warm-up may record the launch to compile it ahead (kernel_warmup)
+        kernel[grid](*args, **kwargs)
     return x
 
 
