@@ -8,6 +8,11 @@ another, then on a thread pool, so it shows whether compiling the variants side 
 (it does where Triton compiles outside the GIL).
 
     python scripts/triton_compile_speed.py --threads 2 [--arch 90] [--json out.json]
+    python scripts/triton_compile_speed.py --count-at 512     # also: how many variants one frame needs
+
+--count-at SIZE builds a `random` engine (the full SD-Turbo architecture) of that size on the CPU with both fused
+options and records one frame's kernel launches without running them (engine/kernel_warmup.py), then counts the
+distinct variants: what a start with an empty Triton cache compiles.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,12 +30,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 
+def count_variants(size: int) -> dict:
+    """One size x size frame of a `random` engine with both fused options, its launches recorded on the CPU (in a
+    subprocess: the launch sites need Triton's interpreter, which Triton picks at import)."""
+    code = f"""
+import json, sys, torch
+from turbostream.config import EngineConfig
+from turbostream.engine import Engine
+from turbostream.engine.kernel_warmup import distinct, recording
+e = Engine(EngineConfig(model="random", device="cpu", width={size}, height={size}, fused_norm=True,
+                        fused_epilogue=True, buckets=(1,)))
+with torch.inference_mode(), recording() as rec:
+    e._frame_path(1, e.config.default_params.unet_evals)
+by = {{}}
+for launch in distinct(rec.launches):
+    name = getattr(launch.kernel, "fn", launch.kernel).__name__
+    by[name] = by.get(name, 0) + 1
+print(json.dumps({{"size": {size}, "launches": len(rec.launches), "variants": sum(by.values()), "by_kernel": by}}))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    counted = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"one {size}x{size} frame: {counted['launches']} launches, {counted['variants']} variants "
+          f"{counted['by_kernel']}")
+    return counted
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads (default: the CPU count)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default: 90, Hopper)")
+    ap.add_argument("--count-at", type=int, metavar="SIZE", help="also count the variants of one SIZE x SIZE frame")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
+    counted = count_variants(args.count_at) if args.count_at else None
     os.environ["TRITON_INTERPRET"] = "0"  # compiled, whatever the caller's environment says
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
@@ -56,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                        target=GPUTarget("cuda", args.arch, 32))
         return time.perf_counter() - t0
 
-    result = {"triton": triton.__version__, "arch": args.arch, "variants": len(variants), "thread_count": args.threads}
+    result = {"triton": triton.__version__, "arch": args.arch, "variants": len(variants), "thread_count": args.threads,
+              "one_frame": counted}
+    with tempfile.TemporaryDirectory() as cache:  # burn-in: the first compile of a process pays one-time set-up
+        triton.knobs.cache.dir = cache
+        compile_one({**variants[0], "BLOCK_P": 32})
     for how in ("one after another", "on threads"):
         with tempfile.TemporaryDirectory() as cache:  # a cold cache each time: every variant really compiles
             triton.knobs.cache.dir = cache
