@@ -46,7 +46,7 @@
 #         output's distance from full recomputation for reuse 2, 3, 4); JSON in $OUT/reuse.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
-# serve-compile: the same load test at 8 and 16 clients with `serve --compile` (issue 11: 8 clients >= 30 frames/s each);
+# serve-compile: the load test at 8 and 16 clients with `serve --compile` (issue 11: 8 clients >= 30 frames/s each);
 #         with the default buckets 1,2,4,8 the start compiles four graphs (on the H200 it was not up after 315 s):
 #         SERVE_ARGS=--compile-dynamic compiles two
 # gil:    where the server's threads hold the GIL at 16 clients: `serve` runs under `py-spy record --gil` (its own child,
@@ -60,7 +60,7 @@
 # SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile and soak stages' server.
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
 # into one file after every step, so a run cut short still returns what it did: on the device machine, where at most
-# 8 files come back, run with OUT=/tmp/g PACK=$OUT/gpu.tgz (PACK outside $OUT). On the device machine, carry .whl (see
+# 8 files come back, run with OUT=/tmp/g PACK=$OUT/gpu.tgz (PACK outside $OUT). There, carry .whl too (see
 # ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets, simplejpeg) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
 set -uo pipefail
@@ -127,8 +127,8 @@ for stage in "${stages[@]}"; do
       [ "${CHECK_CPU:-0}" = 1 ] && echo "=== tests: the gpu-marked tests skip without CUDA (a CPU dry run checks the call)"
       [ "$stage" = tests-fused ] || step tests-gpu 360 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
         --continue-on-collection-errors tests/
-      [ "$stage" = tests-gpu ] || step tests-fused 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py \
-        tests/test_epilogue.py tests/test_fused_options.py tests/test_kernel_warmup.py ;;
+      [ "$stage" = tests-gpu ] || step tests-fused 240 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_group_norm.py tests/test_epilogue.py tests/test_fused_options.py tests/test_kernel_warmup.py ;;
     parity)
       step parity "$PARITY_S" "$PY" scripts/gpu_parity.py "${MODEL[@]}" --budget-s $((PARITY_S - 60)) \
         --out "$OUT/parity.json"
@@ -155,8 +155,8 @@ for stage in "${stages[@]}"; do
       step jpeg-speed 180 "$PY" scripts/jpeg_speed.py "${JPEG_ARGS[@]}" --json "$OUT/jpeg_speed.json"
       for codec in "${JPEG_CODECS[@]}"; do
         step "serve-jpeg-$codec" $((DUR * 3 + 120)) "$PY" scripts/loadtest.py --clients 1,8,16 --duration "$DUR" \
-          --json "$OUT/serve_jpeg_$codec.json" --server-log "$OUT/serve-jpeg-$codec-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 --jpeg "$codec" \
-          "${SERVE_EXTRA[@]}"
+          --json "$OUT/serve_jpeg_$codec.json" --server-log "$OUT/serve-jpeg-$codec-server.log" --spawn-server -- \
+          "${MODEL[@]}" --max-clients 16 --jpeg "$codec" "${SERVE_EXTRA[@]}"
       done ;;
     codecs)  # the jpeg stage's codec timings alone (no load tests): about a minute
       if [ "${CHECK_CPU:-0}" = 1 ]; then JPEG_ARGS=(--size 64 --iters 20 --rate-s 0.3); else JPEG_ARGS=(--size 512); fi
@@ -169,11 +169,12 @@ for stage in "${stages[@]}"; do
       done ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
-        --json "$OUT/serve.json" --server-log "$OUT/serve-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
+        --json "$OUT/serve.json" --server-log "$OUT/serve-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 \
+        "${SERVE_EXTRA[@]}" ;;
     serve-compile)
       step serve-compile $((DUR * 2 + 420)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
-        --json "$OUT/serve_compile.json" --server-log "$OUT/serve-compile-server.log" --spawn-server -- "${MODEL[@]}" "${COMPILE[@]}" --max-clients 16 \
-        "${SERVE_EXTRA[@]}" ;;
+        --json "$OUT/serve_compile.json" --server-log "$OUT/serve-compile-server.log" --spawn-server -- "${MODEL[@]}" \
+        "${COMPILE[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
     gil)
       SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null || true)
       if [ -z "$SPY" ]; then
@@ -202,8 +203,8 @@ PY
       fi ;;
     soak)
       step soak $((SOAK_S * 2 + 240)) "$PY" scripts/loadtest.py --soak --clients 8,16 --duration "$SOAK_S" \
-        --warmup 15 --sample-every 10 --json "$OUT/soak.json" --server-log "$OUT/soak-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 \
-        "${SERVE_EXTRA[@]}" ;;
+        --warmup 15 --sample-every 10 --json "$OUT/soak.json" --server-log "$OUT/soak-server.log" --spawn-server -- \
+        "${MODEL[@]}" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
     starts)  # what the fused kernels cost a start: serve started twice each way, each pair with a fresh Triton cache
       step starts-default 400 "$PY" scripts/warm_start.py --json "$OUT/starts_default.json" -- "${MODEL[@]}"
       step starts-fused 400 "$PY" scripts/warm_start.py --json "$OUT/starts_fused.json" -- "${MODEL[@]}" \
@@ -217,8 +218,8 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
-    *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency, serve, serve-compile, gil, soak, starts, warmstart," \
-         "reuse, sim)"
+    *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency," \
+         "serve, serve-compile, gil, soak, starts, warmstart, reuse, sim)"
        status=2 ;;
   esac
 done
