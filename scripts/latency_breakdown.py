@@ -19,7 +19,7 @@ server; the last line is the client's side (the reply read, the next frame sent,
 
 The engine's submit is cut further (`submit_parts`): the time spent in each of its inner steps (validate and fit,
 the stream inputs, the schedule, the graph launches, the latents kept, the staging of the frames, and what the submit
-spends outside all of them: the device guard, the engine's stream), at the median and averaged
+spends outside all of them: the switch to the engine's stream, the timing events), at the median and averaged
 over the slowest tenth of submits, so a tail in the submit shows where it lives: in one step (that step's work), or
 spread over all of them (the thread waiting to run: the GIL, the scheduler).
 
