@@ -9,8 +9,9 @@ about 0.5 s to compile on this project's CPU machine), against 0.3 s for batch 8
 mostly outside the GIL (scripts/triton_compile_speed.py: median 1.6x on two threads), so warm-up first runs one
 eager frame that records every launch of these kernels instead of running it (recording()), then compiles each
 distinct variant once on a thread pool with JITFunction.warmup, which compiles without launching (precompile()). The
-capture then finds them in Triton's cache. Whatever goes wrong here is logged and left to the capture, which
-compiles what is missing as before: this only moves the compiling earlier.
+capture then finds them in Triton's cache. Triton's own AsyncCompileMode (added upstream in 2025) compiles warmups
+on a thread pool the same way; this works with releases that lack it too. Whatever goes wrong here is logged and
+left to the capture, which compiles what is missing as before: this only moves the compiling earlier.
 """
 
 from __future__ import annotations
