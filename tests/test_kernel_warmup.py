@@ -139,9 +139,10 @@ def test_engine_warmup_compiles_the_variants_of_one_frame_ahead(own_components, 
 
 
 @pytest.mark.gpu
-def test_on_cuda_the_variants_compile_ahead_and_the_frames_are_the_same(own_components):
-    """On a GPU, warm-up compiles the fused kernels' variants on threads before the capture; an engine that lets the
-    capture compile them (one thread) gives the same frames, bit for bit (the same kernels either way)."""
+def test_on_cuda_the_variants_compile_ahead_and_the_frames_are_the_same(own_components, caplog):
+    """On a GPU, warm-up compiles the fused kernels' variants on threads before the capture, without falling back; an
+    engine that lets the capture compile them (one thread) gives the same frames, bit for bit (the same kernels)."""
+    caplog.set_level(logging.INFO, logger="turbostream.engine.kernel_warmup")
     rng = np.random.default_rng(4)
     frames = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)]
     params = [StreamParams("a watercolor", strength=0.5, steps=2, seed=1)]
@@ -152,4 +153,5 @@ def test_on_cuda_the_variants_compile_ahead_and_the_frames_are_the_same(own_comp
         engine.warmup()
         assert (engine.stats.kernel_variants > 0) is (threads > 1)
         out[threads] = engine.run(frames, params)[0]
+    assert "variants compiled in" in caplog.text and "failed" not in caplog.text  # compiled ahead, not left over
     assert np.array_equal(out[4], out[1])
