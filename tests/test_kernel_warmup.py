@@ -47,7 +47,7 @@ def test_launches_are_recorded_only_inside_the_block_and_only_on_its_thread():
     kernel = StandIn()
     assert record(kernel, (1,), (), {}) is False  # outside: the caller launches
     seen_elsewhere = []
-    with recording() as rec:
+    with recording() as launches:
         assert record(kernel, (4,), (1, 2), {"BLOCK": 8}) is True
         # Another engine warming up on another thread (a server with several GPUs) must launch its kernels.
         other = threading.Thread(target=lambda: seen_elsewhere.append(record(kernel, (1,), (), {})))
@@ -56,7 +56,7 @@ def test_launches_are_recorded_only_inside_the_block_and_only_on_its_thread():
         with pytest.raises(RuntimeError, match="recorded already"), recording():
             pass
     assert seen_elsewhere == [False]
-    assert [(la.grid, la.args, la.kwargs) for la in rec.launches] == [((4,), (1, 2), {"BLOCK": 8})]
+    assert [(la.grid, la.args, la.kwargs) for la in launches] == [((4,), (1, 2), {"BLOCK": 8})]
     assert record(kernel, (1,), (), {}) is False
 
 
@@ -98,16 +98,16 @@ def test_a_failed_compile_is_logged_and_left_to_the_capture(caplog):
 def test_the_fused_kernels_record_their_launches_and_skip_them():
     x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
     w, b = torch.ones(64), torch.zeros(64)
-    with recording() as rec:
+    with recording() as launches:
         group_norm(x, 32, w, b, 1e-5, silu=True)
         conv_out = torch.randn(2, 8, 4, 4)
         before = conv_out.clone()
         assert bias_act(conv_out, torch.ones(8), relu=True) is conv_out
-    names = [la.kernel.fn.__name__ if hasattr(la.kernel, "fn") else la.kernel.__name__ for la in rec.launches]
+    names = [la.kernel.fn.__name__ if hasattr(la.kernel, "fn") else la.kernel.__name__ for la in launches]
     assert names == ["block_stats", "normalize", "bias_act"]
     assert torch.equal(conv_out, before)  # recorded, not run: the bias and ReLU were not applied
-    assert rec.launches[1].kwargs["SILU"] is True and rec.launches[2].kwargs == {"HAS_RES": False, "RELU": True,
-                                                                                  "BLOCK": 1024}
+    assert launches[1].kwargs["SILU"] is True and launches[2].kwargs == {"HAS_RES": False, "RELU": True,
+                                                                          "BLOCK": 1024}
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU engine's fused path, the interpreter standing in for CUDA")

@@ -46,7 +46,7 @@ from .caches import LRU, encode_prompt, seed_noise
 from .compile_cache import CompileCache, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
-from .kernel_warmup import precompile, recording
+from .kernel_warmup import Launch, precompile, recording
 from .reuse import FeatureReuse
 from .schedule import ScheduleTable
 from .streams import StreamStates, blend_embeddings, lerp, slerp
@@ -419,9 +419,14 @@ class Engine:
         threads = self.config.kernel_compile_threads or min(os.cpu_count() or 1, 16)
         if not (self.config.fused_norm or self.config.fused_epilogue) or threads == 1 or interpreting():
             return  # nothing to compile, compiling one after another asked for, or Triton's interpreter (tests)
-        with recording() as rec:
+        launches = self._fused_launches()
+        self.stats.kernel_variants, self.stats.kernel_compile_s = precompile(launches, self.device, threads)
+
+    def _fused_launches(self) -> list[Launch]:
+        """One eager frame of the default stream, its fused-kernel launches recorded instead of run (kernel_warmup)."""
+        with recording() as launches:
             self._frame_path(1, self.config.default_params.unet_evals)  # its outputs are garbage: nothing keeps them
-        self.stats.kernel_variants, self.stats.kernel_compile_s = precompile(rec.launches, self.device, threads)
+        return launches
 
     @property
     def _step_modes(self) -> tuple[str, ...]:

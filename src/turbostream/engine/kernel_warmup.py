@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,11 +43,6 @@ class Launch:
     kwargs: dict  # the constexprs (every launch site passes them, and only them, by name)
 
 
-@dataclass
-class Recording:
-    launches: list[Launch] = field(default_factory=list)
-
-
 # Per thread: a server with several GPUs warms its engines up on their own threads at once, and only the thread
 # that records may skip its launches (another engine's capture must run its kernels).
 _local = threading.local()
@@ -56,24 +51,24 @@ _local = threading.local()
 def record(kernel: Any, grid: tuple, args: tuple, kwargs: dict) -> bool:
     """While this thread is in recording(): keep this launch for precompile() and return True (the caller skips the
     launch); else False (the caller launches)."""
-    rec = getattr(_local, "recording", None)
-    if rec is None:
+    launches = getattr(_local, "launches", None)
+    if launches is None:
         return False
-    rec.launches.append(Launch(kernel, grid, args, kwargs))
+    launches.append(Launch(kernel, grid, args, kwargs))
     return True
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[Recording]:
+def recording() -> Iterator[list[Launch]]:
     """This thread's launches of the fused kernels inside the block are recorded, not run (their outputs hold
-    garbage)."""
-    if getattr(_local, "recording", None) is not None:
+    garbage), into the list it yields."""
+    if getattr(_local, "launches", None) is not None:
         raise RuntimeError("kernel launches are being recorded already")
-    _local.recording = Recording()
+    _local.launches = []
     try:
-        yield _local.recording
+        yield _local.launches
     finally:
-        _local.recording = None
+        _local.launches = None
 
 
 def variant(launch: Launch) -> tuple:
