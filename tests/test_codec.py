@@ -26,6 +26,13 @@ def _jpeg(img: np.ndarray, mode: str, **save) -> bytes:
     return buf.getvalue()
 
 
+def oriented_jpeg(img: np.ndarray, orientation: int) -> bytes:
+    """uint8 RGB (H, W, 3) -> a JPEG of those pixels as stored, with EXIF orientation `orientation` (1..8)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _jpeg(img, "RGB", exif=exif.tobytes())
+
+
 @pytest.mark.parametrize(("mode", "save"), [("RGB", {}), ("L", {}), ("CMYK", {}), ("RGB", {"progressive": True})])
 def test_decode_is_rgb_and_matches_decoding_to_bgr_then_converting(mode, save):
     rng = np.random.default_rng(0)
@@ -53,9 +60,7 @@ def test_exif_orientation_is_applied_as_opencv_applies_it(orientation):
     rng = np.random.default_rng(orientation)
     img = (rng.random((40, 64, 3)) * 255).astype(np.uint8)
     img[:8, :16] = (250, 10, 10)  # a corner mark: every turn and mirror moves it somewhere else
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    data = _jpeg(img, "RGB", exif=exif.tobytes())
+    data = oriented_jpeg(img, orientation)
     assert exif_orientation(data) == orientation
     out = decode_jpeg(data)
     opencv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
@@ -108,9 +113,7 @@ def test_decode_reduction_keeps_the_fitted_crop_at_least_the_engine_size(size, f
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_a_large_jpeg_decoded_smaller_fits_like_the_full_decode(orientation):
     picture = camera_like(1080, 1920, 0)  # a webcam's frame, for an engine of 512x384 (384x512 for the portrait one)
-    exif = Image.Exif()
-    exif[0x0112] = orientation  # 6: stored sideways, upright it is 1080x1920 (portrait)
-    data = _jpeg(picture, "RGB", exif=exif.tobytes())
+    data = oriented_jpeg(picture, orientation)  # 6: stored sideways, upright it is 1080x1920 (portrait)
     target = (384, 512) if orientation == 6 else (512, 384)
     full = fit_frame(decode_jpeg(data), *target)
     half = decode_jpeg(data, fit=target)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from PIL import Image
+from test_codec import oriented_jpeg
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -139,17 +138,10 @@ def test_round_trip(engine):
 def test_large_and_turned_camera_frames_come_back_at_the_engines_size(engine):
     # A 1080p frame (decoded at 1/8 for the 64x64 engine: codec.decode_reduction) and a phone's portrait frame stored
     # sideways (EXIF orientation 6, then reduced along its turned sides).
-    def exif_jpeg(size, orientation):
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        buf = io.BytesIO()
-        Image.fromarray(decode_jpeg(jpeg(7, size))).save(buf, "JPEG", quality=90, exif=exif.tobytes())
-        return buf.getvalue()
-
     async def main():
         async with serving(engine) as server:
             ws, _ = await open_client(server)
-            for data in (jpeg(5, (1080, 1920)), exif_jpeg((720, 1280), 6)):
+            for data in (jpeg(5, (1080, 1920)), oriented_jpeg(decode_jpeg(jpeg(7, (720, 1280))), 6)):
                 await ws.send(data)
                 header, rgb, others = await next_result(ws)
                 assert rgb.shape == (64, 64, 3) and rgb.std() > 5
