@@ -4,7 +4,9 @@
 The first start fills the compile cache (with --compile: minutes on a GPU), the second should load it: the log says
 `compile cache: hit`. Triton's kernel cache is a fresh one too (TRITON_CACHE_DIR, shared by the two starts), so the
 first start pays what a first start on a new machine pays for --fused-norm's and --fused-epilogue's kernels and the
-second shows whether Triton's cache takes it away. Writes both times, each start's engine warm-up (from its log),
+second shows whether Triton's cache takes it away. Inductor's cache is a fresh one as well, so the first start with
+--compile compiles everything; --only-compile-cache gives the second start fresh kernel caches of its own, so only the
+compile cache file carries over, as into a new container. Writes both times, each start's engine warm-up (from its log),
 whether it hit the compile cache, and the command to --json.
 
     python scripts/warm_start.py --json out.json -- --model random --device cuda --size 512 --compile
@@ -52,20 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results here")
     ap.add_argument("--timeout", type=float, default=600, help="seconds each start may take (default: %(default)s)")
     ap.add_argument("--cache", metavar="DIR", help="compile cache folder (default: a new temporary one)")
-    ap.add_argument("--triton-cache", metavar="DIR", help="Triton's kernel cache folder (default: a new temporary "
-                    "one; 'keep': the one this machine has)")
+    ap.add_argument("--triton-cache", metavar="DIR", help="Triton's and inductor's kernel cache folder (default: a "
+                    "new temporary one; 'keep': the ones this machine has)")
+    ap.add_argument("--only-compile-cache", action="store_true",
+                    help="give the second start fresh Triton and inductor caches too, so only turbostream's compile "
+                         "cache file carries over (a new container with the cache folder mounted)")
     args = ap.parse_args(argv)
+    if args.only_compile_cache and args.triton_cache:
+        ap.error("--only-compile-cache gives each start fresh kernel caches; it takes no --triton-cache")
     with tempfile.TemporaryDirectory(prefix="turbostream-warm-") as tmp:
         cache = args.cache or str(Path(tmp) / "compile")
-        if args.triton_cache != "keep":  # the servers are children: they inherit it
-            os.environ["TRITON_CACHE_DIR"] = args.triton_cache or str(Path(tmp) / "triton")
         run_args = [*serve_args, "--compile-cache", cache]
-        starts = [one_start(run_args, Path(tmp) / f"start-{k}.log", args.timeout) for k in (1, 2)]
+        starts = []
+        for k in (1, 2):
+            if args.triton_cache != "keep":  # the servers are children: they inherit these
+                kernels = Path(args.triton_cache) if args.triton_cache else Path(tmp) / (
+                    f"kernels-{k}" if args.only_compile_cache else "kernels")
+                os.environ["TRITON_CACHE_DIR"] = str(kernels / "triton")
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels / "inductor")
+            starts.append(one_start(run_args, Path(tmp) / f"start-{k}.log", args.timeout))
         for k, start in enumerate(starts, 1):
             print(f"start {k}: /healthz 200 after {start['ready_s']} s (engine warm-up {start['warmup_s']} s), "
                   f"compile cache {'hit' if start['compile_cache_hit'] else 'not hit'}, exit {start['exit_status']}")
         result = {"command": ["turbostream", "serve", *run_args], "first": starts[0], "second": starts[1],
-                  "triton_cache": args.triton_cache or "fresh", "date": time.strftime("%Y-%m-%d")}
+                  "kernel_caches": args.triton_cache or ("fresh for each start" if args.only_compile_cache
+                                                         else "fresh, shared by both starts"),
+                  "date": time.strftime("%Y-%m-%d")}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(s["exit_status"] == 0 for s in starts) else 1
