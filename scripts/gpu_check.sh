@@ -32,8 +32,8 @@
 # codecs: scripts/jpeg_speed.py alone (the jpeg stage without its tests and load tests): the CPU codec (simplejpeg)
 #         beside OpenCV's and the GPU codec, and a 1920x1080 client frame decoded in full and reduced; about a minute
 # latency: scripts/latency_breakdown.py: one client's frame through a real server cut into stages (hand-offs, decode,
-#         engine host work, device, encode, send), SERVE_S seconds with --jpeg cpu and with --jpeg gpu;
-#         $OUT/latency_cpu.json, latency_gpu.json (LAT_CODECS=cpu: the CPU codec alone)
+#         engine host work, device, encode, send), SERVE_S seconds with --jpeg cpu and with --jpeg hybrid;
+#         $OUT/latency_cpu.json, latency_hybrid.json (LAT_CODECS="cpu gpu hybrid" picks among the three)
 # warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
 #         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
 # starts: scripts/warm_start.py without --compile: serve started twice with today's defaults, then twice with
@@ -162,7 +162,7 @@ for stage in "${stages[@]}"; do
       if [ "${CHECK_CPU:-0}" = 1 ]; then JPEG_ARGS=(--size 64 --iters 20 --rate-s 0.3); else JPEG_ARGS=(--size 512); fi
       step jpeg-speed 180 "$PY" scripts/jpeg_speed.py "${JPEG_ARGS[@]}" --json "$OUT/jpeg_speed.json" ;;
     latency)
-      read -r -a LAT_CODECS <<< "${LAT_CODECS:-cpu gpu}"; [ "${CHECK_CPU:-0}" = 1 ] && LAT_CODECS=(cpu)
+      read -r -a LAT_CODECS <<< "${LAT_CODECS:-cpu hybrid}"; [ "${CHECK_CPU:-0}" = 1 ] && LAT_CODECS=(cpu)
       for codec in "${LAT_CODECS[@]}"; do
         step "latency-$codec" $((DUR + 300)) "$PY" scripts/latency_breakdown.py "${MODEL[@]}" --jpeg "$codec" \
           --duration "$DUR" --json "$OUT/latency_$codec.json" "${SERVE_EXTRA[@]}"

@@ -26,7 +26,7 @@ spread over all of them (the thread waiting to run: the GIL, the scheduler).
 It also reports the garbage collector's pauses in the measured window (each holds the GIL, so every thread waits):
 the server freezes the warm heap (heap.py) unless --no-freeze-heap.
 
-    python scripts/latency_breakdown.py --model random --device cuda --size 512 [--jpeg gpu] --json out.json
+    python scripts/latency_breakdown.py --model random --device cuda --size 512 [--jpeg gpu|hybrid] --json out.json
     python scripts/latency_breakdown.py --sim 2,5 --size 512       # a simulated device (serve_sim.py), any machine
 """
 
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_options(ap)
     ap.add_argument("--sim", metavar="FIXED,PER_FRAME", help="a simulated device (scripts/serve_sim.py) taking FIXED "
                     "+ PER_FRAME ms a call, with the real engine's host work, instead of running the model")
-    ap.add_argument("--jpeg", choices=("cpu", "gpu"), default="cpu", help="the server's JPEG codec (serve --jpeg)")
+    ap.add_argument("--jpeg", choices=("cpu", "gpu", "hybrid"), default="cpu",
+                    help="the server's JPEG codec (serve --jpeg)")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds (default: %(default)s)")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: %(default)s)")
     ap.add_argument("--no-freeze-heap", action="store_true",
@@ -261,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engine = build_engine(args)  # warmed up by the server's inference thread, where its graphs must replay
     jpeg = None
-    if args.jpeg == "gpu":
-        from turbostream.codec_cuda import CudaJpeg
+    if args.jpeg != "cpu":
+        from turbostream.codec_cuda import CudaJpeg, HybridJpeg
 
         jpeg = CudaJpeg(str(engine.device))
+        jpeg = HybridJpeg(jpeg) if args.jpeg == "hybrid" else jpeg
     marks = Marks()
     parts = SubmitParts(marks)
     instrument_submit(parts, engine)  # first: the marks' wrapper of submit then encloses this one
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         "client_p50_ms": load["latency_ms"]["p50"], "client_fps": load["fps"],
         "client_max_ms": load["latency_ms"]["max"], "heap_frozen": not args.no_freeze_heap, "gc": pauses.summary(),
     })
+    if hasattr(jpeg, "decodes"):  # --jpeg hybrid: where the decodes ran (warm-up and edge frames included)
+        result["decodes"] = dict(jpeg.decodes)
     width = max(len(k) for k in result["stages"])
     for stage, t in result["stages"].items():
         print(f"{stage:<{width}}  p50 {t['p50_ms']:7.3f} ms   p90 {t['p90_ms']:7.3f} ms")

@@ -24,7 +24,7 @@ from test_server import next_result, open_client, run, serving
 
 from turbostream import cli
 from turbostream.codec import CPU_JPEG, decode_jpeg, encode_jpeg, jpeg_header
-from turbostream.codec_cuda import CudaJpeg, _load_io
+from turbostream.codec_cuda import CudaJpeg, HybridJpeg, _load_io
 from turbostream.errors import CodecError
 
 
@@ -249,6 +249,101 @@ def test_serve_jpeg_gpu_is_refused_before_loading_without_a_cuda_device(capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ --jpeg hybrid
+
+
+class BlockingIO(FakeIO):
+    """FakeIO whose decode waits for `release` after it has started (`started`): a GPU decoder kept busy."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def decode_jpeg(self, data, mode=None, device=None):
+        self.started.set()
+        assert self.release.wait(30)
+        return super().decode_jpeg(data, mode, device)
+
+
+def test_hybrid_decodes_on_the_gpu_while_it_is_free_and_on_the_cpu_while_it_is_busy():
+    fake = BlockingIO()
+    fake.release.set()  # the start-up trial's decode runs through
+    hybrid = HybridJpeg(CudaJpeg("cpu", io=fake))
+    fake.release.clear()
+    fake.started.clear()
+    fake.decodes = 0
+    a, b = encode_jpeg(_picture(48, 80, 1), 90), encode_jpeg(_picture(48, 80, 2), 90)
+    results = {}
+    first = threading.Thread(target=lambda: results.__setitem__("a", hybrid.decode(a)))
+    first.start()
+    assert fake.started.wait(10)  # the GPU is decoding a: b must not wait for it
+    t0 = time.perf_counter()
+    results["b"] = hybrid.decode(b)
+    assert time.perf_counter() - t0 < 5 and first.is_alive()
+    assert _diff(results["b"], decode_jpeg(b)) == 0 and fake.decodes == 0  # b: the CPU's decode (a's counts on return)
+    fake.release.set()
+    first.join(10)
+    assert _diff(results["a"], decode_jpeg(a)) <= 1 and fake.decodes == 1
+    assert hybrid.decodes == {"gpu": 1, "cpu": 1}
+    # Free again: the next decode is the GPU's.
+    assert _diff(hybrid.decode(b), decode_jpeg(b)) <= 1 and fake.decodes == 2
+    assert hybrid.decodes == {"gpu": 2, "cpu": 1}
+
+
+def test_hybrid_encodes_on_the_cpu(fake_io):
+    hybrid = HybridJpeg(CudaJpeg("cpu", io=fake_io))
+    fake_io.encodes = 0
+    picture = _picture()
+    assert hybrid.encode(picture, 90) == encode_jpeg(picture, 90) and fake_io.encodes == 0
+
+
+def test_hybrid_keeps_the_limits_and_errors_of_either_codec():
+    fake = BlockingIO()
+    fake.release.set()
+    hybrid = HybridJpeg(CudaJpeg("cpu", io=fake))
+    big = encode_jpeg(np.zeros((64, 200, 3), np.uint8), 80)
+    with pytest.raises(CodecError, match="limit is 100 pixels"):
+        hybrid.decode(big, max_side=100)  # the GPU's way
+    fake.release.clear()
+    fake.started.clear()
+    first = threading.Thread(target=lambda: hybrid.decode(encode_jpeg(_picture(), 90)))
+    first.start()
+    assert fake.started.wait(10)
+    try:
+        with pytest.raises(CodecError, match="limit is 100 pixels"):
+            hybrid.decode(big, max_side=100)  # the CPU's way, while the GPU is busy
+        with pytest.raises(CodecError):
+            hybrid.decode(b"\xff\xd8\xff\xdb" + b"\x00" * 40)  # corrupt
+    finally:
+        fake.release.set()
+        first.join(10)
+
+
+def test_a_server_with_the_hybrid_codec_decodes_on_the_gpu_and_encodes_on_the_cpu(engine, fake_io):
+    hybrid = HybridJpeg(CudaJpeg("cpu", io=fake_io))
+    fake_io.decodes = fake_io.encodes = 0
+
+    async def main():
+        async with serving(engine) as server:
+            server.jpeg = hybrid
+            ws, _ = await open_client(server)
+            for seq in (1, 2, 3):
+                await ws.send(encode_jpeg(_picture(96, 128, seq), 90))
+                header, rgb, others = await next_result(ws)
+                assert header["seq"] == seq and rgb.shape == (64, 64, 3)
+                assert not [m for m in others if m["type"] == "error"]
+            await ws.close()
+
+    run(main())
+    # One frame in flight: the GPU decoder is always free.
+    assert fake_io.decodes == 3 and fake_io.encodes == 0 and hybrid.decodes == {"gpu": 3, "cpu": 0}
+
+
+def test_serve_jpeg_hybrid_is_refused_before_loading_without_a_cuda_device(capsys):
+    assert cli.main(["serve", "--model", "tiny-random", "--device", "cpu", "--jpeg", "hybrid"]) == 2
+    assert "--jpeg hybrid needs a CUDA device among --device (got cpu)" in capsys.readouterr().err
+
+
 def test_the_cpu_codec_object_is_the_codec_modules_functions():
     picture = _picture()
     data = CPU_JPEG.encode(picture, 90)
@@ -334,6 +429,22 @@ def test_nvjpeg_from_many_threads_gives_each_its_own_frames(gpu_codec):
 
     errors = _in_threads(work, 8, 120)
     assert not errors, errors[:1]
+
+
+@pytest.mark.gpu
+def test_hybrid_from_many_threads_gives_each_its_own_frames(gpu_codec):
+    hybrid = HybridJpeg(gpu_codec)
+    datas = [encode_jpeg(_camera_like(512, 512, seed), 85) for seed in range(8)]
+    wanted = [(gpu_codec.decode(d), decode_jpeg(d)) for d in datas]  # either decoder's frame is right
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            frame = hybrid.decode(datas[i])
+            assert any(np.array_equal(frame, w) for w in wanted[i])
+
+    errors = _in_threads(work, 8, 120)
+    assert not errors, errors[:1]
+    assert sum(hybrid.decodes.values()) == 160 and hybrid.decodes["gpu"] > 0, hybrid.decodes
 
 
 @pytest.mark.gpu

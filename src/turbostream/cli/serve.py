@@ -40,11 +40,12 @@ def add_parser(sub) -> None:
     g.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                    help="largest message accepted (default: %(default)s)")
     g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="output JPEG quality (default: %(default)s)")
-    g.add_argument("--jpeg", choices=("cpu", "gpu"), default="cpu",
-                   help="where client JPEGs are decoded and results encoded: cpu (OpenCV), or gpu (nvJPEG through "
-                        "torchvision, on the first CUDA device; JPEGs it refuses go to the CPU; it repeats 4:2:0 "
-                        "chroma where OpenCV interpolates, so colours differ at sharp colour edges, and its JPEGs are "
-                        "4:4:4, larger); default: %(default)s")
+    g.add_argument("--jpeg", choices=("cpu", "gpu", "hybrid"), default="cpu",
+                   help="where client JPEGs are decoded and results encoded: cpu (libjpeg-turbo through simplejpeg), "
+                        "gpu (nvJPEG through torchvision, on the first CUDA device; JPEGs it refuses go to the CPU; it "
+                        "repeats 4:2:0 chroma where libjpeg-turbo interpolates, so colours differ at sharp colour "
+                        "edges, and its JPEGs are 4:4:4, larger), or hybrid (decode on the GPU while its decoder is "
+                        "free, else on the CPU; encode on the CPU); default: %(default)s")
     g.add_argument("--source", default=d.source, metavar="SRC",
                    help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
     g.add_argument("--publish", action="append", default=[], metavar="URL",
@@ -107,9 +108,10 @@ def _main(args) -> int:
 
 
 def jpeg_codec(args):
-    """The codec workers' JPEG codec: None (the CPU's), or with --jpeg gpu nvJPEG on the first CUDA device of
+    """The codec workers' JPEG codec: None (the CPU's), or with --jpeg gpu|hybrid nvJPEG on the first CUDA device of
     --device, tried now (a trial round trip), before the model loads; UserError if it cannot work here."""
-    if getattr(args, "jpeg", "cpu") == "cpu":
+    kind = getattr(args, "jpeg", "cpu")
+    if kind == "cpu":
         return None
     from ..models import resolve_device
 
@@ -119,13 +121,17 @@ def jpeg_codec(args):
         raise UserError(str(exc)) from None
     cuda = [d for d in devices if d.startswith("cuda")]
     if not cuda:
-        raise UserError(f"--jpeg gpu needs a CUDA device among --device (got {', '.join(devices)}); use --jpeg cpu")
-    from ..codec_cuda import CudaJpeg
+        raise UserError(f"--jpeg {kind} needs a CUDA device among --device (got {', '.join(devices)}); use --jpeg "
+                        "cpu")
+    from ..codec_cuda import CudaJpeg, HybridJpeg
 
     try:
         codec = CudaJpeg(cuda[0])
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc).replace("--jpeg gpu", f"--jpeg {kind}")) from None
+    if kind == "hybrid":
+        log.info("JPEG decode on %s (nvJPEG) while it is free, else on the CPU; encode on the CPU", codec.device)
+        return HybridJpeg(codec)
     log.info("JPEG decode and encode on %s (nvJPEG)", codec.device)
     return codec
 
