@@ -34,8 +34,10 @@
 # latency: scripts/latency_breakdown.py: one client's frame through a real server cut into stages (hand-offs, decode,
 #         engine host work, device, encode, send), SERVE_S seconds with --jpeg cpu and with --jpeg hybrid;
 #         $OUT/latency_cpu.json, latency_hybrid.json (LAT_CODECS="cpu gpu hybrid" picks among the three)
-# warmstart: scripts/warm_start.py: `serve --compile` started twice with a fresh compile cache, each start timed to
-#         /healthz 200 (the second should load the cache); JSON in $OUT/warm_start.json
+# warmstart: scripts/warm_start.py --only-compile-cache: `serve --compile` started twice with a fresh compile cache,
+#         each start timed to /healthz 200; the second start gets fresh Triton and inductor caches, so all it finds
+#         is the compile cache file the first one wrote (it should say `compile cache: hit`); JSON in
+#         $OUT/warm_start.json. SERVE_ARGS apply (--compile-dynamic: two compiles instead of four)
 # starts: scripts/warm_start.py without --compile: serve started twice with today's defaults, then twice with
 #         --fused-norm --fused-epilogue --frame-graph, then twice more with --kernel-compile-threads 1 (the kernels'
 #         variants compiled one after another in the capture, not on threads ahead of it), each pair with a fresh
@@ -57,7 +59,8 @@
 #         own host work is taken out; compare with `serve` to tell the server's share of a shortfall from the engine's
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
 #         (default 180)
-# SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile and soak stages' server.
+# SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile, warmstart and soak stages' server
+# (and engine options to the latency stage's).
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
 # into one file after every step, so a run cut short still returns what it did: on the device machine, where at most
 # 8 files come back, run with OUT=/tmp/g PACK=$OUT/gpu.tgz (PACK outside $OUT). There, carry .whl too (see
@@ -212,7 +215,8 @@ PY
       step starts-fused-serial 400 "$PY" scripts/warm_start.py --json "$OUT/starts_fused_serial.json" -- \
         "${MODEL[@]}" --fused-norm --fused-epilogue --frame-graph --kernel-compile-threads 1 ;;
     warmstart)
-      step warmstart 900 "$PY" scripts/warm_start.py --json "$OUT/warm_start.json" -- "${MODEL[@]}" "${COMPILE[@]}" ;;
+      step warmstart 900 "$PY" scripts/warm_start.py --only-compile-cache --json "$OUT/warm_start.json" -- \
+        "${MODEL[@]}" "${COMPILE[@]}" "${SERVE_EXTRA[@]}" ;;
     reuse)
       step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --json "$OUT/reuse.json" ;;
     sim)
