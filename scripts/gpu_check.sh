@@ -64,8 +64,7 @@
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
 # into one file after every step, so a run cut short still returns what it did: on the device machine, where at most
 # 8 files come back, run with OUT=/tmp/g PACK=$OUT/gpu.tgz (PACK outside $OUT). There, carry .whl too (see
-# ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets, simplejpeg; uvloop==0.23.0 for
-# serve's default event loop) are installed from there.
+# ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets, simplejpeg) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,8 +75,7 @@ status=0
 
 if [ -d .whl ] && { ! python3 -c "import diffusers, websockets, simplejpeg" 2>/dev/null \
     || { ls .whl/torchao-*.whl >/dev/null 2>&1 && ! python3 -c "import torchao" 2>/dev/null; } \
-    || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && ! python3 -c "import torchvision" 2>/dev/null; } \
-    || { ls .whl/uvloop-*.whl >/dev/null 2>&1 && ! python3 -c "import uvloop" 2>/dev/null; }; }; then
+    || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && ! python3 -c "import torchvision" 2>/dev/null; }; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi

@@ -235,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_options(ap)
     ap.add_argument("--sim", metavar="FIXED,PER_FRAME", help="a simulated device (scripts/serve_sim.py) taking FIXED "
                     "+ PER_FRAME ms a call, with the real engine's host work, instead of running the model")
-    ap.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                    help="the server's event loop (serve --event-loop)")
     ap.add_argument("--jpeg", choices=("cpu", "gpu", "hybrid"), default="cpu",
                     help="the server's JPEG codec (serve --jpeg)")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds (default: %(default)s)")
@@ -273,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = SubmitParts(marks)
     instrument_submit(parts, engine)  # first: the marks' wrapper of submit then encloses this one
     instrument(marks, engine)
-    config = ServerConfig(port=0, limits=Limits(max_clients=1), freeze_heap=not args.no_freeze_heap,
-                          event_loop=args.event_loop)
+    config = ServerConfig(port=0, limits=Limits(max_clients=1), freeze_heap=not args.no_freeze_heap)
     server = TurboServer(engine, config, jpeg=jpeg)
     with ServerThread(server, ready_timeout=1800), tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
@@ -298,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({
         "command": "python scripts/latency_breakdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine": "simulated " + args.sim if args.sim else f"{engine.model_name} on {engine.device}",
-        "size": f"{engine.width}x{engine.height}", "jpeg": args.jpeg, "event_loop": server.event_loop_name,
+        "size": f"{engine.width}x{engine.height}", "jpeg": args.jpeg,
         "client_p50_ms": load["latency_ms"]["p50"], "client_fps": load["fps"],
         "client_max_ms": load["latency_ms"]["max"], "heap_frozen": not args.no_freeze_heap, "gc": pauses.summary(),
     })

@@ -166,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--submit-ahead", choices=("on", "off", "both"), default="both",
                     help="the batcher's submit-ahead rule (batcher.SUBMIT_AHEAD): on, off, or each client count with "
                          "both, side by side (default: %(default)s)")
-    ap.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                    help="the server's event loop (serve --event-loop; default: %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="write the results here")
     args = ap.parse_args(argv)
     try:
@@ -195,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "settings": {"size": f"{width}x{height}", "max_batch": args.max_batch, "device_ms": [fixed_ms, per_frame_ms],
                      "host_ms": args.host_ms, "inflight": args.inflight, "duration_s": args.duration,
-                     "event_loop": args.event_loop,
                      "capacity_fps": round(capacity, 1)},
         "steps": [],
     }
@@ -208,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(preset("test", device="cpu", width=width, height=height, buckets=buckets, cuda_graphs=False),
                         components)
         device = SimulatedDevice(engine, fixed_ms, per_frame_ms, host_ms)
-        server = TurboServer(device, ServerConfig(port=0, limits=Limits(max_clients=n), event_loop=args.event_loop))
+        server = TurboServer(device, ServerConfig(port=0, limits=Limits(max_clients=n)))
         with ServerThread(server), tempfile.TemporaryDirectory() as tmp:
             url = f"ws://127.0.0.1:{server.port}/ws"
             out = Path(tmp) / f"load-{n}.json"

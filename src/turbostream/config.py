@@ -470,12 +470,8 @@ class ServerConfig:
     # Move the warm process's objects out of the garbage collector's reach once the engines are ready (heap.py):
     # no full collection walks the model's half million objects, stalling every stream, while clients stream.
     freeze_heap: bool = True
-    # The event loop the server runs on (serve/event_loop.py): auto is uvloop where installed, else asyncio's.
-    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.event_loop not in ("auto", "asyncio", "uvloop"):
-            raise ValueError(f"event loop must be auto, asyncio or uvloop, got {self.event_loop!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         if not 1 <= self.jpeg_quality <= 100:

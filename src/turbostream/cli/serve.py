@@ -12,7 +12,6 @@ import signal
 
 from ..config import Limits, ServerConfig
 from ..errors import UserError
-from ..serve import event_loop
 from ..serve.devices import device_labels, parse_devices
 from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
@@ -47,10 +46,6 @@ def add_parser(sub) -> None:
                         "repeats 4:2:0 chroma where libjpeg-turbo interpolates, so colours differ at sharp colour "
                         "edges, and its JPEGs are 4:4:4, larger), or hybrid (decode on the GPU while its decoder is "
                         "free, else on the CPU; encode on the CPU); default: %(default)s")
-    g.add_argument("--event-loop", choices=event_loop.EVENT_LOOPS, default=d.event_loop,
-                   help="the server's event loop: uvloop (faster hand-offs between the loop and its threads; "
-                        "installed with turbostream except on Windows), asyncio (Python's own), or auto: uvloop "
-                        "where installed (default: %(default)s)")
     g.add_argument("--source", default=d.source, metavar="SRC",
                    help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
     g.add_argument("--publish", action="append", default=[], metavar="URL",
@@ -69,7 +64,7 @@ def server_config(args) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, token=args.token or None, control_token=args.control_token or None,
         allow_origins=tuple(args.allow_origins), jpeg_quality=args.jpeg_quality, source=args.source, limits=limits,
-        trusted_proxies=tuple(args.trusted_proxies), event_loop=args.event_loop,
+        trusted_proxies=tuple(args.trusted_proxies),
     )
 
 
@@ -88,7 +83,6 @@ def _main(args) -> int:
     capture_factory = None
     try:
         config = server_config(args)
-        event_loop.loop_factory(config.event_loop)  # uvloop asked for and not installed: say so before loading
         if config.source is not None:
             # Parsing the source now turns a missing file or a bad URL into one message and exit status 2; opening
             # it (which can take seconds for a network source) happens on the source thread, which makes a new
@@ -108,7 +102,7 @@ def _main(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
-        return event_loop.run(_serve_until_signal(server, extras), config.event_loop)
+        return asyncio.run(_serve_until_signal(server, extras))
     finally:
         extras.stop()  # already done on a normal shutdown; here for a failed start
 
@@ -169,8 +163,7 @@ async def _serve_until_signal(server: TurboServer, extras=None) -> int:
     except OSError as exc:
         server.devices.stop(0)
         raise UserError(f"cannot listen on {server.config.host}:{server.config.port}: {exc.strerror or exc}") from None
-    log.info("serving on %s (viewer page: %sview; event loop: %s); loading the engine...", server.url, server.url,
-             server.event_loop_name)
+    log.info("serving on %s (viewer page: %sview); loading the engine...", server.url, server.url)
     if extras is not None:
         extras.start(loop)
     failed = asyncio.create_task(_wait_failed(server))

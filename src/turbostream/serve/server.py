@@ -31,7 +31,7 @@ from .. import heap
 from ..codec import CPU_JPEG, CpuJpeg
 from ..config import ServerConfig, StreamParams, stream_limits
 from ..metrics import DeviceMetrics, Metrics
-from . import event_loop, protocol
+from . import protocol
 from .broadcast import Broadcast
 from .devices import Device, Devices
 from .guard import ConnectionGuard
@@ -66,7 +66,6 @@ class TurboServer:
     ) -> None:
         self.config = config or ServerConfig()
         self.jpeg = jpeg or CPU_JPEG  # decode and encode on the codec workers: CPU, or codec_cuda.CudaJpeg
-        self.event_loop_name = ""  # what start() runs on: "uvloop 0.23.0" or "asyncio" (event_loop.describe)
         self.metrics = Metrics()
         self.devices = Devices(DeviceMetrics(self.metrics.registry), self._on_batch, engine=engine,
                                engine_factory=engine_factory, engines=engines, engine_factories=engine_factories)
@@ -168,7 +167,6 @@ class TurboServer:
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> TurboServer:
-        self.event_loop_name = event_loop.describe(asyncio.get_running_loop())
         self._ready = asyncio.Event()
         self.batcher.start()
         self._watch_task = asyncio.create_task(self._watch_engine())
@@ -435,7 +433,7 @@ class ServerThread:
             await self.server.stop()
 
         with contextlib.suppress(BaseException):
-            event_loop.run(main(), self.server.config.event_loop)
+            asyncio.run(main())
 
     def __enter__(self) -> TurboServer:
         self._thread.start()
