@@ -225,7 +225,8 @@ def test_the_codec_is_safe_from_many_worker_threads(codec, fake_io):
     assert not errors and fake_io.decodes == 80 and fake_io.encodes == 80
 
 
-def test_a_server_with_a_gpu_codec_decodes_and_encodes_every_frame_through_it(engine, codec, fake_io):
+def _stream_three_frames(engine, codec) -> None:
+    """A real server whose codec workers use `codec`: three frames in, one at a time, three results out."""
     async def main():
         async with serving(engine) as server:
             server.jpeg = codec
@@ -238,6 +239,10 @@ def test_a_server_with_a_gpu_codec_decodes_and_encodes_every_frame_through_it(en
             await ws.close()
 
     run(main())
+
+
+def test_a_server_with_a_gpu_codec_decodes_and_encodes_every_frame_through_it(engine, codec, fake_io):
+    _stream_three_frames(engine, codec)
     assert fake_io.decodes == 3 and fake_io.encodes == 3
 
 
@@ -322,19 +327,7 @@ def test_hybrid_keeps_the_limits_and_errors_of_either_codec():
 def test_a_server_with_the_hybrid_codec_decodes_on_the_gpu_and_encodes_on_the_cpu(engine, fake_io):
     hybrid = HybridJpeg(CudaJpeg("cpu", io=fake_io))
     fake_io.decodes = fake_io.encodes = 0
-
-    async def main():
-        async with serving(engine) as server:
-            server.jpeg = hybrid
-            ws, _ = await open_client(server)
-            for seq in (1, 2, 3):
-                await ws.send(encode_jpeg(_picture(96, 128, seq), 90))
-                header, rgb, others = await next_result(ws)
-                assert header["seq"] == seq and rgb.shape == (64, 64, 3)
-                assert not [m for m in others if m["type"] == "error"]
-            await ws.close()
-
-    run(main())
+    _stream_three_frames(engine, hybrid)
     # One frame in flight: the GPU decoder is always free.
     assert fake_io.decodes == 3 and fake_io.encodes == 0 and hybrid.decodes == {"gpu": 3, "cpu": 0}
 
