@@ -32,16 +32,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .codec import (
-    CPU_JPEG,
-    MAX_SCANS,
-    MAX_SIDE,
-    check_decode_cost,
-    decode_checked_jpeg,
-    decode_jpeg,
-    encode_jpeg,
-    has_exif,
-)
+from .codec import MAX_SCANS, MAX_SIDE, check_decode_cost, decode_checked_jpeg, decode_jpeg, encode_jpeg, has_exif
 
 log = logging.getLogger("turbostream.codec")
 
@@ -194,11 +185,8 @@ class HybridJpeg:
 
     name = "hybrid"
 
-    def __init__(self, gpu: CudaJpeg, cpu=None) -> None:
-        """gpu: the GPU codec; cpu: the CPU one, for the decodes the GPU is too busy for and every encode (default
-        codec.py's)."""
+    def __init__(self, gpu: CudaJpeg) -> None:
         self.gpu = gpu
-        self.cpu = cpu if cpu is not None else CPU_JPEG
         self._gpu_free = threading.Lock()  # held by the one worker decoding on the GPU
         self._count_lock = threading.Lock()
         self.decodes = {"gpu": 0, "cpu": 0}  # where each decode ran (the GPU's fallbacks to the CPU count as gpu)
@@ -209,22 +197,18 @@ class HybridJpeg:
 
     def decode(self, data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS,
                fit: tuple[int, int] | None = None) -> np.ndarray:
-        """JPEG bytes -> uint8 RGB (H, W, 3), 0..255: CudaJpeg.decode if the GPU is free, else the cpu codec's."""
+        """JPEG bytes -> uint8 RGB (H, W, 3), 0..255: CudaJpeg.decode if the GPU is free, else codec.decode_jpeg."""
         on_gpu = self._gpu_free.acquire(blocking=False)
         with self._count_lock:
             self.decodes["gpu" if on_gpu else "cpu"] += 1
         if not on_gpu:
-            return self.cpu.decode(data, max_side, max_scans, fit)
+            return decode_jpeg(data, max_side, max_scans, fit)
         try:
             return self.gpu.decode(data, max_side, max_scans, fit)
         finally:
             self._gpu_free.release()
 
-    def encode(self, rgb: np.ndarray, quality: int = 85) -> bytes:
-        """uint8 RGB (H, W, 3), 0..255 -> JPEG bytes on the CPU (the cpu codec's: 4:2:0 chroma)."""
-        return self.cpu.encode(rgb, quality)
-
-    def close(self) -> None:
-        close = getattr(self.cpu, "close", None)
-        if close is not None:
-            close()
+    @staticmethod
+    def encode(rgb: np.ndarray, quality: int = 85) -> bytes:
+        """uint8 RGB (H, W, 3), 0..255 -> JPEG bytes on the CPU (codec.encode_jpeg: 4:2:0 chroma)."""
+        return encode_jpeg(rgb, quality)

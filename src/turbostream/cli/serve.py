@@ -124,7 +124,6 @@ def jpeg_codec(args):
         raise UserError(f"--jpeg {kind} needs a CUDA device among --device (got {', '.join(devices)}); use --jpeg "
                         "cpu")
     from ..codec_cuda import CudaJpeg, HybridJpeg
-    from ..codec_stripes import StripedCpuJpeg
 
     try:
         codec = CudaJpeg(cuda[0])
@@ -132,7 +131,7 @@ def jpeg_codec(args):
         raise UserError(str(exc).replace("--jpeg gpu", f"--jpeg {kind}")) from None
     if kind == "hybrid":
         log.info("JPEG decode on %s (nvJPEG) while it is free, else on the CPU; encode on the CPU", codec.device)
-        return HybridJpeg(codec, StripedCpuJpeg())
+        return HybridJpeg(codec)
     log.info("JPEG decode and encode on %s (nvJPEG)", codec.device)
     return codec
 

@@ -28,8 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .. import heap
-from ..codec import CpuJpeg
-from ..codec_stripes import StripedCpuJpeg
+from ..codec import CPU_JPEG, CpuJpeg
 from ..config import ServerConfig, StreamParams, stream_limits
 from ..metrics import DeviceMetrics, Metrics
 from . import protocol
@@ -66,10 +65,7 @@ class TurboServer:
         jpeg: CpuJpeg | None = None,
     ) -> None:
         self.config = config or ServerConfig()
-        # Decode and encode on the codec workers: the CPU's, each encode in stripes on helper threads while they are
-        # free (codec_stripes.py), or codec_cuda's with --jpeg gpu|hybrid.
-        self._own_jpeg = jpeg is None
-        self.jpeg = jpeg or StripedCpuJpeg()
+        self.jpeg = jpeg or CPU_JPEG  # decode and encode on the codec workers: CPU, or codec_cuda.CudaJpeg
         self.metrics = Metrics()
         self.devices = Devices(DeviceMetrics(self.metrics.registry), self._on_batch, engine=engine,
                                engine_factory=engine_factory, engines=engines, engine_factories=engine_factories)
@@ -289,8 +285,6 @@ class TurboServer:
         # interrupted: it is not waited for past the grace (the command then exits without it, cli.entry).
         await asyncio.get_running_loop().run_in_executor(None, self.devices.stop, limits.shutdown_grace_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        if self._own_jpeg:
-            self.jpeg.close()
         if self._frozen is not None:
             self._frozen = None
             heap.thaw()
