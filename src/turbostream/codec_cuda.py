@@ -179,8 +179,8 @@ class HybridJpeg:
     against 1.35 through the server), which a single client gains on every frame, but torchvision decodes one JPEG
     at a time, so under load `--jpeg gpu`'s decodes queue behind each other (16 clients: 3.4 ms each against the
     CPU's 2.0) while the CPU codec scales with cores. Here a decode never waits for the GPU's: it goes to the CPU
-    instead. Encoding stays on the CPU: nvJPEG's was no
-    faster through the server and its JPEGs are 4:4:4, larger. Safe to call from many threads.
+    instead. Encoding stays on the CPU: nvJPEG's was no faster through the server and its JPEGs are 4:4:4, larger.
+    Safe to call from many threads.
     """
 
     name = "hybrid"
