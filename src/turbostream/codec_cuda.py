@@ -191,10 +191,6 @@ class HybridJpeg:
         self._count_lock = threading.Lock()
         self.decodes = {"gpu": 0, "cpu": 0}  # where each decode ran (the GPU's fallbacks to the CPU count as gpu)
 
-    @property
-    def device(self) -> torch.device:
-        return self.gpu.device
-
     def decode(self, data: bytes, max_side: int = MAX_SIDE, max_scans: int = MAX_SCANS,
                fit: tuple[int, int] | None = None) -> np.ndarray:
         """JPEG bytes -> uint8 RGB (H, W, 3), 0..255: CudaJpeg.decode if the GPU is free, else codec.decode_jpeg."""
