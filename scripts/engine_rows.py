@@ -78,6 +78,15 @@ ROWS = (
     Row("compile_reuse", {"compile": True, "feature_reuse": True},
         "torch.compile + graphs + temporal feature reuse (full and partial forwards compiled too)", cuda_only=True,
         needs_s=300),
+    Row("temporal_reuse_l1", {"feature_reuse": True, "reuse_layers": 1},
+        "graphs + temporal feature reuse whose partial frames recompute only the last up layer", needs_s=45),
+    Row("lean_reuse_l1", {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True, "frame_graph": True,
+                          "feature_reuse": True, "reuse_layers": 1},
+        "graphs_lean + temporal feature reuse, partial frames recompute only the last up layer", cuda_only=True,
+        needs_s=45),
+    Row("compile_reuse_l1", {"compile": True, "feature_reuse": True, "reuse_layers": 1},
+        "torch.compile + graphs + temporal feature reuse, partial frames recompute only the last up layer",
+        cuda_only=True, needs_s=300),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 PROMPT = "a watercolor painting of a city street"
@@ -126,13 +135,13 @@ def extra_row(spec: str) -> Row:
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
     allowed = ("attention", "compile", "compile_mode", "compile_dynamic", "fp8", "skip_unit_rescale", "cuda_graphs",
-               "feature_reuse", "frame_graph", "fused_norm", "fused_epilogue")
+               "feature_reuse", "reuse_layers", "frame_graph", "fused_norm", "fused_epilogue")
     options = {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
         if not eq or key not in allowed:
             raise ValueError(f"--row {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(allowed)}")
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+        options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     cuda_only = bool(options.get("compile") or options.get("fp8")) or options.get("attention") in ("efficient", "cudnn")
     return Row(name, options, f"extra row {fields}", cuda_only=cuda_only,
                needs_s=420 if options.get("compile_mode") == MAX_AUTOTUNE else 200 if options.get("compile") else 30,
@@ -277,7 +286,7 @@ class Rows:
                            buckets=BATCHES, compile_cache=None, **row.options)
         out["config"] = {k: getattr(cfg, k) for k in (
             "attention", "compile", "compile_mode", "compile_dynamic", "fp8", "skip_unit_rescale", "cuda_graphs",
-            "feature_reuse", "frame_graph", "fused_norm", "fused_epilogue")} | {
+            "feature_reuse", "reuse_layers", "frame_graph", "fused_norm", "fused_epilogue")} | {
             "buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:

@@ -45,7 +45,9 @@
 #         /healthz 200 with its engine warm-up; $OUT/starts_default.json, starts_fused.json, starts_fused_serial.json.
 #         What making the fused kernels the default would cost a start. About three minutes
 # reuse:  scripts/reuse_speed.py (temporal feature reuse: full and partial frame times in CUDA graphs, fp16, and the
-#         output's distance from full recomputation for reuse 2, 3, 4); JSON in $OUT/reuse.json
+#         output's distance from full recomputation for reuse 2, 3, 4), for partial frames that recompute the whole
+#         outer block pair and only the last up layer side by side (REUSE_LAYERS, default all,1); JSON in
+#         $OUT/reuse.json
 # serve:  scripts/loadtest.py through one real `turbostream serve --model random` on loopback: 1, 4, 8 and 16
 #         clients, SERVE_S seconds each (default 15)
 # serve-compile: the load test at 8 and 16 clients with `serve --compile` (issue 11: 8 clients >= 30 frames/s each);
@@ -218,7 +220,8 @@ PY
       step warmstart 900 "$PY" scripts/warm_start.py --only-compile-cache --json "$OUT/warm_start.json" -- \
         "${MODEL[@]}" "${COMPILE[@]}" "${SERVE_EXTRA[@]}" ;;
     reuse)
-      step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --json "$OUT/reuse.json" ;;
+      step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --layers "${REUSE_LAYERS:-all,1}" \
+        --json "$OUT/reuse.json" ;;
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;

@@ -7,7 +7,9 @@ decode -> uint8), with the UNet call routed through FeatureReuse:
 
 - "off": every frame runs FeatureReuse.full (the reference: it equals the plain UNet bit for bit);
 - "reuse N" for each N of --reuse: frames 0, N, 2N, ... run full and keep the deep features (one buffer per UNet
-  step: each step has its own timestep), the N - 1 frames between run FeatureReuse.partial on them.
+  step: each step has its own timestep), the N - 1 frames between run FeatureReuse.partial on them;
+- with --layers L1,L2,...: each setting for each cut (FeatureReuse's `layers`: how many layers of the innermost
+  recomputed up block a partial frame recomputes), side by side in the same passes ("reuse N, layers L").
 
 Reported per setting: ms per full frame and per partial frame (medians over the timed frames), the average ms per
 frame over the clip (median over --repeats passes) and the speed-up over "off"; and the distance of the outputs
@@ -19,6 +21,7 @@ frame are each one captured CUDA graph replay.
     python scripts/reuse_speed.py --model tiny-random --device cpu --size 64
     python scripts/reuse_speed.py --model random --device cpu --size 256 --json benchmarks/reuse-cpu-random-256.json
     python scripts/reuse_speed.py --model random --device cuda --size 512 --dtype float16 --json reuse-gpu.json
+    python scripts/reuse_speed.py --model random --device cuda --size 512 --dtype float16 --layers all,2,1
 
 Random weights (random, tiny-random) show the mechanism and its cost, not visual quality: a distance here says how
 much the output moves, not whether a viewer would mind.
@@ -114,6 +117,7 @@ class Runner:
                 self.graph[mode] = graph
 
     def _eager(self, mode: str) -> torch.Tensor:
+        self.math.unet_call = self.call  # several runners may share one FrameMath (one per cut)
         self.call.start(mode)
         return self.math(self.frames, *self.args, latents_out=self.latents)
 
@@ -189,6 +193,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=32, help="frames in the clip (default: %(default)s)")
     ap.add_argument("--reuse", default="2,3,4", help="settings N measured, comma-separated (default: %(default)s)")
     ap.add_argument("--depth", type=int, default=1, help="outer block pairs recomputed by partial (default: 1)")
+    ap.add_argument("--layers", default="all",
+                    help="comma-separated cuts to compare: how many layers of the innermost recomputed up block a "
+                         "partial frame recomputes, or all (the whole block) (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=1)
@@ -217,6 +224,10 @@ def main(argv=None) -> int:
         ap.error("--reuse takes settings N >= 2 (a full frame every N frames)")
     if args.frames < 2 * max(settings):
         ap.error(f"--frames must be at least twice the largest setting ({2 * max(settings)})")
+    try:
+        cuts = list(dict.fromkeys(None if v.strip() == "all" else int(v) for v in args.layers.split(",")))
+    except ValueError:
+        ap.error(f"--layers takes whole numbers or all, comma-separated; got {args.layers!r}")
     params = StreamParams(args.prompt, args.strength, args.steps, args.seed).validate()
     device = resolve_device(args.device)
     dtype = default_dtype(device, args.dtype)
@@ -233,7 +244,10 @@ def main(argv=None) -> int:
         prepare_cpu()
         if args.threads:
             torch.set_num_threads(args.threads)
-    reuse = FeatureReuse(comps.unet, depth=args.depth)
+    try:
+        reuses = {cut: FeatureReuse(comps.unet, depth=args.depth, layers=cut) for cut in cuts}
+    except ValueError as exc:
+        ap.error(str(exc))
     math_ = FrameMath(comps.unet, comps.vae, comps.vae_kind, dtype)
 
     schedule = ScheduleTable(comps.scheduler.config).get(params.steps, params.unet_evals)
@@ -243,56 +257,61 @@ def main(argv=None) -> int:
     emb = encode_prompt(comps, params.prompt, device, dtype)[None]
     latent_h, latent_w = height // 8, width // 8
     noise = seed_noise(params.seed, (comps.unet.config.in_channels, latent_h, latent_w), device)[None]
-    deep = [reuse.empty_deep(1, latent_h, latent_w, device) for _ in range(n_evals)]
-    call = ReuseCall(reuse, deep)
-    math_.unet_call = call
-
     clip_np = moving_clip(args.frames, width, height, args.pan, args.rotate)
     clip = torch.from_numpy(clip_np).to(device)
+    runners: dict[int | None, Runner] = {}
     with torch.inference_mode():
-        runner = Runner(math_, call, emb, noise, timesteps, sigmas, clip[:1], graphs)
-        # The reference path is the UNet's own forward: check that "off" is exactly it before measuring anything.
+        for cut, reuse in reuses.items():
+            deep = [reuse.empty_deep(1, latent_h, latent_w, device) for _ in range(n_evals)]
+            runners[cut] = Runner(math_, ReuseCall(reuse, deep), emb, noise, timesteps, sigmas, clip[:1], graphs)
+        # The reference path is the UNet's own forward: check that "off" (every cut's full frame) is exactly it
+        # before measuring anything.
         math_.unet_call = comps.unet
         plain = math_(clip[:1].clone(), emb, noise, timesteps, sigmas)
-        math_.unet_call = call
-        full_is_plain = bool(torch.equal(runner(clip[:1], "full")[0], plain))
+        full_is_plain = all(bool(torch.equal(r(clip[:1], "full")[0], plain)) for r in runners.values())
         # Burn-in: both kinds of frame, untimed (first-call allocations, autotuning, lazy initialisation).
         for _ in range(args.burn_in):
-            runner(clip[:1], "full")
-            runner(clip[1:2], "partial")
+            for runner in runners.values():
+                runner(clip[:1], "full")
+                runner(clip[1:2], "partial")
 
     # Passes are interleaved (off, reuse 2, reuse 3, ..., off, reuse 2, ...) so that a machine that speeds up or slows
-    # down during the run (clocks, neighbours on shared cores) shifts every setting alike.
-    names = {n: "off" if n == 1 else f"reuse {n}" for n in [1, *settings]}
+    # down during the run (clocks, neighbours on shared cores) shifts every setting alike. A setting is (name, cut,
+    # N); "off" runs full frames only, the same for every cut.
+    def setting_name(cut: int | None, n: int) -> str:
+        return f"reuse {n}" if len(cuts) == 1 else f"reuse {n}, layers {'all' if cut is None else cut}"
+
+    plan = [("off", cuts[0], 1)] + [(setting_name(cut, n), cut, n) for cut in cuts for n in settings]
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    timed = {n: {"full": [], "partial": [], "avg": [], "all": [], "kind": []} for n in names}
-    got: dict[int, tuple[list[np.ndarray], list[torch.Tensor]]] = {}
+    timed = {name: {"full": [], "partial": [], "avg": [], "all": [], "kind": []} for name, _, _ in plan}
+    got: dict[str, tuple[list[np.ndarray], list[torch.Tensor]]] = {}
     deterministic = True
     for _ in range(repeats):
-        for n in names:
-            outs, latents, times = play(runner, clip, n, device)
-            timed[n]["avg"].append(statistics.fmean(times))
+        for name, cut, n in plan:
+            outs, latents, times = play(runners[cut], clip, n, device)
+            timed[name]["avg"].append(statistics.fmean(times))
             for i, t in enumerate(times):
                 kind = "full" if n == 1 or i % n == 0 else "partial"
-                timed[n][kind].append(t)
-                timed[n]["all"].append(t)
-                timed[n]["kind"].append(kind[0])
-            if n in got and not all(np.array_equal(a, b) for a, b in zip(outs, got[n][0])):
+                timed[name][kind].append(t)
+                timed[name]["all"].append(t)
+                timed[name]["kind"].append(kind[0])
+            if name in got and not all(np.array_equal(a, b) for a, b in zip(outs, got[name][0])):
                 # Every pass of a setting computes the same frames; if not, the distances mix in run-to-run noise.
                 deterministic = False
-                print(f"WARNING: {names[n]}: two passes of the same frames gave different outputs", file=sys.stderr)
-            got[n] = (outs, latents)
+                print(f"WARNING: {name}: two passes of the same frames gave different outputs", file=sys.stderr)
+            got[name] = (outs, latents)
 
     rows = []
-    ref_outs, ref_latents = got[1]
-    off_avg = 1e3 * statistics.median(timed[1]["avg"])
-    for n, name in names.items():
-        outs, latents = got[n]
+    ref_outs, ref_latents = got["off"]
+    off_avg = 1e3 * statistics.median(timed["off"]["avg"])
+    for name, cut, n in plan:
+        outs, latents = got[name]
         partial_frames = [i for i in range(args.frames) if n > 1 and i % n]
         full_frames = [i for i in range(args.frames) if n == 1 or i % n == 0]
-        t = timed[n]
+        t = timed[name]
         row = {
             "setting": name, "reuse": 0 if n == 1 else n,
+            "layers": None if n == 1 else reuses[cut].layers,  # the cut's layers (a number, "all" resolved)
             "ms_full_frame": 1e3 * statistics.median(t["full"]),
             "ms_partial_frame": 1e3 * statistics.median(t["partial"]) if t["partial"] else None,
             "ms_avg_frame": 1e3 * statistics.median(t["avg"]),
@@ -323,7 +342,9 @@ def main(argv=None) -> int:
                  "quality" if comps.random_weights else "real weights"),
         "size": f"{width}x{height}", "latent": f"{latent_w}x{latent_h}",
         "dtype": str(dtype).replace("torch.", ""), "vae": args.vae,
-        "cuda_graphs": graphs, "depth": args.depth, "deep_shape": list(reuse.deep_shape(1, latent_h, latent_w)),
+        "cuda_graphs": graphs, "depth": args.depth,
+        "deep_shape": list(reuses[cuts[0]].deep_shape(1, latent_h, latent_w)),
+        "deep_shapes": {str(r.layers): list(r.deep_shape(1, latent_h, latent_w)) for r in reuses.values()},
         "steps": params.steps, "strength": params.strength, "unet_evals": n_evals,
         "frames": args.frames, "pan_px_per_frame": args.pan, "rotate_deg_per_frame": args.rotate,
         "repeats": repeats, "burn_in": args.burn_in, "load_s": load_s,

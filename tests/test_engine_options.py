@@ -162,6 +162,9 @@ def test_compile_cache_key_keeps_the_default_and_names_the_mode():
     # Feature reuse compiles two more forwards: a cache saved without them must not count as a hit with them.
     reusing = cache_key(dataclasses.replace(cfg, feature_reuse=True), "GPU", torch.float16)
     assert reusing == {**legacy, "reuse_enabled": True}
+    # Where feature reuse cuts the UNet changes the partial forward that is compiled.
+    cut = cache_key(dataclasses.replace(cfg, feature_reuse=True, reuse_layers=1), "GPU", torch.float16)
+    assert cut == {**legacy, "reuse_enabled": True, "reuse_layers": 1}
     # A symbolic batch size compiles other graphs than one static graph per bucket.
     dynamic = cache_key(dataclasses.replace(cfg, compile=True, compile_dynamic=True), "GPU", torch.float16)
     assert dynamic == {**legacy, "compile_dynamic": True}
@@ -181,6 +184,33 @@ def test_compile_dynamic_needs_compile_and_reaches_the_config():
     assert not plain.compile_dynamic and plain.torch_compile_dynamic is False  # one static graph per bucket
     with pytest.raises(UserError, match="--compile-dynamic needs --compile"):
         engine_config(parser.parse_args(["--device", "cpu", "--compile-dynamic"]))
+
+
+def test_reuse_layers_needs_reuse_and_reaches_the_config():
+    import argparse
+
+    from turbostream.cli.options import add_engine_options, engine_config
+    from turbostream.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    cfg = engine_config(parser.parse_args(["--device", "cpu", "--reuse", "3", "--reuse-layers", "1"]))
+    assert cfg.reuse_enabled and cfg.reuse_layers == 1
+    assert engine_config(parser.parse_args(["--device", "cpu", "--reuse", "3"])).reuse_layers is None  # whole block
+    with pytest.raises(UserError, match="--reuse-layers needs temporal feature reuse: --reuse N with N >= 2"):
+        engine_config(parser.parse_args(["--device", "cpu", "--reuse-layers", "1"]))
+    with pytest.raises(UserError, match="reuse_layers must be a whole number of at least 1, got 0"):
+        engine_config(parser.parse_args(["--device", "cpu", "--reuse", "2", "--reuse-layers", "0"]))
+    bare = argparse.ArgumentParser()  # generate and bench: no stream options, so no --reuse to go with it
+    add_engine_options(bare, stream_options=False)
+    assert not hasattr(bare.parse_args([]), "reuse")
+    with pytest.raises(UserError, match="--reuse-layers needs temporal feature reuse"):
+        engine_config(bare.parse_args(["--device", "cpu", "--reuse-layers", "2"]))
+    for bad in (0, -1, True, 1.0):
+        with pytest.raises(ValueError, match="reuse_layers must be a whole number"):
+            preset("test", feature_reuse=True, reuse_layers=bad)
+    with pytest.raises(ValueError, match="reuse_layers is for temporal feature reuse, which is off"):
+        preset("test", reuse_layers=1)
 
 
 def test_frame_graph_reaches_the_config_and_changes_nothing_off_cuda(fresh_components, frame_rng):

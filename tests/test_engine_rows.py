@@ -33,7 +33,7 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "unit_rescale",
                           "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default",
                           "fp8_compile", "compile_dynamic", "compile_max_autotune", "temporal_reuse", "compile_reuse",
-                          "broken", "plain_math"]
+                          "temporal_reuse_l1", "lean_reuse_l1", "compile_reuse_l1", "broken", "plain_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
     for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "plain_math"):
         row = rows[name]
@@ -59,18 +59,24 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
     assert rows["plain_math"]["applied"]["lean_resnets"] == 0
     for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "fp8",
-                 "compile_default", "fp8_compile", "compile_dynamic", "compile_max_autotune", "compile_reuse"):
+                 "compile_default", "fp8_compile", "compile_dynamic", "compile_max_autotune", "compile_reuse",
+                 "lean_reuse_l1", "compile_reuse_l1"):
         assert rows[name]["skipped"] == "CUDA only"
-    reuse = rows["temporal_reuse"]
-    assert reuse["status"] == "ok" and reuse["config"]["feature_reuse"] is True and reuse["parity_pass"] is True
-    for b in ("1", "8"):  # reuse 4: one full call in four, the others partial
-        r = reuse["reuse"][b]
-        assert r["calls"] == {"keep": 2, "reuse": 6}
-        assert 0 < r["reuse_median_ms"] and 0 < r["keep_median_ms"]
-        assert r["avg_ms_per_call"]["2"] == pytest.approx((r["keep_median_ms"] + r["reuse_median_ms"]) / 2, abs=2e-3)
-        assert r["partial_vs_full_max"] == 0  # eager: a partial frame on its own frame is the full frame
-    avg4 = reuse["reuse"]["1"]["avg_ms_per_call"]["4"]  # the one reuse row the CPU runs
-    assert res["targets"]["b1_reuse4_avg_le_4ms"] == {"met": avg4 <= 4.0, "ms": avg4, "row": "temporal_reuse"}
+    for name, layers in (("temporal_reuse", None), ("temporal_reuse_l1", 1)):
+        reuse = rows[name]
+        assert reuse["status"] == "ok" and reuse["config"]["feature_reuse"] is True and reuse["parity_pass"] is True
+        assert reuse["config"]["reuse_layers"] == layers
+        for b in ("1", "8"):  # reuse 4: one full call in four, the others partial
+            r = reuse["reuse"][b]
+            assert r["calls"] == {"keep": 2, "reuse": 6}
+            assert 0 < r["reuse_median_ms"] and 0 < r["keep_median_ms"]
+            assert r["avg_ms_per_call"]["2"] == pytest.approx((r["keep_median_ms"] + r["reuse_median_ms"]) / 2,
+                                                              abs=2e-3)
+            assert r["partial_vs_full_max"] == 0  # eager: a partial frame on its own frame is the full frame
+    # The two reuse rows the CPU runs: the target names the one with the lower average.
+    avg4, best = min((rows[n]["reuse"]["1"]["avg_ms_per_call"]["4"], n)
+                     for n in ("temporal_reuse", "temporal_reuse_l1"))
+    assert res["targets"]["b1_reuse4_avg_le_4ms"] == {"met": avg4 <= 4.0, "ms": avg4, "row": best}
     # A row that fails is recorded with its error, and the rows after it still run (lean_math above).
     assert rows["broken"]["status"] == "error" and "attention must be one of" in rows["broken"]["error"]
     assert res["errors"] == [f"broken: {rows['broken']['error']}"]

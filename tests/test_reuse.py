@@ -62,6 +62,57 @@ def test_depth_two_and_scalar_timestep_match_too(tiny_components):
     assert reuse.deep_shape(2, 8, 8) == (2, 64, 4, 4)  # the mid block's output: 64 channels at half resolution
 
 
+@pytest.mark.parametrize("depth,layers,shape,need", [(1, 1, (2, 32, 8, 8), 1), (1, 2, (2, 64, 8, 8), 2),
+                                                     (2, 1, (2, 64, 4, 4), 3), (2, 2, (2, 64, 4, 4), 4)])
+def test_a_cut_inside_the_up_block_matches_too(tiny_components, depth, layers, shape, need):
+    # tiny-random's outer up block has 2 layers (resnet + attention), its outer down block 1 and a downsampler. With
+    # layers=1 the deep features are the states after the up block's first layer (32 channels), and a partial frame
+    # needs only conv_in's output as a skip; layers=2 is the whole block (the default).
+    unet = tiny_components.unet
+    reuse = FeatureReuse(unet, depth=depth, layers=layers)
+    assert reuse.layers == layers and reuse.deep_shape(2, 8, 8) == shape and reuse._need == need
+    x, t, emb = _inputs(unet, 2)
+    with torch.no_grad():
+        want = _unet_eps(unet, x, t, emb)
+        deep = reuse.empty_deep(2, 8, 8)
+        assert torch.equal(reuse.full(x, t, emb, deep), want)
+        assert torch.equal(reuse.partial(x, t, emb, deep), want)
+    assert FeatureReuse(unet, depth=depth).layers == 2  # None: the whole block
+
+
+def test_a_later_cut_recomputes_less_and_moves_the_output_more(tiny_components):
+    """layers=1 runs fewer modules in a partial frame (counted by forward hooks) than the whole block, and on a changed
+    input lands further from full recomputation: the trade the option makes."""
+    unet = tiny_components.unet
+    x, t, emb = _inputs(unet, 3)
+    moved = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    calls: list[str] = []
+    names = {m: n for n, m in unet.named_modules()}
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(names[m]))
+             for m in unet.modules() if type(m).__name__ in ("LeanResnetBlock2D", "ResnetBlock2D",
+                                                             "Transformer2DModel", "Downsample2D")]
+    errors, ran = {}, {}
+    try:
+        with torch.no_grad():
+            exact = _unet_eps(unet, moved, t, emb)
+            for layers in (1, 2):
+                reuse = FeatureReuse(unet, layers=layers)
+                deep = reuse.empty_deep(3, 8, 8)
+                reuse.full(x, t, emb, deep)  # the "previous frame"
+                calls.clear()
+                errors[layers] = float((reuse.partial(moved, t, emb, deep) - exact).abs().mean())
+                ran[layers] = sorted(calls)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran[1] == ["up_blocks.1.attentions.1", "up_blocks.1.resnets.1"]
+    # The whole block, and of the down path only what makes its skips: not the downsampler, whose output only the
+    # deeper up block reads.
+    assert ran[2] == ["down_blocks.0.attentions.0", "down_blocks.0.resnets.0", "up_blocks.1.attentions.0",
+                      "up_blocks.1.attentions.1", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1"]
+    assert 0 < errors[2] < errors[1]
+
+
 def test_partial_on_a_changed_input_is_a_bounded_approximation(tiny_components):
     unet = tiny_components.unet
     reuse = FeatureReuse(unet)
@@ -147,6 +198,9 @@ def test_bad_buffers_and_depths_are_refused_with_clear_errors(tiny_components):
     for depth in (0, 3, 1.0, True):
         with pytest.raises(ValueError, match="depth must be an integer from 1 to 2"):
             FeatureReuse(unet, depth=depth)
+    for layers in (0, 3, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=r"layers must be an integer from 1 to 2 for depth 1 \(up block 1 has 2 "):
+            FeatureReuse(unet, layers=layers)
 
 
 def test_unsupported_unets_are_refused_at_construction():
@@ -180,6 +234,13 @@ def test_full_sd_turbo_architecture_matches_at_a_small_size():
         for depth, shape in ((1, (2, 640, 8, 8)), (2, (2, 1280, 4, 4)), (3, (2, 1280, 2, 2)), (4, (2, 1280, 1, 1))):
             reuse = FeatureReuse(unet, depth=depth)
             assert reuse.deep_shape(2, 8, 8) == shape
+            deep = reuse.empty_deep(2, 8, 8)
+            assert torch.equal(reuse.full(x, t, emb, deep), want)
+            assert torch.equal(reuse.partial(x, t, emb, deep), want)
+        # Cuts inside SD-Turbo's outermost up block (3 layers): after its first and second layers (320 channels).
+        for layers in (1, 2):
+            reuse = FeatureReuse(unet, layers=layers)
+            assert reuse.deep_shape(2, 8, 8) == (2, 320, 8, 8)
             deep = reuse.empty_deep(2, 8, 8)
             assert torch.equal(reuse.full(x, t, emb, deep), want)
             assert torch.equal(reuse.partial(x, t, emb, deep), want)
@@ -341,3 +402,32 @@ def test_reuse_speed_script_reports_speed_and_distance(tmp_path):
     # A staler cache moves the output further (every third frame full instead of every second).
     assert rows["reuse 3"]["distance_partial_frames"]["mean"] > rows["reuse 2"]["distance_partial_frames"]["mean"]
     assert "| reuse 2 |" in proc.stdout  # the markdown table a README quotes
+
+
+def test_reuse_speed_script_compares_cuts_side_by_side(tmp_path):
+    """--layers all,1: each setting for both cuts in the same passes; full frames exact for both, and the later cut's
+    partial frames further from full recomputation. A cut the UNet does not have is a usage error."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "reuse.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    base = [sys.executable, str(root / "scripts" / "reuse_speed.py"), "--model", "tiny-random", "--device", "cpu",
+            "--size", "64", "--frames", "8", "--reuse", "4", "--repeats", "1", "--burn-in", "1"]
+    proc = subprocess.run([*base, "--layers", "all,1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["off_equals_plain_unet"] is True and r["deep_shapes"] == {"2": [1, 64, 8, 8], "1": [1, 32, 8, 8]}
+    rows = {row["setting"]: row for row in r["rows"]}
+    assert list(rows) == ["off", "reuse 4, layers all", "reuse 4, layers 1"]
+    whole, cut = rows["reuse 4, layers all"], rows["reuse 4, layers 1"]
+    assert (whole["layers"], cut["layers"]) == (2, 1)
+    assert whole["full_frames_identical"] is True and cut["full_frames_identical"] is True
+    assert 0 < whole["distance_partial_frames"]["mean"] < cut["distance_partial_frames"]["mean"] < 20
+    bad = subprocess.run([*base, "--layers", "3"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "layers must be an integer from 1 to 2" in bad.stderr

@@ -40,6 +40,24 @@ def test_a_stream_reusing_every_third_frame(make_engine, frames):
     assert 0 < moved <= 64, moved  # an approximation: it moves the output, boundedly
 
 
+def test_a_later_cut_keeps_full_frames_exact_and_changes_only_partial_ones(make_engine, frames):
+    """--reuse-layers 1: the engine's partial frames recompute only the UNet's last up layer. Full frames and a partial
+    frame on its own frame stay exact; on a moved frame it differs from the whole-block cut's partial frame."""
+    whole, cut = make_engine(feature_reuse=True), make_engine(feature_reuse=True, reuse_layers=1)
+    assert whole.reuse.layers == 2 and cut.reuse.layers == 1  # tiny-random's outer up block: 2 layers
+    assert cut.reuse.deep_shape(1, 8, 8) == (1, 32, 8, 8)
+    p = StreamParams("a fox", seed=4, reuse=3)
+    outs = {}
+    for name, engine in (("whole", whole), ("cut", cut)):
+        outs[name] = [engine.run([f], [p], streams=["s"])[0] for f in (frames[0], frames[0], frames[1], frames[3])]
+        assert engine.stats.reuse_keep_batches == 2 and engine.stats.reuse_partial_batches == 2
+    for k in (0, 1, 3):  # full, partial on its own frame, full: the same exact frames whatever the cut
+        assert np.array_equal(outs["cut"][k], outs["whole"][k])
+    assert not np.array_equal(outs["cut"][2], outs["whole"][2])  # a moved frame: each cut approximates its own way
+    with pytest.raises(ValueError, match="layers must be an integer from 1 to 2"):
+        make_engine(feature_reuse=True, reuse_layers=3)
+
+
 def test_reuse_off_leaves_every_frame_bit_identical(make_engine, frames):
     """On an engine with reuse enabled, streams with reuse 0 or 1 run the plain step: same frames as without it."""
     engine, plain = make_engine(feature_reuse=True), make_engine()

@@ -306,6 +306,10 @@ class EngineConfig:
     # Temporal feature reuse (engine/reuse.py) needs two more step graphs per bucket, captured at warmup: on when
     # asked here or when the default stream uses it (--reuse N, N >= 2); streams may then change their `reuse`.
     feature_reuse: bool = False
+    # How many layers of the UNet's outermost up block a partial frame of feature reuse recomputes, counted from its
+    # end (engine/reuse.py): None, all of them (the whole block pair); fewer is faster and further from a full frame
+    # (SD-Turbo: 1 to 3). Needs feature reuse on; the engine refuses a count its UNet does not have.
+    reuse_layers: int | None = None
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     noise_cache_size: int = 256  # per-seed noise tensors kept (LRU)
@@ -338,6 +342,12 @@ class EngineConfig:
         if self.prompt_cache_size < 1 or self.noise_cache_size < 1 or self.max_stream_states < 1:
             raise ValueError("cache sizes must be at least 1")
         self.default_params.validate(self.max_steps)  # reuse: on when the default stream asks (reuse_enabled)
+        if self.reuse_layers is not None:
+            if isinstance(self.reuse_layers, bool) or not isinstance(self.reuse_layers, int) or self.reuse_layers < 1:
+                raise ValueError(f"reuse_layers must be a whole number of at least 1, got {self.reuse_layers!r}")
+            if not self.reuse_enabled:
+                raise ValueError("reuse_layers is for temporal feature reuse, which is off on this engine (turn it on "
+                                 "with reuse N >= 2 for the default stream, or feature_reuse)")
 
     @property
     def max_batch(self) -> int:

@@ -114,6 +114,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="also capture one CUDA graph per bucket of a whole frame with the default step count (one "
                         "launch a call; other step counts use the per-step graphs); bit-identical output, one more "
                         "capture per bucket at start-up")
+    g.add_argument("--reuse-layers", type=int, default=d["reuse_layers"].default, metavar="N",
+                   help="with --reuse: how many layers of the UNet's outermost up block a partial frame recomputes "
+                        "(SD-Turbo: 1 to 3). Fewer is faster and further from a full frame; the default recomputes "
+                        "the whole block (and the outermost down block)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA path eagerly (debugging, comparison)")
     if stream_options:
@@ -156,6 +160,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         default = StreamParams()
         if getattr(args, "stream_options", False):
             default = stream_params(args)
+        if args.reuse_layers is not None and default.reuse < 2:
+            raise ValueError("--reuse-layers needs temporal feature reuse: --reuse N with N >= 2 (serve, run)")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
@@ -163,7 +169,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             attention=args.attention,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,
-            frame_graph=args.frame_graph,
+            frame_graph=args.frame_graph, reuse_layers=args.reuse_layers,
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:

@@ -193,7 +193,7 @@ class Engine:
             prepare_cpu(components, config)
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         # Temporal feature reuse: a second way through the same UNet (ValueError for a UNet it cannot mirror).
-        self.reuse = FeatureReuse(self.unet) if config.reuse_enabled else None
+        self.reuse = FeatureReuse(self.unet, layers=config.reuse_layers) if config.reuse_enabled else None
         if self.reuse is not None:
             self.math.use_reuse(self.reuse)
         self._alloc_buffers()

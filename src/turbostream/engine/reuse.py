@@ -8,6 +8,12 @@ between recompute the time embedding, conv_in, the outer down block(s), the oute
 and take everything below from the last full frame. The outer up blocks still see this frame's own skip connections
 (from the recomputed outer down blocks), which carry the fine detail; what is reused is the coarse layout.
 
+`layers` moves the cut inside the innermost recomputed up block, as DeepCache's finer "layer" cache points do: a
+partial frame then recomputes only that block's last `layers` (resnet, attention) layers, and of the down path only
+what makes their skip connections (conv_in and the first layers of the matching down block). In SD-Turbo the
+outermost pair (64x64 latents at 512x512) holds 38 % of the UNet's FLOPs: its last up layer alone is about a sixth
+of that, so `layers=1` is the cheapest partial frame and the furthest from a full one.
+
 `full` is diffusers' UNet2DConditionModel.forward (0.42.1) re-sequenced for the configuration SD-Turbo uses (no class
 labels, no added conditioning, no ControlNet/adapter residuals, no GLIGEN): the same blocks are called with the same
 arguments in the same order, so its eps equals `unet(sample, t, encoder_hidden_states=..., return_dict=False)[0]` bit
@@ -38,9 +44,12 @@ class FeatureReuse:
     depth: how many outer down/up block pairs `partial` recomputes (1 = DeepCache's choice: the highest-resolution
     pair only; more pairs are more faithful and slower). The deep features are the hidden states entering up block
     len(up_blocks) - depth.
+    layers: how many of that up block's (resnet, attention) layers `partial` recomputes, counted from its end (None:
+    all of them, the whole block). Fewer is faster and further from `full`; the deep features are then the hidden
+    states entering the first recomputed layer.
     """
 
-    def __init__(self, unet: Any, depth: int = 1) -> None:
+    def __init__(self, unet: Any, depth: int = 1, layers: int | None = None) -> None:
         self.unet = unet
         _check_supported(unet)
         n_up = len(unet.up_blocks)
@@ -52,9 +61,20 @@ class FeatureReuse:
                              f"got {depth!r}")
         self.depth = depth
         self._first_up = n_up - depth  # index of the first recomputed up block
-        # The outer `depth` up blocks consume the first `need` skip connections of the full forward's stack (conv_in's
-        # output, then each down block's resnet and downsampler outputs, in order); diffusers pops them from the end.
-        self._need = sum(len(up.resnets) for up in unet.up_blocks[self._first_up:])
+        n_layers = len(unet.up_blocks[self._first_up].resnets)
+        if layers is None:
+            layers = n_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n_layers:
+            raise ValueError(f"layers must be an integer from 1 to {n_layers} for depth {depth} (up block "
+                             f"{self._first_up} has {n_layers} layers), got {layers!r}")
+        self.layers = layers
+        self._split = n_layers - layers  # the first up block's layers before the cut (run by `full` only)
+        if self._split and _freeu_enabled(unet.up_blocks[self._first_up]):
+            raise UnsupportedUNetError("feature reuse with layers < the whole block does not apply FreeU: disable it")
+        # The recomputed up layers consume the first `need` skip connections of the full forward's stack (conv_in's
+        # output, then each down block's resnet and downsampler outputs, in order); diffusers pops them from the end,
+        # so the outermost up block takes the first ones, and a block's last layer the first of its own.
+        self._need = sum(len(up.resnets) for up in unet.up_blocks[self._first_up + 1:]) + layers
         have = 1 + sum(len(d.resnets) + (1 if d.downsamplers is not None else 0) for d in unet.down_blocks[:depth])
         if self._need > have:
             raise UnsupportedUNetError(
@@ -77,8 +97,14 @@ class FeatureReuse:
         for down in self.unet.down_blocks[: self.depth - 1]:
             if down.downsamplers is not None:
                 h, w = (h + 1) // 2, (w + 1) // 2
+        # Up blocks upsample at their end: inside the cut block the resolution is still that of its input.
         prev = self.unet.up_blocks[self._first_up - 1] if self._first_up > 0 else None
-        channels = prev.resnets[-1].out_channels if prev is not None else self.unet.mid_block.resnets[-1].out_channels
+        if self._split:
+            channels = self.unet.up_blocks[self._first_up].resnets[self._split - 1].out_channels
+        elif prev is not None:
+            channels = prev.resnets[-1].out_channels
+        else:
+            channels = self.unet.mid_block.resnets[-1].out_channels
         return (batch, channels, h, w)
 
     def empty_deep(self, batch: int, latent_h: int, latent_w: int, device: torch.device | str | None = None):
@@ -103,8 +129,7 @@ class FeatureReuse:
         encoder_hidden_states (b, T, D) prompt embeddings in the UNet dtype.
         """
         self._check_deep(deep_out, sample, "deep_out")
-        emb, states, stack, upsample_size_needed = self._head(sample, timestep, encoder_hidden_states,
-                                                              self.unet.down_blocks)
+        emb, states, stack, upsample_size_needed = self._head(sample, timestep, encoder_hidden_states)
         unet = self.unet
         if unet.mid_block is not None:
             if getattr(unet.mid_block, "has_cross_attention", False):
@@ -114,6 +139,9 @@ class FeatureReuse:
                 states = unet.mid_block(states, emb)
         stack, states = self._up(unet.up_blocks[: self._first_up], states, emb, encoder_hidden_states, stack,
                                  upsample_size_needed, first_index=0)
+        if self._split:  # the cut block's layers before the cut; they pop its last skips (no upsampling: not its end)
+            res, stack = stack[-self._split:], stack[: -self._split]
+            states = self._up_layers(unet.up_blocks[self._first_up], 0, states, emb, encoder_hidden_states, res, None)
         # copy_ into the caller's static buffer: nothing new for the caller to keep, and a CUDA graph sees one fixed
         # address. The forward goes on with `states` itself, so its arithmetic is untouched by the copy.
         deep_out.copy_(states)
@@ -126,17 +154,19 @@ class FeatureReuse:
         Same inputs and output as `full`; equal to `full`'s eps when deep_in came from `full` on these same inputs.
         """
         self._check_deep(deep_in, sample, "deep_in")
-        emb, _, stack, upsample_size_needed = self._head(sample, timestep, encoder_hidden_states,
-                                                         self.unet.down_blocks[: self.depth])
-        # The outer down blocks also produced skips for deeper up blocks (the last downsampler's output): drop them
-        # so that the outer up blocks pop exactly what they pop in `full`.
-        stack = stack[: self._need]
+        # Only as much of the down path as makes the skips the recomputed up layers pop (not, say, the outer down
+        # block's downsampler, whose output only deeper up blocks read).
+        emb, _, stack, upsample_size_needed = self._head(sample, timestep, encoder_hidden_states, need=self._need)
         return self._tail(deep_in, emb, encoder_hidden_states, stack, upsample_size_needed)
 
     # ------------------------------------------------------------------------------------------------ pieces
 
-    def _head(self, sample, timestep, encoder_hidden_states, down_blocks):
-        """Time embedding, conv_in and the given down blocks: (emb, hidden states, skip stack, forward sizes?)."""
+    def _head(self, sample, timestep, encoder_hidden_states, need=None):
+        """Time embedding, conv_in and the down path: (emb, hidden states, skip stack, forward sizes?).
+
+        need: stop once the skip stack holds this many entries (whole blocks while they fit, then layer by layer);
+        None: every down block.
+        """
         unet = self.unet
         # Whether upsamplers must be told their output size: a property of static shapes, not of values.
         upsample_size_needed = any(s % (2 ** unet.num_upsamplers) for s in sample.shape[-2:])
@@ -148,8 +178,13 @@ class FeatureReuse:
             emb = unet.time_embed_act(emb)
         states = unet.conv_in(sample)
         stack = (states,)
-        for down in down_blocks:
-            if getattr(down, "has_cross_attention", False):
+        for down in unet.down_blocks:
+            if need is not None and len(stack) >= need:
+                break
+            outputs = len(down.resnets) + (down.downsamplers is not None)
+            if need is not None and need - len(stack) < outputs:  # only its first layers make needed skips
+                states, res = self._down_layers(down, states, emb, encoder_hidden_states, need - len(stack))
+            elif getattr(down, "has_cross_attention", False):
                 states, res = down(hidden_states=states, temb=emb, encoder_hidden_states=encoder_hidden_states,
                                    attention_mask=None, cross_attention_kwargs=None, encoder_attention_mask=None)
             else:
@@ -174,11 +209,46 @@ class FeatureReuse:
                 states = up(hidden_states=states, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
         return stack, states
 
+    def _down_layers(self, down, states, emb, encoder_hidden_states, count):
+        """A down block's first `count` (resnet, attention) layers, as its forward runs them: (states, outputs)."""
+        out = ()
+        for j in range(count):
+            states = down.resnets[j](states, emb)
+            if getattr(down, "has_cross_attention", False):
+                states = down.attentions[j](states, encoder_hidden_states=encoder_hidden_states,
+                                            cross_attention_kwargs=None, attention_mask=None,
+                                            encoder_attention_mask=None, return_dict=False)[0]
+            out += (states,)
+        return states, out
+
+    def _up_layers(self, up, start, states, emb, encoder_hidden_states, res, upsample_size):
+        """An up block's layers start, start+1, ... (one per skip in res, popped from its end), as its forward runs
+        them; then its upsamplers if that was its last layer."""
+        stop = start + len(res)
+        for j in range(start, stop):
+            states = torch.cat([states, res[-1]], dim=1)
+            res = res[:-1]
+            states = up.resnets[j](states, emb)
+            if getattr(up, "has_cross_attention", False):
+                states = up.attentions[j](states, encoder_hidden_states=encoder_hidden_states,
+                                          cross_attention_kwargs=None, attention_mask=None,
+                                          encoder_attention_mask=None, return_dict=False)[0]
+        if stop == len(up.resnets) and up.upsamplers is not None:
+            for upsampler in up.upsamplers:
+                states = upsampler(states, upsample_size)
+        return states
+
     def _tail(self, states, emb, encoder_hidden_states, stack, upsample_size_needed):
-        """The outer up blocks and the output head: eps."""
+        """The recomputed up layers (the cut block's from the cut on, then whole blocks) and the output head: eps."""
         unet = self.unet
-        stack, states = self._up(unet.up_blocks[self._first_up:], states, emb, encoder_hidden_states, stack,
-                                 upsample_size_needed, first_index=self._first_up)
+        first = self._first_up
+        if self._split:
+            res, stack = stack[-self.layers:], stack[: -self.layers]
+            size = stack[-1].shape[2:] if first != len(unet.up_blocks) - 1 and upsample_size_needed else None
+            states = self._up_layers(unet.up_blocks[first], self._split, states, emb, encoder_hidden_states, res, size)
+            first += 1
+        stack, states = self._up(unet.up_blocks[first:], states, emb, encoder_hidden_states, stack,
+                                 upsample_size_needed, first_index=first)
         if unet.conv_norm_out is not None:
             states = unet.conv_act(unet.conv_norm_out(states))
         return unet.conv_out(states)
@@ -190,6 +260,11 @@ class FeatureReuse:
             raise ValueError(f"{name} has shape {tuple(deep.shape)}; latents {tuple(sample.shape)} need {want}")
         if deep.dtype != self.deep_dtype:
             raise ValueError(f"{name} is {deep.dtype}; the UNet runs in {self.deep_dtype}")
+
+
+def _freeu_enabled(block: Any) -> bool:
+    """Whether diffusers' FreeU is on for an up block (its forward then rescales states and skips)."""
+    return bool(all(getattr(block, name, None) for name in ("s1", "s2", "b1", "b2")))
 
 
 def _check_supported(unet: Any) -> None:
