@@ -11,8 +11,13 @@ again: the time a second start still spends (dynamo traces the Python code again
 comes from the artifacts). Each run also reports torch's compile phases that took longest (compile_times: nested, so
 they overlap) and inductor's cache counters.
 
+--trace-only: torch.compile with dynamo's "eager" back end (no AOTAutograd, no inductor): what tracing the engine's
+modules costs per bucket, which a second start pays whatever the compile cache holds. Dynamo runs on the CPU in
+either case, so these seconds carry over to a GPU machine's host, scaled by its CPU's speed.
+
     python scripts/compile_buckets.py --model tiny-random --device cpu --size 64 --buckets 1,2,4,8 [--json out.json]
     python scripts/compile_buckets.py --model random --device cuda --size 512 [--warm]
+    python scripts/compile_buckets.py --model random --device cpu --size 128 --trace-only
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from turbostream.config import EngineConfig
 from turbostream.engine import Engine
 model, device, size, buckets, dynamic = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 cache = sys.argv[6] or None  # the compile cache folder, or none
+if sys.argv[7] == "1":  # --trace-only: dynamo's eager back end, nothing compiled below it
+    _compile = torch.compile
+    torch.compile = lambda model, **kw: _compile(model, **{**kw, "mode": None, "backend": "eager"})
 if device == "cpu":
     torch.cuda.synchronize = lambda *a: None  # Engine._compile waits for the GPU at the end; nothing to wait for
     torch.cuda.get_device_name = lambda *a: "cpu"  # the compile cache's key names the GPU
@@ -46,6 +54,7 @@ with torch.inference_mode():
 names, seconds = compile_times(repr="csv", aggregate=True)  # seconds per compiler phase (nested: they overlap)
 phases = sorted(((n, float(s)) for n, s in zip(names, seconds)), key=lambda p: -p[1])[:12]
 print(json.dumps({"compile_s": round(time.perf_counter() - t0, 1), "graphs": counters["stats"]["unique_graphs"],
+                  "dynamo_s": round(float(dict(zip(names, seconds)).get("_compile.compile_inner", 0.0)), 1),
                   "compile_cache_hit": engine.stats.compile_cache_hit,
                   "phases_s": {n: round(s, 1) for n, s in phases},
                   "inductor": {k: v for k, v in counters["inductor"].items() if "cache" in k}}))
@@ -58,7 +67,8 @@ def one_process(args: argparse.Namespace, dynamic: str, cache: str) -> dict | No
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor, "TRITON_CACHE_DIR": str(Path(inductor) / "triton"),
                "PYTHONPATH": str(ROOT / "src")}
         proc = subprocess.run([sys.executable, "-c", ONE, args.model, args.device, str(args.size), args.buckets,
-                               dynamic, cache], capture_output=True, text=True, env=env)
+                               dynamic, cache, "1" if args.trace_only else "0"], capture_output=True, text=True,
+                              env=env)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return None
@@ -76,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile one static graph per bucket, --compile-dynamic's two, or both (default)")
     ap.add_argument("--warm", action="store_true", help="then compile each mode again in a new process from the "
                     "compile cache the first one saved (an empty inductor cache): what a second start spends")
+    ap.add_argument("--trace-only", action="store_true",
+                    help="dynamo's eager back end: the tracing alone, which a second start pays again")
     args = ap.parse_args(argv)
-    result = {"command": "python scripts/compile_buckets.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    if args.trace_only and args.warm:
+        ap.error("--trace-only compiles nothing to keep: leave out --warm")
+    result = {"trace_only": args.trace_only,"command": "python scripts/compile_buckets.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": args.model, "device": args.device, "size": args.size, "buckets": args.buckets,
               "date": time.strftime("%Y-%m-%d")}
     for name, dynamic in (("static", "0"), ("dynamic", "1")):
@@ -93,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     result[name] = outcome
                 else:
                     result[name]["warm"] = outcome
-                print(f"{name:<8} {run} compile {outcome['compile_s']:7.1f} s, {outcome['graphs']} graphs"
+                print(f"{name:<8} {run} compile {outcome['compile_s']:7.1f} s (dynamo {outcome['dynamo_s']:.1f} s), "
+                      f"{outcome['graphs']} graphs"
                       + (f", compile cache {'hit' if outcome['compile_cache_hit'] else 'not hit'}" if args.warm
                          else ""))
     if args.modes == "both":
