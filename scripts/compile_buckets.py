@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.trace_only and args.warm:
         ap.error("--trace-only compiles nothing to keep: leave out --warm")
-    result = {"trace_only": args.trace_only,"command": "python scripts/compile_buckets.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"trace_only": args.trace_only,
+              "command": "python scripts/compile_buckets.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": args.model, "device": args.device, "size": args.size, "buckets": args.buckets,
               "date": time.strftime("%Y-%m-%d")}
     for name, dynamic in (("static", "0"), ("dynamic", "1")):
