@@ -2,7 +2,7 @@
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
 #   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [codecs] [latency] [serve]
-#                             [serve-compile] [gil] [soak] [starts] [warmstart] [reuse] [sim]
+#                             [serve-compile] [gil] [soak] [starts] [warmstart] [trace] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -38,6 +38,10 @@
 #         each start timed to /healthz 200; the second start gets fresh Triton and inductor caches, so all it finds
 #         is the compile cache file the first one wrote (it should say `compile cache: hit`); JSON in
 #         $OUT/warm_start.json. SERVE_ARGS apply (--compile-dynamic: two compiles instead of four)
+# trace:  scripts/compile_buckets.py --trace-only: the engine's torch.compile through dynamo's eager back end, every
+#         bucket (static, then --compile-dynamic), so the seconds are dynamo's tracing alone on this machine's CPU:
+#         what a second start of `serve --compile` spends whatever its compile cache holds. About two minutes, no
+#         compile; $OUT/compile_trace.json
 # starts: scripts/warm_start.py without --compile: serve started twice with today's defaults, then twice with
 #         --fused-norm --fused-epilogue --frame-graph, then twice more with --kernel-compile-threads 1 (the kernels'
 #         variants compiled one after another in the capture, not on threads ahead of it), each pair with a fresh
@@ -219,6 +223,8 @@ PY
     warmstart)
       step warmstart 900 "$PY" scripts/warm_start.py --only-compile-cache --json "$OUT/warm_start.json" -- \
         "${MODEL[@]}" "${COMPILE[@]}" "${SERVE_EXTRA[@]}" ;;
+    trace)
+      step trace 400 "$PY" scripts/compile_buckets.py "${MODEL[@]}" --trace-only --json "$OUT/compile_trace.json" ;;
     reuse)
       step reuse 300 "$PY" scripts/reuse_speed.py "${MODEL[@]}" --layers "${REUSE_LAYERS:-all,1}" \
         --json "$OUT/reuse.json" ;;
@@ -226,7 +232,7 @@ PY
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
     *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency," \
-         "serve, serve-compile, gil, soak, starts, warmstart, reuse, sim)"
+         "serve, serve-compile, gil, soak, starts, warmstart, trace, reuse, sim)"
        status=2 ;;
   esac
 done
