@@ -54,7 +54,7 @@ def test_a_later_cut_keeps_full_frames_exact_and_changes_only_partial_ones(make_
     for k in (0, 1, 3):  # full, partial on its own frame, full: the same exact frames whatever the cut
         assert np.array_equal(outs["cut"][k], outs["whole"][k])
     assert not np.array_equal(outs["cut"][2], outs["whole"][2])  # a moved frame: each cut approximates its own way
-    with pytest.raises(ValueError, match="layers must be an integer from 1 to 2"):
+    with pytest.raises(ValueError, match=r"reuse_layers \(--reuse-layers\): layers must be an integer from 1 to 2"):
         make_engine(feature_reuse=True, reuse_layers=3)
 
 

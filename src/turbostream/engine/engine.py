@@ -47,7 +47,7 @@ from .compile_cache import CompileCache, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .kernel_warmup import Launch, precompile, recording
-from .reuse import FeatureReuse
+from .reuse import FeatureReuse, UnsupportedUNetError
 from .schedule import ScheduleTable
 from .streams import StreamStates, blend_embeddings, lerp, slerp
 from .triton_support import interpreting
@@ -193,7 +193,14 @@ class Engine:
             prepare_cpu(components, config)
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         # Temporal feature reuse: a second way through the same UNet (ValueError for a UNet it cannot mirror).
-        self.reuse = FeatureReuse(self.unet, layers=config.reuse_layers) if config.reuse_enabled else None
+        self.reuse = None
+        if config.reuse_enabled:
+            try:
+                self.reuse = FeatureReuse(self.unet, layers=config.reuse_layers)
+            except UnsupportedUNetError:
+                raise
+            except ValueError as exc:  # the one value checked against this UNet: the cut's layer count
+                raise ValueError(f"reuse_layers (--reuse-layers): {exc}") from None
         if self.reuse is not None:
             self.math.use_reuse(self.reuse)
         self._alloc_buffers()
