@@ -33,7 +33,9 @@
 #         beside OpenCV's and the GPU codec, and a 1920x1080 client frame decoded in full and reduced; about a minute
 # latency: scripts/latency_breakdown.py: one client's frame through a real server cut into stages (hand-offs, decode,
 #         engine host work, device, encode, send), SERVE_S seconds with --jpeg cpu and with --jpeg hybrid;
-#         $OUT/latency_cpu.json, latency_hybrid.json (LAT_CODECS="cpu gpu hybrid" picks among the three)
+#         $OUT/latency_cpu.json, latency_hybrid.json (LAT_CODECS="cpu gpu hybrid" picks among the three);
+#         LAT_SWITCH_MS=0.5 runs the last codec once more with that Python thread switch interval (is the submit's
+#         tail a wait for the GIL?), $OUT/latency_CODEC_switch.json
 # warmstart: scripts/warm_start.py --only-compile-cache: `serve --compile` started twice with a fresh compile cache,
 #         each start timed to /healthz 200; the second start gets fresh Triton and inductor caches, so all it finds
 #         is the compile cache file the first one wrote (it should say `compile cache: hit`); JSON in
@@ -175,7 +177,12 @@ for stage in "${stages[@]}"; do
       for codec in "${LAT_CODECS[@]}"; do
         step "latency-$codec" $((DUR + 300)) "$PY" scripts/latency_breakdown.py "${MODEL[@]}" --jpeg "$codec" \
           --duration "$DUR" --json "$OUT/latency_$codec.json" "${SERVE_EXTRA[@]}"
-      done ;;
+      done
+      if [ -n "${LAT_SWITCH_MS:-}" ]; then  # the last codec again with that thread switch interval (the GIL's wait)
+        step "latency-$codec-switch" $((DUR + 300)) "$PY" scripts/latency_breakdown.py "${MODEL[@]}" --jpeg "$codec" \
+          --duration "$DUR" --switch-interval-ms "$LAT_SWITCH_MS" --json "$OUT/latency_${codec}_switch.json" \
+          "${SERVE_EXTRA[@]}"
+      fi ;;
     serve)
       step serve $((DUR * 4 + 50)) "$PY" scripts/loadtest.py --clients 1,4,8,16 --duration "$DUR" \
         --json "$OUT/serve.json" --server-log "$OUT/serve-server.log" --spawn-server -- "${MODEL[@]}" --max-clients 16 \

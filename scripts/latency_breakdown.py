@@ -23,6 +23,10 @@ spends outside all of them: the switch to the engine's stream, the timing events
 over the slowest tenth of submits, so a tail in the submit shows where it lives: in one step (that step's work), or
 spread over all of them (the thread waiting to run: the GIL, the scheduler).
 
+--switch-interval-ms sets Python's thread switch interval (sys.setswitchinterval; 5 ms by default) for the run: a
+thread that wants the GIL while another runs Python waits up to that long, so a submit tail spread over every step
+that shrinks with the interval is that wait.
+
 It also reports the garbage collector's pauses in the measured window (each holds the GIL, so every thread waits):
 the server freezes the warm heap (heap.py) unless --no-freeze-heap.
 
@@ -242,8 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-freeze-heap", action="store_true",
                     help="leave the warm process's objects to the garbage collector (ServerConfig.freeze_heap off), "
                          "to see what its full collections cost")
+    ap.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
+                    help="Python's thread switch interval for this run (default: Python's, 5 ms)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        if not 0 < args.switch_interval_ms <= 1000:
+            ap.error("--switch-interval-ms takes a value above 0 and at most 1000")
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     from turbostream.heap import PauseLog
     from turbostream.serve.server import ServerThread, TurboServer
 
@@ -296,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python scripts/latency_breakdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine": "simulated " + args.sim if args.sim else f"{engine.model_name} on {engine.device}",
         "size": f"{engine.width}x{engine.height}", "jpeg": args.jpeg,
+        "switch_interval_ms": round(sys.getswitchinterval() * 1e3, 3),
         "client_p50_ms": load["latency_ms"]["p50"], "client_fps": load["fps"],
         "client_max_ms": load["latency_ms"]["max"], "heap_frozen": not args.no_freeze_heap, "gc": pauses.summary(),
     })
