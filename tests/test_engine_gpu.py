@@ -315,6 +315,48 @@ def test_feature_reuse_graphs_match_eager(cuda_tiny):
     assert graph.stats.graphs_captured == 10
 
 
+def test_whole_frame_graphs_of_feature_reuse_replay_the_segments_bit_for_bit(cuda_tiny):
+    """frame_graph with reuse: one evaluation a frame, so its full (keep) and partial (reuse) frames are one launch
+    each, the streams' deep features moved in before it and out after it; the frames equal the segment graphs' bit
+    for bit, with --reuse-layers too. Two evaluations a frame replay the segments."""
+    from turbostream.engine import Engine
+
+    for layers in (None, 1):
+        base = preset("test", device="cuda", width=128, height=128, buckets=(1, 2), feature_reuse=True,
+                      reuse_layers=layers)
+        segments, whole = Engine(base, cuda_tiny), Engine(dataclasses.replace(base, frame_graph=True), cuda_tiny)
+        segments.warmup(), whole.warmup()
+        assert whole.stats.graphs_captured == segments.stats.graphs_captured + 6  # plain, keep, reuse per bucket
+        launches = {}
+
+        class Counted:
+            def __init__(self, key, graph) -> None:
+                self.key, self.graph = key, graph
+
+            def replay(self) -> None:
+                launches[self.key] = launches.get(self.key, 0) + 1
+                self.graph.replay()
+
+        for graphs in whole._graphs.values():
+            for key in [k for k in graphs if k.startswith("frame")]:
+                graphs[key] = Counted(key, graphs[key])
+        p = StreamParams("a fox", seed=3, reuse=3)
+        frames = _frames(6, 128, 128, seed=8)
+        for params in ([p], [p, p.updated(seed=4)]):
+            keys = ["s", "t"][: len(params)]
+            for frame in frames:
+                a = segments.run([frame] * len(params), params, streams=keys)
+                c = whole.run([frame] * len(params), params, streams=keys)
+                assert all(np.array_equal(x, y) for x, y in zip(a, c)), (layers, len(params))
+        assert launches == {"frame1-keep": 4, "frame1-reuse": 8}, launches
+        assert whole.stats.reuse_partial_batches == segments.stats.reuse_partial_batches == 8
+        two = p.updated(steps=4)  # two evaluations: the segments, deep features copied between the steps
+        for frame in frames[:3]:
+            a = segments.run([frame], [two], streams=["s"])[0]
+            assert np.array_equal(a, whole.run([frame], [two], streams=["s"])[0])
+        assert launches == {"frame1-keep": 4, "frame1-reuse": 8}, launches
+
+
 def test_run_pipelined_on_cuda_writes_what_the_serial_loop_writes(tmp_path, cuda_tiny):
     """`turbostream run`'s GPU loop on CUDA (pipelined: two calls in flight) against the same loop forced serial, on a
     small video with feedback on (each frame depends on the one before): the same frames, bit for bit, in order.

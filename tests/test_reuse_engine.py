@@ -198,3 +198,35 @@ def test_compile_wraps_the_full_and_partial_forwards_and_warms_every_step_mode(m
     assert engine.stats.reuse_partial_batches == 1
     want = plain.run([frames[0]], [p.updated(reuse=0)])[0]
     assert np.array_equal(outs[0], want) and np.array_equal(outs[1], want)
+
+
+def test_whole_frame_graph_dispatch_moves_deep_features_around_one_launch(make_engine):
+    """_replay's choice among a bucket's graphs (CUDA graphs stand-ins here; tests/test_engine_gpu.py replays real
+    ones): with one evaluation a frame, a keep or reuse call launches its whole-frame graph once, with the deep
+    features moved in before it and out after it; with two, the segments run and the moves go around each step."""
+    from turbostream.engine.engine import DeepMoves
+
+    engine = make_engine(feature_reuse=True)
+    log: list[str] = []
+
+    class Graph:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def replay(self) -> None:
+            log.append(self.name)
+
+    names = ["head", "plain", "keep", "reuse", "tail", "frame1", "frame1-keep", "frame1-reuse"]
+    engine._graphs[1] = {name: Graph(name) for name in names}
+    moves = DeepMoves(before=lambda k: log.append(f"in{k}"), after=lambda k: log.append(f"out{k}"))
+    for mode, n, want in (("plain", 1, ["frame1"]), ("keep", 1, ["in0", "frame1-keep", "out0"]),
+                          ("reuse", 1, ["in0", "frame1-reuse", "out0"]),
+                          ("reuse", 2, ["head", "in0", "reuse", "out0", "in1", "reuse", "out1", "tail"]),
+                          ("plain", 2, ["head", "plain", "plain", "tail"])):
+        log.clear()
+        engine._replay(1, n, mode, None if mode == "plain" else moves)
+        assert log == want, (mode, n)
+    del engine._graphs[1]["frame1-reuse"]  # an engine without frame_graph: the segments, as before
+    log.clear()
+    engine._replay(1, 1, "reuse", moves)
+    assert log == ["head", "in0", "reuse", "out0", "tail"]

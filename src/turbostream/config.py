@@ -300,8 +300,9 @@ class EngineConfig:
     kernel_compile_threads: int = 0
     # Also capture, per bucket, one CUDA graph of a whole frame with the default stream's number of UNet evaluations
     # (head, every step and tail: one launch a call instead of 2 + evaluations, and no host work between them, so a
-    # busy host cannot stall the device inside a call). Other step counts and reuse modes replay the segment graphs
-    # as before; the output is bit-identical. Costs one more capture per bucket at warmup.
+    # busy host cannot stall the device inside a call). With feature reuse and one evaluation a frame, its full and
+    # partial frames get one each too. Other step counts replay the segment graphs as before; the output is
+    # bit-identical. Costs one more capture per bucket at warmup (three with reuse).
     frame_graph: bool = False
     # Temporal feature reuse (engine/reuse.py) needs two more step graphs per bucket, captured at warmup: on when
     # asked here or when the default stream uses it (--reuse N, N >= 2); streams may then change their `reuse`.

@@ -112,8 +112,9 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                         "after another (default: %(default)s)")
     g.add_argument("--frame-graph", action="store_true",
                    help="also capture one CUDA graph per bucket of a whole frame with the default step count (one "
-                        "launch a call; other step counts use the per-step graphs); bit-identical output, one more "
-                        "capture per bucket at start-up")
+                        "launch a call; with --reuse and one UNet evaluation a frame, its full and partial frames too; "
+                        "other step counts use the per-step graphs); bit-identical output, one more capture per "
+                        "bucket at start-up (three with --reuse)")
     g.add_argument("--reuse-layers", type=int, default=d["reuse_layers"].default, metavar="N",
                    help="with --reuse: how many layers of the UNet's outermost up block a partial frame recomputes "
                         "(SD-Turbo: 1 to 3). Fewer is faster and further from a full frame; the default recomputes "

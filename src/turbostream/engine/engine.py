@@ -471,17 +471,20 @@ class Engine:
                 self._segment(b, kind)
             graphs[kind] = graph
         if self.config.frame_graph:
-            # The same kernels as head + n plain steps + tail replayed one after another (the schedule row copies
-            # included), in one graph: what _replay launches for a plain call of the default evaluation count.
+            # The same kernels as head + n steps + tail replayed one after another (the schedule row copies
+            # included), in one graph: what _replay launches for a call of the default evaluation count, plain, and
+            # with reuse in its keep and reuse modes when that count is 1 (more steps move deep features between
+            # steps: those calls replay the segments).
             n = self.config.default_params.unet_evals
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._segment(b, "head")
-                for k in range(n):
-                    self._step.copy_(self._steps[k])
-                    self._segment(b, "plain")
-                self._segment(b, "tail")
-            graphs[_frame_graph_key(n)] = graph
+            for mode in self._step_modes if n == 1 else ("plain",):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self._segment(b, "head")
+                    for k in range(n):
+                        self._step.copy_(self._steps[k])
+                        self._segment(b, mode)
+                    self._segment(b, "tail")
+                graphs[_frame_graph_key(n, mode)] = graph
         torch.cuda.synchronize()
         self._graphs[b] = graphs
         self.stats.graphs_captured += len(graphs)
@@ -492,9 +495,16 @@ class Engine:
         """Enqueue bucket b's graphs for n UNet evaluations (mode: which step graph, see FrameMath.step); no sync.
         deep: as in _frame_path (device copies between the replays)."""
         graphs = self._graphs.get(b) or self._capture(b)  # every bucket is captured at warmup; this is a fallback
-        whole = graphs.get(_frame_graph_key(n)) if mode == "plain" and deep is None else None
-        if whole is not None:  # EngineConfig.frame_graph: the whole frame in one launch
+        # EngineConfig.frame_graph: the whole frame in one launch. With reuse (one evaluation: one set of deep
+        # features), the streams' features move into the static rows before it and out of them after it: the head
+        # and the tail around the step touch neither.
+        whole = graphs.get(_frame_graph_key(n, mode)) if deep is None or n == 1 else None
+        if whole is not None:
+            if deep is not None:
+                deep.before(0)
             whole.replay()
+            if deep is not None:
+                deep.after(0)
             self.stats.graph_replays += 1
             return
         graphs["head"].replay()
@@ -859,9 +869,10 @@ class Engine:
         return self._slots[0]
 
 
-def _frame_graph_key(n: int) -> str:
-    """The key of a bucket's whole-frame graph of n UNet evaluations (EngineConfig.frame_graph) among its graphs."""
-    return f"frame{n}"
+def _frame_graph_key(n: int, mode: str = "plain") -> str:
+    """The key of a bucket's whole-frame graph of n UNet evaluations in a step mode (EngineConfig.frame_graph) among
+    its graphs."""
+    return f"frame{n}" if mode == "plain" else f"frame{n}-{mode}"
 
 
 def _timeline(started, ended, previous) -> tuple[float, float | None]:
