@@ -67,6 +67,8 @@ ROWS = (
         "graphs without wasted kernels: fused norms and epilogues, no /1.0, one graph per frame", cuda_only=True),
     Row("fp8", {"fp8": True}, "graphs + float8 e4m3 transformer Linears (torchao)", cuda_only=True, fresh=True),
     Row("compile_default", {"compile": True}, "torch.compile (default mode) + graphs", cuda_only=True, needs_s=200),
+    Row("compile_frame_graph", {"compile": True, "frame_graph": True},
+        "torch.compile + one graph per frame instead of head + steps + tail", cuda_only=True, needs_s=200),
     Row("fp8_compile", {"fp8": True, "compile": True}, "fp8 + torch.compile + graphs", cuda_only=True,
         needs_s=200, fresh=True),
     Row("compile_dynamic", {"compile": True, "compile_dynamic": True}, "torch.compile with a symbolic batch size "
