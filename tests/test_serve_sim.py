@@ -94,7 +94,7 @@ def test_latency_breakdown_cuts_one_clients_frames_into_stages_that_add_up(tmp_p
     out = tmp_path / "lat.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "latency_breakdown.py"), "--sim", "20,10", "--size", "64",
-         "--duration", "3", "--warmup", "1", "--json", str(out)],
+         "--duration", "3", "--warmup", "1", "--switch-interval-ms", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "marks seen unequally" not in proc.stderr
@@ -109,4 +109,5 @@ def test_latency_breakdown_cuts_one_clients_frames_into_stages_that_add_up(tmp_p
     assert res["client_p50_ms"] >= res["server_p50_ms"]
     # The garbage collector's pauses in the window (the server froze its warm heap: no full collection walks it).
     assert res["heap_frozen"] is True and len(res["gc"]["collections"]) == 3
+    assert res["switch_interval_ms"] == 2.0  # the run's thread switch interval, as asked
     assert 0 <= res["gc"]["max_pause_ms"] <= res["gc"]["total_pause_ms"]
