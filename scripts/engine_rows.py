@@ -531,14 +531,13 @@ def targets(rows: dict) -> dict:
     best1 = min(((ms(n, 1), n) for n in ok if ms(n, 1)), default=None)
     best8 = min(((ms(n, 8), n) for n in ok if ms(n, 8)), default=None)
     c8 = ms("compile_default", 8)
+    def reuse_avgs(name: str) -> dict:  # a reuse row's batch-1 average ms per frame by N ({} for other rows)
+        return ((rows[name].get("reuse") or {}).get("1") or {}).get("avg_ms_per_call") or {}
+
     # Feature reuse at batch 1: the average ms per frame with a full frame every 4 (the rows' reuse setting).
-    reuse4 = [(rows[n]["reuse"]["1"]["avg_ms_per_call"]["4"], n) for n in ok
-              if ((rows[n].get("reuse") or {}).get("1") or {}).get("avg_ms_per_call")]
-    best_reuse = min(reuse4, default=None)
+    best_reuse = min(((reuse_avgs(n)["4"], n) for n in ok if reuse_avgs(n)), default=None)
     # The least N (a full frame every N) that brings some row's batch-1 average to 4 ms: what reuse must give up.
-    within = [(int(n), avg, name) for name in ok for n, avg in
-              (((rows[name].get("reuse") or {}).get("1") or {}).get("avg_ms_per_call") or {}).items() if avg <= 4.0]
-    least = min(within, default=None)
+    least = min(((int(k), avg, n) for n in ok for k, avg in reuse_avgs(n).items() if avg <= 4.0), default=None)
     return {
         "b1_le_5ms": None if best1 is None else {"met": best1[0] <= 5.0, "ms": best1[0], "row": best1[1]},
         "b8_ge_350fps": None if best8 is None else {"met": 8e3 / best8[0] >= 350.0,

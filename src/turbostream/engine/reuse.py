@@ -194,13 +194,10 @@ class FeatureReuse:
 
     def _up(self, up_blocks, states, emb, encoder_hidden_states, stack, upsample_size_needed, first_index):
         """Run up blocks, popping their skips off the end of the stack as diffusers does: (stack left, states)."""
-        n_up = len(self.unet.up_blocks)
-        upsample_size = None
         for i, up in enumerate(up_blocks, start=first_index):
             res = stack[-len(up.resnets):]
             stack = stack[: -len(up.resnets)]
-            if i != n_up - 1 and upsample_size_needed:
-                upsample_size = stack[-1].shape[2:]
+            upsample_size = self._upsample_size(i, stack, upsample_size_needed)
             if getattr(up, "has_cross_attention", False):
                 states = up(hidden_states=states, temb=emb, res_hidden_states_tuple=res,
                             encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=None,
@@ -209,15 +206,18 @@ class FeatureReuse:
                 states = up(hidden_states=states, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
         return stack, states
 
+    def _upsample_size(self, i, stack, upsample_size_needed):
+        """The output size up block i's upsampler is told (the next skip's, as diffusers' forward passes it) when the
+        sides are not multiples of 2 ** num_upsamplers; else None, and for the last block, which has no upsampler."""
+        return stack[-1].shape[2:] if upsample_size_needed and i != len(self.unet.up_blocks) - 1 else None
+
     def _down_layers(self, down, states, emb, encoder_hidden_states, count):
         """A down block's first `count` (resnet, attention) layers, as its forward runs them: (states, outputs)."""
         out = ()
         for j in range(count):
             states = down.resnets[j](states, emb)
             if getattr(down, "has_cross_attention", False):
-                states = down.attentions[j](states, encoder_hidden_states=encoder_hidden_states,
-                                            cross_attention_kwargs=None, attention_mask=None,
-                                            encoder_attention_mask=None, return_dict=False)[0]
+                states = _attend(down.attentions[j], states, encoder_hidden_states)
             out += (states,)
         return states, out
 
@@ -230,9 +230,7 @@ class FeatureReuse:
             res = res[:-1]
             states = up.resnets[j](states, emb)
             if getattr(up, "has_cross_attention", False):
-                states = up.attentions[j](states, encoder_hidden_states=encoder_hidden_states,
-                                          cross_attention_kwargs=None, attention_mask=None,
-                                          encoder_attention_mask=None, return_dict=False)[0]
+                states = _attend(up.attentions[j], states, encoder_hidden_states)
         if stop == len(up.resnets) and up.upsamplers is not None:
             for upsampler in up.upsamplers:
                 states = upsampler(states, upsample_size)
@@ -244,7 +242,7 @@ class FeatureReuse:
         first = self._first_up
         if self._split:
             res, stack = stack[-self.layers:], stack[: -self.layers]
-            size = stack[-1].shape[2:] if first != len(unet.up_blocks) - 1 and upsample_size_needed else None
+            size = self._upsample_size(first, stack, upsample_size_needed)
             states = self._up_layers(unet.up_blocks[first], self._split, states, emb, encoder_hidden_states, res, size)
             first += 1
         stack, states = self._up(unet.up_blocks[first:], states, emb, encoder_hidden_states, stack,
@@ -260,6 +258,12 @@ class FeatureReuse:
             raise ValueError(f"{name} has shape {tuple(deep.shape)}; latents {tuple(sample.shape)} need {want}")
         if deep.dtype != self.deep_dtype:
             raise ValueError(f"{name} is {deep.dtype}; the UNet runs in {self.deep_dtype}")
+
+
+def _attend(attention: Any, states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """One Transformer2DModel layer of a block, called as the block's own forward calls it (no masks, no kwargs)."""
+    return attention(states, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=None,
+                     attention_mask=None, encoder_attention_mask=None, return_dict=False)[0]
 
 
 def _freeu_enabled(block: Any) -> bool:
