@@ -277,6 +277,11 @@ class EngineConfig:
     # one per bucket (scripts/compile_buckets.py times both: 1.74x faster for buckets 1,2,4,8 on the CPU). The larger
     # buckets' fused kernels are then not specialized to each batch size. Off: one static compile per bucket.
     compile_dynamic: bool = False
+    # With compile: build the UNet and TAESD ahead of time (torch.export + AOTInductor, engine/aot.py) into packages
+    # kept in the compile cache, which later starts load without running dynamo or inductor at all (torch.compile's
+    # cache still traces the UNet at every start: about half a minute). Works on the CPU path too. Not with fp8 or
+    # feature reuse (their forwards are not exported).
+    compile_aot: bool = False
     # SDPA backend of the UNet's attention (ATTENTION_BACKENDS); "auto": PyTorch's choice, as before. Another backend
     # rounds differently (small differences); one that cannot run here is an error when the engine is built.
     attention: str = "auto"
@@ -328,6 +333,11 @@ class EngineConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         check_compile_mode(self.compile_mode)
+        if self.compile_aot and not self.compile:
+            raise ValueError("compile_aot is a way to compile: it needs compile on too (--compile-aot sets both)")
+        if self.compile_aot and (self.fp8 or self.reuse_enabled):
+            raise ValueError(f"compile_aot does not cover {'fp8' if self.fp8 else 'temporal feature reuse'} yet: "
+                             "use compile (torch.compile) with it")
         for name in ("fused_norm", "fused_epilogue"):
             if getattr(self, name) and self.compile:
                 raise ValueError(f"{name} is for the path without compile: torch.compile fuses these kernels itself "

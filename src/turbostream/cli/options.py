@@ -87,6 +87,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="with --compile: batch 1 compiled for itself and every larger bucket in one graph with a "
                         "symbolic batch size (two compiles instead of one per bucket: a shorter start; the larger "
                         "buckets' kernels are not specialized to each batch size)")
+    g.add_argument("--compile-aot", action="store_true",
+                   help="compile ahead of time instead (torch.export + AOTInductor; implies --compile): the first "
+                        "start builds a package per network and bucket into the compile cache, later starts load "
+                        "them in seconds without tracing; the CPU path uses them too; not with --fp8 or --reuse")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
                    help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
                         "one (flash and efficient need CUDA, flash fp16/bf16). The output changes by rounding only; "
@@ -163,10 +167,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             default = stream_params(args)
         if args.reuse_layers is not None and default.reuse < 2:
             raise ValueError("--reuse-layers needs temporal feature reuse: --reuse N with N >= 2 (serve, run)")
+        if args.compile_aot and args.fp8:
+            raise ValueError("--compile-aot does not cover --fp8 yet: use --compile with it")
+        if args.compile_aot and (default.reuse >= 2):
+            raise ValueError("--compile-aot does not cover temporal feature reuse (--reuse) yet: use --compile with it")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
-            taesd=args.taesd, buckets=args.buckets, compile=args.compile, cuda_graphs=args.cuda_graphs,
-            compile_cache=args.compile_cache, compile_mode=args.compile_mode, compile_dynamic=args.compile_dynamic,
+            taesd=args.taesd, buckets=args.buckets, compile=args.compile or args.compile_aot,
+            cuda_graphs=args.cuda_graphs, compile_cache=args.compile_cache, compile_mode=args.compile_mode,
+            compile_dynamic=args.compile_dynamic, compile_aot=args.compile_aot,
             attention=args.attention,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,

@@ -47,10 +47,29 @@ def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
            "unet_evals": config.default_params.unet_evals}
     for name, default in (("compile_mode", "default"), ("compile_dynamic", False), ("attention", "auto"),
                           ("fp8", False), ("skip_unit_rescale", False), ("reuse_enabled", False),
-                          ("reuse_layers", None)):
+                          ("reuse_layers", None), ("compile_aot", False)):
         if getattr(config, name, default) != default:
             key[name] = getattr(config, name)
     return key
+
+
+def aot_folder(folder: Path | str, key: dict) -> Path | None:
+    """The folder of one configuration's AOTInductor packages (--compile-aot, engine/aot.py), its key in key.json.
+
+    The key is cache_key's plus torch's version, as for CompileCache; a folder whose packages no longer fit is
+    found out when they are loaded (each is checked against the eager network) and rebuilt in place. None (with a
+    warning) if the folder cannot be written: the packages are then built for this start only.
+    """
+    key = {"torch": torch.__version__, **key}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(folder).expanduser() / f"aot-{digest}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        log.warning("compile cache: cannot write %s (%s); building for this start only", path, exc)
+        return None
+    return path
 
 
 class CompileCache:

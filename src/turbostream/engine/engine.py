@@ -42,8 +42,10 @@ import torch
 from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
+from .aot import AotPackages, Recorded, UNetEps, record_calls
+from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
-from .compile_cache import CompileCache, cache_key, default_folder
+from .compile_cache import CompileCache, aot_folder, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .kernel_warmup import Launch, precompile, recording
@@ -107,6 +109,8 @@ class EngineStats:
     warmup_s: float = 0.0
     compile_s: float = 0.0
     compile_cache_hit: bool = False
+    aot_packages_built: int = 0  # --compile-aot: packages compiled at this start (engine/aot.py)
+    aot_packages_loaded: int = 0  # and packages loaded from the compile cache instead
     capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}" -> seconds to capture its graphs
     kernel_variants: int = 0  # fused-kernel variants compiled ahead of the capture (kernel_warmup.py)
     kernel_compile_s: float = 0.0  # seconds that took
@@ -363,8 +367,8 @@ class Engine:
         default = self.config.default_params
         slot = self._slots[0]
         self._load_stream_inputs([default], 0, slot)
-        if self.is_cuda and self.config.compile:
-            self._compile()
+        if self.config.compile and (self.is_cuda or self.config.compile_aot):
+            self._compile()  # AOTInductor's packages serve the CPU path too; torch.compile only the graphs
         elif self.config.compile:
             log.warning("--compile speeds up the CUDA graph path only; ignored on %s", self.device)
         self._stage_schedule([default], slot)
@@ -385,6 +389,8 @@ class Engine:
 
     def _compile(self) -> None:
         """torch.compile the UNet and the VAE's encoder/decoder; compilation itself happens at the first warm run."""
+        if self.config.compile_aot:
+            return self._compile_aot()
         t0 = time.perf_counter()
         cache = None
         if self.config.compile_cache is not None:
@@ -419,6 +425,47 @@ class Engine:
                  "hit" if self.stats.compile_cache_hit else "off" if cache is None else "miss")
         if cache is not None and not self.stats.compile_cache_hit:
             cache.save()
+
+    def _compile_aot(self) -> None:
+        """--compile-aot: the networks through AOTInductor packages, loaded from the compile cache or built into it.
+
+        One eager frame per bucket records what each network is called with (shapes, dtypes, layouts) and returns;
+        each package is built from those inputs and checked against those outputs (engine/aot.py).
+        """
+        t0 = time.perf_counter()
+        networks: dict[str, torch.nn.Module] = {"unet": self.unet}
+        if self.components.vae_kind == "tiny":
+            networks.update(encoder=self.vae.encoder, decoder=self.vae.decoder)
+        n = self.config.default_params.unet_evals
+        self._stage_schedule([self.config.default_params] * self.max_batch, self._slots[0])
+        recorded: dict[str, dict[int, Recorded]] = {name: {} for name in networks}
+        for b in self.config.buckets:
+            with record_calls(networks) as calls:
+                self._frame_path(b, n)
+            for name, rec in calls.items():
+                recorded[name][b] = rec
+        folder = None
+        if self.config.compile_cache is not None:
+            folder = aot_folder(self.config.compile_cache or default_folder(),
+                                cache_key(self.config, aot_device_name(self.device), self.dtype))
+        packages = AotPackages(folder, device=self.device, dtype=self.dtype, dynamic=self.config.compile_dynamic,
+                               mode=self.config.compile_mode)
+        self.math.unet_call = packages.prepare("unet", UNetEps(self.unet), recorded["unet"], self.config.buckets,
+                                               self.unet, unet=True)
+        if "encoder" in networks:
+            self.math.encoder_call = packages.prepare("encoder", self.vae.encoder, recorded["encoder"],
+                                                      self.config.buckets, self.vae.encoder)
+            self.math.decoder_call = packages.prepare("decoder", self.vae.decoder, recorded["decoder"],
+                                                      self.config.buckets, self.vae.decoder)
+        if self.is_cuda:
+            torch.cuda.synchronize()
+        self.stats.compile_s = time.perf_counter() - t0
+        self.stats.aot_packages_built, self.stats.aot_packages_loaded = packages.built, packages.loaded
+        self.stats.compile_cache_hit = packages.built == 0
+        state = "off" if folder is None else "hit" if self.stats.compile_cache_hit else "miss"
+        log.info("AOTInductor: %.1f s for buckets %s: %d packages loaded (%.1f s), %d built (%.1f s); "
+                 "compile cache: %s", self.stats.compile_s, self.config.buckets, packages.loaded, packages.load_s,
+                 packages.built, packages.build_s, state)
 
     def _compile_fused_kernels(self) -> None:
         """With fused_norm or fused_epilogue: one eager frame records their launches, and their distinct variants are

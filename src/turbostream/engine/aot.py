@@ -1,0 +1,286 @@
+"""Ahead-of-time compiled networks (`--compile-aot`): the UNet and TAESD built once by torch.export and AOTInductor
+into packages on disk, and loaded at every later start without tracing or compiling anything.
+
+Why: `--compile` keeps inductor's output in the compile cache (compile_cache.py), but every start still runs dynamo
+over the UNet's Python again to find its graph and check its guards: about 36 s for buckets 1, 2, 4, 8 on this
+project's CPU before a single kernel is loaded (`scripts/compile_buckets.py --trace-only`). An AOTInductor package
+(.pt2) is the compiled graph as a shared library; loading it is a file read and a dlopen.
+
+What a package holds and what it does not:
+- code only: its weights are the live module's, handed to it at load (user-managed constants, no copy), so a
+  package follows the weights it is loaded with; `always_keep_tensor_constants` keeps inductor from inlining small
+  weights (SD-Turbo's 4-element conv_out bias) into the code, where they would not follow;
+- static shapes: one package per network and bucket, or (compile_dynamic) one for batch 1 and one with a symbolic
+  batch size for every larger bucket, the two compiles `--compile-dynamic` makes with torch.compile too;
+- the memory layout of each input as the eager path gives it (recorded in one eager frame per bucket); AotCall makes
+  an input of another layout contiguous in that one first, since compiled code assumes the strides it was built for.
+
+Every package is checked against the eager network on the recorded inputs when it is loaded: one that does not
+match (stale, built from a changed model folder, corrupt) is rebuilt with a warning, never used. Packages are run
+single-threaded (no event queries or syncs of AOTInductor's own between calls), so the CUDA graphs captured after
+can hold their launches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("turbostream.engine")
+
+# Inductor settings of every package: weights left out of the package and handed over at load, none inlined.
+PACKAGE_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+# --compile-mode -> inductor settings (the cudagraph modes are refused before this: config.check_compile_mode).
+MODE_CONFIGS = {"default": {}, "max-autotune-no-cudagraphs": {"max_autotune": True}}
+
+
+class StalePackageError(RuntimeError):
+    """A package on disk that cannot serve these modules (unreadable, other weights' names, other results)."""
+
+
+class UNetEps(torch.nn.Module):
+    """The UNet as one tensor function for export: (latents, timesteps (b,), embeddings) -> eps."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+@dataclass
+class Recorded:
+    """A network's first call in an eager frame: its tensor inputs (as export takes them) and its output."""
+
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+
+
+@contextlib.contextmanager
+def record_calls(networks: dict[str, torch.nn.Module]) -> Iterator[dict[str, Recorded]]:
+    """Within the block, each network's first call is recorded (clones) under its name; "unet" as UNetEps takes it."""
+    recorded: dict[str, Recorded] = {}
+
+    def hook(name: str):
+        def record(module, args, kwargs, output) -> None:
+            if name in recorded:
+                return
+            if name == "unet":
+                inputs = (args[0], args[1], kwargs["encoder_hidden_states"])
+                output = output[0]
+            else:
+                inputs = tuple(args)
+            recorded[name] = Recorded(tuple(x.detach().clone() for x in inputs), output.detach().clone())
+        return record
+
+    handles = [module.register_forward_hook(hook(name), with_kwargs=True) for name, module in networks.items()]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an input is in (channels_last only for 4-D tensors that are not also plain contiguous)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _plain(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """A normal (not inference-mode) copy of x in `layout`, for torch.export."""
+    with torch.inference_mode(False):
+        return torch.empty_like(x, memory_format=layout).copy_(x)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float32 (0 for equal tensors)."""
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """How far a compiled network may be from the eager one: rounding differs (fused kernels), the math does not."""
+    return 1e-3 if dtype == torch.float32 else 3e-2
+
+
+class Runner:
+    """One loaded package: the batch sizes it serves and its inputs' layouts."""
+
+    def __init__(self, package, lo: int, hi: int, layouts: tuple[torch.memory_format, ...]) -> None:
+        self.package, self.lo, self.hi, self.layouts = package, lo, hi, layouts
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        # Compiled code indexes its inputs with the strides it was built for: an input in another layout (the
+        # encoder's latents may come either way) is copied into that one first; in the usual case nothing is copied.
+        inputs = tuple(x if x.is_contiguous(memory_format=f) else x.contiguous(memory_format=f)
+                       for x, f in zip(inputs, self.layouts, strict=True))
+        out = self.package(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+class AotCall:
+    """A network called through its packages, the one that serves the batch size; the eager module for the rest.
+
+    unet=True takes and returns what FrameMath calls the UNet with (diffusers' signature, a 1-tuple back).
+    """
+
+    def __init__(self, name: str, runners: list[Runner], eager: Callable, unet: bool = False) -> None:
+        self.name, self.runners, self.eager, self.unet = name, runners, eager, unet
+
+    def runner(self, batch: int) -> Runner | None:
+        return next((r for r in self.runners if r.lo <= batch <= r.hi), None)
+
+    def __call__(self, *args, **kwargs):
+        if self.unet:
+            inputs = (args[0], args[1], kwargs["encoder_hidden_states"])
+        else:
+            inputs = args
+        runner = self.runner(inputs[0].shape[0])
+        if runner is None:  # a batch size no package was built for (the CPU path runs any): the module itself
+            return self.eager(*args, **kwargs)
+        out = runner(*inputs)
+        return (out,) if self.unet else out
+
+
+def device_name(device: torch.device) -> str:
+    """What compiled code depends on besides torch: the GPU's name, or the CPU's model (its vector instructions)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return "cpu: " + (platform.processor() or platform.machine())
+
+
+class AotPackages:
+    """Build or load the packages of a set of networks, one folder per configuration.
+
+    folder None: nothing kept (a temporary folder, removed once the packages are loaded).
+    """
+
+    def __init__(self, folder: Path | None, *, device: torch.device, dtype: torch.dtype, dynamic: bool,
+                 mode: str = "default") -> None:
+        self.folder, self.device, self.dtype, self.dynamic = folder, device, dtype, dynamic
+        self.inductor_configs = {**PACKAGE_CONFIGS, **MODE_CONFIGS[mode]}
+        self.built = self.loaded = 0
+        self.build_s = self.load_s = 0.0
+
+    def plan(self, buckets: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
+        """(tag, lo, hi, example bucket) per package: one per bucket, or batch 1 and a symbolic batch above it."""
+        if not self.dynamic or len(buckets) == 1:
+            return [(f"b{b}", b, b, b) for b in buckets]
+        plan = [("b1", 1, 1, 1)] if buckets[0] == 1 else []
+        rest = [b for b in buckets if b > 1]
+        # Export needs an example batch of 2 or more for a symbolic size (1 would be specialized).
+        return [*plan, (f"b{rest[0]}-{rest[-1]}", 2 if buckets[0] == 1 else rest[0], rest[-1], rest[-1])]
+
+    def prepare(self, name: str, module: torch.nn.Module, recorded: dict[int, Recorded],
+                buckets: tuple[int, ...], eager: Callable, unet: bool = False, progress: str = "") -> AotCall:
+        """An AotCall of `module` (UNetEps for the UNet) with a package for every bucket: loaded, or built first."""
+        runners = []
+        with contextlib.ExitStack() as stack:
+            folder = self.folder
+            if folder is None:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="turbostream-aot-")))
+            folder.mkdir(parents=True, exist_ok=True)
+            for tag, lo, hi, example in self.plan(buckets):
+                runners.append(self._runner(folder / f"{name}-{tag}.pt2", module, recorded[example], lo, hi,
+                                            f"{name} batch {tag[1:]}{progress}"))
+        return AotCall(name, runners, eager, unet=unet)
+
+    def _runner(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int, what: str) -> Runner:
+        layouts = tuple(_layout(x) for x in rec.inputs)
+        if path.is_file():
+            t0 = time.perf_counter()
+            try:
+                runner = self._load(path, module, lo, hi, layouts)
+                self._check(runner, rec, what)
+            except StalePackageError as exc:
+                log.warning("compile cache: ignoring %s (%s); building it again", path, exc)
+            else:
+                self.loaded += 1
+                self.load_s += time.perf_counter() - t0
+                log.info("AOTInductor: %s loaded from %s in %.2f s", what, path, time.perf_counter() - t0)
+                return runner
+        t0 = time.perf_counter()
+        self._build(path, module, rec, lo, hi, layouts)
+        runner = self._load(path, module, lo, hi, layouts)
+        try:
+            self._check(runner, rec, what)
+        except StalePackageError as exc:  # built from these very modules: a compiler problem, not a stale file
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"AOTInductor's {what} does not match the eager network ({exc}); start with "
+                               "--compile instead of --compile-aot") from None
+        self.built += 1
+        self.build_s += time.perf_counter() - t0
+        log.info("AOTInductor: %s built in %.1f s (%s)", what, time.perf_counter() - t0, path)
+        return runner
+
+    def _build(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
+               layouts: tuple[torch.memory_format, ...]) -> None:
+        """torch.export the module on the recorded inputs and compile it into `path` (written whole or not at all)."""
+        import torch._inductor
+        from torch.export import Dim
+
+        inputs = tuple(_plain(x, f) for x, f in zip(rec.inputs, layouts, strict=True))
+        dynamic_shapes = None
+        if lo != hi:
+            batch = Dim("batch", min=lo, max=hi)
+            dynamic_shapes = tuple({0: batch} for _ in inputs)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                         inductor_configs=self.inductor_configs)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _load(self, path: Path, module: torch.nn.Module, lo: int, hi: int,
+              layouts: tuple[torch.memory_format, ...]) -> Runner:
+        """Load a package and hand it the module's weights (shared, not copied); StalePackageError if it cannot."""
+        import torch._inductor
+
+        index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
+        try:
+            package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
+            names = set(package.get_constant_fqns())
+        except Exception as exc:  # noqa: BLE001 - truncated, corrupt, another torch's format: rebuild
+            raise StalePackageError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        weights = {**dict(module.named_buffers()), **module.state_dict()}
+        missing = sorted(names - weights.keys())
+        if missing:
+            raise StalePackageError(f"built for other weights: {len(missing)} not in this model, e.g. {missing[0]}")
+        try:
+            package.load_constants({k: weights[k] for k in names}, check_full_update=True, user_managed=True)
+        except Exception as exc:  # noqa: BLE001 - a shape or dtype that differs
+            raise StalePackageError(f"its weights do not fit this model: {exc}") from None
+        return Runner(package, lo, hi, layouts)
+
+    def _check(self, runner: Runner, rec: Recorded, what: str) -> None:
+        """The package's output on the recorded inputs against the eager network's; StalePackageError if apart."""
+        with torch.inference_mode():
+            out = runner(*rec.inputs)
+        if out.shape != rec.output.shape:
+            raise StalePackageError(f"{what} gives shape {tuple(out.shape)}, the network {tuple(rec.output.shape)}")
+        error = relative_error(out, rec.output)
+        if not error <= tolerance(self.dtype):  # also catches NaN
+            raise StalePackageError(f"{what} is {error:.3g} away from the network (relative; at most "
+                                    f"{tolerance(self.dtype):g} allowed)")

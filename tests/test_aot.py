@@ -1,0 +1,284 @@
+"""--compile-aot (engine/aot.py): packages built once, loaded at later starts, checked against the eager networks.
+
+AOTInductor compiles C++ on the CPU (a few seconds for the small modules here, about a minute for tiny-random's
+networks), so the engine-level test builds its packages once per module and the others use small stand-ins.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from turbostream.config import EngineConfig, StreamParams
+from turbostream.engine import aot
+from turbostream.engine.aot import AotCall, AotPackages, Recorded, Runner, record_calls
+
+
+class Net(torch.nn.Module):
+    """A stand-in network: conv, ReLU, conv with a 4-element bias (the kind inductor would inline)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _record(net: torch.nn.Module, batches=(1,), layout=torch.contiguous_format) -> dict[int, Recorded]:
+    out = {}
+    for b in batches:
+        x = torch.randn(b, 3, 16, 16).contiguous(memory_format=layout)
+        with torch.no_grad(), record_calls({"net": net}) as calls:
+            net(x)
+        out[b] = calls["net"]
+    return out
+
+
+def _packages(folder, dynamic=False) -> AotPackages:
+    return AotPackages(folder, device=torch.device("cpu"), dtype=torch.float32, dynamic=dynamic)
+
+
+# ---------------------------------------------------------------- without compiling
+
+
+def test_plan_is_one_package_per_bucket_or_batch_one_and_a_symbolic_batch():
+    assert _packages(None).plan((1, 2, 4, 8)) == [("b1", 1, 1, 1), ("b2", 2, 2, 2), ("b4", 4, 4, 4), ("b8", 8, 8, 8)]
+    assert _packages(None, dynamic=True).plan((1, 2, 4, 8)) == [("b1", 1, 1, 1), ("b2-8", 2, 8, 8)]
+    assert _packages(None, dynamic=True).plan((2, 4)) == [("b2-4", 2, 4, 4)]
+    assert _packages(None, dynamic=True).plan((1,)) == [("b1", 1, 1, 1)]
+
+
+class FakePackage:
+    def __init__(self) -> None:
+        self.seen = []
+
+    def __call__(self, *inputs):
+        self.seen.append(inputs)
+        return [inputs[0] * 2]
+
+
+def test_aot_call_picks_the_package_of_the_batch_and_the_module_for_the_rest():
+    small, large = FakePackage(), FakePackage()
+    eager_calls = []
+    call = AotCall("net", [Runner(small, 1, 1, (torch.contiguous_format,)),
+                           Runner(large, 2, 4, (torch.contiguous_format,))],
+                   lambda x: eager_calls.append(x) or x)
+    x1, x3, x8 = torch.ones(1, 2), torch.ones(3, 2), torch.ones(8, 2)
+    assert torch.equal(call(x1), x1 * 2) and len(small.seen) == 1
+    assert torch.equal(call(x3), x3 * 2) and len(large.seen) == 1
+    assert call(x8) is x8 and eager_calls == [x8]  # no package for batch 8
+
+
+def test_aot_call_takes_the_unets_signature_and_returns_a_tuple():
+    package = FakePackage()
+    layouts = (torch.contiguous_format,) * 3
+    call = AotCall("unet", [Runner(package, 1, 2, layouts)], None, unet=True)
+    x, t, emb = torch.ones(2, 4, 2, 2), torch.zeros(2), torch.zeros(2, 3, 5)
+    out = call(x, t, encoder_hidden_states=emb, return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], x * 2)
+    assert package.seen[0][1] is t and package.seen[0][2] is emb
+
+
+def test_runner_gives_each_input_the_layout_the_package_was_built_for():
+    package = FakePackage()
+    runner = Runner(package, 1, 1, (torch.channels_last,))
+    plain = torch.randn(1, 3, 4, 4)
+    runner(plain)
+    assert package.seen[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(package.seen[0][0], plain)
+    already = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    runner(already)
+    assert package.seen[1][0] is already  # nothing copied when the layout is right
+
+
+def test_record_calls_keeps_each_networks_first_call_and_the_unet_as_export_takes_it():
+    net = Net()
+
+    class UNetLike(torch.nn.Module):
+        def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+            return (sample + timestep.view(-1, 1, 1, 1) + encoder_hidden_states.mean(),)
+
+    unet = UNetLike()
+    x = torch.randn(2, 3, 8, 8)
+    with record_calls({"net": net, "unet": unet}) as calls:
+        first = net(x)
+        net(x + 1)
+        unet(x, torch.ones(2), encoder_hidden_states=torch.ones(2, 4, 3), return_dict=False)
+    assert set(calls) == {"net", "unet"}
+    assert torch.equal(calls["net"].inputs[0], x) and torch.equal(calls["net"].output, first)
+    assert [t.shape for t in calls["unet"].inputs] == [(2, 3, 8, 8), (2,), (2, 4, 3)]
+    assert torch.allclose(calls["unet"].output, x + 2)
+    net(x)  # the hooks are gone after the block
+    assert len(calls) == 2
+
+
+def test_compile_aot_needs_compile_and_refuses_fp8_and_feature_reuse():
+    with pytest.raises(ValueError, match="needs compile"):
+        EngineConfig(model="tiny-random", compile_aot=True)
+    with pytest.raises(ValueError, match="fp8"):
+        EngineConfig(model="tiny-random", compile=True, compile_aot=True, fp8=True)
+    with pytest.raises(ValueError, match="feature reuse"):
+        EngineConfig(model="tiny-random", compile=True, compile_aot=True, feature_reuse=True)
+
+
+def test_cli_compile_aot_turns_compile_on_and_names_what_it_does_not_cover():
+    import argparse
+
+    from turbostream.cli.options import add_engine_options, engine_config
+    from turbostream.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser, stream_options=True)
+    cfg = engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot"]))
+    assert cfg.compile and cfg.compile_aot
+    with pytest.raises(UserError, match="--compile-aot does not cover temporal feature reuse"):
+        engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot",
+                                         "--reuse", "2"]))
+
+
+def test_the_cache_key_tells_aot_packages_from_torch_compiles():
+    from turbostream.engine.compile_cache import cache_key
+
+    jit = EngineConfig(model="tiny-random", compile=True)
+    ahead = EngineConfig(model="tiny-random", compile=True, compile_aot=True)
+    assert "compile_aot" not in cache_key(jit, "gpu", torch.float16)
+    assert cache_key(ahead, "gpu", torch.float16)["compile_aot"] is True
+
+
+# ---------------------------------------------------------------- compiling small stand-ins
+
+
+def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_next_start(tmp_path):
+    net = Net()
+    rec = _record(net, (1, 2))
+    first = _packages(tmp_path)
+    call = first.prepare("net", net, rec, (1, 2), net)
+    assert (first.built, first.loaded) == (2, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net-b1.pt2", "net-b2.pt2"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(call(x), net(x), atol=1e-5)
+
+    # Another net of the same shape with other weights (a model folder updated in place): the packages, which hold
+    # no weights of their own (the small conv bias included), compute with the new ones.
+    other = Net(seed=1)
+    second = _packages(tmp_path)
+    call = second.prepare("net", other, _record(other, (1, 2)), (1, 2), other)
+    assert (second.built, second.loaded) == (0, 2)
+    with torch.no_grad():
+        assert torch.allclose(call(x), other(x), atol=1e-5)
+        assert not torch.allclose(call(x), net(x), atol=1e-3)
+
+
+def test_a_corrupt_or_foreign_package_is_rebuilt_with_a_warning(tmp_path, caplog):
+    net = Net()
+    rec = _record(net)
+    _packages(tmp_path).prepare("net", net, rec, (1,), net)
+    path = tmp_path / "net-b1.pt2"
+    good = path.read_bytes()
+
+    path.write_bytes(good[: len(good) // 2])  # a start cut short by a full disk, say
+    with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
+        packages = _packages(tmp_path)
+        call = packages.prepare("net", net, rec, (1,), net)
+    assert packages.built == 1 and "ignoring" in caplog.text
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(call(x), net(x), atol=1e-5)
+
+    # A package of another network under this name: its weights' names are not this module's.
+    class Other(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.c(x)
+
+    foreign = Other()
+    _packages(tmp_path / "other").prepare("net", foreign, _record(foreign), (1,), foreign)
+    path.write_bytes((tmp_path / "other" / "net-b1.pt2").read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
+        packages = _packages(tmp_path)
+        packages.prepare("net", net, rec, (1,), net)
+    assert packages.built == 1 and "built for other weights" in caplog.text
+
+
+def test_a_package_that_does_not_match_its_own_network_is_an_error_not_a_silent_speed_up(tmp_path):
+    net = Net()
+    rec = _record(net)
+    wrong = {1: Recorded(rec[1].inputs, rec[1].output + 1.0)}  # as if the compiled code computed something else
+    with pytest.raises(RuntimeError, match="does not match the eager network.*--compile instead"):
+        _packages(tmp_path).prepare("net", net, wrong, (1,), net)
+    assert not (tmp_path / "net-b1.pt2").exists()
+
+
+def test_without_a_cache_folder_nothing_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # so gettempdir() reads TMPDIR again
+    net = Net()
+    call = _packages(None, dynamic=True).prepare("net", net, _record(net, (1, 4), torch.channels_last), (1, 2, 4), net)
+    x = torch.randn(3, 3, 16, 16)  # batch 3: the symbolic package (2 to 4) serves it
+    with torch.no_grad():
+        assert torch.allclose(call(x), net(x), atol=1e-5)
+    assert [r.layouts for r in call.runners] == [(torch.channels_last,)] * 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("turbostream-aot-")]
+
+
+# ---------------------------------------------------------------- the engine, tiny-random
+
+
+def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(tmp_path, monkeypatch):
+    from turbostream.engine import Engine
+
+    def config(**kw) -> EngineConfig:
+        return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
+                            compile_cache=str(tmp_path), **kw)
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    eager = Engine(config())
+    eager.warmup()
+    expected = eager.run(frames, params)
+
+    first = Engine(config(compile=True, compile_aot=True), eager.components)
+    first.warmup()
+    assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (3, 0)
+    assert not first.stats.compile_cache_hit
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]
+    assert sorted(p.name for p in folder.glob("*.pt2")) == ["decoder-b1.pt2", "encoder-b1.pt2", "unet-b1.pt2"]
+    assert '"compile_aot": true' in (folder / "key.json").read_text()
+
+    # The second start traces nothing: export is not called.
+    def no_export(*args, **kwargs):
+        raise AssertionError("a start with every package cached must not export")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    second = Engine(config(compile=True, compile_aot=True), eager.components)
+    second.warmup()
+    assert (second.stats.aot_packages_built, second.stats.aot_packages_loaded) == (0, 3)
+    assert second.stats.compile_cache_hit
+    runs = []
+    run = Runner.__call__
+    monkeypatch.setattr(Runner, "__call__", lambda self, *inputs: runs.append(self) or run(self, *inputs))
+    for engine in (first, second):
+        assert isinstance(engine.math.unet_call, AotCall)
+        runs.clear()
+        got = engine.run(frames, params)  # two batches of 1 (the largest bucket)
+        assert len(runs) == 2 * 3  # per frame: encoder, one UNet evaluation (the default), decoder
+        for out, ref in zip(got, expected):
+            assert int(np.abs(out.astype(np.int16) - ref.astype(np.int16)).max()) <= 1
+
+
+def test_device_name_says_what_compiled_code_depends_on():
+    assert aot.device_name(torch.device("cpu")).startswith("cpu: ")
