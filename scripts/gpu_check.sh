@@ -2,7 +2,7 @@
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
 #   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [codecs] [latency] [serve]
-#                             [serve-compile] [gil] [soak] [starts] [warmstart] [trace] [reuse] [sim]
+#                             [serve-compile] [gil] [soak] [starts] [warmstart] [aot] [trace] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -40,6 +40,12 @@
 #         each start timed to /healthz 200; the second start gets fresh Triton and inductor caches, so all it finds
 #         is the compile cache file the first one wrote (it should say `compile cache: hit`); JSON in
 #         $OUT/warm_start.json. SERVE_ARGS apply (--compile-dynamic: two compiles instead of four)
+# aot:    --compile-aot (AOTInductor packages, engine/aot.py): its GPU test (packages captured into CUDA graphs, equal
+#         to the plain engine, loaded at a second start), then scripts/warm_start.py with it (the first start builds
+#         every package, the second loads them: issue 11's "second start of serve --compile at most 30 s";
+#         $OUT/warm_start_aot.json), then the load test at 8 and 16 clients on a server that loads the same packages
+#         ($OUT/serve_aot.json: "8 clients with --compile at least 30 frames/s each"). SERVE_ARGS apply
+#         (--compile-dynamic: two packages a network instead of one per bucket). AOT_CACHE=DIR keeps the packages
 # trace:  scripts/compile_buckets.py --trace-only: the engine's torch.compile through dynamo's eager back end, every
 #         bucket (static, then --compile-dynamic), so the seconds are dynamo's tracing alone on this machine's CPU:
 #         what a second start of `serve --compile` spends whatever its compile cache holds. About two minutes, no
@@ -230,6 +236,17 @@ PY
     warmstart)
       step warmstart 900 "$PY" scripts/warm_start.py --only-compile-cache --json "$OUT/warm_start.json" -- \
         "${MODEL[@]}" "${COMPILE[@]}" "${SERVE_EXTRA[@]}" ;;
+    aot)
+      # One cache folder for the three steps, so the load test's server finds what the warm starts built.
+      AOT_CACHE=${AOT_CACHE:-$(mktemp -d /tmp/turbostream-aot-XXXXXX)}
+      if [ "${CHECK_CPU:-0}" = 1 ]; then AOT_TESTS=(tests/test_aot.py -k engine); else
+        AOT_TESTS=(-m gpu tests/test_engine_gpu.py -k compile_aot); fi
+      step aot-tests 300 "$PY" -m pytest -q "${AOT_TESTS[@]}"
+      step aot-warmstart 540 "$PY" scripts/warm_start.py --cache "$AOT_CACHE" --only-compile-cache \
+        --json "$OUT/warm_start_aot.json" -- "${MODEL[@]}" --compile-aot "${SERVE_EXTRA[@]}"
+      step aot-serve $((DUR * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
+        --json "$OUT/serve_aot.json" --server-log "$OUT/serve-aot-server.log" --spawn-server -- "${MODEL[@]}" \
+        --compile-aot --compile-cache "$AOT_CACHE" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
     trace)
       step trace 400 "$PY" scripts/compile_buckets.py "${MODEL[@]}" --trace-only --json "$OUT/compile_trace.json" ;;
     reuse)
@@ -239,7 +256,7 @@ PY
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
     *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency," \
-         "serve, serve-compile, gil, soak, starts, warmstart, trace, reuse, sim)"
+         "serve, serve-compile, gil, soak, starts, warmstart, aot, trace, reuse, sim)"
        status=2 ;;
   esac
 done

@@ -397,3 +397,39 @@ def test_run_pipelined_on_cuda_writes_what_the_serial_loop_writes(tmp_path, cuda
         torch.backends.cudnn.benchmark = autotune
     assert piped.indices == serial.indices == list(range(n))
     assert [_diff(a, b) for (_, a), (_, b) in zip(piped.written, serial.written)] == [0] * n
+
+
+def test_compile_aot_packages_replay_in_graphs_and_load_at_the_second_start(tmp_path, cuda_tiny):
+    """--compile-aot on CUDA: the packages run inside the captured graphs (single-threaded AOTInductor runs, so the
+    capture meets no event query), within rounding of the plain graphs, and a second engine loads what the first
+    built instead of exporting or compiling again."""
+    from turbostream.engine import Engine
+    from turbostream.engine.aot import AotCall
+
+    base = preset("test", device="cuda", width=128, height=128, buckets=(1, 2), compile_cache=str(tmp_path))
+    plain = Engine(base, cuda_tiny)
+    plain.warmup()
+    frames = _frames(3, 128, 128, seed=5)
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2), StreamParams("c", seed=3)]
+    expected = plain.run(frames, params)
+
+    ahead = dataclasses.replace(base, compile=True, compile_aot=True)
+    first = Engine(ahead, cuda_tiny)
+    first.warmup()
+    assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (6, 0)
+    assert first.use_graphs and isinstance(first.math.unet_call, AotCall)
+    replays = first.stats.graph_replays
+    got = first.run(frames, params)  # a batch of 2 and one of 1: both buckets' graphs
+    assert first.stats.graph_replays > replays
+    for g, e in zip(got, expected):
+        assert g.std() > 10 and _diff(g, e) <= 2
+    steps4 = [dataclasses.replace(p, steps=4, strength=0.75) for p in params]  # the step graph replayed 3 times
+    for g, e in zip(first.run(frames, steps4), plain.run(frames, steps4)):
+        assert _diff(g, e) <= 2
+
+    second = Engine(ahead, cuda_tiny)
+    second.warmup()
+    assert (second.stats.aot_packages_built, second.stats.aot_packages_loaded) == (0, 6)
+    assert second.stats.compile_cache_hit
+    for g, s in zip(got, second.run(frames, params)):
+        assert _diff(g, s) <= 1

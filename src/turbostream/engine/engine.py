@@ -444,6 +444,7 @@ class Engine:
                 self._frame_path(b, n)
             for name, rec in calls.items():
                 recorded[name][b] = rec
+        record_s = time.perf_counter() - t0
         folder = None
         if self.config.compile_cache is not None:
             folder = aot_folder(self.config.compile_cache or default_folder(),
@@ -463,9 +464,9 @@ class Engine:
         self.stats.aot_packages_built, self.stats.aot_packages_loaded = packages.built, packages.loaded
         self.stats.compile_cache_hit = packages.built == 0
         state = "off" if folder is None else "hit" if self.stats.compile_cache_hit else "miss"
-        log.info("AOTInductor: %.1f s for buckets %s: %d packages loaded (%.1f s), %d built (%.1f s); "
-                 "compile cache: %s", self.stats.compile_s, self.config.buckets, packages.loaded, packages.load_s,
-                 packages.built, packages.build_s, state)
+        log.info("AOTInductor: %.1f s for buckets %s: eager frames recorded in %.1f s, %d packages loaded and checked "
+                 "(%.1f s), %d built (%.1f s); compile cache: %s", self.stats.compile_s, self.config.buckets, record_s,
+                 packages.loaded, packages.load_s, packages.built, packages.build_s, state)
 
     def _compile_fused_kernels(self) -> None:
         """With fused_norm or fused_epilogue: one eager frame records their launches, and their distinct variants are
