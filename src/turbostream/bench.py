@@ -244,7 +244,9 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
         save()
         # (d) compiled, then captured; each compiled bucket costs a compile, hence the shorter default list.
         if base_cfg.compile:
-            log.info("(d) torch.compile + CUDA graphs, buckets %s (compiling: minutes)", opts.compile_buckets)
+            res["compiled_with"] = "AOTInductor packages (--compile-aot)" if base_cfg.compile_aot else "torch.compile"
+            log.info("(d) %s + CUDA graphs, buckets %s (compiling: minutes)", res["compiled_with"],
+                     opts.compile_buckets)
             compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets),
                                     engine_comps)
             wstats = compiled.warmup()
@@ -333,7 +335,8 @@ def _print_table(res: dict) -> None:
     for b, row in (res.get("engine_graph") or {}).items():
         add("engine graph", row, int(b))
     for b, row in (res.get("compiled_graph") or {}).items():
-        add("compiled + graph", row, int(b))
+        aot = res.get("compiled_with", "").startswith("AOT")
+        add("compile-aot + graph" if aot else "compiled + graph", row, int(b))
     console = Console(width=130)
     console.print(table)
     if res.get("engine_graph_pipelined"):

@@ -280,7 +280,7 @@ class EngineConfig:
     # With compile: build the UNet and TAESD ahead of time (torch.export + AOTInductor, engine/aot.py) into packages
     # kept in the compile cache, which later starts load without running dynamo or inductor at all (torch.compile's
     # cache still traces the UNet at every start: about half a minute). Works on the CPU path too. Not with fp8 or
-    # feature reuse (their forwards are not exported).
+    # feature reuse (their forwards are not exported). Like compile_mode and compile_dynamic, nothing without compile.
     compile_aot: bool = False
     # SDPA backend of the UNet's attention (ATTENTION_BACKENDS); "auto": PyTorch's choice, as before. Another backend
     # rounds differently (small differences); one that cannot run here is an error when the engine is built.
@@ -333,9 +333,7 @@ class EngineConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         check_compile_mode(self.compile_mode)
-        if self.compile_aot and not self.compile:
-            raise ValueError("compile_aot is a way to compile: it needs compile on too (--compile-aot sets both)")
-        if self.compile_aot and (self.fp8 or self.reuse_enabled):
+        if self.compile and self.compile_aot and (self.fp8 or self.reuse_enabled):
             raise ValueError(f"compile_aot does not cover {'fp8' if self.fp8 else 'temporal feature reuse'} yet: "
                              "use compile (torch.compile) with it")
         for name in ("fused_norm", "fused_epilogue"):
