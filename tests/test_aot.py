@@ -68,7 +68,7 @@ def test_aot_call_picks_the_package_of_the_batch_and_the_module_for_the_rest():
     eager_calls = []
     call = AotCall("net", [Runner(small, 1, 1, (torch.contiguous_format,)),
                            Runner(large, 2, 4, (torch.contiguous_format,))],
-                   lambda x: eager_calls.append(x) or x)
+                   lambda x: eager_calls.append(x) or x, "plain")
     x1, x3, x8 = torch.ones(1, 2), torch.ones(3, 2), torch.ones(8, 2)
     assert torch.equal(call(x1), x1 * 2) and len(small.seen) == 1
     assert torch.equal(call(x3), x3 * 2) and len(large.seen) == 1
@@ -78,11 +78,28 @@ def test_aot_call_picks_the_package_of_the_batch_and_the_module_for_the_rest():
 def test_aot_call_takes_the_unets_signature_and_returns_a_tuple():
     package = FakePackage()
     layouts = (torch.contiguous_format,) * 3
-    call = AotCall("unet", [Runner(package, 1, 2, layouts)], None, unet=True)
+    call = AotCall("unet", [Runner(package, 1, 2, layouts)], None, "unet")
     x, t, emb = torch.ones(2, 4, 2, 2), torch.zeros(2), torch.zeros(2, 3, 5)
     out = call(x, t, encoder_hidden_states=emb, return_dict=False)
     assert isinstance(out, tuple) and torch.equal(out[0], x * 2)
     assert package.seen[0][1] is t and package.seen[0][2] is emb
+
+
+def test_aot_call_writes_reuses_deep_features_where_the_step_keeps_them_and_reads_them_from_deep_in():
+    class Full:
+        def __call__(self, x, t, emb):
+            return x * 2, x + 100
+
+    layouts = (torch.contiguous_format,) * 3
+    full = AotCall("reuse_full", [Runner(Full(), 1, 1, layouts)], None, "full")
+    x, deep_out = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    eps = full(x, torch.zeros(1), torch.zeros(1, 3, 5), deep_out=deep_out)
+    assert torch.equal(eps, x * 2) and torch.equal(deep_out, x + 100)
+
+    package = FakePackage()
+    partial = AotCall("reuse_partial", [Runner(package, 1, 1, layouts + (torch.contiguous_format,))], None, "partial")
+    assert torch.equal(partial(x, torch.zeros(1), torch.zeros(1, 3, 5), deep_in=deep_out), x * 2)
+    assert package.seen[0][3] is deep_out
 
 
 def test_runner_gives_each_input_the_layout_the_package_was_built_for():
@@ -111,23 +128,21 @@ def test_record_calls_keeps_each_networks_first_call_and_the_unet_as_export_take
         net(x + 1)
         unet(x, torch.ones(2), encoder_hidden_states=torch.ones(2, 4, 3), return_dict=False)
     assert set(calls) == {"net", "unet"}
-    assert torch.equal(calls["net"].inputs[0], x) and torch.equal(calls["net"].output, first)
+    assert torch.equal(calls["net"].inputs[0], x) and torch.equal(calls["net"].outputs[0], first)
     assert [t.shape for t in calls["unet"].inputs] == [(2, 3, 8, 8), (2,), (2, 4, 3)]
-    assert torch.allclose(calls["unet"].output, x + 2)
+    assert len(calls["unet"].outputs) == 1 and torch.allclose(calls["unet"].outputs[0], x + 2)
     net(x)  # the hooks are gone after the block
     assert len(calls) == 2
 
 
-def test_compile_aot_refuses_fp8_and_feature_reuse_and_without_compile_changes_nothing():
+def test_compile_aot_refuses_fp8_and_without_compile_changes_nothing():
     import dataclasses
 
-    ahead = EngineConfig(model="tiny-random", compile=True, compile_aot=True, feature_reuse=False)
+    ahead = EngineConfig(model="tiny-random", compile=True, compile_aot=True, feature_reuse=True)
     plain = dataclasses.replace(ahead, compile=False)  # what bench does for its rows without compile
     assert plain.compile_aot and not plain.compile
     with pytest.raises(ValueError, match="fp8"):
         EngineConfig(model="tiny-random", compile=True, compile_aot=True, fp8=True)
-    with pytest.raises(ValueError, match="feature reuse"):
-        EngineConfig(model="tiny-random", compile=True, compile_aot=True, feature_reuse=True)
 
 
 def test_cli_compile_aot_turns_compile_on_and_names_what_it_does_not_cover():
@@ -138,11 +153,11 @@ def test_cli_compile_aot_turns_compile_on_and_names_what_it_does_not_cover():
 
     parser = argparse.ArgumentParser()
     add_engine_options(parser, stream_options=True)
-    cfg = engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot"]))
-    assert cfg.compile and cfg.compile_aot
-    with pytest.raises(UserError, match="--compile-aot does not cover temporal feature reuse"):
-        engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot",
-                                         "--reuse", "2"]))
+    cfg = engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot", "--reuse",
+                                           "2"]))
+    assert cfg.compile and cfg.compile_aot and cfg.reuse_enabled
+    with pytest.raises(UserError, match="--compile-aot does not cover --fp8"):
+        engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot", "--fp8"]))
 
 
 def test_the_cache_key_tells_aot_packages_from_torch_compiles():
@@ -161,7 +176,7 @@ def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_ne
     net = Net()
     rec = _record(net, (1, 2))
     first = _packages(tmp_path)
-    call = first.prepare("net", net, rec, (1, 2), net)
+    call = first.prepare("net", net, rec, (1, 2))
     assert (first.built, first.loaded) == (2, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net-b1.pt2", "net-b2.pt2"]
     x = torch.randn(2, 3, 16, 16)
@@ -172,7 +187,7 @@ def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_ne
     # no weights of their own (the small conv bias included), compute with the new ones.
     other = Net(seed=1)
     second = _packages(tmp_path)
-    call = second.prepare("net", other, _record(other, (1, 2)), (1, 2), other)
+    call = second.prepare("net", other, _record(other, (1, 2)), (1, 2))
     assert (second.built, second.loaded) == (0, 2)
     with torch.no_grad():
         assert torch.allclose(call(x), other(x), atol=1e-5)
@@ -182,14 +197,14 @@ def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_ne
 def test_a_corrupt_or_foreign_package_is_rebuilt_with_a_warning(tmp_path, caplog):
     net = Net()
     rec = _record(net)
-    _packages(tmp_path).prepare("net", net, rec, (1,), net)
+    _packages(tmp_path).prepare("net", net, rec, (1,))
     path = tmp_path / "net-b1.pt2"
     good = path.read_bytes()
 
     path.write_bytes(good[: len(good) // 2])  # a start cut short by a full disk, say
     with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
         packages = _packages(tmp_path)
-        call = packages.prepare("net", net, rec, (1,), net)
+        call = packages.prepare("net", net, rec, (1,))
     assert packages.built == 1 and "ignoring" in caplog.text
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
@@ -205,21 +220,21 @@ def test_a_corrupt_or_foreign_package_is_rebuilt_with_a_warning(tmp_path, caplog
             return self.c(x)
 
     foreign = Other()
-    _packages(tmp_path / "other").prepare("net", foreign, _record(foreign), (1,), foreign)
+    _packages(tmp_path / "other").prepare("net", foreign, _record(foreign), (1,))
     path.write_bytes((tmp_path / "other" / "net-b1.pt2").read_bytes())
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
         packages = _packages(tmp_path)
-        packages.prepare("net", net, rec, (1,), net)
+        packages.prepare("net", net, rec, (1,))
     assert packages.built == 1 and "built for other weights" in caplog.text
 
 
 def test_a_package_that_does_not_match_its_own_network_is_an_error_not_a_silent_speed_up(tmp_path):
     net = Net()
     rec = _record(net)
-    wrong = {1: Recorded(rec[1].inputs, rec[1].output + 1.0)}  # as if the compiled code computed something else
+    wrong = {1: Recorded(rec[1].inputs, (rec[1].outputs[0] + 1.0,))}  # as if the compiled code computed something else
     with pytest.raises(RuntimeError, match="does not match the eager network.*--compile instead"):
-        _packages(tmp_path).prepare("net", net, wrong, (1,), net)
+        _packages(tmp_path).prepare("net", net, wrong, (1,))
     assert not (tmp_path / "net-b1.pt2").exists()
 
 
@@ -229,7 +244,7 @@ def test_without_a_cache_folder_nothing_is_kept(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # so gettempdir() reads TMPDIR again
     net = Net()
-    call = _packages(None, dynamic=True).prepare("net", net, _record(net, (1, 4), torch.channels_last), (1, 2, 4), net)
+    call = _packages(None, dynamic=True).prepare("net", net, _record(net, (1, 4), torch.channels_last), (1, 2, 4))
     x = torch.randn(3, 3, 16, 16)  # batch 3: the symbolic package (2 to 4) serves it
     with torch.no_grad():
         assert torch.allclose(call(x), net(x), atol=1e-5)
@@ -241,25 +256,35 @@ def test_without_a_cache_folder_nothing_is_kept(tmp_path, monkeypatch):
 
 
 def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(tmp_path, monkeypatch):
+    """Every network, feature reuse's full and partial forwards included, through packages: built at the first start,
+    loaded at the second, frames within a level of the eager engine's (plain frames, then a reuse stream's full and
+    partial ones)."""
     from turbostream.engine import Engine
 
     def config(**kw) -> EngineConfig:
         return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
-                            compile_cache=str(tmp_path), **kw)
+                            compile_cache=str(tmp_path), feature_reuse=True, **kw)
 
     rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    reusing = StreamParams("c", seed=3, reuse=3)  # full, partial, partial
+
+    def outputs(engine) -> list[np.ndarray]:
+        return engine.run(frames[:2], params) + [engine.run([f], [reusing], streams=["s"])[0] for f in frames]
+
     eager = Engine(config())
     eager.warmup()
-    expected = eager.run(frames, params)
+    expected = outputs(eager)
+    assert eager.stats.reuse_partial_batches == 2
 
     first = Engine(config(compile=True, compile_aot=True), eager.components)
     first.warmup()
-    assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (3, 0)
+    assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (5, 0)
     assert not first.stats.compile_cache_hit
     (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]
-    assert sorted(p.name for p in folder.glob("*.pt2")) == ["decoder-b1.pt2", "encoder-b1.pt2", "unet-b1.pt2"]
+    assert sorted(p.name for p in folder.glob("*.pt2")) == [
+        "decoder-b1.pt2", "encoder-b1.pt2", "reuse_full-b1.pt2", "reuse_partial-b1.pt2", "unet-b1.pt2"]
     assert '"compile_aot": true' in (folder / "key.json").read_text()
 
     # The second start traces nothing: export is not called.
@@ -269,17 +294,18 @@ def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(t
     monkeypatch.setattr(torch.export, "export", no_export)
     second = Engine(config(compile=True, compile_aot=True), eager.components)
     second.warmup()
-    assert (second.stats.aot_packages_built, second.stats.aot_packages_loaded) == (0, 3)
+    assert (second.stats.aot_packages_built, second.stats.aot_packages_loaded) == (0, 5)
     assert second.stats.compile_cache_hit
     runs = []
     run = Runner.__call__
     monkeypatch.setattr(Runner, "__call__", lambda self, *inputs: runs.append(self) or run(self, *inputs))
     for engine in (first, second):
-        assert isinstance(engine.math.unet_call, AotCall)
+        assert isinstance(engine.math.unet_call, AotCall) and isinstance(engine.math.partial_call, AotCall)
         runs.clear()
-        got = engine.run(frames, params)  # two batches of 1 (the largest bucket)
-        assert len(runs) == 2 * 3  # per frame: encoder, one UNet evaluation (the default), decoder
-        for out, ref in zip(got, expected):
+        got = outputs(engine)  # five batches of 1 (the largest bucket), each encoder, one UNet evaluation, decoder
+        assert len(runs) == 5 * 3
+        assert engine.stats.reuse_partial_batches == 2
+        for out, ref in zip(got, expected, strict=True):
             assert int(np.abs(out.astype(np.int16) - ref.astype(np.int16)).max()) <= 1
 
 

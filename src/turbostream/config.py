@@ -279,8 +279,9 @@ class EngineConfig:
     compile_dynamic: bool = False
     # With compile: build the UNet and TAESD ahead of time (torch.export + AOTInductor, engine/aot.py) into packages
     # kept in the compile cache, which later starts load without running dynamo or inductor at all (torch.compile's
-    # cache still traces the UNet at every start: about half a minute). Works on the CPU path too. Not with fp8 or
-    # feature reuse (their forwards are not exported). Like compile_mode and compile_dynamic, nothing without compile.
+    # cache still traces the UNet at every start: about half a minute). Works on the CPU path too, and with feature
+    # reuse (its full and partial forwards are packages too); not with fp8 (torchao's tensors are not exported here).
+    # Like compile_mode and compile_dynamic, it means nothing without compile.
     compile_aot: bool = False
     # SDPA backend of the UNet's attention (ATTENTION_BACKENDS); "auto": PyTorch's choice, as before. Another backend
     # rounds differently (small differences); one that cannot run here is an error when the engine is built.
@@ -333,9 +334,8 @@ class EngineConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         check_compile_mode(self.compile_mode)
-        if self.compile and self.compile_aot and (self.fp8 or self.reuse_enabled):
-            raise ValueError(f"compile_aot does not cover {'fp8' if self.fp8 else 'temporal feature reuse'} yet: "
-                             "use compile (torch.compile) with it")
+        if self.compile and self.compile_aot and self.fp8:
+            raise ValueError("compile_aot does not cover fp8 yet: use compile (torch.compile) with it")
         for name in ("fused_norm", "fused_epilogue"):
             if getattr(self, name) and self.compile:
                 raise ValueError(f"{name} is for the path without compile: torch.compile fuses these kernels itself "

@@ -90,7 +90,7 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--compile-aot", action="store_true",
                    help="compile ahead of time instead (torch.export + AOTInductor; implies --compile): the first "
                         "start builds a package per network and bucket into the compile cache, later starts load "
-                        "them in seconds without tracing; the CPU path uses them too; not with --fp8 or --reuse")
+                        "them in seconds without tracing; the CPU path uses them too; not with --fp8")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
                    help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
                         "one (flash and efficient need CUDA, flash fp16/bf16). The output changes by rounding only; "
@@ -169,8 +169,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             raise ValueError("--reuse-layers needs temporal feature reuse: --reuse N with N >= 2 (serve, run)")
         if args.compile_aot and args.fp8:
             raise ValueError("--compile-aot does not cover --fp8 yet: use --compile with it")
-        if args.compile_aot and (default.reuse >= 2):
-            raise ValueError("--compile-aot does not cover temporal feature reuse (--reuse) yet: use --compile with it")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile or args.compile_aot,

@@ -57,12 +57,35 @@ class UNetEps(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=emb, return_dict=False)[0]
 
 
+class ReuseFull(torch.nn.Module):
+    """Temporal feature reuse's full forward (reuse.FeatureReuse) for export: (latents, t, emb) -> (eps, deep)."""
+
+    def __init__(self, reuse) -> None:
+        super().__init__()
+        self.reuse, self.unet = reuse, reuse.unet  # the UNet as a submodule: its weights are this module's
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor):
+        return self.reuse.full_and_deep(sample, timestep, emb)
+
+
+class ReusePartial(torch.nn.Module):
+    """Temporal feature reuse's partial forward for export: (latents, t, emb, deep features) -> eps."""
+
+    def __init__(self, reuse) -> None:
+        super().__init__()
+        self.reuse, self.unet = reuse, reuse.unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor,
+                deep: torch.Tensor) -> torch.Tensor:
+        return self.reuse.partial(sample, timestep, emb, deep)
+
+
 @dataclass
 class Recorded:
-    """A network's first call in an eager frame: its tensor inputs (as export takes them) and its output."""
+    """A network's first call in an eager frame: its tensor inputs (as export takes them) and its outputs."""
 
     inputs: tuple[torch.Tensor, ...]
-    output: torch.Tensor
+    outputs: tuple[torch.Tensor, ...]
 
 
 @contextlib.contextmanager
@@ -79,7 +102,9 @@ def record_calls(networks: dict[str, torch.nn.Module]) -> Iterator[dict[str, Rec
                 output = output[0]
             else:
                 inputs = tuple(args)
-            recorded[name] = Recorded(tuple(x.detach().clone() for x in inputs), output.detach().clone())
+            outputs = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+            recorded[name] = Recorded(tuple(x.detach().clone() for x in inputs),
+                                      tuple(x.detach().clone() for x in outputs))
         return record
 
     handles = [module.register_forward_hook(hook(name), with_kwargs=True) for name, module in networks.items()]
@@ -120,37 +145,50 @@ class Runner:
     def __init__(self, package, lo: int, hi: int, layouts: tuple[torch.memory_format, ...]) -> None:
         self.package, self.lo, self.hi, self.layouts = package, lo, hi, layouts
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor):
+        """The package's output: one tensor, or a tuple where the network returns several."""
         # Compiled code indexes its inputs with the strides it was built for: an input in another layout (the
         # encoder's latents may come either way) is copied into that one first; in the usual case nothing is copied.
         inputs = tuple(x if x.is_contiguous(memory_format=f) else x.contiguous(memory_format=f)
                        for x, f in zip(inputs, self.layouts, strict=True))
         out = self.package(*inputs)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        if isinstance(out, (list, tuple)):
+            return out[0] if len(out) == 1 else tuple(out)
+        return out
 
 
 class AotCall:
-    """A network called through its packages, the one that serves the batch size; the eager module for the rest.
+    """A network called the way FrameMath calls it, through the package that serves the batch size, or through
+    `module` (the exported one, eagerly) for a batch size no package serves.
 
-    unet=True takes and returns what FrameMath calls the UNet with (diffusers' signature, a 1-tuple back).
+    kind says how FrameMath calls it: "plain" (tensors in, a tensor out: TAESD), "unet" (diffusers' signature, a
+    1-tuple back), "full" (reuse's full forward: deep features written to deep_out) or "partial" (deep_in read).
     """
 
-    def __init__(self, name: str, runners: list[Runner], eager: Callable, unet: bool = False) -> None:
-        self.name, self.runners, self.eager, self.unet = name, runners, eager, unet
+    def __init__(self, name: str, runners: list[Runner], module: Callable, kind: str = "plain") -> None:
+        if kind not in ("plain", "unet", "full", "partial"):
+            raise ValueError(f"unknown kind {kind!r}")
+        self.name, self.runners, self.module, self.kind = name, runners, module, kind
 
     def runner(self, batch: int) -> Runner | None:
         return next((r for r in self.runners if r.lo <= batch <= r.hi), None)
 
     def __call__(self, *args, **kwargs):
-        if self.unet:
+        if self.kind == "unet":
             inputs = (args[0], args[1], kwargs["encoder_hidden_states"])
-        else:
+        elif self.kind == "partial":
+            inputs = (*args, kwargs["deep_in"])
+        else:  # plain, and full: deep_out is written below, not an input
             inputs = args
-        runner = self.runner(inputs[0].shape[0])
-        if runner is None:  # a batch size no package was built for (the CPU path runs any): the module itself
-            return self.eager(*args, **kwargs)
-        out = runner(*inputs)
-        return (out,) if self.unet else out
+        run = self.runner(inputs[0].shape[0]) or self.module  # the CPU path runs batch sizes no package serves
+        out = run(*inputs)
+        if self.kind == "unet":
+            return (out,)
+        if self.kind == "full":
+            eps, deep = out
+            kwargs["deep_out"].copy_(deep)
+            return eps
+        return out
 
 
 def device_name(device: torch.device) -> str:
@@ -191,8 +229,9 @@ class AotPackages:
         return [*plan, (f"b{rest[0]}-{rest[-1]}", 2 if buckets[0] == 1 else rest[0], rest[-1], rest[-1])]
 
     def prepare(self, name: str, module: torch.nn.Module, recorded: dict[int, Recorded],
-                buckets: tuple[int, ...], eager: Callable, unet: bool = False, progress: str = "") -> AotCall:
-        """An AotCall of `module` (UNetEps for the UNet) with a package for every bucket: loaded, or built first."""
+                buckets: tuple[int, ...], kind: str = "plain") -> AotCall:
+        """An AotCall of `module` (UNetEps, ReuseFull, ReusePartial or a TAESD half) with a package for every bucket:
+        loaded, or built first. recorded: the module's inputs and outputs per bucket (record_calls)."""
         runners = []
         with contextlib.ExitStack() as stack:
             folder = self.folder
@@ -201,8 +240,8 @@ class AotPackages:
             folder.mkdir(parents=True, exist_ok=True)
             for tag, lo, hi, example in self.plan(buckets):
                 runners.append(self._runner(folder / f"{name}-{tag}.pt2", module, recorded[example], lo, hi,
-                                            f"{name} batch {tag[1:]}{progress}"))
-        return AotCall(name, runners, eager, unet=unet)
+                                            f"{name} batch {tag[1:]}"))
+        return AotCall(name, runners, module, kind)
 
     def _runner(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int, what: str) -> Runner:
         layouts = tuple(_layout(x) for x in rec.inputs)
@@ -278,9 +317,12 @@ class AotPackages:
         """The package's output on the recorded inputs against the eager network's; StalePackageError if apart."""
         with torch.inference_mode():
             out = runner(*rec.inputs)
-        if out.shape != rec.output.shape:
-            raise StalePackageError(f"{what} gives shape {tuple(out.shape)}, the network {tuple(rec.output.shape)}")
-        error = relative_error(out, rec.output)
-        if not error <= tolerance(self.dtype):  # also catches NaN
-            raise StalePackageError(f"{what} is {error:.3g} away from the network (relative; at most "
-                                    f"{tolerance(self.dtype):g} allowed)")
+        outs = out if isinstance(out, tuple) else (out,)
+        if [o.shape for o in outs] != [r.shape for r in rec.outputs]:
+            raise StalePackageError(f"{what} gives shapes {[tuple(o.shape) for o in outs]}, the network "
+                                    f"{[tuple(r.shape) for r in rec.outputs]}")
+        for o, r in zip(outs, rec.outputs):
+            error = relative_error(o, r)
+            if not error <= tolerance(self.dtype):  # also catches NaN
+                raise StalePackageError(f"{what} is {error:.3g} away from the network (relative; at most "
+                                        f"{tolerance(self.dtype):g} allowed)")

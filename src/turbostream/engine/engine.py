@@ -42,7 +42,7 @@ import torch
 from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
-from .aot import AotPackages, Recorded, UNetEps, record_calls
+from .aot import AotCall, AotPackages, Recorded, ReuseFull, ReusePartial, UNetEps, record_calls
 from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
 from .compile_cache import CompileCache, aot_folder, cache_key, default_folder
@@ -429,19 +429,30 @@ class Engine:
     def _compile_aot(self) -> None:
         """--compile-aot: the networks through AOTInductor packages, loaded from the compile cache or built into it.
 
-        One eager frame per bucket records what each network is called with (shapes, dtypes, layouts) and returns;
-        each package is built from those inputs and checked against those outputs (engine/aot.py).
+        One eager frame per bucket and step mode records what each network is called with (shapes, dtypes, layouts)
+        and returns; each package is built from those inputs and checked against those outputs (engine/aot.py).
         """
         t0 = time.perf_counter()
-        networks: dict[str, torch.nn.Module] = {"unet": self.unet}
+        # name -> (the module exported, how FrameMath calls it)
+        networks: dict[str, tuple[torch.nn.Module, str]] = {"unet": (UNetEps(self.unet), "unet")}
+        hooked: dict[str, torch.nn.Module] = {"unet": self.unet}  # what record_calls hooks: the modules FrameMath calls
         if self.components.vae_kind == "tiny":
-            networks.update(encoder=self.vae.encoder, decoder=self.vae.decoder)
+            for name, module in (("encoder", self.vae.encoder), ("decoder", self.vae.decoder)):
+                networks[name], hooked[name] = (module, "plain"), module
+        if self.reuse is not None:
+            # The keep and reuse steps call FeatureReuse's forwards; record them through the modules that export them.
+            for name, module, kind in (("reuse_full", ReuseFull(self.reuse), "full"),
+                                       ("reuse_partial", ReusePartial(self.reuse), "partial")):
+                networks[name], hooked[name] = (module, kind), module
+            self.math.full_call = AotCall("reuse_full", [], hooked["reuse_full"], "full")
+            self.math.partial_call = AotCall("reuse_partial", [], hooked["reuse_partial"], "partial")
         n = self.config.default_params.unet_evals
         self._stage_schedule([self.config.default_params] * self.max_batch, self._slots[0])
         recorded: dict[str, dict[int, Recorded]] = {name: {} for name in networks}
         for b in self.config.buckets:
-            with record_calls(networks) as calls:
-                self._frame_path(b, n)
+            with record_calls(hooked) as calls:
+                for mode in self._step_modes:  # keep before reuse: the partial forward reads what keep wrote
+                    self._frame_path(b, n, mode=mode)
             for name, rec in calls.items():
                 recorded[name][b] = rec
         record_s = time.perf_counter() - t0
@@ -451,13 +462,13 @@ class Engine:
                                 cache_key(self.config, aot_device_name(self.device), self.dtype))
         packages = AotPackages(folder, device=self.device, dtype=self.dtype, dynamic=self.config.compile_dynamic,
                                mode=self.config.compile_mode)
-        self.math.unet_call = packages.prepare("unet", UNetEps(self.unet), recorded["unet"], self.config.buckets,
-                                               self.unet, unet=True)
-        if "encoder" in networks:
-            self.math.encoder_call = packages.prepare("encoder", self.vae.encoder, recorded["encoder"],
-                                                      self.config.buckets, self.vae.encoder)
-            self.math.decoder_call = packages.prepare("decoder", self.vae.decoder, recorded["decoder"],
-                                                      self.config.buckets, self.vae.decoder)
+        calls = {name: packages.prepare(name, module, recorded[name], self.config.buckets, kind)
+                 for name, (module, kind) in networks.items()}
+        self.math.unet_call = calls["unet"]
+        if "encoder" in calls:
+            self.math.encoder_call, self.math.decoder_call = calls["encoder"], calls["decoder"]
+        if "reuse_full" in calls:
+            self.math.full_call, self.math.partial_call = calls["reuse_full"], calls["reuse_partial"]
         if self.is_cuda:
             torch.cuda.synchronize()
         self.stats.compile_s = time.perf_counter() - t0

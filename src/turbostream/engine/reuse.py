@@ -129,6 +129,15 @@ class FeatureReuse:
         encoder_hidden_states (b, T, D) prompt embeddings in the UNet dtype.
         """
         self._check_deep(deep_out, sample, "deep_out")
+        eps, deep = self.full_and_deep(sample, timestep, encoder_hidden_states)
+        # copy_ into the caller's static buffer: nothing new for the caller to keep, and a CUDA graph sees one fixed
+        # address.
+        deep_out.copy_(deep)
+        return eps
+
+    def full_and_deep(self, sample: torch.Tensor, timestep: torch.Tensor,
+                      encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`full` returning its deep features (deep_shape) instead of writing them: one tensor function (export)."""
         emb, states, stack, upsample_size_needed = self._head(sample, timestep, encoder_hidden_states)
         unet = self.unet
         if unet.mid_block is not None:
@@ -142,10 +151,7 @@ class FeatureReuse:
         if self._split:  # the cut block's layers before the cut; they pop its last skips (no upsampling: not its end)
             res, stack = stack[-self._split:], stack[: -self._split]
             states = self._up_layers(unet.up_blocks[self._first_up], 0, states, emb, encoder_hidden_states, res, None)
-        # copy_ into the caller's static buffer: nothing new for the caller to keep, and a CUDA graph sees one fixed
-        # address. The forward goes on with `states` itself, so its arithmetic is untouched by the copy.
-        deep_out.copy_(states)
-        return self._tail(states, emb, encoder_hidden_states, stack, upsample_size_needed)
+        return self._tail(states, emb, encoder_hidden_states, stack, upsample_size_needed), states
 
     def partial(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 deep_in: torch.Tensor) -> torch.Tensor:
