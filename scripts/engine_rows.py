@@ -91,6 +91,9 @@ ROWS = (
     Row("compile_reuse_l1", {"compile": True, "feature_reuse": True, "reuse_layers": 1},
         "torch.compile + graphs + temporal feature reuse, partial frames recompute only the last up layer",
         cuda_only=True, needs_s=300),
+    Row("compile_aot_reuse_l1", {"compile": True, "compile_aot": True, "feature_reuse": True, "reuse_layers": 1},
+        "AOTInductor packages + graphs + temporal feature reuse, partial frames recompute only the last up layer",
+        cuda_only=True, needs_s=300),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 PROMPT = "a watercolor painting of a city street"
