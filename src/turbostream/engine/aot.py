@@ -218,6 +218,7 @@ class AotPackages:
         self.inductor_configs = {**PACKAGE_CONFIGS, **MODE_CONFIGS[mode]}
         self.built = self.loaded = 0
         self.build_s = self.load_s = 0.0
+        self.expected = 0  # packages this start will prepare (for the progress log; set by the caller)
 
     def plan(self, buckets: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
         """(tag, lo, hi, example bucket) per package: one per bucket, or batch 1 and a symbolic batch above it."""
@@ -258,6 +259,9 @@ class AotPackages:
                 log.info("AOTInductor: %s loaded from %s in %.2f s", what, path, time.perf_counter() - t0)
                 return runner
         t0 = time.perf_counter()
+        done = self.built + self.loaded
+        log.info("AOTInductor: building %s (package %d of %s; minutes on a first start)...", what, done + 1,
+                 self.expected or "?")
         self._build(path, module, rec, lo, hi, layouts)
         runner = self._load(path, module, lo, hi, layouts)
         try:

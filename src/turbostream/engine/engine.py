@@ -462,6 +462,7 @@ class Engine:
                                 cache_key(self.config, aot_device_name(self.device), self.dtype))
         packages = AotPackages(folder, device=self.device, dtype=self.dtype, dynamic=self.config.compile_dynamic,
                                mode=self.config.compile_mode)
+        packages.expected = len(networks) * len(packages.plan(self.config.buckets))
         calls = {name: packages.prepare(name, module, recorded[name], self.config.buckets, kind)
                  for name, (module, kind) in networks.items()}
         self.math.unet_call = calls["unet"]
