@@ -301,9 +301,9 @@ class AotPackages:
         """Load a package and hand it the module's weights (shared, not copied); StalePackageError if it cannot."""
         import torch._inductor
 
-        index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
+        where = {"device_index": self.device.index} if self.device.type == "cuda" and self.device.index else {}
         try:
-            package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
+            package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, **where)
             names = set(package.get_constant_fqns())
         except Exception as exc:  # noqa: BLE001 - truncated, corrupt, another torch's format: rebuild
             raise StalePackageError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
