@@ -238,6 +238,23 @@ def test_a_package_that_does_not_match_its_own_network_is_an_error_not_a_silent_
     assert not (tmp_path / "net-b1.pt2").exists()
 
 
+def test_a_network_that_cannot_be_exported_is_a_clear_error_that_names_the_way_on(tmp_path, monkeypatch):
+    net = Net()
+    rec = _record(net)
+
+    class Unsupported(Exception):  # what torch.export raises on Python it cannot trace, by name
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Unsupported("data-dependent control flow\nmore detail")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    with pytest.raises(RuntimeError, match=r"torch.export could not build net-b1 \(Unsupported: data-dependent "
+                                           r"control flow\); start with --compile instead"):
+        _packages(tmp_path).prepare("net", net, rec, (1,))
+    assert not list(tmp_path.iterdir())  # no half-written package left behind
+
+
 def test_without_a_cache_folder_nothing_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile

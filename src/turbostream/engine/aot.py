@@ -287,12 +287,18 @@ class AotPackages:
             batch = Dim("batch", min=lo, max=hi)
             dynamic_shapes = tuple({0: batch} for _ in inputs)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        step = "torch.export"
         try:
             with torch.inference_mode(False), torch.no_grad():
                 program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+                step = "AOTInductor"
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                          inductor_configs=self.inductor_configs)
             os.replace(tmp, path)
+        except Exception as exc:  # a model this torch cannot export or compile: say which, and the way on
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RuntimeError(f"{step} could not build {path.stem} ({type(exc).__name__}: {first[:300]}); start "
+                               "with --compile instead of --compile-aot") from exc
         finally:
             tmp.unlink(missing_ok=True)
 
