@@ -279,8 +279,9 @@ class EngineConfig:
     compile_dynamic: bool = False
     # With compile: build the UNet and TAESD ahead of time (torch.export + AOTInductor, engine/aot.py) into packages
     # kept in the compile cache, which later starts load without running dynamo or inductor at all (torch.compile's
-    # cache still traces the UNet at every start: about half a minute). Works on the CPU path too, and with feature
-    # reuse (its full and partial forwards are packages too); not with fp8 (torchao's tensors are not exported here).
+    # cache still traces the UNet at every start: about half a minute). For CUDA; the CPU path runs the packages too,
+    # slower than eager (README). Works with feature reuse (its full and partial forwards are packages too); not with
+    # fp8 (torchao's tensors are not exported here).
     # Like compile_mode and compile_dynamic, it means nothing without compile.
     compile_aot: bool = False
     # SDPA backend of the UNet's attention (ATTENTION_BACKENDS); "auto": PyTorch's choice, as before. Another backend

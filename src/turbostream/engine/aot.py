@@ -57,23 +57,23 @@ class UNetEps(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=emb, return_dict=False)[0]
 
 
-class ReuseFull(torch.nn.Module):
-    """Temporal feature reuse's full forward (reuse.FeatureReuse) for export: (latents, t, emb) -> (eps, deep)."""
+class _ReuseForward(torch.nn.Module):
+    """One of a reuse.FeatureReuse's forwards as a module, its UNet a submodule (so its weights are this module's)."""
 
     def __init__(self, reuse) -> None:
         super().__init__()
-        self.reuse, self.unet = reuse, reuse.unet  # the UNet as a submodule: its weights are this module's
+        self.reuse, self.unet = reuse, reuse.unet
+
+
+class ReuseFull(_ReuseForward):
+    """Temporal feature reuse's full forward for export: (latents, t, emb) -> (eps, deep features)."""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor):
         return self.reuse.full_and_deep(sample, timestep, emb)
 
 
-class ReusePartial(torch.nn.Module):
+class ReusePartial(_ReuseForward):
     """Temporal feature reuse's partial forward for export: (latents, t, emb, deep features) -> eps."""
-
-    def __init__(self, reuse) -> None:
-        super().__init__()
-        self.reuse, self.unet = reuse, reuse.unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor,
                 deep: torch.Tensor) -> torch.Tensor:

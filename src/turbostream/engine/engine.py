@@ -369,8 +369,8 @@ class Engine:
         self._load_stream_inputs([default], 0, slot)
         if self.config.compile and (self.is_cuda or self.config.compile_aot):
             if not self.is_cuda:  # AOTInductor's packages run on the CPU path too (tests), torch.compile's do not
-                log.warning("--compile-aot on the CPU: its packages ran slower than eager frames on this project's "
-                            "CPU (0.55x at batch 1, scripts/aot_speed.py); it is meant for CUDA")
+                log.warning("--compile-aot on the CPU: its packages measured slower than eager frames on a CPU "
+                            "(README, scripts/aot_speed.py); it is meant for CUDA")
             self._compile()
         elif self.config.compile:
             log.warning("--compile speeds up the CUDA graph path only; ignored on %s", self.device)
