@@ -194,6 +194,33 @@ def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_ne
         assert not torch.allclose(call(x), net(x), atol=1e-3)
 
 
+def test_two_engines_preparing_one_package_at_once_build_it_once(tmp_path):
+    """serve --device cuda:0,cuda:1 warms its engines up on two threads at once, with the same cache folder."""
+    import threading
+
+    net = Net()
+    rec = _record(net)
+    packages = [_packages(tmp_path), _packages(tmp_path)]
+    calls, errors = [None, None], []
+
+    def prepare(i: int) -> None:
+        try:
+            calls[i] = packages[i].prepare("net", net, rec, (1,))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prepare, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert sorted((p.built, p.loaded) for p in packages) == [(0, 1), (1, 0)]
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert all(torch.allclose(c(x), net(x), atol=1e-5) for c in calls)
+
+
 def test_a_corrupt_or_foreign_package_is_rebuilt_with_a_warning(tmp_path, caplog):
     net = Net()
     rec = _record(net)

@@ -27,7 +27,9 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,12 @@ log = logging.getLogger("turbostream.engine")
 PACKAGE_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 # --compile-mode -> inductor settings (the cudagraph modes are refused before this: config.check_compile_mode).
 MODE_CONFIGS = {"default": {}, "max-autotune-no-cudagraphs": {"max_autotune": True}}
+
+
+_BUILD_LOCK = threading.Lock()
+# torch.export's own pytree code warns of a deprecated check of its own at every export (torch 2.13), into the
+# server's log: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 class StalePackageError(RuntimeError):
@@ -245,6 +253,14 @@ class AotPackages:
         return AotCall(name, runners, module, kind)
 
     def _runner(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int, what: str) -> Runner:
+        # One package at a time in this process: torch.export and inductor keep global state (config patches, trace
+        # contexts) that two threads building at once would share, as the engines of `serve --device cuda:0,cuda:1`
+        # warm up at once. The one that waited then finds the package the other built and loads it.
+        with _BUILD_LOCK:
+            return self._load_or_build(path, module, rec, lo, hi, what)
+
+    def _load_or_build(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
+                       what: str) -> Runner:
         layouts = tuple(_layout(x) for x in rec.inputs)
         if path.is_file():
             t0 = time.perf_counter()
