@@ -355,3 +355,17 @@ def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(t
 
 def test_device_name_says_what_compiled_code_depends_on():
     assert aot.device_name(torch.device("cpu")).startswith("cpu: ")
+
+
+def test_turbostream_warmup_builds_the_packages_once_and_the_next_run_loads_them(tmp_path, capsys):
+    from turbostream.cli import main
+
+    argv = ["warmup", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--buckets", "1",
+            "--compile-aot", "--compile-cache", str(tmp_path)]
+    assert main(argv) == 0
+    assert "3 AOTInductor packages built, 0 loaded, kept in the compile cache" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 AOTInductor packages built, 3 loaded" in capsys.readouterr().out
+    assert main(argv[:-3]) == 0  # no compile: the engine warmed up, nothing built
+    out = capsys.readouterr().out
+    assert out.startswith("turbostream warmup: warm-up ") and "AOTInductor" not in out

@@ -1,4 +1,4 @@
-"""The `turbostream` command: serve, run, generate, bench.
+"""The `turbostream` command: serve, run, generate, bench, warmup.
 
 Each subcommand's options and entry live in the module it names (cli/serve.py, ...); its work lives in the package
 (serve/, pipeline.py, bench.py), imported only when that subcommand runs (importing diffusers costs seconds).
@@ -14,9 +14,9 @@ import sys
 
 from .. import __version__
 from ..errors import UserError
-from . import bench, generate, run, serve
+from . import bench, generate, run, serve, warmup
 
-SUBCOMMANDS = (serve, run, generate, bench)
+SUBCOMMANDS = (serve, run, generate, bench, warmup)
 
 
 def build_parser() -> argparse.ArgumentParser:
