@@ -425,7 +425,7 @@ def test_compile_aot_packages_replay_in_graphs_and_load_at_the_second_start(tmp_
         assert g.std() > 10 and _diff(g, e) <= 2
     steps4 = [dataclasses.replace(p, steps=4, strength=0.75) for p in params]  # the step graph replayed 3 times
     for g, e in zip(first.run(frames, steps4), plain.run(frames, steps4)):
-        assert _diff(g, e) <= 2
+        assert _diff(g, e) <= 3  # three evaluations' roundings add up; a package misplayed is off by far more
 
     second = Engine(ahead, cuda_tiny)
     second.warmup()
