@@ -34,7 +34,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from turbostream.config import StreamParams, parse_size  # noqa: E402
+from turbostream.engine import aot  # noqa: E402
 
 
 def picture(width: int, height: int, angle: float, shift: float) -> np.ndarray:
@@ -170,17 +170,8 @@ def latent_distance(latents: list[torch.Tensor], ref: list[torch.Tensor], which:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {name}, {torch.get_num_threads()} torch threads"
+    name = aot.device_name(device)  # the GPU's name, or "cpu: " and the CPU's model
+    return name if device.type == "cuda" else f"{name}, {torch.get_num_threads()} torch threads"
 
 
 def main(argv=None) -> int:

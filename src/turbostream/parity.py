@@ -51,6 +51,12 @@ def parity_verdict(e16_vs_r: Mapping[str, float], p16_vs_r: Mapping[str, float])
     return {"pass": not failed, "limits": limits, "failed": failed}
 
 
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """||ours - ref|| / ||ref|| in float64 (0 for equal tensors)."""
+    a, b = ours.double(), ref.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
 def compare_traces(
     ours: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], threshold: float = 1e-3
 ) -> dict:
@@ -65,8 +71,7 @@ def compare_traces(
     for name in ours:
         assert_finite(f"stage {name!r} (ours)", ours[name])
         assert_finite(f"stage {name!r} (reference)", ref[name])
-        a, b = ours[name].double(), ref[name].double()
-        rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        rel = relative_error(ours[name], ref[name])
         stages[name] = rel
         if first is None and rel > threshold:
             first = name

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ..parity import relative_error
+
 log = logging.getLogger("turbostream.engine")
 
 # Inductor settings of every package: weights left out of the package and handed over at load, none inlined.
@@ -134,12 +136,6 @@ def _plain(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
     """A normal (not inference-mode) copy of x in `layout`, for torch.export."""
     with torch.inference_mode(False):
         return torch.empty_like(x, memory_format=layout).copy_(x)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float32 (0 for equal tensors)."""
-    out, ref = out.float(), ref.float()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -53,6 +53,12 @@ def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
     return key
 
 
+def _with_torch(key: dict) -> tuple[dict, str]:
+    """The key with torch's version added, and its digest (what names a cache entry)."""
+    key = {"torch": torch.__version__, **key}
+    return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def aot_folder(folder: Path | str, key: dict) -> Path | None:
     """The folder of one configuration's AOTInductor packages (--compile-aot, engine/aot.py), its key in key.json.
 
@@ -60,8 +66,7 @@ def aot_folder(folder: Path | str, key: dict) -> Path | None:
     found out when they are loaded (each is checked against the eager network) and rebuilt in place. None (with a
     warning) if the folder cannot be written: the packages are then built for this start only.
     """
-    key = {"torch": torch.__version__, **key}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    key, digest = _with_torch(key)
     path = Path(folder).expanduser() / f"aot-{digest}"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -76,8 +81,7 @@ class CompileCache:
     """One configuration's artifacts file in `folder`: load() before compiling, save() after a miss."""
 
     def __init__(self, folder: Path | str, key: dict) -> None:
-        self.key = {"torch": torch.__version__, **key}
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.key, digest = _with_torch(key)
         self.path = Path(folder).expanduser() / f"compile-{digest}.bin"
 
     def load(self) -> bool:

@@ -417,11 +417,8 @@ class Engine:
             self.math.partial_call = torch.compile(self.reuse.partial, fullgraph=False, dynamic=dynamic, mode=mode)
         # Compile every bucket and step mode now (eager runs on the compiled modules), so no call on the hot path
         # compiles and the timing below is the whole compile cost.
-        n = self.config.default_params.unet_evals
-        self._stage_schedule([self.config.default_params] * self.max_batch, self._slots[0])
         for b in self.config.buckets:
-            for mode_ in self._step_modes:
-                self._frame_path(b, n, mode=mode_)
+            self._default_frames(b)
         torch.cuda.synchronize()
         self.stats.compile_s = time.perf_counter() - t0
         log.info("torch.compile: %.1f s for buckets %s (compile cache %s)", self.stats.compile_s, self.config.buckets,
@@ -449,13 +446,10 @@ class Engine:
                 networks[name], hooked[name] = (module, kind), module
             self.math.full_call = AotCall("reuse_full", [], hooked["reuse_full"], "full")
             self.math.partial_call = AotCall("reuse_partial", [], hooked["reuse_partial"], "partial")
-        n = self.config.default_params.unet_evals
-        self._stage_schedule([self.config.default_params] * self.max_batch, self._slots[0])
         recorded: dict[str, dict[int, Recorded]] = {name: {} for name in networks}
         for b in self.config.buckets:
             with record_calls(hooked) as calls:
-                for mode in self._step_modes:  # keep before reuse: the partial forward reads what keep wrote
-                    self._frame_path(b, n, mode=mode)
+                self._default_frames(b)
             for name, rec in calls.items():
                 recorded[name][b] = rec
         record_s = time.perf_counter() - t0
@@ -482,6 +476,14 @@ class Engine:
         log.info("AOTInductor: %.1f s for buckets %s: eager frames recorded in %.1f s, %d packages loaded and checked "
                  "(%.1f s), %d built (%.1f s); compile cache: %s", self.stats.compile_s, self.config.buckets, record_s,
                  packages.loaded, packages.load_s, packages.built, packages.build_s, state)
+
+    def _default_frames(self, b: int) -> None:
+        """Eager frames of the default stream at batch b, one per step mode (plain; keep, then reuse, which reads the
+        deep features keep wrote), from the static buffers: what compiling and recording need every module to see."""
+        default = self.config.default_params
+        self._stage_schedule([default] * self.max_batch, self._slots[0])
+        for mode in self._step_modes:
+            self._frame_path(b, default.unet_evals, mode=mode)
 
     def _compile_fused_kernels(self) -> None:
         """With fused_norm or fused_epilogue: one eager frame records their launches, and their distinct variants are
