@@ -46,6 +46,8 @@
 #         $OUT/warm_start_aot.json), then the load test at 8 and 16 clients on a server that loads the same packages
 #         ($OUT/serve_aot.json: "8 clients with --compile at least 30 frames/s each"). SERVE_ARGS apply
 #         (--compile-dynamic: two packages a network instead of one per bucket). AOT_CACHE=DIR keeps the packages
+#         (and the starts' server logs go to $OUT/aot-starts); AOT_TEST_S and AOT_START_S limit the test and the two
+#         starts (default 300 and 540 s)
 # trace:  scripts/compile_buckets.py --trace-only: the engine's torch.compile through dynamo's eager back end, every
 #         bucket (static, then --compile-dynamic), so the seconds are dynamo's tracing alone on this machine's CPU:
 #         what a second start of `serve --compile` spends whatever its compile cache holds. About two minutes, no
@@ -242,13 +244,13 @@ PY
       if [ "${CHECK_CPU:-0}" = 1 ]; then AOT_TESTS=(tests/test_aot.py -k engine); else
         AOT_TESTS=(-m gpu tests/test_engine_gpu.py -k compile_aot); fi
       before=$status; status=0
-      step aot-tests 300 "$PY" -m pytest -q "${AOT_TESTS[@]}"
+      step aot-tests "${AOT_TEST_S:-300}" "$PY" -m pytest -q "${AOT_TESTS[@]}"
       if [ $status != 0 ]; then  # packages that cannot be captured fail every start below: keep the device time
         echo "=== aot: its test failed; the starts and the load test are skipped"; continue
       fi
       status=$before
-      step aot-warmstart 540 "$PY" scripts/warm_start.py --cache "$AOT_CACHE" --only-compile-cache \
-        --json "$OUT/warm_start_aot.json" -- "${MODEL[@]}" --compile-aot "${SERVE_EXTRA[@]}"
+      step aot-warmstart "${AOT_START_S:-540}" "$PY" scripts/warm_start.py --cache "$AOT_CACHE" --only-compile-cache \
+        --logs "$OUT/aot-starts" --json "$OUT/warm_start_aot.json" -- "${MODEL[@]}" --compile-aot "${SERVE_EXTRA[@]}"
       step aot-serve $((DUR * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
         --json "$OUT/serve_aot.json" --server-log "$OUT/serve-aot-server.log" --spawn-server -- "${MODEL[@]}" \
         --compile-aot --compile-cache "$AOT_CACHE" --max-clients 16 "${SERVE_EXTRA[@]}" ;;

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", metavar="DIR", help="compile cache folder (default: a new temporary one)")
     ap.add_argument("--triton-cache", metavar="DIR", help="Triton's and inductor's kernel cache folder (default: a "
                     "new temporary one; 'keep': the ones this machine has)")
+    ap.add_argument("--logs", metavar="DIR", help="keep each start's server log here (start-1.log, start-2.log); "
+                    "the JSON is also written after the first start, so a run cut short keeps what it measured")
     ap.add_argument("--only-compile-cache", action="store_true",
                     help="give the second start fresh Triton and inductor caches too, so only turbostream's compile "
                          "cache file carries over (a new container with the cache folder mounted)")
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="turbostream-warm-") as tmp:
         cache = args.cache or str(Path(tmp) / "compile")
         run_args = [*serve_args, "--compile-cache", cache]
+        logs = Path(args.logs) if args.logs else Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         starts = []
         for k in (1, 2):
             if args.triton_cache != "keep":  # the servers are children: they inherit these
@@ -76,16 +80,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"kernels-{k}" if args.only_compile_cache else "kernels")
                 os.environ["TRITON_CACHE_DIR"] = str(kernels / "triton")
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernels / "inductor")
-            starts.append(one_start(run_args, Path(tmp) / f"start-{k}.log", args.timeout))
-        for k, start in enumerate(starts, 1):
+            start = one_start(run_args, logs / f"start-{k}.log", args.timeout)
+            starts.append(start)
             print(f"start {k}: /healthz 200 after {start['ready_s']} s (engine warm-up {start['warmup_s']} s), "
-                  f"compile cache {'hit' if start['compile_cache_hit'] else 'not hit'}, exit {start['exit_status']}")
-        result = {"command": ["turbostream", "serve", *run_args], "first": starts[0], "second": starts[1],
-                  "kernel_caches": args.triton_cache or ("fresh for each start" if args.only_compile_cache
-                                                         else "fresh, shared by both starts"),
-                  "date": time.strftime("%Y-%m-%d")}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+                  f"compile cache {'hit' if start['compile_cache_hit'] else 'not hit'}, exit {start['exit_status']}",
+                  flush=True)
+            result = {"command": ["turbostream", "serve", *run_args], "first": starts[0],
+                      "second": starts[1] if len(starts) > 1 else None,
+                      "kernel_caches": args.triton_cache or ("fresh for each start" if args.only_compile_cache
+                                                             else "fresh, shared by both starts"),
+                      "date": time.strftime("%Y-%m-%d")}
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(s["exit_status"] == 0 for s in starts) else 1
 
 
