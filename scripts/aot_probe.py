@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Which AOTInductor settings load and run on this machine's GPU: each variant in a process of its own (a crash in
+one is a result, not the end of the probe), on a toy network and on the engine (tiny-random, --compile-aot).
+
+Why: `--compile-aot` packages built with its settings (weights left out of the package, handed over at load; runs
+single-threaded) crashed the process when loaded on CUDA (torch 2.11, H200, 2026-11-27), though they load and match
+on the CPU. Each variant here changes one setting; the JSON says for each how far it got (built, loaded, weights
+handed over, ran, its largest difference from eager), its exit status (-11: a segmentation fault) and its log's tail.
+
+    python scripts/aot_probe.py --json probe.json                 # every variant, on cuda
+    python scripts/aot_probe.py --device cpu --variants toy-current   # a dry run of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+CURRENT = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+# name -> (network, inductor configs, run_single_threaded, load in a fresh process)
+VARIANTS = {
+    "toy-current": ("toy", CURRENT, True, False),
+    "toy-weights-in-package": ("toy", {"always_keep_tensor_constants": True}, True, False),
+    "toy-threaded": ("toy", CURRENT, False, False),
+    "toy-no-keep-constants": ("toy", {"aot_inductor.package_constants_in_so": False}, True, False),
+    "toy-current-fresh-process": ("toy", CURRENT, True, True),
+    "engine-current": ("engine", CURRENT, True, False),
+    "engine-weights-in-package": ("engine", {"always_keep_tensor_constants": True}, True, False),
+    "engine-threaded": ("engine", CURRENT, False, False),
+}
+
+
+def mark(step: str, **extra) -> None:
+    """One progress line the parent reads back (the last one says how far a crashed child got)."""
+    print("PROBE " + json.dumps({"step": step, **extra}), flush=True)
+
+
+def toy_network(device: str, dtype):
+    import torch
+
+    class Toy(torch.nn.Module):  # what the UNet holds: channels_last convs, a norm, a Linear, a 4-element bias
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 32, 3, padding=1)
+            self.norm = torch.nn.GroupNorm(8, 32)
+            self.proj = torch.nn.Linear(32, 32)
+            self.out = torch.nn.Conv2d(32, 4, 3, padding=1)
+
+        def forward(self, x, t):
+            h = torch.nn.functional.silu(self.norm(self.conv(x)))
+            h = h + self.proj(h.mean((2, 3)) + t[:, None]).reshape(x.shape[0], 32, 1, 1)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    net = Toy().to(device, dtype).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 4, 32, 32, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    t = torch.full((2,), 0.5, device=device, dtype=dtype)
+    return net, (x, t)
+
+
+def child(variant: str, device: str, folder: Path) -> None:
+    import torch
+    import torch._inductor
+
+    network, configs, single, fresh = VARIANTS[variant]
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    mark("start", torch=torch.__version__)
+    if network == "toy":
+        net, inputs = toy_network(device, dtype)
+        path = folder / "toy.pt2"
+        with torch.no_grad():
+            expected = net(*inputs)
+            if not path.exists():
+                program = torch.export.export(net, inputs, strict=False)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+                mark("built")
+            if fresh and os.environ.get("PROBE_PHASE") != "load":
+                return
+            package = torch._inductor.aoti_load_package(str(path), run_single_threaded=single)
+            mark("loaded")
+            if configs.get("aot_inductor.package_constants_in_so", True) is False or not fresh:
+                weights = {**dict(net.named_buffers()), **net.state_dict()}
+                package.load_constants({k: weights[k] for k in package.get_constant_fqns()}, check_full_update=True,
+                                       user_managed=True)
+                mark("weights handed over")
+            got = package(*inputs)
+            got = got[0] if isinstance(got, (list, tuple)) else got
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            mark("ran", max_abs_diff=float((got.float() - expected.float()).abs().max()))
+        return
+    # The engine's own path: tiny-random, graphs, the packages of bucket 1 built and loaded by engine/aot.py.
+    import numpy as np
+
+    from turbostream.config import StreamParams, preset
+    from turbostream.engine import Engine, aot
+    from turbostream.models import load_components
+
+    aot.PACKAGE_CONFIGS = configs
+    if not single:
+        real = torch._inductor.aoti_load_package
+        torch._inductor.aoti_load_package = lambda p, **kw: real(p, **{**kw, "run_single_threaded": False})
+    comps = load_components("tiny-random", device=device, vae="tiny")
+    base = preset("test", device=device, width=128, height=128, buckets=(1,), compile_cache=str(folder))
+    frame = [np.random.default_rng(5).integers(0, 256, (128, 128, 3), dtype=np.uint8)]
+    params = [StreamParams("a", seed=1)]
+    plain = Engine(base, comps)
+    plain.warmup()
+    expected = plain.run(frame, params)[0]
+    mark("plain engine ran")
+    import dataclasses
+
+    engine = Engine(dataclasses.replace(base, compile=True, compile_aot=True), comps)
+    engine.warmup()
+    mark("packages built and loaded", built=engine.stats.aot_packages_built, loaded=engine.stats.aot_packages_loaded)
+    got = engine.run(frame, params)[0]
+    mark("ran", max_abs_diff=int(np.abs(got.astype(np.int16) - expected.astype(np.int16)).max()))
+
+
+def run_variant(variant: str, device: str, timeout: float) -> dict:
+    t0 = time.monotonic()
+    result: dict = {"variant": variant, "configs": VARIANTS[variant][1], "run_single_threaded": VARIANTS[variant][2]}
+    with tempfile.TemporaryDirectory(prefix=f"aot-probe-{variant}-") as tmp:
+        phases = ["build", "load"] if VARIANTS[variant][3] else ["all"]
+        steps, tails = [], []
+        for phase in phases:
+            env = {**os.environ, "PROBE_PHASE": phase, "PYTHONFAULTHANDLER": "1"}
+            cmd = [sys.executable, __file__, "--child", variant, "--device", device, "--folder", tmp]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+                rc, out = proc.returncode, proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                rc, out = "timeout", (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
+                    else (exc.stdout or "")
+            steps += [json.loads(line[6:]) for line in out.splitlines() if line.startswith("PROBE ")]
+            tails.append(f"[{phase} exit {rc}]\n" + "\n".join(out.splitlines()[-25:]))
+            result["exit_status"] = rc
+            if rc != 0:
+                break
+    result.update(steps=steps, last_step=steps[-1]["step"] if steps else None, log_tail="\n".join(tails),
+                  ok=result["exit_status"] == 0 and bool(steps) and steps[-1]["step"] == "ran",
+                  seconds=round(time.monotonic() - t0, 1))
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all)")
+    ap.add_argument("--parallel", type=int, default=4, help="variants run at once (default: %(default)s)")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per variant (default: %(default)s)")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.device, Path(args.folder))
+        return 0
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    results = {}
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for res in pool.map(lambda n: run_variant(n, args.device, args.timeout), names):
+            results[res["variant"]] = res
+            print(f"{res['variant']}: {'ok' if res['ok'] else 'FAILED'} (exit {res['exit_status']}, last step "
+                  f"{res['last_step']!r}, {res['seconds']} s) {res['steps'][-1] if res['steps'] else ''}", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": args.device,
+                                                       "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
