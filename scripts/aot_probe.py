@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 CURRENT = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
-# name -> (network, inductor configs, run_single_threaded, load in a fresh process)
+# name -> (network, inductor configs, run_single_threaded, load in a fresh process[, extra environment])
 VARIANTS = {
     "toy-current": ("toy", CURRENT, True, False),
     "toy-weights-in-package": ("toy", {"always_keep_tensor_constants": True}, True, False),
@@ -36,6 +36,10 @@ VARIANTS = {
     "engine-current": ("engine", CURRENT, True, False),
     "engine-weights-in-package": ("engine", {"always_keep_tensor_constants": True}, True, False),
     "engine-threaded": ("engine", CURRENT, False, False),
+    # The H200 crash (2026-11-27) was in the package's std::regex, a locale facet call landing in the wrong code: a
+    # C++ runtime the package was not built against. This loads g++'s own libstdc++ before anything else.
+    "toy-gxx-libstdcxx-preloaded": ("toy", CURRENT, True, False, {"LD_PRELOAD": "gxx-libstdc++"}),
+    "engine-check": ("check", CURRENT, True, False),
 }
 
 
@@ -44,37 +48,31 @@ def mark(step: str, **extra) -> None:
     print("PROBE " + json.dumps({"step": step, **extra}), flush=True)
 
 
-def toy_network(device: str, dtype):
-    import torch
-
-    class Toy(torch.nn.Module):  # what the UNet holds: channels_last convs, a norm, a Linear, a 4-element bias
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(4, 32, 3, padding=1)
-            self.norm = torch.nn.GroupNorm(8, 32)
-            self.proj = torch.nn.Linear(32, 32)
-            self.out = torch.nn.Conv2d(32, 4, 3, padding=1)
-
-        def forward(self, x, t):
-            h = torch.nn.functional.silu(self.norm(self.conv(x)))
-            h = h + self.proj(h.mean((2, 3)) + t[:, None]).reshape(x.shape[0], 32, 1, 1)
-            return self.out(h)
-
-    torch.manual_seed(0)
-    net = Toy().to(device, dtype).to(memory_format=torch.channels_last).eval()
-    x = torch.randn(2, 4, 32, 32, device=device, dtype=dtype).to(memory_format=torch.channels_last)
-    t = torch.full((2,), 0.5, device=device, dtype=dtype)
-    return net, (x, t)
+def _mapped(name: str) -> list[str]:
+    """The files named like `name` this process has mapped (which C++ runtime torch brought in, and from where)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    return sorted({line.split()[-1] for line in lines if name in line.split()[-1]})
 
 
 def child(variant: str, device: str, folder: Path) -> None:
     import torch
     import torch._inductor
 
-    network, configs, single, fresh = VARIANTS[variant]
+    network, configs, single, fresh = VARIANTS[variant][:4]
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    mark("start", torch=torch.__version__)
+    mark("start", torch=torch.__version__, libstdcxx=_mapped("libstdc++"))
+    if network == "check":  # the engine's own guard (engine/aot_check.py): its verdict, from a child of its own
+        from turbostream.engine import aot_check
+
+        verdict = aot_check.check(torch.device(device), dtype, None)
+        mark("ran" if verdict.works else "check says no", works=verdict.works, detail=verdict.detail)
+        return
     if network == "toy":
+        from turbostream.engine.aot_check import toy_network
+
         net, inputs = toy_network(device, dtype)
         path = folder / "toy.pt2"
         with torch.no_grad():
@@ -126,6 +124,15 @@ def child(variant: str, device: str, folder: Path) -> None:
     mark("ran", max_abs_diff=int(np.abs(got.astype(np.int16) - expected.astype(np.int16)).max()))
 
 
+def _gxx_libstdcxx() -> str:
+    """The libstdc++ that g++ (inductor's compiler) links packages against."""
+    try:
+        out = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, timeout=30)
+        return os.path.realpath(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def run_variant(variant: str, device: str, timeout: float) -> dict:
     t0 = time.monotonic()
     result: dict = {"variant": variant, "configs": VARIANTS[variant][1], "run_single_threaded": VARIANTS[variant][2]}
@@ -134,6 +141,10 @@ def run_variant(variant: str, device: str, timeout: float) -> dict:
         steps, tails = [], []
         for phase in phases:
             env = {**os.environ, "PROBE_PHASE": phase, "PYTHONFAULTHANDLER": "1"}
+            for name, value in (VARIANTS[variant][4] if len(VARIANTS[variant]) > 4 else {}).items():
+                env[name] = _gxx_libstdcxx() if value == "gxx-libstdc++" else value
+            result.setdefault("environment", {k: env[k] for k in (VARIANTS[variant][4] if len(VARIANTS[variant]) > 4
+                                                                   else {})})
             cmd = [sys.executable, __file__, "--child", variant, "--device", device, "--folder", tmp]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -2,7 +2,7 @@
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
 #   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [codecs] [latency] [serve]
-#                             [serve-compile] [gil] [soak] [starts] [warmstart] [aot] [trace] [reuse] [sim]
+#                             [serve-compile] [gil] [soak] [starts] [warmstart] [aot] [aotprobe] [trace] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -40,7 +40,8 @@
 #         each start timed to /healthz 200; the second start gets fresh Triton and inductor caches, so all it finds
 #         is the compile cache file the first one wrote (it should say `compile cache: hit`); JSON in
 #         $OUT/warm_start.json. SERVE_ARGS apply (--compile-dynamic: two compiles instead of four)
-# aot:    --compile-aot (AOTInductor packages, engine/aot.py): its GPU test (packages captured into CUDA graphs, equal
+# aot:    --compile-aot (AOTInductor packages, engine/aot.py): the engine's own check that packages load here
+#         (engine/aot_check.py; everything else is skipped if they do not), its GPU test (packages captured into CUDA graphs, equal
 #         to the plain engine, loaded at a second start), then scripts/warm_start.py with it (the first start builds
 #         every package, the second loads them: issue 11's "second start of serve --compile at most 30 s";
 #         $OUT/warm_start_aot.json), then the load test at 8 and 16 clients on a server that loads the same packages
@@ -48,6 +49,8 @@
 #         (--compile-dynamic: two packages a network instead of one per bucket). AOT_CACHE=DIR keeps the packages
 #         (and the starts' server logs go to $OUT/aot-starts); AOT_TEST_S and AOT_START_S limit the test and the two
 #         starts (default 300 and 540 s)
+# aotprobe: scripts/aot_probe.py: which AOTInductor settings load and run here, each variant in a child process (a
+#         crash is a result); JSON in $OUT/aot_probe.json. About two minutes on a GPU machine
 # trace:  scripts/compile_buckets.py --trace-only: the engine's torch.compile through dynamo's eager back end, every
 #         bucket (static, then --compile-dynamic), so the seconds are dynamo's tracing alone on this machine's CPU:
 #         what a second start of `serve --compile` spends whatever its compile cache holds. About two minutes, no
@@ -244,6 +247,11 @@ PY
       if [ "${CHECK_CPU:-0}" = 1 ]; then AOT_TESTS=(tests/test_aot.py -k engine); else
         AOT_TESTS=(-m gpu tests/test_engine_gpu.py -k compile_aot); fi
       before=$status; status=0
+      if [ "${CHECK_CPU:-0}" = 1 ]; then CHECK_ARGS=(--device cpu --dtype float32); else CHECK_ARGS=(--device cuda); fi
+      step aot-check 300 "$PY" -m turbostream.engine.aot_check "${CHECK_ARGS[@]}"
+      if [ $status != 0 ]; then  # the engine would run without packages: nothing below would measure them
+        echo "=== aot: packages do not load and run here (aot-check.log; scripts/aot_probe.py tells more)"; continue
+      fi
       step aot-tests "${AOT_TEST_S:-300}" "$PY" -m pytest -q "${AOT_TESTS[@]}"
       if [ $status != 0 ]; then  # packages that cannot be captured fail every start below: keep the device time
         echo "=== aot: its test failed; the starts and the load test are skipped"; continue
@@ -254,6 +262,9 @@ PY
       step aot-serve $((DUR * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
         --json "$OUT/serve_aot.json" --server-log "$OUT/serve-aot-server.log" --spawn-server -- "${MODEL[@]}" \
         --compile-aot --compile-cache "$AOT_CACHE" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
+    aotprobe)
+      step aot-probe 400 "$PY" scripts/aot_probe.py --device "${MODEL[3]}" --parallel 8 --timeout 230 \
+        --json "$OUT/aot_probe.json" ;;
     trace)
       step trace 400 "$PY" scripts/compile_buckets.py "${MODEL[@]}" --trace-only --json "$OUT/compile_trace.json" ;;
     reuse)
@@ -263,7 +274,7 @@ PY
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
     *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency," \
-         "serve, serve-compile, gil, soak, starts, warmstart, aot, trace, reuse, sim)"
+         "serve, serve-compile, gil, soak, starts, warmstart, aot, aotprobe, trace, reuse, sim)"
        status=2 ;;
   esac
 done

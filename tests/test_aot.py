@@ -325,7 +325,9 @@ def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(t
     first = Engine(config(compile=True, compile_aot=True), eager.components)
     first.warmup()
     assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (5, 0)
-    assert not first.stats.compile_cache_hit
+    assert not first.stats.compile_cache_hit and first.stats.aot_unavailable is None
+    (verdict,) = tmp_path.glob("aotinductor-check-*.json")  # a child found that packages load here (aot_check.py)
+    assert '"works": true' in verdict.read_text()
     (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]
     assert sorted(p.name for p in folder.glob("*.pt2")) == [
         "decoder-b1.pt2", "encoder-b1.pt2", "reuse_full-b1.pt2", "reuse_partial-b1.pt2", "unet-b1.pt2"]

@@ -23,7 +23,10 @@ def main(args: argparse.Namespace) -> int:
     stats = engine.warmup()
     cfg = engine.config
     what = f"warm-up {stats.warmup_s:.1f} s on {engine.device}"
-    if cfg.compile and cfg.compile_aot:
+    if cfg.compile and cfg.compile_aot and stats.aot_unavailable:
+        what += (f": AOTInductor packages cannot be used here ({stats.aot_unavailable}); "
+                 + (f"torch.compile {stats.compile_s:.1f} s instead" if engine.is_cuda else "eager frames instead"))
+    elif cfg.compile and cfg.compile_aot:
         cache = "the compile cache" if cfg.compile_cache is not None else "nothing (--no-compile-cache)"
         what += (f": {stats.aot_packages_built} AOTInductor packages built, {stats.aot_packages_loaded} loaded, "
                  f"kept in {cache}")

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ import torch
 from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
+from . import aot_check
 from .aot import AotCall, AotPackages, Recorded, ReuseFull, ReusePartial, UNetEps, record_calls
 from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
@@ -111,6 +113,7 @@ class EngineStats:
     compile_cache_hit: bool = False
     aot_packages_built: int = 0  # --compile-aot: packages compiled at this start (engine/aot.py)
     aot_packages_loaded: int = 0  # and packages loaded from the compile cache instead
+    aot_unavailable: str | None = None  # --compile-aot asked for but packages cannot run here (aot_check.py): why
     capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}" -> seconds to capture its graphs
     kernel_variants: int = 0  # fused-kernel variants compiled ahead of the capture (kernel_warmup.py)
     kernel_compile_s: float = 0.0  # seconds that took
@@ -393,7 +396,11 @@ class Engine:
     def _compile(self) -> None:
         """torch.compile the UNet and the VAE's encoder/decoder; compilation itself happens at the first warm run."""
         if self.config.compile_aot:
-            return self._compile_aot()
+            self.stats.aot_unavailable = self._aot_unavailable()
+            if self.stats.aot_unavailable is None:
+                return self._compile_aot()
+            if not self.is_cuda:
+                return  # eager frames, as --compile gives on the CPU
         t0 = time.perf_counter()
         cache = None
         if self.config.compile_cache is not None:
@@ -425,6 +432,21 @@ class Engine:
                  "hit" if self.stats.compile_cache_hit else "off" if cache is None else "miss")
         if cache is not None and not self.stats.compile_cache_hit:
             cache.save()
+
+    def _aot_unavailable(self) -> str | None:
+        """None if AOTInductor packages load and run in this environment (aot_check.py: a child process finds out,
+        once per compile cache folder); else why not, logged with what the engine does instead."""
+        folder = None if self.config.compile_cache is None else Path(self.config.compile_cache or default_folder())
+        verdict = aot_check.check(self.device, self.dtype, folder)
+        if verdict.works:
+            log.info("AOTInductor: %s (%s)", verdict.detail, "checked at an earlier start" if verdict.cached
+                     else f"checked in a child process in {verdict.seconds:.1f} s")
+            return None
+        log.warning("--compile-aot: AOTInductor packages cannot be used here: %s. Running %s instead. %s",
+                    verdict.detail, "torch.compile (as --compile)" if self.is_cuda else "eager frames",
+                    "The compile cache folder keeps this verdict for this torch, GPU and compiler (delete its "
+                    "aotinductor-check-*.json to check again)." if folder is not None else "")
+        return verdict.detail
 
     def _compile_aot(self) -> None:
         """--compile-aot: the networks through AOTInductor packages, loaded from the compile cache or built into it.

@@ -1,0 +1,240 @@
+"""Whether AOTInductor packages load and run here, found out in a child process before `--compile-aot` uses any.
+
+Why a child: on the H200 test machine (torch 2.11.0+cu130, g++ 13.3) every CUDA package, even a four-layer toy built
+with torch's default settings, crashed the process that loaded it: a segmentation fault inside the package's own C++
+start-up (the std::regex of its device-string parser), before any of our code ran
+(`benchmarks/aot-probe-h200-2026-11-27.json`, `scripts/aot_probe.py`). A crash cannot be caught in the process it
+happens in: a server started with `--compile-aot` would die at every start. So the engine first has a child build a
+toy package with the packages' settings, load it, hand it its weights, run it and (on CUDA) replay it in a CUDA graph
+as the engine does; only if all of that works are the real packages loaded in-process. Otherwise the engine says
+why and compiles with torch.compile instead (eager on the CPU).
+
+The verdict is kept in the compile cache folder (aotinductor-check-<key>.json), keyed by what decides it: torch, Python,
+the device, the C++ compiler inductor uses and the package settings. A later start reads the file; a check cut short
+by its time limit is not kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..parity import relative_error
+from .aot import PACKAGE_CONFIGS, device_name, tolerance
+
+CHECK_TIMEOUT_S = 900.0  # a cold GPU machine built the toy in about 80 s (inductor's first start dominates)
+_LOCK = threading.Lock()  # engines of several GPUs warming up at once: one check at a time, the rest read its file
+
+
+@dataclass(frozen=True)
+class LoaderVerdict:
+    works: bool
+    detail: str  # what happened: "loads, runs and replays in a CUDA graph" or where and how it failed
+    cached: bool = False  # read from the compile cache folder, no child run
+    seconds: float = 0.0
+
+
+def toy_network(device: torch.device | str, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """What the UNet is made of, small: channels_last convs, a GroupNorm, a Linear, a 4-element bias; and inputs."""
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 32, 3, padding=1)
+            self.norm = torch.nn.GroupNorm(8, 32)
+            self.proj = torch.nn.Linear(32, 32)
+            self.out = torch.nn.Conv2d(32, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.silu(self.norm(self.conv(x)))
+            h = h + self.proj(h.mean((2, 3)) + t[:, None]).reshape(x.shape[0], 32, 1, 1)
+            return self.out(h)
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = Toy()
+    net = net.to(device, dtype).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 4, 32, 32, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    t = torch.full((2,), 0.5, device=device, dtype=dtype)
+    return net, (x, t)
+
+
+def loader_key(device: torch.device) -> dict:
+    """What decides whether packages load: torch, Python, the device, inductor's C++ compiler, the settings."""
+    return {"torch": torch.__version__, "python": sys.version.split()[0], "device": device_name(device),
+            "compiler": _compiler(), "configs": PACKAGE_CONFIGS}
+
+
+def _compiler() -> str:
+    """The C++ compiler inductor builds packages with, as its --version names it (or why there is none)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        cxx = get_cpp_compiler()
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        return f"{cxx}: {out.stdout.strip().splitlines()[0] if out.stdout.strip() else '?'}"
+    except Exception as exc:  # noqa: BLE001 - no compiler: the child fails to build, and says so
+        return f"none ({type(exc).__name__}: {exc})"
+
+
+def check(device: torch.device, dtype: torch.dtype, folder: Path | None, *,
+          timeout: float = CHECK_TIMEOUT_S) -> LoaderVerdict:
+    """The verdict for this environment: from `folder` (the compile cache's) when it holds one, else a child's run."""
+    key = loader_key(device)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = folder / f"aotinductor-check-{digest}.json" if folder is not None else None
+    with _LOCK:
+        if path is not None:
+            try:
+                kept = json.loads(path.read_text())
+                if kept.get("key") == key:
+                    return LoaderVerdict(bool(kept["works"]), str(kept["detail"]), cached=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # none yet, or unreadable: check again
+        verdict, keep = _run_child(device, dtype, timeout)
+        if path is not None and keep:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"key": key, "works": verdict.works, "detail": verdict.detail,
+                                           "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+                os.replace(tmp, path)
+            except OSError:
+                pass  # an unwritable cache folder: the next start checks again
+        return verdict
+
+
+def child_command(device: torch.device, dtype: torch.dtype) -> list[str]:
+    return [sys.executable, "-m", "turbostream.engine.aot_check", "--device", str(device),
+            "--dtype", str(dtype).removeprefix("torch.")]
+
+
+def _run_child(device: torch.device, dtype: torch.dtype, timeout: float) -> tuple[LoaderVerdict, bool]:
+    """(verdict, whether to keep it): a time-out is not kept, it may say more about a busy machine than about torch."""
+    t0 = time.perf_counter()
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding the turbostream package, for the child
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+           "PYTHONFAULTHANDLER": "1"}
+    try:
+        proc = subprocess.run(child_command(device, dtype), capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return LoaderVerdict(False, f"the check did not finish in {timeout:.0f} s (while {_last_step(out)})",
+                             seconds=time.perf_counter() - t0), False
+    seconds = time.perf_counter() - t0
+    result = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode in (0, 1) and result:  # 1: the child ran to its verdict, which is no
+        verdict = json.loads(result[-1])
+        return LoaderVerdict(bool(verdict["works"]), str(verdict["detail"]), seconds=seconds), True
+    step = _last_step(proc.stdout)
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        detail = f"a test package crashed the process that loaded it ({name} while {step})"
+    else:
+        last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+        detail = f"a test package failed while {step} (exit {proc.returncode}: {last[:300]})"
+    return LoaderVerdict(False, detail, seconds=seconds), True
+
+
+def _last_step(stdout: str) -> str:
+    steps = [line[len("STEP "):] for line in stdout.splitlines() if line.startswith("STEP ")]
+    return steps[-1] if steps else "starting"
+
+
+_CURRENT = ["starting"]  # the child's step, for its own error message
+
+
+def _step(what: str) -> None:
+    _CURRENT[0] = what
+    print(f"STEP {what}", flush=True)  # the parent reads the last one back when this process dies
+
+
+def _child(device: torch.device, dtype: torch.dtype) -> dict:
+    """Build, load, hand weights to, run and (CUDA) graph-replay a toy package; what worked, or what did not."""
+    import torch._inductor
+
+    net, inputs = toy_network(device, dtype)
+    with torch.no_grad():
+        expected = net(*inputs)
+    with tempfile.TemporaryDirectory(prefix="turbostream-aot-check-") as tmp:
+        path = str(Path(tmp) / "toy.pt2")
+        _step("exporting a test network")
+        with torch.no_grad():
+            program = torch.export.export(net, inputs, strict=False)
+            _step("building a test package")
+            torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=PACKAGE_CONFIGS)
+        _step("loading the test package")
+        package = torch._inductor.aoti_load_package(path, run_single_threaded=True)
+        _step("handing the test package its weights")
+        weights = {**dict(net.named_buffers()), **net.state_dict()}
+        package.load_constants({k: weights[k] for k in package.get_constant_fqns()}, check_full_update=True,
+                               user_managed=True)
+        _step("running the test package")
+        with torch.no_grad():
+            got = package(*inputs)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        error = relative_error(got, expected)
+        if not error <= tolerance(dtype):
+            return {"works": False, "detail": f"a test package computed something else (relative error {error:.2g})"}
+        if device.type != "cuda":
+            return {"works": True, "detail": f"a test package loads and runs (relative error {error:.1e})"}
+        _step("capturing the test package in a CUDA graph")
+        static = tuple(x.clone() for x in inputs)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                package(*static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = package(*static)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        _step("replaying the CUDA graph")
+        graph.replay()
+        torch.cuda.synchronize(device)
+        replay_error = relative_error(out, expected)
+        if not replay_error <= tolerance(dtype):
+            return {"works": False,
+                    "detail": f"a test package replayed in a CUDA graph computed something else ({replay_error:.2g})"}
+        return {"works": True, "detail": f"a test package loads, runs and replays in a CUDA graph (relative error "
+                                         f"{max(error, replay_error):.1e})"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Check, in this process, that AOTInductor packages load and run "
+                                 "(exit status 0 if they do, 1 if not; a crash is the answer too).")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    try:
+        result = _child(device, getattr(torch, args.dtype))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as the verdict, with the step it failed in
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        result = {"works": False, "detail": f"a test package failed while {_CURRENT[0]} ({type(exc).__name__}: "
+                                            f"{first[:300]})"}
+    print(f"RESULT {json.dumps(result)}", flush=True)
+    return 0 if result["works"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

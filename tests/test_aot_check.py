@@ -1,0 +1,110 @@
+"""--compile-aot's loader check (engine/aot_check.py): a child process finds out whether AOTInductor packages load and
+run here, so a package that crashes its process (as every CUDA package did on the H200 test machine) cannot take a
+server down; the engine says why and compiles without packages instead.
+
+One test builds a real toy package in a child (about 20 s on two CPU cores); the others give the child a command that
+crashes, fails or hangs the way a broken loader would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from turbostream.config import EngineConfig, StreamParams
+from turbostream.engine import aot_check
+
+CPU = torch.device("cpu")
+
+
+def _child_that(monkeypatch, code: str) -> None:
+    """The check's child runs `code` instead of building a toy package."""
+    monkeypatch.setattr(aot_check, "child_command", lambda device, dtype: [sys.executable, "-c", code])
+
+
+CRASH = ("import os, signal\nprint('STEP exporting a test network', flush=True)\n"
+         "print('STEP loading the test package', flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)")
+
+
+def test_a_package_that_loads_and_runs_is_checked_once_and_the_verdict_kept(tmp_path, monkeypatch):
+    verdict = aot_check.check(CPU, torch.float32, tmp_path)
+    assert verdict.works and not verdict.cached, verdict.detail
+    assert verdict.detail.startswith("a test package loads and runs")
+    (kept,) = tmp_path.glob("aotinductor-check-*.json")
+    assert json.loads(kept.read_text())["key"] == aot_check.loader_key(CPU)
+
+    def no_child(*args):
+        raise AssertionError("a kept verdict must not start a child")
+
+    monkeypatch.setattr(aot_check, "_run_child", no_child)
+    again = aot_check.check(CPU, torch.float32, tmp_path)
+    assert again.works and again.cached and again.detail == verdict.detail
+    # Another torch (or compiler, or GPU) is another key: the kept verdict does not answer for it.
+    monkeypatch.setattr(aot_check, "loader_key", lambda device: {"torch": "another"})
+    with pytest.raises(AssertionError, match="must not start a child"):
+        aot_check.check(CPU, torch.float32, tmp_path)
+
+
+def test_a_loader_that_crashes_its_process_is_named_with_its_signal_and_step(tmp_path, monkeypatch):
+    _child_that(monkeypatch, CRASH)
+    verdict = aot_check.check(CPU, torch.float16, tmp_path)
+    assert not verdict.works
+    assert verdict.detail == ("a test package crashed the process that loaded it (SIGSEGV while loading the test "
+                              "package)")
+    assert json.loads(next(tmp_path.glob("aotinductor-check-*.json")).read_text())["works"] is False
+    assert aot_check.check(CPU, torch.float16, tmp_path).cached  # a crash is kept: the next start does not crash
+
+
+def test_a_loader_that_fails_says_where_and_a_check_cut_short_is_not_kept(tmp_path, monkeypatch):
+    _child_that(monkeypatch, "print('STEP building a test package', flush=True)\nraise SystemExit('no C++ compiler')")
+    verdict = aot_check.check(CPU, torch.float32, None)
+    assert not verdict.works
+    assert verdict.detail == "a test package failed while building a test package (exit 1: no C++ compiler)"
+    _child_that(monkeypatch, "import time\nprint('STEP building a test package', flush=True)\ntime.sleep(60)")
+    verdict = aot_check.check(CPU, torch.float32, tmp_path, timeout=2)
+    assert not verdict.works and "did not finish in 2 s (while building a test package)" in verdict.detail
+    assert not list(tmp_path.iterdir())  # a busy machine's time-out says nothing lasting about torch
+
+
+def test_an_engine_whose_packages_would_crash_says_why_and_runs_without_them(tmp_path, monkeypatch, caplog):
+    """--compile-aot where packages crash their process: the warm-up names the crash and goes on without packages
+    (eager frames on the CPU; torch.compile on CUDA), equal to an engine without --compile-aot; nothing is built."""
+    from turbostream.engine import Engine
+
+    _child_that(monkeypatch, CRASH)
+
+    def config(**kw) -> EngineConfig:
+        return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
+                            compile_cache=str(tmp_path), **kw)
+
+    plain = Engine(config())
+    plain.warmup()
+    engine = Engine(config(compile=True, compile_aot=True), plain.components)
+    with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
+        engine.warmup()
+    assert "SIGSEGV while loading the test package" in engine.stats.aot_unavailable
+    assert (engine.stats.aot_packages_built, engine.stats.aot_packages_loaded) == (0, 0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]  # no package folder, nothing built
+    warning = next(r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage())
+    assert warning.startswith("--compile-aot: AOTInductor packages cannot be used here") and \
+        "Running eager frames instead" in warning
+    frame = [np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    params = [StreamParams("a", seed=1)]
+    np.testing.assert_array_equal(engine.run(frame, params)[0], plain.run(frame, params)[0])
+
+
+def test_turbostream_warmup_says_when_packages_cannot_be_used(tmp_path, monkeypatch, capsys):
+    from turbostream.cli import main
+
+    _child_that(monkeypatch, CRASH)
+    argv = ["warmup", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--buckets", "1",
+            "--compile-aot", "--compile-cache", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "AOTInductor packages cannot be used here (a test package crashed the process that loaded it (SIGSEGV" \
+        in out and out.rstrip().endswith("eager frames instead")
