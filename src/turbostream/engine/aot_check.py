@@ -34,7 +34,7 @@ import torch
 from ..parity import relative_error
 from .aot import PACKAGE_CONFIGS, device_name, tolerance
 
-CHECK_TIMEOUT_S = 900.0  # a cold GPU machine built the toy in about 80 s (inductor's first start dominates)
+CHECK_TIMEOUT_S = 900.0  # the toy took 80-90 s on the H200 machine with eight built at once; ~20 s on a 2-core CPU
 _LOCK = threading.Lock()  # engines of several GPUs warming up at once: one check at a time, the rest read its file
 
 
