@@ -2,12 +2,17 @@
 """Which AOTInductor settings load and run on this machine's GPU: each variant in a process of its own (a crash in
 one is a result, not the end of the probe), on a toy network and on the engine (tiny-random, --compile-aot).
 
-Why: `--compile-aot` packages built with its settings (weights left out of the package, handed over at load; runs
-single-threaded) crashed the process when loaded on CUDA (torch 2.11, H200, 2026-11-27), though they load and match
-on the CPU. Each variant here changes one setting; the JSON says for each how far it got (built, loaded, weights
-handed over, ran, its largest difference from eager), its exit status (-11: a segmentation fault) and its log's tail.
+Why: on the H200 test machine (torch 2.11.0+cu130, g++ 13.3, 2026-11-27) every package crashed the process that
+loaded it, the engine's and a toy built with torch's default settings alike, in the building process or a fresh one
+(`benchmarks/aot-probe-h200-2026-11-27.json`: the first eight variants below). cuda-gdb put the crash in the package's
+own std::regex, a libstdc++ call landing in unrelated code. The later variants try what could explain or fix that:
+g++'s libstdc++ preloaded, the package linked -Bsymbolic or with its inline functions hidden, no precompiled header,
+and one that logs inductor's compiler command lines and describes the package's shared library (is libstdc++ linked
+into it?). Each child records which libstdc++ files its process has mapped. The JSON says for each variant how far it
+got (built, loaded, weights handed over, ran, its largest difference from eager), its exit status (-11: SIGSEGV) and
+its log's tail. Each variant gets kernel caches of its own.
 
-    python scripts/aot_probe.py --json probe.json                 # every variant, on cuda
+    python scripts/aot_probe.py --json probe.json                 # every variant, on cuda (about two minutes)
     python scripts/aot_probe.py --device cpu --variants toy-current   # a dry run of the script
 """
 
@@ -39,6 +44,15 @@ VARIANTS = {
     # The H200 crash (2026-11-27) was in the package's std::regex, a locale facet call landing in the wrong code: a
     # C++ runtime the package was not built against. This loads g++'s own libstdc++ before anything else.
     "toy-gxx-libstdcxx-preloaded": ("toy", CURRENT, True, False, {"LD_PRELOAD": "gxx-libstdc++"}),
+    # The compiler as inductor runs it: every command line logged (are libstdc++ or libgcc linked statically?), and
+    # the package's shared library described after the build (what it needs, whether it holds libstdc++'s own code).
+    "toy-compiler-logged": ("toy", CURRENT, True, False, {"CXX": "cxx:"}),
+    # Suspect: the package's calls into the C++ templates it instantiated (std::regex) bind to other copies in the
+    # process (libtorch's exports them, built by another GCC). -Bsymbolic binds them to the package's own copies;
+    # -fvisibility-inlines-hidden keeps those copies out of the dynamic symbol table altogether.
+    "toy-linked-bsymbolic": ("toy", CURRENT, True, False, {"CXX": "cxx:-Wl,-Bsymbolic"}),
+    "toy-inlines-hidden": ("toy", CURRENT, True, False, {"CXX": "cxx:-fvisibility-inlines-hidden"}),
+    "toy-no-precompiled-headers": ("toy", {**CURRENT, "aot_inductor.precompile_headers": False}, True, False),
     "engine-check": ("check", CURRENT, True, False),
 }
 
@@ -80,7 +94,7 @@ def child(variant: str, device: str, folder: Path) -> None:
             if not path.exists():
                 program = torch.export.export(net, inputs, strict=False)
                 torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
-                mark("built")
+                mark("built", **_describe_package(path))
             if fresh and os.environ.get("PROBE_PHASE") != "load":
                 return
             package = torch._inductor.aoti_load_package(str(path), run_single_threaded=single)
@@ -124,6 +138,46 @@ def child(variant: str, device: str, folder: Path) -> None:
     mark("ran", max_abs_diff=int(np.abs(got.astype(np.int16) - expected.astype(np.int16)).max()))
 
 
+def _describe_package(path: Path) -> dict:
+    """What the package's shared library needs and whether it holds libstdc++'s own code (static linking)."""
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".so")]
+        if not names:
+            return {"so": None}
+        so = archive.extract(names[0], tmp)
+        facts: dict = {"so": names[0].rsplit("/", 1)[-1], "so_bytes": os.path.getsize(so)}
+        for key, cmd in (("needed", ["readelf", "-d", so]), ("symbols", ["nm", "-D", "-C", "--defined-only", so])):
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+            except (OSError, subprocess.SubprocessError) as exc:
+                facts[key] = f"{type(exc).__name__}: {exc}"
+                continue
+            if key == "needed":
+                facts["needed"] = [line.split("[")[-1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+            else:
+                lines = out.splitlines()
+                facts["defined_symbols"] = len(lines)
+                facts["defines_codecvt"] = sum("codecvt" in line for line in lines)
+                facts["defines_regex"] = sum("regex" in line for line in lines)
+                facts["defines_locale"] = sum("std::locale" in line for line in lines)
+    return facts
+
+
+def _compiler_wrapper(folder: str, flags: str) -> str:
+    """A compiler command for inductor (CXX) that logs each command line and runs g++ with `flags` added: linker
+    flags (-Wl,...) to the commands that link a shared library only (a precompiled header's command must not link)."""
+    log, script = Path(folder) / "cxx-commands.log", Path(folder) / "cxx"
+    real = subprocess.run(["sh", "-c", "command -v g++"], capture_output=True, text=True).stdout.strip() or "g++"
+    link = " ".join(f for f in flags.split() if f.startswith("-Wl,"))
+    compile_ = " ".join(f for f in flags.split() if not f.startswith("-Wl,"))
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\ncase " $* " in *" -shared "*) exec "{real}" "$@" {link} '
+                      f'{compile_} ;; esac\nexec "{real}" "$@" {compile_}\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def _gxx_libstdcxx() -> str:
     """The libstdc++ that g++ (inductor's compiler) links packages against."""
     try:
@@ -140,9 +194,13 @@ def run_variant(variant: str, device: str, timeout: float) -> dict:
         phases = ["build", "load"] if VARIANTS[variant][3] else ["all"]
         steps, tails = [], []
         for phase in phases:
-            env = {**os.environ, "PROBE_PHASE": phase, "PYTHONFAULTHANDLER": "1"}
+            # Kernel caches of its own: a variant that changes how packages are compiled must not find another's.
+            env = {**os.environ, "PROBE_PHASE": phase, "PYTHONFAULTHANDLER": "1",
+                   "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
+                   "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
             for name, value in (VARIANTS[variant][4] if len(VARIANTS[variant]) > 4 else {}).items():
-                env[name] = _gxx_libstdcxx() if value == "gxx-libstdc++" else value
+                env[name] = (_gxx_libstdcxx() if value == "gxx-libstdc++" else
+                             _compiler_wrapper(tmp, value[4:]) if value.startswith("cxx:") else value)
             result.setdefault("environment", {k: env[k] for k in (VARIANTS[variant][4] if len(VARIANTS[variant]) > 4
                                                                    else {})})
             cmd = [sys.executable, __file__, "--child", variant, "--device", device, "--folder", tmp]
@@ -155,6 +213,9 @@ def run_variant(variant: str, device: str, timeout: float) -> dict:
             steps += [json.loads(line[6:]) for line in out.splitlines() if line.startswith("PROBE ")]
             tails.append(f"[{phase} exit {rc}]\n" + "\n".join(out.splitlines()[-25:]))
             result["exit_status"] = rc
+            commands = Path(tmp) / "cxx-commands.log"
+            if commands.exists():  # the compiler's command lines, each cut to 2,000 characters
+                result["compiler_commands"] = [c[:2000] for c in commands.read_text().splitlines()]
             if rc != 0:
                 break
     result.update(steps=steps, last_step=steps[-1]["step"] if steps else None, log_tail="\n".join(tails),
