@@ -250,6 +250,9 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
             compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets),
                                     engine_comps)
             wstats = compiled.warmup()
+            if wstats.aot_unavailable:  # the engine fell back: the rows are torch.compile's, and say so
+                res["compiled_with"] = "torch.compile (--compile-aot fell back: packages cannot run here)"
+                res["aot_unavailable"] = wstats.aot_unavailable
             res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)
             time_buckets(compiled, opts.compile_buckets, "compiled_graph")
             del compiled
