@@ -416,6 +416,9 @@ def test_compile_aot_packages_replay_in_graphs_and_load_at_the_second_start(tmp_
     ahead = dataclasses.replace(base, compile=True, compile_aot=True)
     first = Engine(ahead, cuda_tiny)
     first.warmup()
+    # On the H200 image of 2026-11-27 every package crashed its process at load; the engine's check now finds that
+    # in a child and falls back to torch.compile: this test then fails here, naming why.
+    assert first.stats.aot_unavailable is None, f"packages cannot run here: {first.stats.aot_unavailable}"
     assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (6, 0)
     assert first.use_graphs and isinstance(first.math.unet_call, AotCall)
     replays = first.stats.graph_replays
