@@ -148,7 +148,8 @@ def _describe_package(path: Path) -> dict:
             return {"so": None}
         so = archive.extract(names[0], tmp)
         facts: dict = {"so": names[0].rsplit("/", 1)[-1], "so_bytes": os.path.getsize(so)}
-        for key, cmd in (("needed", ["readelf", "-d", so]), ("symbols", ["nm", "-D", "-C", "--defined-only", so])):
+        for key, cmd in (("needed", ["readelf", "-d", so]), ("symbols", ["nm", "-D", "-C", "--defined-only", so]),
+                         ("all_symbols", ["nm", "-C", "--defined-only", so])):
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
             except (OSError, subprocess.SubprocessError) as exc:
@@ -156,6 +157,9 @@ def _describe_package(path: Path) -> dict:
                 continue
             if key == "needed":
                 facts["needed"] = [line.split("[")[-1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+            elif key == "all_symbols":  # the static table too: local code (libstdc++ linked in) shows only here
+                facts["all_defined_symbols"] = len(out.splitlines())
+                facts["all_codecvt"] = sum("codecvt" in line for line in out.splitlines())
             else:
                 lines = out.splitlines()
                 facts["defined_symbols"] = len(lines)
