@@ -71,6 +71,31 @@ def test_a_loader_that_fails_says_where_and_a_check_cut_short_is_not_kept(tmp_pa
     assert not list(tmp_path.iterdir())  # a busy machine's time-out says nothing lasting about torch
 
 
+def test_what_says_nothing_lasting_about_torch_is_not_kept(tmp_path, monkeypatch, capsys):
+    """Killed from outside (the OOM killer's SIGKILL) or out of GPU memory: not a verdict on torch, not kept."""
+    _child_that(monkeypatch, "import os, signal\nprint('STEP building a test package', flush=True)\n"
+                             "os.kill(os.getpid(), signal.SIGKILL)")
+    verdict = aot_check.check(CPU, torch.float32, tmp_path)
+    assert not verdict.works and verdict.detail == "the check was stopped by SIGKILL while building a test package"
+    assert not list(tmp_path.iterdir())
+
+    def out_of_memory(device, dtype):
+        aot_check._step("running the test package")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(aot_check, "_child", out_of_memory)
+    assert aot_check.main(["--device", "cpu", "--dtype", "float32"]) == 1
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("RESULT ")
+    result = json.loads(line[len("RESULT "):])
+    assert result == {"works": False, "lasting": False, "detail": "a test package failed while running the test "
+                      "package (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB)"}
+    _child_that(monkeypatch, f"print('RESULT ' + {json.dumps(json.dumps(result))})\nraise SystemExit(1)")
+    verdict = aot_check.check(CPU, torch.float32, tmp_path)
+    assert not verdict.works and "OutOfMemoryError" in verdict.detail
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_engine_whose_packages_would_crash_says_why_and_runs_without_them(tmp_path, monkeypatch, caplog):
     """--compile-aot where packages crash their process: the warm-up names the crash and goes on without packages
     (eager frames on the CPU; torch.compile on CUDA), equal to an engine without --compile-aot; nothing is built."""

@@ -10,8 +10,8 @@ as the engine does; only if all of that works are the real packages loaded in-pr
 why and compiles with torch.compile instead (eager on the CPU).
 
 The verdict is kept in the compile cache folder (aotinductor-check-<key>.json), keyed by what decides it: torch, Python,
-the device, the C++ compiler inductor uses and the package settings. A later start reads the file; a check cut short
-by its time limit is not kept.
+the device, the C++ compiler inductor uses and the package settings. A later start reads the file. What says nothing
+lasting is not kept: a check cut short by its time limit, a child killed from outside, a GPU out of memory.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from ..parity import relative_error
 from .aot import PACKAGE_CONFIGS, device_name, tolerance
 
 CHECK_TIMEOUT_S = 900.0  # the toy took 80-90 s on the H200 machine with eight built at once; ~20 s on a 2-core CPU
+# Signals a broken loader dies of; SIGKILL, SIGTERM or SIGINT come from outside (the OOM killer, a stop) and say
+# nothing lasting about torch.
+_CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE}
 _LOCK = threading.Lock()  # engines of several GPUs warming up at once: one check at a time, the rest read its file
 
 
@@ -138,13 +141,16 @@ def _run_child(device: torch.device, dtype: torch.dtype, timeout: float) -> tupl
     result = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode in (0, 1) and result:  # 1: the child ran to its verdict, which is no
         verdict = json.loads(result[-1])
-        return LoaderVerdict(bool(verdict["works"]), str(verdict["detail"]), seconds=seconds), True
+        return (LoaderVerdict(bool(verdict["works"]), str(verdict["detail"]), seconds=seconds),
+                verdict.get("lasting", True))
     step = _last_step(proc.stdout)
     if proc.returncode < 0:
         try:
             name = signal.Signals(-proc.returncode).name
         except ValueError:
             name = f"signal {-proc.returncode}"
+        if -proc.returncode not in _CRASHES:  # killed from outside (out of memory, a stop): nothing lasting
+            return LoaderVerdict(False, f"the check was stopped by {name} while {step}", seconds=seconds), False
         detail = f"a test package crashed the process that loaded it ({name} while {step})"
     else:
         last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
@@ -231,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the parent as the verdict, with the step it failed in
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         result = {"works": False, "detail": f"a test package failed while {_CURRENT[0]} ({type(exc).__name__}: "
-                                            f"{first[:300]})"}
+                                            f"{first[:300]})",
+                  # a full GPU (another process on it) is a passing state of the machine, not of torch: not kept
+                  "lasting": not isinstance(exc, torch.OutOfMemoryError)}
     print(f"RESULT {json.dumps(result)}", flush=True)
     return 0 if result["works"] else 1
 
