@@ -41,8 +41,8 @@
 #         is the compile cache file the first one wrote (it should say `compile cache: hit`); JSON in
 #         $OUT/warm_start.json. SERVE_ARGS apply (--compile-dynamic: two compiles instead of four)
 # aot:    --compile-aot (AOTInductor packages, engine/aot.py): the engine's own check that packages load here
-#         (engine/aot_check.py; everything else is skipped if they do not), its GPU test (packages captured into CUDA graphs, equal
-#         to the plain engine, loaded at a second start), then scripts/warm_start.py with it (the first start builds
+#         (engine/aot_check.py; everything else is skipped if they do not), its GPU test (packages captured into CUDA
+#         graphs, equal to the plain engine, loaded at a second start), then scripts/warm_start.py with it (the first start builds
 #         every package, the second loads them: issue 11's "second start of serve --compile at most 30 s";
 #         $OUT/warm_start_aot.json), then the load test at 8 and 16 clients on a server that loads the same packages
 #         ($OUT/serve_aot.json: "8 clients with --compile at least 30 frames/s each"). SERVE_ARGS apply
@@ -50,7 +50,8 @@
 #         (and the starts' server logs go to $OUT/aot-starts); AOT_TEST_S and AOT_START_S limit the test and the two
 #         starts (default 300 and 540 s)
 # aotprobe: scripts/aot_probe.py: which AOTInductor settings load and run here, each variant in a child process (a
-#         crash is a result); JSON in $OUT/aot_probe.json. About two minutes on a GPU machine
+#         crash is a result); JSON in $OUT/aot_probe.json. About two minutes on a GPU machine. AOT_VARIANTS=a,b picks
+#         variants (default: the six not yet run on a GPU; the first eight all crashed on the H200 on 2026-11-27)
 # trace:  scripts/compile_buckets.py --trace-only: the engine's torch.compile through dynamo's eager back end, every
 #         bucket (static, then --compile-dynamic), so the seconds are dynamo's tracing alone on this machine's CPU:
 #         what a second start of `serve --compile` spends whatever its compile cache holds. About two minutes, no
@@ -263,8 +264,11 @@ PY
         --json "$OUT/serve_aot.json" --server-log "$OUT/serve-aot-server.log" --spawn-server -- "${MODEL[@]}" \
         --compile-aot --compile-cache "$AOT_CACHE" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
     aotprobe)
+      # The first eight variants all crashed on the H200 (2026-11-27): by default only the ones that can tell more.
+      NEW=toy-compiler-logged,toy-linked-bsymbolic,toy-inlines-hidden,toy-no-precompiled-headers
+      NEW=$NEW,toy-gxx-libstdcxx-preloaded,engine-check
       step aot-probe 400 "$PY" scripts/aot_probe.py --device "${MODEL[3]}" --parallel 8 --timeout 230 \
-        --json "$OUT/aot_probe.json" ;;
+        --variants "${AOT_VARIANTS:-$NEW}" --json "$OUT/aot_probe.json" ;;
     trace)
       step trace 400 "$PY" scripts/compile_buckets.py "${MODEL[@]}" --trace-only --json "$OUT/compile_trace.json" ;;
     reuse)
