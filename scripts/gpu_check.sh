@@ -42,8 +42,8 @@
 #         $OUT/warm_start.json. SERVE_ARGS apply (--compile-dynamic: two compiles instead of four)
 # aot:    --compile-aot (AOTInductor packages, engine/aot.py): the engine's own check that packages load here
 #         (engine/aot_check.py; everything else is skipped if they do not), its GPU test (packages captured into CUDA
-#         graphs, equal to the plain engine, loaded at a second start), then scripts/warm_start.py with it (the first start builds
-#         every package, the second loads them: issue 11's "second start of serve --compile at most 30 s";
+#         graphs, equal to the plain engine, loaded at a second start), then scripts/warm_start.py with it (the first
+#         start builds every package, the second loads them: issue 11's "second start of serve --compile at most 30 s";
 #         $OUT/warm_start_aot.json), then the load test at 8 and 16 clients on a server that loads the same packages
 #         ($OUT/serve_aot.json: "8 clients with --compile at least 30 frames/s each"). SERVE_ARGS apply
 #         (--compile-dynamic: two packages a network instead of one per bucket). AOT_CACHE=DIR keeps the packages
