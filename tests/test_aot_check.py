@@ -60,11 +60,15 @@ def test_a_loader_that_crashes_its_process_is_named_with_its_signal_and_step(tmp
     assert aot_check.check(CPU, torch.float16, tmp_path).cached  # a crash is kept: the next start does not crash
 
 
-def test_a_loader_that_fails_says_where_and_a_check_cut_short_is_not_kept(tmp_path, monkeypatch):
+def test_a_failure_says_where_and_a_check_that_cannot_start_or_is_cut_short_is_not_kept(tmp_path, monkeypatch):
     _child_that(monkeypatch, "print('STEP building a test package', flush=True)\nraise SystemExit('no C++ compiler')")
     verdict = aot_check.check(CPU, torch.float32, None)
     assert not verdict.works
     assert verdict.detail == "a test package failed while building a test package (exit 1: no C++ compiler)"
+    _child_that(monkeypatch, "import turbostream_not_installed")  # dies before its first step: nothing learnt
+    verdict = aot_check.check(CPU, torch.float32, tmp_path)
+    assert not verdict.works and verdict.detail.startswith("the check could not start (exit 1: ModuleNotFoundError")
+    assert not list(tmp_path.iterdir())
     _child_that(monkeypatch, "import time\nprint('STEP building a test package', flush=True)\ntime.sleep(60)")
     verdict = aot_check.check(CPU, torch.float32, tmp_path, timeout=2)
     assert not verdict.works and "did not finish in 2 s (while building a test package)" in verdict.detail

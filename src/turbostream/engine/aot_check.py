@@ -11,7 +11,8 @@ why and compiles with torch.compile instead (eager on the CPU).
 
 The verdict is kept in the compile cache folder (aotinductor-check-<key>.json), keyed by what decides it: torch, Python,
 the device, the C++ compiler inductor uses and the package settings. A later start reads the file. What says nothing
-lasting is not kept: a check cut short by its time limit, a child killed from outside, a GPU out of memory.
+lasting is not kept: a check cut short by its time limit, a child killed from outside or that could not start, a GPU
+out of memory.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ def _run_child(device: torch.device, dtype: torch.dtype, timeout: float) -> tupl
     else:
         last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
         detail = f"a test package failed while {step} (exit {proc.returncode}: {last[:300]})"
+        if step == "starting":  # the child died before its first step (an import): nothing learnt about packages
+            return LoaderVerdict(False, f"the check could not start (exit {proc.returncode}: {last[:300]})",
+                                 seconds=seconds), False
     return LoaderVerdict(False, detail, seconds=seconds), True
 
 
