@@ -138,6 +138,12 @@ def _plain(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
         return torch.empty_like(x, memory_format=layout).copy_(x)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's run to pages), or "" if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """How far a compiled network may be from the eager one: rounding differs (fused kernels), the math does not."""
     return 1e-3 if dtype == torch.float32 else 3e-2
@@ -308,9 +314,8 @@ class AotPackages:
                                                          inductor_configs=self.inductor_configs)
             os.replace(tmp, path)
         except Exception as exc:  # a model this torch cannot export or compile: say which, and the way on
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise RuntimeError(f"{step} could not build {path.stem} ({type(exc).__name__}: {first[:300]}); start "
-                               "with --compile instead of --compile-aot") from exc
+            raise RuntimeError(f"{step} could not build {path.stem} ({type(exc).__name__}: "
+                               f"{first_line(exc)[:300]}); start with --compile instead of --compile-aot") from exc
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -324,7 +329,7 @@ class AotPackages:
             package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, **where)
             names = set(package.get_constant_fqns())
         except Exception as exc:  # noqa: BLE001 - truncated, corrupt, another torch's format: rebuild
-            raise StalePackageError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise StalePackageError(f"{type(exc).__name__}: {first_line(exc)}") from None
         weights = {**dict(module.named_buffers()), **module.state_dict()}
         missing = sorted(names - weights.keys())
         if missing:

@@ -18,7 +18,6 @@ out of memory.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -33,7 +32,8 @@ from pathlib import Path
 import torch
 
 from ..parity import relative_error
-from .aot import PACKAGE_CONFIGS, device_name, tolerance
+from .aot import PACKAGE_CONFIGS, AotPackages, Recorded, StalePackageError, _layout, device_name, first_line, tolerance
+from .compile_cache import _with_torch
 
 CHECK_TIMEOUT_S = 900.0  # the toy took 80-90 s on the H200 machine with eight built at once; ~20 s on a 2-core CPU
 # Signals a broken loader dies of; SIGKILL, SIGTERM or SIGINT come from outside (the OOM killer, a stop) and say
@@ -77,8 +77,9 @@ def toy_network(device: torch.device | str, dtype: torch.dtype) -> tuple[torch.n
 
 
 def loader_key(device: torch.device) -> dict:
-    """What decides whether packages load: torch, Python, the device, inductor's C++ compiler, the settings."""
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "device": device_name(device),
+    """What decides whether packages load (torch's version is added by _with_torch): Python, the device, inductor's C++
+    compiler, the package settings."""
+    return {"python": sys.version.split()[0], "device": device_name(device),
             "compiler": _compiler(), "configs": PACKAGE_CONFIGS}
 
 
@@ -97,8 +98,7 @@ def _compiler() -> str:
 def check(device: torch.device, dtype: torch.dtype, folder: Path | None, *,
           timeout: float = CHECK_TIMEOUT_S) -> LoaderVerdict:
     """The verdict for this environment: from `folder` (the compile cache's) when it holds one, else a child's run."""
-    key = loader_key(device)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    key, digest = _with_torch(loader_key(device))  # the compile cache's digest (torch's version is in the key)
     path = folder / f"aotinductor-check-{digest}.json" if folder is not None else None
     with _LOCK:
         if path is not None:
@@ -176,55 +176,47 @@ def _step(what: str) -> None:
 
 
 def _child(device: torch.device, dtype: torch.dtype) -> dict:
-    """Build, load, hand weights to, run and (CUDA) graph-replay a toy package; what worked, or what did not."""
-    import torch._inductor
-
+    """Build, load (weights handed over), check and (CUDA) graph-replay a toy package through the engine's own code
+    (AotPackages: the same export, settings, loading and check as every real package); what worked, or what did not.
+    """
     net, inputs = toy_network(device, dtype)
     with torch.no_grad():
-        expected = net(*inputs)
+        rec = Recorded(inputs, (net(*inputs),))
+    layouts, batch = tuple(_layout(x) for x in inputs), inputs[0].shape[0]
     with tempfile.TemporaryDirectory(prefix="turbostream-aot-check-") as tmp:
-        path = str(Path(tmp) / "toy.pt2")
-        _step("exporting a test network")
-        with torch.no_grad():
-            program = torch.export.export(net, inputs, strict=False)
-            _step("building a test package")
-            torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=PACKAGE_CONFIGS)
-        _step("loading the test package")
-        package = torch._inductor.aoti_load_package(path, run_single_threaded=True)
-        _step("handing the test package its weights")
-        weights = {**dict(net.named_buffers()), **net.state_dict()}
-        package.load_constants({k: weights[k] for k in package.get_constant_fqns()}, check_full_update=True,
-                               user_managed=True)
+        packages = AotPackages(Path(tmp), device=device, dtype=dtype, dynamic=False)
+        path = Path(tmp) / "toy.pt2"
+        _step("building a test package")
+        packages._build(path, net, rec, batch, batch, layouts)
+        _step("loading the test package")  # and handing it its weights
+        runner = packages._load(path, net, batch, batch, layouts)
         _step("running the test package")
-        with torch.no_grad():
-            got = package(*inputs)
-        got = got[0] if isinstance(got, (list, tuple)) else got
-        error = relative_error(got, expected)
-        if not error <= tolerance(dtype):
-            return {"works": False, "detail": f"a test package computed something else (relative error {error:.2g})"}
+        try:
+            packages._check(runner, rec, "a test package")
+        except StalePackageError as exc:
+            return {"works": False, "detail": str(exc)}  # "a test package is ... away from the network ..."
         if device.type != "cuda":
-            return {"works": True, "detail": f"a test package loads and runs (relative error {error:.1e})"}
+            return {"works": True, "detail": "a test package loads and runs"}
         _step("capturing the test package in a CUDA graph")
         static = tuple(x.clone() for x in inputs)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(2):
-                package(*static)
+                runner(*static)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():
-            out = package(*static)
-        out = out[0] if isinstance(out, (list, tuple)) else out
+            out = runner(*static)
         _step("replaying the CUDA graph")
         graph.replay()
         torch.cuda.synchronize(device)
-        replay_error = relative_error(out, expected)
-        if not replay_error <= tolerance(dtype):
+        error = relative_error(out, rec.outputs[0])
+        if not error <= tolerance(dtype):
             return {"works": False,
-                    "detail": f"a test package replayed in a CUDA graph computed something else ({replay_error:.2g})"}
+                    "detail": f"a test package replayed in a CUDA graph computed something else ({error:.2g})"}
         return {"works": True, "detail": f"a test package loads, runs and replays in a CUDA graph (relative error "
-                                         f"{max(error, replay_error):.1e})"}
+                                         f"{error:.1e})"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _child(device, getattr(torch, args.dtype))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as the verdict, with the step it failed in
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         result = {"works": False, "detail": f"a test package failed while {_CURRENT[0]} ({type(exc).__name__}: "
-                                            f"{first[:300]})",
+                                            f"{first_line(exc)[:300]})",
                   # a full GPU (another process on it) is a passing state of the machine, not of torch: not kept
                   "lasting": not isinstance(exc, torch.OutOfMemoryError)}
     print(f"RESULT {json.dumps(result)}", flush=True)

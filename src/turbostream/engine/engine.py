@@ -43,7 +43,6 @@ import torch
 from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
-from . import aot_check
 from .aot import AotCall, AotPackages, Recorded, ReuseFull, ReusePartial, UNetEps, record_calls
 from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
@@ -436,6 +435,10 @@ class Engine:
     def _aot_unavailable(self) -> str | None:
         """None if AOTInductor packages load and run in this environment (aot_check.py: a child process finds out,
         once per compile cache folder); else why not, logged with what the engine does instead."""
+        # Imported here, not at the top: `python -m turbostream.engine.aot_check` (the check's child) imports this
+        # package first, and runpy warns when the module it runs is already imported.
+        from . import aot_check
+
         folder = None if self.config.compile_cache is None else Path(self.config.compile_cache or default_folder())
         verdict = aot_check.check(self.device, self.dtype, folder)
         if verdict.works:
