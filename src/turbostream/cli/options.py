@@ -91,7 +91,8 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="compile ahead of time instead (torch.export + AOTInductor; implies --compile): the first "
                         "start builds a package per network and bucket into the compile cache, later starts load "
                         "them in seconds without tracing; for CUDA (the CPU path runs them, but slower than eager); "
-                        "not with --fp8")
+                        "not with --fp8. A child process first checks that packages load here; where they do not, "
+                        "the log says why and --compile is used")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
                    help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
                         "one (flash and efficient need CUDA, flash fp16/bf16). The output changes by rounding only; "
