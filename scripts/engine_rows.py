@@ -75,6 +75,9 @@ ROWS = (
         "after batch 1 (two compiles for every bucket) + graphs", cuda_only=True, needs_s=150),
     Row("compile_aot", {"compile": True, "compile_aot": True}, "torch.export + AOTInductor packages (--compile-aot, "
         "what a warm start loads instead of compiling) + graphs", cuda_only=True, needs_s=200),
+    Row("compile_aot_dynamo", {"compile": True, "compile_aot": True, "aot_format": "dynamo"},
+        "torch.compile's ahead-of-time artifacts (--compile-aot dynamo: what a warm start loads instead of tracing) "
+        "+ graphs", cuda_only=True, needs_s=200),
     Row("compile_max_autotune", {"compile": True, "compile_mode": MAX_AUTOTUNE},
         "torch.compile max-autotune-no-cudagraphs + graphs", cuda_only=True, needs_s=420),
     Row("temporal_reuse", {"feature_reuse": True}, "graphs + temporal feature reuse: full (keep) and partial frames",
@@ -141,8 +144,9 @@ def extra_row(spec: str) -> Row:
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
-    allowed = ("attention", "compile", "compile_mode", "compile_dynamic", "compile_aot", "fp8", "skip_unit_rescale",
-               "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph", "fused_norm", "fused_epilogue")
+    allowed = ("attention", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format", "fp8",
+               "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph", "fused_norm",
+               "fused_epilogue")
     options = {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -292,9 +296,9 @@ class Rows:
         cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, width=a.size, height=a.size, vae="tiny",
                            buckets=BATCHES, compile_cache=None, **row.options)
         out["config"] = {k: getattr(cfg, k) for k in (
-            "attention", "compile", "compile_mode", "compile_dynamic", "compile_aot", "fp8", "skip_unit_rescale",
-            "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph", "fused_norm", "fused_epilogue")} | {
-            "buckets": list(cfg.buckets)}
+            "attention", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format", "fp8",
+            "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph", "fused_norm",
+            "fused_epilogue")} | {"buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)

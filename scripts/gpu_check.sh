@@ -48,7 +48,8 @@
 #         ($OUT/serve_aot.json: "8 clients with --compile at least 30 frames/s each"). SERVE_ARGS apply
 #         (--compile-dynamic: two packages a network instead of one per bucket). AOT_CACHE=DIR keeps the packages
 #         (and the starts' server logs go to $OUT/aot-starts); AOT_TEST_S and AOT_START_S limit the test and the two
-#         starts (default 300 and 540 s)
+#         starts (default 300 and 540 s). AOT_FORMAT=dynamo runs the same with `--compile-aot dynamo` (torch.compile's
+#         ahead-of-time artifacts, no AOTInductor library: no loader check; JSON names get a _dynamo suffix)
 # aotprobe: scripts/aot_probe.py: which AOTInductor settings load and run here, each variant in a child process (a
 #         crash is a result); JSON in $OUT/aot_probe.json. About two minutes on a GPU machine. AOT_VARIANTS=a,b picks
 #         variants (default: the six not yet run on a GPU; the first eight all crashed on the H200 on 2026-11-27)
@@ -245,24 +246,29 @@ PY
     aot)
       # One cache folder for the three steps, so the load test's server finds what the warm starts built.
       AOT_CACHE=${AOT_CACHE:-$(mktemp -d /tmp/turbostream-aot-XXXXXX)}
-      if [ "${CHECK_CPU:-0}" = 1 ]; then AOT_TESTS=(tests/test_aot.py -k engine); else
-        AOT_TESTS=(-m gpu tests/test_engine_gpu.py -k compile_aot); fi
+      FMT=${AOT_FORMAT:-aotinductor}; SFX=$([ "$FMT" = dynamo ] && echo _dynamo)
+      if [ "${CHECK_CPU:-0}" = 1 ]; then AOT_TESTS=(tests/test_aot.py -k "engine or $FMT"); else
+        AOT_TESTS=(-m gpu tests/test_engine_gpu.py -k "compile_aot and ($FMT or cannot_run)"); fi
       before=$status; status=0
       if [ "${CHECK_CPU:-0}" = 1 ]; then CHECK_ARGS=(--device cpu --dtype float32); else CHECK_ARGS=(--device cuda); fi
-      step aot-check 300 "$PY" -m turbostream.engine.aot_check "${CHECK_ARGS[@]}"
-      if [ $status != 0 ]; then  # the engine would run without packages: nothing below would measure them
-        echo "=== aot: packages do not load and run here (aot-check.log; scripts/aot_probe.py tells more)"; continue
+      if [ "$FMT" = aotinductor ]; then  # the dynamo format loads no AOTInductor library: nothing to check first
+        step aot-check 300 "$PY" -m turbostream.engine.aot_check "${CHECK_ARGS[@]}"
+        if [ $status != 0 ]; then  # the engine would run without packages: nothing below would measure them
+          echo "=== aot: packages do not load and run here (aot-check.log; scripts/aot_probe.py tells more;" \
+            "AOT_FORMAT=dynamo measures the other format)"; continue
+        fi
       fi
-      step aot-tests "${AOT_TEST_S:-300}" "$PY" -m pytest -q "${AOT_TESTS[@]}"
+      step aot-tests$SFX "${AOT_TEST_S:-300}" "$PY" -m pytest -q "${AOT_TESTS[@]}"
       if [ $status != 0 ]; then  # packages that cannot be captured fail every start below: keep the device time
         echo "=== aot: its test failed; the starts and the load test are skipped"; continue
       fi
       status=$before
-      step aot-warmstart "${AOT_START_S:-540}" "$PY" scripts/warm_start.py --cache "$AOT_CACHE" --only-compile-cache \
-        --logs "$OUT/aot-starts" --json "$OUT/warm_start_aot.json" -- "${MODEL[@]}" --compile-aot "${SERVE_EXTRA[@]}"
-      step aot-serve $((DUR * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
-        --json "$OUT/serve_aot.json" --server-log "$OUT/serve-aot-server.log" --spawn-server -- "${MODEL[@]}" \
-        --compile-aot --compile-cache "$AOT_CACHE" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
+      step aot-warmstart$SFX "${AOT_START_S:-540}" "$PY" scripts/warm_start.py --cache "$AOT_CACHE" \
+        --only-compile-cache --logs "$OUT/aot-starts$SFX" --json "$OUT/warm_start_aot$SFX.json" -- "${MODEL[@]}" \
+        --compile-aot "$FMT" "${SERVE_EXTRA[@]}"
+      step aot-serve$SFX $((DUR * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
+        --json "$OUT/serve_aot$SFX.json" --server-log "$OUT/serve-aot$SFX-server.log" --spawn-server -- \
+        "${MODEL[@]}" --compile-aot "$FMT" --compile-cache "$AOT_CACHE" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
     aotprobe)
       # The first eight variants all crashed on the H200 (2026-11-27): by default only the ones that can tell more.
       NEW=toy-compiler-logged,toy-linked-bsymbolic,toy-inlines-hidden,toy-no-precompiled-headers

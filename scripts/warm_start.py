@@ -42,14 +42,15 @@ def one_start(serve_args: list[str], log_path: Path, timeout: float) -> dict:
     text = log_path.read_text(errors="replace")
     warmup = re.search(r"warmup ([\d.]+) s \(compile ([\d.]+) s\)", text)
     ahead = re.search(r"fused kernels: (\d+) variants compiled in ([\d.]+) s on (\d+) threads", text)
-    aot = re.search(r"AOTInductor: [\d.]+ s for buckets .*: eager frames recorded in ([\d.]+) s, (\d+) packages loaded "
-                    r"and checked \(([\d.]+) s\), (\d+) built \(([\d.]+) s\)", text)
+    aot = re.search(r"(AOTInductor|torch.compile AOT): [\d.]+ s for buckets .*: eager frames recorded in ([\d.]+) s, "
+                    r"(\d+) packages loaded and checked \(([\d.]+) s\), (\d+) built \(([\d.]+) s\)", text)
     return {"ready_s": round(ready_s, 1), "exit_status": status, "compile_cache_hit": "compile cache: hit" in text,
             "warmup_s": float(warmup[1]) if warmup else None, "compile_s": float(warmup[2]) if warmup else None,
             "kernel_variants": int(ahead[1]) if ahead else 0, "kernel_compile_s": float(ahead[2]) if ahead else None,
             "kernel_compile_threads": int(ahead[3]) if ahead else None,
-            **({"aot": {"record_s": float(aot[1]), "loaded": int(aot[2]), "load_s": float(aot[3]),
-                        "built": int(aot[4]), "build_s": float(aot[5])}} if aot else {})}
+            **({"aot": {"format": "aotinductor" if aot[1] == "AOTInductor" else "dynamo", "record_s": float(aot[2]),
+                        "loaded": int(aot[3]), "load_s": float(aot[4]), "built": int(aot[5]),
+                        "build_s": float(aot[6])}} if aot else {})}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,10 @@ import torch
 
 from turbostream.config import EngineConfig, StreamParams
 from turbostream.engine import aot
-from turbostream.engine.aot import AotCall, AotPackages, Recorded, Runner, record_calls
+from turbostream.engine.aot import AotCall, AotPackages, DynamoArtifacts, Recorded, Runner, record_calls
+
+# The two formats of --compile-aot: the small stand-in tests run against both.
+FORMATS = pytest.mark.parametrize("kind", [AotPackages, DynamoArtifacts], ids=["aotinductor", "dynamo"])
 
 
 class Net(torch.nn.Module):
@@ -40,8 +43,8 @@ def _record(net: torch.nn.Module, batches=(1,), layout=torch.contiguous_format) 
     return out
 
 
-def _packages(folder, dynamic=False) -> AotPackages:
-    return AotPackages(folder, device=torch.device("cpu"), dtype=torch.float32, dynamic=dynamic)
+def _packages(folder, dynamic=False, kind=AotPackages) -> AotPackages:
+    return kind(folder, device=torch.device("cpu"), dtype=torch.float32, dynamic=dynamic)
 
 
 # ---------------------------------------------------------------- without compiling
@@ -172,13 +175,14 @@ def test_the_cache_key_tells_aot_packages_from_torch_compiles():
 # ---------------------------------------------------------------- compiling small stand-ins
 
 
-def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_next_start(tmp_path):
+@FORMATS
+def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_next_start(tmp_path, kind):
     net = Net()
     rec = _record(net, (1, 2))
-    first = _packages(tmp_path)
+    first = _packages(tmp_path, kind=kind)
     call = first.prepare("net", net, rec, (1, 2))
     assert (first.built, first.loaded) == (2, 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["net-b1.pt2", "net-b2.pt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"net-b1{kind.suffix}", f"net-b2{kind.suffix}"]
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(call(x), net(x), atol=1e-5)
@@ -186,7 +190,7 @@ def test_a_package_follows_the_weights_it_is_loaded_with_and_is_loaded_at_the_ne
     # Another net of the same shape with other weights (a model folder updated in place): the packages, which hold
     # no weights of their own (the small conv bias included), compute with the new ones.
     other = Net(seed=1)
-    second = _packages(tmp_path)
+    second = _packages(tmp_path, kind=kind)
     call = second.prepare("net", other, _record(other, (1, 2)), (1, 2))
     assert (second.built, second.loaded) == (0, 2)
     with torch.no_grad():
@@ -221,16 +225,17 @@ def test_two_engines_preparing_one_package_at_once_build_it_once(tmp_path):
         assert all(torch.allclose(c(x), net(x), atol=1e-5) for c in calls)
 
 
-def test_a_corrupt_or_foreign_package_is_rebuilt_with_a_warning(tmp_path, caplog):
+@FORMATS
+def test_a_corrupt_or_foreign_package_is_rebuilt_with_a_warning(tmp_path, caplog, kind):
     net = Net()
     rec = _record(net)
-    _packages(tmp_path).prepare("net", net, rec, (1,))
-    path = tmp_path / "net-b1.pt2"
+    _packages(tmp_path, kind=kind).prepare("net", net, rec, (1,))
+    path = tmp_path / f"net-b1{kind.suffix}"
     good = path.read_bytes()
 
     path.write_bytes(good[: len(good) // 2])  # a start cut short by a full disk, say
     with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
-        packages = _packages(tmp_path)
+        packages = _packages(tmp_path, kind=kind)
         call = packages.prepare("net", net, rec, (1,))
     assert packages.built == 1 and "ignoring" in caplog.text
     x = torch.randn(1, 3, 16, 16)
@@ -247,22 +252,27 @@ def test_a_corrupt_or_foreign_package_is_rebuilt_with_a_warning(tmp_path, caplog
             return self.c(x)
 
     foreign = Other()
-    _packages(tmp_path / "other").prepare("net", foreign, _record(foreign), (1,))
-    path.write_bytes((tmp_path / "other" / "net-b1.pt2").read_bytes())
+    _packages(tmp_path / "other", kind=kind).prepare("net", foreign, _record(foreign), (1,))
+    path.write_bytes((tmp_path / "other" / f"net-b1{kind.suffix}").read_bytes())
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
-        packages = _packages(tmp_path)
-        packages.prepare("net", net, rec, (1,))
-    assert packages.built == 1 and "built for other weights" in caplog.text
+        packages = _packages(tmp_path, kind=kind)
+        call = packages.prepare("net", net, rec, (1,))
+    # A package knows its weights' names; an artifact finds out when it runs on this network's weights.
+    assert packages.built == 1
+    assert ("built for other weights" if kind is AotPackages else "does not run on the network's inputs") in caplog.text
+    with torch.no_grad():
+        assert torch.allclose(call(x), net(x), atol=1e-5)
 
 
-def test_a_package_that_does_not_match_its_own_network_is_an_error_not_a_silent_speed_up(tmp_path):
+@FORMATS
+def test_a_package_that_does_not_match_its_own_network_is_an_error_not_a_silent_speed_up(tmp_path, kind):
     net = Net()
     rec = _record(net)
     wrong = {1: Recorded(rec[1].inputs, (rec[1].outputs[0] + 1.0,))}  # as if the compiled code computed something else
     with pytest.raises(RuntimeError, match="does not match the eager network.*--compile instead"):
-        _packages(tmp_path).prepare("net", net, wrong, (1,))
-    assert not (tmp_path / "net-b1.pt2").exists()
+        _packages(tmp_path, kind=kind).prepare("net", net, wrong, (1,))
+    assert not (tmp_path / f"net-b1{kind.suffix}").exists()
 
 
 def test_a_network_that_cannot_be_exported_is_a_clear_error_that_names_the_way_on(tmp_path, monkeypatch):
@@ -282,13 +292,15 @@ def test_a_network_that_cannot_be_exported_is_a_clear_error_that_names_the_way_o
     assert not list(tmp_path.iterdir())  # no half-written package left behind
 
 
-def test_without_a_cache_folder_nothing_is_kept(tmp_path, monkeypatch):
+@FORMATS
+def test_without_a_cache_folder_nothing_is_kept(tmp_path, monkeypatch, kind):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # so gettempdir() reads TMPDIR again
     net = Net()
-    call = _packages(None, dynamic=True).prepare("net", net, _record(net, (1, 4), torch.channels_last), (1, 2, 4))
+    call = _packages(None, dynamic=True, kind=kind).prepare("net", net, _record(net, (1, 4), torch.channels_last),
+                                                            (1, 2, 4))
     x = torch.randn(3, 3, 16, 16)  # batch 3: the symbolic package (2 to 4) serves it
     with torch.no_grad():
         assert torch.allclose(call(x), net(x), atol=1e-5)
@@ -371,3 +383,62 @@ def test_turbostream_warmup_builds_the_packages_once_and_the_next_run_loads_them
     assert main(argv[:-3]) == 0  # no compile: the engine warmed up, nothing built
     out = capsys.readouterr().out
     assert out.startswith("turbostream warmup: warm-up ") and "AOTInductor" not in out
+
+
+def test_compile_aot_dynamo_builds_at_the_first_start_and_the_next_loads_without_tracing(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`--compile-aot dynamo`: torch.compile's ahead-of-time artifacts of tiny-random's networks, built by `turbostream
+    warmup` into the compile cache with their kernels; an engine started after it loads them (dynamo traces nothing:
+    building is refused) and its frames are within a level of the eager engine's."""
+    from turbostream.cli import main
+    from turbostream.engine import Engine
+
+    argv = ["warmup", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--buckets", "1",
+            "--compile-aot", "dynamo", "--compile-cache", str(tmp_path)]
+    assert main(argv) == 0
+    assert "3 torch.compile AOT artifacts built, 0 loaded, kept in the compile cache" in capsys.readouterr().out
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]
+    assert sorted(p.name for p in folder.glob("*.dynamo")) == ["decoder-b1.dynamo", "encoder-b1.dynamo",
+                                                                "unet-b1.dynamo"]
+    assert '"aot_format": "dynamo"' in (folder / "key.json").read_text()
+    assert (tmp_path / f"compile-{folder.name[4:]}.bin").is_file()  # the kernels, under the same key
+
+    def no_build(self, path, *args):
+        raise AssertionError(f"a start with every artifact cached must not build {path.name}")
+
+    monkeypatch.setattr(DynamoArtifacts, "_build", no_build)
+
+    def config(**kw) -> EngineConfig:
+        return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
+                            compile_cache=str(tmp_path), **kw)
+
+    eager = Engine(config())
+    eager.warmup()
+    ahead = Engine(config(compile=True, compile_aot=True, aot_format="dynamo"), eager.components)
+    stats = ahead.warmup()
+    assert (stats.aot_format, stats.aot_packages_built, stats.aot_packages_loaded) == ("dynamo", 0, 3)
+    assert stats.compile_cache_hit and stats.aot_unavailable is None
+    assert isinstance(ahead.math.unet_call, AotCall) and isinstance(ahead.math.decoder_call, AotCall)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    for out, ref in zip(ahead.run(frames, params), eager.run(frames, params), strict=True):
+        assert int(np.abs(out.astype(np.int16) - ref.astype(np.int16)).max()) <= 1
+
+
+def test_an_artifact_dynamo_cannot_build_is_a_clear_error_that_names_the_way_on(tmp_path, monkeypatch):
+    net = Net()
+    rec = _record(net)
+
+    class Unsupported(Exception):  # what dynamo raises on Python it cannot trace whole, by name
+        pass
+
+    class Refusing:
+        def aot_compile(self, example_inputs):
+            raise Unsupported("graph break in forward\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: Refusing())
+    with pytest.raises(RuntimeError, match=r"torch.compile's ahead-of-time compile could not build net-b1 "
+                                           r"\(Unsupported: graph break in forward\); start with --compile instead"):
+        _packages(tmp_path, kind=DynamoArtifacts).prepare("net", net, rec, (1,))
+    assert not list(tmp_path.iterdir())  # no half-written artifact left behind

@@ -103,7 +103,8 @@ def test_what_says_nothing_lasting_about_torch_is_not_kept(tmp_path, monkeypatch
 
 def test_an_engine_whose_packages_would_crash_says_why_and_runs_without_them(tmp_path, monkeypatch, caplog):
     """--compile-aot where packages crash their process: the warm-up names the crash and goes on without packages
-    (eager frames on the CPU; torch.compile on CUDA), equal to an engine without --compile-aot; nothing is built."""
+    (eager frames on the CPU; on CUDA, the dynamo format: tests/test_engine_gpu.py), equal to an engine without
+    --compile-aot; nothing is built."""
     from turbostream.engine import Engine
 
     _child_that(monkeypatch, CRASH)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -399,10 +400,34 @@ def test_run_pipelined_on_cuda_writes_what_the_serial_loop_writes(tmp_path, cuda
     assert [_diff(a, b) for (_, a), (_, b) in zip(piped.written, serial.written)] == [0] * n
 
 
-def test_compile_aot_packages_replay_in_graphs_and_load_at_the_second_start(tmp_path, cuda_tiny):
-    """--compile-aot on CUDA: the packages run inside the captured graphs (single-threaded AOTInductor runs, so the
-    capture meets no event query), within rounding of the plain graphs, and a second engine loads what the first
-    built instead of exporting or compiling again."""
+def test_compile_aot_where_packages_cannot_run_builds_dynamo_artifacts_instead(tmp_path, cuda_tiny, monkeypatch):
+    """--compile-aot on a CUDA machine whose AOTInductor packages crash at load (the H200 image of 2026-11-27; here
+    the check's child is made to crash): the engine says why and runs torch.compile's ahead-of-time artifacts, which
+    a second start loads, within rounding of the plain graphs."""
+    from turbostream.engine import Engine, aot_check
+
+    crash = ("import os, signal\nprint('STEP loading the test package', flush=True)\n"
+             "os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(aot_check, "child_command", lambda device, dtype: [sys.executable, "-c", crash])
+    base = preset("test", device="cuda", width=128, height=128, buckets=(1,), compile_cache=str(tmp_path))
+    plain = Engine(base, cuda_tiny)
+    plain.warmup()
+    frames, params = _frames(1, 128, 128, seed=6), [StreamParams("a", seed=1)]
+    expected = plain.run(frames, params)
+    ahead = dataclasses.replace(base, compile=True, compile_aot=True)
+    for built, loaded in ((3, 0), (0, 3)):
+        engine = Engine(ahead, cuda_tiny)
+        stats = engine.warmup()
+        assert "SIGSEGV while loading the test package" in stats.aot_unavailable
+        assert (stats.aot_format, stats.aot_packages_built, stats.aot_packages_loaded) == ("dynamo", built, loaded)
+        assert _diff(engine.run(frames, params)[0], expected[0]) <= 2
+
+
+@pytest.mark.parametrize("fmt", ["aotinductor", "dynamo"])
+def test_compile_aot_packages_replay_in_graphs_and_load_at_the_second_start(tmp_path, cuda_tiny, fmt):
+    """--compile-aot on CUDA, both formats: the packages (single-threaded AOTInductor runs, so the capture meets no
+    event query) or torch.compile's artifacts run inside the captured graphs, within rounding of the plain graphs,
+    and a second engine loads what the first built instead of exporting or compiling again."""
     from turbostream.engine import Engine
     from turbostream.engine.aot import AotCall
 
@@ -413,12 +438,13 @@ def test_compile_aot_packages_replay_in_graphs_and_load_at_the_second_start(tmp_
     params = [StreamParams("a", seed=1), StreamParams("b", seed=2), StreamParams("c", seed=3)]
     expected = plain.run(frames, params)
 
-    ahead = dataclasses.replace(base, compile=True, compile_aot=True)
+    ahead = dataclasses.replace(base, compile=True, compile_aot=True, aot_format=fmt)
     first = Engine(ahead, cuda_tiny)
     first.warmup()
-    # On the H200 image of 2026-11-27 every package crashed its process at load; the engine's check now finds that
-    # in a child and falls back to torch.compile: this test then fails here, naming why.
+    # On the H200 image of 2026-11-27 every AOTInductor package crashed its process at load; the engine's check now
+    # finds that in a child and builds the dynamo format instead: this test then fails here, naming why.
     assert first.stats.aot_unavailable is None, f"packages cannot run here: {first.stats.aot_unavailable}"
+    assert first.stats.aot_format == fmt
     assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (6, 0)
     assert first.use_graphs and isinstance(first.math.unet_call, AotCall)
     replays = first.stats.graph_replays

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import BENCH_COMPILE_BUCKETS, EngineConfig, StreamParams
+from .config import AOT_FORMAT_NAMES, BENCH_COMPILE_BUCKETS, EngineConfig, StreamParams
 from .engine import Engine, encode_prompt
 from .models import Components, default_dtype, load_components, load_vae, resolve_device
 
@@ -244,14 +244,17 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
         save()
         # (d) compiled, then captured; each compiled bucket costs a compile, hence the shorter default list.
         if base_cfg.compile:
-            res["compiled_with"] = "AOTInductor packages (--compile-aot)" if base_cfg.compile_aot else "torch.compile"
+            res["compiled_with"] = (f"{AOT_FORMAT_NAMES[base_cfg.aot_format]} (--compile-aot {base_cfg.aot_format})"
+                                    if base_cfg.compile_aot else "torch.compile")
             log.info("(d) %s + CUDA graphs, buckets %s (compiling: minutes)", res["compiled_with"],
                      opts.compile_buckets)
             compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets),
                                     engine_comps)
             wstats = compiled.warmup()
-            if wstats.aot_unavailable:  # the engine fell back: the rows are torch.compile's, and say so
-                res["compiled_with"] = "torch.compile (--compile-aot fell back: packages cannot run here)"
+            if wstats.aot_unavailable:  # the engine fell back: the rows are another path's, and say which
+                res["compiled_with"] = (f"{AOT_FORMAT_NAMES[wstats.aot_format]} (--compile-aot fell back: AOTInductor "
+                                        "packages cannot run here)" if wstats.aot_format else
+                                        "torch.compile (--compile-aot fell back: packages cannot run here)")
                 res["aot_unavailable"] = wstats.aot_unavailable
             res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)
             time_buckets(compiled, opts.compile_buckets, "compiled_graph")

@@ -38,6 +38,10 @@ MAX_SIDE = 1024
 # The one list of dtype and VAE names (the CLI's choices, EngineConfig's checks, models.DTYPES' keys).
 DTYPE_NAMES = ("auto", "float16", "bfloat16", "float32")
 VAE_KINDS = ("tiny", "full")
+# --compile-aot FORMAT: AOTInductor packages, or torch.compile's ahead-of-time artifacts (engine/aot.py).
+AOT_FORMATS = ("aotinductor", "dynamo")
+# What each format runs the networks as, in logs and reports.
+AOT_FORMAT_NAMES = {"aotinductor": "AOTInductor packages", "dynamo": "torch.compile AOT artifacts"}
 # The engine's attention backend for scaled_dot_product_attention: "auto" leaves the choice to PyTorch (as before);
 # the others pin one of its backends (torch.nn.attention.SDPBackend) for every attention layer of the UNet.
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
@@ -284,6 +288,11 @@ class EngineConfig:
     # fp8 (torchao's tensors are not exported here).
     # Like compile_mode and compile_dynamic, it means nothing without compile.
     compile_aot: bool = False
+    # What compile_aot builds (AOT_FORMATS): "aotinductor" packages (a shared library each), or "dynamo":
+    # torch.compile's own ahead-of-time artifacts (Python; engine/aot.py's DynamoArtifacts), which also skip dynamo
+    # at later starts and load no shared library of AOTInductor's. Where AOTInductor's packages cannot run (a child
+    # process checks first: engine/aot_check.py), a CUDA engine builds "dynamo" artifacts instead.
+    aot_format: str = "aotinductor"
     # SDPA backend of the UNet's attention (ATTENTION_BACKENDS); "auto": PyTorch's choice, as before. Another backend
     # rounds differently (small differences); one that cannot run here is an error when the engine is built.
     attention: str = "auto"
@@ -335,6 +344,8 @@ class EngineConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         check_compile_mode(self.compile_mode)
+        if self.aot_format not in AOT_FORMATS:
+            raise ValueError(f"aot_format must be one of {', '.join(AOT_FORMATS)}, got {self.aot_format!r}")
         if self.compile and self.compile_aot and self.fp8:
             raise ValueError("compile_aot does not cover fp8 yet: use compile (torch.compile) with it")
         for name in ("fused_norm", "fused_epilogue"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import (
+    AOT_FORMATS,
     ATTENTION_BACKENDS,
     COMPILE_MODES,
     DEFAULT_MODEL,
@@ -87,12 +88,13 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="with --compile: batch 1 compiled for itself and every larger bucket in one graph with a "
                         "symbolic batch size (two compiles instead of one per bucket: a shorter start; the larger "
                         "buckets' kernels are not specialized to each batch size)")
-    g.add_argument("--compile-aot", action="store_true",
-                   help="compile ahead of time instead (torch.export + AOTInductor; implies --compile): the first "
-                        "start builds a package per network and bucket into the compile cache, later starts load "
-                        "them in seconds without tracing; for CUDA (the CPU path runs them, but slower than eager); "
-                        "not with --fp8. A child process first checks that packages load here; where they do not, "
-                        "the log says why and --compile is used")
+    g.add_argument("--compile-aot", nargs="?", const="aotinductor", choices=AOT_FORMATS, metavar="FORMAT",
+                   help="compile ahead of time instead (implies --compile): the first start builds each network "
+                        "per bucket into the compile cache, later starts load them in seconds without tracing; for "
+                        "CUDA (the CPU path runs them, but slower than eager); not with --fp8. FORMAT aotinductor "
+                        "(the default): torch.export + AOTInductor packages; a child process first checks that they "
+                        "load here, and where they do not, the log says why and a CUDA engine builds dynamo's "
+                        "instead. dynamo: torch.compile's own ahead-of-time artifacts (no shared library to load)")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
                    help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
                         "one (flash and efficient need CUDA, flash fp16/bf16). The output changes by rounding only; "
@@ -173,9 +175,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             raise ValueError("--compile-aot does not cover --fp8 yet: use --compile with it")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
-            taesd=args.taesd, buckets=args.buckets, compile=args.compile or args.compile_aot,
+            taesd=args.taesd, buckets=args.buckets, compile=args.compile or bool(args.compile_aot),
             cuda_graphs=args.cuda_graphs, compile_cache=args.compile_cache, compile_mode=args.compile_mode,
-            compile_dynamic=args.compile_dynamic, compile_aot=args.compile_aot,
+            compile_dynamic=args.compile_dynamic, compile_aot=bool(args.compile_aot),
+            aot_format=args.compile_aot or "aotinductor",
             attention=args.attention,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,

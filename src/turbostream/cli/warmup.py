@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import AOT_FORMAT_NAMES
 from .options import add_engine_options, build_engine
 
 
@@ -24,12 +25,13 @@ def main(args: argparse.Namespace) -> int:
     cfg = engine.config
     what = f"warm-up {stats.warmup_s:.1f} s on {engine.device}"
     if cfg.compile and cfg.compile_aot and stats.aot_unavailable:
-        what += (f": AOTInductor packages cannot be used here ({stats.aot_unavailable}); "
-                 + (f"torch.compile {stats.compile_s:.1f} s instead" if engine.is_cuda else "eager frames instead"))
-    elif cfg.compile and cfg.compile_aot:
+        what += f": AOTInductor packages cannot be used here ({stats.aot_unavailable}); "
+    if cfg.compile and cfg.compile_aot and stats.aot_format:
         cache = "the compile cache" if cfg.compile_cache is not None else "nothing (--no-compile-cache)"
-        what += (f": {stats.aot_packages_built} AOTInductor packages built, {stats.aot_packages_loaded} loaded, "
-                 f"kept in {cache}")
+        what += (f"{'' if stats.aot_unavailable else ': '}{stats.aot_packages_built} "
+                 f"{AOT_FORMAT_NAMES[stats.aot_format]} built, {stats.aot_packages_loaded} loaded, kept in {cache}")
+    elif cfg.compile and cfg.compile_aot and stats.aot_unavailable:
+        what += f"torch.compile {stats.compile_s:.1f} s instead" if engine.is_cuda else "eager frames instead"
     elif cfg.compile and engine.is_cuda:
         what += f": torch.compile {stats.compile_s:.1f} s, compile cache {'hit' if stats.compile_cache_hit else 'miss'}"
     if stats.kernel_variants:

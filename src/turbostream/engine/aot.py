@@ -19,11 +19,18 @@ Every package is checked against the eager network on the recorded inputs when i
 match (stale, built from a changed model folder, corrupt) is rebuilt with a warning, never used. Packages are run
 single-threaded (no event queries or syncs of AOTInductor's own between calls), so the CUDA graphs captured after
 can hold their launches.
+The second format, `--compile-aot dynamo` (DynamoArtifacts): torch.compile's own ahead-of-time compile
+(`torch.compile(fullgraph=True).aot_compile`, `torch.compiler.load_compiled_function`), one artifact per network and
+bucket like the packages. It keeps what dynamo traced and inductor generated as a Python callable: a later start
+loads it and runs no dynamo either, but no C++ shared library of AOTInductor's is loaded (on some machines that load
+crashes the process: aot_check.py). Its kernels come back through the compile cache file (compile_cache.py), as
+--compile's do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -222,6 +229,9 @@ class AotPackages:
     folder None: nothing kept (a temporary folder, removed once the packages are loaded).
     """
 
+    label = "AOTInductor"  # what the log calls these artifacts
+    suffix = ".pt2"
+
     def __init__(self, folder: Path | None, *, device: torch.device, dtype: torch.dtype, dynamic: bool,
                  mode: str = "default") -> None:
         self.folder, self.device, self.dtype, self.dynamic = folder, device, dtype, dynamic
@@ -250,7 +260,7 @@ class AotPackages:
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="turbostream-aot-")))
             folder.mkdir(parents=True, exist_ok=True)
             for tag, lo, hi, example in self.plan(buckets):
-                runners.append(self._runner(folder / f"{name}-{tag}.pt2", module, recorded[example], lo, hi,
+                runners.append(self._runner(folder / f"{name}-{tag}{self.suffix}", module, recorded[example], lo, hi,
                                             f"{name} batch {tag[1:]}"))
         return AotCall(name, runners, module, kind)
 
@@ -274,11 +284,11 @@ class AotPackages:
             else:
                 self.loaded += 1
                 self.load_s += time.perf_counter() - t0
-                log.info("AOTInductor: %s loaded from %s in %.2f s", what, path, time.perf_counter() - t0)
+                log.info("%s: %s loaded from %s in %.2f s", self.label, what, path, time.perf_counter() - t0)
                 return runner
         t0 = time.perf_counter()
         done = self.built + self.loaded
-        log.info("AOTInductor: building %s (package %d of %s; minutes on a first start)...", what, done + 1,
+        log.info("%s: building %s (package %d of %s; minutes on a first start)...", self.label, what, done + 1,
                  self.expected or "?")
         self._build(path, module, rec, lo, hi, layouts)
         runner = self._load(path, module, lo, hi, layouts)
@@ -286,11 +296,11 @@ class AotPackages:
             self._check(runner, rec, what)
         except StalePackageError as exc:  # built from these very modules: a compiler problem, not a stale file
             path.unlink(missing_ok=True)
-            raise RuntimeError(f"AOTInductor's {what} does not match the eager network ({exc}); start with "
+            raise RuntimeError(f"{self.label}'s {what} does not match the eager network ({exc}); start with "
                                "--compile instead of --compile-aot") from None
         self.built += 1
         self.build_s += time.perf_counter() - t0
-        log.info("AOTInductor: %s built in %.1f s (%s)", what, time.perf_counter() - t0, path)
+        log.info("%s: %s built in %.1f s (%s)", self.label, what, time.perf_counter() - t0, path)
         return runner
 
     def _build(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
@@ -342,8 +352,12 @@ class AotPackages:
 
     def _check(self, runner: Runner, rec: Recorded, what: str) -> None:
         """The package's output on the recorded inputs against the eager network's; StalePackageError if apart."""
-        with torch.inference_mode():
-            out = runner(*rec.inputs)
+        try:
+            with torch.inference_mode():
+                out = runner(*rec.inputs)
+        except Exception as exc:  # noqa: BLE001 - built for another network of this name (shapes differ)
+            raise StalePackageError(f"{what} does not run on the network's inputs ({type(exc).__name__}: "
+                                    f"{first_line(exc)[:200]})") from None
         outs = out if isinstance(out, tuple) else (out,)
         if [o.shape for o in outs] != [r.shape for r in rec.outputs]:
             raise StalePackageError(f"{what} gives shapes {[tuple(o.shape) for o in outs]}, the network "
@@ -353,3 +367,67 @@ class AotPackages:
             if not error <= tolerance(self.dtype):  # also catches NaN
                 raise StalePackageError(f"{what} is {error:.3g} away from the network (relative; at most "
                                         f"{tolerance(self.dtype):g} allowed)")
+
+
+class DynamoArtifacts(AotPackages):
+    """`--compile-aot dynamo`: each network and bucket as torch.compile's ahead-of-time artifact instead of an
+    AOTInductor package (same plan, files, check against the eager network and rebuild of what is stale).
+
+    The artifact is the module's forward traced whole by dynamo and compiled by inductor; it reads the weights from
+    the live module at every call (the module is handed back at load as external data), so like a package it
+    follows the weights it is loaded with. It is called without dynamo's guards: AotCall picks the artifact by batch
+    size and Runner gives each input the layout it was built for, which is all the guards would check here.
+    """
+
+    label = "torch.compile AOT"
+    suffix = ".dynamo"
+
+    def __init__(self, folder: Path | None, *, device: torch.device, dtype: torch.dtype, dynamic: bool,
+                 mode: str = "default") -> None:
+        super().__init__(folder, device=device, dtype=dtype, dynamic=dynamic, mode=mode)
+        self.inductor_configs = dict(MODE_CONFIGS[mode])  # PACKAGE_CONFIGS are AOTInductor's
+
+    def _build(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
+               layouts: tuple[torch.memory_format, ...]) -> None:
+        """Trace and compile module.forward on the recorded inputs, and write the artifact to `path` (whole or not
+        at all)."""
+        import torch._dynamo
+
+        # The guards are not kept (see the class): dynamo's default keeps some that cannot be written to a file.
+        options = {**self.inductor_configs, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{self.suffix}")
+        try:
+            # Traced as the engine calls it: in inference mode, on inputs in the recorded layouts.
+            with torch._dynamo.config.patch(enable_aot_compile=True), torch.inference_mode():
+                inputs = tuple(torch.empty_like(x, memory_format=f).copy_(x)
+                               for x, f in zip(rec.inputs, layouts, strict=True))
+                if lo != hi:
+                    for x in inputs:
+                        torch._dynamo.mark_dynamic(x, 0, min=lo, max=hi)
+                compiled = torch.compile(module.forward, fullgraph=True, dynamic=None if lo != hi else False,
+                                         options=options).aot_compile((inputs, {}))
+                compiled.save_compiled_function(str(tmp), external_data={"module": module})
+            os.replace(tmp, path)
+        except Exception as exc:  # a model dynamo cannot trace whole, or torch without this API
+            raise RuntimeError(f"torch.compile's ahead-of-time compile could not build {path.stem} "
+                               f"({type(exc).__name__}: {first_line(exc)[:300]}); start with --compile instead "
+                               "of --compile-aot") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _load(self, path: Path, module: torch.nn.Module, lo: int, hi: int,
+              layouts: tuple[torch.memory_format, ...]) -> Runner:
+        """Load an artifact onto the module; StalePackageError if it cannot be (unreadable, another torch's)."""
+        import sys
+
+        import torch._dynamo
+
+        # The module that defined forward: the globals the traced code may read.
+        scope = vars(sys.modules[type(module).forward.__module__])
+        try:
+            with torch._dynamo.config.patch(enable_aot_compile=True), path.open("rb") as f:
+                compiled = torch.compiler.load_compiled_function(f, f_globals=scope, external_data={"module": module})
+            compiled.disable_guard_check()
+        except Exception as exc:  # noqa: BLE001 - truncated, corrupt, another torch's or machine's: rebuild
+            raise StalePackageError(f"{type(exc).__name__}: {first_line(exc)}") from None
+        return Runner(functools.partial(compiled, module), lo, hi, layouts)

@@ -47,7 +47,7 @@ def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
            "unet_evals": config.default_params.unet_evals}
     for name, default in (("compile_mode", "default"), ("compile_dynamic", False), ("attention", "auto"),
                           ("fp8", False), ("skip_unit_rescale", False), ("reuse_enabled", False),
-                          ("reuse_layers", None), ("compile_aot", False)):
+                          ("reuse_layers", None), ("compile_aot", False), ("aot_format", "aotinductor")):
         if getattr(config, name, default) != default:
             key[name] = getattr(config, name)
     return key

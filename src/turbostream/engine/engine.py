@@ -28,6 +28,7 @@ and noise caches are not locked; call warmup() and run() from the same (inferenc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -43,7 +44,7 @@ import torch
 from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
-from .aot import AotCall, AotPackages, Recorded, ReuseFull, ReusePartial, UNetEps, record_calls
+from .aot import AotCall, AotPackages, DynamoArtifacts, Recorded, ReuseFull, ReusePartial, UNetEps, record_calls
 from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
 from .compile_cache import CompileCache, aot_folder, cache_key, default_folder
@@ -113,6 +114,7 @@ class EngineStats:
     aot_packages_built: int = 0  # --compile-aot: packages compiled at this start (engine/aot.py)
     aot_packages_loaded: int = 0  # and packages loaded from the compile cache instead
     aot_unavailable: str | None = None  # --compile-aot asked for but packages cannot run here (aot_check.py): why
+    aot_format: str | None = None  # --compile-aot: what the networks run as ("aotinductor", "dynamo"); None: not
     capture_s: dict[str, float] = field(default_factory=dict)  # "b{batch}" -> seconds to capture its graphs
     kernel_variants: int = 0  # fused-kernel variants compiled ahead of the capture (kernel_warmup.py)
     kernel_compile_s: float = 0.0  # seconds that took
@@ -395,11 +397,20 @@ class Engine:
     def _compile(self) -> None:
         """torch.compile the UNet and the VAE's encoder/decoder; compilation itself happens at the first warm run."""
         if self.config.compile_aot:
-            self.stats.aot_unavailable = self._aot_unavailable()
-            if self.stats.aot_unavailable is None:
-                return self._compile_aot()
-            if not self.is_cuda:
-                return  # eager frames, as --compile gives on the CPU
+            fmt = self.config.aot_format
+            if fmt == "aotinductor":
+                self.stats.aot_unavailable = self._aot_unavailable()
+                if self.stats.aot_unavailable is not None:
+                    if not self.is_cuda:
+                        return  # eager frames, as --compile gives on the CPU
+                    fmt = "dynamo"  # torch.compile's artifacts: no AOTInductor library to load
+            try:
+                return self._compile_aot(fmt)
+            except RuntimeError as exc:
+                if fmt == self.config.aot_format:
+                    raise  # what was asked for cannot be built: said, with the way on
+                log.warning("--compile-aot: %s. Running torch.compile (as --compile) instead.", exc)
+                self.stats.aot_format = None
         t0 = time.perf_counter()
         cache = None
         if self.config.compile_cache is not None:
@@ -446,18 +457,21 @@ class Engine:
                      else f"checked in a child process in {verdict.seconds:.1f} s")
             return None
         log.warning("--compile-aot: AOTInductor packages cannot be used here: %s. Running %s instead. %s",
-                    verdict.detail, "torch.compile (as --compile)" if self.is_cuda else "eager frames",
+                    verdict.detail, "torch.compile's ahead-of-time artifacts (--compile-aot dynamo)" if self.is_cuda
+                    else "eager frames",
                     "The compile cache folder keeps this verdict for this torch, GPU and compiler (delete its "
                     "aotinductor-check-*.json to check again)." if folder is not None else "")
         return verdict.detail
 
-    def _compile_aot(self) -> None:
-        """--compile-aot: the networks through AOTInductor packages, loaded from the compile cache or built into it.
+    def _compile_aot(self, fmt: str) -> None:
+        """--compile-aot: the networks through AOTInductor packages (fmt "aotinductor") or torch.compile's
+        ahead-of-time artifacts ("dynamo"), loaded from the compile cache or built into it.
 
         One eager frame per bucket and step mode records what each network is called with (shapes, dtypes, layouts)
         and returns; each package is built from those inputs and checked against those outputs (engine/aot.py).
         """
         t0 = time.perf_counter()
+        self.stats.aot_format = fmt
         # name -> (the module exported, how FrameMath calls it)
         networks: dict[str, tuple[torch.nn.Module, str]] = {"unet": (UNetEps(self.unet), "unet")}
         hooked: dict[str, torch.nn.Module] = {"unet": self.unet}  # what record_calls hooks: the modules FrameMath calls
@@ -478,12 +492,18 @@ class Engine:
             for name, rec in calls.items():
                 recorded[name][b] = rec
         record_s = time.perf_counter() - t0
-        folder = None
+        folder = kernels = None
         if self.config.compile_cache is not None:
-            folder = aot_folder(self.config.compile_cache or default_folder(),
-                                cache_key(self.config, aot_device_name(self.device), self.dtype))
-        packages = AotPackages(folder, device=self.device, dtype=self.dtype, dynamic=self.config.compile_dynamic,
-                               mode=self.config.compile_mode)
+            key = cache_key(dataclasses.replace(self.config, aot_format=fmt), aot_device_name(self.device), self.dtype)
+            folder = aot_folder(self.config.compile_cache or default_folder(), key)
+            if fmt == "dynamo":
+                # The artifacts hold the traced graphs and inductor's code; its compiled kernels (Triton's, or the
+                # CPU's C++) are inductor's cache entries, kept in a compile cache file as --compile keeps them.
+                kernels = CompileCache(self.config.compile_cache or default_folder(), key)
+                kernels.load()
+        kind = DynamoArtifacts if fmt == "dynamo" else AotPackages
+        packages = kind(folder, device=self.device, dtype=self.dtype, dynamic=self.config.compile_dynamic,
+                        mode=self.config.compile_mode)
         packages.expected = len(networks) * len(packages.plan(self.config.buckets))
         calls = {name: packages.prepare(name, module, recorded[name], self.config.buckets, kind)
                  for name, (module, kind) in networks.items()}
@@ -497,10 +517,13 @@ class Engine:
         self.stats.compile_s = time.perf_counter() - t0
         self.stats.aot_packages_built, self.stats.aot_packages_loaded = packages.built, packages.loaded
         self.stats.compile_cache_hit = packages.built == 0
+        if kernels is not None and packages.built:
+            kernels.save()
         state = "off" if folder is None else "hit" if self.stats.compile_cache_hit else "miss"
-        log.info("AOTInductor: %.1f s for buckets %s: eager frames recorded in %.1f s, %d packages loaded and checked "
-                 "(%.1f s), %d built (%.1f s); compile cache: %s", self.stats.compile_s, self.config.buckets, record_s,
-                 packages.loaded, packages.load_s, packages.built, packages.build_s, state)
+        log.info("%s: %.1f s for buckets %s: eager frames recorded in %.1f s, %d packages loaded and checked "
+                 "(%.1f s), %d built (%.1f s); compile cache: %s", packages.label, self.stats.compile_s,
+                 self.config.buckets, record_s, packages.loaded, packages.load_s, packages.built, packages.build_s,
+                 state)
 
     def _default_frames(self, b: int) -> None:
         """Eager frames of the default stream at batch b, one per step mode (plain; keep, then reuse, which reads the
