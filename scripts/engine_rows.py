@@ -76,7 +76,7 @@ ROWS = (
     Row("compile_aot", {"compile": True, "compile_aot": True}, "torch.export + AOTInductor packages (--compile-aot, "
         "what a warm start loads instead of compiling) + graphs", cuda_only=True, needs_s=200),
     Row("compile_aot_dynamo", {"compile": True, "compile_aot": True, "aot_format": "dynamo"},
-        "torch.compile's ahead-of-time artifacts (--compile-aot dynamo: what a warm start loads instead of tracing) "
+        "torch.compile's ahead-of-time artifacts (--aot-format dynamo: what a warm start loads instead of tracing) "
         "+ graphs", cuda_only=True, needs_s=200),
     Row("compile_max_autotune", {"compile": True, "compile_mode": MAX_AUTOTUNE},
         "torch.compile max-autotune-no-cudagraphs + graphs", cuda_only=True, needs_s=420),

@@ -48,7 +48,7 @@
 #         ($OUT/serve_aot.json: "8 clients with --compile at least 30 frames/s each"). SERVE_ARGS apply
 #         (--compile-dynamic: two packages a network instead of one per bucket). AOT_CACHE=DIR keeps the packages
 #         (and the starts' server logs go to $OUT/aot-starts); AOT_TEST_S and AOT_START_S limit the test and the two
-#         starts (default 300 and 540 s). AOT_FORMAT=dynamo runs the same with `--compile-aot dynamo` (torch.compile's
+#         starts (default 300 and 540 s). AOT_FORMAT=dynamo runs the same with `--aot-format dynamo` (torch.compile's
 #         ahead-of-time artifacts, no AOTInductor library: no loader check; JSON names get a _dynamo suffix)
 # aotprobe: scripts/aot_probe.py: which AOTInductor settings load and run here, each variant in a child process (a
 #         crash is a result); JSON in $OUT/aot_probe.json. About two minutes on a GPU machine. AOT_VARIANTS=a,b picks
@@ -265,10 +265,11 @@ PY
       status=$before
       step aot-warmstart$SFX "${AOT_START_S:-540}" "$PY" scripts/warm_start.py --cache "$AOT_CACHE" \
         --only-compile-cache --logs "$OUT/aot-starts$SFX" --json "$OUT/warm_start_aot$SFX.json" -- "${MODEL[@]}" \
-        --compile-aot "$FMT" "${SERVE_EXTRA[@]}"
+        --compile-aot --aot-format "$FMT" "${SERVE_EXTRA[@]}"
       step aot-serve$SFX $((DUR * 2 + 120)) "$PY" scripts/loadtest.py --clients 8,16 --duration "$DUR" \
         --json "$OUT/serve_aot$SFX.json" --server-log "$OUT/serve-aot$SFX-server.log" --spawn-server -- \
-        "${MODEL[@]}" --compile-aot "$FMT" --compile-cache "$AOT_CACHE" --max-clients 16 "${SERVE_EXTRA[@]}" ;;
+        "${MODEL[@]}" --compile-aot --aot-format "$FMT" --compile-cache "$AOT_CACHE" --max-clients 16 \
+        "${SERVE_EXTRA[@]}" ;;
     aotprobe)
       # The first eight variants all crashed on the H200 (2026-11-27): by default only the ones that can tell more.
       NEW=toy-compiler-logged,toy-linked-bsymbolic,toy-inlines-hidden,toy-no-precompiled-headers

@@ -158,9 +158,14 @@ def test_cli_compile_aot_turns_compile_on_and_names_what_it_does_not_cover():
     add_engine_options(parser, stream_options=True)
     cfg = engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot", "--reuse",
                                            "2"]))
-    assert cfg.compile and cfg.compile_aot and cfg.reuse_enabled
+    assert cfg.compile and cfg.compile_aot and cfg.reuse_enabled and cfg.aot_format == "aotinductor"
     with pytest.raises(UserError, match="--compile-aot does not cover --fp8"):
         engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot", "--fp8"]))
+    cfg = engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--compile-aot",
+                                           "--aot-format", "dynamo"]))
+    assert cfg.compile and cfg.compile_aot and cfg.aot_format == "dynamo"
+    with pytest.raises(UserError, match="--aot-format dynamo needs --compile-aot"):
+        engine_config(parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--aot-format", "dynamo"]))
 
 
 def test_the_cache_key_tells_aot_packages_from_torch_compiles():
@@ -170,6 +175,11 @@ def test_the_cache_key_tells_aot_packages_from_torch_compiles():
     ahead = EngineConfig(model="tiny-random", compile=True, compile_aot=True)
     assert "compile_aot" not in cache_key(jit, "gpu", torch.float16)
     assert cache_key(ahead, "gpu", torch.float16)["compile_aot"] is True
+    assert "aot_format" not in cache_key(ahead, "gpu", torch.float16)  # the packages' folders keep their keys
+    dynamo = EngineConfig(model="tiny-random", compile=True, compile_aot=True, aot_format="dynamo")
+    assert cache_key(dynamo, "gpu", torch.float16)["aot_format"] == "dynamo"
+    with pytest.raises(ValueError, match="aot_format must be one of aotinductor, dynamo"):
+        EngineConfig(model="tiny-random", aot_format="export")
 
 
 # ---------------------------------------------------------------- compiling small stand-ins
@@ -387,14 +397,14 @@ def test_turbostream_warmup_builds_the_packages_once_and_the_next_run_loads_them
 
 def test_compile_aot_dynamo_builds_at_the_first_start_and_the_next_loads_without_tracing(tmp_path, monkeypatch,
                                                                                           capsys):
-    """`--compile-aot dynamo`: torch.compile's ahead-of-time artifacts of tiny-random's networks, built by `turbostream
-    warmup` into the compile cache with their kernels; an engine started after it loads them (dynamo traces nothing:
-    building is refused) and its frames are within a level of the eager engine's."""
+    """`--compile-aot --aot-format dynamo`: torch.compile's ahead-of-time artifacts of tiny-random's networks, built by
+    `turbostream warmup` into the compile cache with their kernels; an engine started after it loads them (dynamo
+    traces nothing: building is refused) and its frames are within a level of the eager engine's."""
     from turbostream.cli import main
     from turbostream.engine import Engine
 
     argv = ["warmup", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--buckets", "1",
-            "--compile-aot", "dynamo", "--compile-cache", str(tmp_path)]
+            "--compile-aot", "--aot-format", "dynamo", "--compile-cache", str(tmp_path)]
     assert main(argv) == 0
     assert "3 torch.compile AOT artifacts built, 0 loaded, kept in the compile cache" in capsys.readouterr().out
     (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]

@@ -88,13 +88,16 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="with --compile: batch 1 compiled for itself and every larger bucket in one graph with a "
                         "symbolic batch size (two compiles instead of one per bucket: a shorter start; the larger "
                         "buckets' kernels are not specialized to each batch size)")
-    g.add_argument("--compile-aot", nargs="?", const="aotinductor", choices=AOT_FORMATS, metavar="FORMAT",
-                   help="compile ahead of time instead (implies --compile): the first start builds each network "
-                        "per bucket into the compile cache, later starts load them in seconds without tracing; for "
-                        "CUDA (the CPU path runs them, but slower than eager); not with --fp8. FORMAT aotinductor "
-                        "(the default): torch.export + AOTInductor packages; a child process first checks that they "
-                        "load here, and where they do not, the log says why and a CUDA engine builds dynamo's "
-                        "instead. dynamo: torch.compile's own ahead-of-time artifacts (no shared library to load)")
+    g.add_argument("--compile-aot", action="store_true",
+                   help="compile ahead of time instead (implies --compile): the first start builds each network per "
+                        "bucket into the compile cache, later starts load them in seconds without tracing; for CUDA "
+                        "(the CPU path runs them, but slower than eager); not with --fp8. What is built: "
+                        "--aot-format")
+    g.add_argument("--aot-format", choices=AOT_FORMATS, default=d["aot_format"].default,
+                   help="with --compile-aot: aotinductor: torch.export + AOTInductor packages; a child process first "
+                        "checks that they load here, and where they do not, the log says why and a CUDA engine "
+                        "builds dynamo's instead. dynamo: torch.compile's own ahead-of-time artifacts (no shared "
+                        "library to load) (default: %(default)s)")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
                    help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
                         "one (flash and efficient need CUDA, flash fp16/bf16). The output changes by rounding only; "
@@ -175,10 +178,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             raise ValueError("--compile-aot does not cover --fp8 yet: use --compile with it")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
-            taesd=args.taesd, buckets=args.buckets, compile=args.compile or bool(args.compile_aot),
+            taesd=args.taesd, buckets=args.buckets, compile=args.compile or args.compile_aot,
             cuda_graphs=args.cuda_graphs, compile_cache=args.compile_cache, compile_mode=args.compile_mode,
-            compile_dynamic=args.compile_dynamic, compile_aot=bool(args.compile_aot),
-            aot_format=args.compile_aot or "aotinductor",
+            compile_dynamic=args.compile_dynamic, compile_aot=args.compile_aot, aot_format=args.aot_format,
             attention=args.attention,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,
@@ -189,6 +191,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")
         if cfg.compile_dynamic and not cfg.compile:
             raise ValueError("--compile-dynamic needs --compile")
+        if cfg.aot_format != "aotinductor" and not cfg.compile_aot:
+            raise ValueError(f"--aot-format {cfg.aot_format} needs --compile-aot")
         from ..models import resolve_device
 
         device = resolve_device(cfg.device)  # --device cuda without a GPU: said now, not after minutes of loading

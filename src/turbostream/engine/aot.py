@@ -19,7 +19,7 @@ Every package is checked against the eager network on the recorded inputs when i
 match (stale, built from a changed model folder, corrupt) is rebuilt with a warning, never used. Packages are run
 single-threaded (no event queries or syncs of AOTInductor's own between calls), so the CUDA graphs captured after
 can hold their launches.
-The second format, `--compile-aot dynamo` (DynamoArtifacts): torch.compile's own ahead-of-time compile
+The second format, `--aot-format dynamo` (DynamoArtifacts): torch.compile's own ahead-of-time compile
 (`torch.compile(fullgraph=True).aot_compile`, `torch.compiler.load_compiled_function`), one artifact per network and
 bucket like the packages. It keeps what dynamo traced and inductor generated as a Python callable: a later start
 loads it and runs no dynamo either, but no C++ shared library of AOTInductor's is loaded (on some machines that load
@@ -370,7 +370,7 @@ class AotPackages:
 
 
 class DynamoArtifacts(AotPackages):
-    """`--compile-aot dynamo`: each network and bucket as torch.compile's ahead-of-time artifact instead of an
+    """`--aot-format dynamo`: each network and bucket as torch.compile's ahead-of-time artifact instead of an
     AOTInductor package (same plan, files, check against the eager network and rebuild of what is stale).
 
     The artifact is the module's forward traced whole by dynamo and compiled by inductor; it reads the weights from

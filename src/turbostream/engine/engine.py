@@ -457,7 +457,7 @@ class Engine:
                      else f"checked in a child process in {verdict.seconds:.1f} s")
             return None
         log.warning("--compile-aot: AOTInductor packages cannot be used here: %s. Running %s instead. %s",
-                    verdict.detail, "torch.compile's ahead-of-time artifacts (--compile-aot dynamo)" if self.is_cuda
+                    verdict.detail, "torch.compile's ahead-of-time artifacts (--aot-format dynamo)" if self.is_cuda
                     else "eager frames",
                     "The compile cache folder keeps this verdict for this torch, GPU and compiler (delete its "
                     "aotinductor-check-*.json to check again)." if folder is not None else "")
