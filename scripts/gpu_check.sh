@@ -246,7 +246,8 @@ PY
     aot)
       # One cache folder for the three steps, so the load test's server finds what the warm starts built.
       AOT_CACHE=${AOT_CACHE:-$(mktemp -d /tmp/turbostream-aot-XXXXXX)}
-      FMT=${AOT_FORMAT:-aotinductor}; SFX=$([ "$FMT" = dynamo ] && echo _dynamo)
+      FMT=${AOT_FORMAT:-aotinductor}; SFX=
+      if [ "$FMT" = dynamo ]; then SFX=_dynamo; fi  # its files beside the packages' in one $OUT
       if [ "${CHECK_CPU:-0}" = 1 ]; then AOT_TESTS=(tests/test_aot.py -k "engine or $FMT"); else
         AOT_TESTS=(-m gpu tests/test_engine_gpu.py -k "compile_aot and ($FMT or cannot_run)"); fi
       before=$status; status=0

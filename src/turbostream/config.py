@@ -38,7 +38,8 @@ MAX_SIDE = 1024
 # The one list of dtype and VAE names (the CLI's choices, EngineConfig's checks, models.DTYPES' keys).
 DTYPE_NAMES = ("auto", "float16", "bfloat16", "float32")
 VAE_KINDS = ("tiny", "full")
-# --aot-format (what --compile-aot builds): AOTInductor packages, or torch.compile's ahead-of-time artifacts (engine/aot.py).
+# --aot-format (what --compile-aot builds): AOTInductor packages, or torch.compile's ahead-of-time artifacts
+# (engine/aot.py).
 AOT_FORMATS = ("aotinductor", "dynamo")
 # What each format runs the networks as, in logs and reports.
 AOT_FORMAT_NAMES = {"aotinductor": "AOTInductor packages", "dynamo": "torch.compile AOT artifacts"}

@@ -19,6 +19,7 @@ Every package is checked against the eager network on the recorded inputs when i
 match (stale, built from a changed model folder, corrupt) is rebuilt with a warning, never used. Packages are run
 single-threaded (no event queries or syncs of AOTInductor's own between calls), so the CUDA graphs captured after
 can hold their launches.
+
 The second format, `--aot-format dynamo` (DynamoArtifacts): torch.compile's own ahead-of-time compile
 (`torch.compile(fullgraph=True).aot_compile`, `torch.compiler.load_compiled_function`), one artifact per network and
 bucket like the packages. It keeps what dynamo traced and inductor generated as a Python callable: a later start
