@@ -33,7 +33,7 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "unit_rescale",
                           "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default",
                           "compile_frame_graph", "fp8_compile", "compile_dynamic", "compile_aot",
-                          "compile_max_autotune", "temporal_reuse", "compile_reuse", "temporal_reuse_l1",
+                          "compile_aot_dynamo", "compile_max_autotune", "temporal_reuse", "compile_reuse", "temporal_reuse_l1",
                           "lean_reuse_l1", "compile_reuse_l1", "compile_aot_reuse_l1", "broken", "plain_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
     for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "plain_math"):
