@@ -7,7 +7,8 @@ start-up (the std::regex of its device-string parser), before any of our code ra
 happens in: a server started with `--compile-aot` would die at every start. So the engine first has a child build a
 toy package with the packages' settings, load it, hand it its weights, run it and (on CUDA) replay it in a CUDA graph
 as the engine does; only if all of that works are the real packages loaded in-process. Otherwise the engine says
-why and compiles with torch.compile instead (eager on the CPU).
+why and builds torch.compile's ahead-of-time artifacts instead (`--aot-format dynamo`, which loads no shared
+library; eager frames on the CPU).
 
 The verdict is kept in the compile cache folder (aotinductor-check-<key>.json), keyed by what decides it: torch, Python,
 the device, the C++ compiler inductor uses and the package settings. A later start reads the file. What says nothing
