@@ -397,19 +397,20 @@ def test_turbostream_warmup_builds_the_packages_once_and_the_next_run_loads_them
 
 def test_compile_aot_dynamo_builds_at_the_first_start_and_the_next_loads_without_tracing(tmp_path, monkeypatch,
                                                                                           capsys):
-    """`--compile-aot --aot-format dynamo`: torch.compile's ahead-of-time artifacts of tiny-random's networks, built by
-    `turbostream warmup` into the compile cache with their kernels; an engine started after it loads them (dynamo
-    traces nothing: building is refused) and its frames are within a level of the eager engine's."""
+    """`--compile-aot --aot-format dynamo`: torch.compile's ahead-of-time artifacts of tiny-random's networks, feature
+    reuse's full and partial forwards included (each traced whole), built by `turbostream warmup` into the compile
+    cache with their kernels; an engine started after it loads them (dynamo traces nothing: building is refused) and
+    its frames, plain and a reuse stream's full and partial ones, are within a level of the eager engine's."""
     from turbostream.cli import main
     from turbostream.engine import Engine
 
-    argv = ["warmup", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--buckets", "1",
+    argv = ["warmup", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--buckets", "1", "--reuse", "3",
             "--compile-aot", "--aot-format", "dynamo", "--compile-cache", str(tmp_path)]
     assert main(argv) == 0
-    assert "3 torch.compile AOT artifacts built, 0 loaded, kept in the compile cache" in capsys.readouterr().out
+    assert "5 torch.compile AOT artifacts built, 0 loaded, kept in the compile cache" in capsys.readouterr().out
     (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]
-    assert sorted(p.name for p in folder.glob("*.dynamo")) == ["decoder-b1.dynamo", "encoder-b1.dynamo",
-                                                                "unet-b1.dynamo"]
+    assert sorted(p.name for p in folder.glob("*.dynamo")) == [
+        "decoder-b1.dynamo", "encoder-b1.dynamo", "reuse_full-b1.dynamo", "reuse_partial-b1.dynamo", "unet-b1.dynamo"]
     assert '"aot_format": "dynamo"' in (folder / "key.json").read_text()
     assert (tmp_path / f"compile-{folder.name[4:]}.bin").is_file()  # the kernels, under the same key
 
@@ -420,19 +421,27 @@ def test_compile_aot_dynamo_builds_at_the_first_start_and_the_next_loads_without
 
     def config(**kw) -> EngineConfig:
         return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
-                            compile_cache=str(tmp_path), **kw)
+                            compile_cache=str(tmp_path), feature_reuse=True, **kw)
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    reusing = StreamParams("c", seed=3, reuse=3)  # full, partial, partial
+
+    def outputs(engine) -> list[np.ndarray]:
+        return engine.run(frames[:2], params) + [engine.run([f], [reusing], streams=["s"])[0] for f in frames]
 
     eager = Engine(config())
     eager.warmup()
+    expected = outputs(eager)
     ahead = Engine(config(compile=True, compile_aot=True, aot_format="dynamo"), eager.components)
     stats = ahead.warmup()
-    assert (stats.aot_format, stats.aot_packages_built, stats.aot_packages_loaded) == ("dynamo", 0, 3)
+    assert (stats.aot_format, stats.aot_packages_built, stats.aot_packages_loaded) == ("dynamo", 0, 5)
     assert stats.compile_cache_hit and stats.aot_unavailable is None
-    assert isinstance(ahead.math.unet_call, AotCall) and isinstance(ahead.math.decoder_call, AotCall)
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
-    for out, ref in zip(ahead.run(frames, params), eager.run(frames, params), strict=True):
+    assert isinstance(ahead.math.unet_call, AotCall) and isinstance(ahead.math.partial_call, AotCall)
+    got = outputs(ahead)
+    assert ahead.stats.reuse_partial_batches == 2
+    for out, ref in zip(got, expected, strict=True):
         assert int(np.abs(out.astype(np.int16) - ref.astype(np.int16)).max()) <= 1
 
 
