@@ -321,30 +321,38 @@ def test_without_a_cache_folder_nothing_is_kept(tmp_path, monkeypatch, kind):
 # ---------------------------------------------------------------- the engine, tiny-random
 
 
+def _tiny_config(tmp_path, **kw) -> EngineConfig:
+    """tiny-random at 64x64, batch 1, feature reuse on, its compile cache in tmp_path."""
+    return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
+                        compile_cache=str(tmp_path), feature_reuse=True, **kw)
+
+
+def _tiny_outputs(engine) -> list[np.ndarray]:
+    """Two plain frames in one batch, then a reuse stream's full, partial and partial frame."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    reusing = StreamParams("c", seed=3, reuse=3)
+    return engine.run(frames[:2], params) + [engine.run([f], [reusing], streams=["s"])[0] for f in frames]
+
+
+def _within_a_level(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    for out, ref in zip(got, expected, strict=True):
+        assert int(np.abs(out.astype(np.int16) - ref.astype(np.int16)).max()) <= 1
+
+
 def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(tmp_path, monkeypatch):
     """Every network, feature reuse's full and partial forwards included, through packages: built at the first start,
     loaded at the second, frames within a level of the eager engine's (plain frames, then a reuse stream's full and
     partial ones)."""
     from turbostream.engine import Engine
 
-    def config(**kw) -> EngineConfig:
-        return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
-                            compile_cache=str(tmp_path), feature_reuse=True, **kw)
-
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
-    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
-    reusing = StreamParams("c", seed=3, reuse=3)  # full, partial, partial
-
-    def outputs(engine) -> list[np.ndarray]:
-        return engine.run(frames[:2], params) + [engine.run([f], [reusing], streams=["s"])[0] for f in frames]
-
-    eager = Engine(config())
+    eager = Engine(_tiny_config(tmp_path))
     eager.warmup()
-    expected = outputs(eager)
+    expected = _tiny_outputs(eager)
     assert eager.stats.reuse_partial_batches == 2
 
-    first = Engine(config(compile=True, compile_aot=True), eager.components)
+    first = Engine(_tiny_config(tmp_path, compile=True, compile_aot=True), eager.components)
     first.warmup()
     assert (first.stats.aot_packages_built, first.stats.aot_packages_loaded) == (5, 0)
     assert not first.stats.compile_cache_hit and first.stats.aot_unavailable is None
@@ -360,7 +368,7 @@ def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(t
         raise AssertionError("a start with every package cached must not export")
 
     monkeypatch.setattr(torch.export, "export", no_export)
-    second = Engine(config(compile=True, compile_aot=True), eager.components)
+    second = Engine(_tiny_config(tmp_path, compile=True, compile_aot=True), eager.components)
     second.warmup()
     assert (second.stats.aot_packages_built, second.stats.aot_packages_loaded) == (0, 5)
     assert second.stats.compile_cache_hit
@@ -370,11 +378,10 @@ def test_engine_with_compile_aot_builds_then_loads_and_equals_the_eager_engine(t
     for engine in (first, second):
         assert isinstance(engine.math.unet_call, AotCall) and isinstance(engine.math.partial_call, AotCall)
         runs.clear()
-        got = outputs(engine)  # five batches of 1 (the largest bucket), each encoder, one UNet evaluation, decoder
+        got = _tiny_outputs(engine)  # five batches of 1 (the largest bucket): encoder, one UNet evaluation, decoder
         assert len(runs) == 5 * 3
         assert engine.stats.reuse_partial_batches == 2
-        for out, ref in zip(got, expected, strict=True):
-            assert int(np.abs(out.astype(np.int16) - ref.astype(np.int16)).max()) <= 1
+        _within_a_level(got, expected)
 
 
 def test_device_name_says_what_compiled_code_depends_on():
@@ -419,30 +426,17 @@ def test_compile_aot_dynamo_builds_at_the_first_start_and_the_next_loads_without
 
     monkeypatch.setattr(DynamoArtifacts, "_build", no_build)
 
-    def config(**kw) -> EngineConfig:
-        return EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
-                            compile_cache=str(tmp_path), feature_reuse=True, **kw)
-
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
-    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
-    reusing = StreamParams("c", seed=3, reuse=3)  # full, partial, partial
-
-    def outputs(engine) -> list[np.ndarray]:
-        return engine.run(frames[:2], params) + [engine.run([f], [reusing], streams=["s"])[0] for f in frames]
-
-    eager = Engine(config())
+    eager = Engine(_tiny_config(tmp_path))
     eager.warmup()
-    expected = outputs(eager)
-    ahead = Engine(config(compile=True, compile_aot=True, aot_format="dynamo"), eager.components)
+    expected = _tiny_outputs(eager)
+    ahead = Engine(_tiny_config(tmp_path, compile=True, compile_aot=True, aot_format="dynamo"), eager.components)
     stats = ahead.warmup()
     assert (stats.aot_format, stats.aot_packages_built, stats.aot_packages_loaded) == ("dynamo", 0, 5)
     assert stats.compile_cache_hit and stats.aot_unavailable is None
     assert isinstance(ahead.math.unet_call, AotCall) and isinstance(ahead.math.partial_call, AotCall)
-    got = outputs(ahead)
+    got = _tiny_outputs(ahead)
     assert ahead.stats.reuse_partial_batches == 2
-    for out, ref in zip(got, expected, strict=True):
-        assert int(np.abs(out.astype(np.int16) - ref.astype(np.int16)).max()) <= 1
+    _within_a_level(got, expected)
 
 
 def test_an_artifact_dynamo_cannot_build_is_a_clear_error_that_names_the_way_on(tmp_path, monkeypatch):

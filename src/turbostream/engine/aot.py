@@ -232,11 +232,12 @@ class AotPackages:
 
     label = "AOTInductor"  # what the log calls these artifacts
     suffix = ".pt2"
+    format_configs = PACKAGE_CONFIGS  # inductor settings of this format, under the compile mode's
 
     def __init__(self, folder: Path | None, *, device: torch.device, dtype: torch.dtype, dynamic: bool,
                  mode: str = "default") -> None:
         self.folder, self.device, self.dtype, self.dynamic = folder, device, dtype, dynamic
-        self.inductor_configs = {**PACKAGE_CONFIGS, **MODE_CONFIGS[mode]}
+        self.inductor_configs = {**self.format_configs, **MODE_CONFIGS[mode]}
         self.built = self.loaded = 0
         self.build_s = self.load_s = 0.0
         self.expected = 0  # packages this start will prepare (for the progress log; set by the caller)
@@ -382,11 +383,7 @@ class DynamoArtifacts(AotPackages):
 
     label = "torch.compile AOT"
     suffix = ".dynamo"
-
-    def __init__(self, folder: Path | None, *, device: torch.device, dtype: torch.dtype, dynamic: bool,
-                 mode: str = "default") -> None:
-        super().__init__(folder, device=device, dtype=dtype, dynamic=dynamic, mode=mode)
-        self.inductor_configs = dict(MODE_CONFIGS[mode])  # PACKAGE_CONFIGS are AOTInductor's
+    format_configs: dict = {}  # PACKAGE_CONFIGS are AOTInductor's (weights left out of its shared library)
 
     def _build(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
                layouts: tuple[torch.memory_format, ...]) -> None:
