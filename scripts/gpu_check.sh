@@ -12,7 +12,8 @@
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
 #         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
 # engine: the tests marked gpu, `turbostream bench --model random --device cuda --compile` at 512x512 (compiled
-#         batch 1, 4 and 8), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
+#         batch 1, 4 and 8; StreamDiffusion's rows too when its wheel is carried: device-wheels.sh
+#         streamdiffusion==0.1.1), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
 #         batch 1 and 8
 # norm:   --fused-norm's and --fused-epilogue's Triton kernels: tests/test_group_norm.py and tests/test_epilogue.py on
 #         CUDA (the kernels compiled for this GPU, against PyTorch at every SD-Turbo norm shape, in the engine's
@@ -96,7 +97,8 @@ status=0
 
 if [ -d .whl ] && { ! python3 -c "import diffusers, websockets, simplejpeg" 2>/dev/null \
     || { ls .whl/torchao-*.whl >/dev/null 2>&1 && ! python3 -c "import torchao" 2>/dev/null; } \
-    || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && ! python3 -c "import torchvision" 2>/dev/null; }; }; then
+    || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && ! python3 -c "import torchvision" 2>/dev/null; } \
+    || { ls .whl/streamdiffusion-*.whl >/dev/null 2>&1 && ! python3 -c "import streamdiffusion" 2>/dev/null; }; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import numpy as np
+import pytest
+import torch
+
 from turbostream.cli import main
+
+HAS_STREAMDIFFUSION = importlib.util.find_spec("streamdiffusion") is not None
 
 
 def test_bench_on_the_cpu_writes_the_documented_json(tmp_path, capsys):
@@ -30,6 +37,60 @@ def test_bench_on_the_cpu_writes_the_documented_json(tmp_path, capsys):
     assert res["engine_graph_ms"] is None and res["compiled_graph_ms"] is None and res["peak_mem_gib"] is None
     assert set(res["targets"].values()) == {None}
     assert "random weights" in capsys.readouterr().out
+    # StreamDiffusion's rows are CUDA only (its __call__ creates CUDA events): on the CPU the JSON says why not.
+    rival = res["streamdiffusion"]
+    assert rival["version"] == "0.1.1" and "same_work" not in rival and "demo" not in rival
+    assert ("CUDA only" if HAS_STREAMDIFFUSION else "pip install --no-deps streamdiffusion==0.1.1") in rival["skipped"]
+
+
+def test_bench_leaves_streamdiffusion_out_when_asked(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--iters", "1", "--burn-in",
+                 "0", "--skip-diffusers", "--skip-streamdiffusion", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "streamdiffusion" not in res and res["diffusers_ms"] is None and res["engine_eager_ms"] > 0
+
+
+@pytest.mark.skipif(not HAS_STREAMDIFFUSION, reason="streamdiffusion not installed (.ci/run installs it)")
+@pytest.mark.parametrize("key, expected", [("same_work", [499]), ("demo", [299, 99])])
+def test_streamdiffusion_runs_on_the_bench_components(tiny_components, key, expected):
+    """The rival is built on the bench's own UNet, text encoder and TAESD: its timesteps are the ones each row claims,
+    and the steps its __call__ takes (without the CUDA events that keep __call__ itself off the CPU) make a frame."""
+    import PIL.Image
+
+    from turbostream import rivals
+
+    setting = next(s for s in rivals.SETTINGS if s.key == key)
+    stream = rivals.build(tiny_components, tiny_components.vae, setting, 64, 64, "a watercolor")
+    assert rivals.timesteps(stream) == expected
+    assert stream.unet is tiny_components.unet and stream.vae is tiny_components.vae
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        x = stream.image_processor.preprocess(image, 64, 64)
+        for _ in range(len(expected)):  # a stream batch of n gives its first real frame after n calls
+            out = stream.decode_image(stream.predict_x0_batch(stream.encode_image(x)))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    picture = stream.image_processor.postprocess(out, output_type="pil")[0]
+    assert picture.size == (64, 64) and np.asarray(picture).std() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_STREAMDIFFUSION, reason="streamdiffusion not installed (.ci/run installs it)")
+def test_streamdiffusion_rows_on_cuda():
+    """On CUDA the bench times StreamDiffusion's own __call__ for both settings, PIL in and out."""
+    from turbostream.bench import BenchOptions, _streamdiffusion
+    from turbostream.models import load_components
+
+    comps = load_components("tiny-random", device="cuda", vae="tiny")
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rows = _streamdiffusion(comps, comps.vae, frame, torch.device("cuda"), 100.0, BenchOptions(iters=3, burn_in=2),
+                            torch.cuda.synchronize)
+    assert "skipped" not in rows, rows
+    assert rows["same_work"]["timesteps"] == [499] and rows["demo"]["timesteps"] == [299, 99]
+    for key in ("same_work", "demo"):
+        row = rows[key]
+        assert row["median_ms"] > 0 and row["iters"] == 3 and row["batch"] == 1
+        assert row["speedup_vs_diffusers"] == round(100.0 / row["median_ms"], 2)
 
 
 def test_serial_and_pipelined_rows_time_the_same_calls(engine):

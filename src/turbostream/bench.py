@@ -2,11 +2,12 @@
 
 Measured, each after a burn-in: (a) diffusers' AutoPipelineForImage2Image as the SD-Turbo model card uses it (full VAE,
 PIL in and out, 2 steps, strength 0.5, guidance 0; prompt embeddings precomputed), and the same pipeline with TAESD,
-so the VAE's share of the speedup is visible; (b) the engine eager; (c) the engine's CUDA graphs at every bucket, and
-back-to-back calls at the largest bucket serial against pipelined (submit/collect); (d) with --compile, compiled then captured. Per call: median and p95; frames/s; speedup over (a). Also peak GPU
-memory, warmup and compile seconds, FLOPs per frame (torch's FlopCounterMode on one eager frame) and achieved TFLOP/s,
-and parity (parity.py): the engine and diffusers in the bench's dtype against diffusers in fp32 on fresh components,
-in uint8 levels, with the project's pass rule.
+so the VAE's share of the speedup is visible; (a2) StreamDiffusion on the same components with TAESD, where it is
+installed (rivals.py; CUDA only); (b) the engine eager; (c) the engine's CUDA graphs at every bucket, and back-to-back
+calls at the largest bucket serial against pipelined (submit/collect); (d) with --compile, compiled then captured.
+Per call: median and p95; frames/s; speedup over (a). Also peak GPU memory, warmup and compile seconds, FLOPs per frame
+(torch's FlopCounterMode on one eager frame) and achieved TFLOP/s, and parity (parity.py): the engine and diffusers in
+the bench's dtype against diffusers in fp32 on fresh components, in uint8 levels, with the project's pass rule.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class BenchOptions:
     burn_in: int = 5  # untimed calls before each measurement
     compile_buckets: tuple[int, ...] = BENCH_COMPILE_BUCKETS  # batch sizes compiled and captured with --compile
     skip_diffusers: bool = False  # leave out the diffusers pipeline baseline (and parity)
+    skip_streamdiffusion: bool = False  # leave out StreamDiffusion's rows (rivals.py)
     json: str | None = None  # where to write the results
 
 
@@ -195,6 +197,11 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     diffusers_ms = res["diffusers_ms"]
     save()
 
+    # (a2) StreamDiffusion, also before any engine touches the modules.
+    if not opts.skip_streamdiffusion:
+        res["streamdiffusion"] = _streamdiffusion(comps, tiny_vae, frames[0], device, diffusers_ms, opts, sync)
+        save()
+
     # (b) the engine, eager (the CPU's only path).
     log.info("(b) engine eager")
     eager = Engine(dataclasses.replace(base_cfg, cuda_graphs=False, compile=False, buckets=(1,)), engine_comps)
@@ -267,6 +274,31 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     return 0
 
 
+def _streamdiffusion(comps: Components, tiny_vae, frame: np.ndarray, device: torch.device, diffusers_ms: float | None,
+                     opts: BenchOptions, sync: Callable[[], None]) -> dict:
+    """StreamDiffusion's rows (rivals.py), PIL in and out with TAESD, each setting timed like (a); or why not."""
+    from . import rivals
+
+    out: dict = {"version": rivals.STREAMDIFFUSION_VERSION, "acceleration": "none", "vae": "tiny"}
+    reason = rivals.unavailable(device)
+    if reason:
+        log.info("(a2) StreamDiffusion: skipped: %s", reason)
+        return dict(out, skipped=reason)
+    import PIL.Image
+
+    image = PIL.Image.fromarray(frame)
+    h, w = frame.shape[:2]
+    for setting in rivals.SETTINGS:
+        log.info("(a2) StreamDiffusion %s, %s", setting.key, setting.what)
+        stream = rivals.build(comps, tiny_vae, setting, w, h, PROMPT)
+        stats = _timed(partial(rivals.call, stream, image), opts.iters, opts.burn_in, sync)
+        out[setting.key] = dict(_row(stats, 1, diffusers_ms, None), what=setting.what,
+                                t_index_list=list(setting.t_index_list), timesteps=rivals.timesteps(stream))
+        log.info("    median %.2f ms, p95 %.2f ms", stats["median_ms"], stats["p95_ms"])
+        del stream
+    return out
+
+
 def _pipelined(engine: Engine, frames: list[np.ndarray], params: StreamParams, b: int, opts: BenchOptions) -> dict:
     """Frames/s of back-to-back calls at batch b, serial (run: stage, replay, wait, copy out) against pipelined
     (submit call k+1, then collect call k: its copy out overlaps the next call on the GPU), in one run."""
@@ -337,6 +369,9 @@ def _print_table(res: dict) -> None:
 
     add("diffusers (a), full VAE", res.get("diffusers_stats"))
     add("diffusers + TAESD", res.get("diffusers_taesd_stats"))
+    rival = res.get("streamdiffusion") or {}
+    add(f"StreamDiffusion {rival.get('version')}, one step t=499", rival.get("same_work"))
+    add(f"StreamDiffusion {rival.get('version')}, demo t=299+99", rival.get("demo"))
     add("engine eager", res.get("engine_eager"))
     for b, row in (res.get("engine_graph") or {}).items():
         add("engine graph", row, int(b))

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compile-buckets", type=buckets, default=BENCH_COMPILE_BUCKETS, metavar="1,4,8",
                    help="batch sizes compiled and captured with --compile (each costs a compile; default: 1,4,8)")
     p.add_argument("--skip-diffusers", action="store_true", help="leave out the diffusers pipeline baseline")
+    p.add_argument("--skip-streamdiffusion", action="store_true",
+                   help="leave out StreamDiffusion's rows (timed on CUDA where the streamdiffusion package is "
+                        "installed)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=main)
 
@@ -38,5 +41,6 @@ def main(args: argparse.Namespace) -> int:
     from ..bench import BenchOptions, run_bench
 
     options = BenchOptions(iters=args.iters, burn_in=args.burn_in, compile_buckets=args.compile_buckets,
-                           skip_diffusers=args.skip_diffusers, json=args.json)
+                           skip_diffusers=args.skip_diffusers, skip_streamdiffusion=args.skip_streamdiffusion,
+                           json=args.json)
     return run_bench(cfg, options)
