@@ -77,7 +77,8 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup; "
                    "kept in the compile cache, so the next start with the same settings is faster)")
     g.add_argument("--compile-cache", metavar="DIR", default="",
-                   help="folder of the compile cache (default: ~/.cache/turbostream/compile, or $TURBOSTREAM_CACHE)")
+                   help="folder of the compile cache (default: $TURBOSTREAM_CACHE/compile, else "
+                        "$XDG_CACHE_HOME/turbostream/compile, else ~/.cache/turbostream/compile)")
     g.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
                    help="compile from scratch every start, and keep nothing")
     g.add_argument("--compile-mode", type=compile_mode, default=d["compile_mode"].default, metavar="MODE",

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default=d.host, help="address to bind (default: %(default)s, this machine only)")
     g.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default: %(default)s)")
-    g.add_argument("--token", default=d.token, help="require this token on /ws (?token=...)")
+    g.add_argument("--token", default=d.token, help="require this token on /ws and /view/ws (?token=...)")
     g.add_argument("--control-token", default=d.control_token, help="lets /view clients change the prompt")
     g.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
                    help="also accept WebSocket connections from this Origin (repeatable; same origin always)")
