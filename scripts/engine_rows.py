@@ -23,6 +23,7 @@ batch-1 frame of one row (--profile-row; default: compile_default on CUDA, basel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -45,9 +46,17 @@ class Row:
     cuda_only: bool = False
     needs_s: float = 30.0  # about what the row costs on an H200 at 512x512 (compile rows: minutes); budget check
     fresh: bool = False  # changes modules for good (fp8): its own components, never the shared ones
+    # torch._inductor.config settings in force while the row is built, compiled and timed (compile rows)
+    inductor: dict = dataclasses.field(default_factory=dict)
 
 
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
+# The inductor settings pytorch-labs' diffusion-fast and diffusers' torch.compile guide use for SD UNets: 1x1 convs
+# lowered to matmuls (which inductor can tune and fuse), coordinate-descent tuning of the Triton kernels' launch
+# settings, tried in every direction, and no epilogue fusion into matmul templates. Candidate rows only: no engine
+# option sets them until a GPU shows a gain.
+DIFFUSION_FAST = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
 # Cheap rows first, so a short budget still measures most of them; the compile rows cost minutes each.
 ROWS = (
     Row("baseline", {}, "CUDA graphs, PyTorch's attention choice, no /1.0 (today's default)"),
@@ -80,6 +89,12 @@ ROWS = (
         "+ graphs", cuda_only=True, needs_s=200),
     Row("compile_max_autotune", {"compile": True, "compile_mode": MAX_AUTOTUNE},
         "torch.compile max-autotune-no-cudagraphs + graphs", cuda_only=True, needs_s=420),
+    Row("compile_tuned", {"compile": True}, "torch.compile (default mode) with diffusion-fast's inductor settings "
+        "(1x1 convs as matmuls, coordinate-descent tuning, no epilogue fusion) + graphs", cuda_only=True,
+        needs_s=300, inductor=DIFFUSION_FAST),
+    Row("compile_max_autotune_tuned", {"compile": True, "compile_mode": MAX_AUTOTUNE},
+        "torch.compile max-autotune-no-cudagraphs with diffusion-fast's inductor settings + graphs", cuda_only=True,
+        needs_s=480, inductor=DIFFUSION_FAST),
     Row("temporal_reuse", {"feature_reuse": True}, "graphs + temporal feature reuse: full (keep) and partial frames",
         needs_s=45),
     Row("compile_reuse", {"compile": True, "feature_reuse": True},
@@ -139,24 +154,46 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def _value(text: str):
+    """A --row value: true/false, an int, a float, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def extra_row(spec: str) -> Row:
-    """--row NAME:FIELD=VALUE,...: a Row of those EngineConfig fields (true/false are booleans)."""
+    """--row NAME:FIELD=VALUE,...: a Row of those EngineConfig fields (true/false are booleans), and
+    inductor.SETTING=VALUE items: torch._inductor.config settings in force for the row."""
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
     allowed = ("attention", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format", "fp8",
                "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph", "fused_norm",
                "fused_epilogue")
-    options = {}
+    options, inductor = {}, {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
+        if eq and key.startswith("inductor."):
+            import torch._inductor.config as inductor_config
+
+            setting = key.removeprefix("inductor.")
+            if not hasattr(inductor_config, setting):
+                raise ValueError(f"--row {spec!r}: torch._inductor.config has no setting {setting!r}")
+            inductor[setting] = _value(value)
+            continue
         if not eq or key not in allowed:
-            raise ValueError(f"--row {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(allowed)}")
+            raise ValueError(f"--row {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(allowed)} "
+                             "or inductor.SETTING")
         options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     cuda_only = bool(options.get("compile") or options.get("fp8")) or options.get("attention") in ("efficient", "cudnn")
     return Row(name, options, f"extra row {fields}", cuda_only=cuda_only,
                needs_s=420 if options.get("compile_mode") == MAX_AUTOTUNE else 200 if options.get("compile") else 30,
-               fresh=bool(options.get("fp8")))
+               fresh=bool(options.get("fp8")), inductor=inductor)
 
 
 def smooth_frames(n: int, size: int):
@@ -306,11 +343,18 @@ class Rows:
             torch._dynamo.reset()  # compiled code of an earlier row must not serve this one
             if not a.warm_caches:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{row.name}-")
+        settings = contextlib.ExitStack()  # the row's inductor settings, until the row is done
+        if row.inductor:
+            import torch._inductor.config as inductor_config
+
+            settings.enter_context(inductor_config.patch(row.inductor))
         engine = None
         try:
             engine = Engine(cfg, comps)
             out["applied"] = applied(engine.unet)
             stats = engine.warmup()  # compiles with cfg.torch_compile_mode (Engine._compile)
+            if row.inductor:  # the settings in force while this row warmed up (and compiled, if it compiles)
+                out["inductor"] = {k: getattr(inductor_config, k) for k in row.inductor}
             out.update(warmup_s=round(stats.warmup_s, 2), compile_s=round(stats.compile_s, 1) if cfg.compile else None,
                        graphs=engine.use_graphs, capture_s={k: round(v, 3) for k, v in stats.capture_s.items()},
                        kernel_variants=stats.kernel_variants, kernel_compile_s=round(stats.kernel_compile_s, 2))
@@ -350,6 +394,7 @@ class Rows:
                 torch._dynamo.reset()
             comps = None
             self.free()
+            settings.close()
 
     def time_reuse(self, engine, b: int) -> dict:
         """Per-call ms of full frames that keep deep features and of partial frames, b streams with reuse 4 (a full

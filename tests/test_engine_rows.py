@@ -27,14 +27,16 @@ def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]
 
 def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     proc, res = _run(tmp_path, "--profile", "--row", "broken:attention=xformers",
-                     "--row", "plain_math:attention=math,skip_unit_rescale=false")
+                     "--row", "plain_math:attention=math,skip_unit_rescale=false",
+                     "--row", "mm_math:attention=math,inductor.conv_1x1_as_mm=true,inductor.epilogue_fusion=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = res["rows"]
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "unit_rescale",
                           "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default",
                           "compile_frame_graph", "fp8_compile", "compile_dynamic", "compile_aot",
-                          "compile_aot_dynamo", "compile_max_autotune", "temporal_reuse", "compile_reuse", "temporal_reuse_l1",
-                          "lean_reuse_l1", "compile_reuse_l1", "compile_aot_reuse_l1", "broken", "plain_math"]
+                          "compile_aot_dynamo", "compile_max_autotune", "compile_tuned", "compile_max_autotune_tuned",
+                          "temporal_reuse", "compile_reuse", "temporal_reuse_l1", "lean_reuse_l1", "compile_reuse_l1",
+                          "compile_aot_reuse_l1", "broken", "plain_math", "mm_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
     for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "plain_math"):
         row = rows[name]
@@ -56,13 +58,18 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert rows["attn_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=True)": 8}
     assert rows["plain_math"]["config"]["attention"] == "math"
+    # A row's inductor settings are what inductor reads while that row warms up (torch's defaults are the opposite),
+    # and only then: the rows before it ran without them.
+    assert rows["mm_math"]["status"] == "ok" and rows["mm_math"]["config"]["attention"] == "math"
+    assert rows["mm_math"]["inductor"] == {"conv_1x1_as_mm": True, "epilogue_fusion": False}
+    assert "inductor" not in rows["plain_math"] and "inductor" not in rows["baseline"]
     assert rows["plain_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
     assert rows["plain_math"]["applied"]["lean_resnets"] == 0
     for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "fp8",
                  "compile_default", "compile_frame_graph", "fp8_compile", "compile_dynamic", "compile_aot",
-                 "compile_max_autotune", "compile_reuse",
-                 "lean_reuse_l1", "compile_reuse_l1", "compile_aot_reuse_l1"):
+                 "compile_aot_dynamo", "compile_max_autotune", "compile_tuned", "compile_max_autotune_tuned",
+                 "compile_reuse", "lean_reuse_l1", "compile_reuse_l1", "compile_aot_reuse_l1"):
         assert rows[name]["skipped"] == "CUDA only"
     for name, layers in (("temporal_reuse", None), ("temporal_reuse_l1", 1)):
         reuse = rows[name]
@@ -125,7 +132,8 @@ def test_reuse_targets_name_the_least_setting_within_4ms(monkeypatch):
 
 def test_bad_rows_are_refused(tmp_path):
     for args, message in ((["--rows", "baseline,warp"], "unknown rows ['warp']"),
-                          (["--row", "x:speed=11"], "is not FIELD=VALUE"), (["--row", "baseline:fp8=true"], "NAME")):
+                          (["--row", "x:speed=11"], "is not FIELD=VALUE"), (["--row", "baseline:fp8=true"], "NAME"),
+                          (["--row", "x:compile=true,inductor.warp_speed=1"], "has no setting 'warp_speed'")):
         proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(tmp_path / "r.json")],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
