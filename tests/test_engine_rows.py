@@ -161,3 +161,27 @@ def test_compile_mode_and_dynamic_reach_torch_compile(monkeypatch, tiny_componen
     engine = Engine(preset("test", compile_dynamic=True, compile_cache=None), tiny_components)
     engine._compile()
     assert [kw.get("dynamic", "missing") for kw in seen] == [None] * 3  # compile_dynamic: torch's automatic choice
+
+
+def test_compile_says_which_batch_size_it_is_compiling(monkeypatch, tiny_components, caplog):
+    """A first `--compile` start spends minutes in Engine._compile: it logs each batch size as it starts and ends it,
+    in bucket order, not only the total at the end."""
+    import logging
+
+    import torch
+
+    from turbostream.config import preset
+    from turbostream.engine import Engine
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    engine = Engine(preset("test", buckets=(1, 2, 4), compile_cache=None), tiny_components)
+    with caplog.at_level(logging.INFO, logger="turbostream.engine"):
+        engine._compile()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch.compile: batch size")]
+    assert [line.split(" in ")[0] for line in lines] == [
+        "torch.compile: batch size 1 (1 of 3)...", "torch.compile: batch size 1 ready",
+        "torch.compile: batch size 2 (2 of 3)...", "torch.compile: batch size 2 ready",
+        "torch.compile: batch size 4 (3 of 3)...", "torch.compile: batch size 4 ready"]
+    assert any(r.getMessage().startswith("torch.compile: ") and "for buckets (1, 2, 4)" in r.getMessage()
+               for r in caplog.records)

@@ -433,10 +433,14 @@ class Engine:
             self.math.full_call = torch.compile(self.reuse.full, fullgraph=False, dynamic=dynamic, mode=mode)
             self.math.partial_call = torch.compile(self.reuse.partial, fullgraph=False, dynamic=dynamic, mode=mode)
         # Compile every bucket and step mode now (eager runs on the compiled modules), so no call on the hot path
-        # compiles and the timing below is the whole compile cost.
-        for b in self.config.buckets:
+        # compiles and the timing below is the whole compile cost. A first start spends minutes here: say where it is.
+        buckets = self.config.buckets
+        for i, b in enumerate(buckets, start=1):
+            t_bucket = time.perf_counter()
+            log.info("torch.compile: batch size %d (%d of %d)...", b, i, len(buckets))
             self._default_frames(b)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            log.info("torch.compile: batch size %d ready in %.1f s", b, time.perf_counter() - t_bucket)
         self.stats.compile_s = time.perf_counter() - t0
         log.info("torch.compile: %.1f s for buckets %s (compile cache %s)", self.stats.compile_s, self.config.buckets,
                  "hit" if self.stats.compile_cache_hit else "off" if cache is None else "miss")
