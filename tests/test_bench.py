@@ -108,3 +108,18 @@ def test_serial_and_pipelined_rows_time_the_same_calls(engine):
     assert engine.stats.calls - before == 4 * row["calls"]  # burn-in and timed run, each way
     assert engine.in_flight == 0 and row["serial_fps"] > 0 and row["pipelined_fps"] > 0
     assert row["speedup"] == round(row["pipelined_fps"] / row["serial_fps"], 3)
+
+
+def test_ratios_to_streamdiffusion_come_from_the_same_run():
+    from turbostream.bench import _vs_streamdiffusion
+
+    def row(ms, batch):
+        return {"median_ms": ms, "batch": batch, "fps": round(1e3 * batch / ms, 1)}
+
+    assert _vs_streamdiffusion({"streamdiffusion": {"skipped": "CUDA only"}}) is None
+    res = {"streamdiffusion": {"same_work": row(30.0, 1)}, "engine_eager": row(45.0, 1),
+           "engine_graph": {"1": row(10.0, 1), "8": row(40.0, 8)}, "compiled_graph": None}
+    vs = _vs_streamdiffusion(res)
+    assert vs == {"streamdiffusion_ms": 30.0, "streamdiffusion_fps": 33.3,
+                  "eager_b1_speedup": 0.67, "eager_best_fps_ratio": 0.67, "eager_best_batch": 1,
+                  "graph_b1_speedup": 3.0, "graph_best_fps_ratio": 6.01, "graph_best_batch": 8}

@@ -175,6 +175,7 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     def save() -> None:
         """Write what is measured so far: a run cut short (a time limit, a crash in a later phase) keeps it."""
         res["targets"] = _targets(res)
+        res["vs_streamdiffusion"] = _vs_streamdiffusion(res)
         if opts.json:
             Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
             Path(opts.json).write_text(json.dumps(res, indent=2) + "\n")
@@ -347,6 +348,27 @@ def _targets(res: dict) -> dict:
     }
 
 
+def _vs_streamdiffusion(res: dict) -> dict | None:
+    """The engine's paths against StreamDiffusion doing the same work (its `same_work` row), from this run: batch 1
+    time (its median over the path's) and best frames/s (the path's best batch over its one frame a call); None
+    when it was not timed."""
+    rival = (res.get("streamdiffusion") or {}).get("same_work")
+    if not rival:
+        return None
+    paths = {"eager": {"1": res["engine_eager"]} if res.get("engine_eager") else None,
+             "graph": res.get("engine_graph"), "compiled": res.get("compiled_graph")}
+    out = {"streamdiffusion_ms": rival["median_ms"], "streamdiffusion_fps": rival["fps"]}
+    for name, rows in paths.items():
+        if not rows:
+            continue
+        if "1" in rows:
+            out[f"{name}_b1_speedup"] = round(rival["median_ms"] / rows["1"]["median_ms"], 2)
+        best = max(rows.values(), key=lambda row: row["fps"])
+        out[f"{name}_best_fps_ratio"] = round(best["fps"] / rival["fps"], 2)
+        out[f"{name}_best_batch"] = best["batch"]
+    return out
+
+
 def _print_table(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -388,3 +410,9 @@ def _print_table(res: dict) -> None:
                                       "peak_mem_gib", "warmup_s", "compile_s")}
     console.print(" ".join(f"{k}={v}" for k, v in extras.items() if v is not None))
     console.print("targets: " + ", ".join(f"{k}={v}" for k, v in res["targets"].items()))
+    vs = res.get("vs_streamdiffusion")
+    if vs:
+        parts = [f"{name} batch 1 x{vs[f'{name}_b1_speedup']}, best frames/s x{vs[f'{name}_best_fps_ratio']} (batch "
+                 f"{vs[f'{name}_best_batch']})" for name in ("eager", "graph", "compiled") if f"{name}_b1_speedup" in vs]
+        console.print(f"against StreamDiffusion doing the same work ({vs['streamdiffusion_ms']:.2f} ms a frame, "
+                      f"this run): " + "; ".join(parts))
