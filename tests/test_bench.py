@@ -111,7 +111,7 @@ def test_serial_and_pipelined_rows_time_the_same_calls(engine):
 
 
 def test_ratios_to_streamdiffusion_come_from_the_same_run():
-    from turbostream.bench import _vs_streamdiffusion
+    from turbostream.bench import _vs_streamdiffusion, _vs_streamdiffusion_line
 
     def row(ms, batch):
         return {"median_ms": ms, "batch": batch, "fps": round(1e3 * batch / ms, 1)}
@@ -123,3 +123,6 @@ def test_ratios_to_streamdiffusion_come_from_the_same_run():
     assert vs == {"streamdiffusion_ms": 30.0, "streamdiffusion_fps": 33.3,
                   "eager_b1_speedup": 0.67, "eager_best_fps_ratio": 0.67, "eager_best_batch": 1,
                   "graph_b1_speedup": 3.0, "graph_best_fps_ratio": 6.01, "graph_best_batch": 8}
+    assert _vs_streamdiffusion_line(vs) == (
+        "against StreamDiffusion doing the same work (30.00 ms a frame, this run): eager batch 1 x0.67, best frames/s "
+        "x0.67 (batch 1); graph batch 1 x3.0, best frames/s x6.01 (batch 8)")

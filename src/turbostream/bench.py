@@ -369,6 +369,15 @@ def _vs_streamdiffusion(res: dict) -> dict | None:
     return out
 
 
+def _vs_streamdiffusion_line(vs: dict) -> str:
+    """One printed line of _vs_streamdiffusion's ratios."""
+    parts = [f"{name} batch 1 x{vs[f'{name}_b1_speedup']}, best frames/s x{vs[f'{name}_best_fps_ratio']} "
+             f"(batch {vs[f'{name}_best_batch']})"
+             for name in ("eager", "graph", "compiled") if f"{name}_b1_speedup" in vs]
+    return (f"against StreamDiffusion doing the same work ({vs['streamdiffusion_ms']:.2f} ms a frame, this run): "
+            + "; ".join(parts))
+
+
 def _print_table(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -410,9 +419,5 @@ def _print_table(res: dict) -> None:
                                       "peak_mem_gib", "warmup_s", "compile_s")}
     console.print(" ".join(f"{k}={v}" for k, v in extras.items() if v is not None))
     console.print("targets: " + ", ".join(f"{k}={v}" for k, v in res["targets"].items()))
-    vs = res.get("vs_streamdiffusion")
-    if vs:
-        parts = [f"{name} batch 1 x{vs[f'{name}_b1_speedup']}, best frames/s x{vs[f'{name}_best_fps_ratio']} (batch "
-                 f"{vs[f'{name}_best_batch']})" for name in ("eager", "graph", "compiled") if f"{name}_b1_speedup" in vs]
-        console.print(f"against StreamDiffusion doing the same work ({vs['streamdiffusion_ms']:.2f} ms a frame, "
-                      f"this run): " + "; ".join(parts))
+    if res.get("vs_streamdiffusion"):
+        console.print(_vs_streamdiffusion_line(res["vs_streamdiffusion"]))
