@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, for the lent device machine (or any CUDA machine), in one script.
 #
-#   bash scripts/gpu_check.sh [tests] [parity] [engine] [norm] [rows] [jpeg] [codecs] [latency] [serve]
+#   bash scripts/gpu_check.sh [tests] [parity] [engine] [bench] [norm] [rows] [jpeg] [codecs] [latency] [serve]
 #                             [serve-compile] [gil] [soak] [starts] [warmstart] [aot] [aotprobe] [trace] [reuse] [sim]
 #                                                                                          (default: parity engine serve)
 #
@@ -15,6 +15,9 @@
 #         batch 1, 4 and 8; StreamDiffusion's rows too when its wheel is carried: device-wheels.sh
 #         streamdiffusion==0.1.1), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
 #         batch 1 and 8
+# bench:  the engine stage's bench alone (no tests, no host microbenchmark), BENCH_ARGS added to its command line
+#         (e.g. BENCH_ARGS=--skip-diffusers: compiled batch 1, 4, 8 and StreamDiffusion's rows, without the diffusers
+#         rows and parity); $OUT/bench.json. About four minutes
 # norm:   --fused-norm's and --fused-epilogue's Triton kernels: tests/test_group_norm.py and tests/test_epilogue.py on
 #         CUDA (the kernels compiled for this GPU, against PyTorch at every SD-Turbo norm shape, in the engine's
 #         graphs), then scripts/group_norm_speed.py (eager vs fused per norm shape, each in a CUDA graph); JSON in
@@ -164,6 +167,10 @@ for stage in "${stages[@]}"; do
       step bench 330 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json"
       step host-overhead 120 "$PY" scripts/host_overhead.py "${MODEL[@]:2}" --batches 1,8 \
         --json "$OUT/host_overhead.json" ;;
+    bench)
+      read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
+      step bench 330 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" "${BENCH_EXTRA[@]}" \
+        --json "$OUT/bench.json" ;;
     norm)
       if [ "${CHECK_CPU:-0}" = 1 ]; then NORM_ARGS=(--device cpu --quick); NORM_S=600; else NORM_ARGS=(); NORM_S=180; fi
       step norm-tests "$NORM_S" "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py tests/test_epilogue.py

@@ -36,19 +36,27 @@ def test_bench_on_the_cpu_writes_the_documented_json(tmp_path, capsys):
     assert res["parity_pass"] is True and res["parity_engine_max"] == res["parity"]["tiny"]["engine"]["max"]
     assert res["engine_graph_ms"] is None and res["compiled_graph_ms"] is None and res["peak_mem_gib"] is None
     assert set(res["targets"].values()) == {None}
-    assert "random weights" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "random weights" in printed
+    row_a = next(line for line in printed.splitlines() if "diffusers (a)" in line)
+    assert [cell.strip() for cell in row_a.split("│")[1:-1]][6] == "1.0"  # the baseline itself
     # StreamDiffusion's rows are CUDA only (its __call__ creates CUDA events): on the CPU the JSON says why not.
     rival = res["streamdiffusion"]
     assert rival["version"] == "0.1.1" and "same_work" not in rival and "demo" not in rival
     assert ("CUDA only" if HAS_STREAMDIFFUSION else "pip install --no-deps streamdiffusion==0.1.1") in rival["skipped"]
 
 
-def test_bench_leaves_streamdiffusion_out_when_asked(tmp_path):
+def test_bench_leaves_streamdiffusion_out_when_asked(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--iters", "1", "--burn-in",
                  "0", "--skip-diffusers", "--skip-streamdiffusion", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert "streamdiffusion" not in res and res["diffusers_ms"] is None and res["engine_eager_ms"] > 0
+    assert res["vs_streamdiffusion"] is None
+    # Without the diffusers rows there is no "x diffusers" figure to print (not a 1.0 that reads as "as fast").
+    eager = next(line for line in capsys.readouterr().out.splitlines() if "engine eager" in line)
+    cells = [cell.strip() for cell in eager.split("│")[1:-1]]
+    assert cells[0] == "engine eager" and cells[5] == f"{res['engine_eager']['fps']:.1f}" and cells[6] == "", cells
 
 
 @pytest.mark.skipif(not HAS_STREAMDIFFUSION, reason="streamdiffusion not installed (.ci/run installs it)")

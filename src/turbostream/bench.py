@@ -395,10 +395,11 @@ def _print_table(res: dict) -> None:
         table.add_row(name, str(batch), f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}",
                       f"{row.get('per_frame_ms', row['median_ms'] / batch):.2f}",
                       f"{row.get('fps', 1e3 * batch / row['median_ms']):.1f}",
-                      str(row.get("speedup_vs_diffusers", "1.0")),
+                      str(row.get("speedup_vs_diffusers", "")),  # none without the diffusers rows
                       str(row.get("tflops", "")))
 
-    add("diffusers (a), full VAE", res.get("diffusers_stats"))
+    add("diffusers (a), full VAE", dict(res["diffusers_stats"], speedup_vs_diffusers=1.0)
+        if res.get("diffusers_stats") else None)
     add("diffusers + TAESD", res.get("diffusers_taesd_stats"))
     rival = res.get("streamdiffusion") or {}
     add(f"StreamDiffusion {rival.get('version')}, one step t=499", rival.get("same_work"))
