@@ -11,7 +11,10 @@ It runs without TensorRT (acceleration "none": PyTorch's own attention), as it w
 installed; its TensorRT path needs NVIDIA's TensorRT packages and an engine build per GPU, which this bench does not do.
 One call is what its wrapper's img2img does: a PIL image in, `StreamDiffusion.__call__` (preprocess to [-1, 1], TAESD
 encode, the UNet, TAESD decode, and its own CUDA-event timing with a device sync), then the [-1, 1] tensor to a PIL
-image. That __call__ creates CUDA events, so it runs on CUDA only.
+image (diffusers' VaeImageProcessor.postprocess: the same denormalize, copy and rounding as its wrapper's own
+postprocess_image). Its wrapper also runs the preprocessing once before __call__, which runs it again on the tensor;
+the bench leaves that first pass out, if anything in its favour. That __call__ creates CUDA events, so it runs on
+CUDA only.
 
 Two settings, each a row:
 - `same_work`: one denoising step at t=499 (t_index 25 of 50 LCM steps), the work of turbostream's default (2 steps
