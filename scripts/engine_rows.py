@@ -155,7 +155,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def _value(text: str):
-    """A --row value: true/false, an int, a float, else the text."""
+    """A --row value: true/false (booleans), an int, a float, else the text."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind in (int, float):
@@ -167,8 +167,8 @@ def _value(text: str):
 
 
 def extra_row(spec: str) -> Row:
-    """--row NAME:FIELD=VALUE,...: a Row of those EngineConfig fields (true/false are booleans), and
-    inductor.SETTING=VALUE items: torch._inductor.config settings in force for the row."""
+    """--row NAME:FIELD=VALUE,...: a Row of those EngineConfig fields, and inductor.SETTING=VALUE items:
+    torch._inductor.config settings in force for the row (values as _value reads them)."""
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
@@ -189,7 +189,7 @@ def extra_row(spec: str) -> Row:
         if not eq or key not in allowed:
             raise ValueError(f"--row {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(allowed)} "
                              "or inductor.SETTING")
-        options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+        options[key] = _value(value)
     cuda_only = bool(options.get("compile") or options.get("fp8")) or options.get("attention") in ("efficient", "cudnn")
     return Row(name, options, f"extra row {fields}", cuda_only=cuda_only,
                needs_s=420 if options.get("compile_mode") == MAX_AUTOTUNE else 200 if options.get("compile") else 30,
