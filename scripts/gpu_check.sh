@@ -17,7 +17,9 @@
 #         batch 1 and 8
 # bench:  the engine stage's bench alone (no tests, no host microbenchmark), BENCH_ARGS added to its command line
 #         (e.g. BENCH_ARGS=--skip-diffusers: compiled batch 1, 4, 8 and StreamDiffusion's rows, without the diffusers
-#         rows and parity); $OUT/bench.json. About four minutes
+#         rows and parity); $OUT/bench.json; BENCH_S limits it (default 330 s). About four minutes, compiling; after
+#         the aot stage, BENCH_ARGS="--compile-aot --aot-format dynamo --compile-dynamic --compile-cache $AOT_CACHE
+#         --compile-buckets 1,2,4,8" (with AOT_CACHE set for both) loads what its starts built instead of compiling
 # norm:   --fused-norm's and --fused-epilogue's Triton kernels: tests/test_group_norm.py and tests/test_epilogue.py on
 #         CUDA (the kernels compiled for this GPU, against PyTorch at every SD-Turbo norm shape, in the engine's
 #         graphs), then scripts/group_norm_speed.py (eager vs fused per norm shape, each in a CUDA graph); JSON in
@@ -169,7 +171,7 @@ for stage in "${stages[@]}"; do
         --json "$OUT/host_overhead.json" ;;
     bench)
       read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
-      step bench 330 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" "${BENCH_EXTRA[@]}" \
+      step bench "${BENCH_S:-330}" "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" "${BENCH_EXTRA[@]}" \
         --json "$OUT/bench.json" ;;
     norm)
       if [ "${CHECK_CPU:-0}" = 1 ]; then NORM_ARGS=(--device cpu --quick); NORM_S=600; else NORM_ARGS=(); NORM_S=180; fi
