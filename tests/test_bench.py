@@ -134,3 +134,22 @@ def test_ratios_to_streamdiffusion_come_from_the_same_run():
     assert _vs_streamdiffusion_line(vs) == (
         "against StreamDiffusion doing the same work (30.00 ms a frame, this run): eager batch 1 x0.67, best frames/s "
         "x0.67 (batch 1); graph batch 1 x3.0, best frames/s x6.01 (batch 8)")
+
+
+def test_a_failing_streamdiffusion_costs_the_bench_nothing_else(tmp_path, monkeypatch):
+    """StreamDiffusion is another project's code: if it fails (an API it relies on changed, out of memory), its row
+    records the error and the bench goes on to the engine's rows."""
+    from turbostream import rivals
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'StableDiffusionPipeline' object has no attribute 'encode_prompt'")
+
+    monkeypatch.setattr(rivals, "unavailable", lambda device: None)
+    monkeypatch.setattr(rivals, "build", broken)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--iters", "1", "--burn-in",
+                 "0", "--skip-diffusers", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("same_work", "demo"):
+        assert res["streamdiffusion"][key]["error"].startswith("AttributeError: 'StableDiffusionPipeline'")
+    assert res["vs_streamdiffusion"] is None and res["engine_eager_ms"] > 0
