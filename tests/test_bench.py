@@ -153,3 +153,26 @@ def test_a_failing_streamdiffusion_costs_the_bench_nothing_else(tmp_path, monkey
     for key in ("same_work", "demo"):
         assert res["streamdiffusion"][key]["error"].startswith("AttributeError: 'StableDiffusionPipeline'")
     assert res["vs_streamdiffusion"] is None and res["engine_eager_ms"] > 0
+
+
+def test_streamdiffusion_that_cannot_be_imported_is_a_reason_not_a_crash(monkeypatch):
+    import builtins
+
+    from turbostream import rivals
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "streamdiffusion":
+            raise failure
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.delitem(__import__("sys").modules, "streamdiffusion", raising=False)
+    for failure, expected in ((ModuleNotFoundError("No module named 'streamdiffusion'", name="streamdiffusion"),
+                               "streamdiffusion is not installed; to time it: pip install --no-deps"),
+                              (ImportError("cannot import name 'retrieve_latents'"),
+                               "cannot be imported (ImportError: cannot import name 'retrieve_latents')"),
+                              (AttributeError("module 'diffusers' has no attribute 'LCMScheduler'"),
+                               "cannot be imported (AttributeError: module 'diffusers'")):
+        assert expected in rivals.unavailable(torch.device("cuda"))

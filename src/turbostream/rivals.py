@@ -55,8 +55,12 @@ def unavailable(device: torch.device) -> str | None:
     """Why StreamDiffusion cannot be timed here (not installed, no CUDA), or None when it can."""
     try:
         import streamdiffusion  # noqa: F401
-    except ImportError as e:
-        return f"streamdiffusion is not installed ({e}); to time it: {INSTALL}"
+    except ModuleNotFoundError as e:
+        if e.name == "streamdiffusion":
+            return f"streamdiffusion is not installed; to time it: {INSTALL}"
+        return f"streamdiffusion cannot be imported ({e}); it was made for: {INSTALL}"
+    except Exception as e:  # noqa: BLE001 - another project failing to import against this diffusers
+        return f"streamdiffusion cannot be imported ({type(e).__name__}: {e}); it was made for: {INSTALL}"
     if device.type != "cuda":
         return "StreamDiffusion's __call__ times itself with CUDA events: it runs on CUDA only"
     return None
