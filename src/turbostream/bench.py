@@ -280,7 +280,7 @@ def _streamdiffusion(comps: Components, tiny_vae, frame: np.ndarray, device: tor
     """StreamDiffusion's rows (rivals.py), PIL in and out with TAESD, each setting timed like (a); or why not."""
     from . import rivals
 
-    out: dict = {"version": rivals.STREAMDIFFUSION_VERSION, "acceleration": "none", "vae": "tiny"}
+    out: dict = {"version": rivals.installed_version(), "acceleration": "none", "vae": "tiny"}
     reason = rivals.unavailable(device)
     if reason:
         log.info("(a2) StreamDiffusion: skipped: %s", reason)

@@ -51,6 +51,16 @@ SETTINGS = (
 )
 
 
+def installed_version() -> str | None:
+    """The installed streamdiffusion's version (what the bench records), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamdiffusion")
+    except PackageNotFoundError:
+        return None
+
+
 def unavailable(device: torch.device) -> str | None:
     """Why StreamDiffusion cannot be timed here (not installed, no CUDA), or None when it can."""
     try:
