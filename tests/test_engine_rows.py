@@ -58,8 +58,8 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert rows["attn_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=True)": 8}
     assert rows["plain_math"]["config"]["attention"] == "math"
-    # A row's inductor settings are what inductor reads while that row warms up (torch's defaults are the opposite),
-    # and only then: the rows before it ran without them.
+    # A row's inductor settings are what inductor reads while that row warms up (torch's defaults are the opposite);
+    # rows without settings of their own record none.
     assert rows["mm_math"]["status"] == "ok" and rows["mm_math"]["config"]["attention"] == "math"
     assert rows["mm_math"]["inductor"] == {"conv_1x1_as_mm": True, "epilogue_fusion": False}
     assert "inductor" not in rows["plain_math"] and "inductor" not in rows["baseline"]
