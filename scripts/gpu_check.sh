@@ -15,11 +15,12 @@
 #         batch 1, 4 and 8; StreamDiffusion's rows too when its wheel is carried: device-wheels.sh
 #         streamdiffusion==0.1.1), and scripts/host_overhead.py (the engine's host work per call, networks stubbed) at
 #         batch 1 and 8
-# bench:  the engine stage's bench alone (no tests, no host microbenchmark), BENCH_ARGS added to its command line
-#         (e.g. BENCH_ARGS=--skip-diffusers: compiled batch 1, 4, 8 and StreamDiffusion's rows, without the diffusers
-#         rows and parity); $OUT/bench.json; BENCH_S limits it (default 330 s). About four minutes, compiling; after
-#         the aot stage, BENCH_ARGS="--compile-aot --aot-format dynamo --compile-dynamic --compile-cache $AOT_CACHE
-#         --compile-buckets 1,2,4,8" (with AOT_CACHE set for both) loads what its starts built instead of compiling
+# bench:  the engine stage's bench alone (no tests, no host microbenchmark); $OUT/bench.json. In both stages
+#         BENCH_ARGS is added to its command line (e.g. BENCH_ARGS=--skip-diffusers: compiled batch 1, 4, 8 and
+#         StreamDiffusion's rows, without the diffusers rows and parity) and BENCH_S limits it (default 330 s).
+#         About four minutes, compiling; after the aot stage, BENCH_ARGS="--compile-aot --aot-format dynamo
+#         --compile-dynamic --compile-cache $AOT_CACHE --compile-buckets 1,2,4,8" (with AOT_CACHE set for both) loads
+#         what its starts built instead of compiling
 # norm:   --fused-norm's and --fused-epilogue's Triton kernels: tests/test_group_norm.py and tests/test_epilogue.py on
 #         CUDA (the kernels compiled for this GPU, against PyTorch at every SD-Turbo norm shape, in the engine's
 #         graphs), then scripts/group_norm_speed.py (eager vs fused per norm shape, each in a CUDA graph); JSON in
@@ -110,6 +111,7 @@ fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 read -r -a SERVE_EXTRA <<< "${SERVE_ARGS:-}"
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 
 if [ "${CHECK_CPU:-0}" = 1 ]; then
   MODEL=(--model tiny-random --device cpu --size 64); COMPILE=(); DUR=3; SOAK_S=${SOAK_S:-4}; PARITY_S=300
@@ -148,6 +150,11 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.
   pack
 }
 
+bench_step() {  # the bench of the engine and bench stages: BENCH_ARGS added, BENCH_S seconds at most
+  step bench "${BENCH_S:-330}" "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" "${BENCH_EXTRA[@]}" \
+    --json "$OUT/bench.json"
+}
+
 pack() {  # PACK=file.tgz: everything in $OUT so far, in one file (the device tool returns at most 8 files)
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi
 }
@@ -166,13 +173,11 @@ for stage in "${stages[@]}"; do
       [ "${CHECK_CPU:-0}" = 1 ] || step parity-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_parity.py ;;
     engine)
       step gpu-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py
-      step bench 330 "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" --json "$OUT/bench.json"
+      bench_step
       step host-overhead 120 "$PY" scripts/host_overhead.py "${MODEL[@]:2}" --batches 1,8 \
         --json "$OUT/host_overhead.json" ;;
     bench)
-      read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
-      step bench "${BENCH_S:-330}" "$PY" -m turbostream bench "${MODEL[@]}" "${COMPILE[@]}" "${BENCH_EXTRA[@]}" \
-        --json "$OUT/bench.json" ;;
+      bench_step ;;
     norm)
       if [ "${CHECK_CPU:-0}" = 1 ]; then NORM_ARGS=(--device cpu --quick); NORM_S=600; else NORM_ARGS=(); NORM_S=180; fi
       step norm-tests "$NORM_S" "$PY" -m pytest -q -p no:cacheprovider tests/test_group_norm.py tests/test_epilogue.py

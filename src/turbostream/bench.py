@@ -27,7 +27,7 @@ import torch
 
 from .config import AOT_FORMAT_NAMES, BENCH_COMPILE_BUCKETS, EngineConfig, StreamParams
 from .engine import Engine, encode_prompt
-from .models import Components, default_dtype, load_components, load_vae, resolve_device
+from .models import Components, default_dtype, diffusers_pipeline, load_components, load_vae, resolve_device
 
 log = logging.getLogger("turbostream.bench")
 PROMPT = "a watercolor painting of a city street"
@@ -68,13 +68,9 @@ def _timed(fn: Callable[[], object], iters: int, burn_in: int, sync: Callable[[]
 
 def _pipeline(comps: Components, vae):
     """diffusers' image-to-image pipeline, resolved the way the model card does (AutoPipelineForImage2Image)."""
-    from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
+    from diffusers import AutoPipelineForImage2Image
 
-    base = StableDiffusionPipeline(
-        vae=vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe = AutoPipelineForImage2Image.from_pipe(base)
+    pipe = AutoPipelineForImage2Image.from_pipe(diffusers_pipeline(comps, vae))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

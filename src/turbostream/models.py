@@ -51,6 +51,19 @@ class Components:
         return int(self.tokenizer.model_max_length)
 
 
+def diffusers_pipeline(components: Components, vae: Any = None, pipeline_class: Any = None) -> Any:
+    """A diffusers Stable Diffusion pipeline (StableDiffusionPipeline unless pipeline_class says otherwise) on these
+    components, with `vae` in place of theirs if given, and no safety checker (SD-Turbo has none, and a pipeline
+    built without one must be told so)."""
+    if pipeline_class is None:
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    return pipeline_class(
+        vae=components.vae if vae is None else vae, text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer, unet=components.unet, scheduler=components.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; a named device is checked, with a clear error if absent."""
     if device == "auto":

@@ -24,7 +24,7 @@ import PIL.Image
 import torch
 
 from .config import DEFAULT_TAESD, StreamParams
-from .models import Components, load_components, resolve_device
+from .models import Components, diffusers_pipeline, load_components, resolve_device
 
 
 def reference_components(
@@ -85,11 +85,7 @@ class ReferencePipeline:
             raise ValueError("these components were prepared by an Engine (fused QKV or channels_last): load fresh "
                              "ones with reference_components() for the reference")
         self.components = components
-        self.pipe = StableDiffusionImg2ImgPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-            unet=components.unet, scheduler=components.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        self.pipe = diffusers_pipeline(components, pipeline_class=StableDiffusionImg2ImgPipeline)
         self.pipe.set_progress_bar_config(disable=True)
         self.noise_dtype = noise_dtype  # the dtype the noise is drawn in (None: the pipeline's, as diffusers does)
         self.dtype = next(components.unet.parameters()).dtype

@@ -79,16 +79,13 @@ def unavailable(device: torch.device) -> str | None:
 def build(comps: Any, vae: Any, setting: Setting, width: int, height: int, prompt: str) -> Any:
     """A prepared `streamdiffusion.StreamDiffusion` on comps' UNet, text encoder and tokenizer and the given VAE
     (AutoencoderTiny: TAESD), guidance 0 (its cfg_type "none"), its 50-step LCM schedule; nothing timed yet."""
-    from diffusers import StableDiffusionPipeline
     from streamdiffusion import StreamDiffusion
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    stream = StreamDiffusion(pipe, t_index_list=list(setting.t_index_list), torch_dtype=comps.unet.dtype,
-                             width=width, height=height, use_denoising_batch=True, frame_buffer_size=1,
-                             cfg_type="none")
+    from .models import diffusers_pipeline
+
+    stream = StreamDiffusion(diffusers_pipeline(comps, vae), t_index_list=list(setting.t_index_list),
+                             torch_dtype=comps.unet.dtype, width=width, height=height, use_denoising_batch=True,
+                             frame_buffer_size=1, cfg_type="none")
     stream.prepare(prompt=prompt, num_inference_steps=STEPS, guidance_scale=0.0)
     return stream
 
