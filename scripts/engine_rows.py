@@ -74,12 +74,18 @@ ROWS = (
         "(rounding only)", cuda_only=True),
     Row("graphs_lean", {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True, "frame_graph": True},
         "graphs without wasted kernels: fused norms and epilogues, no /1.0, one graph per frame", cuda_only=True),
+    Row("prompt_kv", {"prompt_kv": True}, "graphs + each prompt's cross-attention keys and values computed once, "
+        "not in every UNet evaluation (rounding only)"),
+    Row("lean_prompt_kv", {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True, "frame_graph": True,
+                           "prompt_kv": True}, "graphs_lean + prompt_kv", cuda_only=True),
     Row("fp8", {"fp8": True}, "graphs + float8 e4m3 transformer Linears (torchao)", cuda_only=True, fresh=True),
     Row("compile_default", {"compile": True}, "torch.compile (default mode) + graphs", cuda_only=True, needs_s=200),
     Row("compile_frame_graph", {"compile": True, "frame_graph": True},
         "torch.compile + one graph per frame instead of head + steps + tail", cuda_only=True, needs_s=200),
     Row("fp8_compile", {"fp8": True, "compile": True}, "fp8 + torch.compile + graphs", cuda_only=True,
         needs_s=200, fresh=True),
+    Row("compile_prompt_kv", {"compile": True, "prompt_kv": True}, "torch.compile + graphs + prompt_kv",
+        cuda_only=True, needs_s=200),
     Row("compile_dynamic", {"compile": True, "compile_dynamic": True}, "torch.compile with a symbolic batch size "
         "after batch 1 (two compiles for every bucket) + graphs", cuda_only=True, needs_s=150),
     Row("compile_aot", {"compile": True, "compile_aot": True}, "torch.export + AOTInductor packages (--compile-aot, "
@@ -114,6 +120,10 @@ ROWS = (
         cuda_only=True, needs_s=300),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
+# The EngineConfig fields a row may set (--row) and each row's JSON records.
+OPTION_FIELDS = ("attention", "prompt_kv", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format",
+                 "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph",
+                 "fused_norm", "fused_epilogue")
 PROMPT = "a watercolor painting of a city street"
 SEED = 42
 BATCHES = (1, 8)
@@ -172,9 +182,7 @@ def extra_row(spec: str) -> Row:
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
-    allowed = ("attention", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format", "fp8",
-               "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph", "fused_norm",
-               "fused_epilogue")
+    allowed = OPTION_FIELDS
     options, inductor = {}, {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -332,10 +340,7 @@ class Rows:
         a = self.args
         cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, width=a.size, height=a.size, vae="tiny",
                            buckets=BATCHES, compile_cache=None, **row.options)
-        out["config"] = {k: getattr(cfg, k) for k in (
-            "attention", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format", "fp8",
-            "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph", "fused_norm",
-            "fused_epilogue")} | {"buckets": list(cfg.buckets)}
+        out["config"] = {k: getattr(cfg, k) for k in OPTION_FIELDS} | {"buckets": list(cfg.buckets)}
         comps, out["load_s"] = self.load() if row.fresh else (self.shared, 0.0)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -250,8 +250,9 @@ def test_a_whole_frame_graph_replays_the_segments_kernels_bit_for_bit(cuda_tiny)
 
 
 def test_engine_options_run_in_graphs_within_rounding_of_auto():
-    """Each attention backend, no /1.0 and the fused GroupNorms under CUDA graph capture: a rounding difference at
-    most; a backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it is missing)."""
+    """Each attention backend, no /1.0, the fused GroupNorms and prompt_kv under CUDA graph capture: a rounding
+    difference at most; a backend this GPU lacks is a clear error at build time. fp8 runs (or names torchao when it
+    is missing)."""
     from turbostream.engine import Engine
     from turbostream.models import load_components
 
@@ -268,7 +269,7 @@ def test_engine_options_run_in_graphs_within_rounding_of_auto():
 
     auto = run()
     for options in ({"attention": "flash"}, {"attention": "efficient"}, {"attention": "math"},
-                    {"skip_unit_rescale": True}, {"fused_norm": True}, {"fused_epilogue": True},
+                    {"skip_unit_rescale": True}, {"fused_norm": True}, {"fused_epilogue": True}, {"prompt_kv": True},
                     {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True, "frame_graph": True}):
         assert max(_diff(a, b) for a, b in zip(run(**options), auto)) <= 2, options
     try:

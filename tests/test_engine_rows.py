@@ -32,13 +32,14 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = res["rows"]
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "unit_rescale",
-                          "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "fp8", "compile_default",
-                          "compile_frame_graph", "fp8_compile", "compile_dynamic", "compile_aot",
+                          "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "prompt_kv", "lean_prompt_kv",
+                          "fp8", "compile_default", "compile_frame_graph", "fp8_compile", "compile_prompt_kv",
+                          "compile_dynamic", "compile_aot",
                           "compile_aot_dynamo", "compile_max_autotune", "compile_tuned", "compile_max_autotune_tuned",
                           "temporal_reuse", "compile_reuse", "temporal_reuse_l1", "lean_reuse_l1", "compile_reuse_l1",
                           "compile_aot_reuse_l1", "broken", "plain_math", "mm_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
-    for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "plain_math"):
+    for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "prompt_kv", "plain_math"):
         row = rows[name]
         assert row["status"] == "ok", row
         assert row["graphs"] is False  # the CPU runs eagerly; the same rows capture graphs on CUDA
@@ -54,6 +55,11 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         "TurboAttnProcessor(backend=None, skip_unit_rescale=True)": 8}
     assert rows["baseline"]["applied"]["lean_resnets"] > 0
     assert rows["unit_rescale"]["applied"]["processors"] == {"AttnProcessor2_0": 8}
+    # prompt_kv: tiny-random's 4 cross-attention layers read their keys and values from the conditioning.
+    assert rows["prompt_kv"]["applied"]["processors"] == {
+        "TurboAttnProcessor(backend=None, skip_unit_rescale=True)": 4,
+        "TurboAttnProcessor(backend=None, skip_unit_rescale=True, prompt_kv)": 4}
+    assert rows["prompt_kv"]["config"]["prompt_kv"] is True and rows["baseline"]["config"]["prompt_kv"] is False
     assert rows["unit_rescale"]["applied"]["lean_resnets"] == 0
     assert rows["attn_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=True)": 8}
@@ -66,8 +72,9 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert rows["plain_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
     assert rows["plain_math"]["applied"]["lean_resnets"] == 0
-    for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "fp8",
-                 "compile_default", "compile_frame_graph", "fp8_compile", "compile_dynamic", "compile_aot",
+    for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "lean_prompt_kv", "fp8",
+                 "compile_default", "compile_frame_graph", "fp8_compile", "compile_prompt_kv", "compile_dynamic",
+                 "compile_aot",
                  "compile_aot_dynamo", "compile_max_autotune", "compile_tuned", "compile_max_autotune_tuned",
                  "compile_reuse", "lean_reuse_l1", "compile_reuse_l1", "compile_aot_reuse_l1"):
         assert rows[name]["skipped"] == "CUDA only"

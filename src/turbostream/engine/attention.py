@@ -4,6 +4,9 @@
   torch.nn.attention.sdpa_kernel([backend]). The context runs in Python at every call, so it holds in eager runs, while
   a CUDA graph is captured (the kernel picked then is the one the graph replays) and while torch.compile traces (dynamo
   records the context; the backend's kernel is chosen at trace time).
+- Precomputed cross-attention keys and values (EngineConfig.prompt_kv, prompt_kv.py): a cross-attention layer's
+  processor reads its keys and values from the conditioning the engine hands the UNet instead of projecting the
+  prompt embeddings again.
 - No divisions by 1.0 (EngineConfig.skip_unit_rescale): diffusers divides every attention output by
   `rescale_output_factor` and every resnet output by `output_scale_factor`, both 1.0 in SD-Turbo; each division is one
   more elementwise kernel over the whole activation. x / 1.0 == x exactly, so leaving them out changes no bit.
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ATTENTION_BACKENDS
+from .prompt_kv import KVSlot, PromptKV, cross_kv
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -44,12 +48,16 @@ def sdpa_backend(name: str) -> SDPBackend | None:
 class TurboAttnProcessor:
     """diffusers' SDPA attention with a pinned backend (None: PyTorch's choice) and optionally no /1.0 at the end."""
 
-    def __init__(self, backend: SDPBackend | None = None, skip_unit_rescale: bool = False) -> None:
+    def __init__(self, backend: SDPBackend | None = None, skip_unit_rescale: bool = False,
+                 kv: KVSlot | None = None) -> None:
         self.backend = backend
         self.skip_unit_rescale = skip_unit_rescale
+        # A cross-attention layer with prompt_kv: where its precomputed keys and values lie in the conditioning.
+        self.kv = kv
 
     def __repr__(self) -> str:
-        return f"TurboAttnProcessor(backend={self.backend}, skip_unit_rescale={self.skip_unit_rescale})"
+        kv = ", prompt_kv" if self.kv is not None else ""  # one text for every cross-attention layer
+        return f"TurboAttnProcessor(backend={self.backend}, skip_unit_rescale={self.skip_unit_rescale}{kv})"
 
     def _sdpa(self) -> contextlib.AbstractContextManager:
         return sdpa_kernel([self.backend]) if self.backend is not None else contextlib.nullcontext()
@@ -74,7 +82,13 @@ class TurboAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         fused = getattr(attn, "fused_projections", False)
-        if encoder_hidden_states is None and fused and hasattr(attn, "to_qkv"):
+        kv = self.kv
+        if kv is not None and encoder_hidden_states is not None and encoder_hidden_states.shape[-1] == kv.width:
+            # prompt_kv: the conditioning holds this layer's keys and values already (computed once per prompt); plain
+            # embeddings (another width) are projected below as usual.
+            query = attn.to_q(hidden_states)
+            key, value = cross_kv(attn, self.kv, encoder_hidden_states)
+        elif encoder_hidden_states is None and fused and hasattr(attn, "to_qkv"):
             qkv = attn.to_qkv(hidden_states)  # FusedAttnProcessor2_0: one GEMM for Q, K and V
             query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
         else:
@@ -119,15 +133,16 @@ def attention_modules(unet: Any) -> list[Any]:
     return [m for m in unet.modules() if isinstance(m, Attention)]
 
 
-def set_attention(unet: Any, backend: str, skip_unit_rescale: bool) -> None:
-    """Make the UNet's attention processors match the options: diffusers' own for ("auto", False), ours otherwise.
+def set_attention(unet: Any, backend: str, skip_unit_rescale: bool, prompt_kv: PromptKV | None = None) -> None:
+    """Make the UNet's attention processors match the options: diffusers' own for ("auto", False, no prompt_kv), ours
+    otherwise (with prompt_kv, each cross-attention layer's processor knows where its keys and values lie).
 
     The processors in place the first time ours are installed (diffusers' FusedAttnProcessor2_0 after the engine's
     QKV fusion) are kept on the UNet and put back for ("auto", False), so engines sharing components may differ.
     """
     pinned = sdpa_backend(backend)
     saved = getattr(unet, "_turbostream_default_processors", None)
-    if pinned is None and not skip_unit_rescale:
+    if pinned is None and not skip_unit_rescale and prompt_kv is None:
         if saved is not None:
             unet.set_attn_processor(saved)
             unet._turbostream_default_processors = None
@@ -135,6 +150,9 @@ def set_attention(unet: Any, backend: str, skip_unit_rescale: bool) -> None:
     if saved is None:
         unet._turbostream_default_processors = dict(unet.attn_processors)
     unet.set_attn_processor(TurboAttnProcessor(pinned, skip_unit_rescale))
+    if prompt_kv is not None:
+        for name, attn in prompt_kv.layers:
+            attn.set_processor(TurboAttnProcessor(pinned, skip_unit_rescale, prompt_kv.slots[name]))
 
 
 def check_backend(backend: str, unet: Any, tokens: int, text_tokens: int) -> None:

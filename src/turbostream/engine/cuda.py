@@ -4,7 +4,7 @@ prepare_cuda() rewrites the given components in place (channels_last, fused QKV)
 (cuDNN autotuning, TF32 matmuls): anything else built on the same components afterwards runs the engine's kernels,
 not diffusers' defaults. That is why the parity reference (reference.py) always loads components of its own.
 
-apply_options() makes the modules match the engine options that change them (EngineConfig.attention,
+apply_options() makes the modules match the engine options that change them (EngineConfig.attention, prompt_kv,
 skip_unit_rescale, fused_norm, fused_epilogue, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It
 is idempotent, and all but fp8 are undone by a config without them, so engines may share components (fp8 cannot be
 undone: the weights are rounded to 8 bits in place).
@@ -47,16 +47,17 @@ def prepare_cpu(components: Any = None, config: Any = None) -> None:
 
 
 def apply_options(components: Any, config: Any) -> dict:
-    """Make the UNet and VAE match config's attention, skip_unit_rescale, fused_norm, fused_epilogue and fp8;
+    """Make the UNet and VAE match config's attention, prompt_kv, skip_unit_rescale, fused_norm, fused_epilogue and fp8;
     ValueError (clear) if one cannot run here.
 
     Call after prepare_cuda's QKV fusion (the attention processor keeps it) and before the first frame. Returns what
     was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms",
-    "vae_fused_norms", "fused_epilogues"}.
+    "vae_fused_norms", "fused_epilogues", "prompt_kv_layers"}.
     """
     from .attention import attention_modules, check_backend, resnet_class, set_attention, set_unit_rescale
     from .epilogue import check_kernel, set_fused_epilogue
     from .group_norm import check_kernels, set_fused_norm
+    from .prompt_kv import PromptKV
 
     unet = components.unet
     param = next(unet.parameters())  # the UNet's device and dtype (the VAE's are the same)
@@ -74,7 +75,8 @@ def apply_options(components: Any, config: Any) -> dict:
                 check(param.device, param.dtype)
             except ValueError as exc:
                 raise ValueError(f"{name} cannot run here: {exc}") from None
-    set_attention(unet, config.attention, config.skip_unit_rescale)
+    kv = PromptKV(unet, components.text_dim) if getattr(config, "prompt_kv", False) else None
+    set_attention(unet, config.attention, config.skip_unit_rescale, kv)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
     fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))
     vae_fused = set_fused_norm(components.vae, config.fused_norm, resnet_class(False))  # TAESD has none: 0
@@ -83,7 +85,8 @@ def apply_options(components: Any, config: Any) -> dict:
         unet._turbostream_fp8 = quantize_fp8(unet)
     return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
             "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused,
-            "vae_fused_norms": vae_fused, "fused_epilogues": epilogues}
+            "vae_fused_norms": vae_fused, "fused_epilogues": epilogues,
+            "prompt_kv_layers": len(kv.layers) if kv is not None else 0}
 
 
 def check_fp8(device: torch.device | str) -> None:

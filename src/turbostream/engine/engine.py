@@ -51,6 +51,7 @@ from .compile_cache import CompileCache, aot_folder, cache_key, default_folder
 from .cuda import prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .kernel_warmup import Launch, precompile, recording
+from .prompt_kv import PromptKV
 from .reuse import FeatureReuse, UnsupportedUNetError
 from .schedule import ScheduleTable
 from .streams import StreamStates, blend_embeddings, lerp, slerp
@@ -103,6 +104,7 @@ class EngineStats:
     graph_replays: int = 0
     graphs_captured: int = 0
     text_encoder_runs: int = 0
+    kv_projections: int = 0  # prompt_kv: prompts whose cross-attention keys and values were computed
     prompt_cache_evictions: int = 0
     rows_reused: int = 0  # embedding or noise rows that already held what a call needed (no copy)
     reuse_keep_batches: int = 0  # batches run in full that kept deep features for temporal feature reuse
@@ -211,6 +213,10 @@ class Engine:
                 raise ValueError(f"reuse_layers (--reuse-layers): {exc}") from None
         if self.reuse is not None:
             self.math.use_reuse(self.reuse)
+        # prompt_kv: what turns a prompt's embeddings into every cross-attention layer's keys and values (the layout
+        # the processors apply_options installed read), and the prompts whose keys and values are kept.
+        self.prompt_kv = PromptKV(self.unet, components.text_dim) if config.prompt_kv else None
+        self._kv = LRU(config.prompt_kv_cache_size)
         self._alloc_buffers()
 
     # ------------------------------------------------------------------ set-up
@@ -248,7 +254,10 @@ class Engine:
         self._last_ended = None  # the end mark of the last call submitted (Ticket._marks)
         self._frames = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
         self._out = torch.zeros((B, self.height, self.width, 3), dtype=torch.uint8, device=dev)
-        self._emb = torch.zeros((B, self.components.max_tokens, self.components.text_dim), dtype=self.dtype, device=dev)
+        # Each row's conditioning (the UNet's encoder_hidden_states): the prompt's embeddings, or with prompt_kv every
+        # cross-attention layer's keys and values of them (conditioning()).
+        width = self.prompt_kv.width if self.prompt_kv is not None else self.components.text_dim
+        self._emb = torch.zeros((B, self.components.max_tokens, width), dtype=self.dtype, device=dev)
         self._noise_buf = torch.zeros((B, C, h, w), dtype=torch.float32, device=dev)
         # Which cached tensor each row of _emb and _noise_buf holds (None: something else), to skip copying it again.
         self._row_emb: list[torch.Tensor | None] = [None] * B
@@ -293,6 +302,20 @@ class Engine:
         return emb
 
     @_on_own_stream(hand_back=True)
+    @torch.inference_mode()
+    def conditioning(self, prompt: str | tuple) -> torch.Tensor:
+        """What a prompt's rows of the UNet's encoder_hidden_states hold: its (tokens, dim) embeddings, or with
+        prompt_kv its (tokens, width) cross-attention keys and values, computed on a miss of their own cache."""
+        if self.prompt_kv is None:
+            return self.prompt_embeddings(prompt)
+        kv = self._kv.lookup(prompt)
+        if kv is None:
+            kv = self.prompt_kv.project(self.prompt_embeddings(prompt))
+            self.stats.kv_projections += 1
+            self._kv.insert(prompt, kv)
+        return kv
+
+    @_on_own_stream(hand_back=True)
     def noise(self, seed: int) -> torch.Tensor:
         """(C, h, w) float32 unit Gaussian noise of a seed; drawn on the CPU so a seed means the same on any device."""
         noise = self._noise.lookup(seed)
@@ -304,6 +327,11 @@ class Engine:
     @property
     def prompt_cache_len(self) -> int:
         return len(self._prompts)
+
+    @property
+    def prompt_kv_cache_len(self) -> int:
+        """Prompts whose cross-attention keys and values are kept (prompt_kv; 0 without)."""
+        return len(self._kv)
 
     @property
     def stream_states(self) -> int:
@@ -652,7 +680,7 @@ class Engine:
         self, params: Sequence[StreamParams], first: int, slot: _Slot, keys: Sequence[Hashable | None] | None = None,
         now: float = 0.0,
     ) -> None:
-        """Copy each stream's prompt embeddings, noise and feedback inputs into the static rows first, first+1, ...
+        """Copy each stream's prompt conditioning, noise and feedback inputs into the static rows first, first+1, ...
 
         Without a stream key (or with every control off) a row gets the cached embeddings and noise as they are and
         feedback weight 0. With a key, a transition under way writes interpolated embeddings and slerped noise, and
@@ -661,10 +689,10 @@ class Engine:
         host = slot.feedback
         host.zero_()
         for i, p in enumerate(params, start=first):
-            emb, noise = self.prompt_embeddings(p.prompt), self.noise(p.seed)
+            emb, noise = self.conditioning(p.prompt), self.noise(p.seed)
             key = keys[i - first] if keys is not None else None
             state = self._streams.get(key) if key is not None else None
-            a = state.step(p, now, self.prompt_embeddings, self.noise) if state is not None else None
+            a = state.step(p, now, self.conditioning, self.noise) if state is not None else None
             moving = a is not None
             self._write_row(self._emb, self._row_emb, i, emb,
                             lerp(state.from_emb, emb, a) if moving and state.from_emb is not None else None)

@@ -1,0 +1,174 @@
+"""prompt_kv (engine/prompt_kv.py): each prompt's cross-attention keys and values computed once, read by the UNet.
+
+On the CPU: the output is the engine's without the option (the same math), in the QKV-fused layout the CUDA path
+uses too; plain embeddings still give diffusers' output through the same processors; transitions, feature reuse and
+compiled networks work with it; its cache is bounded; the option reaches the config, the CLI and the compile cache key.
+Its speed is measured on a GPU by scripts/engine_rows.py (rows prompt_kv, lean_prompt_kv, compile_prompt_kv).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from turbostream.cli import main
+from turbostream.config import EngineConfig, StreamParams, preset
+from turbostream.engine import Engine
+from turbostream.engine.attention import TurboAttnProcessor, set_attention
+from turbostream.engine.compile_cache import cache_key
+from turbostream.engine.prompt_kv import PromptKV
+
+
+@pytest.fixture
+def fresh_components():
+    """tiny-random components of this test alone (the option changes the UNet's processors)."""
+    from turbostream.models import load_components
+
+    return load_components("tiny-random", device="cpu", vae="tiny")
+
+
+def _frames(n: int, seed: int = 7) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _diff(a, b) -> int:
+    return int(np.abs(np.stack(a).astype(np.int16) - np.stack(b).astype(np.int16)).max())
+
+
+def _unet(unet, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return unet(x, torch.tensor([999.0, 500.0]), encoder_hidden_states=cond, return_dict=False)[0]
+
+
+def test_engine_output_is_the_output_without_it(fresh_components):
+    frames = _frames(3)
+    params = [StreamParams(f"prompt {i}", seed=i) for i in range(3)]
+    plain = Engine(preset("test"), fresh_components).run(frames, params)
+    engine = Engine(preset("test", prompt_kv=True), fresh_components)
+    got = engine.run(frames, params)
+    # tiny-random's 4 cross-attention layers, keys and values of 32, 32, 32 and 64 channels side by side.
+    assert tuple(engine._emb.shape) == (4, 77, 2 * (32 + 32 + 32 + 64))
+    assert engine.stats.kv_projections == 3
+    # The same projections, computed per prompt instead of per batch: fp32 on the CPU gives the same frames.
+    assert _diff(got, plain) <= 1
+    procs = [p for p in fresh_components.unet.attn_processors.values()]
+    assert sum(p.kv is not None for p in procs) == 4 and all(isinstance(p, TurboAttnProcessor) for p in procs)
+    # Undone by the next engine without it (engines may share components).
+    again = Engine(preset("test"), fresh_components).run(frames, params)
+    assert all(p.kv is None for p in fresh_components.unet.attn_processors.values())
+    assert np.array_equal(np.stack(again), np.stack(plain))
+
+
+def test_in_the_qkv_fused_layout_conditioning_gives_diffusers_output_and_embeddings_still_do(fresh_components):
+    """The CUDA path fuses QKV (prepare_cuda): keys and values come from to_kv. A UNet with prompt_kv's processors
+    computes diffusers' eps from the conditioning, and from plain embeddings too (the bench's diffusers pipeline and
+    the parity reference may run on the same modules)."""
+    unet = fresh_components.unet
+    unet.fuse_qkv_projections()
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, fresh_components.text_dim, generator=g)
+    theirs = _unet(unet, emb, x)  # diffusers' FusedAttnProcessor2_0
+    kv = PromptKV(unet, fresh_components.text_dim)
+    set_attention(unet, "auto", skip_unit_rescale=False, prompt_kv=kv)
+    cond = kv.project(emb)
+    assert cond.shape == (2, 77, kv.width)
+    torch.testing.assert_close(_unet(unet, cond, x), theirs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_unet(unet, emb, x), theirs)
+
+
+def test_a_unet_whose_keys_and_values_are_as_wide_as_its_embeddings_is_refused(fresh_components):
+    width = PromptKV(fresh_components.unet, fresh_components.text_dim).width
+    with pytest.raises(ValueError, match="as wide as its embeddings"):
+        PromptKV(fresh_components.unet, width)
+
+
+def test_its_cache_is_bounded_and_a_kept_prompt_is_not_projected_again(fresh_components):
+    engine = Engine(preset("test", prompt_kv=True, prompt_kv_cache_size=2), fresh_components)
+    frame = _frames(1)
+    for i in range(5):
+        engine.run(frame, [StreamParams(f"prompt {i}")])
+    assert engine.prompt_kv_cache_len == 2 and engine.stats.kv_projections == 5
+    engine.run(frame, [StreamParams("prompt 4")])
+    engine.run(frame, [StreamParams("prompt 4")])
+    assert engine.stats.kv_projections == 5
+    assert engine.prompt_kv_cache_len == 2
+    # A blend is a prompt of its own here too (its embeddings projected once).
+    blend = (("prompt 0", 0.5), ("prompt 1", 0.5))
+    engine.run(frame, [StreamParams(blend)])
+    engine.run(frame, [StreamParams(blend)])
+    assert engine.stats.kv_projections == 6 and engine.prompt_kv_cache_len == 2
+    # Without the option nothing is kept there.
+    plain = Engine(preset("test"), fresh_components)
+    plain.run(frame, [StreamParams("prompt 0")])
+    assert plain.prompt_kv_cache_len == 0 and plain.stats.kv_projections == 0
+
+
+def test_a_transition_blends_keys_and_values_as_it_blends_embeddings(fresh_components):
+    """The projections are linear, so halfway through a prompt transition the frame is the one without prompt_kv."""
+    frame = _frames(1, seed=3)
+
+    def halfway(**options) -> np.ndarray:
+        engine = Engine(preset("test", **options), fresh_components)
+        now = [0.0]
+        engine.clock = lambda: now[0]
+        engine.run(frame, [StreamParams("a red fox", transition_s=2.0)], streams=["s"])
+        now[0] = 10.0
+        engine.run(frame, [StreamParams("a blue whale", transition_s=2.0)], streams=["s"])
+        now[0] = 11.0
+        return engine.run(frame, [StreamParams("a blue whale", transition_s=2.0)], streams=["s"])
+
+    plain, with_kv = halfway(), halfway(prompt_kv=True)
+    assert _diff(with_kv, plain) <= 1
+    # and the transition moved the frame: it is neither end
+    end = Engine(preset("test", prompt_kv=True), fresh_components).run(frame, [StreamParams("a blue whale")])
+    assert _diff(with_kv, end) > 0
+
+
+def test_feature_reuse_full_and_partial_frames_are_those_without_it(fresh_components):
+    frames = _frames(4, seed=11)
+
+    def frames_of(**options):
+        engine = Engine(preset("test", feature_reuse=True, **options), fresh_components)
+        out = [engine.run([f], [StreamParams("a", reuse=3)], streams=["s"])[0] for f in frames]
+        assert engine.stats.reuse_partial_batches == 2  # full, partial, partial, full
+        return out
+
+    assert _diff(frames_of(prompt_kv=True), frames_of()) <= 1
+
+
+def test_compiled_networks_read_the_conditioning(tmp_path, fresh_components):
+    """torch.compile's ahead-of-time artifacts (what --compile builds, kept for warm starts) of a UNet whose
+    processors read the conditioning: within a level of the eager engine with the option."""
+    frames = _frames(2, seed=5)
+    params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    config = dict(model="tiny-random", device="cpu", width=64, height=64, buckets=(2,), prompt_kv=True,
+                  compile_cache=str(tmp_path))
+    eager = Engine(EngineConfig(**config), fresh_components)
+    eager.warmup()
+    expected = eager.run(frames, params)
+    compiled = Engine(EngineConfig(**config, compile=True, compile_aot=True, aot_format="dynamo"), fresh_components)
+    compiled.warmup()
+    assert compiled.stats.aot_packages_built == 3  # UNet, TAESD encoder and decoder
+    assert _diff(compiled.run(frames, params), expected) <= 1
+
+
+def test_option_reaches_config_cli_and_compile_cache_key(capsys):
+    import argparse
+
+    from turbostream.cli.options import add_engine_options, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    assert engine_config(parser.parse_args(["--device", "cpu", "--prompt-kv"])).prompt_kv is True
+    assert engine_config(parser.parse_args(["--device", "cpu"])).prompt_kv is False
+    off = cache_key(EngineConfig(), "GPU", torch.float16)
+    assert "prompt_kv" not in off  # keys (and cache files) of configurations without it are unchanged
+    assert cache_key(EngineConfig(prompt_kv=True), "GPU", torch.float16) == {**off, "prompt_kv": True}
+    with pytest.raises(ValueError, match="cache sizes"):
+        EngineConfig(prompt_kv=True, prompt_kv_cache_size=0)
+    for command in ("serve", "run", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--prompt-kv" in capsys.readouterr().out
