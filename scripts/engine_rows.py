@@ -78,6 +78,11 @@ ROWS = (
         "not in every UNet evaluation (rounding only)"),
     Row("lean_prompt_kv", {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True, "frame_graph": True,
                            "prompt_kv": True}, "graphs_lean + prompt_kv", cuda_only=True),
+    Row("fused_time_proj", {"fused_time_proj": True}, "graphs + the resnets' time-embedding projections as one "
+        "stacked GEMM (rounding only)"),
+    Row("lean_conditioning", {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True,
+                              "frame_graph": True, "prompt_kv": True, "fused_time_proj": True},
+        "graphs_lean + prompt_kv + fused_time_proj", cuda_only=True),
     Row("fp8", {"fp8": True}, "graphs + float8 e4m3 transformer Linears (torchao)", cuda_only=True, fresh=True),
     Row("compile_default", {"compile": True}, "torch.compile (default mode) + graphs", cuda_only=True, needs_s=200),
     Row("compile_frame_graph", {"compile": True, "frame_graph": True},
@@ -86,6 +91,8 @@ ROWS = (
         needs_s=200, fresh=True),
     Row("compile_prompt_kv", {"compile": True, "prompt_kv": True}, "torch.compile + graphs + prompt_kv",
         cuda_only=True, needs_s=200),
+    Row("compile_conditioning", {"compile": True, "prompt_kv": True, "fused_time_proj": True},
+        "torch.compile + graphs + prompt_kv + fused_time_proj", cuda_only=True, needs_s=200),
     Row("compile_dynamic", {"compile": True, "compile_dynamic": True}, "torch.compile with a symbolic batch size "
         "after batch 1 (two compiles for every bucket) + graphs", cuda_only=True, needs_s=150),
     Row("compile_aot", {"compile": True, "compile_aot": True}, "torch.export + AOTInductor packages (--compile-aot, "
@@ -121,7 +128,7 @@ ROWS = (
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 # The EngineConfig fields a row may set (--row) and each row's JSON records.
-OPTION_FIELDS = ("attention", "prompt_kv", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format",
+OPTION_FIELDS = ("attention", "prompt_kv", "fused_time_proj", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format",
                  "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph",
                  "fused_norm", "fused_epilogue")
 PROMPT = "a watercolor painting of a city street"
@@ -542,14 +549,15 @@ class Rows:
 
 def applied(unet) -> dict:
     """What the UNet's modules show of the options (not what was asked): processors, lean blocks, fp8 Linears,
-    fused GroupNorms."""
+    fused GroupNorms, resnets reading the stacked time projections."""
     procs = {}
     for p in unet.attn_processors.values():
         procs[repr(p) if type(p).__name__ == "TurboAttnProcessor" else type(p).__name__] = procs.get(
             repr(p) if type(p).__name__ == "TurboAttnProcessor" else type(p).__name__, 0) + 1
     return {"processors": procs, "lean_resnets": sum(type(m).__name__ == "LeanResnetBlock2D" for m in unet.modules()),
             "fp8_linears": getattr(unet, "_turbostream_fp8", 0),
-            "fused_norms": sum(type(m).__name__.startswith("FusedGroupNorm") for m in unet.modules())}
+            "fused_norms": sum(type(m).__name__.startswith("FusedGroupNorm") for m in unet.modules()),
+            "stacked_time_projections": sum(type(m).__name__ == "ProjectionSlice" for m in unet.modules())}
 
 
 def top_events(prof, cuda: bool, reps: int) -> dict:

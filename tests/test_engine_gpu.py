@@ -270,6 +270,7 @@ def test_engine_options_run_in_graphs_within_rounding_of_auto():
     auto = run()
     for options in ({"attention": "flash"}, {"attention": "efficient"}, {"attention": "math"},
                     {"skip_unit_rescale": True}, {"fused_norm": True}, {"fused_epilogue": True}, {"prompt_kv": True},
+                    {"fused_time_proj": True, "fused_norm": True},
                     {"fused_norm": True, "fused_epilogue": True, "skip_unit_rescale": True, "frame_graph": True}):
         assert max(_diff(a, b) for a, b in zip(run(**options), auto)) <= 2, options
     try:

@@ -33,13 +33,13 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     rows = res["rows"]
     assert list(rows) == ["baseline", "attn_flash", "attn_efficient", "attn_cudnn", "attn_math", "unit_rescale",
                           "frame_graph", "fused_norm", "fused_epilogue", "graphs_lean", "prompt_kv", "lean_prompt_kv",
-                          "fp8", "compile_default", "compile_frame_graph", "fp8_compile", "compile_prompt_kv",
-                          "compile_dynamic", "compile_aot",
+                          "fused_time_proj", "lean_conditioning", "fp8", "compile_default", "compile_frame_graph",
+                          "fp8_compile", "compile_prompt_kv", "compile_conditioning", "compile_dynamic", "compile_aot",
                           "compile_aot_dynamo", "compile_max_autotune", "compile_tuned", "compile_max_autotune_tuned",
                           "temporal_reuse", "compile_reuse", "temporal_reuse_l1", "lean_reuse_l1", "compile_reuse_l1",
                           "compile_aot_reuse_l1", "broken", "plain_math", "mm_math"]
     assert res["reference"]["frames"] == 4 and res["reference"]["P_vs_R"]["max"] <= 2
-    for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "prompt_kv", "plain_math"):
+    for name in ("baseline", "attn_flash", "attn_math", "unit_rescale", "prompt_kv", "fused_time_proj", "plain_math"):
         row = rows[name]
         assert row["status"] == "ok", row
         assert row["graphs"] is False  # the CPU runs eagerly; the same rows capture graphs on CUDA
@@ -60,6 +60,9 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
         "TurboAttnProcessor(backend=None, skip_unit_rescale=True)": 4,
         "TurboAttnProcessor(backend=None, skip_unit_rescale=True, prompt_kv)": 4}
     assert rows["prompt_kv"]["config"]["prompt_kv"] is True and rows["baseline"]["config"]["prompt_kv"] is False
+    assert rows["fused_time_proj"]["config"]["fused_time_proj"] is True
+    assert rows["fused_time_proj"]["applied"]["stacked_time_projections"] > 0
+    assert rows["baseline"]["applied"]["stacked_time_projections"] == 0
     assert rows["unit_rescale"]["applied"]["lean_resnets"] == 0
     assert rows["attn_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=True)": 8}
@@ -72,8 +75,9 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert rows["plain_math"]["applied"]["processors"] == {
         "TurboAttnProcessor(backend=SDPBackend.MATH, skip_unit_rescale=False)": 8}
     assert rows["plain_math"]["applied"]["lean_resnets"] == 0
-    for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "lean_prompt_kv", "fp8",
-                 "compile_default", "compile_frame_graph", "fp8_compile", "compile_prompt_kv", "compile_dynamic",
+    for name in ("attn_efficient", "attn_cudnn", "fused_norm", "fused_epilogue", "graphs_lean", "lean_prompt_kv",
+                 "lean_conditioning", "fp8", "compile_default", "compile_frame_graph", "fp8_compile",
+                 "compile_prompt_kv", "compile_conditioning", "compile_dynamic",
                  "compile_aot",
                  "compile_aot_dynamo", "compile_max_autotune", "compile_tuned", "compile_max_autotune_tuned",
                  "compile_reuse", "lean_reuse_l1", "compile_reuse_l1", "compile_aot_reuse_l1"):

@@ -140,11 +140,12 @@ def test_feature_reuse_full_and_partial_frames_are_those_without_it(fresh_compon
 
 def test_compiled_networks_read_the_conditioning(tmp_path, fresh_components):
     """torch.compile's ahead-of-time artifacts (what --compile builds, kept for warm starts) of a UNet whose
-    processors read the conditioning: within a level of the eager engine with the option."""
+    processors read the conditioning, with the stacked time projections too (fused_time_proj): within a level of
+    the eager engine with both options."""
     frames = _frames(2, seed=5)
     params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
     config = dict(model="tiny-random", device="cpu", width=64, height=64, buckets=(2,), prompt_kv=True,
-                  compile_cache=str(tmp_path))
+                  fused_time_proj=True, compile_cache=str(tmp_path))
     eager = Engine(EngineConfig(**config), fresh_components)
     eager.warmup()
     expected = eager.run(frames, params)

@@ -302,6 +302,9 @@ class EngineConfig:
     # same math (rounding only). Costs 3.8 MB of device memory per cached prompt at SD-Turbo's size
     # (prompt_kv_cache_size of them) and one projection per new prompt.
     prompt_kv: bool = False
+    # The UNet's 22 resnet time-embedding projections (each a SiLU and a small Linear of the same embedding) as one
+    # SiLU and one stacked Linear (engine/time_proj.py): 2 kernels instead of 44 per evaluation, rounding only.
+    fused_time_proj: bool = False
     # float8 (e4m3) Linear layers in the UNet's transformer blocks through torchao (CUDA, compute capability 8.9+):
     # changes the output (weights and activations are rounded to 8 bits), unlike every other option here.
     fp8: bool = False

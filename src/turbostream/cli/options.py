@@ -107,6 +107,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                    help="compute each prompt's cross-attention keys and values once, when it is first used, instead "
                         "of in every UNet evaluation (16 GEMMs fewer per evaluation for SD-Turbo; 3.8 MB of GPU memory "
                         "per prompt kept, at most 32). The output changes by rounding only")
+    g.add_argument("--fused-time-proj", action="store_true",
+                   help="the UNet resnets' time-embedding projections (for SD-Turbo 22 SiLUs and 22 small GEMMs of the "
+                        "same embedding) as one SiLU and one stacked GEMM per UNet evaluation. The output changes by "
+                        "rounding only")
     g.add_argument("--fp8", action="store_true",
                    help="CHANGES THE OUTPUT: float8 (e4m3) Linear layers in the UNet's transformer blocks through "
                         "torchao (pip install torchao); CUDA with compute capability 8.9+ (Ada, Hopper) only")
@@ -186,7 +190,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             taesd=args.taesd, buckets=args.buckets, compile=args.compile or args.compile_aot,
             cuda_graphs=args.cuda_graphs, compile_cache=args.compile_cache, compile_mode=args.compile_mode,
             compile_dynamic=args.compile_dynamic, compile_aot=args.compile_aot, aot_format=args.aot_format,
-            attention=args.attention, prompt_kv=args.prompt_kv,
+            attention=args.attention, prompt_kv=args.prompt_kv, fused_time_proj=args.fused_time_proj,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,
             frame_graph=args.frame_graph, reuse_layers=args.reuse_layers,

@@ -36,7 +36,8 @@ def default_folder() -> Path:
 def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
     """The compile cache's key for an EngineConfig on a GPU (torch's version is added by CompileCache).
 
-    The compile mode and the options that change what is compiled (compile_dynamic, attention backend, prompt_kv, fp8,
+    The compile mode and the options that change what is compiled (compile_dynamic, attention backend, prompt_kv,
+    fused_time_proj, fp8,
     skip_unit_rescale, feature reuse: its full and partial forwards are compiled too, and where its cut lies) are in
     it only when they differ from the values before those options existed, so a configuration that compiles what it
     compiled then keeps its key (and cache files). skip_unit_rescale is on by default since 2026-11-26, so today's
@@ -48,7 +49,7 @@ def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
     for name, default in (("compile_mode", "default"), ("compile_dynamic", False), ("attention", "auto"),
                           ("fp8", False), ("skip_unit_rescale", False), ("reuse_enabled", False),
                           ("reuse_layers", None), ("compile_aot", False), ("aot_format", "aotinductor"),
-                          ("prompt_kv", False)):
+                          ("prompt_kv", False), ("fused_time_proj", False)):
         if getattr(config, name, default) != default:
             key[name] = getattr(config, name)
     return key

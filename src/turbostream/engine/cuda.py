@@ -5,9 +5,9 @@ prepare_cuda() rewrites the given components in place (channels_last, fused QKV)
 not diffusers' defaults. That is why the parity reference (reference.py) always loads components of its own.
 
 apply_options() makes the modules match the engine options that change them (EngineConfig.attention, prompt_kv,
-skip_unit_rescale, fused_norm, fused_epilogue, fp8); prepare_cuda/prepare_cpu call it with the engine's config. It
-is idempotent, and all but fp8 are undone by a config without them, so engines may share components (fp8 cannot be
-undone: the weights are rounded to 8 bits in place).
+skip_unit_rescale, fused_time_proj, fused_norm, fused_epilogue, fp8); prepare_cuda/prepare_cpu call it with the
+engine's config. It is idempotent, and all but fp8 are undone by a config without them, so engines may share
+components (fp8 cannot be undone: the weights are rounded to 8 bits in place).
 """
 
 from __future__ import annotations
@@ -47,22 +47,26 @@ def prepare_cpu(components: Any = None, config: Any = None) -> None:
 
 
 def apply_options(components: Any, config: Any) -> dict:
-    """Make the UNet and VAE match config's attention, prompt_kv, skip_unit_rescale, fused_norm, fused_epilogue and fp8;
-    ValueError (clear) if one cannot run here.
+    """Make the UNet and VAE match config's attention, prompt_kv, skip_unit_rescale, fused_time_proj, fused_norm,
+    fused_epilogue and fp8; ValueError (clear) if one cannot run here.
 
     Call after prepare_cuda's QKV fusion (the attention processor keeps it) and before the first frame. Returns what
     was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms",
-    "vae_fused_norms", "fused_epilogues", "prompt_kv_layers"}.
+    "vae_fused_norms", "fused_epilogues", "prompt_kv_layers", "stacked_time_projections"}.
     """
     from .attention import attention_modules, check_backend, resnet_class, set_attention, set_unit_rescale
     from .epilogue import check_kernel, set_fused_epilogue
     from .group_norm import check_kernels, set_fused_norm
     from .prompt_kv import PromptKV
+    from .time_proj import check_unet as check_time_proj
+    from .time_proj import set_fused_time_proj
 
     unet = components.unet
     param = next(unet.parameters())  # the UNet's device and dtype (the VAE's are the same)
     tokens = (config.height // 8) * (config.width // 8)
     check_backend(config.attention, unet, tokens, components.max_tokens)  # before anything changes
+    if getattr(config, "fused_time_proj", False):
+        check_time_proj(unet)
     quantized = getattr(unet, "_turbostream_fp8", 0)
     if quantized and not config.fp8:
         raise ValueError("these components were quantized to fp8 by an engine built with fp8, which cannot be "
@@ -78,6 +82,7 @@ def apply_options(components: Any, config: Any) -> dict:
     kv = PromptKV(unet, components.text_dim) if getattr(config, "prompt_kv", False) else None
     set_attention(unet, config.attention, config.skip_unit_rescale, kv)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
+    stacked = set_fused_time_proj(unet, getattr(config, "fused_time_proj", False))
     fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))
     vae_fused = set_fused_norm(components.vae, config.fused_norm, resnet_class(False))  # TAESD has none: 0
     epilogues = set_fused_epilogue(components.vae, config.fused_epilogue)  # TAESD's blocks; the full VAE has none
@@ -86,7 +91,7 @@ def apply_options(components: Any, config: Any) -> dict:
     return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
             "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused,
             "vae_fused_norms": vae_fused, "fused_epilogues": epilogues,
-            "prompt_kv_layers": len(kv.layers) if kv is not None else 0}
+            "prompt_kv_layers": len(kv.layers) if kv is not None else 0, "stacked_time_projections": stacked}
 
 
 def check_fp8(device: torch.device | str) -> None:
