@@ -4,7 +4,8 @@ On CUDA nearly every dispatched compute op is one kernel launch (a CUDA graph re
 frame is launch- and latency-bound, so the count is a first measure of an option that removes small work
 (--prompt-kv, --fused-time-proj). It counts ATen ops below autograd with a TorchDispatchMode, leaving out views and
 allocations (no kernel); GEMMs (mm, addmm, bmm, baddbmm) are counted apart too. The UNet is set up as a CUDA engine
-sets it up (QKV fused, then apply_options with the row's options), so the counts are the CUDA path's even on the CPU.
+sets it up (channels_last, QKV fused, then apply_options with the row's options), so the counts are the CUDA path's
+op for op, even on the CPU (the CPU's kernels behind each op differ: attention, for one, is the CPU's flash kernel).
 Times come from scripts/engine_rows.py on a GPU, not from here.
 
     python scripts/op_count.py --model random --json benchmarks/op-count-cpu-random-<date>.json
@@ -49,7 +50,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def count(unet, conditioning: torch.Tensor, batch: int, latent: int) -> collections.Counter:
-    x = torch.randn(batch, unet.config.in_channels, latent, latent)
+    x = torch.randn(batch, unet.config.in_channels, latent, latent).contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 499.0)
     with torch.no_grad(), OpCounter() as counter:
         unet(x, t, encoder_hidden_states=conditioning.expand(batch, -1, -1), return_dict=False)
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     from turbostream.models import load_components
 
     comps = load_components(args.model, device="cpu", dtype=torch.float32, vae="tiny")
-    comps.unet.fuse_qkv_projections()  # as prepare_cuda does: the CUDA path's projections
+    # As prepare_cuda sets the UNet up: channels_last activations (a layout decides which copies happen) and fused
+    # QKV projections.
+    comps.unet.to(memory_format=torch.channels_last)
+    comps.unet.fuse_qkv_projections()
     emb = torch.randn(1, comps.max_tokens, comps.text_dim)
     rows = {}
     for name, options in ROWS.items():
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": " ".join(["python", "scripts/op_count.py", *(argv if argv is not None else sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "model": args.model,
               "batch": args.batch, "latent": args.latent, "what": "ATen ops dispatched by one UNet evaluation "
-              "(views and allocations left out), QKV fused as on CUDA", "rows": rows}
+              "(views and allocations left out), channels_last and QKV fused as on CUDA", "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
