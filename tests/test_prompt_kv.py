@@ -173,3 +173,14 @@ def test_option_reaches_config_cli_and_compile_cache_key(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--prompt-kv" in capsys.readouterr().out
+
+
+def test_a_layer_that_normalizes_the_embeddings_first_is_refused(fresh_components):
+    """Its keys and values would not be linear in the embeddings, which transitions rely on."""
+    from diffusers.models.attention_processor import Attention
+
+    name, attn = next((n, m) for n, m in fresh_components.unet.named_modules()
+                      if isinstance(m, Attention) and m.is_cross_attention)
+    attn.norm_cross = torch.nn.LayerNorm(fresh_components.text_dim)
+    with pytest.raises(ValueError, match=f"prompt_kv: cross-attention {name} normalizes the embeddings first"):
+        Engine(preset("test", prompt_kv=True), fresh_components)

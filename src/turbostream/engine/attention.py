@@ -87,7 +87,7 @@ class TurboAttnProcessor:
             # prompt_kv: the conditioning holds this layer's keys and values already (computed once per prompt); plain
             # embeddings (another width) are projected below as usual.
             query = attn.to_q(hidden_states)
-            key, value = cross_kv(attn, self.kv, encoder_hidden_states)
+            key, value = cross_kv(kv, encoder_hidden_states)
         elif encoder_hidden_states is None and fused and hasattr(attn, "to_qkv"):
             qkv = attn.to_qkv(hidden_states)  # FusedAttnProcessor2_0: one GEMM for Q, K and V
             query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)

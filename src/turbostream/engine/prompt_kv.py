@@ -13,7 +13,8 @@ bench's diffusers pipeline, the parity reference, run on the same modules) is pr
 processors still computes diffusers' output for plain embeddings.
 
 Transitions blend a stream's conditioning linearly (streams.lerp); the projections are linear maps (affine with a
-bias), so blending keys and values is blending the embeddings and projecting them (up to rounding).
+bias), so blending keys and values is blending the embeddings and projecting them (up to rounding). A layer that
+normalizes the embeddings first (norm_cross; not in SD or SD-Turbo) would break that, and is refused.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class PromptKV:
         if not self.layers:
             raise ValueError("prompt_kv: this UNet has no cross-attention layers")
         offsets, offset = [], 0
-        for _, attn in self.layers:
+        for name, attn in self.layers:
+            if attn.norm_cross:
+                # Its keys and values would not be linear in the embeddings, and transitions blend them linearly.
+                raise ValueError(f"prompt_kv: cross-attention {name} normalizes the embeddings first; not supported")
             offsets.append(offset)
             offset += 2 * attn.to_k.out_features
         self.width = offset
@@ -60,19 +64,18 @@ class PromptKV:
     def project(self, emb: torch.Tensor) -> torch.Tensor:
         """Embeddings (..., T, D) in the UNet dtype -> conditioning (..., T, width): every layer's keys and values.
 
-        Each layer computes what its processor would from these embeddings (norm_cross, then to_kv or to_k and to_v).
+        Each layer computes what its processor would from these embeddings (to_kv, or to_k and to_v).
         """
         parts = []
         for _, attn in self.layers:
-            x = attn.norm_encoder_hidden_states(emb) if attn.norm_cross else emb
             if getattr(attn, "fused_projections", False) and hasattr(attn, "to_kv"):
-                parts.append(attn.to_kv(x))
+                parts.append(attn.to_kv(emb))
             else:
-                parts.extend((attn.to_k(x), attn.to_v(x)))
+                parts.extend((attn.to_k(emb), attn.to_v(emb)))
         return torch.cat(parts, dim=-1)
 
 
-def cross_kv(attn: Any, slot: KVSlot, conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_kv(slot: KVSlot, conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This layer's (keys, values), each (b, T, inner), as views of conditioning (b, T, width)."""
     start = slot.offset
     return (conditioning[..., start:start + slot.inner],
