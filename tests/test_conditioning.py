@@ -1,16 +1,24 @@
-"""prompt_kv (engine/prompt_kv.py): each prompt's cross-attention keys and values computed once, read by the UNet.
+"""The UNet's conditioning work done once instead of in every evaluation: --prompt-kv and --fused-time-proj.
 
-On the CPU: the output is the engine's without the option (the same math), in the QKV-fused layout the CUDA path
-uses too; plain embeddings still give diffusers' output through the same processors; transitions, feature reuse and
-compiled networks work with it; its cache is bounded; the option reaches the config, the CLI and the compile cache key.
-Its speed is measured on a GPU by scripts/engine_rows.py (rows prompt_kv, lean_prompt_kv, compile_prompt_kv).
+prompt_kv (engine/prompt_kv.py): each prompt's cross-attention keys and values computed once, read by the UNet.
+fused_time_proj (engine/time_proj.py): the resnets' time-embedding projections as one stacked GEMM.
+
+On the CPU, for each: the output is the engine's without the option (the same math), diffusers' eps from the UNet
+(prompt_kv in the QKV-fused layout the CUDA path uses too), transitions (prompt_kv), feature reuse and compiled
+networks work with it, it is undone for engines sharing components, what it does not fit is refused clearly, its
+cache is bounded (prompt_kv), and it reaches the config, the CLI and the compile cache key. Their speed is measured
+on a GPU by scripts/engine_rows.py (rows prompt_kv, lean_prompt_kv, compile_prompt_kv, fused_time_proj,
+lean_conditioning, compile_conditioning); scripts/op_count.py counts what they remove (tests/test_op_count.py).
 """
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from turbostream.cli import main
 from turbostream.config import EngineConfig, StreamParams, preset
@@ -18,11 +26,12 @@ from turbostream.engine import Engine
 from turbostream.engine.attention import TurboAttnProcessor, set_attention
 from turbostream.engine.compile_cache import cache_key
 from turbostream.engine.prompt_kv import PromptKV
+from turbostream.engine.time_proj import ProjectionSlice, set_fused_time_proj
 
 
 @pytest.fixture
 def fresh_components():
-    """tiny-random components of this test alone (the option changes the UNet's processors)."""
+    """tiny-random components of this test alone (the options change the UNet's modules)."""
     from turbostream.models import load_components
 
     return load_components("tiny-random", device="cpu", vae="tiny")
@@ -37,12 +46,22 @@ def _diff(a, b) -> int:
     return int(np.abs(np.stack(a).astype(np.int16) - np.stack(b).astype(np.int16)).max())
 
 
+def _reuse_frames(components, **options) -> list[np.ndarray]:
+    """A reuse-3 stream's frames: full, partial, partial, full."""
+    engine = Engine(preset("test", feature_reuse=True, **options), components)
+    out = [engine.run([f], [StreamParams("a", reuse=3)], streams=["s"])[0] for f in _frames(4, seed=11)]
+    assert engine.stats.reuse_partial_batches == 2
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- prompt_kv
+
 def _unet(unet, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return unet(x, torch.tensor([999.0, 500.0]), encoder_hidden_states=cond, return_dict=False)[0]
 
 
-def test_engine_output_is_the_output_without_it(fresh_components):
+def test_prompt_kv_engine_output_is_the_output_without_it(fresh_components):
     frames = _frames(3)
     params = [StreamParams(f"prompt {i}", seed=i) for i in range(3)]
     plain = Engine(preset("test"), fresh_components).run(frames, params)
@@ -61,7 +80,7 @@ def test_engine_output_is_the_output_without_it(fresh_components):
     assert np.array_equal(np.stack(again), np.stack(plain))
 
 
-def test_in_the_qkv_fused_layout_conditioning_gives_diffusers_output_and_embeddings_still_do(fresh_components):
+def test_prompt_kv_in_the_qkv_fused_layout_conditioning_gives_diffusers_output_and_embeddings_still_do(fresh_components):
     """The CUDA path fuses QKV (prepare_cuda): keys and values come from to_kv. A UNet with prompt_kv's processors
     computes diffusers' eps from the conditioning, and from plain embeddings too (the bench's diffusers pipeline and
     the parity reference may run on the same modules)."""
@@ -84,7 +103,7 @@ def test_a_unet_whose_keys_and_values_are_as_wide_as_its_embeddings_is_refused(f
         PromptKV(fresh_components.unet, width)
 
 
-def test_its_cache_is_bounded_and_a_kept_prompt_is_not_projected_again(fresh_components):
+def test_prompt_kv_cache_is_bounded_and_a_kept_prompt_is_not_projected_again(fresh_components):
     engine = Engine(preset("test", prompt_kv=True, prompt_kv_cache_size=2), fresh_components)
     frame = _frames(1)
     for i in range(5):
@@ -126,16 +145,8 @@ def test_a_transition_blends_keys_and_values_as_it_blends_embeddings(fresh_compo
     assert _diff(with_kv, end) > 0
 
 
-def test_feature_reuse_full_and_partial_frames_are_those_without_it(fresh_components):
-    frames = _frames(4, seed=11)
-
-    def frames_of(**options):
-        engine = Engine(preset("test", feature_reuse=True, **options), fresh_components)
-        out = [engine.run([f], [StreamParams("a", reuse=3)], streams=["s"])[0] for f in frames]
-        assert engine.stats.reuse_partial_batches == 2  # full, partial, partial, full
-        return out
-
-    assert _diff(frames_of(prompt_kv=True), frames_of()) <= 1
+def test_prompt_kv_feature_reuse_full_and_partial_frames_are_those_without_it(fresh_components):
+    assert _diff(_reuse_frames(fresh_components, prompt_kv=True), _reuse_frames(fresh_components)) <= 1
 
 
 def test_compiled_networks_read_the_conditioning(tmp_path, fresh_components):
@@ -155,9 +166,7 @@ def test_compiled_networks_read_the_conditioning(tmp_path, fresh_components):
     assert _diff(compiled.run(frames, params), expected) <= 1
 
 
-def test_option_reaches_config_cli_and_compile_cache_key(capsys):
-    import argparse
-
+def test_prompt_kv_reaches_config_cli_and_compile_cache_key(capsys):
     from turbostream.cli.options import add_engine_options, engine_config
 
     parser = argparse.ArgumentParser()
@@ -184,3 +193,74 @@ def test_a_layer_that_normalizes_the_embeddings_first_is_refused(fresh_component
     attn.norm_cross = torch.nn.LayerNorm(fresh_components.text_dim)
     with pytest.raises(ValueError, match=f"prompt_kv: cross-attention {name} normalizes the embeddings first"):
         Engine(preset("test", prompt_kv=True), fresh_components)
+
+
+# ---------------------------------------------------------------------------------------------------- fused_time_proj
+
+
+def _eps(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.inference_mode():
+        return unet(x, torch.tensor([999.0, 250.0]), encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def test_fused_time_proj_unet_computes_diffusers_eps_and_is_undone(fresh_components):
+    unet = fresh_components.unet
+    theirs, names = _eps(unet), set(unet.state_dict())
+    resnets = [m for m in unet.modules() if getattr(m, "time_emb_proj", None) is not None]
+    assert set_fused_time_proj(unet, True) == len(resnets) > 0
+    assert set_fused_time_proj(unet, True) == len(resnets)  # idempotent
+    assert all(type(r.time_emb_proj) is ProjectionSlice and r.skip_time_act for r in resnets)
+    channels = sum(r.time_emb_proj.out_features for r in resnets)
+    assert unet.time_embedding.stacked_proj.weight.shape == (channels, unet.time_embedding.linear_2.out_features)
+    # Each output is the same dot product as the resnet's own Linear: fp32 on the CPU agrees to rounding.
+    torch.testing.assert_close(_eps(unet), theirs, atol=1e-5, rtol=1e-5)
+    # The original parameters are kept (and the state dict has one more Linear); undone, nothing of it is left.
+    assert set(unet.state_dict()) == names | {"time_embedding.stacked_proj.weight", "time_embedding.stacked_proj.bias"}
+    assert set_fused_time_proj(unet, False) == 0
+    assert set(unet.state_dict()) == names and type(unet.time_embedding).__name__ == "TimestepEmbedding"
+    assert all(type(r.time_emb_proj) is nn.Linear and not r.skip_time_act for r in resnets)
+    assert torch.equal(_eps(unet), theirs)
+
+
+def test_fused_time_proj_engine_frames_are_those_without_it_and_a_plain_engine_undoes_it(fresh_components):
+    frames = _frames(3)
+    params = [StreamParams(f"prompt {i}", seed=i) for i in range(3)]
+    plain = Engine(preset("test"), fresh_components).run(frames, params)
+    got = Engine(preset("test", fused_time_proj=True), fresh_components).run(frames, params)
+    assert type(fresh_components.unet.time_embedding).__name__ == "StackedTimestepEmbedding"
+    assert _diff(got, plain) <= 1
+    again = Engine(preset("test"), fresh_components).run(frames, params)
+    assert type(fresh_components.unet.time_embedding).__name__ == "TimestepEmbedding"
+    assert np.array_equal(np.stack(again), np.stack(plain))
+
+
+def test_fused_time_proj_feature_reuse_full_and_partial_frames_are_those_without_it(fresh_components):
+    assert _diff(_reuse_frames(fresh_components, fused_time_proj=True), _reuse_frames(fresh_components)) <= 1
+
+
+def test_a_unet_that_transforms_its_time_embedding_is_refused_clearly(fresh_components):
+    unet = fresh_components.unet
+    unet.time_embed_act = nn.SiLU()  # what some UNets apply to the embedding before the blocks
+    processors = dict(unet.attn_processors)
+    with pytest.raises(ValueError, match="fused_time_proj: this UNet adds to or transforms its time embedding"):
+        Engine(preset("test", fused_time_proj=True, attention="math"), fresh_components)
+    assert unet.attn_processors == processors  # checked before the engine changed any module
+    unet.time_embed_act = None
+    unet.down_blocks[0].resnets[0].nonlinearity = nn.GELU()
+    with pytest.raises(ValueError, match="do not all apply one activation"):
+        set_fused_time_proj(unet, True)
+    assert type(unet.time_embedding).__name__ == "TimestepEmbedding"  # refused before anything changed
+
+
+def test_fused_time_proj_reaches_config_cli_and_compile_cache_key():
+    from turbostream.cli.options import add_engine_options, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    assert engine_config(parser.parse_args(["--device", "cpu", "--fused-time-proj"])).fused_time_proj is True
+    assert engine_config(parser.parse_args(["--device", "cpu"])).fused_time_proj is False
+    off = cache_key(EngineConfig(), "GPU", torch.float16)
+    assert "fused_time_proj" not in off
+    assert cache_key(EngineConfig(fused_time_proj=True), "GPU", torch.float16) == {**off, "fused_time_proj": True}
