@@ -17,7 +17,8 @@ runs end to end for tests:
     python scripts/engine_rows.py --model tiny-random --device cpu --size 64 --json /tmp/rows.json   (a dry run)
 
 --profile writes a torch.profiler Chrome trace and a top-30 table (by CUDA time; CPU time on the CPU) of the
-batch-1 frame of one row (--profile-row; default: compile_default on CUDA, baseline elsewhere) next to the JSON.
+batch-1 frame of some rows (--profile-row; default: compile_default and compile_conditioning on CUDA, baseline
+elsewhere) next to the JSON, with the frame's time and kernel count by kind (GEMM, conv, attention, norm, ...).
 """
 
 from __future__ import annotations
@@ -153,9 +154,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="start no row after this many seconds, nor one whose usual cost no longer fits")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "engine_rows.json"))
-    ap.add_argument("--profile", action="store_true", help="trace one row's batch-1 frame (see --profile-row)")
-    ap.add_argument("--profile-row", choices=ROW_NAMES, default=None,
-                    help="row to profile (default: compile_default on CUDA, baseline elsewhere)")
+    ap.add_argument("--profile", action="store_true", help="trace rows' batch-1 frames (see --profile-row)")
+    ap.add_argument("--profile-row", type=row_list, default=None, metavar="ROW[,ROW...]",
+                    help="rows to profile (default: compile_default and compile_conditioning on CUDA, baseline "
+                         "elsewhere)")
     ap.add_argument("--warm-caches", action="store_true",
                     help="keep torch's compile caches; by default each compile row compiles cold (fresh inductor "
                          "cache folder), so compile_s is what a first start costs")
@@ -240,7 +242,8 @@ class Rows:
         self.params = StreamParams(PROMPT, seed=SEED)
         self.batch = [dataclasses.replace(self.params, seed=SEED + k) for k in range(PARITY_FRAMES)]
         self.frames = smooth_frames(max(BATCHES), args.size)
-        self.profile_row = args.profile_row or ("compile_default" if self.cuda else "baseline")
+        self.profile_rows = args.profile_row or (("compile_default", "compile_conditioning") if self.cuda
+                                                 else ("baseline",))
         self.out = Path(args.json)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.shared = None  # components every row that does not change them for good shares
@@ -393,7 +396,7 @@ class Rows:
                 out["parity"], out["parity_pass"] = {"error": "no reference (its step failed)"}, None
             if self.cuda:
                 out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-            if a.profile and row.name == self.profile_row:
+            if a.profile and row.name in self.profile_rows:
                 out["profile"] = {"status": "running"}
                 self.save()
                 try:
@@ -485,7 +488,8 @@ class Rows:
         table = base.with_suffix(".top30.txt")
         table.write_text(kernels["table"] + "\n")
         result.update(trace=str(trace), table=str(table), sort_by=kernels["sort_by"],
-                      total_ms_per_frame=kernels["total_ms_per_frame"], top30=kernels["events"])
+                      total_ms_per_frame=kernels["total_ms_per_frame"], calls_per_frame=kernels["calls_per_frame"],
+                      by_kind=kernels["by_kind"], top30=kernels["events"])
         return result
 
     # ------------------------------------------------------------------ all rows
@@ -560,8 +564,45 @@ def applied(unet) -> dict:
             "stacked_time_projections": sum(type(m).__name__ == "ProjectionSlice" for m in unet.modules())}
 
 
+def row_list(text: str) -> tuple[str, ...]:
+    """--profile-row's comma-separated built-in row names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in ROW_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown rows {unknown}: choose from {', '.join(ROW_NAMES)}")
+    return names
+
+
+# What a kernel (CUDA) or operator (CPU) name says it does, first match wins. cuDNN's convolutions are implicit
+# GEMMs ("fprop", "nhwckrsc"), so they are told apart before the GEMMs. Inductor's Triton kernels name the ops they
+# fused: a template (triton_tem_) is the GEMM or conv it names; the others (triton_poi_, _per_, _red_) are pointwise
+# or reduction code, a norm where they name one, even when they fused a conv's epilogue and say "convolution".
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "mha_")),
+    ("conv", ("triton_tem_fused_convolution", "conv", "fprop", "nhwckrsc", "dgrad", "wgrad")),
+    ("gemm", ("gemm", "cutlass", "triton_tem_", "cublas", "matmul", "addmm", "aten::mm", "aten::bmm", "xmma",
+              "s16816", "s1688")),
+    ("norm", ("norm", "moments", "welford", "compute_stats")),
+    ("copy", ("memcpy", "memset", "copy", "clone", "contiguous")),
+    ("elementwise", ("elementwise", "add", "mul", "silu", "gelu", "div", "upsample", "cat", "reduce", "fill",
+                     "where", "clamp", "round", "lerp")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of one profiler event by its name (KINDS), "other" if none fits."""
+    low = name.lower()
+    if low.startswith("triton_") and not low.startswith("triton_tem_"):
+        return "norm" if "norm" in low else "fused (triton)"
+    for kind, marks in KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other"
+
+
 def top_events(prof, cuda: bool, reps: int) -> dict:
-    """The 30 costliest events: CUDA kernels by self CUDA time on CUDA, operators by self CPU time on the CPU."""
+    """The 30 costliest events: CUDA kernels by self CUDA time on CUDA, operators by self CPU time on the CPU; and
+    all of them per frame by kind (kernel_kind) with their count, to see where a frame's time goes at a glance."""
     from torch.autograd import DeviceType
 
     events = prof.key_averages()
@@ -580,13 +621,24 @@ def top_events(prof, cuda: bool, reps: int) -> dict:
     rows = [{"name": e.key[:200], "calls_per_frame": round(e.count / reps, 2),
              "us_per_frame": round(cost(e) / reps, 1), "share": round(cost(e) / total, 4) if total else None}
             for e in chosen[:30]]
+    kinds: dict[str, list[float]] = {}
+    for e in chosen:
+        k = kinds.setdefault(kernel_kind(e.key), [0.0, 0.0])
+        k[0], k[1] = k[0] + cost(e), k[1] + e.count
+    by_kind = {kind: {"us_per_frame": round(us / reps, 1), "share": round(us / total, 4) if total else None,
+                      "calls_per_frame": round(n / reps, 2)}
+               for kind, (us, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
+    calls = round(sum(e.count for e in chosen) / reps, 2)
     lines = [f"{'us/frame':>10} {'share':>7} {'calls/frame':>11}  name", "-" * 100]
     lines += [f"{r['us_per_frame']:10.1f} {100 * (r['share'] or 0):6.1f}% {r['calls_per_frame']:11.2f}  {r['name']}"
               for r in rows]
     lines.append(f"total {total / reps / 1e3:.3f} ms per frame over {len(chosen)} distinct "
-                 f"{'kernels' if cuda else 'operators'} ({sort_by})")
+                 f"{'kernels' if cuda else 'operators'} ({sort_by}), {calls:g} calls per frame")
+    lines += ["", f"{'us/frame':>10} {'share':>7} {'calls/frame':>11}  kind", "-" * 50]
+    lines += [f"{k['us_per_frame']:10.1f} {100 * (k['share'] or 0):6.1f}% {k['calls_per_frame']:11.2f}  {kind}"
+              for kind, k in by_kind.items()]
     return {"events": rows, "table": "\n".join(lines), "sort_by": sort_by,
-            "total_ms_per_frame": round(total / reps / 1e3, 3)}
+            "total_ms_per_frame": round(total / reps / 1e3, 3), "calls_per_frame": calls, "by_kind": by_kind}
 
 
 def targets(rows: dict) -> dict:

@@ -26,7 +26,7 @@ def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]
 
 
 def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
-    proc, res = _run(tmp_path, "--profile", "--row", "broken:attention=xformers",
+    proc, res = _run(tmp_path, "--profile", "--profile-row", "baseline,prompt_kv", "--row", "broken:attention=xformers",
                      "--row", "plain_math:attention=math,skip_unit_rescale=false",
                      "--row", "mm_math:attention=math,inductor.conv_1x1_as_mm=true,inductor.epilogue_fusion=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -109,6 +109,14 @@ def test_cpu_dry_run_measures_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     with gzip.open(profile["trace"], "rt") as f:
         assert "traceEvents" in json.load(f)
     assert "aten::" in Path(profile["table"]).read_text()
+    # Where the frame's time goes, by kind; the CPU's operators are nested, so their calls count each level.
+    kinds = profile["by_kind"]
+    assert {"gemm", "conv", "attention", "norm"} <= set(kinds) and profile["calls_per_frame"] > 0
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0, abs=1e-3)
+    assert "kind" in Path(profile["table"]).read_text()
+    # A second profiled row: prompt_kv's frame runs fewer GEMM operators (the keys' and values' projections).
+    assert rows["prompt_kv"]["profile"]["by_kind"]["gemm"]["calls_per_frame"] < kinds["gemm"]["calls_per_frame"]
+    assert "profile" not in rows["attn_math"]
     assert "baseline" in proc.stdout and "targets:" in proc.stdout
 
 
@@ -141,8 +149,36 @@ def test_reuse_targets_name_the_least_setting_within_4ms(monkeypatch):
     assert got["b1_reuse4_avg_le_4ms"] == {"met": True, "ms": 3.7, "row": "b"}
 
 
+def test_kernel_kinds_of_typical_names(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_rows", SCRIPT)
+    rows_mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "engine_rows", rows_mod)  # its dataclasses look their module up there
+    spec.loader.exec_module(rows_mod)
+    kinds = {
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "conv",
+        "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "gemm",
+        "ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_tn": "gemm",
+        "triton_tem_fused_addmm_4": "gemm",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>": "attention",
+        "fmha_cutlassF_f16_aligned_64x64_rf_sm80": "attention",
+        "triton_red_fused_native_group_norm_silu_2": "norm",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>": "norm",
+        "triton_poi_fused_add_convolution_gelu_mul_7": "fused (triton)",  # a conv's epilogue, not the conv
+        "triton_poi_fused__to_copy_add_mul_1": "fused (triton)",
+        "triton_tem_fused_convolution_3": "conv",
+        "Memcpy DtoD (Device -> Device)": "copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>": "elementwise",
+        "aten::addmm": "gemm", "aten::mkldnn_convolution": "conv", "aten::native_group_norm": "norm",
+        "something_new": "other",
+    }
+    assert {name: rows_mod.kernel_kind(name) for name in kinds} == kinds
+
+
 def test_bad_rows_are_refused(tmp_path):
     for args, message in ((["--rows", "baseline,warp"], "unknown rows ['warp']"),
+                          (["--profile-row", "baseline,warp"], "unknown rows ['warp']"),
                           (["--row", "x:speed=11"], "is not FIELD=VALUE"), (["--row", "baseline:fp8=true"], "NAME"),
                           (["--row", "x:compile=true,inductor.warp_speed=1"], "has no setting 'warp_speed'")):
         proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(tmp_path / "r.json")],
