@@ -129,9 +129,9 @@ ROWS = (
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 # The EngineConfig fields a row may set (--row) and each row's JSON records.
-OPTION_FIELDS = ("attention", "prompt_kv", "fused_time_proj", "compile", "compile_mode", "compile_dynamic", "compile_aot", "aot_format",
-                 "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse", "reuse_layers", "frame_graph",
-                 "fused_norm", "fused_epilogue")
+OPTION_FIELDS = ("attention", "prompt_kv", "fused_time_proj", "compile", "compile_mode", "compile_dynamic",
+                 "compile_aot", "aot_format", "fp8", "skip_unit_rescale", "cuda_graphs", "feature_reuse",
+                 "reuse_layers", "frame_graph", "fused_norm", "fused_epilogue")
 PROMPT = "a watercolor painting of a city street"
 SEED = 42
 BATCHES = (1, 8)
