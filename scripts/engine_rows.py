@@ -582,16 +582,19 @@ KINDS = (
     ("conv", ("triton_tem_fused_convolution", "conv", "fprop", "nhwckrsc", "dgrad", "wgrad")),
     ("gemm", ("gemm", "cutlass", "triton_tem_", "cublas", "matmul", "addmm", "aten::mm", "aten::bmm", "xmma",
               "s16816", "s1688")),
-    ("norm", ("norm", "moments", "welford", "compute_stats")),
+    # block_stats (and "normalize", kernel_kind): --fused-norm's own kernels
+    ("norm", ("norm", "moments", "welford", "compute_stats", "computefusedparams", "block_stats")),
     ("copy", ("memcpy", "memset", "copy", "clone", "contiguous")),
     ("elementwise", ("elementwise", "add", "mul", "silu", "gelu", "div", "upsample", "cat", "reduce", "fill",
-                     "where", "clamp", "round", "lerp")),
+                     "where", "clamp", "round", "lerp", "bias_act")),  # bias_act: ours, --fused-epilogue
 )
 
 
 def kernel_kind(name: str) -> str:
     """The kind of one profiler event by its name (KINDS), "other" if none fits."""
     low = name.lower()
+    if low == "normalize":  # --fused-norm's second kernel (engine/group_norm_kernels.py)
+        return "norm"
     if low.startswith("triton_") and not low.startswith("triton_tem_"):
         return "norm" if "norm" in low else "fused (triton)"
     for kind, marks in KINDS:

@@ -28,7 +28,7 @@
 # rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms
 #         and epilogues, --prompt-kv and --fused-time-proj, fp8, compile modes) as one row, batch 1 and 8 timed,
 #         parity against one fp32 reference, and profiles of the compiled batch-1 frame (compile_default and
-#         compile_conditioning: kernel time and count by kind); ROWS_S seconds in all (default 540; rows that no longer fit are
+#         compile_conditioning when the budget reaches them: kernel time and count by kind); ROWS_S seconds in all (default 540; rows that no longer fit are
 #         skipped and named), ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The
 #         fp8 rows need torchao: carry its wheel too (device-wheels.sh torchao==0.18.0, the release built for torch
 #         2.11)

@@ -113,11 +113,13 @@ def test_prompt_kv_cache_is_bounded_and_a_kept_prompt_is_not_projected_again(fre
     engine.run(frame, [StreamParams("prompt 4")])
     assert engine.stats.kv_projections == 5
     assert engine.prompt_kv_cache_len == 2
-    # A blend is a prompt of its own here too (its embeddings projected once).
-    blend = (("prompt 0", 0.5), ("prompt 1", 0.5))
-    engine.run(frame, [StreamParams(blend)])
-    engine.run(frame, [StreamParams(blend)])
-    assert engine.stats.kv_projections == 6 and engine.prompt_kv_cache_len == 2
+    # Blends are kept apart (as their embeddings are): a mix slider dragged through many weights projects each
+    # blend once and evicts no prompt's keys and values.
+    for w in (0.2, 0.4, 0.6, 0.8, 0.4):
+        engine.run(frame, [StreamParams((("prompt 0", w), ("prompt 1", 1 - w)))])
+    assert engine.stats.kv_projections == 9 and len(engine._kv_blends) == 4
+    engine.run(frame, [StreamParams("prompt 4")])
+    assert engine.stats.kv_projections == 9 and engine.prompt_kv_cache_len == 2
     # Without the option nothing is kept there.
     plain = Engine(preset("test"), fresh_components)
     plain.run(frame, [StreamParams("prompt 0")])
@@ -149,20 +151,25 @@ def test_prompt_kv_feature_reuse_full_and_partial_frames_are_those_without_it(fr
     assert _diff(_reuse_frames(fresh_components, prompt_kv=True), _reuse_frames(fresh_components)) <= 1
 
 
-def test_compiled_networks_read_the_conditioning(tmp_path, fresh_components):
-    """torch.compile's ahead-of-time artifacts (what --compile builds, kept for warm starts) of a UNet whose
-    processors read the conditioning, with the stacked time projections too (fused_time_proj): within a level of
-    the eager engine with both options."""
+@pytest.mark.parametrize("fmt", ["dynamo", "aotinductor"])
+def test_compiled_networks_read_the_conditioning(tmp_path, fresh_components, fmt):
+    """--compile-aot's networks (torch.compile's ahead-of-time artifacts, or torch.export + AOTInductor packages) of
+    a UNet whose processors read the conditioning and whose resnets read the stacked time projections: within a
+    level of the engine without either option."""
     frames = _frames(2, seed=5)
     params = [StreamParams("a", seed=1), StreamParams("b", seed=2)]
-    config = dict(model="tiny-random", device="cpu", width=64, height=64, buckets=(2,), prompt_kv=True,
-                  fused_time_proj=True, compile_cache=str(tmp_path))
-    eager = Engine(EngineConfig(**config), fresh_components)
-    eager.warmup()
-    expected = eager.run(frames, params)
-    compiled = Engine(EngineConfig(**config, compile=True, compile_aot=True, aot_format="dynamo"), fresh_components)
+    config = dict(model="tiny-random", device="cpu", width=64, height=64, buckets=(2,), compile_cache=str(tmp_path))
+    plain = Engine(EngineConfig(**config), fresh_components)
+    plain.warmup()
+    expected = plain.run(frames, params)
+    compiled = Engine(EngineConfig(**config, prompt_kv=True, fused_time_proj=True, compile=True, compile_aot=True,
+                                   aot_format=fmt), fresh_components)
     compiled.warmup()
-    assert compiled.stats.aot_packages_built == 3  # UNet, TAESD encoder and decoder
+    assert compiled.stats.aot_packages_built == 3 and compiled.stats.aot_format == fmt  # UNet, TAESD's two halves
+    unet = fresh_components.unet
+    assert sum(p.kv is not None for p in unet.attn_processors.values()) == 4
+    assert type(unet.time_embedding).__name__ == "StackedTimestepEmbedding"
+    assert compiled._emb.shape[-1] == compiled.prompt_kv.width  # what the packages were built for and read
     assert _diff(compiled.run(frames, params), expected) <= 1
 
 
@@ -224,6 +231,26 @@ def test_fused_time_proj_unet_computes_diffusers_eps_and_is_undone(fresh_compone
     assert torch.equal(_eps(unet), theirs)
 
 
+def test_the_stacked_weights_follow_the_resnets_and_outlive_an_undo(fresh_components):
+    """Weights loaded after the option was applied reach the stacked Linear when it is applied again; undoing it
+    keeps the Linear alive (CUDA graphs captured with it read its memory), and applying again reuses it."""
+    unet = fresh_components.unet
+    set_fused_time_proj(unet, True)
+    stacked = unet.time_embedding.stacked_proj
+    proj = unet.down_blocks[0].resnets[0].time_emb_proj
+    with torch.no_grad():
+        proj.weight.mul_(3.0)  # as a weight reload would change it
+    set_fused_time_proj(unet, True)  # an engine built now
+    assert unet.time_embedding.stacked_proj is stacked
+    torch.testing.assert_close(stacked.weight[: proj.out_features], proj.weight, atol=0, rtol=0)
+    fused = _eps(unet)
+    set_fused_time_proj(unet, False)
+    torch.testing.assert_close(fused, _eps(unet), atol=1e-5, rtol=1e-5)  # the new weights, both ways
+    assert stacked.weight.abs().sum() > 0  # still allocated, still filled
+    set_fused_time_proj(unet, True)
+    assert unet.time_embedding.stacked_proj is stacked
+
+
 def test_fused_time_proj_engine_frames_are_those_without_it_and_a_plain_engine_undoes_it(fresh_components):
     frames = _frames(3)
     params = [StreamParams(f"prompt {i}", seed=i) for i in range(3)]
@@ -264,3 +291,20 @@ def test_fused_time_proj_reaches_config_cli_and_compile_cache_key():
     off = cache_key(EngineConfig(), "GPU", torch.float16)
     assert "fused_time_proj" not in off
     assert cache_key(EngineConfig(fused_time_proj=True), "GPU", torch.float16) == {**off, "fused_time_proj": True}
+
+
+def test_an_engine_whose_shared_modules_were_reset_refuses_eager_frames_clearly(fresh_components):
+    """Engines built one after another share components; the one built last sets the modules. An earlier engine with
+    other options would run them (with prompt_kv, fail on a shape): it says so instead."""
+    frame = _frames(1)
+    first = Engine(preset("test", prompt_kv=True, fused_time_proj=True), fresh_components)
+    first.run(frame, [StreamParams("a")])
+    second = Engine(preset("test"), fresh_components)
+    second.run(frame, [StreamParams("a")])
+    with pytest.raises(RuntimeError, match="set up for another engine's options after this engine was built"):
+        first.run(frame, [StreamParams("a")])
+    same = Engine(preset("test"), fresh_components)  # the same options: both run
+    same.run(frame, [StreamParams("a")])
+    assert np.array_equal(second.run(frame, [StreamParams("a")])[0], same.run(frame, [StreamParams("a")])[0])
+    again = Engine(preset("test", prompt_kv=True, fused_time_proj=True), fresh_components)
+    assert again.run(frame, [StreamParams("a")])[0].shape == (64, 64, 3)

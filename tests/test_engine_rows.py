@@ -168,6 +168,8 @@ def test_kernel_kinds_of_typical_names(monkeypatch):
         "triton_poi_fused_add_convolution_gelu_mul_7": "fused (triton)",  # a conv's epilogue, not the conv
         "triton_poi_fused__to_copy_add_mul_1": "fused (triton)",
         "triton_tem_fused_convolution_3": "conv",
+        "block_stats": "norm", "normalize": "norm", "bias_act": "elementwise",  # --fused-norm's, --fused-epilogue's
+        "void at::native::(anonymous namespace)::ComputeFusedParamsCUDAKernel<c10::Half, float>": "norm",
         "Memcpy DtoD (Device -> Device)": "copy",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>": "elementwise",
         "aten::addmm": "gemm", "aten::mkldnn_convolution": "conv", "aten::native_group_norm": "norm",

@@ -300,7 +300,7 @@ class EngineConfig:
     # Each prompt's cross-attention keys and values computed once, when the prompt is first used, instead of in every
     # UNet evaluation (engine/prompt_kv.py): 16 GEMMs fewer per evaluation for SD-Turbo (32 without QKV fusion), the
     # same math (rounding only). Costs 3.8 MB of device memory per cached prompt at SD-Turbo's size
-    # (prompt_kv_cache_size of them) and one projection per new prompt.
+    # (prompt_kv_cache_size of them, and up to 16 prompt blends) and one projection per new prompt.
     prompt_kv: bool = False
     # The UNet's 22 resnet time-embedding projections (each a SiLU and a small Linear of the same embedding) as one
     # SiLU and one stacked Linear (engine/time_proj.py): 2 kernels instead of 44 per evaluation, rounding only.

@@ -106,7 +106,7 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--prompt-kv", action="store_true",
                    help="compute each prompt's cross-attention keys and values once, when it is first used, instead "
                         "of in every UNet evaluation (16 GEMMs fewer per evaluation for SD-Turbo; 3.8 MB of GPU memory "
-                        "per prompt kept, at most 32). The output changes by rounding only")
+                        "per prompt kept, at most 32 prompts and 16 blends). The output changes by rounding only")
     g.add_argument("--fused-time-proj", action="store_true",
                    help="the UNet resnets' time-embedding projections (for SD-Turbo 22 SiLUs and 22 small GEMMs of the "
                         "same embedding) as one SiLU and one stacked GEMM per UNet evaluation. The output changes by "

@@ -82,12 +82,12 @@ class TurboAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         fused = getattr(attn, "fused_projections", False)
-        kv = self.kv
-        if kv is not None and encoder_hidden_states is not None and encoder_hidden_states.shape[-1] == kv.width:
+        slot = self.kv
+        if slot is not None and encoder_hidden_states is not None and encoder_hidden_states.shape[-1] == slot.width:
             # prompt_kv: the conditioning holds this layer's keys and values already (computed once per prompt); plain
             # embeddings (another width) are projected below as usual.
             query = attn.to_q(hidden_states)
-            key, value = cross_kv(kv, encoder_hidden_states)
+            key, value = cross_kv(slot, encoder_hidden_states)
         elif encoder_hidden_states is None and fused and hasattr(attn, "to_qkv"):
             qkv = attn.to_qkv(hidden_states)  # FusedAttnProcessor2_0: one GEMM for Q, K and V
             query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)

@@ -6,8 +6,11 @@ not diffusers' defaults. That is why the parity reference (reference.py) always 
 
 apply_options() makes the modules match the engine options that change them (EngineConfig.attention, prompt_kv,
 skip_unit_rescale, fused_time_proj, fused_norm, fused_epilogue, fp8); prepare_cuda/prepare_cpu call it with the
-engine's config. It is idempotent, and all but fp8 are undone by a config without them, so engines may share
-components (fp8 cannot be undone: the weights are rounded to 8 bits in place).
+engine's config. It is idempotent, and all but fp8 are undone by a config without them, so engines built one after
+another may share components (fp8 cannot be undone: the weights are rounded to 8 bits in place). The modules then
+have the options of the engine built last (options_key): an engine built earlier with other options refuses eager
+frames then, with a clear error, as they would run the new options. Its CUDA graphs keep replaying the kernels they
+captured, and the memory they read stays allocated.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def apply_options(components: Any, config: Any) -> dict:
 
     unet = components.unet
     param = next(unet.parameters())  # the UNet's device and dtype (the VAE's are the same)
+    unet._turbostream_options = None  # until every option below is in place
     tokens = (config.height // 8) * (config.width // 8)
     check_backend(config.attention, unet, tokens, components.max_tokens)  # before anything changes
     if getattr(config, "fused_time_proj", False):
@@ -88,10 +92,17 @@ def apply_options(components: Any, config: Any) -> dict:
     epilogues = set_fused_epilogue(components.vae, config.fused_epilogue)  # TAESD's blocks; the full VAE has none
     if config.fp8 and not quantized:
         unet._turbostream_fp8 = quantize_fp8(unet)
+    unet._turbostream_options = options_key(config)  # Engine checks it before eager frames
     return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
             "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused,
             "vae_fused_norms": vae_fused, "fused_epilogues": epilogues,
             "prompt_kv_layers": len(kv.layers) if kv is not None else 0, "stacked_time_projections": stacked}
+
+
+def options_key(config: Any) -> tuple:
+    """The values of config's options that apply_options sets on the modules: equal keys, equal modules."""
+    return tuple(getattr(config, name, None) for name in (
+        "attention", "prompt_kv", "skip_unit_rescale", "fused_time_proj", "fused_norm", "fused_epilogue", "fp8"))
 
 
 def check_fp8(device: torch.device | str) -> None:

@@ -48,7 +48,7 @@ from .aot import AotCall, AotPackages, DynamoArtifacts, Recorded, ReuseFull, Reu
 from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
 from .compile_cache import CompileCache, aot_folder, cache_key, default_folder
-from .cuda import prepare_cpu, prepare_cuda
+from .cuda import options_key, prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .kernel_warmup import Launch, precompile, recording
 from .prompt_kv import PromptKV
@@ -201,6 +201,7 @@ class Engine:
             prepare_cuda(components, config)
         else:
             prepare_cpu(components, config)
+        self._options = options_key(config)  # what apply_options set on the modules for this engine
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         # Temporal feature reuse: a second way through the same UNet (ValueError for a UNet it cannot mirror).
         self.reuse = None
@@ -217,6 +218,7 @@ class Engine:
         # the processors apply_options installed read), and the prompts whose keys and values are kept.
         self.prompt_kv = PromptKV(self.unet, components.text_dim) if config.prompt_kv else None
         self._kv = LRU(config.prompt_kv_cache_size)
+        self._kv_blends = LRU(BLEND_CACHE_SIZE)  # as _blends: a mix slider must not evict other streams' prompts
         self._alloc_buffers()
 
     # ------------------------------------------------------------------ set-up
@@ -308,11 +310,12 @@ class Engine:
         prompt_kv its (tokens, width) cross-attention keys and values, computed on a miss of their own cache."""
         if self.prompt_kv is None:
             return self.prompt_embeddings(prompt)
-        kv = self._kv.lookup(prompt)
+        cache = self._kv if isinstance(prompt, str) else self._kv_blends
+        kv = cache.lookup(prompt)
         if kv is None:
             kv = self.prompt_kv.project(self.prompt_embeddings(prompt))
             self.stats.kv_projections += 1
-            self._kv.insert(prompt, kv)
+            cache.insert(prompt, kv)
         return kv
 
     @_on_own_stream(hand_back=True)
@@ -330,7 +333,7 @@ class Engine:
 
     @property
     def prompt_kv_cache_len(self) -> int:
-        """Prompts whose cross-attention keys and values are kept (prompt_kv; 0 without)."""
+        """Prompts (blends apart) whose cross-attention keys and values are kept (prompt_kv; 0 without)."""
         return len(self._kv)
 
     @property
@@ -366,6 +369,7 @@ class Engine:
                     mode: str = "plain", deep: DeepMoves | None = None) -> torch.Tensor:
         """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations, eagerly: the three segments in a row.
         deep: what moves the streams' deep features in and out of the static rows around each step (reuse)."""
+        self._check_modules()
         latents = self._head(b, encode, probe)
         for k in range(n):
             if deep is not None:
@@ -374,6 +378,14 @@ class Engine:
             if deep is not None:
                 deep.after(k)
         return self._tail(latents, probe)
+
+    def _check_modules(self) -> None:
+        """RuntimeError if another engine built on these components since this one set other options on them."""
+        if getattr(self.unet, "_turbostream_options", None) != self._options:
+            raise RuntimeError(
+                "these components were set up for another engine's options after this engine was built (engines "
+                "share modules: the one built last sets them); build this engine again, or give each engine "
+                "components of its own")
 
     # ------------------------------------------------------------------ warmup and capture
 
@@ -597,6 +609,7 @@ class Engine:
 
     def _capture(self, b: int) -> dict[str, torch.cuda.CUDAGraph]:
         """Warm up on a side stream (3 runs), then capture bucket b's segments, each into its own graph."""
+        self._check_modules()
         t0 = time.perf_counter()
         kinds = ("head", *self._step_modes, "tail")
         self._step.copy_(self._steps[0])  # a real schedule row for the warm-up runs

@@ -45,6 +45,8 @@ class PromptKV:
         ]
         if not self.layers:
             raise ValueError("prompt_kv: this UNet has no cross-attention layers")
+        if getattr(unet, "encoder_hid_proj", None) is not None:
+            raise ValueError("prompt_kv: this UNet projects the embeddings before its layers; not supported")
         offsets, offset = [], 0
         for name, attn in self.layers:
             if attn.norm_cross:

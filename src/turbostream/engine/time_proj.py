@@ -11,8 +11,10 @@ How, without touching the UNet's forward: the time embedding module's class beco
 SiLU and the stacked projection (what the UNet hands every block as `temb` is then the projections side by side);
 each resnet's time_emb_proj becomes a ProjectionSlice (its weight kept, unused) and its skip_time_act is set, so the
 resnet's own code takes its slice where it did SiLU and Linear before. Its parameters and state dict stay; the
-stacked weight is one more parameter (time_embedding.stacked_proj: 52 MB in fp16 for SD-Turbo). Undone by
-set_fused_time_proj(unet, False), so engines may share components.
+stacked weight is one more parameter (time_embedding.stacked_proj: 52 MB in fp16 for SD-Turbo), filled from the
+resnets' weights each time the option is applied (so it follows weights loaded since). Undone by
+set_fused_time_proj(unet, False); the stacked Linear itself is kept with the UNet (unregistered), so CUDA graphs an
+engine captured with it never read freed memory, and applying the option again reuses it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,31 @@ def check_unet(unet: Any) -> None:
                          "time embedding")
 
 
+KEPT = "_turbostream_stacked_time_proj"  # the UNet's instance attribute holding the stacked Linear (unregistered)
+
+
+def _stacked_linear(unet: Any, resnets: list[Any]) -> nn.Linear:
+    """The UNet's stacked Linear (made once, then reused while it fits), filled from the resnets' weights now."""
+    projs = [r.time_emb_proj for r in resnets]
+    first = projs[0].weight
+    width = sum(p.out_features for p in projs)
+    linear = unet.__dict__.get(KEPT)
+    if linear is None or linear.weight.shape != (width, first.shape[1]) or linear.weight.dtype != first.dtype \
+            or linear.weight.device != first.device:
+        linear = nn.Linear(first.shape[1], width, device=first.device, dtype=first.dtype).requires_grad_(False)
+        unet.__dict__[KEPT] = linear  # not a submodule: in the state dict only while the option is on
+    with torch.no_grad():
+        offset = 0
+        for p in projs:  # row by row into the one buffer, which CUDA graphs captured earlier may be reading
+            linear.weight[offset:offset + p.out_features].copy_(p.weight)
+            if p.bias is not None:
+                linear.bias[offset:offset + p.out_features].copy_(p.bias)
+            else:
+                linear.bias[offset:offset + p.out_features].zero_()
+            offset += p.out_features
+    return linear
+
+
 def set_fused_time_proj(unet: Any, on: bool) -> int:
     """Stack the resnets' time-embedding projections into one (on) or undo it; returns how many are stacked."""
     plain, stacked = _stacked_class()
@@ -75,30 +102,25 @@ def set_fused_time_proj(unet: Any, on: bool) -> int:
     if not on:
         if type(unet.time_embedding) is stacked:
             unet.time_embedding.__class__ = plain
-            del unet.time_embedding.stacked_proj, unet.time_embedding.stacked_act
+            del unet.time_embedding.stacked_proj, unet.time_embedding.stacked_act  # kept in unet.__dict__[KEPT]
             for r in resnets:
                 r.time_emb_proj.__class__ = nn.Linear
                 del r.time_emb_proj.slice_offset
                 r.skip_time_act = False
         return 0
     if type(unet.time_embedding) is stacked:
+        unet.__dict__[KEPT] = unet.time_embedding.stacked_proj  # the one in use (moved with the UNet, if it was)
+    else:
+        check_unet(unet)
+    linear = _stacked_linear(unet, resnets)  # allocated before any module changes
+    if type(unet.time_embedding) is stacked:
         return len(resnets)
-    check_unet(unet)
-    weights, biases, offset = [], [], 0
+    offset = 0
     for r in resnets:
-        proj = r.time_emb_proj
-        weights.append(proj.weight.detach())
-        biases.append(proj.bias.detach() if proj.bias is not None else proj.weight.new_zeros(proj.out_features))
-        proj.__class__ = ProjectionSlice
-        proj.slice_offset = offset
+        r.time_emb_proj.__class__ = ProjectionSlice
+        r.time_emb_proj.slice_offset = offset
         r.skip_time_act = True  # the stacked embedding's SiLU ran already
-        offset += proj.out_features
-    first = weights[0]
-    linear = nn.Linear(first.shape[1], offset, device=first.device, dtype=first.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(torch.cat(weights))
-        linear.bias.copy_(torch.cat(biases))
-    linear.requires_grad_(False)
+        offset += r.time_emb_proj.out_features
     embedding = unet.time_embedding
     embedding.__class__ = stacked
     embedding.stacked_proj = linear
