@@ -80,7 +80,7 @@ def test_prompt_kv_engine_output_is_the_output_without_it(fresh_components):
     assert np.array_equal(np.stack(again), np.stack(plain))
 
 
-def test_prompt_kv_in_the_qkv_fused_layout_conditioning_gives_diffusers_output_and_embeddings_still_do(fresh_components):
+def test_prompt_kv_in_the_qkv_fused_layout_gives_diffusers_eps_and_embeddings_still_do(fresh_components):
     """The CUDA path fuses QKV (prepare_cuda): keys and values come from to_kv. A UNet with prompt_kv's processors
     computes diffusers' eps from the conditioning, and from plain embeddings too (the bench's diffusers pipeline and
     the parity reference may run on the same modules)."""
