@@ -308,3 +308,11 @@ def test_an_engine_whose_shared_modules_were_reset_refuses_eager_frames_clearly(
     assert np.array_equal(second.run(frame, [StreamParams("a")])[0], same.run(frame, [StreamParams("a")])[0])
     again = Engine(preset("test", prompt_kv=True, fused_time_proj=True), fresh_components)
     assert again.run(frame, [StreamParams("a")])[0].shape == (64, 64, 3)
+    # An engine refused at build time changes no module: the engine built before it still runs.
+    fresh_components.unet.time_embed_act = nn.SiLU()  # what fused_time_proj refuses
+    with pytest.raises(ValueError, match="fused_time_proj"):
+        Engine(preset("test", fused_time_proj=True), fresh_components)
+    fresh_components.unet.time_embed_act = None
+    with pytest.raises(ValueError, match="attention backend 'efficient' cannot run here"):
+        Engine(preset("test", attention="efficient"), fresh_components)
+    assert again.run(frame, [StreamParams("a")])[0].shape == (64, 64, 3)

@@ -8,9 +8,10 @@ apply_options() makes the modules match the engine options that change them (Eng
 skip_unit_rescale, fused_time_proj, fused_norm, fused_epilogue, fp8); prepare_cuda/prepare_cpu call it with the
 engine's config. It is idempotent, and all but fp8 are undone by a config without them, so engines built one after
 another may share components (fp8 cannot be undone: the weights are rounded to 8 bits in place). The modules then
-have the options of the engine built last (options_key): an engine built earlier with other options refuses eager
-frames then, with a clear error, as they would run the new options. Its CUDA graphs keep replaying the kernels they
-captured, and the memory they read stays allocated.
+have the options of the engine built last (options_key, kept on the UNet): an engine built earlier with other options
+refuses eager frames then, with a clear error, as they would run the new options. Its CUDA graphs keep replaying the
+kernels they captured, and the memory they read stays allocated. An engine refused at build time changes nothing.
+(Two component sets that share a VAE but not a UNet are not told apart: nothing here builds them.)
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ def apply_options(components: Any, config: Any) -> dict:
 
     unet = components.unet
     param = next(unet.parameters())  # the UNet's device and dtype (the VAE's are the same)
-    unet._turbostream_options = None  # until every option below is in place
     tokens = (config.height // 8) * (config.width // 8)
     check_backend(config.attention, unet, tokens, components.max_tokens)  # before anything changes
     if getattr(config, "fused_time_proj", False):
@@ -84,9 +84,12 @@ def apply_options(components: Any, config: Any) -> dict:
             except ValueError as exc:
                 raise ValueError(f"{name} cannot run here: {exc}") from None
     kv = PromptKV(unet, components.text_dim) if getattr(config, "prompt_kv", False) else None
+    # Every check passed: the modules change from here on (a refused engine above left them, and their key, alone).
+    unet._turbostream_options = None  # until every option below is in place
+    # First, as it allocates (52 MB for SD-Turbo): if that fails, nothing else has changed yet.
+    stacked = set_fused_time_proj(unet, getattr(config, "fused_time_proj", False))
     set_attention(unet, config.attention, config.skip_unit_rescale, kv)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
-    stacked = set_fused_time_proj(unet, getattr(config, "fused_time_proj", False))
     fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))
     vae_fused = set_fused_norm(components.vae, config.fused_norm, resnet_class(False))  # TAESD has none: 0
     epilogues = set_fused_epilogue(components.vae, config.fused_epilogue)  # TAESD's blocks; the full VAE has none

@@ -45,8 +45,10 @@ class PromptKV:
         ]
         if not self.layers:
             raise ValueError("prompt_kv: this UNet has no cross-attention layers")
-        if getattr(unet, "encoder_hid_proj", None) is not None:
-            raise ValueError("prompt_kv: this UNet projects the embeddings before its layers; not supported")
+        if getattr(unet, "encoder_hid_proj", None) is not None or \
+                getattr(unet.config, "addition_embed_type", None) in ("text", "text_image"):
+            raise ValueError("prompt_kv: this UNet uses the embeddings before its cross-attention layers (a projection "
+                             "or an added embedding); not supported")
         offsets, offset = [], 0
         for name, attn in self.layers:
             if attn.norm_cross:

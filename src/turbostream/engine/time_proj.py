@@ -14,7 +14,8 @@ resnet's own code takes its slice where it did SiLU and Linear before. Its param
 stacked weight is one more parameter (time_embedding.stacked_proj: 52 MB in fp16 for SD-Turbo), filled from the
 resnets' weights each time the option is applied (so it follows weights loaded since). Undone by
 set_fused_time_proj(unet, False); the stacked Linear itself is kept with the UNet (unregistered), so CUDA graphs an
-engine captured with it never read freed memory, and applying the option again reuses it.
+engine captured with it never read freed memory, and applying the option again reuses it. Unregistered, it does not
+follow a later unet.to(...) while the option is off; the next apply then makes a new one where the UNet is.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def _stacked_linear(unet: Any, resnets: list[Any]) -> nn.Linear:
             or linear.weight.device != first.device:
         linear = nn.Linear(first.shape[1], width, device=first.device, dtype=first.dtype).requires_grad_(False)
         unet.__dict__[KEPT] = linear  # not a submodule: in the state dict only while the option is on
-    with torch.no_grad():
+    # A Linear first made under inference mode holds inference tensors, which only inference mode may update.
+    with torch.inference_mode() if linear.weight.is_inference() else torch.no_grad():
         offset = 0
         for p in projs:  # row by row into the one buffer, which CUDA graphs captured earlier may be reading
             linear.weight[offset:offset + p.out_features].copy_(p.weight)
