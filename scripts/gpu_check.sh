@@ -28,10 +28,10 @@
 # rows:   scripts/engine_rows.py (issue 12): each candidate engine setting (attention backends, no /1.0, fused norms
 #         and epilogues, --prompt-kv and --fused-time-proj, fp8, compile modes) as one row, batch 1 and 8 timed,
 #         parity against one fp32 reference, and profiles of the compiled batch-1 frame (compile_default and
-#         compile_conditioning when the budget reaches them: kernel time and count by kind); ROWS_S seconds in all (default 540; rows that no longer fit are
-#         skipped and named), ROWS=name,... picks rows; JSON in $OUT/engine_rows.json, profile files beside it. The
-#         fp8 rows need torchao: carry its wheel too (device-wheels.sh torchao==0.18.0, the release built for torch
-#         2.11)
+#         compile_conditioning when the budget reaches them: kernel time and count by kind); ROWS_S seconds in
+#         all (default 540; rows that no longer fit are skipped and named), ROWS=name,... picks rows; JSON in
+#         $OUT/engine_rows.json, profile files beside it. The fp8 rows need torchao: carry its wheel too
+#         (device-wheels.sh torchao==0.18.0, the release built for torch 2.11)
 # jpeg:   `serve --jpeg gpu` (nvJPEG through torchvision): tests/test_codec_cuda.py and the engine's own-stream test
 #         on CUDA, scripts/jpeg_speed.py (CPU and GPU codec per frame and from 1-8 threads; $OUT/jpeg_speed.json), then
 #         the load test at 1, 8 and 16 clients with --jpeg cpu and with --jpeg gpu, SERVE_S seconds each
