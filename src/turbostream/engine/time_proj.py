@@ -116,6 +116,7 @@ def set_fused_time_proj(unet: Any, on: bool) -> int:
         check_unet(unet)
     linear = _stacked_linear(unet, resnets)  # allocated before any module changes
     if type(unet.time_embedding) is stacked:
+        unet.time_embedding.stacked_proj = linear  # the same one, unless it no longer fit the resnets' weights
         return len(resnets)
     offset = 0
     for r in resnets:
