@@ -191,7 +191,6 @@ def extra_row(spec: str) -> Row:
     name, _, fields = spec.partition(":")
     if not name or not fields or name in ROW_NAMES:
         raise ValueError(f"--row {spec!r}: write NAME:FIELD=VALUE,... with a NAME that is not a built-in row")
-    allowed = OPTION_FIELDS
     options, inductor = {}, {}
     for item in fields.split(","):
         key, eq, value = item.partition("=")
@@ -203,9 +202,9 @@ def extra_row(spec: str) -> Row:
                 raise ValueError(f"--row {spec!r}: torch._inductor.config has no setting {setting!r}")
             inductor[setting] = _value(value)
             continue
-        if not eq or key not in allowed:
-            raise ValueError(f"--row {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(allowed)} "
-                             "or inductor.SETTING")
+        if not eq or key not in OPTION_FIELDS:
+            raise ValueError(f"--row {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(OPTION_FIELDS)} or inductor.SETTING")
         options[key] = _value(value)
     cuda_only = bool(options.get("compile") or options.get("fp8")) or options.get("attention") in ("efficient", "cudnn")
     return Row(name, options, f"extra row {fields}", cuda_only=cuda_only,

@@ -37,11 +37,10 @@ def cache_key(config, gpu: str, dtype: torch.dtype) -> dict:
     """The compile cache's key for an EngineConfig on a GPU (torch's version is added by CompileCache).
 
     The compile mode and the options that change what is compiled (compile_dynamic, attention backend, prompt_kv,
-    fused_time_proj, fp8,
-    skip_unit_rescale, feature reuse: its full and partial forwards are compiled too, and where its cut lies) are in
-    it only when they differ from the values before those options existed, so a configuration that compiles what it
-    compiled then keeps its key (and cache files). skip_unit_rescale is on by default since 2026-11-26, so today's
-    default key names it.
+    fused_time_proj, fp8, skip_unit_rescale, feature reuse: its full and partial forwards are compiled too, and where
+    its cut lies) are in it only when they differ from the values before those options existed, so a configuration
+    that compiles what it compiled then keeps its key (and cache files). skip_unit_rescale is on by default since
+    2026-11-26, so today's default key names it.
     """
     key = {"gpu": gpu, "model": config.model, "vae": config.vae, "dtype": str(dtype),
            "size": [config.width, config.height], "buckets": list(config.buckets),

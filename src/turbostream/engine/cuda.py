@@ -25,8 +25,9 @@ import torch
 FP8_MIN_CAPABILITY = (8, 9)
 
 
-def prepare_cuda(components: Any, config: Any = None) -> None:
-    """channels_last convs, fused QKV projections, cuDNN autotuning, TF32 matmuls; idempotent (engines may share)."""
+def prepare_cuda(components: Any, config: Any = None) -> dict | None:
+    """channels_last convs, fused QKV projections, cuDNN autotuning, TF32 matmuls; idempotent (engines may share).
+    With a config, its options too: apply_options' result (None without)."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     for module in (components.unet, components.vae):
@@ -35,19 +36,18 @@ def prepare_cuda(components: Any, config: Any = None) -> None:
         # One projection GEMM for Q, K and V instead of three: fewer, larger kernels (diffusers' own API).
         components.unet.fuse_qkv_projections()
         components.unet._turbostream_fused = True
-    if config is not None:
-        apply_options(components, config)
+    return apply_options(components, config) if config is not None else None
 
 
-def prepare_cpu(components: Any = None, config: Any = None) -> None:
-    """Leave one core to decoding, encoding and the event loop (the CPU path's torch thread pool)."""
+def prepare_cpu(components: Any = None, config: Any = None) -> dict | None:
+    """Leave one core to decoding, encoding and the event loop (the CPU path's torch thread pool); with components
+    and a config, their options too: apply_options' result (None without)."""
     cores = os.cpu_count() or 1
     if cores > 1:
         # With every core in torch's pool, a busy neighbour thread made CPU calls swing from 5 ms to seconds
         # (OpenMP workers waiting on each other).
         torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
-    if components is not None and config is not None:
-        apply_options(components, config)
+    return apply_options(components, config) if components is not None and config is not None else None
 
 
 def apply_options(components: Any, config: Any) -> dict:
@@ -56,21 +56,19 @@ def apply_options(components: Any, config: Any) -> dict:
 
     Call after prepare_cuda's QKV fusion (the attention processor keeps it) and before the first frame. Returns what
     was applied: {"attention", "attention_modules", "lean_resnets", "fp8_linears", "fused_norms",
-    "vae_fused_norms", "fused_epilogues", "prompt_kv_layers", "stacked_time_projections"}.
+    "vae_fused_norms", "fused_epilogues", "prompt_kv" (the PromptKV layout the processors read, or None),
+    "prompt_kv_layers", "stacked_time_projections"}.
     """
     from .attention import attention_modules, check_backend, resnet_class, set_attention, set_unit_rescale
     from .epilogue import check_kernel, set_fused_epilogue
     from .group_norm import check_kernels, set_fused_norm
     from .prompt_kv import PromptKV
-    from .time_proj import check_unet as check_time_proj
     from .time_proj import set_fused_time_proj
 
     unet = components.unet
     param = next(unet.parameters())  # the UNet's device and dtype (the VAE's are the same)
     tokens = (config.height // 8) * (config.width // 8)
     check_backend(config.attention, unet, tokens, components.max_tokens)  # before anything changes
-    if getattr(config, "fused_time_proj", False):
-        check_time_proj(unet)
     quantized = getattr(unet, "_turbostream_fp8", 0)
     if quantized and not config.fp8:
         raise ValueError("these components were quantized to fp8 by an engine built with fp8, which cannot be "
@@ -84,10 +82,11 @@ def apply_options(components: Any, config: Any) -> dict:
             except ValueError as exc:
                 raise ValueError(f"{name} cannot run here: {exc}") from None
     kv = PromptKV(unet, components.text_dim) if getattr(config, "prompt_kv", False) else None
-    # Every check passed: the modules change from here on (a refused engine above left them, and their key, alone).
-    unet._turbostream_options = None  # until every option below is in place
-    # First, as it allocates (52 MB for SD-Turbo): if that fails, nothing else has changed yet.
+    # First, as it checks the UNet and allocates (52 MB for SD-Turbo) before it changes anything: if it refuses, the
+    # modules, and their key, are as they were.
     stacked = set_fused_time_proj(unet, getattr(config, "fused_time_proj", False))
+    # Every check passed: the modules change from here on.
+    unet._turbostream_options = None  # until every option below is in place
     set_attention(unet, config.attention, config.skip_unit_rescale, kv)
     lean = set_unit_rescale(unet, config.skip_unit_rescale)
     fused = set_fused_norm(unet, config.fused_norm, resnet_class(config.skip_unit_rescale))
@@ -99,7 +98,8 @@ def apply_options(components: Any, config: Any) -> dict:
     return {"attention": config.attention, "attention_modules": len(attention_modules(unet)), "lean_resnets": lean,
             "fp8_linears": getattr(unet, "_turbostream_fp8", 0), "fused_norms": fused,
             "vae_fused_norms": vae_fused, "fused_epilogues": epilogues,
-            "prompt_kv_layers": len(kv.layers) if kv is not None else 0, "stacked_time_projections": stacked}
+            "prompt_kv": kv, "prompt_kv_layers": len(kv.layers) if kv is not None else 0,
+            "stacked_time_projections": stacked}
 
 
 def options_key(config: Any) -> tuple:

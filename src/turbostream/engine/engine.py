@@ -197,10 +197,7 @@ class Engine:
         self._streams = StreamStates(config.max_stream_states)
         self.clock = time.monotonic  # transitions are timed by it (tests may replace it)
         # The only place building an engine changes its components or process state (see cuda.py).
-        if self.is_cuda:
-            prepare_cuda(components, config)
-        else:
-            prepare_cpu(components, config)
+        applied = prepare_cuda(components, config) if self.is_cuda else prepare_cpu(components, config)
         self._options = options_key(config)  # what apply_options set on the modules for this engine
         self.math = FrameMath(self.unet, self.vae, components.vae_kind, self.dtype)
         # Temporal feature reuse: a second way through the same UNet (ValueError for a UNet it cannot mirror).
@@ -216,7 +213,7 @@ class Engine:
             self.math.use_reuse(self.reuse)
         # prompt_kv: what turns a prompt's embeddings into every cross-attention layer's keys and values (the layout
         # the processors apply_options installed read), and the prompts whose keys and values are kept.
-        self.prompt_kv = PromptKV(self.unet, components.text_dim) if config.prompt_kv else None
+        self.prompt_kv: PromptKV | None = applied["prompt_kv"]
         self._kv = LRU(config.prompt_kv_cache_size)
         self._kv_blends = LRU(BLEND_CACHE_SIZE)  # as _blends: a mix slider must not evict other streams' prompts
         self._alloc_buffers()

@@ -60,7 +60,6 @@ class PromptKV:
         if self.width == text_dim:
             # The processors tell conditioning from embeddings by width: with the two equal they could not.
             raise ValueError(f"prompt_kv: this UNet's keys and values are as wide as its embeddings ({text_dim})")
-        self.text_dim = text_dim
         self.slots = {name: KVSlot(off, attn.to_k.out_features, self.width)
                       for (name, attn), off in zip(self.layers, offsets)}
 

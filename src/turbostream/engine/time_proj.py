@@ -110,10 +110,9 @@ def set_fused_time_proj(unet: Any, on: bool) -> int:
                 del r.time_emb_proj.slice_offset
                 r.skip_time_act = False
         return 0
+    check_unet(unet)  # stacked already or not: what it takes must still hold
     if type(unet.time_embedding) is stacked:
         unet.__dict__[KEPT] = unet.time_embedding.stacked_proj  # the one in use (moved with the UNet, if it was)
-    else:
-        check_unet(unet)
     linear = _stacked_linear(unet, resnets)  # allocated before any module changes
     if type(unet.time_embedding) is stacked:
         unet.time_embedding.stacked_proj = linear  # the same one, unless it no longer fit the resnets' weights
