@@ -244,7 +244,8 @@ PLAUSIBLE = {
 }
 WRONG = {
     "prompt": st.text(min_size=1001, max_size=1010, alphabet="ab ") | ANY_JSON,
-    "strength": st.floats(-2, 3) | st.sampled_from([0, 1.0000001, float("nan"), float("inf"), "0.5"]) | ANY_JSON,
+    "strength": st.floats(-2, 3) | st.sampled_from([0, 1.0000001, float("nan"), float("inf"), "0.5", 10**400])
+    | ANY_JSON,
     "steps": st.integers(-3, 14) | st.sampled_from([2.0, 2**63, -(2**70), True]) | ANY_JSON,
     "seed": st.integers(-(2**40), 2**40) | st.sampled_from([2**32, 2**64, 1e30, False, -1]) | ANY_JSON,
 }
@@ -267,6 +268,7 @@ def _dumps(obj) -> str:
 @settings(FUZZ, max_examples=900)
 @given(obj=configs())
 @example(obj={"type": "config", "prompt": "\ud800\udc00"})  # two lone surrogates that JSON sends as one pair
+@example(obj={"type": "config", "strength": 10**400})  # an integer too large for a float: bad_config, not a crash
 def test_config_messages_are_echoed_or_refused_and_never_break_the_stream(wire, obj):
     answer, msg = wire.send(_dumps(obj))
     if obj.get("type") != "config":

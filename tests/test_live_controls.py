@@ -191,6 +191,7 @@ def test_prompt_blends(make_engine):
     (dict(feedback=0.99), "feedback must be 0 (off) to 0.95"),
     (dict(feedback=float("nan")), "feedback must be"),
     (dict(feedback=10**400), "feedback must be"),
+    (dict(strength=10**400), "strength must be in (0, 1]"),  # JSON integers are unbounded; floats are not
 ])
 def test_bad_control_values_are_refused(bad, message):
     with pytest.raises(ValueError) as err:

@@ -122,7 +122,7 @@ class StreamParams:
             raise ValueError(f"steps must be between 1 and {max_steps}, got {self.steps}")
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
             raise ValueError(f"strength must be a number, got {self.strength!r}")
-        if not (math.isfinite(self.strength) and 0.0 < self.strength <= 1.0):
+        if not (_finite(self.strength) and 0.0 < self.strength <= 1.0):
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if self.unet_evals < 1:
             raise ValueError(

@@ -129,7 +129,7 @@ def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int, r
     and reuse are the engine's (EngineConfig.max_steps, EngineConfig.reuse_enabled)."""
     try:
         return params.updated(**fields).validate(max_steps, reuse)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:  # ArithmeticError: a number too large for a float
         raise ProtocolError("bad_config", str(exc)) from None
 
 
