@@ -87,6 +87,44 @@ def test_frames_of_one_stream_in_one_call_run_in_order(make_engine):
     assert engine.stats.frames == 3
 
 
+
+def _batch_sizes(engine) -> list[int]:
+    """Record the size of every batch the engine stages from now on (its _enqueue)."""
+    sizes: list[int] = []
+    enqueue = engine._enqueue
+
+    def spy(frames, *args, **kwargs):
+        sizes.append(len(frames))
+        return enqueue(frames, *args, **kwargs)
+
+    engine._enqueue = spy
+    return sizes
+
+
+def test_frames_of_one_stream_share_a_batch_unless_they_read_the_one_before(make_engine):
+    """`turbostream run` hands a file's frames to one call as one stream: at the defaults they run as one batch (the
+    same frames as one by one), with feedback, feature reuse or changed parameters one after another."""
+    engine = make_engine(feature_reuse=True)
+    sizes = _batch_sizes(engine)
+    rng = np.random.default_rng(3)
+    clip = [_scene(rng, 5) for _ in range(4)]
+    plain = StreamParams("y")
+    together = engine.run(clip, [plain] * 4, streams=[0] * 4)
+    assert sizes == [4]
+    other = make_engine(feature_reuse=True)
+    one_by_one = [other.run([f], [plain], streams=[0])[0] for f in clip]
+    assert all(np.abs(x.astype(int) - y).max() <= 1 for x, y in zip(together, one_by_one))  # batch 4 vs 1: rounding
+    for ordered in (StreamParams("y", feedback=0.5), StreamParams("y", reuse=2)):
+        sizes.clear()
+        engine.run(clip, [ordered] * 4, streams=[0] * 4)
+        assert sizes == [1, 1, 1, 1], ordered
+    sizes.clear()
+    engine.run(clip, [plain, plain, StreamParams("z"), StreamParams("z")], streams=[0] * 4)
+    assert sizes == [2, 2]  # a change of prompt within the call: the stream's transition state moves in order
+    sizes.clear()
+    engine.run(clip, [plain] * 4, streams=[0, 1, 0, 1])
+    assert sizes == [4]
+
 # ------------------------------------------------------------------------------------------------ transitions
 
 

@@ -826,7 +826,8 @@ class Engine:
         Frames are center-cropped to the engine's aspect and resized first. Streams with the same number of UNet
         evaluations share one batch; larger groups are split at the largest bucket. graphs=False forces eager.
         streams: each frame's stream key (None: no stream), which transitions and feedback need; frames of the
-        same stream run in order, one per batch, so each sees the latent of the one before.
+        same stream run in order, and with feedback or feature reuse one per batch, so each sees the latent (and deep
+        features) of the one before (_chunks).
         run() is collect(submit(...)): the call waits for its frames.
         """
         return self.collect(self.submit(frames, params, graphs=graphs, streams=streams))
@@ -859,7 +860,7 @@ class Engine:
             groups.setdefault(p.unet_evals, []).append(i)
         keys = list(streams) if streams is not None else [None] * len(frames)
         now = self.clock()
-        chunks = [chunk for members in groups.values() for chunk in self._chunks(members, keys)]
+        chunks = [chunk for members in groups.values() for chunk in self._chunks(members, keys, params)]
         ticket = Ticket(results, slot, [])
         slot.busy = True
         started = torch.cuda.Event(enable_timing=True) if self.is_cuda and chunks else None
@@ -933,17 +934,28 @@ class Engine:
             ticket.results[i] = slot.out[r].numpy().copy()
         ticket.rows = []
 
-    def _chunks(self, members: list[int], keys: list[Hashable | None]) -> list[list[int]]:
-        """Split one group's frames into batches of at most max_batch, in order, with a stream at most once each."""
+    def _chunks(self, members: list[int], keys: list[Hashable | None],
+                params: list[StreamParams]) -> list[list[int]]:
+        """Split one group's frames into batches of at most max_batch, in order.
+
+        A stream's frames share a batch only when none of them reads what the one before it left: with feedback or
+        feature reuse each frame needs its predecessor's output latents or deep features, so a repeat of such a
+        stream starts a new batch (run one after another). Without them (`turbostream run`'s frames of one stream at
+        the defaults) a repeat runs in the same batch: its transition state is a function of the call's clock, the
+        same for every row, and parameters that differ from the earlier frame's start a new batch too.
+        """
         chunks: list[list[int]] = [[]]
-        seen: set = set()
+        seen: dict[Hashable, StreamParams] = {}
         for i in members:
-            if len(chunks[-1]) >= self.max_batch or (keys[i] is not None and keys[i] in seen):
+            key, p = keys[i], params[i]
+            earlier = seen.get(key) if key is not None else None
+            ordered = earlier is not None and (earlier != p or _reads_previous(p))
+            if len(chunks[-1]) >= self.max_batch or ordered:
                 chunks.append([])
-                seen = set()
+                seen = {}
             chunks[-1].append(i)
-            if keys[i] is not None:
-                seen.add(keys[i])
+            if key is not None:
+                seen[key] = p
         return chunks
 
     def _enqueue(self, frames: list[np.ndarray], params: list[StreamParams], use_graphs: bool,
@@ -1040,6 +1052,11 @@ def _timeline(started, ended, previous) -> tuple[float, float | None]:
     ended.synchronize()
     gap = None if previous is None else max(previous.elapsed_time(started), 0.0) / 1e3
     return started.elapsed_time(ended) / 1e3, gap
+
+
+def _reads_previous(p: StreamParams) -> bool:
+    """Whether a stream's frame reads state its previous frame left: output latents (feedback) or deep features."""
+    return p.feedback > 0 or p.reuse >= 2
 
 
 def _deep_params(p: StreamParams) -> tuple:
