@@ -107,21 +107,42 @@ def test_non_square_size(make_engine, frame_rng):
     assert out.shape == (64, 128, 3)
 
 
-def test_generate_matches_diffusers_text_to_image(make_engine, tiny_components):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("spacing, steps", [("trailing", 1), ("trailing", 4), ("leading", 4), ("linspace", 4)])
+def test_generate_matches_diffusers_text_to_image(make_engine, tiny_components, spacing, steps):
+    """SD-Turbo's trailing spacing, and the spacings of SD 1.x/2.x-base models: leading starts text-to-image from
+    noise scaled by sqrt(sigma^2 + 1), not sigma (the scheduler's init_noise_sigma)."""
+    import dataclasses
 
-    engine = make_engine()
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    scheduler = EulerDiscreteScheduler.from_config(tiny_components.scheduler.config, timestep_spacing=spacing)
+    components = dataclasses.replace(tiny_components, scheduler=scheduler)
+    engine = make_engine(components)
     pipe = StableDiffusionPipeline(
-        vae=tiny_components.vae, text_encoder=tiny_components.text_encoder, tokenizer=tiny_components.tokenizer,
-        unet=tiny_components.unet, scheduler=tiny_components.scheduler,
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    ours = engine.generate("a castle", steps=1, seed=9)
-    ref = pipe(prompt_embeds=engine.prompt_embeddings("a castle")[None], num_inference_steps=1, guidance_scale=0.0,
-               height=64, width=64, generator=torch.Generator("cpu").manual_seed(9), output_type="np").images
+    ours = engine.generate("a castle", steps=steps, seed=9)
+    ref = pipe(prompt_embeds=engine.prompt_embeddings("a castle")[None], num_inference_steps=steps,
+               guidance_scale=0.0, height=64, width=64, generator=torch.Generator("cpu").manual_seed(9),
+               output_type="np").images
     assert ours.shape == (64, 64, 3)
     assert _max_diff(ours, (ref[0] * 255).round().astype(np.uint8)) <= 2  # diffusers' numpy_to_pil rounding
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_a_unet_that_does_not_predict_noise_is_refused(make_engine, tiny_components, prediction):
+    """The frame math is Euler on predicted noise: another prediction type would give wrong frames, so it is refused
+    before the engine changes anything."""
+    import dataclasses
+
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler.from_config(tiny_components.scheduler.config, prediction_type=prediction)
+    with pytest.raises(ValueError, match=f"predicts '{prediction}'.*'epsilon'"):
+        make_engine(dataclasses.replace(tiny_components, scheduler=scheduler))
 
 
 @pytest.mark.parametrize(

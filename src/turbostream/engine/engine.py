@@ -344,9 +344,14 @@ class Engine:
 
     # ------------------------------------------------------------------ the frame path (traced into the graphs)
 
-    def _head(self, b: int, encode: bool = True, probe: Probe | None = None) -> torch.Tensor:
-        """Static buffers [:b] -> float32 noisy latents (b, C, h, w): FrameMath.head on the buffers, capturable."""
-        return self.math.head(self._frames[:b] if encode else None, self._noise_buf[:b], self._steps[0, 1, :b], probe,
+    def _head(self, b: int, encode: bool = True, probe: Probe | None = None,
+              noise_sigma: float | None = None) -> torch.Tensor:
+        """Static buffers [:b] -> float32 noisy latents (b, C, h, w): FrameMath.head on the buffers, capturable.
+        noise_sigma: the noise's scale instead of the schedule's first sigma (text-to-image: Schedule.init_sigma)."""
+        sigma0 = self._steps[0, 1, :b]
+        if noise_sigma is not None:
+            sigma0 = torch.full_like(sigma0, noise_sigma)
+        return self.math.head(self._frames[:b] if encode else None, self._noise_buf[:b], sigma0, probe,
                               prev=self._prev[:b], feedback=self._feedback[:b])
 
     def _step_path(self, latents: torch.Tensor, row: torch.Tensor, probe: Probe | None = None,
@@ -363,11 +368,13 @@ class Engine:
         return self.math.tail(latents, probe, latents_out=self._latents_out[: latents.shape[0]])
 
     def _frame_path(self, b: int, n: int, encode: bool = True, probe: Probe | None = None,
-                    mode: str = "plain", deep: DeepMoves | None = None) -> torch.Tensor:
+                    mode: str = "plain", deep: DeepMoves | None = None,
+                    noise_sigma: float | None = None) -> torch.Tensor:
         """Static buffers [:b] -> uint8 (b, H, W, 3) with n UNet evaluations, eagerly: the three segments in a row.
-        deep: what moves the streams' deep features in and out of the static rows around each step (reuse)."""
+        deep: what moves the streams' deep features in and out of the static rows around each step (reuse);
+        noise_sigma: as in _head."""
         self._check_modules()
-        latents = self._head(b, encode, probe)
+        latents = self._head(b, encode, probe, noise_sigma)
         for k in range(n):
             if deep is not None:
                 deep.before(k)
@@ -1026,7 +1033,10 @@ class Engine:
         slot = self._idle_slot()
         self._load_stream_inputs([params], 0, slot)
         self._stage_schedule([params], slot)
-        return np.ascontiguousarray(self._frame_path(1, steps, encode=False)[0].cpu().numpy())
+        # Pure noise at the scheduler's init_noise_sigma, as diffusers' text-to-image starts (the first sigma itself
+        # for SD-Turbo's trailing spacing).
+        start = self.schedules.get(steps, steps).init_sigma
+        return np.ascontiguousarray(self._frame_path(1, steps, encode=False, noise_sigma=start)[0].cpu().numpy())
 
     def _idle_slot(self) -> _Slot:
         """A slot for a one-off eager call (trace, generate), which must not overlap pipelined calls."""

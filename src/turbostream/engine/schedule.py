@@ -20,6 +20,9 @@ class Schedule:
 
     timesteps: tuple[float, ...]
     sigmas: tuple[float, ...]
+    # The scale of the pure noise a text-to-image run starts from (the scheduler's init_noise_sigma): sigmas[0] for
+    # trailing and linspace spacing (SD-Turbo), sqrt(sigmas[0]^2 + 1) for leading. img2img noises at sigmas[0].
+    init_sigma: float = 0.0
 
     @property
     def unet_evals(self) -> int:
@@ -40,6 +43,11 @@ class ScheduleTable:
 
     def __init__(self, scheduler_config) -> None:
         self._config = dict(scheduler_config)
+        prediction = self._config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            # FrameMath.step is Euler on predicted noise; a v- or sample-predicting UNet would give wrong frames.
+            raise ValueError(f"this model's scheduler says its UNet predicts {prediction!r}; turbostream runs models "
+                             "that predict the noise ('epsilon': SD-Turbo, SD 1.x, SD 2.x base) only")
         self._cached = lru_cache(maxsize=256)(self._compute)
 
     def get(self, steps: int, unet_evals: int) -> Schedule:
@@ -55,4 +63,5 @@ class ScheduleTable:
         return Schedule(
             timesteps=tuple(float(t) for t in scheduler.timesteps[start:]),
             sigmas=tuple(float(s) for s in scheduler.sigmas[start:]),
+            init_sigma=float(scheduler.init_noise_sigma),
         )
