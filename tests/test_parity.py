@@ -36,6 +36,24 @@ def test_reference_matches_the_engine_in_fp32(make_engine, tiny_components, tiny
     assert np.abs(ref[0].astype(int) - ref[1]).mean() > 5  # the seeds and prompts really differ
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_reference_matches_the_engine_for_other_timestep_spacings(make_engine, tiny_components, fresh, spacing):
+    """SD 1.x/2.x-base models space their timesteps otherwise than SD-Turbo (trailing): the engine's schedules come
+    from the model's scheduler config, so its frames still follow diffusers' img2img."""
+    from diffusers import EulerDiscreteScheduler
+
+    def spaced(components):
+        return dataclasses.replace(components, scheduler=EulerDiscreteScheduler.from_config(
+            components.scheduler.config, timestep_spacing=spacing))
+
+    engine = make_engine(components=spaced(tiny_components))
+    frames = _frames(3, seed=5)
+    params = [StreamParams("a red fox", 0.5, 2, 3), StreamParams("a red fox", 0.5, 4, 3),
+              StreamParams("a lighthouse", 0.3, 10, 11)]
+    ref = ReferencePipeline(spaced(fresh["tiny"])).run(frames, params)
+    assert parity_stats(engine.run(frames, params), ref)["max"] <= 2
+
+
 def test_the_reference_draws_its_noise_in_float32_in_every_dtype(monkeypatch, fresh):
     """Where PyTorch's CPU sampler gives float16 another sample than float32 for one seed (older versions; emulated
     here), a float16 reference still starts from the float32 draw, as the engine does: its frames stay within a
