@@ -42,6 +42,16 @@ def test_kernel_adds_bias_and_skip_and_applies_relu_in_place(layout, dtype, tol)
             assert (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item() / 4)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="meta tensors pass fusable()'s device check only in the interpreter")
+def test_tensors_past_32_bit_offsets_fall_back_to_pytorch():
+    """The kernel's offsets are 32-bit: TAESD's 64 channels at 1024x1024 in a batch of 32 is 2^31 elements and must
+    take PyTorch's ops (shapes only: meta tensors, nothing allocated)."""
+    bias = torch.zeros(64)
+    shape = (1024, 1024)
+    assert fusable(torch.empty(31, 64, *shape, dtype=torch.float16, device="meta"), bias)
+    assert not fusable(torch.empty(32, 64, *shape, dtype=torch.float16, device="meta"), bias)
+
+
 def test_a_skip_in_another_layout_falls_back_to_pytorch():
     x = torch.randn(1, 6, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
     bias, skip = torch.randn(6, device=DEVICE), torch.randn(1, 6, 5, 5, device=DEVICE)  # NCHW skip

@@ -103,6 +103,15 @@ def test_unfusable_inputs_fall_back_to_pytorch():
                        F.group_norm(strided + shift[:, :, None, None] + b[None, :, None, None], 3, w, b, 1e-5))
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="meta tensors pass fusable()'s device check only in the interpreter")
+def test_tensors_past_32_bit_offsets_fall_back_to_pytorch():
+    """The kernels' offsets are 32-bit: the full VAE's last decoder norm (256 channels at 512x512) at batch 32 has
+    2^31 elements and must take PyTorch's ops (shapes only: meta tensors, nothing allocated)."""
+    w = torch.ones(256)
+    assert fusable(torch.empty(31, 256, 512, 512, dtype=torch.float16, device="meta"), 32, w)
+    assert not fusable(torch.empty(32, 256, 512, 512, dtype=torch.float16, device="meta"), 32, w)
+
+
 def _unet_out(components) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)

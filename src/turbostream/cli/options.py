@@ -113,7 +113,9 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                         "rounding only")
     g.add_argument("--fp8", action="store_true",
                    help="CHANGES THE OUTPUT: float8 (e4m3) Linear layers in the UNet's transformer blocks through "
-                        "torchao (pip install torchao); CUDA with compute capability 8.9+ (Ada, Hopper) only")
+                        "torchao (pip install torchao); CUDA with compute capability 8.9+ (Ada, Hopper) only. One "
+                        "activation scale covers a whole batch, so a frame also depends (within fp8 rounding) on "
+                        "the frames batched with it")
     g.add_argument("--skip-unit-rescale", action=argparse.BooleanOptionalAction,
                    default=d["skip_unit_rescale"].default,
                    help="leave out the UNet's divisions by 1.0 (diffusers' output scale factors): fewer kernels, "

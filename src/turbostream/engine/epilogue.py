@@ -44,8 +44,9 @@ def _channel_stride(t: torch.Tensor) -> int | None:
 
 def fusable(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> bool:
     """Whether bias_act() runs the kernel for x (else PyTorch's ops, the same result up to rounding)."""
+    # The kernel's offsets are 32-bit (program id x BLOCK): past 2^31 elements they would wrap.
     return (x.dim() == 4 and bias is not None and bias.shape == (x.shape[1],) and bias.is_contiguous()
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.numel() > 0
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and 0 < x.numel() <= 2**31 - 1 - BLOCK
             and (x.is_cuda or interpreting()) and _channel_stride(x) is not None
             and (residual is None or (residual.shape == x.shape and residual.stride() == x.stride()
                                       and residual.dtype == x.dtype)))

@@ -67,9 +67,14 @@ def _flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     return t.stride(0), t.stride(1), t.stride(3)
 
 
+# The kernels index in 32-bit integers (Triton's type for program ids and small arguments): a tensor of more elements
+# (a batch of 32 at 512x512 with 256 channels: the full VAE's last decoder block) would wrap to a negative offset.
+MAX_ELEMENTS = 2**31 - 1
+
+
 def fusable(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None) -> bool:
     """Whether group_norm() runs the kernels for x (else it falls back to PyTorch's ops, same result)."""
-    return (x.dim() == 4 and weight is not None and x.shape[1] % num_groups == 0 and x.numel() > 0
+    return (x.dim() == 4 and weight is not None and x.shape[1] % num_groups == 0 and 0 < x.numel() <= MAX_ELEMENTS
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and (x.is_cuda or interpreting()) and _flat_strides(x) is not None)
 
