@@ -4,7 +4,9 @@ and EXIF orientation; corrupt input and bad arguments refused with CodecError.""
 from __future__ import annotations
 
 import io
+import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -13,7 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from turbostream.codec import decode_jpeg, decode_reduction, encode_jpeg, exif_orientation, fit_frame
+from turbostream.codec import (
+    MAX_SEGMENTS,
+    check_decode_cost,
+    count_scans,
+    decode_jpeg,
+    decode_reduction,
+    encode_jpeg,
+    exif_orientation,
+    fit_frame,
+    jpeg_header,
+)
+from turbostream.config import Limits
 from turbostream.errors import CodecError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -123,3 +136,55 @@ def test_a_large_jpeg_decoded_smaller_fits_like_the_full_decode(orientation):
     # Decoded at half size in the DCT, then shrunk less: the same picture within rounding and filter differences.
     err = np.abs(reduced.astype(np.int16) - full.astype(np.int16))
     assert err.mean() < 1.0 and np.percentile(err, 99) <= 8, (err.mean(), np.percentile(err, 99))
+
+
+# ------------------------------------------------------------------------------------------------ the header walk
+
+
+def _segments(marker: int, count: int, payload: bytes = b"") -> bytes:
+    """count segments of one marker, each with payload."""
+    return (bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload) * count
+
+
+def test_real_jpegs_with_many_segments_pass_the_header_walk_and_decode():
+    img = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    # Progressive (10 scans, a Huffman table before each), a 300 KB ICC profile (5 APP2 chunks), EXIF, a comment and
+    # restart markers; and one with a restart marker after every block: more RSTn inside its scans than MAX_SEGMENTS,
+    # which are not segments.
+    rich = _jpeg(img, "RGB", progressive=True, icc_profile=bytes(300_000), exif=exif.tobytes(), comment=b"x",
+                 restart_marker_blocks=4)
+    restarts = _jpeg(img, "RGB", progressive=True, restart_marker_blocks=1)
+    assert len(re.findall(rb"\xff[\xd0-\xd7]", restarts)) > MAX_SEGMENTS
+    # As many 64 KiB APP1 segments (XMP, a phone's depth map) as a message of the largest size holds.
+    plain = encode_jpeg(img)
+    big = plain[:2] + _segments(0xE1, 63, b"x" * 65533) + plain[2:]
+    assert len(big) <= Limits().max_message_bytes
+    # Far more small segments than real JPEGs have, still under the limit.
+    many = plain[:2] + _segments(0xFE, MAX_SEGMENTS - 32, b"comment") + plain[2:]
+    cases = [(rich, 10, (160, 120, 3)), (restarts, 10, (120, 160, 3)), (big, 1, (120, 160, 3)),
+             (many, 1, (120, 160, 3))]
+    for data, scans, shape in cases:
+        assert jpeg_header(data) == (160, 120, 3)
+        assert count_scans(data) == scans
+        assert decode_jpeg(data).shape == shape  # rich: EXIF orientation 6 turns it upright
+
+
+@pytest.mark.parametrize("layout", ["segments before the frame header", "segments after it", "restart markers"])
+def test_a_message_of_a_million_tiny_segments_is_refused_after_a_bounded_walk(layout):
+    # The largest message the server takes, of 4-byte segments: the header walk (on the server's event loop) took
+    # 2.5 s per message over its million segments, stalling every client, before MAX_SEGMENTS.
+    size = Limits().max_message_bytes
+    sof = bytes.fromhex("ffc0 0011 08 0040 0040 03 012200 021100 031100".replace(" ", ""))  # 64x64, 3 components
+    n = (size - len(sof) - 4) // 4
+    body = {"segments before the frame header": _segments(0xFE, n) + sof,
+            "segments after it": sof + _segments(0xFE, n),
+            "restart markers": sof + b"\xff\xd0" * (2 * n)}[layout]
+    data = b"\xff\xd8" + body + b"\xff\xd9"
+    assert len(data) <= size
+    t0 = time.thread_time()  # this thread's CPU time: what it would have cost the event loop, whatever else runs
+    with pytest.raises(CodecError, match=f"more than {MAX_SEGMENTS} segments"):
+        check_decode_cost(data)
+    spent = time.thread_time() - t0
+    assert spent < 0.1, f"{spent:.3f} s of CPU to refuse it (a walk of at most {MAX_SEGMENTS} segments: about 1 ms)"

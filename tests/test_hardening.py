@@ -254,6 +254,47 @@ def test_decode_bombs_are_refused_before_decoding_and_nobody_waits(engine):
     run(main())
 
 
+def segment_walk(size: int = Limits().max_message_bytes) -> bytes:
+    """A message of the largest size of 4-byte comment segments (a million) before a valid 64x64 frame header: every
+    pre-decode check passed it, and walking its segments took the event loop 2.5 s a message."""
+    sof = bytes.fromhex("ffc0 0011 08 0040 0040 03 012200 021100 031100".replace(" ", ""))
+    return b"\xff\xd8" + b"\xff\xfe\x00\x02" * ((size - len(sof) - 4) // 4) + sof + b"\xff\xd9"
+
+
+def test_the_header_check_of_a_segment_walk_costs_the_event_loop_about_a_millisecond():
+    from turbostream.codec import MAX_SEGMENTS
+    from turbostream.serve.protocol import ProtocolError, check_jpeg_header
+
+    data = segment_walk()
+    assert len(data) <= Limits().max_message_bytes
+    t0 = time.thread_time()  # this thread's CPU time, whatever else the machine runs
+    with pytest.raises(ProtocolError, match=f"more than {MAX_SEGMENTS} segments") as info:
+        check_jpeg_header(data, Limits())
+    spent = time.thread_time() - t0
+    assert info.value.code == "bad_image"
+    assert spent < 0.1, f"{spent:.3f} s of the event loop for one message (2.5 s before the segment limit)"
+
+
+def test_segment_walks_are_refused_at_once_and_nobody_waits(engine):
+    data = segment_walk()
+
+    async def main():
+        async with serving(engine) as server, good_client(server):
+            attackers = [await connect(ws_url(server), max_size=None) for _ in range(2)]
+            for ws in attackers:
+                await ws.recv()  # ready
+                for _ in range(2):
+                    await ws.send(data)
+            for ws in attackers:
+                for seq in (1, 2):
+                    err = await asyncio.wait_for(next_of_type(ws, "error"), 5)
+                    assert (err["code"], err["seq"]) == ("bad_image", seq) and "segments" in err["message"], err
+                await ws.close()
+            assert metric_value(server, 'turbostream_errors_total{code="bad_image"}') == 4
+
+    run(main())
+
+
 @pytest.mark.parametrize("path", ["/ws", "/ws?token=wrong"])
 def test_ping_floods_are_cut_off_and_memory_stays_bounded(engine, path):
     async def main():

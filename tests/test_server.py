@@ -22,7 +22,7 @@ from test_codec import oriented_jpeg
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from turbostream.codec import decode_jpeg, encode_jpeg
+from turbostream.codec import CpuJpeg, decode_jpeg, encode_jpeg
 from turbostream.config import Limits, ServerConfig, preset
 from turbostream.engine import Engine
 from turbostream.serve import TurboServer
@@ -131,6 +131,53 @@ def test_round_trip(engine):
             stats = await next_of_type(ws, "stats", timeout=5)
             assert stats["frames_in"] == 3 and stats["frames_out"] == 3 and stats["clients"] == 1
             await ws.close()
+
+    run(main())
+
+
+class SlowEncodeJpeg(CpuJpeg):
+    """The CPU codec with an encode that takes ENCODE_S longer, noting when each decode began and encode ended."""
+
+    ENCODE_S = 0.2
+
+    def __init__(self) -> None:
+        self.decode_began: list[float] = []
+        self.encode_ended: list[float] = []
+
+    def decode(self, data, *args, **kw):
+        self.decode_began.append(time.perf_counter())
+        return super().decode(data, *args, **kw)
+
+    def encode(self, rgb, quality=85):
+        time.sleep(self.ENCODE_S)  # a slow encode, so that leaving it out of server_ms shows
+        data = super().encode(rgb, quality)
+        self.encode_ended.append(time.perf_counter())
+        return data
+
+
+def test_server_ms_runs_from_arrival_to_the_result_encoded(engine):
+    codec = SlowEncodeJpeg()
+
+    async def main():
+        server = TurboServer(engine, server_config(), jpeg=codec)
+        await server.start()
+        try:
+            assert await server.wait_ready(30)
+            ws, _ = await open_client(server)
+            for seq in (1, 2):
+                sent = time.perf_counter()
+                await ws.send(jpeg(seq))
+                header, _, _ = await next_result(ws)
+                answered = time.perf_counter()
+                # The same clock as the server's (one process): the frame arrived after `sent` and before its decode
+                # began; its result was encoded before its header went out, and that was before `answered`.
+                assert header["seq"] == seq
+                encoded = codec.encode_ended[-1] - codec.decode_began[-1]
+                assert encoded * 1e3 - 0.01 <= header["server_ms"] <= (answered - sent) * 1e3 + 0.01, header
+                assert header["server_ms"] >= SlowEncodeJpeg.ENCODE_S * 1e3
+            await ws.close()
+        finally:
+            await server.stop()
 
     run(main())
 
@@ -455,6 +502,58 @@ def test_healthz_is_503_while_warming_then_200(engine):
             await server.stop()
 
     run(main())
+
+
+def test_stop_while_the_model_loads_closes_waiting_clients_and_viewers_with_1001():
+    release = threading.Event()
+
+    def loading_factory():
+        release.wait(30)  # a model still loading when Ctrl-C comes
+        raise RuntimeError("loading given up")  # then the inference thread ends without touching any engine
+
+    async def main():
+        config = server_config(source="fake:0", shutdown_grace_s=0.5)
+        server = TurboServer(config=config, engine_factory=loading_factory, capture_factory=FakeCapture)
+        await server.start()
+        try:
+            client = await connect(ws_url(server))
+            viewer = await connect(ws_url(server, "/view/ws"))
+            async with asyncio.timeout(10):  # both handlers now wait for the engine
+                while server.places != {"client": 1, "viewer": 1}:
+                    await asyncio.sleep(0.01)
+            # Before, stop() waited for those handlers, which waited for the engine: it never returned.
+            await asyncio.wait_for(server.stop(), 10)
+            for ws in (client, viewer):
+                with pytest.raises(ConnectionClosed) as info:
+                    await asyncio.wait_for(ws.recv(), 10)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1001, info.value
+            assert server.places == {"client": 0, "viewer": 0}
+        finally:
+            release.set()
+        assert not await server.wait_ready(1)  # stopped before the engine was ready: no waiting for it either
+
+    run(main())
+
+
+def test_stop_does_not_wait_past_the_grace_for_a_handler_that_ignores_the_close(engine, caplog):
+    async def main():
+        server = TurboServer(engine, server_config(shutdown_grace_s=0.3))
+        await server.start()
+        assert await server.wait_ready(30)
+        entered = asyncio.Event()
+
+        async def deaf_handler(ws):  # waits on something other than its connection, as no handler here should
+            entered.set()
+            await asyncio.Event().wait()
+
+        server._client_handler = deaf_handler
+        ws = await connect(ws_url(server))
+        await asyncio.wait_for(entered.wait(), 10)
+        await asyncio.wait_for(server.stop(), 10)  # before: waited for that handler forever
+        await ws.close()
+
+    run(main())
+    assert "without waiting for the connection handlers still running" in caplog.text
 
 
 def test_metrics(engine):

@@ -28,6 +28,12 @@ from .errors import CodecError
 # A decoded 4096x4096 RGB frame is 48 MiB: the largest we agree to decode.
 MAX_SIDE = 4096
 MAX_SCANS = 64  # config.Limits.max_jpeg_scans: why
+# Segments (markers) other than start-of-scan walked in one JPEG before it is refused. jpeg_header and count_scans
+# walk them in Python, on the server's event loop (protocol.check_jpeg_header), at about a microsecond each: 4 MiB of
+# 4-byte comment segments were a million of them, 2.5 s of a stalled server per message. Real JPEGs have a few dozen
+# (tables, APP blocks of EXIF, ICC or XMP: at most 64 KiB each, so 64 fill a 4 MiB message; progressive ones a
+# Huffman table per scan); restart markers inside a scan are skipped by a regular expression and not counted.
+MAX_SEGMENTS = 512
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic...) carry the image size.
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -42,17 +48,29 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
+_FILL = re.compile(rb"\xff+")  # a marker's 0xFF and any fill bytes before it
+_MARKER_AT = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes, where a segment starts
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xff]")  # the next marker (0xFF 0x00 is data inside a scan)
+_NEXT_SEGMENT = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # the same, skipping the RSTn markers inside a scan
+
+
+def _too_many_segments() -> CodecError:
+    return CodecError(f"a JPEG of more than {MAX_SEGMENTS} segments besides its scans (real ones have a few dozen): "
+                      "refused before decoding, since every segment costs the server a step of its header walk")
+
+
 def jpeg_header(data: bytes) -> tuple[int, int, int]:
     """(width, height, components: 1 gray, 3 colour, 4 CMYK) from a JPEG's start-of-frame header, without decoding;
-    CodecError if not a JPEG."""
+    CodecError if not a JPEG, or if more than MAX_SEGMENTS segments come before that header."""
     if len(data) < 4 or not data.startswith(JPEG_MAGIC):
         raise CodecError("not a JPEG image (it must start with FF D8 FF)")
     i, n = 2, len(data)
-    while i < n:
+    for _ in range(MAX_SEGMENTS):
+        if i >= n:
+            break
         if data[i] != 0xFF:
             raise CodecError("corrupt JPEG: bad marker before the frame header")
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
+        i = _FILL.match(data, i).end()  # fill bytes: a regular expression, not a Python loop over 4 MiB of them
         if i >= n:
             break
         marker = data[i]
@@ -75,12 +93,9 @@ def jpeg_header(data: bytes) -> tuple[int, int, int]:
                 raise CodecError("corrupt JPEG: zero width or height")
             return width, height, data[i + 7] if i + 7 < n else 0
         i += length
+    else:
+        raise _too_many_segments()
     raise CodecError("corrupt JPEG: no frame header found")
-
-
-_MARKER_AT = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes, where a segment starts
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xff]")  # the next marker (0xFF 0x00 is data inside a scan)
-_NEXT_SEGMENT = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # the same, skipping the RSTn markers inside a scan
 
 
 def count_scans(data: bytes, limit: int | None = None) -> int:
@@ -88,11 +103,12 @@ def count_scans(data: bytes, limit: int | None = None) -> int:
 
     Segment lengths are skipped, so bytes inside an APP segment (an EXIF thumbnail) are not counted; a scan's
     entropy-coded data is searched for the next marker (0xFF is followed by 0x00 there; RSTn markers are not
-    segments). About a millisecond per MiB. Not a JPEG: 0.
+    segments). About a millisecond per MiB. Not a JPEG: 0. CodecError past MAX_SEGMENTS segments besides the scans
+    (with `limit`, the walk is then at most MAX_SEGMENTS + limit steps).
     """
     if not data.startswith(b"\xff\xd8"):
         return 0
-    n, i, size = 0, 2, len(data)
+    n, segments, i, size = 0, 0, 2, len(data)
     while i + 1 < size:
         m = _MARKER_AT.match(data, i) or _NEXT_MARKER.search(data, i)
         if m is None:
@@ -100,6 +116,10 @@ def count_scans(data: bytes, limit: int | None = None) -> int:
         marker, i = data[m.end() - 1], m.end()
         if marker == 0xD9:  # end of image
             break
+        if marker != 0xDA:
+            segments += 1
+            if segments > MAX_SEGMENTS:
+                raise _too_many_segments()
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
             continue
         if i + 2 > size:

@@ -33,8 +33,9 @@ server -> client (/ws)
   {"type": "ready", "role": "client", "model", "random_weights", "width", "height", "params": {...},
    "limits": {...}, "protocol": 1}                     once, when the engine is warm
   {"type": "frame", "seq": n, "batch": b, "server_ms": t, "skipped": bool}   right before each result: which input
-      frame it answers (frames numbered below n with no result were dropped: a newer frame replaced them); skipped:
-      the frame was similar enough to skip the engine, and the result is the last output again (batch 0)
+      frame it answers (frames numbered below n with no result were dropped: a newer frame replaced them); t: ms in
+      the server, from the frame's arrival to its result encoded; skipped: the frame was similar enough to skip the
+      engine, and the result is the last output again (batch 0)
   binary JPEG of the engine's size: the result of frame n
   {"type": "stats", "fps", "latency_ms": {"p50", "p95"}, "frames_in", "frames_out", "dropped", "clients", ...}
       every stats interval
@@ -57,7 +58,7 @@ ERROR_CODES = {
     "unknown_type": "a 'type' this endpoint does not know",
     "bad_config": "an unknown parameter, a wrong type or a value out of range; the old parameters stay",
     "bad_image": "a binary message that is not a decodable JPEG (magic bytes, corrupt or truncated data, far too few "
-                 "bytes for its declared size, more scans than the limit, smaller than 8 pixels a side)",
+                 "bytes for its declared size, more scans or segments than the limits, smaller than 8 pixels a side)",
     "image_too_large": "a JPEG whose declared width or height is over the server's limit (checked before decoding)",
     "engine_error": "the engine failed on this frame; the stream goes on",
     "server_error": "the server could not decode this frame or encode its result (a codec failure, out of memory); "
@@ -135,7 +136,8 @@ def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int, r
 
 def check_jpeg_header(data: bytes, limits: Limits) -> None:
     """ProtocolError unless data is a JPEG whose header and scan count fit the limits (no decode: its cost is
-    bounded by what passes here)."""
+    bounded by what passes here). Runs on the event loop: its own work is bounded too, to codec.MAX_SEGMENTS
+    segments and limits.max_jpeg_scans + 1 scans walked, whatever the message holds."""
     try:
         width, height = jpeg_size(data)
     except CodecError as exc:
@@ -146,7 +148,11 @@ def check_jpeg_header(data: bytes, limits: Limits) -> None:
     if width * height > limits.max_pixels_per_byte * len(data):
         raise ProtocolError("bad_image", f"a JPEG of {len(data)} bytes cannot hold {width}x{height} pixels "
                                          "(truncated, or a forged header)")
-    if count_scans(data, limits.max_jpeg_scans + 1) > limits.max_jpeg_scans:
+    try:
+        scans = count_scans(data, limits.max_jpeg_scans + 1)
+    except CodecError as exc:  # too many segments
+        raise ProtocolError("bad_image", str(exc)) from None
+    if scans > limits.max_jpeg_scans:
         raise ProtocolError("bad_image", f"a JPEG of more than {limits.max_jpeg_scans} scans (progressive JPEGs have "
                                          "about 10; each scan costs a pass over the whole image)")
 
@@ -179,7 +185,8 @@ def limits_dict(limits: Limits, *, max_steps: int, max_batch: int, reuse: bool =
 
 
 def ready_message(role: str, *, model: str, random_weights: bool, device: str, width: int, height: int,
-                  params: StreamParams, limits: dict[str, Any], stats_interval_s: float, **extra: Any) -> dict[str, Any]:
+                  params: StreamParams, limits: dict[str, Any], stats_interval_s: float,
+                  **extra: Any) -> dict[str, Any]:
     """The first message of every connection, once the engine is warm."""
     return {
         "type": "ready", "role": role, "protocol": PROTOCOL_VERSION, **extra, "model": model,
@@ -189,7 +196,8 @@ def ready_message(role: str, *, model: str, random_weights: bool, device: str, w
 
 
 def frame_header(meta: FrameMeta, batch: int, now: float | None = None, skipped: bool = False) -> dict[str, Any]:
-    """Sent right before a result's JPEG: which input frame it answers, the batch it ran in, the time in the server,
-    and whether the engine was skipped for it (similarity: the result is the last output again)."""
+    """Sent right before a result's JPEG: which input frame it answers, the batch it ran in, the time in the server
+    until now, and whether the engine was skipped for it (similarity: the result is the last output again). The
+    connection's sender (sessions.Outbox) sets server_ms again once the result is encoded: arrival to encoded."""
     server_ms = ((time.perf_counter() if now is None else now) - meta.t_recv) * 1e3
     return {"type": "frame", "seq": meta.seq, "batch": batch, "server_ms": round(server_ms, 2), "skipped": skipped}

@@ -41,6 +41,10 @@ from .sessions import ClientSession, ViewerSession
 
 log = logging.getLogger("turbostream.server")
 
+# After the shutdown grace, connections still open are aborted; their handlers then end within a loop turn or two.
+# This bounds the wait for them all the same, so that a handler stuck elsewhere cannot hold the exit.
+HANDLERS_AFTER_ABORT_S = 1.0
+
 
 class TurboServer:
     """The server: give it an engine (or a factory building one on the inference thread) and a ServerConfig.
@@ -88,6 +92,8 @@ class TurboServer:
                               readiness=self._readiness, admit=self._admit)
         self._server: Server | None = None
         self._ready: asyncio.Event | None = None  # created in start(), on the server's loop
+        # Set by stop(), also on the server's loop: what ends every wait for the engine (a model may still be loading).
+        self._stopped: asyncio.Event | None = None
         self._frozen: heap.Frozen | None = None  # the heap frozen once the engines were warm (until stop)
         self.port: int | None = None
         self.guard = ConnectionGuard(self.config.limits, on_close=self.metrics.closed_by_limit)
@@ -168,6 +174,7 @@ class TurboServer:
 
     async def start(self) -> TurboServer:
         self._ready = asyncio.Event()
+        self._stopped = asyncio.Event()
         self.batcher.start()
         self._watch_task = asyncio.create_task(self._watch_engine())
         limits = self.config.limits
@@ -251,8 +258,22 @@ class TurboServer:
                                              "device failed"))
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
-        """True once every engine is warm (and one still serves); False if one failed to start (or all failed)."""
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        """True once every engine is warm (and one still serves); False if one failed to start (or all failed), or if
+        the server stops first: a model still loading cannot be interrupted, and nobody waits for it then (stop()
+        waits for every connection's handler, and those of connections that came during the warmup wait here).
+        TimeoutError after timeout seconds."""
+        if not self._ready.is_set():
+            ready = asyncio.ensure_future(self._ready.wait())
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            try:
+                done, _ = await asyncio.wait({ready, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                stopped.cancel()
+            if not done:
+                raise TimeoutError(f"the engine was not ready within {timeout} s")
+            if not self._ready.is_set():
+                return False  # stopped while loading
         return self.devices.loaded and bool(self.devices.usable)
 
     @property
@@ -267,6 +288,8 @@ class TurboServer:
     async def stop(self) -> None:
         """Close every connection with 1001 (going away), stop the source and the inference threads."""
         self._stopping = True
+        if self._stopped is not None:
+            self._stopped.set()  # connections still waiting for the engine end now (wait_ready)
         limits = self.config.limits
         if self._server is not None:
             self._server.close(code=CloseCode.GOING_AWAY, reason="server shutting down")
@@ -277,7 +300,12 @@ class TurboServer:
             except TimeoutError:
                 for conn in list(self.guard.sockets):
                     conn.transport.abort()
-                await self._server.wait_closed()
+                # The handlers of aborted connections end within a loop turn or two; one still waiting on something
+                # else is not waited for either: the promise is an exit within a few seconds, whatever runs.
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._server.wait_closed()), HANDLERS_AFTER_ABORT_S)
+                except TimeoutError:
+                    log.warning("shutting down without waiting for the connection handlers still running")
         if self.broadcast is not None:  # joins the source thread: off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.broadcast.stop)
         self._watch_task.cancel()
@@ -317,6 +345,10 @@ class TurboServer:
     async def _await_engine(self, ws: ServerConnection) -> bool:
         if await self.wait_ready():
             return True
+        if self._stopping:  # stopped while the engine loads: going away, as stop() closes every other connection
+            with contextlib.suppress(ConnectionClosed):
+                await ws.close(CloseCode.GOING_AWAY, "server shutting down")
+            return False
         await self._refuse(ws, "engine_failed", f"the engine failed to start: {self.devices.error}",
                            CloseCode.INTERNAL_ERROR, "engine failed")
         return False
