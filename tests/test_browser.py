@@ -5,6 +5,7 @@ Screenshots land in test-artifacts/ at the repository root (gitignored; CI keeps
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ def _canvas_spread(page, selector: str) -> float:
             const c = document.querySelector(sel);
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             let sum = 0, sq = 0, n = 0;
-            for (let i = 0; i < d.length; i += 4) for (let k = 0; k < 3; k++) { sum += d[i + k]; sq += d[i + k] ** 2; n++; }
+            for (let i = 0; i < d.length; i += 4)
+                for (let k = 0; k < 3; k++) { sum += d[i + k]; sq += d[i + k] ** 2; n++; }
             const mean = sum / n;
             return Math.sqrt(sq / n - mean * mean);
         }""",
@@ -170,5 +172,168 @@ def test_kiosk_view_shows_nothing_but_the_frame(browser, tiny_components):
         # The square frame is centred at full height (360x360); the bands beside it are pure black.
         assert pixels[:, :130].max() == 0 and pixels[:, -130:].max() == 0
         assert pixels[:, 150:490].std() > 3  # the picture
+        context.close()
+        assert problems == []
+
+
+def test_camera_asked_for_twice_leaves_one_stream_and_stop_ends_it(browser, tiny_components):
+    # Two requests before the first answers (a double click; Camera while the permission prompt is open): the older
+    # stream is stopped when it arrives, not left live unseen, and Stop ends everything.
+    engine = Engine(preset("test"), tiny_components)
+    live = "() => __streams.filter((s) => s.getVideoTracks().some((t) => t.readyState === 'live')).length"
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        problems = _watch(page)
+        page.add_init_script("""(() => {
+            window.__streams = [];
+            const md = navigator.mediaDevices, getUserMedia = md.getUserMedia.bind(md);
+            md.getUserMedia = async (c) => { const s = await getUserMedia(c); __streams.push(s); return s; };
+        })()""")
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.conn === 'ready'", timeout=TIMEOUT_MS)
+        page.evaluate("() => { const b = document.getElementById('camera'); b.click(); b.click(); }")
+        page.wait_for_function("() => __streams.length === 2 && turbostream.media !== null", timeout=TIMEOUT_MS)
+        page.wait_for_function(f"() => ({live})() === 1", timeout=TIMEOUT_MS)
+        assert page.evaluate("() => __streams[1] === turbostream.media")
+        before = page.evaluate("() => turbostream.framesReceived")
+        page.wait_for_function(f"() => turbostream.framesReceived >= {before + 2}", timeout=TIMEOUT_MS)
+        page.click("#stop")
+        assert page.evaluate(live) == 0
+
+        # A track of a replaced stream that ends later (the browser's "stop sharing") leaves the newer stream alone.
+        page.click("#camera")
+        page.wait_for_function("() => turbostream.media !== null", timeout=TIMEOUT_MS)
+        page.evaluate("() => { window.__first = turbostream.media; }")
+        page.click("#camera")
+        page.wait_for_function("() => turbostream.media !== null && turbostream.media !== __first", timeout=TIMEOUT_MS)
+        assert page.evaluate("""() => { const current = turbostream.media;
+            __first.getVideoTracks().forEach((t) => t.dispatchEvent(new Event('ended')));
+            return turbostream.media === current; }""")
+        context.close()
+        assert problems == []
+
+
+def test_view_prompt_box_keeps_a_blend(browser, tiny_components):
+    # A blended broadcast prompt shows as its JSON, and Apply sends it back as a blend, not as the text "a,0.7,b,0.3".
+    import json
+
+    from turbostream.config import StreamParams
+
+    blend = (("a watercolor", 0.7), ("a pencil sketch", 0.3))
+    engine = Engine(preset("test", default_params=StreamParams(prompt=blend)), tiny_components)
+    config = ServerConfig(port=0, source="test-pattern", control_token="c")
+    with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        problems = _watch(page)
+        with page.expect_websocket(timeout=TIMEOUT_MS) as opened:
+            page.goto(server.url + "view?control=c", timeout=TIMEOUT_MS)
+        ws = opened.value
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
+        assert json.loads(page.input_value("#prompt")) == [list(entry) for entry in blend]
+
+        def config_echo(payload) -> bool:
+            return isinstance(payload, str) and json.loads(payload).get("type") == "config"
+
+        with ws.expect_event("framereceived", predicate=config_echo, timeout=TIMEOUT_MS) as echo:
+            page.click("#control button")  # Apply, unchanged
+        assert json.loads(echo.value)["prompt"] == [list(entry) for entry in blend]
+        assert server.broadcast.stream.params.prompt == blend
+
+        page.fill("#prompt", '[["a mosaic", 0.5], ["a pencil sketch", 0.5]]')
+        with ws.expect_event("framereceived", predicate=config_echo, timeout=TIMEOUT_MS):
+            page.click("#control button")
+        assert server.broadcast.stream.params.prompt == (("a mosaic", 0.5), ("a pencil sketch", 0.5))
+        context.close()
+        assert problems == []
+
+
+def test_a_token_with_a_bare_percent_sign_connects(browser, tiny_components):
+    # ?token=50%off is not a valid percent escape: the page takes it as typed (as the server's unquote does) instead
+    # of dying on a URIError before it connects.
+    engine = Engine(preset("test"), tiny_components)
+    with ServerThread(TurboServer(engine, ServerConfig(port=0, token="50%off"))) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        problems = _watch(page)
+        page.goto(server.url + "?token=50%off", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.conn === 'ready'", timeout=TIMEOUT_MS)
+        context.close()
+        assert problems == []
+
+
+def _mock_ready(role: str) -> str:
+    import json
+
+    params = {"prompt": "x", "strength": 0.5, "steps": 2, "seed": 0, "similarity": 0, "transition_s": 0,
+              "feedback": 0, "reuse": 0}
+    return json.dumps({"type": "ready", "role": role, "control": False, "model": "mock", "random_weights": False,
+                       "width": 64, "height": 64, "params": params,
+                       "limits": {"max_steps": 10, "feature_reuse": False}})
+
+
+def test_kiosk_view_keeps_only_the_last_50_errors(browser, tiny_components):
+    # A kiosk runs for days: its error list (window.turbostream.errors) stays bounded, as on the client page.
+    import json
+
+    engine = Engine(preset("test"), tiny_components)
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        problems = _watch(page)
+
+        def viewer(ws) -> None:  # a stand-in /view/ws: ready, then 60 errors
+            ws.send(_mock_ready("viewer"))
+            for i in range(60):
+                ws.send(json.dumps({"type": "error", "code": "source_lost", "message": f"error {i}"}))
+
+        page.route_web_socket(lambda url: url.split("?")[0].endswith("/view/ws"), viewer)
+        page.goto(server.url + "view?kiosk=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.errors.at(-1) === 'error 59 (source_lost)'",
+                               timeout=TIMEOUT_MS)
+        errors = page.evaluate("() => turbostream.errors")
+        assert len(errors) == 50 and errors[0] == "error 10 (source_lost)"
+        context.close()
+        assert problems == []
+
+
+def test_a_frame_header_left_by_a_dropped_connection_is_not_applied_to_the_next(browser, tiny_components):
+    # A stand-in /ws: the first connection sends a frame header and closes before its result; the second answers the
+    # first frame with a result alone. The old header (seq 5, skipped) must not count frames of the new connection
+    # as dropped or skipped.
+    from PIL import Image
+
+    engine = Engine(preset("test"), tiny_components)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    connections = []
+
+    def client(ws) -> None:
+        connections.append(ws)
+        ws.send(_mock_ready("client"))
+        if len(connections) == 1:
+            ws.send('{"type": "frame", "seq": 5, "batch": 1, "server_ms": 1, "skipped": true}')
+            ws.close()
+        else:
+            answered = []
+
+            def on_message(message) -> None:
+                if isinstance(message, bytes) and not answered:
+                    answered.append(True)
+                    ws.send(jpeg)
+
+            ws.on_message(on_message)
+
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        problems = _watch(page)
+        page.route_web_socket(lambda url: url.split("?")[0].endswith("/ws"), client)
+        page.goto(server.url + "?autostart=1&inflight=2", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
+        assert len(connections) == 2
+        assert page.evaluate("() => [turbostream.skipped, turbostream.dropped]") == [0, 0]
         context.close()
         assert problems == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 
 import pytest
 from test_browser import TIMEOUT_MS, _watch, browser  # noqa: F401 - the module-scoped browser fixture
@@ -80,3 +81,119 @@ def test_a_control_being_edited_keeps_its_value_when_another_changes_echo_arrive
         page.dispatch_event("#transition", "change")
         page.wait_for_function("() => turbostream.params.transition_s === 1.5", timeout=TIMEOUT_MS)
     assert problems == []
+
+
+def test_a_refused_change_before_any_accepted_one_puts_the_servers_value_back(browser, tiny_components):  # noqa: F811
+    # The server's parameters are known from ready on: a refused first change does not stay on screen.
+    engine = Engine(preset("test"), tiny_components)
+    with client_page(browser, engine, 1) as (_, page, problems):
+        assert page.input_value("#steps") == "2"
+        page.fill("#steps", "99")
+        page.dispatch_event("#steps", "change")
+        page.wait_for_function("() => turbostream.errors.length > 0", timeout=TIMEOUT_MS)
+        assert "steps" in page.evaluate("() => turbostream.errors[0]")
+        assert page.input_value("#steps") == "2"
+    assert problems == []
+
+
+def test_strength_and_steps_offer_only_what_the_server_takes(browser, tiny_components):  # noqa: F811
+    # The server refuses int(steps * strength) < 1: at 2 steps the slider stops at 0.5, at 4 steps at 0.25, and at
+    # strength 0.25 the steps field's minimum is 4.
+    engine = Engine(preset("test"), tiny_components)
+    mins = "() => [document.getElementById('strength').min, document.getElementById('steps').min]"
+    with client_page(browser, engine, 1) as (_, page, problems):
+        assert page.evaluate(mins) == ["0.5", "2"]
+        # Dragged below its minimum (fill refuses a value the slider changes): the slider stays at 0.5.
+        value = page.evaluate("""() => { const s = document.getElementById('strength');
+                                         s.value = '0.3'; s.dispatchEvent(new Event('input')); return s.value; }""")
+        assert value == "0.5"
+        page.fill("#steps", "4")
+        page.dispatch_event("#steps", "change")
+        page.wait_for_function("() => turbostream.params.steps === 4", timeout=TIMEOUT_MS)
+        assert page.evaluate(mins) == ["0.25", "2"]
+        page.fill("#strength", "0.25")
+        page.wait_for_function("() => turbostream.params.strength === 0.25", timeout=TIMEOUT_MS)
+        assert page.evaluate(mins) == ["0.25", "4"]
+        page.fill("#steps", "10")
+        page.dispatch_event("#steps", "change")
+        page.wait_for_function("() => turbostream.params.steps === 10", timeout=TIMEOUT_MS)
+        assert page.evaluate(mins) == ["0.1", "4"]
+        assert page.evaluate("() => turbostream.errors") == []
+    assert problems == []
+
+
+def test_changes_made_while_disconnected_apply_when_it_reconnects(browser, tiny_components):  # noqa: F811
+    # The server restarts on the same port; the prompt and seed changed meanwhile reach the new connection, after the
+    # prompt chosen before the drop.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def serve():
+        return ServerThread(TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=port)))
+
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    problems = _watch(page)
+    with serve() as server:
+        page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
+        page.fill("#transition", "1.5")
+        page.dispatch_event("#transition", "change")
+        page.wait_for_function("() => turbostream.params.transition_s === 1.5", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => turbostream.ready === null", timeout=TIMEOUT_MS)
+    page.fill("#prompt", "typed while disconnected")
+    page.fill("#seed", "7")
+    page.dispatch_event("#seed", "change")
+    with serve() as server:
+        page.wait_for_function("""() => { const p = turbostream.params;
+                                   return p.prompt === 'typed while disconnected' && p.seed === 7
+                                       && p.transition_s === 1.5; }""", timeout=TIMEOUT_MS)
+        params = next(iter(server.clients)).stream.params
+        assert (params.prompt, params.seed, params.transition_s) == ("typed while disconnected", 7, 1.5)
+        assert page.input_value("#prompt") == "typed while disconnected"
+        assert page.input_value("#seed") == "7"
+    context.close()
+    # The browser logs each refused reconnect as a console error; nothing else may go wrong.
+    assert [p for p in problems if "WebSocket connection" not in p] == []
+
+
+def test_a_change_the_dropped_connection_never_answered_goes_again(browser, tiny_components):  # noqa: F811
+    # A stand-in /ws: the first connection closes on the first config, unanswered; the second echoes every config.
+    import json
+
+    from test_browser import _mock_ready
+
+    engine = Engine(preset("test"), tiny_components)
+    received: list[list[dict]] = []
+
+    def client(ws) -> None:
+        received.append([])
+        mine, first = received[-1], len(received) == 1
+        ws.send(_mock_ready("client"))
+
+        def on_message(message) -> None:
+            if isinstance(message, str):
+                fields = json.loads(message)
+                mine.append(fields)
+                if first:
+                    ws.close()
+                else:
+                    ws.send(json.dumps({**json.loads(_mock_ready("client"))["params"], **fields}))
+
+        ws.on_message(on_message)
+
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        problems = _watch(page)
+        page.route_web_socket(lambda url: url.split("?")[0].endswith("/ws"), client)
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.conn === 'ready'", timeout=TIMEOUT_MS)
+        page.fill("#seed", "7")
+        page.dispatch_event("#seed", "change")
+        page.wait_for_function("() => turbostream.params.seed === 7", timeout=TIMEOUT_MS)
+        assert received == [[{"type": "config", "seed": 7}], [{"type": "config", "seed": 7}]]
+        assert page.input_value("#seed") == "7"
+        context.close()
+        assert problems == []

@@ -22,7 +22,7 @@ const BACKOFF_MAX_MS = 10000;
 const state = {
   conn: "connecting",
   ready: null, // the server's ready message
-  params: null, // the parameters the server confirmed last
+  params: null, // the parameters the server confirmed last (ready's, then each config echo's)
   media: null, // MediaStream being sent
   seq: 0, // frames sent on this connection
   sent: new Map(), // seq -> send time (ms) of frames not answered yet
@@ -45,6 +45,14 @@ let reconnectTimer = null;
 let pendingHeader = null;
 let drawChain = Promise.resolve();
 let promptSent = null; // the prompt last typed, until the server confirms it
+// The user's changes outlive a reconnect (a new connection starts from the server's defaults). chosen: the parameters
+// the server confirmed after the user's last accepted change (null: none, or the server's defaults); unsent: changes
+// made while not connected, and those a dropped connection took with it before the server answered them; awaiting:
+// the config messages sent on this connection, oldest first, until the server answers each (an echo or bad_config).
+let chosen = null;
+let unsent = {};
+let awaiting = [];
+let mediaRequest = 0; // counts camera and screen requests: a stream that arrives after a newer one is not wanted
 
 // ---------------------------------------------------------------- status and errors
 
@@ -86,6 +94,10 @@ function connect() {
     state.ready = null;
     state.sent.clear();
     state.encoding = false;
+    pendingHeader = null; // its result went with the connection
+    // Changes the server never answered: send them again, with those made meanwhile, when the next one is ready.
+    unsent = Object.assign({}, ...awaiting.filter((a) => !a.resend).map((a) => a.fields), unsent);
+    awaiting = [];
     updateButtons();
     // 1008: wrong token or nothing to do here; reconnecting would only repeat it.
     if (event.code === 1008) {
@@ -98,10 +110,6 @@ function connect() {
     reconnectTimer = setTimeout(connect, delay);
     backoff = Math.min(BACKOFF_MAX_MS, backoff * 2);
   };
-}
-
-function send(obj) {
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
 }
 
 function onText(text) {
@@ -124,15 +132,16 @@ function onText(text) {
       $("output").height = $("capture").height = msg.height;
       $("steps").max = msg.limits.max_steps;
       $("reuse").disabled = msg.limits.feature_reuse === false; // the server was started without --reuse N
-      // Keep what the user chose before a reconnect; otherwise take the server's defaults.
-      if (state.params) sendConfig(state.params);
-      else showParams(msg.params);
+      state.params = { ...msg.params };
+      resendChoices();
       updateButtons();
       pump();
       break;
     case "config":
+      awaiting.shift();
       state.params = { ...msg };
       delete state.params.type;
+      chosen = state.params;
       showParams(state.params);
       state.newFrame = true; // a still screen gets restyled too
       pump();
@@ -149,8 +158,13 @@ function onText(text) {
       break;
     case "error":
       showError(`${msg.message} (${msg.code})`);
-      if (msg.code === "bad_config") promptSent = null;
-      if (msg.code === "bad_config" && state.params) showParams(state.params, true);
+      if (msg.code === "bad_config") {
+        // Refused: the server kept its parameters; the controls show them again. A refused resend after a reconnect
+        // leaves the server at its defaults: nothing is carried over any more.
+        if (awaiting.shift()?.resend) chosen = null;
+        promptSent = null;
+        if (state.params) showParams(state.params, true);
+      }
       // This frame gets no result: stop waiting for it.
       if (msg.seq !== undefined) state.sent.delete(msg.seq);
       pump();
@@ -257,6 +271,7 @@ setInterval(() => {
 
 async function startMedia(kind) {
   stopMedia();
+  const request = mediaRequest;
   const md = navigator.mediaDevices;
   if (!md || !(kind === "screen" ? md.getDisplayMedia : md.getUserMedia)) {
     showError("this browser gives no camera or screen here: use https, or http://localhost / 127.0.0.1");
@@ -270,15 +285,24 @@ async function startMedia(kind) {
             video: { width: { ideal: 1280 }, height: { ideal: 720 }, facingMode: "user" },
             audio: false,
           });
+    // Asked again (a double click, Camera while the screen picker is open) or stopped while asking: the newer
+    // request wins, and this stream must not stay live unseen.
+    if (request !== mediaRequest) {
+      media.getTracks().forEach((t) => t.stop());
+      return;
+    }
     state.media = media;
     video.srcObject = media;
-    media.getVideoTracks().forEach((track) => (track.onended = () => stopMedia()));
+    // A track that ends (the browser's "stop sharing", a camera unplugged) ends its own stream, not a newer one.
+    media.getVideoTracks().forEach((track) => (track.onended = () => state.media === media && stopMedia()));
     await video.play().catch(() => {});
+    if (request !== mediaRequest) return; // replaced or stopped meanwhile: stopMedia took care of this stream
     $("in-empty").hidden = true;
     state.newFrame = true;
     updateButtons();
     pump();
   } catch (err) {
+    if (request !== mediaRequest) return; // a request given up on; the newer one reports for itself
     const name = err && err.name;
     const why =
       name === "NotAllowedError" ? "permission denied" :
@@ -289,6 +313,7 @@ async function startMedia(kind) {
 }
 
 function stopMedia() {
+  mediaRequest++; // a camera or screen still being asked for is not wanted any more
   if (state.media) state.media.getTracks().forEach((t) => t.stop());
   state.media = null;
   video.srcObject = null;
@@ -328,10 +353,28 @@ function showParams(p, force = false) {
   const reuse = String(p.reuse ?? 0);
   if (![...$("reuse").options].some((o) => o.value === reuse)) $("reuse").add(new Option(`every ${reuse}`, reuse));
   setField("reuse", reuse, force);
+  // The server refuses steps x strength under 1 (no UNet evaluation would run): neither control offers it. The
+  // minimums go first: a slider clamps its value to its minimum, and the old one may be above the new value.
+  $("strength").min = strengthMin(p.steps);
+  $("steps").min = stepsMin(p.strength);
   setField("strength", p.strength, force);
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
   setField("steps", p.steps, force);
   setField("seed", p.seed, force);
+}
+
+// The least strength on the slider's 0.05 grid with int(steps * strength) >= 1, as the server computes it.
+function strengthMin(steps) {
+  let min = Math.ceil(20 / steps) / 20;
+  while (Math.floor(steps * min) < 1 && min < 1) min = Math.round(min * 20 + 1) / 20;
+  return String(Math.min(1, min));
+}
+
+// The fewest steps with int(steps * strength) >= 1.
+function stepsMin(strength) {
+  let min = Math.max(1, Math.ceil(1 / strength));
+  while (Math.floor(min * strength) < 1) min++;
+  return String(min);
 }
 
 // A control the user is in (typing a number, dragging a slider) keeps what they put there: the echo of another
@@ -341,8 +384,24 @@ function setField(id, value, force = false) {
   if (force || document.activeElement !== $(id)) $(id).value = value;
 }
 
-function sendConfig(fields) {
-  send({ type: "config", ...fields });
+// A connection starts from the server's defaults: what the user chose before a reconnect goes again, then what they
+// changed since, in a message of its own (a refused change then leaves the earlier choices in place).
+function resendChoices() {
+  const changes = unsent;
+  unsent = {};
+  showParams({ ...state.params, ...chosen, ...changes });
+  if (chosen) sendConfig(chosen, true);
+  if (Object.keys(changes).length) sendConfig(changes);
+}
+
+// A change made while not connected (or before the engine is ready) goes with the config sent on ready.
+function sendConfig(fields, resend = false) {
+  if (ws && ws.readyState === WebSocket.OPEN && state.ready) {
+    ws.send(JSON.stringify({ type: "config", ...fields }));
+    awaiting.push({ fields, resend });
+  } else {
+    Object.assign(unsent, fields);
+  }
 }
 
 function debounce(fn, ms) {

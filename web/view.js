@@ -27,6 +27,7 @@ function setConn(text, kind = "") {
 
 function showError(message) {
   state.errors.push(message);
+  if (state.errors.length > 50) state.errors.shift(); // a kiosk runs for days
   if (kiosk) return;
   $("error-text").textContent = message;
   $("error").hidden = false;
@@ -53,9 +54,9 @@ function connect() {
       $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}` +
         (msg.random_weights ? " · random weights: noise, not a stylization" : "");
       $("control").hidden = !msg.control || kiosk;
-      $("prompt").value = msg.params.prompt;
+      $("prompt").value = promptText(msg.params.prompt);
     } else if (msg.type === "config") {
-      if (document.activeElement !== $("prompt")) $("prompt").value = msg.prompt;
+      if (document.activeElement !== $("prompt")) $("prompt").value = promptText(msg.prompt);
     } else if (msg.type === "source") {
       // The broadcast's source: starting, live, reconnecting (a camera or URL that dropped out) or ended.
       state.source = msg.state;
@@ -79,6 +80,24 @@ function connect() {
   };
 }
 
+// A blend of prompts ([[text, weight], ...]) shows as its JSON, and text starting with "[" goes as JSON (as on the
+// client page): the box round-trips a blend instead of flattening it to "a,0.7,b,0.3".
+function promptText(prompt) {
+  return typeof prompt === "string" ? prompt : JSON.stringify(prompt);
+}
+
+function promptValue() {
+  const text = $("prompt").value;
+  if (text.trim().startsWith("[")) {
+    try {
+      return JSON.parse(text);
+    } catch {
+      return text;
+    }
+  }
+  return text;
+}
+
 function show(blob) {
   state.framesReceived++;
   state.times.push(performance.now());
@@ -94,7 +113,7 @@ function show(blob) {
 
 $("control").onsubmit = (event) => {
   event.preventDefault();
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "config", prompt: $("prompt").value }));
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "config", prompt: promptValue() }));
 };
 document.querySelector(".viewer-stage").ondblclick = () =>
   document.fullscreenElement ? document.exitFullscreen() : document.documentElement.requestFullscreen();
