@@ -21,10 +21,13 @@ from websockets.asyncio.client import connect
 
 from turbostream import cli
 from turbostream.cli import run as cli_run
+from turbostream.cli.controls import controls_from_args
+from turbostream.cli.options import stream_params
 from turbostream.codec import fit_frame
 from turbostream.config import ServerConfig, StreamParams
 from turbostream.control import Controls, OscServer, Playlist, RunTarget, parse_playlist
 from turbostream.control.playlist import Look, parse_duration
+from turbostream.errors import UserError
 from turbostream.serve import TurboServer
 from turbostream.serve.integrations import Integrations
 
@@ -419,6 +422,32 @@ def test_playlist_format():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             parse_playlist(bad)
+
+
+def test_every_playlist_line_is_read_as_prompt_reads_it(tmp_path):
+    """The first line as the others (as --prompt: a JSON blend when it starts with '['): a line starting with '['
+    that is no blend is an error naming the playlist and the line, wherever it is; a blend stays one every cycle."""
+    for text, line in (("[night] a neon city | 10s\nan oil painting | 10s\n", 1),
+                       ("an oil painting | 10s\n[night] a neon city | 10s\n", 2)):
+        path = tmp_path / f"line{line}.txt"
+        path.write_text(text)
+        args = _parse_run("-i", "in.avi", "-o", "out.avi", "--prompts", str(path))
+        with pytest.raises(UserError, match=re.escape(f"{path}, line {line}: a prompt starting with '[' is read as")):
+            controls_from_args(args)
+    blend = '[["a watercolor", 0.7], ["a pencil sketch", 0.3]]'
+    path = tmp_path / "blend.txt"
+    path.write_text(f"{blend} | 0.1s\nan oil painting | 0.1s\n")
+    args = _parse_run("-i", "in.avi", "-o", "out.avi", "--prompts", str(path))
+    controls = controls_from_args(args)
+    as_blend = (("a watercolor", 0.7), ("a pencil sketch", 0.3))
+    assert stream_params(args).prompt == as_blend  # the stream starts with the blend
+    shown = []
+    controls.playlist.start(lambda fields: shown.append(fields["prompt"]))
+    try:
+        _wait_for(lambda: len(shown) >= 3, what="a cycle and a half")
+    finally:
+        controls.stop()
+    assert shown[:3] == ["an oil painting", as_blend, "an oil painting"]
 
 
 def test_playlist_steps_on_time_next_and_previous():

@@ -52,6 +52,17 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_components(str(tmp_path / "nowhere"), device="cpu")
 
 
+def test_single_file_checkpoint_says_it_is_not_supported(tmp_path):
+    """A .safetensors file (as other tools download SD-Turbo) is a file, not a missing folder."""
+    checkpoint = tmp_path / "sd_turbo.safetensors"
+    checkpoint.write_bytes(b"x" * 100)
+    with pytest.raises(ModelLoadError) as err:
+        load_components(str(checkpoint), device="cpu")
+    text = str(err.value)
+    assert "single-file checkpoints (.safetensors, .ckpt) are not supported" in text
+    assert "a folder in the diffusers layout or a Hugging Face hub id" in text and "no such folder" not in text
+
+
 def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
@@ -74,7 +85,8 @@ def test_unreachable_hub_fails_fast_with_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     with pytest.raises(ModelLoadError) as err:
         load_components("stabilityai/sd-turbo", device="cpu")
-    assert "the hub is unreachable (Name or service not known), and the Hugging Face cache has no copy" in str(err.value)
+    text = str(err.value)
+    assert "the hub is unreachable (Name or service not known), and the Hugging Face cache has no copy" in text
 
 
 def test_missing_taesd_suggests_full_vae(saved_model, tmp_path):
@@ -107,6 +119,7 @@ def test_random_configs_are_the_sd_turbo_architecture():
         unet = UNet2DConditionModel.from_config(unet_cfg)
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 865.9
     te = json.loads((cfg_dir / "text_encoder.json").read_text())
-    assert (te["hidden_size"], te["num_hidden_layers"], te["num_attention_heads"], te["hidden_act"]) == (1024, 23, 16, "gelu")
+    shape = (te["hidden_size"], te["num_hidden_layers"], te["num_attention_heads"], te["hidden_act"])
+    assert shape == (1024, 23, 16, "gelu")
     sched = json.loads((cfg_dir / "scheduler.json").read_text())
     assert sched["timestep_spacing"] == "trailing" and sched["steps_offset"] == 1

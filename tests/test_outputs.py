@@ -196,6 +196,80 @@ def test_virtualcam_without_a_backend_says_what_to_install(tmp_path, capsys):
     assert ("v4l2loopback" if sys.platform.startswith("linux") else "OBS") in err
 
 
+# A `turbostream run` into a video file whose writes start failing after `limit` bytes, as on a full disk: the file
+# size limit (RLIMIT_FSIZE, `ulimit -f`) makes the kernel refuse writes past it (EFBIG) in this child process alone.
+# With "opencv4", VideoWriter.write() returns None whatever happened, as OpenCV 4's does.
+_FULL_DISK_CHILD = r"""
+import argparse, logging, resource, signal, sys
+import cv2
+from turbostream.cli import run as cli_run
+from turbostream.codec import fit_frame
+
+logging.basicConfig(level=logging.INFO)  # the run's summary, one line per output
+
+src, out, limit, opencv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if opencv == "opencv4":
+    VideoWriter = cv2.VideoWriter
+
+    class Writer4:
+        def __init__(self, *args):
+            self._writer = VideoWriter(*args)
+        def isOpened(self):
+            return self._writer.isOpened()
+        def write(self, frame):
+            self._writer.write(frame)
+        def release(self):
+            self._writer.release()
+    cv2.VideoWriter = Writer4
+
+class Engine:
+    width = height = 128
+    max_batch = 1
+    model_name, random_weights = "fake", False
+    def warmup(self):
+        pass
+    def run(self, frames, params):
+        return [fit_frame(f, 128, 128) for f in frames]
+
+parser = argparse.ArgumentParser()
+cli_run.add_parser(parser.add_subparsers())
+args = parser.parse_args(["run", "-i", src, "-o", out])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+sys.exit(cli_run.main(args, engine=Engine()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as Linux applies it")
+@pytest.mark.parametrize("opencv", ["installed", "opencv4"])
+@pytest.mark.parametrize("suffix", [".mp4", ".avi"])
+def test_a_video_file_that_cannot_be_written_stops_the_run(tmp_path, suffix, opencv):
+    """Writes that fail mid-run (disk full) end the run with status 1 and the reason, not 0 and a file that does not
+    play: caught as they fail where OpenCV's write() says so, else when the finished file is checked."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in.avi"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 128))
+    for _ in range(60):  # noise: every frame costs tens of KB in either codec
+        writer.write(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    writer.release()
+    out = tmp_path / f"out{suffix}"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(src), str(out), "100000", opencv],
+                          capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "turbostream: error: " in output and str(out) in output and "file size limit of 100000 bytes" in output
+    assert f"{out}: FAILED" in output and "Traceback" not in output  # the summary does not claim the frames
+
+
+def test_a_slow_source_streams_at_one_frame_a_second_at_least():
+    """A slideshow's 0.2 fps is kept for a video file; a stream or virtual camera repeats its frames at 1 fps (a
+    receiver gives up on a quiet stream, and the paced outputs refuse rates below 1)."""
+    stream = sinks.open_sink(sinks.parse_output("udp://127.0.0.1:9"), 0.2, (64, 64))
+    video = sinks.open_sink(sinks.parse_output("slides.mp4"), 0.2, (64, 64))
+    assert stream.fps == 1.0 and video.fps == 0.2
+    stream.close()
+
+
 def test_outputs_parse():
     assert sinks.parse_output("virtualcam").kind == "virtualcam"
     assert sinks.parse_output("virtualcam:/dev/video10").kind == "virtualcam"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import logging
 import signal
 import subprocess
 import sys
@@ -19,10 +20,10 @@ import pytest
 from turbostream import cli
 from turbostream.cli import generate as cli_generate
 from turbostream.cli import run as cli_run
-from turbostream.io import sinks
 from turbostream.codec import fit_frame
 from turbostream.config import StreamParams
 from turbostream.errors import SinkError, SourceError
+from turbostream.io import sinks
 from turbostream.io.sinks import VideoSink
 from turbostream.io.sources import CaptureThread, SourceSpec
 from turbostream.pipeline import Pipeline, PromptLine
@@ -57,7 +58,8 @@ def index_of(frame: np.ndarray) -> int:
     return sum(1 << b for b, r in enumerate(rows) if frame[r, x0 + side // 4 : x0 + 3 * side // 4].mean() > 128)
 
 
-def make_video(path: Path, n: int = 12, size: tuple[int, int] = (96, 80), fps: float = 10.0, *, flat: bool = True) -> Path:
+def make_video(path: Path, n: int = 12, size: tuple[int, int] = (96, 80), fps: float = 10.0, *,
+               flat: bool = True) -> Path:
     """n frames of (width, height) `size`: indexed_frame(k) (flat=True) or random noise."""
     fourcc = "MJPG" if path.suffix == ".avi" else "mp4v"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
@@ -209,6 +211,48 @@ def test_image_folder_in_and_out(tmp_path, make_engine):
     assert len(frames) == 3 and fps == pytest.approx(30.0)
 
 
+def test_folder_skips_pictures_too_small_to_use(tmp_path, caplog):
+    """An icon (6x6) or a 5 px strip in a folder is skipped with a warning, as an unreadable file is: the run goes
+    on."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    cv2.imwrite(str(src / "img_1.png"), indexed_frame(0, 100, 80))
+    cv2.imwrite(str(src / "img_2.png"), np.full((6, 6, 3), 90, np.uint8))  # a favicon
+    cv2.imwrite(str(src / "img_3.png"), np.full((2000, 5, 3), 90, np.uint8))  # a thin strip
+    cv2.imwrite(str(src / "img_4.png"), indexed_frame(1, 100, 80))
+    out = tmp_path / "styled"
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=FakeEngine()) == 0
+    images = [cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))]
+    assert [index_of(img) for img in images] == [0, 1]
+    assert "img_2.png: 6x6 is too small (8x8 at least)" in caplog.text
+    assert "img_3.png: 5x2000 is too small" in caplog.text
+    # A folder of nothing but icons has nothing to run on: said before the model loads.
+    (icons := tmp_path / "icons").mkdir()
+    cv2.imwrite(str(icons / "a.png"), np.full((6, 6, 3), 90, np.uint8))
+    with pytest.raises(SourceError, match="none of its 1 images could be read .or each is under 8x8 px"):
+        cli_run.main(parse("run", "-i", str(icons), "-o", str(tmp_path / "none")), engine=FakeEngine())
+
+
+def test_a_video_of_frames_too_small_is_a_clear_error(tmp_path, capsys):
+    """A video's frames cannot be skipped one by one: a 6x6 video stops the run with the reason (status 1)."""
+    src = make_video(tmp_path / "tiny.avi", n=5, size=(6, 6))
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(tmp_path / "out.avi")), engine=FakeEngine()) == 1
+    assert "frame of 6x6 is too small (8x8 at least)" in capsys.readouterr().err
+
+
+def test_a_source_slower_than_one_frame_a_second_keeps_its_rate(tmp_path):
+    """A slideshow or timelapse at 0.5 fps is a frame rate, not a missing one (which falls back to 30 fps)."""
+    src = make_video(tmp_path / "slides.avi", n=4, fps=0.5)
+    capture = CaptureThread(str(src), realtime=False).start()
+    assert capture.fps == pytest.approx(0.5)
+    capture.close()
+    out = tmp_path / "out.mp4"
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=FakeEngine()) == 0
+    frames, fps = read_video(out)
+    assert len(frames) == 4 and fps == pytest.approx(0.5)
+
+
 # ------------------------------------------------------------------------------------------------ capture thread
 
 
@@ -314,6 +358,34 @@ def test_live_source_reconnects_then_reports_the_loss():
     capture.close()
 
 
+def test_a_capture_stuck_in_a_read_is_waited_for_once(caplog):
+    """A network read that hangs past close()'s wait: the thread is left to exit, and a second close() (the command
+    closes after the pipeline did) returns at once instead of waiting open_timeout_s + 2 s again."""
+    release = threading.Event()
+
+    class StuckReader(_FlakyReader):
+        def read(self):
+            if self.left <= 0:
+                release.wait(30)  # a stalled stream: the backend's own read timeout is long
+                return None
+            return super().read()
+
+    spec = SourceSpec("url", "rtsp://cam.local/stream", "rtsp://cam.local/stream")
+    capture = CaptureThread(spec, realtime=True, reconnect=0, open_timeout_s=20,
+                            opener=lambda s: StuckReader(1)).start()
+    try:
+        assert capture.latest(timeout=5.0) is not None
+        capture.close(timeout=0.2)
+        assert capture._thread.is_alive() and "did not stop in time" in caplog.text
+        t0 = time.perf_counter()
+        capture.close()  # would wait up to 22 s
+        assert time.perf_counter() - t0 < 1.0
+        assert caplog.text.count("did not stop in time") == 1
+    finally:
+        release.set()
+        capture._thread.join(10)
+
+
 def test_source_errors_are_clear(tmp_path):
     with pytest.raises(SourceError, match="no such file or folder"):
         CaptureThread(str(tmp_path / "missing.mp4"))
@@ -397,6 +469,33 @@ def test_ctrl_c_finalizes_the_video(tmp_path):
     frames, fps = read_video(out)
     assert 4 <= len(frames) < 60 and fps == pytest.approx(10.0)
     assert [index_of(f) for f in frames] == list(range(len(frames)))
+
+
+def test_sigterm_finalizes_the_video_even_with_ctrl_c_ignored(tmp_path):
+    """SIGTERM stops the run as Ctrl-C does (exit 143, the file plays), also in a process started in the background,
+    where SIGINT is ignored; the previous SIGTERM handler is back afterwards."""
+    import os
+
+    def terminate(engine, frames):
+        if len(engine.calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def caught(signum, frame):  # the test process's own, for the time of the test: a stray SIGTERM never kills it
+        pass
+
+    before = signal.signal(signal.SIGTERM, caught)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        src = make_video(tmp_path / "in.mp4", n=60)
+        out = tmp_path / "out.mp4"
+        engine = FakeEngine(max_batch=1, delay=0.005, on_run=terminate)
+        assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 143
+        assert signal.getsignal(signal.SIGTERM) is caught  # the run's handler is gone with the run
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, before)
+    frames, _ = read_video(out)
+    assert 4 <= len(frames) < 60 and [index_of(f) for f in frames] == list(range(len(frames)))
 
 
 def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
@@ -483,8 +582,11 @@ def test_cli_run_end_to_end(tmp_path, allow_load, capsys):
     assert len(frames) == 6 and frames[0].shape == (64, 64, 3) and fps == pytest.approx(10.0)
 
 
-def test_cli_ctrl_c_in_a_real_process(tmp_path):
-    """A real SIGINT to a real `turbostream run` (live-paced file): exit 130, the .mp4 is finalized and plays."""
+@pytest.mark.parametrize("sig, status, how", [(signal.SIGINT, 130, "stopped by Ctrl-C"),
+                                              (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_cli_ctrl_c_in_a_real_process(tmp_path, sig, status, how):
+    """A real SIGINT to a real `turbostream run` (live-paced file): exit 130, the .mp4 is finalized and plays. SIGTERM
+    (kill, timeout, docker stop, systemctl stop) takes the same path, with exit status 143."""
     src = make_video(tmp_path / "in.mp4", n=400, fps=40)
     out, frames_dir = tmp_path / "out.mp4", tmp_path / "frames"
     cmd = [sys.executable, "-m", "turbostream.cli", "run", "-i", str(src), "-o", str(out), "-o", f"{frames_dir}/",
@@ -495,12 +597,12 @@ def test_cli_ctrl_c_in_a_real_process(tmp_path):
         while time.monotonic() < deadline and len(list(frames_dir.glob("*.png"))) < 3 and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()[0]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130, output
-    assert "Traceback" not in output and "stopped by Ctrl-C" in output
+    assert proc.returncode == status, output
+    assert "Traceback" not in output and how in output
     frames, fps = read_video(out)
     assert len(frames) >= 3 and frames[0].shape == (64, 64, 3) and fps == pytest.approx(40.0)
 

@@ -264,6 +264,12 @@ def _resolve_source(model: str, needed: tuple[str, ...]) -> tuple[str, str]:
                 + _advice()
             )
         return str(path), source
+    if path.is_file():
+        # A single-file checkpoint (.safetensors, .ckpt) as other tools download them: diffusers' folders only here.
+        raise ModelLoadError(
+            f"Could not load model {model!r}: it is a file, and single-file checkpoints (.safetensors, .ckpt) are "
+            "not supported: give a folder in the diffusers layout or a Hugging Face hub id instead.\n" + _advice()
+        )
     if _looks_like_path(model):
         raise ModelLoadError(f"Could not load model {model!r}: no such folder.\n" + _advice())
     return model, f"Hugging Face hub id {model!r}"

@@ -20,7 +20,8 @@ def add_control_options(parser: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--osc-host", default="127.0.0.1", metavar="ADDR",
                    help="address the OSC port binds (default: %(default)s; 0.0.0.0 for other machines)")
     g.add_argument("--prompts", default=None, metavar="FILE",
-                   help=f"a playlist: one prompt a line, optional '| 30s' duration, # comments; cycles {what}")
+                   help=f"a playlist: one prompt a line (as --prompt: a JSON blend when it starts with '['), "
+                        f"optional '| 30s' duration, # comments; cycles {what}")
     g.add_argument("--prompt-duration", type=float, default=DEFAULT_DURATION_S, metavar="S",
                    help="seconds a playlist prompt stays when its line gives no duration (default: %(default)g)")
 
@@ -28,7 +29,8 @@ def add_control_options(parser: argparse.ArgumentParser, what: str) -> None:
 def controls_from_args(args: argparse.Namespace) -> Controls:
     """The command's Controls: the playlist read and checked, the OSC port bound (not yet serving); UserError if not.
 
-    With a playlist, args.prompt becomes its first prompt: the stream starts with it.
+    With a playlist, args.prompt becomes its first prompt as written: the stream starts with it, read as every
+    later line is (config.parse_prompt: a JSON blend when it starts with '[').
     """
     playlist = osc = None
     if args.prompts is not None:

@@ -1,7 +1,8 @@
 """`turbostream run`: the headless capture loop, from the command line (the loop itself: pipeline.py).
 
 Inputs and outputs are checked, and the source opened, before the model loads (that can take minutes). Ctrl-C stops
-the stages, and the writers finalize their files before the command exits (status 130).
+the stages, and the writers finalize their files before the command exits (status 130); SIGTERM (kill, timeout,
+docker stop, systemctl stop) takes the same path and exits with status 143.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from ..config import RunConfig, stream_limits
 from ..control import Controls, RunTarget
@@ -22,6 +26,9 @@ from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config, stream_params
 
 log = logging.getLogger("turbostream.run")
+
+INTERRUPT_STATUS = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+TERMINATE_STATUS = 143  # SIGTERM: 128 + SIGTERM
 
 
 def add_parser(sub) -> None:
@@ -54,13 +61,50 @@ def main(args: argparse.Namespace, engine=None) -> int:
     outputs = [parse_output(text) for text in args.outputs]
     check_outputs(outputs, source)
     controls = controls_from_args(args)  # a playlist's first prompt becomes args.prompt; the OSC port is bound
+    with _sigterm_as_ctrl_c() as term:
+        try:
+            status = _run(args, engine, cfg, source, outputs, controls, term)
+        except KeyboardInterrupt:
+            if not term.received:
+                raise
+            # Before the run began (the model loading, say): nothing written yet to finalize.
+            print("turbostream: terminated (SIGTERM)", file=sys.stderr)
+            return TERMINATE_STATUS
+        finally:
+            controls.stop()
+    return TERMINATE_STATUS if status == INTERRUPT_STATUS and term.received else status
+
+
+class _Sigterm:
+    received = False
+
+
+@contextmanager
+def _sigterm_as_ctrl_c():
+    """While the run runs, SIGTERM does what Ctrl-C does (its default would end the process on the spot, leaving an
+    .mp4 without its index, which does not play): the run stops, the outputs are finalized. A SIGTERM while they
+    are finalized counts as another Ctrl-C: the second warns, the third quits without them."""
+    term = _Sigterm()
+    if threading.current_thread() is not threading.main_thread():
+        yield term  # signal handlers belong to the main thread (tests that run a command on another)
+        return
+
+    def handler(signum, frame):
+        term.received = True
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint):  # Python's default (raises KeyboardInterrupt), or the pipeline's while it finalizes
+            on_sigint(signal.SIGINT, frame)
+        else:  # SIGINT ignored (started in the background by a script, nohup): SIGTERM still stops the run
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return _run(args, engine, cfg, source, outputs, controls)
+        yield term
     finally:
-        controls.stop()
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> int:
+def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term: _Sigterm) -> int:
     try:
         params = stream_params(args)
     except ValueError as exc:
@@ -120,9 +164,9 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls) -> i
         raise
     finally:
         capture.close()
-    _log_summary(summary, realtime, [*sinks, *([window] if window else [])])
+    _log_summary(summary, realtime, [*sinks, *([window] if window else [])], "SIGTERM" if term.received else "Ctrl-C")
     if summary.stopped == "interrupt":
-        return 130
+        return INTERRUPT_STATUS
     if summary.stopped == "error":
         print(f"turbostream: error: {summary.error}", file=sys.stderr)
         return 1
@@ -147,9 +191,9 @@ def _log_source(capture: CaptureThread) -> None:
     log.info("input %s (%s)", capture.spec.describe(), ", ".join(facts))
 
 
-def _log_summary(s: RunSummary, realtime: bool, sinks: list) -> None:
+def _log_summary(s: RunSummary, realtime: bool, sinks: list, interrupt: str = "Ctrl-C") -> None:
     how = {
-        "end": "done", "max-frames": "reached --max-frames", "quit": "stopped", "interrupt": "stopped by Ctrl-C",
+        "end": "done", "max-frames": "reached --max-frames", "quit": "stopped", "interrupt": f"stopped by {interrupt}",
         "error": "stopped by an error",
     }[s.stopped]
     line = f"{how}: {s.frames} frames in {s.seconds:.1f} s ({s.fps:.1f} fps)"

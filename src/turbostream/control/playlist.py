@@ -12,6 +12,10 @@ Each line is a prompt, optionally followed by `| DURATION`: a number of seconds 
 30 s). After the last line the list starts over. OSC `/turbostream/next` and `/turbostream/previous` step through it
 (and restart the step's timer). The text after the last `|` is a duration only when it starts with a digit, so a
 prompt may contain `|` elsewhere; `| 30x` is an error with its line number, not part of a prompt.
+
+Every line's prompt is read as `--prompt` reads its value (config.parse_prompt), the first as the others: plain text,
+or a weighted blend in JSON when it starts with `[` (`[["a watercolor", 0.7], ["a pencil sketch", 0.3]] | 1m`). A
+line that starts with `[` and is not such a blend is an error with its line number, when the file is read.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import StreamParams
+from ..config import StreamParams, parse_prompt
 
 log = logging.getLogger("turbostream.control")
 
@@ -40,7 +44,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Look:
-    """One playlist entry: a prompt shown for `duration_s` seconds."""
+    """One playlist entry: a prompt shown for `duration_s` seconds (the text as written: parse_prompt reads it)."""
 
     prompt: str
     duration_s: float
@@ -79,7 +83,8 @@ def parse_playlist(text: str, default_duration_s: float = DEFAULT_DURATION_S, so
         if not prompt:
             raise ValueError(f"{source}, line {number}: a duration without a prompt")
         try:
-            StreamParams(prompt=prompt).validate()  # the one validation: length, valid Unicode
+            # The one validation (length, valid Unicode, a blend's weights), of the prompt as it will be applied.
+            StreamParams(prompt=parse_prompt(prompt)).validate()
         except ValueError as exc:
             raise ValueError(f"{source}, line {number}: {exc}") from None
         looks.append(Look(prompt, duration, number))
@@ -191,7 +196,8 @@ class Playlist:
 
     def _show(self, look: Look, cause: str) -> None:
         try:
-            self.apply({"prompt": look.prompt})
+            # As the first look was read (it became --prompt): a blend stays a blend on every cycle.
+            self.apply({"prompt": parse_prompt(look.prompt)})
         except ValueError as exc:
             log.warning("playlist: could not apply line %d: %s", look.line, exc)
             return

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ log = logging.getLogger("turbostream.sinks")
 VIDEO_FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 WINDOW_QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
 WINDOW_FULLSCREEN_KEYS = (ord("f"), ord("F"))
+LOW_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is what filled up
+# The slowest rate a stream or a virtual camera is sent at (PacedSink's lowest): receivers give up on a stream that
+# goes quiet for seconds, so a slower source (a slideshow at 0.2 fps) has each frame repeated until the next.
+PACED_MIN_FPS = 1.0
 
 
 
@@ -153,6 +158,10 @@ class VideoSink:
     The file is opened at the first frame, so a run that fails before producing anything leaves no empty file.
     With fill_gaps (realtime runs), a frame stands in for the dropped source frames before it, so the file keeps
     the source's timing: a minute of camera is a minute of video even when the engine kept up with a third of it.
+
+    A write that fails (disk full, quota, file size limit) is a SinkError: OpenCV 5 says so for each frame (write()
+    returns False), and close() opens the finished file and counts its frames, which also catches a failure that
+    only the container's index met, and every failure under OpenCV 4 (whose write() reports nothing).
     """
 
     MAX_REPEAT = 600  # one frame never stands in for more than this many (a stalled source, a clock jump)
@@ -163,6 +172,7 @@ class VideoSink:
         self.size = size  # (width, height)
         self.fill_gaps = fill_gaps
         self.frames_written = 0
+        self.failed: str | None = None  # why writing failed, once it has
         self._writer: cv2.VideoWriter | None = None
         self._last_index: int | None = None
 
@@ -174,7 +184,9 @@ class VideoSink:
         return writer
 
     def write(self, frame: np.ndarray, index: int) -> None:
-        """Append uint8 RGB (H, W, 3); index is the source frame index (for fill_gaps)."""
+        """Append uint8 RGB (H, W, 3); index is the source frame index (for fill_gaps). SinkError once a write fails."""
+        if self.failed is not None:
+            raise SinkError(f"writing {self.path} failed: {self.failed}")
         if self._writer is None:
             self._writer = self._open()
         if (frame.shape[1], frame.shape[0]) != self.size:
@@ -185,16 +197,69 @@ class VideoSink:
         self._last_index = index
         bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
         for _ in range(repeats):
-            self._writer.write(bgr)
-        self.frames_written += repeats
+            # False: the backend could not write it (OpenCV 5). OpenCV 4 returns None whatever happened; close()
+            # checks the file then.
+            if self._writer.write(bgr) is False:
+                self.failed = f"frame {self.frames_written + 1} could not be written: {self._why()}"
+                raise SinkError(f"writing {self.path} failed: {self.failed}")
+            self.frames_written += 1
 
     def close(self) -> None:
-        """Finalize the file (writes the container's index: without it an .mp4 does not play)."""
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+        """Finalize the file (writes the container's index: without it an .mp4 does not play), then check that it
+        reads back with every frame written; SinkError if not."""
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._writer = None
+        if self.failed is None and self.frames_written:
+            problem = self._check_file()
+            if problem:
+                self.failed = f"{problem}: {self._why()}"
+                raise SinkError(self.failed)
+
+    def _check_file(self) -> str | None:
+        """What is wrong with the finished file, or None. Opening reads only the container's header and index
+        (milliseconds, however long the video): a file cut short by a full disk lacks its index (an .mp4 does not
+        open, an .avi or .mkv counts no frames) or counts fewer frames than were written."""
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            if not cap.isOpened():
+                return "the finished file does not open"
+            count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        finally:
+            cap.release()
+        if not count >= 1:
+            return "the finished file has no index of its frames"
+        # .mkv's count is estimated from its duration (it may round below the truth): only the others are exact.
+        if self.path.suffix.lower() != ".mkv" and int(count) < self.frames_written:
+            return f"the finished file holds {int(count)} of the {self.frames_written} frames written"
+        return None
+
+    def _why(self) -> str:
+        """The likely reason a write failed, from what can be checked afterwards (the backend keeps its errno)."""
+        try:
+            size = self.path.stat().st_size
+        except OSError as exc:
+            return f"the file is gone ({exc.strerror or exc})"
+        try:
+            import resource  # not on Windows
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY and size >= limit:
+                return f"it reached the process's file size limit of {limit} bytes (ulimit -f)"
+        except (ImportError, OSError, ValueError):
+            pass
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            free = None
+        if free is not None and free < LOW_DISK_BYTES:
+            return f"the disk is full ({free // 1024} KiB free)"
+        return "the disk may be full or over a quota"
 
     def describe(self) -> str:
+        if self.failed is not None:
+            return f"{self.path}: FAILED after {self.frames_written} frames: {self.failed}"
         if not self.frames_written:
             return f"{self.path}: no frames (no file written)"
         return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
@@ -286,6 +351,7 @@ def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *, fill_gaps: 
 
     A virtual camera opens now (SinkError when there is no backend); the others open at their first frame.
     """
+    paced_fps = max(fps, PACED_MIN_FPS)
     if out.kind == "video":
         return VideoSink(out.path, fps, size, fill_gaps=fill_gaps)
     if out.kind == "folder":
@@ -293,11 +359,11 @@ def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *, fill_gaps: 
     if out.kind == "stream":
         from .stream import StreamSink
 
-        return StreamSink(out.text, fps, size)
+        return StreamSink(out.text, paced_fps, size)
     if out.kind == "virtualcam":
         from .virtualcam import VirtualCamSink, parse_virtualcam
 
-        return VirtualCamSink(fps, size, parse_virtualcam(out.text))
+        return VirtualCamSink(paced_fps, size, parse_virtualcam(out.text))
     raise ValueError(f"no sink for a {out.kind} output")
 
 

@@ -33,11 +33,13 @@ log = logging.getLogger("turbostream.sources")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp")
-# A frame rate outside this range is a container's placeholder (0, 90000...), not a real rate.
-SANE_FPS = (1.0, 240.0)
+# A frame rate outside this range is a container's placeholder (0, 90000...), not a real rate. Slideshows and
+# timelapses run below 1 fps (0.2: a picture every 5 s); 0.01 is a frame every 100 s.
+SANE_FPS = (0.01, 240.0)
 DEFAULT_FPS = RunConfig.fallback_fps  # image folders, and sources that report no usable rate
 OPEN_TIMEOUT_S = RunConfig.open_timeout_s
 RECONNECT_ATTEMPTS = RunConfig.reconnect_attempts
+MIN_SIDE = 8  # a smaller picture cannot be fitted to the engine (codec.check_frame): a folder skips it
 
 
 def quiet_opencv() -> None:
@@ -124,7 +126,8 @@ def parse_source(text: str) -> SourceSpec:
     if path.exists():
         raise SourceError(f"input {spec} is neither a file nor a folder")
     raise SourceError(
-        f"no such file or folder: {spec} (the input is a camera index like 0, a video file, a URL or a folder of images)"
+        f"no such file or folder: {spec} "
+        "(the input is a camera index like 0, a video file, a URL or a folder of images)"
     )
 
 
@@ -190,7 +193,8 @@ class VideoReader:
 
 
 class FolderReader:
-    """A folder of images (jpg, png, webp, bmp) in natural name order; unreadable files are skipped with a warning."""
+    """A folder of images (jpg, png, webp, bmp) in natural name order; unreadable files, and pictures under
+    MIN_SIDE pixels on a side (icons), are skipped with a warning."""
 
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
@@ -208,7 +212,8 @@ class FolderReader:
         self._first: np.ndarray | None = None
         self._first = self.read()
         if self._first is None:
-            raise SourceError(f"folder {folder}: none of its {len(files)} images could be read")
+            raise SourceError(f"folder {folder}: none of its {len(files)} images could be read "
+                              f"(or each is under {MIN_SIDE}x{MIN_SIDE} px)")
         self.size = (self._first.shape[1], self._first.shape[0])
 
     def read(self) -> np.ndarray | None:
@@ -221,6 +226,11 @@ class FolderReader:
             if image is None:
                 self.skipped += 1
                 log.warning("skipping %s: not an image OpenCV can read", path)
+                continue
+            if min(image.shape[:2]) < MIN_SIDE:
+                self.skipped += 1
+                log.warning("skipping %s: %dx%d is too small (%dx%d at least)", path, image.shape[1],
+                            image.shape[0], MIN_SIDE, MIN_SIDE)
                 continue
             return _to_rgb(image)
         return None
@@ -254,7 +264,8 @@ class CaptureThread:
     the thread, which releases the capture.
 
     Live sources that stop delivering frames are reopened up to `reconnect` times (reconnect_delay_s, then twice
-    that, ... apart; counted in `reconnects`) before the capture ends with `error` set. The end of a file is not an error.
+    that, ... apart; counted in `reconnects`) before the capture ends with `error` set. The end of a file is not an
+    error.
     `transform` runs on the capture thread on every frame (the runner fits frames to the engine size there, off
     the GPU thread). `pace` (default: realtime and not live) delivers a file at its own frame rate, like a camera,
     from the first take() on. `loop` starts a file or folder over at its end (installations; not for live sources).
@@ -300,6 +311,7 @@ class CaptureThread:
         self._opened = threading.Event()
         self._wanted = threading.Event()  # set by the first take(): a paced file starts its clock then
         self._thread: threading.Thread | None = None
+        self._abandoned = False  # close() waited for the thread in vain: it is left to exit on its own
         self._reader: VideoReader | FolderReader | None = None  # the open source; the capture thread's alone
 
     # -------------------------------------------------------------- consumer side
@@ -362,10 +374,13 @@ class CaptureThread:
         with self._cond:
             self._cond.notify_all()
         thread = self._thread
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+        if (thread is not None and thread.is_alive() and thread is not threading.current_thread()
+                and not self._abandoned):
             # A network read can block until its own timeout; the thread is a daemon if it outlives this wait.
             thread.join(self.open_timeout_s + 2.0 if timeout is None else timeout)
             if thread.is_alive():
+                # Once is enough: a later close() (the command's own, after the pipeline's) does not wait again.
+                self._abandoned = True
                 log.warning("capture of %s did not stop in time; leaving it to exit", self.spec.describe())
         with self._cond:
             self._pending.clear()  # a closed capture hands nothing more over, and reads as ended
