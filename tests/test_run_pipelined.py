@@ -133,7 +133,8 @@ class Feed:
             self._finished = True
             self._cond.notify_all()
 
-    close = end
+    def close(self, timeout: float | None = None) -> None:
+        self.end()
 
     def take(self, timeout: float) -> CapturedFrame | None:
         with self._cond:
@@ -335,6 +336,52 @@ def test_ctrl_c_with_two_calls_in_flight_writes_both():
     assert summary.stopped == "interrupt"
     assert sink.indices == [0, 1] and sink.values == [100, 101]
     assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"] and engine.in_flight == 0
+
+
+def test_ctrl_c_does_not_wait_out_a_capture_stuck_in_a_network_read(caplog):
+    """A stalled stream holds its capture thread in a read until the backend's own timeout: after Ctrl-C the run
+    waits for it a second (INTERRUPTED_CAPTURE_WAIT_S), not open_timeout_s + 2 s, and still writes what it ran."""
+    from turbostream.io.sources import SourceSpec
+
+    unstick = threading.Event()
+
+    class StuckAfterOne:
+        fps, frame_count, size, left = 30.0, None, (16, 16), 1
+
+        def read(self):
+            if self.left <= 0:
+                unstick.wait(60)  # the stall
+                return None
+            self.left -= 1
+            return frame(0)
+
+        def release(self):
+            pass
+
+    spec = SourceSpec("url", "rtsp://cam.local/stream", "rtsp://cam.local/stream")
+    capture = CaptureThread(spec, realtime=True, reconnect=0, open_timeout_s=20, opener=lambda s: StuckAfterOne())
+    capture.start()
+    engine = PipelinedEngine(max_batch=1, auto=True)
+    sink = ListSink()
+    pipeline = Pipeline(engine, capture, [sink], StreamParams())
+
+    def interrupt():
+        assert sink.wait(1)
+        _thread.interrupt_main()
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    helper.start()
+    try:
+        t0 = time.perf_counter()
+        summary = pipeline.run()
+        took = time.perf_counter() - t0
+        helper.join(WAIT_S)
+        assert summary.stopped == "interrupt" and sink.indices == [0]
+        assert took < 10.0, took  # waiting out the capture would take 22 s
+        assert "did not stop in time" in caplog.text
+    finally:
+        unstick.set()
+        capture._thread.join(WAIT_S)
 
 
 def test_ctrl_c_that_cuts_a_hand_out_short_leaves_no_hole(monkeypatch):

@@ -47,6 +47,7 @@ log = logging.getLogger("turbostream.run")
 _END = object()  # the GPU thread's last word on the output queue
 STATUS_EVERY_S = 0.25  # status line / progress refresh
 LOG_EVERY_S = 10.0  # progress as a log line when stderr is not a terminal
+INTERRUPTED_CAPTURE_WAIT_S = 1.0  # after Ctrl-C, how long the source's thread is waited for (_shutdown)
 
 
 @dataclass
@@ -369,7 +370,10 @@ class Pipeline:
 
     def _shutdown(self, gpu: threading.Thread, writers: list[SinkThread], *, interrupted: bool) -> None:
         self._stop.set()
-        self.capture.close()
+        # After Ctrl-C a capture stuck in a network read (a stalled stream holds it until the backend's own timeout,
+        # about 10 s) is waited for a second, not open_timeout_s + 2: the outputs are finalized meanwhile, and its
+        # daemon thread ends with the process.
+        self.capture.close(timeout=INTERRUPTED_CAPTURE_WAIT_S if interrupted else None)
         # The GPU thread finishes the calls in flight, whose results are still written (or warmup: that can take
         # long, hence the bound after Ctrl-C); past that it drops what it would hand over, nobody takes it.
         deadline = time.perf_counter() + 3.0 if interrupted else None
@@ -549,8 +553,8 @@ class PromptLine:
             new = p.updated(prompt=parse_prompt(line))
         new.validate(*stream_limits(self.pipeline.engine))  # this engine's step limit, and whether it reuses
         self.pipeline.set_params(new)
-        controls = "".join(f", {name} {getattr(new, name)}" for name in ("similarity", "transition_s", "feedback", "reuse")
-                           if getattr(new, name))
+        controls = "".join(f", {name} {getattr(new, name)}"
+                           for name in ("similarity", "transition_s", "feedback", "reuse") if getattr(new, name))
         return f"prompt {new.prompt!r}, strength {new.strength}, steps {new.steps}, seed {new.seed}{controls}"
 
     def _run(self) -> None:
