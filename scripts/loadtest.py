@@ -91,8 +91,10 @@ PROMPTS = [
     "a claymation still, soft lighting",
     "a pop art poster, bold outlines",
 ]
-# `python -m turbostream.cli` would load cli.py twice; start the server the way its console script does.
-SERVE = [sys.executable, "-c", "import sys; from turbostream.cli import main; sys.exit(main())", "serve"]
+# `python -m turbostream.cli` would load cli.py twice; start the server the way its console script does: entry()
+# leaves with os._exit, so a SIGTERM while the model loads (a load test's time limit) exits 0 as `turbostream serve`
+# does, not with an abort from a thread inside torch at interpreter exit.
+SERVE = [sys.executable, "-c", "from turbostream.cli import entry; entry()", "serve"]
 
 
 # ------------------------------------------------------------------------------------------------ frames
@@ -327,12 +329,16 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
     if after:
         samples.append({"t": round(loop.time() - t0, 1), **resources(after)})
     window = args.duration
+    # The measured window on the wall clock, for whoever keeps a timeline of its own (serve_sim.py's device).
+    unix_now, loop_now = time.time(), loop.time()
+    measured_unix = [round(unix_now - (loop_now - t), 4) for t in (t_measure, t_end)]
     per_client = [r.summary(window) for r in results]
     all_latencies = [x for r in results for x in r.latencies]
     fps = [c["fps"] or 0.0 for c in per_client]
     return {
         "clients": n,
         "measured_s": window,
+        "measured_unix": measured_unix,
         "total": {
             "fps": round(sum(fps), 2), "fps_per_client_min": round(min(fps), 2), "fps_per_client_mean":
             round(sum(fps) / n, 2), "frames": sum(r.measured for r in results),

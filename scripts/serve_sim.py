@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             url = f"ws://127.0.0.1:{server.port}/ws"
             out = Path(tmp) / f"load-{n}.json"
             t0 = time.perf_counter()
+            clock = (time.time(), t0)  # the wall clock against this timeline's, to place the load test's window
             proc = subprocess.run(
                 [sys.executable, str(HERE / "loadtest.py"), "--url", url, "--clients", str(n), "--duration",
                  str(args.duration), "--warmup", str(args.warmup), "--inflight", str(args.inflight), "--json",
@@ -220,14 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"serve_sim: the load test of {n} clients failed (exit {proc.returncode})")
             step = json.loads(out.read_text())["steps"][0]
             total = step["total"]
-            # The device's steady state: calls that started inside the load test's measured stretch, which begins
-            # its warmup after the first frame (the first call) and lasts `duration`; its last fifth left out too.
-            w0 = (device.calls[0][1] if device.calls else t1) + args.warmup
+            # The device's steady state: calls that started inside the load test's measured stretch (after its probe
+            # connection and its warmup; on the wall clock in its JSON), its last fifth left out too.
+            w0 = step["measured_unix"][0] - clock[0] + clock[1]
             dev = device_stats(device.calls, w0, w0 + 0.8 * args.duration, capacity)
             row = {"clients": n, "submit_ahead": ahead, "fps": total["fps"],
                    "p50_ms": total["latency_ms"]["p50"], "p95_ms": total["latency_ms"]["p95"],
                    "errors": total["errors"], "efficiency": round(total["fps"] / capacity, 4), "device": dev,
                    "server_device": step.get("device"),  # the same timeline as the server's /metrics report it
+                   # When the window opened after the first call (the load test's probe): its 0.5 s, the settling
+                   # and the warmup.
+                   "window_after_first_call_s": round(w0 - device.calls[0][1], 3) if device.calls else None,
                    "wall_s": round(t1 - t0, 1)}
             results["steps"].append(row)
             print(f"{n:3d} clients, submit ahead {'on ' if ahead else 'off'}: {total['fps']:7.1f} frames/s "

@@ -72,6 +72,10 @@ def test_serve_sim_runs_the_server_and_reports_the_device(tmp_path):
         assert step["errors"] == 0 and step["fps"] > 0 and dev["calls"] >= 2
         assert 0 < dev["utilization"] <= 1.0 and sum(dev["batch_sizes"].values()) == dev["calls"]
         assert dev["batch_mean"] <= 2  # two clients, one frame in flight each
+        # The device's window is the load test's measured one: after its probe connection (about 0.5 s of frames
+        # from the first call on) and the step's own warmup (0.5 s), not the warmup counted from the probe's first
+        # call (exactly 0.5 s after it).
+        assert step["window_after_first_call_s"] > 0.5 + 0.25, step["window_after_first_call_s"]
         # The server's /metrics carry the same timeline (ticket -> batcher -> metrics -> load test): each call of
         # b frames took 2 + 3 b ms on the device, and with two clients b is 1 or 2, so the server's mean call lies
         # between 5 and 8 ms. (Not 2 + 3 x the simulated device's mean batch: the two are measured over different

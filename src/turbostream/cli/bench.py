@@ -32,7 +32,8 @@ def main(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.burn_in < 0:
         raise UserError(f"--iters must be at least 1 and --burn-in at least 0, got {args.iters} and {args.burn_in}")
     if args.json:
-        path = Path(args.json).expanduser()
+        path = Path(args.json).expanduser()  # --json=~/b.json: the shell leaves ~ after = as it is
+        args.json = str(path)
         if path.is_dir():
             raise UserError(f"--json {args.json} is a folder; give a file name")
         ensure_writable_folder(path.parent if str(path.parent) else Path("."), args.json)  # SinkError: a UserError
