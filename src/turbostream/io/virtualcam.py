@@ -1,7 +1,7 @@
 """The virtual camera output (`run -o virtualcam`): the stylized stream appears as a webcam in Zoom, Meet, OBS...
 
-Through pyvirtualcam (an optional package: `pip install pyvirtualcam`, or `pip install turbostream[virtualcam]`),
-which needs a backend: v4l2loopback on Linux, OBS Studio's virtual camera on Windows and macOS. `virtualcam:DEVICE`
+Through pyvirtualcam (an optional package: `pip install pyvirtualcam`, or `pip install -e '.[virtualcam]'` in a
+checkout), which needs a backend: v4l2loopback on Linux, OBS Studio's virtual camera on Windows and macOS. `virtualcam:DEVICE`
 picks a device (`virtualcam:/dev/video10` on Linux). Frames are sent by a PacedSink thread at the source's rate.
 """
 
