@@ -7,6 +7,7 @@ networks), so the engine-level test builds its packages once per module and the 
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -182,6 +183,119 @@ def test_the_cache_key_tells_aot_packages_from_torch_compiles():
         EngineConfig(model="tiny-random", aot_format="export")
 
 
+# ---------------------------------------------------------------- the engine's compile cache, packages stood in for
+
+
+@pytest.fixture
+def stand_in_packages(monkeypatch):
+    """Packages that cost nothing: a file in the folder counts as a package loaded, else one is "built" (a file
+    written where the engine builds) and the network runs eagerly; aot_check's child says packages work."""
+    from turbostream.engine import aot_check
+
+    def load_or_build(self, path, build, module, rec, lo, hi, what):
+        if path.is_file():
+            self.loaded += 1
+        else:
+            build.write_bytes(b"stand-in package")
+            self.built += 1
+        return Runner(module, lo, hi, tuple(aot._layout(x) for x in rec.inputs))
+
+    monkeypatch.setattr(AotPackages, "_load_or_build", load_or_build)
+    monkeypatch.setattr(aot_check, "_run_child",
+                        lambda device, dtype, timeout: (aot_check.LoaderVerdict(True, "stand-in"), True))
+
+
+def test_warmup_says_where_the_packages_are_a_read_only_folder_is_loaded_from_and_never_written(
+        tmp_path, monkeypatch, capsys, stand_in_packages):
+    from turbostream.cli import main
+    from turbostream.engine import compile_cache
+
+    argv = ["warmup", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--buckets", "1",
+            "--compile-aot", "--compile-cache", str(tmp_path)]
+    assert main(argv) == 0
+    assert "3 AOTInductor packages built, 0 loaded, kept in the compile cache" in capsys.readouterr().out
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("aot-")]
+    packages = sorted(folder.glob("*.pt2"))
+    assert len(packages) == 3
+
+    # The same folder, read-only (a volume `turbostream warmup` filled, mounted read-only): loaded from, not rebuilt.
+    monkeypatch.setattr(compile_cache, "_can_write", lambda path: False)
+    assert main(argv) == 0
+    assert "0 AOTInductor packages built, 3 loaded from the read-only compile cache" in capsys.readouterr().out
+    packages[0].unlink()  # one it lacks: built for this start only, somewhere else
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # so gettempdir() reads TMPDIR again
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 AOTInductor packages built for this start only, 2 loaded from the read-only compile cache" in out
+    assert sorted(folder.glob("*.pt2")) == packages[1:] and not list((tmp_path / "tmp").iterdir())
+
+    # No folder for this key, and none can be made.
+    (tmp_path / "file").write_text("")
+    assert main([*argv[:-1], str(tmp_path / "file")]) == 0
+    assert ("3 AOTInductor packages built for this start only (the compile cache folder cannot be written)"
+            in capsys.readouterr().out)
+
+
+def test_a_missing_or_corrupt_dynamo_kernels_file_is_refreshed_when_every_artifact_loads(tmp_path, monkeypatch,
+                                                                                         stand_in_packages):
+    """--aot-format dynamo: the artifacts load, so nothing is built; the kernels file is still written anew from what
+    the start recorded, or (nothing recorded) a corrupt one is removed instead of warned of at every start."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from turbostream.engine import Engine
+    from turbostream.engine.compile_cache import CompileCache, cache_key
+
+    config = EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
+                          compile_cache=str(tmp_path), compile=True, compile_aot=True, aot_format="dynamo")
+    first = Engine(config)
+    first.warmup()
+    assert first.stats.aot_packages_built == 3 and first.compile_cache_state == "miss"
+    kernels = CompileCache(tmp_path, cache_key(dataclasses.replace(config, aot_format="dynamo"),
+                                               aot.device_name(torch.device("cpu")), torch.float32))
+    # What torch records while the artifacts load (autotuning results on a GPU, say), stood in for.
+    recorded, record = {}, []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts",
+                        lambda: (b"kernels", SimpleNamespace(artifacts=dict(recorded))) if recorded else None)
+    load = AotPackages._load_or_build
+
+    def load_and_record(self, *args):
+        recorded.update(record)
+        return load(self, *args)
+
+    monkeypatch.setattr(DynamoArtifacts, "_load_or_build", load_and_record)
+    kernels.path.write_bytes(b"half a file")
+    record.append(("autotune", ["k"]))
+    second = Engine(config, first.components)
+    second.warmup()
+    assert (second.stats.aot_packages_built, second.stats.aot_packages_loaded) == (0, 3)
+    assert second.stats.compile_cache_hit and kernels.path.read_bytes() == b"kernels"
+
+    kernels.path.write_bytes(b"half a file")
+    recorded.clear()
+    record.clear()
+    Engine(config, first.components).warmup()
+    assert not kernels.path.exists()
+
+
+def test_compile_cache_with_a_tilde_is_the_home_folder_for_the_aotinductor_check_too(tmp_path, monkeypatch,
+                                                                                     stand_in_packages):
+    from turbostream.engine import Engine
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    engine = Engine(EngineConfig(model="tiny-random", device="cpu", width=64, height=64, buckets=(1,),
+                                 compile=True, compile_aot=True, compile_cache="~/cc"))
+    engine.warmup()
+    assert engine.stats.aot_packages_built == 3
+    assert list((tmp_path / "home" / "cc").glob("aotinductor-check-*.json"))
+    assert list((tmp_path / "home" / "cc").glob("aot-*/*.pt2")) and not (tmp_path / "~").exists()
+
+
 # ---------------------------------------------------------------- compiling small stand-ins
 
 
@@ -283,6 +397,42 @@ def test_a_package_that_does_not_match_its_own_network_is_an_error_not_a_silent_
     with pytest.raises(RuntimeError, match="does not match the eager network.*--compile instead"):
         _packages(tmp_path, kind=kind).prepare("net", net, wrong, (1,))
     assert not (tmp_path / f"net-b1{kind.suffix}").exists()
+
+
+def test_a_read_only_folder_is_loaded_from_and_what_it_lacks_is_built_for_this_start_only(tmp_path, monkeypatch,
+                                                                                            caplog):
+    net = Net()
+    rec = _record(net, (1, 2))
+    folder = tmp_path / "aot"
+    _packages(folder).prepare("net", net, rec, (1, 2))
+    (folder / "net-b1.pt2").write_bytes(b"half a package")
+    (folder / "net-b2.pt2").unlink()
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # so gettempdir() reads TMPDIR again
+    with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
+        packages = AotPackages(folder, device=torch.device("cpu"), dtype=torch.float32, dynamic=False, read_only=True)
+        call = packages.prepare("net", net, rec, (1, 2))
+    assert (packages.built, packages.loaded) == (2, 0) and "for this start only" in caplog.text
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before  # nothing written there
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("turbostream-aot-")]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(call(x), net(x), atol=1e-5)
+
+
+@FORMATS
+def test_packages_get_the_umasks_mode_so_a_server_running_as_another_user_can_read_them(tmp_path, kind):
+    net = Net()
+    old = os.umask(0o022)
+    try:
+        _packages(tmp_path, kind=kind).prepare("net", net, _record(net), (1,))
+    finally:
+        os.umask(old)
+    assert (tmp_path / f"net-b1{kind.suffix}").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [f"net-b1{kind.suffix}"]  # nothing else left behind
 
 
 def test_a_network_that_cannot_be_exported_is_a_clear_error_that_names_the_way_on(tmp_path, monkeypatch):

@@ -2,7 +2,9 @@
 
 What it fills: the compile cache (`--compile`: torch's artifacts; `--compile-aot`: AOTInductor packages) and Triton's
 kernel cache (`--fused-norm`, `--fused-epilogue`). Run it once per machine (or per cache volume) before the first
-`serve`, e.g. as a deploy step, so the server's own first start does not spend minutes compiling.
+`serve`, e.g. as a deploy step, so the server's own first start does not spend minutes compiling. It says what it
+found in the compile cache and whether what it built was kept there (not where the folder is read-only or cannot be
+made: then it was built for that run only).
 """
 
 from __future__ import annotations
@@ -26,14 +28,25 @@ def main(args: argparse.Namespace) -> int:
     what = f"warm-up {stats.warmup_s:.1f} s on {engine.device}"
     if cfg.compile and cfg.compile_aot and stats.aot_unavailable:
         what += f": AOTInductor packages cannot be used here ({stats.aot_unavailable}); "
+    # What the engine's compile found in the compile cache and did with it (unset when it did not compile).
+    state = engine.compile_cache_state
     if cfg.compile and cfg.compile_aot and stats.aot_format:
-        cache = "the compile cache" if cfg.compile_cache is not None else "nothing (--no-compile-cache)"
-        what += (f"{'' if stats.aot_unavailable else ': '}{stats.aot_packages_built} "
-                 f"{AOT_FORMAT_NAMES[stats.aot_format]} built, {stats.aot_packages_loaded} loaded, kept in {cache}")
+        names = AOT_FORMAT_NAMES[stats.aot_format]
+        built, loaded = stats.aot_packages_built, stats.aot_packages_loaded
+        where = engine.aot_cache
+        if where == "read-only":  # loaded from it, nothing written
+            done = (f"{built} {names} built{' for this start only' if built else ''}, {loaded} loaded from the "
+                    "read-only compile cache")
+        elif where == "unwritable":
+            done = f"{built} {names} built for this start only (the compile cache folder cannot be written)"
+        else:
+            cache = "the compile cache" if where == "kept" else "nothing (--no-compile-cache)"
+            done = f"{built} {names} built, {loaded} loaded, kept in {cache}"
+        what += f"{'' if stats.aot_unavailable else ': '}{done}"
     elif cfg.compile and cfg.compile_aot and stats.aot_unavailable:
         what += f"torch.compile {stats.compile_s:.1f} s instead" if engine.is_cuda else "eager frames instead"
     elif cfg.compile and engine.is_cuda:
-        what += f": torch.compile {stats.compile_s:.1f} s, compile cache {'hit' if stats.compile_cache_hit else 'miss'}"
+        what += f": torch.compile {stats.compile_s:.1f} s, compile cache {state}"
     if stats.kernel_variants:
         what += f"; {stats.kernel_variants} fused-kernel variants compiled in {stats.kernel_compile_s:.1f} s"
     print(f"turbostream warmup: {what}")

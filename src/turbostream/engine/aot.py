@@ -25,7 +25,8 @@ The second format, `--aot-format dynamo` (DynamoArtifacts): torch.compile's own 
 bucket like the packages. It keeps what dynamo traced and inductor generated as a Python callable: a later start
 loads it and runs no dynamo either, but no C++ shared library of AOTInductor's is loaded (on some machines that load
 crashes the process: aot_check.py). Its kernels come back through the compile cache file (compile_cache.py), as
---compile's do.
+--compile's do. Unlike a package, an artifact keeps the CUDA device index inductor wrote into its code, so its folder
+and file are keyed by the index too (compile_cache.device_key); a package is handed the index when it is loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -152,6 +154,18 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def new_file_mode(folder: Path) -> int:
+    """The mode a file created in `folder` gets (0o666 less the umask), found without setting the umask (which is the
+    whole process's: engines warm up on other threads)."""
+    probe = folder / f".mode-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(probe, "xb"):
+            pass
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """How far a compiled network may be from the eager one: rounding differs (fused kernels), the math does not."""
     return 1e-3 if dtype == torch.float32 else 3e-2
@@ -227,7 +241,9 @@ def device_name(device: torch.device) -> str:
 class AotPackages:
     """Build or load the packages of a set of networks, one folder per configuration.
 
-    folder None: nothing kept (a temporary folder, removed once the packages are loaded).
+    folder None: nothing kept (a temporary folder, removed once the packages are loaded). read_only: the folder's
+    packages are loaded, and those that must be built (missing, stale) go to such a temporary folder instead, for
+    this start only (a read-only volume that `turbostream warmup` filled).
     """
 
     label = "AOTInductor"  # what the log calls these artifacts
@@ -235,8 +251,9 @@ class AotPackages:
     format_configs = PACKAGE_CONFIGS  # inductor settings of this format, under the compile mode's
 
     def __init__(self, folder: Path | None, *, device: torch.device, dtype: torch.dtype, dynamic: bool,
-                 mode: str = "default") -> None:
+                 mode: str = "default", read_only: bool = False) -> None:
         self.folder, self.device, self.dtype, self.dynamic = folder, device, dtype, dynamic
+        self.read_only = read_only and folder is not None
         self.inductor_configs = {**self.format_configs, **MODE_CONFIGS[mode]}
         self.built = self.loaded = 0
         self.build_s = self.load_s = 0.0
@@ -257,24 +274,30 @@ class AotPackages:
         loaded, or built first. recorded: the module's inputs and outputs per bucket (record_calls)."""
         runners = []
         with contextlib.ExitStack() as stack:
-            folder = self.folder
-            if folder is None:
-                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="turbostream-aot-")))
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = build_in = self.folder  # where packages are loaded from, and built into
+            if folder is None or self.read_only:
+                build_in = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="turbostream-aot-")))
+                folder = folder or build_in
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
             for tag, lo, hi, example in self.plan(buckets):
-                runners.append(self._runner(folder / f"{name}-{tag}{self.suffix}", module, recorded[example], lo, hi,
+                file = f"{name}-{tag}{self.suffix}"
+                runners.append(self._runner(folder / file, build_in / file, module, recorded[example], lo, hi,
                                             f"{name} batch {tag[1:]}"))
         return AotCall(name, runners, module, kind)
 
-    def _runner(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int, what: str) -> Runner:
+    def _runner(self, path: Path, build: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
+                what: str) -> Runner:
         # One package at a time in this process: torch.export and inductor keep global state (config patches, trace
         # contexts) that two threads building at once would share, as the engines of `serve --device cuda:0,cuda:1`
         # warm up at once. The one that waited then finds the package the other built and loads it.
         with _BUILD_LOCK:
-            return self._load_or_build(path, module, rec, lo, hi, what)
+            return self._load_or_build(path, build, module, rec, lo, hi, what)
 
-    def _load_or_build(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
+    def _load_or_build(self, path: Path, build: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
                        what: str) -> Runner:
+        """The package at `path`, loaded and checked; or, if there is none that fits, built at `build` (the same
+        path, or one in a temporary folder where `path`'s cannot be written) and loaded from there."""
         layouts = tuple(_layout(x) for x in rec.inputs)
         if path.is_file():
             t0 = time.perf_counter()
@@ -282,7 +305,8 @@ class AotPackages:
                 runner = self._load(path, module, lo, hi, layouts)
                 self._check(runner, rec, what)
             except StalePackageError as exc:
-                log.warning("compile cache: ignoring %s (%s); building it again", path, exc)
+                log.warning("compile cache: ignoring %s (%s); building it again%s", path, exc,
+                            "" if build == path else " for this start only (its folder cannot be written)")
             else:
                 self.loaded += 1
                 self.load_s += time.perf_counter() - t0
@@ -292,17 +316,17 @@ class AotPackages:
         done = self.built + self.loaded
         log.info("%s: building %s (package %d of %s; minutes on a first start)...", self.label, what, done + 1,
                  self.expected or "?")
-        self._build(path, module, rec, lo, hi, layouts)
-        runner = self._load(path, module, lo, hi, layouts)
+        self._build(build, module, rec, lo, hi, layouts)
+        runner = self._load(build, module, lo, hi, layouts)
         try:
             self._check(runner, rec, what)
         except StalePackageError as exc:  # built from these very modules: a compiler problem, not a stale file
-            path.unlink(missing_ok=True)
+            build.unlink(missing_ok=True)
             raise RuntimeError(f"{self.label}'s {what} does not match the eager network ({exc}); start with "
                                "--compile instead of --compile-aot") from None
         self.built += 1
         self.build_s += time.perf_counter() - t0
-        log.info("%s: %s built in %.1f s (%s)", self.label, what, time.perf_counter() - t0, path)
+        log.info("%s: %s built in %.1f s (%s)", self.label, what, time.perf_counter() - t0, build)
         return runner
 
     def _build(self, path: Path, module: torch.nn.Module, rec: Recorded, lo: int, hi: int,
@@ -405,6 +429,10 @@ class DynamoArtifacts(AotPackages):
                 compiled = torch.compile(module.forward, fullgraph=True, dynamic=None if lo != hi else False,
                                          options=options).aot_compile((inputs, {}))
                 compiled.save_compiled_function(str(tmp), external_data={"module": module})
+            # torch writes it through a temporary file of mode 0600: give it the umask's, as every other file of the
+            # cache has, so a server running as another user than `turbostream warmup` (root in a Dockerfile) can
+            # read it.
+            os.chmod(tmp, new_file_mode(tmp.parent))
             os.replace(tmp, path)
         except Exception as exc:  # a model dynamo cannot trace whole, or torch without this API
             raise RuntimeError(f"torch.compile's ahead-of-time compile could not build {path.stem} "

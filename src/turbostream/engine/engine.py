@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ from ..models import Components, default_dtype, load_components, resolve_device
 from .aot import AotCall, AotPackages, DynamoArtifacts, Recorded, ReuseFull, ReusePartial, UNetEps, record_calls
 from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
-from .compile_cache import CompileCache, aot_folder, cache_key, default_folder
+from .compile_cache import CompileCache, aot_folder, cache_folder, cache_key, device_key
 from .cuda import options_key, prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .kernel_warmup import Launch, precompile, recording
@@ -196,6 +195,9 @@ class Engine:
         self._graphs: dict[int, dict[str, torch.cuda.CUDAGraph]] = {}
         self._streams = StreamStates(config.max_stream_states)
         self.clock = time.monotonic  # transitions are timed by it (tests may replace it)
+        # What the compile found in the compile cache, and where --compile-aot's packages are (warmup sets both; read
+        # by `turbostream warmup`): "off" until then.
+        self.compile_cache_state = self.aot_cache = "off"
         # The only place building an engine changes its components or process state (see cuda.py).
         applied = prepare_cuda(components, config) if self.is_cuda else prepare_cpu(components, config)
         self._options = options_key(config)  # what apply_options set on the modules for this engine
@@ -457,10 +459,13 @@ class Engine:
                 self.stats.aot_format = None
         t0 = time.perf_counter()
         cache = None
-        if self.config.compile_cache is not None:
-            cache = CompileCache(self.config.compile_cache or default_folder(),
-                                 cache_key(self.config, torch.cuda.get_device_name(self.device), self.dtype))
-            self.stats.compile_cache_hit = cache.load()
+        folder = cache_folder(self.config.compile_cache)
+        if folder is not None:
+            # Keyed by the GPU's index too (device_key): cuda:0's artifacts do not serve cuda:1, and one file for both
+            # would be rewritten by each GPU's engine in turn.
+            key = cache_key(self.config, torch.cuda.get_device_name(self.device), self.dtype)
+            cache = CompileCache(folder, device_key(key, self.device))
+            cache.load()
         mode = self.config.torch_compile_mode  # None: torch's default mode
         # False: one static graph per bucket. None (compile_dynamic): the first bucket's graph is static, the second
         # bucket's recompile makes the batch size symbolic, and the later buckets run that graph without compiling.
@@ -486,10 +491,12 @@ class Engine:
             torch.cuda.synchronize()
             log.info("torch.compile: batch size %d ready in %.1f s", b, time.perf_counter() - t_bucket)
         self.stats.compile_s = time.perf_counter() - t0
-        log.info("torch.compile: %.1f s for buckets %s (compile cache %s)", self.stats.compile_s, self.config.buckets,
-                 "hit" if self.stats.compile_cache_hit else "off" if cache is None else "miss")
-        if cache is not None and not self.stats.compile_cache_hit:
-            cache.save()
+        # A hit only if the file held everything compiled above; else (a miss, or a partial hit: the file from
+        # another diffusers, say) it is written anew with what this start compiled, so the next one is a hit.
+        self.compile_cache_state = "off" if cache is None else cache.refresh()
+        self.stats.compile_cache_hit = self.compile_cache_state == "hit"
+        log.info("torch.compile: %.1f s for buckets %s (compile cache: %s)", self.stats.compile_s,
+                 self.config.buckets, self.compile_cache_state)
 
     def _aot_unavailable(self) -> str | None:
         """None if AOTInductor packages load and run in this environment (aot_check.py: a child process finds out,
@@ -498,7 +505,7 @@ class Engine:
         # package first, and runpy warns when the module it runs is already imported.
         from . import aot_check
 
-        folder = None if self.config.compile_cache is None else Path(self.config.compile_cache or default_folder())
+        folder = cache_folder(self.config.compile_cache)
         verdict = aot_check.check(self.device, self.dtype, folder)
         if verdict.works:
             log.info("AOTInductor: %s (%s)", verdict.detail, "checked at an earlier start" if verdict.cached
@@ -541,17 +548,23 @@ class Engine:
                 recorded[name][b] = rec
         record_s = time.perf_counter() - t0
         folder = kernels = None
-        if self.config.compile_cache is not None:
+        writable = False
+        root = cache_folder(self.config.compile_cache)
+        if root is not None:
             key = cache_key(dataclasses.replace(self.config, aot_format=fmt), aot_device_name(self.device), self.dtype)
-            folder = aot_folder(self.config.compile_cache or default_folder(), key)
+            if fmt == "dynamo":
+                # The artifacts keep the CUDA device index inductor wrote into their code (AOTInductor's packages are
+                # handed it at load, so GPUs of one model share those).
+                key = device_key(key, self.device)
+            folder, writable = aot_folder(root, key)
             if fmt == "dynamo":
                 # The artifacts hold the traced graphs and inductor's code; its compiled kernels (Triton's, or the
                 # CPU's C++) are inductor's cache entries, kept in a compile cache file as --compile keeps them.
-                kernels = CompileCache(self.config.compile_cache or default_folder(), key)
+                kernels = CompileCache(root, key)
                 kernels.load()
         kind = DynamoArtifacts if fmt == "dynamo" else AotPackages
         packages = kind(folder, device=self.device, dtype=self.dtype, dynamic=self.config.compile_dynamic,
-                        mode=self.config.compile_mode)
+                        mode=self.config.compile_mode, read_only=not writable)
         packages.expected = len(networks) * len(packages.plan(self.config.buckets))
         calls = {name: packages.prepare(name, module, recorded[name], self.config.buckets, kind)
                  for name, (module, kind) in networks.items()}
@@ -565,9 +578,23 @@ class Engine:
         self.stats.compile_s = time.perf_counter() - t0
         self.stats.aot_packages_built, self.stats.aot_packages_loaded = packages.built, packages.loaded
         self.stats.compile_cache_hit = packages.built == 0
-        if kernels is not None and packages.built:
-            kernels.save()
-        state = "off" if folder is None else "hit" if self.stats.compile_cache_hit else "miss"
+        if kernels is not None and writable:
+            # Also when nothing was built: a kernels file that was missing or corrupt is written anew from what this
+            # start compiled or took from inductor's caches (a corrupt one is removed if that is nothing). A
+            # read-only folder is only read.
+            kernels.refresh()
+        # Where the packages are, for `turbostream warmup` to say: kept in the cache folder; loaded from a read-only
+        # one (any built are for this start only); built for this start only (no folder could be made); or nowhere.
+        hit = "hit" if self.stats.compile_cache_hit else "miss"
+        if root is None:
+            self.aot_cache, state = "off", "off"
+        elif folder is None:
+            self.aot_cache, state = "unwritable", "off (its folder cannot be written)"
+        elif not writable:
+            self.aot_cache, state = "read-only", f"{hit} (read-only folder)"
+        else:
+            self.aot_cache, state = "kept", hit
+        self.compile_cache_state = state
         log.info("%s: %.1f s for buckets %s: eager frames recorded in %.1f s, %d packages loaded and checked "
                  "(%.1f s), %d built (%.1f s); compile cache: %s", packages.label, self.stats.compile_s,
                  self.config.buckets, record_s, packages.loaded, packages.load_s, packages.built, packages.build_s,
