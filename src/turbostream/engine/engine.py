@@ -997,16 +997,19 @@ class Engine:
                  ) -> None:
         """Stage one batch into the slot and the static buffers, run it, start its copy out; no host sync on CUDA."""
         b = len(frames)
-        # Host side first: pinned staging, cached embeddings and noise (device-to-device copies, no sync).
+        # Host side first: pinned staging, cached embeddings and noise, the schedule (their copies are small and
+        # queued, no sync), the reuse mode. The frames' upload and the graphs go last, right after `started`: an idle
+        # device starts on the call when the host has staged it, so its time (device_s, the load test's busy %) is the
+        # device's own work, not the host's staging spent waiting for the launches.
         for i, frame in enumerate(frames):
             slot.frames[i].copy_(torch.from_numpy(frame))
-        if started is not None:
-            started.record()  # the call's first device work is the next line: its device time starts here
-        self._frames[:b].copy_(slot.frames[:b], non_blocking=True)
         self._load_stream_inputs(params, 0, slot, keys, now)
         n = self._stage_schedule(params, slot)
         mode = self._reuse_mode(params, keys, n)
         deep = self._deep_moves(params, keys, mode, n)
+        if started is not None:
+            started.record()
+        self._frames[:b].copy_(slot.frames[:b], non_blocking=True)
         if use_graphs:
             # Rows b..bucket-1 hold stale but finite inputs; their outputs are ignored.
             self._replay(self._bucket(b), n, mode, deep)
