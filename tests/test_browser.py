@@ -245,6 +245,18 @@ def test_view_prompt_box_keeps_a_blend(browser, tiny_components):
         with ws.expect_event("framereceived", predicate=config_echo, timeout=TIMEOUT_MS):
             page.click("#control button")
         assert server.broadcast.stream.params.prompt == (("a mosaic", 0.5), ("a pencil sketch", 0.5))
+
+        # A blend of long prompts is longer than one prompt's 1000 characters as JSON: the box still takes typing
+        # (its last character typed here by hand; a box held to 1000 would drop it and send broken JSON as text).
+        long = (("a mosaic " * 60, 0.5), ("a pencil sketch " * 35, 0.5))
+        text = json.dumps([list(entry) for entry in long])
+        assert len(text) > 1000
+        page.fill("#prompt", text[:-1])
+        page.press("#prompt", "End")
+        page.keyboard.type(text[-1])
+        with ws.expect_event("framereceived", predicate=config_echo, timeout=TIMEOUT_MS):
+            page.click("#control button")
+        assert server.broadcast.stream.params.prompt == long
         context.close()
         assert problems == []
 

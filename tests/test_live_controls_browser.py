@@ -8,7 +8,7 @@ import socket
 import pytest
 from test_browser import TIMEOUT_MS, _watch, browser  # noqa: F401 - the module-scoped browser fixture
 
-from turbostream.config import ServerConfig, preset
+from turbostream.config import ServerConfig, StreamParams, preset
 from turbostream.engine import Engine
 from turbostream.serve import ServerThread, TurboServer
 
@@ -123,14 +123,16 @@ def test_strength_and_steps_offer_only_what_the_server_takes(browser, tiny_compo
 
 
 def test_changes_made_while_disconnected_apply_when_it_reconnects(browser, tiny_components):  # noqa: F811
-    # The server restarts on the same port; the prompt and seed changed meanwhile reach the new connection, after the
-    # prompt chosen before the drop.
+    # The server restarts on the same port, with another default similarity; the prompt and seed changed meanwhile
+    # reach the new connection, after the transition chosen before the drop, and the field the user never touched
+    # keeps the new server's default (the page carries over what the user set, not the old server's defaults).
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
 
-    def serve():
-        return ServerThread(TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=port)))
+    def serve(similarity: float = 0.0):
+        config = preset("test", default_params=StreamParams(similarity=similarity))
+        return ServerThread(TurboServer(Engine(config, tiny_components), ServerConfig(port=port)))
 
     context = browser.new_context(viewport={"width": 1100, "height": 900})
     page = context.new_page()
@@ -145,12 +147,13 @@ def test_changes_made_while_disconnected_apply_when_it_reconnects(browser, tiny_
     page.fill("#prompt", "typed while disconnected")
     page.fill("#seed", "7")
     page.dispatch_event("#seed", "change")
-    with serve() as server:
+    with serve(similarity=0.5) as server:
         page.wait_for_function("""() => { const p = turbostream.params;
                                    return p.prompt === 'typed while disconnected' && p.seed === 7
                                        && p.transition_s === 1.5; }""", timeout=TIMEOUT_MS)
         params = next(iter(server.clients)).stream.params
         assert (params.prompt, params.seed, params.transition_s) == ("typed while disconnected", 7, 1.5)
+        assert params.similarity == 0.5
         assert page.input_value("#prompt") == "typed while disconnected"
         assert page.input_value("#seed") == "7"
     context.close()

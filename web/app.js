@@ -45,8 +45,9 @@ let reconnectTimer = null;
 let pendingHeader = null;
 let drawChain = Promise.resolve();
 let promptSent = null; // the prompt last typed, until the server confirms it
-// The user's changes outlive a reconnect (a new connection starts from the server's defaults). chosen: the parameters
-// the server confirmed after the user's last accepted change (null: none, or the server's defaults); unsent: changes
+// The user's changes outlive a reconnect (a new connection starts from the server's defaults). chosen: the fields the
+// user changed, at the values the server confirmed (null: none; the server's defaults for every other field, so a
+// server restarted with other defaults or options keeps its own for what the user never touched); unsent: changes
 // made while not connected, and those a dropped connection took with it before the server answered them; awaiting:
 // the config messages sent on this connection, oldest first, until the server answers each (an echo or bad_config).
 let chosen = null;
@@ -137,15 +138,20 @@ function onText(text) {
       updateButtons();
       pump();
       break;
-    case "config":
-      awaiting.shift();
+    case "config": {
+      const answered = awaiting.shift();
       state.params = { ...msg };
       delete state.params.type;
-      chosen = state.params;
+      if (answered) {
+        // Only what this message set: a field the user never touched follows the server's default.
+        const set = Object.fromEntries(Object.keys(answered.fields).map((k) => [k, state.params[k]]));
+        chosen = { ...chosen, ...set };
+      }
       showParams(state.params);
       state.newFrame = true; // a still screen gets restyled too
       pump();
       break;
+    }
     case "frame":
       pendingHeader = msg;
       break;
