@@ -295,6 +295,50 @@ def test_segment_walks_are_refused_at_once_and_nobody_waits(engine):
     run(main())
 
 
+def ff_run(size: int = Limits().max_message_bytes) -> bytes:
+    """A valid 2048x2048 frame header, then the largest message's worth of 0xFF bytes: the scan walk searches such
+    data for markers slowly (0.16 s for 4 MiB until its fill bytes were skipped in one match), so it runs on a codec
+    worker, not on the event loop."""
+    sof = bytes.fromhex("ffc0 0011 08 0800 0800 03 012200 021100 031100".replace(" ", ""))
+    head = b"\xff\xd8" + sof
+    return head + b"\xff" * (size - len(head) - 3) + b"\x00\xff\xd9"
+
+
+def test_the_header_check_on_the_event_loop_leaves_the_scan_walk_to_the_codec_worker():
+    from turbostream.serve.protocol import check_jpeg_header
+
+    data = ff_run()
+    assert len(data) <= Limits().max_message_bytes
+    t0 = time.thread_time()
+    check_jpeg_header(data, Limits())  # a frame header within the limits: passes here
+    spent = time.thread_time() - t0
+    assert spent < 0.02, f"{spent:.3f} s of the event loop for one message (0.16 s when it counted the scans)"
+    # On the worker, the walk skips the run of fill bytes in one match: milliseconds (0.11 s when it backtracked),
+    # which matters as the regular expressions hold the GIL the event loop needs.
+    from turbostream.codec import count_scans
+
+    t0 = time.thread_time()
+    assert count_scans(data, Limits().max_jpeg_scans + 1) == 0
+    spent = time.thread_time() - t0
+    assert spent < 0.03, f"{spent:.3f} s of a codec worker holding the GIL"
+
+
+def test_a_message_of_ff_bytes_is_answered_and_nobody_waits(engine):
+    data = ff_run()
+
+    async def main():
+        async with serving(engine) as server, good_client(server):
+            ws = await connect(ws_url(server), max_size=None)
+            await ws.recv()  # ready
+            for _ in range(3):
+                await ws.send(data)
+            errors = [await asyncio.wait_for(next_of_type(ws, "error"), 10) for _ in range(2)]
+            assert all(err["code"] == "bad_image" for err in errors), errors  # the worker: corrupt, never decoded
+            await ws.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("path", ["/ws", "/ws?token=wrong"])
 def test_ping_floods_are_cut_off_and_memory_stays_bounded(engine, path):
     async def main():

@@ -28,11 +28,12 @@ from .errors import CodecError
 # A decoded 4096x4096 RGB frame is 48 MiB: the largest we agree to decode.
 MAX_SIDE = 4096
 MAX_SCANS = 64  # config.Limits.max_jpeg_scans: why
-# Segments (markers) other than start-of-scan walked in one JPEG before it is refused. jpeg_header and count_scans
-# walk them in Python, on the server's event loop (protocol.check_jpeg_header), at about a microsecond each: 4 MiB of
-# 4-byte comment segments were a million of them, 2.5 s of a stalled server per message. Real JPEGs have a few dozen
-# (tables, APP blocks of EXIF, ICC or XMP: at most 64 KiB each, so 64 fill a 4 MiB message; progressive ones a
-# Huffman table per scan); restart markers inside a scan are skipped by a regular expression and not counted.
+# Segments (markers) other than start-of-scan walked in one JPEG before it is refused. jpeg_header (on the server's
+# event loop: protocol.check_jpeg_header) and count_scans (on a codec worker) walk them in Python, at about a
+# microsecond each: 4 MiB of 4-byte comment segments were a million of them, 2.5 s of a stalled server per message.
+# Real JPEGs have a few dozen (tables, APP blocks of EXIF, ICC or XMP: at most 64 KiB each, so 64 fill a 4 MiB
+# message; progressive ones a Huffman table per scan); restart markers inside a scan are skipped by a regular
+# expression and not counted.
 MAX_SEGMENTS = 512
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic...) carry the image size.
@@ -49,7 +50,6 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
 
 
 _FILL = re.compile(rb"\xff+")  # a marker's 0xFF and any fill bytes before it
-_MARKER_AT = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes, where a segment starts
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xff]")  # the next marker (0xFF 0x00 is data inside a scan)
 _NEXT_SEGMENT = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # the same, skipping the RSTn markers inside a scan
 
@@ -103,17 +103,27 @@ def count_scans(data: bytes, limit: int | None = None) -> int:
 
     Segment lengths are skipped, so bytes inside an APP segment (an EXIF thumbnail) are not counted; a scan's
     entropy-coded data is searched for the next marker (0xFF is followed by 0x00 there; RSTn markers are not
-    segments). About a millisecond per MiB. Not a JPEG: 0. CodecError past MAX_SEGMENTS segments besides the scans
-    (with `limit`, the walk is then at most MAX_SEGMENTS + limit steps).
+    segments). About a millisecond per MiB of ordinary JPEG, but up to 0.05 s for 4 MiB of 0xFF bytes inside a scan
+    (the search steps through them, holding the GIL): run it on a worker, not on an event loop. Not a JPEG: 0.
+    CodecError past MAX_SEGMENTS segments besides the scans (with `limit`, the walk is then at most MAX_SEGMENTS +
+    limit steps).
     """
     if not data.startswith(b"\xff\xd8"):
         return 0
     n, segments, i, size = 0, 0, 2, len(data)
     while i + 1 < size:
-        m = _MARKER_AT.match(data, i) or _NEXT_MARKER.search(data, i)
-        if m is None:
-            break
-        marker, i = data[m.end() - 1], m.end()
+        # A marker here, after any fill bytes; else the next one. The fill bytes are skipped by one match (matching
+        # them and the marker in one pattern backtracks through a long run of 0xFF), and the search starts past them:
+        # inside a run every 0xFF is followed by another, so no marker starts there.
+        fill = _FILL.match(data, i)
+        j = fill.end() if fill is not None else i
+        if fill is not None and j < size and data[j] != 0x00:
+            marker, i = data[j], j + 1
+        else:
+            m = _NEXT_MARKER.search(data, j)
+            if m is None:
+                break
+            marker, i = data[m.end() - 1], m.end()
         if marker == 0xD9:  # end of image
             break
         if marker != 0xDA:

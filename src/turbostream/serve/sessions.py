@@ -327,9 +327,9 @@ class ClientSession(Session):
         self.counts.frames_in += 1
         self.server.metrics.frames_in.inc()
         meta = FrameMeta(self.seq)
-        # The header check is microseconds (1.2 ms at most on a 2-core machine: it walks codec.MAX_SEGMENTS segments
-        # and max_jpeg_scans + 1 scans at most): it runs here so every bad frame gets its error, even one that a newer
-        # frame would have replaced before its decode.
+        # The header check reads up to the frame header (codec.MAX_SEGMENTS segments at most): it runs here so every
+        # frame with a bad header gets its error, even one that a newer frame would have replaced before its decode.
+        # The scans are counted by the codec worker, before it decodes (their walk can cost tenths of a second).
         try:
             protocol.check_jpeg_header(data, self.server.config.limits)
         except ProtocolError as exc:
