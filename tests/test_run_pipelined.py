@@ -338,6 +338,47 @@ def test_ctrl_c_with_two_calls_in_flight_writes_both():
     assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"] and engine.in_flight == 0
 
 
+def test_interrupt_ends_the_run_as_ctrl_c_does_from_any_thread():
+    """Pipeline.interrupt() (SIGTERM's handler calls it): the run ends as after Ctrl-C, with what ran written, even
+    when no KeyboardInterrupt reaches the main thread."""
+    engine = PipelinedEngine(max_batch=1, auto=True)
+    sink = ListSink()
+    feed = Feed([frame(k) for k in range(2)])  # a live source: more would come
+    pipeline = Pipeline(engine, feed, [sink], StreamParams())
+
+    def interrupt():
+        assert sink.wait(2)
+        pipeline.interrupt()
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    helper.start()
+    summary = pipeline.run()
+    helper.join(WAIT_S)
+    assert summary.stopped == "interrupt" and sink.indices == [0, 1] and engine.in_flight == 0
+
+
+def test_a_sigterm_whose_keyboard_interrupt_is_lost_still_stops_the_run():
+    """A KeyboardInterrupt raised inside a finalizer is printed and dropped by Python: SIGTERM's handler also tells
+    the pipeline, so `docker stop` never lets the run go on (and leave an unfinished .mp4 at its kill timeout)."""
+    import signal
+
+    from turbostream.cli.run import _sigterm_as_ctrl_c
+
+    class Told:
+        interrupted = False
+
+        def interrupt(self):
+            self.interrupted = True
+
+    with _sigterm_as_ctrl_c() as term:
+        term.pipeline = Told()
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass  # what a finalizer does with it
+    assert term.received and term.pipeline.interrupted
+
+
 def test_ctrl_c_does_not_wait_out_a_capture_stuck_in_a_network_read(caplog):
     """A stalled stream holds its capture thread in a read until the backend's own timeout: after Ctrl-C the run
     waits for it a second (INTERRUPTED_CAPTURE_WAIT_S), not open_timeout_s + 2 s, and still writes what it ran."""

@@ -231,6 +231,7 @@ class Pipeline:
         self._gpu_error: BaseException | None = None
         self._reached_max = False
         self._quit = False
+        self._interrupted = False  # interrupt(): ends like Ctrl-C, whatever the main thread is doing
         self._last_in: np.ndarray | None = None  # with similarity on: the last frame run, and its output
         self._last_out: np.ndarray | None = None
 
@@ -241,6 +242,12 @@ class Pipeline:
     def stop(self) -> None:
         """Ask the run to end as if the user quit (any thread); the engine calls in flight are finished and written."""
         self._quit = True
+        self._stop.set()
+
+    def interrupt(self) -> None:
+        """Ask the run to end as Ctrl-C ends it (any thread, a signal handler too): SIGTERM's way, which does not
+        rely on a KeyboardInterrupt reaching the main thread's loop (one raised inside a finalizer is lost)."""
+        self._interrupted = True
         self._stop.set()
 
     # -------------------------------------------------------------- main thread
@@ -258,6 +265,8 @@ class Pipeline:
             if on_ready is not None and self._gpu_error is None:
                 on_ready()
             self._dispatch(gpu, writers)
+            if self._interrupted:
+                s.stopped = "interrupt"
         except KeyboardInterrupt:
             s.stopped = "interrupt"
         finally:

@@ -77,6 +77,7 @@ def main(args: argparse.Namespace, engine=None) -> int:
 
 class _Sigterm:
     received = False
+    pipeline = None  # the run's Pipeline once it exists: told to stop too (Pipeline.interrupt)
 
 
 @contextmanager
@@ -91,6 +92,9 @@ def _sigterm_as_ctrl_c():
 
     def handler(signum, frame):
         term.received = True
+        if term.pipeline is not None:
+            # The KeyboardInterrupt below can be lost (raised inside a finalizer, Python only prints it); this cannot.
+            term.pipeline.interrupt()
         on_sigint = signal.getsignal(signal.SIGINT)
         if callable(on_sigint):  # Python's default (raises KeyboardInterrupt), or the pipeline's while it finalizes
             on_sigint(signal.SIGINT, frame)
@@ -149,6 +153,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
             engine, capture, sinks, params, window=window, max_frames=args.max_frames, batch=batch,
             progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
         )
+        term.pipeline = pipeline
         transform.params_of = lambda: pipeline.params
         target = RunTarget(pipeline, stream_limits(engine))
         controls.start_osc(target)
