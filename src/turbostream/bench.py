@@ -237,7 +237,8 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
         for b in buckets:
             stats = _timed(partial(engine.run, frames[:b], [params] * b), opts.iters, opts.burn_in, sync)
             res[key][str(b)], res[key + "_ms"][str(b)] = _row(stats, b, diffusers_ms, gflops), stats["median_ms"]
-            log.info("    batch %d: median %.2f ms per call, %.2f per frame", b, stats["median_ms"], stats["median_ms"] / b)
+            log.info("    batch %d: median %.2f ms per call, %.2f per frame", b, stats["median_ms"],
+                     stats["median_ms"] / b)
 
     if cuda:
         # The peak from here on is the engine's (the components and its buffers), not the fp32 parity references'.
@@ -257,17 +258,23 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
                                     if base_cfg.compile_aot else "torch.compile")
             log.info("(d) %s + CUDA graphs, buckets %s (compiling: minutes)", res["compiled_with"],
                      opts.compile_buckets)
-            compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets),
-                                    engine_comps)
-            wstats = compiled.warmup()
-            if wstats.aot_unavailable:  # the engine fell back: the rows are another path's, and say which
-                res["compiled_with"] = (f"{AOT_FORMAT_NAMES[wstats.aot_format]} (--compile-aot fell back: AOTInductor "
-                                        "packages cannot run here)" if wstats.aot_format else
-                                        "torch.compile (--compile-aot fell back: packages cannot run here)")
-                res["aot_unavailable"] = wstats.aot_unavailable
-            res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)
-            time_buckets(compiled, opts.compile_buckets, "compiled_graph")
-            del compiled
+            try:
+                compiled = Engine(dataclasses.replace(base_cfg, compile=True, buckets=opts.compile_buckets),
+                                  engine_comps)
+                wstats = compiled.warmup()
+                if wstats.aot_unavailable:  # the engine fell back: the rows are another path's, and say which
+                    res["compiled_with"] = (f"{AOT_FORMAT_NAMES[wstats.aot_format]} (--compile-aot fell back: "
+                                            "AOTInductor packages cannot run here)" if wstats.aot_format else
+                                            "torch.compile (--compile-aot fell back: packages cannot run here)")
+                    res["aot_unavailable"] = wstats.aot_unavailable
+                res["compile_s"], res["compiled_warmup_s"] = round(wstats.compile_s, 1), round(wstats.warmup_s, 1)
+                time_buckets(compiled, opts.compile_buckets, "compiled_graph")
+                del compiled
+            except Exception as exc:
+                # Minutes of compiling: keep what was measured (the buckets timed so far) and why it stopped.
+                res["compiled_error"] = f"{type(exc).__name__}: {exc}"
+                save()
+                raise
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     save()
     _print_table(res)
