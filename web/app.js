@@ -6,7 +6,7 @@
 // them). Page options: ?autostart=1 (camera and stream without a click), ?token=... (servers started with --token),
 // ?inflight=1|2, ?quality=0.5..0.95 (JPEG quality of the frames sent).
 
-import { rawParam } from "./params.js";
+import { parsePrompt, rawParam } from "./params.js";
 
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
@@ -422,13 +422,7 @@ function debounce(fn, ms) {
 // "blend with" by the mix slider.
 function promptValue() {
   const a = $("prompt").value, b = $("prompt-b").value.trim(), mix = Number($("mix").value);
-  if (a.trim().startsWith("[")) {
-    try {
-      return JSON.parse(a);
-    } catch {
-      return a;
-    }
-  }
+  if (a.trim().startsWith("[")) return parsePrompt(a);
   return b && mix > 0 ? [[a, 1 - mix], [b, mix]] : a;
 }
 // Debounced sends take the value at input time: a config echo arriving meanwhile redraws the controls.

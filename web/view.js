@@ -4,7 +4,7 @@
 // ?kiosk=1: only the frame, filling the window on black; no bar, badges, errors or controls; the last frame stays
 // while it reconnects, quietly and for ever (OBS Browser Source, TouchDesigner Web Render TOP, projectors).
 
-import { rawParam } from "./params.js";
+import { parsePrompt, rawParam } from "./params.js";
 
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
@@ -86,17 +86,6 @@ function promptText(prompt) {
   return typeof prompt === "string" ? prompt : JSON.stringify(prompt);
 }
 
-function promptValue() {
-  const text = $("prompt").value;
-  if (text.trim().startsWith("[")) {
-    try {
-      return JSON.parse(text);
-    } catch {
-      return text;
-    }
-  }
-  return text;
-}
 
 function show(blob) {
   state.framesReceived++;
@@ -113,7 +102,9 @@ function show(blob) {
 
 $("control").onsubmit = (event) => {
   event.preventDefault();
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "config", prompt: promptValue() }));
+  if (ws && ws.readyState === WebSocket.OPEN) {
+    ws.send(JSON.stringify({ type: "config", prompt: parsePrompt($("prompt").value) }));
+  }
 };
 document.querySelector(".viewer-stage").ondblclick = () =>
   document.fullscreenElement ? document.exitFullscreen() : document.documentElement.requestFullscreen();
