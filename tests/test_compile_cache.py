@@ -157,7 +157,7 @@ def test_a_file_another_process_wrote_since_is_not_removed(tmp_path, artifacts):
     cache.path.write_bytes(b"half a file")
     assert not cache.load()
     artifacts.recorded = {"inductor": ["a"]}
-    CompileCache(tmp_path, {"model": "m"}).save()  # another process, while this one compiled
+    CompileCache(tmp_path, {"model": "m"}).refresh()  # another process, while this one compiled
     artifacts.recorded = {}
     assert cache.refresh() == "miss" and CompileCache(tmp_path, {"model": "m"}).load()
 
@@ -166,7 +166,7 @@ def test_the_file_gets_the_umasks_mode_so_another_user_can_read_it(tmp_path, art
     artifacts.recorded = {"inductor": ["a"]}
     old = os.umask(0o022)
     try:
-        assert CompileCache(tmp_path, {"model": "m"}).save()
+        assert CompileCache(tmp_path, {"model": "m"}).refresh() == "miss"
     finally:
         os.umask(old)
     [entry] = tmp_path.glob("compile-*.bin")
@@ -181,7 +181,7 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path, artifacts, monkey
 
     monkeypatch.setattr(os, "replace", full)
     with caplog.at_level(logging.WARNING, logger="turbostream.engine"):
-        assert not CompileCache(tmp_path, {"model": "m"}).save()
+        CompileCache(tmp_path, {"model": "m"}).refresh()
     assert "No space left on device" in caplog.text
     assert list(tmp_path.iterdir()) == []
 

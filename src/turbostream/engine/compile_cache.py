@@ -213,19 +213,7 @@ class CompileCache:
             return "miss"
         return f"partial hit, {len(new)} artifact{'' if len(new) == 1 else 's'} compiled" if new else "hit"
 
-    def save(self) -> bool:
-        """Write what torch compiled in this process; False (with a warning) if there is nothing or it fails."""
-        try:
-            data = _recorded()[0]
-        except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start time, no more
-            log.warning("compile cache: could not write %s: %s", self.path, exc)
-            return False
-        if data is None:
-            log.warning("compile cache: torch had nothing to save")
-            return False
-        return self._write(data)
-
-    def _write(self, data: bytes) -> bool:
+    def _write(self, data: bytes) -> None:
         # open() creates the file with the umask's mode (tempfile's 0600 would survive the rename, and a cache filled
         # by one user, `turbostream warmup` as root, could not be read by a server running as another).
         tmp = self.path.with_name(f".compile-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
@@ -236,12 +224,11 @@ class CompileCache:
             os.replace(tmp, self.path)
         except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs the next start time, no more
             log.warning("compile cache: could not write %s: %s", self.path, exc)
-            return False
+            return
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a write or rename that failed (a full disk) leaves no partial file
         log.info("compile cache: saved %.1f MiB to %s", len(data) / 2**20, self.path)
-        return True
 
     def _drop_unusable(self) -> None:
         """Remove the file load() could not use, if it is still that file (not one another process wrote since)."""
