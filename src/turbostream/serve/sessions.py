@@ -329,7 +329,7 @@ class ClientSession(Session):
         meta = FrameMeta(self.seq)
         # The header check reads up to the frame header (codec.MAX_SEGMENTS segments at most): it runs here so every
         # frame with a bad header gets its error, even one that a newer frame would have replaced before its decode.
-        # The scans are counted by the codec worker, before it decodes (their walk can cost tenths of a second).
+        # The scans are counted by the codec worker, before it decodes (a crafted message costs that walk 0.05 s).
         try:
             protocol.check_jpeg_header(data, self.server.config.limits)
         except ProtocolError as exc:
