@@ -6,10 +6,12 @@ import _thread
 import argparse
 import logging
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from functools import partial
 from pathlib import Path
 
@@ -72,6 +74,16 @@ def make_video(path: Path, n: int = 12, size: tuple[int, int] = (96, 80), fps: f
             frame = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         writer.write(frame)
     writer.release()
+    return path
+
+
+def oversized_png(path: Path) -> Path:
+    """A 1 KB PNG whose header declares 60000x60000 pixels: past OpenCV's pixel limit, so cv2.imread raises."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -235,10 +247,49 @@ def test_folder_skips_pictures_too_small_to_use(tmp_path, caplog):
 
 
 def test_a_video_of_frames_too_small_is_a_clear_error(tmp_path, capsys):
-    """A video's frames cannot be skipped one by one: a 6x6 video stops the run with the reason (status 1)."""
+    """A video's frames cannot be skipped one by one: a 6x6 video is refused when it opens, before the model loads
+    (the autouse fixture fails any model load), with the reason and status 2."""
     src = make_video(tmp_path / "tiny.avi", n=5, size=(6, 6))
-    assert cli_run.main(parse("run", "-i", str(src), "-o", str(tmp_path / "out.avi")), engine=FakeEngine()) == 1
-    assert "frame of 6x6 is too small (8x8 at least)" in capsys.readouterr().err
+    assert cli.main(["run", "-i", str(src), "-o", str(tmp_path / "out.avi"), *CLI_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert "has frames of 6x6: too small (8x8 at least)" in err and "Traceback" not in err
+    assert not (tmp_path / "out.avi").exists()
+
+
+def test_a_damaged_spot_in_a_video_file_is_skipped_not_taken_for_its_end(tmp_path, caplog):
+    """3000 zeroed bytes in the middle of a 100-frame file: OpenCV's reads fail for the frames there, then go on.
+    The run keeps every frame after the damage (it used to stop there, saying "done"), and says what was lost."""
+    src = make_video(tmp_path / "in.mp4", n=100, size=(64, 64))
+    data = bytearray(src.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 3000] = bytes(3000)
+    src.write_bytes(bytes(data))
+    frames, _ = read_video(src)
+    readable_before_damage = len(frames)  # what a reader that stops at the first failure gets
+    assert readable_before_damage < 90
+    out = tmp_path / "out.avi"
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=FakeEngine()) == 0
+    written, _ = read_video(out)
+    indices = [index_of(f) for f in written]
+    assert len(written) > readable_before_damage + 20 and indices[-1] == 99 and indices == sorted(indices)
+    lost = 100 - len(written)
+    assert f"{lost} frame(s) after frame {readable_before_damage} could not be decoded (a damaged spot?)" in caplog.text
+    assert "ended after" not in caplog.text  # it was read to its end
+
+
+def test_a_video_file_cut_short_is_reported(tmp_path, caplog):
+    """A file whose container announces 100 frames but holds 40 (a download cut off) ends with a warning that says
+    so, not only "done"."""
+    src = make_video(tmp_path / "in.avi", n=100, size=(64, 64))
+    frames, _ = read_video(src)
+    assert len(frames) == 100
+    data = src.read_bytes()
+    src.write_bytes(data[: int(len(data) * 0.4)])  # MJPG in AVI: the index at the end is gone, the count is not
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(tmp_path / "out.avi")), engine=FakeEngine()) == 0
+    n = len(read_video(tmp_path / "out.avi")[0])
+    assert 0 < n < 100
+    assert f"ended after {n} of the 100 frames it announces" in caplog.text
 
 
 def test_a_source_slower_than_one_frame_a_second_keeps_its_rate(tmp_path):
@@ -384,6 +435,33 @@ def test_a_capture_stuck_in_a_read_is_waited_for_once(caplog):
     finally:
         release.set()
         capture._thread.join(10)
+
+
+def test_a_picture_past_opencvs_pixel_limit_is_skipped_and_the_folder_goes_on(tmp_path, caplog):
+    """cv2.imread raises (not None) for a picture declaring more pixels than it decodes: that picture is skipped as
+    an unreadable one is, and the pictures after it are still run (the run used to stop there, losing them)."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), indexed_frame(0, 100, 80))
+    oversized_png(src / "b.png")
+    cv2.imwrite(str(src / "c.png"), indexed_frame(1, 100, 80))
+    out = tmp_path / "styled"
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=FakeEngine()) == 0
+    assert [index_of(cv2.imread(str(p))) for p in sorted(out.glob("frame_*.png"))] == [0, 1]
+    assert "b.png: too large for OpenCV to decode" in caplog.text
+
+
+def test_an_unreadable_input_file_says_so(tmp_path, monkeypatch):
+    """A file without read permission is named as such, not as "not a video format" (os.access stands in for the
+    permission bits, which root, who runs CI, would pass)."""
+    from turbostream.io import sources
+
+    src = make_video(tmp_path / "in.avi", n=2)
+    real_access = sources.os.access
+    monkeypatch.setattr(sources.os, "access", lambda p, mode: False if Path(p) == src else real_access(p, mode))
+    with pytest.raises(SourceError, match="cannot read .*in.avi: permission denied"):
+        CaptureThread(str(src))
 
 
 def test_source_errors_are_clear(tmp_path):
@@ -642,16 +720,48 @@ def test_generate_image_to_image_any_input_size(tmp_path, make_engine):
         (["-o", "IN/out.gif"], "must end in one of"),
         (["--count", "0"], "--count must be at least 1"),
         (["--image", "IN/ok.png", "--steps", "1", "--strength", "0.5"], "steps x strength"),
+        (["--image", "IN/huge.png"], "could not read IN/huge.png: too large for OpenCV to decode"),
+        (["--image", "IN/ok.png", "-o", "IN/ok.png"], "is the input image; write somewhere else"),
+        (["--image", "IN/ok.png", "-o", "IN/sub/../ok.png"], "is the input image; write somewhere else"),
+        (["-o", "IN/folder.png"], "is an existing folder, not a file"),
+        (["-o", "IN/folder.png", "--count", "2", "--image", "IN/ok.png"], "OUT-1 is the input image"),
     ],
 )
 def test_generate_errors(tmp_path, capsys, extra, message):
+    """Each is one message and status 2, before the model loads; an input photo is never overwritten."""
     (tmp_path / "text.png").write_text("not an image")
     cv2.imwrite(str(tmp_path / "ok.png"), np.zeros((32, 32, 3), np.uint8))
+    oversized_png(tmp_path / "huge.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "sub").mkdir()
+    if "OUT-1" in message:  # with --count 2 the outputs are folder-0.png and folder-1.png; the second is the input
+        extra = [e.replace("IN/ok.png", "IN/folder-1.png") for e in extra]
+        cv2.imwrite(str(tmp_path / "folder-1.png"), np.zeros((32, 32, 3), np.uint8))
+        message = "folder-1.png' is the input image"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     extra = [e.replace("IN", str(tmp_path)) for e in extra]
     argv = ["generate", "a cat", "-o", str(tmp_path / "out.png"), *CLI_MODEL, *extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message.replace("IN", str(tmp_path)) in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_an_output_file_that_cannot_be_overwritten_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """An existing output file without write permission: one message, status 2, no model load (run and generate);
+    os.access stands in for the permission bits, which root would pass."""
+    locked = [tmp_path / "locked.mp4", tmp_path / "locked.png"]
+    for p in locked:
+        p.write_bytes(b"old")
+    real_access = sinks.os.access
+    monkeypatch.setattr(sinks.os, "access", lambda p, mode: False if Path(p) in locked else real_access(p, mode))
+    src = make_video(tmp_path / "in.avi", n=2)
+    assert cli.main(["run", "-i", str(src), "-o", str(locked[0]), *CLI_MODEL]) == 2
+    assert "cannot overwrite" in capsys.readouterr().err
+    monkeypatch.setattr(cli_generate, "build_engine", lambda args: pytest.fail("the model loaded"))
+    assert cli.main(["generate", "a cat", "-o", str(locked[1]), *CLI_MODEL]) == 2
+    assert "cannot overwrite" in capsys.readouterr().err
+    assert all(p.read_bytes() == b"old" for p in locked)
 
 
 def test_cli_generate_end_to_end(tmp_path, allow_load):

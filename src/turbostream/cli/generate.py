@@ -12,7 +12,8 @@ import numpy as np
 
 from ..config import MAX_SEED, StreamParams
 from ..errors import UserError
-from ..io.sinks import ensure_writable_folder
+from ..io.sinks import check_output_file, ensure_writable_folder
+from ..io.sources import read_image
 from .options import add_engine_options, build_engine
 
 log = logging.getLogger("turbostream.generate")
@@ -42,9 +43,9 @@ def _read_image(path_text: str) -> np.ndarray:
         raise UserError(f"no such image file: {path_text}")
     if not path.is_file():
         raise UserError(f"--image {path_text} is not a file")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image, why = read_image(path)
     if image is None:
-        raise UserError(f"could not read {path_text}: not an image OpenCV can read (png, jpg, webp, bmp...)")
+        raise UserError(f"could not read {path_text}: {why} (png, jpg, webp, bmp...)")
     if min(image.shape[:2]) < 8:
         raise UserError(f"{path_text} is {image.shape[1]}x{image.shape[0]}; images need at least 8 pixels a side")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -59,7 +60,7 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 
 def main(args: argparse.Namespace, engine=None) -> int:
-    """`turbostream generate`: text-to-image (no --image) or image-to-image, --count pictures with seeds seed, seed+1..."""
+    """`turbostream generate`: text-to-image (no --image) or image-to-image; --count pictures, seeds seed, seed+1..."""
     out = Path(args.output).expanduser()
     if out.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
         raise UserError(f"output {args.output!r} must end in one of {', '.join(IMAGE_OUTPUT_SUFFIXES)}")
@@ -76,6 +77,11 @@ def main(args: argparse.Namespace, engine=None) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)  # SinkError: a UserError
+    source = Path(args.image).expanduser().resolve() if args.image else None
+    for path in output_paths(args.output, args.count):
+        if source is not None and path.resolve() == source:
+            raise UserError(f"output {str(path)!r} is the input image; write somewhere else")
+        check_output_file(path, str(path))
     if engine is None:
         engine = build_engine(args)
     if engine.random_weights:

@@ -111,6 +111,14 @@ def ensure_writable_folder(folder: Path, output: str) -> None:
         raise SinkError(f"cannot write to folder {folder} (output {output!r}): permission denied")
 
 
+def check_output_file(path: Path, output: str) -> None:
+    """SinkError if path, a file about to be written, is an existing folder or an existing file not writable."""
+    if path.is_dir():
+        raise SinkError(f"output {output!r} is an existing folder, not a file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SinkError(f"cannot overwrite {output!r}: permission denied")
+
+
 def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -> None:
     """Everything about the outputs that can be known before the model loads; creates output folders.
 
@@ -143,8 +151,8 @@ def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -
                 raise SinkError(f"output {out.text!r} is the input; write somewhere else")
         folder = out.path if out.kind == "folder" else (out.path.parent if str(out.path.parent) else Path("."))
         ensure_writable_folder(folder, out.text)
-        if out.kind == "video" and out.path.is_dir():
-            raise SinkError(f"output {out.text!r} is an existing folder, not a video file")
+        if out.kind == "video":
+            check_output_file(out.path, out.text)
         if out.kind == "folder":
             old = sum(1 for _ in out.path.glob("frame_*.png"))
             if old:

@@ -40,6 +40,13 @@ DEFAULT_FPS = RunConfig.fallback_fps  # image folders, and sources that report n
 OPEN_TIMEOUT_S = RunConfig.open_timeout_s
 RECONNECT_ATTEMPTS = RunConfig.reconnect_attempts
 MIN_SIDE = 8  # a smaller picture cannot be fitted to the engine (codec.check_frame): a folder skips it
+# A damaged spot in a video file (a broken download, a recording glitch) makes OpenCV's read fail for the frames
+# whose packets will not decode, and then go on with the next ones; a failed read is the end of the file only after
+# this many failures in a row (an intact file's end costs that many quick failed reads, once).
+MAX_BAD_READS = 100
+# A file that ends this many frames (or this share of them) short of the count its container announces is reported
+# as cut short; counts estimated from the duration are often a frame or two off.
+SHORT_END_FRAMES, SHORT_END_SHARE = 2, 0.01
 
 
 def quiet_opencv() -> None:
@@ -122,6 +129,8 @@ def parse_source(text: str) -> SourceSpec:
     if path.is_dir():
         return SourceSpec("folder", str(path), spec)
     if path.is_file():
+        if not os.access(path, os.R_OK):
+            raise SourceError(f"cannot read {spec}: permission denied")
         return SourceSpec("file", str(path), spec)
     if path.exists():
         raise SourceError(f"input {spec} is neither a file nor a folder")
@@ -151,7 +160,14 @@ class VideoReader:
         if not ok or first is None:
             cap.release()
             raise SourceError(self._no_frames())
+        if min(first.shape[:2]) < MIN_SIDE:
+            cap.release()
+            raise SourceError(f"{spec.describe()} has frames of {first.shape[1]}x{first.shape[0]}: too small "
+                              f"({MIN_SIDE}x{MIN_SIDE} at least)")
         self._cap, self._first = cap, first
+        self.frames_read = 1
+        self.bad_reads = 0  # failed reads of a file that later went on: frames lost to damage
+        self._end_checked = False
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps: float | None = fps if SANE_FPS[0] <= fps <= SANE_FPS[1] else None
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
@@ -182,14 +198,46 @@ class VideoReader:
         """The next frame, uint8 RGB; None at the end of a file or when a live source fails."""
         if self._first is not None:
             bgr, self._first = self._first, None
-        else:
+            return _to_rgb(bgr)
+        ok, bgr = self._cap.read()
+        failed = 0
+        # A file goes on past a damaged spot; a live source that fails is the capture's to reconnect.
+        while (not ok or bgr is None) and self.spec.kind == "file" and failed < MAX_BAD_READS:
+            failed += 1
             ok, bgr = self._cap.read()
-            if not ok or bgr is None:
-                return None
+        if not ok or bgr is None:
+            self._check_end()
+            return None
+        if failed:
+            self.bad_reads += failed
+            log.warning("video file %s: %d frame(s) after frame %d could not be decoded (a damaged spot?) and "
+                        "were skipped", self.spec.target, failed, self.frames_read)
+        self.frames_read += 1
         return _to_rgb(bgr)
+
+    def _check_end(self) -> None:
+        """At a file's end: warn (once) when it ended well short of the frame count its container announced."""
+        expected = self.frame_count
+        if expected is None or self._end_checked:
+            return
+        self._end_checked = True
+        got = self.frames_read + self.bad_reads
+        if expected - got > max(SHORT_END_FRAMES, SHORT_END_SHARE * expected):
+            log.warning("video file %s ended after %d of the %d frames it announces: it is cut short or damaged, "
+                        "and the rest could not be read", self.spec.target, self.frames_read, expected)
 
     def release(self) -> None:
         self._cap.release()
+
+
+def read_image(path: Path) -> tuple[np.ndarray | None, str]:
+    """cv2.imread's BGR picture of path, or None and why not (OpenCV raises, instead of answering None, for a
+    picture past its pixel limit, OPENCV_IO_MAX_IMAGE_PIXELS: 2^30 by default)."""
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None, "too large for OpenCV to decode (past its pixel limit, OPENCV_IO_MAX_IMAGE_PIXELS)"
+    return image, "" if image is not None else "not an image OpenCV can read"
 
 
 class FolderReader:
@@ -222,10 +270,10 @@ class FolderReader:
             return first
         while self._files:
             path = self._files.popleft()
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image, why = read_image(path)
             if image is None:
                 self.skipped += 1
-                log.warning("skipping %s: not an image OpenCV can read", path)
+                log.warning("skipping %s: %s", path, why)
                 continue
             if min(image.shape[:2]) < MIN_SIDE:
                 self.skipped += 1
