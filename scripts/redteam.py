@@ -331,18 +331,28 @@ def read_frame(sock: socket.socket, buffered: bytes = b"", timeout: float = 5.0)
     return opcode, buf[pos : pos + n], buf[pos + n :]
 
 
+def empty_messages(count: int) -> bytes:
+    """count masked empty binary messages back to back: 6 bytes each, 43,690 in one 256 KiB socket read."""
+    return ws_frame(0x2, b"") * count
+
+
+def fragmented_message(fragments: int = 4096) -> bytes:
+    """One empty binary message in `fragments` empty frames (websockets accepts up to 4,096 in one message)."""
+    return ws_frame(0x2, b"", fin=False) + ws_frame(0x0, b"", fin=False) * (fragments - 2) + ws_frame(0x0, b"")
+
+
 def flood_pings(host: str, port: int, path: str, seconds: float, max_bytes: int, *, reconnect: bool = True,
                 max_connections: int = 50, payload_bytes: int = 125, rcvbuf: int = 4096,
-                stop: threading.Event | None = None) -> dict:
-    """One flooding client (blocking; run it on a thread): handshake by hand, then write masked pings as fast as the
-    socket takes them and never read, for `seconds` or `max_bytes`, whichever comes first. When the server closes
-    the connection, connect again (reconnect=True, at most max_connections in all).
+                stop: threading.Event | None = None, frames: bytes | None = None) -> dict:
+    """One flooding client (blocking; run it on a thread): handshake by hand, then write masked pings (or `frames`,
+    over and over) as fast as the socket takes them and never read, for `seconds` or `max_bytes`, whichever comes
+    first. When the server closes the connection, connect again (reconnect=True, at most max_connections in all).
 
     Returns connections made, handshake statuses, bytes written, and for each connection whether the server closed
     it (a send failed) and after how many seconds of flooding.
     """
     deadline = time.monotonic() + min(seconds, MAX_FLOOD_S)
-    chunk = ping_frames(max(1, 65536 // (payload_bytes + 6)), payload_bytes)
+    chunk = frames or ping_frames(max(1, 65536 // (payload_bytes + 6)), payload_bytes)
     info: dict[str, Any] = {"connections": 0, "statuses": [], "bytes": 0, "closed_by_server": 0,
                             "closed_after_s": [], "open_at_end": 0, "errors": []}
     while time.monotonic() < deadline and info["connections"] < max_connections and info["bytes"] < max_bytes:
@@ -603,10 +613,11 @@ async def attack_decode_bomb_min(target: Target) -> Outcome:
     return _bomb_outcome(bomb, answers, args.answer_timeout_s)
 
 
-async def _ping_flood(target: Target, path: str) -> Outcome:
+async def _ping_flood(target: Target, path: str, frames: bytes | None = None, what: str = "pings") -> Outcome:
     args = target.args
     infos = await asyncio.gather(*(
-        target.blocking(flood_pings, target.host, target.port, path, args.flood_s, args.flood_max_mib * MIB)
+        target.blocking(flood_pings, target.host, target.port, path, args.flood_s, args.flood_max_mib * MIB,
+                        frames=frames)
         for _ in range(args.flooders)
     ))
     conns = sum(i["connections"] for i in infos)
@@ -615,7 +626,7 @@ async def _ping_flood(target: Target, path: str) -> Outcome:
     statuses = sorted({s for i in infos for s in i["statuses"]}, key=str)
     sent = sum(i["bytes"] for i in infos)
     ok = conns > 0 and closed == conns and max(after, default=0) <= args.answer_timeout_s
-    observed = (f"{conns} connections (HTTP {statuses}), {sent / MIB:.0f} MiB of pings written, "
+    observed = (f"{conns} connections (HTTP {statuses}), {sent / MIB:.0f} MiB of {what} written, "
                 f"{closed} closed by the server" + (f" after {min(after):.1f}-{max(after):.1f} s" if after else "")
                 + (f", {conns - closed} still open after {args.flood_s:g} s" if conns - closed else ""))
     return Outcome(ok, f"each flood connection closed by the server within {args.answer_timeout_s:g} s",
@@ -637,6 +648,21 @@ async def attack_ping_flood_token(target: Target) -> Outcome:
     if not target.token:
         return Outcome(None, "a server with --token", "skipped: no --token given for this server")
     return await _ping_flood(target, "/ws?token=wrong")
+
+
+async def attack_message_flood(target: Target) -> Outcome:
+    """Message flood: --flooders raw clients write empty binary messages (6 bytes each: one 256 KiB socket read holds
+    43,690 of them) as fast as the socket takes them. Before the message limit, a read's worth was queued whole and
+    handled in one turn of the event loop (every other client stalled 1-2 s per read). Expected: each connection
+    closed at once (`message_flood`), the good client never waits."""
+    path = "/ws" + (f"?token={target.token}" if target.token else "")
+    return await _ping_flood(target, path, empty_messages(43690), "empty messages")
+
+
+async def attack_fragment_flood(target: Target) -> Outcome:
+    """Fragment flood: as message-flood, with messages of 4,096 empty fragments each (the most websockets takes)."""
+    path = "/ws" + (f"?token={target.token}" if target.token else "")
+    return await _ping_flood(target, path, fragmented_message() * 16, "empty fragments")
 
 
 async def attack_handshake_memory(target: Target) -> Outcome:
@@ -804,6 +830,8 @@ ATTACKS: dict[str, tuple[Callable, list[str]]] = {
     "decode-bomb-min": (attack_decode_bomb_min, []),
     "ping-flood": (attack_ping_flood, []),
     "ping-flood-token": (attack_ping_flood_token, ["--token", "rt-token"]),
+    "message-flood": (attack_message_flood, []),
+    "fragment-flood": (attack_fragment_flood, []),
     "handshake-memory": (attack_handshake_memory, []),
     "sigterm-decode": (attack_sigterm_decode, []),
     "duplicate-origin": (attack_duplicate_origin, []),

@@ -471,3 +471,101 @@ def test_sigterm_while_codec_workers_decode_the_costliest_allowed_jpegs_exits_0_
         assert "Traceback" not in out and "terminate called" not in out
     finally:
         proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ message floods
+
+
+@pytest.mark.parametrize("frames", [
+    pytest.param(redteam.empty_messages(43690), id="empty-messages"),
+    pytest.param(redteam.fragmented_message() * 16, id="empty-fragments"),
+])
+def test_a_flood_of_tiny_messages_is_cut_off_and_nobody_waits(engine, frames):
+    """One 256 KiB write of 43,690 empty messages (or of messages of 4,096 empty fragments) was queued whole and
+    handled in one turn of the event loop: every other client stalled 1-2 s per write. Each flooding connection is
+    now closed after its first piece of parsing, and the good client streams on."""
+
+    async def main():
+        async with serving(engine) as server, good_client(server):
+            t0 = time.monotonic()
+            floods = await asyncio.gather(*[
+                asyncio.to_thread(redteam.flood_pings, "127.0.0.1", server.port, "/ws", 4.0, 64 * 2**20,
+                                  max_connections=4, frames=frames) for _ in range(2)])
+            for flood in floods:
+                assert flood["connections"] >= 1 and set(flood["statuses"]) == {101}, flood
+                assert flood["closed_by_server"] == flood["connections"], flood
+                assert max(flood["closed_after_s"]) < 1.0, flood
+            assert time.monotonic() - t0 < 10
+            closed = metric_value(server, 'turbostream_connections_closed_by_limit_total{reason="message_flood"}')
+            assert closed == sum(f["connections"] for f in floods)
+
+    run(main())
+
+
+def test_a_burst_within_the_message_limit_is_served_and_fragments_of_a_kib_are_not_counted(engine):
+    """What a real client sends stays within the limit: a burst of 150 configs, and a frame sent in 1 KiB fragments
+    (as some client libraries split large messages), each answered on a connection that stays open."""
+
+    async def main():
+        async with serving(engine) as server:
+            ws, _ = await open_client(server)
+            for k in range(150):
+                await ws.send(json.dumps({"type": "config", "seed": k}))
+            data = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8))[1]
+            data = data.tobytes()
+            assert len(data) > 64 * 1024  # more than 64 fragments
+            await ws.send([data[i:i + 1024] for i in range(0, len(data), 1024)])
+            header, image, others = await next_result(ws)
+            assert header["seq"] == 1 and image.shape == (64, 64, 3)
+            assert not [m for m in others if m["type"] == "error"], others
+            assert metric_value(server, 'turbostream_connections_closed_by_limit_total{reason="message_flood"}') == 0
+            await ws.close()
+
+    run(main())
+
+
+def test_the_message_limit_is_a_token_bucket(engine):
+    """Limits.max_message_burst messages at once, then Limits.max_messages_per_s: a client past it is closed."""
+
+    async def main():
+        async with serving(engine, max_message_burst=50, max_messages_per_s=10.0) as server:
+            ws, _ = await open_client(server)
+            for k in range(40):
+                await ws.send(json.dumps({"type": "config", "seed": k}))
+            await asyncio.sleep(0.5)
+            await ws.send(jpeg(1))
+            assert (await next_result(ws))[0]["seq"] == 1  # 41 messages: within the burst
+            with pytest.raises(ConnectionClosed):
+                for k in range(100):
+                    await ws.send(json.dumps({"type": "config", "seed": k}))
+                    await asyncio.sleep(0.001)
+                await asyncio.wait_for(ws.recv(), 5)
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert metric_value(server, 'turbostream_connections_closed_by_limit_total{reason="message_flood"}') == 1
+
+    run(main())
+
+
+def test_refused_origins_are_logged_once_in_a_while_and_cut_short(engine, caplog):
+    """Every refused Origin was a WARNING with the whole header (8 KiB each: 4 MB/s of log from one attacker): the
+    line is cut to 100 characters, and the refusals after it within 10 s are only counted in the next line."""
+    from turbostream.serve import guard
+
+    guard.throttled._last.clear()
+    guard.throttled._held.clear()
+
+    async def main():
+        async with serving(engine) as server:
+            origin = "http://evil.example/" + "x" * 7000
+            for _ in range(20):
+                answer = await asyncio.to_thread(raw_request, server.port, upgrade("/ws", f"Origin: {origin}"))
+                assert answer.startswith(b"HTTP/1.1 403"), answer[:100]
+
+    with caplog.at_level("WARNING", logger="turbostream"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "rejected a WebSocket from Origin" in r.getMessage()]
+    assert len(lines) == 1 and len(lines[0]) < 200, lines
+    guard.throttled._last["origin"] -= guard.throttled.interval_s  # as if 10 s had passed
+    guard.throttled.warning("origin", "rejected a WebSocket from Origin %r", "http://other.example")
+    assert "(and 19 more like it in the last 10 s, not logged)" in caplog.records[-1].getMessage()

@@ -446,6 +446,13 @@ class Limits:
     # libraries one every few seconds). Every ping costs a parse and a pong; past it, the socket is closed at once.
     max_ping_burst: int = 20
     max_pings_per_s: float = 2.0
+    # Messages a peer may send (text and binary; a fragment under 1 KiB counts as one too): a burst of
+    # max_message_burst, then max_messages_per_s on average. A client sends a frame and a config or two per frame:
+    # tens a second. Without it, one socket read of 256 KiB could queue 43,000 empty messages, handled one after
+    # another while every other client waited. Past it, the socket is closed at once. The burst is also what a
+    # flooding connection costs the event loop before it is closed (parsing ~200-900 frames: a few ms).
+    max_message_burst: int = 200
+    max_messages_per_s: float = 500.0
     # websockets' receive buffer in messages (high-water mark): with 4 MiB messages, 4 keeps a flooding client to
     # 16 MiB before TCP flow control pushes back on it.
     max_queue_messages: int = 4
@@ -483,11 +490,11 @@ class Limits:
                              f"({self.write_limit_bytes}) by 64 KiB at least: our own sends fill it that far")
         for name in ("max_text_bytes", "max_pixels_per_byte", "max_jpeg_scans", "write_limit_bytes",
                      "max_queue_messages", "max_pending_handshakes", "max_header_count", "max_header_line_bytes",
-                     "max_ping_burst"):
+                     "max_ping_burst", "max_message_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "source_retry_s", "source_retry_max_s",
-                     "max_pings_per_s", "shutdown_grace_s"):
+                     "max_pings_per_s", "max_messages_per_s", "shutdown_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
 

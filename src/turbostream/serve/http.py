@@ -12,18 +12,20 @@ Origin check every WebSocket handshake passes first (answered in websockets' pro
 from __future__ import annotations
 
 import contextlib
+import hmac
 import importlib.resources
 import ipaddress
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-import hmac
 from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
+
+from .guard import throttled
 
 log = logging.getLogger("turbostream.server")
 
@@ -145,7 +147,9 @@ class HttpFront:
         path = urlsplit(request.path).path
         if path in WS_PATHS:
             if not self.origins.allows(request):
-                log.warning("rejected a WebSocket from Origin %r", _header_for_log(request, "Origin"))
+                origin = _header_for_log(request, "Origin")
+                throttled.warning("origin", "rejected a WebSocket from Origin %r",
+                                  origin if len(origin) <= 100 else origin[:100] + "...")
                 return connection.respond(403, "Forbidden: this Origin may not connect (see --allow-origin)\n")
             return None if self.admit is None else self.admit(connection, request)  # None: the handshake goes on
         if path == "/healthz":

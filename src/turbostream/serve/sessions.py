@@ -249,6 +249,8 @@ class Session:
         self._spawn(self._stats_loop())
         try:
             async for message in self.ws:
+                if getattr(self.ws, "refused", False):
+                    break  # closed by a limit (a flood): what it queued before is not worth an answer it cannot get
                 try:
                     if isinstance(message, str):
                         self.on_text(protocol.parse_text(message, server.config.limits))
@@ -256,6 +258,9 @@ class Session:
                         self.on_binary(message)
                 except ProtocolError as exc:
                     self.error(exc.code, exc.message, **exc.extra)
+                # Messages already queued come back from the iterator without a pause: yield to the event loop after
+                # each one, so a burst from this client (up to Limits.max_message_burst) never holds up the others.
+                await asyncio.sleep(0)
         except ConnectionClosed:
             pass  # gone mid-message, or a message over max_size (websockets closed it with 1009)
         finally:
