@@ -575,3 +575,33 @@ def test_a_call_run_to_completion_counts_as_device_time(started):
     (busy0, gap0), (busy1, gap1) = timeline
     assert busy0 >= 0.05 and busy1 >= 0.05 and gap0 is None
     assert 0.09 <= gap1 < 1.0
+
+
+def test_streams_closed_while_nothing_runs_are_released_at_once(started):
+    """Connections that open and close without a frame (health checks, clients whose first frame was refused) left
+    their stream in a list freed only at the next engine call: without end on a server that ran none. Now the
+    inference thread frees their engine state when woken by the close."""
+
+    class ReleasingEngine(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.released: list[int] = []
+            self.release_threads: set[int] = set()
+
+        def release_stream(self, key: int) -> None:
+            self.release_threads.add(threading.get_ident())
+            self.released.append(key)
+
+    engine = ReleasingEngine()
+    batcher = started(engine)
+    keys = []
+    for _ in range(1000):
+        stream = batcher.open_stream(Collector(), StreamParams())
+        keys.append(stream.key)
+        stream.close()
+    deadline = time.monotonic() + 5
+    while len(engine.released) < len(keys) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(engine.released) == sorted(keys) and not batcher._released
+    assert engine.calls == []  # no engine call was needed for it
+    assert engine.release_threads == engine.threads  # on the inference thread, the engine's own

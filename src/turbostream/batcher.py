@@ -316,6 +316,11 @@ class Batcher:
         with self._cond:
             batch = [entry for entry in batch if not entry[0].closed]  # its client left meanwhile
             while not batch and not self._pending and not self._stop:
+                if self._released:
+                    # Streams closed while nothing ran (connections that never sent a frame): their engine state is
+                    # freed now, not at a next batch that may never come, so the list of them stays short.
+                    self._release_closed()
+                    continue
                 self._cond.wait()
             if self._stop:
                 return None
