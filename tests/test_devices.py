@@ -397,3 +397,16 @@ def test_a_proxied_handshake_while_warming_gets_503(tiny_components):
     run(main())
 
 
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_load_is_explained_once(tmp_path):
+    """The message of a model that cannot be loaded (what was tried, what to do: several lines) is printed once, in
+    the error serve ends with; the inference thread's log line gives its first line only."""
+    result = subprocess.run(
+        [sys.executable, "-m", "turbostream", "serve", "--device", "cpu", "--model", str(tmp_path / "none"),
+         "--size", "64", "--port", "0"], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("What to do:") == 1, result.stderr
+    assert result.stderr.count(f"Could not load model '{tmp_path / 'none'}'") == 2, result.stderr  # log + error
+    assert "turbostream: error: the engine failed to start: Could not load model" in result.stderr

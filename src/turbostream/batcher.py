@@ -274,7 +274,10 @@ class Batcher:
             self.engine.warmup()
         except BaseException as exc:  # noqa: BLE001 - reported to the server, which exits with the message
             self.error = str(exc) or type(exc).__name__
-            log.error("engine failed to start: %s", self.error)
+            # Its first line only: the whole message (a model that cannot be loaded says what to do, in several
+            # lines) is the error that `serve` ends with, and .error here for a program that embeds the server.
+            first, _, more = self.error.partition("\n")
+            log.error("engine failed to start: %s%s", first, " (the whole message follows)" if more else "")
             self.failed.set()
             return
         self.ready.set()
