@@ -200,3 +200,18 @@ def test_a_change_the_dropped_connection_never_answered_goes_again(browser, tiny
         assert page.input_value("#seed") == "7"
         context.close()
         assert problems == []
+
+
+def test_slider_labels_show_the_values_in_force_off_the_sliders_grid(browser, tiny_components):  # noqa: F811
+    # A server started with --feedback 0.95 --strength 0.34 --steps 3: the feedback slider reaches 0.95 (it stopped
+    # at 0.9), and the strength label says 0.34, the value the stream runs at, not the 0.35 its slider snaps to.
+    params = StreamParams(strength=0.34, steps=3, feedback=0.95)
+    engine = Engine(preset("test", default_params=params), tiny_components)
+    with client_page(browser, engine, 1) as (_, page, problems):
+        page.wait_for_function("() => turbostream.params && turbostream.params.feedback === 0.95", timeout=TIMEOUT_MS)
+        assert page.input_value("#feedback") == "0.95"
+        assert page.text_content("#feedback-value") == "0.95"
+        assert page.text_content("#strength-value") == "0.34"
+        page.fill("#feedback", "0.5")  # a user's own change shows as they make it
+        assert page.text_content("#feedback-value") == "0.50"
+    assert problems == []

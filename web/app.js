@@ -355,7 +355,7 @@ function showParams(p, force = false) {
   setField("similarity", sim, force);
   setField("transition", p.transition_s ?? 0, force);
   setField("feedback", p.feedback ?? 0, force);
-  $("feedback-value").textContent = Number($("feedback").value).toFixed(2);
+  showValue("feedback", p.feedback ?? 0, force);
   const reuse = String(p.reuse ?? 0);
   if (![...$("reuse").options].some((o) => o.value === reuse)) $("reuse").add(new Option(`every ${reuse}`, reuse));
   setField("reuse", reuse, force);
@@ -364,7 +364,7 @@ function showParams(p, force = false) {
   $("strength").min = strengthMin(p.steps);
   $("steps").min = stepsMin(p.strength);
   setField("strength", p.strength, force);
-  $("strength-value").textContent = Number($("strength").value).toFixed(2);
+  showValue("strength", p.strength, force);
   setField("steps", p.steps, force);
   setField("seed", p.seed, force);
 }
@@ -388,6 +388,13 @@ function stepsMin(strength) {
 // change (bad_config) puts the server's values back everywhere (force).
 function setField(id, value, force = false) {
   if (force || document.activeElement !== $(id)) $(id).value = value;
+}
+
+// A slider's label shows the value in force, not the slider's: a slider snaps to its step (0.34 shows as 0.35),
+// and a server started with another value than the grid has (--strength 0.34) runs at that value.
+function showValue(id, value, force = false) {
+  const shown = force || document.activeElement !== $(id) ? value : $(id).value;
+  $(`${id}-value`).textContent = Number(shown).toFixed(2);
 }
 
 // A connection starts from the server's defaults: what the user chose before a reconnect goes again, then what they
