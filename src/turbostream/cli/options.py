@@ -137,10 +137,11 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                         "launch a call; with --reuse and one UNet evaluation a frame, its full and partial frames too; "
                         "other step counts use the per-step graphs); bit-identical output, one more capture per "
                         "bucket at start-up (three with --reuse)")
-    g.add_argument("--reuse-layers", type=int, default=d["reuse_layers"].default, metavar="N",
-                   help="with --reuse: how many layers of the UNet's outermost up block a partial frame recomputes "
-                        "(SD-Turbo: 1 to 3). Fewer is faster and further from a full frame; the default recomputes "
-                        "the whole block (and the outermost down block)")
+    if stream_options:  # only commands with --reuse (serve, run, warmup) build partial frames
+        g.add_argument("--reuse-layers", type=int, default=d["reuse_layers"].default, metavar="N",
+                       help="with --reuse: how many layers of the UNet's outermost up block a partial frame "
+                            "recomputes (SD-Turbo: 1 to 3). Fewer is faster and further from a full frame; the "
+                            "default recomputes the whole block (and the outermost down block)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the CUDA path eagerly (debugging, comparison)")
     if stream_options:
@@ -183,8 +184,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         default = StreamParams()
         if getattr(args, "stream_options", False):
             default = stream_params(args)
-        if args.reuse_layers is not None and default.reuse < 2:
-            raise ValueError("--reuse-layers needs temporal feature reuse: --reuse N with N >= 2 (serve, run)")
+        reuse_layers = getattr(args, "reuse_layers", None)
+        if reuse_layers is not None and default.reuse < 2:
+            raise ValueError("--reuse-layers needs temporal feature reuse: --reuse N with N >= 2 "
+                             "(serve, run, warmup)")
         if args.compile_aot and args.fp8:
             raise ValueError("--compile-aot does not cover --fp8 yet: use --compile with it")
         cfg = EngineConfig(
@@ -195,7 +198,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             attention=args.attention, prompt_kv=args.prompt_kv, fused_time_proj=args.fused_time_proj,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,
-            frame_graph=args.frame_graph, reuse_layers=args.reuse_layers,
+            frame_graph=args.frame_graph, reuse_layers=reuse_layers,
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:
