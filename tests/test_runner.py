@@ -233,10 +233,11 @@ def test_folder_skips_pictures_too_small_to_use(tmp_path, caplog):
     cv2.imwrite(str(src / "img_3.png"), np.full((2000, 5, 3), 90, np.uint8))  # a thin strip
     cv2.imwrite(str(src / "img_4.png"), indexed_frame(1, 100, 80))
     out = tmp_path / "styled"
-    caplog.set_level(logging.WARNING, logger="turbostream")
+    caplog.set_level(logging.INFO, logger="turbostream")
     assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=FakeEngine()) == 0
     images = [cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))]
     assert [index_of(img) for img in images] == [0, 1]
+    assert "(100x80, 4 images, every frame, in order)" in caplog.text  # images, not frames: two are skipped
     assert "img_2.png: 6x6 is too small (8x8 at least)" in caplog.text
     assert "img_3.png: 5x2000 is too small" in caplog.text
     # A folder of nothing but icons has nothing to run on: said before the model loads.
@@ -462,6 +463,45 @@ def test_an_unreadable_input_file_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(sources.os, "access", lambda p, mode: False if Path(p) == src else real_access(p, mode))
     with pytest.raises(SourceError, match="cannot read .*in.avi: permission denied"):
         CaptureThread(str(src))
+
+
+def test_a_video_file_at_a_url_ends_at_its_end(tmp_path):
+    """http(s):// counts as live, so a video file served over HTTP that reached its end was reopened as a lost
+    stream, and played again, forever (a run that never ended, its output growing). It ends at its announced frame
+    count now, opened once, and plays at its own frame rate like a file."""
+    import functools
+    import http.server
+
+    make_video(tmp_path / "clip.mp4", n=12, size=(64, 64), fps=20.0)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    opened = []
+
+    def opener(spec):
+        from turbostream.io.sources import open_reader
+
+        opened.append(spec)
+        return open_reader(spec)
+
+    try:
+        capture = CaptureThread(f"http://127.0.0.1:{httpd.server_address[1]}/clip.mp4", opener=opener)
+        assert capture.spec.live and capture.realtime
+        with capture:
+            assert capture.pace  # a finite video at a URL is played at its own rate
+            indices = []
+            deadline = time.monotonic() + 20
+            while not capture.ended and time.monotonic() < deadline:
+                got = capture.latest(0.5)
+                if got is not None:
+                    indices.append(got[0])
+            assert capture.ended and capture.error is None
+            assert len(opened) == 1 and capture.reconnects == 0
+            assert capture.frames_read == 12 and indices == sorted(indices) and indices[-1] == 11
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_source_errors_are_clear(tmp_path):

@@ -172,6 +172,9 @@ class VideoReader:
         self.fps: float | None = fps if SANE_FPS[0] <= fps <= SANE_FPS[1] else None
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.frame_count: int | None = count if spec.kind == "file" and count > 0 else None
+        # A URL that announces a frame count is a video file served over the network (http(s), HLS on demand): it
+        # ends at its end, where a live stream that stops is to be reconnected (see reached_end).
+        self.announced: int | None = count if spec.kind == "url" and count > 0 else None
         self.size = (first.shape[1], first.shape[0])
 
     def _open_failure(self) -> str:
@@ -214,6 +217,13 @@ class VideoReader:
                         "were skipped", self.spec.target, failed, self.frames_read)
         self.frames_read += 1
         return _to_rgb(bgr)
+
+    def reached_end(self) -> bool:
+        """True when a URL that announced a frame count stopped at (about) that count: the end of a video file at a
+        URL, not a live stream lost (which a bogus count would not end exactly at)."""
+        expected = self.announced
+        return expected is not None and self.frames_read + self.bad_reads >= expected - max(
+            SHORT_END_FRAMES, SHORT_END_SHARE * expected)
 
     def _check_end(self) -> None:
         """At a file's end: warn (once) when it ended well short of the frame count its container announced."""
@@ -338,6 +348,7 @@ class CaptureThread:
         self.queue_size = 1 if realtime else max(1, int(queue_size))
         self.reconnect = (RECONNECT_ATTEMPTS if self.spec.live else 0) if reconnect is None else max(0, reconnect)
         self.pace = (realtime and not self.spec.live) if pace is None else pace
+        self._pace_chosen = pace is not None
         self.transform = transform
         self.open_timeout_s = open_timeout_s
         self.reconnect_delay_s = reconnect_delay_s
@@ -454,6 +465,9 @@ class CaptureThread:
                 return
             reader = self._reader
             self.fps, self.frame_count, self.size = reader.fps, reader.frame_count, reader.size
+            if getattr(reader, "announced", None) and self.realtime and not self._pace_chosen:
+                # A video file at a URL arrives as fast as it downloads: played at its own rate, as a file is.
+                self.pace = True
             self._opened.set()
             self._read_loop()
         except Exception as exc:
@@ -491,6 +505,9 @@ class CaptureThread:
             if frame is None:
                 if not self.spec.live or self._stop.is_set():
                     break  # end of a file or folder
+                if self._reader is not None and getattr(self._reader, "reached_end", lambda: False)():
+                    log.info("%s ended after its %d frames", self.spec.describe(), self._reader.announced)
+                    break  # a video file at a URL: opening it again would play it again, forever
                 if failures >= self.reconnect:
                     what = self.spec.describe()
                     self._error = (
