@@ -466,3 +466,28 @@ def test_playlist_steps_on_time_next_and_previous():
     finally:
         playlist.stop()
     assert playlist.steps["next"] == 4 and playlist.steps["previous"] == 2 and playlist.steps["time"] == 1
+
+
+def test_osc_32_bit_floats_mean_the_decimal_that_was_sent():
+    """OSC `f` arguments are 32-bit: strength 0.7 arrived as 0.699999988..., and steps 10 x that ran 6 UNet
+    evaluations where the browser's 0.7 runs 7. A 32-bit float means its shortest decimal; a 64-bit `d` argument
+    that no 32-bit float holds exactly is kept as it is."""
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    applied = []
+
+    def apply(fields):
+        applied.append(fields)
+        return StreamParams(steps=10).updated(**fields)
+
+    osc = OscServer("127.0.0.1", 0)
+    try:
+        osc.apply = apply
+        for tag, value in (("f", 0.7), ("f", 0.9), ("d", 0.7), ("d", 0.1234567890123), ("f", 0.25)):
+            builder = OscMessageBuilder("/turbostream/strength")
+            builder.add_arg(value, tag)
+            assert osc.handle_datagram(builder.build().dgram) == ["applied"], (tag, value)
+        assert [f["strength"] for f in applied] == [0.7, 0.9, 0.7, 0.1234567890123, 0.25]
+        assert StreamParams(steps=10).updated(**applied[0]).unet_evals == 7
+    finally:
+        osc.stop()

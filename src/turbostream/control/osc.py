@@ -25,7 +25,9 @@ time: a flood costs this thread's time and nothing else.
 from __future__ import annotations
 
 import logging
+import math
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +53,27 @@ class BadArguments(ValueError):
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadArguments(f"expected a number, got {type(value).__name__} {_short(value)}")
-    return float(value)
+    return _decimal_of_float32(float(value)) if isinstance(value, float) else float(value)
+
+
+def _float32(value: float) -> float:
+    return struct.unpack(">f", struct.pack(">f", value))[0]
+
+
+def _decimal_of_float32(value: float) -> float:
+    """The shortest decimal that a 32-bit float stands for (0.699999988079071 -> 0.7); other values as they are.
+
+    OSC's `f` arguments (what TouchDesigner, python-osc and most desks send) are 32-bit: strength 0.7 arrives as
+    0.699999988..., and steps 10 x that is 6.99..., one UNet evaluation fewer than the 0.7 typed in the browser or on
+    the command line. A value a 32-bit float holds exactly is taken to be one (a 64-bit `d` argument rarely is).
+    """
+    if not math.isfinite(value) or abs(value) > 3.4e38 or _float32(value) != value:
+        return value
+    for digits in range(1, 10):
+        shortest = float(f"{value:.{digits}g}")
+        if _float32(shortest) == value:
+            return shortest
+    return value
 
 
 def _integer(value: Any) -> int:
