@@ -137,6 +137,26 @@ def test_unreachable_rtmp_errors_clearly_and_the_other_outputs_go_on(tmp_path, c
     assert "s3cretStreamKey" not in log
 
 
+def test_frames_sent_to_a_target_that_never_answered_are_not_counted_as_streamed(tmp_path):
+    """A run that ends while ffmpeg still connects (a TCP port that accepts and never answers RTMP's handshake): the
+    summary said "8 frames streamed" though nothing was received. They count as a failed attempt now."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # accepts into the backlog, never reads or answers
+    try:
+        url = f"rtmp://127.0.0.1:{listener.getsockname()[1]}/live/key"
+        sink = StreamSink(url, 20, (64, 64))
+        frame = np.zeros((64, 64, 3), np.uint8)
+        for k in range(8):
+            sink.write(frame, k)
+            time.sleep(0.05)
+        sink.close(timeout_s=10.0)
+        assert sink.frames_sent == 0 and sink.failures == 1, sink.describe()
+        assert "0 frames streamed" in sink.describe() and "not streaming yet when the run ended" in sink.describe()
+    finally:
+        listener.close()
+
+
 def test_write_never_blocks_on_a_stalled_receiver(tmp_path):
     # A "ffmpeg" that never reads its input: the sender thread blocks on the pipe; write() must not.
     stalled = tmp_path / "stalled-ffmpeg"
@@ -160,6 +180,12 @@ def test_stream_urls_are_checked_before_the_model_loads(monkeypatch, capsys, tmp
     assert "stream URLs start with rtmp://" in capsys.readouterr().err
     assert cli.main(["run", "-i", src, "-o", "rtmp:///live/key", *CLI_MODEL]) == 2
     assert "names no host" in capsys.readouterr().err
+    # udp:// and srt:// have no default port: ffmpeg failed on every attempt, and the run said "done" with 0 frames.
+    for url in ("udp://127.0.0.1", "srt://127.0.0.1?mode=caller"):
+        assert cli.main(["run", "-i", src, "-o", url, *CLI_MODEL]) == 2
+        assert "names no port" in capsys.readouterr().err
+    assert cli.main(["run", "-i", src, "-o", "udp://127.0.0.1:99999", *CLI_MODEL]) == 2
+    assert "port that is not a number" in capsys.readouterr().err
     monkeypatch.setenv(FFMPEG_ENV, str(tmp_path / "no-such-ffmpeg"))
     assert cli.main(["run", "-i", src, "-o", "srt://127.0.0.1:9000?passphrase=hunter22", *CLI_MODEL]) == 2
     err = capsys.readouterr().err

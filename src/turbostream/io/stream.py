@@ -105,6 +105,13 @@ def check_stream_output(url: str) -> None:
         raise SinkError(f"unknown stream URL {shown!r}: use {', '.join(s + '://' for s in STREAM_FORMATS)}")
     if not parts.hostname:
         raise SinkError(f"stream URL {shown!r} names no host (for example {scheme}://127.0.0.1:PORT/...)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise SinkError(f"stream URL {shown!r} has a port that is not a number from 0 to 65535") from None
+    if port is None and scheme in ("udp", "srt"):  # RTMP and RTSP have default ports; these do not
+        raise SinkError(f"stream URL {shown!r} names no port: {scheme}:// has no default "
+                        f"(for example {scheme}://{parts.hostname}:9000)")
     program = ffmpeg_program()
     if program is None:
         raise SinkError(f"-o {shown} streams through FFmpeg, and no ffmpeg program was found: {INSTALL_FFMPEG}")
@@ -230,7 +237,13 @@ class StreamSink(PacedSink):
             pass  # ffmpeg exited: its reason is on stderr
         if self.closing:
             self._end(proc, reader)
-            self.frames_sent += sent
+            if self._streamed or proc.returncode == 0:  # ffmpeg took them all and delivered them
+                self.frames_sent += sent
+            elif sent:
+                # It never reached streaming and did not finish cleanly (a target still connecting, refusing, or
+                # not there): those frames reached nobody, and the summary says so.
+                self.failures += 1
+                self.last_error = f"not streaming yet when the run ended ({self._reason(proc.returncode, tail)})"
             return None
         if self._streamed:
             self.frames_sent += sent
