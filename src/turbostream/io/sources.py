@@ -172,9 +172,11 @@ class VideoReader:
         self.fps: float | None = fps if SANE_FPS[0] <= fps <= SANE_FPS[1] else None
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.frame_count: int | None = count if spec.kind == "file" and count > 0 else None
-        # A URL that announces a frame count is a video file served over the network (http(s), HLS on demand): it
-        # ends at its end, where a live stream that stops is to be reconnected (see reached_end).
-        self.announced: int | None = count if spec.kind == "url" and count > 0 else None
+        # A URL that announces a frame count is a video file served over the network (http(s), HLS on demand; live
+        # streams announce none): like a file, it ends where its reads end, where a live stream that stops is opened
+        # again (opening a file again would play it again from its start, forever).
+        self.finite = spec.kind == "file" or (spec.kind == "url" and count > 0)
+        self.announced: int | None = count if self.finite and count > 0 else None
         self.size = (first.shape[1], first.shape[0])
 
     def _open_failure(self) -> str:
@@ -205,7 +207,7 @@ class VideoReader:
         ok, bgr = self._cap.read()
         failed = 0
         # A file goes on past a damaged spot; a live source that fails is the capture's to reconnect.
-        while (not ok or bgr is None) and self.spec.kind == "file" and failed < MAX_BAD_READS:
+        while (not ok or bgr is None) and self.finite and failed < MAX_BAD_READS:
             failed += 1
             ok, bgr = self._cap.read()
         if not ok or bgr is None:
@@ -213,28 +215,28 @@ class VideoReader:
             return None
         if failed:
             self.bad_reads += failed
-            log.warning("video file %s: %d frame(s) after frame %d could not be decoded (a damaged spot?) and "
-                        "were skipped", self.spec.target, failed, self.frames_read)
+            log.warning("%s: %d frame(s) after frame %d could not be decoded (a damaged spot?) and were skipped",
+                        self._name(), failed, self.frames_read)
         self.frames_read += 1
         return _to_rgb(bgr)
 
-    def reached_end(self) -> bool:
-        """True when a URL that announced a frame count stopped at (about) that count: the end of a video file at a
-        URL, not a live stream lost (which a bogus count would not end exactly at)."""
-        expected = self.announced
-        return expected is not None and self.frames_read + self.bad_reads >= expected - max(
-            SHORT_END_FRAMES, SHORT_END_SHARE * expected)
+    def _name(self) -> str:
+        return f"video file {self.spec.target}" if self.spec.kind == "file" else self.spec.describe()
 
     def _check_end(self) -> None:
-        """At a file's end: warn (once) when it ended well short of the frame count its container announced."""
-        expected = self.frame_count
+        """At a file's end: warn (once a reader; a looping capture's later passes are quiet) when it ended well short
+        of the frame count its container announced."""
+        expected = self.announced
         if expected is None or self._end_checked:
             return
         self._end_checked = True
         got = self.frames_read + self.bad_reads
         if expected - got > max(SHORT_END_FRAMES, SHORT_END_SHARE * expected):
-            log.warning("video file %s ended after %d of the %d frames it announces: it is cut short or damaged, "
-                        "and the rest could not be read", self.spec.target, self.frames_read, expected)
+            # The count is the container's: a file trimmed without re-encoding counts frames it never shows, so
+            # this may be a whole file; a download or recording cut off is the case worth a warning.
+            log.warning("%s ended after %d of the %d frames its container counts: cut short or damaged (or trimmed "
+                        "without re-encoding, which keeps frames it never shows)", self._name(), self.frames_read,
+                        expected)
 
     def release(self) -> None:
         self._cap.release()
@@ -465,7 +467,7 @@ class CaptureThread:
                 return
             reader = self._reader
             self.fps, self.frame_count, self.size = reader.fps, reader.frame_count, reader.size
-            if getattr(reader, "announced", None) and self.realtime and not self._pace_chosen:
+            if self.spec.live and getattr(reader, "finite", False) and self.realtime and not self._pace_chosen:
                 # A video file at a URL arrives as fast as it downloads: played at its own rate, as a file is.
                 self.pace = True
             self._opened.set()
@@ -500,13 +502,14 @@ class CaptureThread:
                 self._reader.release()
                 self._reader = None
                 self._reader = self._opener(self.spec)
+                self._reader._end_checked = True  # its end was judged on the first pass
                 self.loops += 1
                 frame = self._reader.read()
             if frame is None:
                 if not self.spec.live or self._stop.is_set():
                     break  # end of a file or folder
-                if self._reader is not None and getattr(self._reader, "reached_end", lambda: False)():
-                    log.info("%s ended after its %d frames", self.spec.describe(), self._reader.announced)
+                if self._reader is not None and getattr(self._reader, "finite", False):
+                    log.info("%s ended after %d frames", self.spec.describe(), self._reader.frames_read)
                     break  # a video file at a URL: opening it again would play it again, forever
                 if failures >= self.reconnect:
                     what = self.spec.describe()
