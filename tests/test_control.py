@@ -489,5 +489,12 @@ def test_osc_32_bit_floats_mean_the_decimal_that_was_sent():
             assert osc.handle_datagram(builder.build().dgram) == ["applied"], (tag, value)
         assert [f["strength"] for f in applied] == [0.7, 0.9, 0.7, 0.1234567890123, 0.25]
         assert StreamParams(steps=10).updated(**applied[0]).unet_evals == 7
+        # Whole numbers are exact as they are: a seed of 2^31 sent as a float (the browser's dice draw up to 2^31)
+        # is 2^31, not the shorter decimal 2147483600 that stands for the same 32-bit float.
+        for tag, value in (("f", 2.0**31), ("d", 4294967040.0), ("f", 123456792.0)):
+            builder = OscMessageBuilder("/turbostream/seed")
+            builder.add_arg(value, tag)
+            assert osc.handle_datagram(builder.build().dgram) == ["applied"], (tag, value)
+        assert [f["seed"] for f in applied[5:]] == [2**31, 4294967040, 123456792]
     finally:
         osc.stop()

@@ -53,7 +53,7 @@ class BadArguments(ValueError):
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadArguments(f"expected a number, got {type(value).__name__} {_short(value)}")
-    return _decimal_of_float32(float(value)) if isinstance(value, float) else float(value)
+    return _decimal_of_float32(value) if isinstance(value, float) else float(value)
 
 
 def _float32(value: float) -> float:
@@ -67,8 +67,8 @@ def _decimal_of_float32(value: float) -> float:
     0.699999988..., and steps 10 x that is 6.99..., one UNet evaluation fewer than the 0.7 typed in the browser or on
     the command line. A value a 32-bit float holds exactly is taken to be one (a 64-bit `d` argument rarely is).
     """
-    if not math.isfinite(value) or abs(value) > 3.4e38 or _float32(value) != value:
-        return value
+    if not math.isfinite(value) or value.is_integer() or abs(value) > 3.4e38 or _float32(value) != value:
+        return value  # whole numbers are exact as they are (a seed of 2^31 sent as a float stays 2^31)
     for digits in range(1, 10):
         shortest = float(f"{value:.{digits}g}")
         if _float32(shortest) == value:
@@ -82,7 +82,7 @@ def _integer(value: Any) -> int:
         return value
     if not number.is_integer():  # NaN and infinities too
         raise BadArguments(f"expected an integer, got {value!r}")
-    return int(number)
+    return int(value)
 
 
 def _short(value: Any, limit: int = 80) -> str:
