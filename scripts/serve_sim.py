@@ -149,6 +149,11 @@ def device_stats(calls: list[tuple[float, float, float, int]], t0: float, t1: fl
     }
 
 
+def _ms(value: float | None) -> str:
+    """A latency for the progress line: a step without a frame (every client failed) has none."""
+    return "n/a (no frame)" if value is None else f"{value:.1f} ms"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", default="1,8,16", help="client counts, one step each (default: %(default)s)")
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             results["steps"].append(row)
             print(f"{n:3d} clients, submit ahead {'on ' if ahead else 'off'}: {total['fps']:7.1f} frames/s "
                   f"({100 * row['efficiency']:5.1f} % of capacity), "
-                  f"p50 {row['p50_ms']:.1f} ms; device busy {100 * dev.get('utilization', 0):5.1f} %, "
+                  f"p50 {_ms(row['p50_ms'])}; device busy {100 * dev.get('utilization', 0):5.1f} %, "
                   f"batch {dev.get('batch_mean')}, idle {dev.get('idle_ms_mean')} ms a call", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))

@@ -446,11 +446,12 @@ class Limits:
     # libraries one every few seconds). Every ping costs a parse and a pong; past it, the socket is closed at once.
     max_ping_burst: int = 20
     max_pings_per_s: float = 2.0
-    # Messages a peer may send (text and binary; a fragment under 1 KiB counts as one too): a burst of
-    # max_message_burst, then max_messages_per_s on average. A client sends a frame and a config or two per frame:
-    # tens a second. Without it, one socket read of 256 KiB could queue 43,000 empty messages, handled one after
-    # another while every other client waited. Past it, the socket is closed at once. The burst is also what a
-    # flooding connection costs the event loop before it is closed (parsing ~200-900 frames: a few ms).
+    # Small messages a peer may send (text and binary, and fragments, under 1 KiB: configs, floods; a client's
+    # frames are larger and not counted): a burst of max_message_burst, then max_messages_per_s on average. A client
+    # sends a config or two per frame at most: tens a second. Without it, one socket read of 256 KiB could queue
+    # 43,000 empty messages, handled one after another while every other client waited. Past it, the socket is
+    # closed at once. The burst is also what a flooding connection costs the event loop before it is closed
+    # (parsing ~200-900 frames: a few ms).
     max_message_burst: int = 200
     max_messages_per_s: float = 500.0
     # websockets' receive buffer in messages (high-water mark): with 4 MiB messages, 4 keeps a flooding client to

@@ -94,6 +94,9 @@ class Metrics:
         # in their handshake), too_many_sockets (every place and every handshake slot taken).
         self.limit_closes = Counter("turbostream_connections_closed_by_limit", "Sockets closed at once because they "
                                     "passed a limit", ["reason"], registry=r)
+        self.origins_refused = Counter("turbostream_origins_refused", "WebSocket handshakes refused with 403 for "
+                                       "their Origin (see --allow-origin; the log names each at most every 10 s)",
+                                       registry=r)
         self.decode = self.stage.labels("decode")
         self.gpu = self.stage.labels("gpu")
         self.encode = self.stage.labels("encode")

@@ -31,32 +31,55 @@ log = logging.getLogger("turbostream.server")
 # the rest: a read packed with tiny frames costs at most one piece of parsing past the message limit (4 KiB: 680 empty
 # frames, a few ms on a 2-core machine) before it is closed. A 30 KiB JPEG is then 8 calls of the parser, not 1.
 FEED_BYTES = 4 * 1024
-# A fragment of a message counts against the message limit like a whole message when it is smaller than this (a
-# client that fragments, as some libraries do, uses pieces of a few KiB or more; thousands of empty ones are a flood).
-MIN_FRAGMENT_BYTES = 1024
+# What the message limit counts: messages and fragments smaller than this. The harm of a flood is in their number (a
+# 256 KiB read holds 43,690 empty ones, but only 256 of 1 KiB); larger ones are bounded by the bytes a read holds,
+# and a client's frames are larger (a 512x512 JPEG: tens of KiB), so a load test with many frames in flight on a
+# fast engine is never cut off, while configs (a few hundred bytes) and floods of tiny messages are counted.
+SMALL_MESSAGE_BYTES = 1024
 DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
 
 class ThrottledLog:
-    """Log lines that a peer can cause, at most one per key every interval_s; the lines in between are counted and
-    the count goes out with the next line (keys are a fixed set of reasons, so the table stays small)."""
+    """Log lines that a peer can cause, at most one per key every interval_s; the lines in between are counted, and
+    the count goes out with the next line of that key, or with flush() (the server calls it when it stops).
 
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
-        self.logger, self.interval_s = logger, interval_s
+    Keys name a kind of line and, where it matters, what it is about (each refused Origin its own, so an operator's
+    own page left out of --allow-origin is named even while an attacker's is refused over and over). At most max_keys
+    are remembered; past that, lines share one key per kind.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0, max_keys: int = 64) -> None:
+        self.logger, self.interval_s, self.max_keys = logger, interval_s, max_keys
         self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        self._held: dict[str, tuple[int, str, tuple]] = {}  # key -> (lines held back, the last one's message, args)
 
     def warning(self, key: str, message: str, *args: Any) -> None:
         now = time.monotonic()
+        if key not in self._last and len(self._last) >= self.max_keys:
+            self._forget(now)
+            if len(self._last) >= self.max_keys:
+                key = key.split(" ", 1)[0] + " (others)"
         if now - self._last.get(key, -self.interval_s) < self.interval_s:
-            self._held[key] = self._held.get(key, 0) + 1
+            count = self._held.get(key, (0, "", ()))[0]
+            self._held[key] = (count + 1, message, args)
             return
         self._last[key] = now
-        held = self._held.pop(key, 0)
+        held = self._held.pop(key, (0, "", ()))[0]
         if held:
             message += f" (and {held} more like it in the last %.0f s, not logged)"
             args = (*args, self.interval_s)
         self.logger.warning(message, *args)
+
+    def flush(self) -> None:
+        """Log how many lines of each key were held back since its last line (once: the counts start again)."""
+        for key, (count, message, args) in list(self._held.items()):
+            self.logger.warning(message + f" (the last of {count} like it, not logged)", *args)
+        self._held.clear()
+
+    def _forget(self, now: float) -> None:
+        """Drop the keys whose last line is older than the interval and that hold nothing back."""
+        for key in [k for k, t in self._last.items() if now - t >= self.interval_s and k not in self._held]:
+            del self._last[key]
 
 
 throttled = ThrottledLog(log)
@@ -128,7 +151,7 @@ class GuardedConnection(ServerConnection):
                                   limits.max_pings_per_s, limits.max_ping_burst)
                 self.guard._refuse(self, "ping_flood")
                 return
-            if (event.opcode in DATA_OPCODES and (event.fin or len(event.data) < MIN_FRAGMENT_BYTES)
+            if (event.opcode in DATA_OPCODES and len(event.data) < SMALL_MESSAGE_BYTES
                     and not self._message_allowed()):
                 throttled.warning("message_flood", "closing a connection that sent messages faster than %g/s "
                                   "(burst %d)", limits.max_messages_per_s, limits.max_message_burst)
@@ -148,7 +171,7 @@ class GuardedConnection(ServerConnection):
         return True
 
     def _message_allowed(self) -> bool:
-        """Token bucket: max_message_burst messages (or tiny fragments) at once, refilled at max_messages_per_s."""
+        """Token bucket: max_message_burst small messages (or fragments) at once, refilled at max_messages_per_s."""
         limits, now = self.guard.limits, self.loop.time()
         self._message_tokens = min(limits.max_message_burst,
                                    self._message_tokens + (now - self._message_t) * limits.max_messages_per_s)

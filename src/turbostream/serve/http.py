@@ -137,10 +137,12 @@ class HttpFront:
     def __init__(self, origins: OriginPolicy, health: Callable[[], tuple[int, str]],
                  metrics: Callable[[], tuple[bytes, str]], *,
                  readiness: Callable[[], tuple[int, str]] | None = None,
-                 admit: Callable[[ServerConnection, Request], Response | None] | None = None) -> None:
+                 admit: Callable[[ServerConnection, Request], Response | None] | None = None,
+                 on_origin_refused: Callable[[], None] | None = None) -> None:
         self.origins, self.health, self.metrics = origins, health, metrics
         self.readiness = readiness or health
         self.admit = admit  # may answer an allowed handshake before the upgrade (503 through a trusted proxy)
+        self.on_origin_refused = on_origin_refused  # counts a handshake refused for its Origin (403)
         self.files = web_files()
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -148,8 +150,10 @@ class HttpFront:
         if path in WS_PATHS:
             if not self.origins.allows(request):
                 origin = _header_for_log(request, "Origin")
-                throttled.warning("origin", "rejected a WebSocket from Origin %r",
-                                  origin if len(origin) <= 100 else origin[:100] + "...")
+                origin = origin if len(origin) <= 100 else origin[:100] + "..."
+                if self.on_origin_refused is not None:
+                    self.on_origin_refused()
+                throttled.warning(f"origin {origin}", "rejected a WebSocket from Origin %r", origin)
                 return connection.respond(403, "Forbidden: this Origin may not connect (see --allow-origin)\n")
             return None if self.admit is None else self.admit(connection, request)  # None: the handshake goes on
         if path == "/healthz":

@@ -34,7 +34,7 @@ from ..metrics import DeviceMetrics, Metrics
 from . import protocol
 from .broadcast import Broadcast
 from .devices import Device, Devices
-from .guard import ConnectionGuard
+from .guard import ConnectionGuard, throttled
 from .http import HttpFront, OriginPolicy, query_params, token_matches
 from .proxy import TrustedProxies
 from .sessions import ClientSession, ViewerSession
@@ -89,7 +89,8 @@ class TurboServer:
             self.broadcast = Broadcast(self, self.config.source, capture_factory or default_capture)
         self.http = HttpFront(OriginPolicy(self.config.host, self.config.allow_origins), self._health,
                               lambda: (self.metrics.render(), self.metrics.content_type),
-                              readiness=self._readiness, admit=self._admit)
+                              readiness=self._readiness, admit=self._admit,
+                              on_origin_refused=self.metrics.origins_refused.inc)
         self._server: Server | None = None
         self._ready: asyncio.Event | None = None  # created in start(), on the server's loop
         # Set by stop(), also on the server's loop: what ends every wait for the engine (a model may still be loading).
@@ -313,6 +314,7 @@ class TurboServer:
         # interrupted: it is not waited for past the grace (the command then exits without it, cli.entry).
         await asyncio.get_running_loop().run_in_executor(None, self.devices.stop, limits.shutdown_grace_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        throttled.flush()  # how many lines a peer caused since the last one of each kind
         if self._frozen is not None:
             self._frozen = None
             heap.thaw()
