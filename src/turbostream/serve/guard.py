@@ -118,6 +118,24 @@ class ConnectionGuard:
             conn.transport.abort()
 
 
+class TokenBucket:
+    """`burst` events at once, refilled at `per_s` a second: pings (max_ping_burst, max_pings_per_s) and small
+    messages (max_message_burst, max_messages_per_s) of one connection."""
+
+    def __init__(self, burst: int, per_s: float, now: float) -> None:
+        self.burst, self.per_s = burst, per_s
+        self.tokens, self.t = float(burst), now
+
+    def take(self, now: float) -> bool:
+        """One event at `now` (seconds): False when the bucket is empty (past the limit)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.per_s)
+        self.t = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class GuardedConnection(ServerConnection):
     """A ServerConnection that its ConnectionGuard can refuse at accept and closes when its send buffer overflows."""
 
@@ -126,8 +144,9 @@ class GuardedConnection(ServerConnection):
         self.guard = guard
         self.handshaking = False
         self.refused = False
-        self._ping_tokens, self._ping_t = float(guard.limits.max_ping_burst), self.loop.time()
-        self._message_tokens, self._message_t = float(guard.limits.max_message_burst), self.loop.time()
+        limits, now = guard.limits, self.loop.time()
+        self._pings = TokenBucket(limits.max_ping_burst, limits.max_pings_per_s, now)
+        self._messages = TokenBucket(limits.max_message_burst, limits.max_messages_per_s, now)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -146,40 +165,18 @@ class GuardedConnection(ServerConnection):
             return
         if isinstance(event, Frame):
             limits = self.guard.limits
-            if event.opcode is Opcode.PING and not self._ping_allowed():
+            if event.opcode is Opcode.PING and not self._pings.take(self.loop.time()):
                 throttled.warning("ping_flood", "closing a connection that sent pings faster than %g/s (burst %d)",
                                   limits.max_pings_per_s, limits.max_ping_burst)
                 self.guard._refuse(self, "ping_flood")
                 return
             if (event.opcode in DATA_OPCODES and len(event.data) < SMALL_MESSAGE_BYTES
-                    and not self._message_allowed()):
+                    and not self._messages.take(self.loop.time())):
                 throttled.warning("message_flood", "closing a connection that sent messages faster than %g/s "
                                   "(burst %d)", limits.max_messages_per_s, limits.max_message_burst)
                 self.guard._refuse(self, "message_flood")
                 return
         super().process_event(event)
-
-    def _ping_allowed(self) -> bool:
-        """Token bucket: max_ping_burst pings at once, refilled at max_pings_per_s."""
-        limits, now = self.guard.limits, self.loop.time()
-        self._ping_tokens = min(limits.max_ping_burst,
-                                self._ping_tokens + (now - self._ping_t) * limits.max_pings_per_s)
-        self._ping_t = now
-        if self._ping_tokens < 1:
-            return False
-        self._ping_tokens -= 1
-        return True
-
-    def _message_allowed(self) -> bool:
-        """Token bucket: max_message_burst small messages (or fragments) at once, refilled at max_messages_per_s."""
-        limits, now = self.guard.limits, self.loop.time()
-        self._message_tokens = min(limits.max_message_burst,
-                                   self._message_tokens + (now - self._message_t) * limits.max_messages_per_s)
-        self._message_t = now
-        if self._message_tokens < 1:
-            return False
-        self._message_tokens -= 1
-        return True
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
