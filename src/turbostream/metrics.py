@@ -90,8 +90,9 @@ class Metrics:
             "Bytes written to connections' sockets but not yet taken by the kernel, all connections together",
             registry=r,
         )
-        # reason: send_buffer (a peer that sends pings and never reads), handshake_backlog (too many sockets still
-        # in their handshake), too_many_sockets (every place and every handshake slot taken).
+        # reason: send_buffer (a peer that sends pings and never reads), ping_flood and message_flood (pings or small
+        # messages past their token bucket), handshake_backlog (too many sockets still in their handshake),
+        # too_many_sockets (every place and every handshake slot taken).
         self.limit_closes = Counter("turbostream_connections_closed_by_limit", "Sockets closed at once because they "
                                     "passed a limit", ["reason"], registry=r)
         self.origins_refused = Counter("turbostream_origins_refused", "WebSocket handshakes refused with 403 for "

@@ -206,8 +206,10 @@ class VideoReader:
             return _to_rgb(bgr)
         ok, bgr = self._cap.read()
         failed = 0
-        # A file goes on past a damaged spot; a live source that fails is the capture's to reconnect.
-        while (not ok or bgr is None) and self.finite and failed < MAX_BAD_READS:
+        # A file goes on past a damaged spot (its failed reads return at once); a network read may wait its whole
+        # timeout before failing, so a URL is not retried here: a live one is the capture's to reconnect, and a video
+        # file at a URL ends where its reads end.
+        while (not ok or bgr is None) and self.spec.kind == "file" and failed < MAX_BAD_READS:
             failed += 1
             ok, bgr = self._cap.read()
         if not ok or bgr is None:
