@@ -317,6 +317,15 @@ def test_stop_with_two_calls_in_flight_writes_both():
     assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"] and engine.in_flight == 0
 
 
+def run_while(pipeline: Pipeline, meanwhile) -> object:
+    """pipeline.run() on this thread (where Ctrl-C lands) while `meanwhile` runs on a helper thread; the summary."""
+    helper = threading.Thread(target=meanwhile, daemon=True)
+    helper.start()
+    summary = pipeline.run()
+    helper.join(WAIT_S)
+    return summary
+
+
 def test_ctrl_c_with_two_calls_in_flight_writes_both():
     engine = PipelinedEngine(max_batch=1)
     sink = ListSink()
@@ -329,10 +338,7 @@ def test_ctrl_c_with_two_calls_in_flight_writes_both():
         engine.finish(0)
         engine.finish(1)
 
-    helper = threading.Thread(target=interrupt, daemon=True)
-    helper.start()
-    summary = pipeline.run()  # on the main thread: Ctrl-C lands here
-    helper.join(WAIT_S)
+    summary = run_while(pipeline, interrupt)
     assert summary.stopped == "interrupt"
     assert sink.indices == [0, 1] and sink.values == [100, 101]
     assert engine.events == ["submit 0", "submit 1", "collect 0", "collect 1"] and engine.in_flight == 0
@@ -350,10 +356,7 @@ def test_interrupt_ends_the_run_as_ctrl_c_does_from_any_thread():
         assert sink.wait(2)
         pipeline.interrupt()
 
-    helper = threading.Thread(target=interrupt, daemon=True)
-    helper.start()
-    summary = pipeline.run()
-    helper.join(WAIT_S)
+    summary = run_while(pipeline, interrupt)
     assert summary.stopped == "interrupt" and sink.indices == [0, 1] and engine.in_flight == 0
 
 
@@ -410,13 +413,10 @@ def test_ctrl_c_does_not_wait_out_a_capture_stuck_in_a_network_read(caplog):
         assert sink.wait(1)
         _thread.interrupt_main()
 
-    helper = threading.Thread(target=interrupt, daemon=True)
-    helper.start()
     try:
         t0 = time.perf_counter()
-        summary = pipeline.run()
+        summary = run_while(pipeline, interrupt)
         took = time.perf_counter() - t0
-        helper.join(WAIT_S)
         assert summary.stopped == "interrupt" and sink.indices == [0]
         assert took < 10.0, took  # waiting out the capture would take 22 s
         assert "did not stop in time" in caplog.text

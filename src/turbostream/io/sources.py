@@ -171,12 +171,13 @@ class VideoReader:
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps: float | None = fps if SANE_FPS[0] <= fps <= SANE_FPS[1] else None
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        self.frame_count: int | None = count if spec.kind == "file" and count > 0 else None
         # A URL that announces a frame count is a video file served over the network (http(s), HLS on demand; live
         # streams announce none): like a file, it ends where its reads end, where a live stream that stops is opened
         # again (opening a file again would play it again from its start, forever).
         self.finite = spec.kind == "file" or (spec.kind == "url" and count > 0)
         self.announced: int | None = count if self.finite and count > 0 else None
+        # The progress total of an in-order run: a file's only (a URL is read as live, newest frame first).
+        self.frame_count: int | None = self.announced if spec.kind == "file" else None
         self.size = (first.shape[1], first.shape[0])
 
     def _open_failure(self) -> str:
