@@ -781,6 +781,10 @@ def test_generate_image_to_image_any_input_size(tmp_path, make_engine):
         (["--image", "IN/ok.png", "-o", "IN/sub/../ok.png"], "is the input image; write somewhere else"),
         (["-o", "IN/folder.png"], "is an existing folder, not a file"),
         (["-o", "IN/folder.png", "--count", "2", "--image", "IN/ok.png"], "OUT-1 is the input image"),
+        (["--compile"], "generate draws each picture eagerly, without CUDA graphs or torch.compile: --compile would "
+                        "do nothing here; leave it out"),
+        (["--compile-aot", "--frame-graph", "--buckets", "1,2"], "--compile-aot, --buckets, --frame-graph would do"),
+        (["--no-compile-cache"], "--compile-cache/--no-compile-cache would do nothing"),
     ],
 )
 def test_generate_errors(tmp_path, capsys, extra, message):

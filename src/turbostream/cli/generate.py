@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..config import MAX_SEED, StreamParams
+from ..config import MAX_SEED, EngineConfig, StreamParams
 from ..errors import UserError
 from ..io.sinks import check_output_file, ensure_writable_folder
 from ..io.sources import read_image
@@ -59,8 +59,31 @@ def output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
 
 
+def graph_options_given(args: argparse.Namespace) -> list[str]:
+    """The engine options that only shape CUDA graphs or torch.compile, given on this command line.
+
+    `generate` runs each picture eagerly (Engine.generate): nothing is captured or compiled, so these would do
+    nothing. The options that change the modules themselves (--attention, --prompt-kv, --fused-norm...) do apply.
+    """
+    defaults = EngineConfig.__dataclass_fields__
+    given = [flag for flag, on in (
+        ("--compile", args.compile),
+        ("--compile-aot", args.compile_aot),
+        ("--compile-dynamic", args.compile_dynamic),
+        ("--compile-mode", args.compile_mode != defaults["compile_mode"].default),
+        ("--aot-format", args.aot_format != defaults["aot_format"].default),
+        ("--compile-cache/--no-compile-cache", args.compile_cache != ""),
+        ("--buckets", args.buckets != defaults["buckets"].default),
+        ("--frame-graph", args.frame_graph),
+    ) if on]
+    return given
+
+
 def main(args: argparse.Namespace, engine=None) -> int:
     """`turbostream generate`: text-to-image (no --image) or image-to-image; --count pictures, seeds seed, seed+1..."""
+    if given := graph_options_given(args):
+        raise UserError(f"generate draws each picture eagerly, without CUDA graphs or torch.compile: "
+                        f"{', '.join(given)} would do nothing here; leave {'it' if len(given) == 1 else 'them'} out")
     out = Path(args.output).expanduser()
     if out.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
         raise UserError(f"output {args.output!r} must end in one of {', '.join(IMAGE_OUTPUT_SUFFIXES)}")
