@@ -349,3 +349,95 @@ def test_a_frame_header_left_by_a_dropped_connection_is_not_applied_to_the_next(
         assert page.evaluate("() => [turbostream.skipped, turbostream.dropped]") == [0, 0]
         context.close()
         assert problems == []
+
+
+# A still screen share: a canvas stream that delivers one frame and then nothing (a static slide or document).
+STILL_SOURCE = """
+navigator.mediaDevices.getUserMedia = async () => {
+  const c = document.createElement('canvas'); c.width = 64; c.height = 64;
+  const g = c.getContext('2d');
+  for (let i = 0; i < 64; i += 8) { g.fillStyle = `hsl(${i * 5},80%,50%)`; g.fillRect(i, 0, 8, 64); }
+  const stream = c.captureStream(0);
+  setTimeout(() => stream.getVideoTracks()[0].requestFrame(), 100);
+  return stream;
+};
+"""
+
+
+def test_a_still_input_is_sent_again_after_a_reconnect_and_the_last_result_stays_up(browser, tiny_components):
+    # A stand-in /ws answers the still frame, then drops; the next connection must get that frame again (nothing new
+    # comes from a still screen), and the result on screen stays until its answer comes.
+    from PIL import Image
+
+    engine = Engine(preset("test"), tiny_components)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    frames_seen: list[int] = []
+    connections = []
+
+    def client(ws) -> None:
+        connections.append(ws)
+        frames_seen.append(0)
+        index = len(frames_seen) - 1
+        ws.send(_mock_ready("client"))
+
+        def on_message(message) -> None:
+            if isinstance(message, bytes):
+                frames_seen[index] += 1
+                if index == 0:
+                    ws.send(jpeg)
+
+        ws.on_message(on_message)
+
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context()
+        context.add_init_script(STILL_SOURCE)
+        page = context.new_page()
+        problems = _watch(page)
+        page.route_web_socket(lambda url: url.split("?")[0].endswith("/ws"), client)
+        page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
+        connections[0].close()
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while len(frames_seen) < 2 or frames_seen[1] < 1:
+            assert time.monotonic() < deadline, f"the still frame was not sent again: frames per connection {frames_seen}"
+            page.wait_for_timeout(50)  # not time.sleep: the stand-in's handlers run while playwright is called
+        mean_alpha = page.evaluate("""() => { const c = document.getElementById('output');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let s = 0; for (let i = 3; i < d.length; i += 4) s += d[i]; return s / (d.length / 4); }""")
+        assert mean_alpha == 255  # the first connection's result, not a canvas cleared by the second ready
+        context.close()
+        assert [p for p in problems if "WebSocket" not in p] == []
+
+
+def test_the_view_prompt_being_typed_survives_a_reconnect(browser, tiny_components):
+    # A stand-in /view/ws with the control token's box: the first connection drops while the operator types; the
+    # next one's ready must not overwrite the half-typed prompt.
+    import json
+
+    engine = Engine(preset("test"), tiny_components)
+    connections = []
+
+    def viewer(ws) -> None:
+        connections.append(ws)
+        ws.send(json.dumps({**json.loads(_mock_ready("viewer")), "control": True}))
+
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        problems = _watch(page)
+        page.route_web_socket(lambda url: url.split("?")[0].endswith("/view/ws"), viewer)
+        page.goto(server.url + "view", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => !document.getElementById('control').hidden", timeout=TIMEOUT_MS)
+        assert page.input_value("#prompt") == "x"
+        page.fill("#prompt", "a stained glass window, half typed")  # focus stays in the box
+        connections[0].close()
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while len(connections) < 2:
+            assert time.monotonic() < deadline, "the view page did not reconnect"
+            page.wait_for_timeout(50)
+        page.wait_for_function("() => turbostream.conn === 'live'", timeout=TIMEOUT_MS)
+        assert page.input_value("#prompt") == "a stained glass window, half typed"
+        context.close()
+        assert [p for p in problems if "WebSocket" not in p] == []

@@ -59,9 +59,14 @@ def test_controls_change_the_stream_live(browser, tiny_components):  # noqa: F81
         assert stream.params.reuse == 3
         before = page.evaluate("() => turbostream.framesReceived")
         page.wait_for_function(f"() => turbostream.framesReceived >= {before + 3}", timeout=TIMEOUT_MS)
-        # Mix back to 0: the plain prompt again.
+        # Mix back to 0: the plain prompt again; "blend with" keeps its text, and the slider blends with it again.
         page.fill("#mix", "0")
         page.wait_for_function("() => turbostream.params.prompt === 'a watercolor'", timeout=TIMEOUT_MS)
+        assert page.input_value("#prompt-b") == "a pencil sketch"
+        page.fill("#mix", "0.5")
+        page.wait_for_function(
+            """() => JSON.stringify(turbostream.params.prompt) === '[["a watercolor",0.5],["a pencil sketch",0.5]]'""",
+            timeout=TIMEOUT_MS)
     assert problems == []
 
 
@@ -93,6 +98,19 @@ def test_a_refused_change_before_any_accepted_one_puts_the_servers_value_back(br
         page.wait_for_function("() => turbostream.errors.length > 0", timeout=TIMEOUT_MS)
         assert "steps" in page.evaluate("() => turbostream.errors[0]")
         assert page.input_value("#steps") == "2"
+        # A number field emptied sends nothing (not 0) and shows the value in force again. Messages are answered in
+        # order, so the echo of a later change would carry a seed 0 sent before it.
+        page.fill("#seed", "7")
+        page.dispatch_event("#seed", "change")
+        page.wait_for_function("() => turbostream.params.seed === 7", timeout=TIMEOUT_MS)
+        for field in ("#seed", "#steps", "#transition"):
+            page.fill(field, "")
+            page.dispatch_event(field, "change")
+        assert [page.input_value(f) for f in ("#seed", "#steps", "#transition")] == ["7", "2", "0"]
+        page.select_option("#similarity", "0.95")
+        page.wait_for_function("() => turbostream.params.similarity === 0.95", timeout=TIMEOUT_MS)
+        assert page.evaluate("() => [turbostream.params.seed, turbostream.params.steps]") == [7, 2]
+        assert len(page.evaluate("() => turbostream.errors")) == 1  # the refused 99 steps only
     assert problems == []
 
 
@@ -122,13 +140,17 @@ def test_strength_and_steps_offer_only_what_the_server_takes(browser, tiny_compo
     assert problems == []
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_changes_made_while_disconnected_apply_when_it_reconnects(browser, tiny_components):  # noqa: F811
     # The server restarts on the same port, with another default similarity; the prompt and seed changed meanwhile
     # reach the new connection, after the transition chosen before the drop, and the field the user never touched
     # keeps the new server's default (the page carries over what the user set, not the old server's defaults).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
 
     def serve(similarity: float = 0.0):
         config = preset("test", default_params=StreamParams(similarity=similarity))
@@ -158,6 +180,41 @@ def test_changes_made_while_disconnected_apply_when_it_reconnects(browser, tiny_
         assert page.input_value("#seed") == "7"
     context.close()
     # The browser logs each refused reconnect as a console error; nothing else may go wrong.
+    assert [p for p in problems if "WebSocket connection" not in p] == []
+
+
+def test_a_choice_the_restarted_server_refuses_is_dropped_alone(browser, tiny_components):  # noqa: F811
+    # Chosen on a server with feature reuse: a prompt, a seed and reuse every 3 frames. The server comes back without
+    # --reuse and refuses the reuse; the prompt and seed still carry over, and reuse is the new server's default.
+    port = free_port()
+
+    def serve(feature_reuse: bool):
+        config = preset("test", feature_reuse=feature_reuse)
+        return ServerThread(TurboServer(Engine(config, tiny_components), ServerConfig(port=port)))
+
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    problems = _watch(page)
+    with serve(feature_reuse=True) as server:
+        page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
+        page.fill("#prompt", "a charcoal drawing")
+        page.fill("#seed", "42")
+        page.dispatch_event("#seed", "change")
+        page.select_option("#reuse", "3")
+        page.wait_for_function("""() => { const p = turbostream.params;
+                                   return p.prompt === 'a charcoal drawing' && p.seed === 42 && p.reuse === 3; }""",
+                               timeout=TIMEOUT_MS)
+    page.wait_for_function("() => turbostream.ready === null", timeout=TIMEOUT_MS)
+    with serve(feature_reuse=False) as server:
+        page.wait_for_function("() => turbostream.errors.some((e) => e.includes('reuse'))", timeout=TIMEOUT_MS)
+        page.wait_for_function("""() => { const p = turbostream.params;
+                                   return p.prompt === 'a charcoal drawing' && p.seed === 42; }""", timeout=TIMEOUT_MS)
+        params = next(iter(server.clients)).stream.params
+        assert (params.prompt, params.seed, params.reuse) == ("a charcoal drawing", 42, 0)
+        assert page.input_value("#prompt") == "a charcoal drawing" and page.input_value("#seed") == "42"
+        assert page.is_disabled("#reuse")
+    context.close()
     assert [p for p in problems if "WebSocket connection" not in p] == []
 
 

@@ -129,13 +129,18 @@ function onText(text) {
       setConn("ready", "ready");
       $("model").textContent =
         `${msg.model} · ${msg.width}×${msg.height}` + (msg.random_weights ? " · random weights (noise)" : "");
-      $("output").width = $("capture").width = msg.width;
-      $("output").height = $("capture").height = msg.height;
+      // Setting a canvas's size clears it: only when it changes, so a reconnect keeps the last result up.
+      for (const id of ["output", "capture"]) {
+        if ($(id).width !== msg.width) $(id).width = msg.width;
+        if ($(id).height !== msg.height) $(id).height = msg.height;
+      }
       $("steps").max = msg.limits.max_steps;
       $("reuse").disabled = msg.limits.feature_reuse === false; // the server was started without --reuse N
       state.params = { ...msg.params };
       resendChoices();
       updateButtons();
+      // The frame in flight went with the old connection; a still screen delivers no new one, so send it again.
+      state.newFrame = true;
       pump();
       break;
     case "config": {
@@ -166,8 +171,13 @@ function onText(text) {
       showError(`${msg.message} (${msg.code})`);
       if (msg.code === "bad_config") {
         // Refused: the server kept its parameters; the controls show them again. A refused resend after a reconnect
-        // leaves the server at its defaults: nothing is carried over any more.
-        if (awaiting.shift()?.resend) chosen = null;
+        // (a server restarted with other options: reuse on one without --reuse) drops those choices alone: the server
+        // keeps its defaults for them, and the others, sent on their own, still hold.
+        const refused = awaiting.shift();
+        if (refused?.resend && chosen) {
+          for (const field of Object.keys(refused.fields)) delete chosen[field];
+          if (!Object.keys(chosen).length) chosen = null;
+        }
         promptSent = null;
         if (state.params) showParams(state.params, true);
       }
@@ -334,8 +344,10 @@ function updateButtons() {
 // ---------------------------------------------------------------- parameters
 
 function showParams(p, force = false) {
-  // A blend of two prompts shows as prompt, "blend with" and mix; any other blend as its JSON in the prompt box.
-  let [a, b, mix] = [p.prompt, "", 0];
+  // A blend of two prompts shows as prompt, "blend with" and mix; any other blend as its JSON in the prompt box. A
+  // prompt that is no two-prompt blend leaves "blend with" as it is, at mix 0: the slider dragged through 0 and back
+  // blends with it again.
+  let [a, b, mix] = [p.prompt, $("prompt-b").value, 0];
   if (Array.isArray(p.prompt)) {
     const total = p.prompt.reduce((sum, [, w]) => sum + w, 0);
     if (p.prompt.length === 1) a = p.prompt[0][0];
@@ -397,13 +409,27 @@ function showValue(id, value, force = false) {
   $(`${id}-value`).textContent = Number(shown).toFixed(2);
 }
 
-// A connection starts from the server's defaults: what the user chose before a reconnect goes again, then what they
-// changed since, in a message of its own (a refused change then leaves the earlier choices in place).
+// The choices a reconnect sends again, each group in a message of its own. Steps and strength go together: the server
+// refuses steps x strength under 1, and either alone may not fit the new server's default for the other.
+const RESEND_GROUPS = [["prompt"], ["seed"], ["steps", "strength"], ["similarity"], ["transition_s"], ["feedback"],
+  ["reuse"]];
+
+// A connection starts from the server's defaults: what the user chose before a reconnect goes again, one group of
+// fields a message (a server restarted with other options that refuses one keeps the others), then what they changed
+// since, in a message of its own (a refused change then leaves the earlier choices in place).
 function resendChoices() {
   const changes = unsent;
   unsent = {};
   showParams({ ...state.params, ...chosen, ...changes });
-  if (chosen) sendConfig(chosen, true);
+  if (chosen) {
+    const rest = { ...chosen };
+    for (const group of RESEND_GROUPS) {
+      const fields = Object.fromEntries(group.filter((k) => k in rest).map((k) => [k, rest[k]]));
+      group.forEach((k) => delete rest[k]);
+      if (Object.keys(fields).length) sendConfig(fields, true);
+    }
+    if (Object.keys(rest).length) sendConfig(rest, true);
+  }
   if (Object.keys(changes).length) sendConfig(changes);
 }
 
@@ -441,7 +467,19 @@ $("mix").addEventListener("input", () => {
   onPromptInput();
 });
 $("similarity").addEventListener("change", () => sendConfig({ similarity: Number($("similarity").value) }));
-$("transition").addEventListener("change", () => sendConfig({ transition_s: Number($("transition").value) }));
+// A number field emptied (or holding what is no number: its value is then "") sends nothing, and shows the value in
+// force again; Number("") would be 0, a value the user never typed.
+function typedNumber(id, field) {
+  const text = $(id).value.trim();
+  if (text !== "" && Number.isFinite(Number(text))) return Number(text);
+  const known = { ...state.params, ...unsent };
+  if (field in known) setField(id, known[field], true);
+  return null;
+}
+$("transition").addEventListener("change", () => {
+  const value = typedNumber("transition", "transition_s");
+  if (value !== null) sendConfig({ transition_s: value });
+});
 $("reuse").addEventListener("change", () => sendConfig({ reuse: Number($("reuse").value) }));
 const sendFeedback = debounce((feedback) => sendConfig({ feedback }), 150);
 $("feedback").addEventListener("input", () => {
@@ -454,8 +492,14 @@ $("strength").addEventListener("input", () => {
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
   sendStrength();
 });
-$("steps").addEventListener("change", () => sendConfig({ steps: Math.round(Number($("steps").value)) }));
-$("seed").addEventListener("change", () => sendConfig({ seed: Math.round(Number($("seed").value)) }));
+$("steps").addEventListener("change", () => {
+  const value = typedNumber("steps", "steps");
+  if (value !== null) sendConfig({ steps: Math.round(value) });
+});
+$("seed").addEventListener("change", () => {
+  const value = typedNumber("seed", "seed");
+  if (value !== null) sendConfig({ seed: Math.round(value) });
+});
 $("dice").onclick = () => sendConfig({ seed: Math.floor(Math.random() * 2 ** 31) });
 
 // ---------------------------------------------------------------- buttons

@@ -54,7 +54,8 @@ function connect() {
       $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}` +
         (msg.random_weights ? " · random weights: noise, not a stylization" : "");
       $("control").hidden = !msg.control || kiosk;
-      $("prompt").value = promptText(msg.params.prompt);
+      // A prompt being typed when the connection comes back stays as typed.
+      if (document.activeElement !== $("prompt")) $("prompt").value = promptText(msg.params.prompt);
     } else if (msg.type === "config") {
       if (document.activeElement !== $("prompt")) $("prompt").value = promptText(msg.prompt);
     } else if (msg.type === "source") {
