@@ -605,3 +605,32 @@ def test_streams_closed_while_nothing_runs_are_released_at_once(started):
     assert sorted(engine.released) == sorted(keys) and not batcher._released
     assert engine.calls == []  # no engine call was needed for it
     assert engine.release_threads == engine.threads  # on the inference thread, the engine's own
+
+
+def test_a_stream_closed_while_its_batch_is_gathered_leaves_no_engine_state(engine, started):
+    """A's frame is in a batch that waits (the gather) for B's frame, still being decoded; A leaves meanwhile. Its
+    frame no longer runs: it computed for nobody and made engine state (a feedback latent) for a key already released,
+    which nothing freed again (up to the engine's LRU of 256 states)."""
+    batcher = started(engine, gather_s=5.0)
+    got = Collector()
+    params = StreamParams(feedback=0.5)  # a stream with state of its own in the engine
+    image = np.full((64, 64, 3), 120, np.uint8)
+    frames_before = engine.stats.frames
+    a, b = batcher.open_stream(got, params), batcher.open_stream(got, params)
+    b.expect()  # B's decode started: the batch waits up to gather_s for it
+    a.submit(image, "a")
+    deadline = time.monotonic() + 5
+    while batcher._pending and time.monotonic() < deadline:  # A's frame taken into the batch being gathered
+        time.sleep(0.005)
+    assert not batcher._pending
+    a.close()
+    b.submit(image, "b")
+    b.unexpect()
+    got.wait(1)
+    b.close()
+    deadline = time.monotonic() + 5
+    while engine.stream_states and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stream_states == 0
+    assert [r.meta for r in got.results] == ["b"]
+    assert engine.stats.frames == frames_before + 1  # B's frame alone ran

@@ -419,6 +419,12 @@ class Batcher:
         """Start one batch: skips answered from their reference's output, the rest submitted to the engine (or run
         to completion by an engine without submit)."""
         self._release_closed()
+        # Frames of streams closed since they were taken (a batch waits up to gather_s for a frame being decoded, and
+        # a pipelined one is gathered during a whole call) do not run: they would compute for nobody, and make engine
+        # state for a key just released, which nothing would free again. A stream closing after this is released at
+        # the next launch or when the thread goes idle, after the call that used it.
+        with self._cond:
+            batch = [entry for entry in batch if not entry[0].closed]
         # Skips whose reference already ran are answered from its output; everything else goes to the engine.
         reused = [stream.last_output if item.skip and item.frame is stream.last_frame else None
                   for stream, item in batch]
