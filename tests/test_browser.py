@@ -401,7 +401,7 @@ def test_a_still_input_is_sent_again_after_a_reconnect_and_the_last_result_stays
         connections[0].close()
         deadline = time.monotonic() + TIMEOUT_MS / 1000
         while len(frames_seen) < 2 or frames_seen[1] < 1:
-            assert time.monotonic() < deadline, f"the still frame was not sent again: frames per connection {frames_seen}"
+            assert time.monotonic() < deadline, f"not sent again: frames per connection {frames_seen}"
             page.wait_for_timeout(50)  # not time.sleep: the stand-in's handlers run while playwright is called
         mean_alpha = page.evaluate("""() => { const c = document.getElementById('output');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
