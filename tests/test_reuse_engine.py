@@ -101,6 +101,30 @@ def test_a_parameter_change_or_more_steps_forces_a_full_frame(make_engine, frame
     assert engine.stream_states == 0
 
 
+def test_a_transition_runs_full_frames_and_ends_exactly_at_the_new_look(make_engine, frames):
+    """A prompt and seed change with a 1 s transition on a reuse-4 stream: its conditioning moves every frame, so deep
+    features kept from one frame of it are stale for the next. Every frame of the transition runs in full (each
+    equal to the same transition without reuse), and so does the first after it, which is exactly the new look."""
+    engine, plain = make_engine(feature_reuse=True), make_engine()
+    now = [0.0]
+    engine.clock = plain.clock = lambda: now[0]
+    a = StreamParams("a fox", seed=1, transition_s=1.0, reuse=4)
+    b = a.updated(prompt="an owl", seed=7)
+    new_look = plain.run([frames[0]], [b.updated(reuse=0)])[0]
+    engine.run([frames[0]], [a], streams=["s"])
+    plain.run([frames[0]], [a.updated(reuse=0)], streams=["s"])
+    for t in (10.0, 10.3, 10.6, 10.9, 11.0):
+        now[0] = t
+        partial = engine.stats.reuse_partial_batches
+        got = engine.run([frames[0]], [b], streams=["s"])[0]
+        assert engine.stats.reuse_partial_batches == partial, f"a partial frame at t={t}"
+        assert np.array_equal(got, plain.run([frames[0]], [b.updated(reuse=0)], streams=["s"])[0]), t
+    assert np.array_equal(got, new_look)  # the transition is over: the new prompt's output, exactly
+    now[0] = 11.1
+    engine.run([frames[0]], [b], streams=["s"])  # features of the new look only: reused again
+    assert engine.stats.reuse_partial_batches == 1
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "segments"])
 def test_each_unet_step_reuses_its_own_deep_features(make_engine, frames, graphs, monkeypatch):
     """With 2 UNet evaluations a frame (4 steps at 0.5), a stream keeps deep features per step: a partial frame on

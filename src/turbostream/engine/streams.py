@@ -66,7 +66,8 @@ class StreamState:
     latent: torch.Tensor | None = None  # the previous output's latents (feedback > 0 only)
     # Temporal feature reuse: the deep UNet features of the stream's last full frame, one tensor per UNet evaluation
     # (each step runs at its own timestep, so each has features of its own), which parameters they were computed with
-    # (a change forces a full frame), and how many partial frames have used them since.
+    # (a change forces a full frame; None: valid for no frame, as those kept in a transition), and how many partial
+    # frames have used them since.
     deep: list[torch.Tensor] | None = None
     deep_params: tuple | None = None
     deep_age: int = 0
