@@ -122,12 +122,16 @@ def test_invalid_option_values_are_clear_errors():
 @pytest.mark.parametrize("argv, message", [
     (["--attention", "xformers"], "invalid choice: 'xformers'"),
     (["--compile", "--compile-mode", "reduce-overhead"], "captures the whole frame"),
-    (["--compile-mode", "max-autotune-no-cudagraphs"], "needs --compile"),
+    (["--compile-mode", "max-autotune-no-cudagraphs"], "would do nothing here"),  # generate compiles nothing
+    (["warmup", "--compile-mode", "max-autotune-no-cudagraphs"], "needs --compile"),
     (["--fp8"], "fp8 needs a CUDA GPU with compute capability 8.9"),
 ])
 def test_cli_refuses_bad_options_before_loading(tmp_path, capsys, argv, message):
-    argv = ["generate", "a boat", "--model", "tiny-random", "--device", "cpu", "--size", "64", "-o",
-            str(tmp_path / "x.png"), *argv]
+    common = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
+    if argv[0] == "warmup":
+        argv = ["warmup", *common, *argv[1:]]
+    else:
+        argv = ["generate", "a boat", *common, "-o", str(tmp_path / "x.png"), *argv]
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse's own refusals (a bad choice or type) exit 2 from the parser
