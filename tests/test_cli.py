@@ -145,3 +145,17 @@ def test_setup_logging_uses_rich_only_on_a_terminal():
         assert len(handlers) == 1 and type(handlers[0]) is logging.StreamHandler
     finally:
         root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])
+def test_a_command_started_with_stdout_or_stderr_closed_does_its_work_and_exits_0(tmp_path, closed):
+    """Scripts and init scripts that start it with >&- or 2>&-: sys.stdout or sys.stderr is None. The exit flushed
+    them (exit 1 with a traceback after the work was done), and the logging setup asked a None stderr whether it
+    was a terminal (nothing ran at all)."""
+    import shlex
+
+    out = tmp_path / "picture.png"
+    argv = [*TURBOSTREAM, "generate", "a cat", "--model", "tiny-random", "--device", "cpu", "--size", "64",
+            "-o", str(out)]
+    proc = subprocess.run(["bash", "-c", f"{shlex.join(argv)} {closed}"], timeout=120)
+    assert proc.returncode == 0 and out.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -172,6 +173,25 @@ def test_write_never_blocks_on_a_stalled_receiver(tmp_path):
     t0 = time.perf_counter()
     sink.close(timeout_s=1.0)  # the stuck child is killed
     assert time.perf_counter() - t0 < 10
+
+
+def test_ffmpeg_runs_in_a_session_of_its_own(tmp_path):
+    """A terminal's Ctrl-C goes to its whole foreground process group: ffmpeg there died with the run's first Ctrl-C
+    (a failed attempt, unflushed packets). It is in a session of its own, ended by the sink alone."""
+    sleeper = tmp_path / "sleeping-ffmpeg"
+    sleeper.write_text(f"#!{sys.executable}\nimport sys\nsys.stdin.buffer.read()\n")
+    sleeper.chmod(0o755)
+    sink = StreamSink("udp://127.0.0.1:9", 30, (64, 64), program=str(sleeper))
+    sink.write(np.zeros((64, 64, 3), np.uint8), 0)
+    deadline = time.monotonic() + 10
+    while sink._proc is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert sink._proc is not None
+        assert os.getsid(sink._proc.pid) == sink._proc.pid != os.getsid(0)
+        assert os.getpgid(sink._proc.pid) != os.getpgrp()
+    finally:
+        sink.close(timeout_s=5.0)
 
 
 def test_stream_urls_are_checked_before_the_model_loads(monkeypatch, capsys, tmp_path):

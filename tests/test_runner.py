@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import io
 import logging
 import signal
 import struct
@@ -605,29 +606,31 @@ def test_ctrl_c_finalizes_the_video(tmp_path):
     assert [index_of(f) for f in frames] == list(range(len(frames)))
 
 
-def test_sigterm_finalizes_the_video_even_with_ctrl_c_ignored(tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_finalizes_the_video_even_with_ctrl_c_ignored(tmp_path, sig, status):
     """SIGTERM stops the run as Ctrl-C does (exit 143, the file plays), also in a process started in the background,
-    where SIGINT is ignored; the previous SIGTERM handler is back afterwards."""
+    where SIGINT is ignored; the previous SIGTERM handler is back afterwards. SIGHUP too (a terminal or an ssh session
+    closed under a recording: its default would end the process on the spot, the .mp4 without its index), exit 129."""
     import os
 
     def terminate(engine, frames):
         if len(engine.calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
-    def caught(signum, frame):  # the test process's own, for the time of the test: a stray SIGTERM never kills it
+    def caught(signum, frame):  # the test process's own, for the time of the test: a stray signal never kills it
         pass
 
-    before = signal.signal(signal.SIGTERM, caught)
+    before = signal.signal(sig, caught)
     previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         src = make_video(tmp_path / "in.mp4", n=60)
         out = tmp_path / "out.mp4"
         engine = FakeEngine(max_batch=1, delay=0.005, on_run=terminate)
-        assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == 143
-        assert signal.getsignal(signal.SIGTERM) is caught  # the run's handler is gone with the run
+        assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=engine) == status
+        assert signal.getsignal(sig) is caught  # the run's handler is gone with the run
     finally:
         signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(sig, before)
     frames, _ = read_video(out)
     assert 4 <= len(frames) < 60 and [index_of(f) for f in frames] == list(range(len(frames)))
 
@@ -649,6 +652,54 @@ def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
     assert summary.frames < 40 and full.frames_written == 3
     frames, _ = read_video(tmp_path / "out.avi")
     assert len(frames) >= 3  # the video was finalized: it plays
+
+
+def test_files_are_finalized_before_a_stream_output_that_is_slow_to_close(tmp_path):
+    """A stream output whose receiver hangs takes its close timeout (10 s); listed first, it held up the .mp4 after
+    it, which `docker stop`'s SIGKILL 10 s after SIGTERM then cut off unfinalized. Files close first."""
+    from turbostream.io.paced import PacedSink
+
+    closed = []
+
+    class HangingStream(PacedSink):
+        name = "hanging stream"
+
+        def write(self, frame, index):
+            pass
+
+        def close(self, timeout_s: float = 10.0) -> None:
+            closed.append("stream")
+
+    class Folder(sinks.FolderSink):
+        def close(self):
+            closed.append("folder")
+            super().close()
+
+    src = make_video(tmp_path / "in.avi", n=5)
+    (tmp_path / "frames").mkdir()
+    capture = CaptureThread(str(src), realtime=False).start()
+    outputs = [HangingStream(30, (64, 64)), Folder(tmp_path / "frames")]
+    summary = Pipeline(FakeEngine(max_batch=1), capture, outputs, StreamParams()).run()
+    assert summary.frames == 5 and closed == ["folder", "stream"]
+
+
+def test_the_prompt_line_reads_the_terminal_only_in_the_foreground(monkeypatch):
+    """`turbostream run ... &` from a shell: a read of the terminal from the background stops the whole process
+    (SIGTTIN) until `fg`. The prompt line starts only where the process owns its terminal."""
+    import os
+
+    monkeypatch.setattr(os, "tcgetpgrp", lambda fd: os.getpgrp())
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))  # no real terminal needed: fileno faked
+    monkeypatch.setattr(sys.stdin, "fileno", lambda: 0, raising=False)
+    assert cli_run._in_the_foreground()
+    monkeypatch.setattr(os, "tcgetpgrp", lambda fd: os.getpgrp() + 1)  # another group owns the terminal
+    assert not cli_run._in_the_foreground()
+
+    def no_terminal(fd):
+        raise OSError(25, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr(os, "tcgetpgrp", no_terminal)
+    assert not cli_run._in_the_foreground()
 
 
 def test_closing_writer_threads_ends_every_one(monkeypatch):

@@ -39,6 +39,7 @@ import numpy as np
 from . import heap
 from .config import RunConfig, StreamParams, parse_prompt, stream_limits
 from .errors import SinkError
+from .io.paced import PacedSink
 from .io.sinks import SinkThread, WindowSink
 from .io.sources import CapturedFrame, CaptureThread
 
@@ -391,7 +392,9 @@ class Pipeline:
         finally:
             self._closed.set()
         gpu.join(timeout=None if deadline is None else max(0.0, deadline - time.perf_counter()))
-        for writer in writers:
+        # Files first: a stream output whose receiver does not answer may take its close timeout (10 s and more), and
+        # a stop with a deadline (docker stop: SIGKILL 10 s after SIGTERM) must not cost an .mp4 listed after it.
+        for writer in sorted(writers, key=lambda w: isinstance(w.sink, PacedSink)):
             writer.close()  # writes what is queued, then finalizes the file
             if writer.error and self.summary.error is None:
                 self.summary.error = writer.error

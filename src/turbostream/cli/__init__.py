@@ -8,6 +8,7 @@ Nothing in the package imports cli/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -54,13 +55,19 @@ def entry() -> None:
     """
     status = main()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # None when started with >&- or 2>&-
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
     os._exit(status)
 
 
 def setup_logging(verbose: bool) -> None:
     """rich on a terminal; plain timestamped lines (never wrapped) when stderr is a file or a pipe."""
+    if sys.stderr is None:  # started with 2>&-: nowhere to write, and nothing must fail for it
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[logging.NullHandler()],
+                            force=True)
+        return
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 

@@ -2,7 +2,7 @@
 
 Inputs and outputs are checked, and the source opened, before the model loads (that can take minutes). Ctrl-C stops
 the stages, and the writers finalize their files before the command exits (status 130); SIGTERM (kill, timeout,
-docker stop, systemctl stop) takes the same path and exits with status 143.
+docker stop, systemctl stop) takes the same path and exits with status 143; SIGHUP (a closed terminal) with 129.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,6 @@ from .options import add_engine_options, build_engine, engine_config, stream_par
 log = logging.getLogger("turbostream.run")
 
 INTERRUPT_STATUS = 130  # Ctrl-C: 128 + SIGINT, as shells report it
-TERMINATE_STATUS = 143  # SIGTERM: 128 + SIGTERM
 
 
 def add_parser(sub) -> None:
@@ -68,30 +68,36 @@ def main(args: argparse.Namespace, engine=None) -> int:
             if not term.received:
                 raise
             # Before the run began (the model loading, say): nothing written yet to finalize.
-            print("turbostream: terminated (SIGTERM)", file=sys.stderr)
-            return TERMINATE_STATUS
+            print(f"turbostream: terminated ({term.name})", file=sys.stderr)
+            return 128 + term.received
         finally:
             controls.stop()
-    return TERMINATE_STATUS if status == INTERRUPT_STATUS and term.received else status
+    return 128 + term.received if status == INTERRUPT_STATUS and term.received else status
 
 
 class _Sigterm:
-    received = False
+    received = 0  # the signal number of a SIGTERM or SIGHUP received (0: none)
     pipeline = None  # the run's Pipeline once it exists: told to stop too (Pipeline.interrupt)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "Ctrl-C"
 
 
 @contextmanager
 def _sigterm_as_ctrl_c():
     """While the run runs, SIGTERM does what Ctrl-C does (its default would end the process on the spot, leaving an
     .mp4 without its index, which does not play): the run stops, the outputs are finalized. A SIGTERM while they
-    are finalized counts as another Ctrl-C: the second warns, the third quits without them."""
+    are finalized counts as another Ctrl-C: the second warns, the third quits without them. SIGHUP (the terminal or
+    the ssh session that started the run went away) does the same, unless it is ignored (nohup). Exit status 128 +
+    the signal's number: 143 for SIGTERM, 129 for SIGHUP."""
     term = _Sigterm()
     if threading.current_thread() is not threading.main_thread():
         yield term  # signal handlers belong to the main thread (tests that run a command on another)
         return
 
     def handler(signum, frame):
-        term.received = True
+        term.received = signum
         if term.pipeline is not None:
             # The KeyboardInterrupt below can be lost (raised inside a finalizer, Python only prints it); this cannot.
             term.pipeline.interrupt()
@@ -101,11 +107,15 @@ def _sigterm_as_ctrl_c():
         else:  # SIGINT ignored (started in the background by a script, nohup): SIGTERM still stops the run
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    handled = [signal.SIGTERM]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        handled.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in handled}
     try:
         yield term
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, before in previous.items():
+            signal.signal(sig, before if before is not None else signal.SIG_DFL)
 
 
 def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term: _Sigterm) -> int:
@@ -157,7 +167,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         transform.params_of = lambda: pipeline.params
         target = RunTarget(pipeline, stream_limits(engine))
         controls.start_osc(target)
-        if _stdin_is_terminal():
+        if _stdin_is_terminal() and _in_the_foreground():
             PromptLine(pipeline).start()
         # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);
         # run() closes the sinks (writes what is queued, finalizes files).
@@ -169,7 +179,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         raise
     finally:
         capture.close()
-    _log_summary(summary, realtime, [*sinks, *([window] if window else [])], "SIGTERM" if term.received else "Ctrl-C")
+    _log_summary(summary, realtime, [*sinks, *([window] if window else [])], term.name)
     if summary.stopped == "interrupt":
         return INTERRUPT_STATUS
     if summary.stopped == "error":
@@ -182,6 +192,15 @@ def _stdin_is_terminal() -> bool:
     try:
         return sys.stdin is not None and sys.stdin.isatty()
     except (AttributeError, ValueError):
+        return False
+
+
+def _in_the_foreground() -> bool:
+    """Whether this process owns its terminal: a read from it in the background (`turbostream run ... &`) would stop
+    the whole process (SIGTTIN) until `fg`."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (AttributeError, OSError, ValueError):
         return False
 
 

@@ -155,7 +155,12 @@ def integration_args(args) -> None:
 async def _serve_until_signal(server: TurboServer, extras=None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (the terminal or ssh session that started it went away), unless ignored (nohup): connections are
+    # closed with 1001 and the process exits 0, as on SIGTERM.
+    hangup = getattr(signal, "SIGHUP", None)
+    for sig in (signal.SIGINT, signal.SIGTERM, hangup):
+        if sig is None or (sig == hangup and signal.getsignal(sig) is signal.SIG_IGN):
+            continue
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C still raises KeyboardInterrupt
             loop.add_signal_handler(sig, stop.set)
     try:

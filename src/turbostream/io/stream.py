@@ -208,7 +208,10 @@ class StreamSink(PacedSink):
         self._streamed = False
         cmd = ffmpeg_command(self.program, self.url, self.size, self.fps, self.bitrate)
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # Its own session: a terminal's Ctrl-C goes to the whole foreground process group, and an ffmpeg killed
+            # by it mid-stream is a failed attempt and unflushed packets; it ends when its stdin is closed.
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True)
         except OSError as exc:
             return f"could not start {self.program}: {exc.strerror or exc}"
         self._proc = proc
