@@ -828,7 +828,9 @@ def test_serve_command_rejects_bad_options_quickly():
 
 
 @pytest.mark.slow
-def test_serve_command_closes_clients_with_1001_on_sigterm():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_serve_command_closes_clients_with_1001_on_sigterm(sig):
+    """SIGHUP too: the terminal or ssh session that started it closed (its default ended the process at once)."""
     proc, port = spawn_serve()
     try:
 
@@ -838,7 +840,7 @@ def test_serve_command_closes_clients_with_1001_on_sigterm():
             await ws.send(jpeg(1))
             while not isinstance(await ws.recv(), bytes):
                 pass
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             with pytest.raises(ConnectionClosed) as info:
                 while True:
                     await ws.recv()
