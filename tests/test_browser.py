@@ -5,6 +5,7 @@ Screenshots land in test-artifacts/ at the repository root (gitignored; CI keeps
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -285,29 +286,39 @@ def _mock_ready(role: str) -> str:
                        "limits": {"max_steps": 10, "feature_reuse": False}})
 
 
+@contextlib.contextmanager
+def stand_in_page(browser, tiny_components, socket_path: str, handler, page_path: str = "",
+                  init_script: str | None = None):
+    """The page at page_path of a real server (the page and its scripts over HTTP), its WebSocket at socket_path
+    answered by handler (a playwright WebSocketRoute) instead of the server: yields (page, the page's problems)."""
+    engine = Engine(preset("test"), tiny_components)
+    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
+        context = browser.new_context()
+        if init_script is not None:
+            context.add_init_script(init_script)
+        page = context.new_page()
+        problems = _watch(page)
+        page.route_web_socket(lambda url: url.split("?")[0].endswith(socket_path), handler)
+        page.goto(server.url + page_path, timeout=TIMEOUT_MS)
+        yield page, problems
+        context.close()
+
+
 def test_kiosk_view_keeps_only_the_last_50_errors(browser, tiny_components):
     # A kiosk runs for days: its error list (window.turbostream.errors) stays bounded, as on the client page.
     import json
 
-    engine = Engine(preset("test"), tiny_components)
-    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
-        context = browser.new_context()
-        page = context.new_page()
-        problems = _watch(page)
+    def viewer(ws) -> None:  # a stand-in /view/ws: ready, then 60 errors
+        ws.send(_mock_ready("viewer"))
+        for i in range(60):
+            ws.send(json.dumps({"type": "error", "code": "source_lost", "message": f"error {i}"}))
 
-        def viewer(ws) -> None:  # a stand-in /view/ws: ready, then 60 errors
-            ws.send(_mock_ready("viewer"))
-            for i in range(60):
-                ws.send(json.dumps({"type": "error", "code": "source_lost", "message": f"error {i}"}))
-
-        page.route_web_socket(lambda url: url.split("?")[0].endswith("/view/ws"), viewer)
-        page.goto(server.url + "view?kiosk=1", timeout=TIMEOUT_MS)
+    with stand_in_page(browser, tiny_components, "/view/ws", viewer, "view?kiosk=1") as (page, problems):
         page.wait_for_function("() => window.turbostream && turbostream.errors.at(-1) === 'error 59 (source_lost)'",
                                timeout=TIMEOUT_MS)
         errors = page.evaluate("() => turbostream.errors")
         assert len(errors) == 50 and errors[0] == "error 10 (source_lost)"
-        context.close()
-        assert problems == []
+    assert problems == []
 
 
 def test_a_frame_header_left_by_a_dropped_connection_is_not_applied_to_the_next(browser, tiny_components):
@@ -316,7 +327,6 @@ def test_a_frame_header_left_by_a_dropped_connection_is_not_applied_to_the_next(
     # as dropped or skipped.
     from PIL import Image
 
-    engine = Engine(preset("test"), tiny_components)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 100, 50)).save(buf, "JPEG")
     jpeg = buf.getvalue()
@@ -338,17 +348,11 @@ def test_a_frame_header_left_by_a_dropped_connection_is_not_applied_to_the_next(
 
             ws.on_message(on_message)
 
-    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
-        context = browser.new_context()
-        page = context.new_page()
-        problems = _watch(page)
-        page.route_web_socket(lambda url: url.split("?")[0].endswith("/ws"), client)
-        page.goto(server.url + "?autostart=1&inflight=2", timeout=TIMEOUT_MS)
+    with stand_in_page(browser, tiny_components, "/ws", client, "?autostart=1&inflight=2") as (page, problems):
         page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
         assert len(connections) == 2
         assert page.evaluate("() => [turbostream.skipped, turbostream.dropped]") == [0, 0]
-        context.close()
-        assert problems == []
+    assert problems == []
 
 
 # A still screen share: a canvas stream that delivers one frame and then nothing (a static slide or document).
@@ -369,7 +373,6 @@ def test_a_still_input_is_sent_again_after_a_reconnect_and_the_last_result_stays
     # comes from a still screen), and the result on screen stays until its answer comes.
     from PIL import Image
 
-    engine = Engine(preset("test"), tiny_components)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 100, 50)).save(buf, "JPEG")
     jpeg = buf.getvalue()
@@ -390,13 +393,7 @@ def test_a_still_input_is_sent_again_after_a_reconnect_and_the_last_result_stays
 
         ws.on_message(on_message)
 
-    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
-        context = browser.new_context()
-        context.add_init_script(STILL_SOURCE)
-        page = context.new_page()
-        problems = _watch(page)
-        page.route_web_socket(lambda url: url.split("?")[0].endswith("/ws"), client)
-        page.goto(server.url + "?autostart=1", timeout=TIMEOUT_MS)
+    with stand_in_page(browser, tiny_components, "/ws", client, "?autostart=1", STILL_SOURCE) as (page, problems):
         page.wait_for_function("() => window.turbostream && turbostream.framesReceived >= 1", timeout=TIMEOUT_MS)
         connections[0].close()
         deadline = time.monotonic() + TIMEOUT_MS / 1000
@@ -407,8 +404,7 @@ def test_a_still_input_is_sent_again_after_a_reconnect_and_the_last_result_stays
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             let s = 0; for (let i = 3; i < d.length; i += 4) s += d[i]; return s / (d.length / 4); }""")
         assert mean_alpha == 255  # the first connection's result, not a canvas cleared by the second ready
-        context.close()
-        assert [p for p in problems if "WebSocket" not in p] == []
+    assert [p for p in problems if "WebSocket" not in p] == []
 
 
 def test_the_view_prompt_being_typed_survives_a_reconnect(browser, tiny_components):
@@ -416,19 +412,13 @@ def test_the_view_prompt_being_typed_survives_a_reconnect(browser, tiny_componen
     # next one's ready must not overwrite the half-typed prompt.
     import json
 
-    engine = Engine(preset("test"), tiny_components)
     connections = []
 
     def viewer(ws) -> None:
         connections.append(ws)
         ws.send(json.dumps({**json.loads(_mock_ready("viewer")), "control": True}))
 
-    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
-        context = browser.new_context()
-        page = context.new_page()
-        problems = _watch(page)
-        page.route_web_socket(lambda url: url.split("?")[0].endswith("/view/ws"), viewer)
-        page.goto(server.url + "view", timeout=TIMEOUT_MS)
+    with stand_in_page(browser, tiny_components, "/view/ws", viewer, "view") as (page, problems):
         page.wait_for_function("() => !document.getElementById('control').hidden", timeout=TIMEOUT_MS)
         assert page.input_value("#prompt") == "x"
         page.fill("#prompt", "a stained glass window, half typed")  # focus stays in the box
@@ -439,5 +429,4 @@ def test_the_view_prompt_being_typed_survives_a_reconnect(browser, tiny_componen
             page.wait_for_timeout(50)
         page.wait_for_function("() => turbostream.conn === 'live'", timeout=TIMEOUT_MS)
         assert page.input_value("#prompt") == "a stained glass window, half typed"
-        context.close()
-        assert [p for p in problems if "WebSocket" not in p] == []
+    assert [p for p in problems if "WebSocket" not in p] == []

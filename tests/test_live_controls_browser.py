@@ -222,9 +222,8 @@ def test_a_change_the_dropped_connection_never_answered_goes_again(browser, tiny
     # A stand-in /ws: the first connection closes on the first config, unanswered; the second echoes every config.
     import json
 
-    from test_browser import _mock_ready
+    from test_browser import _mock_ready, stand_in_page
 
-    engine = Engine(preset("test"), tiny_components)
     received: list[list[dict]] = []
 
     def client(ws) -> None:
@@ -243,20 +242,14 @@ def test_a_change_the_dropped_connection_never_answered_goes_again(browser, tiny
 
         ws.on_message(on_message)
 
-    with ServerThread(TurboServer(engine, ServerConfig(port=0))) as server:
-        context = browser.new_context()
-        page = context.new_page()
-        problems = _watch(page)
-        page.route_web_socket(lambda url: url.split("?")[0].endswith("/ws"), client)
-        page.goto(server.url, timeout=TIMEOUT_MS)
+    with stand_in_page(browser, tiny_components, "/ws", client) as (page, problems):
         page.wait_for_function("() => window.turbostream && turbostream.conn === 'ready'", timeout=TIMEOUT_MS)
         page.fill("#seed", "7")
         page.dispatch_event("#seed", "change")
         page.wait_for_function("() => turbostream.params.seed === 7", timeout=TIMEOUT_MS)
         assert received == [[{"type": "config", "seed": 7}], [{"type": "config", "seed": 7}]]
         assert page.input_value("#seed") == "7"
-        context.close()
-        assert problems == []
+    assert problems == []
 
 
 def test_slider_labels_show_the_values_in_force_off_the_sliders_grid(browser, tiny_components):  # noqa: F811
