@@ -102,11 +102,6 @@ class StreamParams:
         """UNet evaluations per frame: int(steps * strength), as diffusers' img2img computes it."""
         return min(int(self.steps * self.strength), self.steps)
 
-    @property
-    def prompt_texts(self) -> tuple[str, ...]:
-        """Every text of the prompt (one, or those of a blend)."""
-        return (self.prompt,) if isinstance(self.prompt, str) else tuple(text for text, _ in self.prompt)
-
     def validate(self, max_steps: int = MAX_STEPS, reuse: bool = True) -> StreamParams:
         """Return self, or raise ValueError with a message a user can act on.
 

@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
     g.add_argument("--input", "-i", required=True, metavar="SRC",
                    help="camera index (0), video file, RTSP/HTTP URL or folder of images")
     g.add_argument("--output", "-o", dest="outputs", action="append", required=True, metavar="DST",
-                   help="'window', a video file (.mp4/.avi), a folder of images, a stream URL (rtmp://, srt://, "
-                        "rtsp://, udp://) or 'virtualcam'; repeat for several")
+                   help="'window', a video file (.mp4/.mov/.mkv/.avi), a folder of images, a stream URL (rtmp://, "
+                        "srt://, rtsp://, udp://) or 'virtualcam'; repeat for several")
     g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
     g.add_argument("--realtime", action="store_true",
                    help="treat a file like a live source: keep only the newest frame, drop the rest")

@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
                         "edges, and its JPEGs are 4:4:4, larger), or hybrid (decode on the GPU while its decoder is "
                         "free, else on the CPU; encode on the CPU); default: %(default)s")
     g.add_argument("--source", default=d.source, metavar="SRC",
-                   help="stylize a server-side source (camera index, file, URL) and broadcast it to /view")
+                   help="stylize a server-side source (camera index, video file, URL or folder of images) and broadcast "
+                        "it to /view")
     g.add_argument("--publish", action="append", default=[], metavar="URL",
                    help="also stream the broadcast to rtmp://, srt://, rtsp:// or udp:// (H.264 through ffmpeg); "
                         "repeatable; needs --source")

@@ -5,7 +5,9 @@ Graphs: three per batch bucket, one per segment of the frame path (frame.FrameMa
 VAE encode, noise), step (one UNet evaluation and its Euler step) and tail (VAE decode, uint8). A call with n UNet
 evaluations replays head, step n times, tail. So every number of evaluations is served by the graphs captured at
 warmup: a stream that changes its steps or strength never triggers a capture, which would stall every stream for
-seconds. The price is two more graph launches per call (microseconds against milliseconds of work).
+seconds. The price is two more graph launches per call (microseconds against milliseconds of work). With feature
+reuse the step is captured twice more per bucket (its keep and reuse modes), and `frame_graph` adds whole-frame
+graphs of the default step count (_frame_graph_key).
 
 Pipelining: submit() stages a batch and enqueues its graphs without waiting; collect() waits for that batch and
 hands out its frames. Between the two the GPU works while the caller does host work, such as staging the next

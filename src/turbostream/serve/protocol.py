@@ -17,39 +17,7 @@ from ..errors import CodecError
 
 PROTOCOL_VERSION = 1
 
-WIRE_PROTOCOL = """\
-Binary message, either way: one JPEG image and nothing else.
-Text message, either way: one JSON object with a "type".
-
-client -> server (/ws)
-  {"type": "config", "prompt"?: str | [[str, float], ...], "strength"?: float, "steps"?: int, "seed"?: int,
-   "similarity"?: float, "transition_s"?: float, "feedback"?: float, "reuse"?: int}
-      any subset; applies from the next frame; answered with {"type": "config", ...all of them...}
-      reuse (0..8; 0 or 1: off): a full UNet pass every N frames, deep features reused between: an approximation
-  binary JPEG: a frame to stylize (any size; center-cropped to the engine's aspect). Frames are numbered 1, 2, ...
-      in the order the server receives them.
-
-server -> client (/ws)
-  {"type": "ready", "role": "client", "model", "random_weights", "width", "height", "params": {...},
-   "limits": {...}, "protocol": 1}                     once, when the engine is warm
-  {"type": "frame", "seq": n, "batch": b, "server_ms": t, "skipped": bool}   right before each result: which input
-      frame it answers (frames numbered below n with no result were dropped: a newer frame replaced them); t: ms in
-      the server, from the frame's arrival to its result encoded; skipped: the frame was similar enough to skip the
-      engine, and the result is the last output again (batch 0)
-  binary JPEG of the engine's size: the result of frame n
-  {"type": "stats", "fps", "latency_ms": {"p50", "p95"}, "frames_in", "frames_out", "dropped", "clients", ...}
-      every stats interval
-  {"type": "error", "code": str, "message": str}        bad input; the connection stays open unless closed after it
-
-viewer -> server (/view/ws)
-  {"type": "config", ...}   changes the broadcast's parameters; needs ?control=<control token> on the URL
-server -> viewer
-  {"type": "ready", "role": "viewer", "control": bool, ...}, {"type": "config", ...} after every change,
-  binary JPEG frames of the broadcast, {"type": "stats", ...}, {"type": "error", ...}
-  {"type": "source", "state": "starting" | "live" | "reconnecting" | "ended", "message": str, "restarts": n,
-   "retry_in_s"?: s}   right after ready and at every change of the source (a loss also comes as error source_lost,
-   the end as error source_ended)
-"""
+# The wire protocol itself (every message and field) is described in the README's "Wire protocol (`/ws`)".
 
 # Error codes sent as {"type": "error", "code": ..., "message": ...}. The connection stays open unless noted.
 ERROR_CODES = {
@@ -82,9 +50,6 @@ class ProtocolError(Exception):
     def __init__(self, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.code, self.message, self.extra = code, message, extra
-
-    def to_message(self) -> dict[str, Any]:
-        return error_message(self.code, self.message, **self.extra)
 
 
 @dataclass
