@@ -725,24 +725,21 @@ class Engine:
     def _load_stream_inputs(
         self, params: Sequence[StreamParams], first: int, slot: _Slot, keys: Sequence[Hashable | None] | None = None,
         now: float = 0.0,
-    ) -> list[bool]:
+    ) -> None:
         """Copy each stream's prompt conditioning, noise and feedback inputs into the static rows first, first+1, ...
 
         Without a stream key (or with every control off) a row gets the cached embeddings and noise as they are and
         feedback weight 0. With a key, a transition under way writes interpolated embeddings and slerped noise, and
-        feedback > 0 writes the stream's previous output latent and its weight (0 on its first frame). Returns, per
-        stream, whether a transition moves its conditioning in this call.
+        feedback > 0 writes the stream's previous output latent and its weight (0 on its first frame).
         """
         host = slot.feedback
         host.zero_()
-        moving_rows = []
         for i, p in enumerate(params, start=first):
             emb, noise = self.conditioning(p.prompt), self.noise(p.seed)
             key = keys[i - first] if keys is not None else None
             state = self._streams.get(key) if key is not None else None
             a = state.step(p, now, self.conditioning, self.noise) if state is not None else None
             moving = a is not None
-            moving_rows.append(moving)
             self._write_row(self._emb, self._row_emb, i, emb,
                             lerp(state.from_emb, emb, a) if moving and state.from_emb is not None else None)
             self._write_row(self._noise_buf, self._row_noise, i, noise,
@@ -751,7 +748,6 @@ class Engine:
                 self._prev[i].copy_(state.latent)
                 host[i] = p.feedback
         self._feedback.copy_(host, non_blocking=True)
-        return moving_rows
 
     def _write_row(self, buf: torch.Tensor, held: list[torch.Tensor | None], i: int, cached: torch.Tensor,
                    blend: torch.Tensor | None) -> None:
@@ -829,20 +825,19 @@ class Engine:
             return DeepMoves(after=store)
         return None
 
-    def _keep_deep(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None], mode: str,
-                   moving: Sequence[bool]) -> None:
+    def _keep_deep(self, params: Sequence[StreamParams], keys: Sequence[Hashable | None], mode: str) -> None:
         """After a batch: streams that reuse date the deep features a full batch stored (_deep_moves) or count one
-        more partial frame on theirs; the others free theirs. Features stored in a transition (`moving`: its
+        more partial frame on theirs; the others free theirs. Features stored in a transition (StreamState.moving: its
         conditioning changes every frame) are valid for no later frame: the next one runs in full as well, so a
         transition is computed in full to its end and the first frame after it is exactly the new look."""
         if self.reuse is None:
             return
-        for p, key, blended in zip(params, keys, moving):
+        for p, key in zip(params, keys):
             if key is None or key not in self._streams:
                 continue
             state = self._streams.get(key)
             if mode == "keep" and p.reuse >= 2:
-                state.deep_params, state.deep_age = (None if blended else _deep_params(p)), 0
+                state.deep_params, state.deep_age = (None if state.moving else _deep_params(p)), 0
             elif mode == "reuse":
                 state.deep_age += 1
             else:
@@ -1012,7 +1007,7 @@ class Engine:
         # device's own work, not the host's staging spent waiting for the launches.
         for i, frame in enumerate(frames):
             slot.frames[i].copy_(torch.from_numpy(frame))
-        moving = self._load_stream_inputs(params, 0, slot, keys, now)
+        self._load_stream_inputs(params, 0, slot, keys, now)
         n = self._stage_schedule(params, slot)
         mode = self._reuse_mode(params, keys, n)
         deep = self._deep_moves(params, keys, mode, n)
@@ -1025,7 +1020,7 @@ class Engine:
         else:
             self._out[:b].copy_(self._frame_path(b, n, mode=mode, deep=deep))
         self._keep_latents(params, keys)  # device copies, ordered before the next call's replay
-        self._keep_deep(params, keys, mode, moving)
+        self._keep_deep(params, keys, mode)
         # The copy out is ordered after this batch and before the next one's tail overwrites self._out; the slot's
         # event says when it (and so every staged input before it) is done.
         slot.out[:b].copy_(self._out[:b], non_blocking=True)

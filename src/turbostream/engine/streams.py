@@ -72,9 +72,14 @@ class StreamState:
     deep_params: tuple | None = None
     deep_age: int = 0
 
+    @property
+    def moving(self) -> bool:
+        """Whether a transition is under way (after step() this call's: an ended one is cleared there)."""
+        return self.from_emb is not None or self.from_noise is not None
+
     def progress(self, now: float) -> float | None:
         """How far the transition under way is (0..1), or None when none is (an ended one is cleared)."""
-        if self.from_emb is None and self.from_noise is None:
+        if not self.moving:
             return None
         a = (now - self.start) / self.duration
         if a >= 1.0:
