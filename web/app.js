@@ -467,19 +467,20 @@ $("mix").addEventListener("input", () => {
   onPromptInput();
 });
 $("similarity").addEventListener("change", () => sendConfig({ similarity: Number($("similarity").value) }));
-// A number field emptied (or holding what is no number: its value is then "") sends nothing, and shows the value in
-// force again; Number("") would be 0, a value the user never typed.
-function typedNumber(id, field) {
-  const text = $(id).value.trim();
-  if (text !== "" && Number.isFinite(Number(text))) return Number(text);
-  const known = { ...state.params, ...unsent };
-  if (field in known) setField(id, known[field], true);
-  return null;
+// The number fields: (field id, parameter, whole numbers only). One emptied (or holding what is no number: its value
+// is then "") sends nothing, and shows the value in force again; Number("") would be 0, a value the user never typed.
+for (const [id, field, whole] of [["transition", "transition_s", false], ["steps", "steps", true],
+  ["seed", "seed", true]]) {
+  $(id).addEventListener("change", () => {
+    const text = $(id).value.trim();
+    if (text !== "" && Number.isFinite(Number(text))) {
+      sendConfig({ [field]: whole ? Math.round(Number(text)) : Number(text) });
+      return;
+    }
+    const known = { ...state.params, ...unsent };
+    if (field in known) setField(id, known[field], true);
+  });
 }
-$("transition").addEventListener("change", () => {
-  const value = typedNumber("transition", "transition_s");
-  if (value !== null) sendConfig({ transition_s: value });
-});
 $("reuse").addEventListener("change", () => sendConfig({ reuse: Number($("reuse").value) }));
 const sendFeedback = debounce((feedback) => sendConfig({ feedback }), 150);
 $("feedback").addEventListener("input", () => {
@@ -491,14 +492,6 @@ $("prompt").addEventListener("input", onPromptInput);
 $("strength").addEventListener("input", () => {
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
   sendStrength();
-});
-$("steps").addEventListener("change", () => {
-  const value = typedNumber("steps", "steps");
-  if (value !== null) sendConfig({ steps: Math.round(value) });
-});
-$("seed").addEventListener("change", () => {
-  const value = typedNumber("seed", "seed");
-  if (value !== null) sendConfig({ seed: Math.round(value) });
 });
 $("dice").onclick = () => sendConfig({ seed: Math.floor(Math.random() * 2 ** 31) });
 

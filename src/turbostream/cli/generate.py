@@ -66,7 +66,7 @@ def graph_options_given(args: argparse.Namespace) -> list[str]:
     nothing. The options that change the modules themselves (--attention, --prompt-kv, --fused-norm...) do apply.
     """
     defaults = EngineConfig.__dataclass_fields__
-    given = [flag for flag, on in (
+    return [flag for flag, on in (
         ("--compile", args.compile),
         ("--compile-aot", args.compile_aot),
         ("--compile-dynamic", args.compile_dynamic),
@@ -76,7 +76,6 @@ def graph_options_given(args: argparse.Namespace) -> list[str]:
         ("--buckets", args.buckets != defaults["buckets"].default),
         ("--frame-graph", args.frame_graph),
     ) if on]
-    return given
 
 
 def main(args: argparse.Namespace, engine=None) -> int:
