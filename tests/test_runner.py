@@ -635,6 +635,19 @@ def test_sigterm_finalizes_the_video_even_with_ctrl_c_ignored(tmp_path, sig, sta
     assert 4 <= len(frames) < 60 and [index_of(f) for f in frames] == list(range(len(frames)))
 
 
+def test_a_hangup_stops_the_run_unless_it_is_ignored():
+    """Under nohup SIGHUP is ignored and a closed terminal must not stop the run (nor the server): only SIGTERM then."""
+    from turbostream.cli.signals import stop_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert stop_signals() == [signal.SIGTERM]
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert stop_signals() == [signal.SIGTERM, signal.SIGHUP]
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
     class FullDisk(sinks.FolderSink):
         def write(self, frame, index):

@@ -25,6 +25,7 @@ from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
 from ..similarity import FitAndCheck
 from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config, stream_params
+from .signals import stop_signals
 
 log = logging.getLogger("turbostream.run")
 
@@ -107,10 +108,7 @@ def _sigterm_as_ctrl_c():
         else:  # SIGINT ignored (started in the background by a script, nohup): SIGTERM still stops the run
             raise KeyboardInterrupt
 
-    handled = [signal.SIGTERM]
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        handled.append(signal.SIGHUP)
-    previous = {sig: signal.signal(sig, handler) for sig in handled}
+    previous = {sig: signal.signal(sig, handler) for sig in stop_signals()}
     try:
         yield term
     finally:

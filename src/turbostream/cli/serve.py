@@ -17,6 +17,7 @@ from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
 from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config
+from .signals import stop_signals
 
 log = logging.getLogger("turbostream.server")
 
@@ -156,12 +157,8 @@ def integration_args(args) -> None:
 async def _serve_until_signal(server: TurboServer, extras=None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    # SIGHUP too (the terminal or ssh session that started it went away), unless ignored (nohup): connections are
-    # closed with 1001 and the process exits 0, as on SIGTERM.
-    hangup = getattr(signal, "SIGHUP", None)
-    for sig in (signal.SIGINT, signal.SIGTERM, hangup):
-        if sig is None or (sig == hangup and signal.getsignal(sig) is signal.SIG_IGN):
-            continue
+    # Ctrl-C, SIGTERM and SIGHUP (unless ignored) all close connections with 1001; the process exits 0.
+    for sig in (signal.SIGINT, *stop_signals()):
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C still raises KeyboardInterrupt
             loop.add_signal_handler(sig, stop.set)
     try:
