@@ -1,4 +1,5 @@
-"""The dependency floors pyproject.toml declares are the releases .ci/run installs in its minimum-versions run."""
+"""Packaging: the dependency floors pyproject.toml declares are the releases .ci/run installs in its minimum-versions
+run, and the wheel a user installs holds every module and data file of the repository."""
 
 from __future__ import annotations
 
@@ -46,3 +47,25 @@ def test_minimum_constraints_pin_every_declared_floor():
         # A floor of 1.0 may be pinned as 1.0.0: equal as versions, not as text.
         assert Requirement(f"x=={pins[name]}").specifier.contains(floor), \
             f"{name}: pyproject.toml's floor is {floor}, constraints/minimum.txt installs {pins[name]}"
+
+
+def test_the_wheel_holds_every_module_web_file_and_model_config(tmp_path):
+    """A user's `pip install .` (not editable) gets what the repository has: a subpackage missing from pyproject's
+    list, or a data file outside package-data, would import here and fail there. Built without warnings."""
+    import subprocess
+    import sys
+    import zipfile
+
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w",
+                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "Warning" not in built.stdout + built.stderr, (built.stdout + built.stderr)[-3000:]
+    (wheel,) = tmp_path.glob("turbostream-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    src = ROOT / "src"
+    wanted = {p.relative_to(src).as_posix() for p in (src / "turbostream").rglob("*")
+              if p.is_file() and p.suffix in (".py", ".json") and "__pycache__" not in p.parts}
+    wanted |= {"turbostream/web/" + p.name for p in (ROOT / "web").iterdir()
+               if p.suffix in (".py", ".html", ".js", ".css", ".svg")}
+    assert any(name.startswith("turbostream/model_configs/tiny-random/") for name in wanted)  # the walk saw them
+    assert wanted - shipped == set()
