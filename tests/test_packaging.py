@@ -62,7 +62,7 @@ def test_the_wheel_holds_every_module_web_file_and_model_config(tmp_path):
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for part in ("src", "web"):
         shutil.copytree(ROOT / part, tree / part, ignore=skip)
-    for part in ("pyproject.toml", "README.md"):
+    for part in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / part, tree / part)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(tree)],
                            capture_output=True, text=True, timeout=300)
@@ -77,3 +77,4 @@ def test_the_wheel_holds_every_module_web_file_and_model_config(tmp_path):
                if p.suffix in (".py", ".html", ".js", ".css", ".svg")}
     assert any(name.startswith("turbostream/model_configs/tiny-random/") for name in wanted)  # the walk saw them
     assert wanted - shipped == set()
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in shipped)  # pyproject's Apache-2.0, its text
