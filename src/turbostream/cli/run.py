@@ -208,7 +208,8 @@ def _log_source(capture: CaptureThread) -> None:
     if capture.fps:
         facts.append(f"{capture.fps:g} fps")
     if capture.frame_count:  # a folder's images, unreadable ones included (they are skipped when reached)
-        facts.append(f"{capture.frame_count} {'images' if capture.spec.kind == 'folder' else 'frames'}")
+        noun = "images" if capture.spec.kind == "folder" else "picture" if capture.spec.picture else "frames"
+        facts.append(f"{capture.frame_count} {noun}")
     facts.append("live: newest frame only" if capture.realtime else "every frame, in order")
     log.info("input %s (%s)", capture.spec.describe(), ", ".join(facts))
 

@@ -12,6 +12,7 @@ Frames are uint8 RGB (H, W, 3) everywhere, as in the rest of turbostream; OpenCV
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -42,8 +43,10 @@ RECONNECT_ATTEMPTS = RunConfig.reconnect_attempts
 MIN_SIDE = 8  # a smaller picture cannot be fitted to the engine (codec.check_frame): a folder skips it
 # A damaged spot in a video file (a broken download, a recording glitch) makes OpenCV's read fail for the frames
 # whose packets will not decode, and then go on with the next ones; a failed read is the end of the file only after
-# this many failures in a row (an intact file's end costs that many quick failed reads, once).
+# this many failures in a row (an intact file's end costs that many quick failed reads, once). While the container's
+# frame count says frames are still to come, a longer hole is read through, up to MAX_HOLE_READS failures.
 MAX_BAD_READS = 100
+MAX_HOLE_READS = 10_000
 # A file that ends this many frames (or this share of them) short of the count its container announces is reported
 # as cut short; counts estimated from the duration are often a frame or two off.
 SHORT_END_FRAMES, SHORT_END_SHARE = 2, 0.01
@@ -72,8 +75,9 @@ def redact(url: str) -> str:
 
 
 def _natural_key(path: Path) -> list:
-    """frame_2.png before frame_10.png."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+    """frame_2.png before frame_10.png. The split's odd parts are the digit runs (str.isdigit would also take "²",
+    which int() refuses); text and numbers stay at alternate places, so keys compare."""
+    return [int(part) if i % 2 else part.lower() for i, part in enumerate(re.split(r"(\d+)", path.name))]
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -100,6 +104,11 @@ class SourceSpec:
     def live(self) -> bool:
         """Cameras and URLs deliver frames at their own pace: frames not taken in time are stale."""
         return self.kind in ("camera", "url")
+
+    @property
+    def picture(self) -> bool:
+        """A single picture file (read as a folder of one)."""
+        return self.kind == "file" and Path(str(self.target)).suffix.lower() in IMAGE_SUFFIXES
 
     def describe(self) -> str:
         if self.kind == "camera":
@@ -149,6 +158,9 @@ class VideoReader:
             ms = int(open_timeout_s * 1000)
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
             cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG, params)
+        elif spec.kind == "file":
+            # Absolute: FFmpeg takes the "take" of a relative "take:1.mp4" for a protocol's name.
+            cap = cv2.VideoCapture(os.path.abspath(spec.target))
         else:
             cap = cv2.VideoCapture(spec.target)
         if not cap.isOpened():
@@ -157,16 +169,24 @@ class VideoReader:
         if spec.kind == "camera":
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # where the driver supports it: no backlog of old frames
         ok, first = cap.read()
+        skipped = 0
+        while (not ok or first is None) and spec.kind == "file" and skipped < MAX_BAD_READS:
+            skipped += 1  # damage in the first frames: the file may go on past it, as read() does
+            ok, first = cap.read()
         if not ok or first is None:
             cap.release()
             raise SourceError(self._no_frames())
+        if skipped:
+            log.warning("video file %s: its first %d frame(s) could not be decoded (a damaged spot?) and were skipped",
+                        spec.target, skipped)
         if min(first.shape[:2]) < MIN_SIDE:
             cap.release()
             raise SourceError(f"{spec.describe()} has frames of {first.shape[1]}x{first.shape[0]}: too small "
                               f"({MIN_SIDE}x{MIN_SIDE} at least)")
         self._cap, self._first = cap, first
         self.frames_read = 1
-        self.bad_reads = 0  # failed reads of a file that later went on: frames lost to damage
+        self.bad_reads = skipped  # failed reads of a file that later went on: frames lost to damage
+        self._last_ms = cap.get(cv2.CAP_PROP_POS_MSEC)  # the time of the last frame read (its end check)
         self._end_checked = False
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps: float | None = fps if SANE_FPS[0] <= fps <= SANE_FPS[1] else None
@@ -174,7 +194,9 @@ class VideoReader:
         # A URL that announces a frame count is a video file served over the network (http(s), HLS on demand; live
         # streams announce none): like a file, it ends where its reads end, where a live stream that stops is opened
         # again (opening a file again would play it again from its start, forever).
-        self.finite = spec.kind == "file" or (spec.kind == "url" and count > 0)
+        # A picture at a URL announces no count, and is one frame all the same.
+        picture = spec.kind == "url" and urlsplit(str(spec.target)).path.lower().endswith(IMAGE_SUFFIXES)
+        self.finite = spec.kind == "file" or (spec.kind == "url" and (count > 0 or picture))
         self.announced: int | None = count if self.finite and count > 0 else None
         # The progress total of an in-order run: a file's only (a URL is read as live, newest frame first).
         self.frame_count: int | None = self.announced if spec.kind == "file" else None
@@ -210,7 +232,7 @@ class VideoReader:
         # A file goes on past a damaged spot (its failed reads return at once); a network read may wait its whole
         # timeout before failing, so a URL is not retried here: a live one is the capture's to reconnect, and a video
         # file at a URL ends where its reads end.
-        while (not ok or bgr is None) and self.spec.kind == "file" and failed < MAX_BAD_READS:
+        while (not ok or bgr is None) and self.spec.kind == "file" and self._may_go_on(failed):
             failed += 1
             ok, bgr = self._cap.read()
         if not ok or bgr is None:
@@ -221,7 +243,17 @@ class VideoReader:
             log.warning("%s: %d frame(s) after frame %d could not be decoded (a damaged spot?) and were skipped",
                         self._name(), failed, self.frames_read)
         self.frames_read += 1
+        self._last_ms = self._cap.get(cv2.CAP_PROP_POS_MSEC)
         return _to_rgb(bgr)
+
+    def _may_go_on(self, failed: int) -> bool:
+        """Whether a file whose last `failed` reads failed may still have frames after them."""
+        if failed < MAX_BAD_READS:
+            return True
+        # A longer hole, where the container counts frames still to come (a count only estimated from the duration
+        # may be a few frames high: those cost a quick failed read each, at the end).
+        to_come = (self.announced or 0) - (self.frames_read + self.bad_reads + failed)
+        return to_come > 0 and failed < MAX_HOLE_READS
 
     def _name(self) -> str:
         return f"video file {self.spec.target}" if self.spec.kind == "file" else self.spec.describe()
@@ -234,7 +266,15 @@ class VideoReader:
             return
         self._end_checked = True
         got = self.frames_read + self.bad_reads
-        if expected - got > max(SHORT_END_FRAMES, SHORT_END_SHARE * expected):
+        tolerance = max(SHORT_END_FRAMES, SHORT_END_SHARE * expected)
+        if self.fps and self._last_ms > 0:
+            # Matroska/WebM carry no frame count: OpenCV's is the duration times the nominal rate, too high for a
+            # file whose rate varies (a phone or a browser recording). Its last frame's time still tells an intact
+            # file (its last frame near the end of its duration) from one cut short.
+            duration_ms = expected / self.fps * 1000.0
+            if self._last_ms >= duration_ms - (tolerance + 1) * 1000.0 / self.fps:
+                return
+        if expected - got > tolerance:
             # The count is the container's: a file trimmed without re-encoding counts frames it never shows, so
             # this may be a whole file; a download or recording cut off is the case worth a warning.
             log.warning("%s ended after %d of the %d frames its container counts: cut short or damaged (or trimmed "
@@ -257,15 +297,25 @@ def read_image(path: Path) -> tuple[np.ndarray | None, str]:
 
 class FolderReader:
     """A folder of images (jpg, png, webp, bmp) in natural name order; unreadable files, and pictures under
-    MIN_SIDE pixels on a side (icons), are skipped with a warning."""
+    MIN_SIDE pixels on a side (icons), are skipped with a warning. A single picture file is read as a folder of one
+    (through OpenCV's image reader, which turns it as its EXIF orientation says; its video reader would not)."""
 
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
         folder = Path(str(spec.target))
-        try:
-            files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        except OSError as exc:
-            raise SourceError(f"cannot list folder {folder}: {exc.strerror or exc}") from None
+        if spec.kind == "file":
+            image, why = read_image(folder)  # read twice (here and below): once, at open, for a clear error
+            if image is None:
+                raise SourceError(f"picture {folder} could not be read: {why}")
+            if min(image.shape[:2]) < MIN_SIDE:
+                raise SourceError(f"picture {folder} is {image.shape[1]}x{image.shape[0]}: too small "
+                                  f"({MIN_SIDE}x{MIN_SIDE} at least)")
+            files = [folder]
+        else:
+            try:
+                files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            except OSError as exc:
+                raise SourceError(f"cannot list folder {folder}: {exc.strerror or exc}") from None
         if not files:
             raise SourceError(f"folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
         self._files = deque(sorted(files, key=_natural_key))
@@ -304,7 +354,7 @@ class FolderReader:
 
 def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S) -> VideoReader | FolderReader:
     """Open a source (blocking; network sources give up after open_timeout_s); SourceError if it cannot be used."""
-    if spec.kind == "folder":
+    if spec.kind == "folder" or spec.picture:
         return FolderReader(spec)
     return VideoReader(spec, open_timeout_s)
 
@@ -490,6 +540,13 @@ class CaptureThread:
     def _read_loop(self) -> None:
         """Read until the end, a stop, or a live source lost for good; self._reader is the open reader, if any."""
         failures = 0
+        # A file served over HTTP that announces no frame count (MPEG-TS) reads as a live stream, and opening it again
+        # plays it from its start. Such a pass ran ahead of real time (it downloads faster than it plays), and the
+        # source opened again starts with the very first frame it started with: both together tell the file, where a
+        # live stream opened again at a black frame, or one that delivered a burst at connect, keeps reconnecting.
+        first_digest: bytes | None = None
+        reopened = ran_ahead = False
+        pass_start, pass_frames = time.perf_counter(), 0
         interval = 1.0 / (self.fps or DEFAULT_FPS)
         if self.pace:
             # A file played as if live starts when someone watches (the model may load for minutes before),
@@ -514,6 +571,9 @@ class CaptureThread:
                 if self._reader is not None and getattr(self._reader, "finite", False):
                     log.info("%s ended after %d frames", self.spec.describe(), self._reader.frames_read)
                     break  # a video file at a URL: opening it again would play it again, forever
+                rate = self.fps or DEFAULT_FPS
+                pass_s = time.perf_counter() - pass_start
+                ran_ahead = pass_frames >= 2 * rate and pass_frames > 2 * rate * pass_s
                 if failures >= self.reconnect:
                     what = self.spec.describe()
                     self._error = (
@@ -535,10 +595,21 @@ class CaptureThread:
                     break
                 try:
                     self._reader = self._opener(self.spec)
+                    reopened = True
+                    pass_start, pass_frames = time.perf_counter(), 0
                 except SourceError as exc:
                     log.warning("%s", exc)
                 continue
             failures = 0
+            if self.spec.kind == "url" and (first_digest is None or reopened):
+                digest = hashlib.blake2b(frame.tobytes(), digest_size=16).digest()
+                if reopened and ran_ahead and digest == first_digest:
+                    log.info("%s started again from its first frame: a file at a URL, not a live stream; it ended "
+                             "after %d frames", self.spec.describe(), self.frames_read)
+                    break
+                first_digest = first_digest or digest
+                reopened = False
+            pass_frames += 1
             if self.transform is not None:
                 frame = self.transform(frame)
             if self.pace:

@@ -1,0 +1,225 @@
+"""Sources fed what users have: damaged and variable-rate videos, single pictures with EXIF orientation, odd file
+names, files served over HTTP (OpenCV's reader, on the CPU; FFmpeg makes the videos OpenCV cannot write)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from test_runner import FakeEngine, index_of, make_video, parse
+
+from turbostream.cli import run as cli_run
+from turbostream.errors import SourceError
+from turbostream.io import sources
+from turbostream.io.sources import CaptureThread, SourceSpec, VideoReader, parse_source
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs FFmpeg (.ci/run installs it)")
+
+
+def _frames_read(path: Path) -> list[np.ndarray]:
+    """Every frame a reader of `path` hands over, to its end."""
+    reader = VideoReader(parse_source(str(path)))
+    frames = []
+    while (frame := reader.read()) is not None:
+        frames.append(frame)
+    reader.release()
+    return frames
+
+
+def _zero(path: Path, start: int, length: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[start : start + length] = bytes(length)
+    path.write_bytes(bytes(data))
+
+
+def _chunks(path: Path) -> list[int]:
+    """Where each frame's chunk ("00dc", its size, its JPEG) starts in an MJPG AVI (make_video's .avi)."""
+    data = path.read_bytes()
+    movi = data.find(b"movi")
+    starts, at = [], data.find(b"00dc", movi)
+    while at != -1 and data[at + 8 : at + 10] == b"\xff\xd8":  # the index at the end names chunks too
+        starts.append(at)
+        at = data.find(b"00dc", at + 8)
+    return starts
+
+
+def test_damage_in_the_first_frames_is_skipped_not_a_file_without_frames(tmp_path, caplog):
+    """A file whose first frames will not decode was refused whole ("has no readable frames"): only the first read
+    was tried, where later reads skip damage. The frames after it are read now, and the loss is said."""
+    src = make_video(tmp_path / "in.avi", n=40, size=(64, 64))
+    for start in _chunks(src)[:3]:  # the first three frames' JPEG data, their chunks kept
+        _zero(src, start + 8, int.from_bytes(src.read_bytes()[start + 4 : start + 8], "little"))
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    frames = _frames_read(src)
+    assert [index_of(f) for f in frames] == list(range(3, 40))
+    assert "its first 3 frame(s) could not be decoded" in caplog.text
+
+
+def test_a_hole_longer_than_a_hundred_frames_is_read_through_when_the_count_says_more_come(tmp_path, caplog):
+    """100 failed reads in a row counted as the end of the file: a longer hole lost everything after it, and the
+    run said "done". While the container's count says frames are still to come, the reader goes on."""
+    n = 400
+    src = make_video(tmp_path / "in.avi", n=n, size=(64, 64))
+    for start in _chunks(src)[100:260]:  # frames 100..259: their JPEG data, their chunks kept
+        _zero(src, start + 8, int.from_bytes(src.read_bytes()[start + 4 : start + 8], "little"))
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    frames = _frames_read(src)
+    assert len(frames) == n - 160
+    assert [index_of(f) for f in frames[100:]] == [k % 128 for k in range(260, n)]  # indices are 7 bits
+    assert "160 frame(s) after frame 100 could not be decoded" in caplog.text
+    assert "ended after" not in caplog.text
+
+
+def test_a_file_cut_short_still_ends_soon_after_its_last_frame(tmp_path):
+    """Reading through holes must not make a truncated file's end slow: its missing frames fail at once."""
+    src = make_video(tmp_path / "in.avi", n=400, size=(64, 64))
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 3])
+    reader = VideoReader(parse_source(str(src)))
+    while reader.read() is not None:
+        pass
+    assert 100 < reader.frames_read < 160
+
+
+@needs_ffmpeg
+def test_a_variable_frame_rate_webm_is_not_called_cut_short(tmp_path, caplog):
+    """WebM carries no frame count: OpenCV's is the duration times the nominal rate, too high for a recording whose
+    rate drops (60 frames at 30 fps, then 30 at 15). Its last frame is at its end: no "cut short" warning."""
+    src = tmp_path / "vfr.webm"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=30", "-t", "4",
+                    "-vf", "setpts='if(lt(N,60),N/30/TB,(60+(N-60)*2)/30/TB)'", "-fps_mode", "vfr",
+                    "-c:v", "libvpx", "-b:v", "200k", str(src)], check=True, timeout=60)
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    reader = VideoReader(parse_source(str(src)))
+    assert reader.announced and reader.announced > 100  # the estimate: more frames than the file holds
+    while reader.read() is not None:
+        pass
+    assert reader.frames_read == 90
+    assert "cut short" not in caplog.text
+
+
+def test_a_relative_file_name_with_a_colon_opens(tmp_path, monkeypatch):
+    """FFmpeg read "take:1.mp4" as protocol "take": the file was "not a video format OpenCV can read"."""
+    make_video(tmp_path / "take:1.mp4", n=5, size=(64, 64))
+    monkeypatch.chdir(tmp_path)
+    for name in ("take:1.mp4", "./take:1.mp4"):
+        assert [index_of(f) for f in _frames_read(Path(name))] == list(range(5))
+
+
+def test_a_folder_with_a_superscript_digit_in_a_name_is_ordered_not_refused(tmp_path):
+    """str.isdigit() is true for "²", which int() refuses: the whole folder failed to open."""
+    for name in ("frame10.png", "frame2.png", "5²2.png"):
+        cv2.imwrite(str(tmp_path / name), np.full((16, 16, 3), 100, np.uint8))
+    names = [p.name for p in sorted(tmp_path.iterdir(), key=sources._natural_key)]
+    assert names == ["5²2.png", "frame2.png", "frame10.png"]
+
+
+def _quadrants(width: int, height: int) -> np.ndarray:
+    """RGB: red top left, green top right, blue bottom left, white bottom right."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    image[: height // 2, width // 2 :] = (0, 255, 0)
+    image[height // 2 :, : width // 2] = (0, 0, 255)
+    image[height // 2 :, width // 2 :] = 255
+    return image
+
+
+def _corner_colors(frame: np.ndarray) -> list[tuple[int, ...]]:
+    h, w = frame.shape[:2]
+    return [tuple(int(v) // 128 for v in frame[y, x]) for y, x in ((h // 4, w // 4), (h // 4, 3 * w // 4),
+                                                                    (3 * h // 4, w // 4), (3 * h // 4, 3 * w // 4))]
+
+
+def test_a_single_picture_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone portrait is stored sideways with EXIF orientation 6: `run -i photo.jpg` read it through OpenCV's
+    video reader, which ignores EXIF (a folder of the same picture came out upright). Read as a folder of one now."""
+    upright = _quadrants(96, 64)
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # 64 wide, 96 high: orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    spec = parse_source(str(tmp_path / "photo.jpg"))
+    assert spec.picture
+    with CaptureThread(spec, realtime=False) as capture:
+        assert capture.size == (96, 64) and capture.frame_count == 1
+        got = capture.take(5)
+        assert got is not None and capture.take(5) is None and capture.ended
+    assert _corner_colors(got.frame) == _corner_colors(upright)
+    out = tmp_path / "out"
+    assert cli_run.main(parse("run", "-i", str(tmp_path / "photo.jpg"), "-o", str(out)), engine=FakeEngine()) == 0
+    assert len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"not a picture"], ids=["empty", "text"])
+def test_a_picture_file_that_cannot_be_read_is_a_clear_error(tmp_path, content):
+    (tmp_path / "photo.jpg").write_bytes(content)
+    with pytest.raises(SourceError, match=r"picture .*photo\.jpg could not be read: not an image OpenCV can read"):
+        CaptureThread(str(tmp_path / "photo.jpg")).start()
+
+
+def _serving(folder: Path) -> http.server.ThreadingHTTPServer:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def _capture_counting_opens(url: str, opened: list) -> CaptureThread:
+    def opener(spec: SourceSpec):
+        opened.append(spec)
+        return sources.open_reader(spec)
+
+    return CaptureThread(url, opener=opener, reconnect_delay_s=0.05)
+
+
+def test_a_picture_at_a_url_is_one_frame_not_a_stream_replayed_forever(tmp_path, caplog):
+    """A picture served over HTTP announces no frame count, so it read as a live stream: opened again at its end,
+    forever, warning twice a second. It is one frame now, read once."""
+    cv2.imwrite(str(tmp_path / "photo.jpg"), cv2.cvtColor(_quadrants(64, 64), cv2.COLOR_RGB2BGR))
+    httpd = _serving(tmp_path)
+    opened: list = []
+    caplog.set_level(logging.INFO, logger="turbostream")
+    try:
+        with _capture_counting_opens(f"http://127.0.0.1:{httpd.server_address[1]}/photo.jpg", opened) as capture:
+            got = [capture.latest(0.5) for _ in range(10)]
+            assert capture.ended and capture.error is None
+        assert len([g for g in got if g is not None]) == 1 and len(opened) == 1
+        assert "reconnecting" not in caplog.text
+    finally:
+        httpd.shutdown()
+
+
+@needs_ffmpeg
+def test_a_file_at_a_url_that_announces_no_count_ends_when_it_starts_again(tmp_path, caplog):
+    """An MPEG-TS file served over HTTP announces no frame count, so it reads as a live stream: at its end it was
+    opened again, played again from its start, and so on forever (a run that never ended, its output growing
+    faster than real time). A pass that ran ahead of real time, then a first frame the same as the first one, is a
+    file: it ends there."""
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-t", "4",
+                    "-c:v", "mpeg2video", "-f", "mpegts", str(tmp_path / "clip.ts")], check=True, timeout=60)
+    httpd = _serving(tmp_path)
+    opened: list = []
+    caplog.set_level(logging.INFO, logger="turbostream")
+    try:
+        capture = _capture_counting_opens(f"http://127.0.0.1:{httpd.server_address[1]}/clip.ts", opened)
+        assert capture.spec.live
+        with capture:
+            deadline = time.monotonic() + 30
+            while not capture.ended and time.monotonic() < deadline:
+                capture.latest(0.5)
+            assert capture.ended and capture.error is None
+        assert len(opened) == 2 and capture.frames_read == 100
+        assert "started again from its first frame: a file at a URL, not a live stream" in caplog.text
+    finally:
+        httpd.shutdown()
