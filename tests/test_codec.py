@@ -81,6 +81,24 @@ def test_exif_orientation_is_applied_as_opencv_applies_it(orientation):
     assert np.array_equal(out, opencv)
 
 
+@pytest.mark.parametrize("ahead", [5000, 65533 + 20000])
+def test_exif_after_other_blocks_still_turns_the_picture(ahead):
+    """An XMP block or an ICC profile (64 KiB a segment at most) ahead of the EXIF block: the orientation was looked
+    for in the first 4096 bytes only, and such a portrait came out sideways (OpenCV and browsers turn it)."""
+    img = np.zeros((40, 64, 3), np.uint8)
+    img[:8, :16] = (250, 10, 10)
+    data = oriented_jpeg(img, 6)
+    blocks = b""
+    while ahead > 0:  # APP1 segments of XMP-like text, each within a segment's 65533 bytes of data
+        body = b"http://ns.adobe.com/xap/1.0/\x00" + b" " * (min(ahead, 65533) - 29)
+        blocks += b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
+        ahead -= 65533
+    data = data[:2] + blocks + data[2:]
+    opencv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert opencv.shape == (64, 40, 3)
+    assert np.array_equal(decode_jpeg(data), opencv)
+
+
 def test_a_broken_exif_block_turns_nothing():
     img = np.full((16, 24, 3), 100, np.uint8)
     data = _jpeg(img, "RGB")
