@@ -498,3 +498,31 @@ def test_osc_32_bit_floats_mean_the_decimal_that_was_sent():
         assert [f["seed"] for f in applied[5:]] == [2**31, 4294967040, 123456792]
     finally:
         osc.stop()
+
+
+def test_an_engine_configured_for_more_steps_takes_them_from_every_control():
+    """EngineConfig.max_steps (up to 50) is the step limit the ready message advertises, but every way of changing
+    parameters first checked against the default limit (10): steps 12 on a 20-step engine were refused, and with a
+    default of 15 steps every change was, even a new prompt alone."""
+    from turbostream.config import StreamParams
+    from turbostream.control.targets import RunTarget
+    from turbostream.serve import protocol
+
+    limits = (20, True)
+    default = StreamParams(steps=15, strength=0.5)
+    assert protocol.apply_config(default, {"prompt": "a watercolor"}, *limits).steps == 15
+    assert protocol.apply_config(StreamParams(), {"steps": 12}, *limits).steps == 12
+    with pytest.raises(protocol.ProtocolError, match="steps must be between 1 and 20, got 21"):
+        protocol.apply_config(StreamParams(), {"steps": 21}, *limits)
+    with pytest.raises(protocol.ProtocolError, match="steps must be between 1 and 10, got 12"):
+        protocol.apply_config(StreamParams(), {"steps": 12}, 10)
+
+    class Run:  # what RunTarget drives (OSC and playlists in `run`)
+        params = default
+
+        def set_params(self, params):
+            self.params = params
+
+    run = Run()
+    RunTarget(run, limits)({"strength": 0.6})
+    assert (run.params.steps, run.params.strength) == (15, 0.6)

@@ -18,6 +18,7 @@ DEFAULT_PROMPT = "an oil painting, thick brush strokes, vivid colors"
 
 # Limits on what one stream may ask for. SD-Turbo is distilled for 1-4 steps; more is allowed but rarely useful.
 MAX_STEPS = 10
+MAX_ENGINE_STEPS = 50  # the most an engine may be configured for (EngineConfig.max_steps)
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**32 - 1
 # Live-video controls (README: "Live-video controls"). A weighted prompt blend holds at most MAX_BLEND_PROMPTS
@@ -141,11 +142,13 @@ class StreamParams:
         return self
 
     def updated(self, **changes) -> StreamParams:
-        """A validated copy with some fields changed; unknown fields raise ValueError."""
+        """A copy with some fields changed, checked against the widest limits any engine has (unknown fields raise
+        ValueError too); the caller checks it against its own engine's, validate(*stream_limits(engine)): an engine
+        configured for more than MAX_STEPS steps takes them."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown stream parameter(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes).validate()
+        return dataclasses.replace(self, **changes).validate(MAX_ENGINE_STEPS)
 
 
 def _check_prompt_text(text, name: str) -> None:
@@ -363,8 +366,8 @@ class EngineConfig:
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")
         self.buckets = buckets
-        if not 1 <= self.max_steps <= 50:
-            raise ValueError(f"max_steps must be between 1 and 50, got {self.max_steps}")
+        if not 1 <= self.max_steps <= MAX_ENGINE_STEPS:
+            raise ValueError(f"max_steps must be between 1 and {MAX_ENGINE_STEPS}, got {self.max_steps}")
         if min(self.prompt_cache_size, self.prompt_kv_cache_size, self.noise_cache_size, self.max_stream_states) < 1:
             raise ValueError("cache sizes must be at least 1")
         self.default_params.validate(self.max_steps)  # reuse: on when the default stream asks (reuse_enabled)
