@@ -24,7 +24,7 @@ from test_server import next_result, open_client, run, serving
 
 from turbostream import cli
 from turbostream.codec import CPU_JPEG, decode_jpeg, encode_jpeg, jpeg_header
-from turbostream.codec_cuda import CudaJpeg, HybridJpeg, _load_io
+from turbostream.codec_cuda import CudaJpeg, HybridJpeg, _load_io, torchvision_install_hint
 from turbostream.errors import CodecError
 
 
@@ -197,8 +197,14 @@ def test_a_cpu_device_or_no_cuda_is_refused_with_the_reason():
 def test_missing_or_mismatched_torchvision_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as when it is not installed
     monkeypatch.setitem(sys.modules, "torchvision.io", None)
-    with pytest.raises(ValueError, match="needs torchvision, the release built for this torch"):
+    with pytest.raises(ValueError, match="needs torchvision, the release built for this torch") as refused:
         _load_io()
+    # The release for the torch that runs, named (a plain `pip install torchvision` may upgrade torch to match it).
+    major, minor = torch.__version__.split(".")[:2]
+    assert f'pip install "torchvision=={int(major) - 2}.{int(minor) + 15}.*"' in str(refused.value)
+    assert torchvision_install_hint("2.11.0+cu128") == 'pip install "torchvision==0.26.*"'
+    assert torchvision_install_hint("2.13.0") == 'pip install "torchvision==0.28.*"'
+    assert torchvision_install_hint("3.0.0") == "pip install the torchvision release built for it"
     broken = types.ModuleType("torchvision")
 
     def fail(name):

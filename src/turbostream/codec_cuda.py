@@ -42,13 +42,25 @@ TRIAL_SIDE = 64
 TRIAL_MAX_DIFF = 12
 
 
+def torchvision_install_hint(torch_version: str) -> str:
+    """The pip command for the torchvision release built for a torch version: its minor is torch's plus 15 (2.13 goes
+    with 0.28). Named, since a plain `pip install torchvision` may upgrade torch to match the newest torchvision."""
+    try:
+        major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return "pip install the torchvision release built for it"
+    if major != 2:
+        return "pip install the torchvision release built for it"
+    return f'pip install "torchvision=={0}.{minor + 15}.*"'
+
+
 def _load_io() -> ModuleType:
     """torchvision.io, or ValueError saying what to install."""
     try:
         import torchvision.io as tv_io
     except ImportError:
         raise ValueError(f"--jpeg gpu needs torchvision, the release built for this torch ({torch.__version__}): "
-                         "pip install torchvision (torch 2.11 goes with torchvision 0.26)") from None
+                         f"{torchvision_install_hint(torch.__version__)}") from None
     except Exception as exc:  # noqa: BLE001 - torchvision's ops failing to load for a torch they were not built for
         raise ValueError(f"torchvision cannot run with this torch ({torch.__version__}): {exc}; install the "
                          "torchvision release built for it") from None
