@@ -212,6 +212,9 @@ def test_stream_urls_are_checked_before_the_model_loads(monkeypatch, capsys, tmp
     assert "no ffmpeg program was found" in err and "apt-get install ffmpeg" in err and "hunter22" not in err
     with pytest.raises(SinkError, match="no ffmpeg program"):
         check_stream_output("udp://127.0.0.1:9000")
+    # serve names its own option (it has no -o)
+    assert cli.main(["serve", "--source", src, "--publish", "udp://127.0.0.1:9000", "--port", "0", *CLI_MODEL]) == 2
+    assert "error: --publish udp://127.0.0.1:9000 streams through FFmpeg" in capsys.readouterr().err
 
 
 def test_stream_secrets_are_redacted():

@@ -150,7 +150,7 @@ def integration_args(args) -> None:
     for url in args.publish:
         if not is_stream_url(url):
             raise UserError(f"--publish {redact_stream(url)!r}: use an rtmp://, srt://, rtsp:// or udp:// URL")
-        check_stream_output(url)  # SinkError (a UserError) for an output that cannot work
+        check_stream_output(url, "--publish")  # SinkError (a UserError) for an output that cannot work
     args.controls = controls_from_args(args)
 
 

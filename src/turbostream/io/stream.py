@@ -96,7 +96,7 @@ def _ffmpeg_lists(program: str) -> tuple[str, str, str]:
     return out[0], out[1], out[2]
 
 
-def check_stream_output(url: str) -> None:
+def check_stream_output(url: str, option: str = "-o") -> None:
     """Everything about a stream output that can be known before the model loads; SinkError with what to do."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -114,7 +114,7 @@ def check_stream_output(url: str) -> None:
                         f"(for example {scheme}://{parts.hostname}:9000)")
     program = ffmpeg_program()
     if program is None:
-        raise SinkError(f"-o {shown} streams through FFmpeg, and no ffmpeg program was found: {INSTALL_FFMPEG}")
+        raise SinkError(f"{option} {shown} streams through FFmpeg, and no ffmpeg program was found: {INSTALL_FFMPEG}")
     encoders, protocols, formats = _ffmpeg_lists(program)
     if not encoders:
         raise SinkError(f"{program} could not be run to list its encoders: {INSTALL_FFMPEG}")
