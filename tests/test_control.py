@@ -369,6 +369,9 @@ def test_osc_message_results():
             ("/turbostream/prompt", ["a fox"], "applied"),
             ("/turbostream/prompt", [3], "bad_arguments"),
             ("/turbostream/prompt", ["a", "b"], "bad_arguments"),
+            ("/turbostream/prompt", ['[["a fox", 1], ["a crow", 3]]'], "applied"),  # a blend, as --prompt reads it
+            ("/turbostream/prompt", ['[["a fox", 1], ["a crow"]]'], "rejected"),  # a pair without its weight
+            ("/turbostream/prompt", ["[a fox"], "bad_arguments"),  # not JSON
             ("/turbostream/strength", [1], "applied"),
             ("/turbostream/strength", [float("nan")], "rejected"),
             ("/turbostream/strength", [True], "bad_arguments"),
@@ -384,7 +387,8 @@ def test_osc_message_results():
         ]
         for address, args, expected in cases:
             assert osc.handle_message(address, args) == expected, (address, args)
-        assert applied[:2] == [{"prompt": "a fox"}, {"strength": 1.0}]
+        assert applied[:2] == [{"prompt": "a fox"}, {"prompt": (("a fox", 1), ("a crow", 3))}]
+        assert applied[3] == {"strength": 1.0}  # after the blend refused by apply
         assert osc.playlist.moves == [1, -1]
         assert osc.handle_datagram(b"garbage") == ["malformed"]
     finally:

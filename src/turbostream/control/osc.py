@@ -3,9 +3,9 @@ into the fields of a `config` message for one callback (a RunTarget or a Broadca
 
 | address                  | arguments         | does                                                     |
 | ------------------------ | ----------------- | -------------------------------------------------------- |
-| /turbostream/prompt      | s                 | the prompt                                               |
+| /turbostream/prompt      | s                 | the prompt; JSON starting with [ is a weighted blend     |
 | /turbostream/strength    | f (or i)          | strength, 0 < x <= 1 (steps x strength >= 1)             |
-| /turbostream/steps       | i (or integral f) | schedule length, 1..10                                   |
+| /turbostream/steps       | i (or integral f) | schedule length, 1..the engine's max_steps (10)          |
 | /turbostream/seed        | i (or integral f) | noise seed, 0..2^32-1                                    |
 | /turbostream/similarity  | f (or i)          | skip still frames: 0 (off) or a threshold below 1        |
 | /turbostream/transition  | f (or i)          | transition_s: seconds to blend after a prompt/seed change|
@@ -31,6 +31,8 @@ import struct
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from ..config import parse_prompt
 
 log = logging.getLogger("turbostream.control")
 
@@ -98,7 +100,10 @@ def fields_for(name: str, args: list[Any]) -> dict[str, Any]:
     if name == "prompt":
         if not isinstance(value, str):
             raise BadArguments(f"expected a string, got {type(value).__name__} {_short(value)}")
-        return {"prompt": value}
+        try:  # as --prompt, playlists and the prompt line read it: a weighted blend when it starts with "["
+            return {"prompt": parse_prompt(value)}
+        except ValueError as exc:
+            raise BadArguments(str(exc)) from None
     if name in ("strength", "similarity", "feedback"):
         return {name: _number(value)}
     if name == "transition":
