@@ -410,11 +410,13 @@ def test_playlist_format():
     neon | cyberpunk city | 2h
     a poster | minimal
     tiny | .5
+    a city at night | ...dreamy
     """
     looks = parse_playlist(text, default_duration_s=20)
     assert [(lk.prompt, lk.duration_s, lk.line) for lk in looks] == [
         ("an oil painting, thick brush strokes", 45.0, 2), ("a watercolor", 90.0, 3), ("a charcoal drawing", 20.0, 4),
         ("neon | cyberpunk city", 7200.0, 5), ("a poster | minimal", 20.0, 6), ("tiny", 0.5, 7),
+        ("a city at night | ...dreamy", 20.0, 8),  # text after "|" that is no number: part of the prompt
     ]
     assert parse_duration("30") == parse_duration("30s") == parse_duration("0.5m") == 30.0
     for bad, message in [

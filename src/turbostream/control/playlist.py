@@ -10,7 +10,7 @@ The file is plain text, one look a line:
 Each line is a prompt, optionally followed by `| DURATION`: a number of seconds (`30`, `30s`, `2.5s`), minutes
 (`1.5m`) or hours (`1h`), between 0.1 s and 24 h. A line without one stays for the default (`--prompt-duration`,
 30 s). After the last line the list starts over. OSC `/turbostream/next` and `/turbostream/previous` step through it
-(and restart the step's timer). The text after the last `|` is a duration only when it starts with a digit, so a
+(and restart the step's timer). The text after the last `|` is a duration only when it starts with a digit (or a dot and a digit: `.5`), so a
 prompt may contain `|` elsewhere; `| 30x` is an error with its line number, not part of a prompt.
 
 Every line's prompt is read as `--prompt` reads its value (config.parse_prompt), the first as the others: plain text,
@@ -74,7 +74,7 @@ def parse_playlist(text: str, default_duration_s: float = DEFAULT_DURATION_S, so
             continue
         prompt, duration = line, default_duration_s
         head, bar, tail = line.rpartition("|")
-        if bar and tail.strip()[:1] in tuple("0123456789."):
+        if bar and re.match(r"\.?[0-9]", tail.strip()):  # a digit, or a dot and a digit (.5): a duration
             try:
                 duration = parse_duration(tail)
             except ValueError as exc:
