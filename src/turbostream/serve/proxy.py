@@ -6,8 +6,8 @@ The chain is read from the right (the entry the nearest proxy added) to the left
 first address that is not one is the client. Entries a client wrote itself sit to the left of what the proxies
 appended, so a forged header changes nothing. Without --trusted-proxy the header is ignored everywhere.
 
-The address is what logs, metrics and rate decisions use (`TurboServer.client_address`): per-client limits keyed on
-the peer would otherwise throttle the balancer as one client.
+The address is what the server's log lines name (`TurboServer.client_address`), for now its only use: no metric
+label and no limit is keyed on it (the guard's message budgets are per connection).
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ class TurboServer:
 
     def client_address(self, ws: ServerConnection) -> str | None:
         """The client's IP address: the peer's, or X-Forwarded-For's when the peer is a --trusted-proxy (proxy.py).
-        What logs, metrics and per-client rate decisions use."""
+        What the log lines name (no metric label or limit is keyed on it)."""
         peer = ws.remote_address[0] if ws.remote_address else None
         return self.proxies.client_address(peer, ws.request.headers if ws.request is not None else None)
 
