@@ -24,7 +24,8 @@ from turbostream.cli import run as cli_run
 from turbostream.codec import fit_frame
 from turbostream.errors import SinkError
 from turbostream.io import sinks
-from turbostream.io.stream import FFMPEG_ENV, StreamSink, check_stream_output, redact_stream
+from turbostream.io.sources import redact
+from turbostream.io.stream import FFMPEG_ENV, StreamSink, check_stream_output
 
 FFMPEG = shutil.which("ffmpeg")
 needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg program (apt-get install ffmpeg)")
@@ -218,11 +219,14 @@ def test_stream_urls_are_checked_before_the_model_loads(monkeypatch, capsys, tmp
 
 
 def test_stream_secrets_are_redacted():
-    assert redact_stream("rtmp://a.rtmp.youtube.com/live2/abcd-1234") == "rtmp://a.rtmp.youtube.com/live2/***"
-    assert redact_stream("rtmps://user:pw@host/app/key?x=1") == "rtmps://user:***@host/app/***?x=1"
-    assert redact_stream("srt://h:9000?mode=caller&passphrase=p4ss&streamid=publish:cam") == \
+    assert redact("rtmp://a.rtmp.youtube.com/live2/abcd-1234") == "rtmp://a.rtmp.youtube.com/live2/***"
+    assert redact("rtmps://user:pw@host/app/key?x=1") == "rtmps://user:***@host/app/***?x=1"
+    assert redact("srt://h:9000?mode=caller&passphrase=p4ss&streamid=publish:cam") == \
         "srt://h:9000?mode=caller&passphrase=***&streamid=***"
-    assert redact_stream("udp://239.0.0.1:5000?pkt_size=1316") == "udp://239.0.0.1:5000?pkt_size=1316"
+    assert redact("udp://239.0.0.1:5000?pkt_size=1316") == "udp://239.0.0.1:5000?pkt_size=1316"
+    # inputs too: the one redaction names sources and outputs alike (inputs showed tokens and stream keys)
+    assert redact("https://cam.example/live.m3u8?token=SECRET123") == "https://cam.example/live.m3u8?token=***"
+    assert redact("rtsp://user:pw@cam.local/stream") == "rtsp://user:***@cam.local/stream"
 
 
 def test_virtualcam_without_the_package_says_what_to_install(tmp_path, capsys, monkeypatch):

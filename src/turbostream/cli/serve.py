@@ -145,11 +145,12 @@ def integration_args(args) -> None:
                         "add --source SRC")
     if not 1.0 <= args.publish_fps <= 240.0:
         raise UserError(f"--publish-fps must be between 1 and 240, got {args.publish_fps:g}")
-    from ..io.stream import check_stream_output, is_stream_url, redact_stream
+    from ..io.sources import redact
+    from ..io.stream import check_stream_output, is_stream_url
 
     for url in args.publish:
         if not is_stream_url(url):
-            raise UserError(f"--publish {redact_stream(url)!r}: use an rtmp://, srt://, rtsp:// or udp:// URL")
+            raise UserError(f"--publish {redact(url)!r}: use an rtmp://, srt://, rtsp:// or udp:// URL")
         check_stream_output(url, "--publish")  # SinkError (a UserError) for an output that cannot work
     args.controls = controls_from_args(args)
 

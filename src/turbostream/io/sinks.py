@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from ..errors import SinkError
-from .sources import SourceSpec
-from .stream import STREAM_FORMATS, check_stream_output, is_stream_url, redact_stream
+from .sources import SourceSpec, redact
+from .stream import STREAM_FORMATS, check_stream_output, is_stream_url
 from .virtualcam import virtualcam_module
 
 log = logging.getLogger("turbostream.sinks")
@@ -50,7 +50,7 @@ class OutputSpec:
 
     def describe(self) -> str:
         if self.kind == "stream":
-            return redact_stream(self.text)
+            return redact(self.text)
         return self.text if self.path is None else str(self.path)
 
 
@@ -71,7 +71,7 @@ def parse_output(text: str) -> OutputSpec:
     if is_stream_url(spec):
         return OutputSpec("stream", None, spec)
     if "://" in spec:
-        raise SinkError(f"unknown output {redact_stream(spec)!r}: stream URLs start with "
+        raise SinkError(f"unknown output {redact(spec)!r}: stream URLs start with "
                         f"{', '.join(s + '://' for s in STREAM_FORMATS)}")
     path = Path(spec).expanduser()
     if spec.endswith(("/", os.sep)) or path.is_dir():

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -62,16 +62,30 @@ def quiet_opencv() -> None:
         pass
 
 
+# Query parameters that carry secrets: SRT's passphrase and stream id, a CDN's token or key.
+SECRET_QUERY_KEYS = ("passphrase", "streamid", "key", "token", "password", "pass", "secret")
+
+
 def redact(url: str) -> str:
-    """A URL with its password replaced by ***, fit for logs and messages."""
+    """A URL fit for logs and messages, inputs and outputs alike: its password, an RTMP stream key (the path after
+    the app) and secret query parameters as ***."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return url
-    if parts.password is None:
+    netloc, path, query = parts.netloc, parts.path, parts.query
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    if parts.scheme.lower() in ("rtmp", "rtmps"):
+        segments = path.split("/")
+        if len([s for s in segments if s]) >= 2:  # /app/KEY -> /app/***
+            path = "/".join(segments[:-1] + ["***"])
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/:")
+    if (netloc, path, query) == (parts.netloc, parts.path, parts.query):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=netloc, path=path, query=query))
 
 
 def _natural_key(path: Path) -> list:

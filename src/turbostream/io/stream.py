@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from functools import lru_cache
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -46,7 +46,6 @@ IO_TIMEOUT_US = 10_000_000  # ffmpeg gives up on a connection or a write that ha
 BITS_PER_PIXEL = 0.15  # bitrate = width x height x fps x this (1.2 Mbit/s at 512x512, 30 fps), at least:
 MIN_BITRATE = 400_000
 STDERR_LINES = 12  # ffmpeg's last messages kept to explain a failure
-_SECRET_QUERY_KEYS = ("passphrase", "streamid", "key", "token", "password", "pass", "secret")
 _FFMPEG_PREFIX = re.compile(r"^\[[\w\s#:./-]+ @ (?:0x)?[0-9a-fA-F]+\]\s*")
 INSTALL_FFMPEG = ("install FFmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; Windows: "
                   f"winget install ffmpeg), or point {FFMPEG_ENV} at an ffmpeg program")
@@ -54,25 +53,6 @@ INSTALL_FFMPEG = ("install FFmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS:
 
 def is_stream_url(text: str) -> bool:
     return urlsplit(str(text).strip()).scheme.lower() in STREAM_FORMATS
-
-
-def redact_stream(url: str) -> str:
-    """A stream URL fit for logs: password, RTMP stream key (the path after the app) and secret parameters as ***."""
-    url = redact(url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    path = parts.path
-    if parts.scheme.lower() in ("rtmp", "rtmps"):
-        segments = path.split("/")
-        if len([s for s in segments if s]) >= 2:  # /app/KEY -> /app/***
-            path = "/".join(segments[:-1] + ["***"])
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/:")
-    return urlunsplit(parts._replace(path=path, query=query))
 
 
 def ffmpeg_program() -> str | None:
@@ -100,7 +80,7 @@ def check_stream_output(url: str, option: str = "-o") -> None:
     """Everything about a stream output that can be known before the model loads; SinkError with what to do."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    shown = redact_stream(url)
+    shown = redact(url)
     if scheme not in STREAM_FORMATS:
         raise SinkError(f"unknown stream URL {shown!r}: use {', '.join(s + '://' for s in STREAM_FORMATS)}")
     if not parts.hostname:
@@ -170,7 +150,7 @@ class StreamSink(PacedSink):
                  on_failure=None) -> None:
         super().__init__(fps, size)
         self.url = url
-        self.path = self.shown = redact_stream(url)  # `path`: what SinkThread names its writer thread after
+        self.path = self.shown = redact(url)  # `path`: what SinkThread names its writer thread after
         self.bitrate = bitrate or default_bitrate(size, fps)
         self.program = program or ffmpeg_program() or "ffmpeg"
         self.retry_s, self.retry_max_s = retry_s, retry_max_s
