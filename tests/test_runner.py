@@ -892,3 +892,21 @@ def test_cli_generate_end_to_end(tmp_path, allow_load):
     out = tmp_path / "cat.png"
     assert cli.main(["generate", "a cat", "-o", str(out), *CLI_MODEL]) == 0
     assert cv2.imread(str(out)).shape == (64, 64, 3)
+
+
+def test_a_failing_sink_without_a_path_is_an_error_not_a_hang():
+    """The error message read `sink.path`: a sink without one (a user's own) raised AttributeError on the writer
+    thread, which died before setting `error`, and put() then waited for room forever."""
+
+    class Npy:
+        def write(self, frame, index):
+            raise OSError("disk full")
+
+        def close(self):
+            pass
+
+    writer = sinks.SinkThread(Npy(), maxsize=2)
+    with pytest.raises(SinkError, match="writing Npy failed: disk full"):
+        for index in range(10):
+            writer.put(np.zeros((8, 8, 3), np.uint8), index)
+    writer.close()

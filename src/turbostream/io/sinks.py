@@ -376,21 +376,24 @@ def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *, fill_gaps: 
 
 
 class SinkThread:
-    """Runs a file sink's writes on writer threads behind a bounded queue (put() waits when it is full).
+    """Runs a sink's writes on writer threads behind a bounded queue (put() waits when it is full): every output of
+    `run` goes through one.
 
+    A sink has write(frame, index) and close() (SinkError, or any exception, for a failure), describe() for the run's
+    summary, and optionally `path` (what messages and thread names call it; the class name otherwise) and `workers`.
     One thread for a video (frames must arrive in order); `sink.workers` threads for sinks whose frames are
     independent files. close() writes what is queued, then finalizes the sink once.
     """
 
     _END = object()
 
-    def __init__(self, sink: VideoSink | FolderSink, maxsize: int = 8) -> None:
+    def __init__(self, sink, maxsize: int = 8) -> None:
         self.sink = sink
         self.error: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        name = getattr(sink, "path", type(sink).__name__)
+        self.name = str(getattr(sink, "path", type(sink).__name__))
         self._threads = [
-            threading.Thread(target=self._run, name=f"writer {name} {k}", daemon=True)
+            threading.Thread(target=self._run, name=f"writer {self.name} {k}", daemon=True)
             for k in range(max(1, int(getattr(sink, "workers", 1))))
         ]
         for thread in self._threads:
@@ -417,7 +420,7 @@ class SinkThread:
                     self.sink.write(*item)
         except Exception as exc:
             if self.error is None:
-                self.error = str(exc) if isinstance(exc, SinkError) else f"writing {self.sink.path} failed: {exc}"
+                self.error = str(exc) if isinstance(exc, SinkError) else f"writing {self.name} failed: {exc}"
             while self._queue.get() is not self._END:
                 pass
 
@@ -435,4 +438,4 @@ class SinkThread:
         try:
             self.sink.close()
         except Exception as exc:  # a failed finalize is still worth reporting, not a crash
-            self.error = self.error or f"finalizing {self.sink.path} failed: {exc}"
+            self.error = self.error or f"finalizing {self.name} failed: {exc}"

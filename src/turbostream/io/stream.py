@@ -150,7 +150,7 @@ class StreamSink(PacedSink):
                  on_failure=None) -> None:
         super().__init__(fps, size)
         self.url = url
-        self.path = self.shown = redact(url)  # `path`: what SinkThread names its writer thread after
+        self.path = self.shown = redact(url)  # `path`: what SinkThread calls it
         self.bitrate = bitrate or default_bitrate(size, fps)
         self.program = program or ffmpeg_program() or "ffmpeg"
         self.retry_s, self.retry_max_s = retry_s, retry_max_s
