@@ -2,7 +2,8 @@
 joined by bounded hand-offs:
 
     CaptureThread (decode, fit to the engine size) -> GPU thread (warmup, engine calls)
-        -> main thread (window, progress, fan-out) -> one writer thread per file output (encode, write)
+        -> main thread (window, progress, fan-out) -> writer threads per output (io/sinks.py SinkThread: one for a
+           video or stream, four for a folder of images; encode, write)
 
 so the GPU computes frame N while frame N+1 is decoded and frame N-1 is written. Live sources (cameras, URLs, or
 files with --realtime) hand over only their newest frame, one at a time: stale frames are dropped and counted, and

@@ -1,5 +1,6 @@
 """`turbostream serve`: options, then listen at once (/healthz says 503), load and warm the engine on the inference
-thread, serve until SIGINT or SIGTERM (exit 0), closing every connection with 1001."""
+thread, serve until SIGINT, SIGTERM or SIGHUP (unless ignored; cli/signals.py) (exit 0), closing every connection with
+1001."""
 
 from __future__ import annotations
 
