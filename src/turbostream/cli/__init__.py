@@ -1,8 +1,9 @@
 """The `turbostream` command: serve, run, generate, bench, warmup.
 
 Each subcommand's options and entry live in the module it names (cli/serve.py, ...); its work lives in the package
-(serve/, pipeline.py, bench.py), imported only when that subcommand runs (importing diffusers costs seconds).
-Nothing in the package imports cli/.
+(serve/, pipeline.py, bench.py). torch, diffusers and the engine are imported only when a subcommand builds an engine
+(importing diffusers costs seconds; `turbostream --help` and errors in the options come without them). Nothing in the
+package imports cli/.
 """
 
 from __future__ import annotations
