@@ -68,7 +68,6 @@ class Pending:
 
     frame: np.ndarray
     meta: Any
-    t_submit: float = field(default_factory=time.perf_counter)
     skip: bool = False  # a repeat of `frame`, the stream's similarity reference: answer with its output
 
 
@@ -80,10 +79,7 @@ class Result:
     frame: np.ndarray | None
     meta: Any
     error: str | None = None
-    batch_size: int = 0
-    gpu_s: float = 0.0  # wall time of the engine call that produced it (shared by the whole batch)
-    t_submit: float = 0.0
-    t_done: float = 0.0
+    batch_size: int = 0  # frames in the engine call that produced it (0: answered without one)
     skipped: bool = False  # answered with the stream's last output, without an engine call
 
 
@@ -99,7 +95,6 @@ class _Call:
     outs: list[np.ndarray | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
     t0: float = 0.0
-    dt: float = 0.0  # the call's own time (see _finish)
     due: float = 0.0  # when the device should finish it (pipelined; 0: no estimate yet)
     seen_done: float = 0.0  # when the inference thread first saw it done (0: not yet), which may be before collect
     submitted: float = 0.0  # when its submit returned (the device has it from then on)
@@ -248,9 +243,8 @@ class Batcher:
             if stream.closed or self._stop:
                 return item  # nobody will process it: dropped
             old = self._pending.get(stream.key)
-            if old is not None:
-                # Keep the slot's place in line: the stream waited since its older frame arrived.
-                item.t_submit = old[1].t_submit
+            # A replaced frame keeps its slot's place in line (a dict keeps a key's first position): the stream has
+            # waited since its older frame arrived.
             self._pending[stream.key] = (stream, item)
             self._cond.notify_all()
         return old[1] if old is not None else None
@@ -502,21 +496,19 @@ class Batcher:
             self.skipped += n_skipped
             if self.on_skip is not None:
                 self.on_skip(n_skipped)
-        call.dt = dt
 
     def _deliver(self, call: _Call) -> None:
         """Hand each stream of a finished call its result (on this thread; callbacks only hand off)."""
-        todo, batch, dt = call.todo, call.batch, call.dt
-        t_done = time.perf_counter()
+        todo, batch = call.todo, call.batch
         ran = iter(zip(call.outs, call.errors))
         answers = [(r, None, True) if r is not None else (*next(ran), False) for r in call.reused]
         for (stream, item), (out, err, skipped) in zip(batch, answers):
             if stream.closed:
                 continue
             if skipped:
-                result = Result(stream, out, item.meta, None, 0, 0.0, item.t_submit, t_done, skipped=True)
+                result = Result(stream, out, item.meta, skipped=True)
             else:
-                result = Result(stream, out, item.meta, err, len(todo), dt, item.t_submit, t_done)
+                result = Result(stream, out, item.meta, err, len(todo))
             try:
                 stream.on_result(result)
             except Exception:  # noqa: BLE001 - a broken callback is the stream's problem, not the thread's

@@ -54,12 +54,11 @@ INTERRUPTED_CAPTURE_WAIT_S = 1.0  # after Ctrl-C, how long the source's thread i
 
 @dataclass
 class Result:
-    """One stylized frame: its source index, the uint8 RGB image, when it was read and when the engine finished."""
+    """One stylized frame: its source index, the uint8 RGB image, and when it was read."""
 
     index: int
     image: np.ndarray
     t_read: float
-    t_done: float
 
 
 @dataclass
@@ -492,9 +491,8 @@ class Pipeline:
         self.summary.skipped += len(call.items) - len(call.frames)
         self._last_in = call.last_in
         self._last_out = None if call.last_in is None else known[id(call.last_in)]
-        t_done = time.perf_counter()
         for it in call.items:
-            self._put(Result(it.index, known[id(it.frame)], it.t, t_done))
+            self._put(Result(it.index, known[id(it.frame)], it.t))
 
     def _abandon(self, calls: deque[_Call]) -> None:
         """After an error, collect the calls still in flight so that none is left on the engine (the run ends with
