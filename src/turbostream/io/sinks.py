@@ -23,8 +23,8 @@ import numpy as np
 
 from ..errors import SinkError
 from .sources import SourceSpec, redact
-from .stream import STREAM_FORMATS, check_stream_output, is_stream_url
-from .virtualcam import virtualcam_module
+from .stream import STREAM_FORMATS, StreamSink, check_stream_output, is_stream_url
+from .virtualcam import VirtualCamSink, parse_virtualcam, virtualcam_module
 
 log = logging.getLogger("turbostream.sinks")
 
@@ -365,12 +365,8 @@ def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *, fill_gaps: 
     if out.kind == "folder":
         return FolderSink(out.path)
     if out.kind == "stream":
-        from .stream import StreamSink
-
         return StreamSink(out.text, paced_fps, size)
     if out.kind == "virtualcam":
-        from .virtualcam import VirtualCamSink, parse_virtualcam
-
         return VirtualCamSink(paced_fps, size, parse_virtualcam(out.text))
     raise ValueError(f"no sink for a {out.kind} output")
 

@@ -431,11 +431,9 @@ def gpu_memory_reader(engine) -> Callable[[], tuple[float, float]] | None:
 
 
 def default_capture(spec: str):
-    """sources.CaptureThread in realtime mode (newest frame only); ValueError with the reason for a bad SRC."""
-    try:
-        from ..io.sources import CaptureThread
-    except ImportError as exc:
-        raise ValueError(f"server-side capture is not available: {exc}") from None
+    """sources.CaptureThread in realtime mode (newest frame only); SourceError (a ValueError) for a bad SRC."""
+    from ..io.sources import CaptureThread
+
     return CaptureThread(spec, realtime=True)
 
 
