@@ -392,7 +392,8 @@ def test_run_with_controls_skips_repeats_and_keeps_every_frame(tmp_path, make_en
 
 def test_prompt_line_changes_the_controls():
     from turbostream.io.sources import CaptureThread
-    from turbostream.pipeline import Pipeline, PromptLine
+    from turbostream.control.prompt_line import PromptLine
+    from turbostream.pipeline import Pipeline
 
     pipeline = Pipeline(type("E", (), {"max_batch": 1})(), CaptureThread("0"), [], StreamParams(prompt="a"))
     line = PromptLine(pipeline)

@@ -326,7 +326,8 @@ def test_reuse_from_osc_the_prompt_line_and_the_command_line():
     from turbostream.control.osc import PARAM_ADDRESSES, BadArguments, fields_for
     from turbostream.errors import UserError
     from turbostream.io.sources import CaptureThread
-    from turbostream.pipeline import Pipeline, PromptLine
+    from turbostream.control.prompt_line import PromptLine
+    from turbostream.pipeline import Pipeline
 
     assert "reuse" in PARAM_ADDRESSES
     assert fields_for("reuse", [3.0]) == {"reuse": 3}  # TouchDesigner sends floats; integral ones are fine

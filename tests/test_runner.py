@@ -29,7 +29,8 @@ from turbostream.errors import SinkError, SourceError
 from turbostream.io import sinks
 from turbostream.io.sinks import VideoSink
 from turbostream.io.sources import CaptureThread, SourceSpec
-from turbostream.pipeline import Pipeline, PromptLine
+from turbostream.control.prompt_line import PromptLine
+from turbostream.pipeline import Pipeline
 
 CLI_MODEL = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
 
@@ -767,6 +768,27 @@ def test_prompt_line_changes_parameters_live():
     with pytest.raises(ValueError, match="needs a number"):
         line.apply("/seed nine")
     assert line.apply("/quit") == "quit" and pipeline._stop.is_set()
+
+
+def test_the_prompt_line_changes_the_run_through_the_target_osc_and_the_playlist_use():
+    """The prompt line read the parameters and set them itself, outside the lock OSC and the playlist change them
+    under: an OSC change landing between its read and its set was lost. It hands fields to the shared RunTarget."""
+    from turbostream.control import RunTarget
+
+    pipeline = Pipeline(FakeEngine(), CaptureThread("0"), [], StreamParams(prompt="a"))
+    target = RunTarget(pipeline)
+    calls = []
+
+    class Recording(RunTarget):
+        def __call__(self, fields):
+            calls.append(fields)
+            target({"strength": 0.9})  # an OSC change that lands while the typed line is being applied
+            return super().__call__(fields)
+
+    line = PromptLine(pipeline, target=Recording(pipeline))
+    line.apply("a watercolor")
+    assert calls == [{"prompt": "a watercolor"}]
+    assert (pipeline.params.prompt, pipeline.params.strength) == ("a watercolor", 0.9)  # neither change lost
 
 
 # ------------------------------------------------------------------------------------------------ the real CLI

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import heap
-from .config import RunConfig, StreamParams, parse_prompt, stream_limits
+from .config import RunConfig, StreamParams
 from .errors import SinkError
 from .io.paced import PacedSink
 from .io.sinks import SinkThread, WindowSink
@@ -515,67 +515,3 @@ class Pipeline:
                 return
             except queue.Full:
                 continue
-
-
-class PromptLine:
-    """Reads stdin lines while a run goes on: text changes the prompt; /strength X, /steps N, /seed N,
-    /similarity S, /transition SECONDS, /feedback F, /reuse N; /quit. A prompt starting with '[' is a JSON blend."""
-
-    def __init__(self, pipeline: Pipeline, stream=None) -> None:
-        self.pipeline = pipeline
-        self.stream = stream if stream is not None else sys.stdin
-        self._thread = threading.Thread(target=self._run, name="prompt line", daemon=True)
-
-    def start(self) -> PromptLine:
-        log.info("type a new prompt and press Enter to change it (also /strength X, /steps N, /seed N, "
-                 "/similarity S, /transition SECONDS, /feedback F, /reuse N, /quit)")
-        self._thread.start()
-        return self
-
-    def apply(self, line: str) -> str | None:
-        """Apply one line; returns what changed (for the log), or raises ValueError with a message."""
-        line = line.strip()
-        if not line:
-            return None
-        p = self.pipeline.params
-        if line.startswith("/"):
-            cmd, _, value = line[1:].partition(" ")
-            cmd, value = cmd.lower(), value.strip()
-            if cmd in ("quit", "q", "exit"):
-                self.pipeline.stop()
-                return "quit"
-            try:
-                if cmd in ("strength", "similarity", "feedback"):
-                    new = p.updated(**{cmd: float(value)})
-                elif cmd == "transition":
-                    new = p.updated(transition_s=float(value))
-                elif cmd in ("steps", "seed", "reuse"):
-                    new = p.updated(**{cmd: int(value)})
-                elif cmd == "prompt":
-                    new = p.updated(prompt=parse_prompt(value))
-                else:
-                    raise ValueError(f"unknown command /{cmd}: use /strength X, /steps N, /seed N, /prompt TEXT, "
-                                     "/similarity S, /transition SECONDS, /feedback F, /reuse N, /quit")
-            except (TypeError, ValueError) as exc:
-                if "could not convert" in str(exc) or "invalid literal" in str(exc):
-                    raise ValueError(f"/{cmd} needs a number, got {value!r}") from None
-                raise
-        else:
-            new = p.updated(prompt=parse_prompt(line))
-        new.validate(*stream_limits(self.pipeline.engine))  # this engine's step limit, and whether it reuses
-        self.pipeline.set_params(new)
-        controls = "".join(f", {name} {getattr(new, name)}"
-                           for name in ("similarity", "transition_s", "feedback", "reuse") if getattr(new, name))
-        return f"prompt {new.prompt!r}, strength {new.strength}, steps {new.steps}, seed {new.seed}{controls}"
-
-    def _run(self) -> None:
-        for line in self.stream:
-            try:
-                changed = self.apply(line)
-            except ValueError as exc:
-                log.warning("%s", exc)
-                continue
-            if changed == "quit":
-                return
-            if changed:
-                log.info("now: %s", changed)

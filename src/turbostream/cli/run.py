@@ -18,10 +18,11 @@ from contextlib import contextmanager
 
 from ..config import RunConfig, stream_limits
 from ..control import Controls, RunTarget
+from ..control.prompt_line import PromptLine
 from ..errors import UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
-from ..pipeline import Pipeline, Progress, PromptLine, RunSummary
+from ..pipeline import Pipeline, Progress, RunSummary
 from ..similarity import FitAndCheck
 from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config, stream_params
@@ -166,7 +167,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         target = RunTarget(pipeline, stream_limits(engine))
         controls.start_osc(target)
         if _stdin_is_terminal() and _in_the_foreground():
-            PromptLine(pipeline).start()
+            PromptLine(pipeline, target=target).start()
         # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);
         # run() closes the sinks (writes what is queued, finalizes files).
         summary = pipeline.run(on_ready=lambda: controls.start_playlist(target))

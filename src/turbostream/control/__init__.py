@@ -1,6 +1,6 @@
-"""External control of a running stream: OSC (osc.py) and prompt playlists (playlist.py). Both change a stream the
-way a `config` message does, through one target (targets.py): RunTarget for `turbostream run`, BroadcastTarget for
-the `serve --source` broadcast.
+"""External control of a running stream: OSC (osc.py), prompt playlists (playlist.py) and, in `run`, the prompt line
+typed in a terminal (prompt_line.py). Each changes a stream the way a `config` message does, through one target
+(targets.py): RunTarget for `turbostream run`, BroadcastTarget for the `serve --source` broadcast.
 """
 
 from __future__ import annotations
