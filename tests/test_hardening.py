@@ -23,6 +23,7 @@ from test_server import (
     next_result,
     open_client,
     run,
+    server_config,
     serving,
     spawn_serve,
     ws_url,
@@ -599,3 +600,84 @@ def test_the_throttled_log_remembers_a_bounded_number_of_keys():
         log.warning(f"origin http://o{k}.example", "refused %s", k)
         log.warning(f"origin http://o{k}.example", "refused %s", k)  # held back
     assert len(log._last) <= 9 and len(log._held) <= 9
+
+
+def test_a_malformed_request_target_or_host_is_a_400_or_403_and_logs_nothing(engine, caplog):
+    """urlsplit raises on "//[" and "http://[::1/ws" (and on a Host of "[::1"): the exception left the request hook,
+    so websockets answered 500 and logged a traceback for each request, a log any peer could grow at a megabyte a
+    second. The peer's error now gets 400 (a malformed Host is no loopback name: 403), and the log stays quiet."""
+    import logging
+
+    async def main():
+        async with serving(engine) as server:
+            requests = [f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+                        for target in ("//[", "http://[::1/ws", "//a]b")]
+            requests.append(upgrade("/ws", "Origin: http://[::1").replace(b"Host: 127.0.0.1", b"Host: [::1"))
+            return [await asyncio.to_thread(raw_request, server.port, request) for request in requests]
+
+    caplog.set_level(logging.ERROR)
+    answers = run(main())
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 400 Bad Request"] * 3 + [b"HTTP/1.1 403 Forbidden"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_head_gets_the_headers_without_the_body_and_other_methods_get_405(engine):
+    """Every route answered any method as GET: HEAD got the body (HTTP forbids it), POST and DELETE got 200."""
+
+    async def main():
+        async with serving(engine) as server:
+            def ask(method: str, path: str) -> bytes:
+                return raw_request(server.port, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(),
+                                   timeout=3)
+
+            get = await asyncio.to_thread(ask, "GET", "/metrics")
+            head = await asyncio.to_thread(ask, "HEAD", "/metrics")
+            others = [await asyncio.to_thread(ask, method, "/") for method in ("POST", "DELETE", "BREW")]
+            return get, head, others
+
+    get, head, others = run(main())
+    get_head, get_body = get.split(b"\r\n\r\n", 1)
+    head_head, head_body = head.split(b"\r\n\r\n", 1)
+    assert head_head.startswith(b"HTTP/1.1 200") and head_body == b"" and len(get_body) > 1000
+    length = [line for line in head_head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    assert length and int(length[0].split(b":")[1]) > 1000  # what a GET would send
+    for answer in others:
+        assert answer.startswith(b"HTTP/1.1 405 Method Not Allowed") and b"Allow: GET, HEAD" in answer
+
+
+def test_a_client_that_leaves_while_the_engine_warms_up_gives_its_place_back_at_once():
+    """A place was held until the warmup ended, also for a peer that had gone: every page reload during a first
+    start's minutes of loading used up a place, and the next visitor got server_full with nobody connected."""
+    import threading
+
+    from turbostream.serve import TurboServer
+
+    release = threading.Event()
+
+    def loading_factory():
+        release.wait(30)
+        raise RuntimeError("loading given up")
+
+    async def main():
+        server = TurboServer(config=server_config(max_clients=2), engine_factory=loading_factory)
+        await server.start()
+        try:
+            for _ in range(3):  # three reloads of the page
+                ws = await connect(ws_url(server))
+                async with asyncio.timeout(10):
+                    while server.places["client"] != 1:
+                        await asyncio.sleep(0.01)
+                await ws.close()
+                async with asyncio.timeout(10):
+                    while server.places["client"] != 0:
+                        await asyncio.sleep(0.01)
+            waiting = await connect(ws_url(server))  # not refused as full: it waits for the engine
+            async with asyncio.timeout(10):
+                while server.places["client"] != 1:
+                    await asyncio.sleep(0.01)
+            await waiting.close()
+        finally:
+            release.set()
+            await server.stop()
+
+    run(main())

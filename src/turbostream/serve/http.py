@@ -12,6 +12,7 @@ Origin check every WebSocket handshake passes first (answered in websockets' pro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import importlib.resources
 import ipaddress
@@ -117,7 +118,10 @@ class OriginPolicy:
         if not host or origin not in (f"http://{host}", f"https://{host}"):
             return False
         if self.loopback_only:
-            return is_loopback_host(urlsplit(f"//{host}").hostname or "")
+            try:
+                return is_loopback_host(urlsplit(f"//{host}").hostname or "")
+            except ValueError:  # a malformed Host ("[::1"): not a loopback name
+                return False
         return True
 
 
@@ -146,7 +150,20 @@ class HttpFront:
         self.files = web_files()
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+        try:
+            path = urlsplit(request.path).path
+        except ValueError:  # a malformed request target ("//[", "http://[::1/ws"): the peer's error, not ours
+            return connection.respond(400, "Bad Request\n")
+        if request.method not in ("GET", "HEAD"):
+            answer = connection.respond(405, "Method Not Allowed\n")
+            answer.headers["Allow"] = "GET, HEAD"
+            return answer
+        answer = self._answer(connection, request, path)
+        if answer is not None and request.method == "HEAD":
+            answer = dataclasses.replace(answer, body=b"")  # Content-Length stays that of the GET
+        return answer
+
+    def _answer(self, connection: ServerConnection, request: Request, path: str) -> Response | None:
         if path in WS_PATHS:
             if not self.origins.allows(request):
                 origin = _header_for_log(request, "Origin")

@@ -345,6 +345,19 @@ class TurboServer:
             await self._client_handler(ws)
 
     async def _await_engine(self, ws: ServerConnection) -> bool:
+        if not self._ready.is_set():
+            # A peer that leaves while the engine warms up (minutes on a first start) gives its place back now, not
+            # when the warmup ends: else every reload of the page in that time held a place, and the server said
+            # "full" with nobody connected.
+            ready = asyncio.ensure_future(self.wait_ready())
+            gone = asyncio.ensure_future(ws.wait_closed())
+            try:
+                await asyncio.wait({ready, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not ready.done():
+                ready.cancel()
+                return False
         if await self.wait_ready():
             return True
         if self._stopping:  # stopped while the engine loads: going away, as stop() closes every other connection
