@@ -159,3 +159,30 @@ def test_a_command_started_with_stdout_or_stderr_closed_does_its_work_and_exits_
             "-o", str(out)]
     proc = subprocess.run(["bash", "-c", f"{shlex.join(argv)} {closed}"], timeout=120)
     assert proc.returncode == 0 and out.exists()
+
+
+TINY = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "-i", "{video}", "-o", "{long}.mp4"],
+    ["run", "-i", "{long}", "-o", "{tmp}/out.mp4"],
+    ["generate", "x", "-o", "{long}.png"],
+    ["generate", "x", "--image", "{long}.png", "-o", "{tmp}/out.png"],
+    ["bench", "--json", "{long}.json"],
+    ["serve", "--source", "{long}", "--port", "0"],
+    ["run", "-i", "{video}", "-o", "udp://[::1:9000"],
+    ["serve", "--source", "{video}", "--publish", "srt://[::1:9000", "--port", "0"],
+], ids=["run-output", "run-input", "generate-output", "generate-image", "bench-json", "serve-source",
+        "run-stream-url", "serve-publish-url"])
+def test_a_path_that_cannot_be_looked_at_or_a_url_that_cannot_be_read_is_one_line_and_status_2(tmp_path, capsys,
+                                                                                                 argv):
+    """A name longer than the file system allows (or in a folder the user may not search) made pathlib raise
+    OSError, and a stream URL with an unclosed "[" made urlsplit raise ValueError: a traceback and status 1, where
+    every other bad path is one line and status 2."""
+    video = make_video(tmp_path / "in.avi", n=2)
+    fill = {"video": str(video), "long": str(tmp_path / ("x" * 300)), "tmp": str(tmp_path)}
+    assert cli.main([a.format(**fill) for a in argv] + TINY) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("turbostream: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "File name too long" in err or "cannot be read: Invalid IPv6 URL" in err

@@ -25,3 +25,15 @@ class SourceError(UserError, ValueError):
 
 class SinkError(UserError, ValueError):
     """An output that cannot be used or written; the message says which and why, for the user."""
+
+
+def path_stat(path, name: str, error: type[UserError] = UserError):
+    """The os.stat_result of a path the user named, or None when nothing is there; `error` naming `name` for a path
+    that cannot even be looked at (a name too long, a folder the user may not search), which pathlib's exists() and
+    is_dir() raise as OSError instead of answering."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise error(f"cannot use {name}: {exc.strerror or exc}") from None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from pathlib import Path
 
 from ..config import BENCH_COMPILE_BUCKETS
-from ..errors import UserError
+from ..errors import UserError, path_stat
 from ..io.sinks import ensure_writable_folder
 from .options import add_engine_options, buckets, engine_config
 
@@ -34,10 +35,11 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         path = Path(args.json).expanduser()  # --json=~/b.json: the shell leaves ~ after = as it is
         args.json = str(path)
-        if path.is_dir():
+        found = path_stat(path, f"--json {args.json}")
+        if found is not None and stat.S_ISDIR(found.st_mode):
             raise UserError(f"--json {args.json} is a folder; give a file name")
         ensure_writable_folder(path.parent if str(path.parent) else Path("."), args.json)  # SinkError: a UserError
-        if path.exists() and not os.access(path, os.W_OK):
+        if found is not None and not os.access(path, os.W_OK):
             raise UserError(f"--json {args.json}: permission denied")
     from ..bench import BenchOptions, run_bench
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import stat
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import cv2
 import numpy as np
 
 from ..config import MAX_SEED, EngineConfig, StreamParams
-from ..errors import UserError
+from ..errors import UserError, path_stat
 from ..io.sinks import check_output_file, ensure_writable_folder
 from ..io.sources import read_image
 from .options import add_engine_options, build_engine
@@ -39,9 +40,10 @@ IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def _read_image(path_text: str) -> np.ndarray:
     """An input image file -> uint8 RGB; UserError for a missing or unreadable file."""
     path = Path(path_text).expanduser()
-    if not path.exists():
+    found = path_stat(path, f"--image {path_text}")
+    if found is None:
         raise UserError(f"no such image file: {path_text}")
-    if not path.is_file():
+    if not stat.S_ISREG(found.st_mode):
         raise UserError(f"--image {path_text} is not a file")
     image, why = read_image(path)
     if image is None:

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import SinkError
+from ..errors import SinkError, path_stat
 from .sources import SourceSpec, redact
 from .stream import STREAM_FORMATS, StreamSink, check_stream_output, is_stream_url
 from .virtualcam import VirtualCamSink, parse_virtualcam, virtualcam_module
@@ -74,7 +75,8 @@ def parse_output(text: str) -> OutputSpec:
         raise SinkError(f"unknown output {redact(spec)!r}: stream URLs start with "
                         f"{', '.join(s + '://' for s in STREAM_FORMATS)}")
     path = Path(spec).expanduser()
-    if spec.endswith(("/", os.sep)) or path.is_dir():
+    found = path_stat(path, spec, SinkError)
+    if spec.endswith(("/", os.sep)) or (found is not None and stat.S_ISDIR(found.st_mode)):
         return OutputSpec("folder", path, spec)
     suffix = path.suffix.lower()
     if suffix in VIDEO_FOURCC:
@@ -113,9 +115,10 @@ def ensure_writable_folder(folder: Path, output: str) -> None:
 
 def check_output_file(path: Path, output: str) -> None:
     """SinkError if path, a file about to be written, is an existing folder or an existing file not writable."""
-    if path.is_dir():
+    found = path_stat(path, output, SinkError)
+    if found is not None and stat.S_ISDIR(found.st_mode):
         raise SinkError(f"output {output!r} is an existing folder, not a file")
-    if path.exists() and not os.access(path, os.W_OK):
+    if found is not None and not os.access(path, os.W_OK):
         raise SinkError(f"cannot overwrite {output!r}: permission denied")
 
 

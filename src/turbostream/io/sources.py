@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -28,7 +29,7 @@ import cv2
 import numpy as np
 
 from ..config import RunConfig
-from ..errors import SourceError
+from ..errors import SourceError, path_stat
 
 log = logging.getLogger("turbostream.sources")
 
@@ -149,13 +150,14 @@ def parse_source(text: str) -> SourceSpec:
             )
         return SourceSpec("url", spec, spec)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    found = path_stat(path, spec, SourceError)
+    if found is not None and stat.S_ISDIR(found.st_mode):
         return SourceSpec("folder", str(path), spec)
-    if path.is_file():
+    if found is not None and stat.S_ISREG(found.st_mode):
         if not os.access(path, os.R_OK):
             raise SourceError(f"cannot read {spec}: permission denied")
         return SourceSpec("file", str(path), spec)
-    if path.exists():
+    if found is not None:
         raise SourceError(f"input {spec} is neither a file nor a folder")
     raise SourceError(
         f"no such file or folder: {spec} "

@@ -52,7 +52,8 @@ INSTALL_FFMPEG = ("install FFmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS:
 
 
 def is_stream_url(text: str) -> bool:
-    return urlsplit(str(text).strip()).scheme.lower() in STREAM_FORMATS
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(text).strip())  # urlsplit raises on "udp://[::1:9"
+    return scheme is not None and scheme.group(1).lower() in STREAM_FORMATS
 
 
 def ffmpeg_program() -> str | None:
@@ -78,9 +79,13 @@ def _ffmpeg_lists(program: str) -> tuple[str, str, str]:
 
 def check_stream_output(url: str, option: str = "-o") -> None:
     """Everything about a stream output that can be known before the model loads; SinkError with what to do."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
     shown = redact(url)
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 - an unclosed "[" of an IPv6 host raises here, on some Pythons only
+    except ValueError as exc:
+        raise SinkError(f"stream URL {shown!r} cannot be read: {exc}") from None
+    scheme = parts.scheme.lower()
     if scheme not in STREAM_FORMATS:
         raise SinkError(f"unknown stream URL {shown!r}: use {', '.join(s + '://' for s in STREAM_FORMATS)}")
     if not parts.hostname:
