@@ -321,6 +321,34 @@ def test_kiosk_view_keeps_only_the_last_50_errors(browser, tiny_components):
     assert problems == []
 
 
+def test_a_view_that_draws_slowly_skips_to_the_newest_frame_instead_of_queueing(browser, tiny_components):
+    """/view chained every frame received onto its drawing: a screen slower than the broadcast (a weak kiosk machine)
+    queued them all, its memory growing and its picture falling further behind (20 s after 30 s). One frame waits
+    at most now, and the newest replaces it."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, "JPEG")
+    frame = buf.getvalue()
+    slow = """(() => {  // a renderer that takes 200 ms a frame
+      const decode = window.createImageBitmap.bind(window);
+      window.createImageBitmap = (blob) => new Promise((ok, fail) => setTimeout(() => decode(blob).then(ok, fail), 200));
+    })();"""
+
+    def viewer(ws) -> None:  # a stand-in /view/ws: ready, then 40 frames at once
+        ws.send(_mock_ready("viewer"))
+        for _ in range(40):
+            ws.send(frame)
+
+    with stand_in_page(browser, tiny_components, "/view/ws", viewer, "view?kiosk=1", init_script=slow) as (page,
+                                                                                                      problems):
+        page.wait_for_function("() => window.turbostream && turbostream.framesReceived === 40", timeout=TIMEOUT_MS)
+        page.wait_for_timeout(1000)  # five draws' time: what waited is drawn, nothing more is
+        got = page.evaluate("() => [turbostream.framesDrawn, turbostream.framesSkipped]")
+        assert got[0] <= 3 and got[0] + got[1] == 40, got  # the first, maybe one more, and the newest
+    assert problems == []
+
+
 def test_a_frame_header_left_by_a_dropped_connection_is_not_applied_to_the_next(browser, tiny_components):
     # A stand-in /ws: the first connection sends a frame header and closes before its result; the second answers the
     # first frame with a result alone. The old header (seq 5, skipped) must not count frames of the new connection

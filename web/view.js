@@ -12,11 +12,13 @@ const control = rawParam("control");
 const token = rawParam("token");
 const kiosk = ["1", "true", "yes", ""].includes((query.get("kiosk") ?? "no").toLowerCase());
 if (kiosk) document.documentElement.classList.add("kiosk");
-const state = { conn: "connecting", ready: null, framesReceived: 0, times: [], errors: [], kiosk };
+const state = { conn: "connecting", ready: null, framesReceived: 0, framesDrawn: 0, framesSkipped: 0, times: [], errors: [],
+  kiosk };
 window.turbostream = state;
 let backoff = 500;
 let ws = null;
-let drawChain = Promise.resolve();
+let waitingBlob = null; // the newest frame not drawn yet
+let drawing = false;
 
 function setConn(text, kind = "") {
   state.conn = text;
@@ -88,17 +90,33 @@ function promptText(prompt) {
 }
 
 
+// Latest wins: one frame waits to be drawn at most, and a newer one replaces it. A screen that draws more slowly than
+// the broadcast arrives (a weak kiosk machine) skips frames instead of queueing them: no growing backlog in memory,
+// no picture falling further and further behind.
 function show(blob) {
   state.framesReceived++;
   state.times.push(performance.now());
-  drawChain = drawChain
-    .then(() => createImageBitmap(blob))
-    .then((bitmap) => {
+  if (waitingBlob !== null) state.framesSkipped++;
+  waitingBlob = blob;
+  if (!drawing) drawNewest();
+}
+
+async function drawNewest() {
+  drawing = true;
+  while (waitingBlob !== null) {
+    const blob = waitingBlob;
+    waitingBlob = null;
+    try {
+      const bitmap = await createImageBitmap(blob);
       $("output").getContext("2d").drawImage(bitmap, 0, 0, $("output").width, $("output").height);
       bitmap.close();
+      state.framesDrawn++;
       document.body.dataset.frames = String(state.framesReceived);
-    })
-    .catch(() => {});
+    } catch {
+      // a frame that does not decode: the next one will
+    }
+  }
+  drawing = false;
 }
 
 $("control").onsubmit = (event) => {
