@@ -186,3 +186,31 @@ def test_a_path_that_cannot_be_looked_at_or_a_url_that_cannot_be_read_is_one_lin
     err = capsys.readouterr().err
     assert err.startswith("turbostream: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert "File name too long" in err or "cannot be read: Invalid IPv6 URL" in err
+
+
+@pytest.mark.parametrize("option", ["--token", "--control-token"])
+def test_an_empty_token_is_refused_not_an_open_server(capsys, option):
+    """`--token "$TOKEN"` with TOKEN unset ran a server without a token, silently (on a loopback bind, behind a
+    proxy, not even the warning)."""
+    assert cli.main(["serve", option, "", "--port", "0", *TINY]) == 2
+    assert f"{option} is empty: give a secret" in capsys.readouterr().err
+
+
+def test_the_same_publish_url_twice_is_refused(tmp_path, capsys):
+    """run refuses an output given twice; serve started two FFmpeg publishers to one place (for udp://, two H.264
+    streams interleaved into one corrupt stream)."""
+    video = make_video(tmp_path / "in.avi", n=2)
+    url = "udp://127.0.0.1:9000"
+    assert cli.main(["serve", "--source", str(video), "--publish", url, "--publish", url, "--port", "0", *TINY]) == 2
+    assert f"--publish '{url}' is given twice" in capsys.readouterr().err
+
+
+def test_a_refused_stream_option_creates_no_output_folder(tmp_path, capsys):
+    """The outputs were checked (and their folders created, with an "overwritten" warning for a full one) before
+    the stream options: a refused --strength left empty folders behind."""
+    video = make_video(tmp_path / "in.avi", n=2)
+    new_folder, new_parent = tmp_path / "frames", tmp_path / "videos"
+    argv = ["run", "-i", str(video), "-o", f"{new_folder}/", "-o", str(new_parent / "out.mp4"), "--strength", "0.3"]
+    assert cli.main(argv + TINY) == 2
+    assert "steps x strength must be at least 1" in capsys.readouterr().err
+    assert not new_folder.exists() and not new_parent.exists()

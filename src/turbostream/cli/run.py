@@ -58,7 +58,15 @@ def main(args: argparse.Namespace, engine=None) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
     # Everything that can be checked without the model first: loading it can take minutes. (SourceError and
-    # SinkError are UserErrors: main() prints them as one message, exit 2.)
+    # SinkError are UserErrors: main() prints them as one message, exit 2.) The options before the outputs: a refused
+    # --strength left the output folders it had created behind.
+    if engine is None:
+        engine_config(args)  # the engine's options and the stream's
+    else:
+        try:
+            stream_params(args)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     source = parse_source(args.input)
     outputs = [parse_output(text) for text in args.outputs]
     check_outputs(outputs, source)

@@ -64,6 +64,10 @@ def server_config(args) -> ServerConfig:
     """ServerConfig from `turbostream serve` options; ValueError with the reason if one is out of range."""
     limits = Limits(max_clients=args.max_clients, max_viewers=args.max_viewers,
                     max_message_bytes=args.max_message_bytes)
+    for option, value in (("--token", args.token), ("--control-token", args.control_token)):
+        if value is not None and not value.strip():
+            # "--token $TOKEN" with TOKEN unset: an open server where a closed one was meant.
+            raise ValueError(f"{option} is empty: give a secret, or leave the option out for a server without one")
     return ServerConfig(
         host=args.host, port=args.port, token=args.token or None, control_token=args.control_token or None,
         allow_origins=tuple(args.allow_origins), jpeg_quality=args.jpeg_quality, source=args.source, limits=limits,
@@ -149,7 +153,9 @@ def integration_args(args) -> None:
     from ..io.sources import redact
     from ..io.stream import check_stream_output, is_stream_url
 
-    for url in args.publish:
+    for k, url in enumerate(args.publish):
+        if url in args.publish[:k]:  # two FFmpeg publishers to one place: for udp://, one corrupt stream
+            raise UserError(f"--publish {redact(url)!r} is given twice")
         if not is_stream_url(url):
             raise UserError(f"--publish {redact(url)!r}: use an rtmp://, srt://, rtsp:// or udp:// URL")
         check_stream_output(url, "--publish")  # SinkError (a UserError) for an output that cannot work
