@@ -118,14 +118,18 @@ def test_udp_stream_is_read_back_by_ffmpeg(tmp_path, make_engine, caplog):
 
 
 @needs_ffmpeg
-def test_unreachable_rtmp_errors_clearly_and_the_other_outputs_go_on(tmp_path, caplog):
+def test_unreachable_rtmp_errors_clearly_and_the_other_outputs_go_on(tmp_path, caplog, capsys):
+    """The stream's failures never stop the run, and the file gets every frame; but a stream no frame ever reached
+    ends the run with status 1 (it said "done" and 0: a script pushing to a server that was down read success)."""
     caplog.set_level(logging.INFO, logger="turbostream")
     port = _free_port()  # nothing listens there: connection refused
     url = f"rtmp://127.0.0.1:{port}/live/s3cretStreamKey"
     video = tmp_path / "out.avi"
     src = _video(tmp_path / "in.avi", n=30, fps=20)
     t0 = time.perf_counter()
-    assert cli_run.main(_parse_run("-i", src, "-o", url, "-o", str(video)), engine=PassEngine()) == 0
+    assert cli_run.main(_parse_run("-i", src, "-o", url, "-o", str(video)), engine=PassEngine()) == 1
+    err = capsys.readouterr().err
+    assert f"turbostream: error: no frame reached rtmp://127.0.0.1:{port}/live/*** (" in err and "Connection" in err
     assert time.perf_counter() - t0 < 1.5 + 10  # the failing stream did not hold the run up
     cap = cv2.VideoCapture(str(video))
     count = 0
@@ -373,3 +377,20 @@ def test_serve_publish_streams_the_broadcast_without_viewers(tmp_path, tiny_comp
     frames = [cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))]
     assert len(frames) == 5 and all(f.shape == (64, 64, 3) for f in frames)
     assert publisher.failures == 0 and publisher.frames_sent > 0
+
+
+def test_a_video_name_with_a_colon_is_written_where_it_says(tmp_path, monkeypatch):
+    """FFmpeg read "rec-10" of a relative "rec-10:30.mp4" as a protocol: the run loaded the model, then failed to
+    open the file (and "file:clip.mp4" wrote clip.mp4). The writer gets the absolute path."""
+    monkeypatch.chdir(tmp_path)
+    src = _video(tmp_path / "in.avi", n=5, fps=10)
+    assert cli_run.main(_parse_run("-i", src, "-o", "rec-10:30.mp4"), engine=PassEngine()) == 0
+    cap = cv2.VideoCapture(str(tmp_path / "rec-10:30.mp4"))
+    assert cap.read()[0]
+
+
+def test_output_dash_is_refused_not_a_folder_named_dash(tmp_path, capsys):
+    src = _video(tmp_path / "in.avi", n=2, fps=10)
+    assert cli.main(["run", "-i", str(src), "-o", "-", *CLI_MODEL]) == 2
+    assert "output '-' (standard output) is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()

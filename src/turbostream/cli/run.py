@@ -22,6 +22,7 @@ from ..control.prompt_line import PromptLine
 from ..errors import UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
+from ..io.stream import StreamSink
 from ..pipeline import Pipeline, Progress, RunSummary
 from ..similarity import FitAndCheck
 from .controls import add_control_options, controls_from_args
@@ -191,6 +192,13 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         return INTERRUPT_STATUS
     if summary.stopped == "error":
         print(f"turbostream: error: {summary.error}", file=sys.stderr)
+        return 1
+    # A stream output retries and never stops the run; one that no frame ever reached failed all the same (a script
+    # pushing a file to a server that was down all along must not read success).
+    unreached = [s for s in sinks if isinstance(s, StreamSink) and s.frames_sent == 0 and s.failures]
+    if unreached:
+        names = ", ".join(s.shown for s in unreached)
+        print(f"turbostream: error: no frame reached {names} ({unreached[0].last_error})", file=sys.stderr)
         return 1
     return 0
 

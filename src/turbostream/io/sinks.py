@@ -65,6 +65,9 @@ def parse_output(text: str) -> OutputSpec:
     spec = str(text).strip()
     if not spec:
         raise SinkError(f"empty output: use {OUTPUT_KINDS_HELP}")
+    if spec == "-":  # not a folder named "-": there is no raw stream to stdout
+        raise SinkError("output '-' (standard output) is not supported: to pipe frames to a player, stream them "
+                        "(-o udp://127.0.0.1:5000, then ffplay udp://127.0.0.1:5000)")
     if spec.lower() == "window":
         return OutputSpec("window", None, spec)
     if spec.lower() == "virtualcam" or spec.lower().startswith("virtualcam:"):
@@ -189,7 +192,8 @@ class VideoSink:
 
     def _open(self) -> cv2.VideoWriter:
         fourcc = VIDEO_FOURCC[self.path.suffix.lower()]
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps, self.size)
+        # Absolute: FFmpeg takes the "rec-10" of a relative "rec-10:30.mp4" for a protocol's name (as sources.py).
+        writer = cv2.VideoWriter(os.path.abspath(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps, self.size)
         if not writer.isOpened():
             raise SinkError(f"could not open {self.path} for writing ({fourcc} video at {self.size[0]}x{self.size[1]})")
         return writer
@@ -232,7 +236,7 @@ class VideoSink:
         """What is wrong with the finished file, or None. Opening reads only the container's header and index
         (milliseconds, however long the video): a file cut short by a full disk lacks its index (an .mp4 does not
         open, an .avi or .mkv counts no frames) or counts fewer frames than were written."""
-        cap = cv2.VideoCapture(str(self.path))
+        cap = cv2.VideoCapture(os.path.abspath(self.path))
         try:
             if not cap.isOpened():
                 return "the finished file does not open"
