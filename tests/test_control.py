@@ -362,6 +362,9 @@ def test_osc_message_results():
         def previous(self):
             self.moves.append(-1)
 
+    nested: list = []
+    for _ in range(5000):  # arrays in arrays, an OSC "[" tag per level
+        nested = [nested]
     osc = OscServer("127.0.0.1", 0)
     try:
         osc.apply, osc.playlist = apply, Steps()
@@ -372,6 +375,8 @@ def test_osc_message_results():
             ("/turbostream/prompt", ['[["a fox", 1], ["a crow", 3]]'], "applied"),  # a blend, as --prompt reads it
             ("/turbostream/prompt", ['[["a fox", 1], ["a crow"]]'], "rejected"),  # a pair without its weight
             ("/turbostream/prompt", ["[a fox"], "bad_arguments"),  # not JSON
+            ("/turbostream/seed", list(range(8000)), "bad_arguments"),  # not one 16 KB log line
+            ("/turbostream/prompt", [nested], "bad_arguments"),  # repr() of it raised RecursionError: not counted
             ("/turbostream/strength", [1], "applied"),
             ("/turbostream/strength", [float("nan")], "rejected"),
             ("/turbostream/strength", [True], "bad_arguments"),

@@ -41,6 +41,7 @@ PARAM_ADDRESSES = ("prompt", "strength", "steps", "seed", "similarity", "transit
 STEP_ADDRESSES = ("next", "previous")
 RESULTS = ("applied", "ignored", "rejected", "bad_arguments", "unknown_address", "malformed")
 MAX_DATAGRAM = 65536  # the largest UDP payload; a bigger one is cut by the kernel and fails to parse (malformed)
+MAX_ARGS = 8  # arguments of one message shown in a log line; every address takes one at most
 MAX_BUNDLE_DEPTH = 4  # bundles inside bundles; deeper is malformed (python-osc itself would recurse without limit)
 POLL_S = 0.2  # how often the thread looks at its stop flag between datagrams
 # Argument types python-osc parses; it logs a warning on the root logger for each other one, so a datagram with
@@ -88,7 +89,10 @@ def _integer(value: Any) -> int:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # arrays nested thousands deep (an OSC "[" tag per level)
+        return "<nested too deep>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -188,6 +192,9 @@ class OscServer:
             return self._count("unknown_address", "unknown_address",
                                f"OSC: ignoring unknown address {_short(address)} from {_who(sender)} "
                                f"(known: {PREFIX}{{{','.join(PARAM_ADDRESSES + STEP_ADDRESSES)}}})")
+        if len(args) > MAX_ARGS:  # every address takes one argument at most: no log line as long as the datagram
+            return self._count("bad_arguments", f"bad_arguments {address}",
+                               f"OSC: ignoring {address} with {len(args)} arguments from {_who(sender)}")
         what = f"{address} {' '.join(_short(a, 40) for a in args)}".strip()
         if name in STEP_ADDRESSES:
             return self._step(name, args, address, what, sender)
