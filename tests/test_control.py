@@ -537,3 +537,17 @@ def test_an_engine_configured_for_more_steps_takes_them_from_every_control():
     run = Run()
     RunTarget(run, limits)({"strength": 0.6})
     assert (run.params.steps, run.params.strength) == (15, 0.6)
+
+
+def test_a_playlist_on_a_file_read_in_order_warns_that_durations_are_wall_clock(tmp_path, caplog):
+    """A file run in order goes as fast as the engine: "| 2s" became 57 s of video on a CPU, more on a GPU."""
+    from test_runner import FakeEngine, make_video
+
+    looks = tmp_path / "looks.txt"
+    looks.write_text("a | 2s\nb | 2s\n")
+    src = make_video(tmp_path / "in.avi", n=4, size=(64, 64))
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    args = cli.build_parser().parse_args(["run", "-i", str(src), "-o", str(tmp_path / "out.avi"), "--prompts",
+                                          str(looks), "--model", "tiny-random", "--device", "cpu", "--size", "64"])
+    assert cli_run.main(args, engine=FakeEngine()) == 0
+    assert "each look lasts its duration in wall-clock time" in caplog.text

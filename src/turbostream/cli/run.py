@@ -139,6 +139,11 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
     # A stream or a virtual camera is live by nature: a file sent to one plays at its own rate.
     realtime = source.live or bool(args.realtime) or any(o.kind in ("stream", "virtualcam") for o in outputs)
     batch = 1 if realtime else max_batch
+    if controls.playlist is not None and not realtime:
+        # Its durations are wall-clock time; a file read in order goes as fast as the engine does, not at its rate.
+        log.warning("--prompts: each look lasts its duration in wall-clock time, and this file is read as fast as "
+                    "the engine goes: the looks will not fall on the video's time (add --realtime to play the file "
+                    "at its own rate)")
     transform = FitAndCheck(width, height, lambda: params)  # the pipeline's live parameters once it exists
     capture = CaptureThread(
         source, realtime=realtime, queue_size=max(cfg.queue_frames, 2 * batch),
