@@ -394,3 +394,44 @@ def test_output_dash_is_refused_not_a_folder_named_dash(tmp_path, capsys):
     assert cli.main(["run", "-i", str(src), "-o", "-", *CLI_MODEL]) == 2
     assert "output '-' (standard output) is not supported" in capsys.readouterr().err
     assert not (tmp_path / "-").exists()
+
+
+def test_the_published_stream_ends_when_the_source_file_ends(tmp_path, tiny_components):
+    """`serve --source FILE --publish URL`: viewers got source_ended, but the publisher went on sending the last
+    frame for as long as the server ran (a media server recording a still image, publish_up saying all was well).
+    The stream ends with the source now."""
+    import asyncio
+
+    from turbostream.config import ServerConfig, preset
+    from turbostream.engine import Engine
+    from turbostream.serve import TurboServer
+    from turbostream.serve.integrations import Integrations
+    from turbostream.serve.server import default_capture
+
+    src = _video(tmp_path / "in.avi", n=40, fps=10)  # 4 s
+
+    async def main():
+        server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source=src),
+                             capture_factory=default_capture)
+        extras = Integrations(server, publish=(f"udp://127.0.0.1:{_free_port()}",), size=(64, 64), fps=10)
+        await server.start()
+        extras.start(asyncio.get_running_loop())
+        try:
+            assert await server.wait_ready(30)
+            deadline = time.monotonic() + 30
+            seen_up = False
+            while True:
+                up = b"turbostream_publish_up 1.0" in server.metrics.render()
+                seen_up = seen_up or up
+                if seen_up and not up:
+                    break
+                assert time.monotonic() < deadline, f"the stream never ended (up at some point: {seen_up})"
+                await asyncio.sleep(0.1)
+            assert server.broadcast.state["state"] == "ended"
+        finally:
+            await server.stop()
+            await asyncio.get_running_loop().run_in_executor(None, extras.stop)
+        return extras.publishers[0]
+
+    publisher = asyncio.run(asyncio.wait_for(main(), 60))
+    assert publisher.failures == 0 and 20 <= publisher.frames_sent <= 80  # about the file's 4 s at 10 fps

@@ -264,6 +264,9 @@ class StreamSink(PacedSink):
             text = text.replace(secret_path, shown_path)
         return text
 
+    def _finish(self) -> None:
+        self.up = False  # closed: ffmpeg ended the stream
+
     def _abort(self) -> None:
         proc = self._proc
         if proc is not None and proc.poll() is None:

@@ -107,6 +107,7 @@ class Broadcast:
             live = bool(getattr(getattr(capture, "spec", None), "live", False))
             if not live or reason is None:
                 self._announce("ended", reason or "the source ended", failed=reason is not None)
+                self._end_outputs()
                 return
             failures = 0 if delivered else failures + 1
             delay = min(limits.source_retry_s * 2 ** max(failures - 1, 0), limits.source_retry_max_s)
@@ -156,6 +157,14 @@ class Broadcast:
         self.server.metrics.source_reconnects.inc(seen - self._reconnects_seen)
         self._reconnects_seen = seen
         return True
+
+    def _end_outputs(self) -> None:
+        """The source ended for good: the published streams end too (ffmpeg ends each stream cleanly), where they
+        went on sending the last frame for as long as the server ran, a media server recording a still image."""
+        for output in list(self.outputs):
+            with contextlib.suppress(Exception):
+                output.close()
+            log.info("%s: the source ended; %s", getattr(output, "shown", output), "the stream ended with it")
 
     def _announce(self, state: str, message: str, failed: bool = False, **extra: Any) -> None:
         """From the source thread: tell the loop (and through it every viewer) the source's new state.
