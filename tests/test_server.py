@@ -853,3 +853,19 @@ def test_serve_command_closes_clients_with_1001_on_sigterm(sig):
             proc.kill()
         output = proc.stdout.read()
     assert "serving on" in output
+
+
+def test_the_port_named_on_every_interface_is_the_one_the_url_reaches(engine):
+    """--host "" binds IPv4 and IPv6, and with port 0 each socket got its own free port: the port named (and the URL
+    logged) was the first socket's, the IPv6 one in about half the starts, and http://127.0.0.1:PORT was refused."""
+    import socket as sockets_
+
+    async def main():
+        async with serving(engine, host="") as server:
+            families = {s.family: s.getsockname()[1] for s in server._server.sockets}
+            assert families.get(sockets_.AF_INET) == server.port
+            assert server.url == f"http://127.0.0.1:{server.port}/"
+            status, _, _ = await asyncio.to_thread(http_get, server, "/healthz")
+            return status
+
+    assert run(main()) == 200

@@ -100,7 +100,8 @@ def _main(args) -> int:
         raise UserError(str(exc)) from None
     server = TurboServer(config=config, engine_factories=factories, capture_factory=capture_factory, jpeg=jpeg)
     if not is_loopback_host(config.host) and config.token is None:
-        log.warning("listening on %s without --token: anyone who can reach this port can use the GPU", config.host)
+        log.warning("listening on %s without --token: anyone who can reach this port can use the GPU",
+                    config.host or "every interface")
     try:
         from ..serve.integrations import Integrations
 

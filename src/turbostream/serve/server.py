@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -193,7 +194,15 @@ class TurboServer:
             server_header=None,
             create_connection=self.guard.factory(),
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        # A host of several addresses ("" or "localhost": IPv4 and IPv6) gets a socket each, and with port 0 each its
+        # own free port: the port named is that of the socket the logged URL reaches (127.0.0.1 unless the host is
+        # "::"), and every address is logged when they differ.
+        sockets = self._server.sockets
+        family = socket.AF_INET6 if self.config.host == "::" else socket.AF_INET
+        chosen = next((s for s in sockets if s.family == family), sockets[0])
+        self.port = chosen.getsockname()[1]
+        if len({s.getsockname()[1] for s in sockets}) > 1:
+            log.info("listening on %s", ", ".join(_address(s) for s in sockets))
         return self
 
     async def _watch_engine(self) -> None:
@@ -441,6 +450,11 @@ def gpu_memory_reader(engine) -> Callable[[], tuple[float, float]] | None:
 
     device = engine.device
     return lambda: (float(torch.cuda.memory_reserved(device)), float(torch.cuda.memory_allocated(device)))
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def default_capture(spec: str):
