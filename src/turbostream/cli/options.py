@@ -101,7 +101,8 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                         "library to load) (default: %(default)s)")
     g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=d["attention"].default,
                    help="scaled-dot-product attention backend of the UNet: auto lets PyTorch choose; the others pin "
-                        "one (efficient and cudnn need CUDA; flash on CUDA needs fp16/bf16, on the CPU it runs in float32). The output changes by rounding only; "
+                        "one (efficient and cudnn need CUDA; flash on CUDA needs fp16/bf16, on the CPU it runs in "
+                        "float32). The output changes by rounding only; "
                         "a backend that cannot run here is an error at start-up (default: %(default)s)")
     g.add_argument("--prompt-kv", action="store_true",
                    help="compute each prompt's cross-attention keys and values once, when it is first used, instead "

@@ -10,8 +10,9 @@ The file is plain text, one look a line:
 Each line is a prompt, optionally followed by `| DURATION`: a number of seconds (`30`, `30s`, `2.5s`), minutes
 (`1.5m`) or hours (`1h`), between 0.1 s and 24 h. A line without one stays for the default (`--prompt-duration`,
 30 s). After the last line the list starts over. OSC `/turbostream/next` and `/turbostream/previous` step through it
-(and restart the step's timer). The text after the last `|` is a duration only when it starts with a digit (or a dot and a digit: `.5`), so a
-prompt may contain `|` elsewhere; `| 30x` is an error with its line number, not part of a prompt.
+(and restart the step's timer). The text after the last `|` is a duration only when it starts with a digit (or a dot
+and a digit: `.5`), so a prompt may contain `|` elsewhere; `| 30x` is an error with its line number, not part of a
+prompt.
 
 Every line's prompt is read as `--prompt` reads its value (config.parse_prompt), the first as the others: plain text,
 or a weighted blend in JSON when it starts with `[` (`[["a watercolor", 0.7], ["a pencil sketch", 0.3]] | 1m`). A
