@@ -93,10 +93,11 @@ def test_exif_after_other_blocks_still_turns_the_picture(ahead):
         body = b"http://ns.adobe.com/xap/1.0/\x00" + b" " * (min(ahead, 65533) - 29)
         blocks += b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
         ahead -= 65533
-    data = data[:2] + blocks + data[2:]
-    opencv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    assert opencv.shape == (64, 40, 3)
-    assert np.array_equal(decode_jpeg(data), opencv)
+    upright = decode_jpeg(data)  # the EXIF block first: as OpenCV turns it (the test above)
+    assert upright.shape == (64, 40, 3)
+    # The same picture behind the blocks turns the same. (Not compared with OpenCV here: 4.9 looks for EXIF in the
+    # first APP1 segment only and leaves this one sideways; later releases turn it.)
+    assert np.array_equal(decode_jpeg(data[:2] + blocks + data[2:]), upright)
 
 
 def test_a_broken_exif_block_turns_nothing():
