@@ -164,7 +164,7 @@ class Broadcast:
         for output in list(self.outputs):
             with contextlib.suppress(Exception):
                 output.close()
-            log.info("%s: the source ended; %s", getattr(output, "shown", output), "the stream ended with it")
+            log.info("%s: the source ended, and the stream with it", getattr(output, "shown", output))
 
     def _announce(self, state: str, message: str, failed: bool = False, **extra: Any) -> None:
         """From the source thread: tell the loop (and through it every viewer) the source's new state.
