@@ -125,6 +125,17 @@ def test_invalid_option_values_are_clear_errors():
     (["--compile-mode", "max-autotune-no-cudagraphs"], "would do nothing here"),  # generate compiles nothing
     (["warmup", "--compile-mode", "max-autotune-no-cudagraphs"], "needs --compile"),
     (["--fp8"], "fp8 needs a CUDA GPU with compute capability 8.9"),
+    # The stream's and engine's own checks, worded as the options the user typed rather than the fields they set.
+    (["warmup", "--strength", "2"], "error: --strength must be in (0, 1], got 2.0"),
+    (["warmup", "--transition", "-1"], "error: --transition must be seconds, 0 to 60"),
+    (["warmup", "--prompt", "[]"], "error: --prompt must be"),
+    (["warmup", "--fused-norm", "--kernel-compile-threads", "999"], "error: --kernel-compile-threads must be 0"),
+    # Options that would do nothing together are refused rather than silently ignored.
+    (["warmup", "--kernel-compile-threads", "4"], "--kernel-compile-threads sets how many threads compile the "
+                                                  "kernels of --fused-norm and --fused-epilogue; without either"),
+    (["warmup", "--frame-graph", "--no-cuda-graphs"], "with --no-cuda-graphs nothing is captured"),
+    (["warmup", "--compile", "--fused-norm", "--fused-epilogue"], "--fused-norm and --fused-epilogue are for the "
+                                                                  "path without --compile"),
 ])
 def test_cli_refuses_bad_options_before_loading(tmp_path, capsys, argv, message):
     common = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
@@ -139,6 +150,15 @@ def test_cli_refuses_bad_options_before_loading(tmp_path, capsys, argv, message)
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_device_names_are_read_in_any_case(capsys):
+    """`--device CPU` (or ' Cuda:0 ') names the same device in every command, as serve's device lists always did."""
+    from turbostream.models import resolve_device
+
+    assert resolve_device(" CPU ") == torch.device("cpu") and resolve_device("Auto").type in ("cpu", "cuda")
+    assert main(["warmup", "--model", "tiny-random", "--size", "64", "--device", "CPU"]) == 0
+    assert "on cpu" in capsys.readouterr().err
 
 
 def test_fp8_is_refused_off_cuda_and_names_torchao_when_missing(monkeypatch, fresh_components):
@@ -203,7 +223,7 @@ def test_reuse_layers_needs_reuse_and_reaches_the_config():
     assert engine_config(parser.parse_args(["--device", "cpu", "--reuse", "3"])).reuse_layers is None  # whole block
     with pytest.raises(UserError, match="--reuse-layers needs temporal feature reuse: --reuse N with N >= 2"):
         engine_config(parser.parse_args(["--device", "cpu", "--reuse-layers", "1"]))
-    with pytest.raises(UserError, match="reuse_layers must be a whole number of at least 1, got 0"):
+    with pytest.raises(UserError, match="^--reuse-layers must be a whole number of at least 1, got 0"):
         engine_config(parser.parse_args(["--device", "cpu", "--reuse", "2", "--reuse-layers", "0"]))
     bare = argparse.ArgumentParser()  # generate and bench: no stream options, so no --reuse to go with it
     add_engine_options(bare, stream_options=False)

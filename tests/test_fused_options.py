@@ -43,7 +43,7 @@ def test_refused_with_compile_and_where_triton_cannot_run(option, monkeypatch, o
     add_engine_options(parser)
     assert getattr(engine_config(parser.parse_args([flag, "--device", DEVICE])), option)
     assert not getattr(engine_config(parser.parse_args([])), option)
-    with pytest.raises(UserError, match=f"{option} is for the path without compile"):
+    with pytest.raises(UserError, match=f"{flag} is for the path without --compile"):
         engine_config(parser.parse_args([flag, "--compile"]))
     if DEVICE == "cpu":  # without the interpreter, Triton cannot run on a CPU: said before any weights load
         monkeypatch.setenv("TRITON_INTERPRET", "0")

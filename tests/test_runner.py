@@ -862,6 +862,8 @@ def test_generate_image_to_image_any_input_size(tmp_path, make_engine):
         (["-o", "IN/out.gif"], "must end in one of"),
         (["--count", "0"], "--count must be at least 1"),
         (["--image", "IN/ok.png", "--steps", "1", "--strength", "0.5"], "steps x strength"),
+        (["--strength", "0.3"], "--strength is for image-to-image: text-to-image (no --image) runs the whole schedule"),
+        (["--steps", "99"], "error: --steps must be between 1 and 10, got 99"),
         (["--image", "IN/huge.png"], "could not read IN/huge.png: too large for OpenCV to decode"),
         (["--image", "IN/ok.png", "-o", "IN/ok.png"], "is the input image; write somewhere else"),
         (["--image", "IN/ok.png", "-o", "IN/sub/../ok.png"], "is the input image; write somewhere else"),

@@ -65,7 +65,9 @@ def diffusers_pipeline(components: Components, vae: Any = None, pipeline_class: 
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; a named device is checked, with a clear error if absent."""
+    """'auto' -> cuda when available, else cpu; a named device is checked, with a clear error if absent. Case and
+    surrounding spaces do not matter (`CPU`, ` cuda:0`), as in serve's device lists."""
+    device = device.strip().lower()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -15,9 +15,11 @@ from ..config import MAX_SEED, EngineConfig, StreamParams
 from ..errors import UserError, path_stat
 from ..io.sinks import check_output_file, ensure_writable_folder
 from ..io.sources import read_image
-from .options import add_engine_options, build_engine
+from .options import add_engine_options, build_engine, in_option_terms
 
 log = logging.getLogger("turbostream.generate")
+
+IMAGE_STRENGTH = 0.5  # --strength's default with --image
 
 
 def add_parser(sub) -> None:
@@ -27,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image", metavar="IN", help="input image (image-to-image); without it, text-to-image")
     p.add_argument("--output", "-o", required=True, metavar="OUT.png", help="output file (with --count: OUT-N.png)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: 1 text-to-image, 2 image-to-image)")
-    p.add_argument("--strength", type=float, default=0.5, help="image-to-image strength (default: %(default)s)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"image-to-image strength, with --image (default: {IMAGE_STRENGTH})")
     p.add_argument("--seed", type=int, default=0, help="seed of the first picture (default: %(default)s)")
     p.add_argument("--count", type=int, default=1, help="pictures, seeds seed, seed+1, ... (default: %(default)s)")
     p.set_defaults(func=main)
@@ -92,14 +95,17 @@ def main(args: argparse.Namespace, engine=None) -> int:
         raise UserError(f"--count must be at least 1, got {args.count}")
     if args.seed < 0 or args.seed + args.count - 1 > MAX_SEED:
         raise UserError(f"seeds must lie between 0 and {MAX_SEED}: --seed {args.seed} with --count {args.count}")
+    if args.strength is not None and not args.image:
+        raise UserError("--strength is for image-to-image: text-to-image (no --image) runs the whole schedule from "
+                        "noise, strength 1 by definition")
     image = _read_image(args.image) if args.image else None
     steps = args.steps if args.steps is not None else (1 if image is None else 2)
     # Text-to-image runs the whole schedule from pure noise: strength 1 by definition.
-    strength = args.strength if image is not None else 1.0
+    strength = 1.0 if image is None else IMAGE_STRENGTH if args.strength is None else args.strength
     try:
         StreamParams(args.prompt, strength, steps, args.seed).validate()
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(in_option_terms(str(exc))) from None
     ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)  # SinkError: a UserError
     source = Path(args.image).expanduser().resolve() if args.image else None
     for path in output_paths(args.output, args.count):

@@ -171,6 +171,23 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
         parser.set_defaults(stream_options=True)
 
 
+# The fields of StreamParams and EngineConfig as their options are spelled: those classes word their errors in their
+# own terms (the wire protocol's JSON names the same fields), a command line's errors name what the user typed.
+OPTION_OF_FIELD = {
+    "prompt": "--prompt", "strength": "--strength", "steps": "--steps", "seed": "--seed",
+    "similarity": "--similarity", "transition_s": "--transition", "feedback": "--feedback", "reuse": "--reuse",
+    "kernel_compile_threads": "--kernel-compile-threads", "reuse_layers": "--reuse-layers", "buckets": "--buckets",
+    "dtype": "--dtype", "vae": "--vae", "attention": "--attention", "aot_format": "--aot-format",
+}
+
+
+def in_option_terms(message: str) -> str:
+    """'strength must be in (0, 1], got 2.0' -> '--strength must be ...': an error led by a field, as its option."""
+    name, sep, rest = message.partition(" ")
+    option = OPTION_OF_FIELD.get(name)
+    return f"{option} {rest}" if option and sep else message
+
+
 def stream_params(args: argparse.Namespace) -> StreamParams:
     """The stream options (serve, run) as checked StreamParams; ValueError with the reason."""
     return StreamParams(parse_prompt(args.prompt), args.strength, args.steps, args.seed, similarity=args.similarity,
@@ -191,6 +208,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                              "(serve, run, warmup)")
         if args.compile_aot and args.fp8:
             raise ValueError("--compile-aot does not cover --fp8 yet: use --compile with it")
+        fused = [flag for flag, on in (("--fused-norm", args.fused_norm), ("--fused-epilogue", args.fused_epilogue))
+                 if on]
+        if fused and (args.compile or args.compile_aot):
+            raise ValueError(f"{' and '.join(fused)} {'are' if len(fused) > 1 else 'is'} for the path without "
+                             "--compile: torch.compile fuses these kernels itself (choose one)")
+        if args.kernel_compile_threads != EngineConfig.__dataclass_fields__["kernel_compile_threads"].default \
+                and not fused:
+            raise ValueError("--kernel-compile-threads sets how many threads compile the kernels of --fused-norm and "
+                             "--fused-epilogue; without either it has nothing to do")
+        if args.frame_graph and not args.cuda_graphs:
+            raise ValueError("--frame-graph captures one more CUDA graph per bucket; with --no-cuda-graphs nothing is "
+                             "captured (choose one)")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, width=args.size[0], height=args.size[1], vae=args.vae,
             taesd=args.taesd, buckets=args.buckets, compile=args.compile or args.compile_aot,
@@ -222,7 +251,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                 raise ValueError(f"{flag} cannot run here: {problem}")
         return cfg
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(in_option_terms(str(exc))) from None
 
 
 def build_engine(args: argparse.Namespace):
