@@ -51,8 +51,6 @@ class SimilarityFilter:
         self._params: StreamParams | None = None  # its parameters, similarity aside
         self._settle_until = 0.0  # a transition under way: no skips until then
         self.consecutive = 0
-        self.skipped = 0
-        self.last_similarity: float | None = None
 
     def reset(self) -> None:
         self.reference, self._small, self._params, self.consecutive = None, None, None, 0
@@ -72,12 +70,11 @@ class SimilarityFilter:
         skip = False
         if self._small is not None and rest == self._params and now >= self._settle_until \
                 and self.consecutive < self.max_skips:
-            s = self.last_similarity = cosine(small, self._small)
+            s = cosine(small, self._small)
             p = max(0.0, 1.0 - (1.0 - s) / (1.0 - params.similarity))
             skip = p > 0 and self.rng.random() < p
         if skip:
             self.consecutive += 1
-            self.skipped += 1
             return self.reference
         self.reference, self._small, self._params, self.consecutive = frame, small, rest, 0
         return None

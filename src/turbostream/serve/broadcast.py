@@ -49,7 +49,6 @@ class Broadcast:
         self._thread: threading.Thread | None = None
         self._latest: np.ndarray | None = None  # newest result waiting for the encoder
         self._encoding = False
-        self.frames_encoded = 0
         # Sinks fed every stylized frame on the inference thread (serve --publish): their write() never blocks. With
         # any, the source is stylized whether or not someone watches /view.
         self.outputs: list[Any] = []
@@ -222,7 +221,6 @@ class Broadcast:
                     rgb, self._latest = self._latest, None
                     continue
                 server.metrics.encode.observe(dt)
-                self.frames_encoded += 1
                 for viewer in list(server.viewers):
                     viewer.outbox.image(OutItem(jpeg=jpeg))
                 rgb, self._latest = self._latest, None
