@@ -139,3 +139,28 @@ def test_turbostream_warmup_says_when_packages_cannot_be_used(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert "AOTInductor packages cannot be used here (a test package crashed the process that loaded it (SIGSEGV" \
         in out and out.rstrip().endswith("eager frames instead")
+
+
+def test_on_windows_the_check_imports_and_names_a_crash_by_its_exit_status(tmp_path, monkeypatch):
+    """Windows' signal module has no SIGBUS (importing the check raised AttributeError, a traceback at every
+    --compile-aot start), and a crash there is an NTSTATUS exit status (0xC0000005: access violation), not a
+    signal: it is a crash, kept like one."""
+    import subprocess
+
+    code = ("import signal\ndel signal.SIGBUS\nimport turbostream.engine.aot_check as check\n"
+            "print(sorted(int(s) for s in check._CRASHES))")
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    import signal
+
+    assert json.loads(listed.stdout) == sorted(int(s) for s in aot_check._CRASHES if s != signal.SIGBUS)
+
+    def access_violation(command, **kwargs):
+        return subprocess.CompletedProcess(command, 0xC0000005, "STEP loading the test package\n", "")
+
+    monkeypatch.setattr(aot_check.subprocess, "run", access_violation)
+    verdict = aot_check.check(CPU, torch.float16, tmp_path)
+    assert not verdict.works
+    assert verdict.detail == ("a test package crashed the process that loaded it (exception 0xc0000005 while loading "
+                              "the test package)")
+    assert json.loads(next(tmp_path.glob("aotinductor-check-*.json")).read_text())["works"] is False

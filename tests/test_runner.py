@@ -714,6 +714,9 @@ def test_the_prompt_line_reads_the_terminal_only_in_the_foreground(monkeypatch):
 
     monkeypatch.setattr(os, "tcgetpgrp", no_terminal)
     assert not cli_run._in_the_foreground()
+    # Windows has no job control and no os.tcgetpgrp: the prompt line was never started there.
+    monkeypatch.delattr(os, "tcgetpgrp")
+    assert cli_run._in_the_foreground()
 
 
 def test_closing_writer_threads_ends_every_one(monkeypatch):

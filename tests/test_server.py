@@ -792,14 +792,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_serve(*extra: str, ready_s: float = 90) -> tuple[subprocess.Popen, int]:
+# `turbostream serve` on an event loop without add_signal_handler, as Windows' are (NotImplementedError).
+WINDOWS_LIKE_LOOP = [sys.executable, "-c", (
+    "import asyncio, sys\n"
+    "def refuse(self, *args): raise NotImplementedError\n"
+    "asyncio.unix_events._UnixSelectorEventLoop.add_signal_handler = refuse\n"
+    "from turbostream.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))")]
+
+
+def spawn_serve(*extra: str, ready_s: float = 90, command: list[str] = TURBOSTREAM) -> tuple[subprocess.Popen, int]:
     """A real `turbostream serve` (tiny-random, CPU, 64 px, a free port) returned once /healthz says 200.
 
     The caller stops it (and reads its stdout); if it never becomes ready, it is killed here and the test fails.
     """
     port = _free_port()
     proc = subprocess.Popen(
-        [*TURBOSTREAM, "serve", "--model", "tiny-random", "--size", "64", "--device", "cpu", "--port", str(port),
+        [*command, "serve", "--model", "tiny-random", "--size", "64", "--device", "cpu", "--port", str(port),
          *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
     )
@@ -828,10 +837,14 @@ def test_serve_command_rejects_bad_options_quickly():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_serve_command_closes_clients_with_1001_on_sigterm(sig):
-    """SIGHUP too: the terminal or ssh session that started it closed (its default ended the process at once)."""
-    proc, port = spawn_serve()
+@pytest.mark.parametrize("sig, command", [(signal.SIGTERM, TURBOSTREAM), (signal.SIGHUP, TURBOSTREAM),
+                                          (signal.SIGINT, WINDOWS_LIKE_LOOP)],
+                         ids=["SIGTERM", "SIGHUP", "Ctrl-C-without-add_signal_handler"])
+def test_serve_command_closes_clients_with_1001_on_sigterm(sig, command):
+    """SIGHUP too: the terminal or ssh session that started it closed (its default ended the process at once). And
+    Ctrl-C where the event loop cannot take signal handlers (Windows): it cancelled the main task, skipping the
+    graceful shutdown (clients got 1011, the process exit status 130)."""
+    proc, port = spawn_serve(command=command)
     try:
 
         async def main():

@@ -217,7 +217,9 @@ def _stdin_is_terminal() -> bool:
 
 def _in_the_foreground() -> bool:
     """Whether this process owns its terminal: a read from it in the background (`turbostream run ... &`) would stop
-    the whole process (SIGTTIN) until `fg`."""
+    the whole process (SIGTTIN) until `fg`. Windows has no job control (nor os.tcgetpgrp): there it always does."""
+    if not hasattr(os, "tcgetpgrp"):
+        return True
     try:
         return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
     except (AttributeError, OSError, ValueError):

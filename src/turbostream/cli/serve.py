@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import logging
 import signal
@@ -18,7 +17,7 @@ from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
 from .controls import add_control_options, controls_from_args
 from .options import add_engine_options, build_engine, engine_config
-from .signals import stop_signals
+from .signals import on_signal, stop_signals
 
 log = logging.getLogger("turbostream.server")
 
@@ -167,9 +166,17 @@ async def _serve_until_signal(server: TurboServer, extras=None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Ctrl-C, SIGTERM and SIGHUP (unless ignored) all close connections with 1001; the process exits 0.
-    for sig in (signal.SIGINT, *stop_signals()):
-        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C still raises KeyboardInterrupt
-            loop.add_signal_handler(sig, stop.set)
+    undo = [on_signal(loop, sig, stop.set) for sig in (signal.SIGINT, *stop_signals())]
+    try:
+        return await _serve_until(server, extras, stop)
+    finally:
+        for restore in undo:
+            restore()
+
+
+async def _serve_until(server: TurboServer, extras, stop: asyncio.Event) -> int:
+    """Serve until stop is set or the engine fails; then close the connections, the controls and the publishers."""
+    loop = asyncio.get_running_loop()
     try:
         await server.start()
     except OSError as exc:

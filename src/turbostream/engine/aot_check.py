@@ -39,7 +39,10 @@ from .compile_cache import _with_torch
 CHECK_TIMEOUT_S = 900.0  # the toy took 80-90 s on the H200 machine with eight built at once; ~20 s on a 2-core CPU
 # Signals a broken loader dies of; SIGKILL, SIGTERM or SIGINT come from outside (the OOM killer, a stop) and say
 # nothing lasting about torch.
-_CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE}
+# (Windows has no SIGBUS, and its crashes are exit statuses instead: NTSTATUS error codes, 0xC0000000 and up.)
+_CRASHES = {sig for name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT", "SIGFPE")
+            if (sig := getattr(signal, name, None)) is not None}
+_NTSTATUS_ERROR = 0xC0000000
 _LOCK = threading.Lock()  # engines of several GPUs warming up at once: one check at a time, the rest read its file
 
 
@@ -154,6 +157,8 @@ def _run_child(device: torch.device, dtype: torch.dtype, timeout: float) -> tupl
         if -proc.returncode not in _CRASHES:  # killed from outside (out of memory, a stop): nothing lasting
             return LoaderVerdict(False, f"the check was stopped by {name} while {step}", seconds=seconds), False
         detail = f"a test package crashed the process that loaded it ({name} while {step})"
+    elif proc.returncode >= _NTSTATUS_ERROR:  # Windows: an access violation or the like, as the exit status
+        detail = f"a test package crashed the process that loaded it (exception {proc.returncode:#x} while {step})"
     else:
         last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
         detail = f"a test package failed while {step} (exit {proc.returncode}: {last[:300]})"
