@@ -568,6 +568,25 @@ def test_bad_inputs_and_outputs_fail_with_one_message(tmp_path, capsys, make_inp
     assert "pw@" not in err
 
 
+def test_an_output_that_is_the_input_under_another_name_is_refused(tmp_path, capsys):
+    """On a case-insensitive file system (macOS, Windows) `-i take.avi -o Take.avi` names the input: the path check
+    passed it and the run overwrote the recording. A hard link is the same file under another name here."""
+    src = make_video(tmp_path / "take.avi", n=2)
+    os.link(src, tmp_path / "Take.avi")
+    picture = tmp_path / "photo.png"
+    cv2.imwrite(str(picture), np.zeros((32, 32, 3), np.uint8))
+    os.link(picture, tmp_path / "Photo.png")
+    before = src.read_bytes()
+    assert cli.main(["run", "-i", str(src), "-o", str(tmp_path / "Take.avi"), *CLI_MODEL]) == 2
+    assert "is the input; write somewhere else" in capsys.readouterr().err
+    assert cli.main(["run", "-i", str(picture), "-o", str(tmp_path / "out.avi"), "-o", str(tmp_path / "take.avi"),
+                     "-o", str(tmp_path / "Take.avi"), *CLI_MODEL]) == 2
+    assert "is given twice" in capsys.readouterr().err
+    assert cli.main(["generate", "a cat", "--image", str(picture), "-o", str(tmp_path / "Photo.png"), *CLI_MODEL]) == 2
+    assert "is the input image; write somewhere else" in capsys.readouterr().err
+    assert src.read_bytes() == before and not (tmp_path / "out.avi").exists()
+
+
 def test_window_needs_a_gui_build_of_opencv():
     if sinks.window_support_error() is None:
         pytest.skip("this OpenCV has a GUI and a display")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import MAX_SEED, EngineConfig, StreamParams
 from ..errors import UserError, path_stat
-from ..io.sinks import check_output_file, ensure_writable_folder
+from ..io.sinks import check_output_file, ensure_writable_folder, same_file
 from ..io.sources import read_image
 from .options import add_engine_options, build_engine, in_option_terms
 
@@ -107,9 +107,9 @@ def main(args: argparse.Namespace, engine=None) -> int:
     except ValueError as exc:
         raise UserError(in_option_terms(str(exc))) from None
     ensure_writable_folder(out.parent if str(out.parent) else Path("."), args.output)  # SinkError: a UserError
-    source = Path(args.image).expanduser().resolve() if args.image else None
+    source = Path(args.image).expanduser() if args.image else None
     for path in output_paths(args.output, args.count):
-        if source is not None and path.resolve() == source:
+        if source is not None and same_file(path, source):
             raise UserError(f"output {str(path)!r} is the input image; write somewhere else")
         check_output_file(path, str(path))
     if engine is None:

@@ -125,6 +125,18 @@ def check_output_file(path: Path, output: str) -> None:
         raise SinkError(f"cannot overwrite {output!r}: permission denied")
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder: the same resolved path, or (both existing) one on disk. The second
+    catches names a case-insensitive file system (macOS, Windows) or a hard link takes for one file: `-i take.mp4
+    -o Take.mp4` on a Mac is the input, and writing it would destroy the recording."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet): only the same name is the same file
+        return False
+
+
 def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -> None:
     """Everything about the outputs that can be known before the model loads; creates output folders.
 
@@ -135,11 +147,14 @@ def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -
     if not outputs:
         raise SinkError(f"no output given: use {OUTPUT_KINDS_HELP}")
     seen: set[str] = set()
+    files: list[Path] = []
     for out in outputs:
-        key = out.text.lower() if out.path is None else str(out.path.resolve())
-        if key in seen:
+        key = out.text.lower() if out.path is None else os.path.normcase(out.path.resolve())
+        if key in seen or (out.path is not None and any(same_file(out.path, f) for f in files)):
             raise SinkError(f"output {out.describe()!r} is given twice")
         seen.add(key)
+        if out.path is not None:
+            files.append(out.path)
     for out in outputs:
         if out.kind == "stream":
             check_stream_output(out.text)
@@ -153,7 +168,7 @@ def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -
                 raise SinkError(reason)
             continue
         if source is not None and source.kind in ("file", "folder"):
-            if out.path.resolve() == Path(str(source.target)).resolve():
+            if same_file(out.path, Path(str(source.target))):
                 raise SinkError(f"output {out.text!r} is the input; write somewhere else")
         folder = out.path if out.kind == "folder" else (out.path.parent if str(out.path.parent) else Path("."))
         ensure_writable_folder(folder, out.text)
