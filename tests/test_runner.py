@@ -6,6 +6,7 @@ import _thread
 import argparse
 import io
 import logging
+import os
 import signal
 import struct
 import subprocess
