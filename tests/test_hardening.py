@@ -90,6 +90,64 @@ def test_a_token_with_plus_signs_typed_as_is_is_accepted(engine):
     run(main())
 
 
+def _refused_peer_that_never_answers(port: int, path: str, messages: int) -> tuple[bytes, float]:
+    """A WebSocket handshake on path, then `messages` binary messages of 1 MiB at once, and no answer to anything:
+    (what the server sent, seconds from its handshake answer to its closing the socket)."""
+    import base64
+    import os
+
+    from websockets.frames import Frame, Opcode
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                     .encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        t0 = time.monotonic()
+        frame = Frame(Opcode.BINARY, bytes(1 << 20)).serialize(mask=True)
+        with contextlib.suppress(OSError):  # the server may close while these are still being sent
+            for _ in range(messages):
+                sock.sendall(frame)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                received += chunk
+        return received, time.monotonic() - t0
+
+
+def test_a_peer_without_the_token_holds_no_socket_and_no_memory(engine, monkeypatch):
+    """Refused for its token, a peer that never answers the close held its socket for the whole close timeout (5 s),
+    counted against the server's socket cap (140 such peers locked out the clients with the token), and every
+    message it sent meanwhile was parsed and queued (up to 4 x 4 MiB a socket; 130 peers: +1.3 GiB)."""
+    from websockets.asyncio.connection import Connection
+
+    delivered = []
+    real = Connection.process_event
+
+    def counting(self, event):
+        if getattr(event, "opcode", None) is not None and event.opcode.name in ("BINARY", "TEXT", "CONT"):
+            delivered.append(len(event.data))
+        return real(self, event)
+
+    monkeypatch.setattr(Connection, "process_event", counting)
+
+    async def main():
+        async with serving(engine, token="s3cret") as server:
+            received, seconds = await asyncio.to_thread(_refused_peer_that_never_answers, server.port,
+                                                        "/ws?token=wrong", 4)
+            assert b" 101 " in received and b"unauthorized" in received
+            assert seconds < 3.0, seconds  # the refused close waits 0.5 s, not close_timeout_s (5 s)
+            assert delivered == []  # its messages were dropped as they were parsed
+            ws, _ = await open_client(server, "/ws?token=s3cret")  # the token's holders: served as ever
+            await ws.send(jpeg(1))
+            assert (await next_result(ws))[0]["seq"] == 1
+            assert delivered and max(delivered) > 1000  # a client with the token: its frames are read
+
+    run(main())
+
+
 def test_viewers_need_the_token_too(engine):
     async def main():
         server = _viewer_server(engine, token="s3cret", control_token="ctl")

@@ -469,6 +469,10 @@ class Limits:
     max_header_line_bytes: int = 8192  # one request or header line; past it: 431
     # How long a closing handshake may take before the socket is dropped (a peer that no longer reads never ends it).
     close_timeout_s: float = 5.0
+    # The same for a peer refused at the start (a wrong token, a full server, no source to view): it has had its
+    # reason, and a short wait means refusals cannot hold sockets (a peer without the token that never answers the
+    # close held one for close_timeout_s, and its place among max_clients + max_viewers + max_pending_handshakes).
+    refused_close_timeout_s: float = 0.5
     # On SIGTERM/SIGINT: how long connections get to answer the close (1001) and the inference thread to finish its
     # batch before the server stops without them. Exit within a few seconds, whatever is running.
     shutdown_grace_s: float = 2.0
@@ -492,7 +496,8 @@ class Limits:
                      "max_ping_burst", "max_message_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "source_retry_s", "source_retry_max_s",
+        for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "refused_close_timeout_s", "source_retry_s",
+                     "source_retry_max_s",
                      "max_pings_per_s", "max_messages_per_s", "shutdown_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")

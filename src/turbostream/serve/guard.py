@@ -144,6 +144,10 @@ class GuardedConnection(ServerConnection):
         self.guard = guard
         self.handshaking = False
         self.refused = False
+        # Set before the upgrade for a peer that will be refused (no token): its messages are dropped as they are
+        # parsed, never queued; buffering them until the refusal's close cost up to max_queue_messages x
+        # max_message_bytes (16 MiB) per socket of a peer that has not even got the token.
+        self.discard_messages = False
         limits, now = guard.limits, self.loop.time()
         self._pings = TokenBucket(limits.max_ping_burst, limits.max_pings_per_s, now)
         self._messages = TokenBucket(limits.max_message_burst, limits.max_messages_per_s, now)
@@ -175,6 +179,8 @@ class GuardedConnection(ServerConnection):
                 throttled.warning("message_flood", "closing a connection that sent messages faster than %g/s "
                                   "(burst %d)", limits.max_messages_per_s, limits.max_message_burst)
                 self.guard._refuse(self, "message_flood")
+                return
+            if self.discard_messages and event.opcode in DATA_OPCODES:
                 return
         super().process_event(event)
 

@@ -157,6 +157,8 @@ class TurboServer:
         (full, warming, failed) gets HTTP 503 with Retry-After, which the balancer retries on another replica.
         Direct clients go on to the handshake and get the in-band answer (server_full and close 1013; or they
         wait for the warmup): a browser cannot read the status of a refused handshake, but it can read a message."""
+        if not self._token_given(request.path):
+            connection.discard_messages = True  # it is refused once upgraded (_authorized): nothing it sends is read
         peer = connection.remote_address[0] if connection.remote_address else None
         via_proxy = self.proxies.trusts(peer)
         self.devices.metrics.connections.labels("proxy" if via_proxy else "direct").inc()
@@ -342,6 +344,7 @@ class TurboServer:
 
     async def _refuse(self, ws: ServerConnection, code: str, message: str, close_code: int, reason: str) -> None:
         self.metrics.errors.labels(code).inc()
+        ws.close_timeout = self.config.limits.refused_close_timeout_s  # told why: no long wait for its close
         with contextlib.suppress(ConnectionClosed):
             await ws.send(json.dumps(protocol.error_message(code, message)))
             await ws.close(close_code, reason)
@@ -393,10 +396,14 @@ class TurboServer:
                                                               control_token)
         await self._run_session(ws, "viewer", lambda: ViewerSession(self, ws, control))
 
+    def _token_given(self, request_path: str) -> bool:
+        """Whether a WebSocket request may connect as far as --token goes: no token set, or ?token= matches it."""
+        token = self.config.token
+        return token is None or token_matches(query_params(request_path).get("token"), token)
+
     async def _authorized(self, ws: ServerConnection, path: str) -> bool:
         """With --token, both WebSocket endpoints need ?token=<token> (as typed); refused with 1008 otherwise."""
-        token = self.config.token
-        if token is None or token_matches(query_params(ws.request.path).get("token"), token):
+        if self._token_given(ws.request.path):
             return True
         await self._refuse(ws, "unauthorized", f"this server needs a token: connect to {path}?token=<token>",
                            CloseCode.POLICY_VIOLATION, "unauthorized")
