@@ -193,7 +193,22 @@ def test_an_empty_token_is_refused_not_an_open_server(capsys, option):
     """`--token "$TOKEN"` with TOKEN unset ran a server without a token, silently (on a loopback bind, behind a
     proxy, not even the warning)."""
     assert cli.main(["serve", option, "", "--port", "0", *TINY]) == 2
-    assert f"{option} is empty: give a secret" in capsys.readouterr().err
+    assert f"{option} (or $TURBOSTREAM_" in (err := capsys.readouterr().err) and "is empty: give a secret" in err
+
+
+def test_tokens_can_come_from_the_environment_and_an_option_overrides_them(monkeypatch, capsys):
+    """A command line is readable by every user of the machine (ps, /proc/PID/cmdline); the environment is not."""
+    from turbostream.cli.serve import server_config
+
+    monkeypatch.setenv("TURBOSTREAM_TOKEN", "env-secret")
+    monkeypatch.setenv("TURBOSTREAM_CONTROL_TOKEN", "env-control")
+    config = server_config(cli.build_parser().parse_args(["serve", *TINY]))
+    assert (config.token, config.control_token) == ("env-secret", "env-control")
+    config = server_config(cli.build_parser().parse_args(["serve", "--token", "typed", *TINY]))
+    assert (config.token, config.control_token) == ("typed", "env-control")
+    monkeypatch.setenv("TURBOSTREAM_TOKEN", " ")  # set but blank: refused like an empty --token
+    assert cli.main(["serve", "--port", "0", *TINY]) == 2
+    assert "--token (or $TURBOSTREAM_TOKEN) is empty" in capsys.readouterr().err
 
 
 def test_the_same_publish_url_twice_is_refused(tmp_path, capsys):

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import signal
 
 from ..config import Limits, ServerConfig
@@ -22,6 +23,11 @@ from .signals import on_signal, stop_signals
 log = logging.getLogger("turbostream.server")
 
 
+# The tokens may come from the environment: a command line is readable by every user of the machine (ps, /proc).
+TOKEN_ENV = "TURBOSTREAM_TOKEN"
+CONTROL_TOKEN_ENV = "TURBOSTREAM_CONTROL_TOKEN"
+
+
 def add_parser(sub) -> None:
     d, limits = ServerConfig(), Limits()
     p = sub.add_parser("serve", help="WebSocket server and browser client (interactive streams and viewers)")
@@ -29,8 +35,11 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default=d.host, help="address to bind (default: %(default)s, this machine only)")
     g.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default: %(default)s)")
-    g.add_argument("--token", default=d.token, help="require this token on /ws and /view/ws (?token=...)")
-    g.add_argument("--control-token", default=d.control_token, help="lets /view clients change the prompt")
+    g.add_argument("--token", default=os.environ.get(TOKEN_ENV, d.token),
+                   help=f"require this token on /ws and /view/ws (?token=...); default: ${TOKEN_ENV} where set "
+                        "(an environment variable, unlike an option, is not shown to other users by ps)")
+    g.add_argument("--control-token", default=os.environ.get(CONTROL_TOKEN_ENV, d.control_token),
+                   help=f"lets /view clients change the prompt; default: ${CONTROL_TOKEN_ENV} where set")
     g.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
                    help="also accept WebSocket connections from this Origin (repeatable; same origin always)")
     g.add_argument("--trusted-proxy", dest="trusted_proxies", action="append", default=[], metavar="ADDR",
@@ -63,10 +72,12 @@ def server_config(args) -> ServerConfig:
     """ServerConfig from `turbostream serve` options; ValueError with the reason if one is out of range."""
     limits = Limits(max_clients=args.max_clients, max_viewers=args.max_viewers,
                     max_message_bytes=args.max_message_bytes)
-    for option, value in (("--token", args.token), ("--control-token", args.control_token)):
+    for option, env, value in (("--token", TOKEN_ENV, args.token),
+                               ("--control-token", CONTROL_TOKEN_ENV, args.control_token)):
         if value is not None and not value.strip():
             # "--token $TOKEN" with TOKEN unset: an open server where a closed one was meant.
-            raise ValueError(f"{option} is empty: give a secret, or leave the option out for a server without one")
+            raise ValueError(f"{option} (or ${env}) is empty: give a secret, or leave it out for a server without "
+                             "one")
     return ServerConfig(
         host=args.host, port=args.port, token=args.token or None, control_token=args.control_token or None,
         allow_origins=tuple(args.allow_origins), jpeg_quality=args.jpeg_quality, source=args.source, limits=limits,
@@ -99,8 +110,8 @@ def _main(args) -> int:
         raise UserError(str(exc)) from None
     server = TurboServer(config=config, engine_factories=factories, capture_factory=capture_factory, jpeg=jpeg)
     if not is_loopback_host(config.host) and config.token is None:
-        log.warning("listening on %s without --token: anyone who can reach this port can use the GPU",
-                    config.host or "every interface")
+        log.warning("listening on %s without --token: anyone who can reach this port can use the GPU (and any web "
+                    "page that someone on the network opens, through DNS rebinding)", config.host or "every interface")
     try:
         from ..serve.integrations import Integrations
 

@@ -169,7 +169,9 @@ class TurboServer:
             return None
         reason, text = refused
         self.devices.metrics.refused.labels(reason).inc()
-        log.info("refused a stream from %s with 503 (%s)", self.proxies.client_address(peer, request.headers), text)
+        # A peer can cause this line (every handshake, before any token): one per reason every 10 s at most.
+        throttled.warning(f"refused_503 {reason}", "refused a stream from %s with 503 (%s)",
+                          self.proxies.client_address(peer, request.headers), text)
         response = connection.respond(503, f"Service Unavailable: {text}; try another replica\n")
         response.headers["Retry-After"] = "1"
         return response
