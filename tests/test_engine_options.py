@@ -254,3 +254,30 @@ def test_frame_graph_reaches_the_config_and_changes_nothing_off_cuda(fresh_compo
     frame = frame_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     plain, framed = Engine(preset("test"), fresh_components), Engine(preset("test", frame_graph=True), fresh_components)
     assert np.array_equal(plain.run([frame], [StreamParams()])[0], framed.run([frame], [StreamParams()])[0])
+
+
+def test_no_gpu_is_explained_by_the_torch_build_and_auto_on_the_cpu_is_said(monkeypatch, caplog):
+    """PyPI's torch on Windows is a CPU-only build: `--device cuda` advised `--device cpu` to a user with a GPU, and
+    `--device auto` ran SD-Turbo on the CPU with no word of why."""
+    import argparse
+    import logging
+
+    from turbostream.cli.options import add_engine_options, engine_config
+    from turbostream.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ValueError, match=r"is a CPU-only build: for a GPU install the CUDA build .*--index-url "
+                                         r"https://download.pytorch.org/whl/cu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(ValueError, match=r"CUDA 12.8\) finds no usable GPU: check the NVIDIA driver"):
+        resolve_device("cuda:0")
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    with caplog.at_level(logging.WARNING, "turbostream"):
+        assert engine_config(parser.parse_args(["--model", "random"])).device == "auto"
+        engine_config(parser.parse_args(["--model", "tiny-random"]))  # the plumbing model: no warning
+        engine_config(parser.parse_args(["--model", "random", "--device", "cpu"]))  # asked for: no warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("no CUDA GPU: running on the CPU"), warnings

@@ -64,6 +64,17 @@ def diffusers_pipeline(components: Components, vae: Any = None, pipeline_class: 
     )
 
 
+def no_cuda_reason() -> str:
+    """Why torch sees no CUDA GPU, with what to do: a CPU-only build (PyPI's torch on Windows, or the CPU index)
+    needs the CUDA build; a CUDA build that finds none points at the driver or CUDA_VISIBLE_DEVICES."""
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build: for a GPU install the CUDA build from the "
+                "index PyTorch's install selector names (pip install torch --index-url "
+                "https://download.pytorch.org/whl/cu128, for example)")
+    return (f"this torch (CUDA {torch.version.cuda}) finds no usable GPU: check the NVIDIA driver (nvidia-smi) and "
+            "CUDA_VISIBLE_DEVICES")
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; a named device is checked, with a clear error if absent. Case and
     surrounding spaces do not matter (`CPU`, ` cuda:0`), as in serve's device lists."""
@@ -75,7 +86,7 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError as exc:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+        raise ValueError(f"device {device!r} asked for, but {no_cuda_reason()}; or use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev

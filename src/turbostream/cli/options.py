@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..config import (
     AOT_FORMATS,
@@ -21,6 +22,8 @@ from ..config import (
     parse_size,
 )
 from ..errors import UserError
+
+log = logging.getLogger("turbostream")
 
 
 def size(text: str) -> tuple[int, int]:
@@ -237,9 +240,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             raise ValueError("--compile-dynamic needs --compile")
         if cfg.aot_format != "aotinductor" and not cfg.compile_aot:
             raise ValueError(f"--aot-format {cfg.aot_format} needs --compile-aot")
-        from ..models import resolve_device
+        from ..models import no_cuda_reason, resolve_device
 
         device = resolve_device(cfg.device)  # --device cuda without a GPU: said now, not after minutes of loading
+        if device.type == "cpu" and cfg.device.strip().lower() == "auto" and cfg.model != "tiny-random":
+            log.warning("no CUDA GPU: running on the CPU, seconds a frame for SD-Turbo (%s)", no_cuda_reason())
         if cfg.fp8:
             from ..engine.cuda import check_fp8
 
