@@ -957,3 +957,43 @@ def test_a_failing_sink_without_a_path_is_an_error_not_a_hang():
         for index in range(10):
             writer.put(np.zeros((8, 8, 3), np.uint8), index)
     writer.close()
+
+
+def test_pictures_are_read_and_written_by_python_and_never_left_half_written(tmp_path, monkeypatch, capsys, allow_load):
+    """On Windows cv2.imread/imwrite open paths through the narrow C API and fail on a name outside the ANSI code
+    page (`Fotos_José`): a folder of pictures was "none of its images could be read", every output "could not
+    write". Python opens the files now (cv2.imdecode/imencode), so those OpenCV calls must not be needed at all. A
+    picture is written under a hidden name and renamed when whole: a failed write leaves nothing under its name."""
+    inputs, outputs = tmp_path / "Fotos_José", tmp_path / "Ausgabe_Jürgen"
+    inputs.mkdir()
+    for k in range(3):
+        ok, data = cv2.imencode(".png", np.full((32, 32, 3), 40 * k, np.uint8))
+        data.tofile(inputs / f"bild_{k}.png")
+
+    def windows_narrow_path(*args, **kwargs):
+        raise AssertionError("cv2.imread/imwrite cannot open non-ANSI paths on Windows")
+
+    monkeypatch.setattr(cv2, "imread", windows_narrow_path)
+    monkeypatch.setattr(cv2, "imwrite", windows_narrow_path)
+    assert cli.main(["run", "-i", str(inputs), "-o", f"{outputs}/", *CLI_MODEL]) == 0
+    assert sorted(p.name for p in outputs.iterdir()) == [f"frame_{k:06d}.png" for k in range(3)]
+    assert cli.main(["generate", "eine Katze", "--image", str(inputs / "bild_1.png"),
+                     "-o", str(outputs / "katze.png"), *CLI_MODEL]) == 0
+    picture, why = sinks_read(outputs / "katze.png")
+    assert picture is not None and picture.shape == (64, 64, 3), why
+
+    def disk_full(src, dst):  # the partial file is written; the disk fills before it is complete and renamed
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks.os, "replace", disk_full)
+    capsys.readouterr()
+    assert cli.main(["generate", "eine Katze", "-o", str(outputs / "voll.png"), *CLI_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err
+    assert [p.name for p in outputs.iterdir() if "voll" in p.name] == []  # no half picture, no temporary
+
+
+def sinks_read(path: Path):
+    from turbostream.io.sources import read_image
+
+    return read_image(path)

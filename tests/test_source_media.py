@@ -160,10 +160,11 @@ def test_a_single_picture_is_read_upright_as_its_exif_orientation_says(tmp_path)
     assert len(list(out.iterdir())) == 1
 
 
-@pytest.mark.parametrize("content", [b"", b"not a picture"], ids=["empty", "text"])
-def test_a_picture_file_that_cannot_be_read_is_a_clear_error(tmp_path, content):
+@pytest.mark.parametrize("content, why", [(b"", "an empty file"), (b"not a picture", "not an image OpenCV can read")],
+                         ids=["empty", "text"])
+def test_a_picture_file_that_cannot_be_read_is_a_clear_error(tmp_path, content, why):
     (tmp_path / "photo.jpg").write_bytes(content)
-    with pytest.raises(SourceError, match=r"picture .*photo\.jpg could not be read: not an image OpenCV can read"):
+    with pytest.raises(SourceError, match=rf"picture .*photo\.jpg could not be read: {why}"):
         CaptureThread(str(tmp_path / "photo.jpg")).start()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import MAX_SEED, EngineConfig, StreamParams
 from ..errors import UserError, path_stat
-from ..io.sinks import check_output_file, ensure_writable_folder, same_file
+from ..io.sinks import check_output_file, ensure_writable_folder, same_file, write_image
 from ..io.sources import read_image
 from .options import add_engine_options, build_engine, in_option_terms
 
@@ -122,8 +122,10 @@ def main(args: argparse.Namespace, engine=None) -> int:
         t0 = time.perf_counter()
         picture = engine.generate(args.prompt, steps=steps, seed=seed, image=image, strength=strength)
         seconds = time.perf_counter() - t0
-        if not cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
-            raise UserError(f"could not write {path} (disk full, or not permitted?)")
+        try:
+            write_image(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        except OSError as exc:
+            raise UserError(f"could not write {path}: {exc.strerror or exc}") from None
         log.info("wrote %s (%s, %dx%d, seed %d, %d steps, %.2f s)",
                  path, kind, picture.shape[1], picture.shape[0], seed, steps, seconds)
     return 0

@@ -8,6 +8,7 @@ writes frame_000000.png ...; WindowSink needs a GUI build of OpenCV and a displa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -104,6 +105,25 @@ def window_support_error() -> str | None:
             "(over ssh use `ssh -X`), or write to a video file or a folder instead"
         )
     return None
+
+
+def write_image(path: Path, bgr: np.ndarray, params: tuple[int, ...] = ()) -> None:
+    """Encode a uint8 BGR picture by path's suffix (.png, .jpg...) and write it whole; OSError if it cannot be.
+
+    Python writes the file, not OpenCV (cv2.imwrite opens paths with the narrow C API on Windows, which cannot name
+    a folder outside the ANSI code page), under a hidden temporary name renamed once complete: a full disk or a
+    stop leaves no truncated picture under a frame's name for the next program to take as good."""
+    ok, data = cv2.imencode(path.suffix, bgr, list(params))
+    if not ok:
+        raise OSError(f"OpenCV could not encode a {path.suffix} picture")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        data.tofile(partial)
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 def ensure_writable_folder(folder: Path, output: str) -> None:
@@ -313,9 +333,10 @@ class FolderSink:
     def write(self, frame: np.ndarray, index: int) -> None:
         target = self.path / f"frame_{index:06d}.png"
         # PNG compression 1: lossless and a few times faster to write than the default 3.
-        ok = cv2.imwrite(str(target), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-        if not ok:
-            raise SinkError(f"could not write {target} (disk full, or the folder was removed?)")
+        try:
+            write_image(target, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), (cv2.IMWRITE_PNG_COMPRESSION, 1))
+        except OSError as exc:
+            raise SinkError(f"could not write {target}: {exc.strerror or exc}") from None
         with self._count_lock:
             self.frames_written += 1
 

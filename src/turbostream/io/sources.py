@@ -302,10 +302,20 @@ class VideoReader:
 
 
 def read_image(path: Path) -> tuple[np.ndarray | None, str]:
-    """cv2.imread's BGR picture of path, or None and why not (OpenCV raises, instead of answering None, for a
-    picture past its pixel limit, OPENCV_IO_MAX_IMAGE_PIXELS: 2^30 by default)."""
+    """The uint8 BGR picture in file path, turned as its EXIF orientation says, or None and why not.
+
+    The file is read by Python and decoded from memory (cv2.imdecode), not opened by OpenCV (cv2.imread): on Windows
+    OpenCV opens paths with the narrow C API, which cannot open a name outside the ANSI code page (`Fotos_José`,
+    any CJK folder). OpenCV raises, instead of answering None, for a picture past its pixel limit
+    (OPENCV_IO_MAX_IMAGE_PIXELS: 2^30 by default)."""
     try:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        data = np.fromfile(path, np.uint8)
+    except OSError as exc:
+        return None, f"cannot be read: {exc.strerror or exc}"
+    if data.size == 0:
+        return None, "an empty file"
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     except cv2.error:
         return None, "too large for OpenCV to decode (past its pixel limit, OPENCV_IO_MAX_IMAGE_PIXELS)"
     return image, "" if image is not None else "not an image OpenCV can read"
