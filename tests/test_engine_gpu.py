@@ -54,6 +54,40 @@ def test_graph_replay_equals_eager(cuda_tiny):
         assert g.std() > 10 and _diff(g, e) <= 2
 
 
+def test_engines_warming_up_at_once_on_their_own_threads_capture_what_one_alone_does(cuda_tiny):
+    """serve --device cuda:0,cuda:1 (or all) warms each engine on its own thread at once: each captures on its own
+    stream on its own GPU, and one's capture does not break the other's allocations. Two engines on one GPU here."""
+    import threading
+
+    from turbostream.engine import Engine
+
+    cfg = preset("test", device="cuda", width=128, height=128, buckets=(1, 2))
+    frames, params = _frames(2, 128, 128), [StreamParams("a", seed=1), StreamParams("b", seed=2)]
+    alone = Engine(cfg, cuda_tiny)
+    alone.warmup()
+    want = alone.run(frames, params)
+    engines = [Engine(cfg, cuda_tiny) for _ in range(2)]
+    assert engines[0]._capture_stream is not engines[1]._capture_stream
+    results, errors = {}, []
+
+    def warm_and_run(k):
+        try:
+            engines[k].warmup()
+            results[k] = engines[k].run(frames, params)
+        except Exception as exc:  # noqa: BLE001 - reported below with the engine's index
+            errors.append((k, repr(exc)))
+
+    threads = [threading.Thread(target=warm_and_run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    for k in range(2):
+        assert engines[k].stats.graph_replays >= 1
+        assert all(np.array_equal(a, b) for a, b in zip(results[k], want)), k
+
+
 def test_mixed_batch_equals_single_on_graphs(cuda_tiny):
     from turbostream.engine import Engine
 

@@ -60,6 +60,9 @@ from .triton_support import interpreting
 
 log = logging.getLogger("turbostream.engine")
 
+# One capture at a time in the process: engines of several GPUs (serve --device all) warm up on their own threads at
+# once, and CUDA documents captures as safe one after another.
+_CAPTURE_LOCK = threading.Lock()
 BLEND_CACHE_SIZE = 16  # prompt blends' combined embeddings kept (LRU); recombining one costs a few tensor ops
 
 
@@ -279,6 +282,10 @@ class Engine:
         # by a partial step; each stream's own copy lives in its StreamState between calls.
         self._deep = self.reuse.empty_deep(B, h, w, dev).zero_() if self.reuse is not None else None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # The engine's own capture stream, on its own GPU: torch.cuda.graph without stream= uses one stream for the
+        # whole process, made on whichever GPU was current where it was first used (a second GPU's engine would
+        # capture on the first's).
+        self._capture_stream = torch.cuda.Stream(device=dev) if self.use_graphs else None
 
     # ------------------------------------------------------------------ caches (text encoder, noise)
 
@@ -646,37 +653,42 @@ class Engine:
         t0 = time.perf_counter()
         kinds = ("head", *self._step_modes, "tail")
         self._step.copy_(self._steps[0])  # a real schedule row for the warm-up runs
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):
                 for kind in kinds:
                     self._segment(b, kind)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # All graphs share one memory pool: they never run concurrently and each passes its result on in a static
+        # buffer (latents, out), so the temporaries of one graph may reuse another's. "thread_local": a capture
+        # forbids unsafe calls (cudaMalloc...) in this thread only; the default forbade them in every thread, so
+        # another GPU's engine that allocated while this one captured failed, or broke this capture.
+        capture = functools.partial(torch.cuda.graph, pool=self._pool, stream=self._capture_stream,
+                                    capture_error_mode="thread_local")
         graphs = {}
-        for kind in kinds:
-            graph = torch.cuda.CUDAGraph()
-            # All graphs share one memory pool: they never run concurrently and each passes its result on in a
-            # static buffer (latents, out), so the temporaries of one graph may reuse another's.
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._segment(b, kind)
-            graphs[kind] = graph
-        if self.config.frame_graph:
-            # The same kernels as head + n steps + tail replayed one after another (the schedule row copies
-            # included), in one graph: what _replay launches for a call of the default evaluation count, plain, and
-            # with reuse in its keep and reuse modes when that count is 1 (more steps move deep features between
-            # steps: those calls replay the segments).
-            n = self.config.default_params.unet_evals
-            for mode in self._step_modes if n == 1 else ("plain",):
+        with _CAPTURE_LOCK:
+            for kind in kinds:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    self._segment(b, "head")
-                    for k in range(n):
-                        self._step.copy_(self._steps[k])
-                        self._segment(b, mode)
-                    self._segment(b, "tail")
-                graphs[_frame_graph_key(n, mode)] = graph
-        torch.cuda.synchronize()
+                with capture(graph):
+                    self._segment(b, kind)
+                graphs[kind] = graph
+            if self.config.frame_graph:
+                # The same kernels as head + n steps + tail replayed one after another (the schedule row copies
+                # included), in one graph: what _replay launches for a call of the default evaluation count, plain,
+                # and with reuse in its keep and reuse modes when that count is 1 (more steps move deep features
+                # between steps: those calls replay the segments).
+                n = self.config.default_params.unet_evals
+                for mode in self._step_modes if n == 1 else ("plain",):
+                    graph = torch.cuda.CUDAGraph()
+                    with capture(graph):
+                        self._segment(b, "head")
+                        for k in range(n):
+                            self._step.copy_(self._steps[k])
+                            self._segment(b, mode)
+                        self._segment(b, "tail")
+                    graphs[_frame_graph_key(n, mode)] = graph
+        torch.cuda.synchronize(self.device)
         self._graphs[b] = graphs
         self.stats.graphs_captured += len(graphs)
         self.stats.capture_s[f"b{b}"] = time.perf_counter() - t0
