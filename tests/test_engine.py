@@ -259,6 +259,21 @@ def test_pipelined_calls_hand_out_their_own_frames(make_engine, frame_rng):
     with pytest.raises(ValueError):
         engine.submit([frames[0]], [StreamParams(steps=99)])
     assert engine.in_flight == 0
+    # A submit that fails inside its work (out of memory encoding a new prompt) while another call is in flight:
+    # the batcher retries its frames one by one at once, and they must get the free slot, not the busy one.
+    running = engine.submit(*calls[0])
+    real_embeddings = engine.prompt_embeddings
+
+    def out_of_memory(prompt):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    engine.prompt_embeddings = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.submit([frames[2]], [StreamParams("a brand new prompt")])
+    engine.prompt_embeddings = real_embeddings
+    assert engine.in_flight == 1
+    assert all(np.array_equal(g, w) for g, w in zip(engine.run(*calls[1]), want[1]))  # was "in flight already"
+    assert all(np.array_equal(g, w) for g, w in zip(engine.collect(running), want[0]))
 
 
 def test_calls_carry_the_devices_timeline(make_engine, frame_rng):

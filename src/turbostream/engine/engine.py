@@ -899,7 +899,8 @@ class Engine:
         params = [self.validate(p) for p in params]
         fitted = [fit_frame(f, self.width, self.height) for f in frames]
         self._check_thread()
-        slot = self._slots[self._next_slot]
+        index = self._next_slot
+        slot = self._slots[index]
         if slot.busy:
             raise RuntimeError("two engine calls are in flight already: collect one before submitting another")
         self._next_slot ^= 1
@@ -925,6 +926,9 @@ class Engine:
         except BaseException:
             self._wait(slot)
             slot.busy = False
+            # The next call takes this slot again: the other may hold the call still in flight (the batcher's
+            # frame-by-frame retry of this batch comes while it runs).
+            self._next_slot = index
             raise
         if chunks:
             if started is not None:
