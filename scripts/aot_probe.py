@@ -174,8 +174,13 @@ def _describe_package(path: Path) -> dict:
 
 def _compiler_wrapper(folder: str, flags: str) -> str:
     """A compiler command for inductor (CXX) that logs each command line and runs g++ with `flags` added: linker
-    flags (-Wl,...) to the commands that link a shared library only (a precompiled header's command must not link)."""
-    log, script = Path(folder) / "cxx-commands.log", Path(folder) / "cxx"
+    flags (-Wl,...) to the commands that link a shared library only (a precompiled header's command must not link).
+
+    It is named g++ (in a folder of its own): inductor tells the compiler by its name (cpp_builder._is_gcc), and a
+    wrapper named otherwise got neither g++'s flags nor its precompiled-header name (.gch; g++ ignores a .pch)."""
+    log = Path(folder) / "cxx-commands.log"
+    (Path(folder) / "bin").mkdir(exist_ok=True)
+    script = Path(folder) / "bin" / "g++"
     real = subprocess.run(["sh", "-c", "command -v g++"], capture_output=True, text=True).stdout.strip() or "g++"
     link = " ".join(f for f in flags.split() if f.startswith("-Wl,"))
     compile_ = " ".join(f for f in flags.split() if not f.startswith("-Wl,"))

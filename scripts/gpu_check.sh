@@ -92,13 +92,23 @@
 # (and engine options to the latency stage's).
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
 # into one file after every step, so a run cut short still returns what it did: on the device machine, where at most
-# 8 files come back, run with OUT=/tmp/g PACK=$OUT/gpu.tgz (PACK outside $OUT). There, carry .whl too (see
+# 8 files come back, run with PACK=$OUT/gpu.tgz OUT=/tmp/g (PACK outside $OUT; in this order, as the shell expands
+# $OUT in PACK before the OUT= after it: the other order packs into /tmp/g, and is refused). There, carry .whl too (see
 # ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets, simplejpeg) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
+if [ -n "${PACK:-}" ]; then
+  mkdir -p "$(dirname "$PACK")"
+  case "$(cd "$(dirname "$PACK")" && pwd -P)/" in
+    "$(cd "$OUT" && pwd -P)"/*)
+      echo "gpu_check.sh: PACK=$PACK lies inside OUT=$OUT: the pack would pack itself and never reach the device" \
+           "tool's \$OUT; give PACK before OUT (PACK=\$OUT/gpu.tgz OUT=/tmp/g)" >&2
+      exit 2 ;;
+  esac
+fi
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(parity engine serve)
 status=0
 
@@ -157,8 +167,17 @@ bench_step() {  # the bench of the engine and bench stages: BENCH_ARGS added, BE
 }
 
 pack() {  # PACK=file.tgz: everything in $OUT so far, in one file (the device tool returns at most 8 files)
-  if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi
+  if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . 2>/dev/null && mv "$PACK.part" "$PACK"; fi
 }
+
+if [ -n "${PACK:-}" ]; then
+  # Also every PACK_EVERY_S seconds while a step runs: the device tool ends a command at its time limit without
+  # warning, and what a step had written by then (a load test's finished client counts: loadtest.py's *.partial
+  # JSON) still comes back in the last pack.
+  ( while sleep "${PACK_EVERY_S:-30}"; do pack; done ) &
+  packer=$!
+  trap 'kill $packer 2>/dev/null' EXIT
+fi
 
 for stage in "${stages[@]}"; do
   case $stage in

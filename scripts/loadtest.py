@@ -493,6 +493,11 @@ async def sweep(args, url: str, http_base: str) -> tuple[list[dict], dict]:
     for n in args.client_counts:
         step = await run_step(n, url, frames, args, http_base, ready_info)
         steps.append(step)
+        if args.json:  # the client counts done so far, in case the run is cut off (a device's time limit)
+            partial = Path(args.json + ".partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"tool": "scripts/loadtest.py", "partial": True, "url": url.split("?")[0],
+                                           "ready": ready_info, "steps": steps}, indent=2) + "\n")
         print(table([step]).splitlines()[-1] if steps[1:] else table([step]), flush=True)
         t = step["total"]
         if args.reconnect or args.replica_header:
@@ -562,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json + ".partial").unlink(missing_ok=True)
         print(f"loadtest: wrote {args.json}")
     if report["errors"]:
         return 1
