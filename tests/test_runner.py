@@ -997,3 +997,42 @@ def sinks_read(path: Path):
     from turbostream.io.sources import read_image
 
     return read_image(path)
+
+
+def test_a_stop_signal_lost_while_the_model_loads_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """SIGTERM raises KeyboardInterrupt wherever the main thread is; while the model loads that can be inside a
+    finalizer, which Python only prints: the run went on to the end and exited 0 (`docker stop` then SIGKILLed it,
+    leaving an .mp4 without its index). The signal is remembered and the run stops once it can."""
+    src = make_video(tmp_path / "in.avi", n=6)
+
+    def loading_the_model(args):
+        try:
+            signal.raise_signal(signal.SIGTERM)  # arrives during loading...
+        except KeyboardInterrupt:
+            pass  # ...and a finalizer swallows its KeyboardInterrupt
+        return FakeEngine()
+
+    monkeypatch.setattr(cli_run, "build_engine", loading_the_model)
+    out = tmp_path / "out.avi"
+    assert cli.main(["run", "-i", str(src), "-o", str(out), *CLI_MODEL]) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_engine_failing_mid_run_is_one_error_with_the_summary_of_what_was_kept(tmp_path, monkeypatch, capsys):
+    """A CUDA error on the 3rd call: the outputs are finalized (they play, with the frames before it), and the run
+    ends as other failed runs do (the summary, `turbostream: error: ...`, status 1), not with a traceback."""
+    src = make_video(tmp_path / "in.avi", n=12)
+
+    def illegal_access(engine, frames):
+        if len(engine.calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cli_run, "build_engine", lambda args: FakeEngine(max_batch=1, on_run=illegal_access))
+    out = tmp_path / "out.avi"
+    assert cli.main(["run", "-i", str(src), "-o", str(out), *CLI_MODEL]) == 1
+    err = capsys.readouterr().err  # the log goes there too
+    assert "turbostream: error: the engine failed: RuntimeError: CUDA error: an illegal memory access" in err
+    assert "stopped by an error: 2 frames" in err and f"{out}: 2 frames" in err and "Traceback" not in err
+    frames, _ = read_video(out)
+    assert len(frames) == 2  # the two computed before the error, in a file that plays

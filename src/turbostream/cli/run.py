@@ -83,7 +83,8 @@ def main(args: argparse.Namespace, engine=None) -> int:
             return 128 + term.received
         finally:
             controls.stop()
-    return 128 + term.received if status == INTERRUPT_STATUS and term.received else status
+    # A run that a stop signal ended, or that ended by itself after one: the signal's status, as documented.
+    return 128 + term.received if term.received and status in (0, INTERRUPT_STATUS) else status
 
 
 class _Sigterm:
@@ -177,6 +178,10 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
             progress=Progress(live=realtime, total=total), queue_frames=cfg.queue_frames,
         )
         term.pipeline = pipeline
+        if term.received:
+            # A stop signal came while the model loaded, and its KeyboardInterrupt was lost (raised inside a
+            # finalizer, which Python only prints): stop now, as it asked.
+            raise KeyboardInterrupt
         transform.params_of = lambda: pipeline.params
         target = RunTarget(pipeline, stream_limits(engine))
         controls.start_osc(target)
@@ -184,7 +189,17 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
             PromptLine(pipeline, target=target).start()
         # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);
         # run() closes the sinks (writes what is queued, finalizes files).
-        summary = pipeline.run(on_ready=lambda: controls.start_playlist(target))
+        try:
+            summary = pipeline.run(on_ready=lambda: controls.start_playlist(target))
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                raise
+            # The engine failed mid-run (a CUDA error, out of memory): the outputs were finalized with what it
+            # had computed; the summary says what was kept, as for any other stop.
+            log.debug("the engine failed", exc_info=True)
+            summary = pipeline.summary
+            summary.stopped = "error"
+            summary.error = f"the engine failed: {type(exc).__name__}: {exc} (-v logs where)"
     except BaseException:
         for sink in sinks:  # opened before the run began (a virtual camera, say)
             with contextlib.suppress(Exception):

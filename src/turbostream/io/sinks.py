@@ -222,6 +222,7 @@ class VideoSink:
         self.fill_gaps = fill_gaps
         self.frames_written = 0
         self.failed: str | None = None  # why writing failed, once it has
+        self.left: str | None = None  # after a failed write: what the file left behind holds
         self._writer: cv2.VideoWriter | None = None
         self._last_index: int | None = None
 
@@ -261,23 +262,30 @@ class VideoSink:
             return
         self._writer.release()
         self._writer = None
-        if self.failed is None and self.frames_written:
+        if self.failed is not None:  # a write failed: say what the file left behind is worth, not what went in
+            self.left = self._check_file(left=True) or "the file left plays"
+        elif self.frames_written:
             problem = self._check_file()
             if problem:
                 self.failed = f"{problem}: {self._why()}"
                 raise SinkError(self.failed)
 
-    def _check_file(self) -> str | None:
+    def _check_file(self, left: bool = False) -> str | None:
         """What is wrong with the finished file, or None. Opening reads only the container's header and index
         (milliseconds, however long the video): a file cut short by a full disk lacks its index (an .mp4 does not
-        open, an .avi or .mkv counts no frames) or counts fewer frames than were written."""
+        open, an .avi or .mkv counts no frames) or counts fewer frames than were written. left: the file a failed
+        write left behind, described as such (it does not play, or how many frames it holds)."""
         cap = cv2.VideoCapture(os.path.abspath(self.path))
         try:
             if not cap.isOpened():
-                return "the finished file does not open"
+                return "the file left does not open (no index): it holds nothing playable" if left \
+                    else "the finished file does not open"
             count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
         finally:
             cap.release()
+        if left:
+            return f"the file left holds about {int(count)} frames" if count >= 1 else \
+                "the file left has no index of its frames (players that scan for frames may read some)"
         if not count >= 1:
             return "the finished file has no index of its frames"
         # .mkv's count is estimated from its duration (it may round below the truth): only the others are exact.
@@ -309,7 +317,8 @@ class VideoSink:
 
     def describe(self) -> str:
         if self.failed is not None:
-            return f"{self.path}: FAILED after {self.frames_written} frames: {self.failed}"
+            left = f"; {self.left}" if self.left else ""
+            return f"{self.path}: FAILED after {self.frames_written} frames: {self.failed}{left}"
         if not self.frames_written:
             return f"{self.path}: no frames (no file written)"
         return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
