@@ -8,6 +8,7 @@ crashes, fails or hangs the way a broken loader would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -57,6 +58,7 @@ def test_a_loader_that_crashes_its_process_is_named_with_its_signal_and_step(tmp
     assert not verdict.works
     assert verdict.detail == ("a test package crashed the process that loaded it (SIGSEGV while loading the test "
                               "package)")
+    assert verdict.kept  # the engine's warning says so only when it is
     assert json.loads(next(tmp_path.glob("aotinductor-check-*.json")).read_text())["works"] is False
     assert aot_check.check(CPU, torch.float16, tmp_path).cached  # a crash is kept: the next start does not crash
 
@@ -73,6 +75,7 @@ def test_a_failure_says_where_and_a_check_that_cannot_start_or_is_cut_short_is_n
     _child_that(monkeypatch, "import time\nprint('STEP building a test package', flush=True)\ntime.sleep(60)")
     verdict = aot_check.check(CPU, torch.float32, tmp_path, timeout=2)
     assert not verdict.works and "did not finish in 2 s (while building a test package)" in verdict.detail
+    assert not verdict.kept
     assert not list(tmp_path.iterdir())  # a busy machine's time-out says nothing lasting about torch
 
 
@@ -164,3 +167,31 @@ def test_on_windows_the_check_imports_and_names_a_crash_by_its_exit_status(tmp_p
     assert verdict.detail == ("a test package crashed the process that loaded it (exception 0xc0000005 while loading "
                               "the test package)")
     assert json.loads(next(tmp_path.glob("aotinductor-check-*.json")).read_text())["works"] is False
+
+
+def test_the_check_ends_with_the_process_that_started_it():
+    """A server or run stopped by SIGTERM exits at once (os._exit): its check's child went on compiling for
+    minutes as an orphan (while it printed nothing, no broken pipe ended it), its verdict thrown away. It now ends
+    within about a second of its parent: here a child that would otherwise sleep for a minute."""
+    import subprocess
+    import time
+
+    import psutil
+
+    child_code = ("import time\nfrom turbostream.engine import aot_check\naot_check._exit_with_parent(0.1)\n"
+                  "print('watching', flush=True)\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', "
+                               f"{child_code!r}])"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline() == "watching\n"  # the child got as far as watching its parent
+        (child,) = psutil.Process(parent.pid).children()
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 8
+        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the check outlived its parent"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        with contextlib.suppress(psutil.Error, UnboundLocalError):
+            child.kill()

@@ -19,6 +19,7 @@ out of memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -43,6 +44,7 @@ CHECK_TIMEOUT_S = 900.0  # the toy took 80-90 s on the H200 machine with eight b
 _CRASHES = {sig for name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT", "SIGFPE")
             if (sig := getattr(signal, name, None)) is not None}
 _NTSTATUS_ERROR = 0xC0000000
+PARENT_ENV = "TURBOSTREAM_AOT_CHECK_PARENT"  # the child's parent process id, set by _run_child
 _LOCK = threading.Lock()  # engines of several GPUs warming up at once: one check at a time, the rest read its file
 
 
@@ -52,6 +54,7 @@ class LoaderVerdict:
     detail: str  # what happened: "loads, runs and replays in a CUDA graph" or where and how it failed
     cached: bool = False  # read from the compile cache folder, no child run
     seconds: float = 0.0
+    kept: bool = False  # in the compile cache folder (read from it, or written there), for the next start
 
 
 def toy_network(device: torch.device | str, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -109,7 +112,7 @@ def check(device: torch.device, dtype: torch.dtype, folder: Path | None, *,
             try:
                 kept = json.loads(path.read_text())
                 if kept.get("key") == key:
-                    return LoaderVerdict(bool(kept["works"]), str(kept["detail"]), cached=True)
+                    return LoaderVerdict(bool(kept["works"]), str(kept["detail"]), cached=True, kept=True)
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # none yet, or unreadable: check again
         verdict, keep = _run_child(device, dtype, timeout)
@@ -120,6 +123,7 @@ def check(device: torch.device, dtype: torch.dtype, folder: Path | None, *,
                 tmp.write_text(json.dumps({"key": key, "works": verdict.works, "detail": verdict.detail,
                                            "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
                 os.replace(tmp, path)
+                verdict = dataclasses.replace(verdict, kept=True)
             except OSError:
                 pass  # an unwritable cache folder: the next start checks again
         return verdict
@@ -135,7 +139,7 @@ def _run_child(device: torch.device, dtype: torch.dtype, timeout: float) -> tupl
     t0 = time.perf_counter()
     src = str(Path(__file__).resolve().parents[2])  # the folder holding the turbostream package, for the child
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
-           "PYTHONFAULTHANDLER": "1"}
+           "PYTHONFAULTHANDLER": "1", PARENT_ENV: str(os.getpid())}
     try:
         proc = subprocess.run(child_command(device, dtype), capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
@@ -225,12 +229,27 @@ def _child(device: torch.device, dtype: torch.dtype) -> dict:
                                          f"{error:.1e})"}
 
 
+def _exit_with_parent(every_s: float = 1.0) -> None:
+    """End this check once the process that started it is gone: a server or run stopped by SIGTERM exits at once,
+    and its check (minutes of compiling) went on building as an orphan, its verdict thrown away."""
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())  # as started: the parent may be gone already
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:  # adopted by init (or a subreaper): the parent has exited
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Check, in this process, that AOTInductor packages load and run "
                                  "(exit status 0 if they do, 1 if not; a crash is the answer too).")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     args = ap.parse_args(argv)
+    _exit_with_parent()
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)

@@ -524,7 +524,8 @@ class Engine:
                     verdict.detail, "torch.compile's ahead-of-time artifacts (--aot-format dynamo)" if self.is_cuda
                     else "eager frames",
                     "The compile cache folder keeps this verdict for this torch, GPU and compiler (delete its "
-                    "aotinductor-check-*.json to check again)." if folder is not None else "")
+                    "aotinductor-check-*.json to check again)." if verdict.kept else
+                    "(Not kept: the next start checks again.)" if folder is not None else "")
         return verdict.detail
 
     def _compile_aot(self, fmt: str) -> None:
