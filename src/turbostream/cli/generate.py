@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -124,8 +125,10 @@ def main(args: argparse.Namespace, engine=None) -> int:
         seconds = time.perf_counter() - t0
         try:
             write_image(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-        except OSError as exc:
-            raise UserError(f"could not write {path}: {exc.strerror or exc}") from None
+        except OSError as exc:  # found while running (a full disk), not before: status 1, and what was kept
+            print(f"turbostream: error: could not write {path}: {exc.strerror or exc} ({k} of {args.count} "
+                  "pictures written)", file=sys.stderr)
+            return 1
         log.info("wrote %s (%s, %dx%d, seed %d, %d steps, %.2f s)",
                  path, kind, picture.shape[1], picture.shape[0], seed, steps, seconds)
     return 0
