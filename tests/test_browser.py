@@ -458,3 +458,109 @@ def test_the_view_prompt_being_typed_survives_a_reconnect(browser, tiny_componen
         page.wait_for_function("() => turbostream.conn === 'live'", timeout=TIMEOUT_MS)
         assert page.input_value("#prompt") == "a stained glass window, half typed"
     assert [p for p in problems if "WebSocket" not in p] == []
+
+
+def _ready_with(**changes) -> str:
+    import json
+
+    ready = json.loads(_mock_ready("client"))
+    ready.update(changes)
+    return json.dumps(ready)
+
+
+def test_unanswered_frames_are_waited_for_and_a_silent_connection_is_replaced(browser, tiny_components):
+    """A slow link: the server alive (its stats arrive) but no answer yet. The page cleared its frames in flight
+    after 4 s and sent two more on top of them, again and again: 20 s of lag and a ping-timeout close every 40 s.
+    A dead link (nothing arrives any more): the page showed "ready" over a frozen picture for ever. Now it waits
+    for the answers, and drops a connection silent for 10 s for a new one."""
+    import json
+
+    connections, frames = [], []
+
+    def client(ws) -> None:
+        connections.append(ws)
+        frames.append(0)
+        index = len(frames) - 1
+        ws.send(_ready_with(stats_interval_s=1.0))
+
+        def on_message(message) -> None:
+            if isinstance(message, bytes):
+                frames[index] += 1
+
+        ws.on_message(on_message)
+
+    with stand_in_page(browser, tiny_components, "/ws", client, "?autostart=1&inflight=2") as (page, problems):
+        page.wait_for_function("() => window.turbostream && turbostream.framesSent >= 2", timeout=TIMEOUT_MS)
+        for _ in range(7):  # alive and slow: stats every second, no answer
+            connections[0].send(json.dumps({"type": "stats", "fps": 0.0, "latency_ms": {"p50": None}, "dropped": 0,
+                                            "clients": 1}))
+            page.wait_for_timeout(1000)
+        assert frames[0] == 2 and len(connections) == 1, (frames, len(connections))
+        # Dead: nothing more arrives. Within 10 s (and a second's check) the page gives it up.
+        page.wait_for_function("() => turbostream.conn.includes('no message from the server for 10 s')",
+                               timeout=20_000)
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while len(connections) < 2 or frames[1] < 1:
+            assert time.monotonic() < deadline, f"no new connection streaming: {frames}"
+            page.wait_for_timeout(100)
+        assert frames[0] == 2
+    assert [p for p in problems if "WebSocket" not in p] == []
+
+
+def test_frames_over_the_servers_message_limit_are_never_sent_and_the_page_says_why(browser, tiny_components):
+    """Sent, a frame over --max-message-bytes closed the connection (1009) and the page reconnected every half second,
+    saying only "disconnected". It lowers the JPEG quality instead, and says so where even that is too large."""
+    received = []
+
+    def client(ws) -> None:
+        ws.send(_ready_with(limits={"max_steps": 10, "feature_reuse": False, "max_message_bytes": 100}))
+        ws.on_message(lambda message: received.append(len(message)) if isinstance(message, bytes) else None)
+
+    with stand_in_page(browser, tiny_components, "/ws", client, "?autostart=1") as (page, problems):
+        page.wait_for_function("() => turbostream.errors.some((e) => e.includes(\"over this server's limit of 100\"))",
+                               timeout=TIMEOUT_MS)
+        assert page.evaluate("() => turbostream.quality") == pytest.approx(0.3)
+        assert received == []
+    assert problems == []
+
+
+def test_a_close_shows_its_reason_and_a_denied_camera_stays_said(browser, tiny_components):
+    """Only a refusal (1008) showed the close's reason; a ping timeout or a frame over the limit was "disconnected".
+    A denied camera was said in an 8-second banner, after which the page invited to start the camera again."""
+    connections = []
+
+    def client(ws) -> None:
+        connections.append(ws)
+        ws.send(_mock_ready("client"))
+        if len(connections) == 1:
+            ws.close(code=1011, reason="keepalive ping timeout")
+
+    denied = """navigator.mediaDevices.getUserMedia = async () => {
+        throw new DOMException('denied', 'NotAllowedError'); };"""
+    with stand_in_page(browser, tiny_components, "/ws", client, "", denied) as (page, problems):
+        page.wait_for_function("() => turbostream.conn.includes('(keepalive ping timeout)')", timeout=TIMEOUT_MS)
+        page.click("#camera")
+        page.wait_for_function("() => document.getElementById('in-empty').textContent.includes('permission denied')",
+                               timeout=TIMEOUT_MS)
+        assert "site settings" in page.inner_text("#in-empty") and page.is_visible("#in-empty")
+    assert [p for p in problems if "WebSocket" not in p] == []
+
+
+def test_a_kiosk_replaces_a_connection_gone_silent(browser, tiny_components):
+    """A /view page sends nothing, so a dead connection (no FIN, no RST) went unnoticed for as long as the OS kept
+    it: a projector or OBS source frozen on the last frame, "live". Ten seconds without a message now reconnects."""
+    connections = []
+
+    def viewer(ws) -> None:
+        connections.append(ws)
+        ws.send(_mock_ready("viewer"))  # then nothing, as over a dead link
+
+    with stand_in_page(browser, tiny_components, "/view/ws", viewer, "view?kiosk=1") as (page, problems):
+        page.wait_for_function("() => window.turbostream && turbostream.ready !== null", timeout=TIMEOUT_MS)
+        t0 = time.monotonic()
+        deadline = t0 + 30
+        while len(connections) < 2:
+            assert time.monotonic() < deadline, "the silent connection was kept"
+            page.wait_for_timeout(200)
+        assert time.monotonic() - t0 > 8  # not at once: ten seconds of silence (less the check's own second)
+    assert [p for p in problems if "WebSocket" not in p] == []

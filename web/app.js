@@ -14,9 +14,13 @@ const TOKEN = rawParam("token");
 const INFLIGHT = Math.min(2, Math.max(1, Number(query.get("inflight")) || 2));
 const QUALITY = Math.min(0.95, Math.max(0.5, Number(query.get("quality")) || 0.8));
 const DEBOUNCE_MS = 350;
-const WATCHDOG_MS = 4000; // no answer for this long: count the frames in flight as lost and go on
+// The server answers every frame or numbers past it, so unanswered frames are still on their way (a slow link) and
+// sending more would only queue them behind: only after this long, with every byte sent, are they counted as lost.
+const WATCHDOG_MS = 30000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 10000;
+const STABLE_MS = 10000; // a connection up this long after ready starts the next reconnect's backoff afresh
+const MIN_QUALITY = 0.3; // frames over the server's size limit are sent at lower JPEG quality, down to this
 
 // What the page knows; also exposed as window.turbostream for kiosks, tests and the curious.
 const state = {
@@ -29,6 +33,10 @@ const state = {
   encoding: false,
   newFrame: true,
   lastAnswer: 0,
+  lastMessage: 0, // when the server last sent anything: it sends stats every stats_interval_s, so silence means a
+  // dead connection (a Wi-Fi switch, an expired NAT entry), which the browser may not notice for minutes
+  readyAt: 0,
+  quality: QUALITY, // the JPEG quality frames are sent at (lowered for a server with a small message limit)
   framesSent: 0,
   framesReceived: 0,
   dropped: 0,
@@ -67,6 +75,7 @@ function setConn(text, kind = "") {
 
 let errorTimer = null;
 function showError(message) {
+  if (state.errors[state.errors.length - 1] === message && !$("error").hidden) return; // shown already
   state.errors.push(message);
   if (state.errors.length > 50) state.errors.shift();
   $("error-text").textContent = message;
@@ -89,28 +98,53 @@ function connect() {
   ws = new WebSocket(wsUrl());
   ws.binaryType = "blob";
   ws.onopen = () => setConn("waiting for the engine…");
-  ws.onmessage = (event) => (typeof event.data === "string" ? onText(event.data) : onImage(event.data));
-  ws.onclose = (event) => {
-    ws = null;
-    state.ready = null;
-    state.sent.clear();
-    state.encoding = false;
-    pendingHeader = null; // its result went with the connection
-    // Changes the server never answered: send them again, with those made meanwhile, when the next one is ready.
-    unsent = Object.assign({}, ...awaiting.filter((a) => !a.resend).map((a) => a.fields), unsent);
-    awaiting = [];
-    updateButtons();
-    // 1008: wrong token or nothing to do here; reconnecting would only repeat it.
-    if (event.code === 1008) {
-      setConn("refused: " + (event.reason || "policy"), "bad");
-      return;
-    }
-    const why = event.code === 1013 ? "server full" : event.code === 1001 ? "server went away" : "disconnected";
-    const delay = Math.round(backoff * (0.75 + Math.random() * 0.5));
-    setConn(`${why}; retrying in ${(delay / 1000).toFixed(1)} s`, "bad");
-    reconnectTimer = setTimeout(connect, delay);
-    backoff = Math.min(BACKOFF_MAX_MS, backoff * 2);
+  ws.onmessage = (event) => {
+    state.lastMessage = performance.now();
+    return typeof event.data === "string" ? onText(event.data) : onImage(event.data);
   };
+  ws.onclose = (event) => closed(event.code, event.reason);
+}
+
+// The server sends stats every stats_interval_s (ready says how often): after this long without any message the
+// connection is dead, and is dropped for a new one. Generous: a result frame on a slow link takes seconds to arrive.
+function silenceLimitMs() {
+  return Math.max(10000, 10000 * ((state.ready && state.ready.stats_interval_s) || 1));
+}
+
+setInterval(() => {
+  if (ws && state.ready && performance.now() - state.lastMessage > silenceLimitMs()) {
+    const dead = ws;
+    dead.onclose = dead.onmessage = null; // its close handshake cannot complete: do not wait for it
+    dead.close();
+    closed(1006, `no message from the server for ${Math.round(silenceLimitMs() / 1000)} s`);
+  }
+}, 1000);
+
+// The connection ended (code and reason as the close frame gave them); reconnect unless refused for good.
+function closed(code, reason) {
+  ws = null;
+  state.ready = null;
+  state.sent.clear();
+  state.encoding = false;
+  pendingHeader = null; // its result went with the connection
+  // Changes the server never answered: send them again, with those made meanwhile, when the next one is ready.
+  unsent = Object.assign({}, ...awaiting.filter((a) => !a.resend).map((a) => a.fields), unsent);
+  awaiting = [];
+  updateButtons();
+  // 1008: wrong token or nothing to do here; reconnecting would only repeat it.
+  if (code === 1008) {
+    setConn("refused: " + (reason || "policy"), "bad");
+    return;
+  }
+  // A connection that lasted starts the backoff afresh; one closed soon after ready (a frame over the server's
+  // size limit, say) backs off further each time instead of looping every half second.
+  if (state.readyAt && performance.now() - state.readyAt >= STABLE_MS) backoff = BACKOFF_MIN_MS;
+  state.readyAt = 0;
+  const why = code === 1013 ? "server full" : code === 1001 ? "server went away" : "disconnected";
+  const delay = Math.round(backoff * (0.75 + Math.random() * 0.5));
+  setConn(`${why}${reason ? ` (${reason})` : ""}; retrying in ${(delay / 1000).toFixed(1)} s`, "bad");
+  reconnectTimer = setTimeout(connect, delay);
+  backoff = Math.min(BACKOFF_MAX_MS, backoff * 2);
 }
 
 function onText(text) {
@@ -125,7 +159,7 @@ function onText(text) {
       state.ready = msg;
       state.seq = 0;
       state.sent.clear();
-      backoff = BACKOFF_MIN_MS;
+      state.readyAt = performance.now();
       setConn("ready", "ready");
       $("model").textContent =
         `${msg.model} · ${msg.width}×${msg.height}` + (msg.random_weights ? " · random weights (noise)" : "");
@@ -265,6 +299,19 @@ function pump() {
     (blob) => {
       state.encoding = false;
       if (!blob || socket !== ws || socket.readyState !== WebSocket.OPEN) return;
+      const limit = state.ready && state.ready.limits && state.ready.limits.max_message_bytes;
+      if (limit && blob.size > limit) {
+        // Sent, it would close the connection (1009) and every frame after it the next one: lower the quality.
+        if (state.quality > MIN_QUALITY) {
+          state.quality = Math.max(MIN_QUALITY, state.quality - 0.1);
+        } else {
+          showError(`frames are ${blob.size} bytes even at JPEG quality ${MIN_QUALITY}, over this server's limit ` +
+            `of ${limit} (--max-message-bytes)`);
+        }
+        state.newFrame = true;
+        setTimeout(pump, 100);
+        return;
+      }
       state.seq++;
       state.sent.set(state.seq, performance.now());
       state.framesSent++;
@@ -272,14 +319,15 @@ function pump() {
       pump();
     },
     "image/jpeg",
-    QUALITY,
+    state.quality,
   );
 }
 
 // Frames the server dropped silently (none should be: it always answers or numbers past them) or lost to a
 // hiccup must not stall the stream.
 setInterval(() => {
-  if (state.sent.size && performance.now() - Math.max(state.lastAnswer, ...state.sent.values()) > WATCHDOG_MS) {
+  if (state.sent.size && ws && ws.bufferedAmount === 0 &&
+      performance.now() - Math.max(state.lastAnswer, ...state.sent.values()) > WATCHDOG_MS) {
     state.sent.clear();
     pump();
   }
@@ -324,7 +372,11 @@ async function startMedia(kind) {
       name === "NotAllowedError" ? "permission denied" :
       name === "NotFoundError" ? (kind === "screen" ? "nothing to share" : "no camera found") :
       name === "NotReadableError" ? "the camera is in use by another program" : String(err);
-    showError(`${kind === "screen" ? "screen sharing" : "camera"}: ${why}`);
+    const message = `${kind === "screen" ? "screen sharing" : "camera"}: ${why}`;
+    showError(message);
+    // Kept in the input pane (the banner goes after a few seconds), with what to do about it.
+    $("in-empty").textContent = message + (name === "NotAllowedError"
+      ? ": allow it in the browser's site settings, then try again" : "");
   }
 }
 
@@ -333,6 +385,7 @@ function stopMedia() {
   if (state.media) state.media.getTracks().forEach((t) => t.stop());
   state.media = null;
   video.srcObject = null;
+  $("in-empty").textContent = "Start the camera or share a screen.";
   $("in-empty").hidden = false;
   updateButtons();
 }

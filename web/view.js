@@ -12,8 +12,10 @@ const control = rawParam("control");
 const token = rawParam("token");
 const kiosk = ["1", "true", "yes", ""].includes((query.get("kiosk") ?? "no").toLowerCase());
 if (kiosk) document.documentElement.classList.add("kiosk");
+// lastMessage: when the server last sent anything (it sends stats every stats_interval_s, so a long silence means a
+// dead connection, which a page that never sends may not notice for many minutes).
 const state = { conn: "connecting", ready: null, framesReceived: 0, framesDrawn: 0, framesSkipped: 0, times: [], errors: [],
-  kiosk };
+  kiosk, lastMessage: 0 };
 window.turbostream = state;
 let backoff = 500;
 let ws = null;
@@ -43,6 +45,7 @@ function connect() {
   ws.binaryType = "blob";
   setConn("connecting…");
   ws.onmessage = (event) => {
+    state.lastMessage = performance.now();
     if (typeof event.data !== "string") return show(event.data);
     const msg = JSON.parse(event.data);
     if (msg.type === "ready") {
@@ -73,15 +76,30 @@ function connect() {
       showError(`${msg.message} (${msg.code})`);
     }
   };
-  ws.onclose = (event) => {
-    // Refused (no source, ...): the page says so and stops; a kiosk keeps trying, slowly (the server may restart).
-    if (event.code === 1008 && !kiosk) return setConn("refused: " + (event.reason || "policy"), "bad");
-    if (event.code === 1008) backoff = 10000;
-    setConn("reconnecting…", "bad");
-    setTimeout(connect, backoff * (0.75 + Math.random() * 0.5));
-    backoff = Math.min(10000, backoff * 2);
-  };
+  ws.onclose = (event) => closed(event.code, event.reason);
 }
+
+function closed(code, reason) {
+  ws = null;
+  state.ready = null;
+  // Refused (no source, ...): the page says so and stops; a kiosk keeps trying, slowly (the server may restart).
+  if (code === 1008 && !kiosk) return setConn("refused: " + (reason || "policy"), "bad");
+  if (code === 1008) backoff = 10000;
+  setConn(`reconnecting${reason ? ` (${reason})` : ""}…`, "bad");
+  setTimeout(connect, backoff * (0.75 + Math.random() * 0.5));
+  backoff = Math.min(10000, backoff * 2);
+}
+
+// No message for this long (ten stats intervals, 10 s at least): the connection is dead; drop it for a new one.
+setInterval(() => {
+  const limit = Math.max(10000, 10000 * ((state.ready && state.ready.stats_interval_s) || 1));
+  if (ws && state.ready && performance.now() - state.lastMessage > limit) {
+    const dead = ws;
+    dead.onclose = dead.onmessage = null; // its close handshake cannot complete: do not wait for it
+    dead.close();
+    closed(1006, `no message from the server for ${Math.round(limit / 1000)} s`);
+  }
+}, 1000);
 
 // A blend of prompts ([[text, weight], ...]) shows as its JSON, and text starting with "[" goes as JSON (as on the
 // client page): the box round-trips a blend instead of flattening it to "a,0.7,b,0.3".
