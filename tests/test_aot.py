@@ -605,3 +605,22 @@ def test_an_artifact_dynamo_cannot_build_is_a_clear_error_that_names_the_way_on(
                                            r"\(Unsupported: graph break in forward\); start with --compile instead"):
         _packages(tmp_path, kind=DynamoArtifacts).prepare("net", net, rec, (1,))
     assert not list(tmp_path.iterdir())  # no half-written artifact left behind
+
+
+def test_temporaries_of_builds_cut_short_are_swept_once_a_day_old(tmp_path):
+    """A build killed mid-way (SIGTERM to `warmup`, which has no handler) left its temporary package, hundreds of MB,
+    in the cache for good. A day-old one is removed; a fresh one may be another process's build under way."""
+    import os
+    import time
+
+    from turbostream.engine.aot import STALE_TEMPORARY_S, sweep_stale_temporaries
+
+    old, fresh = tmp_path / ".unet-b1.4242.tmp.pt2", tmp_path / ".unet-b2.4243.tmp.pt2"
+    package = tmp_path / "unet-b1.pt2"
+    for path in (old, fresh, package):
+        path.write_bytes(b"x")
+    day_ago = time.time() - STALE_TEMPORARY_S - 60
+    os.utime(old, (day_ago, day_ago))
+    os.utime(package, (day_ago, day_ago))
+    assert sweep_stale_temporaries(tmp_path) == 1
+    assert not old.exists() and fresh.exists() and package.exists()

@@ -238,6 +238,24 @@ def device_name(device: torch.device) -> str:
     return "cpu: " + (platform.processor() or platform.machine())
 
 
+STALE_TEMPORARY_S = 24 * 3600  # a build takes minutes: a temporary file this old is a build that was killed
+
+
+def sweep_stale_temporaries(folder: Path) -> int:
+    """Remove the temporary files (.NAME.PID.tmp*) that builds killed mid-way (SIGKILL, a stop without a handler)
+    left in a package folder, once they are a day old; how many. Nothing reads them, but packages are large."""
+    removed, now = 0, time.time()
+    with contextlib.suppress(OSError):
+        for path in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > STALE_TEMPORARY_S:
+                    path.unlink()
+                    removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) of builds cut short from %s", removed, folder)
+    return removed
+
+
 class AotPackages:
     """Build or load the packages of a set of networks, one folder per configuration.
 
@@ -280,6 +298,7 @@ class AotPackages:
                 folder = folder or build_in
             else:
                 folder.mkdir(parents=True, exist_ok=True)
+                sweep_stale_temporaries(folder)
             for tag, lo, hi, example in self.plan(buckets):
                 file = f"{name}-{tag}{self.suffix}"
                 runners.append(self._runner(folder / file, build_in / file, module, recorded[example], lo, hi,
