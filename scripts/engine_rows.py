@@ -713,6 +713,10 @@ if __name__ == "__main__":
         scratch = tempfile.mkdtemp(prefix="engine-rows-caches-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
         os.environ["TRITON_CACHE_DIR"] = os.path.join(scratch, "triton")
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # compiled kernels of this run only
     import logging
 
     from diffusers.utils import logging as diffusers_logging

@@ -739,3 +739,15 @@ def test_a_client_that_leaves_while_the_engine_warms_up_gives_its_place_back_at_
             await server.stop()
 
     run(main())
+
+
+def test_a_connections_latency_window_is_bounded():
+    """Each connection keeps its recent latencies for its stats: a client streaming for days keeps LATENCY_WINDOW
+    of them, not every frame's, and the stats' percentiles are of those."""
+    from turbostream.serve.sessions import LATENCY_WINDOW, Counters
+
+    counts = Counters()
+    for k in range(10 * LATENCY_WINDOW):
+        counts.latencies.append(k / 1000)
+    assert len(counts.latencies) == LATENCY_WINDOW
+    assert counts.snapshot()["latency_ms"]["p50"] >= (10 * LATENCY_WINDOW - LATENCY_WINDOW) * 1.0  # the recent ones

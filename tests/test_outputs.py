@@ -397,7 +397,8 @@ def test_a_video_name_with_a_colon_is_written_where_it_says(tmp_path, monkeypatc
     assert cap.read()[0]
 
 
-def test_output_dash_is_refused_not_a_folder_named_dash(tmp_path, capsys):
+def test_output_dash_is_refused_not_a_folder_named_dash(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a folder named "-" would be made
     src = _video(tmp_path / "in.avi", n=2, fps=10)
     assert cli.main(["run", "-i", str(src), "-o", "-", *CLI_MODEL]) == 2
     assert "output '-' (standard output) is not supported" in capsys.readouterr().err
