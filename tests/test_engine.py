@@ -13,11 +13,15 @@ from turbostream.config import StreamParams, parse_size
 
 
 def _reference(components, engine, frames, params):
-    """diffusers' img2img (reference.py) on the same model, images, prompt embeddings, steps, strength and seeds."""
-    from turbostream.reference import ReferencePipeline
+    """diffusers' img2img (reference.py) on the same model, images, prompt embeddings, steps, strength and seeds.
 
+    On components of its own, freshly loaded (the same weights): those the engine was given carry its attention
+    processors and lean resnets, and a reference run on them compared the engine with itself."""
+    from turbostream.reference import ReferencePipeline, reference_components
+
+    fresh = reference_components("tiny-random", dtype=components.unet.dtype, vae=components.vae_kind)
     emb = torch.stack([engine.prompt_embeddings(p.prompt) for p in params])
-    return ReferencePipeline(components).run(frames, params, emb)
+    return ReferencePipeline(fresh).run(frames, params, emb)
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -343,3 +347,13 @@ def test_unchanged_rows_are_not_copied_again(make_engine, frame_rng):
     assert all(np.array_equal(o, w) for o, w in zip(out, want))
     engine.run(frames, [b, a.updated(prompt="a cat", seed=5)])  # row 0 unchanged, row 1: new prompt, same noise
     assert engine.stats.rows_reused == 4 + 3
+
+
+def test_the_reference_refuses_components_an_engine_prepared(make_engine, tiny_components):
+    """The engine puts its own attention processors and resnets into the modules it is given: a reference on them
+    checked the engine against itself (a causal-attention bug passed every "matches diffusers" test)."""
+    from turbostream.reference import ReferencePipeline
+
+    make_engine()  # prepares the shared tiny components
+    with pytest.raises(ValueError, match="prepared by an Engine"):
+        ReferencePipeline(tiny_components)

@@ -750,4 +750,40 @@ def test_a_connections_latency_window_is_bounded():
     for k in range(10 * LATENCY_WINDOW):
         counts.latencies.append(k / 1000)
     assert len(counts.latencies) == LATENCY_WINDOW
-    assert counts.snapshot()["latency_ms"]["p50"] >= (10 * LATENCY_WINDOW - LATENCY_WINDOW) * 1.0  # the recent ones
+    # The percentiles are those of the recent window (latencies 2304..2559 ms), each exactly where it falls.
+    first = 9 * LATENCY_WINDOW
+    assert counts.snapshot()["latency_ms"] == {"p50": first + LATENCY_WINDOW // 2,
+                                               "p95": first + int(0.95 * LATENCY_WINDOW)}
+
+
+def test_a_reader_that_is_behind_gets_the_newest_text_messages_only():
+    """Stats and errors for a connection whose send is stuck are kept at Outbox.TEXT_LIMIT, oldest dropped first
+    (README's limits table): a peer that stops reading cannot grow them."""
+    from turbostream.serve.sessions import Outbox
+
+    sent: list[str] = []
+
+    class StuckThenFree:
+        def __init__(self) -> None:
+            self.free = asyncio.Event()
+
+        async def send(self, message) -> None:
+            await self.free.wait()
+            sent.append(message)
+
+    async def main():
+        ws = StuckThenFree()
+        outbox = Outbox(server=None, ws=ws, on_drop=lambda why: None)
+        task = asyncio.create_task(outbox.run())
+        outbox.text({"n": -1})  # taken by the sender, which then waits on the socket
+        await asyncio.sleep(0.05)
+        for n in range(100):
+            outbox.text({"n": n})
+        ws.free.set()
+        while len(sent) < 1 + Outbox.TEXT_LIMIT:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return [json.loads(m)["n"] for m in sent]
+
+    assert asyncio.run(main()) == [-1, *range(100 - Outbox.TEXT_LIMIT, 100)]

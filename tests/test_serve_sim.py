@@ -111,7 +111,9 @@ def test_latency_breakdown_cuts_one_clients_frames_into_stages_that_add_up(tmp_p
                             "collected -> encode start", "encode", "encode end -> sent"]
     assert all(s["p50_ms"] >= 0 for s in stages.values()) and res["frames"] >= 20
     assert 30 <= stages["submit end -> collected"]["p50_ms"] < 60  # the 20 + 10 ms call, waited for and handed out
-    assert res["stages_p50_sum_ms"] == pytest.approx(res["server_p50_ms"], rel=0.1)
+    # Medians do not add up: the stages' medians summed run up to 8 % under the total's median on a loaded machine
+    # (0.92 seen; 0.997 unloaded), so within a fifth.
+    assert res["stages_p50_sum_ms"] == pytest.approx(res["server_p50_ms"], rel=0.2)
     # The client's round trip holds the server's receive -> sent, but over a window of frames of its own (it runs a
     # second longer): the medians of the two sets may differ by a little either way (33.86 vs 34.01 ms once, under
     # load), not by a tenth.

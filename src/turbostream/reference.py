@@ -69,10 +69,15 @@ def assert_finite(name: str, tensor: torch.Tensor | np.ndarray) -> None:
 
 
 def _engine_prepared(components: Components) -> bool:
-    """True when an Engine (or anyone) fused the UNet's QKV projections or made its weights channels_last."""
-    weight = components.unet.conv_in.weight
-    fused = any(getattr(m, "fused_projections", False) for m in components.unet.modules())
-    return fused or (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+    """True when an Engine (or anyone) fused the UNet's QKV projections, made its weights channels_last, or put
+    modules or attention processors of turbostream's own into it (a reference on those would check the engine
+    against itself)."""
+    unet = components.unet
+    weight = unet.conv_in.weight
+    fused = any(getattr(m, "fused_projections", False) for m in unet.modules())
+    ours = any(type(m).__module__.startswith("turbostream") for m in unet.modules()) or any(
+        type(p).__module__.startswith("turbostream") for p in unet.attn_processors.values())
+    return fused or ours or (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
 
 
 class ReferencePipeline:
@@ -82,8 +87,8 @@ class ReferencePipeline:
         from diffusers import StableDiffusionImg2ImgPipeline
 
         if _engine_prepared(components):
-            raise ValueError("these components were prepared by an Engine (fused QKV or channels_last): load fresh "
-                             "ones with reference_components() for the reference")
+            raise ValueError("these components were prepared by an Engine (fused QKV, channels_last or its own "
+                             "modules): load fresh ones with reference_components() for the reference")
         self.components = components
         self.pipe = diffusers_pipeline(components, pipeline_class=StableDiffusionImg2ImgPipeline)
         self.pipe.set_progress_bar_config(disable=True)
