@@ -6,7 +6,7 @@
 // them). Page options: ?autostart=1 (camera and stream without a click), ?token=... (servers started with --token),
 // ?inflight=1|2, ?quality=0.5..0.95 (JPEG quality of the frames sent).
 
-import { parsePrompt, rawParam } from "./params.js";
+import { dropIfSilent, parsePrompt, rawParam } from "./params.js";
 
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
@@ -105,20 +105,7 @@ function connect() {
   ws.onclose = (event) => closed(event.code, event.reason);
 }
 
-// The server sends stats every stats_interval_s (ready says how often): after this long without any message the
-// connection is dead, and is dropped for a new one. Generous: a result frame on a slow link takes seconds to arrive.
-function silenceLimitMs() {
-  return Math.max(10000, 10000 * ((state.ready && state.ready.stats_interval_s) || 1));
-}
-
-setInterval(() => {
-  if (ws && state.ready && performance.now() - state.lastMessage > silenceLimitMs()) {
-    const dead = ws;
-    dead.onclose = dead.onmessage = null; // its close handshake cannot complete: do not wait for it
-    dead.close();
-    closed(1006, `no message from the server for ${Math.round(silenceLimitMs() / 1000)} s`);
-  }
-}, 1000);
+setInterval(() => dropIfSilent(ws, state.ready, state.lastMessage, closed), 1000);
 
 // The connection ended (code and reason as the close frame gave them); reconnect unless refused for good.
 function closed(code, reason) {

@@ -4,7 +4,7 @@
 // ?kiosk=1: only the frame, filling the window on black; no bar, badges, errors or controls; the last frame stays
 // while it reconnects, quietly and for ever (OBS Browser Source, TouchDesigner Web Render TOP, projectors).
 
-import { parsePrompt, rawParam } from "./params.js";
+import { dropIfSilent, parsePrompt, rawParam } from "./params.js";
 
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
@@ -90,16 +90,7 @@ function closed(code, reason) {
   backoff = Math.min(10000, backoff * 2);
 }
 
-// No message for this long (ten stats intervals, 10 s at least): the connection is dead; drop it for a new one.
-setInterval(() => {
-  const limit = Math.max(10000, 10000 * ((state.ready && state.ready.stats_interval_s) || 1));
-  if (ws && state.ready && performance.now() - state.lastMessage > limit) {
-    const dead = ws;
-    dead.onclose = dead.onmessage = null; // its close handshake cannot complete: do not wait for it
-    dead.close();
-    closed(1006, `no message from the server for ${Math.round(limit / 1000)} s`);
-  }
-}, 1000);
+setInterval(() => dropIfSilent(ws, state.ready, state.lastMessage, closed), 1000);
 
 // A blend of prompts ([[text, weight], ...]) shows as its JSON, and text starting with "[" goes as JSON (as on the
 // client page): the box round-trips a blend instead of flattening it to "a,0.7,b,0.3".

@@ -496,9 +496,9 @@ class Limits:
                      "max_ping_burst", "max_message_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "refused_close_timeout_s", "source_retry_s",
-                     "source_retry_max_s",
-                     "max_pings_per_s", "max_messages_per_s", "shutdown_grace_s"):
+        for name in ("ping_interval_s", "open_timeout_s", "close_timeout_s", "refused_close_timeout_s",
+                     "source_retry_s", "source_retry_max_s", "max_pings_per_s", "max_messages_per_s",
+                     "shutdown_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
 

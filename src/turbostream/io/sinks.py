@@ -146,10 +146,10 @@ def check_output_file(path: Path, output: str) -> None:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file or folder: the same resolved path, or (both existing) one on disk. The second
-    catches names a case-insensitive file system (macOS, Windows) or a hard link takes for one file: `-i take.mp4
-    -o Take.mp4` on a Mac is the input, and writing it would destroy the recording."""
-    if a.resolve() == b.resolve():
+    """Whether two paths name one file or folder: the same resolved path (in Windows' case-blind terms there), or
+    (both existing) one on disk. The second catches names a case-insensitive file system (macOS) or a hard link takes
+    for one file: `-i take.mp4 -o Take.mp4` on a Mac is the input, and writing it would destroy the recording."""
+    if os.path.normcase(a.resolve()) == os.path.normcase(b.resolve()):
         return True
     try:
         return os.path.samefile(a, b)
@@ -166,15 +166,17 @@ def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -
     """
     if not outputs:
         raise SinkError(f"no output given: use {OUTPUT_KINDS_HELP}")
-    seen: set[str] = set()
+    names: set[str] = set()  # outputs that are not files: a window, stream URLs
     files: list[Path] = []
     for out in outputs:
-        key = out.text.lower() if out.path is None else os.path.normcase(out.path.resolve())
-        if key in seen or (out.path is not None and any(same_file(out.path, f) for f in files)):
-            raise SinkError(f"output {out.describe()!r} is given twice")
-        seen.add(key)
-        if out.path is not None:
+        if out.path is None:
+            twice = out.text.lower() in names
+            names.add(out.text.lower())
+        else:
+            twice = any(same_file(out.path, f) for f in files)
             files.append(out.path)
+        if twice:
+            raise SinkError(f"output {out.describe()!r} is given twice")
     for out in outputs:
         if out.kind == "stream":
             check_stream_output(out.text)
@@ -263,7 +265,7 @@ class VideoSink:
         self._writer.release()
         self._writer = None
         if self.failed is not None:  # a write failed: say what the file left behind is worth, not what went in
-            self.left = self._check_file(left=True) or "the file left plays"
+            self.left = self._check_file(left=True)
         elif self.frames_written:
             problem = self._check_file()
             if problem:
