@@ -74,6 +74,23 @@ def test_feedback_state_is_per_stream_and_freed_when_off(make_engine):
     assert engine._streams.get(1).latent is None  # feedback off frees the latent
 
 
+def test_stream_states_are_bounded_least_recently_used_first(make_engine):
+    """A caller that never releases its streams (a long `run` restarted with new keys, a client of the engine API)
+    keeps at most max_stream_states of them: the one used longest ago goes, with its feedback latent."""
+    engine = make_engine(max_stream_states=3)
+    frame = _scene(np.random.default_rng(3), 4)
+    fb = StreamParams("x", feedback=0.5)
+    for key in ("a", "b", "c"):
+        engine.run([frame], [fb], streams=[key])
+    engine.run([frame], [fb], streams=["a"])  # "a" is now the most recently used; "b" the least
+    engine.run([frame], [fb], streams=["d"])
+    assert engine.stream_states == 3
+    assert "b" not in engine._streams and all(k in engine._streams for k in ("a", "c", "d"))
+    for i in range(20):
+        engine.run([frame], [fb], streams=[f"new{i}"])
+    assert engine.stream_states == 3
+
+
 def test_frames_of_one_stream_in_one_call_run_in_order(make_engine):
     """A file run hands several frames of its one stream to one call: with feedback each sees the one before."""
     engine = make_engine()

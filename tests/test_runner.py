@@ -31,7 +31,7 @@ from turbostream.io import sinks
 from turbostream.io.sinks import VideoSink
 from turbostream.io.sources import CaptureThread, SourceSpec
 from turbostream.control.prompt_line import PromptLine
-from turbostream.pipeline import Pipeline
+from turbostream.pipeline import LATENCY_WINDOW, Pipeline
 
 CLI_MODEL = ["--model", "tiny-random", "--device", "cpu", "--size", "64"]
 
@@ -344,6 +344,17 @@ def test_realtime_drops_stale_frames_and_latency_stays_bounded(tmp_path):
     # The video keeps the source's timing: each frame stands in for the dropped ones before it.
     frames, _ = read_video(tmp_path / "out.avi")
     assert len(frames) == summary.last_index - summary.first_index + 1
+
+
+def test_a_long_run_keeps_a_bounded_window_of_latencies(tmp_path):
+    """The summary's latency percentiles come from the latest LATENCY_WINDOW frames: a run of hours holds no more."""
+    n = LATENCY_WINDOW + 88
+    src = make_video(tmp_path / "long.avi", n=n, size=(32, 32), fps=100)
+    capture = CaptureThread(str(src), realtime=False, transform=partial(fit_frame, width=32, height=32)).start()
+    sink = VideoSink(tmp_path / "out.avi", 100, (32, 32))
+    summary = Pipeline(FakeEngine(width=32, height=32, max_batch=4), capture, [sink], StreamParams(), batch=4).run()
+    assert summary.stopped == "end" and summary.frames == n
+    assert len(summary.latencies) == LATENCY_WINDOW
 
 
 def test_in_order_capture_is_bounded_and_drops_nothing(tmp_path):

@@ -50,6 +50,7 @@ _END = object()  # the GPU thread's last word on the output queue
 STATUS_EVERY_S = 0.25  # status line / progress refresh
 LOG_EVERY_S = 10.0  # progress as a log line when stderr is not a terminal
 INTERRUPTED_CAPTURE_WAIT_S = 1.0  # after Ctrl-C, how long the source's thread is waited for (_shutdown)
+LATENCY_WINDOW = 512  # the latest frames whose latency the summary keeps (percentiles at the end, a run of any length)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class RunSummary:
     error: str | None = None
     first_index: int | None = None
     last_index: int | None = None
-    latencies: deque = field(default_factory=lambda: deque(maxlen=512))  # seconds, read -> handed to outputs
+    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # seconds, read -> handed out
     device_s: float | None = None  # the engine's device time over the run (EngineStats.device_s; None: not timed)
 
     @property
