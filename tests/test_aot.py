@@ -613,7 +613,7 @@ def test_temporaries_of_builds_cut_short_are_swept_once_a_day_old(tmp_path):
     import os
     import time
 
-    from turbostream.engine.aot import STALE_TEMPORARY_S, sweep_stale_temporaries
+    from turbostream.engine.compile_cache import STALE_TEMPORARY_S, sweep_stale_temporaries
 
     old, fresh = tmp_path / ".unet-b1.4242.tmp.pt2", tmp_path / ".unet-b2.4243.tmp.pt2"
     package = tmp_path / "unet-b1.pt2"

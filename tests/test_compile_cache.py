@@ -186,6 +186,23 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path, artifacts, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_write_killed_mid_way_is_swept_from_the_folder_once_a_day_old(tmp_path, artifacts):
+    """A SIGKILL while the file was written left its temporary (hundreds of MB) for good; the next write sweeps it
+    once it is a day old (a fresh one may be another process's write under way)."""
+    import time
+
+    from turbostream.engine.compile_cache import STALE_TEMPORARY_S
+
+    killed, fresh = tmp_path / ".compile-4242-0badf00d.tmp", tmp_path / ".compile-4243-00c0ffee.tmp"
+    for path in (killed, fresh):
+        path.write_bytes(b"x" * 100)
+    day_ago = time.time() - STALE_TEMPORARY_S - 60
+    os.utime(killed, (day_ago, day_ago))
+    artifacts.recorded = {"inductor": ["a"]}
+    assert CompileCache(tmp_path, {"model": "m"}).refresh() == "miss"
+    assert not killed.exists() and fresh.exists()
+
+
 def test_the_key_names_everything_the_artifacts_depend_on(tmp_path):
     from turbostream.engine.compile_cache import CompileCache, default_folder
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ..parity import relative_error
+from .compile_cache import sweep_stale_temporaries
 
 log = logging.getLogger("turbostream.engine")
 
@@ -236,24 +237,6 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return "cpu: " + (platform.processor() or platform.machine())
-
-
-STALE_TEMPORARY_S = 24 * 3600  # a build takes minutes: a temporary file this old is a build that was killed
-
-
-def sweep_stale_temporaries(folder: Path) -> int:
-    """Remove the temporary files (.NAME.PID.tmp*) that builds killed mid-way (SIGKILL, a stop without a handler)
-    left in a package folder, once they are a day old; how many. Nothing reads them, but packages are large."""
-    removed, now = 0, time.time()
-    with contextlib.suppress(OSError):
-        for path in folder.glob(".*.tmp*"):
-            with contextlib.suppress(OSError):
-                if now - path.stat().st_mtime > STALE_TEMPORARY_S:
-                    path.unlink()
-                    removed += 1
-    if removed:
-        log.info("removed %d temporary file(s) of builds cut short from %s", removed, folder)
-    return removed
 
 
 class AotPackages:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -151,6 +152,25 @@ def _recorded() -> tuple[bytes | None, set[tuple[str, str]]]:
     return saved[0], _artifact_keys(saved[1])
 
 
+STALE_TEMPORARY_S = 24 * 3600  # a write takes minutes at most: a temporary file this old is one that was killed
+
+
+def sweep_stale_temporaries(folder: Path) -> int:
+    """Remove the temporary files (.NAME*.tmp*: a package's, a compile file's) that writes killed mid-way (SIGKILL,
+    a stop without a handler) left in a cache folder, once they are a day old; how many. Nothing reads them, but
+    packages and compile files are large (hundreds of MB)."""
+    removed, now = 0, time.time()
+    with contextlib.suppress(OSError):
+        for path in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > STALE_TEMPORARY_S:
+                    path.unlink()
+                    removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) of writes cut short from %s", removed, folder)
+    return removed
+
+
 class CompileCache:
     """One configuration's artifacts file in `folder`: load() before compiling, refresh() after."""
 
@@ -219,6 +239,7 @@ class CompileCache:
         tmp = self.path.with_name(f".compile-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale_temporaries(self.path.parent)
             with open(tmp, "xb") as f:
                 f.write(data)
             os.replace(tmp, self.path)
