@@ -105,6 +105,25 @@ def test_frames_of_one_stream_in_one_call_run_in_order(make_engine):
 
 
 
+@pytest.mark.parametrize("ordered", [dict(feedback=0.8), dict(reuse=2), dict(transition_s=60.0)])
+def test_a_stream_changing_its_number_of_steps_within_a_call_runs_in_order(make_engine, ordered):
+    """Frames are batched by their number of UNet evaluations; one stream's frames needing 1, 2 and 1 of them ran
+    as frames 0, 2, 1: feedback read frame 0's latent for frame 2 (179 levels off), reuse made it a partial frame,
+    and a transition was left moving to frame 1's prompt, not the last frame's."""
+    rng = np.random.default_rng(4)
+    clip = [_scene(rng, 5) for _ in range(3)]
+    prompts = ("a", "b", "c") if "transition_s" in ordered else ("a", "a", "a")
+    params = [StreamParams(prompt, strength, 2, **ordered) for prompt, strength in zip(prompts, (0.5, 1.0, 0.5))]
+    assert [p.unet_evals for p in params] == [1, 2, 1]
+    engine, other = make_engine(feature_reuse=True), make_engine(feature_reuse=True)
+    engine.clock = other.clock = lambda: 0.0  # transitions: one call's frames share its clock; so do these
+    together = engine.run(clip, params, streams=["s"] * 3)
+    one_by_one = [other.run([f], [p], streams=["s"])[0] for f, p in zip(clip, params)]
+    assert [int(np.abs(x.astype(int) - y).max()) for x, y in zip(together, one_by_one)] == [0, 0, 0]
+    assert engine._streams.get("s").target == (prompts[-1], 0)
+
+
+
 def _batch_sizes(engine) -> list[int]:
     """Record the size of every batch the engine stages from now on (its _enqueue)."""
     sizes: list[int] = []

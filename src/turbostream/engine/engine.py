@@ -878,7 +878,7 @@ class Engine:
         evaluations share one batch; larger groups are split at the largest bucket. graphs=False forces eager.
         streams: each frame's stream key (None: no stream), which transitions and feedback need; frames of the
         same stream run in order, and with feedback or feature reuse one per batch, so each sees the latent (and deep
-        features) of the one before (_chunks).
+        features) of the one before (_groups, _chunks).
         run() is collect(submit(...)): the call waits for its frames.
         """
         return self.collect(self.submit(frames, params, graphs=graphs, streams=streams))
@@ -907,12 +907,9 @@ class Engine:
         self._next_slot ^= 1
         use_graphs = self.use_graphs if graphs is None else (graphs and self.use_graphs)
         results: list[np.ndarray | None] = [None] * len(frames)
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault(p.unet_evals, []).append(i)
         keys = list(streams) if streams is not None else [None] * len(frames)
         now = self.clock()
-        chunks = [chunk for members in groups.values() for chunk in self._chunks(members, keys, params)]
+        chunks = [chunk for members in self._groups(params, keys) for chunk in self._chunks(members, keys, params)]
         ticket = Ticket(results, slot, [])
         slot.busy = True
         started = torch.cuda.Event(enable_timing=True) if self.is_cuda and chunks else None
@@ -988,6 +985,31 @@ class Engine:
         for r, i in enumerate(rows):
             ticket.results[i] = slot.out[r].numpy().copy()
         ticket.rows = []
+
+    @staticmethod
+    def _groups(params: list[StreamParams], keys: list[Hashable | None]) -> list[list[int]]:
+        """The call's frames in groups that can share a batch: those with the same number of UNet evaluations.
+
+        A stream's frames run in its order (each moves its transition, and with feedback or feature reuse reads the
+        one before), so when one stream's frames need different numbers of evaluations, grouping by that number would
+        run its later frames first: the call is then cut into runs of the same number, in frame order.
+        """
+        groups: dict[int, list[int]] = {}
+        group_of: dict[Hashable, int] = {}
+        in_order = False
+        for i, (p, key) in enumerate(zip(params, keys)):
+            groups.setdefault(p.unet_evals, []).append(i)
+            if key is not None and group_of.setdefault(key, p.unet_evals) != p.unet_evals:
+                in_order = True
+        if not in_order:
+            return list(groups.values())
+        runs: list[list[int]] = []
+        for i, p in enumerate(params):
+            if runs and params[runs[-1][-1]].unet_evals == p.unet_evals:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
 
     def _chunks(self, members: list[int], keys: list[Hashable | None],
                 params: list[StreamParams]) -> list[list[int]]:
