@@ -85,7 +85,7 @@ class StreamParams:
     strength: float = 0.5  # fraction of the schedule that is re-noised: 0.5 of 2 steps = one UNet evaluation
     steps: int = 2  # length of the full trailing schedule the img2img run is cut from
     seed: int = 0  # fixed per-stream noise, reused every frame (less flicker)
-    similarity: float = 0.0  # 0: off; else skip the engine for input frames at least this similar (cosine)
+    similarity: float = 0.0  # 0: off; else frames more alike (cosine) may skip the engine: 0 at it, sure if identical
     transition_s: float = 0.0  # blend from the old prompt/seed to the new one over this many seconds
     feedback: float = 0.0  # weight of the previous output's latent blended into the new frame's latent
     # 0 or 1: off, every frame runs the whole UNet. N >= 2: a full UNet pass every N frames; the N - 1 frames between

@@ -157,8 +157,9 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                        "times (default: %(default)s)")
         s.add_argument("--seed", type=int, default=p.seed, help="noise seed (default: %(default)s)")
         s.add_argument("--similarity", type=float, default=p.similarity, metavar="S",
-                       help="skip the engine for input frames at least this similar to the last one it ran (about "
-                            "0.9-0.99; the last output answers them) (default: 0: off)")
+                       help="let input frames more similar than S to the last one the engine ran skip it (about "
+                            "0.9-0.99): the chance rises from 0 at S to 1 for an identical frame, and the last "
+                            "output answers a skipped one (default: 0: off)")
         s.add_argument("--transition", dest="transition_s", type=float, default=p.transition_s, metavar="SECONDS",
                        help="after a prompt or seed change, blend from the old to the new over this many seconds "
                             "(default: 0: jump)")
