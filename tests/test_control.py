@@ -539,6 +539,22 @@ def test_an_engine_configured_for_more_steps_takes_them_from_every_control():
     assert (run.params.steps, run.params.strength) == (15, 0.6)
 
 
+@pytest.mark.parametrize("steps", [0, 11, 51])
+def test_a_steps_value_out_of_range_is_refused_with_the_engines_limit(steps):
+    """A config, an OSC message or a /steps line with steps 0 or past 50 was told "between 1 and 50" (the widest
+    limit any engine has) by a 10-step engine, which then refused 11 to 50 too."""
+    from turbostream.config import StreamParams
+    from turbostream.control.targets import RunTarget
+    from turbostream.serve import protocol
+
+    with pytest.raises(protocol.ProtocolError, match=f"steps must be between 1 and 10, got {steps}$"):
+        protocol.apply_config(StreamParams(), {"steps": steps}, 10)
+    with pytest.raises(ValueError, match=f"steps must be between 1 and 10, got {steps}$"):
+        RunTarget(type("Run", (), {"params": StreamParams()})(), (10, True))({"steps": steps})
+    with pytest.raises(protocol.ProtocolError, match="unknown stream parameter"):
+        protocol.apply_config(StreamParams(), {"limits": (99, True)}, 10)  # never taken for the limits
+
+
 def test_a_playlist_on_a_file_read_in_order_warns_that_durations_are_wall_clock(tmp_path, caplog):
     """A file run in order goes as fast as the engine: "| 2s" became 57 s of video on a CPU, more on a GPU."""
     from test_runner import FakeEngine, make_video

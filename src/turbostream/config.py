@@ -141,14 +141,14 @@ class StreamParams:
                              "with --reuse N): reuse must be 0 or 1 here")
         return self
 
-    def updated(self, **changes) -> StreamParams:
-        """A copy with some fields changed, checked against the widest limits any engine has (unknown fields raise
-        ValueError too); the caller checks it against its own engine's, validate(*stream_limits(engine)): an engine
-        configured for more than MAX_STEPS steps takes them."""
+    def updated(self, limits: tuple[int, bool] = (MAX_ENGINE_STEPS, True), /, **changes) -> StreamParams:
+        """A copy with some fields changed, checked against `limits`, the engine's (max_steps, reuse) as
+        stream_limits(engine) gives them (by default the widest any engine has); unknown fields raise ValueError too.
+        Positional, so a field named "limits" in `changes` is an unknown field, not the limits."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown stream parameter(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes).validate(MAX_ENGINE_STEPS)
+        return dataclasses.replace(self, **changes).validate(*limits)
 
 
 def _check_prompt_text(text, name: str) -> None:

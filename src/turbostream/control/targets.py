@@ -22,7 +22,7 @@ log = logging.getLogger("turbostream.control")
 
 def _checked(params: StreamParams, fields: dict[str, Any], limits: tuple[int, bool]) -> StreamParams:
     try:
-        return params.updated(**fields).validate(*limits)
+        return params.updated(limits, **fields)
     except TypeError as exc:  # a wrong type that dataclasses.replace itself trips on
         raise ValueError(str(exc)) from None
 

@@ -94,7 +94,7 @@ def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int, r
     """params with fields applied and checked (the one validation every parameter change goes through); max_steps
     and reuse are the engine's (EngineConfig.max_steps, EngineConfig.reuse_enabled)."""
     try:
-        return params.updated(**fields).validate(max_steps, reuse)
+        return params.updated((max_steps, reuse), **fields)
     except (ValueError, TypeError, ArithmeticError) as exc:  # ArithmeticError: a number too large for a float
         raise ProtocolError("bad_config", str(exc)) from None
 
