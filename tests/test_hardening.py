@@ -679,6 +679,34 @@ def test_a_malformed_request_target_or_host_is_a_400_or_403_and_logs_nothing(eng
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_a_loopback_server_s_pages_and_metrics_answer_loopback_names_only(engine):
+    """A DNS-rebinding page (its own domain resolved to 127.0.0.1) read /metrics of a server on a laptop as its own
+    origin's: clients, memory. The pages and /metrics of a loopback-bound server now answer loopback names only; the
+    health probes answer any Host (a proxy's check names the service it likes)."""
+
+    async def main():
+        async with serving(engine) as server:
+            def status(path: str, *hosts: str) -> int:
+                headers = "".join(f"Host: {h}\r\n" for h in hosts)
+                answer = raw_request(server.port, f"GET {path} HTTP/1.1\r\n{headers}\r\n".encode(), timeout=3)
+                return int(answer.split(b" ", 2)[1])
+
+            evil = f"evil.example:{server.port}"
+            return {(path, host): await asyncio.to_thread(status, path, host)
+                    for path in ("/", "/view", "/metrics", "/healthz", "/readyz", "/nothing")
+                    for host in (evil, f"127.0.0.1:{server.port}", f"localhost:{server.port}", "[::1")}, \
+                await asyncio.to_thread(status, "/metrics", f"127.0.0.1:{server.port}", evil)
+
+    statuses, twice = run(main())
+    for (path, host), code in statuses.items():
+        loopback = host.startswith(("127.0.0.1", "localhost"))
+        if path in ("/healthz", "/readyz"):
+            assert code == 200, (path, host, code)  # ready (serving() waits for it), whatever the Host
+        else:
+            assert code == (404 if path == "/nothing" else 200) if loopback else code == 403, (path, host, code)
+    assert twice == 403
+
+
 def test_head_gets_the_headers_without_the_body_and_other_methods_get_405(engine):
     """Every route answered any method as GET: HEAD got the body (HTTP forbids it), POST and DELETE got 200."""
 

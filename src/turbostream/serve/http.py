@@ -41,6 +41,7 @@ STATIC = {
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 WS_PATHS = ("/ws", "/view/ws")
+PROBE_PATHS = ("/healthz", "/readyz")
 
 
 def web_files() -> dict[str, bytes]:
@@ -117,12 +118,18 @@ class OriginPolicy:
             return True
         if not host or origin not in (f"http://{host}", f"https://{host}"):
             return False
-        if self.loopback_only:
-            try:
-                return is_loopback_host(urlsplit(f"//{host}").hostname or "")
-            except ValueError:  # a malformed Host ("[::1"): not a loopback name
-                return False
-        return True
+        return self.host_allowed(request)
+
+    def host_allowed(self, request: Request) -> bool:
+        """On a loopback bind, whether the request's Host names loopback (a DNS-rebinding page's names its own
+        domain); True on other binds and for a request without Host (no browser sends one)."""
+        if not self.loopback_only:
+            return True
+        try:
+            host = request.headers.get("Host")
+            return host is None or is_loopback_host(urlsplit(f"//{host}").hostname or "")
+        except (MultipleValuesError, ValueError):  # Host twice, or malformed ("[::1"): not a loopback name
+            return False
 
 
 def response(status: int, body: bytes, content_type: str) -> Response:
@@ -173,6 +180,12 @@ class HttpFront:
                 throttled.warning(f"origin {origin}", "rejected a WebSocket from Origin %r", origin)
                 return connection.respond(403, "Forbidden: this Origin may not connect (see --allow-origin)\n")
             return None if self.admit is None else self.admit(connection, request)  # None: the handshake goes on
+        # The health probes answer any Host (a proxy's or an orchestrator's check names the service it likes; they
+        # tell up or ready, no more). The pages and /metrics of a loopback-bound server answer loopback names only (its
+        # WebSockets check the Origin, above): a DNS-rebinding page would read /metrics as its own origin's.
+        if path not in PROBE_PATHS and not self.origins.host_allowed(request):
+            return connection.respond(403, "Forbidden: this server is bound to loopback and answers loopback "
+                                            "names only\n")
         if path == "/healthz":
             status, text = self.health()
             return connection.respond(status, text)
