@@ -256,6 +256,47 @@ def test_the_broadcast_moves_when_its_device_is_lost(two_engines):
                     await asyncio.sleep(0.02)
             await _frames(viewer, 5)  # the viewer stays connected and the broadcast goes on from cpu#1
             assert server.devices.items[0].lost is not None
+            _, later = await open_client(server, "/view/ws")
+            assert later["device"] == "cpu#1"  # it named the lost cpu#0, where the broadcast no longer runs
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def test_the_broadcast_ends_and_its_viewers_are_told_when_the_only_device_is_lost(engine):
+    """With no device left the viewers sat on a frozen picture with no word, and the source went on reading and
+    decoding frames for nobody. The source stops, viewers get engine_error and 1011, a new one hears why."""
+    from test_server import FakeCapture, _frames
+
+    breakable = Breakable(engine)
+
+    async def main():
+        server = TurboServer(breakable, server_config(source="fake:0"), capture_factory=FakeCapture)
+        await start(server)
+        try:
+            viewer, _ = await open_client(server, "/view/ws")
+            await _frames(viewer, 3)
+            breakable.broken.set()
+            texts = []
+            async with asyncio.timeout(20):
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        message = await viewer.recv()
+                        if isinstance(message, str):
+                            texts.append(json.loads(message))
+            assert closed.value.rcvd.code == 1011
+            errors = [t for t in texts if t["type"] == "error"]
+            assert errors and errors[-1]["code"] == "engine_error" and "device cpu failed" in errors[-1]["message"]
+            async with asyncio.timeout(10):
+                while server.broadcast.running:
+                    await asyncio.sleep(0.02)
+            assert server.broadcast.state["state"] == "ended"
+            with pytest.raises(ConnectionClosed):
+                async with connect(ws_url(server, "/view/ws")) as late:
+                    refusal = json.loads(await late.recv())
+                    await late.recv()
+            assert refusal["code"] == "engine_failed" and refusal["message"].startswith("the engine stopped: ")
         finally:
             await server.stop()
 

@@ -251,20 +251,29 @@ class TurboServer:
 
     async def _device_lost(self, device: Device) -> None:
         """A device failed after it was ready: the broadcast moves to another device, and each stream placed on it
-        gets engine_error and is closed with 1011 (a browser reconnects and is placed on a usable device)."""
+        gets engine_error and is closed with 1011 (a browser reconnects and is placed on a usable device). With no
+        device left the broadcast ends: its source stops, and its viewers are told so and closed the same way."""
         device.batcher.stop(0)
         usable = self.devices.usable
         mine = [s for s in self.clients if self.devices.device_of(getattr(s, "stream", None)) is device]
         log.error("device %s failed (%s): closing its %d stream(s); %d device(s) still serve", device.name,
                   device.lost, len(mine), len(usable))
-        broadcast = self.broadcast
-        if broadcast is not None and broadcast.stream is not None and usable \
-                and self.devices.device_of(broadcast.stream) is device:
-            old = broadcast.stream
-            broadcast.stream = self.devices.open_stream(broadcast._on_result_threadsafe, old.params)
-            old.close()
         message = (f"device {device.name} failed ({device.lost}); reconnect to continue"
                    + (" on another device" if usable else ""))
+        broadcast = self.broadcast
+        if broadcast is not None and broadcast.stream is not None \
+                and self.devices.device_of(broadcast.stream) is device:
+            if usable:
+                old = broadcast.stream
+                broadcast.stream = self.devices.open_stream(broadcast._on_result_threadsafe, old.params)
+                old.close()
+            else:  # viewers were left on a frozen picture, and the source read and decoded for nobody
+                await asyncio.to_thread(broadcast.stop)
+                await asyncio.to_thread(broadcast._end_outputs)  # --publish streams end as at a source's end
+                broadcast._set_state("ended", f"device {device.name} failed ({device.lost})", {})
+                for viewer in list(self.viewers):
+                    asyncio.create_task(self._refuse(viewer.ws, "engine_error", message, CloseCode.INTERNAL_ERROR,
+                                                     "device failed"))
         for session in mine:
             if session.stream.close() is not None:
                 session._drop("closed")
@@ -378,8 +387,9 @@ class TurboServer:
             with contextlib.suppress(ConnectionClosed):
                 await ws.close(CloseCode.GOING_AWAY, "server shutting down")
             return False
-        await self._refuse(ws, "engine_failed", f"the engine failed to start: {self.devices.error}",
-                           CloseCode.INTERNAL_ERROR, "engine failed")
+        lost = self.devices.loaded and not self.devices.usable  # every device failed after it was ready
+        await self._refuse(ws, "engine_failed", f"the engine {'stopped' if lost else 'failed to start'}: "
+                           f"{self.devices.error}", CloseCode.INTERNAL_ERROR, "engine failed")
         return False
 
     async def _client_handler(self, ws: ServerConnection) -> None:

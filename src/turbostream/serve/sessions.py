@@ -208,6 +208,11 @@ class Session:
         """The parameters this connection sees (its own stream's, or the broadcast's)."""
         raise NotImplementedError
 
+    @property
+    def device_stream(self):
+        """The batcher stream whose device this connection's `ready` names (None: the primary device)."""
+        return getattr(self, "stream", None)
+
     def ready_extra(self) -> dict[str, Any]:
         return {}
 
@@ -241,7 +246,7 @@ class Session:
         server, engine = self.server, self.server.engine
         self.outbox.text(protocol.ready_message(
             self.role, **self.ready_extra(), model=engine.model_name, random_weights=engine.random_weights,
-            device=server.device_for(getattr(self, "stream", None)), width=engine.width, height=engine.height,
+            device=server.device_for(self.device_stream), width=engine.width, height=engine.height,
             params=self.params, limits=server.limits_dict(), stats_interval_s=server.config.stats_interval_s,
         ))
         self.after_ready()
@@ -421,6 +426,12 @@ class ViewerSession(Session):
     @property
     def params(self) -> StreamParams:
         return self.server.broadcast.stream.params
+
+    @property
+    def device_stream(self):
+        """The broadcast's stream: the device a viewer's `ready` names is the one that runs it (it moves when its
+        device is lost)."""
+        return self.server.broadcast.stream
 
     def ready_extra(self) -> dict[str, Any]:
         return {"control": self.control}
