@@ -47,6 +47,34 @@ def test_bench_on_the_cpu_writes_the_documented_json(tmp_path, capsys):
     assert ("CUDA only" if HAS_STREAMDIFFUSION else "pip install --no-deps streamdiffusion==0.1.1") in rival["skipped"]
 
 
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="one core: one thread for every row anyway")
+def test_every_row_is_timed_under_the_same_process_settings(tmp_path, monkeypatch):
+    """The diffusers rows ran before any engine existed, on torch's default thread pool (2 threads on 2 cores); the
+    engine's build then set one core aside, and its rows ran on 1: "x diffusers" came out 4 to 9 times too high.
+    The JSON says what every row ran under, the command and the engine options timed."""
+    from turbostream import bench
+
+    threads, timed = [], bench._timed
+
+    def recording(fn, *args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return timed(fn, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_timed", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(__import__("os").cpu_count())  # torch's default, as in a fresh process
+    try:
+        out = tmp_path / "bench.json"
+        assert main(["bench", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--iters", "1",
+                     "--burn-in", "0", "--skip-streamdiffusion", "--prompt-kv", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    res = json.loads(out.read_text())
+    assert len(threads) >= 3 and set(threads) == {res["process_settings"]["torch_threads"]}, threads
+    assert res["engine_config"]["prompt_kv"] is True and res["engine_config"]["model"] == "tiny-random"
+    assert res["command"].startswith("turbostream bench --model tiny-random") and "--prompt-kv" in res["command"]
+
+
 def test_bench_leaves_streamdiffusion_out_when_asked(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     monkeypatch.setenv("HOME", str(tmp_path))  # --json=~/bench.json: the shell does not expand ~ after =

@@ -27,6 +27,7 @@ import torch
 
 from .config import AOT_FORMAT_NAMES, BENCH_COMPILE_BUCKETS, EngineConfig, StreamParams
 from .engine import Engine, encode_prompt
+from .engine.cuda import process_settings
 from .models import Components, default_dtype, diffusers_pipeline, load_components, load_vae, resolve_device
 
 log = logging.getLogger("turbostream.bench")
@@ -44,6 +45,7 @@ class BenchOptions:
     skip_diffusers: bool = False  # leave out the diffusers pipeline baseline (and parity)
     skip_streamdiffusion: bool = False  # leave out StreamDiffusion's rows (rivals.py)
     json: str | None = None  # where to write the results
+    command: str | None = None  # the command line that asked for this run, recorded in the JSON
 
 
 def _timed(fn: Callable[[], object], iters: int, burn_in: int, sync: Callable[[], None]) -> dict:
@@ -137,6 +139,10 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
     frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
               for _ in range(max(*base_cfg.buckets, *opts.compile_buckets, 3))]
 
+    # Every row runs under the engine's process settings (the CPU's thread pool, cuDNN autotuning, TF32): the
+    # engine sets them when it is built, after the baselines' rows, which ran under torch's defaults (on a 2-core
+    # CPU twice the engine's threads, which made "x diffusers" 4 to 9 times what it was with both the same).
+    settings = process_settings(device.type)
     t0 = time.perf_counter()
     comps = load_components(base_cfg.model, device=device, dtype=dtype, vae="full", taesd=base_cfg.taesd)
     tiny_vae = load_vae(base_cfg.model, "tiny", device=device, dtype=dtype, taesd=base_cfg.taesd)
@@ -159,6 +165,9 @@ def run_bench(base_cfg: EngineConfig, opts: BenchOptions) -> int:
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "command": opts.command,
+        "engine_config": json.loads(json.dumps(dataclasses.asdict(base_cfg), default=str)),  # the options timed
+        "process_settings": settings,  # what every row ran under
         "load_s": round(load_s, 1),
         "iters": opts.iters,
         "burn_in": opts.burn_in,

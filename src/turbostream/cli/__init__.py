@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, run one subcommand, return its exit status: 0 done, 1 failed while running, 2 user error, 130 Ctrl-C."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the words typed, for a record of the command
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import stat
 from pathlib import Path
 
@@ -45,5 +46,5 @@ def main(args: argparse.Namespace) -> int:
 
     options = BenchOptions(iters=args.iters, burn_in=args.burn_in, compile_buckets=args.compile_buckets,
                            skip_diffusers=args.skip_diffusers, skip_streamdiffusion=args.skip_streamdiffusion,
-                           json=args.json)
+                           json=args.json, command=shlex.join(["turbostream", *args.argv]))
     return run_bench(cfg, options)

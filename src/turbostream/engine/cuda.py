@@ -25,11 +25,27 @@ import torch
 FP8_MIN_CAPABILITY = (8, 9)
 
 
+def process_settings(device_type: str) -> dict:
+    """The process-wide torch settings every engine runs under, set: on CUDA cuDNN autotuning and TF32 matmuls, on
+    the CPU a thread pool that leaves one core to decoding, encoding and the event loop. What they are now, for a
+    benchmark's record (it sets them before its first row, so that every row, its baselines' too, runs under them)."""
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        cores = os.cpu_count() or 1
+        if cores > 1:
+            # With every core in torch's pool, a busy neighbour thread made CPU calls swing from 5 ms to seconds
+            # (OpenMP workers waiting on each other).
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+    return {"torch_threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
 def prepare_cuda(components: Any, config: Any = None) -> dict | None:
     """channels_last convs, fused QKV projections, cuDNN autotuning, TF32 matmuls; idempotent (engines may share).
     With a config, its options too: apply_options' result (None without)."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
+    process_settings("cuda")
     for module in (components.unet, components.vae):
         module.to(memory_format=torch.channels_last)
     if not getattr(components.unet, "_turbostream_fused", False):
@@ -42,11 +58,7 @@ def prepare_cuda(components: Any, config: Any = None) -> dict | None:
 def prepare_cpu(components: Any = None, config: Any = None) -> dict | None:
     """Leave one core to decoding, encoding and the event loop (the CPU path's torch thread pool); with components
     and a config, their options too: apply_options' result (None without)."""
-    cores = os.cpu_count() or 1
-    if cores > 1:
-        # With every core in torch's pool, a busy neighbour thread made CPU calls swing from 5 ms to seconds
-        # (OpenMP workers waiting on each other).
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+    process_settings("cpu")
     return apply_options(components, config) if components is not None and config is not None else None
 
 
