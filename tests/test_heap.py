@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
+import platform
+import subprocess
+import sys
 import weakref
+from pathlib import Path
+
+import pytest
 
 from turbostream import heap
 
@@ -60,3 +67,29 @@ def test_pause_log_counts_collections_by_generation_and_times_them():
     assert summary["collections"][0] >= 1 and summary["collections"][2] >= 1
     assert summary["max_pause_ms"] >= 0 and summary["total_pause_ms"] >= summary["max_pause_ms"]
     assert log._callback not in gc.callbacks  # removed on exit
+
+
+def test_freeze_keeps_freed_memory_in_the_process(monkeypatch):
+    """serve and run freeze after warm-up; that is also when glibc is told to keep freed blocks."""
+    called = []
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda: called.append(1) or True)
+    heap.freeze()
+    heap.thaw()
+    assert called == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="not glibc: its malloc thresholds are what is tested")
+def test_kept_freed_memory_spares_the_page_faults_of_fresh_frames(tmp_path):
+    """The engine's host work per batch of 8 at 256x256 on the CPU (networks stubbed), in fresh processes: as glibc
+    frees by default, every call faulted thousands of pages in again (frame-sized blocks handed back to the kernel
+    and taken again); with freed memory kept, a few dozen."""
+    out = tmp_path / "malloc.json"
+    script = Path(__file__).parent.parent / "scripts" / "host_overhead.py"
+    subprocess.run([sys.executable, str(script), "--size", "256", "--batches", "8", "--iters", "5", "--malloc", "both",
+                    "--rounds", "1", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    row = result["summary"]["8"]
+    assert row["keep_page_faults"] * 5 < row["default_page_faults"], row
+    assert [run["kept_freed_memory"] for run in result["runs"]["keep"]] == [True]
+    assert [run["kept_freed_memory"] for run in result["runs"]["default"]] == [False]

@@ -10,10 +10,16 @@ Everything that exists once the engines are warm lives as long as they do, so af
 permanent generation (gc.freeze): later collections walk only what was made since, and what is frozen is still
 freed by reference counting as usual. The price: a frozen object caught in a reference cycle that becomes garbage
 later is never reclaimed. Those are the objects of the start-up, a fixed amount, which live to the end anyway.
+
+The same moment also keeps freed memory in the process (keep_freed_memory): every frame makes arrays of the same few
+sizes (a decoded 512x512 frame, an engine result: 768 KiB each; on the CPU the engine's own tensors), and glibc's
+malloc handed such blocks back to the kernel and took them again, each time faulting in all their pages.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 import threading
@@ -33,9 +39,37 @@ class Frozen:
     collect_ms: float
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # blocks up to this size come from the heap, whose freed memory is reused
+TRIM_THRESHOLD = 512 * 2**20  # free memory at the heap's top kept before any goes back to the kernel
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of unmapping them or trimming the heap;
+    True if set, False where the C library is not glibc (macOS, Windows, musl: nothing changes).
+
+    By default a block past a threshold (128 KiB, raised as such blocks are freed) gets its own mapping, and free
+    memory at the top of a heap beyond twice that goes back to the kernel. With several frames alive at once, each
+    new frame-sized array then faulted in all of its pages again: the CPU engine's host work per batch of 8 at
+    512x512 took 68.3 ms and 24,723 page faults as glibc frees by default, 18.4 ms and 307 with this, side by side on
+    this project's 2-core machine (benchmarks/malloc-keep-cpu-host-overhead-2026-11-28.json). Fixed values also stop
+    glibc adjusting them. The price: memory freed after a peak stays with the process for its next use.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only: musl has a mallopt that does nothing
+    except (OSError, AttributeError):
+        return False
+    del gnu
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def freeze() -> Frozen:
-    """Collect the garbage there is, then freeze every object tracked now; pair each call with one thaw()."""
+    """Collect the garbage there is, then freeze every object tracked now (and keep freed memory in the process:
+    keep_freed_memory); pair each call with one thaw()."""
     global _holders
+    keep_freed_memory()
     with _lock:
         t = time.perf_counter()
         gc.collect()  # garbage frozen now would never be collected
