@@ -530,9 +530,51 @@ def test_stop_while_the_model_loads_closes_waiting_clients_and_viewers_with_1001
             assert server.places == {"client": 0, "viewer": 0}
         finally:
             release.set()
+            # Its last words ("engine failed to start: loading given up") belong to this test's log, not to a later
+            # test's closed capture ("--- Logging error ---" in CI's output).
+            await asyncio.to_thread(server.batcher.stop, 10)
         assert not await server.wait_ready(1)  # stopped before the engine was ready: no waiting for it either
 
     run(main())
+
+
+def test_a_start_that_fails_leaves_nothing_running(engine):
+    """A port already taken made start() raise with the inference thread (a model loading on a GPU) and the watch
+    task still running; a ServerThread whose engine failed kept its loop and listening socket for the process's
+    life. Embedders (scripts, tests) got the error and kept the leftovers."""
+    from turbostream.serve import ServerThread
+
+    def ours() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("turbostream-") and t.is_alive()]
+
+    before = ours()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+
+    async def main():
+        server = TurboServer(engine, ServerConfig(port=taken.getsockname()[1]))
+        with pytest.raises(OSError):
+            await server.start()
+        return server
+
+    try:
+        server = run(main())
+    finally:
+        taken.close()
+    assert not server.batcher.alive and server.pool._shutdown
+
+    def fail():
+        raise RuntimeError("no such model")
+
+    thread = ServerThread(TurboServer(config=ServerConfig(port=0), engine_factory=fail))
+    with pytest.raises(RuntimeError, match="no such model"):
+        with thread:
+            pass
+    port = thread.server.port
+    assert not thread._thread.is_alive() and ours() == before
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def test_stop_does_not_wait_past_the_grace_for_a_handler_that_ignores_the_close(engine, caplog):

@@ -183,8 +183,25 @@ class TurboServer:
         self._stopped = asyncio.Event()
         self.batcher.start()
         self._watch_task = asyncio.create_task(self._watch_engine())
+        try:
+            self._server = await self._listen()
+        except BaseException:  # the port is taken, say: the inference thread and the codec pool end too
+            await self.stop()
+            raise
+        # A host of several addresses ("" or "localhost": IPv4 and IPv6) gets a socket each, and with port 0 each its
+        # own free port: the port named is that of the socket the logged URL reaches (127.0.0.1 unless the host is
+        # "::"), and every address is logged when they differ.
+        sockets = self._server.sockets
+        family = socket.AF_INET6 if self.config.host == "::" else socket.AF_INET
+        chosen = next((s for s in sockets if s.family == family), sockets[0])
+        self.port = chosen.getsockname()[1]
+        if len({s.getsockname()[1] for s in sockets}) > 1:
+            log.info("listening on %s", ", ".join(_address(s) for s in sockets))
+        return self
+
+    async def _listen(self) -> Server:
         limits = self.config.limits
-        self._server = await serve(
+        return await serve(
             self._handler, self.config.host, self.config.port,
             process_request=self.http,
             max_size=limits.max_message_bytes,
@@ -198,16 +215,6 @@ class TurboServer:
             server_header=None,
             create_connection=self.guard.factory(),
         )
-        # A host of several addresses ("" or "localhost": IPv4 and IPv6) gets a socket each, and with port 0 each its
-        # own free port: the port named is that of the socket the logged URL reaches (127.0.0.1 unless the host is
-        # "::"), and every address is logged when they differ.
-        sockets = self._server.sockets
-        family = socket.AF_INET6 if self.config.host == "::" else socket.AF_INET
-        chosen = next((s for s in sockets if s.family == family), sockets[0])
-        self.port = chosen.getsockname()[1]
-        if len({s.getsockname()[1] for s in sockets}) > 1:
-            log.info("listening on %s", ", ".join(_address(s) for s in sockets))
-        return self
 
     async def _watch_engine(self) -> None:
         """Turn the inference threads' ready/failed events into the loop's (logged once), then watch for a device
@@ -517,10 +524,14 @@ class ServerThread:
         self._thread.start()
         self._started.wait(self.ready_timeout)
         if self._error is not None:
-            raise self._error
-        fut = asyncio.run_coroutine_threadsafe(self.server.wait_ready(self.ready_timeout), self.loop)
-        if not fut.result(self.ready_timeout + 1):
-            raise RuntimeError(f"engine failed: {self.server.error}")
+            raise self._error  # start() stopped what it had started
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self.server.wait_ready(self.ready_timeout), self.loop)
+            if not fut.result(self.ready_timeout + 1):
+                raise RuntimeError(f"engine failed: {self.server.error}")
+        except BaseException:  # no `with` body runs, so no __exit__: the listening server would outlive the error
+            self.__exit__(None, None, None)
+            raise
         return self.server
 
     def __exit__(self, *exc) -> None:
