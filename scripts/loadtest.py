@@ -5,9 +5,11 @@ Each step of the sweep (--clients 1,4,8) runs that many clients at once for --du
 seconds are not measured). Every client sets its own prompt and seed, then streams pre-encoded JPEGs (the engine's
 size unless --size says otherwise) with at most --inflight frames unanswered, at most --rate frames/s (0: as fast as
 the window allows). The server answers each frame with {"type": "frame", "seq": n} and the JPEG, so every reply is
-matched to its own send time; frames skipped by the server (a newer frame replaced them) count as dropped.
+matched to its own send time; frames skipped by the server (a newer frame replaced them) count as dropped, and
+frames it answered with its last output without an engine call (the `similarity` control: "skipped" in the header)
+as skipped, apart from frames/s and latency.
 
-Reported per client and in total: frames/s, send-to-reply latency p50/p95/p99, dropped frames and errors; per step,
+Reported per client and in total: frames/s, send-to-reply latency p50/p95/p99, dropped, skipped and errors; per step,
 from the server's /metrics: resident memory (and CUDA memory), open file descriptors and threads before the clients
 connect, after the warmup and after they left, a sample of them every --sample-every seconds, mean engine-call time
 and batch size. Every report carries a verdict against the soak criteria (no errors, every client answered, RSS and
@@ -129,7 +131,8 @@ class ClientResult:
     client: int
     sent: int = 0
     replies: int = 0  # all replies, warmup included
-    measured: int = 0  # replies inside the measured window
+    measured: int = 0  # replies inside the measured window that the engine ran
+    skipped: int = 0  # replies inside the window answered with the last output (similarity): apart from frames/s
     dropped: int = 0  # frames the server skipped (a later frame was answered first)
     unanswered: int = 0  # still in flight when the step ended (or when a connection was lost)
     latencies: list[float] = field(default_factory=list)
@@ -142,7 +145,8 @@ class ClientResult:
     def summary(self, window_s: float) -> dict:
         return {
             "client": self.client, "fps": round(self.measured / window_s, 2) if window_s > 0 else None,
-            "frames": self.measured, "sent": self.sent, "replies": self.replies, "dropped": self.dropped,
+            "frames": self.measured, "skipped": self.skipped, "sent": self.sent, "replies": self.replies,
+            "dropped": self.dropped,
             "unanswered": self.unanswered, "latency_ms": percentiles(self.latencies),
             "error_count": len(self.errors), "errors": self.errors[:5],
             "connections": self.connections, "lost": self.lost, "refused": self.refused,
@@ -220,7 +224,7 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
                     if header is None:
                         result.errors.append("a JPEG arrived without its frame header")
                         continue
-                    seq, header = header["seq"], None
+                    seq, skipped, header = header["seq"], bool(header.get("skipped")), None
                     t_send = sent.pop(seq, None)
                     for older in [s for s in sent if s < seq]:
                         del sent[older]
@@ -228,8 +232,13 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
                     result.replies += 1
                     record["replies"] += 1
                     if t_send is not None and t_measure <= now <= t_end:
-                        result.measured += 1
-                        result.latencies.append(now - t_send)
+                        # A frame the server answered with its last output (the similarity skip) took no engine
+                        # call: counted apart, or frames/s and latency would mix both.
+                        if skipped:
+                            result.skipped += 1
+                        else:
+                            result.measured += 1
+                            result.latencies.append(now - t_send)
                     room.set()
 
             receiver = asyncio.create_task(receive())
@@ -342,6 +351,7 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
         "total": {
             "fps": round(sum(fps), 2), "fps_per_client_min": round(min(fps), 2), "fps_per_client_mean":
             round(sum(fps) / n, 2), "frames": sum(r.measured for r in results),
+            "skipped": sum(r.skipped for r in results),
             "latency_ms": percentiles(all_latencies), "dropped": sum(r.dropped for r in results),
             "unanswered": sum(r.unanswered for r in results), "errors": sum(len(r.errors) for r in results),
             "lost": sum(r.lost for r in results), "refused": sum(r.refused for r in results),
