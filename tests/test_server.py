@@ -907,7 +907,28 @@ def test_serve_command_closes_clients_with_1001_on_sigterm(sig, command):
         if proc.poll() is None:
             proc.kill()
         output = proc.stdout.read()
-    assert "serving on" in output
+    assert "serving on" in output and "viewer page" not in output  # no --source: nothing to view there
+
+
+@pytest.mark.slow
+def test_serve_with_a_camera_not_there_yet_says_so_without_opencvs_own_lines():
+    """`serve --source 7` without that camera retries (it may be plugged in later); OpenCV's own console lines
+    ("[ WARN:0@3.7] global cap_v4l.cpp:914 open VIDEOIO(V4L2:/dev/video7): can't open camera by index") filled the
+    log at every retry, as they no longer do in `run` unless -v."""
+    proc, port = spawn_serve("--source", "7")
+    try:
+        deadline = time.monotonic() + 30  # until the source thread has tried, failed and planned a retry
+        while b"turbostream_source_restarts_total 0.0" in urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5).read() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.stdout.read()
+    assert "viewer page: http://127.0.0.1" in output and "source 7: " in output, output
+    assert "[ WARN" not in output and "VIDEOIO" not in output, output
 
 
 def test_the_port_named_on_every_interface_is_the_one_the_url_reaches(engine):

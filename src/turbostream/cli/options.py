@@ -244,8 +244,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         from ..models import no_cuda_reason, resolve_device
 
         device = resolve_device(cfg.device)  # --device cuda without a GPU: said now, not after minutes of loading
-        if device.type == "cpu" and cfg.device.strip().lower() == "auto" and cfg.model != "tiny-random":
+        if device.type == "cpu" and cfg.device.strip().lower() == "auto" and cfg.model != "tiny-random" \
+                and not getattr(args, "warned_no_cuda", False):
             log.warning("no CUDA GPU: running on the CPU, seconds a frame for SD-Turbo (%s)", no_cuda_reason())
+            args.warned_no_cuda = True  # a command checks its options more than once (run: 3 times), says it once
         if cfg.fp8:
             from ..engine.cuda import check_fp8
 

@@ -13,6 +13,7 @@ import signal
 
 from ..config import Limits, ServerConfig
 from ..errors import UserError
+from ..io.sources import quiet_opencv
 from ..serve.devices import device_labels, parse_devices
 from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
@@ -101,6 +102,8 @@ def _main(args) -> int:
     try:
         config = server_config(args)
         if config.source is not None:
+            if not getattr(args, "verbose", False):
+                quiet_opencv()  # a camera not there yet is retried, and said, by the source thread: no OpenCV lines
             # Parsing the source now turns a missing file or a bad URL into one message and exit status 2; opening
             # it (which can take seconds for a network source) happens on the source thread, which makes a new
             # capture each time a lost live source is opened again.
@@ -193,7 +196,8 @@ async def _serve_until(server: TurboServer, extras, stop: asyncio.Event) -> int:
     except OSError as exc:
         server.devices.stop(0)
         raise UserError(f"cannot listen on {server.config.host}:{server.config.port}: {exc.strerror or exc}") from None
-    log.info("serving on %s (viewer page: %sview); loading the engine...", server.url, server.url)
+    viewer = f" (viewer page: {server.url}view)" if server.config.source is not None else ""  # else nothing to view
+    log.info("serving on %s%s; loading the engine...", server.url, viewer)
     if extras is not None:
         extras.start(loop)
     failed = asyncio.create_task(_wait_failed(server))
