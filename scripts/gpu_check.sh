@@ -93,8 +93,8 @@
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
 # into one file after every step, so a run cut short still returns what it did: on the device machine, where at most
 # 8 files come back, run with PACK=$OUT/gpu.tgz OUT=/tmp/g (PACK outside $OUT; in this order, as the shell expands
-# $OUT in PACK before the OUT= after it: the other order packs into /tmp/g, and is refused). There, carry .whl too (see
-# ../shared/scripts/device-wheels.sh): the wheels it lacks (diffusers, websockets, simplejpeg) are installed from there.
+# $OUT in PACK before the OUT= after it: the other order packs into /tmp/g, and is refused). There, carry .whl too (the
+# README's pip download line): the wheels it lacks (diffusers, websockets, simplejpeg) are installed from there.
 # CHECK_CPU=1 runs the same steps on the CPU with tiny-random at 64 px, to test this script without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
