@@ -101,6 +101,24 @@ def test_flops_per_frame_leave_the_text_encoder_out(engine):
     assert first > 0 and first == _flops_per_frame(engine, frame, params)
 
 
+def test_bench_compile_on_the_cpu_is_refused_not_ignored(capsys):
+    """Its compiled phase runs inside the CUDA graphs phase: on the CPU nothing was compiled or timed, silently."""
+    assert main(["bench", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--compile"]) == 2
+    assert "bench --compile times compiled CUDA graphs: it needs a CUDA device" in capsys.readouterr().err
+
+
+def test_targets_are_judged_only_for_the_full_model_at_512_with_parity():
+    """tiny-random at 64 px met every target; so did a run whose frames failed parity."""
+    from turbostream.bench import _targets
+
+    fast = {"model": "random", "size": "512x512", "diffusers_ms": 100.0, "engine_graph_ms": {"1": 9.0, "4": 15.0},
+            "compiled_graph_ms": {"1": 6.0, "4": 14.0, "8": 25.0}, "parity_pass": True}
+    assert set(_targets(fast).values()) == {True}
+    for other in ({"model": "tiny-random"}, {"size": "64x64"}, {"parity_pass": False}):
+        assert set(_targets({**fast, **other}).values()) == {None}, other
+    assert set(_targets({**fast, "parity_pass": None}).values()) == {True}  # --skip-diffusers: no parity run
+
+
 def test_flops_per_frame_count_attention_on_the_cpu(engine):
     """FlopCounterMode counts 0 for PyTorch's CPU attention kernel (12 % of a 512x512 frame went uncounted)."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -31,6 +31,12 @@ def add_parser(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = engine_config(args)  # --device cuda without a GPU, bad sizes: said before anything loads
+    if cfg.compile:
+        from ..models import resolve_device
+
+        if resolve_device(cfg.device).type != "cuda":  # its phase (d) came after (c), inside CUDA graphs: nothing ran
+            raise UserError("bench --compile times compiled CUDA graphs: it needs a CUDA device (on the CPU, "
+                            "scripts/compile_buckets.py times torch.compile)")
     if args.iters < 1 or args.burn_in < 0:
         raise UserError(f"--iters must be at least 1 and --burn-in at least 0, got {args.iters} and {args.burn_in}")
     if args.json:
