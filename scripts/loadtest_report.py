@@ -215,12 +215,13 @@ def table(steps: list[dict]) -> str:
 
 
 def markdown(report: dict) -> str:
-    """A README table of a report: one row per step."""
-    srv, st = report["server"], report["settings"]
+    """A README table of a report: one row per step (of a `.partial` report too: the steps a run cut off finished)."""
+    srv, st = report.get("server") or report.get("ready") or {}, report.get("settings")
+    about = (f"{st['frame_size'][0]}x{st['frame_size'][1]} JPEGs (~{st['jpeg_bytes_mean'] // 1024} KiB), "
+             f"{st['inflight']} in flight per client, {st['duration_s']:g} s per step, {report['started']}" if st else
+             f"a run cut off after {len(report['steps'])} step(s) (its .partial report)")
     lines = [
-        f"`{report['server'].get('model')}` at {srv.get('width')}x{srv.get('height')} on {srv.get('device')}; "
-        f"{st['frame_size'][0]}x{st['frame_size'][1]} JPEGs (~{st['jpeg_bytes_mean'] // 1024} KiB), "
-        f"{st['inflight']} in flight per client, {st['duration_s']:g} s per step, {report['started']}",
+        f"`{srv.get('model')}` at {srv.get('width')}x{srv.get('height')} on {srv.get('device')}; {about}",
         "",
         "| clients | frames/s per client (min / mean) | total frames/s | p50 ms | p95 ms | p99 ms | dropped | errors "
         "| engine call ms | mean batch | device busy % | device idle ms per call | server RSS MiB (start -> end) |",

@@ -56,6 +56,15 @@ def test_loadtest_sweep_against_a_running_server(tiny_components, tmp_path):
     table = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)], capture_output=True, text=True,
                            timeout=60)
     assert table.returncode == 0 and "| 1 |" in table.stdout and "| 2 |" in table.stdout
+    # A run cut off (a device's time limit) leaves a .partial report of the steps it finished: it makes a table too.
+    full = json.loads(out.read_text())
+    partial = tmp_path / "load.json.partial"
+    partial.write_text(json.dumps({"tool": "scripts/loadtest.py", "partial": True, "url": full["url"],
+                                   "ready": {"model": "tiny-random", "width": 64, "height": 64},
+                                   "steps": full["steps"][:1]}))
+    table = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(partial)], capture_output=True, text=True,
+                           timeout=60)
+    assert table.returncode == 0 and "| 1 |" in table.stdout and "cut off after 1 step" in table.stdout, table.stderr
 
 
 def test_frames_answered_without_an_engine_call_are_counted_apart(tiny_components, tmp_path):
