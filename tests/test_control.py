@@ -567,3 +567,18 @@ def test_a_playlist_on_a_file_read_in_order_warns_that_durations_are_wall_clock(
                                           str(looks), "--model", "tiny-random", "--device", "cpu", "--size", "64"])
     assert cli_run.main(args, engine=FakeEngine()) == 0
     assert "each look lasts its duration in wall-clock time" in caplog.text
+
+
+def test_an_osc_message_of_unknown_type_tags_is_malformed_and_logged_once(caplog):
+    """4,000 type tags python-osc does not know ('x'): each was parsed as an argument and logged as a warning (20,001
+    records for 5 datagrams); the message is refused as malformed, its log line throttled."""
+    tags = b"," + b"x" * 4000
+    datagram = b"/turbostream/seed\x00\x00\x00" + tags + b"\x00" * (4 - len(tags) % 4)
+    osc = OscServer("127.0.0.1", 0)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            results = [osc.handle_datagram(datagram) for _ in range(5)]
+    finally:
+        osc.stop()
+    assert results == [["malformed"]] * 5, results
+    assert len(caplog.records) <= 1, len(caplog.records)

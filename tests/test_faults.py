@@ -501,6 +501,74 @@ def _viewer_messages(ws):
     return seen, asyncio.create_task(collect())
 
 
+def test_a_long_lost_source_is_opened_again_at_the_capped_interval(engine):
+    """A source lost for long is retried every source_retry_max_s at most (the doubling stops there): without the
+    cap a camera lost overnight came back minutes to hours after it was plugged in again."""
+    from turbostream.io.sources import CaptureThread, SourceSpec
+
+    camera = Camera()
+    camera.up = False  # lost from the start, and for long
+    spec = SourceSpec("url", "rtsp://camera.invalid/stream", "rtsp://camera.invalid/stream")
+
+    def factory(text):
+        return CaptureThread(spec, realtime=True, reconnect=0, reconnect_delay_s=0.01, opener=camera.open)
+
+    async def main():
+        server = TurboServer(engine, server_config(source=spec.text, source_retry_s=0.02, source_retry_max_s=0.1),
+                             capture_factory=factory)
+        await server.start()
+        try:
+            await open_client(server, "/view/ws")  # the source runs while someone watches
+            delays = []
+            async with asyncio.timeout(30):
+                while server.broadcast.restarts < 8:
+                    delay = server.broadcast.state.get("retry_in_s")
+                    if delay is not None and (not delays or delay != delays[-1]):
+                        delays.append(delay)
+                    await asyncio.sleep(0.005)
+            camera.up = True
+            t0 = time.monotonic()
+            await eventually(lambda: server.broadcast.state["state"] == "live", 30, "never live again")
+            return delays, time.monotonic() - t0
+        finally:
+            await server.stop()
+
+    delays, back_after = run(main())
+    assert max(delays) == pytest.approx(0.1) and back_after < 1.0, (delays, back_after)
+
+
+def test_a_slow_broadcast_encoder_drops_old_results_instead_of_queueing_them(engine, monkeypatch):
+    """The broadcast's results wait for the encoder in one slot: when encoding is slower than the engine, the older
+    result is dropped (frames_dropped{stage="encode"}); queued, viewers fell minutes behind and memory grew."""
+    import turbostream.serve.broadcast as broadcast_module
+    from turbostream.io.sources import CaptureThread, SourceSpec
+
+    encode = broadcast_module.timed_encode
+
+    def slow_encode(*args):
+        time.sleep(0.3)  # a busy codec pool, or a large frame
+        return encode(*args)
+
+    monkeypatch.setattr(broadcast_module, "timed_encode", slow_encode)
+    camera = Camera()
+    spec = SourceSpec("url", "rtsp://camera.invalid/stream", "rtsp://camera.invalid/stream")
+
+    async def main():
+        server = TurboServer(engine, server_config(source=spec.text),
+                             capture_factory=lambda text: CaptureThread(spec, realtime=True, opener=camera.open))
+        await server.start()
+        try:
+            await open_client(server, "/view/ws")
+            # A queue drops nothing and grows by about a frame each 0.3 s encode: this waits out 30 s then.
+            encode_drops = server.metrics.frames_dropped.labels("encode")
+            await eventually(lambda: encode_drops._value.get() >= 5, 30, "no result dropped for the encoder")
+            assert server.broadcast._latest is None or isinstance(server.broadcast._latest, np.ndarray)
+        finally:
+            await server.stop()
+
+    run(main())
+
+
 def test_lost_live_source_is_reported_and_opened_again_while_clients_go_on(engine):
     from turbostream.io.sources import CaptureThread, SourceSpec
 

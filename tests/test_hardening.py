@@ -815,3 +815,58 @@ def test_a_reader_that_is_behind_gets_the_newest_text_messages_only():
         return [json.loads(m)["n"] for m in sent]
 
     assert asyncio.run(main()) == [-1, *range(100 - Outbox.TEXT_LIMIT, 100)]
+
+
+def test_frames_sent_while_the_engine_warms_up_are_buffered_within_max_queue():
+    """Nothing reads a client's messages until the engine is ready (minutes with --compile), and frames are too big
+    for the message-rate limit: websockets' max_queue (Limits.max_queue_messages) is all that bounds what the server
+    takes from it meanwhile. Without it one client pushed 200 MiB into the server in seconds."""
+    import base64
+    import os
+    import threading
+
+    from websockets.frames import Frame, Opcode
+
+    from turbostream.serve import TurboServer
+
+    release = threading.Event()
+
+    def loading_factory():
+        release.wait(60)
+        raise RuntimeError("loading given up")
+
+    def flood(port: int, messages: int, size: int, seconds: float) -> int:
+        """Handshake on /ws, then send `messages` binary messages of `size` bytes; bytes the server took."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                         .encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 101"), answer[:80]
+            frame = Frame(Opcode.BINARY, b"\xff\xd8\xff" + bytes(size - 3)).serialize(mask=True)
+            sock.setblocking(False)
+            sent, deadline = 0, time.monotonic() + seconds
+            while sent < len(frame) * messages and time.monotonic() < deadline:
+                try:
+                    sent += sock.send(memoryview(frame)[sent % len(frame):])
+                except BlockingIOError:
+                    time.sleep(0.01)
+            return sent
+
+    async def main():
+        server = TurboServer(config=server_config(), engine_factory=loading_factory)
+        await server.start()
+        try:
+            return await asyncio.to_thread(flood, server.port, 200, 2**20, 4.0)
+        finally:
+            release.set()
+            await server.stop()
+            await asyncio.to_thread(server.batcher.stop, 10)
+
+    taken = run(main())
+    queue = Limits().max_queue_messages
+    assert taken < (queue + 24) * 2**20, f"{taken / 2**20:.0f} MiB taken"  # the queue, plus the sockets' buffers
+

@@ -488,3 +488,17 @@ def test_osc_sets_the_live_controls():
         assert params[-1] == StreamParams(similarity=0.97, transition_s=2.0, feedback=0.4)
     finally:
         osc.stop()
+
+
+def test_blend_caches_stay_bounded_while_a_mix_slider_moves(make_engine):
+    """A mix slider (or an OSC fader) makes a new blend for every position: the blended embeddings (and with
+    prompt_kv their keys and values, megabytes of GPU memory each) are kept for the last BLEND_CACHE_SIZE only,
+    while each prompt text is encoded once."""
+    from turbostream.engine.engine import BLEND_CACHE_SIZE
+
+    engine = make_engine(prompt_kv=True)
+    for k in range(1, 3 * BLEND_CACHE_SIZE):
+        w = k / (3 * BLEND_CACHE_SIZE)
+        engine.conditioning((("a watercolor", 1 - w), ("a pencil sketch", w)))
+    assert len(engine._blends) == BLEND_CACHE_SIZE and len(engine._kv_blends) == BLEND_CACHE_SIZE
+    assert engine.stats.text_encoder_runs == 2

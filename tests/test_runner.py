@@ -1047,3 +1047,18 @@ def test_an_engine_failing_mid_run_is_one_error_with_the_summary_of_what_was_kep
     assert "stopped by an error: 2 frames" in err and f"{out}: 2 frames" in err and "Traceback" not in err
     frames, _ = read_video(out)
     assert len(frames) == 2  # the two computed before the error, in a file that plays
+
+
+def test_the_status_lines_rate_keeps_a_window_not_the_whole_run():
+    """The status line's frames/s is over the last 2 s: after ten minutes at 30 frames/s it says 10 once the run
+    slows to 10, and it keeps about a window's samples, not one per frame of the run."""
+    from turbostream.pipeline import _Rate
+
+    rate, t, count = _Rate(window=2.0), 0.0, 0
+    for _ in range(30 * 600):
+        t, count = t + 1 / 30, count + 1
+        rate.add(t, count)
+    for _ in range(10 * 10):
+        t, count = t + 1 / 10, count + 1
+        now = rate.add(t, count)
+    assert now == pytest.approx(10.0, rel=0.1) and len(rate._changes) <= 2 * 2.0 * 30

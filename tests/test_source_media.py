@@ -224,3 +224,22 @@ def test_a_file_at_a_url_that_announces_no_count_ends_when_it_starts_again(tmp_p
         assert "started again from its first frame: a file at a URL, not a live stream" in caplog.text
     finally:
         httpd.shutdown()
+
+
+def test_a_video_file_whose_frames_all_fail_to_decode_is_refused_at_once(tmp_path):
+    """Frames present, none decodable (each JPEG of an MJPG .avi zeroed): the open gives up after MAX_BAD_READS
+    reads. Without that bound it read on until its 10 s open timeout, left its thread spinning, and the process
+    aborted at exit ("terminate called without an active exception")."""
+    path = make_video(tmp_path / "v.avi", n=50, size=(64, 64))
+    data = bytearray(path.read_bytes())
+    i = 0
+    while (j := data.find(b"\xff\xd8\xff", i)) >= 0:
+        k = data.find(b"\xff\xd9", j)
+        data[j:k + 2] = bytes(k + 2 - j)
+        i = k + 2
+    path.write_bytes(bytes(data))
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match="no readable frames"):
+        CaptureThread(str(path), realtime=False).start()
+    assert time.monotonic() - t0 < 5
+
