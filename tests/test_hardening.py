@@ -478,9 +478,20 @@ def test_unfinished_handshakes_are_capped_and_hold_bounded_memory(engine):
     async def main():
         async with serving(engine, open_timeout_s=3.0) as server, good_client(server):
             rss0 = rss()
+            most = 0
+
+            async def watch():  # the guard's count of handshakes in flight, sampled on the loop that changes it
+                nonlocal most
+                while True:
+                    most = max(most, server.guard.handshaking)
+                    await asyncio.sleep(0)
+
+            watcher = asyncio.create_task(watch())
             opened, closed = await asyncio.to_thread(attack, server.port)
+            watcher.cancel()
             peak = rss()
             assert opened == closed == n_sockets, (opened, closed)
+            assert 0 < most <= server.config.limits.max_pending_handshakes, most
             assert peak - rss0 < MAX_RSS_GROWTH, f"RSS grew {(peak - rss0) / 2**20:.0f} MiB"
             closed = sum(metric_value(server, f'turbostream_connections_closed_by_limit_total{{reason="{r}"}}')
                          for r in ("handshake_backlog", "too_many_sockets"))
