@@ -59,7 +59,7 @@ def keep_freed_memory() -> bool:
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
         gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only: musl has a mallopt that does nothing
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) where there is no process-wide handle
         return False
     del gnu
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
