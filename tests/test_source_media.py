@@ -243,3 +243,14 @@ def test_a_video_file_whose_frames_all_fail_to_decode_is_refused_at_once(tmp_pat
         CaptureThread(str(path), realtime=False).start()
     assert time.monotonic() - t0 < 5
 
+
+
+def test_a_hole_in_a_video_file_is_read_through_for_at_most_max_hole_reads():
+    """Past MAX_BAD_READS failed reads a file goes on only while its container announces frames still to come, and
+    for at most MAX_HOLE_READS: a header announcing 10**9 frames over an undecodable rest must not read for ever."""
+    reader = VideoReader.__new__(VideoReader)
+    reader.announced, reader.frames_read, reader.bad_reads = 10**9, 5, 0
+    assert reader._may_go_on(sources.MAX_BAD_READS - 1) and reader._may_go_on(sources.MAX_HOLE_READS - 1)
+    assert not reader._may_go_on(sources.MAX_HOLE_READS)
+    reader.announced = 5 + sources.MAX_BAD_READS  # nothing left to come: the end, after MAX_BAD_READS
+    assert not reader._may_go_on(sources.MAX_BAD_READS)
