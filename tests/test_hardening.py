@@ -90,22 +90,28 @@ def test_a_token_with_plus_signs_typed_as_is_is_accepted(engine):
     run(main())
 
 
-def _refused_peer_that_never_answers(port: int, path: str, messages: int) -> tuple[bytes, float]:
-    """A WebSocket handshake on path, then `messages` binary messages of 1 MiB at once, and no answer to anything:
-    (what the server sent, seconds from its handshake answer to its closing the socket)."""
+def _raw_websocket(port: int, path: str) -> tuple[socket.socket, bytes]:
+    """A socket that made a WebSocket handshake on path by hand (so it can then misbehave), and the server's answer."""
     import base64
     import os
 
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    return sock, received
+
+
+def _refused_peer_that_never_answers(port: int, path: str, messages: int) -> tuple[bytes, float]:
+    """A WebSocket handshake on path, then `messages` binary messages of 1 MiB at once, and no answer to anything:
+    (what the server sent, seconds from its handshake answer to its closing the socket)."""
     from websockets.frames import Frame, Opcode
 
-    key = base64.b64encode(os.urandom(16)).decode()
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                     .encode())
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += sock.recv(65536)
+    sock, received = _raw_websocket(port, path)
+    with sock:
         t0 = time.monotonic()
         frame = Frame(Opcode.BINARY, bytes(1 << 20)).serialize(mask=True)
         with contextlib.suppress(OSError):  # the server may close while these are still being sent
@@ -832,8 +838,6 @@ def test_frames_sent_while_the_engine_warms_up_are_buffered_within_max_queue():
     """Nothing reads a client's messages until the engine is ready (minutes with --compile), and frames are too big
     for the message-rate limit: websockets' max_queue (Limits.max_queue_messages) is all that bounds what the server
     takes from it meanwhile. Without it one client pushed 200 MiB into the server in seconds."""
-    import base64
-    import os
     import threading
 
     from websockets.frames import Frame, Opcode
@@ -848,14 +852,8 @@ def test_frames_sent_while_the_engine_warms_up_are_buffered_within_max_queue():
 
     def flood(port: int, messages: int, size: int, seconds: float) -> int:
         """Handshake on /ws, then send `messages` binary messages of `size` bytes; bytes the server took."""
-        key = base64.b64encode(os.urandom(16)).decode()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                         .encode())
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += sock.recv(65536)
+        sock, answer = _raw_websocket(port, "/ws")
+        with sock:
             assert answer.startswith(b"HTTP/1.1 101"), answer[:80]
             frame = Frame(Opcode.BINARY, b"\xff\xd8\xff" + bytes(size - 3)).serialize(mask=True)
             sock.setblocking(False)
