@@ -321,6 +321,23 @@ def test_kiosk_view_keeps_only_the_last_50_errors(browser, tiny_components):
     assert problems == []
 
 
+def test_the_client_page_keeps_only_the_last_50_errors(browser, tiny_components):
+    # A page left open for days (an installation's camera page) keeps a bounded error list too.
+    import json
+
+    def client(ws) -> None:  # a stand-in /ws: ready, then 60 errors
+        ws.send(_mock_ready("client"))
+        for i in range(60):
+            ws.send(json.dumps({"type": "error", "code": "bad_image", "message": f"error {i}"}))
+
+    with stand_in_page(browser, tiny_components, "/ws", client) as (page, problems):
+        page.wait_for_function("() => window.turbostream && turbostream.errors.at(-1) === 'error 59 (bad_image)'",
+                               timeout=TIMEOUT_MS)
+        errors = page.evaluate("() => turbostream.errors")
+        assert len(errors) == 50 and errors[0] == "error 10 (bad_image)"
+    assert problems == []
+
+
 def test_a_view_that_draws_slowly_skips_to_the_newest_frame_instead_of_queueing(browser, tiny_components):
     """/view chained every frame received onto its drawing: a screen slower than the broadcast (a weak kiosk machine)
     queued them all, its memory growing and its picture falling further behind (20 s after 30 s). One frame waits
