@@ -1062,3 +1062,32 @@ def test_the_status_lines_rate_keeps_a_window_not_the_whole_run():
         t, count = t + 1 / 10, count + 1
         now = rate.add(t, count)
     assert now == pytest.approx(10.0, rel=0.1) and len(rate._changes) <= 2 * 2.0 * 30
+
+
+def test_a_slow_output_holds_the_reader_back_within_the_hand_offs_bounds(tmp_path):
+    """A file read in order into an output slower than the engine: the reader waits for the writer, holding no more
+    frames than the hand-offs between them (capture, engine results, the writer's queue) hold; unbounded, the whole
+    file would sit in memory as decoded frames (at 4K, 24 MiB each)."""
+    n = 150
+    src = make_video(tmp_path / "in.avi", n=n, size=(32, 32))
+    capture = CaptureThread(str(src), realtime=False, transform=partial(fit_frame, width=32, height=32)).start()
+    lags = []
+
+    class SlowOutput:
+        path = tmp_path / "slow"
+
+        def write(self, frame, index):
+            lags.append(capture.frames_read - index)  # frames decoded but not yet written
+            time.sleep(0.005)
+
+        def close(self):
+            pass
+
+        def describe(self):
+            return "slow"
+
+    summary = Pipeline(FakeEngine(width=32, height=32, max_batch=4), capture, [SlowOutput()], StreamParams(),
+                       batch=4).run()
+    assert summary.frames == n and len(lags) == n
+    held = capture.queue_size + max(8, 2 * 4) + 8 + 4 + 2  # capture, results, writer queue, a batch, in hand
+    assert max(lags) <= held, (max(lags), held)
