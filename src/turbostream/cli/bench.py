@@ -35,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
         from ..models import resolve_device
 
         if resolve_device(cfg.device).type != "cuda":  # its phase (d) came after (c), inside CUDA graphs: nothing ran
-            raise UserError("bench --compile times compiled CUDA graphs: it needs a CUDA device (on the CPU, "
+            flag = "--compile-aot" if cfg.compile_aot else "--compile"
+            raise UserError(f"bench {flag} times compiled CUDA graphs: it needs a CUDA device (on the CPU, "
                             "scripts/compile_buckets.py times torch.compile)")
     if args.iters < 1 or args.burn_in < 0:
         raise UserError(f"--iters must be at least 1 and --burn-in at least 0, got {args.iters} and {args.burn_in}")
