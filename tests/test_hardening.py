@@ -698,8 +698,13 @@ def test_a_malformed_request_target_or_host_is_a_400_or_403_and_logs_nothing(eng
 
 def test_a_loopback_server_s_pages_and_metrics_answer_loopback_names_only(engine):
     """A DNS-rebinding page (its own domain resolved to 127.0.0.1) read /metrics of a server on a laptop as its own
-    origin's: clients, memory. The pages and /metrics of a loopback-bound server now answer loopback names only; the
-    health probes answer any Host (a proxy's check names the service it likes)."""
+    origin's: clients, memory. The pages and /metrics of a loopback-bound server now answer loopback names only (and
+    the hosts of --allow-origin, for a proxy on the same machine); the health probes answer any Host (a proxy's
+    check names the service it likes)."""
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+
+    from turbostream.serve.http import OriginPolicy
 
     async def main():
         async with serving(engine) as server:
@@ -715,6 +720,11 @@ def test_a_loopback_server_s_pages_and_metrics_answer_loopback_names_only(engine
                 await asyncio.to_thread(status, "/metrics", f"127.0.0.1:{server.port}", evil)
 
     statuses, twice = run(main())
+    # A proxy on the same machine that passes the public Host on: the --allow-origin page's host is answered too.
+    behind = OriginPolicy("127.0.0.1", ("https://stylize.example",))
+    assert behind.host_allowed(Request("/", Headers([("Host", "stylize.example")])))
+    assert not behind.host_allowed(Request("/", Headers([("Host", "evil.example")])))
+    assert OriginPolicy("127.0.0.1", ("*",)).host_allowed(Request("/", Headers([("Host", "evil.example")])))
     for (path, host), code in statuses.items():
         loopback = host.startswith(("127.0.0.1", "localhost"))
         if path in ("/healthz", "/readyz"):

@@ -104,6 +104,9 @@ class OriginPolicy:
     def __init__(self, bind_host: str, allow_origins: tuple[str, ...]) -> None:
         self.loopback_only = is_loopback_host(bind_host)
         self.allowed = {o.rstrip("/") for o in allow_origins}
+        # The names the --allow-origin pages were loaded from: a proxy on this machine that passes the public Host on
+        # (nginx's `proxy_set_header Host $host`) reaches a loopback-bound server under one of them.
+        self.allowed_hosts = {urlsplit(o).netloc.lower() for o in self.allowed if o != "*"}
 
     def allows(self, request: Request) -> bool:
         try:
@@ -121,13 +124,15 @@ class OriginPolicy:
         return self.host_allowed(request)
 
     def host_allowed(self, request: Request) -> bool:
-        """On a loopback bind, whether the request's Host names loopback (a DNS-rebinding page's names its own
-        domain); True on other binds and for a request without Host (no browser sends one)."""
-        if not self.loopback_only:
+        """On a loopback bind, whether the request's Host names loopback or an --allow-origin's host (a DNS-rebinding
+        page's names its own domain); True on other binds, with --allow-origin '*', and for a request without Host
+        (no browser sends one)."""
+        if not self.loopback_only or "*" in self.allowed:
             return True
         try:
             host = request.headers.get("Host")
-            return host is None or is_loopback_host(urlsplit(f"//{host}").hostname or "")
+            return host is None or host.lower() in self.allowed_hosts \
+                or is_loopback_host(urlsplit(f"//{host}").hostname or "")
         except (MultipleValuesError, ValueError):  # Host twice, or malformed ("[::1"): not a loopback name
             return False
 
