@@ -186,11 +186,12 @@ class HttpFront:
                 return connection.respond(403, "Forbidden: this Origin may not connect (see --allow-origin)\n")
             return None if self.admit is None else self.admit(connection, request)  # None: the handshake goes on
         # The health probes answer any Host (a proxy's or an orchestrator's check names the service it likes; they
-        # tell up or ready, no more). The pages and /metrics of a loopback-bound server answer loopback names only (its
-        # WebSockets check the Origin, above): a DNS-rebinding page would read /metrics as its own origin's.
+        # tell up or ready, no more). The pages and /metrics of a loopback-bound server answer loopback names and the
+        # hosts of --allow-origin only (its WebSockets check the Origin, above): a DNS-rebinding page would read
+        # /metrics as its own origin's.
         if path not in PROBE_PATHS and not self.origins.host_allowed(request):
-            return connection.respond(403, "Forbidden: this server is bound to loopback and answers loopback "
-                                            "names only\n")
+            return connection.respond(403, "Forbidden: this server is bound to loopback and answers loopback names "
+                                            "(and the hosts of --allow-origin) only\n")
         if path == "/healthz":
             status, text = self.health()
             return connection.respond(status, text)
