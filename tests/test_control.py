@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 from pythonosc.udp_client import SimpleUDPClient
-from test_server import FakeCapture
+from test_server import FakeCapture, metrics_until
 from websockets.asyncio.client import connect
 
 from turbostream import cli
@@ -199,12 +199,7 @@ def test_serve_command_with_osc_and_a_playlist(tmp_path):
         asyncio.run(asyncio.wait_for(main(), TIMEOUT))
         # The OSC thread counts the message once its change is handed to the event loop, which may send the viewer
         # its config first: the count can trail the config by a thread switch.
-        deadline, text = time.monotonic() + 10, ""
-        while 'turbostream_osc_messages_total{result="applied"} 1.0' not in text:
-            assert time.monotonic() < deadline, text[-2000:]
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-                text = resp.read().decode()
-            time.sleep(0.05)
+        metrics_until(port, lambda text: 'turbostream_osc_messages_total{result="applied"} 1.0' in text, 10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

@@ -843,6 +843,18 @@ WINDOWS_LIKE_LOOP = [sys.executable, "-c", (
     "sys.exit(main(sys.argv[1:]))")]
 
 
+def metrics_until(port: int, done, timeout: float) -> str:
+    """Poll a spawned server's /metrics until done(text) holds; the text (an AssertionError with its end if not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        if done(text):
+            return text
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.05)
+
+
 def spawn_serve(*extra: str, ready_s: float = 90, command: list[str] = TURBOSTREAM) -> tuple[subprocess.Popen, int]:
     """A real `turbostream serve` (tiny-random, CPU, 64 px, a free port) returned once /healthz says 200.
 
@@ -917,10 +929,8 @@ def test_serve_with_a_camera_not_there_yet_says_so_without_opencvs_own_lines():
     log at every retry, as they no longer do in `run` unless -v."""
     proc, port = spawn_serve("--source", "7")
     try:
-        deadline = time.monotonic() + 30  # until the source thread has tried, failed and planned a retry
-        while b"turbostream_source_restarts_total 0.0" in urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/metrics", timeout=5).read() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # until the source thread has tried, failed and planned a retry
+        metrics_until(port, lambda text: "turbostream_source_restarts_total 0.0" not in text, 30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
