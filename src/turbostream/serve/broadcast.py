@@ -73,6 +73,13 @@ class Broadcast:
         if self._thread is not None:
             self._thread.join(5.0)
 
+    async def end(self, message: str) -> None:
+        """End the broadcast for good, from the event loop (its last device is lost): the source stops, the
+        published streams end as at a source's end, and viewers are told (state "ended", with `message`)."""
+        await asyncio.to_thread(self.stop)
+        await asyncio.to_thread(self._end_outputs)
+        self._set_state("ended", message, {})
+
     def _feed(self) -> None:
         """Source thread: open the capture, pump its frames; a live source that is lost is opened again, forever.
 

@@ -275,9 +275,7 @@ class TurboServer:
                 broadcast.stream = self.devices.open_stream(broadcast._on_result_threadsafe, old.params)
                 old.close()
             else:  # viewers were left on a frozen picture, and the source read and decoded for nobody
-                await asyncio.to_thread(broadcast.stop)
-                await asyncio.to_thread(broadcast._end_outputs)  # --publish streams end as at a source's end
-                broadcast._set_state("ended", f"device {device.name} failed ({device.lost})", {})
+                await broadcast.end(f"device {device.name} failed ({device.lost})")
                 for viewer in list(self.viewers):
                     asyncio.create_task(self._refuse(viewer.ws, "engine_error", message, CloseCode.INTERNAL_ERROR,
                                                      "device failed"))
