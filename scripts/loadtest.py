@@ -359,7 +359,7 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
             "connections_by_device": count_by(c["device"] for r in results for c in r.connections),
         },
         "per_client": per_client,
-        "server": server_numbers(before, after, warm),
+        "server": server_numbers(before, after, warm, window_end),
         "device": device_numbers(warm, window_end, t_window_end - t_warm),
         "samples": samples,
     }

@@ -97,14 +97,23 @@ def device_numbers(start: dict[str, float], end: dict[str, float], seconds: floa
     return out
 
 
-def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict[str, float] | None = None) -> dict:
-    """Memory, descriptors and threads at start, after the warmup and at the end of a step; the step's engine calls,
-    batch sizes and drops from the counters."""
+def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict[str, float] | None = None,
+                   window_end: dict[str, float] | None = None) -> dict:
+    """Memory, descriptors and threads at start, after the warmup and at the end of a step; the step's drops; engine
+    calls, their time, batch sizes and codec times over the measured window (scrapes `warm` and `window_end`, the
+    device figures' window: `timing_over` "window"), or over the whole step when either scrape is missing ("step")."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    calls = delta('turbostream_stage_seconds_count{stage="gpu"}')
+    timed = warm is not None and window_end is not None
+
+    def timed_delta(name: str) -> float:
+        if not timed:
+            return delta(name)
+        return window_end.get(name, 0.0) - warm.get(name, 0.0)
+
+    calls = timed_delta('turbostream_stage_seconds_count{stage="gpu"}')
     warm = warm or {}
     out = {
         "rss_bytes_start": before.get("process_resident_memory_bytes"),
@@ -121,10 +130,11 @@ def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict
         "threads_start": before.get("turbostream_process_threads"),
         "threads_warm": warm.get("turbostream_process_threads"),
         "threads_end": after.get("turbostream_process_threads"),
+        "timing_over": "window" if timed else "step",
         "engine_calls": int(calls),
-        "engine_call_ms_mean": round(delta('turbostream_stage_seconds_sum{stage="gpu"}') / calls * 1e3, 3)
+        "engine_call_ms_mean": round(timed_delta('turbostream_stage_seconds_sum{stage="gpu"}') / calls * 1e3, 3)
         if calls else None,
-        "batch_size_mean": round(delta("turbostream_batch_size_sum") / calls, 3) if calls else None,
+        "batch_size_mean": round(timed_delta("turbostream_batch_size_sum") / calls, 3) if calls else None,
         "frames_dropped": 0,
         "frames_dropped_by_stage": {},
     }
@@ -136,9 +146,9 @@ def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict
             if n:
                 out["frames_dropped_by_stage"][name[len(prefix) : -2]] = n
     for stage in ("decode", "encode", "end_to_end"):
-        n = delta(f'turbostream_stage_seconds_count{{stage="{stage}"}}')
+        n = timed_delta(f'turbostream_stage_seconds_count{{stage="{stage}"}}')
         out[f"{stage}_ms_mean"] = (
-            round(delta(f'turbostream_stage_seconds_sum{{stage="{stage}"}}') / n * 1e3, 3) if n else None
+            round(timed_delta(f'turbostream_stage_seconds_sum{{stage="{stage}"}}') / n * 1e3, 3) if n else None
         )
     return out
 

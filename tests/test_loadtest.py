@@ -136,3 +136,23 @@ def test_device_numbers_from_two_scrapes():
                                                 "queued_in_time_share": 0.75}
     assert device_numbers({}, {}, 10.0) == dict.fromkeys(("busy_pct", "call_ms_mean", "gap_ms_mean",
                                                           "queued_in_time_share"))
+
+
+def test_server_engine_figures_span_the_device_window():
+    """Engine calls, their mean time and batch, and the codecs' means come from the scrapes at the measured window's
+    ends (the device figures' window), not from the whole step with its warmup; the whole step without them."""
+    from loadtest_report import server_numbers  # scripts/, on the path above
+
+    def scrape(calls, gpu_s, frames, decodes, decode_s):
+        return {'turbostream_stage_seconds_count{stage="gpu"}': calls, 'turbostream_stage_seconds_sum{stage="gpu"}':
+                gpu_s, "turbostream_batch_size_sum": frames, 'turbostream_stage_seconds_count{stage="decode"}':
+                decodes, 'turbostream_stage_seconds_sum{stage="decode"}': decode_s}
+
+    # Warmup: 10 calls of one frame at 100 ms; window: 20 calls of 8 frames at 40 ms; settling: 1 call of 1 frame.
+    before, warm = scrape(0, 0.0, 0, 0, 0.0), scrape(10, 1.0, 10, 10, 0.05)
+    window_end, after = scrape(30, 1.8, 170, 170, 0.21), scrape(31, 1.85, 171, 171, 0.211)
+    windowed = server_numbers(before, after, warm, window_end)
+    assert (windowed["timing_over"], windowed["engine_calls"], windowed["engine_call_ms_mean"],
+            windowed["batch_size_mean"], windowed["decode_ms_mean"]) == ("window", 20, 40.0, 8.0, 1.0)
+    whole = server_numbers(before, after, warm)
+    assert (whole["timing_over"], whole["engine_calls"], whole["batch_size_mean"]) == ("step", 31, round(171 / 31, 3))
