@@ -30,7 +30,6 @@ and noise caches are not locked; call warmup() and run() from the same (inferenc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -45,10 +44,8 @@ import torch
 from ..codec import fit_frame
 from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
-from .aot import AotCall, AotPackages, DynamoArtifacts, Recorded, ReuseFull, ReusePartial, UNetEps, record_calls
-from .aot import device_name as aot_device_name
 from .caches import LRU, encode_prompt, seed_noise
-from .compile_cache import CompileCache, aot_folder, cache_folder, cache_key, device_key
+from .compiling import compile_networks
 from .cuda import options_key, prepare_cpu, prepare_cuda
 from .frame import FrameMath, Probe
 from .kernel_warmup import Launch, precompile, recording
@@ -450,165 +447,8 @@ class Engine:
         return self.stats
 
     def _compile(self) -> None:
-        """torch.compile the UNet and the VAE's encoder/decoder; compilation itself happens at the first warm run."""
-        if self.config.compile_aot:
-            fmt = self.config.aot_format
-            if fmt == "aotinductor":
-                self.stats.aot_unavailable = self._aot_unavailable()
-                if self.stats.aot_unavailable is not None:
-                    if not self.is_cuda:
-                        return  # eager frames, as --compile gives on the CPU
-                    fmt = "dynamo"  # torch.compile's artifacts: no AOTInductor library to load
-            try:
-                return self._compile_aot(fmt)
-            except RuntimeError as exc:
-                if fmt == self.config.aot_format:
-                    raise  # what was asked for cannot be built: said, with the way on
-                log.warning("--compile-aot: %s. Running torch.compile (as --compile) instead.", exc)
-                self.stats.aot_format = None
-        t0 = time.perf_counter()
-        cache = None
-        folder = cache_folder(self.config.compile_cache)
-        if folder is not None:
-            # Keyed by the GPU's index too (device_key): cuda:0's artifacts do not serve cuda:1, and one file for both
-            # would be rewritten by each GPU's engine in turn.
-            key = cache_key(self.config, torch.cuda.get_device_name(self.device), self.dtype)
-            cache = CompileCache(folder, device_key(key, self.device))
-            cache.load()
-        mode = self.config.torch_compile_mode  # None: torch's default mode
-        # False: one static graph per bucket. None (compile_dynamic): the first bucket's graph is static, the second
-        # bucket's recompile makes the batch size symbolic, and the later buckets run that graph without compiling.
-        dynamic = self.config.torch_compile_dynamic
-        self.math.unet_call = torch.compile(self.unet, fullgraph=False, dynamic=dynamic, mode=mode)
-        if self.components.vae_kind == "tiny":
-            self.math.encoder_call = torch.compile(self.vae.encoder, dynamic=dynamic, mode=mode)
-            self.math.decoder_call = torch.compile(self.vae.decoder, dynamic=dynamic, mode=mode)
-        if self.reuse is not None:
-            # The keep and reuse steps go through the UNet's blocks, not its forward: left uncompiled, a frame that
-            # keeps deep features would run slower than a plain compiled one and the partial frames would lose
-            # the fusions the full ones have. Each is a graph of its own for dynamo (compile time: about one more
-            # UNet for full, the outer blocks for partial).
-            self.math.full_call = torch.compile(self.reuse.full, fullgraph=False, dynamic=dynamic, mode=mode)
-            self.math.partial_call = torch.compile(self.reuse.partial, fullgraph=False, dynamic=dynamic, mode=mode)
-        # Compile every bucket and step mode now (eager runs on the compiled modules), so no call on the hot path
-        # compiles and the timing below is the whole compile cost. A first start spends minutes here: say where it is.
-        buckets = self.config.buckets
-        for i, b in enumerate(buckets, start=1):
-            t_bucket = time.perf_counter()
-            log.info("torch.compile: batch size %d (%d of %d)...", b, i, len(buckets))
-            self._default_frames(b)
-            torch.cuda.synchronize()
-            log.info("torch.compile: batch size %d ready in %.1f s", b, time.perf_counter() - t_bucket)
-        self.stats.compile_s = time.perf_counter() - t0
-        # A hit only if the file held everything compiled above; else (a miss, or a partial hit: the file from
-        # another diffusers, say) it is written anew with what this start compiled, so the next one is a hit.
-        self.compile_cache_state = "off" if cache is None else cache.refresh()
-        self.stats.compile_cache_hit = self.compile_cache_state == "hit"
-        log.info("torch.compile: %.1f s for buckets %s (compile cache: %s)", self.stats.compile_s,
-                 self.config.buckets, self.compile_cache_state)
-
-    def _aot_unavailable(self) -> str | None:
-        """None if AOTInductor packages load and run in this environment (aot_check.py: a child process finds out,
-        once per compile cache folder); else why not, logged with what the engine does instead."""
-        # Imported here, not at the top: `python -m turbostream.engine.aot_check` (the check's child) imports this
-        # package first, and runpy warns when the module it runs is already imported.
-        from . import aot_check
-
-        folder = cache_folder(self.config.compile_cache)
-        verdict = aot_check.check(self.device, self.dtype, folder)
-        if verdict.works:
-            log.info("AOTInductor: %s (%s)", verdict.detail, "checked at an earlier start" if verdict.cached
-                     else f"checked in a child process in {verdict.seconds:.1f} s")
-            return None
-        log.warning("--compile-aot: AOTInductor packages cannot be used here: %s. Running %s instead. %s",
-                    verdict.detail, "torch.compile's ahead-of-time artifacts (--aot-format dynamo)" if self.is_cuda
-                    else "eager frames",
-                    "The compile cache folder keeps this verdict for this torch, GPU and compiler (delete its "
-                    "aotinductor-check-*.json to check again)." if verdict.kept else
-                    "(Not kept: the next start checks again.)" if folder is not None else "")
-        return verdict.detail
-
-    def _compile_aot(self, fmt: str) -> None:
-        """--compile-aot: the networks through AOTInductor packages (fmt "aotinductor") or torch.compile's
-        ahead-of-time artifacts ("dynamo"), loaded from the compile cache or built into it.
-
-        One eager frame per bucket and step mode records what each network is called with (shapes, dtypes, layouts)
-        and returns; each package is built from those inputs and checked against those outputs (engine/aot.py).
-        """
-        t0 = time.perf_counter()
-        self.stats.aot_format = fmt
-        # name -> (the module exported, how FrameMath calls it)
-        networks: dict[str, tuple[torch.nn.Module, str]] = {"unet": (UNetEps(self.unet), "unet")}
-        hooked: dict[str, torch.nn.Module] = {"unet": self.unet}  # what record_calls hooks: the modules FrameMath calls
-        if self.components.vae_kind == "tiny":
-            for name, module in (("encoder", self.vae.encoder), ("decoder", self.vae.decoder)):
-                networks[name], hooked[name] = (module, "plain"), module
-        if self.reuse is not None:
-            # The keep and reuse steps call FeatureReuse's forwards; record them through the modules that export them.
-            for name, module, kind in (("reuse_full", ReuseFull(self.reuse), "full"),
-                                       ("reuse_partial", ReusePartial(self.reuse), "partial")):
-                networks[name], hooked[name] = (module, kind), module
-            self.math.full_call = AotCall("reuse_full", [], hooked["reuse_full"], "full")
-            self.math.partial_call = AotCall("reuse_partial", [], hooked["reuse_partial"], "partial")
-        recorded: dict[str, dict[int, Recorded]] = {name: {} for name in networks}
-        for b in self.config.buckets:
-            with record_calls(hooked) as calls:
-                self._default_frames(b)
-            for name, rec in calls.items():
-                recorded[name][b] = rec
-        record_s = time.perf_counter() - t0
-        folder = kernels = None
-        writable = False
-        root = cache_folder(self.config.compile_cache)
-        if root is not None:
-            key = cache_key(dataclasses.replace(self.config, aot_format=fmt), aot_device_name(self.device), self.dtype)
-            if fmt == "dynamo":
-                # The artifacts keep the CUDA device index inductor wrote into their code (AOTInductor's packages are
-                # handed it at load, so GPUs of one model share those).
-                key = device_key(key, self.device)
-            folder, writable = aot_folder(root, key)
-            if fmt == "dynamo":
-                # The artifacts hold the traced graphs and inductor's code; its compiled kernels (Triton's, or the
-                # CPU's C++) are inductor's cache entries, kept in a compile cache file as --compile keeps them.
-                kernels = CompileCache(root, key)
-                kernels.load()
-        kind = DynamoArtifacts if fmt == "dynamo" else AotPackages
-        packages = kind(folder, device=self.device, dtype=self.dtype, dynamic=self.config.compile_dynamic,
-                        mode=self.config.compile_mode, read_only=not writable)
-        packages.expected = len(networks) * len(packages.plan(self.config.buckets))
-        calls = {name: packages.prepare(name, module, recorded[name], self.config.buckets, kind)
-                 for name, (module, kind) in networks.items()}
-        self.math.unet_call = calls["unet"]
-        if "encoder" in calls:
-            self.math.encoder_call, self.math.decoder_call = calls["encoder"], calls["decoder"]
-        if "reuse_full" in calls:
-            self.math.full_call, self.math.partial_call = calls["reuse_full"], calls["reuse_partial"]
-        if self.is_cuda:
-            torch.cuda.synchronize()
-        self.stats.compile_s = time.perf_counter() - t0
-        self.stats.aot_packages_built, self.stats.aot_packages_loaded = packages.built, packages.loaded
-        self.stats.compile_cache_hit = packages.built == 0
-        if kernels is not None and writable:
-            # Also when nothing was built: a kernels file that was missing or corrupt is written anew from what this
-            # start compiled or took from inductor's caches (a corrupt one is removed if that is nothing). A
-            # read-only folder is only read.
-            kernels.refresh()
-        # Where the packages are, for `turbostream warmup` to say: kept in the cache folder; loaded from a read-only
-        # one (any built are for this start only); built for this start only (no folder could be made); or nowhere.
-        hit = "hit" if self.stats.compile_cache_hit else "miss"
-        if root is None:
-            self.aot_cache, state = "off", "off"
-        elif folder is None:
-            self.aot_cache, state = "unwritable", "off (its folder cannot be written)"
-        elif not writable:
-            self.aot_cache, state = "read-only", f"{hit} (read-only folder)"
-        else:
-            self.aot_cache, state = "kept", hit
-        self.compile_cache_state = state
-        log.info("%s: %.1f s for buckets %s: eager frames recorded in %.1f s, %d packages loaded and checked "
-                 "(%.1f s), %d built (%.1f s); compile cache: %s", packages.label, self.stats.compile_s,
-                 self.config.buckets, record_s, packages.loaded, packages.load_s, packages.built, packages.build_s,
-                 state)
+        """--compile / --compile-aot: compiled networks into self.math (compiling.py); timed into self.stats."""
+        compile_networks(self)
 
     def _default_frames(self, b: int) -> None:
         """Eager frames of the default stream at batch b, one per step mode (plain; keep, then reuse, which reads the
