@@ -449,7 +449,7 @@ def test_the_published_stream_ends_when_the_source_file_ends(tmp_path, tiny_comp
 def test_one_frame_stands_in_for_at_most_max_repeat_missing_ones(tmp_path):
     """A live run's video keeps the source's timing by repeating a frame for those dropped before the next; a
     stalled source or a clock jump (frame 0, then 10,000) wrote no more than MAX_REPEAT copies, not 10,000."""
-    sink = sinks.VideoSink(tmp_path / "gap.avi", 30, (32, 32), fill_gaps=True)
+    sink = sinks.VideoSink(tmp_path / "gap.avi", 30, (32, 32), fill_gaps="index")
     frame = np.zeros((32, 32, 3), np.uint8)
     sink.write(frame, 0)
     sink.write(frame, 10_000)

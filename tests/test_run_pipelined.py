@@ -156,7 +156,7 @@ class ListSink:
         self.written: list[tuple[int, np.ndarray]] = []
         self._cond = threading.Condition()
 
-    def write(self, image: np.ndarray, index: int) -> None:
+    def write(self, image: np.ndarray, index: int, t: float | None = None) -> None:
         with self._cond:
             self.written.append((index, image))
             self._cond.notify_all()
@@ -431,10 +431,10 @@ def test_ctrl_c_that_cuts_a_hand_out_short_leaves_no_hole(monkeypatch):
     from turbostream import pipeline as pipeline_module
 
     class CutAtOne(pipeline_module.SinkThread):
-        def put(self, image, index):
+        def put(self, image, index, t=None):
             if index == 1:
                 raise KeyboardInterrupt
-            super().put(image, index)
+            super().put(image, index, t)
 
     monkeypatch.setattr(pipeline_module, "SinkThread", CutAtOne)
     engine = PipelinedEngine(max_batch=1, auto=True)

@@ -329,7 +329,7 @@ def test_realtime_drops_stale_frames_and_latency_stays_bounded(tmp_path):
 
     capture = CaptureThread(str(src), realtime=True, transform=partial(fit_frame, width=64, height=64)).start()
     assert capture.pace  # a file read in realtime is delivered at its own rate, like a camera
-    sink = VideoSink(tmp_path / "out.avi", 100, (64, 64), fill_gaps=True)
+    sink = VideoSink(tmp_path / "out.avi", 100, (64, 64), fill_gaps="index")
     engine = FakeEngine(max_batch=4, delay=0.04, on_run=record)
     summary = Pipeline(engine, capture, [sink], StreamParams(), batch=1).run()
     assert summary.stopped == "end"
@@ -344,6 +344,53 @@ def test_realtime_drops_stale_frames_and_latency_stays_bounded(tmp_path):
     # The video keeps the source's timing: each frame stands in for the dropped ones before it.
     frames, _ = read_video(tmp_path / "out.avi")
     assert len(frames) == summary.last_index - summary.first_index + 1
+
+
+def test_a_camera_slower_than_it_announces_is_recorded_in_real_time(tmp_path, monkeypatch):
+    """A camera announcing 30 fps that delivers 10 (a webcam in low light) recorded by a live run: the video lasts as
+    long as the run saw (each frame repeated over the slots since the one before), not a third of it, and its frames
+    stay in order. Frames placed by their index alone made a 3x fast-forward."""
+
+    class SlowCamera:
+        fps, frame_count, size = 30.0, None, (64, 64)
+
+        def __init__(self):
+            self.k = 0
+
+        def read(self):
+            time.sleep(0.1)
+            self.k += 1
+            return indexed_frame(self.k % 128, 64, 64)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cli_run, "CaptureThread", partial(CaptureThread, opener=lambda spec: SlowCamera()))
+    out = tmp_path / "camera.avi"
+    args = parse("run", "-i", "rtsp://camera.invalid/stream", "-o", str(out), "--max-frames", "15")
+    assert cli_run.main(args, engine=FakeEngine()) == 0
+    frames, fps = read_video(out)
+    seen = [index_of(f) for f in frames]
+    assert fps == 30 and seen == sorted(seen)
+    # 15 frames read 0.1 s apart span 1.4 s: 42 slots of 1/30 s after the first (sleep jitter moves it a little).
+    assert 38 <= len(frames) <= 48, (len(frames), seen)
+
+
+def test_a_video_sink_by_time_leaves_out_frames_more_than_a_slot_early(tmp_path):
+    """fill_gaps "time": a frame early by one slot is kept (clock jitter), one early by more is left out and counted,
+    and a gap is filled by repeating the next frame; at most MAX_REPEAT copies for a clock jump."""
+    sink = sinks.VideoSink(tmp_path / "timed.avi", 10, (32, 32), fill_gaps="time")
+    frame = np.zeros((32, 32, 3), np.uint8)
+    for t in (100.0, 100.1, 100.1, 100.1, 100.5, 100.5, 1000.0):
+        sink.write(frame, 0, t)
+    sink.close()
+    # Slots: 0 (1 written); 1 (2); 1 again, one early (kept: 3); 1 again, two early (left out); 5 (three copies fill
+    # slots 3-5: 6); 5 again, one early (kept: 7); then a jump of 9,000 slots (MAX_REPEAT copies).
+    assert sink.left_out == 1
+    assert sink.frames_written == 3 + 3 + 1 + sinks.VideoSink.MAX_REPEAT
+    assert "1 frames that came faster than 10 a second left out" in sink.describe()
+    with pytest.raises(ValueError, match="fill_gaps"):
+        sinks.VideoSink(tmp_path / "x.avi", 10, (32, 32), fill_gaps=True)
 
 
 def test_a_long_run_keeps_a_bounded_window_of_latencies(tmp_path):
@@ -682,10 +729,10 @@ def test_a_hangup_stops_the_run_unless_it_is_ignored():
 
 def test_a_failing_output_stops_the_run_and_the_others_are_finalized(tmp_path):
     class FullDisk(sinks.FolderSink):
-        def write(self, frame, index):
+        def write(self, frame, index, t=None):
             if index >= 3:
                 raise SinkError(f"could not write {self.path}/frame_{index:06d}.png (disk full?)")
-            super().write(frame, index)
+            super().write(frame, index, t)
 
     src = make_video(tmp_path / "in.avi", n=40)
     capture = CaptureThread(str(src), realtime=False).start()
@@ -709,7 +756,7 @@ def test_files_are_finalized_before_a_stream_output_that_is_slow_to_close(tmp_pa
     class HangingStream(PacedSink):
         name = "hanging stream"
 
-        def write(self, frame, index):
+        def write(self, frame, index, t=None):
             pass
 
         def close(self, timeout_s: float = 10.0) -> None:
@@ -775,7 +822,7 @@ def test_closing_writer_threads_ends_every_one(monkeypatch):
     class TwoWorkers:
         path, workers = "two", 2
 
-        def write(self, frame, index):
+        def write(self, frame, index, t=None):
             pass
 
         def close(self):
@@ -957,7 +1004,7 @@ def test_a_failing_sink_without_a_path_is_an_error_not_a_hang():
     thread, which died before setting `error`, and put() then waited for room forever."""
 
     class Npy:
-        def write(self, frame, index):
+        def write(self, frame, index, t=None):
             raise OSError("disk full")
 
         def close(self):
@@ -1076,7 +1123,7 @@ def test_a_slow_output_holds_the_reader_back_within_the_hand_offs_bounds(tmp_pat
     class SlowOutput:
         path = tmp_path / "slow"
 
-        def write(self, frame, index):
+        def write(self, frame, index, t=None):
             lags.append(capture.frames_read - index)  # frames decoded but not yet written
             time.sleep(0.005)
 

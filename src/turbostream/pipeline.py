@@ -332,7 +332,7 @@ class Pipeline:
         s = self.summary
         try:
             for writer in writers:
-                writer.put(item.image, item.index)
+                writer.put(item.image, item.index, item.t_read)
         except SinkError as exc:
             s.error = str(exc)
             self._stop.set()

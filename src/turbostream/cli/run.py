@@ -161,9 +161,13 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         fps = capture.fps or cfg.fallback_fps
         if capture.fps is None and any(o.kind in ("video", "stream", "virtualcam") for o in outputs):
             log.info("the source reports no frame rate; video output is written at %g fps", fps)
+        # A live run's video keeps real time: by frame index where the capture paces a file at its own rate, else
+        # (cameras, live streams) by when each frame was read, since their real rate is often not the one they
+        # announce.
+        fill_gaps = ("index" if capture.pace else "time") if realtime else None
         for o in outputs:  # a virtual camera opens here: a missing backend is reported before the model loads
             if o.kind != "window":
-                sinks.append(open_sink(o, fps, (width, height), fill_gaps=realtime))
+                sinks.append(open_sink(o, fps, (width, height), fill_gaps=fill_gaps))
         if engine is None:
             engine = build_engine(args)
         if engine.random_weights:

@@ -38,7 +38,7 @@ class PacedSink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def write(self, frame: np.ndarray, index: int = 0) -> None:
+    def write(self, frame: np.ndarray, index: int = 0, t: float | None = None) -> None:
         """Hand over uint8 RGB (H, W, 3): never blocks, never raises (any thread)."""
         with self._lock:
             if self._stop.is_set():

@@ -17,8 +17,10 @@ import shutil
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -207,8 +209,12 @@ class VideoSink:
     """Writes frames into a video file at a fixed frame rate (mp4v for .mp4/.mov/.mkv, MJPG for .avi).
 
     The file is opened at the first frame, so a run that fails before producing anything leaves no empty file.
-    With fill_gaps (realtime runs), a frame stands in for the dropped source frames before it, so the file keeps
-    the source's timing: a minute of camera is a minute of video even when the engine kept up with a third of it.
+    fill_gaps keeps the source's timing in a realtime run, so a minute of camera is a minute of video even when the
+    engine kept up with a third of it: "index" (a file played in real time) repeats a frame for the source frames
+    dropped before it, by their index; "time" (cameras and URLs, whose real rate often differs from the one they
+    announce: a webcam in low light, an IP camera) places each frame by when it was read, at `fps` frames a second of
+    its clock, repeating it over the slots since the last one and leaving out a frame that comes more than one slot
+    early (counted: `left_out`). None writes every frame once.
 
     A write that fails (disk full, quota, file size limit) is a SinkError: OpenCV 5 says so for each frame (write()
     returns False), and close() opens the finished file and counts its frames, which also catches a failure that
@@ -217,12 +223,17 @@ class VideoSink:
 
     MAX_REPEAT = 600  # one frame never stands in for more than this many (a stalled source, a clock jump)
 
-    def __init__(self, path: Path | str, fps: float, size: tuple[int, int], *, fill_gaps: bool = False) -> None:
+    def __init__(self, path: Path | str, fps: float, size: tuple[int, int], *,
+                 fill_gaps: Literal["index", "time"] | None = None) -> None:
+        if fill_gaps not in (None, "index", "time"):
+            raise ValueError(f"fill_gaps must be None, 'index' or 'time', not {fill_gaps!r}")
         self.path = Path(path)
         self.fps = float(fps)
         self.size = size  # (width, height)
         self.fill_gaps = fill_gaps
         self.frames_written = 0
+        self.left_out = 0  # frames not written because they came more than a slot early (fill_gaps "time")
+        self._t0: float | None = None  # fill_gaps "time": when the first frame written was read
         self.failed: str | None = None  # why writing failed, once it has
         self.left: str | None = None  # after a failed write: what the file left behind holds
         self._writer: cv2.VideoWriter | None = None
@@ -236,18 +247,19 @@ class VideoSink:
             raise SinkError(f"could not open {self.path} for writing ({fourcc} video at {self.size[0]}x{self.size[1]})")
         return writer
 
-    def write(self, frame: np.ndarray, index: int) -> None:
-        """Append uint8 RGB (H, W, 3); index is the source frame index (for fill_gaps). SinkError once a write fails."""
+    def write(self, frame: np.ndarray, index: int, t: float | None = None) -> None:
+        """Append uint8 RGB (H, W, 3); index is the source frame index (fill_gaps "index"), t when it was read, in
+        seconds of any steady clock (fill_gaps "time"; None: now). SinkError once a write fails."""
         if self.failed is not None:
             raise SinkError(f"writing {self.path} failed: {self.failed}")
+        repeats = self._repeats(index, time.perf_counter() if t is None else t)
+        if not repeats:
+            self.left_out += 1
+            return
         if self._writer is None:
             self._writer = self._open()
         if (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-        repeats = 1
-        if self.fill_gaps and self._last_index is not None:
-            repeats = max(1, min(index - self._last_index, self.MAX_REPEAT))
-        self._last_index = index
         bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
         for _ in range(repeats):
             # False: the backend could not write it (OpenCV 5). OpenCV 4 returns None whatever happened; close()
@@ -256,6 +268,24 @@ class VideoSink:
                 self.failed = f"frame {self.frames_written + 1} could not be written: {self._why()}"
                 raise SinkError(f"writing {self.path} failed: {self.failed}")
             self.frames_written += 1
+
+    def _repeats(self, index: int, t: float) -> int:
+        """How many times this frame is written: 1, or more to fill the gap before it, or 0 (fill_gaps "time": a
+        frame more than a slot early, which would make the video longer than the time it shows)."""
+        if self.fill_gaps == "index":
+            last, self._last_index = self._last_index, index
+            return 1 if last is None else max(1, min(index - last, self.MAX_REPEAT))
+        if self.fill_gaps != "time":
+            return 1
+        if self._t0 is None:
+            self._t0 = t
+            return 1
+        # Slots 0 .. frames_written - 1 are filled; this frame belongs in `slot`. One slot of lead is allowed, so two
+        # frames that clock jitter puts in one slot (the next one then skips a slot) are both kept.
+        slot = round((t - self._t0) * self.fps)
+        if slot < self.frames_written - 1:
+            return 0
+        return max(1, min(slot - self.frames_written + 1, self.MAX_REPEAT))
 
     def close(self) -> None:
         """Finalize the file (writes the container's index: without it an .mp4 does not play), then check that it
@@ -323,8 +353,10 @@ class VideoSink:
             return f"{self.path}: FAILED after {self.frames_written} frames: {self.failed}{left}"
         if not self.frames_written:
             return f"{self.path}: no frames (no file written)"
+        left_out = (f" ({self.left_out} frames that came faster than {self.fps:g} a second left out to keep real "
+                    "time)" if self.left_out else "")
         return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
-                f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s")
+                f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s{left_out}")
 
 
 class FolderSink:
@@ -341,7 +373,8 @@ class FolderSink:
         self.frames_written = 0
         self._count_lock = threading.Lock()
 
-    def write(self, frame: np.ndarray, index: int) -> None:
+    def write(self, frame: np.ndarray, index: int, t: float | None = None) -> None:
+        """Write uint8 RGB (H, W, 3) as frame_<index>.png (t, when it was read, is not needed)."""
         target = self.path / f"frame_{index:06d}.png"
         # PNG compression 1: lossless and a few times faster to write than the default 3.
         try:
@@ -408,8 +441,10 @@ class WindowSink:
         return f"window: {self.frames_written} frames shown"
 
 
-def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *, fill_gaps: bool = False):
-    """The sink for a checked output other than the window: VideoSink, FolderSink, StreamSink or VirtualCamSink.
+def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *,
+              fill_gaps: Literal["index", "time"] | None = None):
+    """The sink for a checked output other than the window: VideoSink (fill_gaps: see there), FolderSink, StreamSink
+    or VirtualCamSink.
 
     A virtual camera opens now (SinkError when there is no backend); the others open at their first frame.
     """
@@ -429,7 +464,8 @@ class SinkThread:
     """Runs a sink's writes on writer threads behind a bounded queue (put() waits when it is full): every output of
     `run` goes through one.
 
-    A sink has write(frame, index) and close() (SinkError, or any exception, for a failure), describe() for the run's
+    A sink has write(frame, index, t) (t: when the frame was read, perf_counter() seconds) and close() (SinkError, or
+    any exception, for a failure), describe() for the run's
     summary, and optionally `path` (what messages and thread names call it; the class name otherwise) and `workers`.
     One thread for a video (frames must arrive in order); `sink.workers` threads for sinks whose frames are
     independent files. close() writes what is queued, then finalizes the sink once.
@@ -449,13 +485,13 @@ class SinkThread:
         for thread in self._threads:
             thread.start()
 
-    def put(self, frame: np.ndarray, index: int) -> None:
-        """Queue a frame for writing; SinkError once writing has failed."""
+    def put(self, frame: np.ndarray, index: int, t: float | None = None) -> None:
+        """Queue a frame (its source index, when it was read) for writing; SinkError once writing has failed."""
         while True:
             if self.error is not None:
                 raise SinkError(self.error)
             try:
-                self._queue.put((frame, index), timeout=0.1)
+                self._queue.put((frame, index, t), timeout=0.1)
                 return
             except queue.Full:
                 continue
