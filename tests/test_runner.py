@@ -378,16 +378,18 @@ def test_a_camera_slower_than_it_announces_is_recorded_in_real_time(tmp_path, mo
 
 def test_a_video_sink_by_time_leaves_out_frames_more_than_a_slot_early(tmp_path):
     """fill_gaps "time": a frame early by one slot is kept (clock jitter), one early by more is left out and counted,
-    and a gap is filled by repeating the next frame; at most MAX_REPEAT copies for a clock jump."""
+    and a gap is filled by repeating the next frame; at most MAX_REPEAT copies for a long gap, and the frames after
+    it are not repeated to catch up."""
     sink = sinks.VideoSink(tmp_path / "timed.avi", 10, (32, 32), fill_gaps="time")
     frame = np.zeros((32, 32, 3), np.uint8)
-    for t in (100.0, 100.1, 100.1, 100.1, 100.5, 100.5, 1000.0):
+    for t in (100.0, 100.1, 100.1, 100.1, 100.5, 100.5, 1000.0, 1000.1):
         sink.write(frame, 0, t)
     sink.close()
     # Slots: 0 (1 written); 1 (2); 1 again, one early (kept: 3); 1 again, two early (left out); 5 (three copies fill
-    # slots 3-5: 6); 5 again, one early (kept: 7); then a jump of 9,000 slots (MAX_REPEAT copies).
+    # slots 3-5: 6); 5 again, one early (kept: 7); then a jump of 9,000 slots (MAX_REPEAT copies), after which the
+    # clock starts from there: the next frame, a slot later, is written once.
     assert sink.left_out == 1
-    assert sink.frames_written == 3 + 3 + 1 + sinks.VideoSink.MAX_REPEAT
+    assert sink.frames_written == 3 + 3 + 1 + sinks.VideoSink.MAX_REPEAT + 1
     assert "1 frames that came faster than 10 a second left out" in sink.describe()
     with pytest.raises(ValueError, match="fill_gaps"):
         sinks.VideoSink(tmp_path / "x.avi", 10, (32, 32), fill_gaps=True)

@@ -285,7 +285,13 @@ class VideoSink:
         slot = round((t - self._t0) * self.fps)
         if slot < self.frames_written - 1:
             return 0
-        return max(1, min(slot - self.frames_written + 1, self.MAX_REPEAT))
+        repeats = max(1, slot - self.frames_written + 1)
+        if repeats > self.MAX_REPEAT:
+            # A gap longer than MAX_REPEAT slots (a source reconnecting for minutes) is cut short: the clock moves on
+            # by the slots not filled, so the frames after it are placed from here, not each repeated to catch up.
+            self._t0 += (repeats - self.MAX_REPEAT) / self.fps
+            repeats = self.MAX_REPEAT
+        return repeats
 
     def close(self) -> None:
         """Finalize the file (writes the container's index: without it an .mp4 does not play), then check that it
