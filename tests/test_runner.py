@@ -390,7 +390,7 @@ def test_a_video_sink_by_time_leaves_out_frames_more_than_a_slot_early(tmp_path)
     # clock starts from there: the next frame, a slot later, is written once.
     assert sink.left_out == 1
     assert sink.frames_written == 3 + 3 + 1 + sinks.VideoSink.MAX_REPEAT + 1
-    assert "1 frames that came faster than 10 a second left out" in sink.describe()
+    assert "(1 frame that came faster than 10 a second left out to keep real time)" in sink.describe()
     with pytest.raises(ValueError, match="fill_gaps"):
         sinks.VideoSink(tmp_path / "x.avi", 10, (32, 32), fill_gaps=True)
 

@@ -359,8 +359,9 @@ class VideoSink:
             return f"{self.path}: FAILED after {self.frames_written} frames: {self.failed}{left}"
         if not self.frames_written:
             return f"{self.path}: no frames (no file written)"
-        left_out = (f" ({self.left_out} frames that came faster than {self.fps:g} a second left out to keep real "
-                    "time)" if self.left_out else "")
+        n = self.left_out
+        left_out = (f" ({n} frame{'' if n == 1 else 's'} that came faster than {self.fps:g} a second left out to "
+                    "keep real time)" if n else "")
         return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
                 f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s{left_out}")
 
@@ -471,8 +472,8 @@ class SinkThread:
     `run` goes through one.
 
     A sink has write(frame, index, t) (t: when the frame was read, perf_counter() seconds) and close() (SinkError, or
-    any exception, for a failure), describe() for the run's
-    summary, and optionally `path` (what messages and thread names call it; the class name otherwise) and `workers`.
+    any exception, for a failure), describe() for the run's summary, and optionally `path` (what messages and thread
+    names call it; the class name otherwise) and `workers`.
     One thread for a video (frames must arrive in order); `sink.workers` threads for sinks whose frames are
     independent files. close() writes what is queued, then finalizes the sink once.
     """
