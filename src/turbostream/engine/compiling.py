@@ -28,7 +28,8 @@ log = logging.getLogger("turbostream.engine")
 
 def compile_networks(engine: Engine) -> None:
     """torch.compile the UNet and the VAE's encoder/decoder (and reuse's forwards), compiling every bucket now; with
-    compile_aot, the ahead-of-time packages instead (falling back to torch.compile where only the fallback failed)."""
+    compile_aot, ahead-of-time packages instead (AOTInductor's that cannot run here become torch.compile's artifacts,
+    and if those cannot be built either, torch.compile as above; a format asked for by name that fails raises)."""
     if engine.config.compile_aot:
         fmt = engine.config.aot_format
         if fmt == "aotinductor":
