@@ -107,11 +107,10 @@ def server_numbers(before: dict[str, float], after: dict[str, float], warm: dict
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     timed = warm is not None and window_end is not None
+    span_start, span_end = (warm, window_end) if timed else (before, after)
 
     def timed_delta(name: str) -> float:
-        if not timed:
-            return delta(name)
-        return window_end.get(name, 0.0) - warm.get(name, 0.0)
+        return span_end.get(name, 0.0) - span_start.get(name, 0.0)
 
     calls = timed_delta('turbostream_stage_seconds_count{stage="gpu"}')
     warm = warm or {}

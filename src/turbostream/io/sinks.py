@@ -252,7 +252,7 @@ class VideoSink:
         seconds of any steady clock (fill_gaps "time"; None: now). SinkError once a write fails."""
         if self.failed is not None:
             raise SinkError(f"writing {self.path} failed: {self.failed}")
-        repeats = self._repeats(index, time.perf_counter() if t is None else t)
+        repeats = self._repeats(index, t)
         if not repeats:
             self.left_out += 1
             return
@@ -269,7 +269,7 @@ class VideoSink:
                 raise SinkError(f"writing {self.path} failed: {self.failed}")
             self.frames_written += 1
 
-    def _repeats(self, index: int, t: float) -> int:
+    def _repeats(self, index: int, t: float | None) -> int:
         """How many times this frame is written: 1, or more to fill the gap before it, or 0 (fill_gaps "time": a
         frame more than a slot early, which would make the video longer than the time it shows)."""
         if self.fill_gaps == "index":
@@ -277,6 +277,8 @@ class VideoSink:
             return 1 if last is None else max(1, min(index - last, self.MAX_REPEAT))
         if self.fill_gaps != "time":
             return 1
+        if t is None:
+            t = time.perf_counter()
         if self._t0 is None:
             self._t0 = t
             return 1
