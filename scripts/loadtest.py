@@ -18,6 +18,13 @@ where they were once the clients left, no thread growth after the warmup, a spaw
 with --soak a failed verdict is exit status 1. The run is bounded (at most 64 clients a step, 600 s a step, one
 hour in all) and stops by itself.
 
+Viewers (--viewers, against a server started with --source): each step also runs that many viewers of the
+broadcast (/view/ws), which only watch. A viewer's frames carry no header, so there is no latency to take: reported
+are its frames/s, the gaps between consecutive frames (a stall shows as a long gap), the bytes sent to all viewers,
+errors (a refused or lost connection, source_ended) and viewers that got no frame in the window; the verdict checks
+the last two. `--clients 1 --viewers 0,16,64` is a sweep of viewers beside one client; `--clients 0 --viewers 64`
+watches only. At most 256 viewers a step.
+
 Behind a load balancer (--url of the balancer): --reconnect makes a client whose connection is lost or refused
 connect again, as the browser page does, and --replica-header X-Served-By records which replica took each connection
 (deploy/haproxy.cfg sets that header); each step then reports its connections by replica and by device, and how many
@@ -29,6 +36,8 @@ were lost or refused. The server numbers then come from whichever replica answer
         --spawn-server -- --model random --size 512
     # or load a running one:
     python scripts/loadtest.py --url ws://127.0.0.1:8000/ws --clients 4 --duration 10
+    # a broadcast to 1, 16 and 64 viewers beside 2 clients:
+    python scripts/loadtest.py --clients 2 --viewers 1,16,64 --spawn-server -- --source clip.mp4 --model random
     # the CPU soak (benchmarks/soak-cpu-*.json):
     python scripts/loadtest.py --soak --clients 8 --duration 600 --warmup 30 --json soak.json \
         --spawn-server -- --model tiny-random --size 64 --device cpu
@@ -76,9 +85,11 @@ from loadtest_report import (  # noqa: E402
     table,
     verdict,
     verdict_text,
+    viewer_line,
 )
 
 MAX_CLIENTS = 64
+MAX_VIEWERS = 256
 MAX_STEP_S = 600.0
 MAX_TOTAL_S = 3600.0
 DRAIN_S = 3.0  # after a step, how long to wait for replies to frames still in flight
@@ -290,14 +301,98 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
     return None
 
 
+# ------------------------------------------------------------------------------------------------ one viewer
+
+
+@dataclass
+class ViewerResult:
+    viewer: int
+    received: int = 0  # all frames, warmup included
+    frames: int = 0  # frames that arrived inside the measured window
+    bytes: int = 0  # their JPEG bytes
+    gaps: list[float] = field(default_factory=list)  # seconds between consecutive frames, both inside the window
+    states: list[str] = field(default_factory=list)  # the source's states as announced (starting, live, ...)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self, window_s: float) -> dict:
+        return {
+            "viewer": self.viewer, "fps": round(self.frames / window_s, 2) if window_s > 0 else None,
+            "frames": self.frames, "received": self.received, "bytes": self.bytes,
+            "gap_ms": percentiles(self.gaps), "states": self.states[-8:],
+            "error_count": len(self.errors), "errors": self.errors[:5],
+        }
+
+
+def viewer_url(client_url: str) -> str:
+    """The broadcast's /view/ws next to a server's /ws (its ?token= kept)."""
+    parts = urlsplit(client_url)
+    path = parts.path[: -len("/ws")] if parts.path.endswith("/ws") else parts.path.rstrip("/")
+    return urlunsplit(parts._replace(path=path + "/view/ws"))
+
+
+async def run_viewer(index: int, url: str, t_measure: float, t_end: float, result: ViewerResult) -> None:
+    """One viewer of the broadcast until the step ends: every JPEG counted and timed (no frame headers: a viewer
+    only watches), errors and the source's states kept. A refused or lost connection is an error."""
+    loop = asyncio.get_running_loop()
+    last = None  # arrival of the previous frame inside the window
+    try:
+        async with connect(url, max_size=2**25, compression=None, open_timeout=60, close_timeout=5) as ws:
+            ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
+            if ready.get("type") != "ready":
+                result.errors.append(f"{ready.get('code')}: {ready.get('message')}")
+                return
+            while (left := t_end - loop.time()) > 0:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), left)
+                except TimeoutError:
+                    break
+                now = loop.time()
+                if isinstance(message, str):
+                    msg = json.loads(message)
+                    if msg.get("type") == "error":
+                        result.errors.append(f"{msg.get('code')}: {msg.get('message')}")
+                    elif msg.get("type") == "source":
+                        result.states.append(msg.get("state"))
+                    continue
+                result.received += 1
+                if t_measure <= now <= t_end:
+                    result.frames += 1
+                    result.bytes += len(message)
+                    if last is not None:
+                        result.gaps.append(now - last)
+                    last = now
+    except InvalidStatus as exc:
+        result.errors.append(f"refused: HTTP {exc.response.status_code}")
+    except ConnectionClosed as exc:
+        result.errors.append(f"lost: connection closed: {exc}")
+    except (OSError, TimeoutError) as exc:
+        result.errors.append(f"lost: connection failed: {exc!r}")
+
+
+def viewer_totals(results: list[ViewerResult], window_s: float) -> dict:
+    """A step's viewers together: frames/s (the slowest, mean and fastest viewer), the gaps between frames over all
+    of them, bytes a second sent to all, errors, and viewers that got no frame in the window."""
+    fps = [r.frames / window_s for r in results] if window_s > 0 else []
+    return {
+        "count": len(results), "frames": sum(r.frames for r in results),
+        "fps_min": round(min(fps), 2) if fps else None, "fps_mean": round(sum(fps) / len(fps), 2) if fps else None,
+        "fps_max": round(max(fps), 2) if fps else None,
+        "gap_ms": percentiles([g for r in results for g in r.gaps]),
+        "mbytes_per_s": round(sum(r.bytes for r in results) / window_s / 1e6, 3) if window_s > 0 else None,
+        "errors": sum(len(r.errors) for r in results), "silent": sum(1 for r in results if r.frames == 0),
+    }
+
+
 async def settle(http_base: str, max_fds: float | None, timeout: float = SETTLE_S) -> dict[str, float]:
-    """Scrape until no client is connected (and open fds are at most max_fds) or timeout; the last scrape."""
+    """Scrape until no client or viewer is connected (and open fds are at most max_fds) or timeout; the last
+    scrape."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         scraped = await asyncio.to_thread(scrape, http_base)
         fds = scraped.get("process_open_fds")
-        if scraped.get("turbostream_clients", 0) == 0 and (max_fds is None or fds is None or fds <= max_fds):
+        gone = scraped.get("turbostream_clients", 0) == 0 and scraped.get("turbostream_viewers", 0) == 0
+        if gone and (max_fds is None or fds is None or fds <= max_fds):
             return scraped
         if loop.time() >= deadline:
             return scraped
@@ -314,12 +409,15 @@ async def sample_resources(http_base: str, every: float, t0: float, samples: lis
         await asyncio.sleep(every)
 
 
-async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, ready_info: dict) -> dict:
+async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, ready_info: dict,
+                   viewers: int = 0) -> dict:
+    """One step: n clients streaming to /ws and `viewers` viewers of the broadcast (/view/ws), all at once."""
     loop = asyncio.get_running_loop()
     before = await settle(http_base, None)  # the previous step's (or the probe's) clients are gone
     t0 = loop.time()
     t_measure, t_end = t0 + args.warmup, t0 + args.warmup + args.duration
     results = [ClientResult(i) for i in range(n)]
+    watching = [ViewerResult(i) for i in range(viewers)]
     samples: list[dict] = []
     sampler = asyncio.create_task(sample_resources(http_base, args.sample_every, t0, samples))
 
@@ -330,8 +428,10 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
 
     # The measured window's ends: resources after the warmup, and the device's timeline over the window itself.
     warm_task, end_task = asyncio.create_task(scrape_at(t_measure)), asyncio.create_task(scrape_at(t_end))
+    view_url = viewer_url(url)
     await asyncio.gather(*(run_client(i, url, frames, args, t_measure, t_end, results[i], ready_info)
-                           for i in range(n)))
+                           for i in range(n)),
+                         *(run_viewer(i, view_url, t_measure, t_end, watching[i]) for i in range(viewers)))
     (t_warm, warm), (t_window_end, window_end) = await warm_task, await end_task
     after = await settle(http_base, before.get("process_open_fds"))
     sampler.cancel()
@@ -346,11 +446,12 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
     fps = [c["fps"] or 0.0 for c in per_client]
     return {
         "clients": n,
+        "viewers": viewers,
         "measured_s": window,
         "measured_unix": measured_unix,
         "total": {
-            "fps": round(sum(fps), 2), "fps_per_client_min": round(min(fps), 2), "fps_per_client_mean":
-            round(sum(fps) / n, 2), "frames": sum(r.measured for r in results),
+            "fps": round(sum(fps), 2), "fps_per_client_min": round(min(fps), 2) if fps else None,
+            "fps_per_client_mean": round(sum(fps) / n, 2) if fps else None, "frames": sum(r.measured for r in results),
             "skipped": sum(r.skipped for r in results),
             "latency_ms": percentiles(all_latencies), "dropped": sum(r.dropped for r in results),
             "unanswered": sum(r.unanswered for r in results), "errors": sum(len(r.errors) for r in results),
@@ -359,6 +460,8 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
             "connections_by_device": count_by(c["device"] for r in results for c in r.connections),
         },
         "per_client": per_client,
+        "viewer_total": viewer_totals(watching, window),
+        "per_viewer": [v.summary(window) for v in watching],
         "server": server_numbers(before, after, warm, window_end),
         "device": device_numbers(warm, window_end, t_window_end - t_warm),
         "samples": samples,
@@ -391,10 +494,15 @@ def wait_healthy(http_base: str, timeout: float, proc: subprocess.Popen | None, 
         time.sleep(0.25)
 
 
-def spawn_server(serve_args: list[str], host: str, max_clients: int, log_path: Path) -> tuple[subprocess.Popen, int]:
+def spawn_server(serve_args: list[str], host: str, max_clients: int, log_path: Path,
+                 max_viewers: int = 0) -> tuple[subprocess.Popen, int]:
     port = free_port(host)
-    # Ours first so the user's own options win; the port last, because we need to know it.
-    command = [*SERVE, "--host", host, "--max-clients", str(max_clients), *serve_args, "--port", str(port)]
+    # Ours first so the user's own options win; the port last, because we need to know it. The sweep's first
+    # connection is a client, so there is a client place even in a run of viewers only.
+    ours = ["--host", host, "--max-clients", str(max(1, max_clients))]
+    if max_viewers:
+        ours += ["--max-viewers", str(max_viewers)]
+    command = [*SERVE, *ours, *serve_args, "--port", str(port)]
     log = log_path.open("w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "160"},
                             start_new_session=True)
@@ -434,6 +542,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     target.add_argument("--spawn-server", action="store_true", help="start `turbostream serve` on a free port")
     target.add_argument("--markdown", metavar="JSON", help="print a Markdown table of an earlier run's JSON; no run")
     p.add_argument("--clients", default="1,4,8", help="client counts, one step each (default: %(default)s)")
+    p.add_argument("--viewers", default="0", help="viewers of the broadcast (/view/ws; the server needs --source) "
+                   "in every step, or counts, one step each, with one --clients count (default: %(default)s)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per step (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds at the start of each step "
                    "(default: %(default)s)")
@@ -462,15 +572,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="soak criterion: CUDA memory (reserved) growth from the end of the warmup "
                         "(default: %(default)s)")
     args = p.parse_args(argv)
-    try:
-        args.client_counts = [int(x) for x in args.clients.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--clients must be comma-separated integers, got {args.clients!r}")
-    if not args.client_counts or min(args.client_counts) < 1 or max(args.client_counts) > MAX_CLIENTS:
-        p.error(f"--clients: each count must be between 1 and {MAX_CLIENTS}")
+    counts = {}
+    for name, limit in (("clients", MAX_CLIENTS), ("viewers", MAX_VIEWERS)):
+        try:
+            counts[name] = [int(x) for x in getattr(args, name).split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--{name} must be comma-separated integers, got {getattr(args, name)!r}")
+        if not counts[name] or min(counts[name]) < 0 or max(counts[name]) > limit:
+            p.error(f"--{name}: each count must be between 0 and {limit}")
+    clients, viewers = counts["clients"], counts["viewers"]
+    if len(clients) > 1 and len(viewers) > 1:
+        p.error("--clients and --viewers cannot both list several counts: one of them gives the steps")
+    # One step per count of the list that has several; the single count of the other is in every step.
+    args.steps = [(c, v) for c in clients for v in viewers]
+    if any(c + v == 0 for c, v in args.steps):
+        p.error("--clients: each step needs at least one client or viewer")
+    args.client_counts = [c for c, _ in args.steps]
+    args.viewer_counts = [v for _, v in args.steps]
     if not 0.1 <= args.duration <= MAX_STEP_S or not 0 <= args.warmup <= MAX_STEP_S:
         p.error(f"--duration must be 0.1..{MAX_STEP_S:.0f} s and --warmup 0..{MAX_STEP_S:.0f} s")
-    if len(args.client_counts) * (args.duration + args.warmup + DRAIN_S) > MAX_TOTAL_S:
+    if len(args.steps) * (args.duration + args.warmup + DRAIN_S) > MAX_TOTAL_S:
         p.error(f"the sweep would run longer than {MAX_TOTAL_S:.0f} s; fewer steps or a shorter --duration")
     if not 1 <= args.inflight <= 8 or args.rate < 0 or not 1 <= args.quality <= 100 or not 1 <= args.frames <= 256:
         p.error("--inflight must be 1..8, --rate >= 0, --quality 1..100, --frames 1..256")
@@ -500,8 +621,8 @@ async def sweep(args, url: str, http_base: str) -> tuple[list[dict], dict]:
     args.frame_size = (width, height)
     args.jpeg_bytes_mean = int(np.mean([len(f) for f in frames]))
     steps = []
-    for n in args.client_counts:
-        step = await run_step(n, url, frames, args, http_base, ready_info)
+    for n, viewers in args.steps:
+        step = await run_step(n, url, frames, args, http_base, ready_info, viewers)
         steps.append(step)
         if args.json:  # the client counts done so far, in case the run is cut off (a device's time limit)
             partial = Path(args.json + ".partial")
@@ -509,6 +630,8 @@ async def sweep(args, url: str, http_base: str) -> tuple[list[dict], dict]:
             partial.write_text(json.dumps({"tool": "scripts/loadtest.py", "partial": True, "url": url.split("?")[0],
                                            "ready": ready_info, "steps": steps}, indent=2) + "\n")
         print(table([step]).splitlines()[-1] if steps[1:] else table([step]), flush=True)
+        if viewers:
+            print("        " + viewer_line(step), flush=True)
         t = step["total"]
         if args.reconnect or args.replica_header:
             print(f"        connections by replica {t['connections_by_replica']}, by device "
@@ -526,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if args.spawn_server:
         log_path = Path(args.server_log) if args.server_log else Path(tempfile.mkstemp(".log", "turbostream-")[1])
-        proc, port = spawn_server(serve_args, args.host, max(args.client_counts), log_path)
+        proc, port = spawn_server(serve_args, args.host, max(args.client_counts), log_path, max(args.viewer_counts))
         host = f"[{args.host}]" if ":" in args.host else args.host
         http_base, url = f"http://{host}:{port}", f"ws://{host}:{port}/ws"
         print(f"loadtest: started `{' '.join(proc.command[3:])}` (log: {log_path}); waiting for /healthz",
@@ -562,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
             "gpu_reserved_bytes_end": at_end.get("turbostream_gpu_memory_reserved_bytes"),
         },
         "settings": {
-            "clients": args.client_counts, "duration_s": args.duration, "warmup_s": args.warmup,
+            "clients": args.client_counts, "viewers": args.viewer_counts, "duration_s": args.duration,
+            "warmup_s": args.warmup,
             "rate": args.rate or None, "inflight": args.inflight, "frame_size": list(args.frame_size),
             "jpeg_quality": args.quality, "jpeg_bytes_mean": args.jpeg_bytes_mean, "distinct_frames": args.frames,
             "sample_every_s": args.sample_every, "max_rss_growth_mib": args.max_rss_growth_mib,
@@ -570,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "host": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "steps": steps,
-        "errors": sum(s["total"]["errors"] for s in steps),
+        "errors": sum(s["total"]["errors"] + s["viewer_total"]["errors"] for s in steps),
         "verdict": verdict(steps, args, exit_status, proc is not None),
     }
     print(verdict_text(report["verdict"]), flush=True)

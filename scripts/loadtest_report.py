@@ -56,6 +56,7 @@ RESOURCES = {
     "gpu_allocated_bytes": "turbostream_gpu_memory_allocated_bytes",
     "send_buffer_bytes": "turbostream_send_buffer_bytes",
     "clients": "turbostream_clients",
+    "viewers": "turbostream_viewers",
 }
 
 
@@ -173,10 +174,15 @@ def verdict(steps: list[dict], args, exit_status: int | None, spawned: bool) -> 
     mib = 2**20
     for s in steps:
         n, srv, total = s["clients"], s["server"], s["total"]
-        prefix = f"{n} clients: "
+        viewers = s.get("viewer_total") or {}  # reports from before viewers existed have none
+        prefix = f"{n} clients, {viewers['count']} viewers: " if viewers.get("count") else f"{n} clients: "
         checks.append(_check(prefix + "errors", total["errors"], 0, total["errors"] == 0))
         silent = sum(1 for c in s["per_client"] if c["replies"] == 0)
         checks.append(_check(prefix + "clients never answered", silent, 0, silent == 0))
+        if viewers.get("count"):
+            checks.append(_check(prefix + "viewer errors", viewers["errors"], 0, viewers["errors"] == 0))
+            checks.append(_check(prefix + "viewers that got no frame in the window", viewers["silent"], 0,
+                                 viewers["silent"] == 0))
         warm, end = srv.get("rss_bytes_warm"), srv.get("rss_bytes_end")
         growth = None if warm is None or end is None else round((end - warm) / mib, 1)
         checks.append(_check(prefix + "RSS growth after the warmup", growth, args.max_rss_growth_mib,
@@ -201,8 +207,9 @@ def verdict(steps: list[dict], args, exit_status: int | None, spawned: bool) -> 
 
 
 def table(steps: list[dict]) -> str:
-    head = (f"{'clients':>7} {'fps/client':>11} {'total fps':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-            f"{'dropped':>7} {'errors':>6} {'call ms':>8} {'batch':>6} {'busy %':>6} {'gap ms':>6} {'RSS MiB':>13}")
+    head = (f"{'clients':>7} {'viewers':>7} {'fps/client':>11} {'total fps':>9} {'p50 ms':>8} {'p95 ms':>8} "
+            f"{'p99 ms':>8} {'dropped':>7} {'errors':>6} {'call ms':>8} {'batch':>6} {'busy %':>6} {'gap ms':>6} "
+            f"{'RSS MiB':>13}")
     lines = [head, "-" * len(head)]
     for s in steps:
         t, srv, lat = s["total"], s["server"], s["total"]["latency_ms"]
@@ -215,12 +222,27 @@ def table(steps: list[dict]) -> str:
             return "-" if v is None else format(v, spec)
 
         lines.append(
-            f"{s['clients']:>7} {f(t['fps_per_client_min']):>5}-{f(t['fps_per_client_mean']):<5} {f(t['fps']):>9} "
+            f"{s['clients']:>7} {s.get('viewers', 0):>7} {f(t['fps_per_client_min']):>5}-"
+            f"{f(t['fps_per_client_mean']):<5} {f(t['fps']):>9} "
             f"{f(lat['p50']):>8} {f(lat['p95']):>8} {f(lat['p99']):>8} {t['dropped']:>7} {t['errors']:>6} "
             f"{f(srv['engine_call_ms_mean'], '.2f'):>8} {f(srv['batch_size_mean'], '.2f'):>6} "
             f"{f(dev.get('busy_pct')):>6} {f(dev.get('gap_ms_mean'), '.2f'):>6} {rss:>13}"
         )
     return "\n".join(lines)
+
+
+def viewer_line(step: dict) -> str:
+    """One line on a step's viewers: frames/s (slowest / mean / fastest), gaps between frames, bytes, errors."""
+    v = step["viewer_total"]
+
+    def f(x, spec=".1f"):
+        return "-" if x is None else format(x, spec)
+
+    gap = v["gap_ms"]
+    return (f"{v['count']} viewers: frames/s {f(v['fps_min'])} / {f(v['fps_mean'])} / {f(v['fps_max'])} "
+            f"(slowest / mean / fastest), gap between frames p50 {f(gap['p50'])} p99 {f(gap['p99'])} "
+            f"max {f(gap['max'])} ms, {f(v['mbytes_per_s'], '.2f')} MB/s sent, {v['errors']} errors, "
+            f"{v['silent']} without a frame")
 
 
 def markdown(report: dict) -> str:
@@ -236,17 +258,36 @@ def markdown(report: dict) -> str:
         "| engine call ms | mean batch | device busy % | device idle ms per call | server RSS MiB (start -> end) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    watched = [s for s in report["steps"] if (s.get("viewer_total") or {}).get("count")]
+    if watched:  # a viewers column, so that steps of the same client count tell apart
+        lines[-2] = lines[-2].replace("| clients |", "| clients | viewers |", 1)
+        lines[-1] += " ---: |"
     for s in report["steps"]:
         t, sv, lat = s["total"], s["server"], s["total"]["latency_ms"]
         dev = s.get("device") or {}  # reports from before the device timeline existed have none
         rss = (f"{sv['rss_bytes_start'] / 2**20:.0f} -> {sv['rss_bytes_end'] / 2**20:.0f}"
                if sv.get("rss_bytes_start") and sv.get("rss_bytes_end") else "-")
+        who = f"{s['clients']} | {s.get('viewers', 0)}" if watched else f"{s['clients']}"
         lines.append(
-            f"| {s['clients']} | {t['fps_per_client_min']:.1f} / {t['fps_per_client_mean']:.1f} | {t['fps']:.1f} "
+            f"| {who} | {_num(t['fps_per_client_min'])} / {_num(t['fps_per_client_mean'])} | {t['fps']:.1f} "
             f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {t['dropped']} | {t['errors']} "
             f"| {sv['engine_call_ms_mean']} | {sv['batch_size_mean']} | {_dash(dev.get('busy_pct'))} "
             f"| {_dash(dev.get('gap_ms_mean'))} | {rss} |"
         )
+    if watched:
+        lines += [
+            "",
+            "| clients | viewers | frames/s per viewer (min / mean / max) | gap between frames p50 / p99 / max ms "
+            "| MB/s to viewers | viewer errors | viewers without a frame |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in watched:
+            v, gap = s["viewer_total"], s["viewer_total"]["gap_ms"]
+            lines.append(
+                f"| {s['clients']} | {v['count']} | {_num(v['fps_min'])} / {_num(v['fps_mean'])} / "
+                f"{_num(v['fps_max'])} | {_dash(gap['p50'])} / {_dash(gap['p99'])} / {_dash(gap['max'])} "
+                f"| {_dash(v['mbytes_per_s'])} | {v['errors']} | {v['silent']} |"
+            )
     if report.get("verdict"):  # reports from before the verdict existed have none
         lines += ["", verdict_text(report["verdict"], "- ")]
     return "\n".join(lines)
@@ -254,6 +295,10 @@ def markdown(report: dict) -> str:
 
 def _dash(value) -> str:
     return "-" if value is None else str(value)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def verdict_text(v: dict, bullet: str = "  ") -> str:

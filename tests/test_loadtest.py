@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from turbostream.config import ServerConfig, preset
+from turbostream.config import Limits, ServerConfig, preset
 from turbostream.engine import Engine
 from turbostream.serve import ServerThread, TurboServer
 
@@ -107,8 +109,86 @@ def test_loadtest_spawns_and_stops_its_own_server(tmp_path):
     assert all(c["fps"] <= 60 for c in report["steps"][0]["per_client"])
 
 
+class PacedSource:
+    """A stand-in for the server's capture (sources.CaptureThread's shape): 50 frames a second, forever."""
+
+    def __init__(self, spec: str) -> None:
+        self.index, self.ended, self.error = 0, False, None
+
+    def start(self) -> None:
+        pass
+
+    def latest(self, timeout: float):
+        time.sleep(0.02)
+        self.index += 1
+        y, x = np.mgrid[0:48, 0:64]
+        return self.index, np.stack([x * 4, y * 5, np.full_like(x, self.index % 255)], -1).astype(np.uint8)
+
+    def close(self) -> None:
+        pass
+
+
+def _broadcasting_server(tiny_components, max_viewers: int) -> TurboServer:
+    engine = Engine(preset("test"), tiny_components)
+    config = ServerConfig(port=0, source="stand-in", limits=Limits(max_viewers=max_viewers))
+    return TurboServer(engine, config, capture_factory=PacedSource)
+
+
+def test_loadtest_viewers_watch_the_broadcast_beside_clients(tiny_components, tmp_path):
+    """--viewers: a step of one client alone, then one with three viewers of the broadcast; each viewer's frames/s
+    and the gaps between its frames, the verdict's viewer checks, and a table for the README."""
+    out = tmp_path / "load.json"
+    with ServerThread(_broadcasting_server(tiny_components, max_viewers=3)) as server:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--url", f"ws://127.0.0.1:{server.port}/ws", "--clients", "1",
+             "--viewers", "0,3", "--duration", "2", "--warmup", "0.5", "--json", str(out)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert [(s["clients"], s["viewers"]) for s in report["steps"]] == [(1, 0), (1, 3)]
+    assert report["steps"][0]["viewer_total"]["count"] == 0 and report["steps"][0]["per_viewer"] == []
+    step = report["steps"][1]
+    assert step["total"]["frames"] > 0 and step["total"]["errors"] == 0  # the client streams beside them
+    viewers = step["viewer_total"]
+    assert viewers["count"] == 3 and viewers["errors"] == 0 and viewers["silent"] == 0
+    # The source delivers 50 frames a second; each viewer gets what the engine makes of them, one encode for all.
+    assert 0 < viewers["fps_min"] <= viewers["fps_max"] <= 60
+    for v in step["per_viewer"]:
+        assert v["frames"] > 1 and v["bytes"] > 0 and v["gap_ms"]["p50"] >= 15 and v["states"][-1] == "live"
+    checks = {c["check"]: c for c in report["verdict"]["checks"]}
+    assert checks["1 clients, 3 viewers: viewer errors"]["pass"] and report["verdict"]["pass"]
+    assert "3 viewers: frames/s" in result.stdout
+    table = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)], capture_output=True, text=True,
+                           timeout=60)
+    assert table.returncode == 0 and "| 1 | 0 |" in table.stdout and "| 1 | 3 |" in table.stdout, table.stdout
+    assert "frames/s per viewer" in table.stdout
+
+
+def test_loadtest_shows_the_viewer_limit_holding(tiny_components, tmp_path):
+    """Four viewers against --max-viewers 3: one is refused with server_full, the verdict fails on it (exit status
+    1), and the three let in watch the broadcast all the same."""
+    out = tmp_path / "load.json"
+    with ServerThread(_broadcasting_server(tiny_components, max_viewers=3)) as server:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--url", f"ws://127.0.0.1:{server.port}/ws", "--clients", "0",
+             "--viewers", "4", "--duration", "1.5", "--warmup", "0.5", "--json", str(out)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    step = json.loads(out.read_text())["steps"][0]
+    refused = [v for v in step["per_viewer"] if v["error_count"]]
+    assert len(refused) == 1 and refused[0]["errors"][0].startswith("server_full"), step["per_viewer"]
+    assert refused[0]["frames"] == 0
+    assert sum(1 for v in step["per_viewer"] if v["frames"] > 0) == 3
+    failed = {c["check"] for c in json.loads(out.read_text())["verdict"]["checks"] if not c["pass"]}
+    assert failed == {"0 clients, 4 viewers: viewer errors", "0 clients, 4 viewers: viewers that got no frame in "
+                      "the window"}
+
+
 @pytest.mark.parametrize("args", [["--clients", "100"], ["--duration", "5000"], ["--inflight", "0"],
-                                  ["--clients", "x"]])
+                                  ["--clients", "x"], ["--clients", "0"], ["--viewers", "300"],
+                                  ["--clients", "1,2", "--viewers", "1,2"]])
 def test_loadtest_refuses_unbounded_runs(args):
     result = subprocess.run([sys.executable, str(SCRIPT), "--url", "ws://127.0.0.1:9/ws", *args],
                             capture_output=True, text=True, timeout=60)

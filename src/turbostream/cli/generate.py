@@ -129,6 +129,6 @@ def main(args: argparse.Namespace, engine=None) -> int:
             print(f"turbostream: error: could not write {path}: {exc.strerror or exc} ({k} of {args.count} "
                   "pictures written)", file=sys.stderr)
             return 1
-        log.info("wrote %s (%s, %dx%d, seed %d, %d steps, %.2f s)",
-                 path, kind, picture.shape[1], picture.shape[0], seed, steps, seconds)
+        log.info("wrote %s (%s, %dx%d, seed %d, %d step%s, %.2f s)",
+                 path, kind, picture.shape[1], picture.shape[0], seed, steps, "" if steps == 1 else "s", seconds)
     return 0
