@@ -68,7 +68,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import cv2
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 # The numbers and tables: scripts/loadtest_report.py, next to this file (also when this file is imported by path).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -288,6 +288,8 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
             record["end"] = "step ended"
     except InvalidStatus as exc:
         return f"refused: HTTP {exc.response.status_code}"
+    except InvalidHandshake as exc:  # closed before an answer (a server past its socket limit), a bad answer
+        return f"lost: the handshake failed: {exc}"
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd is not None else 1006
         record["end"] = f"closed {code}"
@@ -363,6 +365,8 @@ async def run_viewer(index: int, url: str, t_measure: float, t_end: float, resul
                     last = now
     except InvalidStatus as exc:
         result.errors.append(f"refused: HTTP {exc.response.status_code}")
+    except InvalidHandshake as exc:
+        result.errors.append(f"lost: the handshake failed: {exc}")
     except ConnectionClosed as exc:
         result.errors.append(f"lost: connection closed: {exc}")
     except (OSError, TimeoutError) as exc:

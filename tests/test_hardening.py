@@ -499,13 +499,66 @@ def test_unfinished_handshakes_are_capped_and_hold_bounded_memory(engine):
             assert opened == closed == n_sockets, (opened, closed)
             assert 0 < most <= server.config.limits.max_pending_handshakes, most
             assert peak - rss0 < MAX_RSS_GROWTH, f"RSS grew {(peak - rss0) / 2**20:.0f} MiB"
-            closed = sum(metric_value(server, f'turbostream_connections_closed_by_limit_total{{reason="{r}"}}')
-                         for r in ("handshake_backlog", "too_many_sockets"))
-            assert closed > 0
+            # Past every place and every handshake slot, a new socket is closed at once.
+            assert metric_value(server, 'turbostream_connections_closed_by_limit_total{reason="too_many_sockets"}') > 0
             # The caps are on sockets in flight: once the attack ends, new clients connect as usual.
             ws, _ = await open_client(server)
             await ws.send(jpeg(1))
             assert (await next_result(ws))[0]["seq"] == 1
+
+    run(main())
+
+
+def test_a_burst_of_connections_past_the_handshake_limit_waits_its_turn(engine):
+    """Twelve sockets connected before any sends its request, against max_pending_handshakes 4: the first four are
+    read, the other eight wait unread for their turn instead of being cut off, and all twelve are upgraded; no more
+    than four requests are parsed at once. A thirteenth that leaves while waiting leaves the line too."""
+    n = 12
+
+    def burst(port: int) -> list[bytes]:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+        leaver = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            time.sleep(0.3)  # the server has accepted them all: four handshaking, the rest waiting
+            leaver.close()
+            for sock in socks:
+                sock.sendall(upgrade("/ws"))
+            answers = []
+            for sock in socks:
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data and (chunk := sock.recv(4096)):
+                        data += chunk
+                answers.append(data)
+            return answers
+        finally:
+            for sock in socks:
+                sock.close()
+
+    async def main():
+        async with serving(engine, max_clients=n, max_pending_handshakes=4, open_timeout_s=5.0) as server:
+            most, waited_most = 0, 0
+
+            async def watch():
+                nonlocal most, waited_most
+                while True:
+                    most = max(most, server.guard.handshaking)
+                    waited_most = max(waited_most, len(server.guard.waiting))
+                    await asyncio.sleep(0)
+
+            watcher = asyncio.create_task(watch())
+            answers = await asyncio.to_thread(burst, server.port)
+            async with asyncio.timeout(10):  # the leaver is read at its turn, finds its end and is gone
+                while server.guard.sockets or server.guard.waiting:
+                    await asyncio.sleep(0.05)
+            watcher.cancel()
+            assert all(a.startswith(b"HTTP/1.1 101") for a in answers), [a[:40] for a in answers]
+            assert most == 4 and waited_most == n + 1 - 4, (most, waited_most)
+            assert metric_value(server, "turbostream_handshakes_waited_total") == n + 1 - 4
+            assert server.guard.handshaking == 0
+            closed = sum(metric_value(server, f'turbostream_connections_closed_by_limit_total{{reason="{r}"}}')
+                         for r in ("handshake_backlog", "too_many_sockets"))
+            assert closed == 0
 
     run(main())
 

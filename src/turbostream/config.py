@@ -461,8 +461,10 @@ class Limits:
     # How long a new connection may take to complete its HTTP request / WebSocket handshake; a socket that connects
     # and says nothing (or half a request) holds a descriptor until then, and no client place.
     open_timeout_s: float = 10.0
-    # Sockets that connected but have not yet sent a whole HTTP request (no token seen yet): past it, a new socket is
-    # closed at once. With the header limits below, memory before authentication is at most about
+    # Sockets whose HTTP request is being read (no token seen yet): past it, a new socket waits its turn unread (its
+    # bytes stay in the kernel) until one of them ends, within open_timeout_s; the sockets at once, waiting ones
+    # included, are bounded by max_clients + max_viewers + this. With the header limits below, memory before
+    # authentication is at most about
     # max_pending_handshakes x (max_header_count + 1) x max_header_line_bytes (64 x 33 x 8 KiB = 16.5 MiB).
     max_pending_handshakes: int = 64
     max_header_count: int = 32  # HTTP headers in one request; past it: 431

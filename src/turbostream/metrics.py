@@ -91,10 +91,12 @@ class Metrics:
             registry=r,
         )
         # reason: send_buffer (a peer that sends pings and never reads), ping_flood and message_flood (pings or small
-        # messages past their token bucket), handshake_backlog (too many sockets still in their handshake),
-        # too_many_sockets (every place and every handshake slot taken).
+        # messages past their token bucket), too_many_sockets (every place and every handshake slot taken).
         self.limit_closes = Counter("turbostream_connections_closed_by_limit", "Sockets closed at once because they "
                                     "passed a limit", ["reason"], registry=r)
+        self.handshakes_waited = Counter("turbostream_handshakes_waited", "Sockets that arrived while "
+                                         "max_pending_handshakes requests were being read, and waited, unread, for "
+                                         "their turn", registry=r)
         self.origins_refused = Counter("turbostream_origins_refused", "WebSocket handshakes refused with 403 for "
                                        "their Origin (see --allow-origin; the log names each at most every 10 s)",
                                        registry=r)

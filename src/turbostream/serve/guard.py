@@ -8,7 +8,9 @@ buffers each handshake until its header limits, for as many sockets as connect. 
 only after a whole socket read (up to 256 KiB) has been parsed and queued: one read can hold 43,000 empty messages,
 which the session then handles one after another (measured: every other client and /healthz stalled 1.9 s per read).
 GuardedConnection feeds the parser a piece at a time, closes a socket the moment one of these passes its limit (or its
-peer sends pings or messages faster than any client needs), and counts why in /metrics.
+peer sends pings or messages faster than any client needs), and counts why in /metrics. Handshakes are parsed at most
+max_pending_handshakes at a time: a socket that arrives past them waits its turn unread (a crowd of viewers opening
+/view at once all get in), and only past max_sockets is a new socket closed at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from functools import partial
 from typing import Any
 
@@ -88,11 +91,15 @@ throttled = ThrottledLog(log)
 class ConnectionGuard:
     """Counts the server's sockets and those still in their handshake; refuses sockets past the limits."""
 
-    def __init__(self, limits: Limits, on_close: Any = None) -> None:
+    def __init__(self, limits: Limits, on_close: Any = None, on_wait: Any = None) -> None:
         self.limits = limits
         self.sockets: set[GuardedConnection] = set()  # every socket from accept to close (the event loop's alone)
-        self.handshaking = 0
+        self.handshaking = 0  # sockets whose request is being read and parsed: at most max_pending_handshakes
+        # Sockets that arrived while max_pending_handshakes were being parsed: not read (their bytes stay in the
+        # kernel's buffers) until a handshake ends; their open timeout runs meanwhile. At most max_sockets of them.
+        self.waiting: deque[GuardedConnection] = deque()
         self.on_close = on_close or (lambda reason: None)  # reason -> None: counts a socket closed by a limit
+        self.on_wait = on_wait or (lambda: None)  # counts a socket that waited for its turn
         # Per-request header limits: websockets reads these module globals for every request it parses, so they
         # are process-wide (the last server started in a process sets them).
         websockets.http11.MAX_NUM_HEADERS = limits.max_header_count
@@ -110,6 +117,17 @@ class ConnectionGuard:
     def send_buffer_bytes(self) -> int:
         """Bytes written to every socket but not yet taken by the kernel."""
         return sum(c.transport.get_write_buffer_size() for c in list(self.sockets) if c.transport is not None)
+
+    def _handshake_ended(self, conn: GuardedConnection) -> None:
+        """conn's request was read whole, or conn closed during it: its place goes to the longest-waiting socket."""
+        conn.handshaking = False
+        self.handshaking -= 1
+        while self.waiting and self.handshaking < self.limits.max_pending_handshakes:
+            nxt = self.waiting.popleft()
+            nxt.waiting = False
+            nxt.handshaking = True
+            self.handshaking += 1
+            nxt.transport.resume_reading()
 
     def _refuse(self, conn: GuardedConnection, reason: str) -> None:
         if not conn.refused:  # once: the rest of the data already received is not looked at
@@ -143,6 +161,7 @@ class GuardedConnection(ServerConnection):
         super().__init__(*args, **kwargs)
         self.guard = guard
         self.handshaking = False
+        self.waiting = False  # in guard.waiting: accepted, not read yet
         self.refused = False
         # Set before the upgrade for a peer that will be refused (no token): its messages are dropped as they are
         # parsed, never queued; buffering them until the refusal's close cost up to max_queue_messages x
@@ -157,10 +176,15 @@ class GuardedConnection(ServerConnection):
         guard = self.guard
         if len(guard.sockets) >= guard.max_sockets:
             guard._refuse(self, "too_many_sockets")
-        elif guard.handshaking >= guard.limits.max_pending_handshakes:
-            guard._refuse(self, "handshake_backlog")
+            return
+        guard.sockets.add(self)
+        if guard.handshaking >= guard.limits.max_pending_handshakes:
+            # Read nothing yet (pausing here is before the transport's first read): it waits its turn.
+            transport.pause_reading()
+            self.waiting = True
+            guard.waiting.append(self)
+            guard.on_wait()
         else:
-            guard.sockets.add(self)
             guard.handshaking += 1
             self.handshaking = True
 
@@ -195,8 +219,7 @@ class GuardedConnection(ServerConnection):
                 if self.refused:  # a limit closed it: the rest of the read is not parsed
                     return
         if self.handshaking and self.request is not None:  # the whole request has been read and parsed
-            self.handshaking = False
-            self.guard.handshaking -= 1
+            self.guard._handshake_ended(self)
         if self.transport.get_write_buffer_size() > self.guard.limits.max_send_buffer_bytes:
             # Only answers to what the peer sends (pongs, a close) can grow it this far: our own sends wait at
             # write_limit. A peer that sends and never reads is cut off, not buffered for.
@@ -209,6 +232,8 @@ class GuardedConnection(ServerConnection):
         if self in guard.sockets:
             guard.sockets.discard(self)
             if self.handshaking:
-                self.handshaking = False
-                guard.handshaking -= 1
+                guard._handshake_ended(self)
+            elif self.waiting:  # closed while waiting (its open timeout, the peer gone): out of the line
+                self.waiting = False
+                guard.waiting.remove(self)
         super().connection_lost(exc)

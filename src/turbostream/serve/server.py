@@ -98,7 +98,8 @@ class TurboServer:
         self._stopped: asyncio.Event | None = None
         self._frozen: heap.Frozen | None = None  # the heap frozen once the engines were warm (until stop)
         self.port: int | None = None
-        self.guard = ConnectionGuard(self.config.limits, on_close=self.metrics.closed_by_limit)
+        self.guard = ConnectionGuard(self.config.limits, on_close=self.metrics.closed_by_limit,
+                                     on_wait=self.metrics.handshakes_waited.inc)
         self.metrics.watch_send_buffers(self.guard.send_buffer_bytes)
 
     # ------------------------------------------------------------------ properties used by the sessions
