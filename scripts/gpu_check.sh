@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_check.sh [tests] [parity] [engine] [bench] [norm] [rows] [jpeg] [codecs] [latency] [serve]
 #                             [serve-compile] [gil] [soak] [starts] [warmstart] [aot] [aotprobe] [trace] [reuse] [sim]
+#                             [viewers]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -88,6 +89,9 @@
 #         own host work is taken out; compare with `serve` to tell the server's share of a shortfall from the engine's
 # soak:   a soak (--soak verdict: memory, descriptors, threads, errors) at 8 and 16 clients, SOAK_S seconds each
 #         (default 180)
+# viewers: the load test with 8 clients beside 0, 64 and 256 viewers of a broadcast (`serve --source`, a 320x240
+#         30 frames/s clip made with OpenCV), SERVE_S seconds each: every viewer's frames/s and the gaps between its
+#         frames, and what the viewers cost the clients; $OUT/viewers.json
 # SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile, warmstart and soak stages' server
 # (and engine options to the latency stage's).
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
@@ -322,8 +326,24 @@ PY
     sim)
       step sim $((DUR * 6 + 150)) "$PY" scripts/serve_sim.py --size "${MODEL[5]}" --clients 1,8,16 --duration "$DUR" \
         --json "$OUT/serve_sim.json" ;;
+    viewers)  # a test clip longer than the run (a file source ends, and its viewers with it), made with OpenCV
+      clip=${TMPDIR:-/tmp}/turbostream-viewers-clip.mp4
+      "$PY" - "$clip" $((DUR * 3 + 240)) <<'PY'
+import sys
+import cv2
+import numpy as np
+path, seconds = sys.argv[1], int(sys.argv[2])
+out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (320, 240))
+y, x = np.mgrid[0:240, 0:320]
+for i in range(seconds * 30):
+    out.write(np.stack([(x + 4 * i) % 256, (y + 3 * i) % 256, np.full_like(x, i % 256)], -1).astype(np.uint8))
+out.release()
+PY
+      step viewers $((DUR * 3 + 120)) "$PY" scripts/loadtest.py --clients 8 --viewers 0,64,256 --duration "$DUR" \
+        --json "$OUT/viewers.json" --server-log "$OUT/viewers-server.log" --spawn-server -- "${MODEL[@]}" \
+        --max-clients 8 --source "$clip" "${SERVE_EXTRA[@]}" ;;
     *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency," \
-         "serve, serve-compile, gil, soak, starts, warmstart, aot, aotprobe, trace, reuse, sim)"
+         "serve, serve-compile, gil, soak, starts, warmstart, aot, aotprobe, trace, reuse, sim, viewers)"
        status=2 ;;
   esac
 done
