@@ -134,18 +134,20 @@ def _broadcasting_server(tiny_components, max_viewers: int) -> TurboServer:
     return TurboServer(engine, config, capture_factory=PacedSource)
 
 
+def _watch(tiny_components, out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """The load test with `args` against a broadcasting server (at most 3 viewers); its result and JSON report."""
+    with ServerThread(_broadcasting_server(tiny_components, max_viewers=3)) as server:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--url", f"ws://127.0.0.1:{server.port}/ws", *args,
+                                 "--warmup", "0.5", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    return result, json.loads(out.read_text()) if out.exists() else {}
+
+
 def test_loadtest_viewers_watch_the_broadcast_beside_clients(tiny_components, tmp_path):
     """--viewers: a step of one client alone, then one with three viewers of the broadcast; each viewer's frames/s
     and the gaps between its frames, the verdict's viewer checks, and a table for the README."""
     out = tmp_path / "load.json"
-    with ServerThread(_broadcasting_server(tiny_components, max_viewers=3)) as server:
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--url", f"ws://127.0.0.1:{server.port}/ws", "--clients", "1",
-             "--viewers", "0,3", "--duration", "2", "--warmup", "0.5", "--json", str(out)],
-            capture_output=True, text=True, timeout=120,
-        )
+    result, report = _watch(tiny_components, out, "--clients", "1", "--viewers", "0,3", "--duration", "2")
     assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
     assert [(s["clients"], s["viewers"]) for s in report["steps"]] == [(1, 0), (1, 3)]
     assert report["steps"][0]["viewer_total"]["count"] == 0 and report["steps"][0]["per_viewer"] == []
     step = report["steps"][1]
@@ -155,7 +157,7 @@ def test_loadtest_viewers_watch_the_broadcast_beside_clients(tiny_components, tm
     # The source delivers 50 frames a second; each viewer gets what the engine makes of them, one encode for all.
     assert 0 < viewers["fps_min"] <= viewers["fps_max"] <= 60
     for v in step["per_viewer"]:
-        assert v["frames"] > 1 and v["bytes"] > 0 and v["gap_ms"]["p50"] >= 15 and v["states"][-1] == "live"
+        assert v["frames"] > 1 and v["bytes"] > 0 and v["gap_ms"]["p50"] >= 10 and v["states"][-1] == "live"
     checks = {c["check"]: c for c in report["verdict"]["checks"]}
     assert checks["1 clients, 3 viewers: viewer errors"]["pass"] and report["verdict"]["pass"]
     assert "3 viewers: frames/s" in result.stdout
@@ -168,20 +170,15 @@ def test_loadtest_viewers_watch_the_broadcast_beside_clients(tiny_components, tm
 def test_loadtest_shows_the_viewer_limit_holding(tiny_components, tmp_path):
     """Four viewers against --max-viewers 3: one is refused with server_full, the verdict fails on it (exit status
     1), and the three let in watch the broadcast all the same."""
-    out = tmp_path / "load.json"
-    with ServerThread(_broadcasting_server(tiny_components, max_viewers=3)) as server:
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--url", f"ws://127.0.0.1:{server.port}/ws", "--clients", "0",
-             "--viewers", "4", "--duration", "1.5", "--warmup", "0.5", "--json", str(out)],
-            capture_output=True, text=True, timeout=120,
-        )
+    result, report = _watch(tiny_components, tmp_path / "load.json", "--clients", "0", "--viewers", "4",
+                            "--duration", "1.5")
     assert result.returncode == 1, result.stdout + result.stderr
-    step = json.loads(out.read_text())["steps"][0]
+    step = report["steps"][0]
     refused = [v for v in step["per_viewer"] if v["error_count"]]
     assert len(refused) == 1 and refused[0]["errors"][0].startswith("server_full"), step["per_viewer"]
     assert refused[0]["frames"] == 0
     assert sum(1 for v in step["per_viewer"] if v["frames"] > 0) == 3
-    failed = {c["check"] for c in json.loads(out.read_text())["verdict"]["checks"] if not c["pass"]}
+    failed = {c["check"] for c in report["verdict"]["checks"] if not c["pass"]}
     assert failed == {"0 clients, 4 viewers: viewer errors", "0 clients, 4 viewers: viewers that got no frame in "
                       "the window"}
 
