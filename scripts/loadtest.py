@@ -93,6 +93,7 @@ MAX_VIEWERS = 256
 MAX_STEP_S = 600.0
 MAX_TOTAL_S = 3600.0
 DRAIN_S = 3.0  # after a step, how long to wait for replies to frames still in flight
+CHURNED = "churned"  # _connection's outcome when --churn ended it: connect again at once
 SETTLE_S = 10.0  # after a step, how long the server may take to close the clients' sockets before fds are judged
 PROMPTS = [
     "an oil painting, thick brush strokes, vivid colors",
@@ -152,6 +153,7 @@ class ClientResult:
     connections: list[dict] = field(default_factory=list)
     lost: int = 0  # connections that ended abnormally (1006, 1011, ...): the client connected again
     refused: int = 0  # handshakes refused (HTTP 503, server_full): the client tried again
+    churned: int = 0  # connections it closed itself after --churn seconds, to open a new one at once
 
     def summary(self, window_s: float) -> dict:
         return {
@@ -160,7 +162,9 @@ class ClientResult:
             "dropped": self.dropped,
             "unanswered": self.unanswered, "latency_ms": percentiles(self.latencies),
             "error_count": len(self.errors), "errors": self.errors[:5],
-            "connections": self.connections, "lost": self.lost, "refused": self.refused,
+            # With --churn a client opens hundreds: the count, and the last few.
+            "connection_count": len(self.connections), "connections": self.connections[-20:], "lost": self.lost,
+            "refused": self.refused, "churned": self.churned,
         }
 
 
@@ -175,6 +179,11 @@ async def run_client(index: int, url: str, frames: list[bytes], args, t_measure:
     wait = RECONNECT_S[0]
     while True:
         outcome = await _connection(index, url, frames, args, t_measure, t_end, result, ready_info)
+        if outcome == CHURNED:
+            result.churned += 1
+            if loop.time() < t_end:
+                continue
+            return
         if outcome is None or not getattr(args, "reconnect", False) or loop.time() >= t_end:
             if outcome is not None:
                 result.errors.append(outcome)
@@ -190,7 +199,8 @@ async def run_client(index: int, url: str, frames: list[bytes], args, t_measure:
 
 async def _connection(index: int, url: str, frames: list[bytes], args, t_measure: float, t_end: float,
                       result: ClientResult, ready_info: dict) -> str | None:
-    """One connection until the step ends; None, or what ended it early ('refused: ...', 'lost: ...')."""
+    """One connection until the step ends, or for --churn seconds; None, CHURNED, or what ended it early
+    ('refused: ...', 'lost: ...')."""
     loop = asyncio.get_running_loop()
     sent: dict[int, float] = {}  # seq -> send time, frames not answered yet
     room = asyncio.Event()
@@ -209,6 +219,8 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
                 return None
             record.update(device=ready.get("device"), opened_s=round(loop.time() - t_start, 2))
             result.connections.append(record)
+            churn = getattr(args, "churn", 0.0)
+            t_stop = min(t_end, loop.time() + churn) if churn else t_end  # when this connection stops sending
             ready_info.update(ready)
             await ws.send(json.dumps({"type": "config", "prompt": PROMPTS[index % len(PROMPTS)], "seed": index}))
 
@@ -256,11 +268,11 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
             period = 1.0 / args.rate if args.rate > 0 else 0.0
             next_due = loop.time()
             seq = 0
-            while loop.time() < t_end and not receiver.done():
+            while loop.time() < t_stop and not receiver.done():
                 if len(sent) >= args.inflight:
                     room.clear()
                     try:
-                        await asyncio.wait_for(room.wait(), max(0.0, t_end - loop.time()))
+                        await asyncio.wait_for(room.wait(), max(0.0, t_stop - loop.time()))
                     except TimeoutError:
                         break
                     continue
@@ -270,7 +282,7 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
                         await asyncio.sleep(delay)
                     # Behind schedule (the window held us back): start over from now, no catch-up burst.
                     next_due = max(next_due + period, loop.time())
-                if loop.time() >= t_end:
+                if loop.time() >= t_stop:
                     break
                 seq += 1
                 sent[seq] = loop.time()
@@ -285,6 +297,9 @@ async def _connection(index: int, url: str, frames: list[bytes], args, t_measure
             receiver.cancel()
             if loop.time() < t_end and receiver.done():  # the server closed it (1000, 1001) before the step ended
                 raise ConnectionClosed(ws.close_rcvd, ws.close_sent)
+            if t_stop < t_end:  # leaving the block closes it (1000); the caller opens the next
+                record["end"] = CHURNED
+                return CHURNED
             record["end"] = "step ended"
     except InvalidStatus as exc:
         return f"refused: HTTP {exc.response.status_code}"
@@ -315,13 +330,15 @@ class ViewerResult:
     gaps: list[float] = field(default_factory=list)  # seconds between consecutive frames, both inside the window
     states: list[str] = field(default_factory=list)  # the source's states as announced (starting, live, ...)
     errors: list[str] = field(default_factory=list)
+    connections: int = 0  # connections that got `ready`
+    churned: int = 0  # closed by the viewer itself after --churn seconds, and opened again
 
     def summary(self, window_s: float) -> dict:
         return {
             "viewer": self.viewer, "fps": round(self.frames / window_s, 2) if window_s > 0 else None,
             "frames": self.frames, "received": self.received, "bytes": self.bytes,
-            "gap_ms": percentiles(self.gaps), "states": self.states[-8:],
-            "error_count": len(self.errors), "errors": self.errors[:5],
+            "gap_ms": percentiles(self.gaps), "states": self.states[-8:], "connections": self.connections,
+            "churned": self.churned, "error_count": len(self.errors), "errors": self.errors[:5],
         }
 
 
@@ -332,18 +349,29 @@ def viewer_url(client_url: str) -> str:
     return urlunsplit(parts._replace(path=path + "/view/ws"))
 
 
-async def run_viewer(index: int, url: str, t_measure: float, t_end: float, result: ViewerResult) -> None:
+async def run_viewer(index: int, url: str, t_measure: float, t_end: float, result: ViewerResult,
+                     churn: float = 0.0) -> None:
     """One viewer of the broadcast until the step ends: every JPEG counted and timed (no frame headers: a viewer
-    only watches), errors and the source's states kept. A refused or lost connection is an error."""
+    only watches), errors and the source's states kept. A refused or lost connection is an error. With churn, it
+    closes its connection every `churn` seconds and opens a new one at once."""
     loop = asyncio.get_running_loop()
-    last = None  # arrival of the previous frame inside the window
+    while await _view_once(url, t_measure, t_end, result, churn) and loop.time() < t_end:
+        result.churned += 1
+
+
+async def _view_once(url: str, t_measure: float, t_end: float, result: ViewerResult, churn: float) -> bool:
+    """One viewer connection until the step ends or for `churn` seconds; True when churn ended it."""
+    loop = asyncio.get_running_loop()
+    last = None  # arrival of the previous frame inside the window (gaps are taken within a connection)
     try:
         async with connect(url, max_size=2**25, compression=None, open_timeout=60, close_timeout=5) as ws:
             ready = json.loads(await asyncio.wait_for(ws.recv(), 120))
             if ready.get("type") != "ready":
                 result.errors.append(f"{ready.get('code')}: {ready.get('message')}")
-                return
-            while (left := t_end - loop.time()) > 0:
+                return False
+            result.connections += 1
+            t_stop = min(t_end, loop.time() + churn) if churn else t_end
+            while (left := t_stop - loop.time()) > 0:
                 try:
                     message = await asyncio.wait_for(ws.recv(), left)
                 except TimeoutError:
@@ -363,6 +391,7 @@ async def run_viewer(index: int, url: str, t_measure: float, t_end: float, resul
                     if last is not None:
                         result.gaps.append(now - last)
                     last = now
+            return t_stop < t_end
     except InvalidStatus as exc:
         result.errors.append(f"refused: HTTP {exc.response.status_code}")
     except InvalidHandshake as exc:
@@ -371,6 +400,7 @@ async def run_viewer(index: int, url: str, t_measure: float, t_end: float, resul
         result.errors.append(f"lost: connection closed: {exc}")
     except (OSError, TimeoutError) as exc:
         result.errors.append(f"lost: connection failed: {exc!r}")
+    return False
 
 
 def viewer_totals(results: list[ViewerResult], window_s: float) -> dict:
@@ -435,7 +465,8 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
     view_url = viewer_url(url)
     await asyncio.gather(*(run_client(i, url, frames, args, t_measure, t_end, results[i], ready_info)
                            for i in range(n)),
-                         *(run_viewer(i, view_url, t_measure, t_end, watching[i]) for i in range(viewers)))
+                         *(run_viewer(i, view_url, t_measure, t_end, watching[i], args.churn)
+                           for i in range(viewers)))
     (t_warm, warm), (t_window_end, window_end) = await warm_task, await end_task
     after = await settle(http_base, before.get("process_open_fds"))
     sampler.cancel()
@@ -460,6 +491,7 @@ async def run_step(n: int, url: str, frames: list[bytes], args, http_base: str, 
             "latency_ms": percentiles(all_latencies), "dropped": sum(r.dropped for r in results),
             "unanswered": sum(r.unanswered for r in results), "errors": sum(len(r.errors) for r in results),
             "lost": sum(r.lost for r in results), "refused": sum(r.refused for r in results),
+            "connections": sum(len(r.connections) for r in results) + sum(v.connections for v in watching),
             "connections_by_replica": count_by(c["replica"] for r in results for c in r.connections),
             "connections_by_device": count_by(c["device"] for r in results for c in r.connections),
         },
@@ -560,6 +592,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--token", help="the server's --token")
     p.add_argument("--reconnect", action="store_true", help="a client whose connection is lost or refused connects "
                    "again (0.25 s, doubling to 2 s), as the browser page does; counted as lost / refused, not errors")
+    p.add_argument("--churn", type=float, default=0.0, metavar="S", help="every client and viewer closes its "
+                   "connection after S seconds and opens a new one at once, all through each step: what a "
+                   "connection's life leaves behind shows in the verdict (default 0: one connection each)")
     p.add_argument("--replica-header", metavar="NAME", help="response header naming the replica that took each "
                    "connection behind a load balancer (deploy/haproxy.cfg sets X-Served-By)")
     p.add_argument("--host", default="127.0.0.1", help="interface of a spawned server (default: %(default)s)")
@@ -599,6 +634,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error(f"the sweep would run longer than {MAX_TOTAL_S:.0f} s; fewer steps or a shorter --duration")
     if not 1 <= args.inflight <= 8 or args.rate < 0 or not 1 <= args.quality <= 100 or not 1 <= args.frames <= 256:
         p.error("--inflight must be 1..8, --rate >= 0, --quality 1..100, --frames 1..256")
+    if args.churn and not 0.2 <= args.churn <= MAX_STEP_S:
+        p.error(f"--churn must be 0.2..{MAX_STEP_S:.0f} s (or 0: no churn)")
     if not 0.5 <= args.sample_every <= MAX_STEP_S:
         p.error(f"--sample-every must be 0.5..{MAX_STEP_S:.0f} s")
     if serve_args and not args.spawn_server:
@@ -637,6 +674,8 @@ async def sweep(args, url: str, http_base: str) -> tuple[list[dict], dict]:
         if viewers:
             print("        " + viewer_line(step), flush=True)
         t = step["total"]
+        if args.churn:
+            print(f"        {t['connections']} connections opened and closed ({args.churn:g} s each)", flush=True)
         if args.reconnect or args.replica_header:
             print(f"        connections by replica {t['connections_by_replica']}, by device "
                   f"{t['connections_by_device']}; lost {t['lost']}, refused {t['refused']}", flush=True)
@@ -690,8 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {
             "clients": args.client_counts, "viewers": args.viewer_counts, "duration_s": args.duration,
-            "warmup_s": args.warmup,
-            "rate": args.rate or None, "inflight": args.inflight, "frame_size": list(args.frame_size),
+            "warmup_s": args.warmup, "rate": args.rate or None, "inflight": args.inflight,
+            "churn_s": args.churn or None, "frame_size": list(args.frame_size),
             "jpeg_quality": args.quality, "jpeg_bytes_mean": args.jpeg_bytes_mean, "distinct_frames": args.frames,
             "sample_every_s": args.sample_every, "max_rss_growth_mib": args.max_rss_growth_mib,
             "max_gpu_growth_mib": args.max_gpu_growth_mib, "fd_margin": FD_MARGIN, "thread_margin": THREAD_MARGIN,

@@ -183,9 +183,31 @@ def test_loadtest_shows_the_viewer_limit_holding(tiny_components, tmp_path):
                       "the window"}
 
 
+def test_loadtest_churn_opens_a_new_connection_every_few_tenths_of_a_second(tiny_components, tmp_path):
+    """--churn 0.3: the client and both viewers close their connection every 0.3 s and open another at once, all
+    answered, none lost, and the server's descriptors back where they were once they leave."""
+    result, report = _watch(tiny_components, tmp_path / "load.json", "--clients", "1", "--viewers", "2",
+                            "--duration", "1.5", "--churn", "0.3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    step = report["steps"][0]
+    client = step["per_client"][0]
+    # 2 s of step (warmup included) in connections of 0.3 s: about 6 each; a slow machine opens fewer.
+    # Each connection but the last was churned (the last too when its 0.3 s ran out just before the step's end).
+    assert client["connection_count"] >= 3, client
+    assert client["connection_count"] - 1 <= client["churned"] <= client["connection_count"], client
+    assert client["error_count"] == 0 and client["lost"] == 0 and client["unanswered"] == 0
+    assert all(c["end"] in ("churned", "step ended") for c in client["connections"])
+    for viewer in step["per_viewer"]:
+        assert viewer["connections"] >= 3 and viewer["error_count"] == 0 and viewer["frames"] > 0, viewer
+    assert step["total"]["connections"] == client["connection_count"] + sum(v["connections"]
+                                                                           for v in step["per_viewer"])
+    assert report["settings"]["churn_s"] == 0.3 and report["verdict"]["pass"], report["verdict"]
+    assert "connections opened and closed" in result.stdout
+
+
 @pytest.mark.parametrize("args", [["--clients", "100"], ["--duration", "5000"], ["--inflight", "0"],
                                   ["--clients", "x"], ["--clients", "0"], ["--viewers", "300"],
-                                  ["--clients", "1,2", "--viewers", "1,2"]])
+                                  ["--clients", "1,2", "--viewers", "1,2"], ["--churn", "0.05"]])
 def test_loadtest_refuses_unbounded_runs(args):
     result = subprocess.run([sys.executable, str(SCRIPT), "--url", "ws://127.0.0.1:9/ws", *args],
                             capture_output=True, text=True, timeout=60)
