@@ -23,7 +23,9 @@ broadcast (/view/ws), which only watch. A viewer's frames carry no header, so th
 are its frames/s, the gaps between consecutive frames (a stall shows as a long gap), the bytes sent to all viewers,
 errors (a refused or lost connection, source_ended) and viewers that got no frame in the window; the verdict checks
 the last two. `--clients 1 --viewers 0,16,64` is a sweep of viewers beside one client; `--clients 0 --viewers 64`
-watches only. At most 256 viewers a step.
+watches only. At most 256 viewers a step. --churn S makes every client and viewer close its connection after S
+seconds and open a new one at once, all through each step: the verdict then judges what thousands of connections
+leave behind.
 
 Behind a load balancer (--url of the balancer): --reconnect makes a client whose connection is lost or refused
 connect again, as the browser page does, and --replica-header X-Served-By records which replica took each connection
