@@ -217,31 +217,22 @@ def table(steps: list[dict]) -> str:
         rss = "-"
         if srv["rss_bytes_start"] and srv["rss_bytes_end"]:
             rss = f"{srv['rss_bytes_start'] / 2**20:.0f}->{srv['rss_bytes_end'] / 2**20:.0f}"
-
-        def f(v, spec=".1f"):
-            return "-" if v is None else format(v, spec)
-
         lines.append(
-            f"{s['clients']:>7} {s.get('viewers', 0):>7} {f(t['fps_per_client_min']):>5}-"
-            f"{f(t['fps_per_client_mean']):<5} {f(t['fps']):>9} "
-            f"{f(lat['p50']):>8} {f(lat['p95']):>8} {f(lat['p99']):>8} {t['dropped']:>7} {t['errors']:>6} "
-            f"{f(srv['engine_call_ms_mean'], '.2f'):>8} {f(srv['batch_size_mean'], '.2f'):>6} "
-            f"{f(dev.get('busy_pct')):>6} {f(dev.get('gap_ms_mean'), '.2f'):>6} {rss:>13}"
+            f"{s['clients']:>7} {s.get('viewers', 0):>7} {_fmt(t['fps_per_client_min']):>5}-"
+            f"{_fmt(t['fps_per_client_mean']):<5} {_fmt(t['fps']):>9} "
+            f"{_fmt(lat['p50']):>8} {_fmt(lat['p95']):>8} {_fmt(lat['p99']):>8} {t['dropped']:>7} {t['errors']:>6} "
+            f"{_fmt(srv['engine_call_ms_mean'], '.2f'):>8} {_fmt(srv['batch_size_mean'], '.2f'):>6} "
+            f"{_fmt(dev.get('busy_pct')):>6} {_fmt(dev.get('gap_ms_mean'), '.2f'):>6} {rss:>13}"
         )
     return "\n".join(lines)
 
 
 def viewer_line(step: dict) -> str:
     """One line on a step's viewers: frames/s (slowest / mean / fastest), gaps between frames, bytes, errors."""
-    v = step["viewer_total"]
-
-    def f(x, spec=".1f"):
-        return "-" if x is None else format(x, spec)
-
-    gap = v["gap_ms"]
-    return (f"{v['count']} viewers: frames/s {f(v['fps_min'])} / {f(v['fps_mean'])} / {f(v['fps_max'])} "
-            f"(slowest / mean / fastest), gap between frames p50 {f(gap['p50'])} p99 {f(gap['p99'])} "
-            f"max {f(gap['max'])} ms, {f(v['mbytes_per_s'], '.2f')} MB/s sent, {v['errors']} errors, "
+    v, gap = step["viewer_total"], step["viewer_total"]["gap_ms"]
+    return (f"{v['count']} viewers: frames/s {_fmt(v['fps_min'])} / {_fmt(v['fps_mean'])} / {_fmt(v['fps_max'])} "
+            f"(slowest / mean / fastest), gap between frames p50 {_fmt(gap['p50'])} p99 {_fmt(gap['p99'])} "
+            f"max {_fmt(gap['max'])} ms, {_fmt(v['mbytes_per_s'], '.2f')} MB/s sent, {v['errors']} errors, "
             f"{v['silent']} without a frame")
 
 
@@ -269,7 +260,7 @@ def markdown(report: dict) -> str:
                if sv.get("rss_bytes_start") and sv.get("rss_bytes_end") else "-")
         who = f"{s['clients']} | {s.get('viewers', 0)}" if watched else f"{s['clients']}"
         lines.append(
-            f"| {who} | {_num(t['fps_per_client_min'])} / {_num(t['fps_per_client_mean'])} | {t['fps']:.1f} "
+            f"| {who} | {_fmt(t['fps_per_client_min'])} / {_fmt(t['fps_per_client_mean'])} | {t['fps']:.1f} "
             f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {t['dropped']} | {t['errors']} "
             f"| {sv['engine_call_ms_mean']} | {sv['batch_size_mean']} | {_dash(dev.get('busy_pct'))} "
             f"| {_dash(dev.get('gap_ms_mean'))} | {rss} |"
@@ -284,8 +275,8 @@ def markdown(report: dict) -> str:
         for s in watched:
             v, gap = s["viewer_total"], s["viewer_total"]["gap_ms"]
             lines.append(
-                f"| {s['clients']} | {v['count']} | {_num(v['fps_min'])} / {_num(v['fps_mean'])} / "
-                f"{_num(v['fps_max'])} | {_dash(gap['p50'])} / {_dash(gap['p99'])} / {_dash(gap['max'])} "
+                f"| {s['clients']} | {v['count']} | {_fmt(v['fps_min'])} / {_fmt(v['fps_mean'])} / "
+                f"{_fmt(v['fps_max'])} | {_dash(gap['p50'])} / {_dash(gap['p99'])} / {_dash(gap['max'])} "
                 f"| {_dash(v['mbytes_per_s'])} | {v['errors']} | {v['silent']} |"
             )
     if report.get("verdict"):  # reports from before the verdict existed have none
@@ -297,8 +288,9 @@ def _dash(value) -> str:
     return "-" if value is None else str(value)
 
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _fmt(value, spec: str = ".1f") -> str:
+    """A number for a table, formatted with spec; "-" when there is none."""
+    return "-" if value is None else format(value, spec)
 
 
 def verdict_text(v: dict, bullet: str = "  ") -> str:
