@@ -256,6 +256,56 @@ def stream_limits(engine: Any) -> tuple[int, bool]:
     return getattr(cfg, "max_steps", MAX_STEPS), getattr(cfg, "reuse_enabled", True)
 
 
+# --lora: LoRAs merged into the model's weights when it loads (lora.py).
+MAX_LORAS = 8  # more than any look needs; each costs a read and a merge at start-up
+MAX_LORA_SCALE = 10.0  # typical scales are 0.3..1.5; a negative scale subtracts a LoRA
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One --lora: a file, a folder holding one LoRA file, or a hub id (optionally with the file's path in the repo),
+    and the scale its product is merged with."""
+
+    source: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise ValueError("lora needs a file, a folder or a hub id")
+        if not math.isfinite(self.scale) or abs(self.scale) > MAX_LORA_SCALE:
+            raise ValueError(f"lora scale must be between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {self.scale!r} "
+                             f"({self.source})")
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """'style.safetensors' (scale 1), 'style.safetensors:0.8', 'user/repo:0.5', 'C:\\loras\\x.safetensors:0.7'.
+
+        The text after the last ':' is the scale when it reads as a number; otherwise the whole text is the source
+        (a Windows drive letter's colon is followed by a backslash, never a number)."""
+        source, sep, tail = text.rpartition(":")
+        if sep and not source.strip():
+            raise ValueError(f"lora needs a file, a folder or a hub id before the scale, got {text!r}")
+        if sep:
+            try:
+                return cls(source, float(tail))
+            except ValueError as exc:
+                if "scale" in str(exc):
+                    raise
+        return cls(text)
+
+    @property
+    def shown(self) -> str:
+        return f"{self.source} (scale {self.scale:g})"
+
+
+def check_loras(loras) -> tuple[LoraSpec, ...]:
+    """The LoRAs as a tuple of LoraSpec (from specs or 'FILE[:SCALE]' texts); ValueError past MAX_LORAS."""
+    specs = tuple(s if isinstance(s, LoraSpec) else LoraSpec.parse(str(s)) for s in loras)
+    if len(specs) > MAX_LORAS:
+        raise ValueError(f"at most {MAX_LORAS} LoRAs (--lora), got {len(specs)}")
+    return specs
+
+
 @dataclass
 class EngineConfig:
     """How the engine is built: which weights, where, at what size, and which fast paths."""
@@ -334,6 +384,9 @@ class EngineConfig:
     # end (engine/reuse.py): None, all of them (the whole block pair); fewer is faster and further from a full frame
     # (SD-Turbo: 1 to 3). Needs feature reuse on; the engine refuses a count its UNet does not have.
     reuse_layers: int | None = None
+    # LoRAs merged into the UNet's and the text encoder's weights when the model loads (lora.py): lora.LoraSpec
+    # entries, or 'FILE[:SCALE]' texts (checked and turned into LoraSpec here). Change the output; cost no time a frame.
+    loras: tuple = ()
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     prompt_kv_cache_size: int = 32  # with prompt_kv: prompts whose keys and values are kept (LRU)
@@ -362,6 +415,7 @@ class EngineConfig:
                                  "(choose one)")
         if not 0 <= self.kernel_compile_threads <= 256:
             raise ValueError(f"kernel_compile_threads must be 0 (one per core) to 256, got {self.kernel_compile_threads}")
+        self.loras = check_loras(self.loras)
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")

@@ -41,6 +41,8 @@ class Components:
     vae: Any  # AutoencoderTiny (vae_kind "tiny") or AutoencoderKL ("full"); set by load_vae
     vae_kind: str  # "tiny" or "full"
     random_weights: bool  # True for random / tiny-random: output is not a stylization
+    # What load_components merged into the UNet and the text encoder (lora.merge_loras' summaries), in order.
+    loras: tuple = ()
 
     @property
     def text_dim(self) -> int:
@@ -112,8 +114,11 @@ def load_components(
     vae: str = "tiny",
     taesd: str = DEFAULT_TAESD,
     seed: int = 0,
+    loras: tuple = (),
 ) -> Components:
-    """Load or build every component on `device` in `dtype`, in eval mode; raise ModelLoadError if impossible."""
+    """Load or build every component on `device` in `dtype`, in eval mode; raise ModelLoadError if impossible.
+
+    loras: LoRAs (lora.LoraSpec, or 'FILE[:SCALE]' texts) merged into the UNet's and the text encoder's weights."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
     if vae not in VAE_KINDS:
@@ -126,6 +131,10 @@ def load_components(
     comps.vae_kind = vae
     for module in (comps.unet, comps.text_encoder):
         module.eval().requires_grad_(False)
+    if loras:
+        from .lora import merge_loras
+
+        comps.loras = tuple(merge_loras(comps.unet, comps.text_encoder, loras, model=model))
     return comps
 
 

@@ -16,7 +16,7 @@ from .options import add_engine_options, buckets, engine_config
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmark: diffusers pipeline vs this engine (eager, graphs)")
-    add_engine_options(p, stream_options=False)
+    add_engine_options(p, stream_options=False, lora=False)
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement (default: %(default)s)")
     p.add_argument("--burn-in", type=int, default=5, help="untimed calls before each measurement (default: %(default)s)")
     p.add_argument("--compile-buckets", type=buckets, default=BENCH_COMPILE_BUCKETS, metavar="1,4,8",

@@ -13,9 +13,11 @@ from ..config import (
     DEFAULT_TAESD,
     DTYPE_NAMES,
     MAX_FEEDBACK,
+    MAX_LORAS,
     MAX_REUSE,
     VAE_KINDS,
     EngineConfig,
+    LoraSpec,
     StreamParams,
     parse_prompt,
     check_compile_mode,
@@ -45,6 +47,13 @@ def buckets(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def lora_spec(text: str) -> LoraSpec:
+    try:
+        return LoraSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("lora ")) from None
+
+
 def compile_mode(text: str) -> str:
     """argparse type: a torch.compile mode --compile may use (the cudagraph modes are refused, with the reason)."""
     try:
@@ -58,8 +67,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 
 
-def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool = True) -> None:
-    """Options that build the engine (and, with stream_options, a stream's default parameters)."""
+def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool = True, lora: bool = True) -> None:
+    """Options that build the engine (and, with stream_options, a stream's default parameters; --lora unless told
+    not: bench times the model's cost, which a merged LoRA does not change)."""
     d, p = EngineConfig.__dataclass_fields__, StreamParams()
     add_common_options(parser)
     g = parser.add_argument_group("engine")
@@ -75,6 +85,11 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
     g.add_argument("--vae", choices=VAE_KINDS, default=d["vae"].default,
                    help="tiny: TAESD (fast); full: the model's own AutoencoderKL (default: %(default)s)")
     g.add_argument("--taesd", default=DEFAULT_TAESD, help="hub id or folder of the tiny VAE (default: %(default)s)")
+    if lora:
+        g.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
+                       help="merge a LoRA into the model's weights at load (changes the output, costs no time a "
+                            "frame): a .safetensors file, a folder holding one, or a hub id (user/repo, or "
+                            f"user/repo/file.safetensors); SCALE defaults to 1. Repeat for up to {MAX_LORAS}")
     g.add_argument("--buckets", type=buckets, default=d["buckets"].default, metavar="1,2,4,8",
                    help="batch sizes captured as CUDA graphs (default: 1,2,4,8)")
     g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup; "
@@ -232,7 +247,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             attention=args.attention, prompt_kv=args.prompt_kv, fused_time_proj=args.fused_time_proj,
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,
-            frame_graph=args.frame_graph, reuse_layers=reuse_layers,
+            frame_graph=args.frame_graph, reuse_layers=reuse_layers, loras=tuple(getattr(args, "lora", ())),
             default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:
@@ -241,7 +256,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             raise ValueError("--compile-dynamic needs --compile")
         if cfg.aot_format != "aotinductor" and not cfg.compile_aot:
             raise ValueError(f"--aot-format {cfg.aot_format} needs --compile-aot")
+        from ..lora import missing
         from ..models import no_cuda_reason, resolve_device
+
+        for spec in cfg.loras:
+            if problem := missing(spec):  # said now, not after the model's minutes of loading
+                raise ValueError(problem)
 
         device = resolve_device(cfg.device)  # --device cuda without a GPU: said now, not after minutes of loading
         if device.type == "cpu" and cfg.device.strip().lower() == "auto" and cfg.model != "tiny-random" \

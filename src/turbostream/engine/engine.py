@@ -173,7 +173,8 @@ class Engine:
         t0 = time.perf_counter()
         if components is None:
             components = load_components(
-                config.model, device=self.device, dtype=self.dtype, vae=config.vae, taesd=config.taesd
+                config.model, device=self.device, dtype=self.dtype, vae=config.vae, taesd=config.taesd,
+                loras=config.loras,
             )
         weights_dtype = next(components.unet.parameters()).dtype
         if weights_dtype != self.dtype:

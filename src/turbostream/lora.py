@@ -1,0 +1,242 @@
+"""LoRA weights merged into the UNet and the text encoder when they load (`--lora FILE[:SCALE]`, repeatable).
+
+A LoRA adds a low-rank product to a layer's weight: W' = W + scale * (alpha / r) * B @ A, with A (r, in) and B (out,
+r) (for a convolution, A holds the kernel and B is 1x1). Merging it into W once, before the engine prepares the
+modules, leaves every module as it was: the same Linear and Conv2d layers, so the CUDA graphs, torch.compile's
+artifacts (which read the live weights), the fused QKV projections and the Triton kernels see nothing new, and a
+frame costs what it cost without a LoRA. Nothing can be changed per stream: a merged LoRA is the engine's for good.
+
+diffusers reads the file (`lora_state_dict`: the diffusers/PEFT layout and kohya-ss's, which A1111 and ComfyUI
+use) and renames its keys to PEFT's (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`); the merge itself is the line
+above, done here rather than by injecting PEFT adapters and fusing them, which would make PEFT a dependency of every
+install and, for the text encoder, tie it to transformers' PEFT version floor. tests/test_lora.py checks the merged
+engine against diffusers' own pipeline running the same LoRA unmerged, through PEFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from .config import LoraSpec, check_loras
+from .errors import ModelLoadError
+
+log = logging.getLogger("turbostream.models")
+
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Layers of the UNet and the text encoder a LoRA may adapt, by the key prefix diffusers gives them.
+PARTS = ("unet", "text_encoder")
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding")
+
+
+def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, model: str = "") -> list[dict]:
+    """Merge each LoRA into the modules' weights, in order; one summary per LoRA (layers merged per part).
+
+    ModelLoadError when a LoRA cannot be read, holds no LoRA weights, or adapts layers this model does not have (a
+    LoRA made for another model: SDXL, or SD 1.5 on SD 2.1's UNet)."""
+    summaries = []
+    for spec in check_loras(loras):
+        t0 = time.perf_counter()
+        state, alphas, metadata = _read(spec)
+        counts = {}
+        with torch.no_grad():
+            for part, root in (("unet", unet), ("text_encoder", text_encoder)):
+                layers = _layers(part, root, state, alphas)
+                counts[part] = _merge(part, root, layers, spec, (metadata or {}).get(part) or {}, model)
+        if not any(counts.values()):
+            raise ModelLoadError(f"LoRA {spec.source}: no LoRA weights for a UNet or a text encoder in it")
+        summary = {"lora": spec.source, "scale": spec.scale, "unet_layers": counts["unet"],
+                   "text_encoder_layers": counts["text_encoder"], "seconds": round(time.perf_counter() - t0, 3)}
+        log.info("LoRA %s merged: %d layers of the UNet, %d of the text encoder (%.2f s)", spec.shown,
+                 counts["unet"], counts["text_encoder"], summary["seconds"])
+        summaries.append(summary)
+    return summaries
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def looks_local(source: str) -> bool:
+    """Whether a --lora source names a file or folder here rather than a hub id: a path's start (/, ./, ../, ~, a
+    drive letter), or a weight file with at most one folder before it (a hub file has two: user/repo/x.safetensors).
+    """
+    if source.startswith(("/", "./", "../", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", source) or Path(source).exists():
+        return True
+    return source.endswith(LORA_SUFFIXES) and source.replace("\\", "/").count("/") < 2
+
+
+def missing(spec: LoraSpec) -> str | None:
+    """Why a LoRA given as a local file or folder cannot be read (it is not there), said before the model loads."""
+    if looks_local(spec.source) and not Path(spec.source).expanduser().exists():
+        return f"--lora {spec.source}: no such file or folder"
+    return None
+
+
+def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
+    """(state dict with part prefixes, network alphas by key, PEFT metadata by part) as diffusers reads the file."""
+    from diffusers import StableDiffusionPipeline
+
+    from .models import _hub_preflight, _short
+
+    source, kwargs = spec.source, {}
+    path = Path(source).expanduser()
+    if path.is_file():
+        source, kwargs = str(path.parent), {"weight_name": path.name, "local_files_only": True}
+    elif path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(LORA_SUFFIXES))
+        if not files:
+            raise ModelLoadError(f"LoRA {spec.source}: the folder holds no .safetensors (or .bin) file")
+        name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else files[0]
+        if len(files) > 1 and name != "pytorch_lora_weights.safetensors":
+            raise ModelLoadError(f"LoRA {spec.source}: the folder holds {len(files)} weight files "
+                                 f"({', '.join(files[:4])}); name one: --lora {path / files[0]}")
+        source, kwargs = str(path), {"weight_name": name, "local_files_only": True}
+    elif looks_local(source):
+        raise ModelLoadError(f"LoRA {spec.source}: no such file or folder")
+    else:
+        # A hub id, or a hub id with the file's path in the repo: user/repo/style.safetensors.
+        parts = source.split("/")
+        if len(parts) > 2 and parts[-1].endswith(LORA_SUFFIXES):
+            source, kwargs = "/".join(parts[:2]), {"weight_name": "/".join(parts[2:])}
+        probe = kwargs.get("weight_name", "pytorch_lora_weights.safetensors")
+        kwargs["local_files_only"] = _hub_preflight(source, probe)
+    try:
+        try:
+            state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True,
+                                                                              **kwargs)
+        except TypeError:  # diffusers before the metadata argument
+            (state, alphas), metadata = StableDiffusionPipeline.lora_state_dict(source, **kwargs), None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"LoRA {spec.source}: could not read it: {_short(exc)}") from exc
+    if not isinstance(state, dict) or not state:
+        raise ModelLoadError(f"LoRA {spec.source}: the file holds no weights")
+    if not any("lora" in k for k in state):
+        raise ModelLoadError(f"LoRA {spec.source}: it holds no LoRA weights (a model's own weights? --model takes "
+                             "those, as a folder in the diffusers layout)")
+    if not any(k.split(".")[0] in (*PARTS, "text_encoder_2") for k in state) \
+            and all(k.split(".")[0] in UNET_BLOCKS for k in state):
+        # diffusers' first LoRA files (attention processors' weights) name UNet layers without the "unet." prefix.
+        state = {f"unet.{k}": v for k, v in state.items()}
+        alphas = {f"unet.{k}": v for k, v in (alphas or {}).items()}
+    by_part: dict[str, dict] = {}
+    for key, value in (metadata or {}).items():
+        part, _, name = key.partition(".")
+        by_part.setdefault(part, {})[name] = value
+    return state, dict(alphas or {}), by_part
+
+
+def _layers(part: str, root: torch.nn.Module, state: dict, alphas: dict) -> dict[str, dict]:
+    """The LoRA layers of one part: {layer name in `root`: {"A", "B", optional "bias", "alpha"}}, keys in PEFT's form.
+
+    Keys of other parts (a second text encoder: an SDXL LoRA) or of no part are refused here, once, for the UNet."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if part == "unet":
+        others = sorted({k.split(".")[0] for k in state} - set(PARTS))
+        if others:
+            hint = " (a second text encoder: a LoRA for SDXL)" if "text_encoder_2" in others else ""
+            raise ModelLoadError(f"LoRA weights for parts this model does not have: {', '.join(others[:4])}{hint}")
+
+    def convert(entries: dict) -> dict:
+        if not entries:
+            return {}
+        if part == "unet":
+            return convert_unet_state_dict_to_peft(entries)
+        converted = convert_state_dict_to_peft(convert_state_dict_to_diffusers(entries))
+        if not hasattr(root, "text_model"):  # transformers 5 flattened CLIPTextModel; older LoRAs name text_model.
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        return converted
+
+    prefix = f"{part}."
+    mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    # Renamed as a whole (the renaming infers the layout from all keys at once), each value tagged with its original
+    # key, so that a network alpha (keyed as its layer's down weight plus ".alpha") finds its layer afterwards.
+    originals = list(mine)
+    renamed = {new: originals[tag] for new, tag in convert({k: i for i, k in enumerate(originals)}).items()}
+    layers: dict[str, dict] = {}
+    name_of: dict[str, str] = {}
+    for key, original in renamed.items():
+        if "lora_magnitude_vector" in key or "dora_scale" in key:
+            raise ModelLoadError("DoRA weights (a magnitude vector per layer) are not supported: only plain LoRA")
+        match = re.fullmatch(r"(.+)\.lora_([AB])\.(weight|bias)", key)
+        if match is None or (match.group(3) == "bias" and match.group(2) == "A"):
+            raise ModelLoadError(f"a weight of the LoRA is not a LoRA layer's: {prefix}{key} (LoHa, LoKr and other "
+                                 "adapters are not supported)")
+        name, which, kind = match.groups()
+        layers.setdefault(name, {})["bias" if kind == "bias" else which] = mine[original]
+        name_of[original] = name
+    for key, alpha in alphas.items():  # network alphas (kohya-ss)
+        if key.startswith(prefix) and key.endswith(".alpha"):
+            name = name_of.get(key[len(prefix):-len(".alpha")])
+            if name is not None:
+                layers[name]["alpha"] = float(alpha)
+    return layers
+
+
+# --------------------------------------------------------------------------------------------- merging
+
+
+def _peft_alpha(name: str, rank: int, config: dict) -> float | None:
+    """The alpha PEFT's metadata gives a layer (its alpha_pattern first, then lora_alpha); None if it gives none."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return float(alpha)
+    alpha = config.get("lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
+def _merge(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: LoraSpec, config: dict,
+           model: str) -> int:
+    """W += scale * alpha/r * B @ A for every layer; the number merged. Checks every layer before changing any."""
+    if config.get("use_dora"):
+        raise ModelLoadError(f"LoRA {spec.source}: DoRA weights are not supported: only plain LoRA")
+    alphas_given = [layer["alpha"] for layer in layers.values() if "alpha" in layer]
+    # A layer without an alpha of its own takes the most common one given (as diffusers does); none given: alpha = r.
+    common_alpha = max(set(alphas_given), key=alphas_given.count) if alphas_given else None
+    plan = []
+    for name, layer in sorted(layers.items()):
+        where = f"LoRA {spec.source}: {part} layer {name}"
+        if "A" not in layer or "B" not in layer:
+            raise ModelLoadError(f"{where} has only one of its two matrices")
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"{where} is not in the model{_for(model)}: is the LoRA for another model "
+                                 "(SDXL; SD 1.5 on SD 2.1)?") from None
+        weight = getattr(module, "weight", None)
+        a, b = layer["A"], layer["B"]
+        rank = a.shape[0]
+        if not isinstance(weight, torch.Tensor) or b.ndim < 2 or b.shape[1] != rank \
+                or (b.shape[0], *a.shape[1:]) != tuple(weight.shape) or any(s != 1 for s in b.shape[2:]):
+            raise ModelLoadError(f"{where}: its matrices {tuple(b.shape)} x {tuple(a.shape)} do not fit the layer's "
+                                 f"{tuple(getattr(weight, 'shape', ()))}: is the LoRA for another model "
+                                 f"(SD 1.5 on SD 2.1, say){_for(model)}?")
+        bias = layer.get("bias")
+        if bias is not None and getattr(module, "bias", None) is None:
+            raise ModelLoadError(f"{where} has a bias, the layer none")
+        alpha = _peft_alpha(name, rank, config)
+        if alpha is None:
+            alpha = layer.get("alpha", common_alpha if common_alpha is not None else rank)
+        factor = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        plan.append((module, a, b, bias, spec.scale * factor))
+    for module, a, b, bias, factor in plan:
+        weight = module.weight
+        delta = (b.flatten(1).to(weight.device, torch.float32) @ a.flatten(1).to(weight.device, torch.float32))
+        weight.copy_((weight.float() + factor * delta.view(weight.shape)).to(weight.dtype))
+        if bias is not None:
+            module.bias.copy_((module.bias.float() + factor * bias.to(module.bias.device, torch.float32))
+                              .to(module.bias.dtype))
+    return len(plan)
+
+
+def _for(model: str) -> str:
+    return f" ({model})" if model else ""

@@ -1,0 +1,285 @@
+"""--lora: LoRAs merged into the weights at load, checked against diffusers running the same LoRA unmerged (PEFT)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from turbostream.config import MAX_LORAS, LoraSpec, StreamParams, preset
+from turbostream.engine import Engine
+from turbostream.errors import ModelLoadError
+from turbostream.lora import merge_loras
+from turbostream.models import diffusers_pipeline, load_components
+from turbostream.parity import parity_stats
+from turbostream.reference import ReferencePipeline, reference_components
+
+peft = pytest.importorskip("peft")  # the reference runs LoRAs through PEFT, as diffusers does
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "time_emb_proj", "ff.net.2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+PARAMS = [StreamParams("a red fox", 0.5, 2, 3), StreamParams("a lighthouse", 0.7, 2, 11)]
+
+
+def _frames(n: int = 2, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _inject(module: torch.nn.Module, config, seed: int) -> dict:
+    """PEFT LoRA layers (random A and B, small enough to keep pictures in range) into module; their state dict."""
+    from peft import inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    inject_adapter_in_model(config, module)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.2)
+    return get_peft_model_state_dict(module)
+
+
+def _scale(module: torch.nn.Module, scale: float) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            m.scale_layer(scale)
+
+
+@pytest.fixture(scope="module")
+def peft_lora(tmp_path_factory):
+    """A LoRA of the UNet (attention, feed-forward, 3x3 convs, time projections) and the text encoder, alpha != rank
+    and a pattern alpha for the convs, saved as diffusers saves one; and fresh components running it unmerged."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    ref = reference_components("tiny-random")
+    unet_cfg = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"conv1": 2}, target_modules=UNET_TARGETS,
+                          init_lora_weights=False)
+    text_cfg = LoraConfig(r=2, lora_alpha=1, target_modules=TEXT_TARGETS, init_lora_weights=False)
+    unet_layers = _inject(ref.unet, unet_cfg, 1)
+    text_layers = _inject(ref.text_encoder, text_cfg, 2)
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
+        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=text_cfg.to_dict())
+    return folder / "pytorch_lora_weights.safetensors", ref
+
+
+def _engine(*loras) -> Engine:
+    return Engine(preset("test", loras=loras))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_a_merged_lora_matches_diffusers_running_it_unmerged(peft_lora, scale):
+    path, ref = peft_lora
+    _scale(ref.unet, scale)
+    _scale(ref.text_encoder, scale)
+    try:
+        expected = ReferencePipeline(ref).run(_frames(), PARAMS)  # diffusers encodes the prompts through the LoRA
+    finally:
+        _scale(ref.unet, 1 / scale)
+        _scale(ref.text_encoder, 1 / scale)
+    engine = _engine(LoraSpec(str(path), scale))
+    ours = engine.run(_frames(), PARAMS)
+    assert parity_stats(ours, expected)["max"] <= 2
+    plain = _engine().run(_frames(), PARAMS)
+    assert np.abs(np.stack(plain).astype(int) - np.stack(ours)).mean() > 5  # the LoRA really changes the frames
+    summary = engine.components.loras[0]
+    assert summary["unet_layers"] > 40 and summary["text_encoder_layers"] == 5 * 2  # tiny CLIP: 2 layers
+    assert summary["scale"] == scale
+
+
+def test_merging_leaves_every_module_as_it_was_and_scale_zero_changes_nothing(peft_lora):
+    path, _ = peft_lora
+    plain = load_components("tiny-random", device="cpu")
+    merged = load_components("tiny-random", device="cpu", loras=[f"{path}:0"])
+    for a, b in ((plain.unet, merged.unet), (plain.text_encoder, merged.text_encoder)):
+        assert [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in b.named_modules()]
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    half = load_components("tiny-random", device="cpu", loras=[f"{path}:0.5"])
+    full = load_components("tiny-random", device="cpu", loras=[str(path)])
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    w0, w1, w2 = (c.unet.state_dict()[name] for c in (plain, half, full))
+    torch.testing.assert_close(w2 - w0, 2 * (w1 - w0))  # the product is added in proportion to the scale
+    assert (w2 - w0).abs().max() > 0.1
+    twice = load_components("tiny-random", device="cpu", loras=[str(path), f"{path}:-1"])  # LoRAs add up, in order
+    torch.testing.assert_close(twice.unet.state_dict()[name], w0, atol=1e-5, rtol=0)
+
+
+def _kohya(components, parts: dict[str, list[str]], alpha: float, rank: int = 4, seed: int = 0) -> dict:
+    """A kohya-ss (A1111, ComfyUI) LoRA of the named layers: lora_down/lora_up/alpha keys."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, (root, names) in parts.items():
+        for name in names:
+            w = root.get_submodule(name).weight
+            key = f"{prefix}_{name.removeprefix('text_model.').replace('.', '_')}"  # kohya: text_model_encoder_...
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.3
+            state[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, *[1] * (w.ndim - 2), generator=g) * 0.3
+            state[f"{key}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def test_a_kohya_lora_merges_as_diffusers_loads_it(tmp_path):
+    """kohya-ss's layout with its network alpha, for the UNet: diffusers' own load_lora_weights runs it unmerged."""
+    ref = reference_components("tiny-random")
+    names = [n for n, m in ref.unet.named_modules()
+             if n.endswith(("attn1.to_q", "attn2.to_v", "attn1.to_out.0", "ff.net.2")) or n.endswith("resnets.0.conv1")]
+    path = tmp_path / "style.safetensors"
+    save_file(_kohya(ref, {"lora_unet": (ref.unet, names)}, alpha=2.0), path)
+    pipe = diffusers_pipeline(ref)
+    pipe.load_lora_weights(str(path), adapter_name="style")
+    expected = ReferencePipeline(ref).run(_frames(seed=4), PARAMS)
+    engine = _engine(LoraSpec(str(path), 1.0))
+    assert engine.components.loras[0]["unet_layers"] == len(names)
+    assert parity_stats(engine.run(_frames(seed=4), PARAMS), expected)["max"] <= 2
+    assert np.abs(np.stack(_engine().run(_frames(seed=4), PARAMS)).astype(int) - np.stack(expected)).mean() > 5
+
+
+def test_a_kohya_text_encoder_lora_takes_its_alpha(tmp_path):
+    """The text encoder's kohya keys (lora_te_...) and alphas: the same merge as PEFT's layout with B scaled by alpha/r
+    beforehand (diffusers' text-encoder path needs a newer PEFT than this machine has, so weights are compared)."""
+    comps = load_components("tiny-random", device="cpu")
+    names = [n for n, _ in comps.text_encoder.named_modules()  # what kohya-ss trains: attention and MLP
+             if n.endswith(("_proj", "fc1", "fc2")) and ".layers." in n]
+    kohya = _kohya(comps, {"lora_te_text_model": (comps.text_encoder, names)}, alpha=1.0, seed=5)
+    save_file(kohya, tmp_path / "k.safetensors")
+    peft_layout = {}
+    for name in names:
+        key = f"lora_te_text_model_{name.removeprefix('text_model.').replace('.', '_')}"
+        peft_layout[f"text_encoder.{name}.lora_A.weight"] = kohya[f"{key}.lora_down.weight"]
+        peft_layout[f"text_encoder.{name}.lora_B.weight"] = kohya[f"{key}.lora_up.weight"] * (1.0 / 4)
+    save_file(peft_layout, tmp_path / "p.safetensors")
+    a = load_components("tiny-random", device="cpu", loras=[str(tmp_path / "k.safetensors")])
+    b = load_components("tiny-random", device="cpu", loras=[str(tmp_path / "p.safetensors")])
+    assert a.loras[0]["text_encoder_layers"] == len(names) == b.loras[0]["text_encoder_layers"]
+    for key, value in a.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, b.text_encoder.state_dict()[key])
+    assert any(not torch.equal(v, comps.text_encoder.state_dict()[k]) for k, v in a.text_encoder.state_dict().items())
+
+
+def _write(path, state, metadata=None):
+    save_file(state, path, metadata=metadata)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_components("tiny-random", device="cpu")
+
+
+def _expect_error(tiny, source, *words):
+    before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    with pytest.raises(ModelLoadError) as info:
+        merge_loras(tiny.unet, tiny.text_encoder, [source], model="tiny-random")
+    message = str(info.value)
+    assert all(w in message for w in words), message
+    after = tiny.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # a refused LoRA changes nothing
+    return message
+
+
+def test_loras_that_cannot_fit_are_refused_with_the_reason(tiny, tmp_path):
+    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    w = tiny.unet.get_submodule(to_q).weight
+    good = {f"unet.{to_q}.lora_A.weight": torch.ones(2, w.shape[1]), f"unet.{to_q}.lora_B.weight": torch.ones(w.shape[0], 2)}
+    _expect_error(tiny, str(tmp_path / "nowhere.safetensors"), "no such file")
+    (tmp_path / "empty").mkdir()
+    _expect_error(tiny, str(tmp_path / "empty"), "holds no .safetensors")
+    (tmp_path / "two").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        _write(tmp_path / "two" / name, good)
+    _expect_error(tiny, str(tmp_path / "two"), "2 weight files", "name one")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    _expect_error(tiny, str(tmp_path / "junk.safetensors"), "could not read it")
+    sdxl = {**good, "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 32),
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(32, 2)}
+    _expect_error(tiny, _write(tmp_path / "sdxl.safetensors", sdxl), "text_encoder_2", "SDXL")
+    wide = {f"unet.{to_q}.lora_A.weight": torch.ones(2, w.shape[1] + 8),
+            f"unet.{to_q}.lora_B.weight": torch.ones(w.shape[0], 2)}
+    _expect_error(tiny, _write(tmp_path / "wide.safetensors", wide), "do not fit", "another model")
+    absent = {"unet.down_blocks.9.attentions.0.proj_in.lora_A.weight": torch.ones(2, 4),
+              "unet.down_blocks.9.attentions.0.proj_in.lora_B.weight": torch.ones(4, 2)}
+    _expect_error(tiny, _write(tmp_path / "absent.safetensors", absent), "is not in the model", "another model")
+    half = {f"unet.{to_q}.lora_A.weight": torch.ones(2, w.shape[1])}
+    _expect_error(tiny, _write(tmp_path / "half.safetensors", half), "only one of its two")
+    dora = {**good, f"unet.{to_q}.lora_magnitude_vector": torch.ones(w.shape[0])}
+    _expect_error(tiny, _write(tmp_path / "dora.safetensors", dora), "DoRA")
+    _expect_error(tiny, _write(tmp_path / "model.safetensors", {"conv_in.weight": torch.ones(3)}), "no LoRA weights")
+    loha = {**good, f"unet.{to_q}.lora_hada_w1_a": torch.ones(2, 2)}
+    _expect_error(tiny, _write(tmp_path / "loha.safetensors", loha), "not a LoRA layer", "LoHa")
+    # The good one merges (so the refusals above were for the reasons named, not for the layout).
+    assert merge_loras(tiny.unet, tiny.text_encoder, [_write(tmp_path / "good.safetensors", good) + ":0"])
+
+
+def test_lora_specs_read_a_scale_after_the_last_colon():
+    assert LoraSpec.parse("style.safetensors") == LoraSpec("style.safetensors", 1.0)
+    assert LoraSpec.parse("style.safetensors:0.8") == LoraSpec("style.safetensors", 0.8)
+    assert LoraSpec.parse("user/repo:-0.5") == LoraSpec("user/repo", -0.5)
+    assert LoraSpec.parse("C:\\loras\\ink.safetensors") == LoraSpec("C:\\loras\\ink.safetensors", 1.0)
+    assert LoraSpec.parse("C:\\loras\\ink.safetensors:0.7") == LoraSpec("C:\\loras\\ink.safetensors", 0.7)
+    for bad in ("x:11", "x:nan", "x:inf", ":0.5"):
+        with pytest.raises(ValueError):
+            LoraSpec.parse(bad)
+    with pytest.raises(ValueError, match=f"at most {MAX_LORAS}"):
+        preset("test", loras=tuple(f"x{i}.safetensors" for i in range(MAX_LORAS + 1)))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "turbostream", *args], capture_output=True, text=True, timeout=240,
+                          cwd=cwd)
+
+
+@pytest.mark.slow
+def test_generate_with_a_lora_draws_another_picture_and_bad_ones_get_one_line(peft_lora, tmp_path):
+    path, _ = peft_lora
+    common = ["generate", "--model", "tiny-random", "--device", "cpu", "--size", "64", "--prompt", "a red fox",
+              "--seed", "3"]
+    plain = _cli(*common, "-o", str(tmp_path / "plain.png"))
+    styled = _cli(*common, "--lora", f"{path}:0.8", "-o", str(tmp_path / "styled.png"), "-v")
+    assert plain.returncode == 0 and styled.returncode == 0, plain.stderr + styled.stderr
+    assert f"LoRA {path} (scale 0.8) merged" in styled.stderr
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("plain", "styled"))
+    assert np.abs(a - b).mean() > 5
+    missing = _cli(*common, "--lora", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "x.png"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
+    bad_scale = _cli(*common, "--lora", f"{path}:20", "-o", str(tmp_path / "x.png"))
+    assert bad_scale.returncode == 2 and "scale must be between -10 and 10" in bad_scale.stderr
+    assert "--lora" not in _cli("bench", "--help").stdout  # bench times the model; a merged LoRA costs nothing
+
+
+def test_the_lora_file_layout_this_test_writes_is_diffusers(peft_lora):
+    """The fixture's file carries diffusers' adapter metadata (the alphas the merge must honour)."""
+    from safetensors import safe_open
+
+    path, _ = peft_lora
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.lora_alpha"] == 8 and meta["unet.alpha_pattern"] == {"conv1": 2}
+    assert meta["text_encoder.lora_alpha"] == 1
+
+
+def test_a_lora_that_is_not_there_is_said_before_the_model_loads():
+    """A local file or folder that does not exist is one line from the option check; a hub id goes to the hub."""
+    from turbostream.lora import looks_local, missing
+
+    for local in ("style.safetensors", "loras/style.safetensors", "./x", "/nowhere/x", "~/x.safetensors",
+                  "C:\\loras\\ink.safetensors", "D:/loras/ink.safetensors"):
+        assert looks_local(local), local
+        assert missing(LoraSpec(local)) == f"--lora {local}: no such file or folder"
+    for hub in ("user/repo", "user/repo/style.safetensors", "user/repo/sub/style.safetensors"):
+        assert not looks_local(hub) and missing(LoraSpec(hub)) is None, hub
+    result = _cli("generate", "x", "--model", "tiny-random", "--device", "cpu", "--lora", "nowhere.safetensors:0.5",
+                  "-o", "x.png")
+    assert result.returncode == 2 and "--lora nowhere.safetensors: no such file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
