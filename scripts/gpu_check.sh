@@ -8,7 +8,8 @@
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
 #         tests run on CUDA, not through Triton's interpreter); logs in $OUT/tests-gpu.log and tests-fused.log. About
-#         three minutes. tests-gpu and tests-fused run one half each
+#         three minutes. tests-gpu and tests-fused run one half each. The LoRA test needs PEFT: carry its wheel
+#         (device-wheels.sh peft); skipped without it
 # parity: scripts/gpu_parity.py (the project's parity rule: the engine in fp16 with graphs and diffusers in fp16,
 #         both against diffusers in fp32 on fresh components, TAESD and the full VAE, with a stage diagnosis and
 #         one-setting variants), then the GPU tests of tests/test_parity.py; JSON in $OUT/parity.json
@@ -119,7 +120,8 @@ status=0
 if [ -d .whl ] && { ! python3 -c "import diffusers, websockets, simplejpeg" 2>/dev/null \
     || { ls .whl/torchao-*.whl >/dev/null 2>&1 && ! python3 -c "import torchao" 2>/dev/null; } \
     || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && ! python3 -c "import torchvision" 2>/dev/null; } \
-    || { ls .whl/streamdiffusion-*.whl >/dev/null 2>&1 && ! python3 -c "import streamdiffusion" 2>/dev/null; }; }; then
+    || { ls .whl/streamdiffusion-*.whl >/dev/null 2>&1 && ! python3 -c "import streamdiffusion" 2>/dev/null; } \
+    || { ls .whl/peft-*.whl >/dev/null 2>&1 && ! python3 -c "import peft" 2>/dev/null; }; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi

@@ -144,6 +144,33 @@ def test_a_kohya_lora_merges_as_diffusers_loads_it(tmp_path):
     assert np.abs(np.stack(_engine().run(_frames(seed=4), PARAMS)).astype(int) - np.stack(expected)).mean() > 5
 
 
+@pytest.mark.gpu
+def test_a_merged_lora_passes_the_parity_rule_in_fp16_on_cuda(tmp_path):
+    """The GPU-correctness rule with a LoRA: the fp16 engine (graphs, the LoRA merged in float32 on the device, then
+    rounded once) against diffusers running it unmerged in fp32 (R) and in fp16 (P16), through load_lora_weights."""
+    from turbostream.parity import parity_verdict
+
+    ref = reference_components("tiny-random", device="cuda")
+    names = [n for n, m in ref.unet.named_modules()
+             if n.endswith(("attn1.to_q", "attn2.to_v", "attn1.to_out.0", "ff.net.2")) or n.endswith("resnets.0.conv1")]
+    path = tmp_path / "style.safetensors"
+    save_file(_kohya(ref, {"lora_unet": (ref.unet, names)}, alpha=2.0), path)
+    frames = [np.ascontiguousarray(np.repeat(np.repeat(f, 2, 0), 2, 1)) for f in _frames(seed=6)]  # 128 px
+    outputs = {}
+    for dtype in (torch.float32, torch.float16):
+        comps = ref if dtype == torch.float32 else reference_components("tiny-random", device="cuda", dtype=dtype)
+        diffusers_pipeline(comps).load_lora_weights(str(path), adapter_name="style")
+        outputs[dtype] = ReferencePipeline(comps).run(frames, PARAMS)
+    engine = Engine(preset("test", device="cuda", dtype="float16", width=128, height=128, buckets=(1, 2),
+                           loras=(LoraSpec(str(path), 1.0),)))
+    engine.warmup()
+    ours = engine.run(frames, PARAMS)
+    assert engine.stats.graph_replays >= 1
+    verdict = parity_verdict(parity_stats(ours, outputs[torch.float32]), parity_stats(outputs[torch.float16],
+                                                                                        outputs[torch.float32]))
+    assert verdict["pass"], verdict
+
+
 def test_a_kohya_text_encoder_lora_takes_its_alpha(tmp_path):
     """The text encoder's kohya keys (lora_te_...) and alphas: the same merge as PEFT's layout with B scaled by alpha/r
     beforehand (diffusers' text-encoder path needs a newer PEFT than this machine has, so weights are compared)."""
@@ -164,6 +191,39 @@ def test_a_kohya_text_encoder_lora_takes_its_alpha(tmp_path):
     for key, value in a.text_encoder.state_dict().items():
         torch.testing.assert_close(value, b.text_encoder.state_dict()[key])
     assert any(not torch.equal(v, comps.text_encoder.state_dict()[k]) for k, v in a.text_encoder.state_dict().items())
+
+
+def test_diffusers_first_lora_layout_without_the_unet_prefix_merges_the_same(tmp_path):
+    """diffusers' first LoRA files (attention processors' weights: ...processor.to_q_lora.down.weight, no "unet."
+    prefix) merge as the same matrices in today's layout do."""
+    comps = load_components("tiny-random", device="cpu")
+    g = torch.Generator().manual_seed(7)
+    old, new = {}, {}
+    for name, module in comps.unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_out.0")):
+            down = torch.randn(4, module.weight.shape[1], generator=g)
+            up = torch.randn(module.weight.shape[0], 4, generator=g)
+            proc, layer = name.rsplit(".", 1) if not name.endswith("to_out.0") else (name[:-len(".to_out.0")], "to_out")
+            old[f"{proc}.processor.{layer}_lora.down.weight"] = down
+            old[f"{proc}.processor.{layer}_lora.up.weight"] = up
+            new[f"unet.{name}.lora_A.weight"] = down
+            new[f"unet.{name}.lora_B.weight"] = up
+    a = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "old.safetensors", old)])
+    b = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "new.safetensors", new)])
+    assert a.loras[0]["unet_layers"] == len(new) // 2 == b.loras[0]["unet_layers"]
+    for key, value in a.unet.state_dict().items():
+        torch.testing.assert_close(value, b.unet.state_dict()[key])
+    assert any(not torch.equal(v, comps.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+
+
+def test_a_file_too_large_for_a_lora_is_refused_before_it_is_read(tiny, tmp_path, monkeypatch):
+    import turbostream.lora as lora
+
+    path = tmp_path / "model.safetensors"
+    _write(path, {"unet.x.lora_A.weight": torch.ones(64, 64)})
+    monkeypatch.setattr(lora, "MAX_LORA_BYTES", 1024)
+    _expect_error(tiny, str(path), "more than any LoRA", "checkpoint")
+    _expect_error(tiny, str(tmp_path), "more than any LoRA", "model.safetensors")  # the folder's one file
 
 
 def _write(path, state, metadata=None):
@@ -190,7 +250,8 @@ def _expect_error(tiny, source, *words):
 def test_loras_that_cannot_fit_are_refused_with_the_reason(tiny, tmp_path):
     to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     w = tiny.unet.get_submodule(to_q).weight
-    good = {f"unet.{to_q}.lora_A.weight": torch.ones(2, w.shape[1]), f"unet.{to_q}.lora_B.weight": torch.ones(w.shape[0], 2)}
+    good = {f"unet.{to_q}.lora_A.weight": torch.ones(2, w.shape[1]),
+            f"unet.{to_q}.lora_B.weight": torch.ones(w.shape[0], 2)}
     _expect_error(tiny, str(tmp_path / "nowhere.safetensors"), "no such file")
     (tmp_path / "empty").mkdir()
     _expect_error(tiny, str(tmp_path / "empty"), "holds no .safetensors")

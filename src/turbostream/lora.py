@@ -32,6 +32,9 @@ LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Layers of the UNet and the text encoder a LoRA may adapt, by the key prefix diffusers gives them.
 PARTS = ("unet", "text_encoder")
 UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding")
+# The largest LoRA file read: SD LoRAs of rank 256 are under 1 GiB; a file past this is most likely a whole model's
+# checkpoint, which would be read into memory whole before its keys show it holds no LoRA.
+MAX_LORA_BYTES = 2 << 30
 
 
 def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, model: str = "") -> list[dict]:
@@ -86,6 +89,9 @@ def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
     source, kwargs = spec.source, {}
     path = Path(source).expanduser()
     if path.is_file():
+        if path.stat().st_size > MAX_LORA_BYTES:
+            raise ModelLoadError(f"LoRA {spec.source}: {path.stat().st_size / 2**30:.1f} GiB is more than any LoRA "
+                                 f"(at most {MAX_LORA_BYTES >> 30} GiB read): is it a model's checkpoint?")
         source, kwargs = str(path.parent), {"weight_name": path.name, "local_files_only": True}
     elif path.is_dir():
         files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(LORA_SUFFIXES))
@@ -95,6 +101,8 @@ def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
         if len(files) > 1 and name != "pytorch_lora_weights.safetensors":
             raise ModelLoadError(f"LoRA {spec.source}: the folder holds {len(files)} weight files "
                                  f"({', '.join(files[:4])}); name one: --lora {path / files[0]}")
+        if (path / name).stat().st_size > MAX_LORA_BYTES:
+            return _read(LoraSpec(str(path / name), spec.scale))  # refused there, with the file's name
         source, kwargs = str(path), {"weight_name": name, "local_files_only": True}
     elif looks_local(source):
         raise ModelLoadError(f"LoRA {spec.source}: no such file or folder")
