@@ -344,3 +344,38 @@ def test_a_lora_that_is_not_there_is_said_before_the_model_loads():
                   "-o", "x.png")
     assert result.returncode == 2 and "--lora nowhere.safetensors: no such file or folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_options_that_derive_from_the_weights_see_the_merged_ones(peft_lora):
+    """The merge comes before the engine prepares its modules: the prompts' cross-attention keys and values
+    (--prompt-kv) and the stacked time projections (--fused-time-proj), both copied from the weights, carry the LoRA."""
+    path, _ = peft_lora
+    spec = LoraSpec(str(path), 0.8)
+    plain = _engine(spec).run(_frames(seed=2), PARAMS)
+    derived = Engine(preset("test", loras=(spec,), prompt_kv=True, fused_time_proj=True)).run(_frames(seed=2), PARAMS)
+    assert parity_stats(derived, plain)["max"] <= 1
+    assert np.abs(np.stack(_engine().run(_frames(seed=2), PARAMS)).astype(int) - np.stack(plain)).mean() > 5
+
+
+@pytest.mark.slow
+def test_compiled_artifacts_built_without_a_lora_serve_an_engine_with_one(peft_lora, tmp_path, monkeypatch):
+    """--compile-aot's artifacts read the live weights, so the compile cache is not keyed by the LoRA: artifacts built
+    without one are loaded (nothing built) by an engine with one, and its frames are that LoRA's."""
+    from turbostream.engine.aot import DynamoArtifacts
+
+    path, _ = peft_lora
+    config = dict(device="cpu", width=64, height=64, buckets=(1,), compile_cache=str(tmp_path), compile=True,
+                  compile_aot=True, aot_format="dynamo")
+    built = Engine(preset("test", **config))
+    assert built.warmup().aot_packages_built == 3
+
+    def no_build(self, path, *args):
+        raise AssertionError(f"an engine with a LoRA must load the artifacts built without one, not build {path.name}")
+
+    monkeypatch.setattr(DynamoArtifacts, "_build", no_build)
+    spec = LoraSpec(str(path), 0.8)
+    ahead = Engine(preset("test", loras=(spec,), **config))
+    stats = ahead.warmup()
+    assert (stats.aot_packages_built, stats.aot_packages_loaded) == (0, 3)
+    expected = _engine(spec).run(_frames(seed=8), PARAMS)
+    assert parity_stats(ahead.run(_frames(seed=8), PARAMS), expected)["max"] <= 1
