@@ -216,6 +216,25 @@ def test_diffusers_first_lora_layout_without_the_unet_prefix_merges_the_same(tmp
     assert any(not torch.equal(v, comps.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
 
 
+def test_an_alpha_kept_among_the_weights_scales_its_layer(tmp_path):
+    """"<layer>.alpha" beside "<layer>.lora_A.weight" (some converters write alphas so) is that layer's alpha."""
+    comps = load_components("tiny-random", device="cpu")
+    g = torch.Generator().manual_seed(9)
+    inline, scaled = {}, {}
+    for name, module in comps.unet.named_modules():
+        if name.endswith(("attn1.to_k", "ff.net.2")):
+            a = torch.randn(4, module.weight.shape[1], generator=g)
+            b = torch.randn(module.weight.shape[0], 4, generator=g)
+            inline.update({f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b,
+                           f"unet.{name}.alpha": torch.tensor(1.0)})
+            scaled.update({f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b / 4})
+    a = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "inline.safetensors", inline)])
+    b = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "scaled.safetensors", scaled)])
+    for key, value in a.unet.state_dict().items():
+        torch.testing.assert_close(value, b.unet.state_dict()[key])
+    assert any(not torch.equal(v, comps.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+
+
 def test_a_file_too_large_for_a_lora_is_refused_before_it_is_read(tiny, tmp_path, monkeypatch):
     import turbostream.lora as lora
 

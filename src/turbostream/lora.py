@@ -166,6 +166,9 @@ def _layers(part: str, root: torch.nn.Module, state: dict, alphas: dict) -> dict
 
     prefix = f"{part}."
     mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    # Some converters keep a layer's alpha among its weights, as "<layer>.alpha": taken out before the renaming.
+    inline_alphas = {k[:-len(".alpha")]: v for k, v in mine.items() if k.endswith(".alpha")}
+    mine = {k: v for k, v in mine.items() if not k.endswith(".alpha")}
     # Renamed as a whole (the renaming infers the layout from all keys at once), each value tagged with its original
     # key, so that a network alpha (keyed as its layer's down weight plus ".alpha") finds its layer afterwards.
     originals = list(mine)
@@ -187,6 +190,10 @@ def _layers(part: str, root: torch.nn.Module, state: dict, alphas: dict) -> dict
             name = name_of.get(key[len(prefix):-len(".alpha")])
             if name is not None:
                 layers[name]["alpha"] = float(alpha)
+    for name, alpha in inline_alphas.items():
+        if name not in layers:
+            raise ModelLoadError(f"the LoRA has an alpha for {prefix}{name} but no weights for that layer")
+        layers[name]["alpha"] = float(torch.as_tensor(alpha).reshape(-1)[0])
     return layers
 
 
