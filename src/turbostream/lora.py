@@ -245,8 +245,12 @@ def _merge(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: Lora
         plan.append((module, a, b, bias, spec.scale * factor))
     for module, a, b, bias, factor in plan:
         weight = module.weight
-        delta = (b.flatten(1).to(weight.device, torch.float32) @ a.flatten(1).to(weight.device, torch.float32))
-        weight.copy_((weight.float() + factor * delta.view(weight.shape)).to(weight.dtype))
+        up, down = (m.flatten(1).to(weight.device, torch.float32) for m in (b, a))
+        if weight.dtype == torch.float32 and weight.is_contiguous():  # in place: no temporary the weight's size
+            weight.view(weight.shape[0], -1).addmm_(up, down, alpha=factor)
+        else:  # float16/bfloat16 weights (or another layout): the sum in float32, rounded once
+            weight.copy_(torch.addmm(weight.reshape(weight.shape[0], -1).float(), up, down, alpha=factor)
+                         .view(weight.shape))
         if bias is not None:
             module.bias.copy_((module.bias.float() + factor * bias.to(module.bias.device, torch.float32))
                               .to(module.bias.dtype))
