@@ -296,6 +296,9 @@ def test_loras_that_cannot_fit_are_refused_with_the_reason(tiny, tmp_path):
     _expect_error(tiny, _write(tmp_path / "model.safetensors", {"conv_in.weight": torch.ones(3)}), "no LoRA weights")
     loha = {**good, f"unet.{to_q}.lora_hada_w1_a": torch.ones(2, 2)}
     _expect_error(tiny, _write(tmp_path / "loha.safetensors", loha), "not a LoRA layer", "LoHa")
+    bad_text = {**good, "text_encoder.encoder.layers.7.self_attn.q_proj.lora_A.weight": torch.ones(2, 32),
+                "text_encoder.encoder.layers.7.self_attn.q_proj.lora_B.weight": torch.ones(32, 2)}
+    _expect_error(tiny, _write(tmp_path / "bad_text.safetensors", bad_text), "text_encoder layer", "not in the model")
     # The good one merges (so the refusals above were for the reasons named, not for the layout).
     assert merge_loras(tiny.unet, tiny.text_encoder, [_write(tmp_path / "good.safetensors", good) + ":0"])
 

@@ -46,11 +46,12 @@ def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, mod
     for spec in check_loras(loras):
         t0 = time.perf_counter()
         state, alphas, metadata = _read(spec)
-        counts = {}
+        plans = {part: _plan(part, root, _layers(part, root, state, alphas), spec, metadata.get(part) or {}, model)
+                 for part, root in (("unet", unet), ("text_encoder", text_encoder))}  # every layer checked first
         with torch.no_grad():
-            for part, root in (("unet", unet), ("text_encoder", text_encoder)):
-                layers = _layers(part, root, state, alphas)
-                counts[part] = _merge(part, root, layers, spec, (metadata or {}).get(part) or {}, model)
+            for plan in plans.values():
+                _apply(plan)
+        counts = {part: len(plan) for part, plan in plans.items()}
         if not any(counts.values()):
             raise ModelLoadError(f"LoRA {spec.source}: no LoRA weights for a UNet or a text encoder in it")
         summary = {"lora": spec.source, "scale": spec.scale, "unet_layers": counts["unet"],
@@ -200,7 +201,7 @@ def _layers(part: str, root: torch.nn.Module, state: dict, alphas: dict) -> dict
 # --------------------------------------------------------------------------------------------- merging
 
 
-def _peft_alpha(name: str, rank: int, config: dict) -> float | None:
+def _peft_alpha(name: str, config: dict) -> float | None:
     """The alpha PEFT's metadata gives a layer (its alpha_pattern first, then lora_alpha); None if it gives none."""
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", name):
@@ -209,9 +210,10 @@ def _peft_alpha(name: str, rank: int, config: dict) -> float | None:
     return None if alpha is None else float(alpha)
 
 
-def _merge(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: LoraSpec, config: dict,
-           model: str) -> int:
-    """W += scale * alpha/r * B @ A for every layer; the number merged. Checks every layer before changing any."""
+def _plan(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: LoraSpec, config: dict,
+          model: str) -> list[tuple]:
+    """Every layer checked against the model, with the factor its product is merged with: (module, A, B, bias,
+    scale * alpha / r). ModelLoadError for the first that does not fit; nothing is changed here."""
     if config.get("use_dora"):
         raise ModelLoadError(f"LoRA {spec.source}: DoRA weights are not supported: only plain LoRA")
     alphas_given = [layer["alpha"] for layer in layers.values() if "alpha" in layer]
@@ -225,24 +227,29 @@ def _merge(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: Lora
         try:
             module = root.get_submodule(name)
         except AttributeError:
-            raise ModelLoadError(f"{where} is not in the model{_for(model)}: is the LoRA for another model "
-                                 "(SDXL; SD 1.5 on SD 2.1)?") from None
+            raise ModelLoadError(f"{where} is not in the model: is the LoRA for another model than {model or 'this'} "
+                                 "(SDXL's, say)?") from None
         weight = getattr(module, "weight", None)
         a, b = layer["A"], layer["B"]
         rank = a.shape[0]
         if not isinstance(weight, torch.Tensor) or b.ndim < 2 or b.shape[1] != rank \
                 or (b.shape[0], *a.shape[1:]) != tuple(weight.shape) or any(s != 1 for s in b.shape[2:]):
             raise ModelLoadError(f"{where}: its matrices {tuple(b.shape)} x {tuple(a.shape)} do not fit the layer's "
-                                 f"{tuple(getattr(weight, 'shape', ()))}: is the LoRA for another model "
-                                 f"(SD 1.5 on SD 2.1, say){_for(model)}?")
+                                 f"{tuple(getattr(weight, 'shape', ()))}: is the LoRA for another model than "
+                                 f"{model or 'this'} (SD 1.5's on SD 2.1's layers, say)?")
         bias = layer.get("bias")
         if bias is not None and getattr(module, "bias", None) is None:
             raise ModelLoadError(f"{where} has a bias, the layer none")
-        alpha = _peft_alpha(name, rank, config)
+        alpha = _peft_alpha(name, config)
         if alpha is None:
             alpha = layer.get("alpha", common_alpha if common_alpha is not None else rank)
         factor = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         plan.append((module, a, b, bias, spec.scale * factor))
+    return plan
+
+
+def _apply(plan: list[tuple]) -> None:
+    """W += factor * B @ A (and the bias's share) for every planned layer, in float32."""
     for module, a, b, bias, factor in plan:
         weight = module.weight
         up, down = (m.flatten(1).to(weight.device, torch.float32) for m in (b, a))
@@ -254,8 +261,4 @@ def _merge(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: Lora
         if bias is not None:
             module.bias.copy_((module.bias.float() + factor * bias.to(module.bias.device, torch.float32))
                               .to(module.bias.dtype))
-    return len(plan)
 
-
-def _for(model: str) -> str:
-    return f" ({model})" if model else ""
