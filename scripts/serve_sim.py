@@ -72,6 +72,7 @@ class SimulatedDevice:
     # No model runs: the outputs are the inputs (so no weights, random or not, to warn about).
     model_name = "simulated device"
     random_weights = False
+    loras = ()
 
     def __init__(self, engine, fixed_ms: float, per_frame_ms: float, host_ms: float | None) -> None:
         self._engine = engine

@@ -581,3 +581,31 @@ def test_a_kiosk_replaces_a_connection_gone_silent(browser, tiny_components):
             page.wait_for_timeout(200)
         assert time.monotonic() - t0 > 8  # not at once: ten seconds of silence (less the check's own second)
     assert [p for p in problems if "WebSocket" not in p] == []
+
+
+def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
+    """--lora: the client page and the viewer page show each merged LoRA's name and scale beside the model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from turbostream.models import load_components
+
+    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    width = load_components("tiny-random", device="cpu").unet.get_submodule(to_q).weight.shape[0]
+    path = tmp_path / "ink-wash.safetensors"
+    save_file({f"unet.{to_q}.lora_A.weight": torch.ones(2, width), f"unet.{to_q}.lora_B.weight": torch.ones(width, 2)},
+              path)
+    engine = Engine(preset("test", loras=(f"{path}:0.8",)))
+    config = ServerConfig(port=0, source="test-pattern")
+    with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
+        context = browser.new_context()
+        problems = _watch(context.new_page())
+        for page_path in ("", "view"):
+            page = context.new_page()
+            page.goto(server.url + page_path, timeout=TIMEOUT_MS)
+            page.wait_for_function("() => document.getElementById('model').textContent.includes('LoRA')",
+                                   timeout=TIMEOUT_MS)
+            text = page.evaluate("() => document.getElementById('model').textContent")
+            assert "tiny-random · 64×64 · LoRA ink-wash 0.8 · random weights" in text, text
+        context.close()
+        assert problems == []

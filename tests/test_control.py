@@ -223,7 +223,7 @@ class RecordingEngine:
     def __init__(self, on_call=None, warmup_s=0.0):
         self.width = self.height = 64
         self.max_batch = 1
-        self.model_name, self.random_weights = "fake", False
+        self.model_name, self.random_weights, self.loras = "fake", False, ()
         self.params: list[StreamParams] = []
         self.on_call = on_call
         self.warmup_s = warmup_s

@@ -352,6 +352,45 @@ def test_the_lora_file_layout_this_test_writes_is_diffusers(peft_lora):
     assert meta["text_encoder.lora_alpha"] == 1
 
 
+def test_clients_are_shown_a_loras_name_never_the_servers_paths():
+    from turbostream.lora import display_name
+
+    assert display_name("/srv/loras/ink-wash.safetensors") == "ink-wash"
+    assert display_name("~/trained/ink/pytorch_lora_weights.safetensors") == "ink"
+    assert display_name("C:\\loras\\ink.safetensors") == "ink"
+    assert display_name("/srv/loras/ink-wash") == "ink-wash"  # a folder
+    assert display_name("user/ink-wash-sd-turbo") == "user/ink-wash-sd-turbo"
+    assert display_name("user/repo/styles/ink.safetensors") == "user/repo/styles/ink.safetensors"
+
+
+def test_the_ready_message_names_the_merged_loras(peft_lora):
+    """Every connection's first message lists each LoRA's name and scale (and the page shows them: test_browser)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    from turbostream.config import ServerConfig
+    from turbostream.serve import TurboServer
+
+    path, _ = peft_lora
+    engine = _engine(LoraSpec(str(path), 0.8), LoraSpec(str(path), -0.2))
+
+    async def main():
+        server = TurboServer(engine, ServerConfig(port=0))
+        await server.start()
+        try:
+            assert await server.wait_ready(30)
+            async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+                return json.loads(await ws.recv())
+        finally:
+            await server.stop()
+
+    ready = asyncio.run(asyncio.wait_for(main(), 60))
+    assert ready["type"] == "ready"
+    name = path.parent.name  # diffusers' pytorch_lora_weights.safetensors: its folder names it
+    assert ready["loras"] == [{"name": name, "scale": 0.8}, {"name": name, "scale": -0.2}]
+
+
 def test_a_lora_that_is_not_there_is_said_before_the_model_loads():
     """A local file or folder that does not exist is one line from the option check; a hub id goes to the hub."""
     from turbostream.lora import looks_local, missing

@@ -61,7 +61,7 @@ class PassEngine:
 
     width = height = 64
     max_batch = 1
-    model_name, random_weights = "fake", False
+    model_name, random_weights, loras = "fake", False, ()
 
     def warmup(self):
         pass
@@ -282,7 +282,7 @@ if opencv == "opencv4":
 class Engine:
     width = height = 128
     max_batch = 1
-    model_name, random_weights = "fake", False
+    model_name, random_weights, loras = "fake", False, ()
     def warmup(self):
         pass
     def run(self, frames, params):

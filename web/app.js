@@ -6,7 +6,7 @@
 // them). Page options: ?autostart=1 (camera and stream without a click), ?token=... (servers started with --token),
 // ?inflight=1|2, ?quality=0.5..0.95 (JPEG quality of the frames sent).
 
-import { dropIfSilent, parsePrompt, rawParam } from "./params.js";
+import { dropIfSilent, modelLine, parsePrompt, rawParam } from "./params.js";
 
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
@@ -148,8 +148,7 @@ function onText(text) {
       state.sent.clear();
       state.readyAt = performance.now();
       setConn("ready", "ready");
-      $("model").textContent =
-        `${msg.model} · ${msg.width}×${msg.height}` + (msg.random_weights ? " · random weights (noise)" : "");
+      $("model").textContent = modelLine(msg, " · random weights (noise)");
       // Setting a canvas's size clears it: only when it changes, so a reconnect keeps the last result up.
       for (const id of ["output", "capture"]) {
         if ($(id).width !== msg.width) $(id).width = msg.width;

@@ -18,6 +18,13 @@ function decode(text) {
 // not notice for minutes: the server sends stats every stats_interval_s (ready says how often), so after ten of them
 // (10 s at least: a result frame on a slow link takes seconds to arrive) without any message, dropIfSilent drops the
 // socket without waiting for a close handshake that cannot complete, and reports it to closed(code, reason).
+// The header's model line: model, size, the LoRAs merged into it (--lora: name and scale), and randomNote when the
+// weights are random.
+export function modelLine(ready, randomNote) {
+  const loras = (ready.loras || []).map((l) => ` · LoRA ${l.name} ${l.scale}`).join("");
+  return `${ready.model} · ${ready.width}×${ready.height}${loras}` + (ready.random_weights ? randomNote : "");
+}
+
 export function dropIfSilent(ws, ready, lastMessage, closed) {
   const limit = Math.max(10000, 10000 * ((ready && ready.stats_interval_s) || 1));
   if (!ws || !ready || performance.now() - lastMessage <= limit) return;

@@ -4,7 +4,7 @@
 // ?kiosk=1: only the frame, filling the window on black; no bar, badges, errors or controls; the last frame stays
 // while it reconnects, quietly and for ever (OBS Browser Source, TouchDesigner Web Render TOP, projectors).
 
-import { dropIfSilent, parsePrompt, rawParam } from "./params.js";
+import { dropIfSilent, modelLine, parsePrompt, rawParam } from "./params.js";
 
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
@@ -56,8 +56,7 @@ function connect() {
       // Setting a canvas's size clears it: only when it changes, so a reconnect keeps the last frame up.
       if ($("output").width !== msg.width) $("output").width = msg.width;
       if ($("output").height !== msg.height) $("output").height = msg.height;
-      $("model").textContent = `${msg.model} · ${msg.width}×${msg.height}` +
-        (msg.random_weights ? " · random weights: noise, not a stylization" : "");
+      $("model").textContent = modelLine(msg, " · random weights: noise, not a stylization");
       $("control").hidden = !msg.control || kiosk;
       // A prompt being typed when the connection comes back stays as typed.
       if (document.activeElement !== $("prompt")) $("prompt").value = promptText(msg.params.prompt);

@@ -54,7 +54,8 @@ def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, mod
         counts = {part: len(plan) for part, plan in plans.items()}
         if not any(counts.values()):
             raise ModelLoadError(f"LoRA {spec.source}: no LoRA weights for a UNet or a text encoder in it")
-        summary = {"lora": spec.source, "scale": spec.scale, "unet_layers": counts["unet"],
+        summary = {"lora": spec.source, "name": display_name(spec.source), "scale": spec.scale,
+                   "unet_layers": counts["unet"],
                    "text_encoder_layers": counts["text_encoder"], "seconds": round(time.perf_counter() - t0, 3)}
         log.info("LoRA %s merged: %d layers of the UNet, %d of the text encoder (%.2f s)", spec.shown,
                  counts["unet"], counts["text_encoder"], summary["seconds"])
@@ -72,6 +73,17 @@ def looks_local(source: str) -> bool:
     if source.startswith(("/", "./", "../", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", source) or Path(source).exists():
         return True
     return source.endswith(LORA_SUFFIXES) and source.replace("\\", "/").count("/") < 2
+
+
+def display_name(source: str) -> str:
+    """What clients are shown of a LoRA: a local file's name without its suffix (its folder's, for diffusers'
+    pytorch_lora_weights), a folder's name, or the hub id as given; never the server's paths."""
+    if not looks_local(source):
+        return source
+    path = Path(source.replace("\\", "/")).expanduser()
+    if path.suffix in LORA_SUFFIXES:
+        return path.parent.name if path.stem == "pytorch_lora_weights" and path.parent.name else path.stem
+    return path.name or source
 
 
 def missing(spec: LoraSpec) -> str | None:

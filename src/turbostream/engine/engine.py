@@ -234,6 +234,11 @@ class Engine:
         return self.components.random_weights
 
     @property
+    def loras(self) -> tuple:
+        """The LoRAs merged into this engine's weights (lora.merge_loras' summaries), in order; () for none."""
+        return tuple(self.components.loras)
+
+    @property
     def max_batch(self) -> int:
         return self.config.max_batch
 

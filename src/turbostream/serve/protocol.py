@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,12 +145,14 @@ def limits_dict(limits: Limits, *, max_steps: int, max_batch: int, reuse: bool =
 
 
 def ready_message(role: str, *, model: str, random_weights: bool, device: str, width: int, height: int,
-                  params: StreamParams, limits: dict[str, Any], stats_interval_s: float,
+                  params: StreamParams, limits: dict[str, Any], stats_interval_s: float, loras: Sequence[dict] = (),
                   **extra: Any) -> dict[str, Any]:
-    """The first message of every connection, once the engine is warm."""
+    """The first message of every connection, once the engine is warm. loras: the merged LoRAs' summaries (only
+    their display names and scales are sent)."""
     return {
         "type": "ready", "role": role, "protocol": PROTOCOL_VERSION, **extra, "model": model,
-        "random_weights": bool(random_weights), "device": device, "width": width, "height": height,
+        "random_weights": bool(random_weights), "loras": [{"name": x["name"], "scale": x["scale"]} for x in loras],
+        "device": device, "width": width, "height": height,
         "params": params_dict(params), "limits": limits, "stats_interval_s": stats_interval_s,
     }
 
