@@ -440,3 +440,13 @@ def test_compiled_artifacts_built_without_a_lora_serve_an_engine_with_one(peft_l
     assert (stats.aot_packages_built, stats.aot_packages_loaded) == (0, 3)
     expected = _engine(spec).run(_frames(seed=8), PARAMS)
     assert parity_stats(ahead.run(_frames(seed=8), PARAMS), expected)["max"] <= 1
+
+
+def test_an_engine_refuses_components_that_carry_other_loras_than_its_config(peft_lora, tiny_components):
+    path, _ = peft_lora
+    with pytest.raises(ValueError, match="carry the LoRAs"):
+        Engine(preset("test", loras=(str(path),)), tiny_components)  # components loaded without it
+    merged = load_components("tiny-random", device="cpu", loras=[f"{path}:0.5"])
+    with pytest.raises(ValueError, match="carry the LoRAs"):
+        Engine(preset("test"), merged)
+    assert Engine(preset("test", loras=(f"{path}:0.5",)), merged).loras == merged.loras

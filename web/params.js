@@ -14,10 +14,6 @@ function decode(text) {
   });
 }
 
-// A connection the server has gone silent on is dead (a Wi-Fi switch, an expired NAT entry), though the browser may
-// not notice for minutes: the server sends stats every stats_interval_s (ready says how often), so after ten of them
-// (10 s at least: a result frame on a slow link takes seconds to arrive) without any message, dropIfSilent drops the
-// socket without waiting for a close handshake that cannot complete, and reports it to closed(code, reason).
 // The header's model line: model, size, the LoRAs merged into it (--lora: name and scale), and randomNote when the
 // weights are random.
 export function modelLine(ready, randomNote) {
@@ -25,6 +21,10 @@ export function modelLine(ready, randomNote) {
   return `${ready.model} · ${ready.width}×${ready.height}${loras}` + (ready.random_weights ? randomNote : "");
 }
 
+// A connection the server has gone silent on is dead (a Wi-Fi switch, an expired NAT entry), though the browser may
+// not notice for minutes: the server sends stats every stats_interval_s (ready says how often), so after ten of them
+// (10 s at least: a result frame on a slow link takes seconds to arrive) without any message, dropIfSilent drops the
+// socket without waiting for a close handshake that cannot complete, and reports it to closed(code, reason).
 export function dropIfSilent(ws, ready, lastMessage, closed) {
   const limit = Math.max(10000, 10000 * ((ready && ready.stats_interval_s) || 1));
   if (!ws || !ready || performance.now() - lastMessage <= limit) return;

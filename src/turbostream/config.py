@@ -273,8 +273,8 @@ class LoraSpec:
         if not self.source.strip():
             raise ValueError("lora needs a file, a folder or a hub id")
         if not math.isfinite(self.scale) or abs(self.scale) > MAX_LORA_SCALE:
-            raise ValueError(f"lora scale must be between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {self.scale!r} "
-                             f"({self.source})")
+            raise ValueError(f"lora scale must be between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, "
+                             f"got {self.scale!r} ({self.source})")
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:

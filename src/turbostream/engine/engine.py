@@ -176,6 +176,10 @@ class Engine:
                 config.model, device=self.device, dtype=self.dtype, vae=config.vae, taesd=config.taesd,
                 loras=config.loras,
             )
+        merged = tuple((s["lora"], s["scale"]) for s in components.loras)
+        if merged != tuple((spec.source, spec.scale) for spec in config.loras):
+            raise ValueError(f"the components carry the LoRAs {list(merged)} but the engine's config asks for "
+                             f"{[(spec.source, spec.scale) for spec in config.loras]}: load them with its loras")
         weights_dtype = next(components.unet.parameters()).dtype
         if weights_dtype != self.dtype:
             raise ValueError(f"components are {weights_dtype} but the engine runs {self.dtype}: load them with "
