@@ -450,3 +450,12 @@ def test_an_engine_refuses_components_that_carry_other_loras_than_its_config(pef
     with pytest.raises(ValueError, match="carry the LoRAs"):
         Engine(preset("test"), merged)
     assert Engine(preset("test", loras=(f"{path}:0.5",)), merged).loras == merged.loras
+
+
+def test_a_hub_lora_that_cannot_be_had_says_what_to_do_about_a_lora(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    message = _expect_error(tiny, "someone/ink-wash-lora:0.7",
+                            "LoRA someone/ink-wash-lora: it is not in the Hugging Face cache",
+                            "HF_HUB_OFFLINE is set", "Give the LoRA's file instead")
+    assert "--model" not in message  # the model's advice is not the LoRA's

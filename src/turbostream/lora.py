@@ -97,7 +97,7 @@ def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
     """(state dict with part prefixes, network alphas by key, PEFT metadata by part) as diffusers reads the file."""
     from diffusers import StableDiffusionPipeline
 
-    from .models import _hub_preflight, _short
+    from .models import _hub_preflight, _short, hub_cache_line
 
     source, kwargs = spec.source, {}
     path = Path(source).expanduser()
@@ -125,7 +125,13 @@ def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
         if len(parts) > 2 and parts[-1].endswith(LORA_SUFFIXES):
             source, kwargs = "/".join(parts[:2]), {"weight_name": "/".join(parts[2:])}
         probe = kwargs.get("weight_name", "pytorch_lora_weights.safetensors")
-        kwargs["local_files_only"] = _hub_preflight(source, probe)
+        try:
+            kwargs["local_files_only"] = _hub_preflight(source, probe)
+        except ModelLoadError as exc:  # its advice is about --model: say what to do about a LoRA instead
+            reason = str(exc).split("\n")[0].removeprefix(f"Could not load {source!r}: ")
+            raise ModelLoadError(
+                f"LoRA {spec.source}: {reason}\n{hub_cache_line()}\nGive the LoRA's file instead (--lora "
+                "/path/to/style.safetensors[:SCALE]), or connect this machine to the hub") from None
     try:
         try:
             state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True,

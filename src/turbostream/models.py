@@ -255,11 +255,15 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
 
 
-def _advice() -> str:
+def hub_cache_line() -> str:
+    """Where the Hugging Face cache is, and whether HF_HUB_OFFLINE kept a download from being tried."""
     cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    offline = _hub_offline()
+    return f"Hugging Face cache: {cache}{' (HF_HUB_OFFLINE is set: no download was tried)' if _hub_offline() else ''}."
+
+
+def _advice() -> str:
     return (
-        f"Hugging Face cache: {cache}{' (HF_HUB_OFFLINE is set: no download was tried)' if offline else ''}.\n"
+        f"{hub_cache_line()}\n"
         "What to do:\n"
         "  - pass a local folder in the diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/, vae/): "
         "--model /path/to/sd-turbo\n"
