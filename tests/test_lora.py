@@ -171,6 +171,18 @@ def test_a_merged_lora_passes_the_parity_rule_in_fp16_on_cuda(tmp_path):
     assert verdict["pass"], verdict
 
 
+def _merge_the_same(tmp_path, part: str, first: dict, second: dict, layers: int) -> None:
+    """Two LoRA files (state dicts) merge into the same weights of `part`, `layers` layers each, and change them."""
+    plain = getattr(load_components("tiny-random", device="cpu"), part).state_dict()
+    a, b = (load_components("tiny-random", device="cpu", loras=[_write(tmp_path / f"{i}.safetensors", state)])
+            for i, state in enumerate((first, second)))
+    assert a.loras[0][f"{part}_layers"] == layers == b.loras[0][f"{part}_layers"]
+    merged = getattr(b, part).state_dict()
+    for key, value in getattr(a, part).state_dict().items():
+        torch.testing.assert_close(value, merged[key])
+    assert any(not torch.equal(v, plain[k]) for k, v in merged.items())
+
+
 def test_a_kohya_text_encoder_lora_takes_its_alpha(tmp_path):
     """The text encoder's kohya keys (lora_te_...) and alphas: the same merge as PEFT's layout with B scaled by alpha/r
     beforehand (diffusers' text-encoder path needs a newer PEFT than this machine has, so weights are compared)."""
@@ -178,61 +190,42 @@ def test_a_kohya_text_encoder_lora_takes_its_alpha(tmp_path):
     names = [n for n, _ in comps.text_encoder.named_modules()  # what kohya-ss trains: attention and MLP
              if n.endswith(("_proj", "fc1", "fc2")) and ".layers." in n]
     kohya = _kohya(comps, {"lora_te_text_model": (comps.text_encoder, names)}, alpha=1.0, seed=5)
-    save_file(kohya, tmp_path / "k.safetensors")
     peft_layout = {}
     for name in names:
         key = f"lora_te_text_model_{name.removeprefix('text_model.').replace('.', '_')}"
         peft_layout[f"text_encoder.{name}.lora_A.weight"] = kohya[f"{key}.lora_down.weight"]
         peft_layout[f"text_encoder.{name}.lora_B.weight"] = kohya[f"{key}.lora_up.weight"] * (1.0 / 4)
-    save_file(peft_layout, tmp_path / "p.safetensors")
-    a = load_components("tiny-random", device="cpu", loras=[str(tmp_path / "k.safetensors")])
-    b = load_components("tiny-random", device="cpu", loras=[str(tmp_path / "p.safetensors")])
-    assert a.loras[0]["text_encoder_layers"] == len(names) == b.loras[0]["text_encoder_layers"]
-    for key, value in a.text_encoder.state_dict().items():
-        torch.testing.assert_close(value, b.text_encoder.state_dict()[key])
-    assert any(not torch.equal(v, comps.text_encoder.state_dict()[k]) for k, v in a.text_encoder.state_dict().items())
+    _merge_the_same(tmp_path, "text_encoder", kohya, peft_layout, len(names))
+
+
+def _unet_pairs(suffixes: tuple[str, ...], seed: int, rank: int = 4):
+    """(layer name, down (r, in), up (out, r)) of random matrices for each Linear of tiny-random's UNet so named."""
+    g = torch.Generator().manual_seed(seed)
+    for name, module in load_components("tiny-random", device="cpu").unet.named_modules():
+        if name.endswith(suffixes):
+            out_features, in_features = module.weight.shape
+            yield name, torch.randn(rank, in_features, generator=g), torch.randn(out_features, rank, generator=g)
 
 
 def test_diffusers_first_lora_layout_without_the_unet_prefix_merges_the_same(tmp_path):
     """diffusers' first LoRA files (attention processors' weights: ...processor.to_q_lora.down.weight, no "unet."
     prefix) merge as the same matrices in today's layout do."""
-    comps = load_components("tiny-random", device="cpu")
-    g = torch.Generator().manual_seed(7)
     old, new = {}, {}
-    for name, module in comps.unet.named_modules():
-        if name.endswith(("attn1.to_q", "attn2.to_out.0")):
-            down = torch.randn(4, module.weight.shape[1], generator=g)
-            up = torch.randn(module.weight.shape[0], 4, generator=g)
-            proc, layer = name.rsplit(".", 1) if not name.endswith("to_out.0") else (name[:-len(".to_out.0")], "to_out")
-            old[f"{proc}.processor.{layer}_lora.down.weight"] = down
-            old[f"{proc}.processor.{layer}_lora.up.weight"] = up
-            new[f"unet.{name}.lora_A.weight"] = down
-            new[f"unet.{name}.lora_B.weight"] = up
-    a = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "old.safetensors", old)])
-    b = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "new.safetensors", new)])
-    assert a.loras[0]["unet_layers"] == len(new) // 2 == b.loras[0]["unet_layers"]
-    for key, value in a.unet.state_dict().items():
-        torch.testing.assert_close(value, b.unet.state_dict()[key])
-    assert any(not torch.equal(v, comps.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+    for name, down, up in _unet_pairs(("attn1.to_q", "attn2.to_out.0"), seed=7):
+        proc, layer = name.rsplit(".", 1) if not name.endswith("to_out.0") else (name[:-len(".to_out.0")], "to_out")
+        old.update({f"{proc}.processor.{layer}_lora.down.weight": down, f"{proc}.processor.{layer}_lora.up.weight": up})
+        new.update({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up})
+    _merge_the_same(tmp_path, "unet", old, new, len(new) // 2)
 
 
 def test_an_alpha_kept_among_the_weights_scales_its_layer(tmp_path):
     """"<layer>.alpha" beside "<layer>.lora_A.weight" (some converters write alphas so) is that layer's alpha."""
-    comps = load_components("tiny-random", device="cpu")
-    g = torch.Generator().manual_seed(9)
     inline, scaled = {}, {}
-    for name, module in comps.unet.named_modules():
-        if name.endswith(("attn1.to_k", "ff.net.2")):
-            a = torch.randn(4, module.weight.shape[1], generator=g)
-            b = torch.randn(module.weight.shape[0], 4, generator=g)
-            inline.update({f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b,
-                           f"unet.{name}.alpha": torch.tensor(1.0)})
-            scaled.update({f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b / 4})
-    a = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "inline.safetensors", inline)])
-    b = load_components("tiny-random", device="cpu", loras=[_write(tmp_path / "scaled.safetensors", scaled)])
-    for key, value in a.unet.state_dict().items():
-        torch.testing.assert_close(value, b.unet.state_dict()[key])
-    assert any(not torch.equal(v, comps.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+    for name, down, up in _unet_pairs(("attn1.to_k", "ff.net.2"), seed=9):
+        inline.update({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up,
+                       f"unet.{name}.alpha": torch.tensor(1.0)})
+        scaled.update({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up / 4})
+    _merge_the_same(tmp_path, "unet", inline, scaled, len(scaled) // 2)
 
 
 def test_a_file_too_large_for_a_lora_is_refused_before_it_is_read(tiny, tmp_path, monkeypatch):
