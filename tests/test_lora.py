@@ -452,3 +452,27 @@ def test_a_hub_lora_that_cannot_be_had_says_what_to_do_about_a_lora(tiny, tmp_pa
                             "LoRA someone/ink-wash-lora: it is not in the Hugging Face cache",
                             "HF_HUB_OFFLINE is set", "Give the LoRA's file instead")
     assert "--model" not in message  # the model's advice is not the LoRA's
+
+
+@pytest.mark.slow
+def test_a_hub_lora_in_the_cache_loads_offline(peft_lora, tmp_path):
+    """An installation that downloaded `--lora user/repo` once starts again offline: the LoRA comes from the Hugging
+    Face cache (the repo's one weight file, whatever its name, or the file named)."""
+    import os
+    import shutil
+
+    path, _ = peft_lora
+    snapshot = tmp_path / "hub" / "models--someone--ink-wash" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    shutil.copy(path, snapshot / "ink-wash-v2.safetensors")
+    (tmp_path / "hub" / "models--someone--ink-wash" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--ink-wash" / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    common = [sys.executable, "-m", "turbostream", "generate", "a fox", "--model", "tiny-random", "--device", "cpu",
+              "--size", "64", "-o", str(tmp_path / "fox.png")]
+    for source in ("someone/ink-wash:0.8", "someone/ink-wash/ink-wash-v2.safetensors:0.8"):
+        result = subprocess.run([*common, "--lora", source], capture_output=True, text=True, timeout=240, env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"LoRA {source.rsplit(':', 1)[0]} (scale 0.8) merged" in result.stderr, result.stderr
+    result = subprocess.run([*common, "--lora", "someone/other"], capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 2 and "LoRA someone/other: it is not in the Hugging Face cache" in result.stderr

@@ -93,45 +93,74 @@ def missing(spec: LoraSpec) -> str | None:
     return None
 
 
-def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
-    """(state dict with part prefixes, network alphas by key, PEFT metadata by part) as diffusers reads the file."""
-    from diffusers import StableDiffusionPipeline
+def _weight_file(folder: Path, shown: str) -> Path | None:
+    """A LoRA folder's weight file: pytorch_lora_weights.safetensors (diffusers' name), else its only one; None if it
+    holds none, ModelLoadError if it holds several."""
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(LORA_SUFFIXES))
+    if "pytorch_lora_weights.safetensors" in files:
+        return folder / "pytorch_lora_weights.safetensors"
+    if len(files) > 1:
+        raise ModelLoadError(f"LoRA {shown}: the folder holds {len(files)} weight files ({', '.join(files[:4])}); "
+                             f"name one: --lora {folder / files[0]}")
+    return folder / files[0] if files else None
 
-    from .models import _hub_preflight, _short, hub_cache_line
 
-    source, kwargs = spec.source, {}
-    path = Path(source).expanduser()
+def _cached(repo: str, weight: str | None) -> Path | None:
+    """The hub LoRA's file in the Hugging Face cache (the file named, or the repo's one weight file), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no readable cache): the hub is asked instead
+        return None
+    if weight is not None:
+        return folder / weight if (folder / weight).is_file() else None
+    return _weight_file(folder, f"{repo} (its copy in the Hugging Face cache, {folder})")
+
+
+def _locate(spec: LoraSpec) -> tuple[str, dict]:
+    """Where diffusers reads the LoRA: (a folder or a hub id, lora_state_dict's keyword arguments). A hub LoRA in
+    the Hugging Face cache is read from there when the hub is offline or unreachable."""
+    from .models import _hub_preflight, hub_cache_line
+
+    path = Path(spec.source).expanduser()
     if path.is_file():
         if path.stat().st_size > MAX_LORA_BYTES:
             raise ModelLoadError(f"LoRA {spec.source}: {path.stat().st_size / 2**30:.1f} GiB is more than any LoRA "
                                  f"(at most {MAX_LORA_BYTES >> 30} GiB read): is it a model's checkpoint?")
-        source, kwargs = str(path.parent), {"weight_name": path.name, "local_files_only": True}
-    elif path.is_dir():
-        files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(LORA_SUFFIXES))
-        if not files:
+        return str(path.parent), {"weight_name": path.name, "local_files_only": True}
+    if path.is_dir():
+        found = _weight_file(path, spec.source)
+        if found is None:
             raise ModelLoadError(f"LoRA {spec.source}: the folder holds no .safetensors (or .bin) file")
-        name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else files[0]
-        if len(files) > 1 and name != "pytorch_lora_weights.safetensors":
-            raise ModelLoadError(f"LoRA {spec.source}: the folder holds {len(files)} weight files "
-                                 f"({', '.join(files[:4])}); name one: --lora {path / files[0]}")
-        if (path / name).stat().st_size > MAX_LORA_BYTES:
-            return _read(LoraSpec(str(path / name), spec.scale))  # refused there, with the file's name
-        source, kwargs = str(path), {"weight_name": name, "local_files_only": True}
-    elif looks_local(source):
+        return _locate(LoraSpec(str(found), spec.scale))
+    if looks_local(spec.source):
         raise ModelLoadError(f"LoRA {spec.source}: no such file or folder")
-    else:
-        # A hub id, or a hub id with the file's path in the repo: user/repo/style.safetensors.
-        parts = source.split("/")
-        if len(parts) > 2 and parts[-1].endswith(LORA_SUFFIXES):
-            source, kwargs = "/".join(parts[:2]), {"weight_name": "/".join(parts[2:])}
-        probe = kwargs.get("weight_name", "pytorch_lora_weights.safetensors")
-        try:
-            kwargs["local_files_only"] = _hub_preflight(source, probe)
-        except ModelLoadError as exc:  # its advice is about --model: say what to do about a LoRA instead
-            reason = str(exc).split("\n")[0].removeprefix(f"Could not load {source!r}: ")
-            raise ModelLoadError(
-                f"LoRA {spec.source}: {reason}\n{hub_cache_line()}\nGive the LoRA's file instead (--lora "
-                "/path/to/style.safetensors[:SCALE]), or connect this machine to the hub") from None
+    # A hub id, or a hub id with the file's path in the repo: user/repo/style.safetensors.
+    parts = spec.source.split("/")
+    repo, weight = spec.source, None
+    if len(parts) > 2 and parts[-1].endswith(LORA_SUFFIXES):
+        repo, weight = "/".join(parts[:2]), "/".join(parts[2:])
+    cached = _cached(repo, weight)
+    try:
+        local = _hub_preflight(repo, weight or (cached.name if cached else "pytorch_lora_weights.safetensors"))
+    except ModelLoadError as exc:  # its advice is about --model: say what to do about a LoRA instead
+        reason = str(exc).split("\n")[0].removeprefix(f"Could not load {repo!r}: ")
+        raise ModelLoadError(
+            f"LoRA {spec.source}: {reason}\n{hub_cache_line()}\nGive the LoRA's file instead (--lora "
+            "/path/to/style.safetensors[:SCALE]), or connect this machine to the hub") from None
+    if local and cached is not None:
+        return _locate(LoraSpec(str(cached), spec.scale))
+    return repo, {"local_files_only": local, **({"weight_name": weight} if weight else {})}
+
+
+def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
+    """(state dict with part prefixes, network alphas by key, PEFT metadata by part) as diffusers reads the file."""
+    from diffusers import StableDiffusionPipeline
+
+    from .models import _short
+
+    source, kwargs = _locate(spec)
     try:
         try:
             state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True,
