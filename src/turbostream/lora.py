@@ -55,8 +55,8 @@ def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, mod
         if not any(counts.values()):
             raise ModelLoadError(f"LoRA {spec.source}: no LoRA weights for a UNet or a text encoder in it")
         summary = {"lora": spec.source, "name": display_name(spec.source), "scale": spec.scale,
-                   "unet_layers": counts["unet"],
-                   "text_encoder_layers": counts["text_encoder"], "seconds": round(time.perf_counter() - t0, 3)}
+                   "unet_layers": counts["unet"], "text_encoder_layers": counts["text_encoder"],
+                   "seconds": round(time.perf_counter() - t0, 3)}
         log.info("LoRA %s merged: %d layers of the UNet, %d of the text encoder (%.2f s)", spec.shown,
                  counts["unet"], counts["text_encoder"], summary["seconds"])
         summaries.append(summary)
@@ -162,11 +162,7 @@ def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
 
     source, kwargs = _locate(spec)
     try:
-        try:
-            state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True,
-                                                                              **kwargs)
-        except TypeError:  # diffusers before the metadata argument
-            (state, alphas), metadata = StableDiffusionPipeline.lora_state_dict(source, **kwargs), None
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"LoRA {spec.source}: could not read it: {_short(exc)}") from exc
     if not isinstance(state, dict) or not state:
