@@ -591,21 +591,22 @@ def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
     from turbostream.models import load_components
 
     to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    width = load_components("tiny-random", device="cpu").unet.get_submodule(to_q).weight.shape[0]
+    out_features, in_features = load_components("tiny-random", device="cpu").unet.get_submodule(to_q).weight.shape
     path = tmp_path / "ink-wash.safetensors"
-    save_file({f"unet.{to_q}.lora_A.weight": torch.ones(2, width), f"unet.{to_q}.lora_B.weight": torch.ones(width, 2)},
-              path)
+    save_file({f"unet.{to_q}.lora_A.weight": torch.ones(2, in_features),
+               f"unet.{to_q}.lora_B.weight": torch.ones(out_features, 2)}, path)
     engine = Engine(preset("test", loras=(f"{path}:0.8",)))
     config = ServerConfig(port=0, source="test-pattern")
     with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
         context = browser.new_context()
-        problems = _watch(context.new_page())
+        watched = []  # each page's problems, filled by its events as they come
         for page_path in ("", "view"):
             page = context.new_page()
+            watched.append(_watch(page))
             page.goto(server.url + page_path, timeout=TIMEOUT_MS)
             page.wait_for_function("() => document.getElementById('model').textContent.includes('LoRA')",
                                    timeout=TIMEOUT_MS)
             text = page.evaluate("() => document.getElementById('model').textContent")
             assert "tiny-random · 64×64 · LoRA ink-wash 0.8 · random weights" in text, text
         context.close()
-        assert problems == []
+        assert watched == [[], []]

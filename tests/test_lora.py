@@ -114,8 +114,8 @@ def test_merging_leaves_every_module_as_it_was_and_scale_zero_changes_nothing(pe
     torch.testing.assert_close(twice.unet.state_dict()[name], w0, atol=1e-5, rtol=0)
 
 
-def _kohya(components, parts: dict[str, list[str]], alpha: float, rank: int = 4, seed: int = 0) -> dict:
-    """A kohya-ss (A1111, ComfyUI) LoRA of the named layers: lora_down/lora_up/alpha keys."""
+def _kohya(components, parts: dict[str, tuple], alpha: float, rank: int = 4, seed: int = 0) -> dict:
+    """A kohya-ss (A1111, ComfyUI) LoRA: {key prefix: (root module, layer names)} -> lora_down/lora_up/alpha keys."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for prefix, (root, names) in parts.items():
