@@ -114,7 +114,7 @@ def test_merging_leaves_every_module_as_it_was_and_scale_zero_changes_nothing(pe
     torch.testing.assert_close(twice.unet.state_dict()[name], w0, atol=1e-5, rtol=0)
 
 
-def _kohya(components, parts: dict[str, tuple], alpha: float, rank: int = 4, seed: int = 0) -> dict:
+def _kohya(parts: dict[str, tuple], alpha: float, rank: int = 4, seed: int = 0) -> dict:
     """A kohya-ss (A1111, ComfyUI) LoRA: {key prefix: (root module, layer names)} -> lora_down/lora_up/alpha keys."""
     g = torch.Generator().manual_seed(seed)
     state = {}
@@ -134,7 +134,7 @@ def test_a_kohya_lora_merges_as_diffusers_loads_it(tmp_path):
     names = [n for n, m in ref.unet.named_modules()
              if n.endswith(("attn1.to_q", "attn2.to_v", "attn1.to_out.0", "ff.net.2")) or n.endswith("resnets.0.conv1")]
     path = tmp_path / "style.safetensors"
-    save_file(_kohya(ref, {"lora_unet": (ref.unet, names)}, alpha=2.0), path)
+    save_file(_kohya({"lora_unet": (ref.unet, names)}, alpha=2.0), path)
     pipe = diffusers_pipeline(ref)
     pipe.load_lora_weights(str(path), adapter_name="style")
     expected = ReferencePipeline(ref).run(_frames(seed=4), PARAMS)
@@ -154,7 +154,7 @@ def test_a_merged_lora_passes_the_parity_rule_in_fp16_on_cuda(tmp_path):
     names = [n for n, m in ref.unet.named_modules()
              if n.endswith(("attn1.to_q", "attn2.to_v", "attn1.to_out.0", "ff.net.2")) or n.endswith("resnets.0.conv1")]
     path = tmp_path / "style.safetensors"
-    save_file(_kohya(ref, {"lora_unet": (ref.unet, names)}, alpha=2.0), path)
+    save_file(_kohya({"lora_unet": (ref.unet, names)}, alpha=2.0), path)
     frames = [np.ascontiguousarray(np.repeat(np.repeat(f, 2, 0), 2, 1)) for f in _frames(seed=6)]  # 128 px
     outputs = {}
     for dtype in (torch.float32, torch.float16):
@@ -189,7 +189,7 @@ def test_a_kohya_text_encoder_lora_takes_its_alpha(tmp_path):
     comps = load_components("tiny-random", device="cpu")
     names = [n for n, _ in comps.text_encoder.named_modules()  # what kohya-ss trains: attention and MLP
              if n.endswith(("_proj", "fc1", "fc2")) and ".layers." in n]
-    kohya = _kohya(comps, {"lora_te_text_model": (comps.text_encoder, names)}, alpha=1.0, seed=5)
+    kohya = _kohya({"lora_te_text_model": (comps.text_encoder, names)}, alpha=1.0, seed=5)
     peft_layout = {}
     for name in names:
         key = f"lora_te_text_model_{name.removeprefix('text_model.').replace('.', '_')}"
