@@ -287,10 +287,10 @@ class LoraSpec:
             raise ValueError(f"lora needs a file, a folder or a hub id before the scale, got {text!r}")
         if sep:
             try:
-                return cls(source, float(tail))
-            except ValueError as exc:
-                if "scale" in str(exc):
-                    raise
+                scale = float(tail)
+            except ValueError:  # no number after the colon: part of the source
+                return cls(text)
+            return cls(source, scale)
         return cls(text)
 
     @property

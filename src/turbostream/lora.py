@@ -70,7 +70,9 @@ def looks_local(source: str) -> bool:
     """Whether a --lora source names a file or folder here rather than a hub id: a path's start (/, ./, ../, ~, a
     drive letter), or a weight file with at most one folder before it (a hub file has two: user/repo/x.safetensors).
     """
-    if source.startswith(("/", "./", "../", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", source) or Path(source).exists():
+    from .models import _looks_like_path
+
+    if _looks_like_path(source) or source.startswith("\\") or re.match(r"[A-Za-z]:[\\/]", source):
         return True
     return source.endswith(LORA_SUFFIXES) and source.replace("\\", "/").count("/") < 2
 
@@ -134,8 +136,8 @@ def _locate(spec: LoraSpec) -> tuple[str, dict]:
         if found is None:
             raise ModelLoadError(f"LoRA {spec.source}: the folder holds no .safetensors (or .bin) file")
         return _locate(LoraSpec(str(found), spec.scale))
-    if looks_local(spec.source):
-        raise ModelLoadError(f"LoRA {spec.source}: no such file or folder")
+    if problem := missing(spec):
+        raise ModelLoadError(problem)
     # A hub id, or a hub id with the file's path in the repo: user/repo/style.safetensors.
     parts = spec.source.split("/")
     repo, weight = spec.source, None
@@ -175,6 +177,10 @@ def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
         # diffusers' first LoRA files (attention processors' weights) name UNet layers without the "unet." prefix.
         state = {f"unet.{k}": v for k, v in state.items()}
         alphas = {f"unet.{k}": v for k, v in (alphas or {}).items()}
+    others = sorted({k.split(".")[0] for k in state} - set(PARTS))
+    if others:
+        hint = " (a second text encoder: a LoRA for SDXL)" if "text_encoder_2" in others else ""
+        raise ModelLoadError(f"LoRA weights for parts this model does not have: {', '.join(others[:4])}{hint}")
     by_part: dict[str, dict] = {}
     for key, value in (metadata or {}).items():
         part, _, name = key.partition(".")
@@ -183,20 +189,12 @@ def _read(spec: LoraSpec) -> tuple[dict, dict, dict]:
 
 
 def _layers(part: str, root: torch.nn.Module, state: dict, alphas: dict) -> dict[str, dict]:
-    """The LoRA layers of one part: {layer name in `root`: {"A", "B", optional "bias", "alpha"}}, keys in PEFT's form.
-
-    Keys of other parts (a second text encoder: an SDXL LoRA) or of no part are refused here, once, for the UNet."""
+    """One part's LoRA layers: {layer name in `root`: {"A", "B", optional "bias", "alpha"}}, keys in PEFT's form."""
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
     )
-
-    if part == "unet":
-        others = sorted({k.split(".")[0] for k in state} - set(PARTS))
-        if others:
-            hint = " (a second text encoder: a LoRA for SDXL)" if "text_encoder_2" in others else ""
-            raise ModelLoadError(f"LoRA weights for parts this model does not have: {', '.join(others[:4])}{hint}")
 
     def convert(entries: dict) -> dict:
         if not entries:
