@@ -293,7 +293,8 @@ def test_loras_that_cannot_fit_are_refused_with_the_reason(tiny, tmp_path):
                 "text_encoder.encoder.layers.7.self_attn.q_proj.lora_B.weight": torch.ones(32, 2)}
     _expect_error(tiny, _write(tmp_path / "bad_text.safetensors", bad_text), "text_encoder layer", "not in the model")
     # The good one merges (so the refusals above were for the reasons named, not for the layout).
-    assert merge_loras(tiny.unet, tiny.text_encoder, [_write(tmp_path / "good.safetensors", good) + ":0"])
+    summaries, live = merge_loras(tiny.unet, tiny.text_encoder, [_write(tmp_path / "good.safetensors", good) + ":0"])
+    assert summaries[0]["unet_layers"] == 1 and live is None
 
 
 def test_lora_specs_read_a_scale_after_the_last_colon():

@@ -387,6 +387,9 @@ class EngineConfig:
     # LoRAs merged into the UNet's and the text encoder's weights when the model loads (lora.py): lora.LoraSpec
     # entries, or 'FILE[:SCALE]' texts (checked and turned into LoraSpec here). Change the output; cost no time a frame.
     loras: tuple = ()
+    # Keep what changing the LoRAs' scales while the engine runs takes (Engine.set_lora_scales; OSC /turbostream/lora):
+    # every adapted layer's weight from before the LoRAs, beside the model (lora.LiveLoras).
+    lora_live: bool = False
     max_steps: int = MAX_STEPS
     prompt_cache_size: int = 64  # prompt embeddings kept (LRU); the text encoder runs only on a miss
     prompt_kv_cache_size: int = 32  # with prompt_kv: prompts whose keys and values are kept (LRU)
@@ -416,6 +419,12 @@ class EngineConfig:
         if not 0 <= self.kernel_compile_threads <= 256:
             raise ValueError(f"kernel_compile_threads must be 0 (one per core) to 256, got {self.kernel_compile_threads}")
         self.loras = check_loras(self.loras)
+        if self.lora_live and not self.loras:
+            raise ValueError("lora_live (--lora-live) changes the scales of LoRAs: name at least one (--lora FILE, "
+                             "at scale 0 to fade it in later)")
+        if self.lora_live and self.fp8:
+            raise ValueError("lora_live does not work with fp8: fp8 rounds the UNet's weights to 8 bits once, at "
+                             "start-up (choose one)")
         buckets = tuple(sorted(set(int(b) for b in self.buckets)))
         if not buckets or buckets[0] < 1 or buckets[-1] > 64:
             raise ValueError(f"buckets must be batch sizes between 1 and 64, got {self.buckets!r}")

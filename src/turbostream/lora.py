@@ -4,7 +4,12 @@ A LoRA adds a low-rank product to a layer's weight: W' = W + scale * (alpha / r)
 r) (for a convolution, A holds the kernel and B is 1x1). Merging it into W once, before the engine prepares the
 modules, leaves every module as it was: the same Linear and Conv2d layers, so the CUDA graphs, torch.compile's
 artifacts (which read the live weights), the fused QKV projections and the Triton kernels see nothing new, and a
-frame costs what it cost without a LoRA. Nothing can be changed per stream: a merged LoRA is the engine's for good.
+frame costs what it cost without a LoRA. Nothing can be changed per stream: a merged LoRA is every stream's.
+
+Live scales (`--lora-live`, LiveLoras): each adapted layer's weight from before any LoRA is kept, and a change of
+scale recomputes the layer from it (W = W0 + sum of scale_i * alpha_i/r_i * B_i @ A_i, in float32, rounded once), so
+the weights after any number of changes are those a fresh load at the new scales merges. Adding the difference to
+the merged weight instead would round once per change: a fader moved for an evening would walk fp16 weights away.
 
 diffusers reads the file (`lora_state_dict`: the diffusers/PEFT layout and kohya-ss's, which A1111 and ComfyUI
 use) and renames its keys to PEFT's (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`); the merge itself is the line
@@ -37,30 +42,136 @@ UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "
 MAX_LORA_BYTES = 2 << 30
 
 
-def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, model: str = "") -> list[dict]:
-    """Merge each LoRA into the modules' weights, in order; one summary per LoRA (layers merged per part).
+def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, model: str = "",
+                live: bool = False) -> tuple[list[dict], LiveLoras | None]:
+    """Merge each LoRA into the modules' weights, in order: (one summary per LoRA (layers merged per part), and with
+    `live` the LiveLoras that can change their scales later, else None).
 
     ModelLoadError when a LoRA cannot be read, holds no LoRA weights, or adapts layers this model does not have (a
     LoRA made for another model: SDXL, or SD 1.5 on SD 2.1's UNet)."""
-    summaries = []
-    for spec in check_loras(loras):
+    specs = check_loras(loras)
+    summaries, plans = [], []
+    for spec in specs:
         t0 = time.perf_counter()
         state, alphas, metadata = _read(spec)
-        plans = {part: _plan(part, root, _layers(part, root, state, alphas), spec, metadata.get(part) or {}, model)
-                 for part, root in (("unet", unet), ("text_encoder", text_encoder))}  # every layer checked first
-        with torch.no_grad():
-            for plan in plans.values():
-                _apply(plan)
-        counts = {part: len(plan) for part, plan in plans.items()}
+        by_part = {part: _plan(part, root, _layers(part, root, state, alphas), spec, metadata.get(part) or {}, model)
+                   for part, root in (("unet", unet), ("text_encoder", text_encoder))}  # every layer checked first
+        counts = {part: len(plan) for part, plan in by_part.items()}
         if not any(counts.values()):
             raise ModelLoadError(f"LoRA {spec.source}: no LoRA weights for a UNet or a text encoder in it")
+        if not live:
+            with torch.no_grad():
+                for plan in by_part.values():
+                    _apply(plan, spec.scale)
+        plans.append(by_part)
         summary = {"lora": spec.source, "name": display_name(spec.source), "scale": spec.scale,
                    "unet_layers": counts["unet"], "text_encoder_layers": counts["text_encoder"],
                    "seconds": round(time.perf_counter() - t0, 3)}
-        log.info("LoRA %s merged: %d layers of the UNet, %d of the text encoder (%.2f s)", spec.shown,
-                 counts["unet"], counts["text_encoder"], summary["seconds"])
+        log.info("LoRA %s %s: %d layers of the UNet, %d of the text encoder (%.2f s)", spec.shown,
+                 "read" if live else "merged", counts["unet"], counts["text_encoder"], summary["seconds"])
         summaries.append(summary)
-    return summaries
+    if not live:
+        return summaries, None
+    merged = LiveLoras(specs, plans)
+    log.info("LoRA scales live: %d layers kept as they were before the LoRAs (%.0f MiB beside the model)",
+             len(merged.layers), merged.kept_bytes / 2**20)
+    return summaries, merged
+
+
+class LiveLayer:
+    """One adapted layer of LiveLoras: its weight (and bias) from before any LoRA, and each LoRA's factors."""
+
+    def __init__(self, part: str, module: torch.nn.Module) -> None:
+        self.part, self.module = part, module
+        self.weight = module.weight.detach().clone()  # W0: the layer as it loaded
+        self.bias: torch.Tensor | None = None  # its bias, kept once a LoRA adapts it
+        self.terms: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = []
+
+    def add(self, index: int, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, factor: float) -> None:
+        """LoRA number `index` adapts this layer by factor * B @ A (factor: alpha / r, without the scale)."""
+        device = self.weight.device
+        up, down = (m.flatten(1).to(device, torch.float32) for m in (b, a))
+        if bias is not None:
+            bias = bias.to(device, torch.float32)
+            if self.bias is None:
+                self.bias = self.module.bias.detach().clone()
+        self.terms.append((index, up, down, bias, factor))
+
+    def recompute(self, scales: tuple[float, ...]) -> None:
+        """The module's weight (and bias) := W0 + each LoRA's scale * factor * B @ A, in float32, rounded once."""
+        weight = self.module.weight
+        total = self.weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True)
+        bias = self.bias.to(torch.float32, copy=True) if self.bias is not None else None
+        for index, up, down, lora_bias, factor in self.terms:
+            if scales[index] == 0.0:
+                continue  # adds exactly nothing
+            total.addmm_(up, down, alpha=scales[index] * factor)
+            if lora_bias is not None:
+                bias = bias + (scales[index] * factor) * lora_bias
+        with torch.inference_mode() if weight.is_inference() else torch.no_grad():
+            weight.copy_(total.view(weight.shape))
+            if bias is not None:
+                self.module.bias.copy_(bias)
+
+    @property
+    def kept_bytes(self) -> int:
+        kept = [self.weight] + ([self.bias] if self.bias is not None else [])
+        kept += [t for _, up, down, bias, _ in self.terms for t in (up, down, bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in kept)
+
+
+class LiveLoras:
+    """LoRAs merged so that their scales can change while the model runs (`--lora-live`).
+
+    set_scales() rewrites, in place, every layer a changed LoRA adapts, from the weight it had before any LoRA: the
+    result is the weights a fresh load at those scales merges (bit for bit in float32; in float16/bfloat16 rounded
+    once from the float32 sum). The caller owns what is derived from the weights (fused projections, cached prompt
+    embeddings): Engine.set_lora_scales refreshes them.
+    """
+
+    def __init__(self, specs: tuple[LoraSpec, ...], plans: list[dict[str, list[tuple]]]) -> None:
+        self.specs = tuple(specs)
+        self.scales = tuple(spec.scale for spec in specs)
+        layers: dict[int, LiveLayer] = {}  # by the module's id: two LoRAs of one layer share its entry
+        for index, by_part in enumerate(plans):
+            for part, plan in by_part.items():
+                for module, a, b, bias, factor in plan:
+                    layer = layers.get(id(module))
+                    if layer is None:
+                        layer = layers[id(module)] = LiveLayer(part, module)
+                    layer.add(index, a, b, bias, factor)
+        self.layers = list(layers.values())
+        for layer in self.layers:
+            layer.recompute(self.scales)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Memory kept beside the model: the adapted layers' weights before the LoRAs, and the LoRAs' factors."""
+        return sum(layer.kept_bytes for layer in self.layers)
+
+    def check(self, scales) -> tuple[float, ...]:
+        """The scales as a tuple of floats, one per LoRA; ValueError (saying which) for a wrong count or range."""
+        scales = tuple(scales)
+        if len(scales) != len(self.specs):
+            raise ValueError(f"expected {len(self.specs)} LoRA scale(s), one per --lora, got {len(scales)}")
+        checked = []
+        for spec, scale in zip(self.specs, scales):
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise ValueError(f"LoRA {display_name(spec.source)}: the scale must be a number, got {scale!r}")
+            checked.append(LoraSpec(spec.source, float(scale)).scale)  # LoraSpec checks the range
+        return tuple(checked)
+
+    def set_scales(self, scales) -> set[str]:
+        """Recompute every layer a LoRA whose scale changes adapts; the parts changed ("unet", "text_encoder")."""
+        scales = self.check(scales)
+        changed = {i for i, (old, new) in enumerate(zip(self.scales, scales)) if old != new}
+        self.scales = scales
+        parts = set()
+        for layer in self.layers:
+            if any(term[0] in changed for term in layer.terms):
+                layer.recompute(scales)
+                parts.add(layer.part)
+        return parts
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -253,8 +364,8 @@ def _peft_alpha(name: str, config: dict) -> float | None:
 
 def _plan(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: LoraSpec, config: dict,
           model: str) -> list[tuple]:
-    """Every layer checked against the model, with the factor its product is merged with: (module, A, B, bias,
-    scale * alpha / r). ModelLoadError for the first that does not fit; nothing is changed here."""
+    """Every layer checked against the model, with the factor its product is merged with at scale 1: (module, A, B,
+    bias, alpha / r). ModelLoadError for the first that does not fit; nothing is changed here."""
     if config.get("use_dora"):
         raise ModelLoadError(f"LoRA {spec.source}: DoRA weights are not supported: only plain LoRA")
     alphas_given = [layer["alpha"] for layer in layers.values() if "alpha" in layer]
@@ -285,13 +396,14 @@ def _plan(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: LoraS
         if alpha is None:
             alpha = layer.get("alpha", common_alpha if common_alpha is not None else rank)
         factor = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        plan.append((module, a, b, bias, spec.scale * factor))
+        plan.append((module, a, b, bias, factor))
     return plan
 
 
-def _apply(plan: list[tuple]) -> None:
-    """W += factor * B @ A (and the bias's share) for every planned layer, in float32."""
+def _apply(plan: list[tuple], scale: float) -> None:
+    """W += scale * factor * B @ A (and the bias's share) for every planned layer, in float32."""
     for module, a, b, bias, factor in plan:
+        factor = scale * factor
         weight = module.weight
         up, down = (m.flatten(1).to(weight.device, torch.float32) for m in (b, a))
         if weight.dtype == torch.float32 and weight.is_contiguous():  # in place: no temporary the weight's size
@@ -302,4 +414,3 @@ def _apply(plan: list[tuple]) -> None:
         if bias is not None:
             module.bias.copy_((module.bias.float() + factor * bias.to(module.bias.device, torch.float32))
                               .to(module.bias.dtype))
-

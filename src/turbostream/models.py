@@ -43,6 +43,8 @@ class Components:
     random_weights: bool  # True for random / tiny-random: output is not a stylization
     # What load_components merged into the UNet and the text encoder (lora.merge_loras' summaries), in order.
     loras: tuple = ()
+    # With lora_live: what changes the LoRAs' scales later (lora.LiveLoras; Engine.set_lora_scales), else None.
+    lora_live: Any = None
 
     @property
     def text_dim(self) -> int:
@@ -115,10 +117,12 @@ def load_components(
     taesd: str = DEFAULT_TAESD,
     seed: int = 0,
     loras: tuple = (),
+    lora_live: bool = False,
 ) -> Components:
     """Load or build every component on `device` in `dtype`, in eval mode; raise ModelLoadError if impossible.
 
-    loras: LoRAs (lora.LoraSpec, or 'FILE[:SCALE]' texts) merged into the UNet's and the text encoder's weights."""
+    loras: LoRAs (lora.LoraSpec, or 'FILE[:SCALE]' texts) merged into the UNet's and the text encoder's weights;
+    lora_live: keep what changing their scales later takes (Components.lora_live)."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
     if vae not in VAE_KINDS:
@@ -134,7 +138,8 @@ def load_components(
     if loras:
         from .lora import merge_loras
 
-        comps.loras = tuple(merge_loras(comps.unet, comps.text_encoder, loras, model=model))
+        summaries, comps.lora_live = merge_loras(comps.unet, comps.text_encoder, loras, model=model, live=lora_live)
+        comps.loras = tuple(summaries)
     return comps
 
 

@@ -55,6 +55,30 @@ def prepare_cuda(components: Any, config: Any = None) -> dict | None:
     return apply_options(components, config) if config is not None else None
 
 
+def refresh_derived_weights(unet: Any) -> int:
+    """Copy the UNet's weights into what was made of them, after they changed in place (a LoRA's live scale): the fused
+    QKV (and KV) projections and the stacked time projections. In place, so CUDA graphs and compiled code that read
+    them see the new values. Returns how many fused projections were refreshed."""
+    from .time_proj import refresh_stacked
+
+    fused = 0
+    for module in unet.modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        for name, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+            target = getattr(module, name, None)
+            if target is None:
+                continue
+            sources = [getattr(module, part) for part in parts]
+            with torch.inference_mode() if target.weight.is_inference() else torch.no_grad():
+                torch.cat([p.weight for p in sources], out=target.weight)
+                if target.bias is not None:
+                    torch.cat([p.bias for p in sources], out=target.bias)
+            fused += 1
+    refresh_stacked(unet)
+    return fused
+
+
 def prepare_cpu(components: Any = None, config: Any = None) -> dict | None:
     """Leave one core to decoding, encoding and the event loop (the CPU path's torch thread pool); with components
     and a config, their options too: apply_options' result (None without)."""

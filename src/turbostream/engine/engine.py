@@ -46,7 +46,7 @@ from ..config import EngineConfig, StreamParams
 from ..models import Components, default_dtype, load_components, resolve_device
 from .caches import LRU, encode_prompt, seed_noise
 from .compiling import compile_networks
-from .cuda import options_key, prepare_cpu, prepare_cuda
+from .cuda import options_key, prepare_cpu, prepare_cuda, refresh_derived_weights
 from .frame import FrameMath, Probe
 from .kernel_warmup import Launch, precompile, recording
 from .prompt_kv import PromptKV
@@ -174,12 +174,15 @@ class Engine:
         if components is None:
             components = load_components(
                 config.model, device=self.device, dtype=self.dtype, vae=config.vae, taesd=config.taesd,
-                loras=config.loras,
+                loras=config.loras, lora_live=config.lora_live,
             )
         merged = tuple((s["lora"], s["scale"]) for s in components.loras)
         if merged != tuple((spec.source, spec.scale) for spec in config.loras):
             raise ValueError(f"the components carry the LoRAs {list(merged)} but the engine's config asks for "
                              f"{[(spec.source, spec.scale) for spec in config.loras]}: load them with its loras")
+        if config.lora_live != (components.lora_live is not None):
+            raise ValueError("the engine's config and its components disagree on lora_live: load them with "
+                             f"lora_live={config.lora_live}")
         weights_dtype = next(components.unet.parameters()).dtype
         if weights_dtype != self.dtype:
             raise ValueError(f"components are {weights_dtype} but the engine runs {self.dtype}: load them with "
@@ -359,6 +362,39 @@ class Engine:
     def release_stream(self, key: Hashable) -> None:
         """Free a stream's state (its device tensors) when the stream ends; call on the engine's thread."""
         self._streams.release(key)
+
+    @_on_own_stream()
+    def set_lora_scales(self, scales: Sequence[float]) -> tuple:
+        """Change the LoRAs' scales (one per LoRA, in --lora order) for every stream from the next call; returns
+        self.loras. Needs lora_live; ValueError for a wrong count or range; call on the engine's thread, between calls.
+
+        The weights change in place (graphs and compiled code read them where they are), on the engine's CUDA stream,
+        so a call in flight finishes with the old ones. Then what was made of them is made again: the fused and
+        stacked projections at once, prompt embeddings (a text-encoder LoRA) and cross-attention keys and values
+        (prompt_kv) when next used, and feature reuse's deep features by a full frame per stream.
+        """
+        live = self.components.lora_live
+        if live is None:
+            raise ValueError("the LoRAs' scales are fixed on this engine: start it with lora_live (--lora-live) to "
+                             "change them while it runs")
+        self._check_thread()
+        t0 = time.perf_counter()
+        parts = live.set_scales(scales)
+        if "unet" in parts:
+            refresh_derived_weights(self.unet)
+        if "text_encoder" in parts:
+            self._prompts.clear()
+            self._blends.clear()
+        if parts:
+            self._kv.clear()  # keys and values of the old embeddings, or of the old to_k and to_v
+            self._kv_blends.clear()
+            self._row_emb = [None] * len(self._row_emb)  # rows hold tensors of the caches just emptied
+            self._streams.forget_deep()
+        self.components.loras = tuple({**summary, "scale": scale}
+                                      for summary, scale in zip(self.components.loras, live.scales))
+        log.debug("LoRA scales %s (%s; %.1f ms on the host)", list(live.scales),
+                  ", ".join(sorted(parts)) or "no change", (time.perf_counter() - t0) * 1e3)
+        return self.loras
 
     # ------------------------------------------------------------------ the frame path (traced into the graphs)
 

@@ -137,6 +137,12 @@ class StreamStates:
     def release(self, key: Hashable) -> None:
         self._states.pop(key, None)
 
+    def forget_deep(self) -> None:
+        """Every stream's kept deep features become valid for no frame (the weights changed): each runs a full frame
+        next."""
+        for state in self._states.values():
+            state.deep_params = None
+
     def __len__(self) -> int:
         return len(self._states)
 

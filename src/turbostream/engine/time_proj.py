@@ -97,6 +97,16 @@ def _stacked_linear(unet: Any, resnets: list[Any]) -> nn.Linear:
     return linear
 
 
+def refresh_stacked(unet: Any) -> bool:
+    """Copy the resnets' projection weights into the stacked one again (after they changed in place: a LoRA's live
+    scale); whether the option is on (else there is nothing to copy)."""
+    _, stacked = _stacked_class()
+    if type(unet.time_embedding) is not stacked:
+        return False
+    _stacked_linear(unet, _projected_resnets(unet))  # the same Linear, filled in place (graphs read it)
+    return True
+
+
 def set_fused_time_proj(unet: Any, on: bool) -> int:
     """Stack the resnets' time-embedding projections into one (on) or undo it; returns how many are stacked."""
     plain, stacked = _stacked_class()
