@@ -584,7 +584,8 @@ def test_a_kiosk_replaces_a_connection_gone_silent(browser, tiny_components):
 
 
 def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
-    """--lora: the client page and the viewer page show each merged LoRA's name and scale beside the model."""
+    """--lora: the client page and the viewer page show each merged LoRA's name and scale beside the model, and a
+    scale changed while serving (--lora-live) as soon as it changes."""
     import torch
     from safetensors.torch import save_file
 
@@ -595,11 +596,11 @@ def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
     path = tmp_path / "ink-wash.safetensors"
     save_file({f"unet.{to_q}.lora_A.weight": torch.ones(2, in_features),
                f"unet.{to_q}.lora_B.weight": torch.ones(out_features, 2)}, path)
-    engine = Engine(preset("test", loras=(f"{path}:0.8",)))
+    engine = Engine(preset("test", loras=(f"{path}:0.8",), lora_live=True))
     config = ServerConfig(port=0, source="test-pattern")
     with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
         context = browser.new_context()
-        watched = []  # each page's problems, filled by its events as they come
+        watched, pages = [], []  # each page's problems, filled by its events as they come
         for page_path in ("", "view"):
             page = context.new_page()
             watched.append(_watch(page))
@@ -608,5 +609,10 @@ def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
                                    timeout=TIMEOUT_MS)
             text = page.evaluate("() => document.getElementById('model').textContent")
             assert "tiny-random · 64×64 · LoRA ink-wash 0.8 · random weights" in text, text
+            pages.append(page)
+        server.set_lora_scales((0.3,))  # --lora-live: what OSC's /turbostream/lora calls; both pages follow
+        for page in pages:
+            page.wait_for_function("() => document.getElementById('model').textContent.includes('ink-wash 0.3')",
+                                   timeout=TIMEOUT_MS)
         context.close()
         assert watched == [[], []]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -155,3 +156,230 @@ def _catch(errors: list, call, *args) -> None:
         call(*args)
     except RuntimeError as exc:
         errors.append(str(exc))
+
+
+# ------------------------------------------------------------------------------------------------ controls
+
+
+def test_osc_lora_addresses_name_a_lora_by_number_or_name_and_are_checked():
+    from turbostream.config import LoraSpec
+    from turbostream.control import LoraTarget, OscServer
+
+    applied = []
+    target = LoraTarget((LoraSpec("/looks/ink.safetensors", 1.0), LoraSpec("/looks/chalk.safetensors", 0.0)),
+                        applied.append, live=True)
+    osc = OscServer("127.0.0.1", 0)
+    try:
+        osc.start(lambda fields: None, lora=target)
+        results = [osc.handle_message(address, args) for address, args in (
+            ("/turbostream/lora", [0.5]),  # two loaded: which?
+            ("/turbostream/lora", [2, 0.5]),
+            ("/turbostream/lora", ["ink", 0.25]),
+            ("/turbostream/lora/2", [0.699999988079071]),  # a 32-bit float fader's 0.7
+            ("/turbostream/lora/2", [0.7]),  # the same again: nothing to apply
+            ("/turbostream/lora/3", [0.1]),  # no third LoRA
+            ("/turbostream/lora/9", [0.1]),  # past MAX_LORAS: not an address
+            ("/turbostream/lora", [1, 20.0]),  # out of range
+            ("/turbostream/lora", ["oil", 0.5]),  # no such name
+            ("/turbostream/lora", ["x"]),  # not a number
+            ("/turbostream/lora", [1.5, 0.3]),  # not a LoRA number
+            ("/turbostream/lora", [1, 0.3, 3]),
+        )]
+    finally:
+        osc.stop()
+    assert results == ["rejected", "applied", "applied", "applied", "applied", "rejected", "unknown_address",
+                       "rejected", "rejected", "bad_arguments", "bad_arguments", "bad_arguments"]
+    assert applied == [(1.0, 0.5), (0.25, 0.5), (0.25, 0.7)]
+    fixed = LoraTarget((LoraSpec("ink.safetensors", 1.0),), applied.append, live=False)
+    with pytest.raises(ValueError, match="--lora-live"):
+        fixed(None, 0.5)
+    with pytest.raises(ValueError, match="no LoRA is loaded"):
+        LoraTarget((), applied.append, live=True)(None, 0.5)
+    assert len(applied) == 3
+
+
+def test_the_batcher_applies_new_scales_between_calls_and_reruns_a_still_frame(loras):
+    """A frame the similarity control marks as a repeat is answered from the stream's last output, which came from
+    the old weights: after a change it runs again."""
+    from turbostream.batcher import Batcher
+
+    ink, _ = loras
+    engine = Engine(preset("test", loras=(f"{ink}:0.2",), lora_live=True))
+    fresh = Engine(preset("test", loras=(f"{ink}:0.9",))).run(_frames(1), PARAMS[:1])[0]
+    results = []
+    got = threading.Event()
+
+    def on_result(result):
+        results.append(result)
+        got.set()
+
+    batcher = Batcher(engine).start()
+    try:
+        assert batcher.ready.wait(30)
+        stream = batcher.open_stream(on_result, dataclasses.replace(PARAMS[0], similarity=0.95))
+        frame = _frames(1)[0]
+        for scales, skip in ((None, False), ((0.9,), True), (None, True)):
+            if scales is not None:
+                batcher.set_lora_scales((0.5,))
+                batcher.set_lora_scales(scales)  # the newest replaces one not applied yet
+            got.clear()
+            stream.submit(frame, skip=skip)
+            assert got.wait(30)
+    finally:
+        batcher.stop()
+    first, changed, still = results
+    assert not changed.skipped and np.array_equal(changed.frame, fresh)
+    assert still.skipped and np.array_equal(still.frame, fresh)  # a repeat after that: the new output
+    assert not np.array_equal(first.frame, fresh)
+    assert [x["scale"] for x in engine.loras] == [0.9]
+
+
+def test_osc_changes_a_lora_of_a_running_server_and_every_client_and_viewer_is_told(loras):
+    import asyncio
+    import json
+
+    from pythonosc.udp_client import SimpleUDPClient
+    from test_server import FakeCapture
+    from websockets.asyncio.client import connect
+
+    from turbostream.config import ServerConfig
+    from turbostream.control import Controls, OscServer
+    from turbostream.serve import TurboServer
+    from turbostream.serve.integrations import Integrations
+
+    ink, chalk = loras
+    engine = Engine(preset("test", loras=(f"{ink}:0", f"{chalk}:0.5"), lora_live=True))
+
+    async def next_of(ws, kind):
+        async with asyncio.timeout(20):
+            while True:
+                msg = await ws.recv()
+                if isinstance(msg, str) and (obj := json.loads(msg))["type"] == kind:
+                    return obj
+
+    async def main():
+        osc = OscServer("127.0.0.1", 0)
+        server = TurboServer(engine, ServerConfig(port=0, source="fake:0"), capture_factory=FakeCapture)
+        extras = Integrations(server, Controls(osc), size=(64, 64), loras=engine.config.loras, lora_live=True)
+        await server.start()
+        extras.start(asyncio.get_running_loop())
+        try:
+            assert await server.wait_ready(30)
+            viewer = await connect(f"ws://127.0.0.1:{server.port}/view/ws", max_size=2**23)
+            client = await connect(f"ws://127.0.0.1:{server.port}/ws", max_size=2**23)
+            for ws in (viewer, client):
+                assert (await next_of(ws, "ready"))["loras"] == [{"name": "ink", "scale": 0.0},
+                                                                {"name": "chalk", "scale": 0.5}]
+            sender = SimpleUDPClient("127.0.0.1", osc.port)
+            sender.send_message("/turbostream/lora/1", 0.75)
+            expected = [{"name": "ink", "scale": 0.75}, {"name": "chalk", "scale": 0.5}]
+            for ws in (viewer, client):
+                assert (await next_of(ws, "loras"))["loras"] == expected
+            later = await connect(f"ws://127.0.0.1:{server.port}/view/ws", max_size=2**23)
+            assert (await next_of(later, "ready"))["loras"] == expected
+            deadline = asyncio.get_running_loop().time() + 20  # the broadcast's next call applies it
+            while [x["scale"] for x in engine.loras] != [0.75, 0.5]:
+                assert asyncio.get_running_loop().time() < deadline, engine.loras
+                await asyncio.sleep(0.05)
+            sender.send_message("/turbostream/lora", [3, 0.5])  # no third LoRA: refused, nothing sent
+            await asyncio.to_thread(lambda: _wait(lambda: osc.counts["rejected"] == 1))
+            assert osc.counts["applied"] == 1
+            for ws in (viewer, client, later):
+                await ws.close()
+        finally:
+            await server.stop()
+            extras.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _wait(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_lora_live_without_an_osc_port_is_said_at_once(loras, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    ink, _ = loras
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "in" / "a.png")
+    result = subprocess.run([sys.executable, "-m", "turbostream", "run", "--model", "tiny-random", "--lora", ink,
+                             "--lora-live", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--lora-live lets OSC change" in result.stderr and "add --osc-port" in \
+        result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_osc_changes_a_lora_of_a_running_run(loras, tmp_path):
+    from pythonosc.udp_client import SimpleUDPClient
+    from test_control import _free_udp_port, _parse_run, _video
+
+    from turbostream.cli import run as cli_run
+
+    ink, _ = loras
+    port = _free_udp_port()
+    sender = SimpleUDPClient("127.0.0.1", port)
+
+    class Hooked(Engine):
+        def run(self, frames, params, **kw):
+            self.seen.append(self.loras[0]["scale"])
+            if len(self.seen) == 3:
+                sender.send_message("/turbostream/lora", 0.8)
+            return super().run(frames, params, **kw)
+
+    engine = Hooked(preset("test", loras=(f"{ink}:0",), lora_live=True))
+    engine.seen = []
+    args = _parse_run("-i", _video(tmp_path / "in.avi"), "-o", str(tmp_path / "out.avi"), "--realtime",
+                      "--max-frames", "40", "--osc-port", str(port), "--lora", f"{ink}:0", "--lora-live")
+    assert cli_run.main(args, engine=engine) == 0
+    assert engine.seen[0] == 0.0 and engine.seen[-1] == 0.8, engine.seen
+
+
+@pytest.mark.slow
+def test_torch_compile_code_follows_a_live_change(loras):
+    """torch.compile (--compile) takes the UNet's weights as inputs of its graph, not as constants baked into it: a
+    live change reaches the compiled code, and nothing compiles again. (The engine compiles on CUDA only; here the UNet
+    is compiled by hand, with inductor for the CPU: which weights are inputs is dynamo's choice, the same for both.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from turbostream.parity import parity_stats
+
+    ink, _ = loras
+    engine = Engine(preset("test", loras=(f"{ink}:0.2",), lora_live=True))
+    counter = CompileCounterWithBackend("inductor")
+    engine.math.unet_call = torch.compile(engine.unet, backend=counter, dynamic=False)
+    before = engine.run(_frames(1), PARAMS[:1])
+    compiled = counter.frame_count
+    engine.set_lora_scales([0.9])
+    after = engine.run(_frames(1), PARAMS[:1])
+    assert counter.frame_count == compiled > 0  # no recompile
+    expected = Engine(preset("test", loras=(f"{ink}:0.9",))).run(_frames(1), PARAMS[:1])
+    assert parity_stats(after, expected)["max"] <= 1
+    assert parity_stats(before, expected)["max"] > 5
+
+
+@pytest.mark.slow
+def test_compile_aot_artifacts_follow_a_live_change(loras, tmp_path):
+    """--compile-aot's artifacts are handed the module's weights where they are (engine/aot.py): a live change
+    reaches them."""
+    from turbostream.parity import parity_stats
+
+    ink, _ = loras
+    engine = Engine(preset("test", loras=(f"{ink}:0.2",), lora_live=True, buckets=(1,), compile_cache=str(tmp_path),
+                           compile=True, compile_aot=True, aot_format="dynamo"))
+    assert engine.warmup().aot_packages_built == 3
+    before = engine.run(_frames(1), PARAMS[:1])
+    engine.set_lora_scales([0.9])
+    after = engine.run(_frames(1), PARAMS[:1])
+    expected = Engine(preset("test", loras=(f"{ink}:0.9",))).run(_frames(1), PARAMS[:1])
+    assert parity_stats(after, expected)["max"] <= 1
+    assert parity_stats(before, expected)["max"] > 5

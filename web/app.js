@@ -177,6 +177,15 @@ function onText(text) {
       pump();
       break;
     }
+    case "loras":
+      // A LoRA's scale changed on the server (--lora-live): every stream's pictures change from the next frame.
+      if (state.ready) {
+        state.ready = { ...state.ready, loras: msg.loras };
+        $("model").textContent = modelLine(state.ready, " · random weights (noise)");
+      }
+      state.newFrame = true; // a still screen gets restyled too
+      pump();
+      break;
     case "frame":
       pendingHeader = msg;
       break;

@@ -62,6 +62,9 @@ function connect() {
       if (document.activeElement !== $("prompt")) $("prompt").value = promptText(msg.params.prompt);
     } else if (msg.type === "config") {
       if (document.activeElement !== $("prompt")) $("prompt").value = promptText(msg.prompt);
+    } else if (msg.type === "loras" && state.ready) {
+      state.ready = { ...state.ready, loras: msg.loras }; // a LoRA's scale changed on the server (--lora-live)
+      $("model").textContent = modelLine(state.ready, " · random weights: noise, not a stylization");
     } else if (msg.type === "source") {
       // The broadcast's source: starting, live, reconnecting (a camera or URL that dropped out) or ended.
       state.source = msg.state;

@@ -192,6 +192,7 @@ class Batcher:
         self._keys = itertools.count(1)
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._lora_scales: tuple[float, ...] | None = None  # asked for and not applied yet (the newest only)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -258,6 +259,26 @@ class Batcher:
             old = self._pending.pop(stream.key, None)
             self._cond.notify_all()
         return old[1] if old is not None else None
+
+    def set_lora_scales(self, scales) -> None:
+        """From any thread: the engine takes these LoRA scales (Engine.set_lora_scales) on the inference thread,
+        before its next call; scales asked for before that are replaced, not queued (a fader sends dozens a second)."""
+        with self._cond:
+            self._lora_scales = tuple(scales)
+
+    def _apply_lora_scales(self) -> None:
+        """On the inference thread, between calls: the LoRA scales asked for last, if any."""
+        with self._cond:
+            scales, self._lora_scales = self._lora_scales, None
+            if scales is None:
+                return
+            for stream in self._streams.values():
+                # A still frame is answered from the stream's last output no more: it came from the old weights.
+                stream.last_frame = stream.last_output = None
+        try:
+            self.engine.set_lora_scales(scales)
+        except Exception as exc:  # noqa: BLE001 - the streams go on at the scales they had
+            log.warning("LoRA scales %s not applied: %s", list(scales), exc)
 
     # ------------------------------------------------------------------ the inference thread
 
@@ -413,6 +434,7 @@ class Batcher:
         """Start one batch: skips answered from their reference's output, the rest submitted to the engine (or run
         to completion by an engine without submit)."""
         self._release_closed()
+        self._apply_lora_scales()
         # Frames of streams closed since they were taken (a batch waits up to gather_s for a frame being decoded, and
         # a pipelined one is gathered during a whole call) do not run: they would compute for nobody, and make engine
         # state for a key just released, which nothing would free again. A stream closing after this is released at

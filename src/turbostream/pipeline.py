@@ -236,10 +236,18 @@ class Pipeline:
         self._interrupted = False  # interrupt(): ends like Ctrl-C, whatever the main thread is doing
         self._last_in: np.ndarray | None = None  # with similarity on: the last frame run, and its output
         self._last_out: np.ndarray | None = None
+        self._lora_scales: tuple[float, ...] | None = None  # asked for and not applied yet (the newest only)
+        self._lora_lock = threading.Lock()
 
     def set_params(self, params: StreamParams) -> None:
         """Use these stream parameters from the next engine call on (any thread)."""
         self.params = params
+
+    def set_lora_scales(self, scales) -> None:
+        """Use these LoRA scales (Engine.set_lora_scales) from the next engine call on (any thread); scales asked for
+        before that are replaced, not queued."""
+        with self._lora_lock:
+            self._lora_scales = tuple(scales)
 
     def stop(self) -> None:
         """Ask the run to end as if the user quit (any thread); the engine calls in flight are finished and written."""
@@ -471,6 +479,11 @@ class Pipeline:
         also the same object as one earlier in items when the reference ran in this very batch.
         """
         params = self.params  # once per call: set_params may replace it from another thread
+        with self._lora_lock:
+            scales, self._lora_scales = self._lora_scales, None
+        if scales is not None:
+            self.engine.set_lora_scales(scales)  # checked by the LoraTarget that asked: an error here is the engine's
+            reference = None  # a repeat of the last frame runs again: its output came from the old weights
         frames = list({id(it.frame): it.frame for it in items if it.frame is not reference}.values())
         call = _Call(items, params, frames)
         if frames:

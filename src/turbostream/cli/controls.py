@@ -33,6 +33,8 @@ def controls_from_args(args: argparse.Namespace) -> Controls:
     later line is (config.parse_prompt: a JSON blend when it starts with '[').
     """
     playlist = osc = None
+    if getattr(args, "lora_live", False) and args.osc_port is None:
+        raise UserError("--lora-live lets OSC change the LoRAs' scales (/turbostream/lora): add --osc-port N")
     if args.prompts is not None:
         try:
             playlist = Playlist(load_playlist(args.prompts, args.prompt_duration))

@@ -67,9 +67,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 
 
-def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool = True, lora: bool = True) -> None:
+def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool = True, lora: bool = True,
+                       lora_live: bool = False) -> None:
     """Options that build the engine (and, with stream_options, a stream's default parameters; --lora unless told
-    not: bench times the model's cost, which a merged LoRA does not change)."""
+    not: bench times the model's cost, which a merged LoRA does not change; --lora-live where OSC can change them)."""
     d, p = EngineConfig.__dataclass_fields__, StreamParams()
     add_common_options(parser)
     g = parser.add_argument_group("engine")
@@ -90,6 +91,11 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                        help="merge a LoRA into the model's weights at load (changes the output, costs no time a "
                             "frame): a .safetensors file, a folder holding one, or a hub id (user/repo, or "
                             f"user/repo/file.safetensors); SCALE defaults to 1. Repeat for up to {MAX_LORAS}")
+    if lora and lora_live:
+        g.add_argument("--lora-live", action="store_true",
+                       help="let OSC change the LoRAs' scales while it runs (/turbostream/lora, needs --osc-port), for "
+                            "every stream; keeps each adapted layer's weights from before the LoRAs beside the model "
+                            "(the log says how many MiB)")
     g.add_argument("--buckets", type=buckets, default=d["buckets"].default, metavar="1,2,4,8",
                    help="batch sizes captured as CUDA graphs (default: 1,2,4,8)")
     g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup; "
@@ -248,7 +254,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             fp8=args.fp8, skip_unit_rescale=args.skip_unit_rescale, fused_norm=args.fused_norm,
             fused_epilogue=args.fused_epilogue, kernel_compile_threads=args.kernel_compile_threads,
             frame_graph=args.frame_graph, reuse_layers=reuse_layers, loras=tuple(getattr(args, "lora", ())),
-            default_params=default,
+            lora_live=getattr(args, "lora_live", False), default_params=default,
         )
         if cfg.compile_mode != "default" and not cfg.compile:
             raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")

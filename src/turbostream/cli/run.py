@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 
 from ..config import RunConfig, stream_limits
-from ..control import Controls, RunTarget
+from ..control import Controls, LoraTarget, RunTarget
 from ..control.prompt_line import PromptLine
 from ..errors import UserError
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
@@ -37,7 +37,7 @@ INTERRUPT_STATUS = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 def add_parser(sub) -> None:
     d = RunConfig()
     p = sub.add_parser("run", help="headless capture loop: camera, file, URL or folder -> window, file or folder")
-    add_engine_options(p)
+    add_engine_options(p, lora_live=True)
     g = p.add_argument_group("run")
     g.add_argument("--input", "-i", required=True, metavar="SRC",
                    help="camera index (0), video file, RTSP/HTTP URL or folder of images")
@@ -188,7 +188,9 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
             raise KeyboardInterrupt
         transform.params_of = lambda: pipeline.params
         target = RunTarget(pipeline, stream_limits(engine))
-        controls.start_osc(target)
+        engine_cfg = getattr(engine, "config", None)
+        controls.start_osc(target, lora=LoraTarget(getattr(engine_cfg, "loras", ()), pipeline.set_lora_scales,
+                                                   live=getattr(engine_cfg, "lora_live", False)))
         if _stdin_is_terminal() and _in_the_foreground():
             PromptLine(pipeline, target=target).start()
         # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);

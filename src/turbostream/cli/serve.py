@@ -32,7 +32,7 @@ CONTROL_TOKEN_ENV = "TURBOSTREAM_CONTROL_TOKEN"
 def add_parser(sub) -> None:
     d, limits = ServerConfig(), Limits()
     p = sub.add_parser("serve", help="WebSocket server and browser client (interactive streams and viewers)")
-    add_engine_options(p)
+    add_engine_options(p, lora_live=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=d.host, help="address to bind (default: %(default)s, this machine only)")
     g.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default: %(default)s)")
@@ -119,7 +119,7 @@ def _main(args) -> int:
         from ..serve.integrations import Integrations
 
         extras = Integrations(server, args.controls, tuple(args.publish), size=args.size,
-                              fps=args.publish_fps)
+                              fps=args.publish_fps, loras=tuple(args.lora), lora_live=args.lora_live)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:

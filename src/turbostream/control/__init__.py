@@ -10,10 +10,10 @@ from typing import Any
 
 from .osc import OscServer
 from .playlist import Look, Playlist, load_playlist, parse_playlist
-from .targets import BroadcastTarget, RunTarget
+from .targets import BroadcastTarget, LoraTarget, RunTarget
 
-__all__ = ["BroadcastTarget", "Controls", "Look", "OscServer", "Playlist", "RunTarget", "load_playlist",
-           "parse_playlist"]
+__all__ = ["BroadcastTarget", "Controls", "LoraTarget", "Look", "OscServer", "Playlist", "RunTarget",
+           "load_playlist", "parse_playlist"]
 
 
 class Controls:
@@ -26,9 +26,9 @@ class Controls:
         return self.osc is not None or self.playlist is not None
 
     def start_osc(self, apply: Callable[[dict[str, Any]], Any],
-                  on_result: Callable[[str], Any] | None = None) -> None:
+                  on_result: Callable[[str], Any] | None = None, lora: LoraTarget | None = None) -> None:
         if self.osc is not None:
-            self.osc.start(apply, playlist=self.playlist, on_result=on_result)
+            self.osc.start(apply, playlist=self.playlist, on_result=on_result, lora=lora)
 
     def start_playlist(self, apply: Callable[[dict[str, Any]], Any]) -> None:
         if self.playlist is not None:

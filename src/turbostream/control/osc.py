@@ -13,6 +13,8 @@ into the fields of a `config` message for one callback (a RunTarget or a Broadca
 | /turbostream/reuse       | i (or integral f) | feature reuse: full UNet every N frames, 0..8 (0, 1: off)|
 | /turbostream/next        | none, or a number | next playlist prompt (a number 0 is ignored: a button's  |
 | /turbostream/previous    | none, or a number | release); needs --prompts                                |
+| /turbostream/lora        | f; or i f; or s f | a LoRA's scale (the only one; number i from 1; name s);  |
+| /turbostream/lora/<i>    | f (or i)          | needs --lora-live; changes every stream (LoraTarget)     |
 
 Every message gets one result, counted in `counts` (and by `on_result`, for /metrics): applied, ignored (a button
 release, next/previous without a playlist), rejected (a value out of range, or no stream to change yet),
@@ -32,16 +34,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..config import parse_prompt
+from ..config import MAX_LORAS, parse_prompt
 
 log = logging.getLogger("turbostream.control")
 
 PREFIX = "/turbostream/"
 PARAM_ADDRESSES = ("prompt", "strength", "steps", "seed", "similarity", "transition", "feedback", "reuse")
 STEP_ADDRESSES = ("next", "previous")
+LORA_ADDRESSES = ("lora", *(f"lora/{i}" for i in range(1, MAX_LORAS + 1)))  # bounded: kinds are logged per address
 RESULTS = ("applied", "ignored", "rejected", "bad_arguments", "unknown_address", "malformed")
 MAX_DATAGRAM = 65536  # the largest UDP payload; a bigger one is cut by the kernel and fails to parse (malformed)
-MAX_ARGS = 8  # arguments of one message shown in a log line; every address takes one at most
+MAX_ARGS = 8  # arguments of one message shown in a log line; every address takes two at most
 MAX_BUNDLE_DEPTH = 4  # bundles inside bundles; deeper is malformed (python-osc itself would recurse without limit)
 POLL_S = 0.2  # how often the thread looks at its stop flag between datagrams
 # Argument types python-osc parses; it logs a warning on the root logger for each other one, so a datagram with
@@ -96,6 +99,21 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def lora_arguments(name: str, args: list[Any]) -> tuple[int | str | None, float]:
+    """(which LoRA: None for the only one, a number from 1 or a name; its scale) of /turbostream/lora[/<i>]."""
+    if name != "lora":  # lora/<i>: the number in the address, as a fader sends it
+        if len(args) != 1:
+            raise BadArguments(f"expected one number (the scale), got {len(args)} arguments")
+        return int(name.partition("/")[2]), _number(args[0])
+    if len(args) == 1:
+        return None, _number(args[0])
+    if len(args) != 2:
+        raise BadArguments(f"expected the scale, or which LoRA (a number from 1, or its name) and the scale; got "
+                           f"{len(args)} arguments")
+    which = args[0] if isinstance(args[0], str) else _integer(args[0])
+    return which, _number(args[1])
+
+
 def fields_for(name: str, args: list[Any]) -> dict[str, Any]:
     """The config fields of /turbostream/<name> with these arguments; BadArguments if they do not fit."""
     if len(args) != 1:
@@ -119,7 +137,8 @@ class OscServer:
     """Binds at once (so a port in use is reported before the model loads); start() begins serving on a thread.
 
     apply(fields) changes the stream (raises ValueError to refuse); playlist: an object with next()/previous(), or
-    None; on_result(result) is called once per message (a Prometheus counter's inc, for instance).
+    None; on_result(result) is called once per message (a Prometheus counter's inc, for instance); lora(which,
+    scale) changes a LoRA's scale (a LoraTarget; None: /turbostream/lora is refused).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000) -> None:
@@ -139,18 +158,19 @@ class OscServer:
         self.apply: Callable[[dict[str, Any]], Any] | None = None
         self.playlist = None
         self.on_result: Callable[[str], Any] | None = None
+        self.lora: Callable[[int | str | None, float], Any] | None = None
         self.counts = dict.fromkeys(RESULTS, 0)
         self._logged: set[str] = set()  # kinds of problems already logged: bounded by RESULTS x known addresses
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, apply: Callable[[dict[str, Any]], Any], *, playlist=None,
-              on_result: Callable[[str], Any] | None = None) -> OscServer:
-        self.apply, self.playlist, self.on_result = apply, playlist, on_result
+              on_result: Callable[[str], Any] | None = None,
+              lora: Callable[[int | str | None, float], Any] | None = None) -> OscServer:
+        self.apply, self.playlist, self.on_result, self.lora = apply, playlist, on_result, lora
         self._thread = threading.Thread(target=self._serve, name="turbostream-osc", daemon=True)
         self._thread.start()
-        log.info("OSC: listening on udp %s:%d (%s%s)", self.host, self.port, PREFIX,
-                 "{" + ",".join(PARAM_ADDRESSES + STEP_ADDRESSES) + "}")
+        log.info("OSC: listening on udp %s:%d (%s%s)", self.host, self.port, PREFIX, _KNOWN)
         return self
 
     def stop(self) -> None:
@@ -188,16 +208,18 @@ class OscServer:
     def handle_message(self, address: str, args: list[Any], sender: Any = None) -> str:
         """One message -> its result (counted; each kind of problem logged once)."""
         name = address[len(PREFIX):] if address.startswith(PREFIX) else None
-        if name not in PARAM_ADDRESSES + STEP_ADDRESSES:
+        if name not in PARAM_ADDRESSES + STEP_ADDRESSES + LORA_ADDRESSES:
             return self._count("unknown_address", "unknown_address",
                                f"OSC: ignoring unknown address {_short(address)} from {_who(sender)} "
-                               f"(known: {PREFIX}{{{','.join(PARAM_ADDRESSES + STEP_ADDRESSES)}}})")
-        if len(args) > MAX_ARGS:  # every address takes one argument at most: no log line as long as the datagram
+                               f"(known: {PREFIX}{_KNOWN})")
+        if len(args) > MAX_ARGS:  # every address takes two arguments at most: no log line as long as the datagram
             return self._count("bad_arguments", f"bad_arguments {address}",
                                f"OSC: ignoring {address} with {len(args)} arguments from {_who(sender)}")
         what = f"{address} {' '.join(_short(a, 40) for a in args)}".strip()
         if name in STEP_ADDRESSES:
             return self._step(name, args, address, what, sender)
+        if name in LORA_ADDRESSES:
+            return self._lora(name, args, address, what, sender)
         try:
             fields = fields_for(name, args)
         except BadArguments as exc:
@@ -209,6 +231,22 @@ class OscServer:
             return self._count("rejected", f"rejected {address}", f"OSC: refused {what} from {_who(sender)}: {exc}")
         level = logging.INFO if self.counts["applied"] == 0 else logging.DEBUG
         log.log(level, "OSC: %s from %s -> %s", what, _who(sender), params)
+        return self._count("applied")
+
+    def _lora(self, name: str, args: list[Any], address: str, what: str, sender: Any) -> str:
+        try:
+            which, scale = lora_arguments(name, args)
+        except BadArguments as exc:
+            return self._count("bad_arguments", f"bad_arguments {address}",
+                               f"OSC: ignoring {what} from {_who(sender)}: {exc}")
+        try:
+            if self.lora is None:
+                raise ValueError("LoRA scales cannot be changed here")
+            scales = self.lora(which, scale)
+        except ValueError as exc:
+            return self._count("rejected", f"rejected {address}", f"OSC: refused {what} from {_who(sender)}: {exc}")
+        level = logging.INFO if self.counts["applied"] == 0 else logging.DEBUG
+        log.log(level, "OSC: %s from %s -> LoRA scales %s", what, _who(sender), list(scales))
         return self._count("applied")
 
     def _step(self, name: str, args: list[Any], address: str, what: str, sender: Any) -> str:
@@ -276,6 +314,9 @@ def split_datagram(data: bytes, depth: int = 0) -> list:
         if unknown:
             raise ValueError(f"argument types this server does not read: {''.join(sorted(unknown))[:20]!r}")
     return [OscMessage(data)]
+
+
+_KNOWN = "{" + ",".join(PARAM_ADDRESSES + STEP_ADDRESSES + ("lora", f"lora/<1-{MAX_LORAS}>")) + "}"
 
 
 def _who(sender: Any) -> str:

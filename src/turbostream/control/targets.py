@@ -6,6 +6,9 @@ parameter change goes through.
 - RunTarget: a `turbostream run` (Pipeline.set_params; the GPU thread reads the parameters per call).
 - BroadcastTarget: the `serve --source` broadcast (Broadcast.set_params on the server's event loop, which tells
   every viewer with a `config` message).
+
+LoraTarget is apart: a LoRA's scale is the engine's (its weights), not a stream's; OSC's /turbostream/lora changes it
+for every stream, where the engine keeps what that takes (--lora-live).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..config import MAX_STEPS, StreamParams, stream_limits
+from ..config import MAX_STEPS, LoraSpec, StreamParams, stream_limits
 
 log = logging.getLogger("turbostream.control")
 
@@ -86,3 +90,46 @@ class BroadcastTarget:
             self.broadcast.set_params(fields, by=self.by)
         except Exception as exc:  # noqa: BLE001 - e.g. a viewer changed steps meanwhile; the old parameters stay
             log.warning("%s: change %s not applied: %s", self.by, fields, getattr(exc, "message", exc))
+
+
+class LoraTarget:
+    """Changes one LoRA's scale from any thread (OSC /turbostream/lora): checked here against the LoRAs the engine
+    was started with, then every LoRA's scale goes to `apply` (TurboServer.set_lora_scales, Pipeline.set_lora_scales:
+    applied on the inference thread before the next engine call). ValueError says why a change cannot be made."""
+
+    def __init__(self, loras: Sequence[LoraSpec], apply: Callable[[tuple[float, ...]], Any], *, live: bool) -> None:
+        from ..lora import display_name
+
+        self.names = [display_name(spec.source) for spec in loras]
+        self.scales = [spec.scale for spec in loras]
+        self.apply, self.live = apply, live
+        self._lock = threading.Lock()
+
+    def index(self, which: int | str | None) -> int:
+        """Which LoRA (0-based): None for the only one, a number from 1 (the --lora order) or a LoRA's name."""
+        count = len(self.names)
+        if which is None:
+            if count > 1:
+                raise ValueError(f"{count} LoRAs are loaded: say which, by number (1..{count}) or name "
+                                 f"({', '.join(self.names)})")
+            return 0
+        if isinstance(which, str):
+            if which not in self.names:
+                raise ValueError(f"no LoRA named {which[:80]!r} (loaded: {', '.join(self.names)})")
+            return self.names.index(which)
+        if not 1 <= which <= count:
+            raise ValueError(f"no LoRA number {which}: {count} loaded, numbered from 1 in --lora order")
+        return which - 1
+
+    def __call__(self, which: int | str | None, scale: float) -> tuple[float, ...]:
+        if not self.names:
+            raise ValueError("no LoRA is loaded (--lora FILE[:SCALE] with --lora-live)")
+        if not self.live:
+            raise ValueError("the LoRAs' scales are fixed: start with --lora-live to change them while it runs")
+        index = self.index(which)
+        scale = LoraSpec(self.names[index], scale).scale  # the range check of --lora's scale
+        with self._lock:
+            if self.scales[index] != scale:
+                self.scales[index] = scale
+                self.apply(tuple(self.scales))
+            return tuple(self.scales)

@@ -157,6 +157,11 @@ def ready_message(role: str, *, model: str, random_weights: bool, device: str, w
     }
 
 
+def loras_message(loras: Sequence[dict]) -> dict[str, Any]:
+    """Sent to every client and viewer when a LoRA's scale changes (--lora-live): all the LoRAs, as in `ready`."""
+    return {"type": "loras", "loras": [{"name": x["name"], "scale": x["scale"]} for x in loras]}
+
+
 def frame_header(meta: FrameMeta, batch: int, now: float | None = None, skipped: bool = False) -> dict[str, Any]:
     """Sent right before a result's JPEG: which input frame it answers, the batch it ran in, the time in the server
     until now, and whether the engine was skipped for it (similarity: the result is the last output again). The

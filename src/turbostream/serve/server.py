@@ -101,6 +101,12 @@ class TurboServer:
         self.guard = ConnectionGuard(self.config.limits, on_close=self.metrics.closed_by_limit,
                                      on_wait=self.metrics.handshakes_waited.inc)
         self.metrics.watch_send_buffers(self.guard.send_buffer_bytes)
+        # LoRA scales changed while serving (--lora-live; OSC /turbostream/lora): the newest asked for (None: the
+        # engines' own), and whether a `loras` message to everyone is already due on the loop (changes are merged).
+        self.lora_scales: tuple[float, ...] | None = None
+        self._loras_due = False
+        self._lora_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ properties used by the sessions
 
@@ -180,6 +186,7 @@ class TurboServer:
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> TurboServer:
+        self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._stopped = asyncio.Event()
         self.batcher.start()
@@ -356,6 +363,38 @@ class TurboServer:
     def _on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
         self.metrics.gpu.observe(seconds)
+
+    @property
+    def loras(self) -> tuple[dict, ...]:
+        """The engine's LoRAs (their summaries) at the scales asked for last: what clients are shown."""
+        loras = self.engine.loras
+        if self.lora_scales is None:
+            return loras
+        return tuple({**lora, "scale": scale} for lora, scale in zip(loras, self.lora_scales))
+
+    def set_lora_scales(self, scales) -> None:
+        """From any thread (a LoraTarget's apply): every device's engine takes these scales before its next call, and
+        every client and viewer gets a `loras` message (one for any number of changes until the loop sends it)."""
+        with self._lora_lock:
+            self.lora_scales = tuple(scales)
+            for device in self.devices.items:
+                device.batcher.set_lora_scales(self.lora_scales)
+            if self._loras_due or self._loop is None:
+                return
+            self._loras_due = True
+        try:
+            self._loop.call_soon_threadsafe(self._announce_loras)
+        except RuntimeError:  # the loop is closed: shutting down, nobody to tell
+            pass
+
+    def _announce_loras(self) -> None:
+        with self._lora_lock:
+            self._loras_due = False
+        if not self.devices.loaded:
+            return  # nobody has had a `ready` yet; theirs will carry the new scales
+        message = protocol.loras_message(self.loras)
+        for session in (*self.clients, *self.viewers):
+            session.outbox.text(message)
 
     # ------------------------------------------------------------------ WebSocket sessions
 

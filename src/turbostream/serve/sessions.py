@@ -246,7 +246,7 @@ class Session:
         server, engine = self.server, self.server.engine
         self.outbox.text(protocol.ready_message(
             self.role, **self.ready_extra(), model=engine.model_name, random_weights=engine.random_weights,
-            loras=engine.loras,
+            loras=server.loras,
             device=server.device_for(self.device_stream), width=engine.width, height=engine.height,
             params=self.params, limits=server.limits_dict(), stats_interval_s=server.config.stats_interval_s,
         ))
