@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_check.sh [tests] [parity] [engine] [bench] [norm] [rows] [jpeg] [codecs] [latency] [serve]
 #                             [serve-compile] [gil] [soak] [starts] [warmstart] [aot] [aotprobe] [trace] [reuse] [sim]
-#                             [viewers]
+#                             [viewers] [lora]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -93,6 +93,9 @@
 # viewers: the load test with 8 clients beside 0, 64 and 256 viewers of a broadcast (`serve --source`, a 320x240
 #         30 frames/s clip made with OpenCV), SERVE_S seconds each: every viewer's frames/s and the gaps between its
 #         frames, and what the viewers cost the clients; $OUT/viewers.json
+# lora:   scripts/lora_merge_speed.py --live: a rank-32 LoRA of every attention and feed-forward Linear merged, loaded
+#         with --lora-live (the layers kept: MiB) and its scale changed 5 times (the stall of a change); about a
+#         minute; $OUT/lora_live.json
 # SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile, warmstart and soak stages' server
 # (and engine options to the latency stage's).
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
@@ -344,8 +347,11 @@ PY
       step viewers $((DUR * 3 + 120)) "$PY" scripts/loadtest.py --clients 8 --viewers 0,64,256 --duration "$DUR" \
         --json "$OUT/viewers.json" --server-log "$OUT/viewers-server.log" --spawn-server -- "${MODEL[@]}" \
         --max-clients 8 --source "$clip" "${SERVE_EXTRA[@]}" ;;
+    lora)  # --lora and --lora-live on the GPU: merge, live load (memory kept) and a change of scale, timed
+      step lora 240 "$PY" scripts/lora_merge_speed.py "${MODEL[@]:0:4}" --rank 32 --live --repeats 5 \
+        --json "$OUT/lora_live.json" ;;
     *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency," \
-         "serve, serve-compile, gil, soak, starts, warmstart, aot, aotprobe, trace, reuse, sim, viewers)"
+         "serve, serve-compile, gil, soak, starts, warmstart, aot, aotprobe, trace, reuse, sim, viewers, lora)"
        status=2 ;;
   esac
 done

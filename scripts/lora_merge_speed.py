@@ -7,7 +7,7 @@ memory that keeps), and a change of scale (lora.LiveLoras.set_scales: every adap
 refresh of its fused projections comes on top), timed --repeats times.
 
     python scripts/lora_merge_speed.py --model random --rank 32 --live \
-        --json benchmarks/lora-merge-cpu-random-2026-11-30.json
+        --json benchmarks/lora-live-cpu-random-2026-11-29.json
 """
 
 from __future__ import annotations
