@@ -313,9 +313,9 @@ def test_lora_live_without_an_osc_port_is_said_at_once(loras, tmp_path):
     Image.fromarray(_frames(1)[0]).save(tmp_path / "in" / "a.png")
     result = subprocess.run([sys.executable, "-m", "turbostream", "run", "--model", "tiny-random", "--lora", ink,
                              "--lora-live", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--lora-live lets OSC change" in result.stderr and "add --osc-port" in \
-        result.stderr
+        result.stderr and "its prompt line takes /lora" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -383,3 +383,30 @@ def test_compile_aot_artifacts_follow_a_live_change(loras, tmp_path):
     expected = Engine(preset("test", loras=(f"{ink}:0.9",))).run(_frames(1), PARAMS[:1])
     assert parity_stats(after, expected)["max"] <= 1
     assert parity_stats(before, expected)["max"] > 5
+
+
+def test_the_run_prompt_line_changes_a_lora_by_number_or_name():
+    from turbostream.config import LoraSpec
+    from turbostream.control import LoraTarget, RunTarget
+    from turbostream.control.prompt_line import PromptLine
+
+    class Run:
+        params = StreamParams()
+
+        def set_params(self, params):
+            self.params = params
+
+    applied = []
+    target = LoraTarget((LoraSpec("ink.safetensors", 1.0), LoraSpec("chalk.safetensors", 0.0)), applied.append,
+                        live=True)
+    line = PromptLine(Run(), target=RunTarget(Run()), lora=target)
+    assert line.apply("/lora 2 0.5") == "LoRA ink 1, chalk 0.5"
+    assert line.apply("/lora ink -0.25") == "LoRA ink -0.25, chalk 0.5"
+    for bad, words in (("/lora 0.5", "2 LoRAs are loaded"), ("/lora", "needs a scale"), ("/lora 1 x", "a number"),
+                       ("/lora 3 0.5", "no LoRA number 3"), ("/lora 1 12", "between -10 and 10"),
+                       ("/lora 1 2 3", "needs a scale")):
+        with pytest.raises(ValueError, match=words):
+            line.apply(bad)
+    assert applied == [(1.0, 0.5), (-0.25, 0.5)]
+    with pytest.raises(ValueError, match="--lora-live"):
+        PromptLine(Run(), target=RunTarget(Run())).apply("/lora 0.5")

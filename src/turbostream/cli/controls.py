@@ -26,15 +26,17 @@ def add_control_options(parser: argparse.ArgumentParser, what: str) -> None:
                    help="seconds a playlist prompt stays when its line gives no duration (default: %(default)g)")
 
 
-def controls_from_args(args: argparse.Namespace) -> Controls:
+def controls_from_args(args: argparse.Namespace, prompt_line: bool | None = None) -> Controls:
     """The command's Controls: the playlist read and checked, the OSC port bound (not yet serving); UserError if not.
+    prompt_line: whether `run` reads a prompt line from its terminal (which changes LoRA scales too); None: `serve`.
 
     With a playlist, args.prompt becomes its first prompt as written: the stream starts with it, read as every
     later line is (config.parse_prompt: a JSON blend when it starts with '[').
     """
     playlist = osc = None
-    if getattr(args, "lora_live", False) and args.osc_port is None:
-        raise UserError("--lora-live lets OSC change the LoRAs' scales (/turbostream/lora): add --osc-port N")
+    if getattr(args, "lora_live", False) and args.osc_port is None and not prompt_line:
+        raise UserError("--lora-live lets OSC change the LoRAs' scales (/turbostream/lora): add --osc-port N"
+                        + ("" if prompt_line is None else " (or run it in a terminal: its prompt line takes /lora)"))
     if args.prompts is not None:
         try:
             playlist = Playlist(load_playlist(args.prompts, args.prompt_duration))

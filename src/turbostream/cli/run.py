@@ -71,7 +71,8 @@ def main(args: argparse.Namespace, engine=None) -> int:
     source = parse_source(args.input)
     outputs = [parse_output(text) for text in args.outputs]
     check_outputs(outputs, source)
-    controls = controls_from_args(args)  # a playlist's first prompt becomes args.prompt; the OSC port is bound
+    # A playlist's first prompt becomes args.prompt; the OSC port is bound.
+    controls = controls_from_args(args, prompt_line=_stdin_is_terminal() and _in_the_foreground())
     with _sigterm_as_ctrl_c() as term:
         try:
             status = _run(args, engine, cfg, source, outputs, controls, term)
@@ -189,10 +190,11 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         transform.params_of = lambda: pipeline.params
         target = RunTarget(pipeline, stream_limits(engine))
         engine_cfg = getattr(engine, "config", None)
-        controls.start_osc(target, lora=LoraTarget(getattr(engine_cfg, "loras", ()), pipeline.set_lora_scales,
-                                                   live=getattr(engine_cfg, "lora_live", False)))
+        lora = LoraTarget(getattr(engine_cfg, "loras", ()), pipeline.set_lora_scales,
+                          live=getattr(engine_cfg, "lora_live", False))
+        controls.start_osc(target, lora=lora)
         if _stdin_is_terminal() and _in_the_foreground():
-            PromptLine(pipeline, target=target).start()
+            PromptLine(pipeline, target=target, lora=lora).start()
         # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);
         # run() closes the sinks (writes what is queued, finalizes files).
         try:

@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from ..config import parse_prompt, stream_limits
-from .targets import RunTarget
+from .targets import LoraTarget, RunTarget
 
 log = logging.getLogger("turbostream.run")
 
@@ -19,18 +19,21 @@ COMMANDS = {"strength": ("strength", float), "similarity": ("similarity", float)
             "transition": ("transition_s", float), "steps": ("steps", int), "seed": ("seed", int),
             "reuse": ("reuse", int), "prompt": ("prompt", parse_prompt)}
 USAGE = ("/strength X, /steps N, /seed N, /prompt TEXT, /similarity S, /transition SECONDS, /feedback F, /reuse N, "
-         "/quit")
+         "/lora [N|NAME] SCALE (with --lora-live), /quit")
 
 
 class PromptLine:
     """Reads stdin lines while a run goes on: text changes the prompt; /strength X, /steps N, /seed N,
-    /similarity S, /transition SECONDS, /feedback F, /reuse N; /quit. A prompt starting with '[' is a JSON blend.
+    /similarity S, /transition SECONDS, /feedback F, /reuse N; /lora [N|NAME] SCALE; /quit. A prompt starting with
+    '[' is a JSON blend.
 
     pipeline: the run (its .stop() for /quit); target: what applies the fields (the run's RunTarget, shared with OSC
-    and the playlist; one of its own by default)."""
+    and the playlist; one of its own by default); lora: what changes a LoRA's scale (the run's LoraTarget, shared
+    with OSC; None: /lora is refused)."""
 
-    def __init__(self, pipeline, stream=None, target: RunTarget | None = None) -> None:
+    def __init__(self, pipeline, stream=None, target: RunTarget | None = None, lora: LoraTarget | None = None) -> None:
         self.pipeline = pipeline
+        self.lora = lora
         self.target = target if target is not None else RunTarget(pipeline, stream_limits(pipeline.engine))
         self.stream = stream if stream is not None else sys.stdin
         self._thread = threading.Thread(target=self._run, name="prompt line", daemon=True)
@@ -51,6 +54,8 @@ class PromptLine:
         cmd, value = cmd.lower(), value.strip()
         if cmd in ("quit", "q", "exit"):
             return "quit"
+        if cmd == "lora":
+            return {"lora": lora_words(value)}
         if cmd not in COMMANDS:
             raise ValueError(f"unknown command /{cmd}: use {USAGE}")
         name, kind = COMMANDS[cmd]
@@ -69,6 +74,11 @@ class PromptLine:
         if fields == "quit":
             self.pipeline.stop()
             return "quit"
+        if "lora" in fields:
+            if self.lora is None:
+                raise ValueError("/lora: no LoRA scale can change in this run (--lora FILE with --lora-live)")
+            scales = self.lora(*fields["lora"])
+            return "LoRA " + ", ".join(f"{name} {scale:g}" for name, scale in zip(self.lora.names, scales))
         new = self.target(fields)  # checked against this engine's limits, under the target's lock
         controls = "".join(f", {name} {getattr(new, name)}"
                            for name in ("similarity", "transition_s", "feedback", "reuse") if getattr(new, name))
@@ -85,3 +95,18 @@ class PromptLine:
                 return
             if changed:
                 log.info("now: %s", changed)
+
+
+def lora_words(value: str) -> tuple[int | str | None, float]:
+    """/lora's words: SCALE (the only LoRA), N SCALE (its number from 1) or NAME SCALE; ValueError with a message."""
+    words = value.split()
+    if len(words) not in (1, 2):
+        raise ValueError("/lora needs a scale, or a LoRA's number or name and a scale: /lora 0.8, /lora 2 0.8")
+    try:
+        scale = float(words[-1])
+    except ValueError:
+        raise ValueError(f"/lora needs a number for the scale, got {words[-1]!r}") from None
+    if len(words) == 1:
+        return None, scale
+    which = words[0]
+    return (int(which) if which.isdigit() else which), scale
