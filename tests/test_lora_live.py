@@ -15,6 +15,7 @@ from turbostream.engine import Engine
 from turbostream.engine.cuda import refresh_derived_weights
 from turbostream.engine.time_proj import set_fused_time_proj
 from turbostream.models import load_components
+from turbostream.parity import parity_stats
 
 UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "time_emb_proj", "ff.net.2")
 TEXT_LAYERS = ("q_proj", "v_proj", "fc1")
@@ -351,8 +352,6 @@ def test_torch_compile_code_follows_a_live_change(loras):
     is compiled by hand, with inductor for the CPU: which weights are inputs is dynamo's choice, the same for both.)"""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from turbostream.parity import parity_stats
-
     ink, _ = loras
     engine = Engine(preset("test", loras=(f"{ink}:0.2",), lora_live=True))
     counter = CompileCounterWithBackend("inductor")
@@ -371,8 +370,6 @@ def test_torch_compile_code_follows_a_live_change(loras):
 def test_compile_aot_artifacts_follow_a_live_change(loras, tmp_path):
     """--compile-aot's artifacts are handed the module's weights where they are (engine/aot.py): a live change
     reaches them."""
-    from turbostream.parity import parity_stats
-
     ink, _ = loras
     engine = Engine(preset("test", loras=(f"{ink}:0.2",), lora_live=True, buckets=(1,), compile_cache=str(tmp_path),
                            compile=True, compile_aot=True, aot_format="dynamo"))
@@ -410,3 +407,24 @@ def test_the_run_prompt_line_changes_a_lora_by_number_or_name():
     assert applied == [(1.0, 0.5), (-0.25, 0.5)]
     with pytest.raises(ValueError, match="--lora-live"):
         PromptLine(Run(), target=RunTarget(Run())).apply("/lora 0.5")
+
+
+@pytest.mark.gpu
+def test_a_live_change_reaches_the_cuda_graphs(loras):
+    """On CUDA, fp16: the captured graphs read fused QKV projections (copies of to_q, to_k, to_v) and the stacked time
+    projection; after a live change their replay gives a fresh engine's frames at the new scale."""
+    ink, chalk = loras
+    options = dict(device="cuda", dtype="float16", buckets=(1, 2), fused_time_proj=True, prompt_kv=True)
+    live = Engine(preset("test", loras=(f"{ink}:0.2", f"{chalk}:0"), lora_live=True, **options))
+    live.warmup()
+    before = live.run(_frames(), PARAMS)
+    live.set_lora_scales([0.9, 0.7])
+    replays = live.stats.graph_replays
+    after = live.run(_frames(), PARAMS)
+    assert live.stats.graph_replays > replays
+    fresh = Engine(preset("test", loras=(f"{ink}:0.9", f"{chalk}:0.7"), lora_live=True, **options))
+    fresh.warmup()
+    expected = fresh.run(_frames(), PARAMS)
+    # The same weights, the same kernels (cuDNN's autotuning may pick another convolution for a second engine).
+    assert parity_stats(after, expected)["max"] <= 1
+    assert np.abs(np.stack(after).astype(int) - np.stack(before)).mean() > 5

@@ -72,9 +72,10 @@ def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, mod
         summaries.append(summary)
     if not live:
         return summaries, None
+    t0 = time.perf_counter()
     merged = LiveLoras(specs, plans)
-    log.info("LoRA scales live: %d layers kept as they were before the LoRAs (%.0f MiB beside the model)",
-             len(merged.layers), merged.kept_bytes / 2**20)
+    log.info("LoRA scales live: %d layers kept as they were before the LoRAs (%.0f MiB beside the model), merged "
+             "(%.2f s)", len(merged.layers), merged.kept_bytes / 2**20, time.perf_counter() - t0)
     return summaries, merged
 
 

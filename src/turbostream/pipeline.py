@@ -482,8 +482,11 @@ class Pipeline:
         with self._lora_lock:
             scales, self._lora_scales = self._lora_scales, None
         if scales is not None:
-            self.engine.set_lora_scales(scales)  # checked by the LoraTarget that asked: an error here is the engine's
-            reference = None  # a repeat of the last frame runs again: its output came from the old weights
+            try:
+                self.engine.set_lora_scales(scales)
+                reference = None  # a repeat of the last frame runs again: its output came from the old weights
+            except Exception as exc:  # noqa: BLE001 - checked by the LoraTarget that asked; the run goes on as it was
+                log.warning("LoRA scales %s not applied: %s", list(scales), exc)
         frames = list({id(it.frame): it.frame for it in items if it.frame is not reference}.values())
         call = _Call(items, params, frames)
         if frames:
