@@ -76,16 +76,20 @@ def test_scales_changed_live_give_the_frames_of_a_fresh_start_at_those_scales(lo
 
 
 def test_half_precision_weights_do_not_drift_however_often_the_scale_moves(loras):
-    """Each change recomputes a layer from its weights before the LoRA: after a fader's worth of changes the fp16
-    weights are those of a fresh load at the last scale, where adding differences would round once per change."""
-    ink, _ = loras
-    moved = load_components("tiny-random", device="cpu", dtype=torch.float16, loras=[f"{ink}:0.3"], lora_live=True)
+    """Each change recomputes a layer from its weights before the LoRAs: after a fader's worth of changes the fp16
+    weights are those of a fresh load at the last scales (live or not: both round each layer's float32 sum once),
+    where adding differences would round once per change."""
+    ink, chalk = loras
+    start = [f"{ink}:0.3", f"{chalk}:-0.6"]
+    moved = load_components("tiny-random", device="cpu", dtype=torch.float16, loras=start, lora_live=True)
     rng = np.random.default_rng(0)
-    for scale in rng.uniform(-2, 2, 200):
-        moved.lora_live.set_scales([float(scale)])
-    moved.lora_live.set_scales([0.3])
-    fresh = load_components("tiny-random", device="cpu", dtype=torch.float16, loras=[f"{ink}:0.3"])
+    for scales in rng.uniform(-2, 2, (200, 2)):
+        moved.lora_live.set_scales(scales.tolist())
+    moved.lora_live.set_scales([0.3, -0.6])
+    fresh = load_components("tiny-random", device="cpu", dtype=torch.float16, loras=start)
     assert _same_weights(moved.unet, fresh.unet) and _same_weights(moved.text_encoder, fresh.text_encoder)
+    plain = load_components("tiny-random", device="cpu", dtype=torch.float16)
+    assert not _same_weights(moved.unet, plain.unet)
 
 
 def test_fused_and_stacked_projections_follow_a_live_change(loras):

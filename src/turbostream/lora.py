@@ -44,8 +44,9 @@ MAX_LORA_BYTES = 2 << 30
 
 def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, model: str = "",
                 live: bool = False) -> tuple[list[dict], LiveLoras | None]:
-    """Merge each LoRA into the modules' weights, in order: (one summary per LoRA (layers merged per part), and with
-    `live` the LiveLoras that can change their scales later, else None).
+    """Merge the LoRAs into the modules' weights: (one summary per LoRA (layers merged per part), and with `live` the
+    LiveLoras that can change their scales later, else None). Every LoRA is read and every layer checked before any
+    weight changes; then each layer gets the sum of its LoRAs' products, in float32, rounded once.
 
     ModelLoadError when a LoRA cannot be read, holds no LoRA weights, or adapts layers this model does not have (a
     LoRA made for another model: SDXL, or SD 1.5 on SD 2.1's UNet)."""
@@ -55,95 +56,102 @@ def merge_loras(unet: torch.nn.Module, text_encoder: torch.nn.Module, loras, mod
         t0 = time.perf_counter()
         state, alphas, metadata = _read(spec)
         by_part = {part: _plan(part, root, _layers(part, root, state, alphas), spec, metadata.get(part) or {}, model)
-                   for part, root in (("unet", unet), ("text_encoder", text_encoder))}  # every layer checked first
+                   for part, root in (("unet", unet), ("text_encoder", text_encoder))}
         counts = {part: len(plan) for part, plan in by_part.items()}
         if not any(counts.values()):
             raise ModelLoadError(f"LoRA {spec.source}: no LoRA weights for a UNet or a text encoder in it")
-        if not live:
-            with torch.no_grad():
-                for plan in by_part.values():
-                    _apply(plan, spec.scale)
         plans.append(by_part)
-        summary = {"lora": spec.source, "name": display_name(spec.source), "scale": spec.scale,
-                   "unet_layers": counts["unet"], "text_encoder_layers": counts["text_encoder"],
-                   "seconds": round(time.perf_counter() - t0, 3)}
-        log.info("LoRA %s %s: %d layers of the UNet, %d of the text encoder (%.2f s)", spec.shown,
-                 "read" if live else "merged", counts["unet"], counts["text_encoder"], summary["seconds"])
-        summaries.append(summary)
+        summaries.append({"lora": spec.source, "name": display_name(spec.source), "scale": spec.scale,
+                          "unet_layers": counts["unet"], "text_encoder_layers": counts["text_encoder"],
+                          "seconds": round(time.perf_counter() - t0, 3)})
+    t0 = time.perf_counter()
+    merged = LiveLoras(specs, plans, keep=live)
+    seconds = time.perf_counter() - t0
+    for spec, summary in zip(specs, summaries):
+        summary["seconds"] = round(summary["seconds"] + seconds / len(specs), 3)  # reading it and its share of merging
+        log.info("LoRA %s merged: %d layers of the UNet, %d of the text encoder (%.2f s)", spec.shown,
+                 summary["unet_layers"], summary["text_encoder_layers"], summary["seconds"])
     if not live:
         return summaries, None
-    t0 = time.perf_counter()
-    merged = LiveLoras(specs, plans)
-    log.info("LoRA scales live: %d layers kept as they were before the LoRAs (%.0f MiB beside the model), merged "
-             "(%.2f s)", len(merged.layers), merged.kept_bytes / 2**20, time.perf_counter() - t0)
+    log.info("LoRA scales live: %d layers kept as they were before the LoRAs (%.0f MiB beside the model)",
+             len(merged.layers), merged.kept_bytes / 2**20)
     return summaries, merged
 
 
-class LiveLayer:
-    """One adapted layer of LiveLoras: its weight (and bias) from before any LoRA, and each LoRA's factors."""
+class AdaptedLayer:
+    """One layer the LoRAs adapt: each LoRA's factors and, kept for live scales, its weight (and bias) from before."""
 
-    def __init__(self, part: str, module: torch.nn.Module) -> None:
+    def __init__(self, part: str, module: torch.nn.Module, keep: bool) -> None:
         self.part, self.module = part, module
-        self.weight = module.weight.detach().clone()  # W0: the layer as it loaded
-        self.bias: torch.Tensor | None = None  # its bias, kept once a LoRA adapts it
+        self.weight = module.weight.detach().clone() if keep else None  # W0: the layer as it loaded
+        self.keep = keep
+        self.bias: torch.Tensor | None = None  # its bias from before, kept once a LoRA adapts it
         self.terms: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = []
 
     def add(self, index: int, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, factor: float) -> None:
         """LoRA number `index` adapts this layer by factor * B @ A (factor: alpha / r, without the scale)."""
-        device = self.weight.device
+        device = self.module.weight.device
         up, down = (m.flatten(1).to(device, torch.float32) for m in (b, a))
         if bias is not None:
             bias = bias.to(device, torch.float32)
-            if self.bias is None:
+            if self.bias is None and self.keep:
                 self.bias = self.module.bias.detach().clone()
         self.terms.append((index, up, down, bias, factor))
 
-    def recompute(self, scales: tuple[float, ...]) -> None:
-        """The module's weight (and bias) := W0 + each LoRA's scale * factor * B @ A, in float32, rounded once."""
+    def merge(self, scales: tuple[float, ...]) -> None:
+        """The module's weight (and bias) := W0 + each LoRA's scale * factor * B @ A, in float32, rounded once. W0 is
+        the kept weight, or without one the module's own (a float32 weight then changes in place: no temporary)."""
         weight = self.module.weight
-        total = self.weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True)
-        bias = self.bias.to(torch.float32, copy=True) if self.bias is not None else None
-        for index, up, down, lora_bias, factor in self.terms:
-            if scales[index] == 0.0:
-                continue  # adds exactly nothing
-            total.addmm_(up, down, alpha=scales[index] * factor)
-            if lora_bias is not None:
-                bias = bias + (scales[index] * factor) * lora_bias
+        start = self.weight if self.weight is not None else weight
+        in_place = self.weight is None and weight.dtype == torch.float32 and weight.is_contiguous()
+        total = weight.view(weight.shape[0], -1) if in_place else \
+            start.reshape(weight.shape[0], -1).to(torch.float32, copy=True)
+        has_bias = any(term[3] is not None for term in self.terms)
+        bias = (self.bias if self.bias is not None else self.module.bias).to(torch.float32, copy=True) \
+            if has_bias else None
         with torch.inference_mode() if weight.is_inference() else torch.no_grad():
-            weight.copy_(total.view(weight.shape))
+            for index, up, down, lora_bias, factor in self.terms:
+                if scales[index] == 0.0:
+                    continue  # adds exactly nothing
+                total.addmm_(up, down, alpha=scales[index] * factor)
+                if lora_bias is not None:
+                    bias = bias + (scales[index] * factor) * lora_bias
+            if not in_place:
+                weight.copy_(total.view(weight.shape))
             if bias is not None:
                 self.module.bias.copy_(bias)
 
     @property
     def kept_bytes(self) -> int:
-        kept = [self.weight] + ([self.bias] if self.bias is not None else [])
+        kept = [t for t in (self.weight, self.bias) if t is not None]
         kept += [t for _, up, down, bias, _ in self.terms for t in (up, down, bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in kept)
 
 
 class LiveLoras:
-    """LoRAs merged so that their scales can change while the model runs (`--lora-live`).
+    """LoRAs merged into their layers; with `keep` (merge_loras' live), so that their scales can change while the
+    model runs (`--lora-live`); without, set_scales must not be called (merge_loras keeps such an object to itself).
 
     set_scales() rewrites, in place, every layer a changed LoRA adapts, from the weight it had before any LoRA: the
-    result is the weights a fresh load at those scales merges (bit for bit in float32; in float16/bfloat16 rounded
-    once from the float32 sum). The caller owns what is derived from the weights (fused projections, cached prompt
+    result is the weights a fresh load at those scales merges, bit for bit (in float16/bfloat16 too: both round the
+    float32 sum once). The caller owns what is derived from the weights (fused projections, cached prompt
     embeddings): Engine.set_lora_scales refreshes them.
     """
 
-    def __init__(self, specs: tuple[LoraSpec, ...], plans: list[dict[str, list[tuple]]]) -> None:
+    def __init__(self, specs: tuple[LoraSpec, ...], plans: list[dict[str, list[tuple]]], keep: bool = True) -> None:
         self.specs = tuple(specs)
         self.scales = tuple(spec.scale for spec in specs)
-        layers: dict[int, LiveLayer] = {}  # by the module's id: two LoRAs of one layer share its entry
+        layers: dict[int, AdaptedLayer] = {}  # by the module's id: two LoRAs of one layer share its entry
         for index, by_part in enumerate(plans):
             for part, plan in by_part.items():
                 for module, a, b, bias, factor in plan:
                     layer = layers.get(id(module))
                     if layer is None:
-                        layer = layers[id(module)] = LiveLayer(part, module)
+                        layer = layers[id(module)] = AdaptedLayer(part, module, keep)
                     layer.add(index, a, b, bias, factor)
         self.layers = list(layers.values())
         for layer in self.layers:
-            layer.recompute(self.scales)
+            layer.merge(self.scales)
 
     @property
     def kept_bytes(self) -> int:
@@ -170,7 +178,7 @@ class LiveLoras:
         parts = set()
         for layer in self.layers:
             if any(term[0] in changed for term in layer.terms):
-                layer.recompute(scales)
+                layer.merge(scales)
                 parts.add(layer.part)
         return parts
 
@@ -399,19 +407,3 @@ def _plan(part: str, root: torch.nn.Module, layers: dict[str, dict], spec: LoraS
         factor = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         plan.append((module, a, b, bias, factor))
     return plan
-
-
-def _apply(plan: list[tuple], scale: float) -> None:
-    """W += scale * factor * B @ A (and the bias's share) for every planned layer, in float32."""
-    for module, a, b, bias, factor in plan:
-        factor = scale * factor
-        weight = module.weight
-        up, down = (m.flatten(1).to(weight.device, torch.float32) for m in (b, a))
-        if weight.dtype == torch.float32 and weight.is_contiguous():  # in place: no temporary the weight's size
-            weight.view(weight.shape[0], -1).addmm_(up, down, alpha=factor)
-        else:  # float16/bfloat16 weights (or another layout): the sum in float32, rounded once
-            weight.copy_(torch.addmm(weight.reshape(weight.shape[0], -1).float(), up, down, alpha=factor)
-                         .view(weight.shape))
-        if bias is not None:
-            module.bias.copy_((module.bias.float() + factor * bias.to(module.bias.device, torch.float32))
-                              .to(module.bias.dtype))
