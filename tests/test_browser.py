@@ -616,3 +616,41 @@ def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
                                    timeout=TIMEOUT_MS)
         context.close()
         assert watched == [[], []]
+
+
+
+def test_a_control_viewer_moves_a_lora_slider_and_every_page_follows(browser, tmp_path):
+    """--lora-live with the control token: /view shows a slider per LoRA; moving it changes the model for every
+    stream, and the other pages show the new scale. Without the token there is no slider."""
+    import torch
+    from safetensors.torch import save_file
+
+    from turbostream.models import load_components
+
+    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    out_features, in_features = load_components("tiny-random", device="cpu").unet.get_submodule(to_q).weight.shape
+    path = tmp_path / "ink-wash.safetensors"
+    save_file({f"unet.{to_q}.lora_A.weight": torch.ones(2, in_features),
+               f"unet.{to_q}.lora_B.weight": torch.ones(out_features, 2)}, path)
+    engine = Engine(preset("test", loras=(f"{path}:0.8",), lora_live=True))
+    config = ServerConfig(port=0, source="test-pattern", control_token="c")
+    with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
+        context = browser.new_context()
+        operator, audience = context.new_page(), context.new_page()
+        watched = [_watch(operator), _watch(audience)]
+        operator.goto(server.url + "view?control=c", timeout=TIMEOUT_MS)
+        audience.goto(server.url + "view", timeout=TIMEOUT_MS)
+        operator.wait_for_selector("#lora-1", state="visible", timeout=TIMEOUT_MS)
+        audience.wait_for_function("() => document.getElementById('model').textContent.includes('ink-wash 0.8')",
+                                   timeout=TIMEOUT_MS)
+        assert audience.locator("#lora-1").count() == 0  # no control token: no slider
+        operator.evaluate("""() => { const s = document.getElementById('lora-1');
+            s.focus(); s.value = '0.25'; s.dispatchEvent(new Event('input')); }""")
+        audience.wait_for_function("() => document.getElementById('model').textContent.includes('ink-wash 0.25')",
+                                   timeout=TIMEOUT_MS)
+        deadline = time.monotonic() + 30  # the broadcast's next call applies it to the engine
+        while [x["scale"] for x in engine.loras] != [0.25]:
+            assert time.monotonic() < deadline, engine.loras
+            time.sleep(0.05)
+        context.close()
+        assert watched == [[], []]

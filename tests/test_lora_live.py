@@ -264,8 +264,9 @@ def test_osc_changes_a_lora_of_a_running_server_and_every_client_and_viewer_is_t
 
     async def main():
         osc = OscServer("127.0.0.1", 0)
-        server = TurboServer(engine, ServerConfig(port=0, source="fake:0"), capture_factory=FakeCapture)
-        extras = Integrations(server, Controls(osc), size=(64, 64), loras=engine.config.loras, lora_live=True)
+        server = TurboServer(engine, ServerConfig(port=0, source="fake:0", control_token="c"),
+                             capture_factory=FakeCapture)
+        extras = Integrations(server, Controls(osc), size=(64, 64))
         await server.start()
         extras.start(asyncio.get_running_loop())
         try:
@@ -289,7 +290,26 @@ def test_osc_changes_a_lora_of_a_running_server_and_every_client_and_viewer_is_t
             sender.send_message("/turbostream/lora", [3, 0.5])  # no third LoRA: refused, nothing sent
             await asyncio.to_thread(lambda: _wait(lambda: osc.counts["rejected"] == 1))
             assert osc.counts["applied"] == 1
-            for ws in (viewer, client, later):
+
+            # A viewer with the control token changes it too (the /view page's sliders); without it, it cannot.
+            await viewer.send(json.dumps({"type": "lora", "lora": "chalk", "scale": 0.1}))
+            assert (await next_of(viewer, "error"))["code"] == "forbidden"
+            operator = await connect(f"ws://127.0.0.1:{server.port}/view/ws?control=c", max_size=2**23)
+            assert (await next_of(operator, "ready"))["lora_live"] is True
+            for bad, words in (({"lora": 2, "scale": 50}, "between -10 and 10"), ({"scale": 0.1}, "say which"),
+                               ({"lora": 1, "scale": "x"}, "must be a number"), ({"lora": [1], "scale": 0.1},
+                                                                                "number (from 1) or name"),
+                               ({"lora": 1, "scale": 0.1, "fade_s": 2}, "not fade_s")):
+                await operator.send(json.dumps({"type": "lora", **bad}))
+                error = await next_of(operator, "error")
+                assert error["code"] == "bad_config" and words in error["message"], error
+            await operator.send(json.dumps({"type": "lora", "lora": "chalk", "scale": 0.1}))
+            expected = [{"name": "ink", "scale": 0.75}, {"name": "chalk", "scale": 0.1}]
+            for ws in (viewer, client, later, operator):
+                assert (await next_of(ws, "loras"))["loras"] == expected
+            await client.send(json.dumps({"type": "lora", "scale": 0.3}))  # clients change their own stream only
+            assert (await next_of(client, "error"))["code"] == "unknown_type"
+            for ws in (viewer, client, later, operator):
                 await ws.close()
         finally:
             await server.stop()

@@ -58,6 +58,7 @@ function connect() {
       if ($("output").height !== msg.height) $("output").height = msg.height;
       $("model").textContent = modelLine(msg, " · random weights: noise, not a stylization");
       $("control").hidden = !msg.control || kiosk;
+      loraControls(msg.control && msg.lora_live ? msg.loras : []);
       // A prompt being typed when the connection comes back stays as typed.
       if (document.activeElement !== $("prompt")) $("prompt").value = promptText(msg.params.prompt);
     } else if (msg.type === "config") {
@@ -65,6 +66,7 @@ function connect() {
     } else if (msg.type === "loras" && state.ready) {
       state.ready = { ...state.ready, loras: msg.loras }; // a LoRA's scale changed on the server (--lora-live)
       $("model").textContent = modelLine(state.ready, " · random weights: noise, not a stylization");
+      showLoraScales(msg.loras);
     } else if (msg.type === "source") {
       // The broadcast's source: starting, live, reconnecting (a camera or URL that dropped out) or ended.
       state.source = msg.state;
@@ -128,6 +130,50 @@ async function drawNewest() {
     }
   }
   drawing = false;
+}
+
+// --lora-live, with the control token: a slider per LoRA. It changes the model, so every stream on the server; a drag
+// sends its newest value at most every LORA_SEND_MS (the server applies the last one before its next frame anyway).
+const LORA_SEND_MS = 50;
+const loraPending = new Map(); // LoRA number -> scale not sent yet
+let loraTimer = null;
+
+function loraControls(loras) {
+  const box = $("lora-controls");
+  box.replaceChildren(
+    ...loras.map((lora, i) => {
+      const label = document.createElement("label");
+      const slider = Object.assign(document.createElement("input"), {
+        type: "range", min: "-1", max: "2", step: "0.05", value: String(lora.scale), id: `lora-${i + 1}`,
+      });
+      const shown = Object.assign(document.createElement("output"), { id: `lora-${i + 1}-scale` });
+      shown.textContent = String(lora.scale);
+      slider.oninput = () => {
+        shown.textContent = slider.value;
+        loraPending.set(i + 1, Number(slider.value));
+        if (loraTimer === null) loraTimer = setTimeout(sendLoraScales, LORA_SEND_MS);
+      };
+      label.append(`LoRA ${lora.name} `, slider, shown);
+      return label;
+    }),
+  );
+  box.hidden = loras.length === 0;
+}
+
+function sendLoraScales() {
+  loraTimer = null;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  for (const [lora, scale] of loraPending) ws.send(JSON.stringify({ type: "lora", lora, scale }));
+  loraPending.clear();
+}
+
+function showLoraScales(loras) {
+  loras.forEach((lora, i) => {
+    const slider = $(`lora-${i + 1}`);
+    if (!slider || document.activeElement === slider) return; // the one being dragged shows its own value
+    slider.value = String(lora.scale);
+    $(`lora-${i + 1}-scale`).textContent = String(lora.scale);
+  });
 }
 
 $("control").onsubmit = (event) => {

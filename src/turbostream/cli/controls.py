@@ -34,9 +34,11 @@ def controls_from_args(args: argparse.Namespace, prompt_line: bool | None = None
     later line is (config.parse_prompt: a JSON blend when it starts with '[').
     """
     playlist = osc = None
-    if getattr(args, "lora_live", False) and args.osc_port is None and not prompt_line:
-        raise UserError("--lora-live lets OSC change the LoRAs' scales (/turbostream/lora): add --osc-port N"
-                        + ("" if prompt_line is None else " (or run it in a terminal: its prompt line takes /lora)"))
+    if getattr(args, "lora_live", False) and args.osc_port is None and not prompt_line \
+            and not getattr(args, "control_token", None):
+        raise UserError("--lora-live lets OSC change the LoRAs' scales (/turbostream/lora): add --osc-port N" + (
+            " (or --control-token: the /view page's LoRA sliders)" if prompt_line is None
+            else " (or run it in a terminal: its prompt line takes /lora)"))
     if args.prompts is not None:
         try:
             playlist = Playlist(load_playlist(args.prompts, args.prompt_duration))

@@ -119,7 +119,7 @@ def _main(args) -> int:
         from ..serve.integrations import Integrations
 
         extras = Integrations(server, args.controls, tuple(args.publish), size=args.size,
-                              fps=args.publish_fps, loras=tuple(args.lora), lora_live=args.lora_live)
+                              fps=args.publish_fps)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:

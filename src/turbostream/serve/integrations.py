@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from ..control import BroadcastTarget, Controls, LoraTarget
+from ..control import BroadcastTarget, Controls
 from ..control.osc import RESULTS
 from ..io.stream import StreamSink
 
@@ -27,14 +27,11 @@ class Integrations:
     """start(loop) after the server started; stop() after it stopped. size: the engine's (width, height)."""
 
     def __init__(self, server: TurboServer, controls: Controls | None = None, publish: tuple[str, ...] = (),
-                 *, size: tuple[int, int] = (512, 512), fps: float = 30.0, loras: tuple = (),
-                 lora_live: bool = False) -> None:
+                 *, size: tuple[int, int] = (512, 512), fps: float = 30.0) -> None:
         if (controls or publish) and server.broadcast is None:
             raise ValueError("OSC, --prompts and --publish act on the broadcast: they need --source")
         self.server = server
         self.controls = controls or Controls()
-        # OSC's /turbostream/lora: the engine's LoRAs (config.LoraSpec, as started), for every stream (--lora-live)
-        self.lora = LoraTarget(loras, server.set_lora_scales, live=lora_live)
         metrics = server.metrics
         self.publishers = [
             StreamSink(url, fps, size, on_failure=lambda reason: metrics.publish_failures.inc()) for url in publish
@@ -53,7 +50,7 @@ class Integrations:
                 metrics.osc_messages.labels(result)
             self.controls.start_osc(BroadcastTarget(broadcast, loop, "OSC"),
                                     on_result=lambda result: metrics.osc_messages.labels(result).inc(),
-                                    lora=self.lora)
+                                    lora=self.server.change_lora)  # the model's LoRAs: every stream
         if self.controls.playlist is not None:
             self._task = loop.create_task(self._start_playlist(loop))
 

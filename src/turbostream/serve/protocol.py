@@ -91,6 +91,21 @@ def expect_config(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k != "type"}
 
 
+def expect_lora(obj: dict[str, Any]) -> tuple[int | str | None, float]:
+    """(which LoRA, its scale) of a {"type": "lora", "lora": N or "name", "scale": x} message (viewers with the control
+    token, --lora-live): "lora" a number from 1 or a LoRA's name, left out for the only one; ProtocolError bad_config
+    for anything else. The range is the LoraTarget's to check."""
+    unknown = sorted(set(obj) - {"type", "lora", "scale"})
+    if unknown:
+        raise ProtocolError("bad_config", f"a lora message takes lora and scale, not {', '.join(unknown)[:200]}")
+    which, scale = obj.get("lora"), obj.get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ProtocolError("bad_config", f"scale must be a number, got {str(scale)[:80]!r}")
+    if which is not None and (isinstance(which, bool) or not isinstance(which, (int, str))):
+        raise ProtocolError("bad_config", f"lora must be a LoRA's number (from 1) or name, got {str(which)[:80]!r}")
+    return which, float(scale)
+
+
 def apply_config(params: StreamParams, fields: dict[str, Any], max_steps: int, reuse: bool = True) -> StreamParams:
     """params with fields applied and checked (the one validation every parameter change goes through); max_steps
     and reuse are the engine's (EngineConfig.max_steps, EngineConfig.reuse_enabled)."""
@@ -146,12 +161,13 @@ def limits_dict(limits: Limits, *, max_steps: int, max_batch: int, reuse: bool =
 
 def ready_message(role: str, *, model: str, random_weights: bool, device: str, width: int, height: int,
                   params: StreamParams, limits: dict[str, Any], stats_interval_s: float, loras: Sequence[dict] = (),
-                  **extra: Any) -> dict[str, Any]:
+                  lora_live: bool = False, **extra: Any) -> dict[str, Any]:
     """The first message of every connection, once the engine is warm. loras: the merged LoRAs' summaries (only
-    their display names and scales are sent)."""
+    their display names and scales are sent); lora_live: whether their scales can change (--lora-live)."""
     return {
         "type": "ready", "role": role, "protocol": PROTOCOL_VERSION, **extra, "model": model,
         "random_weights": bool(random_weights), "loras": [{"name": x["name"], "scale": x["scale"]} for x in loras],
+        "lora_live": bool(lora_live),
         "device": device, "width": width, "height": height,
         "params": params_dict(params), "limits": limits, "stats_interval_s": stats_interval_s,
     }

@@ -31,6 +31,7 @@ from websockets.frames import CloseCode
 from .. import heap
 from ..codec import CPU_JPEG, CpuJpeg
 from ..config import ServerConfig, StreamParams, stream_limits
+from ..control.targets import LoraTarget
 from ..metrics import DeviceMetrics, Metrics
 from . import protocol
 from .broadcast import Broadcast
@@ -104,6 +105,7 @@ class TurboServer:
         # LoRA scales changed while serving (--lora-live; OSC /turbostream/lora): the newest asked for (None: the
         # engines' own), and whether a `loras` message to everyone is already due on the loop (changes are merged).
         self.lora_scales: tuple[float, ...] | None = None
+        self.lora_target: LoraTarget | None = None  # made from the engine's config once it is ready
         self._loras_due = False
         self._lora_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,6 +234,9 @@ class TurboServer:
             await asyncio.sleep(0.02)
         if self.devices.loaded:
             engine = self.engine
+            config = getattr(engine, "config", None)
+            self.lora_target = LoraTarget(getattr(config, "loras", ()), self.set_lora_scales,
+                                          live=getattr(config, "lora_live", False))
             self.metrics.ready.set(1)
             for device in self.devices.items:
                 device.gpu_reader = gpu_memory_reader(device.engine)
@@ -371,6 +376,13 @@ class TurboServer:
         if self.lora_scales is None:
             return loras
         return tuple({**lora, "scale": scale} for lora, scale in zip(loras, self.lora_scales))
+
+    def change_lora(self, which: int | str | None, scale: float) -> tuple[float, ...]:
+        """From any thread (OSC, a viewer with the control token): one LoRA's scale, by number from 1 or name (None:
+        the only one); ValueError says why it cannot change (no --lora-live, the engine still loading, ...)."""
+        if self.lora_target is None:
+            raise ValueError("the engine is still loading")
+        return self.lora_target(which, scale)
 
     def set_lora_scales(self, scales) -> None:
         """From any thread (a LoraTarget's apply): every device's engine takes these scales before its next call, and

@@ -246,7 +246,7 @@ class Session:
         server, engine = self.server, self.server.engine
         self.outbox.text(protocol.ready_message(
             self.role, **self.ready_extra(), model=engine.model_name, random_weights=engine.random_weights,
-            loras=server.loras,
+            loras=server.loras, lora_live=server.lora_target is not None and server.lora_target.live,
             device=server.device_for(self.device_stream), width=engine.width, height=engine.height,
             params=self.params, limits=server.limits_dict(), stats_interval_s=server.config.stats_interval_s,
         ))
@@ -456,9 +456,16 @@ class ViewerSession(Session):
         raise ProtocolError("not_supported", "viewers receive frames; send frames to /ws instead")
 
     def on_text(self, obj: dict[str, Any]) -> None:
-        fields = protocol.expect_config(obj)
+        lora = obj["type"] == "lora"  # a LoRA's scale (--lora-live): the model's, so every stream's
+        fields = protocol.expect_lora(obj) if lora else protocol.expect_config(obj)
         if not self.control:
             why = ("connect with ?control=<token> to change the broadcast" if self.server.config.control_token
                    else "this server was started without --control-token: viewers cannot change the broadcast")
             raise ProtocolError("forbidden", why)
+        if lora:
+            try:
+                self.server.change_lora(*fields)
+            except ValueError as exc:
+                raise ProtocolError("bad_config", str(exc)) from None
+            return
         self.server.broadcast.set_params(fields)
