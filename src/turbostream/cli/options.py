@@ -93,9 +93,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool 
                             f"user/repo/file.safetensors); SCALE defaults to 1. Repeat for up to {MAX_LORAS}")
     if lora and lora_live:
         g.add_argument("--lora-live", action="store_true",
-                       help="let OSC change the LoRAs' scales while it runs (/turbostream/lora, needs --osc-port), for "
-                            "every stream; keeps each adapted layer's weights from before the LoRAs beside the model "
-                            "(the log says how many MiB)")
+                       help="let the LoRAs' scales change while it runs, for every stream: over OSC (--osc-port: "
+                            "/turbostream/lora), from /view with the control token (serve --control-token) or on run's "
+                            "prompt line (/lora); keeps each adapted layer's weights from before the LoRAs beside the "
+                            "model (the log says how many MiB)")
     g.add_argument("--buckets", type=buckets, default=d["buckets"].default, metavar="1,2,4,8",
                    help="batch sizes captured as CUDA graphs (default: 1,2,4,8)")
     g.add_argument("--compile", action="store_true", help="torch.compile before graph capture (minutes of warmup; "
