@@ -200,6 +200,9 @@ def test_osc_lora_addresses_name_a_lora_by_number_or_name_and_are_checked():
         fixed(None, 0.5)
     with pytest.raises(ValueError, match="no LoRA is loaded"):
         LoraTarget((), applied.append, live=True)(None, 0.5)
+    twins = LoraTarget((LoraSpec("a/ink.safetensors"), LoraSpec("b/ink.safetensors")), applied.append, live=True)
+    with pytest.raises(ValueError, match="2 LoRAs are named 'ink': say which by number"):
+        twins("ink", 0.5)
     assert len(applied) == 3
 
 
@@ -287,6 +290,8 @@ def test_osc_changes_a_lora_of_a_running_server_and_every_client_and_viewer_is_t
             while [x["scale"] for x in engine.loras] != [0.75, 0.5]:
                 assert asyncio.get_running_loop().time() < deadline, engine.loras
                 await asyncio.sleep(0.05)
+            text = await asyncio.to_thread(_metrics, server.port)
+            assert 'turbostream_lora_scale{lora="ink"} 0.75' in text and 'lora_scale{lora="chalk"} 0.5' in text
             sender.send_message("/turbostream/lora", [3, 0.5])  # no third LoRA: refused, nothing sent
             await asyncio.to_thread(lambda: _wait(lambda: osc.counts["rejected"] == 1))
             assert osc.counts["applied"] == 1
@@ -316,6 +321,13 @@ def test_osc_changes_a_lora_of_a_running_server_and_every_client_and_viewer_is_t
             extras.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _metrics(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
 
 
 def _wait(condition, timeout: float = 10.0) -> None:

@@ -76,6 +76,9 @@ class Metrics:
         self.source_reconnects = Counter("turbostream_source_reconnects",
                                          "Reconnect attempts of the capture of the server-side source", registry=r)
         # External control and outputs (serve --osc-port, --prompts, --publish).
+        # By LoRA name (at most config.MAX_LORAS): the scale asked for last (--lora-live), or as started.
+        self.lora_scale = Gauge("turbostream_lora_scale", "Each LoRA's scale (changes with --lora-live)", ["lora"],
+                                registry=r)
         self.osc_messages = Counter(
             "turbostream_osc_messages",
             "OSC messages received, by result: applied, ignored, rejected (out of range), bad_arguments, "

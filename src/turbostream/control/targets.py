@@ -116,6 +116,9 @@ class LoraTarget:
         if isinstance(which, str):
             if which not in self.names:
                 raise ValueError(f"no LoRA named {which[:80]!r} (loaded: {', '.join(self.names)})")
+            if self.names.count(which) > 1:
+                raise ValueError(f"{self.names.count(which)} LoRAs are named {which!r}: say which by number "
+                                 f"(1..{count}, in --lora order)")
             return self.names.index(which)
         if not 1 <= which <= count:
             raise ValueError(f"no LoRA number {which}: {count} loaded, numbered from 1 in --lora order")

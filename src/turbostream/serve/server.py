@@ -237,6 +237,7 @@ class TurboServer:
             config = getattr(engine, "config", None)
             self.lora_target = LoraTarget(getattr(config, "loras", ()), self.set_lora_scales,
                                           live=getattr(config, "lora_live", False))
+            self._lora_metrics()
             self.metrics.ready.set(1)
             for device in self.devices.items:
                 device.gpu_reader = gpu_memory_reader(device.engine)
@@ -399,11 +400,16 @@ class TurboServer:
         except RuntimeError:  # the loop is closed: shutting down, nobody to tell
             pass
 
+    def _lora_metrics(self) -> None:
+        for lora in self.loras:
+            self.metrics.lora_scale.labels(lora["name"]).set(lora["scale"])
+
     def _announce_loras(self) -> None:
         with self._lora_lock:
             self._loras_due = False
         if not self.devices.loaded:
             return  # nobody has had a `ready` yet; theirs will carry the new scales
+        self._lora_metrics()
         message = protocol.loras_message(self.loras)
         for session in (*self.clients, *self.viewers):
             session.outbox.text(message)
