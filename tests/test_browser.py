@@ -583,9 +583,8 @@ def test_a_kiosk_replaces_a_connection_gone_silent(browser, tiny_components):
     assert [p for p in problems if "WebSocket" not in p] == []
 
 
-def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
-    """--lora: the client page and the viewer page show each merged LoRA's name and scale beside the model, and a
-    scale changed while serving (--lora-live) as soon as it changes."""
+def _ink_wash_lora(folder) -> str:
+    """A one-layer LoRA of the tiny UNet, saved as ink-wash.safetensors in folder (clients see "ink-wash")."""
     import torch
     from safetensors.torch import save_file
 
@@ -593,9 +592,16 @@ def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
 
     to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     out_features, in_features = load_components("tiny-random", device="cpu").unet.get_submodule(to_q).weight.shape
-    path = tmp_path / "ink-wash.safetensors"
+    path = folder / "ink-wash.safetensors"
     save_file({f"unet.{to_q}.lora_A.weight": torch.ones(2, in_features),
                f"unet.{to_q}.lora_B.weight": torch.ones(out_features, 2)}, path)
+    return str(path)
+
+
+def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
+    """--lora: the client page and the viewer page show each merged LoRA's name and scale beside the model, and a
+    scale changed while serving (--lora-live) as soon as it changes."""
+    path = _ink_wash_lora(tmp_path)
     engine = Engine(preset("test", loras=(f"{path}:0.8",), lora_live=True))
     config = ServerConfig(port=0, source="test-pattern")
     with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
@@ -622,16 +628,7 @@ def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
 def test_a_control_viewer_moves_a_lora_slider_and_every_page_follows(browser, tmp_path):
     """--lora-live with the control token: /view shows a slider per LoRA; moving it changes the model for every
     stream, and the other pages show the new scale. Without the token there is no slider."""
-    import torch
-    from safetensors.torch import save_file
-
-    from turbostream.models import load_components
-
-    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    out_features, in_features = load_components("tiny-random", device="cpu").unet.get_submodule(to_q).weight.shape
-    path = tmp_path / "ink-wash.safetensors"
-    save_file({f"unet.{to_q}.lora_A.weight": torch.ones(2, in_features),
-               f"unet.{to_q}.lora_B.weight": torch.ones(out_features, 2)}, path)
+    path = _ink_wash_lora(tmp_path)
     engine = Engine(preset("test", loras=(f"{path}:0.8",), lora_live=True))
     config = ServerConfig(port=0, source="test-pattern", control_token="c")
     with ServerThread(TurboServer(engine, config, capture_factory=FakeCapture)) as server:
