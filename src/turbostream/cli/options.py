@@ -70,7 +70,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 def add_engine_options(parser: argparse.ArgumentParser, *, stream_options: bool = True, lora: bool = True,
                        lora_live: bool = False) -> None:
     """Options that build the engine (and, with stream_options, a stream's default parameters; --lora unless told
-    not: bench times the model's cost, which a merged LoRA does not change; --lora-live where OSC can change them)."""
+    not: bench times the model's cost, which a merged LoRA does not change; --lora-live for serve and run, which
+    can change their scales while running)."""
     d, p = EngineConfig.__dataclass_fields__, StreamParams()
     add_common_options(parser)
     g = parser.add_argument_group("engine")

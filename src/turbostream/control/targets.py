@@ -7,8 +7,9 @@ parameter change goes through.
 - BroadcastTarget: the `serve --source` broadcast (Broadcast.set_params on the server's event loop, which tells
   every viewer with a `config` message).
 
-LoraTarget is apart: a LoRA's scale is the engine's (its weights), not a stream's; OSC's /turbostream/lora changes it
-for every stream, where the engine keeps what that takes (--lora-live).
+LoraTarget is apart: a LoRA's scale is the engine's (its weights), not a stream's; OSC's /turbostream/lora, a viewer's
+`lora` message (with the control token) and run's /lora change it for every stream, where the engine keeps what that
+takes (--lora-live).
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ class BroadcastTarget:
 
 
 class LoraTarget:
-    """Changes one LoRA's scale from any thread (OSC /turbostream/lora): checked here against the LoRAs the engine
-    was started with, then every LoRA's scale goes to `apply` (TurboServer.set_lora_scales, Pipeline.set_lora_scales:
-    applied on the inference thread before the next engine call). ValueError says why a change cannot be made."""
+    """Changes one LoRA's scale from any thread (OSC, a viewer, run's prompt line): checked here against the LoRAs
+    the engine was started with, then every LoRA's scale goes to `apply` (TurboServer.set_lora_scales,
+    Pipeline.set_lora_scales: applied on the inference thread before the next engine call). ValueError says why a
+    change cannot be made."""
 
     def __init__(self, loras: Sequence[LoraSpec], apply: Callable[[tuple[float, ...]], Any], *, live: bool) -> None:
         from ..lora import display_name
