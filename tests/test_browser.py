@@ -616,7 +616,7 @@ def test_both_pages_name_the_loras_merged_into_the_model(browser, tmp_path):
             text = page.evaluate("() => document.getElementById('model').textContent")
             assert "tiny-random · 64×64 · LoRA ink-wash 0.8 · random weights" in text, text
             pages.append(page)
-        server.set_lora_scales((0.3,))  # --lora-live: what OSC's /turbostream/lora calls; both pages follow
+        server.change_lora(None, 0.3)  # --lora-live: what OSC's /turbostream/lora calls; both pages follow
         for page in pages:
             page.wait_for_function("() => document.getElementById('model').textContent.includes('ink-wash 0.3')",
                                    timeout=TIMEOUT_MS)

@@ -84,7 +84,6 @@ class AdaptedLayer:
     def __init__(self, part: str, module: torch.nn.Module, keep: bool) -> None:
         self.part, self.module = part, module
         self.weight = module.weight.detach().clone() if keep else None  # W0: the layer as it loaded
-        self.keep = keep
         self.bias: torch.Tensor | None = None  # its bias from before, kept once a LoRA adapts it
         self.terms: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = []
 
@@ -94,7 +93,7 @@ class AdaptedLayer:
         up, down = (m.flatten(1).to(device, torch.float32) for m in (b, a))
         if bias is not None:
             bias = bias.to(device, torch.float32)
-            if self.bias is None and self.keep:
+            if self.bias is None and self.weight is not None:  # kept for live scales
                 self.bias = self.module.bias.detach().clone()
         self.terms.append((index, up, down, bias, factor))
 

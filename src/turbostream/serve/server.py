@@ -102,10 +102,10 @@ class TurboServer:
         self.guard = ConnectionGuard(self.config.limits, on_close=self.metrics.closed_by_limit,
                                      on_wait=self.metrics.handshakes_waited.inc)
         self.metrics.watch_send_buffers(self.guard.send_buffer_bytes)
-        # LoRA scales changed while serving (--lora-live; OSC /turbostream/lora): the newest asked for (None: the
-        # engines' own), and whether a `loras` message to everyone is already due on the loop (changes are merged).
-        self.lora_scales: tuple[float, ...] | None = None
-        self.lora_target: LoraTarget | None = None  # made from the engine's config once it is ready
+        # LoRA scales changed while serving (--lora-live: OSC, viewers): the target holds the scales asked for last
+        # (made from the engine's config once it is ready); whether a `loras` message to everyone is already due on
+        # the loop (changes are merged).
+        self.lora_target: LoraTarget | None = None
         self._loras_due = False
         self._lora_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -374,9 +374,9 @@ class TurboServer:
     def loras(self) -> tuple[dict, ...]:
         """The engine's LoRAs (their summaries) at the scales asked for last: what clients are shown."""
         loras = self.engine.loras
-        if self.lora_scales is None:
+        if self.lora_target is None:
             return loras
-        return tuple({**lora, "scale": scale} for lora, scale in zip(loras, self.lora_scales))
+        return tuple({**lora, "scale": scale} for lora, scale in zip(loras, self.lora_target.scales))
 
     def change_lora(self, which: int | str | None, scale: float) -> tuple[float, ...]:
         """From any thread (OSC, a viewer with the control token): one LoRA's scale, by number from 1 or name (None:
@@ -389,9 +389,8 @@ class TurboServer:
         """From any thread (a LoraTarget's apply): every device's engine takes these scales before its next call, and
         every client and viewer gets a `loras` message (one for any number of changes until the loop sends it)."""
         with self._lora_lock:
-            self.lora_scales = tuple(scales)
             for device in self.devices.items:
-                device.batcher.set_lora_scales(self.lora_scales)
+                device.batcher.set_lora_scales(scales)
             if self._loras_due or self._loop is None:
                 return
             self._loras_due = True
