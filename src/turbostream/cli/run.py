@@ -20,6 +20,7 @@ from ..config import RunConfig, stream_limits
 from ..control import Controls, LoraTarget, RunTarget
 from ..control.prompt_line import PromptLine
 from ..errors import UserError
+from ..io.audio import find_source_audio
 from ..io.sinks import WindowSink, check_outputs, open_sink, parse_output
 from ..io.sources import CaptureThread, parse_source, quiet_opencv
 from ..io.stream import StreamSink
@@ -47,6 +48,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
     g.add_argument("--realtime", action="store_true",
                    help="treat a file like a live source: keep only the newest frame, drop the rest")
+    g.add_argument("--no-audio", dest="audio", action="store_false",
+                   help="leave the source's sound out of video file outputs (by default a video file read into a "
+                        "video file keeps its sound, through ffmpeg)")
     add_control_options(p, "the run's stream")
     p.set_defaults(func=main)
 
@@ -71,11 +75,12 @@ def main(args: argparse.Namespace, engine=None) -> int:
     source = parse_source(args.input)
     outputs = [parse_output(text) for text in args.outputs]
     check_outputs(outputs, source)
+    audio = find_source_audio(source, outputs, enabled=getattr(args, "audio", True))
     # A playlist's first prompt becomes args.prompt; the OSC port is bound.
     controls = controls_from_args(args, prompt_line=_stdin_is_terminal() and _in_the_foreground())
     with _sigterm_as_ctrl_c() as term:
         try:
-            status = _run(args, engine, cfg, source, outputs, controls, term)
+            status = _run(args, engine, cfg, source, outputs, controls, term, audio)
         except KeyboardInterrupt:
             if not term.received:
                 raise
@@ -128,7 +133,7 @@ def _sigterm_as_ctrl_c():
             signal.signal(sig, before if before is not None else signal.SIG_DFL)
 
 
-def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term: _Sigterm) -> int:
+def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term: _Sigterm, audio=None) -> int:
     try:
         params = stream_params(args)
     except ValueError as exc:
@@ -156,7 +161,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
     sinks: list = []
     window = None
     try:
-        _log_source(capture)
+        _log_source(capture, audio)
         if any(o.kind == "window" for o in outputs):
             window = WindowSink(f"turbostream: {source.describe()}")
         fps = capture.fps or cfg.fallback_fps
@@ -168,7 +173,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         fill_gaps = ("index" if capture.pace else "time") if realtime else None
         for o in outputs:  # a virtual camera opens here: a missing backend is reported before the model loads
             if o.kind != "window":
-                sinks.append(open_sink(o, fps, (width, height), fill_gaps=fill_gaps))
+                sinks.append(open_sink(o, fps, (width, height), fill_gaps=fill_gaps, audio=audio))
         if engine is None:
             engine = build_engine(args)
         if engine.random_weights:
@@ -249,7 +254,7 @@ def _in_the_foreground() -> bool:
         return False
 
 
-def _log_source(capture: CaptureThread) -> None:
+def _log_source(capture: CaptureThread, audio=None) -> None:
     w, h = capture.size or (0, 0)
     facts = [f"{w}x{h}"]
     if capture.fps:
@@ -258,6 +263,8 @@ def _log_source(capture: CaptureThread) -> None:
         noun = "images" if capture.spec.kind == "folder" else "picture" if capture.spec.picture else "frames"
         facts.append(f"{capture.frame_count} {noun}")
     facts.append("live: newest frame only" if capture.realtime else "every frame, in order")
+    if audio is not None:
+        facts.append(f"sound: {audio.description}, copied into the video outputs")
     log.info("input %s (%s)", capture.spec.describe(), ", ".join(facts))
 
 

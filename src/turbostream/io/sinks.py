@@ -2,7 +2,8 @@
 sink on writer threads behind a bounded queue. Stream URLs (stream.py) and the virtual camera (virtualcam.py) are
 parsed and checked here too; their sinks never block a writer thread (paced.py).
 
-VideoSink writes .mp4/.mov/.mkv with the mp4v codec and .avi with MJPG, keeping the source's frame rate; FolderSink
+VideoSink writes .mp4/.mov/.mkv with the mp4v codec and .avi with MJPG, keeping the source's frame rate (and the
+source file's sound, added when the file is finished: audio.py); FolderSink
 writes frame_000000.png ...; WindowSink needs a GUI build of OpenCV and a display. Frames are uint8 RGB (H, W, 3).
 """
 
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 
 from ..errors import SinkError, path_stat
+from .audio import AudioError, SourceAudio, remux_with_audio
 from .sources import SourceSpec, redact
 from .stream import STREAM_FORMATS, StreamSink, check_stream_output, is_stream_url
 from .virtualcam import VirtualCamSink, parse_virtualcam, virtualcam_module
@@ -219,15 +221,20 @@ class VideoSink:
     A write that fails (disk full, quota, file size limit) is a SinkError: OpenCV 5 says so for each frame (write()
     returns False), and close() opens the finished file and counts its frames, which also catches a failure that
     only the container's index met, and every failure under OpenCV 4 (whose write() reports nothing).
+
+    audio: the source file's sound, remuxed into the finished file by close() and cut to its length; a remux that
+    fails keeps the silent file and says why in `sound` (never a SinkError: the frames are all there).
     """
 
     MAX_REPEAT = 600  # one frame never stands in for more than this many (a stalled source, a clock jump)
 
     def __init__(self, path: Path | str, fps: float, size: tuple[int, int], *,
-                 fill_gaps: Literal["index", "time"] | None = None) -> None:
+                 fill_gaps: Literal["index", "time"] | None = None, audio: SourceAudio | None = None) -> None:
         if fill_gaps not in (None, "index", "time"):
             raise ValueError(f"fill_gaps must be None, 'index' or 'time', not {fill_gaps!r}")
         self.path = Path(path)
+        self.audio = audio
+        self.sound: str | None = None  # after close(), with audio: "with the source's sound (...)", or why not
         self.fps = float(fps)
         self.size = size  # (width, height)
         self.fill_gaps = fill_gaps
@@ -309,13 +316,37 @@ class VideoSink:
             if problem:
                 self.failed = f"{problem}: {self._why()}"
                 raise SinkError(self.failed)
+            if self.audio is not None:
+                self._add_sound(self.audio)
 
-    def _check_file(self, left: bool = False) -> str | None:
+    def _add_sound(self, audio: SourceAudio) -> None:
+        """Remux the finished file with the source's sound, cut to the video's length; the file is replaced only by
+        one that checks out (opens, holds every frame)."""
+        seconds = self.frames_written / self.fps
+        log.info("%s: adding the sound of %s (%s)", self.path, audio.path.name, audio.description)
+        try:
+            remuxed = remux_with_audio(audio, self.path, seconds)
+            try:
+                problem = self._check_file(path=remuxed)
+                if problem:
+                    raise AudioError(f"the remuxed file failed its check: {problem}")
+                os.replace(remuxed, self.path)
+            finally:
+                remuxed.unlink(missing_ok=True)
+        except (AudioError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, AudioError) else (exc.strerror or str(exc))
+            self.sound = f"without the source's sound: {reason}"
+            log.warning("%s is kept without the sound of %s: %s", self.path, audio.path.name, reason)
+            return
+        self.sound = f"with the source's sound ({audio.description})"
+
+    def _check_file(self, left: bool = False, path: Path | None = None) -> str | None:
         """What is wrong with the finished file, or None. Opening reads only the container's header and index
         (milliseconds, however long the video): a file cut short by a full disk lacks its index (an .mp4 does not
         open, an .avi or .mkv counts no frames) or counts fewer frames than were written. left: the file a failed
-        write left behind, described as such (it does not play, or how many frames it holds)."""
-        cap = cv2.VideoCapture(os.path.abspath(self.path))
+        write left behind, described as such (it does not play, or how many frames it holds). path: another file to
+        check the same way (the remux that adds the sound)."""
+        cap = cv2.VideoCapture(os.path.abspath(path or self.path))
         try:
             if not cap.isOpened():
                 return "the file left does not open (no index): it holds nothing playable" if left \
@@ -329,7 +360,7 @@ class VideoSink:
         if not count >= 1:
             return "the finished file has no index of its frames"
         # .mkv's count is estimated from its duration (it may round below the truth): only the others are exact.
-        if self.path.suffix.lower() != ".mkv" and int(count) < self.frames_written:
+        if (path or self.path).suffix.lower() != ".mkv" and int(count) < self.frames_written:
             return f"the finished file holds {int(count)} of the {self.frames_written} frames written"
         return None
 
@@ -364,8 +395,9 @@ class VideoSink:
         n = self.left_out
         left_out = (f" ({n} frame{'' if n == 1 else 's'} that came faster than {self.fps:g} a second left out to "
                     "keep real time)" if n else "")
+        sound = f", {self.sound}" if self.sound else ""
         return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
-                f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s{left_out}")
+                f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s{left_out}{sound}")
 
 
 class FolderSink:
@@ -451,15 +483,15 @@ class WindowSink:
 
 
 def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *,
-              fill_gaps: Literal["index", "time"] | None = None):
-    """The sink for a checked output other than the window: VideoSink (fill_gaps: see there), FolderSink, StreamSink
-    or VirtualCamSink.
+              fill_gaps: Literal["index", "time"] | None = None, audio: SourceAudio | None = None):
+    """The sink for a checked output other than the window: VideoSink (fill_gaps, audio: see there), FolderSink,
+    StreamSink or VirtualCamSink.
 
     A virtual camera opens now (SinkError when there is no backend); the others open at their first frame.
     """
     paced_fps = max(fps, PACED_MIN_FPS)
     if out.kind == "video":
-        return VideoSink(out.path, fps, size, fill_gaps=fill_gaps)
+        return VideoSink(out.path, fps, size, fill_gaps=fill_gaps, audio=audio)
     if out.kind == "folder":
         return FolderSink(out.path)
     if out.kind == "stream":

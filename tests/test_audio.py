@@ -1,0 +1,206 @@
+"""`run`'s video files keep the source file's sound (io/audio.py): copied or encoded per container, cut to the
+video, on its frames; and nothing lost when ffmpeg is missing or fails."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_runner import FakeEngine, index_of, make_video, parse, read_video
+
+from turbostream.cli import run as cli_run
+from turbostream.io.audio import audio_arguments, parse_audio_stream
+from turbostream.io.stream import FFMPEG_ENV
+
+FFMPEG, FFPROBE = shutil.which("ffmpeg"), shutil.which("ffprobe")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None or FFPROBE is None,
+                                  reason="needs ffmpeg and ffprobe (apt-get install ffmpeg)")
+RATE = 48000
+
+
+def with_sound(video: Path, out: Path, sound: str, codec: str, seconds: float) -> Path:
+    """`video`'s frames (copied) with the lavfi audio `sound` encoded by `codec`, `seconds` long."""
+    subprocess.run([FFMPEG, "-loglevel", "error", "-y", "-i", str(video), "-f", "lavfi", "-i", sound,
+                    "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", codec, "-t", f"{seconds}", str(out)],
+                   check=True)
+    return out
+
+
+def streams(path: Path) -> dict[str, tuple[str, float | None]]:
+    """{codec_type: (codec_name, duration_s)} of a file's first video and audio streams, as ffprobe reads them."""
+    lines = subprocess.run([FFPROBE, "-v", "error", "-show_entries", "stream=codec_type,codec_name,duration",
+                            "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout
+    found: dict[str, tuple[str, float | None]] = {}
+    for line in lines.split():
+        name, kind, duration = line.split(",")[:3]
+        found.setdefault(kind, (name, float(duration) if duration not in ("", "N/A") else None))
+    return found
+
+
+def sound_of(path: Path) -> np.ndarray:
+    """The file's sound as mono 16-bit samples at RATE."""
+    raw = subprocess.run([FFMPEG, "-loglevel", "error", "-i", str(path), "-map", "0:a:0", "-f", "s16le", "-ac", "1",
+                          "-ar", str(RATE), "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.int16)
+
+
+def run(*argv: str, engine=None) -> int:
+    return cli_run.main(parse("run", *argv), engine=engine or FakeEngine(max_batch=4))
+
+
+@pytest.fixture
+def clip(tmp_path) -> Path:
+    """3 s at 10 fps of indexed frames, with 1 s of silence then a 440 Hz tone (AAC in MP4)."""
+    frames = make_video(tmp_path / "frames.mp4", n=30, fps=10)
+    tone = f"aevalsrc=if(gte(t\\,1)\\,0.5*sin(2*PI*440*t)\\,0):s={RATE}:d=3"
+    return with_sound(frames, tmp_path / "clip.mp4", tone, "aac", 3)
+
+
+# ------------------------------------------------------------------------------------------------ unit
+
+
+def test_the_first_audio_stream_is_read_from_ffmpegs_listing():
+    listing = """Input #0, mov,mp4,m4a,3gp,3g2,mj2, from 'in.mp4':
+  Duration: 00:00:03.00, start: 0.000000, bitrate: 135 kb/s
+  Stream #0:0[0x1](und): Video: mpeg4 (Simple Profile) (mp4v / 0x7634706D), yuv420p, 96x80, 10 fps (default)
+  Stream #0:1[0x2](und): Audio: aac (LC) (mp4a / 0x6134706D), 48000 Hz, stereo, fltp, 69 kb/s (default)
+  Stream #0:2[0x3](eng): Audio: ac3, 44100 Hz, 5.1(side), fltp, 384 kb/s
+At least one output file must be specified"""
+    assert parse_audio_stream(listing) == ("aac", "aac, 48000 Hz, stereo")
+    assert parse_audio_stream("  Stream #0:1: Audio: pcm_s16le, 44100 Hz, mono, s16, 705 kb/s") == \
+        ("pcm_s16le", "pcm_s16le, 44100 Hz, mono")
+    assert parse_audio_stream("  Stream #0:0: Video: h264, yuv420p, 640x480\n  Stream #0:1: Data: none") is None
+
+
+@pytest.mark.parametrize("suffix, codec, ways", [
+    (".mp4", "aac", [("-c:a", "copy"), ("-c:a", "aac", "-b:a", "192k")]),
+    (".MP4", "opus", [("-c:a", "aac", "-b:a", "192k")]),  # opus in .mp4 plays in few players: encoded
+    (".mkv", "opus", [("-c:a", "copy"), ("-c:a", "aac", "-b:a", "192k")]),
+    (".avi", "aac", [("-c:a", "pcm_s16le")]),
+    (".avi", "mp3", [("-c:a", "copy"), ("-c:a", "pcm_s16le")]),
+])
+def test_sound_is_copied_where_the_container_takes_it_else_encoded(suffix, codec, ways):
+    assert audio_arguments(suffix, codec) == ways
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("suffix, codec", [(".mp4", "aac"), (".mov", "aac"), (".mkv", "aac"), (".avi", "pcm_s16le")])
+def test_a_video_file_keeps_its_sound_on_its_frames(tmp_path, clip, caplog, suffix, codec):
+    """Every frame, in order, and the sound beside them: the tone starts at the frame it started on (1 s)."""
+    out = tmp_path / f"styled{suffix}"
+    with caplog.at_level(logging.INFO, logger="turbostream"):
+        assert run("-i", str(clip), "-o", str(out)) == 0
+    frames, fps = read_video(out)
+    assert [index_of(f) for f in frames] == list(range(30)) and fps == pytest.approx(10.0)
+    found = streams(out)
+    assert found["audio"][0] == codec  # AAC copied into .mp4/.mov/.mkv; PCM into .avi
+    samples = sound_of(out)
+    assert len(samples) / RATE == pytest.approx(3.0, abs=0.05)
+    onset = np.flatnonzero(np.abs(samples.astype(np.int32)) > 3000)[0] / RATE
+    assert onset == pytest.approx(1.0, abs=0.03)
+    assert "sound: aac, 48000 Hz, mono, copied into the video outputs" in caplog.text
+    assert f"styled{suffix}: 30 frames, 64x64, 10 fps, 3.0 s, with the source's sound (aac, 48000 Hz, mono)" \
+        in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["frames.mp4", "clip.mp4", out.name])  # no leftovers
+
+
+@needs_ffmpeg
+def test_the_sound_is_cut_where_the_video_ends(tmp_path, clip):
+    """--max-frames 12 of 10 fps: 1.2 s of video, and 1.2 s of sound (not the source's 3)."""
+    out = tmp_path / "start.mp4"
+    assert run("-i", str(clip), "-o", str(out), "--max-frames", "12") == 0
+    assert len(read_video(out)[0]) == 12
+    assert len(sound_of(out)) / RATE == pytest.approx(1.2, abs=0.05)
+
+
+@needs_ffmpeg
+def test_a_realtime_run_keeps_its_sound_in_step(tmp_path, clip):
+    """--realtime drops frames the engine cannot keep up with and repeats the last one in their place: the video
+    keeps the source's time, so the sound still fits it."""
+    out = tmp_path / "live.mp4"
+    assert run("-i", str(clip), "-o", str(out), "--realtime", engine=FakeEngine(max_batch=1, delay=0.15)) == 0
+    frames, _ = read_video(out)
+    indices = [index_of(f) for f in frames]
+    assert len(set(indices)) < len(indices)  # frames were dropped and filled
+    assert abs(len(frames) - 30) <= 2
+    assert len(sound_of(out)) / RATE == pytest.approx(len(frames) / 10, abs=0.05)
+
+
+@needs_ffmpeg
+def test_an_opus_sound_is_encoded_for_mp4_and_copied_into_mkv(tmp_path):
+    frames = make_video(tmp_path / "frames.mkv", n=20, fps=10)
+    src = with_sound(frames, tmp_path / "opus.mkv", f"sine=frequency=300:sample_rate={RATE}", "libopus", 2)
+    assert run("-i", str(src), "-o", str(tmp_path / "a.mp4"), "-o", str(tmp_path / "b.mkv")) == 0
+    assert streams(tmp_path / "a.mp4")["audio"][0] == "aac"
+    assert streams(tmp_path / "b.mkv")["audio"][0] == "opus"
+
+
+@needs_ffmpeg
+def test_a_silent_source_or_no_audio_gives_a_silent_video(tmp_path, clip, caplog):
+    silent = make_video(tmp_path / "silent.mp4", n=10, fps=10)
+    with caplog.at_level(logging.INFO, logger="turbostream"):
+        assert run("-i", str(silent), "-o", str(tmp_path / "a.mp4")) == 0
+        assert run("-i", str(clip), "-o", str(tmp_path / "b.mp4"), "--no-audio") == 0
+    assert "audio" not in streams(tmp_path / "a.mp4") and "audio" not in streams(tmp_path / "b.mp4")
+    assert "sound" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_without_ffmpeg_the_video_is_written_silent_and_said_so_before_the_model_loads(tmp_path, clip, caplog,
+                                                                                        monkeypatch):
+    monkeypatch.setenv(FFMPEG_ENV, str(tmp_path / "no-such-ffmpeg"))
+    said_before_loading = []
+    engine = FakeEngine(on_run=lambda e, f: said_before_loading.append("no ffmpeg program" in caplog.text))
+    out = tmp_path / "out.mp4"
+    with caplog.at_level(logging.INFO, logger="turbostream"):
+        assert run("-i", str(clip), "-o", str(out), engine=engine) == 0
+    assert said_before_loading and said_before_loading[0]
+    assert f"no ffmpeg program was found, so {out} is written without any sound {clip} has" in caplog.text
+    assert len(read_video(out)[0]) == 30
+    if FFPROBE:
+        assert "audio" not in streams(out)
+
+
+def fake_ffmpeg(tmp_path: Path, remux: str) -> Path:
+    """An ffmpeg that reads files as the real one does and runs `remux` (shell) in place of a remux; $OUT is the
+    file it was asked to write."""
+    script = tmp_path / "fake-ffmpeg"
+    script.write_text(f"""#!/bin/sh
+for last; do :; done
+case " $* " in
+  *" -map "*) OUT="$last"; {remux} ;;
+  *) exec {FFMPEG} "$@" ;;
+esac
+""")
+    script.chmod(0o755)
+    return script
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("remux, reason", [
+    ('echo "$OUT: No space left on device" >&2; exit 1', "ffmpeg exited with status 1: .*No space left on device"),
+    ('head -c 5000 /dev/urandom > "$OUT"', "the remuxed file failed its check: the finished file does not open"),
+], ids=["ffmpeg-fails", "ffmpeg-writes-garbage"])
+def test_a_failed_remux_keeps_the_silent_video_whole(tmp_path, clip, caplog, monkeypatch, remux, reason):
+    """Nothing lost for the sound's sake: the video as written, every frame, the run a success, the reason said,
+    and no hidden file left beside it."""
+    monkeypatch.setenv(FFMPEG_ENV, str(fake_ffmpeg(tmp_path, remux)))
+    out = tmp_path / "out" / "styled.mp4"
+    with caplog.at_level(logging.INFO, logger="turbostream"):
+        assert run("-i", str(clip), "-o", str(out)) == 0
+    frames, _ = read_video(out)
+    assert [index_of(f) for f in frames] == list(range(30))
+    assert "audio" not in streams(out)
+    assert os.listdir(out.parent) == ["styled.mp4"]
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "is kept without the sound of clip.mp4" in warning[0]
+    import re
+
+    assert re.search(f"styled.mp4: 30 frames, .*, without the source's sound: {reason}", caplog.text)
