@@ -298,11 +298,15 @@ sys.exit(cli_run.main(args, engine=Engine()))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as Linux applies it")
-@pytest.mark.parametrize("opencv", ["installed", "opencv4"])
-@pytest.mark.parametrize("suffix", [".mp4", ".avi"])
-def test_a_video_file_that_cannot_be_written_stops_the_run(tmp_path, suffix, opencv):
+@pytest.mark.parametrize("suffix, how", [
+    (".mp4", "installed"), (".mp4", "opencv4"), (".avi", "installed"), (".avi", "opencv4"),
+    pytest.param(".mp4", "ffmpeg", marks=needs_ffmpeg), pytest.param(".mkv", "ffmpeg", marks=needs_ffmpeg),
+])
+def test_a_video_file_that_cannot_be_written_stops_the_run(tmp_path, suffix, how):
     """Writes that fail mid-run (disk full) end the run with status 1 and the reason, not 0 and a file that does not
-    play: caught as they fail where OpenCV's write() says so, else when the finished file is checked."""
+    play: caught as they fail where the writer says so (ffmpeg's H.264 writer, OpenCV 5's write()), or where ffmpeg
+    could not finish the file, else when the finished file is checked. "installed" and "opencv4" write .mp4 with
+    OpenCV (no ffmpeg found); the ffmpeg child inherits the size limit."""
     rng = np.random.default_rng(0)
     src = tmp_path / "in.avi"
     writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 128))
@@ -310,15 +314,22 @@ def test_a_video_file_that_cannot_be_written_stops_the_run(tmp_path, suffix, ope
         writer.write(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
     writer.release()
     out = tmp_path / f"out{suffix}"
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(src), str(out), "100000", opencv],
-                          capture_output=True, text=True, timeout=120)
+    env = dict(os.environ)
+    if how != "ffmpeg":
+        env[FFMPEG_ENV] = str(tmp_path / "no-such-ffmpeg")
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(src), str(out), "100000", how],
+                          capture_output=True, text=True, timeout=120, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output
     assert "turbostream: error: " in output and str(out) in output and "file size limit of 100000 bytes" in output
     assert f"{out}: FAILED" in output and "Traceback" not in output  # the summary does not claim the frames
-    # ...and says what the file left behind holds (where the failure was a write's, which OpenCV 5 reports; else
-    # the check of the finished file says it): an .mp4 cut off before its index holds nothing playable.
-    if "could not be written" in output:
+    # ...and says what the file left behind holds (where the failure was a write's, which OpenCV 5 reports, or
+    # ffmpeg's end; else the check of the finished file says it): an .mp4 cut off before its index holds nothing
+    # playable.
+    assert (f"{out} is written in mp4v" in output) == (suffix == ".mp4" and how != "ffmpeg")
+    if how == "ffmpeg":  # a write fails (ffmpeg stopped taking frames), or ffmpeg's end, where the index goes
+        assert "could not be written" in output or "ffmpeg could not finish the file" in output, output
+    if "could not be written" in output or "could not finish" in output:
         assert ("the file left does not open (no index): it holds nothing playable" if suffix == ".mp4"
                 else "; the file left ") in output, output
     else:

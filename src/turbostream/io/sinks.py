@@ -2,8 +2,9 @@
 sink on writer threads behind a bounded queue. Stream URLs (stream.py) and the virtual camera (virtualcam.py) are
 parsed and checked here too; their sinks never block a writer thread (paced.py).
 
-VideoSink writes .mp4/.mov/.mkv with the mp4v codec and .avi with MJPG, keeping the source's frame rate (and the
-source file's sound, added when the file is finished: audio.py); FolderSink
+VideoSink writes .mp4/.mov/.mkv in H.264 through ffmpeg (h264.py; OpenCV's mp4v where there is no ffmpeg with
+libx264) and .avi with MJPG, keeping the source's frame rate (and the source file's sound, added when the file is
+finished: audio.py); FolderSink
 writes frame_000000.png ...; WindowSink needs a GUI build of OpenCV and a display. Frames are uint8 RGB (H, W, 3).
 """
 
@@ -28,13 +29,15 @@ import numpy as np
 
 from ..errors import SinkError, path_stat
 from .audio import AudioError, SourceAudio, remux_with_audio
+from .h264 import H264_SUFFIXES, H264Writer, h264_program
 from .sources import SourceSpec, redact
-from .stream import STREAM_FORMATS, StreamSink, check_stream_output, is_stream_url
+from .stream import INSTALL_FFMPEG, STREAM_FORMATS, StreamSink, check_stream_output, is_stream_url
 from .virtualcam import VirtualCamSink, parse_virtualcam, virtualcam_module
 
 log = logging.getLogger("turbostream.sinks")
 
-# Containers and the codec each is written with: every one of these reads back with the OpenCV it was written by.
+# Containers and the codec OpenCV writes each with (.mp4, .mov and .mkv are H.264 through ffmpeg where it can): every
+# one of these reads back with the OpenCV it was written by.
 VIDEO_FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 WINDOW_QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
 WINDOW_FULLSCREEN_KEYS = (ord("f"), ord("F"))
@@ -208,7 +211,8 @@ def check_outputs(outputs: list[OutputSpec], source: SourceSpec | None = None) -
 
 
 class VideoSink:
-    """Writes frames into a video file at a fixed frame rate (mp4v for .mp4/.mov/.mkv, MJPG for .avi).
+    """Writes frames into a video file at a fixed frame rate: H.264 through ffmpeg for .mp4/.mov/.mkv (mp4v by
+    OpenCV where there is no ffmpeg with libx264, said when the sink is made), MJPG for .avi.
 
     The file is opened at the first frame, so a run that fails before producing anything leaves no empty file.
     fill_gaps keeps the source's timing in a realtime run, so a minute of camera is a minute of video even when the
@@ -218,9 +222,10 @@ class VideoSink:
     its clock, repeating it over the slots since the last one and leaving out a frame that comes more than one slot
     early (counted: `left_out`). None writes every frame once.
 
-    A write that fails (disk full, quota, file size limit) is a SinkError: OpenCV 5 says so for each frame (write()
-    returns False), and close() opens the finished file and counts its frames, which also catches a failure that
-    only the container's index met, and every failure under OpenCV 4 (whose write() reports nothing).
+    A write that fails (disk full, quota, file size limit) is a SinkError: ffmpeg's writer and OpenCV 5 say so for
+    each frame (write() returns False), ffmpeg also when it finishes the file, and close() opens the finished file
+    and counts its frames, which also catches a failure that only the container's index met, and every failure under
+    OpenCV 4 (whose write() reports nothing).
 
     audio: the source file's sound, remuxed into the finished file by close() and cut to its length; a remux that
     fails keeps the silent file and says why in `sound` (never a SinkError: the frames are all there).
@@ -243,15 +248,26 @@ class VideoSink:
         self._t0: float | None = None  # fill_gaps "time": when the first frame written was read
         self.failed: str | None = None  # why writing failed, once it has
         self.left: str | None = None  # after a failed write: what the file left behind holds
-        self._writer: cv2.VideoWriter | None = None
+        self._writer: cv2.VideoWriter | H264Writer | None = None
         self._last_index: int | None = None
+        suffix = self.path.suffix.lower()
+        self._h264 = h264_program() if suffix in H264_SUFFIXES else None
+        self.codec = "H.264" if self._h264 else VIDEO_FOURCC[suffix]
+        if suffix in H264_SUFFIXES and self._h264 is None:
+            log.warning("%s is written in mp4v (MPEG-4 Part 2), which browsers and phones do not play: there is no "
+                        "ffmpeg with H.264 (libx264) to write it; %s", self.path, INSTALL_FFMPEG)
 
-    def _open(self) -> cv2.VideoWriter:
-        fourcc = VIDEO_FOURCC[self.path.suffix.lower()]
-        # Absolute: FFmpeg takes the "rec-10" of a relative "rec-10:30.mp4" for a protocol's name (as sources.py).
-        writer = cv2.VideoWriter(os.path.abspath(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps, self.size)
+    def _open(self) -> cv2.VideoWriter | H264Writer:
+        if self._h264 is not None:
+            writer = H264Writer(self._h264, self.path, self.fps, self.size)
+        else:
+            # Absolute: FFmpeg takes the "rec-10" of a relative "rec-10:30.mp4" for a protocol's name (as sources.py).
+            writer = cv2.VideoWriter(os.path.abspath(self.path), cv2.VideoWriter_fourcc(*self.codec), self.fps,
+                                     self.size)
         if not writer.isOpened():
-            raise SinkError(f"could not open {self.path} for writing ({fourcc} video at {self.size[0]}x{self.size[1]})")
+            why = getattr(writer, "failure", None)
+            raise SinkError(f"could not open {self.path} for writing ({self.codec} video at "
+                            f"{self.size[0]}x{self.size[1]}){f': {why}' if why else ''}")
         return writer
 
     def write(self, frame: np.ndarray, index: int, t: float | None = None) -> None:
@@ -272,7 +288,7 @@ class VideoSink:
             # False: the backend could not write it (OpenCV 5). OpenCV 4 returns None whatever happened; close()
             # checks the file then.
             if self._writer.write(bgr) is False:
-                self.failed = f"frame {self.frames_written + 1} could not be written: {self._why()}"
+                self.failed = f"frame {self.frames_written + 1} could not be written: {self._why(self._writer)}"
                 raise SinkError(f"writing {self.path} failed: {self.failed}")
             self.frames_written += 1
 
@@ -307,8 +323,12 @@ class VideoSink:
         reads back with every frame written; SinkError if not."""
         if self._writer is None:
             return
-        self._writer.release()
-        self._writer = None
+        writer, self._writer = self._writer, None
+        writer.release()
+        if self.failed is None and getattr(writer, "failure", None):  # ffmpeg could not finish the file
+            self.failed = f"ffmpeg could not finish the file: {self._why(writer)}"
+            self.left = self._check_file(left=True)
+            raise SinkError(self.failed)
         if self.failed is not None:  # a write failed: say what the file left behind is worth, not what went in
             self.left = self._check_file(left=True)
         elif self.frames_written:
@@ -364,12 +384,14 @@ class VideoSink:
             return f"the finished file holds {int(count)} of the {self.frames_written} frames written"
         return None
 
-    def _why(self) -> str:
-        """The likely reason a write failed, from what can be checked afterwards (the backend keeps its errno)."""
+    def _why(self, writer=None) -> str:
+        """The likely reason a write failed, from what can be checked afterwards (OpenCV keeps its errno; ffmpeg's
+        writer has its last words, said when the checks find nothing plainer)."""
+        said = getattr(writer, "failure", None)
         try:
             size = self.path.stat().st_size
         except OSError as exc:
-            return f"the file is gone ({exc.strerror or exc})"
+            return said or f"the file is gone ({exc.strerror or exc})"
         try:
             import resource  # not on Windows
 
@@ -384,7 +406,7 @@ class VideoSink:
             free = None
         if free is not None and free < LOW_DISK_BYTES:
             return f"the disk is full ({free // 1024} KiB free)"
-        return "the disk may be full or over a quota"
+        return said or "the disk may be full or over a quota"
 
     def describe(self) -> str:
         if self.failed is not None:
@@ -396,7 +418,7 @@ class VideoSink:
         left_out = (f" ({n} frame{'' if n == 1 else 's'} that came faster than {self.fps:g} a second left out to "
                     "keep real time)" if n else "")
         sound = f", {self.sound}" if self.sound else ""
-        return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]}, "
+        return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]} {self.codec}, "
                 f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s{left_out}{sound}")
 
 

@@ -46,7 +46,7 @@ IO_TIMEOUT_US = 10_000_000  # ffmpeg gives up on a connection or a write that ha
 BITS_PER_PIXEL = 0.15  # bitrate = width x height x fps x this (1.2 Mbit/s at 512x512, 30 fps), at least:
 MIN_BITRATE = 400_000
 STDERR_LINES = 12  # ffmpeg's last messages kept to explain a failure
-_FFMPEG_PREFIX = re.compile(r"^\[[\w\s#:./-]+ @ (?:0x)?[0-9a-fA-F]+\]\s*")
+FFMPEG_PREFIX = re.compile(r"^\[[\w\s#:./-]+ @ (?:0x)?[0-9a-fA-F]+\]\s*")
 INSTALL_FFMPEG = ("install FFmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; Windows: "
                   f"winget install ffmpeg), or point {FFMPEG_ENV} at an ffmpeg program")
 
@@ -65,7 +65,7 @@ def ffmpeg_program() -> str | None:
 
 
 @lru_cache(maxsize=8)
-def _ffmpeg_lists(program: str) -> tuple[str, str, str]:
+def ffmpeg_lists(program: str) -> tuple[str, str, str]:
     """(encoders, protocols, formats) as ffmpeg lists them; empty strings when it cannot be run."""
     out = []
     for what in ("-encoders", "-protocols", "-formats"):
@@ -75,6 +75,11 @@ def _ffmpeg_lists(program: str) -> tuple[str, str, str]:
         except (OSError, subprocess.SubprocessError):
             out.append("")
     return out[0], out[1], out[2]
+
+
+def lists_libx264(encoders: str) -> bool:
+    """Whether `ffmpeg -encoders` listed the H.264 encoder turbostream uses."""
+    return re.search(r"^\s*V\S*\s+libx264\s", encoders, re.MULTILINE) is not None
 
 
 def check_stream_output(url: str, option: str = "-o") -> None:
@@ -100,10 +105,10 @@ def check_stream_output(url: str, option: str = "-o") -> None:
     program = ffmpeg_program()
     if program is None:
         raise SinkError(f"{option} {shown} streams through FFmpeg, and no ffmpeg program was found: {INSTALL_FFMPEG}")
-    encoders, protocols, formats = _ffmpeg_lists(program)
+    encoders, protocols, formats = ffmpeg_lists(program)
     if not encoders:
         raise SinkError(f"{program} could not be run to list its encoders: {INSTALL_FFMPEG}")
-    if not re.search(r"^\s*V\S*\s+libx264\s", encoders, re.MULTILINE):
+    if not lists_libx264(encoders):
         raise SinkError(f"{program} has no H.264 encoder (libx264): install an FFmpeg build with it "
                         "(Debian's and Homebrew's have it)")
     protocol = "tcp" if scheme == "rtsp" else scheme  # RTSP is a muxer in FFmpeg, carried over TCP
@@ -201,7 +206,8 @@ class StreamSink(PacedSink):
             return f"could not start {self.program}: {exc.strerror or exc}"
         self._proc = proc
         tail: deque[str] = deque(maxlen=STDERR_LINES)
-        reader = threading.Thread(target=_drain, args=(proc.stderr, tail), name="turbostream ffmpeg log", daemon=True)
+        reader = threading.Thread(target=drain_stderr, args=(proc.stderr, tail), name="turbostream ffmpeg log",
+                                  daemon=True)
         reader.start()
         started = time.perf_counter()
         deadline = started
@@ -253,7 +259,7 @@ class StreamSink(PacedSink):
         self._proc = None
 
     def _reason(self, status: int | None, tail: deque[str]) -> str:
-        lines = [_FFMPEG_PREFIX.sub("", line).strip() for line in tail]
+        lines = [FFMPEG_PREFIX.sub("", line).strip() for line in tail]
         lines = [line for line in lines if line]
         if not lines:
             return f"ffmpeg exited with status {status}"
@@ -282,7 +288,7 @@ class StreamSink(PacedSink):
         return text
 
 
-def _drain(pipe, tail: deque[str]) -> None:
+def drain_stderr(pipe, tail: deque[str]) -> None:
     """Read ffmpeg's stderr to its end (a full pipe would stall it), keeping the last lines."""
     try:
         for raw in iter(pipe.readline, b""):
