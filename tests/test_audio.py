@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -202,6 +203,39 @@ def test_a_failed_remux_keeps_the_silent_video_whole(tmp_path, clip, caplog, mon
     assert os.listdir(out.parent) == ["styled.mp4"]
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "is kept without the sound of clip.mp4" in warning[0]
-    import re
-
     assert re.search(f"styled.mp4: 30 frames, .*, without the source's sound: {reason}", caplog.text)
+
+
+@needs_ffmpeg
+def test_a_variable_frame_rate_file_keeps_its_pictures_on_its_sound(tmp_path, caplog):
+    """A file whose frames come 0.1 s apart for 2 s, then 0.3 s apart (phones record such files): the video is
+    written at its average rate with each frame placed at its time in the file (held over the longer intervals, left
+    out where two fall in one slot), so the picture at any moment is the source's picture then, and the sound, copied
+    as it is, stays on it. Written one frame after another at the average rate (as before), the first part played
+    slow and the second fast: the pictures of the second part came up to a second off their sound.""" 
+    frames = make_video(tmp_path / "frames.avi", n=30, fps=10)
+    vfr = tmp_path / "vfr.mp4"
+    subprocess.run([FFMPEG, "-loglevel", "error", "-y", "-i", str(frames), "-f", "lavfi", "-i",
+                    f"sine=frequency=440:sample_rate={RATE}", "-map", "0:v", "-map", "1:a",
+                    "-vf", "setpts='if(lt(N,20),N/10,2+(N-20)*0.3)/TB'", "-fps_mode", "vfr", "-c:v", "mpeg4",
+                    "-q:v", "2", "-c:a", "aac", "-t", "5", str(vfr)], check=True)
+    probe = subprocess.run([FFPROBE, "-v", "error", "-select_streams", "v", "-show_entries", "packet=pts_time",
+                            "-of", "csv=p=0", str(vfr)], capture_output=True, text=True, check=True).stdout
+    times = sorted(float(t) for t in probe.split())  # frame k's time in the file, s (as its container rounds them)
+    assert len(times) == 30 and max(b - a for a, b in zip(times, times[1:])) > 0.15 + min(b - a for a, b in
+                                                                                          zip(times, times[1:]))
+    out = tmp_path / "styled.mp4"
+    with caplog.at_level(logging.INFO, logger="turbostream"):
+        assert run("-i", str(vfr), "-o", str(out)) == 0
+    written, fps = read_video(out)
+    assert fps < 9.5  # the file's average rate (30 frames in about 5 s), not the 10 of its first part
+    shown = [index_of(f) for f in written]
+    for slot, index in enumerate(shown):
+        # What the source shows then, half a slot either way: the frames shown at some moment of that span.
+        start, end = (slot - 0.5) / fps, (slot + 0.5) / fps
+        could_be = {k for k, t in enumerate(times) if t <= end and (k + 1 == len(times) or times[k + 1] > start)}
+        assert index in could_be, (slot, index, could_be)
+    assert set(shown) >= set(range(20, 30))  # every frame of the slow part shows
+    assert len(sound_of(out)) / RATE == pytest.approx(len(written) / fps, abs=0.05)
+    assert re.search(r"styled.mp4: \d+ frames, .* \((\d+) repeated and (\d+) left out to keep the source's timing\)",
+                     caplog.text)

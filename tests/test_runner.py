@@ -7,6 +7,7 @@ import argparse
 import io
 import logging
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -262,7 +263,8 @@ def test_a_video_of_frames_too_small_is_a_clear_error(tmp_path, capsys):
 
 def test_a_damaged_spot_in_a_video_file_is_skipped_not_taken_for_its_end(tmp_path, caplog):
     """3000 zeroed bytes in the middle of a 100-frame file: OpenCV's reads fail for the frames there, then go on.
-    The run keeps every frame after the damage (it used to stop there, saying "done"), and says what was lost."""
+    The run keeps every frame after the damage (it used to stop there, saying "done"), and says what was lost; the
+    video holds the last frame before the damage over it, so it keeps the file's timeline (and its sound in step)."""
     src = make_video(tmp_path / "in.mp4", n=100, size=(64, 64))
     data = bytearray(src.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 3000] = bytes(3000)
@@ -271,13 +273,18 @@ def test_a_damaged_spot_in_a_video_file_is_skipped_not_taken_for_its_end(tmp_pat
     readable_before_damage = len(frames)  # what a reader that stops at the first failure gets
     assert readable_before_damage < 90
     out = tmp_path / "out.avi"
-    caplog.set_level(logging.WARNING, logger="turbostream")
+    caplog.set_level(logging.INFO, logger="turbostream")
     assert cli_run.main(parse("run", "-i", str(src), "-o", str(out)), engine=FakeEngine()) == 0
     written, _ = read_video(out)
     indices = [index_of(f) for f in written]
-    assert len(written) > readable_before_damage + 20 and indices[-1] == 99 and indices == sorted(indices)
-    lost = 100 - len(written)
-    assert f"{lost} frame(s) after frame {readable_before_damage} could not be decoded (a damaged spot?)" in caplog.text
+    assert len(set(indices)) > readable_before_damage + 20 and indices[-1] == 99 and indices == sorted(indices)
+    lost = int(re.search(rf"(\d+) frame\(s\) after frame {readable_before_damage} could not be decoded \(a damaged "
+                         r"spot\?\)", caplog.text).group(1))
+    assert 0 < lost < 100 - readable_before_damage
+    last_good = readable_before_damage - 1
+    assert len(written) == 100 and indices[last_good : last_good + lost + 1] == [indices[last_good]] * (lost + 1)
+    assert f"out.avi: 100 frames, 64x64 MJPG, 10 fps, 10.0 s ({lost} repeated and 0 left out to keep the source's " \
+           "timing)" in caplog.text
     assert "ended after" not in caplog.text  # it was read to its end
 
 
@@ -395,6 +402,27 @@ def test_a_video_sink_by_time_leaves_out_frames_more_than_a_slot_early(tmp_path)
     assert "(1 frame that came faster than 10 a second left out to keep real time)" in sink.describe()
     with pytest.raises(ValueError, match="fill_gaps"):
         sinks.VideoSink(tmp_path / "x.avi", 10, (32, 32), fill_gaps=True)
+
+
+def test_a_video_sink_by_pts_holds_frames_over_their_time_and_bounds_gaps(tmp_path, caplog):
+    """fill_gaps "pts": a frame fills its slot and the slots before it hold the frame before it; a frame whose slot
+    is filled already is left out (counted, and it is what the next gap holds); a gap of hours holds at most
+    MAX_PTS_GAP_S; times that stop increasing switch the sink to one write per frame, said once."""
+    sink = sinks.VideoSink(tmp_path / "pts.avi", 10, (32, 32), fill_gaps="pts")
+    for k, t in enumerate((5.0, 5.1, 5.14, 5.4, 5.5, 3605.5, 3605.6, 3605.6, 3605.7)):
+        sink.write(indexed_frame(k, 32, 32), k, t)
+    sink.close()
+    most = round(sinks.VideoSink.MAX_PTS_GAP_S * 10)
+    frames, _ = read_video(tmp_path / "pts.avi")
+    shown = [index_of(f) for f in frames]
+    # Slots 0, 1; 5.14 falls in slot 1 too (left out, but shown until 5.4: slots 2 and 3 hold it); 5.5: slot 5; an
+    # hour later: `most` slots held by frame 4, then frame 5; frame 6 the next slot; then the times stop increasing:
+    # frames 7 and 8 once each.
+    assert shown[:6] == [0, 1, 2, 2, 3, 4]
+    assert shown[6:6 + most] == [4] * most and shown[6 + most:] == [5, 6, 7, 8]
+    assert sink.left_out == 1 and sink.held == 2 + most
+    assert caplog.text.count("the source's frame times stop increasing after 3605.600 s") == 1
+    assert f"({2 + most} repeated and 1 left out to keep the source's timing)" in sink.describe()
 
 
 def test_a_long_run_keeps_a_bounded_window_of_latencies(tmp_path):

@@ -55,11 +55,13 @@ LATENCY_WINDOW = 512  # the latest frames whose latency the summary keeps (perce
 
 @dataclass
 class Result:
-    """One stylized frame: its source index, the uint8 RGB image, and when it was read."""
+    """One stylized frame: its source index, the uint8 RGB image, when it was read, and for a video file's frame its
+    presentation time (seconds)."""
 
     index: int
     image: np.ndarray
     t_read: float
+    pts: float | None = None
 
 
 @dataclass
@@ -340,7 +342,8 @@ class Pipeline:
         s = self.summary
         try:
             for writer in writers:
-                writer.put(item.image, item.index, item.t_read)
+                # A file's frame is placed by its time in the file (VideoSink's "pts"), a live one by when it was read.
+                writer.put(item.image, item.index, item.t_read if item.pts is None else item.pts)
         except SinkError as exc:
             s.error = str(exc)
             self._stop.set()
@@ -509,7 +512,7 @@ class Pipeline:
         self._last_in = call.last_in
         self._last_out = None if call.last_in is None else known[id(call.last_in)]
         for it in call.items:
-            self._put(Result(it.index, known[id(it.frame)], it.t))
+            self._put(Result(it.index, known[id(it.frame)], it.t, it.pts))
 
     def _abandon(self, calls: deque[_Call]) -> None:
         """After an error, collect the calls still in flight so that none is left on the engine (the run ends with

@@ -169,8 +169,12 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
             log.info("the source reports no frame rate; video output is written at %g fps", fps)
         # A live run's video keeps real time: by frame index where the capture paces a file at its own rate, else
         # (cameras, live streams) by when each frame was read, since their real rate is often not the one they
-        # announce.
-        fill_gaps = ("index" if capture.pace else "time") if realtime else None
+        # announce. A file read in order keeps its own timeline (its frames' times): a file whose rate varies stays
+        # in step with its sound.
+        if realtime:
+            fill_gaps = "index" if capture.pace else "time"
+        else:
+            fill_gaps = "pts" if source.kind == "file" and not source.picture else None
         for o in outputs:  # a virtual camera opens here: a missing backend is reported before the model loads
             if o.kind != "window":
                 sinks.append(open_sink(o, fps, (width, height), fill_gaps=fill_gaps, audio=audio))

@@ -220,7 +220,11 @@ class VideoSink:
     dropped before it, by their index; "time" (cameras and URLs, whose real rate often differs from the one they
     announce: a webcam in low light, an IP camera) places each frame by when it was read, at `fps` frames a second of
     its clock, repeating it over the slots since the last one and leaving out a frame that comes more than one slot
-    early (counted: `left_out`). None writes every frame once.
+    early (counted: `left_out`). "pts" (a video file read in order) places each frame by its time in the file the same
+    way, with no lead: a file whose frame rate varies (phones record such files) keeps its timeline, and so its
+    sound, at `fps` (the file's average rate): a frame is held over a longer interval (counted: `held`) and a frame
+    in a slot already filled is left out; a constant-rate file has every frame once. Timestamps that do not increase
+    (a broken file) are said once, and from there each frame is written once. None writes every frame once.
 
     A write that fails (disk full, quota, file size limit) is a SinkError: ffmpeg's writer and OpenCV 5 say so for
     each frame (write() returns False), ffmpeg also when it finishes the file, and close() opens the finished file
@@ -232,11 +236,14 @@ class VideoSink:
     """
 
     MAX_REPEAT = 600  # one frame never stands in for more than this many (a stalled source, a clock jump)
+    # ...except in a file ("pts"), where a still stretch of a screen recording may last minutes, and cutting it short
+    # would put the sound out of step from there on; a timestamp that jumps hours still costs at most this.
+    MAX_PTS_GAP_S = 600.0
 
     def __init__(self, path: Path | str, fps: float, size: tuple[int, int], *,
-                 fill_gaps: Literal["index", "time"] | None = None, audio: SourceAudio | None = None) -> None:
-        if fill_gaps not in (None, "index", "time"):
-            raise ValueError(f"fill_gaps must be None, 'index' or 'time', not {fill_gaps!r}")
+                 fill_gaps: Literal["index", "time", "pts"] | None = None, audio: SourceAudio | None = None) -> None:
+        if fill_gaps not in (None, "index", "time", "pts"):
+            raise ValueError(f"fill_gaps must be None, 'index', 'time' or 'pts', not {fill_gaps!r}")
         self.path = Path(path)
         self.audio = audio
         self.sound: str | None = None  # after close(), with audio: "with the source's sound (...)", or why not
@@ -244,8 +251,11 @@ class VideoSink:
         self.size = size  # (width, height)
         self.fill_gaps = fill_gaps
         self.frames_written = 0
-        self.left_out = 0  # frames not written because they came more than a slot early (fill_gaps "time")
-        self._t0: float | None = None  # fill_gaps "time": when the first frame written was read
+        self.left_out = 0  # frames not written because they came early (fill_gaps "time", "pts")
+        self.held = 0  # extra copies written to hold a frame over a longer interval of the file (fill_gaps "pts")
+        self._t0: float | None = None  # fill_gaps "time": when the first frame written was read; "pts": its time
+        self._last_t: float | None = None  # fill_gaps "pts": the time of the frame before
+        self._last_bgr: np.ndarray | None = None  # fill_gaps "pts": the frame before, held over a longer interval
         self.failed: str | None = None  # why writing failed, once it has
         self.left: str | None = None  # after a failed write: what the file left behind holds
         self._writer: cv2.VideoWriter | H264Writer | None = None
@@ -272,18 +282,28 @@ class VideoSink:
 
     def write(self, frame: np.ndarray, index: int, t: float | None = None) -> None:
         """Append uint8 RGB (H, W, 3); index is the source frame index (fill_gaps "index"), t when it was read, in
-        seconds of any steady clock (fill_gaps "time"; None: now). SinkError once a write fails."""
+        seconds of any steady clock (fill_gaps "time"; None: now), or its time in the file (fill_gaps "pts"; None:
+        written once). SinkError once a write fails."""
         if self.failed is not None:
             raise SinkError(f"writing {self.path} failed: {self.failed}")
+        if self.fill_gaps == "pts":
+            self._write_by_pts(frame, t)
+            return
         repeats = self._repeats(index, t)
         if not repeats:
             self.left_out += 1
             return
-        if self._writer is None:
-            self._writer = self._open()
+        self._put(self._bgr(frame), repeats)
+
+    def _bgr(self, frame: np.ndarray) -> np.ndarray:
         if (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-        bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+        return cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+
+    def _put(self, bgr: np.ndarray, repeats: int) -> None:
+        """Write a BGR frame `repeats` times (opening the file at the first); SinkError when a write fails."""
+        if self._writer is None:
+            self._writer = self._open()
         for _ in range(repeats):
             # False: the backend could not write it (OpenCV 5). OpenCV 4 returns None whatever happened; close()
             # checks the file then.
@@ -317,6 +337,39 @@ class VideoSink:
             self._t0 += (repeats - self.MAX_REPEAT) / self.fps
             repeats = self.MAX_REPEAT
         return repeats
+
+    def _write_by_pts(self, frame: np.ndarray, t: float | None) -> None:
+        """fill_gaps "pts": a frame shows in the file from its time to the next frame's, so the slots up to this
+        frame's are filled with the frame before it (held), then this one takes its slot, unless a frame filled
+        that slot already (left out). Written once without a usable time."""
+        bgr = self._bgr(frame)
+        last_t, self._last_t = self._last_t, t
+        previous, self._last_bgr = self._last_bgr, bgr  # a frame left out still shows until the next one
+        if t is None or last_t is None:  # no time to place it by, or the first frame: its slot is the next
+            if self._t0 is None and t is not None:
+                self._t0 = t
+            self._put(bgr, 1)
+            return
+        if not t > last_t:
+            log.warning("%s: the source's frame times stop increasing after %.3f s (a damaged or unusual file): from "
+                        "here each frame is written once, and the sound may drift from the pictures",
+                        self.path, last_t)
+            self.fill_gaps = None
+            self._put(bgr, 1)
+            return
+        slot = round((t - self._t0) * self.fps)
+        if slot < self.frames_written:
+            self.left_out += 1
+            return
+        hold = slot - self.frames_written
+        most = max(self.MAX_REPEAT, round(self.MAX_PTS_GAP_S * self.fps))
+        if hold > most:
+            self._t0 += (hold - most) / self.fps  # the frames after it are placed from here
+            hold = most
+        if hold:
+            self._put(previous, hold)
+            self.held += hold
+        self._put(bgr, 1)
 
     def close(self) -> None:
         """Finalize the file (writes the container's index: without it an .mp4 does not play), then check that it
@@ -415,8 +468,12 @@ class VideoSink:
         if not self.frames_written:
             return f"{self.path}: no frames (no file written)"
         n = self.left_out
-        left_out = (f" ({n} frame{'' if n == 1 else 's'} that came faster than {self.fps:g} a second left out to "
-                    "keep real time)" if n else "")
+        if self._last_t is not None:  # placed by the file's own times ("pts")
+            left_out = (f" ({self.held} repeated and {n} left out to keep the source's timing)"
+                        if n or self.held else "")
+        else:
+            left_out = (f" ({n} frame{'' if n == 1 else 's'} that came faster than {self.fps:g} a second left out "
+                        "to keep real time)" if n else "")
         sound = f", {self.sound}" if self.sound else ""
         return (f"{self.path}: {self.frames_written} frames, {self.size[0]}x{self.size[1]} {self.codec}, "
                 f"{self.fps:g} fps, {self.frames_written / self.fps:.1f} s{left_out}{sound}")
@@ -505,7 +562,7 @@ class WindowSink:
 
 
 def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *,
-              fill_gaps: Literal["index", "time"] | None = None, audio: SourceAudio | None = None):
+              fill_gaps: Literal["index", "time", "pts"] | None = None, audio: SourceAudio | None = None):
     """The sink for a checked output other than the window: VideoSink (fill_gaps, audio: see there), FolderSink,
     StreamSink or VirtualCamSink.
 

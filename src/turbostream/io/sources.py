@@ -262,6 +262,11 @@ class VideoReader:
         self._last_ms = self._cap.get(cv2.CAP_PROP_POS_MSEC)
         return _to_rgb(bgr)
 
+    @property
+    def pts_s(self) -> float:
+        """The presentation time of the frame read last, in seconds (OpenCV's, from the file's timestamps)."""
+        return self._last_ms / 1000.0
+
     def _may_go_on(self, failed: int) -> bool:
         """Whether a file whose last `failed` reads failed may still have frames after them."""
         if failed < MAX_BAD_READS:
@@ -387,11 +392,14 @@ def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S) -> Vid
 
 @dataclass(frozen=True)
 class CapturedFrame:
-    """One frame as read: index counts every frame read from the source (dropped ones too); t is perf_counter()."""
+    """One frame as read: index counts every frame read from the source (dropped ones too); t is perf_counter();
+    pts, for a video file's frames, its presentation time in seconds (where it falls in the video: a file whose frame
+    rate varies spaces its frames unevenly); None for other sources."""
 
     index: int
     frame: np.ndarray
     t: float
+    pts: float | None = None
 
 
 class CaptureThread:
@@ -643,7 +651,9 @@ class CaptureThread:
                 delay = t_start + self.frames_read * interval - time.perf_counter()
                 if delay > 0 and self._stop.wait(delay):
                     break
-            self._hand_over(CapturedFrame(self.frames_read, frame, time.perf_counter()))
+            # A file's frames carry their time in the file (not on a second pass of a looping capture: times restart)
+            pts = getattr(self._reader, "pts_s", None) if self.spec.kind == "file" and not self.loops else None
+            self._hand_over(CapturedFrame(self.frames_read, frame, time.perf_counter(), pts))
             self.frames_read += 1
 
     def _hand_over(self, item: CapturedFrame) -> None:
