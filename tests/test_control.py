@@ -308,6 +308,31 @@ def test_playlist_advances_a_run_on_time_and_on_next(tmp_path):
     assert order[:4] == ["first look", "second look", "third look", "first look"], order
 
 
+def test_a_runs_playlist_sets_each_looks_settings(tmp_path):
+    """The run starts with the first look's settings; each step applies the next look's, and keeps what it does not
+    name; after the last, the first look's again."""
+    playlist = tmp_path / "looks.txt"
+    playlist.write_text("first | 0.3s | strength=0.75 seed=7\nsecond | 0.3s | seed=8\nthird | 1m | steps=4 "
+                        "strength=0.5\n")
+    port = _free_udp_port()
+    sender = SimpleUDPClient("127.0.0.1", port)
+    sent = threading.Event()
+
+    def on_call(k):
+        if engine.params[-1].prompt == "third" and not sent.is_set():
+            sent.set()
+            sender.send_message("/turbostream/next", [])
+
+    engine = RecordingEngine(on_call)
+    args = _parse_run("-i", _video(tmp_path / "in.avi", n=250), "-o", str(tmp_path / "out.avi"), "--realtime",
+                      "--max-frames", "200", "--osc-port", str(port), "--prompts", str(playlist))
+    assert cli_run.main(args, engine=engine) == 0
+    seen = [(p.prompt, p.strength, p.steps, p.seed) for p in engine.params]
+    order = [look for k, look in enumerate(seen) if k == 0 or look != seen[k - 1]]
+    assert order[:4] == [("first", 0.75, 2, 7), ("second", 0.75, 2, 8), ("third", 0.5, 4, 8),
+                         ("first", 0.75, 4, 7)], order
+
+
 def test_a_runs_playlist_starts_its_clock_once_the_engine_is_warm(tmp_path):
     """A warm-up longer than the first look (a real engine captures graphs for seconds) must not eat it: the first
     frames get the first look, and it lasts its 0.3 s from there."""
@@ -454,6 +479,83 @@ def test_every_playlist_line_is_read_as_prompt_reads_it(tmp_path):
     finally:
         controls.stop()
     assert shown[:3] == ["an oil painting", as_blend, "an oil painting"]
+
+
+def test_a_look_sets_settings_and_lora_scales_beside_its_prompt():
+    text = """a watercolor | 1.5m | strength=0.6 seed=7 transition=2
+    an ink wash | lora.ink-wash=1 lora.2=0 | 10s
+    a pencil sketch | LORA=-0.5 Steps=4
+    neon | style=cyberpunk city
+    tiny | a=b c
+    """
+    looks = parse_playlist(text, default_duration_s=20)
+    assert [(lk.prompt, lk.duration_s, lk.settings, lk.loras) for lk in looks] == [
+        ("a watercolor", 90.0, (("strength", 0.6), ("seed", 7), ("transition_s", 2.0)), ()),
+        ("an ink wash", 10.0, (), (("ink-wash", 1.0), (2, 0.0))),
+        ("a pencil sketch", 20.0, (("steps", 4),), ((None, -0.5),)),
+        ("neon | style=cyberpunk city", 20.0, (), ()),  # a word without '=': the part is the prompt's
+        ("tiny | a=b c", 20.0, (), ()),
+    ]
+    assert looks[0].fields() == {"prompt": "a watercolor", "strength": 0.6, "seed": 7, "transition_s": 2.0}
+    for bad, message in [
+        ("a look | style=oil", "line 1: unknown setting 'style' in 'style=oil': use strength, steps, seed, "
+                               "similarity, transition, feedback, reuse, lora, lora.N, lora.NAME"),
+        ("a look | steps=2.5", "line 1: 'steps=2.5': steps must be a whole number"),
+        ("a look | strength=lots", "line 1: 'strength=lots': strength must be a number"),
+        ("a look | lora=11", "line 1: 'lora=11': "),
+        ("ok\n| strength=0.5", "line 2: settings without a prompt"),
+        ("ok\n| 5s | seed=1", "line 2: a duration and settings without a prompt"),
+        ("a look | " + " ".join(["seed=1"] * 33), "33 settings in one look; at most 32"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_playlist(bad)
+
+
+def test_a_playlist_is_tried_whole_against_the_command_before_the_model_loads(tmp_path):
+    """The stream starts with the first look's settings (and the engine with its LoRA scales); a look that the
+    stream or the engine would refuse, anywhere in the cycle, is an error naming its line at start."""
+    from turbostream.config import LoraSpec
+
+    path = tmp_path / "looks.txt"
+    path.write_text("first | strength=0.75 seed=7 lora.2=0.25\nsecond | steps=4 lora=1\n")
+    args = _parse_run("-i", "in.avi", "-o", "out.avi", "--prompts", str(path), "--lora-live", "--osc-port", "0")
+    args.lora = [LoraSpec("a.safetensors", 1.0), LoraSpec("b.safetensors", 0.5)]
+    with pytest.raises(UserError, match=re.escape(f"{path}, line 2: 2 LoRAs are loaded: say which")):
+        controls_from_args(args)
+    path.write_text("first | strength=0.75 seed=7 lora.2=0.25\nsecond | steps=4 lora.a=1\nthird | steps=2\n")
+    args.lora = [LoraSpec("a.safetensors", 1.0), LoraSpec("b.safetensors", 0.5)]
+    controls = controls_from_args(args)
+    controls.stop()
+    start = stream_params(args)
+    assert (start.prompt, start.strength, start.seed, start.steps) == ("first", 0.75, 7, 2)
+    assert [spec.scale for spec in args.lora] == [1.0, 0.25]  # the engine loads with the first look's scales
+    for text, line, message in [
+        ("first | strength=0.4\n", 1, "steps x strength must be at least 1"),  # 0.4 x 2: no UNet evaluation
+        ("first\nsecond | steps=4 strength=0.3\nthird | steps=2\n", 3, "steps x strength must be at least 1"),
+        ("first\nsecond | steps=99\n", 2, "steps must be between 1 and 10"),
+        ("first\nsecond | reuse=3\n", 2, "reuse"),
+        ("first | lora=0.5\n", 1, "start with --lora-live"),
+    ]:
+        path.write_text(text)
+        argv = ["-i", "in.avi", "-o", "out.avi", "--prompts", str(path)]
+        args = _parse_run(*argv)
+        args.lora = [LoraSpec("a.safetensors", 1.0)]
+        with pytest.raises(UserError, match=re.escape(f"{path}, line {line}: ") + ".*" + re.escape(message)):
+            controls_from_args(args)
+
+
+def test_a_playlist_applies_each_looks_settings_and_lora_scales():
+    applied, scales = [], []
+    looks = [Look("a", 0.15, 1), Look("b", 0.15, 2, (("strength", 0.8), ("seed", 3)), ((2, 0.5),)),
+             Look("c", 30, 3, (), ((None, 1.5), ("ink", 0.0)))]
+    playlist = Playlist(looks)
+    playlist.start(applied.append, lora=lambda which, scale: scales.append((which, scale)))
+    try:
+        _wait_for(lambda: playlist.index == 2 and len(scales) == 3, what="two steps")
+    finally:
+        playlist.stop()
+    assert applied == [{"prompt": "b", "strength": 0.8, "seed": 3}, {"prompt": "c"}]
+    assert scales == [(2, 0.5), (None, 1.5), ("ink", 0.0)]
 
 
 def test_playlist_steps_on_time_next_and_previous():

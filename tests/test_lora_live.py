@@ -323,6 +323,51 @@ def test_osc_changes_a_lora_of_a_running_server_and_every_client_and_viewer_is_t
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_a_servers_playlist_sets_lora_scales_and_settings_for_the_broadcast(loras):
+    """A look's LoRA scales reach the engine through the server (every client and viewer told), its settings the
+    broadcast."""
+    import asyncio
+    import json
+
+    from test_server import FakeCapture
+    from websockets.asyncio.client import connect
+
+    from turbostream.config import ServerConfig
+    from turbostream.control import Controls, Look, Playlist
+    from turbostream.serve import TurboServer
+    from turbostream.serve.integrations import Integrations
+
+    ink, chalk = loras
+    engine = Engine(preset("test", loras=(f"{ink}:0", f"{chalk}:0.5"), lora_live=True))
+    looks = [Look("a", 0.2, 1), Look("b", 60.0, 2, (("strength", 0.75),), (("chalk", 0.25), (1, 1.0)))]
+
+    async def main():
+        server = TurboServer(engine, ServerConfig(port=0, source="fake:0"), capture_factory=FakeCapture)
+        extras = Integrations(server, Controls(None, Playlist(looks)), size=(64, 64))
+        await server.start()
+        extras.start(asyncio.get_running_loop())
+        try:
+            assert await server.wait_ready(30)
+            viewer = await connect(f"ws://127.0.0.1:{server.port}/view/ws", max_size=2**23)  # the broadcast runs
+            expected = [{"name": "ink", "scale": 1.0}, {"name": "chalk", "scale": 0.25}]
+            async with asyncio.timeout(20):
+                while True:  # for its viewers; told in `ready` (the look came first) or in `loras` (it came after)
+                    msg = await viewer.recv()
+                    if isinstance(msg, str) and json.loads(msg).get("loras") == expected:
+                        break
+            deadline = asyncio.get_running_loop().time() + 20  # the look after 0.2 s; the broadcast's next call
+            while [x["scale"] for x in engine.loras] != [1.0, 0.25] or server.broadcast.stream.params.strength != 0.75:
+                assert asyncio.get_running_loop().time() < deadline, (engine.loras, server.broadcast.stream.params)
+                await asyncio.sleep(0.05)
+            assert [x["scale"] for x in server.loras] == [1.0, 0.25] and server.broadcast.stream.params.prompt == "b"
+            await viewer.close()
+        finally:
+            await server.stop()
+            extras.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def _metrics(port: int) -> str:
     import urllib.request
 

@@ -6,10 +6,13 @@ Everything is checked, and the OSC port bound, before the model loads (which can
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ..control import Controls, OscServer, Playlist, load_playlist
-from ..control.playlist import DEFAULT_DURATION_S
+from ..config import MAX_STEPS
+from ..control import Controls, LoraTarget, OscServer, Playlist, load_playlist
+from ..control.playlist import DEFAULT_DURATION_S, check_looks
 from ..errors import UserError
+from .options import stream_params
 
 
 def add_control_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -21,7 +24,8 @@ def add_control_options(parser: argparse.ArgumentParser, what: str) -> None:
                    help="address the OSC port binds (default: %(default)s; 0.0.0.0 for other machines)")
     g.add_argument("--prompts", default=None, metavar="FILE",
                    help=f"a playlist: one prompt a line (as --prompt: a JSON blend when it starts with '['), "
-                        f"optional '| 30s' duration, # comments; cycles {what}")
+                        f"optional '| 30s' duration and '| strength=0.6 seed=7 lora=0.8' settings, # comments; "
+                        f"cycles {what}")
     g.add_argument("--prompt-duration", type=float, default=DEFAULT_DURATION_S, metavar="S",
                    help="seconds a playlist prompt stays when its line gives no duration (default: %(default)g)")
 
@@ -31,7 +35,9 @@ def controls_from_args(args: argparse.Namespace, prompt_line: bool | None = None
     prompt_line: whether `run` reads a prompt line from its terminal (which changes LoRA scales too); None: `serve`.
 
     With a playlist, args.prompt becomes its first prompt as written: the stream starts with it, read as every
-    later line is (config.parse_prompt: a JSON blend when it starts with '[').
+    later line is (config.parse_prompt: a JSON blend when it starts with '['); its settings replace those options
+    (--strength, ...), and its LoRA scales those of --lora, so the engine loads with them. Every look is then tried
+    in turn against the start (check_looks).
     """
     playlist = osc = None
     if getattr(args, "lora_live", False) and args.osc_port is None and not prompt_line \
@@ -44,7 +50,7 @@ def controls_from_args(args: argparse.Namespace, prompt_line: bool | None = None
             playlist = Playlist(load_playlist(args.prompts, args.prompt_duration))
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        args.prompt = playlist.current.prompt
+        _start_with_first_look(args, playlist)
     if args.osc_port is not None:
         if not 0 <= args.osc_port <= 65535:
             raise UserError(f"--osc-port must be between 0 and 65535, got {args.osc_port}")
@@ -53,3 +59,25 @@ def controls_from_args(args: argparse.Namespace, prompt_line: bool | None = None
         except OSError as exc:
             raise UserError(str(exc)) from None
     return Controls(osc, playlist)
+
+
+def _start_with_first_look(args: argparse.Namespace, playlist: Playlist) -> None:
+    first = playlist.current
+    args.prompt = first.prompt
+    for field, value in first.settings:
+        setattr(args, field, value)  # the options' dests are the fields' names (stream_params reads them)
+    specs = list(getattr(args, "lora", []))
+    lora = LoraTarget(specs, lambda scales: None, live=getattr(args, "lora_live", False))  # to check, not to apply
+    try:
+        try:
+            start = stream_params(args)
+        except ValueError as exc:  # the first look's settings with the other options
+            raise ValueError(f"line {first.line}: {exc}") from None
+        check_looks(playlist.looks, start, (MAX_STEPS, start.reuse >= 2), lora)
+    except ValueError as exc:
+        raise UserError(f"{args.prompts}, {exc}") from None
+    for which, scale in first.loras:  # checked above: the engine loads with the first look's scales
+        index = lora.index(which)
+        specs[index] = dataclasses.replace(specs[index], scale=scale)
+    if first.loras:
+        args.lora = specs

@@ -207,7 +207,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);
         # run() closes the sinks (writes what is queued, finalizes files).
         try:
-            summary = pipeline.run(on_ready=lambda: controls.start_playlist(target))
+            summary = pipeline.run(on_ready=lambda: controls.start_playlist(target, lora=lora))
         except Exception as exc:
             if isinstance(exc, UserError):
                 raise

@@ -30,9 +30,10 @@ class Controls:
         if self.osc is not None:
             self.osc.start(apply, playlist=self.playlist, on_result=on_result, lora=lora)
 
-    def start_playlist(self, apply: Callable[[dict[str, Any]], Any]) -> None:
+    def start_playlist(self, apply: Callable[[dict[str, Any]], Any],
+                       lora: Callable[[int | str | None, float], Any] | None = None) -> None:
         if self.playlist is not None:
-            self.playlist.start(apply)
+            self.playlist.start(apply, lora=lora)
 
     def stop(self) -> None:
         if self.osc is not None:

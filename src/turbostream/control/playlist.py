@@ -17,6 +17,15 @@ prompt.
 Every line's prompt is read as `--prompt` reads its value (config.parse_prompt), the first as the others: plain text,
 or a weighted blend in JSON when it starts with `[` (`[["a watercolor", 0.7], ["a pencil sketch", 0.3]] | 1m`). A
 line that starts with `[` and is not such a blend is an error with its line number, when the file is read.
+
+A look may set more than its prompt: a `|` part made only of NAME=VALUE words (before or after the duration) sets
+those stream settings, as OSC's addresses name them, and LoRA scales (with --lora-live):
+
+    a watercolor painting, soft washes | 1.5m | strength=0.6 seed=7 transition=2
+    an ink wash | lora.ink-wash=1 lora.2=0
+
+A look changes what it names; the rest stays as it was. The stream starts with the first look's settings, and the
+engine with its LoRA scales. check_looks() tries the whole cycle against the command's settings before the model loads.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import StreamParams, parse_prompt
+from ..config import LoraSpec, StreamParams, parse_prompt
 
 log = logging.getLogger("turbostream.control")
 
@@ -41,15 +50,32 @@ MAX_FILE_BYTES = 1 << 20  # a playlist is text a person wrote; a megabyte is tho
 MAX_ENTRIES = 10_000
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)$", re.IGNORECASE)
+# A look's settings: the name in the file -> (the config field, its type), as OSC's /turbostream/<name> sets them.
+SETTINGS: dict[str, tuple[str, type]] = {
+    "strength": ("strength", float), "steps": ("steps", int), "seed": ("seed", int),
+    "similarity": ("similarity", float), "transition": ("transition_s", float), "feedback": ("feedback", float),
+    "reuse": ("reuse", int),
+}
+MAX_SETTINGS = 32  # words in one look's settings: more than every setting and eight LoRAs
+_SETTING_NAMES = ", ".join([*SETTINGS, "lora", "lora.N", "lora.NAME"])
+_NAME_OF_FIELD = {field: name for name, (field, _) in SETTINGS.items()}
 
 
 @dataclass(frozen=True)
 class Look:
-    """One playlist entry: a prompt shown for `duration_s` seconds (the text as written: parse_prompt reads it)."""
+    """One playlist entry: a prompt shown for `duration_s` seconds (the text as written: parse_prompt reads it), and
+    what else it sets: config fields ({"strength": 0.6}) and LoRA scales ((which, scale): which is None for the only
+    LoRA, a number from 1 or a name, as LoraTarget takes them)."""
 
     prompt: str
     duration_s: float
     line: int  # in the file, for messages
+    settings: tuple[tuple[str, Any], ...] = ()
+    loras: tuple[tuple[int | str | None, float], ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        """The `config` fields this look applies: its prompt (read as --prompt reads it) and its settings."""
+        return {"prompt": parse_prompt(self.prompt), **dict(self.settings)}
 
 
 def parse_duration(text: str) -> float:
@@ -63,6 +89,44 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def _is_settings(part: str) -> bool:
+    """Whether a `|` part of a line is settings: every word NAME=VALUE (a prompt's part has words without '=')."""
+    words = part.split()
+    return bool(words) and all("=" in word and not word.startswith("=") for word in words)
+
+
+def parse_settings(part: str) -> tuple[tuple[tuple[str, Any], ...], tuple[tuple[int | str | None, float], ...]]:
+    """'strength=0.6 lora.2=0.8' -> ((config field, value), ...), ((which LoRA, scale), ...); ValueError naming the
+    word at fault. Ranges that depend on the stream are check_looks()'s."""
+    words = part.split()
+    if len(words) > MAX_SETTINGS:
+        raise ValueError(f"{len(words)} settings in one look; at most {MAX_SETTINGS}")
+    settings: dict[str, Any] = {}
+    loras: dict[int | str | None, float] = {}
+    for word in words:
+        name, _, text = word.partition("=")
+        key = name.lower()
+        if key == "lora" or key.startswith("lora."):
+            which: int | str | None = name[5:] or None
+            if which is not None and which.isdigit():
+                which = int(which)
+            try:
+                loras[which] = LoraSpec("playlist", float(text)).scale  # --lora's range check
+            except ValueError as exc:
+                raise ValueError(f"{word!r}: {exc}") from None
+            continue
+        if key not in SETTINGS:
+            raise ValueError(f"unknown setting {name!r} in {word!r}: use {_SETTING_NAMES}")
+        field, kind = SETTINGS[key]
+        try:
+            value = kind(text) if kind is float else int(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{word!r}: {name} must be {what}") from None
+        settings[field] = value
+    return tuple(settings.items()), tuple(loras.items())
+
+
 def parse_playlist(text: str, default_duration_s: float = DEFAULT_DURATION_S, source: str = "playlist") -> list[Look]:
     """The looks of a playlist's text; ValueError naming the line of the first problem."""
     if not MIN_DURATION_S <= default_duration_s <= MAX_DURATION_S:
@@ -74,26 +138,62 @@ def parse_playlist(text: str, default_duration_s: float = DEFAULT_DURATION_S, so
         if not line or line.startswith("#"):
             continue
         prompt, duration = line, default_duration_s
-        head, bar, tail = line.rpartition("|")
-        if bar and re.match(r"\.?[0-9]", tail.strip()):  # a digit, or a dot and a digit (.5): a duration
+        settings: tuple = ()
+        loras: tuple = ()
+        found: set[str] = set()
+        while True:  # the trailing parts: a duration and settings, in either order, at most one of each
+            head, bar, tail = prompt.rpartition("|")
+            if not bar:
+                break
             try:
-                duration = parse_duration(tail)
+                if re.match(r"\.?[0-9]", tail.strip()) and "duration" not in found:  # a digit, or a dot and one
+                    duration = parse_duration(tail)
+                    found.add("duration")
+                elif _is_settings(tail) and "settings" not in found:
+                    settings, loras = parse_settings(tail)
+                    found.add("settings")
+                else:
+                    break
             except ValueError as exc:
                 raise ValueError(f"{source}, line {number}: {exc}") from None
             prompt = head.strip()
         if not prompt:
-            raise ValueError(f"{source}, line {number}: a duration without a prompt")
+            what = " and ".join(w for w in ("a duration", "settings") if w.split()[-1] in found)
+            raise ValueError(f"{source}, line {number}: {what} without a prompt")
         try:
             # The one validation (length, valid Unicode, a blend's weights), of the prompt as it will be applied.
             StreamParams(prompt=parse_prompt(prompt)).validate()
         except ValueError as exc:
             raise ValueError(f"{source}, line {number}: {exc}") from None
-        looks.append(Look(prompt, duration, number))
+        looks.append(Look(prompt, duration, number, settings, loras))
         if len(looks) > MAX_ENTRIES:
             raise ValueError(f"{source}: more than {MAX_ENTRIES} prompts")
     if not looks:
         raise ValueError(f"{source} has no prompts (one prompt a line; lines starting with # are comments)")
     return looks
+
+
+def check_looks(looks: list[Look], params: StreamParams, limits: tuple[int, bool], lora=None) -> StreamParams:
+    """Apply every look in turn, twice round (the first look after the last too), to the stream's starting `params`
+    against the engine's `limits`, as the playlist will: ValueError ("line N: ...") for the first that would be refused
+    (strength 0.3 at 2 steps, steps past the engine's --max-steps, a LoRA it does not have or without --lora-live).
+    lora: a LoraTarget of the command's LoRAs (its scales are not changed), None where looks set none. Returns the
+    parameters after the first look: the stream's start."""
+    first = None
+    for look in [*looks, *looks]:
+        try:
+            params = params.updated(limits, **look.fields())
+            for which, _ in look.loras:
+                if lora is None or not lora.names:
+                    raise ValueError("this look sets a LoRA's scale, and no LoRA is loaded (--lora FILE --lora-live)")
+                if not lora.live:
+                    raise ValueError("this look sets a LoRA's scale: start with --lora-live to change it while it "
+                                     "runs")
+                lora.index(which)
+        except ValueError as exc:
+            raise ValueError(f"line {look.line}: {exc}") from None
+        first = first or params
+    return first
 
 
 def load_playlist(path: str | Path, default_duration_s: float = DEFAULT_DURATION_S) -> list[Look]:
@@ -116,9 +216,10 @@ def load_playlist(path: str | Path, default_duration_s: float = DEFAULT_DURATION
 class Playlist:
     """Steps through looks on a thread of its own: after each look's duration, or at once on next()/previous().
 
-    `apply(fields)` gets {"prompt": ...} like a `config` message and may raise ValueError (logged; the playlist goes
-    on). The first look is not applied by start(): it is the stream's starting prompt (the commands set it), so the
-    first picture already has it; start() begins its timer.
+    `apply(fields)` gets {"prompt": ..., and the look's settings} like a `config` message and may raise ValueError
+    (logged; the playlist goes on); `lora(which, scale)` (a LoraTarget) each LoRA scale a look sets. The first look
+    is not applied by start(): it is the stream's start (the commands set its prompt and settings, and the LoRAs'
+    scales the engine loads with), so the first picture already has it; start() begins its timer.
     """
 
     def __init__(self, looks: list[Look], apply: Callable[[dict[str, Any]], Any] | None = None) -> None:
@@ -126,6 +227,7 @@ class Playlist:
             raise ValueError("a playlist needs at least one prompt")
         self.looks = list(looks)
         self.apply = apply
+        self.lora = None  # a LoraTarget, for looks that set LoRA scales
         self.index = 0
         self.steps = {"time": 0, "next": 0, "previous": 0}  # how each step came about (tests, logs)
         self._cond = threading.Condition()
@@ -139,9 +241,11 @@ class Playlist:
     def current(self) -> Look:
         return self.looks[self.index]
 
-    def start(self, apply: Callable[[dict[str, Any]], Any] | None = None) -> Playlist:
+    def start(self, apply: Callable[[dict[str, Any]], Any] | None = None, lora=None) -> Playlist:
         if apply is not None:
             self.apply = apply
+        if lora is not None:
+            self.lora = lora
         if self.apply is None:
             raise ValueError("a playlist needs a target to apply its prompts to")
         with self._cond:
@@ -198,11 +302,18 @@ class Playlist:
     def _show(self, look: Look, cause: str) -> None:
         try:
             # As the first look was read (it became --prompt): a blend stays a blend on every cycle.
-            self.apply({"prompt": parse_prompt(look.prompt)})
+            self.apply(look.fields())
+            for which, scale in look.loras:
+                if self.lora is None:
+                    raise ValueError("no LoRA target to set its scale")
+                self.lora(which, scale)
         except ValueError as exc:
             log.warning("playlist: could not apply line %d: %s", look.line, exc)
             return
         log.info("playlist (%s): %s", cause, self._describe(look))
 
     def _describe(self, look: Look) -> str:
-        return f"{self.index + 1}/{len(self.looks)} {look.prompt!r} for {look.duration_s:g} s"
+        sets = [f"{_NAME_OF_FIELD[field]}={value:g}" for field, value in look.settings]
+        sets += [f"lora{'' if which is None else f'.{which}'}={scale:g}" for which, scale in look.loras]
+        return (f"{self.index + 1}/{len(self.looks)} {look.prompt!r} for {look.duration_s:g} s"
+                + (f" ({' '.join(sets)})" if sets else ""))

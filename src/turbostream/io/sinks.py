@@ -3,9 +3,9 @@ sink on writer threads behind a bounded queue. Stream URLs (stream.py) and the v
 parsed and checked here too; their sinks never block a writer thread (paced.py).
 
 VideoSink writes .mp4/.mov/.mkv in H.264 through ffmpeg (h264.py; OpenCV's mp4v where there is no ffmpeg with
-libx264) and .avi with MJPG, keeping the source's frame rate (and the source file's sound, added when the file is
-finished: audio.py); FolderSink
-writes frame_000000.png ...; WindowSink needs a GUI build of OpenCV and a display. Frames are uint8 RGB (H, W, 3).
+libx264) and .avi with MJPG, keeping the source's frame rate and timeline (and the source file's sound, added when
+the file is finished: audio.py); FolderSink writes frame_000000.png ...; WindowSink needs a GUI build of OpenCV and
+a display. Frames are uint8 RGB (H, W, 3).
 """
 
 from __future__ import annotations

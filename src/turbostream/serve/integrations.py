@@ -57,7 +57,8 @@ class Integrations:
     async def _start_playlist(self, loop: asyncio.AbstractEventLoop) -> None:
         """The playlist's clock starts once the broadcast runs (model loading can take minutes)."""
         if await self.server.wait_ready():
-            self.controls.start_playlist(BroadcastTarget(self.server.broadcast, loop, "the playlist"))
+            self.controls.start_playlist(BroadcastTarget(self.server.broadcast, loop, "the playlist"),
+                                         lora=self.server.change_lora)
 
     def stop(self) -> None:
         """Stop the controls, then finalize the publishers (ffmpeg sends what it has); blocks up to seconds."""
