@@ -35,11 +35,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import MAX_LORAS, parse_prompt
+from .targets import SETTINGS
 
 log = logging.getLogger("turbostream.control")
 
 PREFIX = "/turbostream/"
-PARAM_ADDRESSES = ("prompt", "strength", "steps", "seed", "similarity", "transition", "feedback", "reuse")
+PARAM_ADDRESSES = ("prompt", *SETTINGS)
 STEP_ADDRESSES = ("next", "previous")
 LORA_ADDRESSES = ("lora", *(f"lora/{i}" for i in range(1, MAX_LORAS + 1)))  # bounded: kinds are logged per address
 RESULTS = ("applied", "ignored", "rejected", "bad_arguments", "unknown_address", "malformed")
@@ -126,11 +127,8 @@ def fields_for(name: str, args: list[Any]) -> dict[str, Any]:
             return {"prompt": parse_prompt(value)}
         except ValueError as exc:
             raise BadArguments(str(exc)) from None
-    if name in ("strength", "similarity", "feedback"):
-        return {name: _number(value)}
-    if name == "transition":
-        return {"transition_s": _number(value)}
-    return {name: _integer(value)}  # steps, seed, reuse
+    field, kind = SETTINGS[name]
+    return {field: _number(value) if kind is float else _integer(value)}
 
 
 class OscServer:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoraSpec, StreamParams, parse_prompt
+from .targets import SETTINGS
 
 log = logging.getLogger("turbostream.control")
 
@@ -50,12 +51,6 @@ MAX_FILE_BYTES = 1 << 20  # a playlist is text a person wrote; a megabyte is tho
 MAX_ENTRIES = 10_000
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)$", re.IGNORECASE)
-# A look's settings: the name in the file -> (the config field, its type), as OSC's /turbostream/<name> sets them.
-SETTINGS: dict[str, tuple[str, type]] = {
-    "strength": ("strength", float), "steps": ("steps", int), "seed": ("seed", int),
-    "similarity": ("similarity", float), "transition": ("transition_s", float), "feedback": ("feedback", float),
-    "reuse": ("reuse", int),
-}
 MAX_SETTINGS = 32  # words in one look's settings: more than every setting and eight LoRAs
 _SETTING_NAMES = ", ".join([*SETTINGS, "lora", "lora.N", "lora.NAME"])
 _NAME_OF_FIELD = {field: name for name, (field, _) in SETTINGS.items()}

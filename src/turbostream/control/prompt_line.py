@@ -10,14 +10,12 @@ import threading
 from typing import Any
 
 from ..config import parse_prompt, stream_limits
-from .targets import LoraTarget, RunTarget
+from .targets import SETTINGS, LoraTarget, RunTarget
 
 log = logging.getLogger("turbostream.run")
 
-# command -> (field, type of its value)
-COMMANDS = {"strength": ("strength", float), "similarity": ("similarity", float), "feedback": ("feedback", float),
-            "transition": ("transition_s", float), "steps": ("steps", int), "seed": ("seed", int),
-            "reuse": ("reuse", int), "prompt": ("prompt", parse_prompt)}
+# command -> (field, how its value is read)
+COMMANDS = {**SETTINGS, "prompt": ("prompt", parse_prompt)}
 USAGE = ("/strength X, /steps N, /seed N, /prompt TEXT, /similarity S, /transition SECONDS, /feedback F, /reuse N, "
          "/lora [N|NAME] SCALE (with --lora-live), /quit")
 

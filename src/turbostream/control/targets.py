@@ -24,6 +24,15 @@ from ..config import MAX_STEPS, LoraSpec, StreamParams, stream_limits
 
 log = logging.getLogger("turbostream.control")
 
+# The stream settings external controls change, by the name they give them (OSC's /turbostream/<name>, run's
+# /<name> prompt-line command, a playlist look's <name>=VALUE): name -> (the StreamParams field, the type of its
+# value). The prompt is apart: each control reads it as --prompt does (config.parse_prompt).
+SETTINGS: dict[str, tuple[str, type]] = {
+    "strength": ("strength", float), "steps": ("steps", int), "seed": ("seed", int),
+    "similarity": ("similarity", float), "transition": ("transition_s", float), "feedback": ("feedback", float),
+    "reuse": ("reuse", int),
+}
+
 
 def _checked(params: StreamParams, fields: dict[str, Any], limits: tuple[int, bool]) -> StreamParams:
     try:
