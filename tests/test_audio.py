@@ -107,7 +107,7 @@ def test_a_video_file_keeps_its_sound_on_its_frames(tmp_path, clip, caplog, suff
     assert len(samples) / RATE == pytest.approx(3.0, abs=0.05)
     onset = np.flatnonzero(np.abs(samples.astype(np.int32)) > 3000)[0] / RATE
     assert onset == pytest.approx(1.0, abs=0.03)
-    assert "sound: aac, 48000 Hz, mono, copied into the video outputs" in caplog.text
+    assert "sound: aac, 48000 Hz, mono, kept in the video files and streams" in caplog.text
     written = "MJPG" if suffix == ".avi" else "H.264"
     assert f"styled{suffix}: 30 frames, 64x64 {written}, 10 fps, 3.0 s, with the source's sound (aac, 48000 Hz, " \
            "mono)" in caplog.text
@@ -212,7 +212,7 @@ def test_a_variable_frame_rate_file_keeps_its_pictures_on_its_sound(tmp_path, ca
     written at its average rate with each frame placed at its time in the file (held over the longer intervals, left
     out where two fall in one slot), so the picture at any moment is the source's picture then, and the sound, copied
     as it is, stays on it. Written one frame after another at the average rate (as before), the first part played
-    slow and the second fast: the pictures of the second part came up to a second off their sound.""" 
+    slow and the second fast: the pictures of the second part came up to a second off their sound."""
     frames = make_video(tmp_path / "frames.avi", n=30, fps=10)
     vfr = tmp_path / "vfr.mp4"
     subprocess.run([FFMPEG, "-loglevel", "error", "-y", "-i", str(frames), "-f", "lavfi", "-i",
@@ -239,3 +239,53 @@ def test_a_variable_frame_rate_file_keeps_its_pictures_on_its_sound(tmp_path, ca
     assert len(sound_of(out)) / RATE == pytest.approx(len(written) / fps, abs=0.05)
     assert re.search(r"styled.mp4: \d+ frames, .* \((\d+) repeated and (\d+) left out to keep the source's timing\)",
                      caplog.text)
+
+
+@needs_ffmpeg
+def test_a_file_streamed_live_carries_its_sound_beside_its_pictures(tmp_path, clip, caplog):
+    """`run -i clip.mp4 -o udp://...`: the stream has the file's sound (AAC), which starts where the pictures do and
+    goes at the same real-time pace, so the tone that starts at source frame 10 (1 s) is heard when frame 10 shows."""
+    port = _free_udp_port()
+    received = tmp_path / "received.ts"
+    # Listening first (UDP has no connection); a small probe, so that it keeps the stream's first seconds; it ends by
+    # itself after 25 of the 30 frames (a signal would interrupt its writing too).
+    receiver = subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-probesize", "32768",
+                                 "-analyzeduration", "2000000", "-i", f"udp://127.0.0.1:{port}?timeout=30000000",
+                                 "-map", "0", "-c", "copy", "-frames:v", "25", "-shortest", str(received)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with caplog.at_level(logging.INFO, logger="turbostream"):
+            assert run("-i", str(clip), "-o", f"udp://127.0.0.1:{port}") == 0
+        receiver.wait(30)
+    finally:
+        receiver.kill()
+        receiver.wait()
+    assert "with the source's sound (aac, 48000 Hz, mono)" in caplog.text
+    assert streams(received)["audio"][0] == "aac"
+    # When frame 10 shows, and when the tone starts, on the stream's clock.
+    shown_at = subprocess.run([FFPROBE, "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts_time",
+                               "-of", "csv=p=0", str(received)], capture_output=True, text=True, check=True).stdout
+    times = [float(t.split(",")[0]) for t in shown_at.split()]
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    subprocess.run([FFMPEG, "-loglevel", "error", "-i", str(received), "-map", "0:v:0", "-fps_mode", "passthrough",
+                    str(frames_dir / "%04d.png")], check=True)
+    import cv2
+
+    shown = [index_of(cv2.imread(str(p))) for p in sorted(frames_dir.iterdir())]
+    assert len(shown) == len(times) and max(shown) >= 20
+    frame10_at = times[next(k for k, index in enumerate(shown) if index >= 10)]
+    audio_start = float(subprocess.run([FFPROBE, "-v", "error", "-select_streams", "a:0", "-show_entries",
+                                        "stream=start_time", "-of", "csv=p=0", str(received)],
+                                       capture_output=True, text=True, check=True).stdout.split()[0].strip(","))
+    samples = sound_of(received)
+    tone_at = audio_start + np.flatnonzero(np.abs(samples.astype(np.int32)) > 3000)[0] / RATE
+    assert abs(tone_at - frame10_at) < 0.4, (tone_at, frame10_at)  # the run's latency: a frame here
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

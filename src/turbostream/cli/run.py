@@ -49,8 +49,8 @@ def add_parser(sub) -> None:
     g.add_argument("--realtime", action="store_true",
                    help="treat a file like a live source: keep only the newest frame, drop the rest")
     g.add_argument("--no-audio", dest="audio", action="store_false",
-                   help="leave the source's sound out of video file outputs (by default a video file read into a "
-                        "video file keeps its sound, through ffmpeg)")
+                   help="leave the source's sound out of video file and stream outputs (by default a video file "
+                        "read into either keeps its sound, through ffmpeg)")
     add_control_options(p, "the run's stream")
     p.set_defaults(func=main)
 
@@ -268,7 +268,7 @@ def _log_source(capture: CaptureThread, audio=None) -> None:
         facts.append(f"{capture.frame_count} {noun}")
     facts.append("live: newest frame only" if capture.realtime else "every frame, in order")
     if audio is not None:
-        facts.append(f"sound: {audio.description}, copied into the video outputs")
+        facts.append(f"sound: {audio.description}, kept in the video files and streams")
     log.info("input %s (%s)", capture.spec.describe(), ", ".join(facts))
 
 

@@ -10,7 +10,8 @@ the video ends.
 
 Nothing is lost for the sound's sake: no ffmpeg is said before the model loads (the video is written silent), and a
 remux that fails leaves the silent video as it was and says why. The remux writes a hidden file beside the video
-and replaces the video with it only once it checks out.
+and replaces the video with it only once it checks out. Stream outputs take the same SourceAudio and send the sound
+live (stream.py).
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def probe_audio(program: str, path: Path | str) -> SourceAudio | None:
 
 
 def find_source_audio(source: SourceSpec, outputs, enabled: bool = True) -> SourceAudio | None:
-    """The sound track to put into `run`'s video outputs, or None (no video output, a source that is not a video
-    file, a silent source, no ffmpeg: the last said as a warning). Runs before the model loads."""
-    videos = [str(o.path) for o in outputs if o.kind == "video"]
-    if not enabled or not videos or source.kind != "file" or source.picture:
+    """The sound track to put into `run`'s video files and streams, or None (no such output, a source that is not a
+    video file, a silent source, no ffmpeg: the last said as a warning). Runs before the model loads."""
+    takers = [o.describe() for o in outputs if o.kind in ("video", "stream")]
+    if not enabled or not takers or source.kind != "file" or source.picture:
         return None
-    named = ", ".join(videos)
+    named = ", ".join(takers)
     program = ffmpeg_program()
     if program is None:
         log.warning("no ffmpeg program was found, so %s is written without any sound %s has: %s",

@@ -33,6 +33,7 @@ class PacedSink:
         self.replaced = 0  # frames replaced in the slot before they were sent
         self.frames_sent = 0  # frames handed to the receiver (repeats included)
         self._slot: np.ndarray | None = None
+        self._slot_t: float | None = None  # the `t` the slot's frame was written with
         self._fresh = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -45,7 +46,7 @@ class PacedSink:
                 return
             if self._fresh:
                 self.replaced += 1
-            self._slot, self._fresh = frame, True
+            self._slot, self._slot_t, self._fresh = frame, t, True
             self.frames_in += 1
             if self._thread is None:  # started by the first frame: nothing is opened for a run that makes none
                 self._thread = threading.Thread(target=self._guarded_loop, name=f"turbostream {self.name}",
@@ -58,6 +59,12 @@ class PacedSink:
             frame, fresh = self._slot, self._fresh
             self._fresh = False
         return frame, fresh
+
+    @property
+    def slot_time(self) -> float | None:
+        """The `t` of the newest frame (a video file's frames: their time in the file), None before any."""
+        with self._lock:
+            return self._slot_t
 
     def wait_tick(self, deadline: float) -> float | None:
         """Sleep until `deadline` (perf_counter seconds); the next deadline, or None once the sink is closing."""

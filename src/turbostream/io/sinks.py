@@ -564,7 +564,7 @@ class WindowSink:
 def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *,
               fill_gaps: Literal["index", "time", "pts"] | None = None, audio: SourceAudio | None = None):
     """The sink for a checked output other than the window: VideoSink (fill_gaps, audio: see there), FolderSink,
-    StreamSink or VirtualCamSink.
+    StreamSink (audio: see there) or VirtualCamSink.
 
     A virtual camera opens now (SinkError when there is no backend); the others open at their first frame.
     """
@@ -574,7 +574,7 @@ def open_sink(out: OutputSpec, fps: float, size: tuple[int, int], *,
     if out.kind == "folder":
         return FolderSink(out.path)
     if out.kind == "stream":
-        return StreamSink(out.text, paced_fps, size)
+        return StreamSink(out.text, paced_fps, size, audio=audio)
     if out.kind == "virtualcam":
         return VirtualCamSink(paced_fps, size, parse_virtualcam(out.text))
     raise ValueError(f"no sink for a {out.kind} output")

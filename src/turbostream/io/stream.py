@@ -13,6 +13,11 @@ about a second), constant frame rate at the source's rate: the PacedSink thread 
 seconds and repeats the last one when the engine is slower, so the stream keeps real time. A URL that cannot be
 reached (ffmpeg exits) is logged with ffmpeg's reason and tried again after 1 s, doubling up to 30 s, for as long
 as the command runs; meanwhile frames are dropped, never queued, and the engine never waits for the network.
+
+With `audio` (`run` playing a video file into a stream), ffmpeg also reads the file's sound at its own rate (-re),
+from the time in the file of the frame its session starts with, and sends it beside the pictures (AAC): both go at
+real time from the same point, so the sound stays on its pictures within the run's latency; a session started again
+after a failure starts the sound again where the pictures are.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import threading
 import time
 from collections import deque
 from functools import lru_cache
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import cv2
@@ -34,6 +40,9 @@ import numpy as np
 from ..errors import SinkError
 from .paced import PacedSink
 from .sources import redact
+
+if TYPE_CHECKING:
+    from .audio import SourceAudio
 
 log = logging.getLogger("turbostream.sinks")
 
@@ -124,8 +133,10 @@ def default_bitrate(size: tuple[int, int], fps: float) -> int:
     return max(MIN_BITRATE, int(size[0] * size[1] * fps * BITS_PER_PIXEL))
 
 
-def ffmpeg_command(program: str, url: str, size: tuple[int, int], fps: float, bitrate: int) -> list[str]:
-    """The ffmpeg command line: raw RGB frames on stdin -> low-latency H.264 at `url`."""
+def ffmpeg_command(program: str, url: str, size: tuple[int, int], fps: float, bitrate: int,
+                   audio: SourceAudio | None = None, audio_from_s: float = 0.0) -> list[str]:
+    """The ffmpeg command line: raw RGB frames on stdin -> low-latency H.264 at `url`; with `audio`, the source
+    file's sound from `audio_from_s` seconds into it, read at its own rate, as AAC beside them."""
     scheme = urlsplit(url).scheme.lower()
     gop = str(max(1, round(fps)))  # a keyframe every second
     rate = str(bitrate)
@@ -133,7 +144,16 @@ def ffmpeg_command(program: str, url: str, size: tuple[int, int], fps: float, bi
         program, "-hide_banner", "-nostdin", "-loglevel", "error",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-video_size", f"{size[0]}x{size[1]}", "-framerate", f"{fps:g}",
         "-i", "pipe:0",
-        "-an", "-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
+    ]
+    if audio is not None:
+        # -shortest: the stream ends with the pictures, not when the file's sound runs out later.
+        cmd += ["-re", "-ss", f"{max(0.0, audio_from_s):.3f}", "-i", os.path.abspath(audio.path),
+                "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "160k", "-ar", "48000", "-ac", "2",
+                "-shortest"]
+    else:
+        cmd += ["-an"]
+    cmd += [
+        "-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
         "-g", gop, "-keyint_min", gop, "-sc_threshold", "0", "-bf", "0",
         "-b:v", rate, "-maxrate", rate, "-bufsize", rate,
         "-flush_packets", "1", "-rw_timeout", str(IO_TIMEOUT_US),
@@ -157,8 +177,9 @@ class StreamSink(PacedSink):
 
     def __init__(self, url: str, fps: float, size: tuple[int, int], *, bitrate: int | None = None,
                  program: str | None = None, retry_s: float = RETRY_S, retry_max_s: float = RETRY_MAX_S,
-                 on_failure=None) -> None:
+                 on_failure=None, audio: SourceAudio | None = None) -> None:
         super().__init__(fps, size)
+        self.audio = audio  # the source file's sound, sent beside the pictures (frames written with their pts)
         self.url = url
         self.path = self.shown = redact(url)  # `path`: what SinkThread calls it
         self.bitrate = bitrate or default_bitrate(size, fps)
@@ -196,7 +217,9 @@ class StreamSink(PacedSink):
     def _session(self) -> str | None:
         """One ffmpeg process, fed until it fails (returns why) or the sink closes (returns None)."""
         self._streamed = False
-        cmd = ffmpeg_command(self.program, self.url, self.size, self.fps, self.bitrate)
+        # The sound starts where the pictures do: the time in the file of the newest frame (0 before any).
+        cmd = ffmpeg_command(self.program, self.url, self.size, self.fps, self.bitrate, self.audio,
+                             self.slot_time or 0.0)
         try:
             # Its own session: a terminal's Ctrl-C goes to the whole foreground process group, and an ffmpeg killed
             # by it mid-stream is a failed attempt and unflushed packets; it ends when its stdin is closed.
@@ -281,8 +304,9 @@ class StreamSink(PacedSink):
     def describe(self) -> str:
         if not self.frames_sent and not self.failures:
             return f"{self.shown}: no frames"
+        sound = f", with the source's sound ({self.audio.description})" if self.audio is not None else ""
         text = (f"{self.shown}: {self.frames_sent} frames streamed ({self.size[0]}x{self.size[1]} H.264, "
-                f"{self.fps:g} fps)")
+                f"{self.fps:g} fps{sound})")
         if self.failures:
             text += f", {self.failures} failed attempts (last: {self.last_error})"
         return text
