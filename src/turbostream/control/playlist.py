@@ -168,13 +168,11 @@ def parse_playlist(text: str, default_duration_s: float = DEFAULT_DURATION_S, so
     return looks
 
 
-def check_looks(looks: list[Look], params: StreamParams, limits: tuple[int, bool], lora=None) -> StreamParams:
+def check_looks(looks: list[Look], params: StreamParams, limits: tuple[int, bool], lora=None) -> None:
     """Apply every look in turn, twice round (the first look after the last too), to the stream's starting `params`
     against the engine's `limits`, as the playlist will: ValueError ("line N: ...") for the first that would be refused
-    (strength 0.3 at 2 steps, steps past the engine's --max-steps, a LoRA it does not have or without --lora-live).
-    lora: a LoraTarget of the command's LoRAs (its scales are not changed), None where looks set none. Returns the
-    parameters after the first look: the stream's start."""
-    first = None
+    (strength 0.3 at 2 steps, steps past the engine's limit, a LoRA it does not have or without --lora-live).
+    lora: a LoraTarget of the command's LoRAs (its scales are not changed), None where looks set none."""
     for look in [*looks, *looks]:
         try:
             params = params.updated(limits, **look.fields())
@@ -187,8 +185,6 @@ def check_looks(looks: list[Look], params: StreamParams, limits: tuple[int, bool
                 lora.index(which)
         except ValueError as exc:
             raise ValueError(f"line {look.line}: {exc}") from None
-        first = first or params
-    return first
 
 
 def load_playlist(path: str | Path, default_duration_s: float = DEFAULT_DURATION_S) -> list[Look]:
