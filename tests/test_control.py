@@ -287,15 +287,17 @@ def test_osc_changes_a_running_run(tmp_path, caplog):
     assert any("refused /turbostream/strength -1.0" in r.getMessage() for r in caplog.records)
 
 
-def test_playlist_advances_a_run_on_time_and_on_next(tmp_path):
+def _play(tmp_path, text: str, last: str) -> list[StreamParams]:
+    """A realtime run of 200 frames with the playlist `text`, whose OSC port gets /turbostream/next once the look
+    with the prompt `last` shows (it wraps to the first): the parameters of each engine call."""
     playlist = tmp_path / "looks.txt"
-    playlist.write_text("# a show\nfirst look | 0.3s\n\nsecond look | 0.3\nthird look | 1m\n")
+    playlist.write_text(text)
     port = _free_udp_port()
     sender = SimpleUDPClient("127.0.0.1", port)
     sent = threading.Event()
 
     def on_call(k):
-        if engine.params[-1].prompt == "third look" and not sent.is_set():
+        if engine.params[-1].prompt == last and not sent.is_set():
             sent.set()
             sender.send_message("/turbostream/next", [])
 
@@ -303,7 +305,12 @@ def test_playlist_advances_a_run_on_time_and_on_next(tmp_path):
     args = _parse_run("-i", _video(tmp_path / "in.avi", n=250), "-o", str(tmp_path / "out.avi"), "--realtime",
                       "--max-frames", "200", "--osc-port", str(port), "--prompts", str(playlist))
     assert cli_run.main(args, engine=engine) == 0
-    order = [p.prompt for k, p in enumerate(engine.params) if k == 0 or p.prompt != engine.params[k - 1].prompt]
+    return engine.params
+
+
+def test_playlist_advances_a_run_on_time_and_on_next(tmp_path):
+    params = _play(tmp_path, "# a show\nfirst look | 0.3s\n\nsecond look | 0.3\nthird look | 1m\n", "third look")
+    order = [p.prompt for k, p in enumerate(params) if k == 0 or p.prompt != params[k - 1].prompt]
     # The first look from the start, the second after 0.3 s, the third after 0.6 s; next wraps to the first.
     assert order[:4] == ["first look", "second look", "third look", "first look"], order
 
@@ -311,23 +318,9 @@ def test_playlist_advances_a_run_on_time_and_on_next(tmp_path):
 def test_a_runs_playlist_sets_each_looks_settings(tmp_path):
     """The run starts with the first look's settings; each step applies the next look's, and keeps what it does not
     name; after the last, the first look's again."""
-    playlist = tmp_path / "looks.txt"
-    playlist.write_text("first | 0.3s | strength=0.75 seed=7\nsecond | 0.3s | seed=8\nthird | 1m | steps=4 "
-                        "strength=0.5\n")
-    port = _free_udp_port()
-    sender = SimpleUDPClient("127.0.0.1", port)
-    sent = threading.Event()
-
-    def on_call(k):
-        if engine.params[-1].prompt == "third" and not sent.is_set():
-            sent.set()
-            sender.send_message("/turbostream/next", [])
-
-    engine = RecordingEngine(on_call)
-    args = _parse_run("-i", _video(tmp_path / "in.avi", n=250), "-o", str(tmp_path / "out.avi"), "--realtime",
-                      "--max-frames", "200", "--osc-port", str(port), "--prompts", str(playlist))
-    assert cli_run.main(args, engine=engine) == 0
-    seen = [(p.prompt, p.strength, p.steps, p.seed) for p in engine.params]
+    params = _play(tmp_path, "first | 0.3s | strength=0.75 seed=7\nsecond | 0.3s | seed=8\n"
+                             "third | 1m | steps=4 strength=0.5\n", "third")
+    seen = [(p.prompt, p.strength, p.steps, p.seed) for p in params]
     order = [look for k, look in enumerate(seen) if k == 0 or look != seen[k - 1]]
     assert order[:4] == [("first", 0.75, 2, 7), ("second", 0.75, 2, 8), ("third", 0.5, 4, 8),
                          ("first", 0.75, 4, 7)], order
