@@ -26,7 +26,7 @@ from turbostream.cli.options import stream_params
 from turbostream.codec import fit_frame
 from turbostream.config import ServerConfig, StreamParams
 from turbostream.control import Controls, OscServer, Playlist, RunTarget, parse_playlist
-from turbostream.control.playlist import Look, parse_duration
+from turbostream.control.playlist import MAX_ENTRIES, MAX_FILE_BYTES, Look, load_playlist, parse_duration
 from turbostream.errors import UserError
 from turbostream.serve import TurboServer
 from turbostream.serve.integrations import Integrations
@@ -502,6 +502,21 @@ def test_a_look_sets_settings_and_lora_scales_beside_its_prompt():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             parse_playlist(bad)
+
+
+def test_a_playlist_file_is_bounded_in_bytes_and_looks(tmp_path):
+    """A playlist is text a person wrote: a file over MAX_FILE_BYTES (the wrong file, say a video) is refused before
+    it is read whole, and one with more than MAX_ENTRIES looks too, each with what it holds."""
+    big = tmp_path / "big.txt"
+    big.write_text("a look\n" * (MAX_FILE_BYTES // 7 + 1))
+    with pytest.raises(ValueError, match=f"is over {MAX_FILE_BYTES // 1024} KiB"):
+        load_playlist(big)
+    many = tmp_path / "many.txt"
+    many.write_text("a\n" * (MAX_ENTRIES + 1))
+    with pytest.raises(ValueError, match=f"more than {MAX_ENTRIES} prompts"):
+        load_playlist(many)
+    many.write_text("a\n" * MAX_ENTRIES)
+    assert len(load_playlist(many)) == MAX_ENTRIES
 
 
 def test_a_playlist_is_tried_whole_against_the_command_before_the_model_loads(tmp_path):
