@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,125 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@needs_ffmpeg
+def test_a_servers_published_file_carries_its_sound(tmp_path, clip, tiny_components):
+    """`serve --source clip.mp4 --publish udp://...`: the published stream has the file's sound, starting with the
+    pictures (the first frame published is the file's first: the sound starts at its time, 0)."""
+    import asyncio
+
+    from turbostream.config import ServerConfig, preset
+    from turbostream.engine import Engine
+    from turbostream.io.audio import probe_audio
+    from turbostream.serve import TurboServer
+    from turbostream.serve.integrations import Integrations
+    from turbostream.serve.server import default_capture
+
+    port = _free_udp_port()
+    received = tmp_path / "received.ts"
+    receiver = subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-probesize", "32768",
+                                 "-analyzeduration", "2000000", "-i", f"udp://127.0.0.1:{port}?timeout=30000000",
+                                 "-map", "0", "-c", "copy", "-frames:v", "25", "-shortest", str(received)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def main():
+        server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source=str(clip)),
+                             capture_factory=default_capture)
+        extras = Integrations(server, publish=(f"udp://127.0.0.1:{port}",), size=(64, 64), fps=10,
+                              audio=probe_audio(FFMPEG, clip))
+        await server.start()
+        extras.start(asyncio.get_running_loop())
+        try:
+            assert await server.wait_ready(30)
+            await asyncio.to_thread(receiver.wait, 40)
+        finally:
+            await server.stop()
+            await asyncio.get_running_loop().run_in_executor(None, extras.stop)
+        return extras.publishers[0]
+
+    try:
+        publisher = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        receiver.kill()
+        receiver.wait()
+    assert "with the source's sound (aac, 48000 Hz, mono)" in publisher.describe()
+    found = streams(received)
+    assert found["audio"][0] == "aac" and found["video"][0] == "h264"
+    starts = subprocess.run([FFPROBE, "-v", "error", "-show_entries", "stream=codec_type,start_time", "-of",
+                             "csv=p=0", str(received)], capture_output=True, text=True, check=True).stdout.split()
+    start = {kind: float(at) for kind, at in (line.split(",")[:2] for line in starts if "," in line)}
+    assert abs(start["audio"] - start["video"]) < 0.4, start
+    tone_at = np.flatnonzero(np.abs(sound_of(received).astype(np.int32)) > 3000)[0] / RATE
+    assert tone_at == pytest.approx(1.0, abs=0.1)  # the file's sound from its start
+
+
+@needs_ffmpeg
+def test_a_stream_session_starts_the_sound_where_the_pictures_are(tmp_path, clip):
+    """A session started again after a failure (the server went away) starts the file's sound at the time in the
+    file of the frame it sends first, not at the file's start: each ffmpeg is asked for -ss at the newest frame's."""
+    from turbostream.io.audio import probe_audio
+    from turbostream.io.stream import StreamSink
+
+    calls = tmp_path / "calls.txt"
+    program = tmp_path / "failing-ffmpeg"
+    program.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncat > /dev/null &\nexit 1\n')
+    program.chmod(0o755)
+    sink = StreamSink("udp://127.0.0.1:9", 10, (64, 64), program=str(program), retry_s=0.05, retry_max_s=0.05,
+                      audio=probe_audio(FFMPEG, clip))
+    frame = np.zeros((64, 64, 3), np.uint8)
+    try:
+        sink.write(frame, 12, 1.2)
+        _wait(lambda: calls.exists() and "-ss 1.200" in calls.read_text())
+        sink.write(frame, 25, 2.5)
+        _wait(lambda: "-ss 2.500" in calls.read_text())
+    finally:
+        sink.close()
+    first = calls.read_text().splitlines()[0]
+    assert f"-re -ss 1.200 -i {clip} -map 0:v:0 -map 1:a:0 -c:a aac" in first
+
+
+@needs_ffmpeg
+def test_the_broadcast_hands_its_outputs_each_frames_time_in_the_file(tmp_path, clip, tiny_components):
+    """What the published sound starts from: the broadcast of a file writes each stylized frame to its outputs with
+    the frame's time in the file."""
+    import asyncio
+
+    from turbostream.config import ServerConfig, preset
+    from turbostream.engine import Engine
+    from turbostream.serve import TurboServer
+    from turbostream.serve.server import default_capture
+
+    class Output:
+        def __init__(self):
+            self.times = []
+
+        def write(self, frame, index=0, t=None):
+            self.times.append(t)
+
+        def close(self):
+            pass
+
+    output = Output()
+
+    async def main():
+        server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source=str(clip)),
+                             capture_factory=default_capture)
+        server.broadcast.outputs.append(output)
+        await server.start()
+        try:
+            assert await server.wait_ready(30)
+            await asyncio.to_thread(_wait, lambda: len(output.times) >= 15, 20.0)
+        finally:
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert None not in output.times and output.times == sorted(output.times)
+    assert 0 <= output.times[0] < 0.5 and all(round(10 * t, 6).is_integer() for t in output.times)  # 10 fps
+
+
+def _wait(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

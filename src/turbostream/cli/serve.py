@@ -65,6 +65,8 @@ def add_parser(sub) -> None:
                         "repeatable; needs --source")
     g.add_argument("--publish-fps", type=float, default=30.0, metavar="FPS",
                    help="frame rate of --publish streams (default: %(default)g)")
+    g.add_argument("--no-audio", dest="audio", action="store_false",
+                   help="leave a --source video file's sound out of its --publish streams (by default they carry it)")
     add_control_options(p, "the broadcast (needs --source)")
     p.set_defaults(func=main)
 
@@ -119,7 +121,7 @@ def _main(args) -> int:
         from ..serve.integrations import Integrations
 
         extras = Integrations(server, args.controls, tuple(args.publish), size=args.size,
-                              fps=args.publish_fps)
+                              fps=args.publish_fps, audio=getattr(args, "publish_audio", None))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
@@ -173,6 +175,17 @@ def integration_args(args) -> None:
         if not is_stream_url(url):
             raise UserError(f"--publish {redact(url)!r}: use an rtmp://, srt://, rtsp:// or udp:// URL")
         check_stream_output(url, "--publish")  # SinkError (a UserError) for an output that cannot work
+    args.publish_audio = None
+    if args.publish:
+        from ..io.audio import find_source_audio
+        from ..io.sinks import parse_output
+        from ..io.sources import parse_source
+
+        args.publish_audio = find_source_audio(parse_source(args.source), [parse_output(u) for u in args.publish],
+                                               enabled=getattr(args, "audio", True))
+        if args.publish_audio is not None:
+            log.info("the sound of %s (%s) goes to the published streams beside its pictures", args.source,
+                     args.publish_audio.description)
     args.controls = controls_from_args(args)
 
 

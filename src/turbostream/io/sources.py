@@ -437,6 +437,7 @@ class CaptureThread:
         self.queue_size = 1 if realtime else max(1, int(queue_size))
         self.reconnect = (RECONNECT_ATTEMPTS if self.spec.live else 0) if reconnect is None else max(0, reconnect)
         self.pace = (realtime and not self.spec.live) if pace is None else pace
+        self.latest_pts: float | None = None  # the time in the file of the frame latest() returned last
         self._pace_chosen = pace is not None
         self.transform = transform
         self.open_timeout_s = open_timeout_s
@@ -497,9 +498,13 @@ class CaptureThread:
             return item
 
     def latest(self, timeout: float) -> tuple[int, np.ndarray] | None:
-        """(frame_index, uint8 RGB frame) newer than the last one returned, waiting up to timeout s; else None."""
+        """(frame_index, uint8 RGB frame) newer than the last one returned, waiting up to timeout s; else None.
+        `latest_pts` is then that frame's time in a video file (None for other sources)."""
         item = self.take(timeout)
-        return None if item is None else (item.index, item.frame)
+        if item is None:
+            return None
+        self.latest_pts = item.pts
+        return item.index, item.frame
 
     @property
     def ended(self) -> bool:

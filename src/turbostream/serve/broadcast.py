@@ -151,7 +151,8 @@ class Broadcast:
             server.metrics.frames_in.inc()
             reference = self.skipper.check(fitted, self.stream.params)  # a repeat: viewers keep the last frame
             skip = reference is not None
-            if self.stream.submit(reference if skip else fitted, FrameMeta(int(index)), skip=skip) is not None:
+            meta = FrameMeta(int(index), pts=getattr(capture, "latest_pts", None))
+            if self.stream.submit(reference if skip else fitted, meta, skip=skip) is not None:
                 server.metrics.dropped("queue")
         return None, delivered
 
@@ -193,8 +194,9 @@ class Broadcast:
 
     def _on_result_threadsafe(self, result: Result) -> None:
         if result.frame is not None:
+            pts = getattr(result.meta, "pts", None)  # a file's frame: where its published sound is
             for output in self.outputs:
-                output.write(result.frame)
+                output.write(result.frame, 0, pts)
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._on_result, result)
 

@@ -18,6 +18,7 @@ from ..control.osc import RESULTS
 from ..io.stream import StreamSink
 
 if TYPE_CHECKING:
+    from ..io.audio import SourceAudio
     from .server import TurboServer
 
 log = logging.getLogger("turbostream.server")
@@ -27,14 +28,16 @@ class Integrations:
     """start(loop) after the server started; stop() after it stopped. size: the engine's (width, height)."""
 
     def __init__(self, server: TurboServer, controls: Controls | None = None, publish: tuple[str, ...] = (),
-                 *, size: tuple[int, int] = (512, 512), fps: float = 30.0) -> None:
+                 *, size: tuple[int, int] = (512, 512), fps: float = 30.0, audio: SourceAudio | None = None) -> None:
+        """audio: the sound of the --source file, which the published streams send beside its pictures."""
         if (controls or publish) and server.broadcast is None:
             raise ValueError("OSC, --prompts and --publish act on the broadcast: they need --source")
         self.server = server
         self.controls = controls or Controls()
         metrics = server.metrics
         self.publishers = [
-            StreamSink(url, fps, size, on_failure=lambda reason: metrics.publish_failures.inc()) for url in publish
+            StreamSink(url, fps, size, on_failure=lambda reason: metrics.publish_failures.inc(), audio=audio)
+            for url in publish
         ]
         self._task: asyncio.Task | None = None
 

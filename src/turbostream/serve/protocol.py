@@ -55,10 +55,12 @@ class ProtocolError(Exception):
 
 @dataclass
 class FrameMeta:
-    """What travels with a frame through the batcher: its number on its connection and when it arrived."""
+    """What travels with a frame through the batcher: its number on its connection and when it arrived (and, for
+    the broadcast of a video file, the frame's time in the file: its published streams start their sound there)."""
 
     seq: int  # 1, 2, ... per connection, in the order messages arrived
     t_recv: float = field(default_factory=time.perf_counter)
+    pts: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------ client -> server
