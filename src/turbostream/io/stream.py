@@ -14,10 +14,10 @@ seconds and repeats the last one when the engine is slower, so the stream keeps 
 reached (ffmpeg exits) is logged with ffmpeg's reason and tried again after 1 s, doubling up to 30 s, for as long
 as the command runs; meanwhile frames are dropped, never queued, and the engine never waits for the network.
 
-With `audio` (`run` playing a video file into a stream), ffmpeg also reads the file's sound at its own rate (-re),
-from the time in the file of the frame its session starts with, and sends it beside the pictures (AAC): both go at
-real time from the same point, so the sound stays on its pictures within the run's latency; a session started again
-after a failure starts the sound again where the pictures are.
+With `audio` (a video file that `run` plays into a stream, or that `serve --source` publishes), ffmpeg also reads
+the file's sound at its own rate (-re), from the time in the file of the frame its session starts with, and sends it
+beside the pictures (AAC): both go at real time from the same point, so the sound stays on its pictures within the
+stylization's latency; a session started again after a failure starts the sound again where the pictures are.
 """
 
 from __future__ import annotations
