@@ -412,3 +412,13 @@ def _wait(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+@needs_ffmpeg
+def test_a_looped_file_is_written_without_its_sound_and_says_why(tmp_path, clip, caplog):
+    out = tmp_path / "looped.mp4"
+    with caplog.at_level(logging.INFO, logger="turbostream"):
+        assert run("-i", str(clip), "-o", str(out), "--loop", "--max-frames", "45") == 0
+    assert f"--loop: {out} carries no sound ({clip} has aac, 48000 Hz, mono; played in a loop it would drift" \
+        in caplog.text
+    assert "audio" not in streams(out) and [index_of(f) for f in read_video(out)[0]] == [*range(30), *range(15)]

@@ -457,6 +457,50 @@ def test_the_published_stream_ends_when_the_source_file_ends(tmp_path, tiny_comp
     assert publisher.failures == 0 and 20 <= publisher.frames_sent <= 80  # about the file's 4 s at 10 fps
 
 
+def test_a_looped_source_file_goes_on_past_its_end(tmp_path, tiny_components, capsys):
+    """`serve --source FILE --loop`: an installation's file plays again at its end, and the broadcast (and its
+    published streams) go on; `--loop` on a camera is refused before the model loads."""
+    import asyncio
+    import functools
+
+    from turbostream.config import ServerConfig, preset
+    from turbostream.engine import Engine
+    from turbostream.serve import TurboServer
+    from turbostream.serve.server import default_capture
+
+    src = _video(tmp_path / "in.avi", n=10, fps=10)  # 1 s
+
+    async def main():
+        server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source=src),
+                             capture_factory=functools.partial(default_capture, loop=True))
+        server.broadcast.outputs.append(output)  # the broadcast runs for an output (as for --publish)
+        await server.start()
+        try:
+            assert await server.wait_ready(30)
+            deadline = time.monotonic() + 30
+            while len(output.times) < 25:  # two and a half passes of the file
+                assert time.monotonic() < deadline and server.broadcast.state["state"] != "ended"
+                await asyncio.sleep(0.1)
+        finally:
+            await server.stop()
+
+    class Output:
+        def __init__(self):
+            self.times = []
+
+        def write(self, frame, index=0, t=None):
+            self.times.append(t)
+
+        def close(self):
+            pass
+
+    output = Output()
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert output.times == sorted(output.times) and output.times[-1] >= 2.0  # the times go on across passes
+    assert cli.main(["serve", "--source", "0", "--loop", *CLI_MODEL]) == 2
+    assert "--loop plays a --source video file or folder of images again at its end" in capsys.readouterr().err
+
+
 def test_one_frame_stands_in_for_at_most_max_repeat_missing_ones(tmp_path):
     """A live run's video keeps the source's timing by repeating a frame for those dropped before the next; a
     stalled source or a clock jump (frame 0, then 10,000) wrote no more than MAX_REPEAT copies, not 10,000."""

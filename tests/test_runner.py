@@ -477,6 +477,36 @@ def test_loop_starts_a_file_over(tmp_path):
     assert got == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] and capture.loops >= 2
 
 
+def test_run_loop_plays_a_file_again_until_max_frames(tmp_path, caplog):
+    """`run --loop`: an installation's file played for ever; here until --max-frames, into a folder whose frames keep
+    counting across passes."""
+    src = make_video(tmp_path / "in.avi", n=10)
+    out = tmp_path / "frames"
+    caplog.set_level(logging.INFO, logger="turbostream")
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out), "--loop", "--max-frames", "25"),
+                        engine=FakeEngine()) == 0
+    written = sorted(out.glob("frame_*.png"))
+    assert [p.name for p in written] == [f"frame_{k:06d}.png" for k in range(25)]
+    assert [index_of(cv2.imread(str(p))) for p in written] == [*range(10), *range(10), *range(5)]
+    assert "reached --max-frames: 25 frames" in caplog.text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-i", "0", "-o", "{tmp}/f/", "--loop", "--max-frames", "5"],
+     "--loop plays a video file or folder of images again at its end: a camera or a URL goes on by itself"),
+    (["-o", "{tmp}/out.mp4", "--loop"], "--loop never ends by itself: with a video file or folder output add "
+                                        "--max-frames N"),
+    (["-o", "{tmp}/frames/", "--loop"], "--loop never ends by itself"),
+])
+def test_run_loop_refuses_what_cannot_loop_or_would_never_end(tmp_path, capsys, argv, message):
+    src = make_video(tmp_path / "in.avi", n=3)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "-i" not in argv:
+        argv = ["-i", str(src), *argv]
+    assert cli.main(["run", *argv, *CLI_MODEL]) == 2  # before the model loads (it would fail this test)
+    assert message in capsys.readouterr().err
+
+
 class _FlakyReader:
     def __init__(self, frames: int):
         self.left, self.fps, self.frame_count, self.size = frames, None, None, (16, 16)

@@ -48,6 +48,10 @@ def add_parser(sub) -> None:
     g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
     g.add_argument("--realtime", action="store_true",
                    help="treat a file like a live source: keep only the newest frame, drop the rest")
+    g.add_argument("--loop", action="store_true",
+                   help="play a video file or folder again from its start at its end, for ever (installations: a "
+                        "window, a stream, a virtual camera); a video file or folder output needs --max-frames; "
+                        "the sound is left out")
     g.add_argument("--no-audio", dest="audio", action="store_false",
                    help="leave the source's sound out of video file and stream outputs (by default a video file "
                         "read into either keeps its sound, through ffmpeg)")
@@ -75,7 +79,14 @@ def main(args: argparse.Namespace, engine=None) -> int:
     source = parse_source(args.input)
     outputs = [parse_output(text) for text in args.outputs]
     check_outputs(outputs, source)
-    audio = find_source_audio(source, outputs, enabled=getattr(args, "audio", True))
+    loop = getattr(args, "loop", False)
+    if loop and source.live:
+        raise UserError("--loop plays a video file or folder of images again at its end: a camera or a URL goes on "
+                        "by itself")
+    if loop and args.max_frames is None and any(o.kind in ("video", "folder") for o in outputs):
+        raise UserError("--loop never ends by itself: with a video file or folder output add --max-frames N, or it "
+                        "grows until the disk is full")
+    audio = find_source_audio(source, outputs, enabled=getattr(args, "audio", True), loop=loop)
     # A playlist's first prompt becomes args.prompt; the OSC port is bound.
     controls = controls_from_args(args, prompt_line=_stdin_is_terminal() and _in_the_foreground())
     with _sigterm_as_ctrl_c() as term:
@@ -153,7 +164,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
                     "at its own rate)")
     transform = FitAndCheck(width, height, lambda: params)  # the pipeline's live parameters once it exists
     capture = CaptureThread(
-        source, realtime=realtime, queue_size=max(cfg.queue_frames, 2 * batch),
+        source, realtime=realtime, queue_size=max(cfg.queue_frames, 2 * batch), loop=getattr(args, "loop", False),
         reconnect=cfg.reconnect_attempts if source.live else 0, open_timeout_s=cfg.open_timeout_s,
         transform=transform,  # fitting and the similarity check run on the capture thread, not the GPU's
     )
@@ -184,7 +195,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
             log.warning("model %r has random weights: the output is noise, not a stylization", engine.model_name)
         total = None
         if not realtime:
-            total = capture.frame_count
+            total = None if capture.loop else capture.frame_count  # a loop's end is --max-frames, or none
             if args.max_frames is not None:
                 total = min(total, args.max_frames) if total else args.max_frames
         pipeline = Pipeline(

@@ -13,7 +13,7 @@ import signal
 
 from ..config import Limits, ServerConfig
 from ..errors import UserError
-from ..io.sources import quiet_opencv
+from ..io.sources import parse_source, quiet_opencv
 from ..serve.devices import device_labels, parse_devices
 from ..serve.http import is_loopback_host
 from ..serve.server import TurboServer, default_capture
@@ -65,6 +65,9 @@ def add_parser(sub) -> None:
                         "repeatable; needs --source")
     g.add_argument("--publish-fps", type=float, default=30.0, metavar="FPS",
                    help="frame rate of --publish streams (default: %(default)g)")
+    g.add_argument("--loop", action="store_true",
+                   help="play a --source video file or folder again from its start at its end, for ever "
+                        "(installations); its --publish streams then carry no sound")
     g.add_argument("--no-audio", dest="audio", action="store_false",
                    help="leave a --source video file's sound out of its --publish streams (by default they carry it)")
     add_control_options(p, "the broadcast (needs --source)")
@@ -110,7 +113,8 @@ def _main(args) -> int:
             # it (which can take seconds for a network source) happens on the source thread, which makes a new
             # capture each time a lost live source is opened again.
             default_capture(config.source)
-            capture_factory = default_capture
+            loop = getattr(args, "loop", False)
+            capture_factory = functools.partial(default_capture, loop=True) if loop else default_capture
     except ValueError as exc:
         raise UserError(str(exc)) from None
     server = TurboServer(config=config, engine_factories=factories, capture_factory=capture_factory, jpeg=jpeg)
@@ -164,6 +168,9 @@ def integration_args(args) -> None:
     if (args.publish or args.osc_port is not None or args.prompts) and args.source is None:
         raise UserError("--publish, --osc-port and --prompts act on the broadcast of a server-side source: "
                         "add --source SRC")
+    if getattr(args, "loop", False) and (args.source is None or parse_source(args.source).live):
+        raise UserError("--loop plays a --source video file or folder of images again at its end: give one "
+                        "(cameras and URLs go on by themselves)")
     if not 1.0 <= args.publish_fps <= 240.0:
         raise UserError(f"--publish-fps must be between 1 and 240, got {args.publish_fps:g}")
     from ..io.sources import redact
@@ -179,10 +186,10 @@ def integration_args(args) -> None:
     if args.publish:
         from ..io.audio import find_source_audio
         from ..io.sinks import parse_output
-        from ..io.sources import parse_source
 
         args.publish_audio = find_source_audio(parse_source(args.source), [parse_output(u) for u in args.publish],
-                                               enabled=getattr(args, "audio", True))
+                                               enabled=getattr(args, "audio", True),
+                                               loop=getattr(args, "loop", False))
         if args.publish_audio is not None:
             log.info("the sound of %s (%s) goes to the published streams beside its pictures", args.source,
                      args.publish_audio.description)

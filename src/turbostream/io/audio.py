@@ -93,9 +93,10 @@ def probe_audio(program: str, path: Path | str) -> SourceAudio | None:
     return None if found is None else SourceAudio(program, path, *found)
 
 
-def find_source_audio(source: SourceSpec, outputs, enabled: bool = True) -> SourceAudio | None:
+def find_source_audio(source: SourceSpec, outputs, enabled: bool = True, loop: bool = False) -> SourceAudio | None:
     """The sound track to put into `run`'s video files and streams, or None (no such output, a source that is not a
-    video file, a silent source, no ffmpeg: the last said as a warning). Runs before the model loads."""
+    video file, a silent source, no ffmpeg, a source played in a loop: the last two said as a warning, the loop only
+    when there is sound to leave out). Runs before the model loads."""
     takers = [o.describe() for o in outputs if o.kind in ("video", "stream")]
     if not enabled or not takers or source.kind != "file" or source.picture:
         return None
@@ -106,10 +107,17 @@ def find_source_audio(source: SourceSpec, outputs, enabled: bool = True) -> Sour
                     named, source.target, INSTALL_FFMPEG)
         return None
     try:
-        return probe_audio(program, source.target)
+        audio = probe_audio(program, source.target)
     except AudioError as exc:
         log.warning("%s is written without any sound %s has: %s", named, source.target, exc)
         return None
+    if audio is not None and loop:
+        # Each pass's pictures start over a little later than a pass's sound would (the file is opened again), so
+        # the two would drift apart pass after pass.
+        log.warning("--loop: %s carries no sound (%s has %s; played in a loop it would drift from the pictures)",
+                    named, source.target, audio.description)
+        return None
+    return audio
 
 
 def audio_arguments(suffix: str, codec: str) -> list[tuple[str, ...]]:

@@ -394,7 +394,8 @@ def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S) -> Vid
 class CapturedFrame:
     """One frame as read: index counts every frame read from the source (dropped ones too); t is perf_counter();
     pts, for a video file's frames, its presentation time in seconds (where it falls in the video: a file whose frame
-    rate varies spaces its frames unevenly); None for other sources."""
+    rate varies spaces its frames unevenly; a looping file's later passes go on from the first's end); None for other
+    sources."""
 
     index: int
     frame: np.ndarray
@@ -438,6 +439,7 @@ class CaptureThread:
         self.reconnect = (RECONNECT_ATTEMPTS if self.spec.live else 0) if reconnect is None else max(0, reconnect)
         self.pace = (realtime and not self.spec.live) if pace is None else pace
         self.latest_pts: float | None = None  # the time in the file of the frame latest() returned last
+        self._pts_pass, self._pts_offset, self._last_pts = 0, 0.0, 0.0  # a looping file's times go on across passes
         self._pace_chosen = pace is not None
         self.transform = transform
         self.open_timeout_s = open_timeout_s
@@ -656,8 +658,14 @@ class CaptureThread:
                 delay = t_start + self.frames_read * interval - time.perf_counter()
                 if delay > 0 and self._stop.wait(delay):
                     break
-            # A file's frames carry their time in the file (not on a second pass of a looping capture: times restart)
-            pts = getattr(self._reader, "pts_s", None) if self.spec.kind == "file" and not self.loops else None
+            # A file's frames carry their time in the file; a looping capture's later passes go on from the first's
+            # end (each pass starts at its file's time 0 again), so times only increase.
+            pts = getattr(self._reader, "pts_s", None) if self.spec.kind == "file" else None
+            if pts is not None:
+                if self.loops != self._pts_pass:  # a new pass: it starts a frame after the last one handed over
+                    self._pts_pass, self._pts_offset = self.loops, self._last_pts + interval - pts
+                pts += self._pts_offset
+                self._last_pts = pts
             self._hand_over(CapturedFrame(self.frames_read, frame, time.perf_counter(), pts))
             self.frames_read += 1
 

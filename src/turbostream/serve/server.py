@@ -538,11 +538,12 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def default_capture(spec: str):
-    """sources.CaptureThread in realtime mode (newest frame only); SourceError (a ValueError) for a bad SRC."""
+def default_capture(spec: str, loop: bool = False):
+    """sources.CaptureThread in realtime mode (newest frame only), a file or folder started over at its end with
+    `loop`; SourceError (a ValueError) for a bad SRC."""
     from ..io.sources import CaptureThread
 
-    return CaptureThread(spec, realtime=True)
+    return CaptureThread(spec, realtime=True, loop=loop)
 
 
 # ------------------------------------------------------------------------------------------------ in a thread
