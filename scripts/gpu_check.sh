@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_check.sh [tests] [parity] [engine] [bench] [norm] [rows] [jpeg] [codecs] [latency] [serve]
 #                             [serve-compile] [gil] [soak] [starts] [warmstart] [aot] [aotprobe] [trace] [reuse] [sim]
-#                             [viewers] [lora]
+#                             [viewers] [lora] [files]
 #                                                                                          (default: parity engine serve)
 #
 # tests:  every test marked gpu (tests/ -m gpu), then the fused kernels' test files whole (on a GPU machine all their
@@ -96,6 +96,9 @@
 # lora:   scripts/lora_merge_speed.py --live: a rank-32 LoRA of every attention and feed-forward Linear merged, loaded
 #         with --lora-live (the layers kept: MiB) and its scale changed 5 times (the stall of a change); about a
 #         minute; $OUT/lora_live.json
+# files:  scripts/file_run_speed.py: `turbostream run` of a 640x480 30 fps file (SERVE_S x 40 frames: 600) into
+#         .mp4 as H.264 (when the machine has an ffmpeg with libx264), as OpenCV's mp4v, and into .avi, each the run's
+#         own frames/s and device share; $OUT/file_run_speed.json. A few minutes
 # SERVE_ARGS="--frame-graph ..." adds serve options to the serve, serve-compile, warmstart and soak stages' server
 # (and engine options to the latency stage's).
 # Results (JSON and logs; the spawned servers' logs too) go to $OUT (default ./gpu-out). PACK=FILE.tgz also packs $OUT
@@ -350,8 +353,11 @@ PY
     lora)  # --lora and --lora-live on the GPU: merge, live load (memory kept) and a change of scale, timed
       step lora 240 "$PY" scripts/lora_merge_speed.py "${MODEL[@]:0:4}" --rank 32 --live --repeats 5 \
         --json "$OUT/lora_live.json" ;;
+    files)  # run's file-to-file throughput per video writer (H.264 through ffmpeg where there is one, mp4v, MJPG)
+      step files 600 "$PY" scripts/file_run_speed.py "${MODEL[@]}" --frames $((DUR * 40)) \
+        --json "$OUT/file_run_speed.json" ;;
     *) echo "unknown stage $stage (tests, tests-gpu, tests-fused, parity, engine, norm, rows, jpeg, codecs, latency," \
-         "serve, serve-compile, gil, soak, starts, warmstart, aot, aotprobe, trace, reuse, sim, viewers, lora)"
+         "serve, serve-compile, gil, soak, starts, warmstart, aot, aotprobe, trace, reuse, sim, viewers, lora, files)"
        status=2 ;;
   esac
 done
