@@ -731,6 +731,24 @@ def test_window_output_shows_frames_and_q_quits(tmp_path, monkeypatch):
     assert 3 <= len(shown) < 40 and len(frames) >= 3  # quit early; what was shown is in the file too
 
 
+def test_fullscreen_opens_the_window_full_screen_and_f_still_toggles(tmp_path, monkeypatch, capsys):
+    """An installation started at boot has nobody to press f: --fullscreen opens the window so."""
+    shown, modes, keys = [], [], iter([-1, ord("f"), -1, ord("q")])
+    monkeypatch.setattr(sinks, "window_support_error", lambda: None)
+    monkeypatch.setattr(cv2, "namedWindow", lambda *a: None)
+    monkeypatch.setattr(cv2, "setWindowProperty", lambda title, prop, value: modes.append(value))
+    monkeypatch.setattr(cv2, "imshow", lambda title, frame: shown.append(frame))
+    monkeypatch.setattr(cv2, "waitKey", lambda ms: next(keys, ord("q")))
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda *a: 1.0)
+    monkeypatch.setattr(cv2, "destroyWindow", lambda *a: None)
+    src = make_video(tmp_path / "in.avi", n=40)
+    args = parse("run", "-i", str(src), "-o", "window", "--fullscreen")
+    assert cli_run.main(args, engine=FakeEngine(max_batch=1, delay=0.005)) == 0
+    assert modes == [cv2.WINDOW_FULLSCREEN, cv2.WINDOW_NORMAL]  # full screen from the start; f went back
+    assert cli.main(["run", "-i", str(src), "-o", str(tmp_path / "out.avi"), "--fullscreen", *CLI_MODEL]) == 2
+    assert "--fullscreen is for the window output: add -o window" in capsys.readouterr().err
+
+
 def test_ctrl_c_finalizes_the_video(tmp_path):
     """Ctrl-C (SIGINT to the main thread) mid-run: exit 130, and the file plays with the frames written."""
 

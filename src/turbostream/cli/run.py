@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
     g.add_argument("--max-frames", type=int, default=d.max_frames, metavar="N", help="stop after N frames")
     g.add_argument("--realtime", action="store_true",
                    help="treat a file like a live source: keep only the newest frame, drop the rest")
+    g.add_argument("--fullscreen", action="store_true",
+                   help="open the window output full screen (an installation started at boot; f still toggles)")
     g.add_argument("--loop", action="store_true",
                    help="play a video file or folder again from its start at its end, for ever (installations: a "
                         "window, a stream, a virtual camera); a video file or folder output needs --max-frames; "
@@ -79,6 +81,8 @@ def main(args: argparse.Namespace, engine=None) -> int:
     source = parse_source(args.input)
     outputs = [parse_output(text) for text in args.outputs]
     check_outputs(outputs, source)
+    if getattr(args, "fullscreen", False) and not any(o.kind == "window" for o in outputs):
+        raise UserError("--fullscreen is for the window output: add -o window")
     loop = getattr(args, "loop", False)
     if loop and source.live:
         raise UserError("--loop plays a video file or folder of images again at its end: a camera or a URL goes on "
@@ -174,7 +178,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
     try:
         _log_source(capture, audio)
         if any(o.kind == "window" for o in outputs):
-            window = WindowSink(f"turbostream: {source.describe()}")
+            window = WindowSink(f"turbostream: {source.describe()}", fullscreen=getattr(args, "fullscreen", False))
         fps = capture.fps or cfg.fallback_fps
         if capture.fps is None and any(o.kind in ("video", "stream", "virtualcam") for o in outputs):
             log.info("the source reports no frame rate; video output is written at %g fps", fps)

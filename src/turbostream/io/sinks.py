@@ -514,10 +514,11 @@ class FolderSink:
 class WindowSink:
     """An OpenCV window; show() returns False once the user pressed q or Esc or closed it. Main thread only.
 
-    f toggles full screen (installations). Needs a GUI build of OpenCV (window_support_error says why not).
+    f toggles full screen; `fullscreen` opens it so (an installation started at boot has nobody to press f). Needs a
+    GUI build of OpenCV (window_support_error says why not).
     """
 
-    def __init__(self, title: str = "turbostream") -> None:
+    def __init__(self, title: str = "turbostream", fullscreen: bool = False) -> None:
         reason = window_support_error()
         if reason:
             raise SinkError(reason)
@@ -526,6 +527,9 @@ class WindowSink:
         self._fullscreen = False
         try:
             cv2.namedWindow(title, cv2.WINDOW_NORMAL)
+            if fullscreen:
+                cv2.setWindowProperty(title, cv2.WND_PROP_FULLSCREEN, cv2.WINDOW_FULLSCREEN)
+                self._fullscreen = True
         except cv2.error as exc:
             raise SinkError(f"could not open a window: {str(exc).strip().splitlines()[-1]}") from None
 
