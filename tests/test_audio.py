@@ -246,14 +246,7 @@ def test_a_variable_frame_rate_file_keeps_its_pictures_on_its_sound(tmp_path, ca
 def test_a_file_streamed_live_carries_its_sound_beside_its_pictures(tmp_path, clip, caplog):
     """`run -i clip.mp4 -o udp://...`: the stream has the file's sound (AAC), which starts where the pictures do and
     goes at the same real-time pace, so the tone that starts at source frame 10 (1 s) is heard when frame 10 shows."""
-    port = _free_udp_port()
-    received = tmp_path / "received.ts"
-    # Listening first (UDP has no connection); a small probe, so that it keeps the stream's first seconds; it ends by
-    # itself after 25 of the 30 frames (a signal would interrupt its writing too).
-    receiver = subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-probesize", "32768",
-                                 "-analyzeduration", "2000000", "-i", f"udp://127.0.0.1:{port}?timeout=30000000",
-                                 "-map", "0", "-c", "copy", "-frames:v", "25", "-shortest", str(received)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    receiver, port, received = _ts_receiver(tmp_path)
     try:
         with caplog.at_level(logging.INFO, logger="turbostream"):
             assert run("-i", str(clip), "-o", f"udp://127.0.0.1:{port}") == 0
@@ -284,6 +277,19 @@ def test_a_file_streamed_live_carries_its_sound_beside_its_pictures(tmp_path, cl
     assert abs(tone_at - frame10_at) < 0.4, (tone_at, frame10_at)  # the run's latency: a frame here
 
 
+def _ts_receiver(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """An ffmpeg listening on a free UDP port, copying what comes into received.ts: (process, port, file). Listening
+    first (UDP has no connection); a small probe, so that it keeps the stream's first seconds; it ends by itself
+    after 25 video frames (a signal would interrupt its writing too)."""
+    port = _free_udp_port()
+    received = tmp_path / "received.ts"
+    receiver = subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-probesize", "32768",
+                                 "-analyzeduration", "2000000", "-i", f"udp://127.0.0.1:{port}?timeout=30000000",
+                                 "-map", "0", "-c", "copy", "-frames:v", "25", "-shortest", str(received)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return receiver, port, received
+
+
 def _free_udp_port() -> int:
     import socket
 
@@ -305,12 +311,7 @@ def test_a_servers_published_file_carries_its_sound(tmp_path, clip, tiny_compone
     from turbostream.serve.integrations import Integrations
     from turbostream.serve.server import default_capture
 
-    port = _free_udp_port()
-    received = tmp_path / "received.ts"
-    receiver = subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-probesize", "32768",
-                                 "-analyzeduration", "2000000", "-i", f"udp://127.0.0.1:{port}?timeout=30000000",
-                                 "-map", "0", "-c", "copy", "-frames:v", "25", "-shortest", str(received)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    receiver, port, received = _ts_receiver(tmp_path)
 
     async def main():
         server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source=str(clip)),
@@ -379,17 +380,7 @@ def test_the_broadcast_hands_its_outputs_each_frames_time_in_the_file(tmp_path, 
     from turbostream.serve import TurboServer
     from turbostream.serve.server import default_capture
 
-    class Output:
-        def __init__(self):
-            self.times = []
-
-        def write(self, frame, index=0, t=None):
-            self.times.append(t)
-
-        def close(self):
-            pass
-
-    output = Output()
+    output = TimesWritten()
 
     async def main():
         server = TurboServer(Engine(preset("test"), tiny_components), ServerConfig(port=0, source=str(clip)),
@@ -405,6 +396,19 @@ def test_the_broadcast_hands_its_outputs_each_frames_time_in_the_file(tmp_path, 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert None not in output.times and output.times == sorted(output.times)
     assert 0 <= output.times[0] < 0.5 and all(round(10 * t, 6).is_integer() for t in output.times)  # 10 fps
+
+
+class TimesWritten:
+    """An output of the broadcast that keeps the time each frame was written with."""
+
+    def __init__(self):
+        self.times = []
+
+    def write(self, frame, index=0, t=None):
+        self.times.append(t)
+
+    def close(self):
+        pass
 
 
 def _wait(condition, timeout: float = 10.0) -> None:

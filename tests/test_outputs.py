@@ -463,6 +463,8 @@ def test_a_looped_source_file_goes_on_past_its_end(tmp_path, tiny_components, ca
     import asyncio
     import functools
 
+    from test_audio import TimesWritten
+
     from turbostream.config import ServerConfig, preset
     from turbostream.engine import Engine
     from turbostream.serve import TurboServer
@@ -484,17 +486,7 @@ def test_a_looped_source_file_goes_on_past_its_end(tmp_path, tiny_components, ca
         finally:
             await server.stop()
 
-    class Output:
-        def __init__(self):
-            self.times = []
-
-        def write(self, frame, index=0, t=None):
-            self.times.append(t)
-
-        def close(self):
-            pass
-
-    output = Output()
+    output = TimesWritten()
     asyncio.run(asyncio.wait_for(main(), 60))
     assert output.times == sorted(output.times) and output.times[-1] >= 2.0  # the times go on across passes
     assert cli.main(["serve", "--source", "0", "--loop", *CLI_MODEL]) == 2
