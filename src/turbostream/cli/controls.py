@@ -77,7 +77,7 @@ def _start_with_first_look(args: argparse.Namespace, playlist: Playlist) -> None
     except ValueError as exc:
         raise UserError(f"{args.prompts}, {exc}") from None
     for which, scale in first.loras:  # checked above: the engine loads with the first look's scales
-        index = lora.index(which)
+        index, scale = lora.check(which, scale)
         specs[index] = dataclasses.replace(specs[index], scale=scale)
     if first.loras:
         args.lora = specs

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoraSpec, StreamParams, parse_prompt
-from .targets import SETTINGS
+from .targets import SETTINGS, LoraTarget
 
 log = logging.getLogger("turbostream.control")
 
@@ -114,7 +114,7 @@ def parse_settings(part: str) -> tuple[tuple[tuple[str, Any], ...], tuple[tuple[
             raise ValueError(f"unknown setting {name!r} in {word!r}: use {_SETTING_NAMES}")
         field, kind = SETTINGS[key]
         try:
-            value = kind(text) if kind is float else int(text)
+            value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise ValueError(f"{word!r}: {name} must be {what}") from None
@@ -168,21 +168,16 @@ def parse_playlist(text: str, default_duration_s: float = DEFAULT_DURATION_S, so
     return looks
 
 
-def check_looks(looks: list[Look], params: StreamParams, limits: tuple[int, bool], lora=None) -> None:
+def check_looks(looks: list[Look], params: StreamParams, limits: tuple[int, bool], lora: LoraTarget) -> None:
     """Apply every look in turn, twice round (the first look after the last too), to the stream's starting `params`
     against the engine's `limits`, as the playlist will: ValueError ("line N: ...") for the first that would be refused
     (strength 0.3 at 2 steps, steps past the engine's limit, a LoRA it does not have or without --lora-live).
-    lora: a LoraTarget of the command's LoRAs (its scales are not changed), None where looks set none."""
+    lora: the LoraTarget of the command's LoRAs, whose check() each look's scales pass (nothing is changed)."""
     for look in [*looks, *looks]:
         try:
             params = params.updated(limits, **look.fields())
-            for which, _ in look.loras:
-                if lora is None or not lora.names:
-                    raise ValueError("this look sets a LoRA's scale, and no LoRA is loaded (--lora FILE --lora-live)")
-                if not lora.live:
-                    raise ValueError("this look sets a LoRA's scale: start with --lora-live to change it while it "
-                                     "runs")
-                lora.index(which)
+            for which, scale in look.loras:
+                lora.check(which, scale)
         except ValueError as exc:
             raise ValueError(f"line {look.line}: {exc}") from None
 

@@ -135,13 +135,18 @@ class LoraTarget:
             raise ValueError(f"no LoRA number {which}: {count} loaded, numbered from 1 in --lora order")
         return which - 1
 
-    def __call__(self, which: int | str | None, scale: float) -> tuple[float, ...]:
+    def check(self, which: int | str | None, scale: float) -> tuple[int, float]:
+        """(which LoRA, 0-based; the scale) of a change that can be made, changing nothing (a playlist's looks are
+        checked before the model loads); ValueError says why it cannot."""
         if not self.names:
             raise ValueError("no LoRA is loaded (--lora FILE[:SCALE] with --lora-live)")
         if not self.live:
             raise ValueError("the LoRAs' scales are fixed: start with --lora-live to change them while it runs")
         index = self.index(which)
-        scale = LoraSpec(self.names[index], scale).scale  # the range check of --lora's scale
+        return index, LoraSpec(self.names[index], scale).scale  # the range check of --lora's scale
+
+    def __call__(self, which: int | str | None, scale: float) -> tuple[float, ...]:
+        index, scale = self.check(which, scale)
         with self._lock:
             if self.scales[index] != scale:
                 self.scales[index] = scale
