@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stream import FFMPEG_PREFIX, STDERR_LINES, drain_stderr, ffmpeg_lists, ffmpeg_program, lists_libx264
+from .stream import STDERR_LINES, drain_stderr, ffmpeg_lists, ffmpeg_messages, ffmpeg_program, lists_libx264
 
 H264_SUFFIXES = (".mp4", ".mov", ".mkv")  # .avi stays MJPG (every frame a picture: simple to edit)
 CRF = 18  # x264's constant quality: 18 is close to the frames as they left the engine, a third of mp4v's bytes
@@ -109,5 +109,5 @@ class H264Writer:
 
     def _reason(self, status: int | None) -> str:
         self._reader.join(2.0)  # its last words are read once it has exited
-        words = "; ".join(dict.fromkeys(FFMPEG_PREFIX.sub("", line).strip() for line in self._tail if line.strip()))
+        words = ffmpeg_messages(self._tail)
         return f"ffmpeg exited with status {status}" + (f": {words}" if words else "")

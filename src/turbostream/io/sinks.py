@@ -419,7 +419,8 @@ class VideoSink:
         open, an .avi or .mkv counts no frames) or counts fewer frames than were written. left: the file a failed
         write left behind, described as such (it does not play, or how many frames it holds). path: another file to
         check the same way (the remux that adds the sound)."""
-        cap = cv2.VideoCapture(os.path.abspath(path or self.path))
+        path = path or self.path
+        cap = cv2.VideoCapture(os.path.abspath(path))
         try:
             if not cap.isOpened():
                 return "the file left does not open (no index): it holds nothing playable" if left \
@@ -433,7 +434,7 @@ class VideoSink:
         if not count >= 1:
             return "the finished file has no index of its frames"
         # .mkv's count is estimated from its duration (it may round below the truth): only the others are exact.
-        if (path or self.path).suffix.lower() != ".mkv" and int(count) < self.frames_written:
+        if path.suffix.lower() != ".mkv" and int(count) < self.frames_written:
             return f"the finished file holds {int(count)} of the {self.frames_written} frames written"
         return None
 

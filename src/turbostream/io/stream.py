@@ -55,7 +55,7 @@ IO_TIMEOUT_US = 10_000_000  # ffmpeg gives up on a connection or a write that ha
 BITS_PER_PIXEL = 0.15  # bitrate = width x height x fps x this (1.2 Mbit/s at 512x512, 30 fps), at least:
 MIN_BITRATE = 400_000
 STDERR_LINES = 12  # ffmpeg's last messages kept to explain a failure
-FFMPEG_PREFIX = re.compile(r"^\[[\w\s#:./-]+ @ (?:0x)?[0-9a-fA-F]+\]\s*")
+_FFMPEG_PREFIX = re.compile(r"^\[[\w\s#:./-]+ @ (?:0x)?[0-9a-fA-F]+\]\s*")
 INSTALL_FFMPEG = ("install FFmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; Windows: "
                   f"winget install ffmpeg), or point {FFMPEG_ENV} at an ffmpeg program")
 
@@ -282,11 +282,9 @@ class StreamSink(PacedSink):
         self._proc = None
 
     def _reason(self, status: int | None, tail: deque[str]) -> str:
-        lines = [FFMPEG_PREFIX.sub("", line).strip() for line in tail]
-        lines = [line for line in lines if line]
-        if not lines:
+        text = ffmpeg_messages(tail, last=2)
+        if not text:
             return f"ffmpeg exited with status {status}"
-        text = "; ".join(dict.fromkeys(lines[-2:]))  # the last distinct messages
         text = text.replace(self.url, self.shown)
         secret_path, shown_path = urlsplit(self.url).path, urlsplit(self.shown).path
         if secret_path.strip("/") and secret_path != shown_path:  # ffmpeg may quote the stream key alone
@@ -310,6 +308,14 @@ class StreamSink(PacedSink):
         if self.failures:
             text += f", {self.failures} failed attempts (last: {self.last_error})"
         return text
+
+
+def ffmpeg_messages(tail, last: int | None = None) -> str:
+    """ffmpeg's distinct messages among the `last` lines of its stderr kept in `tail` (all: None), without the
+    "[libx264 @ 0x55...]" prefixes, joined by "; "; "" when it said nothing."""
+    lines = [_FFMPEG_PREFIX.sub("", line).strip() for line in tail]
+    lines = [line for line in lines if line]
+    return "; ".join(dict.fromkeys(lines[-last:] if last else lines))
 
 
 def drain_stderr(pipe, tail: deque[str]) -> None:
