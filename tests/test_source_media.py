@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from test_runner import FakeEngine, index_of, make_video, parse
+from test_runner import FakeEngine, index_of, make_video, parse, read_video
 
 from turbostream.cli import run as cli_run
 from turbostream.errors import SourceError
@@ -254,3 +254,90 @@ def test_a_hole_in_a_video_file_is_read_through_for_at_most_max_hole_reads():
     assert not reader._may_go_on(sources.MAX_HOLE_READS)
     reader.announced = 5 + sources.MAX_BAD_READS  # nothing left to come: the end, after MAX_BAD_READS
     assert not reader._may_go_on(sources.MAX_BAD_READS)
+
+
+class _TimedReader:
+    """A video file's reader as CaptureThread sees it: blank frames with the given times in the file (pts_s), at a
+    nominal 10 fps."""
+
+    def __init__(self, times: list[float]):
+        self.times, self.next = times, 0
+        self.fps, self.frame_count, self.size, self.finite = 10.0, len(times), (16, 16), True
+        self.pts_s = 0.0
+
+    def read(self):
+        if self.next >= len(self.times):
+            return None
+        self.pts_s, self.next = self.times[self.next], self.next + 1
+        return np.zeros((16, 16, 3), np.uint8)
+
+    def release(self):
+        pass
+
+
+def _paced(times: list[float], timeout: float = 10.0) -> list[tuple[float, float]]:
+    """(time in the file, seconds since the first frame was handed over) of every frame a paced realtime capture of
+    a file with these frame times hands over, taken as soon as each comes."""
+    capture = CaptureThread(SourceSpec("file", "clip.mp4", "clip.mp4"), realtime=True,
+                            opener=lambda spec: _TimedReader(times)).start()
+    assert capture.pace  # a file in a realtime capture is played at its own pace
+    got = []
+    try:
+        while (item := capture.take(timeout)) is not None:
+            got.append((item.pts, item.t))
+    finally:
+        capture.close()
+    return [(pts, t - got[0][1]) for pts, t in got]
+
+
+def test_a_paced_file_is_delivered_by_its_frame_times_not_its_average_rate():
+    """`run --realtime` and `serve --source` play a file as a camera would deliver it. A file whose frame rate varies
+    (10 frames at 0.1 s, then 5 at 0.3 s: a nominal 10 fps) was paced by frame number at that rate, so its last frame
+    came 1 s before its time, off its pictures' sound. Each frame now comes at its time in the file."""
+    times = [k * 0.1 for k in range(10)] + [1.0 + k * 0.3 for k in range(5)]
+    got = _paced(times)
+    assert [pts for pts, _ in got] == times  # taken at once: none dropped as stale
+    late = [t - pts for pts, t in got]
+    assert min(late) >= -0.01  # never early
+    assert late[-1] < 0.25, late  # by frame number at 10 fps the last frame came at 1.4 s, 0.8 s early
+
+
+def test_a_paced_file_with_broken_frame_times_is_played_on_and_says_so(caplog):
+    """A frame time that jumps past MAX_PACE_GAP_S (a broken timestamp) or goes backwards would freeze the picture
+    or play a burst: such a frame comes one frame interval (the nominal 0.1 s) after the one before, said once."""
+    caplog.set_level(logging.WARNING, logger="turbostream")
+    jump = sources.MAX_PACE_GAP_S + 100
+    times = [0.0, 0.1, 0.2, jump, jump + 0.1, 0.5, 0.6]
+    start = time.perf_counter()
+    got = _paced(times)
+    assert time.perf_counter() - start < 5
+    steps = [round(b - a, 1) for (_, a), (_, b) in zip(got, got[1:])]
+    assert steps == [0.1] * 6, steps
+    assert caplog.text.count("frame times in the file") == 1
+    assert "jump 159.8 s ahead" in caplog.text
+
+
+@needs_ffmpeg
+def test_run_realtime_keeps_a_variable_frame_rate_file_on_its_timeline(tmp_path):
+    """`run --realtime` on a real variable-rate file (10 frames at 0.1 s, then 5 at 0.3 s): its frames come by their
+    times in the file and the video output is written on that timeline, the frame before a longer interval held over
+    it. Paced and written by frame number (before), each frame took one slot of the average rate: by 1 s into the
+    video it showed frame 6, where the file (and its sound) is at frame 10."""
+    indexed = make_video(tmp_path / "indexed.avi", n=15, size=(64, 64), fps=10)
+    src = tmp_path / "vfr.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(indexed),
+                    "-vf", "setpts='if(lt(N,10),N/10,1+(N-10)*0.3)/TB'", "-fps_mode", "vfr",
+                    "-c:v", "mpeg4", "-q:v", "2", str(src)], check=True, timeout=60)
+    times = [k / 10 for k in range(10)] + [1 + k * 0.3 for k in range(5)]
+    out = tmp_path / "out.avi"
+    assert cli_run.main(parse("run", "-i", str(src), "-o", str(out), "--realtime"), engine=FakeEngine()) == 0
+    written, fps = read_video(out)
+    shown = [index_of(frame) for frame in written]
+    # Each frame in the slot nearest its time (the first of two in one slot kept), held until the next one's.
+    expected = []
+    for slot in range(len(shown)):
+        first = [k for k, t in enumerate(times) if round(t * fps) == slot]
+        expected.append(first[0] if first else expected[-1])
+    wrong = [(slot, got, want) for slot, (got, want) in enumerate(zip(shown, expected)) if got != want]
+    assert len(wrong) <= 2, (fps, shown, expected)  # a frame or two dropped as stale on a loaded machine
+    assert abs(len(shown) / fps - (times[-1] + 1 / fps)) < 1.5 / fps  # as long as the file

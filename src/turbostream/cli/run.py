@@ -182,14 +182,17 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         fps = capture.fps or cfg.fallback_fps
         if capture.fps is None and any(o.kind in ("video", "stream", "virtualcam") for o in outputs):
             log.info("the source reports no frame rate; video output is written at %g fps", fps)
-        # A live run's video keeps real time: by frame index where the capture paces a file at its own rate, else
-        # (cameras, live streams) by when each frame was read, since their real rate is often not the one they
-        # announce. A file read in order keeps its own timeline (its frames' times): a file whose rate varies stays
-        # in step with its sound.
-        if realtime:
+        # A video file keeps its own timeline (its frames' times), read in order or paced as if live: a file whose
+        # rate varies stays in step with its sound, and a paced file's frames dropped as stale leave the frame
+        # before them held over their time. Other live runs keep real time: by frame index where the capture paces
+        # a folder, else (cameras, live streams) by when each frame was read, since their real rate is often not
+        # the one they announce.
+        if source.kind == "file" and not source.picture:
+            fill_gaps = "pts"
+        elif realtime:
             fill_gaps = "index" if capture.pace else "time"
         else:
-            fill_gaps = "pts" if source.kind == "file" and not source.picture else None
+            fill_gaps = None
         for o in outputs:  # a virtual camera opens here: a missing backend is reported before the model loads
             if o.kind != "window":
                 sinks.append(open_sink(o, fps, (width, height), fill_gaps=fill_gaps, audio=audio))

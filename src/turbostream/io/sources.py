@@ -48,6 +48,9 @@ MIN_SIDE = 8  # a smaller picture cannot be fitted to the engine (codec.check_fr
 # frame count says frames are still to come, a longer hole is read through, up to MAX_HOLE_READS failures.
 MAX_BAD_READS = 100
 MAX_HOLE_READS = 10_000
+# A paced file (`run --realtime`, `serve --source`) shows each frame for as long as the file says, as a player does;
+# a still longer than this is taken for a broken timestamp rather than frozen on (a live show would stop for it).
+MAX_PACE_GAP_S = 60.0
 # A file that ends this many frames (or this share of them) short of the count its container announces is reported
 # as cut short; counts estimated from the duration are often a frame or two off.
 SHORT_END_FRAMES, SHORT_END_SHARE = 2, 0.01
@@ -441,6 +444,7 @@ class CaptureThread:
         self.latest_pts: float | None = None  # the time in the file of the frame latest() returned last
         self._pts_pass, self._pts_offset, self._last_pts = 0, 0.0, 0.0  # a looping file's times go on across passes
         self._pace_chosen = pace is not None
+        self._pace_warned = False  # a paced file's frame times were found unusable once (warned)
         self.transform = transform
         self.open_timeout_s = open_timeout_s
         self.reconnect_delay_s = reconnect_delay_s
@@ -596,6 +600,7 @@ class CaptureThread:
                 if self._stop.is_set():
                     return
         t_start = time.perf_counter()
+        due: float | None = None  # when the frame handed over last was due (pace)
         while not self._stop.is_set():
             frame = self._reader.read() if self._reader is not None else None
             if frame is None and self.loop and self.frames_read and not self._stop.is_set():
@@ -653,11 +658,6 @@ class CaptureThread:
             pass_frames += 1
             if self.transform is not None:
                 frame = self.transform(frame)
-            if self.pace:
-                # Deliver frame k at t_start + k / fps, as a camera would; a slow decode just runs late.
-                delay = t_start + self.frames_read * interval - time.perf_counter()
-                if delay > 0 and self._stop.wait(delay):
-                    break
             # A file's frames carry their time in the file; a looping capture's later passes go on from the first's
             # end (each pass starts at its file's time 0 again), so times only increase.
             pts = getattr(self._reader, "pts_s", None) if self.spec.kind == "file" else None
@@ -665,9 +665,36 @@ class CaptureThread:
                 if self.loops != self._pts_pass:  # a new pass: it starts a frame after the last one handed over
                     self._pts_pass, self._pts_offset = self.loops, self._last_pts + interval - pts
                 pts += self._pts_offset
+            if self.pace:
+                # Deliver each frame when a player would show it, as a camera delivers: a file's frame its time in
+                # the file after the one before (a file whose frame rate varies keeps its timing, and so stays on
+                # its sound), other frames (folders) one frame interval after it. A slow decode just runs late:
+                # the clock is not moved by it.
+                due = t_start if due is None else due + self._pace_step(pts, interval)
+                delay = due - time.perf_counter()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+            if pts is not None:
                 self._last_pts = pts
             self._hand_over(CapturedFrame(self.frames_read, frame, time.perf_counter(), pts))
             self.frames_read += 1
+
+    def _pace_step(self, pts: float | None, interval: float) -> float:
+        """Seconds from the frame handed over last to this one when paced: the difference of their times in the file,
+        or one frame interval where there is no time, where times stop increasing, or over a gap longer than
+        MAX_PACE_GAP_S (a broken timestamp: it would freeze the picture; said once, in a warning)."""
+        if pts is None or self.frames_read == 0:
+            return interval
+        step = pts - self._last_pts
+        if 0 < step <= MAX_PACE_GAP_S:
+            return step
+        if not self._pace_warned:
+            self._pace_warned = True
+            what = ("stop increasing" if step <= 0 else
+                    f"jump {step:.1f} s ahead (more than a {MAX_PACE_GAP_S:.0f} s still: a broken timestamp?)")
+            log.warning("%s: the frame times in the file %s after %.3f s: such frames are played one frame interval "
+                        "apart", self.spec.describe(), what, self._last_pts)
+        return interval
 
     def _hand_over(self, item: CapturedFrame) -> None:
         with self._cond:
