@@ -1,4 +1,5 @@
-"""Options shared by `serve` and `run` for external control: --osc-port, --osc-host, --prompts, --prompt-duration.
+"""Options shared by `serve` and `run` for external control: --osc-port, --osc-host, --osc-feedback, --prompts,
+--prompt-duration.
 
 Everything is checked, and the OSC port bound, before the model loads (which can take minutes).
 """
@@ -9,7 +10,8 @@ import argparse
 import dataclasses
 
 from ..config import MAX_STEPS
-from ..control import Controls, LoraTarget, OscServer, Playlist, load_playlist
+from ..control import Controls, LoraTarget, OscFeedback, OscServer, Playlist, load_playlist
+from ..control.osc_feedback import MAX_TARGETS
 from ..control.playlist import DEFAULT_DURATION_S, check_looks
 from ..errors import UserError
 from .options import stream_params
@@ -22,6 +24,10 @@ def add_control_options(parser: argparse.ArgumentParser, what: str) -> None:
                    help=f"listen for OSC messages on this UDP port (/turbostream/prompt, ...) that change {what}")
     g.add_argument("--osc-host", default="127.0.0.1", metavar="ADDR",
                    help="address the OSC port binds (default: %(default)s; 0.0.0.0 for other machines)")
+    g.add_argument("--osc-feedback", action="append", default=[], metavar="HOST:PORT",
+                   help=f"send the settings of {what} (/turbostream/prompt, /turbostream/strength, ...) to a desk at "
+                        f"this address whenever they change, whoever changed them, so its faders show them; repeat "
+                        f"for up to {MAX_TARGETS} desks")
     g.add_argument("--prompts", default=None, metavar="FILE",
                    help=f"a playlist: one prompt a line (as --prompt: a JSON blend when it starts with '['), "
                         f"optional '| 30s' duration and '| strength=0.6 seed=7 lora=0.8' settings, # comments; "
@@ -58,7 +64,15 @@ def controls_from_args(args: argparse.Namespace, prompt_line: bool | None = None
             osc = OscServer(args.osc_host, args.osc_port)
         except OSError as exc:
             raise UserError(str(exc)) from None
-    return Controls(osc, playlist)
+    feedback = None
+    if args.osc_feedback:
+        try:
+            feedback = OscFeedback(args.osc_feedback)
+        except ValueError as exc:
+            if osc is not None:
+                osc.stop()  # the port bound above
+            raise UserError(str(exc)) from None
+    return Controls(osc, playlist, feedback)
 
 
 def _start_with_first_look(args: argparse.Namespace, playlist: Playlist) -> None:

@@ -220,6 +220,7 @@ def _run(args, engine, cfg: RunConfig, source, outputs, controls: Controls, term
         lora = LoraTarget(getattr(engine_cfg, "loras", ()), pipeline.set_lora_scales,
                           live=getattr(engine_cfg, "lora_live", False))
         controls.start_osc(target, lora=lora)
+        controls.start_feedback(lambda: pipeline.params, lambda: lora)
         if _stdin_is_terminal() and _in_the_foreground():
             PromptLine(pipeline, target=target, lora=lora).start()
         # The playlist's clock starts once the engine is warm (a warm-up of seconds would eat its first look);

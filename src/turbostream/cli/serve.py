@@ -164,10 +164,11 @@ def jpeg_codec(args):
 
 
 def integration_args(args) -> None:
-    """Check --publish, --osc-port and --prompts before the model loads; args.controls holds the bound controls."""
-    if (args.publish or args.osc_port is not None or args.prompts) and args.source is None:
-        raise UserError("--publish, --osc-port and --prompts act on the broadcast of a server-side source: "
-                        "add --source SRC")
+    """Check --publish, --osc-port, --osc-feedback and --prompts before the model loads; args.controls holds the
+    bound controls."""
+    if (args.publish or args.osc_port is not None or args.osc_feedback or args.prompts) and args.source is None:
+        raise UserError("--publish, --osc-port, --osc-feedback and --prompts act on the broadcast of a server-side "
+                        "source: add --source SRC")
     if getattr(args, "loop", False) and (args.source is None or parse_source(args.source).live):
         raise UserError("--loop plays a --source video file or folder of images again at its end: give one "
                         "(cameras and URLs go on by themselves)")

@@ -13,6 +13,8 @@ into the fields of a `config` message for one callback (a RunTarget or a Broadca
 | /turbostream/reuse       | i (or integral f) | feature reuse: full UNet every N frames, 0..8 (0, 1: off)|
 | /turbostream/next        | none, or a number | next playlist prompt (a number 0 is ignored: a button's  |
 | /turbostream/previous    | none, or a number | release); needs --prompts                                |
+| /turbostream/look        | i (or integral f) | go to the playlist's look N, from 1; needs --prompts     |
+| /turbostream/refresh     | none, or a number | send every setting to the --osc-feedback desks now       |
 | /turbostream/lora        | f; or i f; or s f | a LoRA's scale (the only one; number i from 1; name s);  |
 | /turbostream/lora/<i>    | f (or i)          | needs --lora-live; changes every stream (LoraTarget)     |
 
@@ -42,6 +44,7 @@ log = logging.getLogger("turbostream.control")
 PREFIX = "/turbostream/"
 PARAM_ADDRESSES = ("prompt", *SETTINGS)
 STEP_ADDRESSES = ("next", "previous")
+BUTTON_ADDRESSES = (*STEP_ADDRESSES, "refresh")  # none, or one number: 0 is a button's release (ignored)
 LORA_ADDRESSES = ("lora", *(f"lora/{i}" for i in range(1, MAX_LORAS + 1)))  # bounded: kinds are logged per address
 RESULTS = ("applied", "ignored", "rejected", "bad_arguments", "unknown_address", "malformed")
 MAX_DATAGRAM = 65536  # the largest UDP payload; a bigger one is cut by the kernel and fails to parse (malformed)
@@ -136,7 +139,8 @@ class OscServer:
 
     apply(fields) changes the stream (raises ValueError to refuse); playlist: an object with next()/previous(), or
     None; on_result(result) is called once per message (a Prometheus counter's inc, for instance); lora(which,
-    scale) changes a LoRA's scale (a LoraTarget; None: /turbostream/lora is refused).
+    scale) changes a LoRA's scale (a LoraTarget; None: /turbostream/lora is refused); feedback: an object with
+    refresh() (OscFeedback), or None.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000) -> None:
@@ -157,6 +161,7 @@ class OscServer:
         self.playlist = None
         self.on_result: Callable[[str], Any] | None = None
         self.lora: Callable[[int | str | None, float], Any] | None = None
+        self.feedback = None
         self.counts = dict.fromkeys(RESULTS, 0)
         self._logged: set[str] = set()  # kinds of problems already logged: bounded by RESULTS x known addresses
         self._stop = threading.Event()
@@ -164,8 +169,9 @@ class OscServer:
 
     def start(self, apply: Callable[[dict[str, Any]], Any], *, playlist=None,
               on_result: Callable[[str], Any] | None = None,
-              lora: Callable[[int | str | None, float], Any] | None = None) -> OscServer:
+              lora: Callable[[int | str | None, float], Any] | None = None, feedback=None) -> OscServer:
         self.apply, self.playlist, self.on_result, self.lora = apply, playlist, on_result, lora
+        self.feedback = feedback
         self._thread = threading.Thread(target=self._serve, name="turbostream-osc", daemon=True)
         self._thread.start()
         log.info("OSC: listening on udp %s:%d (%s%s)", self.host, self.port, PREFIX, _KNOWN)
@@ -206,7 +212,7 @@ class OscServer:
     def handle_message(self, address: str, args: list[Any], sender: Any = None) -> str:
         """One message -> its result (counted; each kind of problem logged once)."""
         name = address[len(PREFIX):] if address.startswith(PREFIX) else None
-        if name not in PARAM_ADDRESSES + STEP_ADDRESSES + LORA_ADDRESSES:
+        if name not in PARAM_ADDRESSES + BUTTON_ADDRESSES + LORA_ADDRESSES + ("look",):
             return self._count("unknown_address", "unknown_address",
                                f"OSC: ignoring unknown address {_short(address)} from {_who(sender)} "
                                f"(known: {PREFIX}{_KNOWN})")
@@ -214,8 +220,10 @@ class OscServer:
             return self._count("bad_arguments", f"bad_arguments {address}",
                                f"OSC: ignoring {address} with {len(args)} arguments from {_who(sender)}")
         what = f"{address} {' '.join(_short(a, 40) for a in args)}".strip()
-        if name in STEP_ADDRESSES:
-            return self._step(name, args, address, what, sender)
+        if name in BUTTON_ADDRESSES:
+            return self._button(name, args, address, what, sender)
+        if name == "look":
+            return self._look(args, address, what, sender)
         if name in LORA_ADDRESSES:
             return self._lora(name, args, address, what, sender)
         try:
@@ -247,7 +255,24 @@ class OscServer:
         log.log(level, "OSC: %s from %s -> LoRA scales %s", what, _who(sender), list(scales))
         return self._count("applied")
 
-    def _step(self, name: str, args: list[Any], address: str, what: str, sender: Any) -> str:
+    def _look(self, args: list[Any], address: str, what: str, sender: Any) -> str:
+        try:
+            if len(args) != 1:
+                raise BadArguments(f"expected one number (the look, from 1), got {len(args)} arguments")
+            number = _integer(args[0])
+        except BadArguments as exc:
+            return self._count("bad_arguments", f"bad_arguments {address}",
+                               f"OSC: ignoring {what} from {_who(sender)}: {exc}")
+        try:
+            if self.playlist is None:
+                raise ValueError("there is no playlist (start with --prompts FILE)")
+            self.playlist.select(number)
+        except ValueError as exc:
+            return self._count("rejected", f"rejected {address}", f"OSC: refused {what} from {_who(sender)}: {exc}")
+        return self._count("applied")
+
+    def _button(self, name: str, args: list[Any], address: str, what: str, sender: Any) -> str:
+        """next, previous and refresh: no argument, or a button's value (0, its release, is ignored)."""
         if len(args) > 1:
             return self._count("bad_arguments", f"bad_arguments {address}",
                                f"OSC: ignoring {what} from {_who(sender)}: expected no argument or one number")
@@ -259,6 +284,13 @@ class OscServer:
                                    f"OSC: ignoring {what} from {_who(sender)}: {exc}")
             if not pressed:
                 return self._count("ignored")  # a button's release
+        if name == "refresh":
+            if self.feedback is None:
+                return self._count("ignored", f"ignored {address}",
+                                   f"OSC: {address} needs a desk to send to (start with --osc-feedback HOST:PORT); "
+                                   "ignored")
+            self.feedback.refresh()
+            return self._count("applied")
         if self.playlist is None:
             return self._count("ignored", f"ignored {address}",
                                f"OSC: {address} needs a playlist (start with --prompts FILE); ignored")
@@ -314,7 +346,8 @@ def split_datagram(data: bytes, depth: int = 0) -> list:
     return [OscMessage(data)]
 
 
-_KNOWN = "{" + ",".join(PARAM_ADDRESSES + STEP_ADDRESSES + ("lora", f"lora/<1-{MAX_LORAS}>")) + "}"
+_KNOWN = "{" + ",".join(PARAM_ADDRESSES + STEP_ADDRESSES + ("look",) + ("lora", f"lora/<1-{MAX_LORAS}>")
+                         + ("refresh",)) + "}"
 
 
 def _who(sender: Any) -> str:

@@ -215,10 +215,10 @@ class Playlist:
         self.apply = apply
         self.lora = None  # a LoraTarget, for looks that set LoRA scales
         self.index = 0
-        self.steps = {"time": 0, "next": 0, "previous": 0}  # how each step came about (tests, logs)
+        self.steps = {"time": 0, "next": 0, "previous": 0, "select": 0}  # how each step came about (tests, logs)
         self._cond = threading.Condition()
         self._pending = 0  # net steps asked for by next()/previous() and not yet taken, modulo the length
-        self._asked: str | None = None  # the last of those: "next" or "previous"
+        self._asked: str | None = None  # the last of those: "next", "previous" or "select"
         self._deadline = 0.0
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -248,6 +248,17 @@ class Playlist:
     def previous(self) -> None:
         """Step back now (any thread)."""
         self._step(-1)
+
+    def select(self, number: int) -> None:
+        """Go to look `number` (from 1, in file order) now (any thread); ValueError if there is no such look."""
+        if not 1 <= number <= len(self.looks):
+            raise ValueError(f"no look {number}: the playlist has {len(self.looks)}, numbered from 1")
+        with self._cond:
+            # As a step from where the playlist is now: a later next()/previous() counts from the chosen look.
+            self._pending = (number - 1 - self.index) % len(self.looks)
+            self._asked = "select"
+            self.steps["select"] += 1
+            self._cond.notify()
 
     def _step(self, delta: int) -> None:
         with self._cond:

@@ -1,5 +1,6 @@
 """What `serve --source` adds around the broadcast for installations and streamers: OSC messages and a prompt
-playlist that change it (viewers get the usual `config` message), and stream URLs it is published to
+playlist that change it (viewers get the usual `config` message), OSC feedback of its settings to desks, and stream
+URLs it is published to
 (`--publish`: a media server or CDN fans it out to any number of viewers, not this process).
 
 Counted in /metrics: turbostream_osc_messages_total{result}, turbostream_publish_up,
@@ -56,6 +57,10 @@ class Integrations:
                                     lora=self.server.change_lora)  # the model's LoRAs: every stream
         if self.controls.playlist is not None:
             self._task = loop.create_task(self._start_playlist(loop))
+        # The broadcast's settings, whoever changed them (OSC, the playlist, a viewer with the control token), and
+        # the model's LoRA scales, once the engine is loaded.
+        self.controls.start_feedback(lambda: broadcast.stream.params if broadcast.stream is not None else None,
+                                     lambda: self.server.lora_target)
 
     async def _start_playlist(self, loop: asyncio.AbstractEventLoop) -> None:
         """The playlist's clock starts once the broadcast runs (model loading can take minutes)."""
