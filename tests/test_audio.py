@@ -17,7 +17,7 @@ from test_runner import FakeEngine, index_of, make_video, parse, read_video
 
 from turbostream.cli import run as cli_run
 from turbostream.io.audio import audio_arguments, parse_audio_stream
-from turbostream.io.stream import FFMPEG_ENV
+from turbostream.io.ffmpeg import FFMPEG_ENV
 
 FFMPEG, FFPROBE = shutil.which("ffmpeg"), shutil.which("ffprobe")
 needs_ffmpeg = pytest.mark.skipif(FFMPEG is None or FFPROBE is None,

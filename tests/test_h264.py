@@ -18,7 +18,7 @@ from test_runner import FakeEngine, index_of, indexed_frame, make_video, parse, 
 
 from turbostream.cli import run as cli_run
 from turbostream.io import sinks
-from turbostream.io.stream import FFMPEG_ENV
+from turbostream.io.ffmpeg import FFMPEG_ENV
 
 FFMPEG, FFPROBE = shutil.which("ffmpeg"), shutil.which("ffprobe")
 pytestmark = pytest.mark.skipif(FFMPEG is None or FFPROBE is None,

@@ -24,8 +24,9 @@ from turbostream.cli import run as cli_run
 from turbostream.codec import fit_frame
 from turbostream.errors import SinkError
 from turbostream.io import sinks
+from turbostream.io.ffmpeg import FFMPEG_ENV
 from turbostream.io.sources import redact
-from turbostream.io.stream import FFMPEG_ENV, StreamSink, check_stream_output
+from turbostream.io.stream import StreamSink, check_stream_output
 
 FFMPEG = shutil.which("ffmpeg")
 needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg program (apt-get install ffmpeg)")

@@ -23,8 +23,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ffmpeg import INSTALL_FFMPEG, ffmpeg_program
 from .sources import SourceSpec
-from .stream import INSTALL_FFMPEG, ffmpeg_program
 
 log = logging.getLogger("turbostream.audio")
 

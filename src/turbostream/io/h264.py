@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stream import STDERR_LINES, drain_stderr, ffmpeg_lists, ffmpeg_messages, ffmpeg_program, lists_libx264
+from .ffmpeg import STDERR_LINES, drain_stderr, ffmpeg_lists, ffmpeg_messages, ffmpeg_program, lists_libx264
 
 H264_SUFFIXES = (".mp4", ".mov", ".mkv")  # .avi stays MJPG (every frame a picture: simple to edit)
 CRF = 18  # x264's constant quality: 18 is close to the frames as they left the engine, a third of mp4v's bytes

@@ -29,9 +29,10 @@ import numpy as np
 
 from ..errors import SinkError, path_stat
 from .audio import AudioError, SourceAudio, remux_with_audio
+from .ffmpeg import INSTALL_FFMPEG
 from .h264 import H264_SUFFIXES, H264Writer, h264_program
 from .sources import SourceSpec, redact
-from .stream import INSTALL_FFMPEG, STREAM_FORMATS, StreamSink, check_stream_output, is_stream_url
+from .stream import STREAM_FORMATS, StreamSink, check_stream_output, is_stream_url
 from .virtualcam import VirtualCamSink, parse_virtualcam, virtualcam_module
 
 log = logging.getLogger("turbostream.sinks")

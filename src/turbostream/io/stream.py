@@ -25,12 +25,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
 from collections import deque
-from functools import lru_cache
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -38,6 +36,15 @@ import cv2
 import numpy as np
 
 from ..errors import SinkError
+from .ffmpeg import (
+    INSTALL_FFMPEG,
+    STDERR_LINES,
+    drain_stderr,
+    ffmpeg_lists,
+    ffmpeg_messages,
+    ffmpeg_program,
+    lists_libx264,
+)
 from .paced import PacedSink
 from .sources import redact
 
@@ -48,47 +55,16 @@ log = logging.getLogger("turbostream.sinks")
 
 # URL scheme -> ffmpeg output format.
 STREAM_FORMATS = {"rtmp": "flv", "rtmps": "flv", "srt": "mpegts", "rtsp": "rtsp", "udp": "mpegts"}
-FFMPEG_ENV = "TURBOSTREAM_FFMPEG"  # the ffmpeg program to use, when it is not `ffmpeg` on PATH
 RETRY_S, RETRY_MAX_S = 1.0, 30.0  # first wait after a failure, doubling up to this
 STREAMING_AFTER_S = 2.0  # a process that took frames this long is streaming: the failure count starts over
 IO_TIMEOUT_US = 10_000_000  # ffmpeg gives up on a connection or a write that hangs for 10 s (then we retry)
 BITS_PER_PIXEL = 0.15  # bitrate = width x height x fps x this (1.2 Mbit/s at 512x512, 30 fps), at least:
 MIN_BITRATE = 400_000
-STDERR_LINES = 12  # ffmpeg's last messages kept to explain a failure
-_FFMPEG_PREFIX = re.compile(r"^\[[\w\s#:./-]+ @ (?:0x)?[0-9a-fA-F]+\]\s*")
-INSTALL_FFMPEG = ("install FFmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; Windows: "
-                  f"winget install ffmpeg), or point {FFMPEG_ENV} at an ffmpeg program")
 
 
 def is_stream_url(text: str) -> bool:
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(text).strip())  # urlsplit raises on "udp://[::1:9"
     return scheme is not None and scheme.group(1).lower() in STREAM_FORMATS
-
-
-def ffmpeg_program() -> str | None:
-    """The ffmpeg to run: $TURBOSTREAM_FFMPEG, else `ffmpeg` on PATH; None when there is none."""
-    configured = os.environ.get(FFMPEG_ENV)
-    if configured:
-        return shutil.which(configured) or (configured if os.access(configured, os.X_OK) else None)
-    return shutil.which("ffmpeg")
-
-
-@lru_cache(maxsize=8)
-def ffmpeg_lists(program: str) -> tuple[str, str, str]:
-    """(encoders, protocols, formats) as ffmpeg lists them; empty strings when it cannot be run."""
-    out = []
-    for what in ("-encoders", "-protocols", "-formats"):
-        try:
-            out.append(subprocess.run([program, "-hide_banner", what], capture_output=True, text=True,
-                                      timeout=20).stdout)
-        except (OSError, subprocess.SubprocessError):
-            out.append("")
-    return out[0], out[1], out[2]
-
-
-def lists_libx264(encoders: str) -> bool:
-    """Whether `ffmpeg -encoders` listed the H.264 encoder turbostream uses."""
-    return re.search(r"^\s*V\S*\s+libx264\s", encoders, re.MULTILINE) is not None
 
 
 def check_stream_output(url: str, option: str = "-o") -> None:
@@ -308,25 +284,3 @@ class StreamSink(PacedSink):
         if self.failures:
             text += f", {self.failures} failed attempts (last: {self.last_error})"
         return text
-
-
-def ffmpeg_messages(tail, last: int | None = None) -> str:
-    """ffmpeg's distinct messages among the `last` lines of its stderr kept in `tail` (all: None), without the
-    "[libx264 @ 0x55...]" prefixes, joined by "; "; "" when it said nothing."""
-    lines = [_FFMPEG_PREFIX.sub("", line).strip() for line in tail]
-    lines = [line for line in lines if line]
-    return "; ".join(dict.fromkeys(lines[-last:] if last else lines))
-
-
-def drain_stderr(pipe, tail: deque[str]) -> None:
-    """Read ffmpeg's stderr to its end (a full pipe would stall it), keeping the last lines."""
-    try:
-        for raw in iter(pipe.readline, b""):
-            tail.append(raw.decode("utf-8", "replace").rstrip()[:500])
-    except (OSError, ValueError):
-        pass
-    finally:
-        try:
-            pipe.close()
-        except OSError:
-            pass
