@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     add_engine_options(p, lora_live=True)
     g = p.add_argument_group("run")
     g.add_argument("--input", "-i", required=True, metavar="SRC",
-                   help="camera index (0), video file, RTSP/HTTP URL or folder of images")
+                   help="camera index (0), video file, stream URL (rtsp://, rtmp://, http(s)://, udp://, srt://) or "
+                        "folder of images")
     g.add_argument("--output", "-o", dest="outputs", action="append", required=True, metavar="DST",
                    help="'window', a video file (.mp4/.mov/.mkv/.avi), a folder of images, a stream URL (rtmp://, "
                         "srt://, rtsp://, udp://) or 'virtualcam'; repeat for several")

@@ -34,7 +34,7 @@ from ..errors import SourceError, path_stat
 log = logging.getLogger("turbostream.sources")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp")
+URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "srt")  # srt: through ffmpeg (ffmpeg_reader.py)
 # A frame rate outside this range is a container's placeholder (0, 90000...), not a real rate. Slideshows and
 # timelapses run below 1 fps (0.2: a picture every 5 s); 0.01 is a frame every 100 s.
 SANE_FPS = (0.01, 240.0)
@@ -151,6 +151,10 @@ def parse_source(text: str) -> SourceSpec:
                 f"unsupported URL scheme {scheme!r} in {redact(spec)}: use one of "
                 + ", ".join(f"{s}://" for s in URL_SCHEMES)
             )
+        if scheme == "srt":
+            from .ffmpeg_reader import check_ffmpeg_source  # (it imports this module)
+
+            check_ffmpeg_source(spec)  # a listener URL, or no ffmpeg: said before the model loads
         return SourceSpec("url", spec, spec)
     path = Path(spec).expanduser()
     found = path_stat(path, spec, SourceError)
@@ -386,10 +390,15 @@ class FolderReader:
         self._files.clear()
 
 
-def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S) -> VideoReader | FolderReader:
-    """Open a source (blocking; network sources give up after open_timeout_s); SourceError if it cannot be used."""
+def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S):
+    """Open a source (blocking; network sources give up after open_timeout_s): a FolderReader, an FfmpegReader
+    (srt://) or a VideoReader; SourceError if it cannot be used."""
     if spec.kind == "folder" or spec.picture:
         return FolderReader(spec)
+    from .ffmpeg_reader import FfmpegReader, reads_through_ffmpeg  # (it imports this module)
+
+    if reads_through_ffmpeg(spec):
+        return FfmpegReader(spec, open_timeout_s)
     return VideoReader(spec, open_timeout_s)
 
 

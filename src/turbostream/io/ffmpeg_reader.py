@@ -1,0 +1,170 @@
+"""srt:// sources: a stream OpenCV's own FFmpeg cannot open, read through the ffmpeg program as raw RGB frames.
+
+SRT is how OBS, vMix, TouchDesigner and media servers (MediaMTX, SRT gateways) send video over a network, and the
+FFmpeg that OpenCV's wheels bundle has no SRT. The system's ffmpeg (Debian's, Homebrew's and the Windows builds have
+libsrt) decodes the stream and writes its frames to our pipe as uint8 RGB; its stderr says their size and rate
+before the first frame ("Output #0 ... rawvideo ... WxH ... N fps"), which is how the reader learns them.
+
+turbostream is the caller: the sender listens (OBS: `srt://0.0.0.0:9000?mode=listener` as its server; MediaMTX:
+`srt://HOST:8890?streamid=read:PATH`). A reader that waits for a sender to call it would be opened with no time
+limit, which the capture's open timeout and the server's reopening of a lost source do not allow for.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+import time
+from collections import deque
+from urllib.parse import parse_qsl, urlsplit
+
+import numpy as np
+
+from ..errors import SourceError
+from .ffmpeg import INSTALL_FFMPEG, STDERR_LINES, ffmpeg_messages, ffmpeg_program
+from .sources import SANE_FPS, SourceSpec, redact
+
+log = logging.getLogger("turbostream.sources")
+
+FFMPEG_SCHEMES = ("srt",)  # URL schemes read through the ffmpeg program rather than OpenCV
+# ffmpeg looks at the stream this long before it starts decoding (its default is 5 s, which a viewer waits through
+# at every connect); a sender's keyframe interval longer than this still works: the frame size is learnt from the
+# first decoded frame.
+ANALYZE_S = 1.0
+MAX_SIDE = 8192  # a frame size past this in ffmpeg's report is not believed (a frame would be 200 MB)
+_OUTPUT_STREAM = re.compile(r"Stream #\d+:\d+.*?: Video: rawvideo\b.*?, (\d+)x(\d+)")
+_FPS = re.compile(r", (\d+(?:\.\d+)?) fps\b")
+
+
+def reads_through_ffmpeg(spec: SourceSpec) -> bool:
+    return spec.kind == "url" and str(spec.target).lower().split("://", 1)[0] in FFMPEG_SCHEMES
+
+
+def check_ffmpeg_source(url: str) -> None:
+    """What can be known about an srt:// source before opening it; SourceError with what to do."""
+    query = dict((k.lower(), v.lower()) for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    if query.get("mode") in ("listener", "rendezvous"):
+        raise SourceError(f"{redact(url)}: turbostream calls SRT senders, it does not listen for them: make the "
+                          "sender the listener (OBS: srt://0.0.0.0:9000?mode=listener as its server) and give "
+                          "its address here (srt://HOST:9000)")
+    if ffmpeg_program() is None:
+        raise SourceError(f"{redact(url)}: srt:// sources are read through FFmpeg, and no ffmpeg program was "
+                          f"found: {INSTALL_FFMPEG}")
+
+
+class FfmpegReader:
+    """An srt:// stream through an ffmpeg child; opening waits (up to open_timeout_s) for the stream's first frame.
+
+    read() -> uint8 RGB (H, W, 3), or None once the stream ends or stalls (ffmpeg gives up on a read that waits
+    longer than open_timeout_s, and exits): the capture then opens it again, as it does any live URL.
+    """
+
+    finite = False  # a live stream: opening it again is a reconnect, not a replay
+    frame_count = None
+
+    def __init__(self, spec: SourceSpec, open_timeout_s: float) -> None:
+        self.spec = spec
+        url = str(spec.target)
+        check_ffmpeg_source(url)
+        self._url, self._shown = url, redact(url)
+        self.frames_read = 0
+        self.fps: float | None = None
+        self.size: tuple[int, int] = (0, 0)
+        self._tail: deque[str] = deque(maxlen=STDERR_LINES)
+        self._header = threading.Event()
+        command = [
+            ffmpeg_program(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "info",
+            "-fflags", "nobuffer", "-analyzeduration", str(int(ANALYZE_S * 1e6)),
+            "-rw_timeout", str(int(open_timeout_s * 1e6)),  # connecting, and every read after, in microseconds
+            "-i", url, "-map", "0:v:0", "-an", "-sn", "-dn", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+        ]
+        try:
+            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise SourceError(f"could not start ffmpeg for {spec.describe()}: {exc}") from None
+        self._stderr = threading.Thread(target=self._read_stderr, name="turbostream ffmpeg source log", daemon=True)
+        self._stderr.start()
+        # ffmpeg's own timeout bounds the connect; the margin covers the stream analysis and a first keyframe.
+        deadline = time.monotonic() + open_timeout_s + ANALYZE_S + 5.0
+        while not self._header.wait(0.05):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.release()
+                said = ffmpeg_messages(self._tail, last=3)
+                raise SourceError(f"could not open {spec.describe()}: "
+                                  + (said or f"no video came within {open_timeout_s:.0f} s"))
+        width, height = self.size
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+            self.release()
+            raise SourceError(f"{spec.describe()}: ffmpeg reports frames of {width}x{height}, which cannot be used")
+        self._first = self._read_frame()
+        if self._first is None:
+            self.release()
+            said = ffmpeg_messages(self._tail, last=3)
+            raise SourceError(f"{spec.describe()} opened but delivered no frame" + (f": {said}" if said else ""))
+
+    def _read_stderr(self) -> None:
+        """ffmpeg's messages: the output stream's size and rate once, the last lines kept to explain a failure."""
+        output = False
+        try:
+            for raw in iter(self._proc.stderr.readline, b""):
+                # ffmpeg names the URL in its messages, with the passphrase or stream id in it: shown redacted.
+                line = raw.decode("utf-8", "replace").rstrip().replace(self._url, self._shown)[:500]
+                if not self._header.is_set():
+                    output = output or line.startswith("Output #0")
+                    match = _OUTPUT_STREAM.search(line) if output else None
+                    if match:
+                        self.size = (int(match.group(1)), int(match.group(2)))
+                        fps = _FPS.search(line)
+                        rate = float(fps.group(1)) if fps else 0.0
+                        self.fps = rate if SANE_FPS[0] <= rate <= SANE_FPS[1] else None
+                        self._header.set()
+                        continue
+                if line.strip() and not line.startswith(" "):  # messages, not the stream listing
+                    self._tail.append(line)
+        except (OSError, ValueError):
+            pass
+
+    def _read_frame(self) -> np.ndarray | None:
+        width, height = self.size
+        buffer = bytearray(width * height * 3)
+        view, got = memoryview(buffer), 0
+        while got < len(buffer):
+            try:
+                n = self._proc.stdout.readinto(view[got:])
+            except (OSError, ValueError):  # the pipe closed under us (release() from another thread)
+                return None
+            if not n:
+                return None  # ffmpeg ended: the sender stopped, or a read timed out
+            got += n
+        return np.frombuffer(buffer, np.uint8).reshape(height, width, 3)
+
+    def read(self) -> np.ndarray | None:
+        if self._first is not None:
+            frame, self._first = self._first, None
+        else:
+            frame = self._read_frame()
+        if frame is None:
+            if self._proc.poll() not in (None, 0):
+                said = ffmpeg_messages(self._tail, last=2)
+                if said:
+                    log.info("%s: ffmpeg stopped reading: %s", self.spec.describe(), said)
+            return None
+        self.frames_read += 1
+        return frame
+
+    def release(self) -> None:
+        proc = self._proc
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        for pipe in (proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass

@@ -1,0 +1,126 @@
+"""srt:// sources (io/ffmpeg_reader.py): an SRT sender on loopback (ffmpeg in listener mode, as OBS is set up) read
+through the ffmpeg program, a sender that stalls, and the refusals said before the model loads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import cv2
+import pytest
+from test_runner import FakeEngine, parse
+
+from turbostream.cli import run as cli_run
+from turbostream.errors import SourceError
+from turbostream.io.ffmpeg import FFMPEG_ENV, ffmpeg_lists, ffmpeg_program
+from turbostream.io.sources import CaptureThread, parse_source
+
+
+def _has_srt() -> bool:
+    program = ffmpeg_program()
+    return program is not None and " srt" in ffmpeg_lists(program)[1]
+
+
+needs_srt = pytest.mark.skipif(not _has_srt(), reason="needs an ffmpeg with SRT (.ci/run installs Debian's)")
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bound(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def srt_sender(seconds: float = 30, passphrase: str | None = None):
+    """An SRT listener sending a red 96x80 picture at 10 fps (H.264 in MPEG-TS, as OBS sends it): (process, URL)."""
+    port = _free_udp_port()
+    url = f"srt://127.0.0.1:{port}?mode=listener" + (f"&passphrase={passphrase}" if passphrase else "")
+    proc = subprocess.Popen(["ffmpeg", "-v", "error", "-nostdin", "-re", "-f", "lavfi", "-i",
+                             "color=c=red:size=96x80:rate=10", "-t", str(seconds), "-c:v", "libx264", "-tune",
+                             "zerolatency", "-g", "10", "-f", "mpegts", url])
+    try:
+        deadline = time.monotonic() + 20
+        while not _bound(port):  # the listener is up once its port is taken
+            assert proc.poll() is None and time.monotonic() < deadline, "the SRT sender did not start"
+            time.sleep(0.05)
+        yield proc, f"srt://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+@needs_srt
+def test_an_srt_stream_is_read_as_it_comes():
+    with srt_sender() as (_, url):
+        capture = CaptureThread(url).start()
+        try:
+            assert capture.size == (96, 80) and capture.fps == 10.0
+            frames = [capture.take(10.0) for _ in range(5)]
+        finally:
+            capture.close()
+    assert all(item is not None for item in frames)
+    assert [item.index for item in frames] == sorted(item.index for item in frames)
+    red, green, blue = frames[-1].frame[40, 48]
+    assert red > 240 and green < 15 and blue < 15  # RGB, as every source hands it over
+
+
+@needs_srt
+def test_run_stylizes_an_srt_stream_into_a_file(tmp_path):
+    """`run -i srt://HOST:PORT -o out.avi`: OBS (or any SRT sender) into turbostream, as a live source."""
+    out = tmp_path / "out.avi"
+    with srt_sender() as (_, url):
+        assert cli_run.main(parse("run", "-i", url, "-o", str(out), "--max-frames", "8"), engine=FakeEngine()) == 0
+    video = cv2.VideoCapture(str(out))
+    ok, first = video.read()
+    video.release()
+    assert ok and first[32, 32, 2] > 200  # red (OpenCV reads BGR)
+
+
+@needs_srt
+def test_a_stalled_srt_sender_is_given_up_and_reconnected_then_reported(caplog):
+    """A sender that stops sending without closing (a frozen machine, a cable pulled): ffmpeg gives up on the read
+    after the open timeout, the capture reconnects, and with the sender still gone reports the loss."""
+    with srt_sender() as (sender, url):
+        capture = CaptureThread(url, open_timeout_s=2, reconnect=1, reconnect_delay_s=0.1).start()
+        try:
+            assert capture.take(10.0) is not None
+            sender.send_signal(signal.SIGSTOP)
+            start = time.monotonic()
+            while capture.take(1.0) is not None or not capture.ended:
+                assert time.monotonic() - start < 30, "a stalled stream was never given up"
+            assert "lost srt://127.0.0.1:" in capture.error and capture.reconnects == 1
+        finally:
+            capture.close()
+
+
+@needs_srt
+def test_a_wrong_passphrase_is_said_without_the_passphrase():
+    with srt_sender(passphrase="the-right-one-1") as (_, url):
+        with pytest.raises(SourceError) as info:
+            CaptureThread(f"{url}?passphrase=a-wrong-one-22", open_timeout_s=3).start()
+    message = str(info.value)
+    assert "passphrase=***" in message and "a-wrong-one-22" not in message
+    assert "could not open srt://127.0.0.1:" in message
+
+
+def test_an_srt_listener_or_no_ffmpeg_is_refused_before_anything_opens(monkeypatch):
+    with pytest.raises(SourceError, match="turbostream calls SRT senders, it does not listen"):
+        parse_source("srt://0.0.0.0:9000?mode=listener")
+    monkeypatch.setenv(FFMPEG_ENV, os.devnull + "-no-ffmpeg-here")
+    with pytest.raises(SourceError, match="srt:// sources are read through FFmpeg, and no ffmpeg program was found"):
+        parse_source("srt://127.0.0.1:9000")
