@@ -80,15 +80,35 @@ def test_an_srt_stream_is_read_as_it_comes():
 
 
 @needs_srt
-def test_run_stylizes_an_srt_stream_into_a_file(tmp_path):
-    """`run -i srt://HOST:PORT -o out.avi`: OBS (or any SRT sender) into turbostream, as a live source."""
+def test_a_round_trip_over_srt_and_into_a_file(tmp_path):
+    """OBS or TouchDesigner listening both ways (README: "A round trip over SRT"): `run -i srt://... -o srt://...
+    -o out.avi` calls the sender, and calls the receiver with the stylized stream, as H.264."""
+    port = _free_udp_port()
+    received = tmp_path / "received.ts"
+    receiver = subprocess.Popen(["ffmpeg", "-v", "error", "-nostdin", "-y", "-i",
+                                 f"srt://127.0.0.1:{port}?mode=listener", "-c", "copy", str(received)])
     out = tmp_path / "out.avi"
-    with srt_sender() as (_, url):
-        assert cli_run.main(parse("run", "-i", url, "-o", str(out), "--max-frames", "8"), engine=FakeEngine()) == 0
+    try:
+        deadline = time.monotonic() + 20
+        while not _bound(port):
+            assert receiver.poll() is None and time.monotonic() < deadline, "the SRT receiver did not start"
+            time.sleep(0.05)
+        with srt_sender() as (_, url):
+            argv = ["-i", url, "-o", f"srt://127.0.0.1:{port}", "-o", str(out), "--max-frames", "20"]
+            assert cli_run.main(parse("run", *argv), engine=FakeEngine()) == 0
+        receiver.wait(30)  # the stream's end ends the receiver's file
+    finally:
+        receiver.kill()
+        receiver.wait()
     video = cv2.VideoCapture(str(out))
     ok, first = video.read()
     video.release()
     assert ok and first[32, 32, 2] > 200  # red (OpenCV reads BGR)
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-count_frames", "-show_entries",
+                            "stream=codec_name,nb_read_frames", "-of", "csv=p=0", str(received)],
+                           capture_output=True, text=True, timeout=60).stdout.strip()
+    codec, frames = probe.splitlines()[0].split(",")[:2]  # the stream (its program is listed after it)
+    assert codec == "h264" and int(frames) >= 5, probe
 
 
 @needs_srt
