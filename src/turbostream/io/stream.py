@@ -156,6 +156,7 @@ class StreamSink(PacedSink):
                  on_failure=None, audio: SourceAudio | None = None) -> None:
         super().__init__(fps, size)
         self.audio = audio  # the source file's sound, sent beside the pictures (frames written with their pts)
+        self.audio_from_s: float | None = None  # with audio: where in the file the latest session's sound starts
         self.url = url
         self.path = self.shown = redact(url)  # `path`: what SinkThread calls it
         self.bitrate = bitrate or default_bitrate(size, fps)
@@ -194,8 +195,9 @@ class StreamSink(PacedSink):
         """One ffmpeg process, fed until it fails (returns why) or the sink closes (returns None)."""
         self._streamed = False
         # The sound starts where the pictures do: the time in the file of the newest frame (0 before any).
-        cmd = ffmpeg_command(self.program, self.url, self.size, self.fps, self.bitrate, self.audio,
-                             self.slot_time or 0.0)
+        start = self.slot_time or 0.0
+        self.audio_from_s = start if self.audio is not None else None
+        cmd = ffmpeg_command(self.program, self.url, self.size, self.fps, self.bitrate, self.audio, start)
         try:
             # Its own session: a terminal's Ctrl-C goes to the whole foreground process group, and an ffmpeg killed
             # by it mid-stream is a failed attempt and unflushed packets; it ends when its stdin is closed.
