@@ -118,6 +118,13 @@ def lora_arguments(name: str, args: list[Any]) -> tuple[int | str | None, float]
     return which, _number(args[1])
 
 
+def look_argument(args: list[Any]) -> int:
+    """The look number (from 1) of /turbostream/look."""
+    if len(args) != 1:
+        raise BadArguments(f"expected one number (the look, from 1), got {len(args)} arguments")
+    return _integer(args[0])
+
+
 def fields_for(name: str, args: list[Any]) -> dict[str, Any]:
     """The config fields of /turbostream/<name> with these arguments; BadArguments if they do not fit."""
     if len(args) != 1:
@@ -223,53 +230,39 @@ class OscServer:
         if name in BUTTON_ADDRESSES:
             return self._button(name, args, address, what, sender)
         if name == "look":
-            return self._look(args, address, what, sender)
+            return self._change(address, what, sender, lambda: look_argument(args), self._select_look)
         if name in LORA_ADDRESSES:
-            return self._lora(name, args, address, what, sender)
+            return self._change(address, what, sender, lambda: lora_arguments(name, args), self._set_lora,
+                                lambda scales: f"LoRA scales {list(scales)}")
+        return self._change(address, what, sender, lambda: fields_for(name, args), self.apply, str)
+
+    def _change(self, address: str, what: str, sender: Any, parse: Callable[[], Any], act: Callable[[Any], Any],
+                describe: Callable[[Any], str] | None = None) -> str:
+        """A message that changes something: `parse()` its arguments (BadArguments: bad_arguments), `act` on them
+        (ValueError: rejected), else applied; the first applied one logged at INFO with describe(act's result)."""
         try:
-            fields = fields_for(name, args)
+            parsed = parse()
         except BadArguments as exc:
             return self._count("bad_arguments", f"bad_arguments {address}",
                                f"OSC: ignoring {what} from {_who(sender)}: {exc}")
         try:
-            params = self.apply(fields)
+            outcome = act(parsed)
         except ValueError as exc:
             return self._count("rejected", f"rejected {address}", f"OSC: refused {what} from {_who(sender)}: {exc}")
-        level = logging.INFO if self.counts["applied"] == 0 else logging.DEBUG
-        log.log(level, "OSC: %s from %s -> %s", what, _who(sender), params)
+        if describe is not None:
+            level = logging.INFO if self.counts["applied"] == 0 else logging.DEBUG
+            log.log(level, "OSC: %s from %s -> %s", what, _who(sender), describe(outcome))
         return self._count("applied")
 
-    def _lora(self, name: str, args: list[Any], address: str, what: str, sender: Any) -> str:
-        try:
-            which, scale = lora_arguments(name, args)
-        except BadArguments as exc:
-            return self._count("bad_arguments", f"bad_arguments {address}",
-                               f"OSC: ignoring {what} from {_who(sender)}: {exc}")
-        try:
-            if self.lora is None:
-                raise ValueError("LoRA scales cannot be changed here")
-            scales = self.lora(which, scale)
-        except ValueError as exc:
-            return self._count("rejected", f"rejected {address}", f"OSC: refused {what} from {_who(sender)}: {exc}")
-        level = logging.INFO if self.counts["applied"] == 0 else logging.DEBUG
-        log.log(level, "OSC: %s from %s -> LoRA scales %s", what, _who(sender), list(scales))
-        return self._count("applied")
+    def _set_lora(self, which_and_scale: tuple[int | str | None, float]) -> tuple[float, ...]:
+        if self.lora is None:
+            raise ValueError("LoRA scales cannot be changed here")
+        return self.lora(*which_and_scale)
 
-    def _look(self, args: list[Any], address: str, what: str, sender: Any) -> str:
-        try:
-            if len(args) != 1:
-                raise BadArguments(f"expected one number (the look, from 1), got {len(args)} arguments")
-            number = _integer(args[0])
-        except BadArguments as exc:
-            return self._count("bad_arguments", f"bad_arguments {address}",
-                               f"OSC: ignoring {what} from {_who(sender)}: {exc}")
-        try:
-            if self.playlist is None:
-                raise ValueError("there is no playlist (start with --prompts FILE)")
-            self.playlist.select(number)
-        except ValueError as exc:
-            return self._count("rejected", f"rejected {address}", f"OSC: refused {what} from {_who(sender)}: {exc}")
-        return self._count("applied")
+    def _select_look(self, number: int) -> None:
+        if self.playlist is None:
+            raise ValueError("there is no playlist (start with --prompts FILE)")
+        self.playlist.select(number)
 
     def _button(self, name: str, args: list[Any], address: str, what: str, sender: Any) -> str:
         """next, previous and refresh: no argument, or a button's value (0, its release, is ignored)."""
