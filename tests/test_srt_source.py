@@ -144,3 +144,37 @@ def test_an_srt_listener_or_no_ffmpeg_is_refused_before_anything_opens(monkeypat
     monkeypatch.setenv(FFMPEG_ENV, os.devnull + "-no-ffmpeg-here")
     with pytest.raises(SourceError, match="srt:// sources are read through FFmpeg, and no ffmpeg program was found"):
         parse_source("srt://127.0.0.1:9000")
+
+
+@needs_srt
+def test_serve_broadcasts_an_srt_source_to_its_viewers(engine):
+    """`serve --source srt://...`: the sender's frames are stylized once and reach a /view viewer as JPEGs."""
+    import asyncio
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from turbostream.config import ServerConfig
+    from turbostream.serve import TurboServer
+    from turbostream.serve.server import default_capture
+
+    async def main(url):
+        server = TurboServer(engine, ServerConfig(port=0, source=url), capture_factory=default_capture)
+        await server.start()
+        try:
+            assert await server.wait_ready(30)
+            async with connect(f"ws://127.0.0.1:{server.port}/view/ws", max_size=2**23) as viewer:
+                states, frames = [], 0
+                async with asyncio.timeout(30):
+                    while frames < 3:
+                        message = await viewer.recv()
+                        if isinstance(message, bytes):
+                            frames += 1
+                        elif (obj := json.loads(message))["type"] == "source":
+                            states.append(obj["state"])
+                assert "live" in states
+        finally:
+            await server.stop()
+
+    with srt_sender() as (_, url):
+        asyncio.run(asyncio.wait_for(main(url), 60))
