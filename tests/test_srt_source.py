@@ -138,11 +138,20 @@ def test_a_wrong_passphrase_is_said_without_the_passphrase():
     assert "could not open srt://127.0.0.1:" in message
 
 
-def test_an_srt_listener_or_no_ffmpeg_is_refused_before_anything_opens(monkeypatch):
+def test_an_srt_source_that_cannot_work_is_refused_before_anything_opens(monkeypatch, tmp_path):
     with pytest.raises(SourceError, match="turbostream calls SRT senders, it does not listen"):
         parse_source("srt://0.0.0.0:9000?mode=listener")
+    with pytest.raises(SourceError, match="SRT has no default port"):
+        parse_source("srt://127.0.0.1")
     monkeypatch.setenv(FFMPEG_ENV, os.devnull + "-no-ffmpeg-here")
     with pytest.raises(SourceError, match="srt:// sources are read through FFmpeg, and no ffmpeg program was found"):
+        parse_source("srt://127.0.0.1:9000")
+    without_srt = tmp_path / "ffmpeg"  # an ffmpeg built without libsrt (its -protocols listing)
+    without_srt.write_text("#!/bin/sh\nprintf 'Supported file protocols:\\nInput:\\n  file\\n  udp\\n"
+                           "Output:\\n  file\\n  srt\\n'\n")
+    without_srt.chmod(0o755)
+    monkeypatch.setenv(FFMPEG_ENV, str(without_srt))
+    with pytest.raises(SourceError, match="cannot read srt:// \\(built without libsrt\\)"):
         parse_source("srt://127.0.0.1:9000")
 
 

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from ..errors import SourceError
-from .ffmpeg import INSTALL_FFMPEG, STDERR_LINES, ffmpeg_messages, ffmpeg_program
+from .ffmpeg import INSTALL_FFMPEG, STDERR_LINES, ffmpeg_lists, ffmpeg_messages, ffmpeg_program
 from .sources import SANE_FPS, SourceSpec, redact
 
 log = logging.getLogger("turbostream.sources")
@@ -44,14 +44,29 @@ def reads_through_ffmpeg(spec: SourceSpec) -> bool:
 
 def check_ffmpeg_source(url: str) -> None:
     """What can be known about an srt:// source before opening it; SourceError with what to do."""
-    query = dict((k.lower(), v.lower()) for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    shown = redact(url)
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise SourceError(f"{shown}: not a valid URL (srt://HOST:PORT, an IPv6 host in brackets)") from None
+    if not host or port is None:
+        raise SourceError(f"{shown}: an SRT source is srt://HOST:PORT (SRT has no default port), for example "
+                          "srt://192.168.1.20:9000")
+    query = dict((k.lower(), v.lower()) for k, v in parse_qsl(parts.query, keep_blank_values=True))
     if query.get("mode") in ("listener", "rendezvous"):
-        raise SourceError(f"{redact(url)}: turbostream calls SRT senders, it does not listen for them: make the "
+        raise SourceError(f"{shown}: turbostream calls SRT senders, it does not listen for them: make the "
                           "sender the listener (OBS: srt://0.0.0.0:9000?mode=listener as its server) and give "
                           "its address here (srt://HOST:9000)")
-    if ffmpeg_program() is None:
-        raise SourceError(f"{redact(url)}: srt:// sources are read through FFmpeg, and no ffmpeg program was "
+    program = ffmpeg_program()
+    if program is None:
+        raise SourceError(f"{shown}: srt:// sources are read through FFmpeg, and no ffmpeg program was "
                           f"found: {INSTALL_FFMPEG}")
+    protocols = ffmpeg_lists(program)[1]
+    inputs = protocols.split("Output:")[0]
+    if protocols and not re.search(r"^\s*srt\s*$", inputs, re.MULTILINE):
+        raise SourceError(f"{shown}: {program} cannot read srt:// (built without libsrt): install an FFmpeg "
+                          "build with SRT (Debian's, Homebrew's and the Windows builds have it)")
 
 
 class FfmpegReader:
