@@ -3,17 +3,20 @@ through the ffmpeg program, a sender that stalls, and the refusals said before t
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import cv2
 import pytest
 from test_runner import FakeEngine, parse
 
+from turbostream import cli
 from turbostream.cli import run as cli_run
 from turbostream.errors import SourceError
 from turbostream.io.ffmpeg import FFMPEG_ENV, ffmpeg_lists, ffmpeg_program
@@ -43,14 +46,19 @@ def _bound(port: int) -> bool:
     return False
 
 
+def _send(url: str, seconds: float, color: str = "red") -> subprocess.Popen:
+    """ffmpeg sending a 96x80 picture of one colour at 10 fps to `url` (H.264 in MPEG-TS, as OBS sends it)."""
+    return subprocess.Popen(["ffmpeg", "-v", "error", "-nostdin", "-re", "-f", "lavfi", "-i",
+                             f"color=c={color}:size=96x80:rate=10", "-t", str(seconds), "-c:v", "libx264", "-tune",
+                             "zerolatency", "-g", "10", "-f", "mpegts", url])
+
+
 @contextlib.contextmanager
 def srt_sender(seconds: float = 30, passphrase: str | None = None):
-    """An SRT listener sending a red 96x80 picture at 10 fps (H.264 in MPEG-TS, as OBS sends it): (process, URL)."""
+    """An SRT listener sending a red picture (see _send): (process, the URL to call it at)."""
     port = _free_udp_port()
-    url = f"srt://127.0.0.1:{port}?mode=listener" + (f"&passphrase={passphrase}" if passphrase else "")
-    proc = subprocess.Popen(["ffmpeg", "-v", "error", "-nostdin", "-re", "-f", "lavfi", "-i",
-                             "color=c=red:size=96x80:rate=10", "-t", str(seconds), "-c:v", "libx264", "-tune",
-                             "zerolatency", "-g", "10", "-f", "mpegts", url])
+    proc = _send(f"srt://127.0.0.1:{port}?mode=listener" + (f"&passphrase={passphrase}" if passphrase else ""),
+                 seconds)
     try:
         deadline = time.monotonic() + 20
         while not _bound(port):  # the listener is up once its port is taken
@@ -139,8 +147,6 @@ def test_a_wrong_passphrase_is_said_without_the_passphrase():
 
 
 def test_an_srt_source_that_cannot_work_is_refused_before_anything_opens(monkeypatch, tmp_path):
-    with pytest.raises(SourceError, match="turbostream calls SRT senders, it does not listen"):
-        parse_source("srt://0.0.0.0:9000?mode=listener")
     with pytest.raises(SourceError, match="SRT has no default port"):
         parse_source("srt://127.0.0.1")
     monkeypatch.setenv(FFMPEG_ENV, os.devnull + "-no-ffmpeg-here")
@@ -187,3 +193,93 @@ def test_serve_broadcasts_an_srt_source_to_its_viewers(engine):
 
     with srt_sender() as (_, url):
         asyncio.run(asyncio.wait_for(main(url), 60))
+
+
+def _wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@needs_srt
+def test_a_listener_waits_for_its_sender_and_for_the_next_one():
+    """`-i srt://0.0.0.0:PORT?mode=listener`: turbostream listens, OBS calls (its default). Opening waits as long as
+    it takes; a sender that leaves is followed by a wait for the next one; close() ends a wait at once."""
+    port = _free_udp_port()
+    capture = CaptureThread(f"srt://127.0.0.1:{port}?mode=listener", open_timeout_s=3, reconnect_delay_s=0.1)
+    opened = threading.Thread(target=capture.start, daemon=True)
+    opened.start()
+    _wait_until(lambda: _bound(port), what="the listener")
+    time.sleep(4)  # longer than the open timeout: a listener is not given up
+    assert opened.is_alive() and capture.error is None
+    senders = [_send(f"srt://127.0.0.1:{port}", 4, "red")]
+    try:
+        opened.join(20)
+        assert not opened.is_alive() and capture.size == (96, 80)
+        first = capture.take(10.0)
+        assert first is not None and first.frame[40, 48, 0] > 240
+        senders[0].wait(20)  # the first sender is done: the listener waits for the next
+        senders.append(_send(f"srt://127.0.0.1:{port}", 10, "blue"))
+        deadline = time.monotonic() + 30
+        while True:
+            item = capture.take(1.0)
+            if item is not None and item.frame[40, 48, 2] > 240:
+                break  # the second sender's picture
+            assert time.monotonic() < deadline and not capture.ended, capture.error
+        assert item.index > first.index and capture.reconnects >= 1
+    finally:
+        start = time.monotonic()
+        capture.close()
+        for sender in senders:
+            sender.kill()
+            sender.wait()
+    assert time.monotonic() - start < 5
+    _wait_until(lambda: not _bound(port), what="the listener's port to be free")  # its ffmpeg is gone
+
+
+@needs_srt
+def test_ctrl_c_while_a_run_waits_for_its_sender_ends_it_and_its_listener(tmp_path):
+    port = _free_udp_port()
+    threading.Timer(2.0, _thread.interrupt_main).start()  # Ctrl-C while nobody has called yet
+    argv = ["-i", f"srt://127.0.0.1:{port}?mode=listener", "-o", str(tmp_path / "out.avi"), "--model",
+            "tiny-random", "--device", "cpu", "--size", "64"]
+    assert cli.main(["run", *argv]) == 130  # before the model loads: nothing to finalize
+    _wait_until(lambda: not _bound(port), what="the listener's port to be free")
+
+
+@needs_srt
+def test_a_server_waiting_for_its_sender_stops_at_once(engine):
+    """`serve --source srt://...?mode=listener` with no sender yet: viewers are told it waits; the server stops
+    without waiting for one, and its listener goes with it."""
+    import asyncio
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from turbostream.config import ServerConfig
+    from turbostream.serve import TurboServer
+    from turbostream.serve.server import default_capture
+
+    port = _free_udp_port()
+
+    async def main():
+        server = TurboServer(engine, ServerConfig(port=0, source=f"srt://127.0.0.1:{port}?mode=listener"),
+                             capture_factory=default_capture)
+        await server.start()
+        try:
+            assert await server.wait_ready(30)
+            async with connect(f"ws://127.0.0.1:{server.port}/view/ws") as viewer:
+                async with asyncio.timeout(20):
+                    while True:
+                        message = json.loads(await viewer.recv())
+                        if message["type"] == "source" and "waiting for a sender" in message["message"]:
+                            break
+            await asyncio.to_thread(_wait_until, lambda: _bound(port), 20, "the listener")
+        finally:
+            start = time.monotonic()
+            await server.stop()
+            assert time.monotonic() - start < 10
+        await asyncio.to_thread(_wait_until, lambda: not _bound(port), 20, "the listener's port to be free")
+
+    asyncio.run(asyncio.wait_for(main(), 90))

@@ -5,9 +5,10 @@ FFmpeg that OpenCV's wheels bundle has no SRT. The system's ffmpeg (Debian's, Ho
 libsrt) decodes the stream and writes its frames to our pipe as uint8 RGB; its stderr says their size and rate
 before the first frame ("Output #0 ... rawvideo ... WxH ... N fps"), which is how the reader learns them.
 
-turbostream is the caller: the sender listens (OBS: `srt://0.0.0.0:9000?mode=listener` as its server; MediaMTX:
-`srt://HOST:8890?streamid=read:PATH`). A reader that waits for a sender to call it would be opened with no time
-limit, which the capture's open timeout and the server's reopening of a lost source do not allow for.
+turbostream calls a sender that listens (OBS with `srt://0.0.0.0:9000?mode=listener` as its server; MediaMTX:
+`srt://HOST:8890?streamid=read:PATH`), or listens itself (`srt://0.0.0.0:9000?mode=listener`) for a sender that
+calls (OBS's default). A listener is opened without a time limit: it waits for its sender until the capture stops
+(`stop`); when the sender goes away, the capture opens it again, and it waits for the next one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -53,11 +54,6 @@ def check_ffmpeg_source(url: str) -> None:
     if not host or port is None:
         raise SourceError(f"{shown}: an SRT source is srt://HOST:PORT (SRT has no default port), for example "
                           "srt://192.168.1.20:9000")
-    query = dict((k.lower(), v.lower()) for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    if query.get("mode") in ("listener", "rendezvous"):
-        raise SourceError(f"{shown}: turbostream calls SRT senders, it does not listen for them: make the "
-                          "sender the listener (OBS: srt://0.0.0.0:9000?mode=listener as its server) and give "
-                          "its address here (srt://HOST:9000)")
     program = ffmpeg_program()
     if program is None:
         raise SourceError(f"{shown}: srt:// sources are read through FFmpeg, and no ffmpeg program was "
@@ -70,7 +66,8 @@ def check_ffmpeg_source(url: str) -> None:
 
 
 class FfmpegReader:
-    """An srt:// stream through an ffmpeg child; opening waits (up to open_timeout_s) for the stream's first frame.
+    """An srt:// stream through an ffmpeg child; opening waits (up to open_timeout_s; a listener until `stop` is
+    set) for the stream's first frame.
 
     read() -> uint8 RGB (H, W, 3), or None once the stream ends or stalls (ffmpeg gives up on a read that waits
     longer than open_timeout_s, and exits): the capture then opens it again, as it does any live URL.
@@ -79,7 +76,7 @@ class FfmpegReader:
     finite = False  # a live stream: opening it again is a reconnect, not a replay
     frame_count = None
 
-    def __init__(self, spec: SourceSpec, open_timeout_s: float) -> None:
+    def __init__(self, spec: SourceSpec, open_timeout_s: float, stop: threading.Event | None = None) -> None:
         self.spec = spec
         url = str(spec.target)
         check_ffmpeg_source(url)
@@ -87,26 +84,49 @@ class FfmpegReader:
         self.frames_read = 0
         self.fps: float | None = None
         self.size: tuple[int, int] = (0, 0)
+        if spec.listens:
+            log.info("%s: waiting for a sender to call (until one does, or the command stops)", spec.describe())
+        warned = False
+        while True:
+            try:
+                self._first = self._open(open_timeout_s, stop)
+                return
+            except SourceError as exc:
+                if not spec.listens or (stop is not None and stop.is_set()):
+                    raise
+                # A sender that called and left before a frame (or failed the handshake: a wrong passphrase) is
+                # the sender's doing: the listener waits for the next call. Said once; the rest at debug level.
+                log.log(logging.DEBUG if warned else logging.WARNING, "%s (waiting for the next call)", exc)
+                warned = True
+
+    def _open(self, open_timeout_s: float, stop: threading.Event | None) -> np.ndarray:
+        """Start ffmpeg and wait for the stream's size and first frame; SourceError (ffmpeg released) if none."""
+        spec = self.spec
         self._tail: deque[str] = deque(maxlen=STDERR_LINES)
         self._header = threading.Event()
         command = [
             ffmpeg_program(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "info",
             "-fflags", "nobuffer", "-analyzeduration", str(int(ANALYZE_S * 1e6)),
             "-rw_timeout", str(int(open_timeout_s * 1e6)),  # connecting, and every read after, in microseconds
-            "-i", url, "-map", "0:v:0", "-an", "-sn", "-dn", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+            "-i", self._url, "-map", "0:v:0", "-an", "-sn", "-dn", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
         ]
         try:
             self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE)
         except OSError as exc:
             raise SourceError(f"could not start ffmpeg for {spec.describe()}: {exc}") from None
-        self._stderr = threading.Thread(target=self._read_stderr, name="turbostream ffmpeg source log", daemon=True)
+        self._stderr = threading.Thread(target=self._read_stderr, args=(self._proc, self._header, self._tail),
+                                        name="turbostream ffmpeg source log", daemon=True)
         self._stderr.start()
-        # ffmpeg's own timeout bounds the connect; the margin covers the stream analysis and a first keyframe.
-        deadline = time.monotonic() + open_timeout_s + ANALYZE_S + 5.0
+        # ffmpeg's own timeout bounds the connect; the margin covers the stream analysis and a first keyframe. A
+        # listener waits for its sender without a limit (ffmpeg's accept has none), until `stop`.
+        deadline = None if spec.listens else time.monotonic() + open_timeout_s + ANALYZE_S + 5.0
         while not self._header.wait(0.05):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
+            stopped = stop is not None and stop.is_set()
+            if stopped or self._proc.poll() is not None or (deadline is not None and time.monotonic() > deadline):
                 self.release()
+                if stopped:
+                    raise SourceError(f"{spec.describe()}: stopped before a sender called")
                 said = ffmpeg_messages(self._tail, last=3)
                 raise SourceError(f"could not open {spec.describe()}: "
                                   + (said or f"no video came within {open_timeout_s:.0f} s"))
@@ -114,20 +134,22 @@ class FfmpegReader:
         if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
             self.release()
             raise SourceError(f"{spec.describe()}: ffmpeg reports frames of {width}x{height}, which cannot be used")
-        self._first = self._read_frame()
-        if self._first is None:
+        first = self._read_frame()
+        if first is None:
             self.release()
             said = ffmpeg_messages(self._tail, last=3)
             raise SourceError(f"{spec.describe()} opened but delivered no frame" + (f": {said}" if said else ""))
+        return first
 
-    def _read_stderr(self) -> None:
-        """ffmpeg's messages: the output stream's size and rate once, the last lines kept to explain a failure."""
+    def _read_stderr(self, proc: subprocess.Popen, header: threading.Event, tail: deque[str]) -> None:
+        """ffmpeg's messages: the output stream's size and rate once (then `header` is set), the last lines kept in
+        `tail` to explain a failure. One thread per ffmpeg, with that ffmpeg's own event and lines."""
         output = False
         try:
-            for raw in iter(self._proc.stderr.readline, b""):
+            for raw in iter(proc.stderr.readline, b""):
                 # ffmpeg names the URL in its messages, with the passphrase or stream id in it: shown redacted.
                 line = raw.decode("utf-8", "replace").rstrip().replace(self._url, self._shown)[:500]
-                if not self._header.is_set():
+                if not header.is_set():
                     output = output or line.startswith("Output #0")
                     match = _OUTPUT_STREAM.search(line) if output else None
                     if match:
@@ -135,10 +157,10 @@ class FfmpegReader:
                         fps = _FPS.search(line)
                         rate = float(fps.group(1)) if fps else 0.0
                         self.fps = rate if SANE_FPS[0] <= rate <= SANE_FPS[1] else None
-                        self._header.set()
+                        header.set()
                         continue
                 if line.strip() and not line.startswith(" "):  # messages, not the stream listing
-                    self._tail.append(line)
+                    tail.append(line)
         except (OSError, ValueError):
             pass
 

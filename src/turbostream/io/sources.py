@@ -124,6 +124,17 @@ class SourceSpec:
         return self.kind in ("camera", "url")
 
     @property
+    def listens(self) -> bool:
+        """An srt:// source in listener mode: opening it waits, without a time limit, for a sender to call."""
+        if self.kind != "url" or not str(self.target).lower().startswith("srt://"):
+            return False
+        try:
+            query = parse_qsl(urlsplit(str(self.target)).query, keep_blank_values=True)
+        except ValueError:
+            return False
+        return any(k.lower() == "mode" and v.lower() == "listener" for k, v in query)
+
+    @property
     def picture(self) -> bool:
         """A single picture file (read as a folder of one)."""
         return self.kind == "file" and Path(str(self.target)).suffix.lower() in IMAGE_SUFFIXES
@@ -390,15 +401,15 @@ class FolderReader:
         self._files.clear()
 
 
-def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S):
-    """Open a source (blocking; network sources give up after open_timeout_s): a FolderReader, an FfmpegReader
-    (srt://) or a VideoReader; SourceError if it cannot be used."""
+def open_reader(spec: SourceSpec, open_timeout_s: float = OPEN_TIMEOUT_S, stop: threading.Event | None = None):
+    """Open a source (blocking; network sources give up after open_timeout_s, an SRT listener once `stop` is set):
+    a FolderReader, an FfmpegReader (srt://) or a VideoReader; SourceError if it cannot be used."""
     if spec.kind == "folder" or spec.picture:
         return FolderReader(spec)
     from .ffmpeg_reader import FfmpegReader, reads_through_ffmpeg  # (it imports this module)
 
     if reads_through_ffmpeg(spec):
-        return FfmpegReader(spec, open_timeout_s)
+        return FfmpegReader(spec, open_timeout_s, stop=stop)
     return VideoReader(spec, open_timeout_s)
 
 
@@ -459,7 +470,7 @@ class CaptureThread:
         self.reconnect_delay_s = reconnect_delay_s
         self.loop = loop and not self.spec.live
         self.loops = 0  # times a looping file or folder started over
-        self._opener = opener or (lambda s: open_reader(s, open_timeout_s))
+        self._opener = opener or (lambda s: open_reader(s, open_timeout_s, stop=self._stop))
         # Set by start() once the source is open; plain values, written by the capture thread only.
         self.fps: float | None = None  # the source's own frame rate when it reports a sane one
         self.frame_count: int | None = None  # files and folders: frames announced by the container
@@ -486,8 +497,20 @@ class CaptureThread:
             raise RuntimeError("CaptureThread.start() called twice")
         self._thread = threading.Thread(target=self._run, name=f"capture {self.spec.describe()}", daemon=True)
         self._thread.start()
-        # The backend's own timeouts bound opening; the margin covers a backend that ignores them.
-        if not self._opened.wait(self.open_timeout_s + 5.0):
+        # The backend's own timeouts bound opening; the margin covers a backend that ignores them. A listener waits
+        # for its sender as long as it takes: until then, Ctrl-C (or close() from another thread) ends the wait.
+        try:
+            if self.spec.listens:
+                # In steps: a lock waited on without a timeout does not wake for Ctrl-C on Windows.
+                while not self._opened.wait(0.25):
+                    pass
+                opened = True
+            else:
+                opened = self._opened.wait(self.open_timeout_s + 5.0)
+        except BaseException:
+            self.close(timeout=2.0)
+            raise
+        if not opened:
             self.close(timeout=0.5)
             self._error = f"timed out opening {self.spec.describe()} after {self.open_timeout_s:.0f} s"
             raise SourceError(self._error)

@@ -47,6 +47,7 @@ class Broadcast:
         self.viewers_present = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._capture = None  # the capture being opened or pumped, for stop()
         self._latest: np.ndarray | None = None  # newest result waiting for the encoder
         self._encoding = False
         # Sinks fed every stylized frame on the inference thread (serve --publish): their write() never blocks. With
@@ -68,6 +69,9 @@ class Broadcast:
     def stop(self) -> None:
         self._stop.set()
         self.viewers_present.set()
+        capture = self._capture
+        if capture is not None:
+            capture.close(timeout=2.0)  # also ends a wait for a sender to call
         if self.stream is not None:
             self.stream.close()
         if self._thread is not None:
@@ -94,6 +98,12 @@ class Broadcast:
             self._reconnects_seen = 0
             try:
                 capture = self.capture_factory(self.spec)
+                # stop() closes the capture, which ends a start() that waits for a sender (an SRT listener).
+                self._capture = capture
+                if self._stop.is_set():
+                    return
+                if getattr(getattr(capture, "spec", None), "listens", False):
+                    self._announce("starting", f"waiting for a sender to call {capture.spec.describe()}")
                 capture.start()
             except Exception as exc:  # noqa: BLE001 - reported to viewers and the log, the server keeps serving /ws
                 reason = f"could not open the source: {exc}"
