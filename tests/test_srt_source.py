@@ -283,3 +283,14 @@ def test_a_server_waiting_for_its_sender_stops_at_once(engine):
         await asyncio.to_thread(_wait_until, lambda: not _bound(port), 20, "the listener's port to be free")
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+@needs_srt
+def test_a_listener_whose_port_is_taken_fails_at_once():
+    """Not a wait for a sender that can never call (nor an ffmpeg started again and again): an error."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        start = time.monotonic()
+        with pytest.raises(SourceError, match="Address already in use"):
+            CaptureThread(f"srt://127.0.0.1:{taken.getsockname()[1]}?mode=listener").start()
+    assert time.monotonic() - start < 5

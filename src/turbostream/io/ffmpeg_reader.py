@@ -34,6 +34,9 @@ FFMPEG_SCHEMES = ("srt",)  # URL schemes read through the ffmpeg program rather 
 # at every connect); a sender's keyframe interval longer than this still works: the frame size is learnt from the
 # first decoded frame.
 ANALYZE_S = 1.0
+# A listener's ffmpeg that fails sooner than this after it started never listened (its port is taken): an error,
+# not a wait for the next call, which is LISTEN_AGAIN_S after a call that failed (bounding the ffmpeg starts).
+LISTEN_FAILS_AT_ONCE_S, LISTEN_AGAIN_S = 1.0, 0.5
 MAX_SIDE = 8192  # a frame size past this in ffmpeg's report is not believed (a frame would be 200 MB)
 _OUTPUT_STREAM = re.compile(r"Stream #\d+:\d+.*?: Video: rawvideo\b.*?, (\d+)x(\d+)")
 _FPS = re.compile(r", (\d+(?:\.\d+)?) fps\b")
@@ -88,16 +91,20 @@ class FfmpegReader:
             log.info("%s: waiting for a sender to call (until one does, or the command stops)", spec.describe())
         warned = False
         while True:
+            started = time.monotonic()
             try:
                 self._first = self._open(open_timeout_s, stop)
                 return
             except SourceError as exc:
-                if not spec.listens or (stop is not None and stop.is_set()):
-                    raise
+                stopped = stop is not None and stop.is_set()
+                if not spec.listens or stopped or time.monotonic() - started < LISTEN_FAILS_AT_ONCE_S:
+                    raise  # a listener that cannot listen (its port taken, a bad option) fails at once
                 # A sender that called and left before a frame (or failed the handshake: a wrong passphrase) is
                 # the sender's doing: the listener waits for the next call. Said once; the rest at debug level.
                 log.log(logging.DEBUG if warned else logging.WARNING, "%s (waiting for the next call)", exc)
                 warned = True
+                if stop is not None and stop.wait(LISTEN_AGAIN_S):
+                    raise SourceError(f"{spec.describe()}: stopped before a sender called") from None
 
     def _open(self, open_timeout_s: float, stop: threading.Event | None) -> np.ndarray:
         """Start ffmpeg and wait for the stream's size and first frame; SourceError (ffmpeg released) if none."""
