@@ -71,7 +71,7 @@ class Broadcast:
         self.viewers_present.set()
         capture = self._capture
         if capture is not None:
-            capture.close(timeout=2.0)  # also ends a wait for a sender to call
+            capture.close()  # also ends a wait for a sender to call (an SRT listener), at once
         if self.stream is not None:
             self.stream.close()
         if self._thread is not None:
