@@ -32,11 +32,11 @@ from typing import Any
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from ..config import StreamParams
+from .osc import PREFIX
 from .targets import SETTINGS
 
 log = logging.getLogger("turbostream.control")
 
-PREFIX = "/turbostream/"
 MAX_TARGETS = 4  # desks fed at once: each change costs a datagram per setting per desk
 INTERVAL_S = 0.05  # how often the settings are looked at: a fader moved elsewhere shows 50 ms later at most
 INT32 = range(-(2**31), 2**31)

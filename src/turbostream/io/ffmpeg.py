@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from collections import deque
+from collections.abc import Callable
 from functools import lru_cache
 
 FFMPEG_ENV = "TURBOSTREAM_FFMPEG"  # the ffmpeg program to use, when it is not `ffmpeg` on PATH
@@ -44,6 +45,12 @@ def lists_libx264(encoders: str) -> bool:
     return re.search(r"^\s*V\S*\s+libx264\s", encoders, re.MULTILINE) is not None
 
 
+def lists_protocol(protocols: str, name: str, *, output: bool) -> bool:
+    """Whether `ffmpeg -protocols` listed `name` among the protocols it writes (output) or reads."""
+    sections = protocols.split("Output:")  # "Input:" and its names, then "Output:" and its
+    return re.search(rf"^\s*{name}\s*$", sections[-1] if output else sections[0], re.MULTILINE) is not None
+
+
 def ffmpeg_messages(tail, last: int | None = None) -> str:
     """ffmpeg's distinct messages among the `last` lines of its stderr kept in `tail` (all: None), without the
     "[libx264 @ 0x55...]" prefixes, joined by "; "; "" when it said nothing."""
@@ -52,11 +59,15 @@ def ffmpeg_messages(tail, last: int | None = None) -> str:
     return "; ".join(dict.fromkeys(lines[-last:] if last else lines))
 
 
-def drain_stderr(pipe, tail: deque[str]) -> None:
-    """Read ffmpeg's stderr to its end (a full pipe would stall it), keeping the last lines."""
+def drain_stderr(pipe, tail: deque[str], take: Callable[[str], str | None] | None = None) -> None:
+    """Read ffmpeg's stderr to its end (a full pipe would stall it), keeping the last lines; `take(line)`, where
+    given, sees every line first and returns what to keep of it (None: nothing)."""
     try:
         for raw in iter(pipe.readline, b""):
-            tail.append(raw.decode("utf-8", "replace").rstrip()[:500])
+            line = raw.decode("utf-8", "replace").rstrip()
+            if take is not None and (line := take(line)) is None:
+                continue
+            tail.append(line[:500])
     except (OSError, ValueError):
         pass
     finally:

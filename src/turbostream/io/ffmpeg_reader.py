@@ -19,12 +19,21 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..errors import SourceError
-from .ffmpeg import INSTALL_FFMPEG, STDERR_LINES, ffmpeg_lists, ffmpeg_messages, ffmpeg_program
+from .ffmpeg import (
+    INSTALL_FFMPEG,
+    STDERR_LINES,
+    drain_stderr,
+    ffmpeg_lists,
+    ffmpeg_messages,
+    ffmpeg_program,
+    lists_protocol,
+)
 from .sources import SANE_FPS, SourceSpec, redact
 
 log = logging.getLogger("turbostream.sources")
@@ -62,8 +71,7 @@ def check_ffmpeg_source(url: str) -> None:
         raise SourceError(f"{shown}: srt:// sources are read through FFmpeg, and no ffmpeg program was "
                           f"found: {INSTALL_FFMPEG}")
     protocols = ffmpeg_lists(program)[1]
-    inputs = protocols.split("Output:")[0]
-    if protocols and not re.search(r"^\s*srt\s*$", inputs, re.MULTILINE):
+    if protocols and not lists_protocol(protocols, "srt", output=False):
         raise SourceError(f"{shown}: {program} cannot read srt:// (built without libsrt): install an FFmpeg "
                           "build with SRT (Debian's, Homebrew's and the Windows builds have it)")
 
@@ -122,8 +130,8 @@ class FfmpegReader:
                                           stderr=subprocess.PIPE)
         except OSError as exc:
             raise SourceError(f"could not start ffmpeg for {spec.describe()}: {exc}") from None
-        self._stderr = threading.Thread(target=self._read_stderr, args=(self._proc, self._header, self._tail),
-                                        name="turbostream ffmpeg source log", daemon=True)
+        self._stderr = threading.Thread(target=drain_stderr, name="turbostream ffmpeg source log", daemon=True,
+                                        args=(self._proc.stderr, self._tail, self._line_taker(self._header)))
         self._stderr.start()
         # ffmpeg's own timeout bounds the connect; the margin covers the stream analysis and a first keyframe. A
         # listener waits for its sender without a limit (ffmpeg's accept has none), until `stop`.
@@ -148,28 +156,28 @@ class FfmpegReader:
             raise SourceError(f"{spec.describe()} opened but delivered no frame" + (f": {said}" if said else ""))
         return first
 
-    def _read_stderr(self, proc: subprocess.Popen, header: threading.Event, tail: deque[str]) -> None:
-        """ffmpeg's messages: the output stream's size and rate once (then `header` is set), the last lines kept in
-        `tail` to explain a failure. One thread per ffmpeg, with that ffmpeg's own event and lines."""
-        output = False
-        try:
-            for raw in iter(proc.stderr.readline, b""):
-                # ffmpeg names the URL in its messages, with the passphrase or stream id in it: shown redacted.
-                line = raw.decode("utf-8", "replace").rstrip().replace(self._url, self._shown)[:500]
-                if not header.is_set():
-                    output = output or line.startswith("Output #0")
-                    match = _OUTPUT_STREAM.search(line) if output else None
-                    if match:
-                        self.size = (int(match.group(1)), int(match.group(2)))
-                        fps = _FPS.search(line)
-                        rate = float(fps.group(1)) if fps else 0.0
-                        self.fps = rate if SANE_FPS[0] <= rate <= SANE_FPS[1] else None
-                        header.set()
-                        continue
-                if line.strip() and not line.startswith(" "):  # messages, not the stream listing
-                    tail.append(line)
-        except (OSError, ValueError):
-            pass
+    def _line_taker(self, header: threading.Event) -> Callable[[str], str | None]:
+        """drain_stderr's `take` for one ffmpeg (its own `header` and place in its listing): the output stream's size
+        and rate, once (then `header` is set), else the line to keep to explain a failure (None: the listing)."""
+        in_output = False
+
+        def take(line: str) -> str | None:
+            nonlocal in_output
+            # ffmpeg names the URL in its messages, with the passphrase or stream id in it: shown redacted.
+            line = line.replace(self._url, self._shown)
+            if not header.is_set():
+                in_output = in_output or line.startswith("Output #0")
+                match = _OUTPUT_STREAM.search(line) if in_output else None
+                if match:
+                    self.size = (int(match.group(1)), int(match.group(2)))
+                    fps = _FPS.search(line)
+                    rate = float(fps.group(1)) if fps else 0.0
+                    self.fps = rate if SANE_FPS[0] <= rate <= SANE_FPS[1] else None
+                    header.set()
+                    return None
+            return line if line.strip() and not line.startswith(" ") else None
+
+        return take
 
     def _read_frame(self) -> np.ndarray | None:
         width, height = self.size

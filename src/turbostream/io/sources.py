@@ -165,7 +165,7 @@ def parse_source(text: str) -> SourceSpec:
         if scheme == "srt":
             from .ffmpeg_reader import check_ffmpeg_source  # (it imports this module)
 
-            check_ffmpeg_source(spec)  # a listener URL, or no ffmpeg: said before the model loads
+            check_ffmpeg_source(spec)  # no port, no ffmpeg, no SRT in it: said before the model loads
         return SourceSpec("url", spec, spec)
     path = Path(spec).expanduser()
     found = path_stat(path, spec, SourceError)

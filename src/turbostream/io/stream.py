@@ -44,6 +44,7 @@ from .ffmpeg import (
     ffmpeg_messages,
     ffmpeg_program,
     lists_libx264,
+    lists_protocol,
 )
 from .paced import PacedSink
 from .sources import redact
@@ -97,7 +98,7 @@ def check_stream_output(url: str, option: str = "-o") -> None:
         raise SinkError(f"{program} has no H.264 encoder (libx264): install an FFmpeg build with it "
                         "(Debian's and Homebrew's have it)")
     protocol = "tcp" if scheme == "rtsp" else scheme  # RTSP is a muxer in FFmpeg, carried over TCP
-    if protocols and not re.search(rf"^\s*{protocol}\s*$", protocols.split("Output:")[-1], re.MULTILINE):
+    if protocols and not lists_protocol(protocols, protocol, output=True):
         raise SinkError(f"{program} cannot write to {scheme}:// (built without it): install an FFmpeg build "
                         f"with {scheme.upper()} (Debian's has every scheme turbostream uses)")
     fmt = STREAM_FORMATS[scheme]
