@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_control import _free_udp_port
 from test_runner import FakeEngine, index_of, make_video, parse, read_video
 
 from turbostream.cli import run as cli_run
@@ -288,14 +289,6 @@ def _ts_receiver(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
                                  "-map", "0", "-c", "copy", "-frames:v", "25", "-shortest", str(received)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return receiver, port, received
-
-
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @needs_ffmpeg

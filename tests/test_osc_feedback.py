@@ -14,7 +14,7 @@ import time
 import pytest
 from pythonosc.osc_message import OscMessage
 from pythonosc.udp_client import SimpleUDPClient
-from test_control import RecordingEngine, _parse_run, _video
+from test_control import RecordingEngine, _free_udp_port, _parse_run, _video, _wait_for
 from websockets.asyncio.client import connect
 
 from turbostream import cli
@@ -63,12 +63,6 @@ def desk():
     d = Desk()
     yield d
     d.close()
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ Sans-I/O
@@ -199,13 +193,6 @@ def test_osc_selects_a_look_and_asks_for_a_refresh():
     finally:
         playlist.stop()
         osc.stop()
-
-
-def _wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------------------------------------ commands

@@ -14,6 +14,7 @@ import time
 
 import cv2
 import pytest
+from test_control import _free_udp_port, _wait_for
 from test_runner import FakeEngine, parse
 
 from turbostream import cli
@@ -29,12 +30,6 @@ def _has_srt() -> bool:
 
 
 needs_srt = pytest.mark.skipif(not _has_srt(), reason="needs an ffmpeg with SRT (.ci/run installs Debian's)")
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bound(port: int) -> bool:
@@ -195,13 +190,6 @@ def test_serve_broadcasts_an_srt_source_to_its_viewers(engine):
         asyncio.run(asyncio.wait_for(main(url), 60))
 
 
-def _wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @needs_srt
 def test_a_listener_waits_for_its_sender_and_for_the_next_one():
     """`-i srt://0.0.0.0:PORT?mode=listener`: turbostream listens, OBS calls (its default). Opening waits as long as
@@ -210,7 +198,7 @@ def test_a_listener_waits_for_its_sender_and_for_the_next_one():
     capture = CaptureThread(f"srt://127.0.0.1:{port}?mode=listener", open_timeout_s=3, reconnect_delay_s=0.1)
     opened = threading.Thread(target=capture.start, daemon=True)
     opened.start()
-    _wait_until(lambda: _bound(port), what="the listener")
+    _wait_for(lambda: _bound(port), 20, "the listener")
     time.sleep(4)  # longer than the open timeout: a listener is not given up
     assert opened.is_alive() and capture.error is None
     senders = [_send(f"srt://127.0.0.1:{port}", 4, "red")]
@@ -235,7 +223,7 @@ def test_a_listener_waits_for_its_sender_and_for_the_next_one():
             sender.kill()
             sender.wait()
     assert time.monotonic() - start < 5
-    _wait_until(lambda: not _bound(port), what="the listener's port to be free")  # its ffmpeg is gone
+    _wait_for(lambda: not _bound(port), 20, "the listener's port to be free")  # its ffmpeg is gone
 
 
 @needs_srt
@@ -245,7 +233,7 @@ def test_ctrl_c_while_a_run_waits_for_its_sender_ends_it_and_its_listener(tmp_pa
     argv = ["-i", f"srt://127.0.0.1:{port}?mode=listener", "-o", str(tmp_path / "out.avi"), "--model",
             "tiny-random", "--device", "cpu", "--size", "64"]
     assert cli.main(["run", *argv]) == 130  # before the model loads: nothing to finalize
-    _wait_until(lambda: not _bound(port), what="the listener's port to be free")
+    _wait_for(lambda: not _bound(port), 20, "the listener's port to be free")
 
 
 @needs_srt
@@ -275,12 +263,12 @@ def test_a_server_waiting_for_its_sender_stops_at_once(engine):
                         message = json.loads(await viewer.recv())
                         if message["type"] == "source" and "waiting for a sender" in message["message"]:
                             break
-            await asyncio.to_thread(_wait_until, lambda: _bound(port), 20, "the listener")
+            await asyncio.to_thread(_wait_for, lambda: _bound(port), 20, "the listener")
         finally:
             start = time.monotonic()
             await server.stop()
             assert time.monotonic() - start < 10
-        await asyncio.to_thread(_wait_until, lambda: not _bound(port), 20, "the listener's port to be free")
+        await asyncio.to_thread(_wait_for, lambda: not _bound(port), 20, "the listener's port to be free")
 
     asyncio.run(asyncio.wait_for(main(), 90))
 
